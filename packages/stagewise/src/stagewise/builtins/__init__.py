@@ -1,0 +1,1 @@
+"""Core's own stages, losses, models, datasets and recipes, registered like any plugin's."""

@@ -1,0 +1,36 @@
+"""The built-in stage ``stagewise.evaluate``: loss-term metrics on a split, no training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from stagewise.builtins.train import _default_losses
+from stagewise.engine.evaluate import evaluate
+from stagewise.engine.objective import build_terms
+from stagewise.specs import LossSpec
+from stagewise.stage import Stage
+
+if TYPE_CHECKING:
+    from stagewise.engine.state import State
+
+
+@dataclass
+class EvaluateOptions:
+    """Recipe keys of ``stagewise.evaluate``."""
+
+    split: str = "test"  # the data split to evaluate
+    losses: list[LossSpec] = field(default_factory=_default_losses)  # terms to report
+    prefix: str | None = None  # metric prefix; default: the split name
+
+
+class EvaluateStage(Stage):
+    """Report every loss term's metrics on a split, e.g. ``test/loss``, ``test/ppl``."""
+
+    name = "stagewise.evaluate"
+    Options = EvaluateOptions
+
+    def run(self, state: State) -> dict[str, Any]:
+        o = self.options
+        terms = build_terms(o.losses, state, f"stages.{self.label}")
+        return evaluate(state, terms, state.batches(o.split), o.prefix or o.split)

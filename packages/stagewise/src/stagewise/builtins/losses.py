@@ -1,0 +1,93 @@
+"""Core loss terms: cross-entropy (classification, language modelling, multi-head) and MSE."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from stagewise.loss import Loss, Needs, perplexity
+
+
+@dataclass
+class OutputOptions:
+    """Where a loss reads its prediction and target."""
+
+    output: str | None = None  # key in the model outputs (dotted for nested dicts); default "logits" or "output"
+    target: str = "target"  # key in the batch
+    at_layer: int | None = None  # use the logits of this exit layer (models with exits, e.g. the transformer)
+
+
+def prediction(outputs: dict[str, Any], o: OutputOptions) -> torch.Tensor:
+    """The tensor a loss compares with the target, chosen by ``output``/``at_layer``."""
+    if o.at_layer is not None:
+        return outputs["exit_logits"][o.at_layer]
+    if o.output is None:
+        return outputs["logits"] if "logits" in outputs else outputs["output"]
+    node: Any = outputs
+    for part in o.output.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(f"loss output {o.output!r}: the model outputs have no {part!r} "
+                           f"(keys: {', '.join(node) if isinstance(node, dict) else '-'})")
+        node = node[part]
+    return node
+
+
+@dataclass
+class CrossEntropyOptions(OutputOptions):
+    ignore_index: int = -100  # targets with this value are not counted
+    label_smoothing: float = 0.0
+
+
+class _OutputLoss(Loss):
+    """A loss that reads one prediction, chosen by ``OutputOptions``."""
+
+    def needs(self) -> Needs:
+        layer = self.options.at_layer
+        return Needs(exit_layers=frozenset([layer]) if layer is not None else frozenset())
+
+
+class CrossEntropy(_OutputLoss):
+    """Mean cross-entropy over every target (token, example or head); reports loss, ppl, acc."""
+
+    name = "stagewise.cross_entropy"
+    Options = CrossEntropyOptions
+
+    def forward(self, outputs, batch, state):
+        logits, target = self._flat(outputs, batch)
+        return F.cross_entropy(logits, target, ignore_index=self.options.ignore_index,
+                               label_smoothing=self.options.label_smoothing)
+
+    def eval_sums(self, outputs, batch, state):
+        logits, target = self._flat(outputs, batch)
+        keep = target != self.options.ignore_index
+        nll = F.cross_entropy(logits, target, ignore_index=self.options.ignore_index, reduction="sum")
+        correct = (logits.argmax(-1)[keep] == target[keep]).sum()
+        n = float(keep.sum())
+        return {"loss": (float(nll), n), "acc": (float(correct), n)}
+
+    def summarize(self, means):
+        return {**means, "ppl": perplexity(means["loss"])} if "loss" in means else means
+
+    def _flat(self, outputs, batch):
+        logits = prediction(outputs, self.options)
+        target = batch[self.options.target]
+        return logits.reshape(-1, logits.shape[-1]), target.reshape(-1).long()
+
+
+class MSE(_OutputLoss):
+    """Mean squared error between a prediction and a float target."""
+
+    name = "stagewise.mse"
+    Options = OutputOptions
+
+    def forward(self, outputs, batch, state):
+        pred = prediction(outputs, self.options)
+        return F.mse_loss(pred, batch[self.options.target].to(pred.dtype).reshape(pred.shape))
+
+    def eval_sums(self, outputs, batch, state):
+        pred = prediction(outputs, self.options)
+        target = batch[self.options.target].to(pred.dtype).reshape(pred.shape)
+        return {"loss": (float(((pred - target) ** 2).sum()), float(pred.numel()))}

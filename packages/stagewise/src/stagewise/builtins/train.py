@@ -1,0 +1,117 @@
+"""The built-in training stage ``stagewise.train`` and the base for plugins' training stages.
+
+Subclasses change *what* the loop trains on without rewriting the loop: override
+:meth:`TrainStage.train_batches` (e.g. batches from a cache of hidden states),
+:meth:`TrainStage.forward_fn` (e.g. run only the upper layers) or :meth:`TrainStage.evaluate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from stagewise.builtins.losses import CrossEntropyOptions
+from stagewise.engine.batches import count_batches
+from stagewise.engine.evaluate import evaluate
+from stagewise.engine.loop import TrainLoop
+from stagewise.specs import LossSpec
+from stagewise.stage import Stage
+
+if TYPE_CHECKING:
+    from stagewise.engine.objective import Objective
+    from stagewise.engine.state import State
+
+
+def _default_losses() -> list[LossSpec]:
+    return [LossSpec(use="stagewise.cross_entropy", options=CrossEntropyOptions())]
+
+
+@dataclass
+class TrainOptions:
+    """Recipe keys of ``stagewise.train`` (and of stages built on it)."""
+
+    train: list[str] = field(default_factory=lambda: ["*"])  # globs of parameter names that train
+    freeze: list[str] = field(default_factory=list)  # globs taken out of `train` (frozen)
+    losses: list[LossSpec] = field(default_factory=_default_losses)  # the objective's terms
+    optimizer: Literal["adamw", "sgd", "lbfgs"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01  # AdamW's decoupled decay / SGD's L2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
+    momentum: float = 0.0  # SGD
+    lbfgs_max_iter: int = 20  # L-BFGS iterations per step
+    lbfgs_history: int = 100  # L-BFGS history size
+    schedule: Literal["constant", "warmup", "cosine", "plateau"] = "constant"
+    warmup_steps: int = 0  # linear warmup (warmup and cosine schedules)
+    min_lr: float = 0.0  # cosine floor
+    plateau_factor: float = 0.5  # plateau: lr *= factor ...
+    plateau_patience: int = 0  # ... after this many epochs without improvement of `monitor`
+    max_epochs: int = 1
+    max_steps_per_epoch: int | None = None  # cut epochs short (quick runs, tests)
+    grad_clip: float | None = None  # max global gradient norm
+    patience: int | None = None  # stop after this many epochs without improvement; None = never
+    monitor: str = "val/loss"  # metric for early stopping, best weights and plateau
+    mode: Literal["min", "max"] = "min"
+    restore_best: bool = True  # end the stage with the best epoch's weights
+    eval_split: str | None = "valid"  # split evaluated after each epoch; None = no evaluation
+    max_nonfinite: int = 10  # abort after this many NaN/Inf losses in a row
+    ema_momentum: float | None = None  # keep an EMA target network (state.target_model)
+    ema_momentum_end: float | None = None  # cosine schedule of the EMA momentum to this value
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.lr >= 0, f"lr must be >= 0, got {self.lr}"),
+            (self.max_epochs >= 1, f"max_epochs must be >= 1, got {self.max_epochs}"),
+            (self.max_nonfinite >= 1, f"max_nonfinite must be >= 1, got {self.max_nonfinite}"),
+            (self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}"),
+            (self.patience is None or self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
+            (len(self.betas) == 2, f"betas must be two numbers, got {self.betas}"),
+            (bool(self.losses), "losses: at least one loss term is required"),
+            (self.schedule not in ("warmup",) or self.warmup_steps > 0, "schedule 'warmup' needs warmup_steps > 0"),
+            (self.ema_momentum is None or 0 <= self.ema_momentum <= 1, "ema_momentum must be in [0, 1]"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+class TrainStage(Stage):
+    """Train the selected parameters on a weighted sum of loss terms, evaluating every epoch.
+
+    Features: parameter selection by glob, AdamW/SGD/L-BFGS, constant/warmup/cosine/plateau
+    schedules, per-term weight schedules and fallback, gradient clipping, a NaN/Inf guard,
+    early stopping with best-weight restore, an EMA target network, mid-stage resume.
+    Raises ConfigError for globs matching no parameter or an unknown ``monitor`` metric, and
+    TrainingError after ``max_nonfinite`` non-finite losses in a row.
+    """
+
+    name = "stagewise.train"
+    Options = TrainOptions
+
+    def run(self, state: State) -> dict[str, Any]:
+        return TrainLoop(self, state).run()
+
+    # --- what subclasses change -------------------------------------------------------------
+
+    def train_batches(self, state: State, epoch: int, start: int) -> Iterator[dict[str, Any]]:
+        """The epoch's training batches from batch ``start`` on (deterministic per epoch)."""
+        return state.batches("train", train=True, epoch=epoch, start=start)
+
+    def steps_per_epoch(self, state: State) -> int:
+        n = count_batches(state, "train", train=True)
+        return min(n, self.options.max_steps_per_epoch or n)
+
+    def forward_fn(self, objective: Objective) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        """How a batch becomes model outputs; default: the model's forward pass."""
+        return objective.outputs
+
+    def has_eval(self) -> bool:
+        return self.options.eval_split is not None
+
+    def evaluate(self, state: State, objective: Objective) -> dict[str, float]:
+        """Metrics after an epoch: every loss term on ``eval_split``, prefixed ``val/``."""
+        if not self.has_eval():
+            return {}
+        terms = dict(objective.terms.items())
+        return evaluate(state, terms, state.batches(self.options.eval_split), "val",
+                        self.forward_fn(objective))

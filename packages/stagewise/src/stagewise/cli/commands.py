@@ -1,0 +1,111 @@
+"""Core's subcommands: plugins, recipes, run, compare, verify, export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from stagewise import plugins
+from stagewise.registry import KINDS
+
+
+def add_core_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plugins", help="list installed plugins and what they register")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.set_defaults(handler=cmd_plugins)
+
+    p = sub.add_parser("recipes", help="list the recipes plugins ship (run one by name)")
+    p.add_argument("--json", action="store_true", help="print a JSON object name -> path")
+    p.set_defaults(handler=cmd_recipes)
+
+    p = sub.add_parser("run", help="run a recipe file or a named recipe")
+    p.add_argument("recipe", help="a .toml file or a registered recipe name (see 'stagewise recipes')")
+    _add_recipe_args(p)
+    p.add_argument("--out", help="the run directory to create (default: RUN.OUT/RUN.NAME)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("compare", help="run several recipes on the same data and seed, print one table")
+    p.add_argument("recipes", nargs="+", help="recipe files or names, e.g. the baseline then the method")
+    _add_recipe_args(p)
+    p.add_argument("--out", default="runs/compare", help="parent folder of the runs (default: runs/compare)")
+    p.set_defaults(handler=cmd_compare)
+
+    p = sub.add_parser("verify", help="compare a run's final metrics with a golden record")
+    p.add_argument("run_dir", help="a run directory holding summary.json")
+    p.add_argument("golden", help='a JSON file {"metrics": {...}, "tolerance": {...}}')
+    p.set_defaults(handler=cmd_verify)
+
+    p = sub.add_parser("export", help="export a checkpoint's model to a numpy-only .npz")
+    p.add_argument("source", help="a run directory (its last checkpoint) or a .pt checkpoint")
+    p.add_argument("out", help="the .npz file to write")
+    p.set_defaults(handler=cmd_export)
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a recipe key, e.g. stages.phase1.max_epochs=3 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    infos = plugins.plugin_infos()
+    if args.json:
+        print(json.dumps([i.as_dict() for i in infos], indent=2))
+        return 0
+    for info in infos:
+        print(f"{info.name}  ({info.distribution} {info.version})")
+        if info.error:
+            print(f"  error: {info.error}")
+        for kind in KINDS:
+            if info.registered[kind]:
+                print(f"  {kind}: {', '.join(info.registered[kind])}")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    entries = plugins.registries()["recipes"].entries
+    if args.json:
+        print(json.dumps({name: str(e.target) for name, e in sorted(entries.items())}, indent=2))
+        return 0
+    for name, entry in sorted(entries.items()):
+        print(f"{name:<32} {entry.distribution}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from stagewise.engine.runner import run_recipe
+    from stagewise.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_recipe(recipe, out=args.out, resume=args.resume, quiet=args.quiet)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from stagewise.compare import compare_recipes
+
+    compare_recipes(args.recipes, args.overrides, Path(args.out), quiet=args.quiet)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from stagewise.verify import verify_run
+
+    differences = verify_run(Path(args.run_dir), Path(args.golden))
+    for line in differences:
+        print(line)
+    print("verify: OK" if not differences else f"verify: {len(differences)} difference(s)")
+    return 1 if differences else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from stagewise.export import export_npz
+
+    source = Path(args.source)
+    checkpoint = source / "checkpoints" / "last.pt" if source.is_dir() else source
+    counts: dict[str, Any] = export_npz(checkpoint, Path(args.out))
+    print(f"wrote {args.out}: {counts['arrays']} arrays, {counts['parameters']} values")
+    return 0

@@ -1,0 +1,48 @@
+"""Entry point of the ``stagewise`` command: parse arguments, dispatch, turn errors into messages.
+
+Library code raises typed :mod:`stagewise.errors`; this is the one place that turns them into
+a one-paragraph message on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from stagewise.cli import commands
+from stagewise.errors import StagewiseError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from stagewise import __version__
+    from stagewise.plugins import plugin_manager
+
+    parser = argparse.ArgumentParser(
+        prog="stagewise",
+        description="Staged neural-network training: run recipes of stages with pluggable "
+                    "stages, routers and losses.")
+    parser.add_argument("--version", action="version", version=f"stagewise {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_core_commands(sub)
+    plugin_manager().hook.stagewise_register_commands(cli=sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if getattr(args, "handler", None) is None:
+            parser.print_help()
+            return 2
+        return int(args.handler(args) or 0)
+    except StagewiseError as exc:
+        print(f"stagewise: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stagewise: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

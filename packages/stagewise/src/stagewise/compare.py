@@ -1,0 +1,59 @@
+"""Run a baseline and a method (or any recipes) in one process on the same data and seed.
+
+Baselines are run, not typed in: ``compare_recipes`` refuses recipes whose data tables or
+seeds differ, runs each into ``OUT/<run name>``, prints one table of final metrics side by
+side and writes ``OUT/compare.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from stagewise.engine.rundir import write_json_atomic
+from stagewise.errors import ConfigError
+from stagewise.recipe import Recipe, load_recipe
+
+
+def compare_recipes(names: list[str], overrides: list[str], out: Path, quiet: bool = False) -> dict[str, Any]:
+    from stagewise.engine.runner import run_recipe
+
+    recipes = [load_recipe(name, overrides) for name in names]
+    check_comparable(recipes)
+    runs: dict[str, Any] = {}
+    for recipe in recipes:
+        run_dir = run_recipe(recipe, out=out / recipe.run.name, quiet=quiet)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        runs[recipe.run.name] = {"run_dir": str(run_dir), "metrics": summary["metrics"]}
+    write_json_atomic(out / "compare.json", {"runs": runs})
+    print(comparison_table(runs))
+    return runs
+
+
+def check_comparable(recipes: list[Recipe]) -> None:
+    first = recipes[0]
+    problems = []
+    for other in recipes[1:]:
+        if other.run.name == first.run.name:
+            problems.append(f"{other.source}: run.name {other.run.name!r} is used twice; names must differ")
+        if other.run.seed != first.run.seed:
+            problems.append(f"{other.source}: run.seed {other.run.seed} differs from {first.run.seed} "
+                            f"in {first.source}; compare on the same seed (--set run.seed=N sets all)")
+        if other.table["data"] != first.table["data"]:
+            problems.append(f"{other.source}: [data] differs from {first.source}; compare on the same data")
+    if problems:
+        raise ConfigError(problems, "compare")
+
+
+def comparison_table(runs: dict[str, Any]) -> str:
+    names = list(runs)
+    keys: list[str] = []
+    for run in runs.values():
+        keys += [k for k, v in run["metrics"].items() if isinstance(v, int | float) and k not in keys]
+    width = max([len(k) for k in keys] + [6]) + 2
+    lines = ["metric".ljust(width) + "".join(f"{n:>16}" for n in names)]
+    for key in keys:
+        cells = [runs[n]["metrics"].get(key) for n in names]
+        lines.append(key.ljust(width) + "".join(f"{c:>16.6g}" if c is not None else f"{'-':>16}" for c in cells))
+    return "\n".join(lines)

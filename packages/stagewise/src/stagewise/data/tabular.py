@@ -1,0 +1,233 @@
+"""Tables of numbers, one example per row: ``stagewise.csv`` and ``stagewise.jsonl``.
+
+Both read the whole file, shuffle the rows with the run's seed and cut them into splits.
+Items are ``{"input": float32 (F,), "target": ...}``; a target of one value per example is a
+scalar, of several a vector (K,). ``target_dtype = "long"`` makes class labels (int64).
+Either file may be gzip-compressed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stagewise.data.arrays import array_splits
+from stagewise.data.files import open_text
+from stagewise.data.splits import DataError, DataSplits, check_fractions, default_splits
+
+TARGET_DTYPES = ("float", "long")
+
+
+def check_columns(option: str, columns: Any, required: bool) -> None:
+    if columns is None and not required:
+        return
+    if not isinstance(columns, list) or not columns:
+        raise DataError(f"{option} must be a non-empty list, e.g. {option} = [\"y\"]; got {columns!r}")
+
+
+def check_target_dtype(target_dtype: str) -> None:
+    if target_dtype not in TARGET_DTYPES:
+        raise DataError(f"target_dtype must be \"float\" (regression) or \"long\" (class labels), "
+                        f"got {target_dtype!r}")
+
+
+def table_splits(inputs: np.ndarray, targets: np.ndarray, lines: list[int], path: str,
+                 target_dtype: str, fractions: dict[str, float], seed: int) -> DataSplits:
+    """Splits of a table read from ``path``: inputs (N, F), targets (N, K), and the file line
+    of each row (for errors)."""
+    if target_dtype == "long":
+        whole = np.isfinite(targets) & (targets == np.round(targets))  # (N, K)
+        not_whole = np.flatnonzero(~whole.all(axis=1))
+        if len(not_whole):
+            row = not_whole[0]
+            raise DataError(f"{path}, line {lines[row]}: target {targets[row].tolist()} is not a whole "
+                            f"number, but target_dtype = \"long\" wants class labels; use "
+                            f"target_dtype = \"float\" for regression")
+        targets = targets.astype(np.int64)
+    if targets.shape[1] == 1:
+        targets = targets[:, 0]  # one value per example: a scalar target
+    return array_splits(inputs, targets, fractions, seed)
+
+
+# --- CSV ------------------------------------------------------------------------------------
+
+
+@dataclass
+class CsvOptions:
+    """The recipe's ``[data]`` keys for ``stagewise.csv``."""
+
+    path: str  # CSV file of numbers, one example per row
+    target: list[str | int]  # target columns, by header name or 0-based index
+    features: list[str | int] | None = None  # input columns; unset: every non-target column
+    header: bool = True  # the first row names the columns
+    target_dtype: str = "float"  # "float" (regression) or "long" (class labels)
+    splits: dict[str, float] = field(default_factory=default_splits)  # split name -> fraction
+
+    def __post_init__(self) -> None:
+        check_columns("target", self.target, required=True)
+        check_columns("features", self.features, required=False)
+        check_target_dtype(self.target_dtype)
+        check_fractions(self.splits)
+
+
+def read_csv(path: str, header: bool) -> tuple[list[str] | None, np.ndarray, list[int]]:
+    """Column names (None without header), the values (N, columns) and each row's line."""
+    with open_text(path, "CSV file") as f:
+        reader = csv.reader(f)
+        names = next(reader, []) if header else None
+        width = len(names) if names is not None else None
+        rows, lines = [], []
+        for row in reader:
+            if not row:  # blank line
+                continue
+            width = len(row) if width is None else width
+            if len(row) != width:
+                raise DataError(f"{path}, line {reader.line_num}: {len(row)} cells, but the "
+                                f"{'header' if header else 'first row'} has {width}")
+            values = []
+            for j, cell in enumerate(row):
+                try:
+                    values.append(float(cell))
+                except ValueError:
+                    column = f"column {j}" + (f" ({names[j]!r})" if names else "")
+                    raise DataError(f"{path}, line {reader.line_num}, {column}: {cell!r} is not a "
+                                    f"number; every cell must be numeric (fill in missing values, "
+                                    f"encode categories as numbers)") from None
+            rows.append(values)
+            lines.append(reader.line_num)
+    if not rows:
+        raise DataError(f"{path} has no data rows")
+    return names, np.array(rows, dtype=np.float64), lines
+
+
+def column_indices(option: str, columns: list[str | int], names: list[str] | None, width: int,
+                   path: str) -> list[int]:
+    """0-based indices of ``columns`` (header names or indices) in a table ``width`` wide."""
+    indices = []
+    for column in columns:
+        if isinstance(column, str):
+            if names is None:
+                raise DataError(f"{option} names column {column!r}, but header = false so columns "
+                                f"have no names; give 0-based column indices")
+            if column not in names:
+                raise DataError(f"{path} has no column {column!r} ({option}); its columns are: "
+                                f"{', '.join(names)}")
+            indices.append(names.index(column))
+        elif isinstance(column, int) and not isinstance(column, bool) and 0 <= column < width:
+            indices.append(column)
+        else:
+            raise DataError(f"{option}: {column!r} is neither a column name nor a column index "
+                            f"0..{width - 1} of {path}")
+    return indices
+
+
+class CsvTable:
+    """``stagewise.csv``: a numeric CSV file, one example per row."""
+
+    name = "stagewise.csv"
+    Options = CsvOptions
+
+    @classmethod
+    def from_recipe(cls, options: CsvOptions, *, seed: int) -> DataSplits:
+        names, values, lines = read_csv(options.path, options.header)
+        width = values.shape[1]
+        target = column_indices("target", options.target, names, width, options.path)
+        if options.features is None:
+            features = [j for j in range(width) if j not in target]
+        else:
+            features = column_indices("features", options.features, names, width, options.path)
+        if not features:
+            raise DataError(f"{options.path}: no feature columns are left besides the target; "
+                            f"the file needs at least one input column")
+        return table_splits(values[:, features], values[:, target], lines, options.path,
+                            options.target_dtype, options.splits, seed)
+
+
+# --- JSON Lines -----------------------------------------------------------------------------
+
+
+@dataclass
+class JsonlOptions:
+    """The recipe's ``[data]`` keys for ``stagewise.jsonl``."""
+
+    path: str  # JSON Lines file: one JSON object (one example) per line
+    input_keys: list[str]  # keys whose values, concatenated, are the input
+    target_keys: list[str]  # keys whose values, concatenated, are the target
+    target_dtype: str = "float"  # "float" (regression) or "long" (class labels)
+    splits: dict[str, float] = field(default_factory=default_splits)  # split name -> fraction
+
+    def __post_init__(self) -> None:
+        check_columns("input_keys", self.input_keys, required=True)
+        check_columns("target_keys", self.target_keys, required=True)
+        check_target_dtype(self.target_dtype)
+        check_fractions(self.splits)
+
+
+def flatten(value: Any) -> list[float]:
+    """A number or (nested) list of numbers as one flat list; TypeError for anything else."""
+    if isinstance(value, list):
+        return [number for item in value for number in flatten(item)]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [float(value)]
+    raise TypeError(f"not a number: {value!r}")
+
+
+def record_numbers(record: dict[str, Any], keys: list[str], path: str, line: int) -> list[float]:
+    """The values of ``keys`` in ``record``, flattened and concatenated."""
+    numbers = []
+    for key in keys:
+        if key not in record:
+            raise DataError(f"{path}, line {line}: key {key!r} is missing; the line has keys "
+                            f"{', '.join(record) or 'none'}")
+        try:
+            numbers.extend(flatten(record[key]))
+        except TypeError:
+            raise DataError(f"{path}, line {line}: {key!r} is {json.dumps(record[key])[:60]}, but "
+                            f"it must be a number or a list of numbers") from None
+    return numbers
+
+
+def read_jsonl(path: str, input_keys: list[str], target_keys: list[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Inputs (N, F), targets (N, K) and each example's line."""
+    inputs, targets, lines = [], [], []
+    with open_text(path, "JSONL file") as f:
+        for line, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}, line {line}: not valid JSON ({exc.msg} at column "
+                                f"{exc.colno}); each line must be one JSON object") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}, line {line}: expected a JSON object {{...}}, got "
+                                f"{json.dumps(record)[:60]}")
+            x = record_numbers(record, input_keys, path, line)
+            y = record_numbers(record, target_keys, path, line)
+            if inputs and (len(x), len(y)) != (len(inputs[0]), len(targets[0])):
+                raise DataError(f"{path}, line {line}: {len(x)} input and {len(y)} target numbers, "
+                                f"but line {lines[0]} has {len(inputs[0])} and {len(targets[0])}; "
+                                f"every line must have the same number of values")
+            inputs.append(x)
+            targets.append(y)
+            lines.append(line)
+    if not inputs:
+        raise DataError(f"{path} has no data lines")
+    return np.array(inputs, dtype=np.float64), np.array(targets, dtype=np.float64), lines
+
+
+class JsonLines:
+    """``stagewise.jsonl``: a JSON Lines file, one example per line."""
+
+    name = "stagewise.jsonl"
+    Options = JsonlOptions
+
+    @classmethod
+    def from_recipe(cls, options: JsonlOptions, *, seed: int) -> DataSplits:
+        inputs, targets, lines = read_jsonl(options.path, options.input_keys, options.target_keys)
+        return table_splits(inputs, targets, lines, options.path, options.target_dtype,
+                            options.splits, seed)

@@ -1,0 +1,173 @@
+"""Word-level language-modelling data: text files (or a built-in corpus) to token windows.
+
+Tokenisation is WikiText's: each line is split on whitespace (lowercased by default) and
+every non-empty line ends with ``<eos>``. Sources, by the ``path`` option:
+
+- a directory with ``train.txt`` / ``valid.txt`` / ``test.txt`` (or WikiText's
+  ``wiki.train.tokens`` / ...): those files are the splits;
+- a directory of ``.txt`` files (searched recursively, read in sorted order) or one file:
+  the token stream is cut into contiguous splits by the ``splits`` fractions;
+- unset: the built-in offline corpus, the English documentation that ships with Python
+  (``pydoc_data.topics``, ~79 topics, ~465k characters); each topic is a document and whole
+  documents are dealt to the splits, so no document is in two splits.
+
+The vocabulary is built from the training split only; nothing depends on the seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from stagewise.data.splits import DataError, DataSplits, check_fractions, deal, default_splits, split_bounds
+from stagewise.data.vocab import EOS, Vocabulary
+
+# split -> file names that hold it, in order of preference
+SPLIT_FILES = {
+    "train": ("train.txt", "wiki.train.tokens"),
+    "valid": ("valid.txt", "wiki.valid.tokens"),
+    "test": ("test.txt", "wiki.test.tokens"),
+}
+LAYOUTS = ("a directory with train.txt, valid.txt and test.txt (or wiki.train.tokens, ...), "
+           "a directory of .txt files, or a single text file")
+
+
+@dataclass
+class TextOptions:
+    """The recipe's ``[data]`` keys for ``stagewise.text``."""
+
+    path: str | None = None  # text source (see the module docs); unset: the built-in corpus
+    seq_len: int = 32  # tokens each window predicts; a window holds seq_len + 1 tokens
+    lowercase: bool = True  # lowercase the text before splitting it into words
+    min_freq: int = 1  # training-split words seen fewer times than this become <unk>
+    max_vocab: int | None = None  # cap on the vocabulary size, <unk> and <eos> included
+    max_tokens: int | None = None  # keep only each split's first max_tokens tokens (tiny tests)
+    # split name -> fraction; only for sources without train/valid/test files
+    splits: dict[str, float] = field(default_factory=default_splits)
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "min_freq", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise DataError(f"{name} must be a positive integer, got {value}")
+        if self.max_vocab is not None and self.max_vocab < 3:
+            raise DataError(f"max_vocab must be at least 3 (<unk>, <eos> and one word), got {self.max_vocab}")
+        check_fractions(self.splits)
+        if "train" not in self.splits:
+            raise DataError(f"splits must include 'train' (the vocabulary is built from it); "
+                            f"got {', '.join(self.splits)}")
+
+
+def tokenize(text: str, lowercase: bool) -> list[str]:
+    """WikiText-style tokens: each non-empty line's words, then ``<eos>``."""
+    tokens = []
+    for line in text.split("\n"):
+        words = (line.lower() if lowercase else line).split()
+        if words:
+            tokens.extend(words)
+            tokens.append(EOS)
+    return tokens
+
+
+def read_tokens(path: Path, lowercase: bool) -> list[str]:
+    # errors="replace": some real corpora are Latin-1; a stray byte must not stop training
+    return tokenize(path.read_text(encoding="utf-8", errors="replace"), lowercase)
+
+
+def split_files(root: Path) -> dict[str, Path]:
+    """The predefined split files in directory ``root``, by split; empty if there are none."""
+    found = {}
+    for split, names in SPLIT_FILES.items():
+        for name in names:
+            if (root / name).is_file():
+                found[split] = root / name
+                break
+    if found and "train" not in found:
+        raise DataError(f"{root} has {', '.join(p.name for p in found.values())} but no training "
+                        f"file; add train.txt (or wiki.train.tokens)")
+    return found
+
+
+def builtin_streams(options: TextOptions) -> dict[str, list[str]]:
+    """Token streams of the built-in corpus: Python's topic docs, dealt to splits by document."""
+    from pydoc_data.topics import topics
+
+    documents = [tokenize(topics[key], options.lowercase) for key in sorted(topics)]  # one per topic
+    return {split: [token for i in ids for token in documents[i]]
+            for split, ids in deal(len(documents), options.splits).items()}
+
+
+def load_streams(options: TextOptions) -> dict[str, list[str]]:
+    """Token streams, by split, of the source that ``options.path`` names."""
+    if options.path is None:
+        return builtin_streams(options)
+    root = Path(options.path).expanduser()
+    if not root.exists():
+        raise DataError(f"text data path {root} does not exist; set path to {LAYOUTS}, "
+                        f"or leave it unset for the built-in corpus")
+    predefined = split_files(root) if root.is_dir() else {}
+    if predefined:
+        return {split: read_tokens(file, options.lowercase) for split, file in predefined.items()}
+    files = sorted(root.rglob("*.txt")) if root.is_dir() else [root]
+    if not files:
+        raise DataError(f"no .txt files under {root}; expected {LAYOUTS}")
+    tokens = [token for file in files for token in read_tokens(file, options.lowercase)]
+    if not tokens:
+        raise DataError(f"{root} contains no text (0 tokens); expected {LAYOUTS}")
+    return {split: tokens[start:end]
+            for split, (start, end) in split_bounds(len(tokens), options.splits).items()}
+
+
+class LMWindows(Dataset):
+    """A token stream (1-D LongTensor) cut into non-overlapping windows of ``seq_len + 1``
+    tokens; item i is ``{"input": w[:-1], "target": w[1:]}`` for the i-th window w.
+    Tokens after the last whole window are left out."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int):
+        if tokens.dim() != 1:
+            raise ValueError(f"LMWindows needs a 1-D token stream, got shape {tuple(tokens.shape)}")
+        self.tokens = tokens  # (N,)
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        return len(self.tokens) // (self.seq_len + 1)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"window {i} out of range: there are {len(self)} windows")
+        start = i * (self.seq_len + 1)
+        window = self.tokens[start : start + self.seq_len + 1]  # (seq_len + 1,)
+        return {"input": window[:-1], "target": window[1:]}  # (seq_len,) each
+
+
+class TextCorpus:
+    """``stagewise.text``: word-level language modelling on a text source."""
+
+    name = "stagewise.text"
+    Options = TextOptions
+
+    @classmethod
+    def from_recipe(cls, options: TextOptions, *, seed: int) -> DataSplits:
+        """Windows of every split, and info: vocab_size, vocab and tokens (per split).
+
+        ``seed`` is unused: the text splits are fixed by the source and the options.
+        """
+        streams = load_streams(options)
+        if options.max_tokens is not None:
+            streams = {split: tokens[: options.max_tokens] for split, tokens in streams.items()}
+        vocab = Vocabulary.build(streams["train"], options.min_freq, options.max_vocab)
+        source = options.path or "the built-in corpus"
+        splits = {}
+        for split, tokens in streams.items():
+            if len(tokens) < options.seq_len + 1:
+                raise DataError(f"split {split!r} of {source} has {len(tokens)} tokens, too few for "
+                                f"one window of seq_len + 1 = {options.seq_len + 1}; use more text "
+                                f"or a smaller seq_len")
+            ids = torch.tensor(vocab.encode(tokens), dtype=torch.long)  # (N,)
+            splits[split] = LMWindows(ids, options.seq_len)
+        info = {"vocab_size": len(vocab), "vocab": vocab,
+                "tokens": {split: len(tokens) for split, tokens in streams.items()}}
+        return DataSplits(splits, info)

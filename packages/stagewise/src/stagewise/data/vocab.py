@@ -1,0 +1,57 @@
+"""Word-level vocabulary, built from the training split's tokens only.
+
+Ids: ``<unk>`` is 0, ``<eos>`` is 1, then words by frequency (most frequent first), ties in
+alphabetical order, so the same tokens always give the same ids.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+UNK, EOS = "<unk>", "<eos>"
+SPECIALS = (UNK, EOS)
+
+
+class Vocabulary:
+    """Token <-> id mapping; unknown tokens encode to ``<unk>``."""
+
+    def __init__(self, itos: list[str]):
+        if list(itos[:2]) != list(SPECIALS):
+            raise ValueError(f"a vocabulary must start with {list(SPECIALS)}, got {list(itos[:2])}")
+        self.itos = list(itos)  # id -> token
+        self.stoi = {token: i for i, token in enumerate(self.itos)}  # token -> id
+        if len(self.stoi) != len(self.itos):
+            raise ValueError("a vocabulary must not list a token twice")
+
+    @classmethod
+    def build(cls, tokens: Iterable[str], min_freq: int = 1, max_size: int | None = None) -> Vocabulary:
+        """The vocabulary of ``tokens``: words seen at least ``min_freq`` times, the most
+        frequent first, at most ``max_size`` entries in all (the two specials included)."""
+        counts = Counter(tokens)
+        for special in SPECIALS:  # e.g. WikiText writes <unk> in its text
+            counts.pop(special, None)
+        ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+        words = [word for word, count in ranked if count >= min_freq]
+        if max_size is not None:
+            words = words[: max_size - len(SPECIALS)]
+        return cls([*SPECIALS, *words])
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, tokens: Iterable[str]) -> list[int]:
+        return [self.stoi.get(token, 0) for token in tokens]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The tokens of ``ids`` joined by single spaces."""
+        return " ".join(self.itos[i] for i in ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form, for checkpoints; :meth:`from_dict` reverses it."""
+        return {"itos": list(self.itos)}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> Vocabulary:
+        return cls(state["itos"])

@@ -1,0 +1,1 @@
+"""The engine: one deterministic, resumable loop that runs a recipe's stages."""

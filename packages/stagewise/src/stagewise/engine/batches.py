@@ -1,0 +1,66 @@
+"""Deterministic batches: the order of an epoch depends only on (seed, stage, epoch).
+
+That makes a resumed run draw exactly the batches an uninterrupted one would: a run resumed
+at batch ``start`` of an epoch skips the first ``start`` index lists without loading them.
+Under ``torchrun`` each global batch is split across processes by rank, so the global batch
+(and the averaged gradient) is the same as in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.data import DataLoader, default_collate
+
+if TYPE_CHECKING:
+    from stagewise.engine.state import State
+
+
+def epoch_order(n: int, seed: int, stage_index: int, epoch: int) -> list[int]:
+    """A permutation of range(n) fixed by the run seed, the stage and the epoch."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + stage_index * 10_007 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def batch_indices(n: int, batch_size: int, *, order: list[int] | None = None,
+                  drop_last: bool = False, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """Index lists of global batches, each cut to this rank's share."""
+    order = order if order is not None else list(range(n))
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    return [b[rank::world] for b in batches if b[rank::world]]
+
+
+def iterate_batches(state: State, split: str, *, train: bool, epoch: int = 0,
+                    start: int = 0) -> Iterator[dict[str, Any]]:
+    spec = state.recipe.data
+    dataset = state.data[split]
+    size = spec.batch_size if train else (spec.eval_batch_size or spec.batch_size)
+    order = epoch_order(len(dataset), state.seed, state.stage_index, epoch) if train and spec.shuffle else None
+    index_lists = batch_indices(len(dataset), size, order=order, drop_last=train and spec.drop_last,
+                                rank=state.dist.rank, world=state.dist.world_size)
+    loader = DataLoader(dataset, batch_sampler=index_lists[start:], collate_fn=default_collate,
+                        num_workers=spec.num_workers)
+    for batch in loader:
+        yield to_device(batch, state.device)
+
+
+def count_batches(state: State, split: str, *, train: bool) -> int:
+    spec = state.recipe.data
+    size = spec.batch_size if train else (spec.eval_batch_size or spec.batch_size)
+    n = len(state.data[split])
+    full, rest = divmod(n, size)
+    return full + (1 if rest and not (train and spec.drop_last) else 0)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch

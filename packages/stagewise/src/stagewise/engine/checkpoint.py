@@ -1,0 +1,86 @@
+"""Checkpoints: written atomically (temp file + rename), read with ``weights_only=True``.
+
+A checkpoint holds everything a resumed run needs to end with the numbers of an
+uninterrupted one: model, optimizer, scheduler, loss terms, EMA target, RNG states, stage
+index, loop position, router state and artifacts.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stagewise.errors import CheckpointError
+
+FORMAT = "stagewise-checkpoint-1"
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call ``write(file)`` on a temp file beside ``path``, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    atomic_write_bytes(path, lambda f: torch.save({"format": FORMAT, **payload}, f))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, bad pickle, foreign file: all mean "not usable"
+        raise CheckpointError(
+            f"{path}: the checkpoint is corrupt or truncated ({type(exc).__name__}: {exc}). "
+            "Resume from an earlier checkpoint in the same folder or start the run again."
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a stagewise checkpoint (expected format {FORMAT!r})")
+    return payload
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the engine's randomness comes from, as tensors and plain values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(_as_tuple(state["python"]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

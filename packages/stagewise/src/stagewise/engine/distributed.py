@@ -1,0 +1,65 @@
+"""Data-parallel training through torch.distributed when launched by ``torchrun``.
+
+``torchrun --nproc_per_node=2 -m stagewise run RECIPE`` sets RANK/WORLD_SIZE/LOCAL_RANK; the
+engine then joins the process group (gloo on CPU, nccl on CUDA), wraps the training module in
+DistributedDataParallel, splits each global batch across ranks, and logs and checkpoints on
+rank 0 only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: torch.device) -> DistInfo:
+    """Join the process group if launched by torchrun; a no-op in a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def teardown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sums(values: list[float], info: DistInfo) -> list[float]:
+    """Sum a list of floats over ranks (float64, so sums of counts stay exact)."""
+    if not info.enabled:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        from stagewise.errors import ConfigError
+
+        raise ConfigError(["run.device: 'cuda' was asked for but no CUDA device is available; use 'auto' or 'cpu'"])
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", local_rank)))

@@ -1,0 +1,51 @@
+"""Evaluation: exact metric sums over a whole split, reduced across processes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from stagewise.engine.distributed import all_reduce_sums
+from stagewise.engine.objective import forward_batch
+from stagewise.loss import Loss, Needs
+
+if TYPE_CHECKING:
+    from stagewise.engine.state import State
+
+
+@torch.no_grad()
+def evaluate(state: State, terms: dict[str, Loss], batches: Iterable[dict[str, Any]], prefix: str,
+             forward_fn: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, float]:
+    """Metrics of every term over ``batches``, named ``<prefix>/<metric>`` for the first term
+    (the stage's main objective) and ``<prefix>/<term>/<metric>`` for the others."""
+    model = state.model
+    was_training = model.training
+    model.eval()
+    needs = Needs()
+    for term in terms.values():
+        needs = needs | term.needs()
+    forward_fn = forward_fn or (lambda batch: forward_batch(model, batch, needs))
+    sums: dict[tuple[str, str], list[float]] = {}
+    for batch in batches:
+        outputs = forward_fn(batch)
+        for name, term in terms.items():
+            for metric, (total, count) in term.eval_sums(outputs, batch, state).items():
+                acc = sums.setdefault((name, metric), [0.0, 0.0])
+                acc[0] += total
+                acc[1] += count
+    model.train(was_training)
+    keys = list(sums)
+    flat = all_reduce_sums([v for k in keys for v in sums[k]], state.dist)
+    means: dict[str, dict[str, float]] = {}
+    for i, (name, metric) in enumerate(keys):
+        total, count = flat[2 * i], flat[2 * i + 1]
+        means.setdefault(name, {})[metric] = total / count if count else float("nan")
+    first = next(iter(terms), None)
+    metrics: dict[str, float] = {}
+    for name, term in terms.items():
+        scope = prefix if name == first else f"{prefix}/{name}"
+        for metric, value in term.summarize(means.get(name, {})).items():
+            metrics[f"{scope}/{metric}"] = value
+    return metrics

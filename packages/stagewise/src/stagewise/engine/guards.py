@@ -1,0 +1,59 @@
+"""Rate-limited warnings and the non-finite loss guard."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+from stagewise.errors import TrainingError
+
+
+class RateLimitedWarnings:
+    """Each kind of warning is printed at most once per epoch; the rest are counted.
+
+    ``flush()`` at the end of an epoch prints one line per kind that repeated, with its count,
+    and returns the counts so they can be logged.
+    """
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.counts: Counter[str] = Counter()
+
+    def warn(self, kind: str, message: str) -> None:
+        self.counts[kind] += 1
+        if self.counts[kind] == 1 and not self.quiet:
+            print(f"stagewise: warning: {message}", file=sys.stderr, flush=True)
+
+    def flush(self) -> dict[str, int]:
+        counts = dict(self.counts)
+        for kind, n in counts.items():
+            if n > 1 and not self.quiet:
+                print(f"stagewise: warning: {kind!r} happened {n} times this epoch", file=sys.stderr)
+        self.counts.clear()
+        return counts
+
+
+class NonFiniteGuard:
+    """Skip batches whose loss is NaN/Inf, count them, and stop after ``limit`` in a row."""
+
+    def __init__(self, limit: int, warnings: RateLimitedWarnings):
+        self.limit = limit
+        self.warnings = warnings
+        self.in_a_row = 0
+        self.skipped = 0
+
+    def check(self, value: float, where: str) -> bool:
+        """True when the loss is finite (train on it); False to skip the batch."""
+        if value == value and abs(value) != float("inf"):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.skipped += 1
+        self.warnings.warn("nonfinite_loss", f"non-finite loss ({value}) at {where}; batch skipped")
+        if self.in_a_row >= self.limit:
+            raise TrainingError(
+                f"{self.in_a_row} non-finite losses in a row at {where} (max_nonfinite = {self.limit}). "
+                "Lower the learning rate, set grad_clip, check the data for NaN/Inf, "
+                "or raise the stage's max_nonfinite."
+            )
+        return False

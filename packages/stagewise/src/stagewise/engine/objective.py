@@ -1,0 +1,93 @@
+"""A stage's objective: the model's forward pass and its loss terms in one module.
+
+Loss terms run inside ``Objective.forward`` so that, under DistributedDataParallel, gradients
+of parameters owned by losses are averaged across processes like the model's own.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from stagewise.loss import Loss, Needs
+
+if TYPE_CHECKING:
+    from stagewise.engine.state import State
+    from stagewise.specs import LossSpec
+
+
+def forward_batch(model: torch.nn.Module, batch: dict[str, Any], needs: Needs) -> dict[str, Any]:
+    """Run ``model`` on a batch. Models with ``forward_batch(batch, needs)`` return a dict of
+    outputs; any other module is called on ``batch["input"]`` and its result is ``"output"``."""
+    if hasattr(model, "forward_batch"):
+        return model.forward_batch(batch, needs)
+    out = model(batch["input"])
+    return out if isinstance(out, dict) else {"output": out}
+
+
+class Objective(torch.nn.Module):
+    """The model plus named loss terms; ``forward(batch)`` gives each term's raw value."""
+
+    def __init__(self, model: torch.nn.Module, terms: dict[str, Loss], state: State):
+        super().__init__()
+        self.model = model
+        self.terms = torch.nn.ModuleDict(terms)
+        self.state = state  # not a module: plain attribute
+        self.needs = Needs()
+        for term in terms.values():
+            self.needs = self.needs | term.needs()
+
+    def outputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return forward_batch(self.model, batch, self.needs)
+
+    def forward(self, batch: dict[str, Any], forward_fn=None, active: set[str] | None = None) -> dict[str, Any]:
+        """Each term's value on ``batch``; only the ``active`` terms (weight > 0) when given."""
+        outputs = (forward_fn or self.outputs)(batch)
+        return {name: term(outputs, batch, self.state) for name, term in self.terms.items()
+                if active is None or name in active}
+
+
+def build_terms(specs: list[LossSpec], state: State, where: str) -> dict[str, Loss]:
+    """Instantiate a stage's loss terms, let them create their parameters, move them to device."""
+    terms: dict[str, Loss] = {}
+    for spec in specs:
+        if spec.name in terms:
+            from stagewise.errors import ConfigError
+
+            raise ConfigError([f"{where}.losses: two terms are named {spec.name!r}; set a distinct 'name'"])
+        term = spec.component()(spec.options)
+        term.setup(state)
+        terms[spec.name] = term.to(state.device)
+    return terms
+
+
+def split_term(value: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A term's total and its parts (a Loss may return a dict of named parts)."""
+    if isinstance(value, dict):
+        return sum(value.values()), value
+    return value, {}
+
+
+class TermWeights:
+    """Each term's scheduled weight for the epoch, cut for a batch by the fallback rule."""
+
+    def __init__(self, specs: list[LossSpec], state: State):
+        self.specs = {s.name: s for s in specs}
+        self.state = state
+        self.fallbacks = {name: 0 for name in self.specs}
+
+    def for_epoch(self, epoch: int) -> dict[str, float]:
+        return {name: spec.weight_at(epoch) for name, spec in self.specs.items()}
+
+    def effective(self, name: str, weight: float, value: float) -> float:
+        """The weight for this batch: ``weight * fallback_factor`` when the term is too large."""
+        spec = self.specs[name]
+        if spec.fallback_threshold is None or weight == 0.0 or value <= spec.fallback_threshold:
+            return weight
+        self.fallbacks[name] += 1
+        self.state.warnings.warn(
+            f"fallback/{name}",
+            f"loss term {name!r} = {value:.4g} > fallback_threshold {spec.fallback_threshold}; "
+            f"weight cut to {weight * spec.fallback_factor:.3g} for this batch")
+        return weight * spec.fallback_factor

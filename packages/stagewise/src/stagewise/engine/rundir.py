@@ -1,0 +1,112 @@
+"""The run directory: everything one execution produced.
+
+::
+
+    RUN_DIR/
+      recipe.toml        the resolved recipe (defaults filled in, overrides applied)
+      env.json           python, torch, platform, every plugin's distribution and version
+      metrics.jsonl      one JSON object per logged event (step, epoch, stage, run)
+      summary.json       per-stage metrics and timings, and the final metrics
+      checkpoints/       <stage checkpoint name>.pt after each stage, last.pt for resuming
+      plots/             PNGs some stages draw (with the [plots] extra)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+from stagewise.engine.checkpoint import atomic_write_bytes
+from stagewise.errors import CheckpointError
+
+
+class RunDir:
+    """Writes a run directory; only the main process has one."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self._metrics = None
+        self.lines = 0  # records in metrics.jsonl, saved in checkpoints to cut on resume
+
+    @classmethod
+    def create(cls, path: Path, recipe_toml: str, env: dict[str, Any]) -> RunDir:
+        path = Path(path)
+        if path.exists() and any(path.iterdir()):
+            raise CheckpointError(
+                f"{path}: the run directory exists and is not empty. Pass --resume {path} to "
+                "continue that run, or --out with a new folder."
+            )
+        run = cls(path)
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path / "recipe.toml", recipe_toml)
+        write_json_atomic(path / "env.json", env)
+        (path / "metrics.jsonl").write_text("")
+        return run
+
+    @classmethod
+    def reopen(cls, path: Path, lines: int) -> RunDir:
+        """Continue a run: cut metrics.jsonl back to the records the checkpoint had seen."""
+        run = cls(path)
+        metrics = run.path / "metrics.jsonl"
+        kept = metrics.read_text(encoding="utf-8").splitlines(keepends=True)[:lines]
+        write_text_atomic(metrics, "".join(kept))
+        run.lines = len(kept)
+        return run
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self._metrics is None:
+            self._metrics = open(self.path / "metrics.jsonl", "a", encoding="utf-8")
+        self._metrics.write(json.dumps(finite(record)) + "\n")
+        self._metrics.flush()
+        self.lines += 1
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json_atomic(self.path / "summary.json", summary)
+
+    def plot_path(self, name: str) -> Path:
+        (self.path / "plots").mkdir(exist_ok=True)
+        return self.path / "plots" / name
+
+
+def finite(value: Any) -> Any:
+    """JSON has no NaN/Inf: write them as strings so every line stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(finite(data), indent=2, sort_keys=False) + "\n")
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    from stagewise.plugins import plugin_infos
+
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "plugins": {i.name: {"distribution": i.distribution, "version": i.version, "error": i.error}
+                    for i in plugin_infos()},
+    }

@@ -1,0 +1,161 @@
+"""Run a recipe: build data and model, run each stage, write the run directory.
+
+Everything that can fail on bad input (the recipe, the data, the model) is built before the
+run directory is created, so a mistake writes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stagewise.engine import distributed
+from stagewise.engine.checkpoint import load_checkpoint, seed_everything, set_rng_state
+from stagewise.engine.guards import RateLimitedWarnings
+from stagewise.engine.rundir import RunDir, environment
+from stagewise.engine.state import State
+from stagewise.errors import CheckpointError
+from stagewise.events import Event
+from stagewise.recipe import Recipe
+from stagewise.schema import build_dataclass
+from stagewise.specs import StageSpec
+
+
+def run_recipe(recipe: Recipe, out: str | Path | None = None, resume: str | Path | None = None,
+               quiet: bool = False) -> Path:
+    """Run every stage of ``recipe``; returns the run directory. ``resume`` continues a run."""
+    device = distributed.resolve_device(recipe.run.device)
+    info = distributed.setup(device)
+    try:
+        return _run(recipe, device, info, out, resume, quiet)
+    finally:
+        distributed.teardown(info)
+
+
+def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: Any, resume: Any,
+         quiet: bool) -> Path:
+    run = recipe.run
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    torch.use_deterministic_algorithms(run.deterministic, warn_only=True)
+    saved = _load_resume(Path(resume), recipe) if resume is not None else None
+    seed_everything(run.seed)
+    data = recipe.data.component().from_recipe(recipe.data.options, seed=run.seed)
+    model_options = _model_options(recipe, saved)
+    model = recipe.model.component().from_recipe(model_options, data).to(device)
+    path = Path(resume) if resume is not None else Path(out) if out is not None else _default_out(recipe)
+    run_dir = None
+    if info.rank == 0:
+        run_dir = (RunDir.reopen(path, saved["metrics_lines"]) if saved is not None
+                   else RunDir.create(path, recipe.to_toml(), environment()))
+    state = State(recipe=recipe, model=model, model_options=model_options, data=data, device=device,
+                  dist=info, warnings=RateLimitedWarnings(quiet or info.rank != 0), run_dir=run_dir,
+                  quiet=quiet)
+    first = 0
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        state.artifacts, state.metrics = saved["artifacts"], saved["metrics"]
+        state.stage_results = saved["stage_results"]
+        first = saved["stage_index"] + (1 if saved["stage_done"] else 0)
+        state.print(f"resuming {path} at stage {first + 1}/{len(recipe.stages)}")
+    try:
+        state.fire(Event.BEFORE_RUN)
+        for index in range(first, len(recipe.stages)):
+            mid_stage = saved if saved is not None and index == saved["stage_index"] else None
+            run_stage(state, index, recipe.stages[index], mid_stage)
+        summary = {"recipe": run.name, "seed": run.seed, "stages": state.stage_results,
+                   "metrics": state.metrics}
+        state.fire(Event.AFTER_RUN, metrics=state.metrics)
+        if run_dir is not None:
+            run_dir.write_summary(summary)
+            state.print(final_table(summary, path))
+    finally:
+        if run_dir is not None:
+            run_dir.close()
+    return path
+
+
+def run_stage(state: State, index: int, spec: StageSpec, saved: dict[str, Any] | None) -> None:
+    """Run one stage; ``saved`` is the checkpoint of this stage when resuming it mid-way."""
+    state.stage_index, state.stage_name = index, spec.name
+    state.epoch = state.step = state.epochs_run = 0
+    state.target_model = None
+    state.resume = saved
+    if saved is not None:
+        set_rng_state(saved["rng"])
+    else:
+        seed_everything(state.seed + index)  # each stage's randomness is independent of the others
+        if spec.grow:
+            grow_model(state, spec.grow)
+    stage = spec.component()(spec.options, label=spec.name)
+    state.fire(Event.BEFORE_STAGE, stage=stage)
+    started = time.perf_counter()
+    metrics = stage.run(state)
+    seconds = time.perf_counter() - started
+    state.resume = None
+    state.stage_results[spec.name] = {"metrics": metrics, "epochs": state.epochs_run, "seconds": seconds}
+    state.metrics.update(metrics)
+    state.log("stage", seconds=seconds, **metrics)
+    state.save_checkpoint(done=True)
+    state.fire(Event.AFTER_STAGE, stage=stage, metrics=metrics)
+
+
+def grow_model(state: State, changes: dict[str, Any]) -> None:
+    """Rebuild the model with changed options, copying every parameter whose name and shape
+    still match (embedding, existing layers, head); the rest keep their fresh initialisation."""
+    options = dataclasses.replace(state.model_options, **changes)
+    model = state.recipe.model.component().from_recipe(options, state.data).to(state.device)
+    old = state.model.state_dict()
+    new = model.state_dict()
+    copied = [k for k, v in new.items() if k in old and old[k].shape == v.shape]
+    model.load_state_dict({**new, **{k: old[k] for k in copied}})
+    state.model, state.model_options = model, options
+    state.log("grow", changes=changes, copied=len(copied), new=len(new) - len(copied))
+
+
+def _model_options(recipe: Recipe, saved: dict[str, Any] | None) -> Any:
+    if saved is None:
+        return recipe.model.options
+    problems: list[str] = []
+    options = build_dataclass(type(recipe.model.options), saved["model_options"], "model", problems)
+    if problems:
+        raise CheckpointError(f"the checkpoint's model options no longer validate: {problems}")
+    return options
+
+
+def _load_resume(path: Path, recipe: Recipe) -> dict[str, Any]:
+    saved = load_checkpoint(path / "checkpoints" / "last.pt")
+    if saved["recipe"] != recipe.table:
+        changed = sorted(k for k in set(saved["recipe"]) | set(recipe.table)
+                         if saved["recipe"].get(k) != recipe.table.get(k))
+        raise CheckpointError(
+            f"{path}: the recipe differs from the one this run started with (in: {', '.join(changed)}). "
+            f"Resume with the same recipe and --set overrides (see {path / 'recipe.toml'}).")
+    return saved
+
+
+def _default_out(recipe: Recipe) -> Path:
+    base = Path(recipe.run.out) / recipe.run.name
+    candidate, n = base, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def final_table(summary: dict[str, Any], path: Path) -> str:
+    """The table printed at the end of a run: each stage's epochs and seconds, final metrics."""
+    lines = [f"run {summary['recipe']!r} (seed {summary['seed']}) -> {path}", "",
+             f"{'stage':<16}{'epochs':>8}{'seconds':>10}"]
+    for name, result in summary["stages"].items():
+        lines.append(f"{name:<16}{result['epochs']:>8}{result['seconds']:>10.1f}")
+    lines += ["", f"{'metric':<32}{'value':>14}"]
+    for key, value in summary["metrics"].items():
+        shown = f"{value:.6g}" if isinstance(value, float) else str(value)
+        lines.append(f"{key:<32}{shown:>14}")
+    return "\n".join(lines)
+

@@ -1,0 +1,113 @@
+"""The one object every stage, loss, router and event hook sees: the run's state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from stagewise import plugins
+from stagewise.events import Event
+
+if TYPE_CHECKING:
+    from stagewise.data.splits import DataSplits
+    from stagewise.engine.distributed import DistInfo
+    from stagewise.engine.guards import RateLimitedWarnings
+    from stagewise.engine.rundir import RunDir
+    from stagewise.recipe import Recipe
+
+
+@dataclass
+class State:
+    """Everything a run holds. Stages read and change it; the engine checkpoints it.
+
+    ``artifacts`` hold what a stage hands to later ones (a threshold, cached hidden states, a
+    trained encoder's state dict); they must be tensors, numbers, strings, lists or dicts so
+    checkpoints load with ``weights_only=True``.
+    """
+
+    recipe: Recipe
+    model: torch.nn.Module
+    model_options: Any  # the model's Options, as changed by ``grow``
+    data: DataSplits
+    device: torch.device
+    dist: DistInfo
+    warnings: RateLimitedWarnings
+    run_dir: RunDir | None = None  # None on ranks other than 0
+    quiet: bool = False
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    stage_index: int = 0
+    stage_name: str = ""
+    epoch: int = 0  # 0-based epoch within the current stage
+    step: int = 0  # optimizer steps taken in the current stage
+    epochs_run: int = 0  # epochs the current stage has completed
+    target_model: torch.nn.Module | None = None  # EMA copy of the model, when a stage asks for one
+    resume: dict[str, Any] | None = None  # the checkpoint a resumed stage continues from
+    metrics: dict[str, Any] = field(default_factory=dict)  # final metrics so far, all stages
+    stage_results: dict[str, Any] = field(default_factory=dict)  # summary.json "stages"
+
+    @property
+    def seed(self) -> int:
+        return self.recipe.run.seed
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.rank == 0
+
+    def fire(self, event: Event, **kwargs: Any) -> None:
+        """Call the hook for ``event``: "before" hooks in registration order, "after" reversed."""
+        hook = getattr(plugins.plugin_manager().hook, event.hook_name)
+        impls = hook.get_hookimpls()  # registration order
+        if not impls:
+            return
+        kwargs = {"state": self, **kwargs}
+        for impl in (reversed(impls) if event.is_after else impls):
+            impl.function(**{name: kwargs[name] for name in impl.argnames})
+
+    def log(self, event: str, **values: Any) -> None:
+        """Append one record to ``metrics.jsonl`` (main process only)."""
+        if self.run_dir is not None:
+            record = {"event": event, "stage": self.stage_name, "epoch": self.epoch, "step": self.step}
+            self.run_dir.log({**record, **values})
+
+    def batches(self, split: str, *, train: bool = False, epoch: int = 0, start: int = 0):
+        """Batches of a data split on the run's device (see :mod:`stagewise.engine.batches`)."""
+        from stagewise.engine.batches import iterate_batches
+
+        return iterate_batches(self, split, train=train, epoch=epoch, start=start)
+
+    def save_checkpoint(self, *, done: bool, extra: dict[str, Any] | None = None) -> None:
+        """Write ``checkpoints/last.pt`` (and the stage's own checkpoint when it is ``done``)."""
+        from stagewise.engine.checkpoint import save_checkpoint
+        from stagewise.engine.distributed import barrier
+
+        if self.run_dir is not None:
+            payload = self.checkpoint_payload(done, extra or {})
+            name = self.recipe.stages[self.stage_index].checkpoint if done else None
+            for file in ([f"{name}.pt"] if name else []) + ["last.pt"]:
+                save_checkpoint(self.run_dir.checkpoints / file, payload)
+        barrier(self.dist)
+
+    def checkpoint_payload(self, done: bool, extra: dict[str, Any]) -> dict[str, Any]:
+        from stagewise.engine.checkpoint import rng_state
+        from stagewise.schema import as_table
+
+        return {
+            "recipe": self.recipe.table,
+            "stage_index": self.stage_index,
+            "stage_name": self.stage_name,
+            "stage_done": done,
+            "model": self.model.state_dict(),
+            "model_options": as_table(self.model_options),
+            "artifacts": self.artifacts,
+            "metrics": self.metrics,
+            "stage_results": self.stage_results,
+            "rng": rng_state(),
+            "metrics_lines": self.run_dir.lines if self.run_dir is not None else 0,
+            **extra,
+        }
+
+    def print(self, message: str) -> None:
+        if not self.quiet and self.is_main:
+            print(message, flush=True)

@@ -1,0 +1,32 @@
+"""Exceptions raised by stagewise. The CLI turns each into a one-paragraph message and exit 1."""
+
+
+class StagewiseError(Exception):
+    """Base class: every error stagewise raises on purpose. Users see its message."""
+
+
+class ConfigError(StagewiseError):
+    """A recipe (or ``--set`` override) is invalid; the message lists every problem found."""
+
+    def __init__(self, problems: list[str], source: str = "recipe"):
+        self.problems = list(problems)
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        n = len(self.problems)
+        super().__init__(f"{source}: {n} problem{'s' if n != 1 else ''}:\n{lines}")
+
+
+class UnknownNameError(StagewiseError):
+    """A recipe names a stage, router, loss, model, dataset or recipe that no plugin registered."""
+
+
+class PluginError(StagewiseError):
+    """A plugin failed to load or registered something invalid (raised in strict mode or on collisions)."""
+
+
+class CheckpointError(StagewiseError):
+    """A checkpoint or run directory is missing, corrupt, truncated or from another recipe."""
+
+
+class TrainingError(StagewiseError):
+    """Training cannot go on, e.g. too many non-finite losses in a row."""

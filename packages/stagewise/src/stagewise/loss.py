@@ -1,0 +1,86 @@
+"""The Loss base class: one named term of a stage's objective.
+
+The engine composes ``L_total = sum_i w_i(t) * L_i`` from a stage's terms, applying each
+term's weight schedule and fallback, and logs every term. A Loss is a ``torch.nn.Module``, so a
+term may own parameters (an auxiliary head, a Koopman operator): they are trained with the
+model and saved in checkpoints.
+
+``forward(outputs, batch, state)`` returns a scalar tensor, or a dict of named scalar tensors
+whose sum is the term (each part is logged as ``train/<term>/<part>``). ``needs()`` tells the
+engine what the model must return (hidden states, logits at an exit layer).
+``eval_sums`` gives exact sums for evaluation metrics, aggregated over the whole split.
+
+Example::
+
+    class L1(stagewise.Loss):
+        name = "myplugin.l1"
+
+        def forward(self, outputs, batch, state):
+            return (outputs["logits"] - batch["target"]).abs().mean()
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from stagewise.schema import NoOptions
+
+if TYPE_CHECKING:
+    from stagewise.engine.state import State
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a forward pass must produce: logits at these exit layers, all hidden states."""
+
+    exit_layers: frozenset[int] = frozenset()
+    hidden: bool = False
+
+    def __or__(self, other: Needs) -> Needs:
+        return Needs(self.exit_layers | other.exit_layers, self.hidden or other.hidden)
+
+
+class Loss(torch.nn.Module):
+    """A named loss term. Subclasses set ``name``/``Options`` and implement ``forward``."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any = None):
+        super().__init__()
+        self.options = options if options is not None else self.Options()
+
+    def setup(self, state: State) -> None:
+        """Called once when the stage starts, before the optimizer is built: create parameters
+        that depend on the model (e.g. its width) here."""
+
+    def needs(self) -> Needs:
+        return Needs()
+
+    def forward(self, outputs: dict[str, Any], batch: dict[str, Any], state: State) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement forward()")
+
+    def eval_sums(self, outputs: dict[str, Any], batch: dict[str, Any], state: State) -> dict[str, tuple[float, float]]:
+        """``{metric: (sum, count)}`` for one evaluation batch; default: the batch mean loss."""
+        value = self(outputs, batch, state)
+        value = sum(value.values()) if isinstance(value, dict) else value
+        n = _batch_size(batch)
+        return {"loss": (float(value) * n, float(n))}
+
+    def summarize(self, means: dict[str, float]) -> dict[str, float]:
+        """Turn aggregated means into reported metrics (e.g. add perplexity)."""
+        return means
+
+
+def _batch_size(batch: dict[str, Any]) -> int:
+    first = next(v for v in batch.values() if isinstance(v, torch.Tensor))
+    return int(first.shape[0])
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp(mean negative log-likelihood), capped so huge losses stay finite JSON."""
+    return math.exp(min(mean_nll, 700.0))

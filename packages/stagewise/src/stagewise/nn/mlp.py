@@ -1,0 +1,52 @@
+"""A plain multi-layer perceptron for tabular and flattened inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from stagewise.data.splits import DataSplits
+
+
+@dataclass
+class MLPOptions:
+    hidden: list[int] = field(default_factory=lambda: [64, 64])  # widths of the hidden layers
+    activation: Literal["relu", "gelu", "tanh"] = "relu"
+    dropout: float = 0.0
+    n_outputs: int | None = None  # default: data.info["n_outputs"] (classes or targets)
+
+
+class MLP(nn.Module):
+    """Linear → activation (→ dropout) per hidden width, then a linear output layer.
+
+    ``from_recipe`` reads the input width from ``data.info["n_features"]``.
+    """
+
+    Options = MLPOptions
+
+    def __init__(self, n_features: int, n_outputs: int, o: MLPOptions):
+        super().__init__()
+        act = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}[o.activation]
+        layers: list[nn.Module] = []
+        width = n_features
+        for h in o.hidden:
+            layers += [nn.Linear(width, h), act()] + ([nn.Dropout(o.dropout)] if o.dropout else [])
+            width = h
+        layers.append(nn.Linear(width, n_outputs))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1))  # (B, F) -> (B, n_outputs)
+
+    @classmethod
+    def from_recipe(cls, options: MLPOptions, data: DataSplits) -> MLP:
+        missing = [k for k in ("n_features", "n_outputs") if k not in data.info]
+        if "n_outputs" in missing and options.n_outputs is not None:
+            missing.remove("n_outputs")
+        if missing:
+            raise ValueError(f"model stagewise.mlp needs data.info {missing}; this dataset does not "
+                             "provide them (set model.n_outputs, or use a tabular dataset)")
+        return cls(data.info["n_features"], options.n_outputs or data.info["n_outputs"], options)

@@ -1,0 +1,173 @@
+"""Plugin discovery and the registries the register hooks fill.
+
+Plugins are modules named by entry points in the group ``stagewise``. Each is loaded on its
+own: a broken one prints one warning line and is skipped, unless ``STAGEWISE_STRICT_PLUGINS=1``
+makes it an error. ``STAGEWISE_DISABLE_PLUGINS=a,b`` skips plugins by entry-point name,
+``STAGEWISE_LOAD_PLUGINS=a,b`` loads only those, and ``STAGEWISE_TRACE_PLUGINS=1`` prints every
+hook call. Core's built-ins are registered the same way, after the entry points.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from stagewise import hookspecs
+from stagewise.errors import PluginError
+from stagewise.registry import KINDS, Registry
+
+ENTRY_POINT_GROUP = "stagewise"
+DEFAULT_PLUGINS = ("stagewise.builtins.plugin",)
+CORE_DISTRIBUTION = "stagewise"
+
+
+@dataclass
+class PluginInfo:
+    """What ``stagewise plugins`` shows for one plugin."""
+
+    name: str
+    distribution: str
+    version: str
+    registered: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "distribution": self.distribution, "version": self.version,
+                **self.registered, "error": self.error}
+
+
+class _Host:
+    """The plugin manager, the registries and what was loaded. One per process."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager("stagewise")
+        self.pm.add_hookspecs(hookspecs)
+        self.registries = {kind: Registry(kind) for kind in KINDS}
+        self.infos: dict[str, PluginInfo] = {}
+        self.loaded = False
+
+
+_host = _Host()
+
+
+def _env_list(name: str) -> set[str]:
+    return {p.strip() for p in os.environ.get(name, "").split(",") if p.strip()}
+
+
+def strict() -> bool:
+    return os.environ.get("STAGEWISE_STRICT_PLUGINS", "") not in ("", "0")
+
+
+def load_plugins() -> None:
+    """Load every plugin once; later calls do nothing."""
+    if _host.loaded:
+        return
+    _host.loaded = True
+    if os.environ.get("STAGEWISE_TRACE_PLUGINS", "") not in ("", "0"):
+        _trace_hook_calls()
+    disabled, only = _env_list("STAGEWISE_DISABLE_PLUGINS"), _env_list("STAGEWISE_LOAD_PLUGINS")
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        if ep.name in disabled or (only and ep.name not in only):
+            continue
+        dist = ep.dist.name if ep.dist else "?"
+        version = ep.dist.version if ep.dist else "?"
+        info = PluginInfo(ep.name, dist, version)
+        _host.infos[ep.name] = info
+        try:
+            module = ep.load()
+        except Exception as exc:  # any failure in third-party code must not stop the others
+            _fail(info, exc, "import")
+            continue
+        register_plugin(module, ep.name, dist, version)
+    for module_name in DEFAULT_PLUGINS:
+        version = sys.modules["stagewise"].__version__
+        register_plugin(importlib.import_module(module_name), "stagewise", CORE_DISTRIBUTION, version)
+
+
+def register_plugin(module: ModuleType | object, name: str, distribution: str | None = None,
+                    version: str = "0") -> PluginInfo:
+    """Register one plugin object and run its register hooks; used by loading and by tests."""
+    info = _host.infos.get(name) or PluginInfo(name, distribution or name, version)
+    _host.infos[name] = info
+    try:
+        _host.pm.register(module, name=name)
+        _host.pm.check_pending()
+        _run_register_hooks(module, info)
+    except PluginError:
+        unregister_plugin(name, keep_info=True)
+        raise
+    except Exception as exc:  # a partly registered plugin is taken out again
+        unregister_plugin(name, keep_info=True)
+        _fail(info, exc, "registration")
+    return info
+
+
+def unregister_plugin(name: str, keep_info: bool = False) -> None:
+    """Remove a plugin and everything it registered."""
+    if _host.pm.get_plugin(name) is not None:
+        _host.pm.unregister(name=name)
+    for registry in _host.registries.values():
+        registry.remove_plugin(name)
+    if not keep_info:
+        _host.infos.pop(name, None)
+
+
+def _run_register_hooks(module: object, info: PluginInfo) -> None:
+    for kind in KINDS:
+        hook = getattr(_host.pm.hook, f"stagewise_register_{kind}")
+        for impl in hook.get_hookimpls():
+            if impl.plugin is not module:
+                continue
+
+            def register(obj: Any, name: str | None = None, _kind: str = kind) -> None:
+                _host.registries[_kind].add(obj, name, info.name, info.distribution)
+                info.registered[_kind].append(name if name is not None else obj.name)
+
+            impl.function(**({"register": register} if "register" in impl.argnames else {}))
+
+
+def _fail(info: PluginInfo, exc: BaseException, during: str) -> None:
+    info.error = f"{type(exc).__name__}: {exc}"
+    info.registered = {k: [] for k in KINDS}
+    message = f"plugin {info.name!r} ({info.distribution} {info.version}) failed during {during}: {info.error}"
+    if strict():
+        raise PluginError(message + " (STAGEWISE_STRICT_PLUGINS is set)") from exc
+    print(f"stagewise: warning: skipped {message}", file=sys.stderr)
+
+
+def _trace_hook_calls() -> None:
+    def before(hook_name: str, impls: list, kwargs: dict) -> None:
+        print(f"stagewise: trace: {hook_name} -> {[i.plugin_name for i in impls]}", file=sys.stderr)
+
+    def after(outcome: Any, hook_name: str, impls: list, kwargs: dict) -> None:
+        pass
+
+    _host.pm.add_hookcall_monitoring(before, after)
+
+
+def plugin_manager() -> pluggy.PluginManager:
+    load_plugins()
+    return _host.pm
+
+
+def plugin_infos() -> list[PluginInfo]:
+    load_plugins()
+    return sorted(_host.infos.values(), key=lambda i: (i.name != "stagewise", i.name))
+
+
+def registries() -> dict[str, Registry]:
+    load_plugins()
+    return _host.registries
+
+
+def get(kind: str, name: str) -> Any:
+    """The component of ``kind`` registered as ``name``; an unknown name lists what exists."""
+    regs = registries()
+    return regs[kind].get(name, others=regs)

@@ -1,0 +1,171 @@
+"""Recipes: TOML files validated into dataclasses before anything runs.
+
+``load_recipe(path_or_name, overrides)`` reads the file (or a recipe a plugin registered),
+applies ``--set key.path=value`` overrides, and validates everything, reporting every problem
+at once with the file, the key path and the valid choices. Nothing is written on failure.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from stagewise import plugins
+from stagewise.errors import ConfigError, UnknownNameError
+from stagewise.schema import as_table, build_dataclass, unknown_key_message
+from stagewise.specs import DataSpec, ModelSpec, StageSpec
+from stagewise.tomlwrite import dumps
+
+
+@dataclass
+class RunOptions:
+    """The ``[run]`` table."""
+
+    name: str = "run"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    out: str = "runs"  # parent folder of the run directory (``--out`` names the folder itself)
+    deterministic: bool = True  # torch.use_deterministic_algorithms (bit-identical CPU runs)
+    log_every_n_steps: int = 10  # step records in metrics.jsonl
+    checkpoint_every_n_steps: int = 0  # extra mid-epoch checkpoints; 0 = at epoch ends only
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+    def __post_init__(self) -> None:
+        if self.log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps must be >= 1, got {self.log_every_n_steps}")
+
+
+@dataclass
+class Recipe:
+    """A validated recipe."""
+
+    run: RunOptions
+    data: DataSpec
+    model: ModelSpec
+    stages: list[StageSpec]
+    source: str = "<recipe>"
+    table: dict[str, Any] = field(default_factory=dict, repr=False)  # resolved, as TOML data
+
+    def to_toml(self) -> str:
+        return dumps(self.table)
+
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+
+TOP_LEVEL = ("run", "data", "model", "stages")
+
+
+def load_recipe(recipe: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load, override and validate a recipe file or a registered recipe name."""
+    path = resolve_recipe_path(recipe)
+    source = str(path)
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], source) from exc
+    except OSError as exc:
+        raise ConfigError([f"cannot read the file: {exc}"], source) from exc
+    return recipe_from_table(raw, source, overrides or [])
+
+
+def resolve_recipe_path(recipe: str | Path) -> Path:
+    candidate = Path(recipe)
+    if candidate.suffix == ".toml" or candidate.exists():
+        if not candidate.exists():
+            raise ConfigError(["file not found"], str(candidate))
+        return candidate
+    name = str(recipe)
+    if "." not in name and f"stagewise.{name}" in plugins.registries()["recipes"].entries:
+        name = f"stagewise.{name}"  # core's own recipes answer to their short name
+    try:
+        return Path(str(plugins.get("recipes", name)))
+    except UnknownNameError as exc:
+        raise ConfigError([f"not a file and not a registered recipe: {exc}"], str(recipe)) from exc
+
+
+def recipe_from_table(raw: dict[str, Any], source: str, overrides: list[str]) -> Recipe:
+    problems: list[str] = []
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        apply_override(raw, item, problems)
+    problems.extend(unknown_key_message(k, "", list(TOP_LEVEL)) for k in raw if k not in TOP_LEVEL)
+    run = build_dataclass(RunOptions, raw.get("run", {}), "run", problems)
+    data = DataSpec.from_table(raw.get("data", {}), "data", problems)
+    model = ModelSpec.from_table(raw.get("model"), "model", problems) if "model" in raw else None
+    if model is None and "model" not in raw:
+        problems.append("model: required table is missing (e.g. [model] use = \"stagewise.transformer\")")
+    stages = _stages(raw.get("stages"), problems)
+    if model is not None:
+        _check_grow(stages, model, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    recipe = Recipe(run=run, data=data, model=model, stages=stages, source=source)
+    recipe.table = {"run": as_table(run), "data": data.to_table(), "model": model.to_table(),
+                    "stages": [s.to_table() for s in stages]}
+    return recipe
+
+
+def _stages(raw: Any, problems: list[str]) -> list[StageSpec]:
+    if not isinstance(raw, list) or not raw:
+        problems.append("stages: at least one [[stages]] table is required")
+        return []
+    stages = [StageSpec.from_table(t, f"stages[{i}]", problems) for i, t in enumerate(raw)]
+    names = [s.name for s in stages if s is not None]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"stages: the name {name!r} is used by more than one stage; names must be unique")
+    return [s for s in stages if s is not None]
+
+
+def _check_grow(stages: list[StageSpec], model: ModelSpec, problems: list[str]) -> None:
+    """A stage's ``grow`` table changes model options: check them against the model's Options."""
+    options_cls = type(model.options)
+    current = as_table(model.options)
+    for i, stage in enumerate(stages):
+        if stage.grow:
+            current = {**current, **stage.grow}
+            build_dataclass(options_cls, current, f"stages[{i}].grow", problems)
+
+
+def apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None:
+    """Apply ``a.b.c=value`` to the raw table; stages are addressed by name: ``stages.NAME.key``."""
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        problems.append(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. stages.phase1.max_epochs=3")
+        return
+    value = _parse_value(text.strip())
+    node: Any = raw
+    if parts[0] == "stages":
+        node = _stage_named(raw, parts[1] if len(parts) > 2 else "", item, problems)
+        if node is None:
+            return
+        parts = parts[2:]
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            problems.append(f"--set {item!r}: {part!r} is not a table")
+            return
+    node[parts[-1]] = value
+
+
+def _stage_named(raw: dict[str, Any], name: str, item: str, problems: list[str]) -> dict | None:
+    stages = raw.get("stages") or []
+    for stage in stages:
+        if isinstance(stage, dict) and stage.get("name") == name:
+            return stage
+    names = ", ".join(str(s.get("name")) for s in stages if isinstance(s, dict))
+    problems.append(f"--set {item!r}: no stage named {name!r}; stages: {names or 'none'} "
+                    "(address a stage key as stages.NAME.KEY=VALUE)")
+    return None
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value (``3``, ``1e-3``, ``true``, ``[1, 2]``, ``"x"``); anything else is a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text

@@ -1,0 +1,1 @@
+"""Recipe files shipped with core (``stagewise recipes`` lists them)."""

@@ -1,0 +1,99 @@
+"""Name → component tables filled by the register hooks.
+
+A :class:`Registry` holds one kind (stages, routers, ...). Entries may be lazy
+``"module:attribute"`` strings, resolved on first use, so registering costs no imports.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+from stagewise.errors import PluginError, UnknownNameError
+
+KINDS = ("stages", "routers", "losses", "models", "datasets", "recipes")
+
+# Prefix of a name → the package that provides it, for "pip install ..." hints.
+KNOWN_PLUGINS = {
+    "lego_ashem": "stagewise-lego-ashem",
+    "koopman": "stagewise-koopman",
+    "causal_lattice": "stagewise-causal-lattice",
+    "tlg8": "stagewise-tlg8-multitask",
+    "world_models": "stagewise-world-models",
+}
+
+
+@dataclass
+class Entry:
+    """One registered component and the plugin (and distribution) that registered it."""
+
+    name: str
+    target: Any  # the object, or a "module:attribute" string until first use when lazy
+    plugin: str
+    distribution: str
+    lazy: bool = False
+
+    def resolve(self) -> Any:
+        if self.lazy:
+            module, _, attr = self.target.partition(":")
+            obj: Any = importlib.import_module(module)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+            self.target, self.lazy = obj, False
+        return self.target
+
+
+class Registry:
+    """Components of one kind, by namespaced name."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.entries: dict[str, Entry] = {}
+
+    def add(self, obj: Any, name: str | None, plugin: str, distribution: str) -> None:
+        name = name if name is not None else getattr(obj, "name", None)
+        if not isinstance(name, str) or "." not in name.strip("."):
+            raise PluginError(
+                f"plugin {plugin!r} ({distribution}) registered a {self.kind[:-1]} with name "
+                f"{name!r}: names must be namespaced like 'myplugin.thing'"
+            )
+        if name in self.entries:
+            other = self.entries[name]
+            raise PluginError(
+                f"{self.kind[:-1]} {name!r} is registered twice: by plugin {other.plugin!r} "
+                f"({other.distribution}) and by plugin {plugin!r} ({distribution}); "
+                f"disable one with STAGEWISE_DISABLE_PLUGINS"
+            )
+        lazy = self.kind != "recipes" and isinstance(obj, str) and ":" in obj
+        self.entries[name] = Entry(name, obj, plugin, distribution, lazy)
+
+    def remove_plugin(self, plugin: str) -> None:
+        for name in [n for n, e in self.entries.items() if e.plugin == plugin]:
+            del self.entries[name]
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+    def get(self, name: str, others: dict[str, Registry] | None = None) -> Any:
+        entry = self.entries.get(name)
+        if entry is None:
+            raise UnknownNameError(self._unknown_message(name, others or {}))
+        return entry.resolve()
+
+    def _unknown_message(self, name: str, others: dict[str, Registry]) -> str:
+        kind = self.kind[:-1] if self.kind != "losses" else "loss"
+        msg = f"unknown {kind} {name!r}"
+        elsewhere = [k for k, reg in others.items() if reg is not self and name in reg.entries]
+        if elsewhere:
+            msg += f" (a {elsewhere[0][:-1] if elsewhere[0] != 'losses' else 'loss'} named {name!r} exists)"
+        close = difflib.get_close_matches(name, self.names(), n=1)
+        if close:
+            msg += f"; did you mean {close[0]!r}?"
+        prefix = name.split(".", 1)[0]
+        installed_prefixes = {n.split(".", 1)[0] for n in self.entries}
+        if prefix in KNOWN_PLUGINS and prefix not in installed_prefixes:
+            msg += f"; it is provided by a plugin that is not installed: pip install {KNOWN_PLUGINS[prefix]}"
+        listing = ", ".join(self.names()) or "none"
+        return f"{msg}. Installed {self.kind}: {listing}"

@@ -1,0 +1,155 @@
+"""Validate plain TOML data into option dataclasses, collecting every problem.
+
+``coerce(value, type, path, problems)`` checks one value against a type annotation and
+returns the converted value; problems are appended as ``"<path>: <what is wrong>"`` so a
+recipe with three mistakes reports three. Supported annotations: ``int``, ``float``, ``str``,
+``bool``, ``Any``, ``X | None``, ``Literal[...]``, ``list[X]``, ``tuple[X, ...]``,
+``dict[str, X]`` and dataclasses (nested tables).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal, Union, get_args, get_origin
+
+MISSING = dataclasses.MISSING
+
+
+@dataclasses.dataclass
+class NoOptions:
+    """Options of a component that takes none."""
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Resolved annotations of a dataclass (works with ``from __future__ import annotations``)."""
+    return typing.get_type_hints(cls)
+
+
+def keys_of(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def unknown_key_message(key: str, path: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    where = f"{path}.{key}" if path else key
+    return f"{where}: unknown key{hint} Valid keys: {', '.join(sorted(valid)) or 'none'}"
+
+
+def build_dataclass(cls: type, raw: Any, path: str, problems: list[str],
+                    extra_ok: frozenset[str] = frozenset()) -> Any:
+    """Instantiate dataclass ``cls`` from the table ``raw``; returns None if it had problems."""
+    if not isinstance(raw, dict):
+        problems.append(f"{path}: expected a table, got {_describe(raw)}")
+        return None
+    types_ = field_types(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    before = len(problems)
+    values = {}
+    for key, value in raw.items():
+        if key in extra_ok:
+            continue
+        if key not in fields:
+            problems.append(unknown_key_message(key, path, [*fields, *extra_ok]))
+            continue
+        values[key] = coerce(value, types_[key], f"{path}.{key}" if path else key, problems)
+    for name, f in fields.items():
+        if name not in raw and f.default is MISSING and f.default_factory is MISSING:
+            where = f"{path}.{name}" if path else name
+            problems.append(f"{where}: required key is missing ({_type_name(types_[name])})")
+    if len(problems) > before:
+        return None
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as exc:  # __post_init__ checks
+        problems.append(f"{path or cls.__name__}: {exc}")
+        return None
+
+
+def coerce(value: Any, annotation: Any, path: str, problems: list[str]) -> Any:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        return _coerce_union(value, args, path, problems)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            problems.append(f"{path}: {value!r} is not one of the valid choices: {choices}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            problems.append(f"{path}: expected a list, got {_describe(value)}")
+            return value
+        item_type = args[0] if args else Any
+        items = [coerce(v, item_type, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a table, got {_describe(value)}")
+            return value
+        item_type = args[1] if len(args) == 2 else Any
+        return {k: coerce(v, item_type, f"{path}.{k}", problems) for k, v in value.items()}
+    if dataclasses.is_dataclass(annotation):
+        coerce_hook = getattr(annotation, "from_table", None)
+        if coerce_hook is not None:
+            return coerce_hook(value, path, problems)
+        return build_dataclass(annotation, value, path, problems)
+    return _coerce_scalar(value, annotation, path, problems)
+
+
+def _coerce_union(value: Any, args: tuple, path: str, problems: list[str]) -> Any:
+    if value is None and type(None) in args:
+        return None
+    candidates = [a for a in args if a is not type(None)]
+    for candidate in candidates:
+        trial: list[str] = []
+        result = coerce(value, candidate, path, trial)
+        if not trial:
+            return result
+    if len(candidates) == 1:
+        return coerce(value, candidates[0], path, problems)
+    expected = " or ".join(_type_name(a) for a in candidates)
+    problems.append(f"{path}: expected {expected}, got {_describe(value)}")
+    return value
+
+
+def _coerce_scalar(value: Any, annotation: Any, path: str, problems: list[str]) -> Any:
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float) and isinstance(value, bool):
+        problems.append(f"{path}: expected {annotation.__name__}, got {_describe(value)}")
+        return value
+    if isinstance(annotation, type) and not isinstance(value, annotation):
+        problems.append(f"{path}: expected {_type_name(annotation)}, got {_describe(value)}")
+    return value
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def as_table(options: Any) -> dict[str, Any]:
+    """A dataclass instance back to plain TOML-ready data (None values dropped)."""
+    if dataclasses.is_dataclass(options) and not isinstance(options, type):
+        to_table = getattr(options, "to_table", None)
+        if to_table is not None:
+            return to_table()
+        return {f.name: as_table(getattr(options, f.name)) for f in dataclasses.fields(options)
+                if getattr(options, f.name) is not None}
+    if isinstance(options, list | tuple):
+        return [as_table(v) for v in options]
+    if isinstance(options, dict):
+        return {k: as_table(v) for k, v in options.items() if v is not None}
+    return options

@@ -1,0 +1,153 @@
+"""Recipe tables that name a component: ``{ use = "plugin.thing", <engine keys>, <its options> }``.
+
+A spec splits such a table into the keys the engine owns (its dataclass fields) and the
+component's own options, validated against the component's ``Options`` dataclass. Unknown
+names and keys are reported with the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from stagewise import plugins
+from stagewise.errors import UnknownNameError
+from stagewise.schema import NoOptions, build_dataclass, coerce, field_types, keys_of
+
+
+class Spec:
+    """Mixin for dataclasses that name a component; subclasses set KIND and ``options``."""
+
+    KIND: ClassVar[str]
+
+    @classmethod
+    def from_table(cls, value: Any, path: str, problems: list[str]) -> Any:
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a table with a 'use' key, got {type(value).__name__}")
+            return None
+        use = value.get("use", getattr(cls, "use", None))  # class attribute = field default
+        if not isinstance(use, str):
+            problems.append(f"{path}.use: required: the name of a registered {cls.KIND[:-1]}")
+            return None
+        try:
+            component = plugins.get(cls.KIND, use)
+        except UnknownNameError as exc:
+            problems.append(f"{path}.use: {exc}")
+            return None
+        engine_keys = frozenset(keys_of(cls)) - {"options"}
+        before = len(problems)
+        options = build_dataclass(getattr(component, "Options", NoOptions), value, path, problems,
+                                  extra_ok=engine_keys)
+        types_ = field_types(cls)
+        engine = {k: coerce(v, types_[k], f"{path}.{k}", problems)
+                  for k, v in value.items() if k in engine_keys}
+        engine["use"] = use
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in engine and f.name != "options"
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        problems.extend(f"{path}.{k}: required key is missing" for k in missing)
+        if len(problems) > before:
+            return None
+        try:
+            return cls(options=options, **engine)
+        except ValueError as exc:
+            problems.append(f"{path}: {exc}")
+            return None
+
+    def to_table(self) -> dict[str, Any]:
+        from stagewise.schema import as_table
+
+        table = {f.name: as_table(getattr(self, f.name)) for f in dataclasses.fields(self)
+                 if f.name != "options" and getattr(self, f.name) is not None}
+        return {**table, **as_table(self.options)}
+
+    def component(self) -> Any:
+        return plugins.get(self.KIND, self.use)
+
+
+@dataclass
+class LossSpec(Spec):
+    """One loss term of a stage, with its weight schedule and fallback."""
+
+    KIND: ClassVar[str] = "losses"
+    use: str
+    options: Any = None
+    name: str | None = None  # term name in metrics; default: the part of `use` after the dot
+    weight: float = 1.0  # full weight, reached after the ramp
+    start_epoch: int = 0  # epochs (0-based) before this one use weight 0
+    ramp_epochs: int = 0  # linear ramp over this many epochs from start_epoch; 0 = no ramp
+    cap: float | None = None  # the weight never exceeds this
+    fallback_threshold: float | None = None  # a batch whose term exceeds this ...
+    fallback_factor: float = 0.01  # ... uses weight * fallback_factor for that batch
+
+    def __post_init__(self) -> None:
+        if self.name is None:
+            self.name = self.use.split(".", 1)[1]
+        if self.weight < 0 or (self.cap is not None and self.cap < 0):
+            raise ValueError(f"weight and cap must be >= 0, got weight={self.weight}, cap={self.cap}")
+        if self.start_epoch < 0 or self.ramp_epochs < 0:
+            raise ValueError("start_epoch and ramp_epochs must be >= 0")
+        if not 0 <= self.fallback_factor <= 1:
+            raise ValueError(f"fallback_factor must be in [0, 1], got {self.fallback_factor}")
+
+    def weight_at(self, epoch: int) -> float:
+        """The scheduled weight at a 0-based epoch."""
+        if epoch < self.start_epoch:
+            return 0.0
+        ramp = 1.0 if self.ramp_epochs == 0 else min(1.0, (epoch - self.start_epoch + 1) / self.ramp_epochs)
+        weight = self.weight * ramp
+        return weight if self.cap is None else min(weight, self.cap)
+
+
+@dataclass
+class RouterSpec(Spec):
+    """The router a stage uses."""
+
+    KIND: ClassVar[str] = "routers"
+    use: str
+    options: Any = None
+
+
+@dataclass
+class ModelSpec(Spec):
+    """The recipe's ``[model]`` table."""
+
+    KIND: ClassVar[str] = "models"
+    use: str
+    options: Any = None
+
+
+@dataclass
+class DataSpec(Spec):
+    """The recipe's ``[data]`` table: the dataset and how batches are drawn."""
+
+    KIND: ClassVar[str] = "datasets"
+    use: str = "stagewise.text"
+    options: Any = None
+    batch_size: int = 32  # global batch size (split across processes under torchrun)
+    eval_batch_size: int | None = None  # default: batch_size
+    shuffle: bool = True  # shuffle the training split each epoch (seeded)
+    drop_last: bool = False  # drop a last, smaller training batch
+    num_workers: int = 0  # DataLoader worker processes
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class StageSpec(Spec):
+    """One ``[[stages]]`` table."""
+
+    KIND: ClassVar[str] = "stages"
+    name: str
+    use: str = "stagewise.train"
+    options: Any = None
+    checkpoint: str | None = None  # file name of this stage's checkpoint; default: its name
+    grow: dict[str, Any] = field(default_factory=dict)  # model options changed before it runs
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is None:
+            self.checkpoint = self.name
+        if not self.checkpoint.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"checkpoint name {self.checkpoint!r}: use letters, digits, '-' and '_'")

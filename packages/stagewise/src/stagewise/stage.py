@@ -1,0 +1,53 @@
+"""The Stage base class: one phase of a recipe.
+
+A stage declares *what* happens in its phase; the engine owns *how* (seeding, checkpoints,
+logging, resume). Most stages subclass :class:`stagewise.TrainStage`, which runs the engine's
+training loop and lets a subclass change where batches come from or how outputs are computed.
+A stage that does something else (mine hard examples, calibrate a router, export a cache)
+subclasses :class:`Stage` and implements :meth:`run`.
+
+Example::
+
+    @dataclass
+    class CountOptions:
+        split: str = "valid"
+
+    class CountTokens(stagewise.Stage):
+        name = "myplugin.count"
+        Options = CountOptions
+
+        def run(self, state):
+            n = sum(b["target"].numel() for b in state.batches(self.options.split))
+            state.artifacts["n_tokens"] = n
+            return {"tokens": n}
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from stagewise.schema import NoOptions
+
+if TYPE_CHECKING:
+    from stagewise.engine.state import State
+
+
+class Stage(ABC):
+    """One phase of a recipe. Subclasses set ``name`` and ``Options`` and implement ``run``.
+
+    Runs between ``Event.BEFORE_STAGE`` and ``Event.AFTER_STAGE``. A stage interrupted before
+    it finished is run again from its start on resume, unless it checkpoints its own progress
+    (as :class:`~stagewise.TrainStage` does, through ``state.save_checkpoint``).
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any = None, label: str | None = None):
+        self.options = options if options is not None else self.Options()
+        self.label = label or self.name  # the recipe's name for this stage, e.g. "phase1"
+
+    @abstractmethod
+    def run(self, state: State) -> dict[str, Any]:
+        """Do the stage's work on ``state`` and return its metrics (JSON-serialisable values)."""

@@ -1,0 +1,48 @@
+"""Write resolved recipes back as TOML (the standard library only reads TOML)."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+
+def dumps(table: dict[str, Any]) -> str:
+    """TOML text for a table of scalars, lists, tables and arrays of tables (one level deep)."""
+    lines = [f"{_key(k)} = {_value(v)}" for k, v in table.items() if not _is_section(v)]
+    for key, value in table.items():
+        if isinstance(value, dict):
+            lines += ["", f"[{_key(key)}]"] + [f"{_key(k)} = {_value(v)}" for k, v in value.items()]
+        elif _is_section(value):
+            for item in value:
+                lines += ["", f"[[{_key(key)}]]"] + [f"{_key(k)} = {_value(v)}" for k, v in item.items()]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _is_section(value: Any) -> bool:
+    return isinstance(value, dict) or (
+        isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value))
+
+
+def _key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_key(k)} = {_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} as TOML")

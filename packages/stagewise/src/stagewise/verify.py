@@ -1,0 +1,58 @@
+"""Compare a run's final metrics with a golden record.
+
+A golden file is JSON: ``{"metrics": {name: value}, "tolerance": {name: abs_tol}}``. Every
+golden metric must match exactly unless the file gives it an explicit absolute tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from stagewise.errors import CheckpointError, ConfigError
+
+
+def load_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: {what} not found") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError([f"not valid JSON: {exc}"], str(path)) from exc
+
+
+def compare(actual: dict[str, Any], golden: dict[str, Any], tolerance: dict[str, float]) -> list[str]:
+    """One line per golden metric that is missing or differs beyond its tolerance."""
+    differences = []
+    for key, expected in golden.items():
+        if key not in actual:
+            differences.append(f"{key}: missing from the run (golden {expected!r})")
+            continue
+        value, tol = actual[key], tolerance.get(key, 0.0)
+        if not _close(value, expected, tol):
+            delta = f" (diff {value - expected:+.3g}, tolerance {tol})" if _numbers(value, expected) else ""
+            differences.append(f"{key}: run {value!r} != golden {expected!r}{delta}")
+    return differences
+
+
+def verify_run(run_dir: Path, golden_path: Path) -> list[str]:
+    summary = load_json(Path(run_dir) / "summary.json", "summary.json (did the run finish?)")
+    golden = load_json(golden_path, "golden file")
+    if "metrics" not in golden:
+        raise ConfigError(["missing key 'metrics' (expected {\"metrics\": {...}, \"tolerance\": {...}})"],
+                          str(golden_path))
+    return compare(summary["metrics"], golden["metrics"], golden.get("tolerance", {}))
+
+
+def _numbers(a: Any, b: Any) -> bool:
+    return all(isinstance(x, int | float) and not isinstance(x, bool) for x in (a, b))
+
+
+def _close(value: Any, expected: Any, tol: float) -> bool:
+    if _numbers(value, expected):
+        if math.isnan(value) and math.isnan(expected):
+            return True
+        return value == expected if tol == 0 else abs(value - expected) <= tol
+    return value == expected
