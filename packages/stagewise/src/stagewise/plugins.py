@@ -52,6 +52,7 @@ class _Host:
         self.registries = {kind: Registry(kind) for kind in KINDS}
         self.infos: dict[str, PluginInfo] = {}
         self.loaded = False
+        self.tracing = False
 
 
 _host = _Host()
@@ -71,7 +72,8 @@ def load_plugins() -> None:
         return
     _host.loaded = True
     if os.environ.get("STAGEWISE_TRACE_PLUGINS", "") not in ("", "0"):
-        _trace_hook_calls()
+        _host.tracing = True
+        _host.pm.add_hookcall_monitoring(lambda name, impls, kwargs: trace(name, impls), lambda *a: None)
     disabled, only = _env_list("STAGEWISE_DISABLE_PLUGINS"), _env_list("STAGEWISE_LOAD_PLUGINS")
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         if ep.name in disabled or (only and ep.name not in only):
@@ -125,6 +127,7 @@ def _run_register_hooks(module: object, info: PluginInfo) -> None:
         for impl in hook.get_hookimpls():
             if impl.plugin is not module:
                 continue
+            trace(hook.name, [impl])
 
             def register(obj: Any, name: str | None = None, _kind: str = kind) -> None:
                 _host.registries[_kind].add(obj, name, info.name, info.distribution)
@@ -142,14 +145,10 @@ def _fail(info: PluginInfo, exc: BaseException, during: str) -> None:
     print(f"stagewise: warning: skipped {message}", file=sys.stderr)
 
 
-def _trace_hook_calls() -> None:
-    def before(hook_name: str, impls: list, kwargs: dict) -> None:
+def trace(hook_name: str, impls: list) -> None:
+    """With STAGEWISE_TRACE_PLUGINS=1, print each hook call and the plugins it reaches."""
+    if _host.tracing:
         print(f"stagewise: trace: {hook_name} -> {[i.plugin_name for i in impls]}", file=sys.stderr)
-
-    def after(outcome: Any, hook_name: str, impls: list, kwargs: dict) -> None:
-        pass
-
-    _host.pm.add_hookcall_monitoring(before, after)
 
 
 def plugin_manager() -> pluggy.PluginManager:

@@ -1,44 +1,22 @@
-"""Tables of numbers, one example per row: ``stagewise.csv`` and ``stagewise.jsonl``.
+"""Reading tables of numbers, one example per row, from CSV and JSON Lines files.
 
-Both read the whole file, shuffle the rows with the run's seed and cut them into splits.
-Items are ``{"input": float32 (F,), "target": ...}``; a target of one value per example is a
-scalar, of several a vector (K,). ``target_dtype = "long"`` makes class labels (int64).
-Either file may be gzip-compressed.
+Either file may be gzip-compressed. Every error names the file and the line.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from stagewise.data.arrays import array_splits
 from stagewise.data.files import open_text
-from stagewise.data.splits import DataError, DataSplits, check_fractions, default_splits
-
-TARGET_DTYPES = ("float", "long")
+from stagewise.data.splits import DataError
 
 
-def check_columns(option: str, columns: Any, required: bool) -> None:
-    if columns is None and not required:
-        return
-    if not isinstance(columns, list) or not columns:
-        raise DataError(f"{option} must be a non-empty list, e.g. {option} = [\"y\"]; got {columns!r}")
-
-
-def check_target_dtype(target_dtype: str) -> None:
-    if target_dtype not in TARGET_DTYPES:
-        raise DataError(f"target_dtype must be \"float\" (regression) or \"long\" (class labels), "
-                        f"got {target_dtype!r}")
-
-
-def table_splits(inputs: np.ndarray, targets: np.ndarray, lines: list[int], path: str,
-                 target_dtype: str, fractions: dict[str, float], seed: int) -> DataSplits:
-    """Splits of a table read from ``path``: inputs (N, F), targets (N, K), and the file line
-    of each row (for errors)."""
+def shape_targets(targets: np.ndarray, target_dtype: str, lines: list[int], path: str) -> np.ndarray:
+    """Targets (N, K) as class labels (int64) for ``"long"``, and as scalars (N,) when K = 1."""
     if target_dtype == "long":
         whole = np.isfinite(targets) & (targets == np.round(targets))  # (N, K)
         not_whole = np.flatnonzero(~whole.all(axis=1))
@@ -48,30 +26,7 @@ def table_splits(inputs: np.ndarray, targets: np.ndarray, lines: list[int], path
                             f"number, but target_dtype = \"long\" wants class labels; use "
                             f"target_dtype = \"float\" for regression")
         targets = targets.astype(np.int64)
-    if targets.shape[1] == 1:
-        targets = targets[:, 0]  # one value per example: a scalar target
-    return array_splits(inputs, targets, fractions, seed)
-
-
-# --- CSV ------------------------------------------------------------------------------------
-
-
-@dataclass
-class CsvOptions:
-    """The recipe's ``[data]`` keys for ``stagewise.csv``."""
-
-    path: str  # CSV file of numbers, one example per row
-    target: list[str | int]  # target columns, by header name or 0-based index
-    features: list[str | int] | None = None  # input columns; unset: every non-target column
-    header: bool = True  # the first row names the columns
-    target_dtype: str = "float"  # "float" (regression) or "long" (class labels)
-    splits: dict[str, float] = field(default_factory=default_splits)  # split name -> fraction
-
-    def __post_init__(self) -> None:
-        check_columns("target", self.target, required=True)
-        check_columns("features", self.features, required=False)
-        check_target_dtype(self.target_dtype)
-        check_fractions(self.splits)
+    return targets[:, 0] if targets.shape[1] == 1 else targets  # one value per example: a scalar
 
 
 def read_csv(path: str, header: bool) -> tuple[list[str] | None, np.ndarray, list[int]]:
@@ -125,48 +80,6 @@ def column_indices(option: str, columns: list[str | int], names: list[str] | Non
     return indices
 
 
-class CsvTable:
-    """``stagewise.csv``: a numeric CSV file, one example per row."""
-
-    name = "stagewise.csv"
-    Options = CsvOptions
-
-    @classmethod
-    def from_recipe(cls, options: CsvOptions, *, seed: int) -> DataSplits:
-        names, values, lines = read_csv(options.path, options.header)
-        width = values.shape[1]
-        target = column_indices("target", options.target, names, width, options.path)
-        if options.features is None:
-            features = [j for j in range(width) if j not in target]
-        else:
-            features = column_indices("features", options.features, names, width, options.path)
-        if not features:
-            raise DataError(f"{options.path}: no feature columns are left besides the target; "
-                            f"the file needs at least one input column")
-        return table_splits(values[:, features], values[:, target], lines, options.path,
-                            options.target_dtype, options.splits, seed)
-
-
-# --- JSON Lines -----------------------------------------------------------------------------
-
-
-@dataclass
-class JsonlOptions:
-    """The recipe's ``[data]`` keys for ``stagewise.jsonl``."""
-
-    path: str  # JSON Lines file: one JSON object (one example) per line
-    input_keys: list[str]  # keys whose values, concatenated, are the input
-    target_keys: list[str]  # keys whose values, concatenated, are the target
-    target_dtype: str = "float"  # "float" (regression) or "long" (class labels)
-    splits: dict[str, float] = field(default_factory=default_splits)  # split name -> fraction
-
-    def __post_init__(self) -> None:
-        check_columns("input_keys", self.input_keys, required=True)
-        check_columns("target_keys", self.target_keys, required=True)
-        check_target_dtype(self.target_dtype)
-        check_fractions(self.splits)
-
-
 def flatten(value: Any) -> list[float]:
     """A number or (nested) list of numbers as one flat list; TypeError for anything else."""
     if isinstance(value, list):
@@ -218,16 +131,3 @@ def read_jsonl(path: str, input_keys: list[str], target_keys: list[str]) -> tupl
     if not inputs:
         raise DataError(f"{path} has no data lines")
     return np.array(inputs, dtype=np.float64), np.array(targets, dtype=np.float64), lines
-
-
-class JsonLines:
-    """``stagewise.jsonl``: a JSON Lines file, one example per line."""
-
-    name = "stagewise.jsonl"
-    Options = JsonlOptions
-
-    @classmethod
-    def from_recipe(cls, options: JsonlOptions, *, seed: int) -> DataSplits:
-        inputs, targets, lines = read_jsonl(options.path, options.input_keys, options.target_keys)
-        return table_splits(inputs, targets, lines, options.path, options.target_dtype,
-                            options.splits, seed)

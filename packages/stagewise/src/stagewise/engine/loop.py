@@ -84,7 +84,7 @@ class TrainLoop:
             self._load_model_state(self.best_state)
         state.epochs_run = self.pos.epoch
         final = self.pos.best_metrics if (o.restore_best and self.pos.best_metrics) else self.pos.last_metrics
-        return {**final, "best_epoch": self.pos.best_epoch, "stopped_early": self.pos.stopped_early}
+        return {**final, "train/best_epoch": self.pos.best_epoch, "train/stopped_early": self.pos.stopped_early}
 
     def _train_epoch(self) -> None:
         state, pos = self.state, self.pos
@@ -118,7 +118,7 @@ class TrainLoop:
             return total
 
         if o.optimizer == "lbfgs":
-            value = float(self.optimizer.step(closure))
+            value = self.optimizer.step(closure).detach().item()
             ok = self.guard.check(value, self._where())
         else:
             self.optimizer.zero_grad(set_to_none=True)
@@ -144,8 +144,9 @@ class TrainLoop:
             value, parts = split_term(raw)
             weight = weights[name]
             if self.weights.specs[name].fallback_threshold is not None:
-                weight = self.weights.effective(name, weight, float(value))
-            record[name] = (value.detach(), weight, {k: v.detach() for k, v in parts.items()})
+                weight = self.weights.effective(name, weight, value.detach().item())
+            # float64 running sums: the epoch mean does not depend on float32 rounding order
+            record[name] = (value.detach().double(), weight, {k: v.detach().double() for k, v in parts.items()})
             if weight != 0.0 or self.state.dist.enabled:  # DDP wants every term in the graph
                 total = value if (weight == 1.0 and isinstance(total, float)) else total + weight * value
         if isinstance(total, float):  # every term had weight 0: nothing to learn from this batch
@@ -171,7 +172,7 @@ class TrainLoop:
             for part, v in parts.items():
                 sums[f"{name}/{part}"] = sums.get(f"{name}/{part}", 0.0) + v
         if state.step % state.recipe.run.log_every_n_steps == 0:
-            state.log("step", **{"train/loss": value, "lr": self.optimizer.param_groups[0]["lr"]})
+            state.log("step", **{"train/loss": value, "train/lr": self.optimizer.param_groups[0]["lr"]})
 
     # --- epoch end: evaluation, early stopping, checkpoint ----------------------------------
 
@@ -179,7 +180,7 @@ class TrainLoop:
         state, pos, o = self.state, self.pos, self.o
         metrics = self._train_metrics()
         metrics.update(self.stage.evaluate(state, self.objective))
-        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
         self._early_stopping(metrics)
         if o.schedule == "plateau":
             self.scheduler.step(self._monitored(metrics))

@@ -29,7 +29,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, o: Any, total_steps: int) 
 
 def lr_factor(o: Any, total_steps: int):
     """The multiplier of the base lr after ``step`` optimizer steps."""
-    warmup = o.warmup_steps
+    warmup = o.warmup_steps if o.schedule in ("warmup", "cosine") else 0
     floor = o.min_lr / o.lr if o.lr > 0 else 0.0
 
     def factor(step: int) -> float:

@@ -61,6 +61,7 @@ class State:
         impls = hook.get_hookimpls()  # registration order
         if not impls:
             return
+        plugins.trace(event.hook_name, impls)
         kwargs = {"state": self, **kwargs}
         for impl in (reversed(impls) if event.is_after else impls):
             impl.function(**{name: kwargs[name] for name in impl.argnames})

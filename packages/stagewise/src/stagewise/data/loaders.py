@@ -1,0 +1,185 @@
+"""Datasets for the files users bring: ``stagewise.csv``, ``.jsonl``, ``.idx`` and ``.npz``.
+
+Each reads its whole source, shuffles the examples with the run's seed and cuts them into
+splits by the ``splits`` fractions (same seed, same split). Items are
+``{"input": ..., "target": ...}`` tensors; see :func:`stagewise.data.arrays.array_splits` for
+the ``info`` they provide (``n_features``, ``n_outputs``, ...). Files may be gzip-compressed
+(except ``.npz``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from stagewise.data.arrays import array_splits, read_npz
+from stagewise.data.idx import read_idx
+from stagewise.data.splits import DataError, DataSplits, check_fractions, default_splits
+from stagewise.data.tabular import column_indices, read_csv, read_jsonl, shape_targets
+
+TARGET_DTYPES = ("float", "long")
+
+
+def check_keys(option: str, keys: Any, required: bool = True) -> None:
+    """Column or key lists must be non-empty lists (or unset, where that is allowed)."""
+    if keys is None and not required:
+        return
+    if not isinstance(keys, list) or not keys:
+        raise DataError(f'{option} must be a non-empty list, e.g. {option} = ["y"]; got {keys!r}')
+
+
+def check_target_dtype(target_dtype: str) -> None:
+    if target_dtype not in TARGET_DTYPES:
+        raise DataError(f'target_dtype must be "float" (regression) or "long" (class labels), '
+                        f"got {target_dtype!r}")
+
+
+# --- CSV ------------------------------------------------------------------------------------
+
+
+@dataclass
+class CSVOptions:
+    """The recipe's ``[data]`` keys for ``stagewise.csv``."""
+
+    path: str  # CSV file of numbers, one example per row
+    target: list[str | int]  # target columns, by header name or 0-based index
+    features: list[str | int] | None = None  # input columns; unset: every non-target column
+    header: bool = True  # the first row names the columns
+    target_dtype: Literal["float", "long"] = "float"  # "long": class labels (int64)
+    splits: dict[str, float] = field(default_factory=default_splits)  # split name -> fraction
+
+    def __post_init__(self) -> None:
+        check_keys("target", self.target)
+        check_keys("features", self.features, required=False)
+        check_target_dtype(self.target_dtype)
+        check_fractions(self.splits)
+
+
+class CSVDataset:
+    """A numeric CSV file: items ``{"input": float32 (F,), "target": scalar or (K,)}``.
+
+    One target column gives a scalar target per example, several give a vector.
+    """
+
+    name = "stagewise.csv"
+    Options = CSVOptions
+
+    @classmethod
+    def from_recipe(cls, options: CSVOptions, *, seed: int) -> DataSplits:
+        names, values, lines = read_csv(options.path, options.header)  # values (N, columns)
+        width = values.shape[1]
+        target = column_indices("target", options.target, names, width, options.path)
+        if options.features is None:
+            features = [j for j in range(width) if j not in target]
+        else:
+            features = column_indices("features", options.features, names, width, options.path)
+        if not features:
+            raise DataError(f"{options.path}: no feature columns are left besides the target; "
+                            f"the file needs at least one input column")
+        targets = shape_targets(values[:, target], options.target_dtype, lines, options.path)
+        return array_splits(values[:, features], targets, options.splits, seed)
+
+
+# --- JSON Lines -----------------------------------------------------------------------------
+
+
+@dataclass
+class JSONLOptions:
+    """The recipe's ``[data]`` keys for ``stagewise.jsonl``."""
+
+    path: str  # JSON Lines file: one JSON object (one example) per line
+    input_keys: list[str]  # keys whose values (numbers or lists of numbers), concatenated, are the input
+    target_keys: list[str]  # keys whose values, concatenated, are the target
+    target_dtype: Literal["float", "long"] = "float"  # "long": class labels (int64)
+    splits: dict[str, float] = field(default_factory=default_splits)  # split name -> fraction
+
+    def __post_init__(self) -> None:
+        check_keys("input_keys", self.input_keys)
+        check_keys("target_keys", self.target_keys)
+        check_target_dtype(self.target_dtype)
+        check_fractions(self.splits)
+
+
+class JSONLDataset:
+    """A JSON Lines file: items ``{"input": float32 (F,), "target": scalar or (K,)}``.
+
+    Values may be numbers or (nested) lists of numbers; they are flattened and concatenated.
+    A target of one number per example is a scalar, of several a vector.
+    """
+
+    name = "stagewise.jsonl"
+    Options = JSONLOptions
+
+    @classmethod
+    def from_recipe(cls, options: JSONLOptions, *, seed: int) -> DataSplits:
+        inputs, targets, lines = read_jsonl(options.path, options.input_keys, options.target_keys)
+        targets = shape_targets(targets, options.target_dtype, lines, options.path)
+        return array_splits(inputs, targets, options.splits, seed)
+
+
+# --- IDX (MNIST) ----------------------------------------------------------------------------
+
+
+@dataclass
+class IDXOptions:
+    """The recipe's ``[data]`` keys for ``stagewise.idx``."""
+
+    images: str  # IDX file of images, e.g. train-images-idx3-ubyte.gz
+    labels: str  # IDX file of integer labels, one per image, e.g. train-labels-idx1-ubyte.gz
+    scale: float = 1 / 255  # inputs are images * scale; 1/255 maps uint8 pixels to [0, 1]
+    splits: dict[str, float] = field(default_factory=default_splits)  # split name -> fraction
+
+    def __post_init__(self) -> None:
+        check_fractions(self.splits)
+
+
+class IDXDataset:
+    """MNIST-style IDX files: items ``{"input": float32 image, e.g. (28, 28), "target": int64}``."""
+
+    name = "stagewise.idx"
+    Options = IDXOptions
+
+    @classmethod
+    def from_recipe(cls, options: IDXOptions, *, seed: int) -> DataSplits:
+        images, labels = read_idx(options.images), read_idx(options.labels)
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise DataError(f"{options.labels} holds an array of shape {labels.shape} and type "
+                            f"{labels.dtype.name}, but labels must be one integer per image")
+        if len(images) != len(labels):
+            raise DataError(f"{options.images} has {len(images)} images but {options.labels} has "
+                            f"{len(labels)} labels; they must match")
+        inputs = images.astype(np.float32) * np.float32(options.scale)  # (N, ...) float32
+        return array_splits(inputs, labels, options.splits, seed)
+
+
+# --- NPZ ------------------------------------------------------------------------------------
+
+
+@dataclass
+class NPZOptions:
+    """The recipe's ``[data]`` keys for ``stagewise.npz``."""
+
+    path: str  # .npz file (numpy.savez); axis 0 of each array indexes the examples
+    input_key: str = "input"  # name of the array of inputs in the file
+    target_key: str = "target"  # name of the array of targets in the file
+    splits: dict[str, float] = field(default_factory=default_splits)  # split name -> fraction
+
+    def __post_init__(self) -> None:
+        check_fractions(self.splits)
+
+
+class NPZDataset:
+    """Two arrays of a ``.npz`` file, e.g. trajectories and their targets.
+
+    Float arrays become float32 tensors, integer and bool arrays int64; shapes are kept.
+    """
+
+    name = "stagewise.npz"
+    Options = NPZOptions
+
+    @classmethod
+    def from_recipe(cls, options: NPZOptions, *, seed: int) -> DataSplits:
+        inputs, targets = read_npz(options.path, options.input_key, options.target_key)
+        return array_splits(inputs, targets, options.splits, seed)

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny recipes that train in well under a second on 2 CPU cores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from stagewise.recipe import load_recipe
+
+TINY = """
+[run]
+name = "tiny"
+seed = 7
+threads = 1
+log_every_n_steps = 1
+
+[data]
+use = "stagewise.text"
+seq_len = 8
+batch_size = 4
+max_tokens = 400
+max_vocab = 200
+
+[model]
+use = "stagewise.transformer"
+n_layer = 2
+n_embd = 16
+n_head = 2
+ffn_hidden = 32
+
+[[stages]]
+name = "phase1"
+use = "stagewise.train"
+lr = 1e-2
+max_epochs = 2
+max_steps_per_epoch = 5
+grad_clip = 1.0
+
+[[stages]]
+name = "phase2"
+use = "stagewise.train"
+grow = { n_layer = 3 }
+train = ["layers.2.*"]
+lr = 1e-2
+max_epochs = 2
+max_steps_per_epoch = 5
+
+[[stages]]
+name = "test"
+use = "stagewise.evaluate"
+split = "test"
+"""
+
+
+@pytest.fixture
+def tiny_recipe_path(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    return path
+
+
+@pytest.fixture
+def tiny(tiny_recipe_path: Path):
+    """A loader of the tiny recipe with ``--set`` style overrides."""
+    return lambda *overrides: load_recipe(tiny_recipe_path, list(overrides))
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def read_records(run_dir: Path, event: str | None = None) -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    return [r for r in records if event is None or r["event"] == event]

@@ -1,0 +1,176 @@
+"""One test per hook spec (``test_hook_<name>``); a meta-test keeps that list complete."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pytest
+import stagewise
+from stagewise import hookspecs, plugins
+from stagewise.engine.runner import run_recipe
+from stagewise.events import Event
+
+HOOKS = sorted(n for n in dir(hookspecs) if n.startswith("stagewise_"))
+
+
+class Recorder:
+    """Records every run event it sees, in order, with a tag so ordering across plugins shows."""
+
+    def __init__(self, tag, log):
+        self.tag, self.log = tag, log
+
+    @stagewise.hookimpl
+    def stagewise_before_run(self, state):
+        self.log.append((self.tag, "before_run"))
+
+    @stagewise.hookimpl
+    def stagewise_after_run(self, state, metrics):
+        self.log.append((self.tag, "after_run", "test/ppl" in metrics))
+
+    @stagewise.hookimpl
+    def stagewise_before_stage(self, state, stage):
+        self.log.append((self.tag, "before_stage", stage.label))
+
+    @stagewise.hookimpl
+    def stagewise_after_stage(self, stage, metrics):  # any subset of the spec's arguments
+        self.log.append((self.tag, "after_stage", stage.label))
+
+    @stagewise.hookimpl
+    def stagewise_before_epoch(self, state):
+        self.log.append((self.tag, "before_epoch", state.stage_name, state.epoch))
+
+    @stagewise.hookimpl
+    def stagewise_after_epoch(self, state, metrics):
+        self.log.append((self.tag, "after_epoch", state.stage_name, "val/loss" in metrics))
+
+    @stagewise.hookimpl
+    def stagewise_before_step(self, state, batch):
+        self.log.append((self.tag, "before_step", tuple(batch["input"].shape)))
+
+    @stagewise.hookimpl
+    def stagewise_after_step(self, state, loss):
+        self.log.append((self.tag, "after_step", state.step, isinstance(loss, float)))
+
+
+@pytest.fixture(scope="module")
+def events(tmp_path_factory):
+    from conftest import TINY
+
+    path = tmp_path_factory.mktemp("hooks") / "tiny.toml"
+    path.write_text(TINY)
+    log: list[tuple] = []
+    plugins.register_plugin(Recorder("first", log), "first")
+    plugins.register_plugin(Recorder("second", log), "second")
+    try:
+        recipe = stagewise.load_recipe(path, ["stages.phase1.max_steps_per_epoch=2", "stages.phase1.max_epochs=1"])
+        run_recipe(recipe, out=path.parent / "run", quiet=True)
+    finally:
+        plugins.unregister_plugin("first")
+        plugins.unregister_plugin("second")
+    return log
+
+
+def of(events, name):
+    return [e for e in events if e[1] == name]
+
+
+def test_every_hook_has_a_test():
+    module = sys.modules[__name__]
+    missing = [h for h in HOOKS if not hasattr(module, f"test_hook_{h}")]
+    assert missing == []
+
+
+def test_every_event_has_a_hook():
+    assert sorted(e.hook_name for e in Event) == sorted(h for h in HOOKS if "register" not in h)
+
+
+def test_hook_stagewise_before_run(events):
+    assert events[:2] == [("first", "before_run"), ("second", "before_run")]  # registration order
+
+
+def test_hook_stagewise_after_run(events):
+    assert events[-2:] == [("second", "after_run", True), ("first", "after_run", True)]  # reversed
+
+
+def test_hook_stagewise_before_stage(events):
+    assert [e[2] for e in of(events, "before_stage") if e[0] == "first"] == ["phase1", "phase2", "test"]
+
+
+def test_hook_stagewise_after_stage(events):
+    assert of(events, "after_stage")[:2] == [("second", "after_stage", "phase1"), ("first", "after_stage", "phase1")]
+
+
+def test_hook_stagewise_before_epoch(events):
+    assert [e[2:] for e in of(events, "before_epoch") if e[0] == "first"] == [("phase1", 0), ("phase2", 0), ("phase2", 1)]
+
+
+def test_hook_stagewise_after_epoch(events):
+    assert all(e[3] for e in of(events, "after_epoch")) and len(of(events, "after_epoch")) == 6
+
+
+def test_hook_stagewise_before_step(events):
+    assert of(events, "before_step")[0] == ("first", "before_step", (4, 8))
+    assert len(of(events, "before_step")) == 2 * (2 + 10)
+
+
+def test_hook_stagewise_after_step(events):
+    steps = [e[2] for e in of(events, "after_step") if e[0] == "first"]
+    assert steps[:2] == [1, 2] and all(e[3] for e in of(events, "after_step"))
+
+
+def _registered(kind, name, target):
+    plugin = type("P", (), {})()
+    setattr(plugin, f"stagewise_register_{kind}",
+            stagewise.hookimpl(lambda register: register(target, name)))
+    plugins.register_plugin(plugin, "hooktest")
+    try:
+        return plugins.get(kind, name)
+    finally:
+        plugins.unregister_plugin("hooktest")
+
+
+def test_hook_stagewise_register_stages():
+    assert _registered("stages", "hooktest.train", stagewise.TrainStage) is stagewise.TrainStage
+
+
+def test_hook_stagewise_register_routers():
+    class Everything(stagewise.Router):
+        def route(self, scores):
+            return stagewise.Routing(masks={"all": scores == scores})
+
+    assert _registered("routers", "hooktest.everything", Everything) is Everything
+
+
+def test_hook_stagewise_register_losses():
+    assert _registered("losses", "hooktest.ce", "stagewise.builtins.losses:CrossEntropy").name == "stagewise.cross_entropy"
+
+
+def test_hook_stagewise_register_models():
+    assert _registered("models", "hooktest.mlp", "stagewise.nn.mlp:MLP").__name__ == "MLP"
+
+
+def test_hook_stagewise_register_datasets():
+    assert _registered("datasets", "hooktest.text", "stagewise.data.text:TextCorpus").__name__ == "TextCorpus"
+
+
+def test_hook_stagewise_register_recipes(tmp_path):
+    path = tmp_path / "r.toml"
+    assert _registered("recipes", "hooktest.recipe", path) == path
+
+
+def test_hook_stagewise_register_commands(capsys):
+    from stagewise.cli.main import main
+
+    class Hello:
+        @stagewise.hookimpl
+        def stagewise_register_commands(self, cli: argparse._SubParsersAction):
+            p = cli.add_parser("hello", help="say hello")
+            p.set_defaults(handler=lambda args: print("hello") or 3)
+
+    plugins.register_plugin(Hello(), "hello")
+    try:
+        assert main(["hello"]) == 3
+    finally:
+        plugins.unregister_plugin("hello")
+    assert capsys.readouterr().out == "hello\n"

@@ -1,0 +1,95 @@
+"""Loss terms: built-ins, weight schedules, adaptive fallback, rate-limited warnings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import stagewise
+import torch
+from conftest import read_records, read_summary
+from stagewise import plugins
+from stagewise.builtins.losses import MSE, CrossEntropy, CrossEntropyOptions, OutputOptions
+from stagewise.engine.runner import run_recipe
+from stagewise.specs import LossSpec
+
+
+def test_weight_schedule_reproduces_the_seed_ramp():
+    # the Koopman seed: 0 until epoch 5 (0-based), then linear steps of w_max / 6
+    spec = LossSpec(use="stagewise.mse", weight=0.05, start_epoch=5, ramp_epochs=6)
+    weights = [spec.weight_at(e) for e in range(10)]
+    assert weights[:5] == [0.0] * 5
+    assert weights[5:] == pytest.approx([0.05 / 6, 0.1 / 6, 0.025, 0.2 / 6, 0.25 / 6])
+    capped = LossSpec(use="stagewise.mse", weight=0.05, ramp_epochs=2, cap=0.03)
+    assert [capped.weight_at(e) for e in range(3)] == [0.025, 0.03, 0.03]
+
+
+def test_loss_spec_rejects_bad_values():
+    with pytest.raises(ValueError, match="weight and cap must be >= 0"):
+        LossSpec(use="stagewise.mse", cap=-1.0)
+    with pytest.raises(ValueError, match="fallback_factor"):
+        LossSpec(use="stagewise.mse", fallback_factor=2.0)
+
+
+def test_cross_entropy_sums_ignore_padding():
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 2.0], [5.0, 0.0]]])
+    batch = {"target": torch.tensor([[0, 0, -100]])}
+    sums = CrossEntropy(CrossEntropyOptions()).eval_sums({"logits": logits}, batch, None)
+    assert sums["acc"] == (1.0, 2.0) and sums["loss"][1] == 2.0
+    means = {k: s / n for k, (s, n) in sums.items()}
+    assert CrossEntropy().summarize(means)["ppl"] == pytest.approx(torch.tensor(means["loss"]).exp().item())
+
+
+def test_outputs_are_chosen_by_key_and_exit_layer():
+    outputs = {"heads": {"a": torch.zeros(2, 3)}, "exit_logits": {1: torch.ones(2, 3)}, "logits": torch.ones(2, 3)}
+    ce = CrossEntropy(CrossEntropyOptions(output="heads.a"))
+    assert ce(outputs, {"target": torch.tensor([0, 1])}, None) == pytest.approx(torch.log(torch.tensor(3.0)))
+    assert CrossEntropy(CrossEntropyOptions(at_layer=1)).needs().exit_layers == {1}
+    with pytest.raises(KeyError, match="no 'b'"):
+        CrossEntropy(CrossEntropyOptions(output="heads.b"))(outputs, {"target": torch.tensor([0, 1])}, None)
+    mse = MSE(OutputOptions(output="heads.a"))
+    assert mse(outputs, {"target": torch.ones(2, 3)}, None) == 1.0
+
+
+@dataclass
+class ConstantOptions:
+    value: float = 100.0
+
+
+class Constant(stagewise.Loss):
+    """A term that is always ``value`` (with a zero gradient path into the model)."""
+
+    name = "testing.constant"
+    Options = ConstantOptions
+
+    def forward(self, outputs, batch, state):
+        return {"big": outputs["logits"].sum() * 0.0 + self.options.value, "zero": outputs["logits"].sum() * 0.0}
+
+
+class ConstantPlugin:
+    @stagewise.hookimpl
+    def stagewise_register_losses(self, register):
+        register(Constant, "testing.constant")
+
+
+@pytest.fixture
+def constant_loss():
+    plugins.register_plugin(ConstantPlugin(), "testing")
+    yield
+    plugins.unregister_plugin("testing")
+
+
+def test_fallback_cuts_the_weight_and_warns_once_per_epoch(constant_loss, tiny, tmp_path, capsys):
+    losses = ('stages.phase1.losses=[{use="stagewise.cross_entropy"}, {use="testing.constant", weight=0.5, '
+              'start_epoch=1, fallback_threshold=8.0, fallback_factor=0.01}]')
+    run_dir = run_recipe(tiny(losses), out=tmp_path / "run", quiet=False)
+    epochs = [r for r in read_records(run_dir, "epoch") if r["stage"] == "phase1"]
+    assert "train/constant/weight" not in epochs[0]  # weight 0 in epoch 0: not computed at all
+    assert epochs[1]["train/constant/weight"] == pytest.approx(0.005)
+    assert epochs[1]["train/constant/fallbacks"] == 5 and epochs[1]["warnings/fallback/constant"] == 5
+    assert epochs[1]["train/constant/big"] == 100.0 and epochs[1]["train/constant"] == 100.0
+    assert epochs[1]["train/loss"] == pytest.approx(epochs[1]["train/cross_entropy"] + 0.5, rel=1e-6)
+    err = capsys.readouterr().err
+    assert err.count("loss term 'constant' = 100 > fallback_threshold 8.0") == 1
+    assert "'fallback/constant' happened 5 times this epoch" in err
+    assert read_summary(run_dir)["stages"]["phase1"]["metrics"]["val/constant/loss"] == 100.0

@@ -1,0 +1,151 @@
+"""Plugin discovery: broken plugins are skipped (or raise in strict mode), collisions are errors."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import stagewise
+from stagewise import plugins
+from stagewise.errors import PluginError, UnknownNameError
+
+
+class FakeDist:
+    def __init__(self, name, version="1.0"):
+        self.name, self.version = name, version
+
+
+class FakeEntryPoint:
+    """Stands in for an installed distribution's ``[project.entry-points.stagewise]`` line."""
+
+    def __init__(self, name, module=None, error=None, dist="stagewise-fake"):
+        self.name, self.module, self.error, self.dist = name, module, error, FakeDist(dist)
+
+    def load(self):
+        if self.error:
+            raise self.error
+        return self.module
+
+
+def plugin_module(name, **hooks):
+    module = types.ModuleType(name)
+    for hook_name, fn in hooks.items():
+        setattr(module, hook_name, stagewise.hookimpl(fn))
+    return module
+
+
+@pytest.fixture
+def host(monkeypatch):
+    """A fresh plugin host whose entry points are the ones a test installs."""
+    monkeypatch.setattr(plugins, "_host", plugins._Host())
+    monkeypatch.delenv("STAGEWISE_STRICT_PLUGINS", raising=False)
+    installed: list[FakeEntryPoint] = []
+    monkeypatch.setattr(plugins, "entry_points", lambda group: list(installed))
+    return installed
+
+
+def registers_stage(name):
+    def stagewise_register_stages(register):
+        register("stagewise.builtins.train:TrainStage", name)
+    return stagewise_register_stages
+
+
+def test_broken_plugin_warns_once_and_the_rest_works(host, capsys):
+    host.append(FakeEntryPoint("bad", error=RuntimeError("boom"), dist="stagewise-bad"))
+    host.append(FakeEntryPoint("good", plugin_module("good", stagewise_register_stages=registers_stage("good.s"))))
+    assert stagewise.get_stage("good.s").name == "stagewise.train"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["stagewise: warning: skipped plugin 'bad' (stagewise-bad 1.0) failed during import: "
+                   "RuntimeError: boom"]
+    info = {i.name: i for i in plugins.plugin_infos()}
+    assert info["bad"].error == "RuntimeError: boom" and info["good"].error is None
+    assert info["good"].as_dict()["stages"] == ["good.s"]
+
+
+def test_strict_mode_raises_with_the_cause(host, monkeypatch):
+    monkeypatch.setenv("STAGEWISE_STRICT_PLUGINS", "1")
+    host.append(FakeEntryPoint("bad", error=ImportError("no module named x")))
+    with pytest.raises(PluginError, match="plugin 'bad' .* failed during import") as info:
+        plugins.load_plugins()
+    assert isinstance(info.value.__cause__, ImportError)
+
+
+def test_disable_and_load_only(host, monkeypatch):
+    host.append(FakeEntryPoint("a", plugin_module("a", stagewise_register_stages=registers_stage("a.s"))))
+    host.append(FakeEntryPoint("b", error=RuntimeError("never loaded")))
+    monkeypatch.setenv("STAGEWISE_DISABLE_PLUGINS", "b")
+    assert [i.name for i in plugins.plugin_infos()] == ["stagewise", "a"]
+    monkeypatch.setattr(plugins, "_host", plugins._Host())
+    monkeypatch.setenv("STAGEWISE_LOAD_PLUGINS", "b")
+    monkeypatch.setenv("STAGEWISE_DISABLE_PLUGINS", "")
+    assert [i.name for i in plugins.plugin_infos()] == ["stagewise", "b"]
+
+
+def test_misspelled_hook_is_caught(host, capsys):
+    def stagewise_register_stagess(register):
+        pass
+
+    host.append(FakeEntryPoint("typo", plugin_module("typo", stagewise_register_stagess=stagewise_register_stagess)))
+    plugins.load_plugins()
+    assert "stagewise_register_stagess" in capsys.readouterr().err
+    assert plugins.plugin_manager().get_plugin("typo") is None
+
+
+def test_partly_registered_plugin_is_unregistered(host, capsys):
+    def stagewise_register_stages(register):
+        register("stagewise.builtins.train:TrainStage", "half.ok")
+        raise ValueError("second registration failed")
+
+    host.append(FakeEntryPoint("half", plugin_module("half", stagewise_register_stages=stagewise_register_stages)))
+    with pytest.raises(UnknownNameError):
+        stagewise.get_stage("half.ok")
+    assert "ValueError: second registration failed" in capsys.readouterr().err
+
+
+def test_same_name_twice_names_both_distributions(host):
+    host.append(FakeEntryPoint("one", plugin_module("one", stagewise_register_stages=registers_stage("x.s")),
+                                dist="stagewise-one"))
+    host.append(FakeEntryPoint("two", plugin_module("two", stagewise_register_stages=registers_stage("x.s")),
+                                dist="stagewise-two"))
+    with pytest.raises(PluginError, match=r"'x.s' is registered twice: by plugin 'one' \(stagewise-one\) "
+                                          r"and by plugin 'two' \(stagewise-two\)"):
+        plugins.load_plugins()
+
+
+def test_names_must_be_namespaced(host, capsys):
+    host.append(FakeEntryPoint("flat", plugin_module("flat", stagewise_register_stages=registers_stage("flat"))))
+    with pytest.raises(PluginError, match="names must be namespaced"):
+        plugins.load_plugins()
+
+
+def test_unknown_name_suggests_the_package_to_install(host):
+    with pytest.raises(UnknownNameError) as info:
+        stagewise.get_stage("lego_ashem.mine")
+    assert "pip install stagewise-lego-ashem" in str(info.value)
+    assert "Installed stages: stagewise.evaluate, stagewise.train" in str(info.value)
+
+
+def test_unknown_name_tells_near_misses_of_another_kind(host):
+    with pytest.raises(UnknownNameError, match=r"unknown stage 'stagewise.mse' \(a loss named 'stagewise.mse' exists\)"):
+        stagewise.get_stage("stagewise.mse")
+
+
+def test_registration_is_lazy(host):
+    import sys
+
+    plugins.load_plugins()
+    entry = plugins.registries()["stages"].entries["stagewise.train"]
+    assert entry.lazy and isinstance(entry.target, str)
+    assert stagewise.get_stage("stagewise.train") is sys.modules["stagewise.builtins.train"].TrainStage
+    assert not entry.lazy
+
+
+def test_trace_prints_hook_calls(host, monkeypatch, capsys):
+    monkeypatch.setenv("STAGEWISE_TRACE_PLUGINS", "1")
+    plugins.load_plugins()
+    assert "stagewise: trace: stagewise_register_stages" in capsys.readouterr().err
+
+
+def test_public_api_is_complete():
+    for name in stagewise.__all__:
+        assert getattr(stagewise, name) is not None, name

@@ -1,0 +1,129 @@
+"""Recipe validation: every problem at once, with file, key path and valid choices."""
+
+from __future__ import annotations
+
+import pytest
+from stagewise.errors import ConfigError
+from stagewise.recipe import load_recipe, recipe_from_table
+from stagewise.tomlwrite import dumps
+
+
+def problems_of(tmp_path, text: str, overrides=()) -> list[str]:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path, list(overrides))
+    assert str(path) in str(info.value)
+    return info.value.problems
+
+
+def test_three_mistakes_are_three_problems(tmp_path):
+    problems = problems_of(tmp_path, """
+[run]
+seed = "seven"
+[model]
+use = "stagewise.transformer"
+n_layers = 2
+[[stages]]
+name = "a"
+use = "stagewise.trian"
+""")
+    assert len(problems) == 3
+    assert problems[0].startswith("run.seed: expected int, got str 'seven'")
+    assert "model.n_layers: unknown key; did you mean 'n_layer'?" in problems[1]
+    assert "Valid keys:" in problems[1] and "n_embd" in problems[1]
+    assert "stages[0].use: unknown stage 'stagewise.trian'; did you mean 'stagewise.train'?" in problems[2]
+    assert "Installed stages: stagewise.evaluate, stagewise.train" in problems[2]
+
+
+def test_invalid_choice_lists_the_choices(tmp_path):
+    (problem,) = problems_of(tmp_path, """
+[model]
+use = "stagewise.transformer"
+[[stages]]
+name = "a"
+optimizer = "adam"
+""")
+    assert problem == "stages[0].optimizer: 'adam' is not one of the valid choices: 'adamw', 'sgd', 'lbfgs'"
+
+
+def test_missing_tables_and_duplicate_stage_names(tmp_path):
+    problems = problems_of(tmp_path, '[[stages]]\nname = "a"\n[[stages]]\nname = "a"\n')
+    assert any(p.startswith("model: required table is missing") for p in problems)
+    assert any("the name 'a' is used by more than one stage" in p for p in problems)
+
+
+def test_nested_loss_terms_are_validated(tmp_path):
+    problems = problems_of(tmp_path, """
+[model]
+use = "stagewise.transformer"
+[[stages]]
+name = "a"
+losses = [{ use = "stagewise.cross_entropy", at_layr = 1, weight = "x" }]
+""")
+    unknown = next(p for p in problems if p.startswith("stages[0].losses[0].at_layr: unknown key"))
+    assert "did you mean 'at_layer'?" in unknown
+    assert "fallback_threshold" in unknown and "ignore_index" in unknown  # engine and loss keys
+    assert any(p.startswith("stages[0].losses[0].weight: expected float, got str 'x'") for p in problems)
+
+
+def test_post_init_checks_are_reported(tmp_path):
+    (problem,) = problems_of(tmp_path, """
+[model]
+use = "stagewise.transformer"
+[[stages]]
+name = "a"
+max_epochs = 0
+""")
+    assert "max_epochs must be >= 1, got 0" in problem
+
+
+def test_grow_is_checked_against_the_model_options(tmp_path):
+    (problem,) = problems_of(tmp_path, """
+[model]
+use = "stagewise.transformer"
+[[stages]]
+name = "a"
+grow = { n_layers = 4 }
+""")
+    assert problem.startswith("stages[0].grow.n_layers: unknown key; did you mean 'n_layer'?")
+
+
+def test_overrides_are_typed_and_address_stages_by_name(tiny):
+    recipe = tiny("stages.phase2.max_epochs=5", "run.seed=3", "data.path=/tmp/x", "stages.phase1.lr=1e-4")
+    assert recipe.stages[1].options.max_epochs == 5 and recipe.run.seed == 3
+    assert recipe.data.options.path == "/tmp/x" and recipe.stages[0].options.lr == 1e-4
+
+
+def test_bad_overrides(tiny):
+    with pytest.raises(ConfigError) as info:
+        tiny("stages.nope.lr=1", "no_equals_sign", "run.seed=abc")
+    problems = info.value.problems
+    assert "no stage named 'nope'; stages: phase1, phase2, test" in problems[0]
+    assert "expected KEY.PATH=VALUE" in problems[1]
+    assert problems[2] == "run.seed: expected int, got str 'abc'"
+
+
+def test_unknown_recipe_name_lists_the_installed_ones():
+    with pytest.raises(ConfigError, match="Installed recipes: stagewise.demo"):
+        load_recipe("no-such-recipe")
+
+
+def test_resolved_recipe_round_trips(tiny, tmp_path):
+    recipe = tiny()
+    text = recipe.to_toml()
+    again = recipe_from_table(__import__("tomllib").loads(text), "again", [])
+    assert again.table == recipe.table
+    assert "max_steps_per_epoch = 5" in text and "[[stages]]" in text
+
+
+def test_every_shipped_recipe_validates():
+    from stagewise import get_recipes
+
+    for name in get_recipes():
+        assert load_recipe(name).stages
+
+
+def test_toml_writer_escapes():
+    assert dumps({"a": {"s": 'q"uote', "f": 1e-05, "l": [1, 2], "t": {"x": True}}}) == \
+        '[a]\ns = "q\\"uote"\nf = 1e-05\nl = [1, 2]\nt = { x = true }\n'
