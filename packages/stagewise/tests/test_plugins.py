@@ -126,7 +126,8 @@ def test_unknown_name_suggests_the_package_to_install(host):
 
 
 def test_unknown_name_tells_near_misses_of_another_kind(host):
-    with pytest.raises(UnknownNameError, match=r"unknown stage 'stagewise.mse' \(a loss named 'stagewise.mse' exists\)"):
+    message = r"unknown stage 'stagewise.mse' \(a loss named 'stagewise.mse' exists\)"
+    with pytest.raises(UnknownNameError, match=message):
         stagewise.get_stage("stagewise.mse")
 
 

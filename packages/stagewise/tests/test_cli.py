@@ -1,0 +1,79 @@
+"""The command line in-process: contracts other tools rely on, and errors as messages."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import read_summary
+
+from stagewise import __version__
+from stagewise.cli.main import main
+from stagewise.engine.checkpoint import load_checkpoint
+from stagewise.export import load_npz
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out == f"stagewise {__version__}\n"
+
+
+def test_plugins_json_contract(capsys):
+    assert main(["plugins", "--json"]) == 0
+    core = next(p for p in json.loads(capsys.readouterr().out) if p["name"] == "stagewise")
+    assert {"name", "distribution", "version", "stages", "routers", "losses", "models", "datasets",
+            "recipes", "error"} <= set(core)
+    assert core["stages"] == ["stagewise.train", "stagewise.evaluate"] and core["error"] is None
+
+
+def test_recipes_lists_the_demo(capsys):
+    assert main(["recipes"]) == 0
+    assert "stagewise.demo" in capsys.readouterr().out
+
+
+def test_run_verify_export(tiny_recipe_path, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["run", str(tiny_recipe_path), "--out", str(run_dir), "--quiet",
+                 "--set", "stages.phase2.max_epochs=1"]) == 0
+    metrics = read_summary(run_dir)["metrics"]
+
+    golden = tmp_path / "golden.json"
+    golden.write_text(json.dumps({"metrics": {"val/loss": metrics["val/loss"], "test/acc": metrics["test/acc"]}}))
+    assert main(["verify", str(run_dir), str(golden)]) == 0
+    assert capsys.readouterr().out.endswith("verify: OK\n")
+
+    golden.write_text(json.dumps({"metrics": {"val/loss": metrics["val/loss"] + 1e-3, "nope": 1},
+                                  "tolerance": {"val/loss": 1e-2}}))
+    assert main(["verify", str(run_dir), str(golden)]) == 1
+    out = capsys.readouterr().out
+    assert "nope: missing from the run" in out and "val/loss" not in out and "1 difference(s)" in out
+
+    assert main(["export", str(run_dir), str(tmp_path / "model.npz")]) == 0
+    arrays, meta = load_npz(tmp_path / "model.npz")
+    assert meta["model"] == "stagewise.transformer" and meta["model_options"]["n_layer"] == 3
+    saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+    assert sorted(arrays) == sorted(saved)
+    assert all(np.array_equal(arrays[k], saved[k].numpy()) for k in saved)
+
+
+def test_errors_are_one_message_and_exit_1(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model]\nuse = "stagewise.transformer"\n[[stages]]\nname = "a"\nlr = "fast"\n')
+    assert main(["run", str(bad), "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"stagewise: error: {bad}: 1 problem:") and "stages[0].lr: expected float" in err
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_bad_data_path_writes_nothing(tiny_recipe_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["run", str(tiny_recipe_path), "--out", str(out), "--set", f"data.path={tmp_path / 'missing'}"])
+    assert code == 1 and "missing" in capsys.readouterr().err and not out.exists()
+
+
+def test_verify_needs_a_finished_run(tmp_path, capsys):
+    (tmp_path / "g.json").write_text('{"metrics": {}}')
+    assert main(["verify", str(tmp_path), str(tmp_path / "g.json")]) == 1
+    assert "did the run finish?" in capsys.readouterr().err
