@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+
 from stagewise.recipe import load_recipe
+
+# Core's tests see core alone, whatever else is installed: load no third-party entry point
+# (the name matches none; core's built-ins always load). Child processes inherit this.
+os.environ["STAGEWISE_LOAD_PLUGINS"] = "stagewise"
 
 TINY = """
 [run]

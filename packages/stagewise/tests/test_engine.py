@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import read_records, read_summary
+
 from stagewise.engine.checkpoint import load_checkpoint
 from stagewise.engine.runner import run_recipe
 from stagewise.verify import compare

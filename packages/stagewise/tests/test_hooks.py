@@ -6,6 +6,7 @@ import argparse
 import sys
 
 import pytest
+
 import stagewise
 from stagewise import hookspecs, plugins
 from stagewise.engine.runner import run_recipe

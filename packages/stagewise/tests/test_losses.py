@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
-import stagewise
 import torch
 from conftest import read_records, read_summary
+
+import stagewise
 from stagewise import plugins
 from stagewise.builtins.losses import MSE, CrossEntropy, CrossEntropyOptions, OutputOptions
 from stagewise.engine.runner import run_recipe

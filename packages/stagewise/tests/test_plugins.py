@@ -5,6 +5,7 @@ from __future__ import annotations
 import types
 
 import pytest
+
 import stagewise
 from stagewise import plugins
 from stagewise.errors import PluginError, UnknownNameError

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from stagewise.errors import ConfigError
 from stagewise.recipe import load_recipe, recipe_from_table
 from stagewise.tomlwrite import dumps

@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 from conftest import read_records, read_summary
+
 from stagewise.engine.checkpoint import load_checkpoint
 from stagewise.engine.runner import run_recipe
 from stagewise.errors import CheckpointError

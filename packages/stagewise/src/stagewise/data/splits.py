@@ -2,8 +2,9 @@
 
 Every loader returns a :class:`DataSplits`. Loaders whose source has no predefined splits
 divide it by the ``splits`` fractions of their options (e.g. ``{"train": 0.8, "valid": 0.1,
-"test": 0.1}``), always through :func:`split_bounds`: contiguously (:func:`split_bounds`),
-after a seeded shuffle (:func:`split_indices`) or dealt in turn (:func:`deal`).
+"test": 0.1}``), always into the sizes :func:`split_bounds` gives: as contiguous ranges
+(:func:`split_bounds`), after a seeded shuffle (:func:`split_indices`) or dealt in turn
+(:func:`deal`).
 """
 
 from __future__ import annotations

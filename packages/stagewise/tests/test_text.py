@@ -1,0 +1,116 @@
+"""The text pipeline: vocabulary, tokenisation, sources, windows and errors."""
+
+import json
+
+import pytest
+import torch
+
+from stagewise.data.splits import DataError, deal, split_bounds
+from stagewise.data.text import LMWindows, TextCorpus, TextOptions, tokenize
+from stagewise.data.vocab import Vocabulary
+
+
+def test_vocabulary_order_ties_and_specials():
+    vocab = Vocabulary.build("b a c b a d <unk> b <eos>".split())
+    assert vocab.itos == ["<unk>", "<eos>", "b", "a", "c", "d"]  # 3x b, 2x a, then c < d
+    assert vocab.encode(["a", "zzz", "<eos>"]) == [3, 0, 1]
+    assert vocab.decode([2, 3, 1]) == "b a <eos>"
+    assert len(Vocabulary.build("b a c b a d".split(), min_freq=2)) == 4
+    assert Vocabulary.build("b a c b a d".split(), max_size=3).itos == ["<unk>", "<eos>", "a"]  # a = b
+
+
+def test_vocabulary_round_trips_through_json():
+    vocab = Vocabulary.build("x y y".split())
+    again = Vocabulary.from_dict(json.loads(json.dumps(vocab.to_dict())))
+    assert again.itos == vocab.itos and again.stoi == vocab.stoi
+
+
+def test_tokenize_is_wikitext_style():
+    assert tokenize(" The cat\n\n  sat .\r\n", lowercase=True) == ["the", "cat", "<eos>", "sat", ".", "<eos>"]
+    assert tokenize("The", lowercase=False) == ["The", "<eos>"]
+
+
+def test_wikitext_directory_layout(tmp_path):
+    (tmp_path / "wiki.train.tokens").write_text("a b c d\n" * 5)
+    (tmp_path / "wiki.valid.tokens").write_text("a b e\n" * 3)
+    (tmp_path / "wiki.test.tokens").write_text("d c b a\n" * 2)
+    (tmp_path / "notes.txt").write_text("ignored when split files exist")
+    data = TextCorpus.from_recipe(TextOptions(path=str(tmp_path), seq_len=4), seed=0)
+    assert data.names() == ["train", "valid", "test"]
+    assert data.info["tokens"] == {"train": 25, "valid": 12, "test": 10}
+    assert data.info["vocab_size"] == 6 and "e" not in data.info["vocab"].stoi  # from train only
+    assert len(data["train"]) == 5 and len(data["test"]) == 2
+
+
+def test_single_file_split_contiguously(tmp_path):
+    file = tmp_path / "book.txt"
+    file.write_bytes("".join(f"w{i}\n" for i in range(50)).encode() + b"caf\xe9\n")  # Latin-1 byte
+    opts = TextOptions(path=str(file), seq_len=3, splits={"train": 0.6, "valid": 0.2, "test": 0.2})
+    data = TextCorpus.from_recipe(opts, seed=0)
+    assert data.info["tokens"] == {"train": 61, "valid": 21, "test": 20}  # 102 tokens
+    vocab = data.info["vocab"]
+    assert vocab.decode(data["valid"][0]["input"].tolist()) == "<eos> <unk> <eos>"  # w31: not in train
+    assert vocab.decode(data["train"][0]["input"].tolist()) == "w0 <eos> w1"
+
+
+def test_directory_of_text_files_in_sorted_order(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "two.txt").write_text("two two\n")
+    (tmp_path / "a.txt").write_text("one\n")
+    opts = TextOptions(path=str(tmp_path), seq_len=1, splits={"train": 1.0})
+    data = TextCorpus.from_recipe(opts, seed=0)
+    stream = data["train"].tokens.tolist()
+    assert data.info["vocab"].decode(stream) == "one <eos> two two <eos>"
+
+
+def test_builtin_corpus_splits_are_disjoint_and_deterministic():
+    opts = TextOptions(seq_len=8, max_tokens=2000)
+    a, b = TextCorpus.from_recipe(opts, seed=0), TextCorpus.from_recipe(opts, seed=1)
+    assert a.names() == ["train", "valid", "test"]
+    assert a.info["vocab"].itos == b.info["vocab"].itos
+    assert all(torch.equal(a[s].tokens, b[s].tokens) for s in a.names())
+    docs = deal(79, opts.splits)
+    assert sorted(i for ids in docs.values() for i in ids) == list(range(79))
+    assert docs["valid"][:3] == [3, 13, 23] and len(docs["test"]) == 8
+
+
+def test_windows_shift_input_and_target():
+    windows = LMWindows(torch.arange(11), seq_len=4)
+    assert len(windows) == 2
+    assert windows[1]["input"].tolist() == [5, 6, 7, 8] and windows[1]["target"].tolist() == [6, 7, 8, 9]
+    with pytest.raises(IndexError):
+        windows[2]
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path / 'nope'} does not exist"):
+        TextCorpus.from_recipe(TextOptions(path=str(tmp_path / "nope")), seed=0)
+
+
+def test_directory_without_text(tmp_path):
+    with pytest.raises(DataError, match="no .txt files under"):
+        TextCorpus.from_recipe(TextOptions(path=str(tmp_path)), seed=0)
+
+
+def test_split_too_small_for_one_window(tmp_path):
+    (tmp_path / "train.txt").write_text("a b c d e f\n")
+    (tmp_path / "valid.txt").write_text("a\n")
+    with pytest.raises(DataError, match=r"split 'valid' .* has 2 tokens, .* seq_len \+ 1 = 5"):
+        TextCorpus.from_recipe(TextOptions(path=str(tmp_path), seq_len=4), seed=0)
+
+
+@pytest.mark.parametrize("splits, message", [
+    ({"train": 0.8, "valid": 0.1}, "sum to 0.9"),
+    ({"train": 0.9, "valid": 0.1, "test": 0.0}, "must be a number > 0"),
+    ({"valid": 0.5, "test": 0.5}, "must include 'train'"),
+])
+def test_bad_fractions(splits, message):
+    with pytest.raises(DataError, match=message):
+        TextOptions(splits=splits)
+
+
+def test_split_bounds_refuses_empty_splits():
+    assert split_bounds(10, {"train": 0.8, "valid": 0.1, "test": 0.1}) == {
+        "train": (0, 8), "valid": (8, 9), "test": (9, 10)}
+    with pytest.raises(DataError, match="split 'valid' would be empty: 0.1 of 3 examples"):
+        split_bounds(3, {"train": 0.5, "valid": 0.1, "test": 0.4})
