@@ -19,6 +19,8 @@ What is measured
       hand, engine, hand, ...) so drift in machine load hits both. Target: <= 1.03.
     - ``loop_time_ratio``: the same for the training stage alone (the engine's own stage
       timing from ``summary.json`` against the hand loop's optimizer-to-last-evaluation time).
+    - ``cpu_time_ratio``: the whole runs' process CPU time; on a shared machine it is less
+      disturbed by other processes than wall-clock, but it leaves out waiting on fsync.
 
     The engine also writes a checkpoint at every epoch end and at the stage end (fsync'ed
     files); the hand script writes none. That is real engine work and is part of the ratio.
@@ -77,7 +79,8 @@ class Setup:
 
 @dataclass
 class Result:
-    seconds: float  # the whole run
+    seconds: float  # the whole run, wall clock
+    cpu_seconds: float  # the whole run, this process's CPU time (less sensitive to other load)
     loop_seconds: float  # the training stage alone
     losses: list[float]  # per step
     val_losses: list[float]  # per epoch
@@ -103,13 +106,13 @@ def recipe_table(s: Setup) -> dict:
 
 
 def engine(s: Setup, out: Path) -> Result:
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     recipe = recipe_from_table(recipe_table(s), "<parity>", [])
     run_dir = run_recipe(recipe, out=out, quiet=True)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "summary.json").read_text())
-    return Result(seconds=seconds, loop_seconds=summary["stages"]["train"]["seconds"],
+    return Result(seconds=seconds, cpu_seconds=cpu_seconds, loop_seconds=summary["stages"]["train"]["seconds"],
                   losses=[r["train/loss"] for r in records if r["event"] == "step"],
                   val_losses=[r["val/loss"] for r in records if r["event"] == "epoch"])
 
@@ -139,7 +142,7 @@ def validation_loss(model: torch.nn.Module, loader: DataLoader) -> float:
 
 
 def hand_written(s: Setup) -> Result:
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     torch.set_num_threads(s.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     seed_all(s.seed)
@@ -168,7 +171,8 @@ def hand_written(s: Setup) -> Result:
             optimizer.step()
         val_losses.append(validation_loss(model, valid_loader))
     finished = time.perf_counter()
-    return Result(seconds=finished - started, loop_seconds=finished - loop_started,
+    return Result(seconds=finished - started, cpu_seconds=time.process_time() - cpu_started,
+                  loop_seconds=finished - loop_started,
                   losses=losses, val_losses=val_losses)
 
 
@@ -199,6 +203,8 @@ def report(s: Setup, engines: list[Result], hands: list[Result]) -> dict:
     reference = hands[0]
     engine_s = statistics.median(r.seconds for r in engines)
     hand_s = statistics.median(r.seconds for r in hands)
+    engine_cpu = statistics.median(r.cpu_seconds for r in engines)
+    hand_cpu = statistics.median(r.cpu_seconds for r in hands)
     engine_loop = statistics.median(r.loop_seconds for r in engines)
     hand_loop = statistics.median(r.loop_seconds for r in hands)
     return {
@@ -206,6 +212,7 @@ def report(s: Setup, engines: list[Result], hands: list[Result]) -> dict:
         "max_abs_val_loss_diff": max(max_abs_diff(r.val_losses, reference.val_losses) for r in engines + hands),
         "time_ratio": engine_s / hand_s,
         "loop_time_ratio": engine_loop / hand_loop,
+        "cpu_time_ratio": engine_cpu / hand_cpu,
         "epochs": s.epochs,
         "steps": len(reference.losses),
         "batch_size": s.batch_size,
@@ -216,6 +223,8 @@ def report(s: Setup, engines: list[Result], hands: list[Result]) -> dict:
         "repeats": len(engines),
         "engine_seconds": engine_s,
         "hand_seconds": hand_s,
+        "engine_cpu_seconds": engine_cpu,
+        "hand_cpu_seconds": hand_cpu,
         "engine_loop_seconds": engine_loop,
         "hand_loop_seconds": hand_loop,
         "engine_runs_seconds": [r.seconds for r in engines],
@@ -234,6 +243,8 @@ def table(r: dict) -> str:
         "",
         f"{'':<22}{'engine':>10}{'hand':>10}{'ratio':>9}",
         f"{'whole run (s)':<22}{r['engine_seconds']:>10.3f}{r['hand_seconds']:>10.3f}{r['time_ratio']:>9.4f}",
+        f"{'whole run, CPU (s)':<22}{r['engine_cpu_seconds']:>10.3f}{r['hand_cpu_seconds']:>10.3f}"
+        f"{r['cpu_time_ratio']:>9.4f}",
         f"{'training stage (s)':<22}{r['engine_loop_seconds']:>10.3f}{r['hand_loop_seconds']:>10.3f}"
         f"{r['loop_time_ratio']:>9.4f}",
         "",

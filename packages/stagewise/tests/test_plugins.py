@@ -39,7 +39,8 @@ def plugin_module(name, **hooks):
 def host(monkeypatch):
     """A fresh plugin host whose entry points are the ones a test installs."""
     monkeypatch.setattr(plugins, "_host", plugins._Host())
-    monkeypatch.delenv("STAGEWISE_STRICT_PLUGINS", raising=False)
+    for name in ("STAGEWISE_STRICT_PLUGINS", "STAGEWISE_LOAD_PLUGINS", "STAGEWISE_DISABLE_PLUGINS"):
+        monkeypatch.delenv(name, raising=False)
     installed: list[FakeEntryPoint] = []
     monkeypatch.setattr(plugins, "entry_points", lambda group: list(installed))
     return installed
