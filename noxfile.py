@@ -30,7 +30,9 @@ def _package_session(package: str) -> None:
     @nox.session(name=f"tests-{package}", tags=["tests"])
     def tests(session: nox.Session) -> None:
         """Core plus this one package, in its own virtualenv."""
-        _install(session, *dict.fromkeys(["stagewise", package]))
+        # core's own session also installs its extras, so plots and TensorBoard are tested
+        _install(session, *dict.fromkeys(["stagewise", package]),
+                 extras="[plots,tensorboard]" if package == "stagewise" else "")
         session.run("pytest", f"packages/{package}/tests", *session.posargs, env=STRICT)
 
 

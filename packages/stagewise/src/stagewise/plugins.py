@@ -24,7 +24,7 @@ from stagewise.errors import PluginError
 from stagewise.registry import KINDS, Registry
 
 ENTRY_POINT_GROUP = "stagewise"
-DEFAULT_PLUGINS = ("stagewise.builtins.plugin",)
+DEFAULT_PLUGINS = ("stagewise.builtins.plugin", "stagewise.builtins.curves", "stagewise.builtins.tensorboard")
 CORE_DISTRIBUTION = "stagewise"
 
 
@@ -36,11 +36,12 @@ class PluginInfo:
     distribution: str
     version: str
     registered: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    hooks: list[str] = field(default_factory=list)  # event and command hooks it implements
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "distribution": self.distribution, "version": self.version,
-                **self.registered, "error": self.error}
+                **self.registered, "hooks": self.hooks, "error": self.error}
 
 
 class _Host:
@@ -88,9 +89,10 @@ def load_plugins() -> None:
             _fail(info, exc, "import")
             continue
         register_plugin(module, ep.name, dist, version)
+    version = sys.modules["stagewise"].__version__
     for module_name in DEFAULT_PLUGINS:
-        version = sys.modules["stagewise"].__version__
-        register_plugin(importlib.import_module(module_name), "stagewise", CORE_DISTRIBUTION, version)
+        name = "stagewise" if module_name == DEFAULT_PLUGINS[0] else f"stagewise.{module_name.rsplit('.', 1)[1]}"
+        register_plugin(importlib.import_module(module_name), name, CORE_DISTRIBUTION, version)
 
 
 def register_plugin(module: ModuleType | object, name: str, distribution: str | None = None,
@@ -102,6 +104,8 @@ def register_plugin(module: ModuleType | object, name: str, distribution: str | 
         _host.pm.register(module, name=name)
         _host.pm.check_pending()
         _run_register_hooks(module, info)
+        info.hooks = sorted(h.name for h in _host.pm.get_hookcallers(module) or []
+                            if not h.name.startswith("stagewise_register_") or h.name.endswith("_commands"))
     except PluginError:
         unregister_plugin(name, keep_info=True)
         raise

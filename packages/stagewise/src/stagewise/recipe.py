@@ -32,6 +32,7 @@ class RunOptions:
     log_every_n_steps: int = 10  # step records in metrics.jsonl
     checkpoint_every_n_steps: int = 0  # extra mid-epoch checkpoints; 0 = at epoch ends only
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    tensorboard: bool = False  # also write TensorBoard scalars to RUN_DIR/tensorboard (extra [tensorboard])
 
     def __post_init__(self) -> None:
         if self.log_every_n_steps < 1:

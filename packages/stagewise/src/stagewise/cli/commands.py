@@ -62,6 +62,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         for kind in KINDS:
             if info.registered[kind]:
                 print(f"  {kind}: {', '.join(info.registered[kind])}")
+        if info.hooks:
+            print(f"  hooks: {', '.join(h.removeprefix('stagewise_') for h in info.hooks)}")
     return 0
 
 

@@ -1,0 +1,30 @@
+"""Built-in event plugin: after a run, plot every epoch's train and validation loss.
+
+Runs on ``Event.AFTER_RUN``. Writes ``RUN_DIR/plots/curves.png`` (x: epochs across all
+stages, dotted lines at stage starts) when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import json
+
+from stagewise.hookspecs import hookimpl
+from stagewise.plots import have_matplotlib, line_plot
+
+CURVES = ("train/loss", "val/loss")
+
+
+@hookimpl
+def stagewise_after_run(state):
+    if state.run_dir is None or not have_matplotlib():
+        return
+    lines = (state.run_dir.path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    epochs = [r for r in map(json.loads, lines) if r["event"] == "epoch"]
+    if not epochs:
+        return
+    series = {key: ([i + 1 for i, r in enumerate(epochs) if key in r], [r[key] for r in epochs if key in r])
+              for key in CURVES}
+    starts = [(i + 0.5, r["stage"]) for i, r in enumerate(epochs) if i == 0 or epochs[i - 1]["stage"] != r["stage"]]
+    line_plot(state.run_dir.plot_path("curves.png"), {k: v for k, v in series.items() if v[0]},
+              title=f"{state.recipe.run.name}: loss per epoch", xlabel="epoch (all stages)", ylabel="loss",
+              vlines=starts)

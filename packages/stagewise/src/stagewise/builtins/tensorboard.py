@@ -1,0 +1,54 @@
+"""Built-in event plugin: TensorBoard scalars when ``[run] tensorboard = true``.
+
+Runs on ``Event.AFTER_STEP`` (logged steps) and ``Event.AFTER_EPOCH``; writes to
+``RUN_DIR/tensorboard/``. Needs ``pip install stagewise[tensorboard]``.
+"""
+
+from __future__ import annotations
+
+from stagewise.errors import ConfigError
+from stagewise.hookspecs import hookimpl
+
+_writers: dict[int, object] = {}
+
+
+def _writer(state):
+    if not state.recipe.run.tensorboard or state.run_dir is None:
+        return None
+    key = id(state)
+    if key not in _writers:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ConfigError(["run.tensorboard: TensorBoard is not installed; "
+                               "pip install 'stagewise[tensorboard]' or set tensorboard = false"]) from exc
+        _writers[key] = SummaryWriter(str(state.run_dir.path / "tensorboard"))
+    return _writers[key]
+
+
+@hookimpl
+def stagewise_before_run(state):
+    _writer(state)  # fail before training, not after it
+
+
+@hookimpl
+def stagewise_after_step(state, loss):
+    writer = _writer(state)
+    if writer is not None and state.step % state.recipe.run.log_every_n_steps == 0:
+        writer.add_scalar(f"{state.stage_name}/train/loss_step", loss, state.step)
+
+
+@hookimpl
+def stagewise_after_epoch(state, metrics):
+    writer = _writer(state)
+    if writer is not None:
+        for key, value in metrics.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                writer.add_scalar(f"{state.stage_name}/{key}", value, state.epoch)
+
+
+@hookimpl
+def stagewise_after_run(state):
+    writer = _writers.pop(id(state), None)
+    if writer is not None:
+        writer.close()

@@ -1,0 +1,51 @@
+"""Plots, drawn only when matplotlib is installed (``pip install stagewise[plots]``).
+
+Plugins call :func:`line_plot` with a path from ``state.run_dir.plot_path(name)``; without
+matplotlib it prints one hint and returns False, so no run fails for want of a plot.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+_hinted = False
+
+
+def have_matplotlib() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def line_plot(path: Path, series: dict[str, tuple[list[float], list[float]]], *, title: str = "",
+              xlabel: str = "", ylabel: str = "", logy: bool = False,
+              vlines: list[tuple[float, str]] = ()) -> bool:
+    """Draw named (x, y) series to a PNG; ``vlines`` mark positions (e.g. stage boundaries)."""
+    global _hinted
+    if not have_matplotlib():
+        if not _hinted:
+            print("stagewise: hint: pip install 'stagewise[plots]' to get plots in RUN_DIR/plots/", file=sys.stderr)
+            _hinted = True
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", markersize=3, label=name)
+    for x, label in vlines:
+        ax.axvline(x, color="grey", linestyle=":", linewidth=1)
+        ax.text(x, 1.0, f" {label}", transform=ax.get_xaxis_transform(), va="top", fontsize=8, color="grey")
+    if logy:
+        ax.set_yscale("log")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True

@@ -1,0 +1,185 @@
+"""Data-parallel training under torchrun: 2 CPU processes (gloo) end with the numbers of one.
+
+The same tiny recipe runs once in a single process and once as
+``torchrun --standalone --nproc_per_node=2 -m stagewise run``. ``[data] batch_size`` is the
+global batch: each rank trains on half of every global batch and DDP averages the gradients,
+so the two runs take the same optimizer steps and their final metrics agree up to the order
+of float sums. Only rank 0 writes the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from stagewise.engine.batches import count_batches, iterate_batches
+from stagewise.engine.distributed import DistInfo
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="torch.distributed with the gloo backend is not available in this torch build",
+)
+
+RECIPE = """\
+[run]
+name = "ddp"
+seed = 7
+device = "cpu"
+threads = 1
+log_every_n_steps = 1
+
+[data]
+use = "stagewise.text"
+max_tokens = 2000   # 222 training windows of seq_len + 1 tokens
+seq_len = 8
+batch_size = 8      # global: 4 per rank with 2 processes
+drop_last = true    # every global batch is whole, so both ranks always get 4 examples
+
+[model]
+use = "stagewise.transformer"
+n_layer = 1
+n_embd = 16
+n_head = 2
+ffn_hidden = 32
+
+[[stages]]
+name = "train"
+use = "stagewise.train"
+max_epochs = 2
+max_steps_per_epoch = 6
+lr = 3e-3
+grad_clip = 1.0
+"""
+
+REL_TOL = 1e-4  # the two runs sum the same numbers in a different order
+TIMEOUT_S = 120  # a rank waiting on a collective the other never joins must not hang the suite
+
+
+def _environment() -> dict[str, str]:
+    """This environment without any torchrun variables (pytest itself may run under one)."""
+    launcher = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _run(args: list[str], cwd: Path) -> None:
+    done = subprocess.run([sys.executable, *args], cwd=cwd, env=_environment(), capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """The recipe run single-process (``single/``) and by 2 gloo processes (``ddp/``)."""
+    root = tmp_path_factory.mktemp("distributed")
+    (root / "recipe.toml").write_text(RECIPE)
+    _run(["-m", "stagewise", "run", "recipe.toml", "--out", "single", "--quiet"], root)
+    _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+          "-m", "stagewise", "run", "recipe.toml", "--out", "ddp", "--quiet"], root)
+    return SimpleNamespace(root=root, single=root / "single", ddp=root / "ddp")
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_close(actual: dict, expected: dict, where: str) -> None:
+    assert actual.keys() == expected.keys(), where
+    for key, want in expected.items():
+        got = actual[key]
+        if isinstance(want, float):
+            assert math.isclose(got, want, rel_tol=REL_TOL), f"{where} {key}: {got} != {want}"
+        else:
+            assert got == want, f"{where} {key}: {got!r} != {want!r}"
+
+
+def test_two_processes_end_with_the_single_process_metrics(runs):
+    single, ddp = _summary(runs.single), _summary(runs.ddp)
+    assert single["metrics"]["train/best_epoch"] == 1  # the runs trained: validation improved
+    _assert_close(ddp["metrics"], single["metrics"], "final metrics")
+    for name, stage in single["stages"].items():
+        assert ddp["stages"][name]["epochs"] == stage["epochs"]
+        _assert_close(ddp["stages"][name]["metrics"], stage["metrics"], f"stage {name}")
+
+
+def test_every_epoch_matches_the_single_process_run(runs):
+    def epochs(run_dir: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in _records(run_dir) if r["event"] == "epoch"]
+
+    single, ddp = epochs(runs.single), epochs(runs.ddp)
+    assert len(single) == len(ddp) == 2
+    for i, (got, want) in enumerate(zip(ddp, single, strict=True)):
+        _assert_close(got, want, f"epoch {i}")
+
+
+def test_only_rank_zero_writes(runs):
+    assert sorted(p.name for p in runs.root.iterdir()) == ["ddp", "recipe.toml", "single"]
+    assert sorted(p.name for p in runs.ddp.iterdir()) == sorted(p.name for p in runs.single.iterdir())
+    assert sorted(p.name for p in (runs.ddp / "checkpoints").iterdir()) == ["last.pt", "train.pt"]
+    ddp, single = _records(runs.ddp), _records(runs.single)
+    keys = [(r["event"], r["stage"], r["epoch"], r["step"]) for r in ddp]
+    assert len(keys) == len(set(keys)), "a record was written twice (by more than one rank)"
+    assert keys == [(r["event"], r["stage"], r["epoch"], r["step"]) for r in single]
+
+
+@pytest.mark.xfail(strict=True, reason="engine: a step record holds rank 0's loss on its half of the "
+                                       "global batch, not the global batch's loss (loop.py _after_update)")
+def test_step_records_hold_the_global_batch_loss(runs):
+    single = [r["train/loss"] for r in _records(runs.single) if r["event"] == "step"]
+    ddp = [r["train/loss"] for r in _records(runs.ddp) if r["event"] == "step"]
+    assert len(ddp) == len(single) == 12
+    for step, (got, want) in enumerate(zip(ddp, single, strict=True), start=1):
+        assert math.isclose(got, want, rel_tol=REL_TOL), f"step {step}: {got} != {want}"
+
+
+class _Windows(torch.utils.data.Dataset):
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input": torch.tensor([i])}
+
+
+def _rank_state(n: int, batch_size: int, rank: int, world: int) -> SimpleNamespace:
+    data = SimpleNamespace(batch_size=batch_size, eval_batch_size=None, shuffle=True, drop_last=False,
+                           num_workers=0)
+    return SimpleNamespace(recipe=SimpleNamespace(data=data), data={"train": _Windows(n)}, seed=0,
+                           stage_index=0, dist=DistInfo(rank, world, rank), device=torch.device("cpu"))
+
+
+def _steps_per_rank(n: int, batch_size: int = 8, world: int = 2) -> list[tuple[int, int]]:
+    """(batches drawn, batches planned) of each rank for a training split of ``n`` examples."""
+    return [(len(list(iterate_batches(_rank_state(n, batch_size, rank, world), "train", train=True))),
+             count_batches(_rank_state(n, batch_size, rank, world), "train", train=True))
+            for rank in range(world)]
+
+
+@pytest.mark.parametrize("n", [16, 15, 10])
+def test_every_rank_takes_the_same_number_of_training_steps(n):
+    assert set(_steps_per_rank(n)) == {(2, 2)}
+
+
+@pytest.mark.xfail(strict=True, reason="engine: with drop_last = false a last global batch smaller than "
+                                       "the world size gives some rank no share, so ranks take different "
+                                       "numbers of steps and DDP hangs (batches.py batch_indices)")
+def test_a_last_batch_smaller_than_the_world_does_not_split_the_ranks():
+    steps = _steps_per_rank(17)  # 8 + 8 + 1: rank 1 has no share of the last batch
+    assert len(set(steps)) == 1 and steps[0][0] == steps[0][1]
