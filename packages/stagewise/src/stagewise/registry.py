@@ -25,6 +25,10 @@ KNOWN_PLUGINS = {
 }
 
 
+def singular(kind: str) -> str:
+    return "loss" if kind == "losses" else kind[:-1]
+
+
 @dataclass
 class Entry:
     """One registered component and the plugin (and distribution) that registered it."""
@@ -56,13 +60,13 @@ class Registry:
         name = name if name is not None else getattr(obj, "name", None)
         if not isinstance(name, str) or "." not in name.strip("."):
             raise PluginError(
-                f"plugin {plugin!r} ({distribution}) registered a {self.kind[:-1]} with name "
+                f"plugin {plugin!r} ({distribution}) registered a {singular(self.kind)} with name "
                 f"{name!r}: names must be namespaced like 'myplugin.thing'"
             )
         if name in self.entries:
             other = self.entries[name]
             raise PluginError(
-                f"{self.kind[:-1]} {name!r} is registered twice: by plugin {other.plugin!r} "
+                f"{singular(self.kind)} {name!r} is registered twice: by plugin {other.plugin!r} "
                 f"({other.distribution}) and by plugin {plugin!r} ({distribution}); "
                 f"disable one with STAGEWISE_DISABLE_PLUGINS"
             )
@@ -83,11 +87,10 @@ class Registry:
         return entry.resolve()
 
     def _unknown_message(self, name: str, others: dict[str, Registry]) -> str:
-        kind = self.kind[:-1] if self.kind != "losses" else "loss"
-        msg = f"unknown {kind} {name!r}"
+        msg = f"unknown {singular(self.kind)} {name!r}"
         elsewhere = [k for k, reg in others.items() if reg is not self and name in reg.entries]
         if elsewhere:
-            msg += f" (a {elsewhere[0][:-1] if elsewhere[0] != 'losses' else 'loss'} named {name!r} exists)"
+            msg += f" (a {singular(elsewhere[0])} named {name!r} exists)"
         close = difflib.get_close_matches(name, self.names(), n=1)
         if close:
             msg += f"; did you mean {close[0]!r}?"

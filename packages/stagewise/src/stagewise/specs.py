@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from stagewise import plugins
 from stagewise.errors import UnknownNameError
+from stagewise.registry import singular
 from stagewise.schema import NoOptions, build_dataclass, coerce, field_types, keys_of
 
 
@@ -28,7 +29,7 @@ class Spec:
             return None
         use = value.get("use", getattr(cls, "use", None))  # class attribute = field default
         if not isinstance(use, str):
-            problems.append(f"{path}.use: required: the name of a registered {cls.KIND[:-1]}")
+            problems.append(f"{path}.use: required: the name of a registered {singular(cls.KIND)}")
             return None
         try:
             component = plugins.get(cls.KIND, use)
