@@ -16,7 +16,7 @@ What is measured
     - ``time_ratio``: median wall-clock of the engine's whole run (recipe validation, data,
       model, run directory, training, evaluation, checkpoints, summary) over the median of the
       hand script's whole run (data, model, training, evaluation). Runs alternate (engine,
-      hand, engine, hand, ...) so drift in machine load hits both. Target: <= 1.03.
+      hand, hand, engine, ...) so drift in machine load hits both. Target: <= 1.03.
     - ``loop_time_ratio``: the same for the training stage alone (the engine's own stage
       timing from ``summary.json`` against the hand loop's optimizer-to-last-evaluation time).
     - ``cpu_time_ratio``: the whole runs' process CPU time; on a shared machine it is less
@@ -64,7 +64,7 @@ class Setup:
     """Everything both runs share; the recipe and the hand loop are built from this alone."""
 
     epochs: int = 3
-    steps_per_epoch: int | None = 50  # None: whole epochs
+    steps_per_epoch: int | None = None  # None: whole epochs (106 steps)
     seed: int = 0
     threads: int = 1
     seq_len: int = 32
@@ -186,16 +186,19 @@ def max_abs_diff(a: list[float], b: list[float]) -> float:
 
 
 def alternate(s: Setup, repeats: int, work: Path) -> tuple[list[Result], list[Result]]:
-    """Run engine, hand, engine, hand, ...; one untimed short pair first warms both up."""
+    """Run the two in turns, engine first in even repeats and hand first in odd ones (so a
+    drift in machine load favours neither); one untimed short pair first warms both up."""
     warm = Setup(**{**asdict(s), "epochs": 1, "steps_per_epoch": 2})
     engine(warm, work / "warmup")
     hand_written(warm)
     engines, hands = [], []
     for i in range(repeats):
-        gc.collect()
-        engines.append(engine(s, work / f"engine-{i}"))
-        gc.collect()
-        hands.append(hand_written(s))
+        for side in (("engine", "hand") if i % 2 == 0 else ("hand", "engine")):
+            gc.collect()
+            if side == "engine":
+                engines.append(engine(s, work / f"engine-{i}"))
+            else:
+                hands.append(hand_written(s))
     return engines, hands
 
 
@@ -258,7 +261,7 @@ def table(r: dict) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=3, help="epochs of the training stage (default 3)")
-    p.add_argument("--steps-per-epoch", type=int, default=50, help="steps per epoch; 0 = whole epochs (default 50)")
+    p.add_argument("--steps-per-epoch", type=int, default=0, help="cut epochs to this many steps; 0 = whole epochs")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternating (default 3)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for both (default 1)")
     p.add_argument("--quick", action="store_true", help="2 epochs of 10 steps, 1 repeat: a smoke check")

@@ -128,3 +128,30 @@ def test_every_shipped_recipe_validates():
 def test_toml_writer_escapes():
     assert dumps({"a": {"s": 'q"uote', "f": 1e-05, "l": [1, 2], "t": {"x": True}}}) == \
         '[a]\ns = "q\\"uote"\nf = 1e-05\nl = [1, 2]\nt = { x = true }\n'
+
+
+def test_lbfgs_refuses_grad_clip(tiny):
+    from stagewise.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="grad_clip cannot be used with optimizer 'lbfgs'"):
+        tiny('stages.phase1.optimizer="lbfgs"')
+
+
+def test_unknown_split_is_reported_before_anything_runs(tiny, tmp_path):
+    from stagewise.engine.runner import run_recipe
+
+    recipe = tiny('stages.test.split="tst"', 'stages.phase1.eval_split="vaild"')
+    with pytest.raises(ConfigError) as info:
+        run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    assert info.value.problems == [
+        "stages[0].eval_split: no split named 'vaild'; the data has: train, valid, test",
+        "stages[2].split: no split named 'tst'; the data has: train, valid, test"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_model_option_value_is_a_recipe_error(tiny, tmp_path):
+    from stagewise.engine.runner import run_recipe
+
+    with pytest.raises(ConfigError, match=r"model \(stagewise.transformer\): .*max_seq_len"):
+        run_recipe(tiny("model.max_seq_len=4"), out=tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()

@@ -24,9 +24,9 @@ from stagewise.plugins import registries as _registries
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DataSplits", "Event", "Loss", "Needs", "PluginError",
-    "Router", "Routing", "Stage", "StagewiseError", "State", "TrainStage", "TrainingError",
-    "UnknownNameError", "__version__", "get_dataset", "get_datasets", "get_loss", "get_losses",
+    "CheckpointError", "ConfigError", "DataSplits", "Event", "Loss", "LossSpec", "Needs", "PluginError",
+    "Router", "RouterSpec", "Routing", "Stage", "StagewiseError", "State", "TrainStage", "TrainingError",
+    "UnknownNameError", "__version__", "forward_batch", "get_dataset", "get_datasets", "get_loss", "get_losses",
     "get_model", "get_models", "get_recipe", "get_recipes", "get_router", "get_routers",
     "get_stage", "get_stages", "hookimpl", "load_recipe", "run_recipe",
 ]
@@ -42,6 +42,9 @@ _LAZY = {
     "State": "stagewise.engine.state",
     "DataSplits": "stagewise.data.splits",
     "load_recipe": "stagewise.recipe",
+    "LossSpec": "stagewise.specs",
+    "RouterSpec": "stagewise.specs",
+    "forward_batch": "stagewise.engine.objective",
     "run_recipe": "stagewise.engine.runner",
 }
 

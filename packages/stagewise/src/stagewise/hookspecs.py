@@ -152,7 +152,7 @@ def stagewise_before_stage(state: State, stage: Stage) -> None:
 
 @hookspec
 def stagewise_after_stage(state: State, stage: Stage, metrics: dict[str, Any]) -> None:
-    """Called after each stage has finished and its checkpoint is written.
+    """Called after each stage has finished, just before its checkpoint is written.
 
     :param state: the run's state.
     :param stage: the stage that ran.
@@ -174,7 +174,7 @@ def stagewise_before_epoch(state: State) -> None:
 
 @hookspec
 def stagewise_after_epoch(state: State, metrics: dict[str, Any]) -> None:
-    """Called after each training epoch and its evaluation.
+    """Called after each training epoch and its evaluation, before the epoch's checkpoint.
 
     :param state: the run's state.
     :param metrics: the epoch's logged metrics (``train/...`` and ``val/...``).
@@ -199,7 +199,7 @@ def stagewise_after_step(state: State, loss: float) -> None:
     """Called after each optimizer step. Keep it cheap: it is on the hot path.
 
     :param state: the run's state (``state.step`` already counts this step).
-    :param loss: the step's total loss as a Python float (``nan`` if the step was skipped).
+    :param loss: the step's total loss as a Python float (non-finite if the step was skipped).
 
     .. versionadded:: 0.1
     """

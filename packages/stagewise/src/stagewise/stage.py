@@ -24,13 +24,16 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from stagewise.schema import NoOptions
 
 if TYPE_CHECKING:
+    from stagewise.data.splits import DataSplits
     from stagewise.engine.state import State
+    from stagewise.recipe import Recipe
 
 
 class Stage(ABC):
@@ -51,3 +54,18 @@ class Stage(ABC):
     @abstractmethod
     def run(self, state: State) -> dict[str, Any]:
         """Do the stage's work on ``state`` and return its metrics (JSON-serialisable values)."""
+
+    def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
+        """Problems to report before anything runs (nothing is written when there are any).
+
+        The default checks that every option named ``split`` or ``*_split`` names a split of
+        the data. Override to add requirements, e.g. "needs a mining stage before this one";
+        call ``super().check(...)`` to keep the split check.
+        """
+        problems = []
+        for f in dataclasses.fields(self.options) if dataclasses.is_dataclass(self.options) else ():
+            value = getattr(self.options, f.name)
+            if (f.name == "split" or f.name.endswith("_split")) and value and value not in data.names():
+                problems.append(f"stages[{index}].{f.name}: no split named {value!r}; "
+                                f"the data has: {', '.join(data.names())}")
+        return problems

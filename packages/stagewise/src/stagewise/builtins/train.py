@@ -53,7 +53,7 @@ class TrainOptions:
     monitor: str = "val/loss"  # metric for early stopping, best weights and plateau
     mode: Literal["min", "max"] = "min"
     restore_best: bool = True  # end the stage with the best epoch's weights
-    eval_split: str | None = "valid"  # split evaluated after each epoch; None = no evaluation
+    eval_split: str = "valid"  # split evaluated after each epoch; "" = no evaluation
     max_nonfinite: int = 10  # abort after this many NaN/Inf losses in a row
     ema_momentum: float | None = None  # keep an EMA target network (state.target_model)
     ema_momentum_end: float | None = None  # cosine schedule of the EMA momentum to this value
@@ -69,6 +69,8 @@ class TrainOptions:
             (bool(self.losses), "losses: at least one loss term is required"),
             (self.schedule not in ("warmup",) or self.warmup_steps > 0, "schedule 'warmup' needs warmup_steps > 0"),
             (self.ema_momentum is None or 0 <= self.ema_momentum <= 1, "ema_momentum must be in [0, 1]"),
+            (self.optimizer != "lbfgs" or self.grad_clip is None,
+             "grad_clip cannot be used with optimizer 'lbfgs' (its line search takes whole steps); remove one"),
         ]
         problems = [message for ok, message in checks if not ok]
         if problems:
@@ -106,7 +108,7 @@ class TrainStage(Stage):
         return objective.outputs
 
     def has_eval(self) -> bool:
-        return self.options.eval_split is not None
+        return bool(self.options.eval_split)
 
     def evaluate(self, state: State, objective: Objective) -> dict[str, float]:
         """Metrics after an epoch: every loss term on ``eval_split``, prefixed ``val/``."""

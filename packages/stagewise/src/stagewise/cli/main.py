@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from stagewise.cli import commands
-from stagewise.errors import StagewiseError
+from stagewise.errors import PluginError, StagewiseError
+from stagewise.plugins import strict
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return int(args.handler(args) or 0)
     except StagewiseError as exc:
+        if isinstance(exc, PluginError) and exc.__cause__ is not None and strict():
+            traceback.print_exception(exc.__cause__)  # strict mode is for finding the bug: show where
         print(f"stagewise: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

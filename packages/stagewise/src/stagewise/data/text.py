@@ -151,7 +151,7 @@ class TextCorpus:
 
     @classmethod
     def from_recipe(cls, options: TextOptions, *, seed: int) -> DataSplits:
-        """Windows of every split, and info: vocab_size, vocab and tokens (per split).
+        """Windows of every split, and info: vocab_size, vocab, seq_len and tokens (per split).
 
         ``seed`` is unused: the text splits are fixed by the source and the options.
         """
@@ -168,6 +168,6 @@ class TextCorpus:
                                 f"or a smaller seq_len")
             ids = torch.tensor(vocab.encode(tokens), dtype=torch.long)  # (N,)
             splits[split] = LMWindows(ids, options.seq_len)
-        info = {"vocab_size": len(vocab), "vocab": vocab,
+        info = {"vocab_size": len(vocab), "vocab": vocab, "seq_len": options.seq_len,
                 "tokens": {split: len(tokens) for split, tokens in streams.items()}}
         return DataSplits(splits, info)

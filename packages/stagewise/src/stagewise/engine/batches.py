@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 if TYPE_CHECKING:
     from stagewise.engine.state import State
@@ -34,10 +34,16 @@ def batch_indices(n: int, batch_size: int, *, order: list[int] | None = None,
     return [b[rank::world] for b in batches if b[rank::world]]
 
 
-def iterate_batches(state: State, split: str, *, train: bool, epoch: int = 0,
-                    start: int = 0) -> Iterator[dict[str, Any]]:
+def dataset_of(state: State, source: str | Dataset, indices: list[int] | None = None) -> Dataset:
+    """A split by name, or any map-style dataset (e.g. a cache), cut to ``indices`` if given."""
+    dataset = state.data[source] if isinstance(source, str) else source
+    return Subset(dataset, indices) if indices is not None else dataset
+
+
+def iterate_batches(state: State, source: str | Dataset, *, train: bool, epoch: int = 0, start: int = 0,
+                    indices: list[int] | None = None) -> Iterator[dict[str, Any]]:
     spec = state.recipe.data
-    dataset = state.data[split]
+    dataset = dataset_of(state, source, indices)
     size = spec.batch_size if train else (spec.eval_batch_size or spec.batch_size)
     order = epoch_order(len(dataset), state.seed, state.stage_index, epoch) if train and spec.shuffle else None
     index_lists = batch_indices(len(dataset), size, order=order, drop_last=train and spec.drop_last,
@@ -48,10 +54,10 @@ def iterate_batches(state: State, split: str, *, train: bool, epoch: int = 0,
         yield to_device(batch, state.device)
 
 
-def count_batches(state: State, split: str, *, train: bool) -> int:
+def count_batches(state: State, source: str | Dataset, *, train: bool, indices: list[int] | None = None) -> int:
     spec = state.recipe.data
     size = spec.batch_size if train else (spec.eval_batch_size or spec.batch_size)
-    n = len(state.data[split])
+    n = len(dataset_of(state, source, indices))
     full, rest = divmod(n, size)
     return full + (1 if rest and not (train and spec.drop_last) else 0)
 

@@ -78,8 +78,7 @@ class TrainLoop:
                 state.fire(Event.BEFORE_EPOCH)
             started = time.perf_counter()
             self._train_epoch()
-            metrics = self._end_epoch(time.perf_counter() - started)
-            state.fire(Event.AFTER_EPOCH, metrics=metrics)
+            self._end_epoch(time.perf_counter() - started)
         if o.restore_best and self.best_state is not None:
             self._load_model_state(self.best_state)
         state.epochs_run = self.pos.epoch
@@ -176,7 +175,7 @@ class TrainLoop:
 
     # --- epoch end: evaluation, early stopping, checkpoint ----------------------------------
 
-    def _end_epoch(self, seconds: float) -> dict[str, Any]:
+    def _end_epoch(self, seconds: float) -> None:
         state, pos, o = self.state, self.pos, self.o
         metrics = self._train_metrics()
         metrics.update(self.stage.evaluate(state, self.objective))
@@ -189,11 +188,11 @@ class TrainLoop:
         state.log("epoch", **metrics, seconds=seconds)
         state.print(self._epoch_line(metrics, seconds))
         pos.last_metrics = metrics
+        state.fire(Event.AFTER_EPOCH, metrics=metrics)  # before the checkpoint: what hooks log is kept
         pos.epoch += 1
         pos.batch = 0
         pos.sums = {}
         self.save()
-        return metrics
 
     def _train_metrics(self) -> dict[str, Any]:
         sums = {k: float(v) for k, v in self.pos.sums.items()}

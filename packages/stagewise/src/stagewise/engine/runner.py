@@ -18,7 +18,7 @@ from stagewise.engine.checkpoint import load_checkpoint, seed_everything, set_rn
 from stagewise.engine.guards import RateLimitedWarnings
 from stagewise.engine.rundir import RunDir, environment
 from stagewise.engine.state import State
-from stagewise.errors import CheckpointError
+from stagewise.errors import CheckpointError, ConfigError, StagewiseError
 from stagewise.events import Event
 from stagewise.recipe import Recipe
 from stagewise.schema import build_dataclass
@@ -44,9 +44,10 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
     torch.use_deterministic_algorithms(run.deterministic, warn_only=True)
     saved = _load_resume(Path(resume), recipe) if resume is not None else None
     seed_everything(run.seed)
-    data = recipe.data.component().from_recipe(recipe.data.options, seed=run.seed)
+    data = _build("data", recipe, lambda: recipe.data.component().from_recipe(recipe.data.options, seed=run.seed))
+    check_stages(recipe, data)
     model_options = _model_options(recipe, saved)
-    model = recipe.model.component().from_recipe(model_options, data).to(device)
+    model = _build("model", recipe, lambda: recipe.model.component().from_recipe(model_options, data)).to(device)
     path = Path(resume) if resume is not None else Path(out) if out is not None else _default_out(recipe)
     run_dir = None
     if info.rank == 0:
@@ -100,8 +101,27 @@ def run_stage(state: State, index: int, spec: StageSpec, saved: dict[str, Any] |
     state.stage_results[spec.name] = {"metrics": metrics, "epochs": state.epochs_run, "seconds": seconds}
     state.metrics.update(metrics)
     state.log("stage", seconds=seconds, **metrics)
+    state.fire(Event.AFTER_STAGE, stage=stage, metrics=metrics)  # before the checkpoint: hook records are kept
     state.save_checkpoint(done=True)
-    state.fire(Event.AFTER_STAGE, stage=stage, metrics=metrics)
+
+
+def check_stages(recipe: Recipe, data: Any) -> None:
+    """Every stage's own checks (splits exist, required earlier stages), all reported at once."""
+    problems = [p for i, spec in enumerate(recipe.stages)
+                for p in spec.component()(spec.options, label=spec.name).check(recipe, i, data)]
+    if problems:
+        raise ConfigError(problems, recipe.source)
+
+
+def _build(table: str, recipe: Recipe, factory: Any) -> Any:
+    """Build the data or the model; a bad option value becomes a recipe error naming the table."""
+    try:
+        return factory()
+    except (ValueError, TypeError, KeyError) as exc:
+        if isinstance(exc, StagewiseError):
+            raise
+        use = getattr(recipe, table).use
+        raise ConfigError([f"{table} ({use}): {exc}"], recipe.source) from exc
 
 
 def grow_model(state: State, changes: dict[str, Any]) -> None:

@@ -72,11 +72,17 @@ class State:
             record = {"event": event, "stage": self.stage_name, "epoch": self.epoch, "step": self.step}
             self.run_dir.log({**record, **values})
 
-    def batches(self, split: str, *, train: bool = False, epoch: int = 0, start: int = 0):
-        """Batches of a data split on the run's device (see :mod:`stagewise.engine.batches`)."""
+    def batches(self, source: Any, *, train: bool = False, epoch: int = 0, start: int = 0,
+                indices: list[int] | None = None):
+        """Batches on the run's device of a split (by name) or of any map-style dataset (a cache).
+
+        ``train=True`` shuffles with an order fixed by (seed, stage, epoch) and splits each
+        global batch across processes; ``start`` skips batches (resume); ``indices`` keeps only
+        those examples (e.g. the hard ones). See :mod:`stagewise.engine.batches`.
+        """
         from stagewise.engine.batches import iterate_batches
 
-        return iterate_batches(self, split, train=train, epoch=epoch, start=start)
+        return iterate_batches(self, source, train=train, epoch=epoch, start=start, indices=indices)
 
     def save_checkpoint(self, *, done: bool, extra: dict[str, Any] | None = None) -> None:
         """Write ``checkpoints/last.pt`` (and the stage's own checkpoint when it is ``done``)."""

@@ -1,0 +1,150 @@
+"""The docs cover the code: every hook spec, recipe key and core command is documented, the
+generated CLI page is fresh, quoted code equals its file, and every shipped recipe validates.
+
+Each check is parametrized, so one run lists every gap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from pathlib import Path
+
+import generate_cli
+import includes
+import pytest
+
+import stagewise
+from stagewise import plugins, registry
+from stagewise.cli.main import build_parser
+from stagewise.recipe import RunOptions, load_recipe
+from stagewise.specs import DataSpec, LossSpec, ModelSpec, StageSpec
+
+DOCS = Path(__file__).parent
+PAGES = sorted(DOCS.rglob("*.md"))
+CORE_RECIPES = Path(stagewise.__file__).parent / "recipes"
+
+
+def read(name: str) -> str:
+    return (DOCS / name).read_text(encoding="utf-8")
+
+
+def headings(text: str) -> list[tuple[int, str, int]]:
+    """(level, title, line number) of each Markdown heading outside fenced code."""
+    found, fenced = [], False
+    for i, line in enumerate(text.splitlines()):
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (m := re.match(r"(#+) (.*)", line)):
+            found.append((len(m[1]), m[2], i))
+    return found
+
+
+def section(text: str, marker: str) -> str:
+    """The section whose heading contains ``marker``, down to the next heading of its level."""
+    lines, heads = text.splitlines(), headings(text)
+    for k, (level, title, start) in enumerate(heads):
+        if marker in title:
+            end = next((i for lvl, _, i in heads[k + 1:] if lvl <= level), len(lines))
+            return "\n".join(lines[start:end])
+    raise AssertionError(f"no heading contains {marker!r}")
+
+
+# --- hooks ----------------------------------------------------------------------------------
+
+HOOKS = sorted(name for name, caller in vars(plugins.plugin_manager().hook).items()
+               if name.startswith("stagewise_") and caller.spec is not None)
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_hook_is_documented(hook):
+    spec = getattr(plugins.plugin_manager().hook, hook).spec
+    signature = f"{hook}({', '.join(spec.argnames)})"
+    text = read("hooks.md")
+    assert any(signature in title for _, title, _ in headings(text)), f"hooks.md: no heading {signature}"
+    body = section(text, signature)
+    assert [a for a in spec.argnames if f"`{a}`" not in body] == [], f"hooks.md: {signature} misses arguments"
+
+
+# --- recipe keys ----------------------------------------------------------------------------
+
+ENGINE_TABLES = {"`[run]`": RunOptions, "`[data]`": DataSpec, "`[model]`": ModelSpec,
+                 "`[[stages]]`": StageSpec, "Loss terms": LossSpec}
+CORE_KINDS = ("stages", "losses", "models", "datasets", "routers")
+
+
+def _options_tables() -> dict[str, type]:
+    """Section marker -> the dataclass whose fields that section must document."""
+    tables = dict(ENGINE_TABLES)
+    for kind in CORE_KINDS:
+        for name, entry in plugins.registries()[kind].entries.items():
+            if entry.distribution == plugins.CORE_DISTRIBUTION:
+                tables[f"`{name}`"] = getattr(plugins.get(kind, name), "Options", None)
+    return tables
+
+
+RECIPE_KEYS = [(marker, f.name) for marker, cls in _options_tables().items() if cls is not None
+               for f in dataclasses.fields(cls) if f.init and f.name != "options"]
+
+
+@pytest.mark.parametrize(("table", "key"), RECIPE_KEYS, ids=[f"{t.strip('`')}.{k}" for t, k in RECIPE_KEYS])
+def test_recipe_key_is_documented(table, key):
+    assert f"`{key}`" in section(read("recipes.md"), table), f"recipes.md: section {table} misses `{key}`"
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def _plugin_commands() -> set[str]:
+    """Subcommands that plugins add through stagewise_register_commands (documented on their pages)."""
+    names: set[str] = set()
+    for impl in plugins.plugin_manager().hook.stagewise_register_commands.get_hookimpls():
+        sub = argparse.ArgumentParser().add_subparsers()
+        impl.function(**({"cli": sub} if "cli" in impl.argnames else {}))
+        names |= set(sub.choices)
+    return names
+
+
+@pytest.mark.parametrize("command", sorted(set(_subcommands(build_parser())) - _plugin_commands()))
+def test_cli_command_is_documented(command):
+    assert command in generate_cli.core_commands(), f"{command!r} is neither a core nor a plugin command"
+    assert f"## stagewise {command}\n" in read("cli.md"), f"cli.md misses {command!r}: run python docs/generate_cli.py"
+
+
+def test_cli_reference_is_fresh():
+    assert read("cli.md") == generate_cli.render(), "docs/cli.md is stale: run python docs/generate_cli.py"
+
+
+# --- quoted code, links, plugins, recipes ---------------------------------------------------
+
+QUOTES = [(page, path) for page in PAGES for path, _ in includes.includes(page.read_text(encoding="utf-8"))]
+
+
+@pytest.mark.parametrize(("page", "path"), QUOTES, ids=[f"{p.name}:{q}" for p, q in QUOTES])
+def test_quoted_code_equals_its_file(page, path):
+    quoted = dict(includes.includes(page.read_text(encoding="utf-8")))[path]
+    assert quoted == (includes.ROOT / path).read_text(encoding="utf-8"), \
+        f"{page.name} quotes an old {path}: run python docs/includes.py"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(DOCS)) for p in PAGES])
+def test_relative_links_resolve(page):
+    targets = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8"))
+    assert [t for t in targets if not (page.parent / t).exists()] == []
+
+
+@pytest.mark.parametrize("prefix", sorted(registry.KNOWN_PLUGINS))
+def test_known_plugin_is_listed(prefix):
+    listing = read("plugins/README.md")
+    assert f"`{prefix}.*`" in listing and f"pip install {registry.KNOWN_PLUGINS[prefix]}" in listing
+
+
+@pytest.mark.parametrize("recipe", sorted(CORE_RECIPES.glob("*.toml")), ids=lambda p: p.name)
+def test_core_recipe_validates(recipe):
+    assert load_recipe(recipe).stages

@@ -1,0 +1,4 @@
+"""stagewise-example-plugin: mine hard examples by loss, train on them, add an entropy bonus.
+
+The plugin module is :mod:`stagewise_example.plugin`; importing this package imports no torch.
+"""

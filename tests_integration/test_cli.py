@@ -1,0 +1,116 @@
+"""The ``stagewise`` command end to end, as a user runs it: recipes, run, verify, export, compare."""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+from stagewise.engine.checkpoint import load_checkpoint
+from stagewise.recipe import load_recipe
+
+BAD_RECIPE = """
+[run]
+seeed = 1                   # unknown key
+
+[data]
+batch_size = "big"          # wrong type
+
+[model]
+use = "stagewise.transformer"
+
+[[stages]]
+name = "phase1"
+use = "stagewise.trian"     # unknown stage
+"""
+
+
+def records(run_dir: Path, event: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+def test_recipes_lists_core_and_plugin_recipes(cli):
+    lines = cli("recipes").stdout.splitlines()
+    assert any(line.split() == ["stagewise.demo", "stagewise"] for line in lines)
+    assert any(line.split() == ["example.hard_examples", "stagewise-example-plugin"] for line in lines)
+
+
+def test_run_writes_the_run_directory(example_run, recipes):
+    assert {"checkpoints", "env.json", "metrics.jsonl", "recipe.toml", "summary.json"} <= \
+        {p.name for p in example_run.iterdir()}  # plots/ too, where matplotlib is installed
+    assert sorted(p.name for p in (example_run / "checkpoints").iterdir()) == \
+        ["hard.pt", "last.pt", "mine.pt", "test.pt", "warmup.pt"]
+    env = json.loads((example_run / "env.json").read_text())
+    assert env["plugins"]["example"] == {"distribution": "stagewise-example-plugin",
+                                         "version": version("stagewise-example-plugin"), "error": None}
+    # the resolved recipe is a valid recipe, equal to the one that ran
+    assert load_recipe(example_run / "recipe.toml").table == load_recipe(recipes["example"]).table
+
+
+def test_example_stages_report_and_hand_over_an_artifact(example_run):
+    summary = json.loads((example_run / "summary.json").read_text())
+    assert list(summary["stages"]) == ["warmup", "mine", "hard", "test"]
+    metrics = summary["metrics"]
+    assert {"test/loss", "test/ppl", "test/acc", "val/entropy_bonus/loss"} <= set(metrics)
+    assert 0 < metrics["mine/hard_ratio"] <= 0.5  # hard_ratio = 0.5; ties at the threshold are easy
+    artifact = load_checkpoint(example_run / "checkpoints" / "last.pt")["artifacts"]["example.hard_examples"]
+    assert artifact["split"] == "train" and len(artifact["indices"]) == metrics["mine/hard_examples"]
+    assert artifact["router"] == {"threshold": metrics["mine/threshold"]}
+
+
+def test_event_hook_logs_each_epoch_of_the_plugins_own_stages(example_run):
+    logged = [(r["stage"], r["epoch"]) for r in records(example_run, "example.epoch")]
+    assert logged == [("hard", 0), ("hard", 1)]
+
+
+def test_bad_recipe_reports_every_problem_and_writes_nothing(cli, tmp_path):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(BAD_RECIPE)
+    result = cli("run", recipe, cwd=tmp_path, ok=False)
+    assert result.returncode == 1
+    err = result.stderr
+    assert f"{recipe}: 3 problems" in err, err
+    assert "run.seeed: unknown key; did you mean 'seed'? Valid keys: " in err
+    assert "data.batch_size: expected int, got str 'big'" in err
+    assert "stages[0].use: unknown stage 'stagewise.trian'; did you mean 'stagewise.train'?" in err
+    assert "Installed stages: " in err and "example.mine_hard" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.toml"]  # no runs/ folder
+
+
+def test_verify_passes_on_a_match_and_prints_the_difference_otherwise(cli, example_run, tmp_path):
+    metrics = json.loads((example_run / "summary.json").read_text())["metrics"]
+    golden = tmp_path / "golden.json"
+    golden.write_text(json.dumps({"metrics": {"test/loss": metrics["test/loss"], "mine/hard_examples":
+                                              metrics["mine/hard_examples"]}}))
+    assert cli("verify", example_run, golden).stdout.strip() == "verify: OK"
+
+    golden.write_text(json.dumps({"metrics": {"test/loss": metrics["test/loss"] + 0.5}}))
+    result = cli("verify", example_run, golden, ok=False)
+    assert result.returncode == 1
+    assert f"test/loss: run {metrics['test/loss']!r} != golden {metrics['test/loss'] + 0.5!r}" in result.stdout
+    assert "verify: 1 difference(s)" in result.stdout
+
+
+def test_export_writes_a_numpy_only_file(cli, example_run, tmp_path):
+    out = tmp_path / "model.npz"
+    cli("export", example_run, out)
+    weights = load_checkpoint(example_run / "checkpoints" / "last.pt")["model"]
+    with np.load(out, allow_pickle=False) as data:
+        assert set(data.files) == {*weights, "__meta__"}
+        np.testing.assert_array_equal(data["embedding.weight"], weights["embedding.weight"].numpy())
+        meta = json.loads(str(data["__meta__"]))
+    assert meta["model"] == "stagewise.transformer" and meta["model_options"]["n_embd"] == 16
+
+
+def test_compare_runs_baseline_and_method(cli, recipes, tmp_path):
+    out = tmp_path / "compare"
+    result = cli("compare", recipes["baseline"], recipes["example"], "--out", out, "--quiet")
+    runs = json.loads((out / "compare.json").read_text())["runs"]
+    assert list(runs) == ["baseline", "example"]
+    for name, run in runs.items():
+        assert Path(run["run_dir"]) == out / name and "test/loss" in run["metrics"]
+    assert "mine/threshold" in runs["example"]["metrics"] and "mine/threshold" not in runs["baseline"]["metrics"]
+    assert result.stdout.splitlines()[0].split() == ["metric", "baseline", "example"]
