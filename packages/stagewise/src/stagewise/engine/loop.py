@@ -52,6 +52,7 @@ class TrainLoop:
         self.stage, self.state, self.o = stage, state, stage.options
         where = f"stages.{stage.label}"
         self.terms = build_terms(self.o.losses, state, where)
+        state.terms = self.terms  # event hooks reach the terms through the state (e.g. a refresh after each step)
         self.objective = Objective(state.model, self.terms, state)
         selected = select_parameters(state.model, self.o.train, self.o.freeze, where)
         self.params = [p for _, p in selected] + list(self.objective.terms.parameters())

@@ -43,6 +43,7 @@ class State:
     step: int = 0  # optimizer steps taken in the current stage
     epochs_run: int = 0  # epochs the current stage has completed
     target_model: torch.nn.Module | None = None  # EMA copy of the model, when a stage asks for one
+    terms: dict[str, Any] = field(default_factory=dict)  # the training stage's loss terms, by name
     resume: dict[str, Any] | None = None  # the checkpoint a resumed stage continues from
     metrics: dict[str, Any] = field(default_factory=dict)  # final metrics so far, all stages
     stage_results: dict[str, Any] = field(default_factory=dict)  # summary.json "stages"
