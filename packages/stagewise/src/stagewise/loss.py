@@ -68,7 +68,7 @@ class Loss(torch.nn.Module):
         """``{metric: (sum, count)}`` for one evaluation batch; default: the batch mean loss."""
         value = self(outputs, batch, state)
         value = sum(value.values()) if isinstance(value, dict) else value
-        n = _batch_size(batch)
+        n = batch_size(batch)
         return {"loss": (float(value) * n, float(n))}
 
     def summarize(self, means: dict[str, float]) -> dict[str, float]:
@@ -76,7 +76,7 @@ class Loss(torch.nn.Module):
         return means
 
 
-def _batch_size(batch: dict[str, Any]) -> int:
+def batch_size(batch: dict[str, Any]) -> int:
     first = next(v for v in batch.values() if isinstance(v, torch.Tensor))
     return int(first.shape[0])
 

@@ -27,13 +27,12 @@ def line_plot(path: Path, series: dict[str, tuple[list[float], list[float]]], *,
             print("stagewise: hint: pip install 'stagewise[plots]' to get plots in RUN_DIR/plots/", file=sys.stderr)
             _hinted = True
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global figures, no GUI backend
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig = Figure(figsize=(7, 4), dpi=110)
+    fig.subplots_adjust(left=0.1, right=0.97, top=0.92, bottom=0.12)  # tight_layout: ~40% of the time
+    ax = fig.subplots()
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", markersize=3, label=name)
     for x, label in vlines:
@@ -45,7 +44,5 @@ def line_plot(path: Path, series: dict[str, tuple[list[float], list[float]]], *,
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return True

@@ -25,11 +25,17 @@ def epoch_order(n: int, seed: int, stage_index: int, epoch: int) -> list[int]:
 
 
 def batch_indices(n: int, batch_size: int, *, order: list[int] | None = None,
-                  drop_last: bool = False, rank: int = 0, world: int = 1) -> list[list[int]]:
-    """Index lists of global batches, each cut to this rank's share."""
+                  drop_last: bool = False, rank: int = 0, world: int = 1,
+                  every_rank: bool = False) -> list[list[int]]:
+    """Index lists of global batches, each cut to this rank's share.
+
+    ``every_rank`` (training): a last global batch with fewer examples than processes is
+    dropped, so every rank takes the same number of steps (DDP's all-reduce waits for all).
+    In evaluation a rank may have no share of the last batch.
+    """
     order = order if order is not None else list(range(n))
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    if drop_last and batches and len(batches[-1]) < batch_size:
+    if batches and len(batches[-1]) < (batch_size if drop_last else world if every_rank else 1):
         batches.pop()
     return [b[rank::world] for b in batches if b[rank::world]]
 
@@ -47,7 +53,7 @@ def iterate_batches(state: State, source: str | Dataset, *, train: bool, epoch: 
     size = spec.batch_size if train else (spec.eval_batch_size or spec.batch_size)
     order = epoch_order(len(dataset), state.seed, state.stage_index, epoch) if train and spec.shuffle else None
     index_lists = batch_indices(len(dataset), size, order=order, drop_last=train and spec.drop_last,
-                                rank=state.dist.rank, world=state.dist.world_size)
+                                rank=state.dist.rank, world=state.dist.world_size, every_rank=train)
     loader = DataLoader(dataset, batch_sampler=index_lists[start:], collate_fn=default_collate,
                         num_workers=spec.num_workers)
     for batch in loader:
@@ -59,7 +65,8 @@ def count_batches(state: State, source: str | Dataset, *, train: bool, indices: 
     size = spec.batch_size if train else (spec.eval_batch_size or spec.batch_size)
     n = len(dataset_of(state, source, indices))
     full, rest = divmod(n, size)
-    return full + (1 if rest and not (train and spec.drop_last) else 0)
+    smallest = (size if spec.drop_last else state.dist.world_size) if train else 1
+    return full + (1 if rest >= smallest else 0)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

@@ -7,6 +7,7 @@ index, loop position, router state and artifacts.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import tempfile
@@ -37,7 +38,18 @@ def atomic_write_bytes(path: Path, write) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    atomic_write_bytes(path, lambda f: torch.save({"format": FORMAT, **payload}, f))
+    write_checkpoint_bytes(path, checkpoint_bytes(payload))
+
+
+def checkpoint_bytes(payload: dict[str, Any]) -> bytes:
+    """The checkpoint file's content, so one payload written to two files is serialized once."""
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **payload}, buffer)
+    return buffer.getvalue()
+
+
+def write_checkpoint_bytes(path: Path, data: bytes) -> None:
+    atomic_write_bytes(path, lambda f: f.write(data))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from stagewise.engine.optim import build_optimizer, build_scheduler
 from stagewise.engine.params import select_parameters
 from stagewise.errors import ConfigError
 from stagewise.events import Event
+from stagewise.loss import batch_size
 
 if TYPE_CHECKING:
     from stagewise.builtins.train import TrainStage
@@ -124,6 +125,8 @@ class TrainLoop:
             self.optimizer.zero_grad(set_to_none=True)
             total = self._total(batch, weights, active, record)
             value = total.item()
+            if state.dist.enabled:
+                total, value = self._global_batch(batch, total, value)
             ok = self.guard.check(value, self._where())
             if ok:
                 total.backward()
@@ -134,6 +137,15 @@ class TrainLoop:
             self._after_update(value, record)
         state.fire(Event.AFTER_STEP, loss=value)
         return value
+
+    def _global_batch(self, batch: dict[str, Any], total: torch.Tensor, value: float) -> tuple[torch.Tensor, float]:
+        """Under DDP: the global batch's loss (every rank then agrees on skipping a non-finite
+        one), and the local loss scaled by this rank's share, since DDP averages gradients
+        over ranks with equal weight even when a last batch splits unevenly."""
+        n = batch_size(batch)
+        n_global, weighted = all_reduce_sums([float(n), value * n], self.state.dist)
+        scale = n * self.state.dist.world_size / n_global
+        return (total if scale == 1.0 else total * scale), weighted / n_global
 
     def _total(self, batch: dict[str, Any], weights: dict[str, float], active: set[str],
                record: dict[str, Any]) -> torch.Tensor:
@@ -193,7 +205,8 @@ class TrainLoop:
         pos.epoch += 1
         pos.batch = 0
         pos.sums = {}
-        self.save()
+        if pos.epoch < o.max_epochs and not pos.stopped_early:  # else the stage's checkpoint follows
+            self.save()
 
     def _train_metrics(self) -> dict[str, Any]:
         sums = {k: float(v) for k, v in self.pos.sums.items()}
