@@ -1,0 +1,141 @@
+"""Baseline vs Koopman hybrid, measured in one process on the same data and seed.
+
+    python packages/stagewise-koopman/bench/hybrid_vs_baseline.py [--data DIR] [--json OUT.json] [--quick]
+
+DIR holds train.txt, valid.txt and test.txt; by default the public-domain English texts in
+../shared/data/pd_english (relative to the repository) are dealt to the three splits by file,
+deterministically, into a temporary directory. Runs the recipes koopman.baseline and
+koopman.hybrid (same [data], [model], seed and epochs), then the hybrid again for each weight
+cap of the sweep (the term's weight and cap both set to it). Prints a table and one JSON line:
+
+- baseline_ppl, hybrid_ppl: final validation perplexity of each (the main stage's best epoch);
+- koopman_forward_ppl: test perplexity with the last ``koopman_forward_layers`` blocks replaced
+  by ψ(K^k φ(h)) (``koopman_forward_ratio``: ÷ the standard test perplexity of the same model);
+- koopman_share: weighted Koopman term / total loss in the hybrid's last epoch (epoch means);
+- linearity_gain: relative lifted one-step error of Koopman modules fitted post hoc on the
+  frozen baseline ÷ the same fit on the frozen hybrid;
+- fallbacks: batches whose Koopman weight the engine cut; time_ratio: seconds of the hybrid's
+  main stage ÷ the baseline's (same epochs and steps; wall clock, on a possibly shared machine);
+- sweep: [{cap, ppl, linearity_gain}] — the trade-off between the term's weight and perplexity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from stagewise.engine.runner import run_recipe
+from stagewise.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[3]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "pd_english"
+CAPS = (0.01, 0.05, 0.2, 0.5)
+HYBRID_CAP = 0.05  # the weight of koopman.hybrid's term: its run is the sweep's 0.05 point
+SETTINGS = {  # (data and training overrides) per mode
+    "quick": ["data.max_tokens=60000", "data.max_vocab=4000", "data.eval_batch_size=128",
+              "stages.warmup.max_epochs=1", "stages.main.max_epochs=3", "stages.linearity.fit_steps=100"],
+    "full": ["data.max_tokens=400000", "data.max_vocab=8000", "data.eval_batch_size=128",
+             "stages.warmup.max_epochs=2", "stages.main.max_epochs=4", "stages.linearity.fit_steps=300"],
+}
+
+
+def split_by_file(source: Path, out: Path) -> Path:
+    """Deal the .txt files under ``source`` (sorted) to train/valid/test: every 10th file from
+    the first to valid, every 10th from the second to test, the rest to train."""
+    files = sorted(source.rglob("*.txt"))
+    if len(files) < 3:
+        sys.exit(f"{source}: need at least 3 .txt files to split by file, found {len(files)}")
+    parts: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
+    for i, file in enumerate(files):
+        split = "valid" if i % 10 == 0 else "test" if i % 10 == 1 else "train"
+        parts[split].append(file.read_text(encoding="utf-8", errors="replace"))
+    for split, texts in parts.items():
+        (out / f"{split}.txt").write_text("\n".join(texts), encoding="utf-8")
+    return out
+
+
+def koopman_losses(cap: float) -> str:
+    """The hybrid's ``losses`` with the Koopman term's weight and cap set to ``cap``."""
+    return (f'stages.main.losses=[{{use="stagewise.cross_entropy"}}, {{use="koopman.operator", name="koopman", '
+            f'weight={cap}, cap={cap}, ramp_epochs=2, fallback_threshold=8.0, fallback_factor=0.01, '
+            f'koopman_dim=64, steps=2}}]')
+
+
+def run(name: str, overrides: list[str], out: Path) -> dict[str, Any]:
+    """Run a named recipe; returns its summary and its koopman.epoch records."""
+    run_dir = run_recipe(load_recipe(name, overrides), out=out, quiet=True)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary["koopman_epochs"] = [r for r in records if r["event"] == "koopman.epoch"]
+    return summary
+
+
+def measure(data: Path, mode: str, out: Path) -> dict[str, Any]:
+    # one thread per run: on a shared machine, torch's thread pools oversubscribe the cores and
+    # stall, which swamps the timing; both runs get the same single core
+    common = [f"data.path={data}", "run.seed=0", "run.threads=1", *SETTINGS[mode]]
+    baseline = run("koopman.baseline", common, out / "baseline")
+    base_error = baseline["metrics"]["linearity/one_step_error"]
+    hybrids = {cap: run("koopman.hybrid", [*common, f"run.name=koopman_hybrid_{cap}", koopman_losses(cap)],
+                        out / f"hybrid_{cap}") for cap in CAPS}
+    hybrid, m = hybrids[HYBRID_CAP], hybrids[HYBRID_CAP]["metrics"]
+    return {
+        "baseline_ppl": baseline["metrics"]["val/ppl"],
+        "hybrid_ppl": m["val/ppl"],
+        "koopman_forward_ppl": m["forward/koopman_ppl"],
+        "koopman_forward_layers": m["forward/replaced_layers"],
+        "koopman_forward_ratio": m["forward/ppl_ratio"],
+        "koopman_share": hybrid["koopman_epochs"][-1]["koopman/share"],
+        "linearity_gain": base_error / m["linearity/one_step_error"],
+        "fallbacks": m["train/koopman/fallbacks"],
+        "time_ratio": hybrid["stages"]["main"]["seconds"] / baseline["stages"]["main"]["seconds"],
+        "baseline_test_ppl": baseline["metrics"]["test/ppl"],
+        "hybrid_test_ppl": m["test/ppl"],
+        "hybrid_weight": m["train/koopman/weight"],
+        "seconds": {"baseline_main": baseline["stages"]["main"]["seconds"],
+                    "hybrid_main": hybrid["stages"]["main"]["seconds"]},
+        "mode": mode,
+        "sweep": [{"cap": cap, "ppl": h["metrics"]["val/ppl"],
+                   "linearity_gain": base_error / h["metrics"]["linearity/one_step_error"]}
+                  for cap, h in hybrids.items()],
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = [("val PPL baseline", result["baseline_ppl"], "measured"),
+            ("val PPL hybrid", result["hybrid_ppl"], f"target <= {1.01 * result['baseline_ppl']:.2f}"),
+            (f"Koopman-forward PPL ({result['koopman_forward_layers']} layers)", result["koopman_forward_ppl"],
+             f"x{result['koopman_forward_ratio']:.3f} of standard; target <= x1.5"),
+            ("koopman_share", result["koopman_share"], "weighted term / total loss"),
+            ("linearity_gain", result["linearity_gain"], "target >= 2"),
+            ("fallbacks", result["fallbacks"], "batches with the weight cut"),
+            ("time_ratio", result["time_ratio"], "hybrid / baseline main stage; target <= 1.5")]
+    lines = [f"{name:<36}{value:>12.4g}  {note}" for name, value, note in rows]
+    lines += ["", f"{'cap':>8}{'val PPL':>12}{'linearity_gain':>16}"]
+    lines += [f"{s['cap']:>8}{s['ppl']:>12.4f}{s['linearity_gain']:>16.3f}" for s in result["sweep"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, help="directory with train.txt, valid.txt, test.txt "
+                        f"(default: {DEFAULT_DATA} split by file)")
+    parser.add_argument("--json", type=Path, help="also write the result to this JSON file")
+    parser.add_argument("--quick", action="store_true", help="less data and fewer epochs (under 10 minutes)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="koopman-bench-") as tmp:
+        data = args.data or split_by_file(DEFAULT_DATA, Path(tmp))
+        result = measure(data, "quick" if args.quick else "full", Path(tmp) / "runs")
+    print(table(result))
+    print(json.dumps(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

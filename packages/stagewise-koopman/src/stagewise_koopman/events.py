@@ -1,0 +1,47 @@
+"""What the plugin does at run events, only in stages that train a ``koopman.operator`` term.
+
+- after each optimizer step: the optional DMD refresh of K (``dmd_every``);
+- after each epoch: a ``koopman.epoch`` record with each operator's change since the last
+  epoch and the Koopman share of the loss;
+- after the stage: the trained φ, K, ψ go to ``state.artifacts["koopman.operators"]``, so
+  later stages (forward mode, reports) get them; the stage's checkpoint holds them too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import stagewise
+from stagewise_koopman.loss import KoopmanOperator
+from stagewise_koopman.stages import ARTIFACT
+
+
+def koopman_terms(state: stagewise.State) -> dict[str, KoopmanOperator]:
+    return {name: term for name, term in state.terms.items() if isinstance(term, KoopmanOperator)}
+
+
+def after_step(state: stagewise.State) -> None:
+    for term in koopman_terms(state).values():
+        every = term.options.dmd_every
+        if every and state.step % every == 0:
+            term.refresh_operator()
+
+
+def after_epoch(state: stagewise.State, metrics: dict[str, Any]) -> None:
+    for name, term in koopman_terms(state).items():
+        record = {f"{name}/{k}": v for k, v in term.operator_change().items()}
+        record[f"{name}/share"] = koopman_share(metrics, name)
+        state.log("koopman.epoch", **record)
+
+
+def koopman_share(metrics: dict[str, Any], name: str) -> float:
+    """Weighted term / total loss, from the epoch means: mean weight × mean term / mean total."""
+    total = metrics.get("train/loss") or 0.0
+    weighted = metrics.get(f"train/{name}/weight", 0.0) * metrics.get(f"train/{name}", 0.0)
+    return weighted / total if total else 0.0
+
+
+def after_stage(state: stagewise.State) -> None:
+    terms = koopman_terms(state)
+    if terms:
+        state.artifacts.setdefault(ARTIFACT, {}).update({name: t.artifact() for name, t in terms.items()})

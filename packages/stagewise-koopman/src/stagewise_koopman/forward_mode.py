@@ -1,0 +1,47 @@
+"""Koopman forward mode: replace the last layers of the model by ψ(K^k φ(h_{L-k})).
+
+The trained decoder ψ returns a normalised hidden state, which the model's own output head
+(``logits_from_hidden``: final norm, then projection) turns into logits. Each position uses
+only its own hidden state, so forward mode is exactly as causal as the layers below it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from stagewise.plots import line_plot
+from stagewise_koopman.loss import KoopmanOperator
+
+
+def koopman_forward_logits(model: torch.nn.Module, term: KoopmanOperator, hidden: list[torch.Tensor],
+                           replace: int) -> torch.Tensor:
+    """Logits (B, T, V) with blocks L-replace+1..L replaced by ψ(K^replace φ(h_{L-replace}))."""
+    if not hasattr(model, "logits_from_hidden"):
+        raise ValueError(f"Koopman forward mode needs the model's output head as logits_from_hidden(h) "
+                         f"(as stagewise.transformer has); {type(model).__name__} has none")
+    source = len(hidden) - 1 - replace
+    if term.options.axis != "depth" or source not in term.sources:
+        raise ValueError(f"replacing the last {replace} layers needs a depth operator from layer {source}; "
+                         f"the term has axis {term.options.axis!r} and source layers {term.sources}")
+    j = slice(term.sources.index(source), term.sources.index(source) + 1)
+    h = hidden[source]  # (B, T, C)
+    B, T, C = h.shape
+    z = term.koopman.advance(term.koopman.lift(h.reshape(1, B * T, C), j), replace, j)
+    return model.logits_from_hidden(term.koopman.decode(z, j).view(B, T, C))
+
+
+def spectral_radii(term: KoopmanOperator) -> dict[int, float]:
+    """max |λ| of each K_l, by source layer."""
+    radii = term.koopman.eigenvalues().abs().max(-1).values
+    return {layer: float(r) for layer, r in zip(term.sources, radii, strict=True)}
+
+
+def plot_spectrum(path: Path, term: KoopmanOperator, title: str) -> bool:
+    """Eigenvalue moduli of each K_l, sorted, against the unit circle; False without matplotlib."""
+    moduli = term.koopman.eigenvalues().abs().sort(-1, descending=True).values  # (n, D)
+    ranks = list(range(1, moduli.shape[1] + 1))
+    series = {f"K{layer}": (ranks, moduli[i].tolist()) for i, layer in enumerate(term.sources)}
+    series["|λ| = 1"] = ([1, ranks[-1]], [1.0, 1.0])
+    return line_plot(path, series, title=title, xlabel="eigenvalue rank", ylabel="|λ|")

@@ -1,0 +1,273 @@
+"""``koopman.operator``: a Koopman auxiliary loss on a model's per-layer hidden states.
+
+For each source layer l the term trains φ_l, K_l, ψ_l (see :mod:`stagewise_koopman.operator`)
+on pairs of states one step apart, along ``axis``:
+
+- ``"depth"``: h_l -> h_{l+k} at the same position (the seed's dynamics across layers);
+- ``"time"``: h_l[t] -> h_l[t+k] within layer l (positions only move forward: it predicts the
+  future from the past and changes nothing in the model's forward pass).
+
+Its parts (Lusch, Kutz & Brunton 2018), each with a weight, for k = 1..``steps``:
+
+- ``lifted``: ‖K^k φ(h) − φ(h')‖, relative to the spread of φ(h') so a shrinking lift cannot
+  fake a small error;
+- ``reconstruction``: ‖ψ(φ(h)) − ĥ‖ (ψ is trained: the seed never trained it);
+- ``state``: ‖ψ(K^k φ(h)) − ĥ'‖, what Koopman forward mode relies on;
+- ``spectral`` (optional): singular values of K above 1, keeping its eigenvalues in the unit disc.
+
+The engine owns the weight schedule and the fallback (``weight``, ``start_epoch``,
+``ramp_epochs``, ``cap``, ``fallback_threshold``, ``fallback_factor`` of the loss term).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import stagewise
+from stagewise.engine.objective import forward_batch
+from stagewise_koopman.dmd import blend, dmd_operator
+from stagewise_koopman.operator import EPS, KoopmanModules, normalize_state
+
+AXES = ("depth", "time")
+DISTANCES = ("mse", "smooth_l1")
+
+
+@dataclass
+class KoopmanOptions:
+    """Recipe keys of ``koopman.operator`` (next to the engine's weight and fallback keys)."""
+
+    koopman_dim: int = 64  # D: width of each lifted space (the seed used 256)
+    axis: str = "depth"  # "depth": layer l -> l+1 at each position; "time": position t -> t+1 in layer l
+    layers: list[int] = field(default_factory=list)  # source layers (hidden index, 0 = embedding); []: all
+    steps: int = 1  # multi-step prediction: K^k for k = 1..steps (forward mode over 2 layers wants 2)
+    distance: str = "mse"  # "mse" or "smooth_l1" (the seed's), for every part
+    lifted_weight: float = 1.0  # ‖K^k φ(h) − φ(h')‖, relative
+    reconstruction_weight: float = 1.0  # ‖ψ(φ(h)) − ĥ‖
+    state_weight: float = 1.0  # ‖ψ(K^k φ(h)) − ĥ'‖
+    spectral_weight: float = 0.0  # penalty on singular values of K above 1; 0: off
+    dmd_every: int = 0  # blend a DMD fit into K every this many optimizer steps; 0: off
+    dmd_rate: float = 0.1  # K <- (1 - rate) K + rate K_dmd
+    dmd_buffer: int = 512  # token pairs per layer in the DMD fit (refilled between refreshes)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.koopman_dim > 0, f"koopman_dim must be a positive integer, got {self.koopman_dim}"),
+            (self.axis in AXES, f"axis must be one of {', '.join(map(repr, AXES))}, got {self.axis!r}"),
+            (self.distance in DISTANCES,
+             f"distance must be one of {', '.join(map(repr, DISTANCES))}, got {self.distance!r}"),
+            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (min(self.lifted_weight, self.reconstruction_weight, self.state_weight, self.spectral_weight) >= 0,
+             "lifted_weight, reconstruction_weight, state_weight and spectral_weight must be >= 0"),
+            (self.dmd_every >= 0, f"dmd_every must be >= 0 (0: no DMD refresh), got {self.dmd_every}"),
+            (0 < self.dmd_rate <= 1, f"dmd_rate must be in (0, 1], got {self.dmd_rate}"),
+            (self.dmd_buffer >= 1, f"dmd_buffer must be >= 1, got {self.dmd_buffer}"),
+            (all(layer >= 0 for layer in self.layers), f"layers must be >= 0, got {self.layers}"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def part_weights(self) -> dict[str, float]:
+        return {"lifted": self.lifted_weight, "reconstruction": self.reconstruction_weight,
+                "state": self.state_weight, "spectral": self.spectral_weight}
+
+
+def source_layers(options: KoopmanOptions, n_hidden: int) -> list[int]:
+    """The source layers for a model with hidden states h_0..h_{n_hidden-1}; checks ``layers``."""
+    top = n_hidden - 2 if options.axis == "depth" else n_hidden - 1  # depth needs a layer above
+    first = 0 if options.axis == "depth" else 1
+    layers = sorted(set(options.layers)) or list(range(first, top + 1))
+    bad = [layer for layer in layers if layer > top]
+    if bad:
+        raise ValueError(f"layers {bad} are out of range for axis {options.axis!r}: the model has hidden "
+                         f"states h_0..h_{n_hidden - 1}, so source layers go up to {top}")
+    return layers
+
+
+def gather_pairs(hidden: list[torch.Tensor], sources: list[int], options: KoopmanOptions
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """States k = 0..steps apart along the axis, (n, steps+1, M, C), and which exist, (n, steps+1).
+
+    Depth: h_{l+k} at every position (a k past the last layer is masked out). Time: h_l at
+    positions t + k for source positions t < T - steps, so every k shares the same sources.
+    """
+    s = options.steps
+    stacked = torch.stack(hidden)  # (L+1, B, T, C)
+    src = torch.tensor(sources, device=stacked.device)
+    if options.axis == "depth":
+        index = src[:, None] + torch.arange(s + 1, device=stacked.device)  # (n, s+1)
+        mask = index < len(hidden)
+        states = stacked[index.clamp(max=len(hidden) - 1)]  # (n, s+1, B, T, C)
+    else:
+        T = stacked.shape[2]
+        layer = stacked[src]  # (n, B, T, C)
+        states = torch.stack([layer[:, :, k:T - s + k] for k in range(s + 1)], 1)  # (n, s+1, B, T-s, C)
+        mask = torch.ones(len(sources), s + 1, dtype=torch.bool, device=stacked.device)
+    return states.flatten(2, 3), mask
+
+
+def koopman_parts(modules: KoopmanModules, states: torch.Tensor, mask: torch.Tensor,
+                  options: KoopmanOptions) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Unweighted errors (``lifted``, ``one_step``, ``reconstruction``, ``state``, ``spectral``)
+    for states (n, s+1, M, C); also returns the lifted states (n, s+1, M, D)."""
+    n, s1, M, C = states.shape
+    lifted = modules.lift(states.reshape(n, s1 * M, C)).view(n, s1, M, -1)  # every state in one bmm
+    targets = normalize_state(states)
+    x = lifted[:, 0]
+    errors = {"reconstruction": _masked_mean(_distance(modules.decode(x), targets[:, 0], options), mask[:, 0])}
+    lifted_k, state_k, pred = [], [], x
+    for k in range(1, s1):
+        pred = modules.advance(pred, 1)  # K^k φ(h)
+        lifted_k.append(_masked_mean(_relative(pred, lifted[:, k], options), mask[:, k]))
+        state_k.append(_masked_mean(_distance(modules.decode(pred), targets[:, k], options), mask[:, k]))
+    errors.update(lifted=torch.stack(lifted_k).mean(), one_step=lifted_k[0], state=torch.stack(state_k).mean())
+    if options.spectral_weight:
+        errors["spectral"] = modules.spectral_excess()
+    return errors, lifted
+
+
+def _distance(pred: torch.Tensor, target: torch.Tensor, options: KoopmanOptions) -> torch.Tensor:
+    """Per-layer mean distance, (n,)."""
+    fn = F.mse_loss if options.distance == "mse" else F.smooth_l1_loss
+    return fn(pred, target, reduction="none").mean(dim=(1, 2))
+
+
+def _relative(pred: torch.Tensor, target: torch.Tensor, options: KoopmanOptions) -> torch.Tensor:
+    """Distance in units of the target's spread over tokens (per layer, not trained through)."""
+    scale = target.detach().var(dim=1, keepdim=True).mean(-1, keepdim=True).add(EPS).sqrt()  # (n, 1, 1)
+    return _distance(pred / scale, target / scale, options)
+
+
+def _masked_mean(per_layer: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (per_layer * mask).sum() / mask.sum()
+
+
+def probe_hidden(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[int, int, int]:
+    """(number of hidden states, width, sequence length) of ``model``, from one batch."""
+    was_training = model.training
+    model.eval()  # no dropout: the probe draws no random numbers
+    with torch.no_grad():
+        outputs = forward_batch(model, batch, stagewise.Needs(hidden=True))
+    model.train(was_training)
+    hidden = outputs.get("hidden") if isinstance(outputs, dict) else None
+    if not hidden or len(hidden) < 2 or hidden[0].dim() != 3:
+        keys = sorted(outputs) if isinstance(outputs, dict) else "-"
+        raise ValueError(f"koopman.operator needs a model whose outputs hold 'hidden': [h_0, ..., h_L], each "
+                         f"(B, T, C), when asked with Needs(hidden=True) (e.g. stagewise.transformer); "
+                         f"{type(model).__name__} returned keys {keys}")
+    return len(hidden), hidden[0].shape[-1], hidden[0].shape[1]
+
+
+class KoopmanOperator(stagewise.Loss):
+    """``{ use = "koopman.operator", name = "koopman", weight = 0.05, koopman_dim = 64 }``.
+
+    Reads ``outputs["hidden"]``. Parts are logged as ``train/<term>/<part>`` (weighted);
+    evaluation reports each unweighted error and ``one_step`` (the relative lifted one-step
+    error). With ``dmd_every``, an event hook after each optimizer step calls
+    :meth:`refresh_operator`.
+    """
+
+    name = "koopman.operator"
+    Options = KoopmanOptions
+
+    def setup(self, state: stagewise.State) -> None:
+        n_hidden, width, seq_len = probe_hidden(state.model, next(iter(state.batches("train"))))
+        try:
+            self.build(n_hidden, width)
+            if self.options.axis == "time" and self.options.steps >= seq_len:
+                raise ValueError(f"steps {self.options.steps} must be below the sequence length {seq_len} "
+                                 f"for axis 'time'")
+        except ValueError as exc:
+            raise stagewise.ConfigError([f"stages.{state.stage_name}.losses ({self.name}): {exc}"]) from exc
+
+    def build(self, n_hidden: int, width: int) -> KoopmanOperator:
+        """Create φ, K, ψ for a model with ``n_hidden`` hidden states of width ``width``."""
+        o = self.options
+        self.sources = source_layers(o, n_hidden)
+        self.n_hidden, self.width = n_hidden, width
+        n, D = len(self.sources), o.koopman_dim
+        self.koopman = KoopmanModules(n, width, D)
+        self.register_buffer("operator_ref", self.koopman.operator.detach().clone())  # K at the last epoch end
+        if o.dmd_every:
+            self.register_buffer("dmd_x", torch.zeros(n, o.dmd_buffer, D))
+            self.register_buffer("dmd_y", torch.zeros(n, o.dmd_buffer, D))
+            self.register_buffer("dmd_seen", torch.zeros((), dtype=torch.long))  # pairs ever recorded
+            self.register_buffer("dmd_fresh", torch.zeros((), dtype=torch.long))  # since the last refresh
+        return self
+
+    def needs(self) -> stagewise.Needs:
+        return stagewise.Needs(hidden=True)
+
+    def errors(self, hidden: list[torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        states, mask = gather_pairs(hidden, self.sources, self.options)
+        return koopman_parts(self.koopman, states, mask, self.options)
+
+    def forward(self, outputs, batch, state):
+        errors, lifted = self.errors(outputs["hidden"])
+        if self.options.dmd_every and torch.is_grad_enabled():
+            self._record(lifted[:, 0].detach(), lifted[:, 1].detach())
+        return {part: w * errors[part] for part, w in self.options.part_weights().items() if w}
+
+    def eval_sums(self, outputs, batch, state):
+        errors, _ = self.errors(outputs["hidden"])
+        weighted = sum(w * errors[part] for part, w in self.options.part_weights().items() if w)
+        n = float(batch["input"].shape[0])
+        return {name: (float(value) * n, n) for name, value in {"loss": weighted, **errors}.items()}
+
+    # --- operator refresh and change -----------------------------------------------------
+
+    def _record(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Keep ``ceil(dmd_buffer / dmd_every)`` evenly spaced token pairs (n, ·, D) of this step."""
+        o = self.options
+        per_step = min(math.ceil(o.dmd_buffer / o.dmd_every), x.shape[1])
+        take = torch.linspace(0, x.shape[1] - 1, per_step, device=x.device).long()
+        slots = (self.dmd_seen + torch.arange(per_step, device=x.device)) % o.dmd_buffer
+        self.dmd_x[:, slots] = x[:, take]
+        self.dmd_y[:, slots] = y[:, take]
+        self.dmd_seen += per_step
+        self.dmd_fresh += per_step
+
+    @torch.no_grad()
+    def refresh_operator(self) -> bool:
+        """Blend the DMD fit of the buffer into K once the buffer holds only fresh pairs."""
+        if not self.options.dmd_every or int(self.dmd_fresh) < self.options.dmd_buffer:
+            return False
+        fitted = dmd_operator(self.dmd_x, self.dmd_y)
+        self.koopman.operator.copy_(blend(self.koopman.operator, fitted, self.options.dmd_rate))
+        self.dmd_fresh.zero_()
+        return True
+
+    @torch.no_grad()
+    def operator_change(self) -> dict[str, float]:
+        """Per layer: mean |ΔK| and ‖ΔK‖ / ‖K‖ in % since the last call (or the start)."""
+        now = self.koopman.operator.detach()
+        delta = now - self.operator_ref
+        mean_abs = delta.abs().mean(dim=(1, 2))
+        relative = 100 * torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(self.operator_ref).clamp_min(EPS)
+        self.operator_ref.copy_(now)
+        changes = {}
+        for i, layer in enumerate(self.sources):
+            changes[f"K{layer}/change"] = float(mean_abs[i])
+            changes[f"K{layer}/change_pct"] = float(relative[i])
+        return changes
+
+    # --- handing the trained operator on ----------------------------------------------------
+
+    def artifact(self) -> dict[str, Any]:
+        """What later stages need to rebuild the trained φ, K, ψ: tensors and primitives only."""
+        from stagewise.schema import as_table
+
+        return {"options": as_table(self.options), "n_hidden": self.n_hidden, "width": self.width,
+                "sources": list(self.sources),
+                "state": {k: v.detach().clone() for k, v in self.koopman.state_dict().items()}}
+
+    @classmethod
+    def from_artifact(cls, saved: dict[str, Any]) -> KoopmanOperator:
+        term = cls(KoopmanOptions(**saved["options"])).build(saved["n_hidden"], saved["width"])
+        term.koopman.load_state_dict(saved["state"])
+        return term

@@ -1,0 +1,109 @@
+"""Two evaluation stages: ``koopman.forward_eval`` and ``koopman.linearity``. Neither trains the model.
+
+The trained φ, K, ψ reach them through ``state.artifacts["koopman.operators"][<term name>]``,
+written by an ``after_stage`` hook when a training stage with a ``koopman.operator`` term ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import stagewise
+from stagewise.engine.objective import forward_batch
+from stagewise.loss import perplexity
+from stagewise_koopman.forward_mode import koopman_forward_logits, plot_spectrum, spectral_radii
+from stagewise_koopman.linearity import fit_post_hoc, one_step_error
+from stagewise_koopman.loss import KoopmanOperator, KoopmanOptions
+
+ARTIFACT = "koopman.operators"  # term name -> KoopmanOperator.artifact()
+
+
+@dataclass
+class ForwardEvalOptions:
+    term: str = "koopman"  # name of the trained koopman.operator term (its `name` in `losses`)
+    replace_layers: int = 2  # replace this many last blocks by ψ(K^k φ(h_{L-k}))
+    split: str = "test"  # the split evaluated
+
+    def __post_init__(self) -> None:
+        if self.replace_layers < 1:
+            raise ValueError(f"replace_layers must be >= 1, got {self.replace_layers}")
+
+
+class ForwardEval(stagewise.Stage):
+    """Perplexity of the standard forward pass and of Koopman forward mode on ``split``, the
+    trained term's one-step error, each K's spectral radius, and ``plots/koopman_spectrum.png``.
+
+    Reports ``<stage>/ppl``, ``<stage>/koopman_ppl``, ``<stage>/ppl_ratio``,
+    ``<stage>/replaced_layers``, ``<stage>/one_step_error``, ``<stage>/K<l>/spectral_radius``.
+    """
+
+    name = "koopman.forward_eval"
+    Options = ForwardEvalOptions
+
+    def check(self, recipe, index, data) -> list[str]:
+        earlier = {spec.name for stage in recipe.stages[:index]
+                   for spec in getattr(stage.options, "losses", []) or [] if spec.use == "koopman.operator"}
+        problems = super().check(recipe, index, data)
+        if self.options.term not in earlier:
+            problems.append(f"stages[{index}].term: no earlier stage trains a koopman.operator term named "
+                            f"{self.options.term!r} (found: {', '.join(sorted(earlier)) or 'none'})")
+        return problems
+
+    @torch.no_grad()
+    def run(self, state: stagewise.State) -> dict[str, Any]:
+        o = self.options
+        term = KoopmanOperator.from_artifact(state.artifacts[ARTIFACT][o.term]).to(state.device)
+        model, was_training = state.model, state.model.training
+        model.eval()
+        nll = {"standard": 0.0, "koopman": 0.0}
+        tokens = 0
+        for batch in state.batches(o.split):
+            hidden = forward_batch(model, batch, stagewise.Needs(hidden=True))["hidden"]
+            target = batch["target"].reshape(-1)
+            for mode, logits in (("standard", model.logits_from_hidden(hidden[-1])),
+                                 ("koopman", koopman_forward_logits(model, term, hidden, o.replace_layers))):
+                nll[mode] += float(F.cross_entropy(logits.flatten(0, 1), target, reduction="sum"))
+            tokens += target.numel()
+        model.train(was_training)
+        ppl, koopman_ppl = perplexity(nll["standard"] / tokens), perplexity(nll["koopman"] / tokens)
+        metrics = {"ppl": ppl, "koopman_ppl": koopman_ppl, "ppl_ratio": koopman_ppl / ppl,
+                   "replaced_layers": o.replace_layers,
+                   "one_step_error": one_step_error(model, term, state.batches(o.split))}
+        metrics.update({f"K{layer}/spectral_radius": r for layer, r in spectral_radii(term).items()})
+        if state.run_dir is not None:
+            plot_spectrum(state.run_dir.plot_path("koopman_spectrum.png"), term,
+                          f"{state.recipe.run.name}: spectrum of each K ({o.term})")
+        return {f"{self.label}/{k}": v for k, v in metrics.items()}
+
+
+@dataclass
+class LinearityOptions:
+    fit: KoopmanOptions = field(default_factory=KoopmanOptions)  # the fresh term fitted post hoc
+    fit_steps: int = 200  # Adam steps (batches of fit_split) fitting φ, K, ψ on the frozen model
+    lr: float = 3e-3  # Adam's learning rate for the fit
+    fit_split: str = "train"  # the split the fit trains on
+    split: str = "valid"  # the split the one-step error is measured on
+
+    def __post_init__(self) -> None:
+        if self.fit_steps < 1 or self.lr <= 0:
+            raise ValueError(f"fit_steps must be >= 1 and lr > 0, got {self.fit_steps} and {self.lr}")
+
+
+class Linearity(stagewise.Stage):
+    """Fit fresh φ, K, ψ on the frozen model and report ``<stage>/one_step_error`` (the relative
+    lifted one-step error on ``split``) and ``<stage>/fit_loss``. Run it on a baseline and on a
+    Koopman-trained model; the ratio of their errors is the ``linearity_gain``."""
+
+    name = "koopman.linearity"
+    Options = LinearityOptions
+
+    def run(self, state: stagewise.State) -> dict[str, Any]:
+        o = self.options
+        term, fit_loss = fit_post_hoc(state.model, lambda epoch: state.batches(o.fit_split, train=True, epoch=epoch),
+                                      o.fit, o.fit_steps, o.lr)
+        error = one_step_error(state.model, term, state.batches(o.split))
+        return {f"{self.label}/one_step_error": error, f"{self.label}/fit_loss": fit_loss}

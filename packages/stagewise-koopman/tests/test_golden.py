@@ -1,0 +1,49 @@
+"""The tiny hybrid recipe end to end: golden numbers, determinism, what it hands on and logs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from conftest import run_tiny
+
+from stagewise.plots import have_matplotlib
+from stagewise.verify import verify_run
+
+GOLDEN = Path(__file__).parent / "golden" / "tiny_hybrid.json"
+
+
+def test_golden_record(tiny_run):
+    assert verify_run(tiny_run, GOLDEN) == []
+
+
+def test_same_seed_gives_bit_identical_metrics(tiny_run, tmp_path):
+    again = run_tiny(tmp_path / "again")
+    assert json.loads((again / "summary.json").read_text())["metrics"] == \
+        json.loads((tiny_run / "summary.json").read_text())["metrics"]
+
+
+def test_trained_operator_is_handed_on_in_the_artifacts(tiny_run):
+    saved = torch.load(tiny_run / "checkpoints" / "last.pt", weights_only=True)
+    operator = saved["artifacts"]["koopman.operators"]["koopman"]
+    assert operator["sources"] == [0, 1, 2] and operator["n_hidden"] == 4 and operator["width"] == 16
+    assert operator["state"]["operator"].shape == (3, 8, 8)
+    assert not torch.equal(operator["state"]["operator"][0], torch.eye(8))  # trained away from its init
+
+
+def test_each_epoch_logs_operator_change_and_share(tiny_run):
+    records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    koopman = [r for r in records if r["event"] == "koopman.epoch"]
+    assert [r["epoch"] for r in koopman] == [0, 1, 2]
+    assert koopman[0]["koopman/K0/change"] == 0.0 and koopman[0]["koopman/share"] == 0.0  # weight 0 in epoch 0
+    assert all(r[f"koopman/K{layer}/change_pct"] > 0 for r in koopman[1:] for layer in range(3))
+    assert 0 < koopman[2]["koopman/share"] < 1
+
+
+def test_forward_mode_and_spectrum_are_reported(tiny_run):
+    metrics = json.loads((tiny_run / "summary.json").read_text())["metrics"]
+    assert metrics["forward/replaced_layers"] == 2
+    assert metrics["forward/ppl_ratio"] == metrics["forward/koopman_ppl"] / metrics["forward/ppl"]
+    assert metrics["forward/ppl"] == metrics["test/ppl"]  # the standard pass is the model's own
+    assert (tiny_run / "plots" / "koopman_spectrum.png").exists() == have_matplotlib()

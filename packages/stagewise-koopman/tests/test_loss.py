@@ -1,0 +1,73 @@
+"""The term's parts on hand-made hidden states: axes, multi-step, masks, spectral constraint."""
+
+from __future__ import annotations
+
+import torch
+from stagewise_koopman.loss import KoopmanOperator, KoopmanOptions, gather_pairs, source_layers
+from stagewise_koopman.operator import KoopmanModules
+
+
+def hidden_states(n: int = 4, B: int = 2, T: int = 6, C: int = 8, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, T, C, generator=g) for _ in range(n)]
+
+
+def test_default_sources_cover_every_step_of_the_axis():
+    assert source_layers(KoopmanOptions(axis="depth"), n_hidden=4) == [0, 1, 2]
+    assert source_layers(KoopmanOptions(axis="time"), n_hidden=4) == [1, 2, 3]
+    assert source_layers(KoopmanOptions(layers=[2, 0, 2]), n_hidden=4) == [0, 2]
+
+
+def test_depth_pairs_mask_steps_past_the_last_layer():
+    hidden = hidden_states()
+    states, mask = gather_pairs(hidden, [0, 1, 2], KoopmanOptions(steps=2))
+    assert states.shape == (3, 3, 2 * 6, 8)
+    assert mask.tolist() == [[True, True, True], [True, True, True], [True, True, False]]
+    torch.testing.assert_close(states[1, 2], hidden[3].flatten(0, 1))
+
+
+def test_time_pairs_are_positions_k_apart_within_a_layer():
+    hidden = hidden_states()
+    states, mask = gather_pairs(hidden, [2], KoopmanOptions(axis="time", steps=2))
+    assert states.shape == (1, 3, 2 * 4, 8) and mask.all()
+    torch.testing.assert_close(states[0, 2], hidden[2][:, 2:6].flatten(0, 1))  # t + 2 for t < T - 2
+
+
+def test_forward_returns_only_the_weighted_parts_that_are_on():
+    term = KoopmanOperator(KoopmanOptions(koopman_dim=4, steps=2, state_weight=0.0, lifted_weight=2.0)).build(4, 8)
+    parts = term({"hidden": hidden_states()}, {}, None)
+    assert sorted(parts) == ["lifted", "reconstruction"]
+    errors, _ = term.errors(hidden_states())
+    torch.testing.assert_close(parts["lifted"], 2.0 * errors["lifted"])
+
+
+def test_linear_dynamics_in_lifted_space_give_zero_lifted_error():
+    # h_{l+1} = h_l: φ(h_{l+1}) = φ(h_l), and K = I (its initial value) predicts it exactly
+    h = hidden_states(n=1)[0]
+    term = KoopmanOperator(KoopmanOptions(koopman_dim=4, steps=2)).build(3, 8)
+    errors, _ = term.errors([h, h, h])
+    assert errors["lifted"].item() == 0.0 and errors["one_step"].item() == 0.0
+
+
+def test_spectral_penalty_is_zero_inside_the_unit_disc_and_pulls_outliers_in():
+    modules = KoopmanModules(n=2, width=4, dim=3)
+    assert modules.spectral_excess().item() == 0.0  # identity: every singular value is 1
+    with torch.no_grad():
+        modules.operator.mul_(1.5)
+    before = modules.spectral_excess().item()
+    assert before > 0
+    optimizer = torch.optim.SGD([modules.operator], lr=0.1)
+    for _ in range(50):
+        optimizer.zero_grad()
+        modules.spectral_excess().backward()
+        optimizer.step()
+    assert modules.spectral_excess().item() < 1e-3 * before
+    assert float(modules.eigenvalues().abs().max()) <= 1.0 + 1e-2
+
+
+def test_artifact_rebuilds_the_same_modules():
+    term = KoopmanOperator(KoopmanOptions(koopman_dim=4, steps=2)).build(4, 8)
+    rebuilt = KoopmanOperator.from_artifact(term.artifact())
+    assert rebuilt.sources == term.sources and rebuilt.options == term.options
+    for (name, a), (_, b) in zip(term.koopman.state_dict().items(), rebuilt.koopman.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
