@@ -155,3 +155,14 @@ def test_bad_model_option_value_is_a_recipe_error(tiny, tmp_path):
     with pytest.raises(ConfigError, match=r"model \(stagewise.transformer\): .*max_seq_len"):
         run_recipe(tiny("model.max_seq_len=4"), out=tmp_path / "run", quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_exit_layer_outside_the_model_is_reported_before_anything_runs(tiny, tmp_path):
+    from stagewise.engine.runner import run_recipe
+
+    recipe = tiny('stages.phase1.losses=[{use="stagewise.cross_entropy", at_layer=3}]',
+                  'stages.phase2.losses=[{use="stagewise.cross_entropy", at_layer=3}]')
+    with pytest.raises(ConfigError) as info:  # phase2 grows the model to 3 layers: fine there
+        run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    assert info.value.problems == ["stages[0].losses[0]: at_layer 3 is outside the model's layers 1..2"]
+    assert not (tmp_path / "run").exists()

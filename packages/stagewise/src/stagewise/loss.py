@@ -61,6 +61,15 @@ class Loss(torch.nn.Module):
     def needs(self) -> Needs:
         return Needs()
 
+    def check(self, model_options: Any) -> list[str]:
+        """Problems with this term for a model with these options, reported before anything
+        runs. The default: every exit layer it needs exists (for models with ``n_layer``)."""
+        n_layer = getattr(model_options, "n_layer", None)
+        if n_layer is None:
+            return []
+        return [f"at_layer {layer} is outside the model's layers 1..{n_layer}"
+                for layer in sorted(self.needs().exit_layers) if not 1 <= layer <= n_layer]
+
     def forward(self, outputs: dict[str, Any], batch: dict[str, Any], state: State) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must implement forward()")
 

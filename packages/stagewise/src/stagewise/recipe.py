@@ -8,6 +8,7 @@ at once with the file, the key path and the valid choices. Nothing is written on
 from __future__ import annotations
 
 import copy
+import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,11 @@ class Recipe:
 
     def stage_names(self) -> list[str]:
         return [s.name for s in self.stages]
+
+    def model_options_at(self, index: int) -> Any:
+        """The model's options while stage ``index`` runs (after every ``grow`` up to it)."""
+        changes = {k: v for stage in self.stages[: index + 1] for k, v in stage.grow.items()}
+        return dataclasses.replace(self.model.options, **changes)
 
 
 TOP_LEVEL = ("run", "data", "model", "stages")

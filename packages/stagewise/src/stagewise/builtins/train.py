@@ -19,8 +19,10 @@ from stagewise.specs import LossSpec
 from stagewise.stage import Stage
 
 if TYPE_CHECKING:
+    from stagewise.data.splits import DataSplits
     from stagewise.engine.objective import Objective
     from stagewise.engine.state import State
+    from stagewise.recipe import Recipe
 
 
 def _default_losses() -> list[LossSpec]:
@@ -106,6 +108,15 @@ class TrainStage(Stage):
     def forward_fn(self, objective: Objective) -> Callable[[dict[str, Any]], dict[str, Any]]:
         """How a batch becomes model outputs; default: the model's forward pass."""
         return objective.outputs
+
+    def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
+        """The split check, plus each loss term's own check against the model at this stage."""
+        model_options = recipe.model_options_at(index)
+        problems = super().check(recipe, index, data)
+        for i, spec in enumerate(self.options.losses):
+            term = spec.component()(spec.options)
+            problems += [f"stages[{index}].losses[{i}]: {p}" for p in term.check(model_options)]
+        return problems
 
     def has_eval(self) -> bool:
         return bool(self.options.eval_split)

@@ -181,6 +181,7 @@ class TrainLoop:
         for name, (term, weight, parts) in record.items():
             sums[name] = sums.get(name, 0.0) + term
             sums[f"{name}/weight"] = sums.get(f"{name}/weight", 0.0) + weight
+            sums[f"{name}/weighted"] = sums.get(f"{name}/weighted", 0.0) + weight * term  # its share of the loss
             for part, v in parts.items():
                 sums[f"{name}/{part}"] = sums.get(f"{name}/{part}", 0.0) + v
         if state.step % state.recipe.run.log_every_n_steps == 0:
