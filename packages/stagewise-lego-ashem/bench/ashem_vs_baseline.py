@@ -1,0 +1,160 @@
+"""ASHEM against its baseline on real text, in one process, on the same data and seed.
+
+    python packages/stagewise-lego-ashem/bench/ashem_vs_baseline.py [--data DIR] [--json OUT.json] [--quick]
+
+DIR holds train.txt, valid.txt and test.txt (WikiText-style plain text). Default: a
+deterministic by-file split of ../shared/data/pd_english written to a temporary directory
+(sorted file list; file i goes to valid when i % 10 == 3, to test when i % 10 == 7, else to
+train). Runs the recipes lego_ashem.baseline and lego_ashem.ashem with the same [data] table
+and seed, then a speed-only measurement (random weights, labelled so) on a shape where the
+layers dominate: dim 256, 8 layers, exit 4, vocabulary 2048, 70% of tokens exiting. Prints a
+table and one JSON line.
+Wall-clock numbers are measurements on a shared machine; counted FLOPs are printed beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from stagewise.compare import check_comparable
+from stagewise.engine.runner import run_recipe
+from stagewise.nn.transformer import TransformerConfig
+from stagewise.recipe import load_recipe
+from stagewise_lego_ashem import metrics
+from stagewise_lego_ashem.evaluation import eval_speedup
+from stagewise_lego_ashem.model import DeepSupervisionTransformer
+from stagewise_lego_ashem.router import Confidence, ConfidenceOptions
+
+DEFAULT_SOURCE = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "pd_english"
+CONTRACT = ("baseline_ppl", "full_depth_ppl", "routed_ppl", "shallow_ratio", "compute_cost", "compute_cost_flops",
+            "speedup_measured", "batch_size", "hard_ppl_before", "hard_ppl_after", "phase2_cache_speedup",
+            "phase2_cache_speedup_flops", "phase2_token_mode_speedup")
+
+
+def split_by_file(source: Path, out: Path) -> Path:
+    """train/valid/test.txt from a directory of .txt files, whole files per split."""
+    files = sorted(source.rglob("*.txt"))
+    if not files:
+        raise SystemExit(f"no .txt files under {source}; pass --data DIR with train.txt, valid.txt, test.txt")
+    parts: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
+    for i, path in enumerate(files):
+        split = "valid" if i % 10 == 3 else "test" if i % 10 == 7 else "train"
+        parts[split].append(path.read_text(encoding="utf-8", errors="replace"))
+    for split, texts in parts.items():
+        (out / f"{split}.txt").write_text("\n".join(texts), encoding="utf-8")
+    return out
+
+
+def settings(data: Path, quick: bool, threads: int) -> list[str]:
+    """--set overrides shared by both recipes (same [data] table and seed), then per recipe."""
+    common = [f"data.path={data}", f"run.threads={threads}"]
+    # quick: 150k tokens per split (the seed trained on 330k) and a 4k vocabulary
+    return common + (["data.max_tokens=150000", "data.max_vocab=4000"] if quick else ["data.max_vocab=8000"])
+
+
+def epochs(quick: bool) -> dict[str, list[str]]:
+    p1, p2 = (4, 4) if quick else (20, 20)
+    curve = ["stages.test.curve_points=6"] if quick else []
+    return {"ashem": [f"stages.phase1.max_epochs={p1}", f"stages.phase2.max_epochs={p2}", *curve],
+            "baseline": [f"stages.train.max_epochs={p1 + p2}"]}
+
+
+def run_both(data: Path, quick: bool, threads: int, out: Path) -> dict[str, dict]:
+    common, per = settings(data, quick, threads), epochs(quick)
+    recipes = {name: load_recipe(f"lego_ashem.{name}", common + per[name]) for name in ("baseline", "ashem")}
+    check_comparable(list(recipes.values()))
+    summaries = {}
+    for name, recipe in recipes.items():
+        started = time.perf_counter()
+        run_dir = run_recipe(recipe, out=out / name, quiet=True)
+        summaries[name] = json.loads((run_dir / "summary.json").read_text())
+        summaries[name]["wall_seconds"] = time.perf_counter() - started
+    return summaries
+
+
+def large_shape_speed() -> dict[str, float]:
+    """Speed only, random weights (labelled so): dim 256, 8 layers, exit 4, vocabulary 2048,
+    batch 32 x 64 tokens, threshold at the 0.3 quantile (70% of the tokens exit)."""
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=2048, n_layer=8, n_embd=256, n_head=4, ffn_hidden=1024, max_seq_len=64)
+    model = DeepSupervisionTransformer(config, exit_layer=4, exit_probe=True).eval()
+    idx = torch.randint(0, 2048, (32, 64), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for measure in ("max_prob", "probe"):
+        router = Confidence(ConfidenceOptions(measure=measure, hard_ratio=0.3))
+        with torch.no_grad():
+            scores, _ = router.score(model, model.exit_hidden(idx))
+            router.calibrate(scores)
+            easy = router.route(scores).masks["easy"]
+        shape = metrics.Shape.of(model)
+        flops = metrics.routed_flops(shape, easy, measure) / metrics.full_depth_flops(shape, torch.ones_like(easy))
+        speed = eval_speedup(model, router, idx, repeats=5)
+        out[f"large_{measure}_compute_cost_flops"] = flops
+        out[f"large_{measure}_speedup_measured"] = speed["speedup_measured"]
+        out[f"large_{measure}_shallow_ratio"] = float(easy.float().mean())
+    return out
+
+
+def collect(summaries: dict[str, dict], large: dict[str, float]) -> dict[str, float]:
+    base, ashem = summaries["baseline"]["metrics"], summaries["ashem"]["metrics"]
+    result = {"baseline_ppl": base["test/ppl"]}
+    result.update({k: ashem[f"test/{k}"] for k in CONTRACT if f"test/{k}" in ashem})
+    result.update({k: ashem[f"phase2/{k}"] for k in CONTRACT if f"phase2/{k}" in ashem})
+    result.update({"exit_ppl": ashem["test/exit_ppl"], "acc": ashem["test/acc"], "baseline_acc": base["test/acc"],
+                   "threshold": ashem["test/threshold"], "mine_hard_ratio": ashem["mine/hard_ratio"],
+                   "phase2_token_mode_speedup_flops": ashem["phase2/phase2_token_mode_speedup_flops"],
+                   **{k: ashem[f"phase2/{k}"] for k in ("phase2_cache_step_ms", "phase2_full_forward_step_ms",
+                                                         "phase2_token_step_ms")},
+                   "routed_ms": ashem["test/routed_ms"], "full_depth_ms": ashem["test/full_depth_ms"],
+                   "baseline_seconds": summaries["baseline"]["wall_seconds"],
+                   "ashem_seconds": summaries["ashem"]["wall_seconds"],
+                   "phase1_seconds": summaries["ashem"]["stages"]["phase1"]["seconds"],
+                   "phase2_seconds": summaries["ashem"]["stages"]["phase2"]["seconds"],
+                   **large, "load_average_1min": os.getloadavg()[0]})
+    result["targets"] = {
+        "routed_within_2pct_of_full_depth": result["routed_ppl"] <= 1.02 * result["full_depth_ppl"],
+        "shallow_ratio_at_least_0.5": result["shallow_ratio"] >= 0.5,
+        "speedup_realises_90pct_of_flops": result["speedup_measured"] >= 0.9 / result["compute_cost_flops"],
+        "large_shape_speedup_at_least_1.2": max(large["large_max_prob_speedup_measured"],
+                                                large["large_probe_speedup_measured"]) >= 1.2,
+        "phase2_cache_realises_90pct": result["phase2_cache_speedup"] >= 0.9 * result["phase2_cache_speedup_flops"],
+    }
+    return result
+
+
+def table(result: dict) -> str:
+    rows = [(k, v) for k, v in result.items() if k != "targets"] + list(result["targets"].items())
+    return "\n".join(f"{k:<40}{v:>14.6g}" if isinstance(v, float) else f"{k:<40}{v!s:>14}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, help="directory with train.txt, valid.txt, test.txt")
+    parser.add_argument("--json", type=Path, help="also write the result to this file")
+    parser.add_argument("--quick", action="store_true", help="150k-token splits, 4 + 4 epochs (< 10 minutes)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared 2-core machine more threads oversubscribe)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data or split_by_file(DEFAULT_SOURCE.resolve(), Path(tmp))
+        summaries = run_both(data, args.quick, args.threads, Path(tmp) / "runs")
+    result = collect(summaries, large_shape_speed())
+    print(table(result))
+    line = json.dumps(result)
+    print(line)
+    if args.json:
+        args.json.write_text(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Routed evaluation: exact metric sums over a split, the accuracy-compute curve, speedups.
+
+The functional core is :func:`evaluate_routed` (tensors and a router in, numbers out); the
+stages in :mod:`.stages` call it. Perplexities are exp(sum of token NLL / tokens), accumulated
+in float64, so the numbers do not depend on batch boundaries' rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import stagewise
+from stagewise.loss import perplexity
+from stagewise_lego_ashem import metrics, mining, timing
+from stagewise_lego_ashem.routed import routed_forward, upper_forward
+from stagewise_lego_ashem.router import Confidence, ConfidenceOptions
+
+
+def router_of(state: stagewise.State, measure: str | None = None) -> Confidence:
+    """The router the run calibrated (measure, hard_ratio from the artifact; threshold from the model)."""
+    settings = state.artifacts.get(mining.ROUTER, {})
+    router = Confidence(ConfidenceOptions(measure=measure or settings.get("measure", "max_prob"),
+                                          hard_ratio=settings.get("hard_ratio", 0.5)))
+    router.threshold = state.model.threshold
+    return router
+
+
+@torch.no_grad()
+def evaluate_routed(state: stagewise.State, batches: Iterable[dict[str, Any]], router: Confidence,
+                    threshold: float | None = None, full: bool = False) -> dict[str, float]:
+    """Routed metrics over ``batches``: ``routed_loss``, ``routed_ppl``, ``acc``, ``shallow_ratio``,
+    ``compute_cost``, ``compute_cost_flops``; with ``full`` also the full-depth and exit-layer
+    metrics and the hard tokens' perplexity before (exit layer) and after (routed)."""
+    model = state.model
+    threshold = router.threshold if threshold is None else threshold
+    shape = metrics.Shape.of(model)
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    for batch in batches:
+        idx, target = batch["input"], batch["target"]
+        out = routed_forward(model, idx, router, threshold, keep_exit_logits=full)
+        easy = out["easy"]
+        routed_nll = _nll(out["logits"], target)
+        _add(sums, n=target.numel(), easy=float(easy.sum()), nll=float(routed_nll.double().sum()),
+             correct=float((out["logits"].argmax(-1) == target).sum()),
+             flops=metrics.routed_flops(shape, easy, router.options.measure),
+             full_flops=metrics.full_depth_flops(shape, torch.ones_like(easy)))
+        if full:
+            logits = model(idx)["logits"]
+            exit_logits = out["exit_logits"]
+            if exit_logits is None:
+                exit_logits = model.logits_from_hidden(model.exit_hidden(idx))
+            exit_nll, hard = _nll(exit_logits, target), ~easy
+            _add(sums, full_nll=float(_nll(logits, target).double().sum()),
+                 full_correct=float((logits.argmax(-1) == target).sum()),
+                 exit_nll=float(exit_nll.double().sum()), hard=float(hard.sum()),
+                 hard_before=float(exit_nll[hard].double().sum()), hard_after=float(routed_nll[hard].double().sum()))
+    model.train(was_training)
+    return _summarize(sums, model.exit_layer, model.config.n_layer)
+
+
+def _nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (B, T)
+
+
+def _add(sums: dict[str, float], **values: float) -> None:
+    for key, value in values.items():
+        sums[key] = sums.get(key, 0.0) + value
+
+
+def _summarize(s: dict[str, float], exit_layer: int, n_layer: int) -> dict[str, float]:
+    n = s["n"]
+    out = {"routed_loss": s["nll"] / n, "routed_ppl": perplexity(s["nll"] / n), "acc": s["correct"] / n,
+           "shallow_ratio": s["easy"] / n,
+           "compute_cost": metrics.seed_compute_cost(int(s["easy"]), int(n), exit_layer, n_layer),
+           "compute_cost_flops": s["flops"] / s["full_flops"]}
+    if "full_nll" in s:
+        hard = s["hard"]
+        out.update({"full_depth_ppl": perplexity(s["full_nll"] / n), "full_depth_acc": s["full_correct"] / n,
+                    "exit_ppl": perplexity(s["exit_nll"] / n),
+                    "hard_ppl_before": perplexity(s["hard_before"] / hard) if hard else math.nan,
+                    "hard_ppl_after": perplexity(s["hard_after"] / hard) if hard else math.nan})
+    return out
+
+
+def routed_report(state: stagewise.State, options: Any) -> dict[str, Any]:
+    """Everything ``lego_ashem.evaluate_routed`` reports (see its docstring)."""
+    router = router_of(state)
+    result = evaluate_routed(state, state.batches(options.split), router, full=True)
+    report = {"acc": result["acc"], "ppl": result["routed_ppl"], "threshold": router.threshold, **result}
+    if options.measure_speed:
+        report.update(eval_speedup(state.model, router, _first_windows(state.data[options.split],
+                                                                       options.speed_batch_size, state.device),
+                                   options.speed_repeats))
+    if options.curve_points:
+        accuracy_compute_curve(state, options.split, router, options.curve_points)
+    return report
+
+
+def eval_speedup(model: torch.nn.Module, router: Confidence, idx: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Wall-clock full-depth forward over routed forward on the same batch idx (B, T)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        full = timing.median_seconds(lambda: model(idx)["logits"], repeats)
+        routed = timing.median_seconds(lambda: routed_forward(model, idx, router, router.threshold), repeats)
+    model.train(was_training)
+    return {"speedup_measured": full / routed, "batch_size": idx.size(0),
+            "full_depth_ms": 1e3 * full, "routed_ms": 1e3 * routed}
+
+
+def accuracy_compute_curve(state: stagewise.State, split: str, router: Confidence, points: int) -> list[dict]:
+    """Routed accuracy, perplexity and cost at thresholds spread over the calibration quantiles;
+    printed as a table, logged as a ``lego_ashem.curve`` record and drawn with ``[plots]``."""
+    quantiles = state.artifacts[mining.ROUTER]["quantiles"]
+    picks = sorted({round(i * (len(quantiles) - 1) / max(points - 1, 1)) for i in range(points)})
+    rows = []
+    for i in picks:
+        threshold = quantiles[i] if i < len(quantiles) - 1 else math.inf  # the top quantile: nobody exits
+        r = evaluate_routed(state, state.batches(split), router, threshold=threshold)
+        rows.append({"threshold": threshold, **{k: r[k] for k in
+                     ("shallow_ratio", "acc", "routed_ppl", "compute_cost", "compute_cost_flops")}})
+    state.log("lego_ashem.curve", split=split, points=rows)
+    state.print(_curve_table(rows))
+    if state.run_dir is not None:
+        from stagewise.plots import line_plot
+
+        line_plot(state.run_dir.plot_path("accuracy_compute.png"),
+                  {"routed, threshold sweep": ([r["compute_cost_flops"] for r in rows], [r["acc"] for r in rows])},
+                  title=f"accuracy vs compute ({split})", xlabel="compute_cost_flops (1 = full depth)",
+                  ylabel="accuracy")
+    return rows
+
+
+def _curve_table(rows: list[dict]) -> str:
+    head = f"{'threshold':>10}{'shallow':>9}{'acc':>8}{'ppl':>10}{'cost':>7}{'flops':>7}"
+    lines = [head] + [f"{r['threshold']:>10.4g}{r['shallow_ratio']:>9.3f}{r['acc']:>8.4f}{r['routed_ppl']:>10.2f}"
+                      f"{r['compute_cost']:>7.3f}{r['compute_cost_flops']:>7.3f}" for r in rows]
+    return "\n".join(lines)
+
+
+def _first_windows(dataset: Any, n: int, device: torch.device) -> torch.Tensor:
+    n = min(n, len(dataset))
+    return torch.stack([dataset[i]["input"] for i in range(n)]).to(device)  # (n, T)
+
+
+def phase2_speedups(state: stagewise.State, cache: dict[str, Any], split: Any, repeats: int) -> dict[str, float]:
+    """Measured and counted speedups of phase-2 training from the cache, on the first batch.
+
+    ``phase2_cache_speedup``: a full-forward step (embedding and frozen lower layers recomputed,
+    then the same routed upper-layer step) over a step from the cache. With full context the
+    upper layers still run for every position, so the saving is the lower layers' forward.
+    ``phase2_token_mode_speedup``: a full-forward epoch over a token-mode epoch (the hard tokens
+    alone, length 1), each estimated as its step time × its number of steps.
+    """
+    model, B = state.model, state.recipe.data.batch_size
+    shape = metrics.Shape.of(model)
+    hidden, hard = cache["hidden"][:B].to(state.device), cache["hard"][:B].to(state.device)
+    target = cache["target"][:B].to(state.device)[hard]
+    idx = _first_windows(split, B, state.device)
+    forward = upper_forward(model, "full")
+
+    def from_cache() -> torch.Tensor:
+        return F.cross_entropy(forward({"hidden": hidden, "hard": hard})["logits"], target)
+
+    def full_forward() -> torch.Tensor:
+        with torch.no_grad():
+            h = model.exit_hidden(idx)  # what the cache saves
+        return F.cross_entropy(forward({"hidden": h, "hard": hard})["logits"], target)
+
+    tokens = mining.TokenCache(cache)
+    token_h = tokens.hidden[:B].unsqueeze(1).to(state.device)  # (B, 1, C)
+    token_target = tokens.target[:B].to(state.device)
+
+    def token_step() -> torch.Tensor:
+        return F.cross_entropy(upper_forward(model, "token")({"hidden": token_h})["logits"], token_target)
+
+    seconds = timing.train_step_seconds(model, {"cache": from_cache, "full": full_forward, "token": token_step},
+                                        repeats)
+    t_cache, t_full, t_token = seconds["cache"], seconds["full"], seconds["token"]
+    counted = metrics.phase2_step_flops(shape, hard)
+    seq_steps, token_steps = math.ceil(len(cache["hidden"]) / B), math.ceil(len(tokens) / B)
+    full_epoch = seq_steps * (counted["lower"] + counted["cache"])
+    return {"phase2_cache_speedup": t_full / t_cache,
+            "phase2_cache_speedup_flops": (counted["lower"] + counted["cache"]) / counted["cache"],
+            "phase2_token_mode_speedup": (t_full * seq_steps) / (t_token * token_steps),
+            "phase2_token_mode_speedup_flops": full_epoch / (token_steps * metrics.token_step_flops(shape, B)),
+            "phase2_cache_step_ms": 1e3 * t_cache, "phase2_full_forward_step_ms": 1e3 * t_full,
+            "phase2_token_step_ms": 1e3 * t_token}

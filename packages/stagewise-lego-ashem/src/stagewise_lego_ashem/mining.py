@@ -1,0 +1,79 @@
+"""Per-token hard-example mining and the cache of exit-layer hidden states.
+
+Mining is per token, never per sequence: the seed's central lesson (mining whole sequences
+that hold one hard token marked ~100% of the data hard and undid Phase 2). The cache holds the
+exit-layer hidden states of a whole split once, so Phase 2 never recomputes the frozen lower
+layers: ``context = "full"`` trains on cached full sequences (loss on hard tokens only),
+``context = "token"`` on the hard tokens alone as length-1 sequences (the seed's way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from stagewise_lego_ashem.router import Confidence
+
+CACHE = "lego_ashem.cache"  # artifact: {"split", "exit_layer", "hidden", "target", "hard"}
+ROUTER = "lego_ashem.router"  # artifact: {"measure", "hard_ratio", "threshold", "calib_split", "quantiles"}
+
+
+@torch.no_grad()
+def exit_states(model: torch.nn.Module, batches: Iterable[dict[str, Any]],
+                router: Confidence) -> dict[str, torch.Tensor]:
+    """Exit-layer hidden states, confidences and targets of every window of ``batches``.
+
+    Returns ``{"hidden": (N, T, C), "scores": (N, T), "target": (N, T), "nll": (N, T)}``; ``nll``
+    is the exit layer's per-token loss (NaN with the probe, which computes no exit logits).
+    """
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {"hidden": [], "scores": [], "target": [], "nll": []}
+    for batch in batches:
+        h = model.exit_hidden(batch["input"])  # (B, T, C)
+        scores, logits = router.score(model, h)
+        target = batch["target"]
+        nll = (torch.full(target.shape, float("nan")) if logits is None else
+               torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none"))
+        for key, value in (("hidden", h), ("scores", scores), ("target", target), ("nll", nll)):
+            parts[key].append(value.cpu())
+    model.train(was_training)
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def score_quantiles(scores: torch.Tensor, points: int = 21) -> list[float]:
+    """Evenly spaced quantiles (0, 1/(points-1), ..., 1) of the calibration confidences: the
+    thresholds of the accuracy-compute curve, kept with the router so evaluation needs no rerun."""
+    qs = torch.linspace(0, 1, points, dtype=torch.float64)
+    return [float(v) for v in torch.quantile(scores.flatten().double(), qs)]
+
+
+class SequenceCache(Dataset):
+    """Cached full windows: item i is ``{"hidden": (T, C), "target": (T,), "hard": (T,) bool}``."""
+
+    def __init__(self, cache: dict[str, Any]):
+        self.hidden, self.target, self.hard = cache["hidden"], cache["target"], cache["hard"]
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"hidden": self.hidden[i], "target": self.target[i], "hard": self.hard[i]}
+
+
+class TokenCache(Dataset):
+    """The hard tokens alone: item j is ``{"hidden": (1, C), "target": ()}`` (the seed's loader)."""
+
+    def __init__(self, cache: dict[str, Any]):
+        hard = cache["hard"]
+        self.hidden = cache["hidden"][hard]  # (n_hard, C), row-major order of (window, position)
+        self.target = cache["target"][hard]  # (n_hard,)
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
+        return {"hidden": self.hidden[j].unsqueeze(0), "target": self.target[j]}

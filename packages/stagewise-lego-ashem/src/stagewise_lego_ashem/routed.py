@@ -1,0 +1,181 @@
+"""Routed early exit that really skips work: every token runs to the exit layer; easy tokens
+stop there, hard tokens continue through the upper layers.
+
+In each upper block, keys and values are computed for every position (a hard token attends
+to its whole causal context), but queries, the attention output, the projection and the
+feed-forward only for the hard rows: gather -> run -> scatter. An easy token's residual stream
+stays at its exit state, so its upper-layer keys/values are computed from that state — the
+same rule as routed generation with a KV cache (:func:`generate_routed`), and as phase-2
+training in ``context = "full"``, so training and inference see the same context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from stagewise.nn.transformer import Block, apply_rope
+
+if TYPE_CHECKING:
+    from stagewise_lego_ashem.model import DeepSupervisionTransformer
+    from stagewise_lego_ashem.router import Confidence
+
+
+def routed_layers(model: DeepSupervisionTransformer, h: torch.Tensor, hard: torch.Tensor,
+                  start: int, end: int) -> torch.Tensor:
+    """Blocks ``start..end-1`` on h (B, T, C) for the ``hard`` (B, T) rows only; others unchanged."""
+    if bool(hard.all()):
+        return model.run_layers(h, start, end)  # nothing to skip: core's path, bit for bit
+    if not bool(hard.any()):
+        return h
+    T = h.size(1)
+    rows = _HardRows(hard)
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]  # (T, hd/2)
+    for block in model.layers[start:end]:
+        h = _routed_block(block, h, rows, cos, sin)
+    return h
+
+
+class _HardRows:
+    """Where the hard rows are: flat (b, t) indices, and a per-sequence padded layout (B, M)."""
+
+    def __init__(self, hard: torch.Tensor):
+        self.b, self.t = hard.nonzero(as_tuple=True)  # (n,) each, row-major
+        slot = hard.long().cumsum(1) - 1  # (B, T): rank of a hard row within its sequence
+        self.slot = slot[self.b, self.t]  # (n,)
+        B, M = hard.size(0), int(hard.sum(1).max())
+        # padded slots attend to position 0 only (their result is dropped): no empty softmax row
+        self.pos = torch.zeros(B, M, dtype=torch.long, device=hard.device)
+        self.pos[self.b, self.slot] = self.t  # (B, M): the position each slot's query sits at
+        self.shape = (B, M)
+
+
+def _routed_block(block: Block, h: torch.Tensor, rows: _HardRows, cos: torch.Tensor,
+                  sin: torch.Tensor) -> torch.Tensor:
+    """One pre-norm block with keys/values for every position, everything else for hard rows."""
+    B, T, C = h.shape
+    attn = block.attn
+    nh, hd = attn.n_head, C // attn.n_head
+    M = rows.shape[1]
+    x = block.attn_norm(h)  # (B, T, C)
+    w_q, w_kv = attn.qkv.weight[:C], attn.qkv.weight[C:]
+    k, v = F.linear(x, w_kv).view(B, T, 2, nh, hd).permute(2, 0, 3, 1, 4)  # (B, nh, T, hd) each
+    k = apply_rope(k, cos, sin)
+    q = x.new_zeros(B, M, C)
+    q[rows.b, rows.slot] = F.linear(x[rows.b, rows.t], w_q)  # queries of the hard rows only
+    q = q.view(B, M, nh, hd).transpose(1, 2)  # (B, nh, M, hd)
+    q = apply_rope(q, cos[rows.pos].unsqueeze(1), sin[rows.pos].unsqueeze(1))
+    causal = torch.arange(T, device=h.device) <= rows.pos.unsqueeze(-1)  # (B, M, T)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal.unsqueeze(1))  # (B, nh, M, hd)
+    y = y.transpose(1, 2).reshape(B, M, C)[rows.b, rows.slot]  # (n, C)
+    hr = h[rows.b, rows.t] + attn.proj(y)  # dropout is off in eval; routed training uses none
+    hr = hr + block.ffn(block.ffn_norm(hr))
+    return h.index_put((rows.b, rows.t), hr)  # out of place: autograd-safe
+
+
+@torch.no_grad()
+def routed_forward(model: DeepSupervisionTransformer, idx: torch.Tensor, router: Confidence,
+                   threshold: float, keep_exit_logits: bool = False) -> dict[str, Any]:
+    """Routed logits of idx (B, T): {"logits": (B, T, V), "easy": (B, T) bool, "exit_logits"}.
+
+    Easy tokens take the exit layer's logits, hard tokens the last layer's. With a softmax
+    measure the exit logits of every token are computed anyway (they give the confidence) and
+    the hard rows are written over them in place; ``keep_exit_logits`` keeps a copy (else
+    ``"exit_logits"`` is None). With the probe only the easy tokens pay for the exit head.
+    """
+    h = model.exit_hidden(idx)  # (B, T, C)
+    scores, exit_logits = router.score(model, h)
+    easy = router.route(scores, threshold).masks["easy"]  # (B, T)
+    hard = ~easy
+    deep = routed_layers(model, h, hard, model.exit_layer, model.config.n_layer)
+    if exit_logits is None:
+        logits = h.new_empty(*easy.shape, model.config.vocab_size)
+        logits[easy] = model.logits_from_hidden(h[easy])
+    else:
+        logits = exit_logits.clone() if keep_exit_logits else exit_logits
+    logits[hard] = model.logits_from_hidden(deep[hard])
+    return {"logits": logits, "easy": easy, "exit_logits": exit_logits if keep_exit_logits else None}
+
+
+def upper_forward(model: torch.nn.Module, context: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Cached exit states -> logits of the tokens that carry a loss: (n_hard, V) or (B, V)."""
+    start, end = model.exit_layer, model.config.n_layer
+
+    def forward(batch: dict[str, Any]) -> dict[str, Any]:
+        if context == "full":
+            h = routed_layers(model, batch["hidden"], batch["hard"], start, end)  # (B, T, C)
+            return {"logits": model.logits_from_hidden(h[batch["hard"]])}
+        h = model.run_layers(batch["hidden"], start, end)  # (B, 1, C): no context, RoPE position 0
+        return {"logits": model.logits_from_hidden(h[:, 0])}
+
+    return forward
+
+
+@torch.no_grad()
+def generate_routed(model: DeepSupervisionTransformer, idx: torch.Tensor, max_new_tokens: int,
+                    router: Confidence, threshold: float) -> dict[str, torch.Tensor]:
+    """Greedy routed generation with a KV cache: each token runs to the exit layer and exits
+    there or continues, per sequence; an exited token's upper-layer keys/values are filled from
+    its exit state, so later hard tokens attend over a complete context (the seed's "true early
+    exit" left them out). Prompt tokens go through the same rule, one position at a time.
+
+    Returns ``{"tokens": (B, T + n), "logits": (B, T + n - 1, V), "easy": (B, T + n - 1)}``:
+    the logits and exit decision at every position fed in, equal to :func:`routed_forward` on
+    ``tokens[:, :-1]``.
+    """
+    T, limit = idx.size(1), model.config.max_seq_len
+    if T + max_new_tokens - 1 > limit:
+        raise ValueError(f"prompt {T} + {max_new_tokens} new tokens exceeds max_seq_len {limit}")
+    cache: list[list[torch.Tensor]] = [[] for _ in model.layers]  # per block: [keys, values], (B, nh, t, hd)
+    tokens, logits, easy = idx, [], []
+    for pos in range(T + max_new_tokens - 1):
+        step_logits, step_easy = _routed_step(model, tokens[:, pos:pos + 1], pos, cache, router, threshold)
+        logits.append(step_logits)
+        easy.append(step_easy)
+        if pos >= T - 1:  # past the prompt: append the greedy choice
+            tokens = torch.cat([tokens, step_logits.argmax(-1, keepdim=True)], dim=1)
+    return {"tokens": tokens, "logits": torch.stack(logits, 1), "easy": torch.stack(easy, 1)}
+
+
+def _routed_step(model: DeepSupervisionTransformer, token: torch.Tensor, pos: int, cache: list,
+                 router: Confidence, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One position (B, 1) through the cached blocks: (logits (B, V), easy (B,))."""
+    h = model.embed(token)  # (B, 1, C); embed checks nothing about pos: the caller bounds it
+    every = torch.ones(h.size(0), dtype=torch.bool, device=h.device)
+    for layer in range(model.exit_layer):
+        h = _cached_block(model, layer, h, every, pos, cache)
+    scores, exit_logits = router.score(model, h)  # (B, 1)
+    easy = router.route(scores, threshold).masks["easy"][:, 0]  # (B,)
+    for layer in range(model.exit_layer, model.config.n_layer):
+        h = _cached_block(model, layer, h, ~easy, pos, cache)
+    logits = h.new_empty(h.size(0), model.config.vocab_size)
+    logits[easy] = (exit_logits[:, 0] if exit_logits is not None else model.logits_from_hidden(h[:, 0]))[easy]
+    logits[~easy] = model.logits_from_hidden(h[~easy, 0])
+    return logits, easy
+
+
+def _cached_block(model: DeepSupervisionTransformer, layer: int, h: torch.Tensor, rows: torch.Tensor,
+                  pos: int, cache: list) -> torch.Tensor:
+    """Block ``layer`` at position ``pos`` for h (B, 1, C): keys/values of every row join the
+    cache; the ``rows`` (B,) get the rest of the block, the others keep h."""
+    block = model.layers[layer]
+    B, _, C = h.shape
+    nh, hd = block.attn.n_head, C // block.attn.n_head
+    cos, sin = model.rope_cos[pos:pos + 1], model.rope_sin[pos:pos + 1]  # (1, hd/2)
+    x = block.attn_norm(h)
+    k, v = F.linear(x, block.attn.qkv.weight[C:]).view(B, 1, 2, nh, hd).permute(2, 0, 3, 1, 4)  # (B, nh, 1, hd)
+    k = apply_rope(k, cos, sin)
+    if cache[layer]:
+        k, v = torch.cat([cache[layer][0], k], 2), torch.cat([cache[layer][1], v], 2)
+    cache[layer] = [k, v]  # (B, nh, pos + 1, hd)
+    sel = rows.nonzero().squeeze(1)
+    if sel.numel() == 0:
+        return h
+    q = F.linear(x[sel], block.attn.qkv.weight[:C]).view(-1, 1, nh, hd).transpose(1, 2)  # (n, nh, 1, hd)
+    y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), k[sel], v[sel])  # the past only: no mask
+    hr = h[sel] + block.attn.proj(y.transpose(1, 2).reshape(-1, 1, C))
+    hr = hr + block.ffn(block.ffn_norm(hr))
+    return h.index_copy(0, sel, hr)

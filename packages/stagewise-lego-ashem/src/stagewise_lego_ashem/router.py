@@ -1,0 +1,86 @@
+"""``lego_ashem.confidence``: per-token confidence at the exit layer; low confidence is "hard".
+
+The seed's router: confidence is the maximum softmax probability of the exit layer's logits,
+and the threshold is the ``hard_ratio`` quantile of the confidences on a calibration split, so
+that ``hard_ratio`` of its tokens come out hard (``confidence < threshold``). Also the top-2
+margin, the negative entropy, and a learned exit probe (``measure = "probe"``: the model's
+``exit_probe`` scores the exit hidden state, so no exit softmax is needed to route).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+import stagewise
+
+Measure = Literal["max_prob", "margin", "neg_entropy", "probe"]
+SOFTMAX_MEASURES = ("max_prob", "margin", "neg_entropy")
+
+
+@dataclass
+class ConfidenceOptions:
+    measure: Measure = "max_prob"  # max_prob (the seed's), margin (top-1 minus top-2), neg_entropy, probe
+    hard_ratio: float = 0.5  # fraction of the calibration tokens that come out hard (the seed's hard_example_ratio)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.hard_ratio < 1:
+            raise ValueError(f"hard_ratio must be strictly between 0 and 1, got {self.hard_ratio}")
+
+
+def confidence_from_logits(logits: torch.Tensor, measure: str) -> torch.Tensor:
+    """Confidence of logits (..., V) -> (...): higher means surer."""
+    if measure == "max_prob":
+        logits = logits.float()
+        return torch.exp(logits.amax(-1) - torch.logsumexp(logits, -1))  # = max softmax, no (B, T, V) temporary
+    if measure == "margin":
+        top2 = torch.softmax(logits.float(), dim=-1).topk(2, dim=-1).values  # (..., 2)
+        return top2[..., 0] - top2[..., 1]
+    if measure == "neg_entropy":
+        log_p = F.log_softmax(logits.float(), dim=-1)
+        return (log_p.exp() * log_p).sum(-1)
+    raise ValueError(f"measure {measure!r} does not score logits; use one of {', '.join(SOFTMAX_MEASURES)}")
+
+
+def quantile_threshold(scores: torch.Tensor, hard_ratio: float) -> float:
+    """The confidence below which a ``hard_ratio`` fraction of ``scores`` lies (torch.quantile)."""
+    return float(torch.quantile(scores.flatten().double(), hard_ratio))
+
+
+class Confidence(stagewise.Router):
+    """Route tokens to ``"easy"`` (exit: confidence >= threshold) or ``"hard"`` (continue).
+
+    ``score(model, h_exit)`` gives (confidence (B, T), exit logits (B, T, V) or None for the
+    probe); ``calibrate(scores)`` sets ``threshold``; ``route(scores)`` splits. State:
+    ``{"threshold": float}``.
+    """
+
+    name = "lego_ashem.confidence"
+    Options = ConfidenceOptions
+
+    def __init__(self, options: ConfidenceOptions | None = None):
+        super().__init__(options)
+        self.threshold: float | None = None
+
+    def score(self, model: torch.nn.Module, h_exit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.options.measure == "probe":
+            if getattr(model, "exit_probe", None) is None:
+                raise ValueError("measure 'probe' needs a model with exit_probe = true, trained by "
+                                 "lego_ashem.train_exit_probe")
+            return torch.sigmoid(model.exit_probe(h_exit).squeeze(-1).float()), None
+        logits = model.logits_from_hidden(h_exit)  # (B, T, V): the exit's full-vocabulary head
+        return confidence_from_logits(logits, self.options.measure), logits
+
+    def calibrate(self, scores: torch.Tensor) -> dict[str, float]:
+        self.threshold = quantile_threshold(scores, self.options.hard_ratio)
+        return {"threshold": self.threshold}
+
+    def route(self, scores: torch.Tensor, threshold: float | None = None) -> stagewise.Routing:
+        threshold = self.threshold if threshold is None else threshold
+        if threshold is None:
+            raise RuntimeError("lego_ashem.confidence: call calibrate() (or pass a threshold) before route()")
+        easy = scores >= threshold
+        return stagewise.Routing(masks={"easy": easy, "hard": ~easy}, scores=scores)

@@ -1,0 +1,328 @@
+"""The ASHEM stages: mine hard tokens, train the upper block from the cache, evaluate routed.
+
+``lego_ashem.mine`` calibrates the router and caches exit-layer hidden states; it hands two
+artifacts to later stages (``lego_ashem.router``, ``lego_ashem.cache``, see :mod:`.mining`).
+``lego_ashem.train_upper_layers`` is ``stagewise.train`` fed from that cache.
+``lego_ashem.train_exit_probe`` fits the learned exit classifier; ``lego_ashem.evaluate_routed``
+reports routed metrics on a held-out split. Every stage checks the recipe before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+import stagewise
+from stagewise.builtins.train import TrainOptions
+from stagewise.engine.batches import count_batches
+from stagewise.loss import perplexity
+from stagewise.schema import as_table
+from stagewise.specs import RouterSpec
+from stagewise_lego_ashem import mining, probe
+from stagewise_lego_ashem.evaluation import evaluate_routed, phase2_speedups, routed_report, router_of
+from stagewise_lego_ashem.model import DeepSupervisionOptions
+from stagewise_lego_ashem.routed import upper_forward
+
+if TYPE_CHECKING:
+    from stagewise.data.splits import DataSplits
+    from stagewise.recipe import Recipe
+
+MODEL = "lego_ashem.deep_supervision_transformer"
+
+
+# --- lego_ashem.mine -------------------------------------------------------------------------
+
+
+@dataclass
+class MineOptions:
+    router: RouterSpec  # e.g. { use = "lego_ashem.confidence", hard_ratio = 0.5 }
+    calib_split: str = "valid"  # the threshold is the hard_ratio quantile of this split's confidences
+    split: str = "train"  # mined per token and cached; phase 2 trains on it. Evaluate elsewhere
+
+
+class Mine(stagewise.Stage):
+    """Calibrate the router on ``calib_split``, set the model's ``routing_threshold``, and cache
+    the exit-layer hidden states of ``split`` with a per-token hard mask. Trains nothing.
+
+    Reports ``<stage>/threshold``, ``calib_hard_ratio``, ``hard_ratio`` (on ``split``),
+    ``hard_tokens``, ``tokens``, ``hard_ppl`` (the exit layer's perplexity on the mined hard
+    tokens: the seed's "Phase 1 Hard PPL") and ``mean_hard_confidence``.
+    """
+
+    name = "lego_ashem.mine"
+    Options = MineOptions
+
+    def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
+        problems = super().check(recipe, index, data) + _model_problems(recipe, index, self.name)
+        if self.options.router.use != "lego_ashem.confidence":
+            problems.append(f"stages[{index}].router.use: {self.name} calibrates a lego_ashem.confidence "
+                            f"router, got {self.options.router.use!r}")
+        elif self.options.router.options.measure == "probe":
+            problems.append(f"stages[{index}].router.measure: mine with a softmax measure; the probe is "
+                            f"trained later by lego_ashem.train_exit_probe")
+        return problems
+
+    def run(self, state: stagewise.State) -> dict[str, Any]:
+        o, model = self.options, state.model
+        router = o.router.component()(o.router.options)
+        calib = mining.exit_states(model, state.batches(o.calib_split), router)
+        router.calibrate(calib["scores"])
+        model.set_threshold(router.threshold)
+        calib_hard = router.route(calib["scores"]).ratio("hard")
+        mined = mining.exit_states(model, state.batches(o.split), router)
+        hard = router.route(mined["scores"]).masks["hard"]  # (N, T): per token, never per sequence
+        state.artifacts[mining.CACHE] = {"split": o.split, "exit_layer": model.exit_layer,
+                                         "hidden": mined["hidden"], "target": mined["target"], "hard": hard}
+        state.artifacts[mining.ROUTER] = {**as_table(o.router.options), "threshold": router.threshold,
+                                          "calib_split": o.calib_split,
+                                          "quantiles": mining.score_quantiles(calib["scores"])}
+        n_hard = int(hard.sum())
+        return {f"{self.label}/{k}": v for k, v in {
+            "threshold": router.threshold, "calib_hard_ratio": calib_hard,
+            "hard_ratio": n_hard / hard.numel(), "hard_tokens": n_hard, "tokens": hard.numel(),
+            "hard_ppl": _ppl(mined["nll"][hard]),
+            "mean_hard_confidence": float(mined["scores"][hard].double().mean()),
+        }.items()}
+
+
+def _ppl(nll: torch.Tensor) -> float:
+    """Perplexity of per-token losses (exp of their float64 mean)."""
+    return perplexity(float(nll.double().mean()))
+
+
+# --- lego_ashem.train_upper_layers -----------------------------------------------------------
+
+
+@dataclass
+class TrainUpperOptions(TrainOptions):
+    """Every key of ``stagewise.train``, plus:"""
+
+    # full: cached windows, upper layers see the whole context (easy positions as keys/values
+    # from their exit state, as in routed inference), loss on hard tokens only.
+    # token: the hard tokens alone as length-1 sequences (the seed's train_upper_layers)
+    context: Literal["full", "token"] = "full"
+    measure_speed: bool = True  # time cached vs full-forward phase-2 steps (wall clock) at the end
+    speed_repeats: int = 5  # timed steps per variant (median of interleaved rounds)
+
+
+class TrainUpperLayers(stagewise.TrainStage):
+    """Train the blocks above the exit layer from the hidden states ``lego_ashem.mine`` cached:
+    the frozen lower layers are never recomputed. Evaluates the routed model on ``eval_split``
+    each epoch (``val/loss``, ``val/ppl``, ``val/acc``, ``val/shallow_ratio``); in token mode also
+    ``val/mined_hard_ppl``, the perplexity on the cached training tokens (the seed's "Hard PPL").
+
+    With ``measure_speed``: ``<stage>/phase2_cache_speedup`` (a full-forward step over the
+    time of a step from the cache, same windows), ``<stage>/phase2_cache_speedup_flops``, and
+    ``<stage>/phase2_token_mode_speedup`` (a full-forward epoch over a token-mode epoch).
+    Raises ConfigError before the run when no ``lego_ashem.mine`` stage comes first or no layer
+    lies above the exit.
+    """
+
+    name = "lego_ashem.train_upper_layers"
+    Options = TrainUpperOptions
+
+    def __init__(self, options: TrainUpperOptions | None = None, label: str | None = None):
+        super().__init__(options, label)
+        self._data: torch.utils.data.Dataset | None = None  # the cache as a dataset, built on first use
+
+    def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
+        problems = super().check(recipe, index, data) + _model_problems(recipe, index, self.name)
+        if not _earlier(recipe, index, "lego_ashem.mine"):
+            problems.append(f"stages[{index}] ({self.label}): {self.name} trains from the cache of hidden "
+                            f"states that lego_ashem.mine writes; add a lego_ashem.mine stage before it")
+        options = _model_options_at(recipe, index)
+        if options is not None and options.exit_layer >= options.n_layer:
+            problems.append(f"stages[{index}] ({self.label}): no layer above exit_layer {options.exit_layer} "
+                            f"(n_layer {options.n_layer}); grow the model first, e.g. grow = {{ n_layer = "
+                            f"{2 * options.exit_layer} }}")
+        return problems
+
+    def run(self, state: stagewise.State) -> dict[str, Any]:
+        cache = self._cache(state)
+        if cache["exit_layer"] != state.model.exit_layer:
+            raise stagewise.ConfigError([f"stages.{self.label}: the cache holds layer {cache['exit_layer']}'s "
+                                         f"states but the model exits at {state.model.exit_layer}"])
+        metrics = super().run(state)
+        if self.options.measure_speed:
+            split = state.data[cache["split"]]
+            metrics.update({f"{self.label}/{k}": v for k, v in phase2_speedups(
+                state, cache, split, self.options.speed_repeats).items()})
+        return metrics
+
+    def train_batches(self, state: stagewise.State, epoch: int, start: int) -> Iterator[dict[str, Any]]:
+        for batch in state.batches(self._dataset(state), train=True, epoch=epoch, start=start):
+            yield cache_batch(batch)
+
+    def steps_per_epoch(self, state: stagewise.State) -> int:
+        n = count_batches(state, self._dataset(state), train=True)
+        return min(n, self.options.max_steps_per_epoch or n)
+
+    def forward_fn(self, objective: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        return upper_forward(objective.model, self.options.context)
+
+    def evaluate(self, state: stagewise.State, objective: Any) -> dict[str, float]:
+        if not self.has_eval():
+            return {}
+        routed = evaluate_routed(state, state.batches(self.options.eval_split), router_of(state))
+        metrics = {"val/loss": routed["routed_loss"], "val/ppl": routed["routed_ppl"],
+                   "val/acc": routed["acc"], "val/shallow_ratio": routed["shallow_ratio"]}
+        if self.options.context == "token":
+            metrics["val/mined_hard_ppl"] = mined_hard_ppl(state, self._dataset(state))
+        return metrics
+
+    def _cache(self, state: stagewise.State) -> dict[str, Any]:
+        return state.artifacts[mining.CACHE]
+
+    def _dataset(self, state: stagewise.State) -> torch.utils.data.Dataset:
+        if self._data is None:
+            cache = self._cache(state)
+            self._data = mining.SequenceCache(cache) if self.options.context == "full" else mining.TokenCache(cache)
+        return self._data
+
+
+def cache_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch of the cache as the loss sees it: ``target`` holds the hard tokens' targets only."""
+    if "hard" in batch:
+        return {"hidden": batch["hidden"], "hard": batch["hard"], "target": batch["target"][batch["hard"]]}
+    return batch
+
+
+@torch.no_grad()
+def mined_hard_ppl(state: stagewise.State, tokens: mining.TokenCache) -> float:
+    """Perplexity of the upper layers on the cached hard tokens, each alone (the seed's Hard PPL)."""
+    model, forward = state.model, upper_forward(state.model, "token")
+    was_training = model.training
+    model.eval()
+    nll = [torch.nn.functional.cross_entropy(forward(b)["logits"], b["target"], reduction="none")
+           for b in state.batches(tokens)]
+    model.train(was_training)
+    return _ppl(torch.cat(nll))
+
+
+# --- lego_ashem.train_exit_probe ----------------------------------------------------------------
+
+
+@dataclass
+class TrainExitProbeOptions:
+    split: str = "train"  # the probe learns on this split's exit states
+    calib_split: str = "valid"  # its threshold is calibrated here, at the router's hard_ratio
+    epochs: int = 3  # full passes over the split's exit states
+    lr: float = 1e-2  # AdamW on the probe only
+    batch_size: int = 1024  # tokens per probe step
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError(f"epochs and batch_size must be >= 1 and lr > 0, got {self.epochs}, "
+                             f"{self.batch_size}, {self.lr}")
+
+
+class TrainExitProbe(stagewise.Stage):
+    """Fit the model's ``exit_probe`` to predict "exit-layer argmax == last-layer argmax" (CALM,
+    LayerSkip), then switch the router to ``measure = "probe"`` with a threshold calibrated on
+    ``calib_split``: tokens that continue then never pay for an exit softmax. Only the probe
+    trains. Reports ``<stage>/threshold``, ``<stage>/agreement`` (how often the labels are 1) and
+    ``<stage>/probe_acc`` on ``calib_split``.
+    """
+
+    name = "lego_ashem.train_exit_probe"
+    Options = TrainExitProbeOptions
+
+    def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
+        problems = super().check(recipe, index, data) + _model_problems(recipe, index, self.name)
+        options = _model_options_at(recipe, index)
+        if options is not None and not options.exit_probe:
+            problems.append(f"stages[{index}] ({self.label}): set [model] exit_probe = true to train a probe")
+        if not _earlier(recipe, index, "lego_ashem.mine"):
+            problems.append(f"stages[{index}] ({self.label}): needs the router of an earlier lego_ashem.mine stage")
+        return problems
+
+    def run(self, state: stagewise.State) -> dict[str, Any]:
+        o, model = self.options, state.model
+        train = probe.probe_data(model, state.batches(o.split))
+        probe.fit_probe(model.exit_probe, train, epochs=o.epochs, lr=o.lr, batch_size=o.batch_size,
+                        seed=state.seed + state.stage_index)
+        calib = probe.probe_data(model, state.batches(o.calib_split))
+        scores = probe.probe_scores(model.exit_probe, calib["hidden"])
+        router = router_of(state, measure="probe")
+        router.calibrate(scores)
+        model.set_threshold(router.threshold)
+        state.artifacts[mining.ROUTER] = {**state.artifacts[mining.ROUTER], "measure": "probe",
+                                          "threshold": router.threshold, "calib_split": o.calib_split,
+                                          "quantiles": mining.score_quantiles(scores)}
+        return {f"{self.label}/threshold": router.threshold,
+                f"{self.label}/agreement": float(train["label"].float().mean()),
+                f"{self.label}/probe_acc": float(((scores >= 0.5) == calib["label"]).float().mean())}
+
+
+# --- lego_ashem.evaluate_routed ------------------------------------------------------------------
+
+
+@dataclass
+class EvaluateRoutedOptions:
+    split: str = "test"  # held out: used for no training, calibration or mining
+    allow_leak: bool = False  # true lets split be a mined or calibration split (only to reproduce the seed)
+    measure_speed: bool = True  # wall-clock full-depth vs routed forward, same batch
+    speed_batch_size: int = 32  # windows per timed forward
+    speed_repeats: int = 5  # timed calls per variant (median)
+    curve_points: int = 11  # thresholds of the accuracy-compute curve (calibration quantiles); 0: none
+
+
+class EvaluateRouted(stagewise.Stage):
+    """Routed evaluation on ``split``: every token runs to the exit layer; easy tokens exit,
+    hard tokens continue, and the exited tokens' upper-layer work is really skipped.
+
+    Reports ``<stage>/<metric>`` for ``acc``, ``ppl`` (routed), ``routed_ppl``, ``full_depth_ppl``,
+    ``full_depth_acc``, ``exit_ppl``, ``shallow_ratio``, ``compute_cost`` (the seed's layer
+    count), ``compute_cost_flops`` (counted), ``hard_ppl_before`` (exit layer) and
+    ``hard_ppl_after`` (routed) on the tokens routed hard, ``threshold``; with ``measure_speed``
+    also ``speedup_measured``, ``batch_size``, ``routed_ms`` and ``full_depth_ms``. The curve is
+    printed, logged as ``lego_ashem.curve`` records and drawn to ``plots/accuracy_compute.png``.
+    """
+
+    name = "lego_ashem.evaluate_routed"
+    Options = EvaluateRoutedOptions
+
+    def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
+        problems = super().check(recipe, index, data) + _model_problems(recipe, index, self.name)
+        used = {s.options.calib_split for s in recipe.stages[:index] if s.use == "lego_ashem.mine"} | \
+               {s.options.split for s in recipe.stages[:index] if s.use == "lego_ashem.mine"}
+        if self.options.split in used and not self.options.allow_leak:
+            problems.append(f"stages[{index}].split: {self.options.split!r} was used to calibrate or mine; "
+                            f"evaluate on a held-out split (or set allow_leak = true to reproduce the seed)")
+        options = _model_options_at(recipe, index)
+        if not _earlier(recipe, index, "lego_ashem.mine") and options is not None \
+                and options.routing_threshold is None:
+            problems.append(f"stages[{index}] ({self.label}): no routing threshold: add a lego_ashem.mine "
+                            f"stage before it or set [model] routing_threshold")
+        return problems
+
+    def run(self, state: stagewise.State) -> dict[str, Any]:
+        return {f"{self.label}/{k}": v for k, v in routed_report(state, self.options).items()}
+
+
+# --- recipe checks -----------------------------------------------------------------------------
+
+
+def _earlier(recipe: Recipe, index: int, use: str) -> bool:
+    return any(s.use == use for s in recipe.stages[:index])
+
+
+def _model_options_at(recipe: Recipe, index: int) -> DeepSupervisionOptions | None:
+    """The model options in force at stage ``index`` (after every ``grow`` so far)."""
+    options = recipe.model.options
+    if not isinstance(options, DeepSupervisionOptions):
+        return None
+    for spec in recipe.stages[: index + 1]:
+        if spec.grow:
+            options = dataclasses.replace(options, **spec.grow)
+    return options
+
+
+def _model_problems(recipe: Recipe, index: int, stage: str) -> list[str]:
+    if recipe.model.use != MODEL:
+        return [f"stages[{index}]: {stage} needs [model] use = \"{MODEL}\", got {recipe.model.use!r}"]
+    return []

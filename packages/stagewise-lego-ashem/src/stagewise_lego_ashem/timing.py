@@ -1,0 +1,45 @@
+"""Wall-clock measurements, reported next to the counted FLOPs (never instead of them).
+
+Every timing is the median of ``repeats`` calls after one warm-up call. Nothing here changes
+the model: training steps are timed as forward + backward without an optimizer step, and the
+gradients are cleared afterwards. Wall-clock numbers are measurements, so they differ from run
+to run (and with other load on the machine); they are left out of golden records.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+TIMING_METRICS = ("speedup_measured", "routed_ms", "full_depth_ms", "phase2_cache_speedup",
+                  "phase2_token_mode_speedup", "phase2_cache_step_ms", "phase2_full_forward_step_ms",
+                  "phase2_token_step_ms")
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up: allocator, lazy init
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def train_step_seconds(model: torch.nn.Module, losses: dict[str, Callable[[], torch.Tensor]],
+                       repeats: int) -> dict[str, float]:
+    """Median seconds of one forward + backward of each loss, timed in interleaved rounds so that
+    load from other processes falls on every variant alike; the model's gradients are cleared."""
+    times: dict[str, list[float]] = {name: [] for name in losses}
+    for round_ in range(repeats + 1):  # round 0 warms up
+        for name, loss_fn in losses.items():
+            started = time.perf_counter()
+            loss_fn().backward()
+            if round_:
+                times[name].append(time.perf_counter() - started)
+    model.zero_grad(set_to_none=True)
+    return {name: statistics.median(values) for name, values in times.items()}

@@ -1,0 +1,117 @@
+"""The recipes end to end on a tiny model: golden numbers, determinism, freezing, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import read_summary
+
+import stagewise
+from stagewise.engine.checkpoint import load_checkpoint
+from stagewise.engine.runner import run_recipe
+from stagewise.errors import ConfigError
+from stagewise.recipe import load_recipe
+from stagewise.verify import compare
+from stagewise_lego_ashem.timing import TIMING_METRICS
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def deterministic(metrics: dict) -> dict:
+    """The metrics that must repeat bit for bit: all but wall-clock measurements."""
+    return {k: v for k, v in metrics.items() if k.rsplit("/", 1)[-1] not in TIMING_METRICS}
+
+
+@pytest.mark.parametrize("mode", ["full", "token"])
+def test_golden_record(tiny, tmp_path, mode):
+    """Exact final metrics. A change here is a behaviour change: make it deliberately, say why."""
+    summary = read_summary(run_recipe(tiny(f"stages.phase2.context=\"{mode}\""), out=tmp_path / "run", quiet=True))
+    golden = json.loads((GOLDEN / f"tiny_{mode}.json").read_text())
+    assert compare(summary["metrics"], golden["metrics"], golden.get("tolerance", {})) == []
+
+
+def test_same_seed_gives_bit_identical_metrics(tiny, tmp_path):
+    a = read_summary(run_recipe(tiny(), out=tmp_path / "a", quiet=True))["metrics"]
+    b = read_summary(run_recipe(tiny(), out=tmp_path / "b", quiet=True))["metrics"]
+    assert a == b and "test/routed_ppl" in a
+
+
+def test_upper_layer_training_never_touches_frozen_parameters(tiny, tmp_path):
+    run_dir = run_recipe(tiny(), out=tmp_path / "run", quiet=True)
+    before = load_checkpoint(run_dir / "checkpoints" / "mine.pt")["model"]
+    after = load_checkpoint(run_dir / "checkpoints" / "phase2.pt")["model"]
+    assert set(before) < set(after)
+    for name, tensor in before.items():  # embedding, layers 0-1, norm, head, routing_threshold
+        assert torch.equal(after[name], tensor), name
+    fresh = load_checkpoint(run_dir / "checkpoints" / "phase2.pt")
+    assert fresh["artifacts"]["lego_ashem.cache"]["hidden"].shape[-1] == 16
+
+
+def test_speed_metrics_are_reported_and_change_no_other_number(tiny, tmp_path):
+    short = ("stages.phase2.max_epochs=1", "stages.test.curve_points=0")
+    timed = tiny(*short, "stages.phase2.measure_speed=true", "stages.test.measure_speed=true")
+    metrics = read_summary(run_recipe(timed, out=tmp_path / "timed", quiet=True))["metrics"]
+    for name in ("phase2/phase2_cache_speedup", "phase2/phase2_cache_speedup_flops",
+                 "phase2/phase2_token_mode_speedup", "test/speedup_measured", "test/batch_size",
+                 "test/routed_ppl", "test/full_depth_ppl", "test/shallow_ratio", "test/compute_cost",
+                 "test/compute_cost_flops", "test/hard_ppl_before", "test/hard_ppl_after"):
+        assert metrics[name] > 0, name
+    assert metrics["test/batch_size"] == 32
+    plain = read_summary(run_recipe(tiny(*short), out=tmp_path / "plain", quiet=True))["metrics"]
+    assert {k: metrics[k] for k in plain} == plain  # timing trains nothing and draws no random number
+    assert set(deterministic(metrics)) - set(plain) == {
+        "phase2/phase2_cache_speedup_flops", "phase2/phase2_token_mode_speedup_flops", "test/batch_size"}
+
+
+def test_exit_probe_replaces_the_exit_softmax(tiny, tmp_path):
+    recipe = tiny("model.exit_probe=true", "stages.phase2.max_epochs=1",
+                  "stages.test.measure_speed=false", "stages.test.curve_points=2")
+    probe = {"name": "probe", "use": "lego_ashem.train_exit_probe", "epochs": 2}
+    table = recipe.table
+    table["stages"].insert(3, probe)
+    from stagewise.recipe import recipe_from_table
+
+    run_dir = run_recipe(recipe_from_table(table, "tiny+probe", []), out=tmp_path / "run", quiet=True)
+    metrics = read_summary(run_dir)["metrics"]
+    artifacts = load_checkpoint(run_dir / "checkpoints" / "last.pt")["artifacts"]
+    assert artifacts["lego_ashem.router"]["measure"] == "probe"
+    assert 0 <= metrics["probe/probe_acc"] <= 1 and metrics["test/threshold"] == metrics["probe/threshold"]
+    assert 0 < metrics["test/shallow_ratio"] < 1
+
+
+def test_a_stage_needing_the_cache_before_mine_fails_before_training(tiny, tmp_path):
+    table = tiny().table
+    table["stages"] = [s for s in table["stages"] if s["name"] != "mine"]
+    from stagewise.recipe import recipe_from_table
+
+    with pytest.raises(ConfigError, match="add a lego_ashem.mine stage before it") as error:
+        run_recipe(recipe_from_table(table, "no-mine", []), out=tmp_path / "run", quiet=True)
+    assert "routing threshold" in str(error.value)  # both stages that need mine say so
+    assert not (tmp_path / "run").exists()  # nothing was trained or written
+
+
+def test_recipe_errors_are_reported_before_anything_runs(tiny):
+    with pytest.raises(ConfigError) as error:
+        tiny("model.exit_layer=3", "stages.mine.router.hard_ratio=1.0")
+    assert "outside the model" in str(error.value) and "strictly between 0 and 1" in str(error.value)
+
+
+def test_evaluating_on_a_mined_split_is_refused_unless_the_leak_is_asked_for(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="was used to calibrate or mine"):
+        run_recipe(tiny("stages.test.split=\"valid\""), out=tmp_path / "run", quiet=True)
+
+
+@pytest.mark.parametrize("name", ["lego_ashem.ashem", "lego_ashem.seed_protocol", "lego_ashem.baseline"])
+def test_shipped_recipes_validate(name):
+    recipe = load_recipe(name)
+    assert recipe.stages and recipe.model.use == "lego_ashem.deep_supervision_transformer"
+    assert str(stagewise.get_recipe(name)).endswith(".toml")
+
+
+def test_ashem_and_baseline_are_comparable():
+    from stagewise.compare import check_comparable
+
+    check_comparable([load_recipe("lego_ashem.baseline"), load_recipe("lego_ashem.ashem")])
