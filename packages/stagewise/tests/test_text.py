@@ -114,3 +114,25 @@ def test_split_bounds_refuses_empty_splits():
         "train": (0, 8), "valid": (8, 9), "test": (9, 10)}
     with pytest.raises(DataError, match="split 'valid' would be empty: 0.1 of 3 examples"):
         split_bounds(3, {"train": 0.5, "valid": 0.1, "test": 0.4})
+
+
+def test_write_file_split_keeps_files_whole(tmp_path):
+    from stagewise.data.text import write_file_split
+
+    source = tmp_path / "books"
+    source.mkdir()
+    for i in range(14):
+        (source / f"{i:02d}.txt").write_text(f"book {i}")
+    counts = write_file_split(source, tmp_path / "out", valid=3, test=7)
+    assert counts == {"train": 11, "valid": 2, "test": 1}
+    assert (tmp_path / "out" / "valid.txt").read_text() == "book 3\nbook 13"
+    assert (tmp_path / "out" / "test.txt").read_text() == "book 7"
+    assert "book 0\nbook 1\nbook 2\nbook 4" in (tmp_path / "out" / "train.txt").read_text()
+
+
+def test_write_file_split_refuses_too_few_files(tmp_path):
+    from stagewise.data.splits import DataError
+    from stagewise.data.text import write_file_split
+
+    with pytest.raises(DataError, match="at least 3 .txt files"):
+        write_file_split(tmp_path, tmp_path / "out")

@@ -171,3 +171,22 @@ class TextCorpus:
         info = {"vocab_size": len(vocab), "vocab": vocab, "seq_len": options.seq_len,
                 "tokens": {split: len(tokens) for split, tokens in streams.items()}}
         return DataSplits(splits, info)
+
+
+def write_file_split(source: Path, out: Path, *, every: int = 10, valid: int = 0, test: int = 1) -> dict[str, int]:
+    """Write ``train.txt``/``valid.txt``/``test.txt`` in ``out`` from the ``.txt`` files under
+    ``source``, whole files per split (so no document straddles two): the i-th file in sorted
+    order goes to valid when ``i % every == valid``, to test when ``i % every == test``, else
+    to train. Undecodable bytes become U+FFFD. Returns the number of files per split."""
+    files = sorted(Path(source).rglob("*.txt"))
+    if len(files) < 3 or valid == test:
+        raise DataError(f"{source}: a file split needs at least 3 .txt files (found {len(files)}) "
+                        f"and distinct valid/test offsets (got {valid}, {test})")
+    parts: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
+    for i, file in enumerate(files):
+        split = "valid" if i % every == valid else "test" if i % every == test else "train"
+        parts[split].append(file.read_text(encoding="utf-8", errors="replace"))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for split, texts in parts.items():
+        (Path(out) / f"{split}.txt").write_text("\n".join(texts), encoding="utf-8")
+    return {split: len(texts) for split, texts in parts.items()}
