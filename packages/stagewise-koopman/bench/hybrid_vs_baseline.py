@@ -11,7 +11,8 @@ cap of the sweep (the term's weight and cap both set to it). Prints a table and 
 - baseline_ppl, hybrid_ppl: final validation perplexity of each (the main stage's best epoch);
 - koopman_forward_ppl: test perplexity with the last ``koopman_forward_layers`` blocks replaced
   by ψ(K^k φ(h)) (``koopman_forward_ratio``: ÷ the standard test perplexity of the same model);
-- koopman_share: weighted Koopman term / total loss in the hybrid's last epoch (epoch means);
+- koopman_share: weighted Koopman term / total loss in the hybrid's last epoch (the engine's
+  per-step mean of weight x term, ``train/koopman/weighted``, over the mean total loss);
 - linearity_gain: relative lifted one-step error of Koopman modules fitted post hoc on the
   frozen baseline ÷ the same fit on the frozen hybrid;
 - fallbacks: batches whose Koopman weight the engine cut; time_ratio: seconds of the hybrid's
@@ -61,8 +62,8 @@ def split_by_file(source: Path, out: Path) -> Path:
 def koopman_losses(cap: float) -> str:
     """The hybrid's ``losses`` with the Koopman term's weight and cap set to ``cap``."""
     return (f'stages.main.losses=[{{use="stagewise.cross_entropy"}}, {{use="koopman.operator", name="koopman", '
-            f'weight={cap}, cap={cap}, ramp_epochs=2, fallback_threshold=8.0, fallback_factor=0.01, '
-            f'koopman_dim=64, steps=2}}]')
+            f'weight={cap}, cap={cap}, ramp_epochs=2, fallback_threshold=20.0, fallback_factor=0.01, '
+            f'koopman_dim=64, steps=2, layers=[0, 2], lifted_weight=10.0, detach="target"}}]')
 
 
 def run(name: str, overrides: list[str], out: Path) -> dict[str, Any]:

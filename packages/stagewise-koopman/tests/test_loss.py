@@ -71,3 +71,15 @@ def test_artifact_rebuilds_the_same_modules():
     assert rebuilt.sources == term.sources and rebuilt.options == term.options
     for (name, a), (_, b) in zip(term.koopman.state_dict().items(), rebuilt.koopman.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_detach_keeps_the_backbone_gradient_off_one_side_of_each_pair():
+    def grads(detach: str) -> list[bool]:
+        hidden = [h.requires_grad_() for h in hidden_states(n=3)]
+        term = KoopmanOperator(KoopmanOptions(koopman_dim=4, layers=[0], detach=detach)).build(3, 8)
+        sum(term({"hidden": hidden}, {}, None).values()).backward()
+        return [h.grad is not None and bool(h.grad.abs().sum() > 0) for h in hidden]
+
+    assert grads("none") == [True, True, False]
+    assert grads("target") == [True, False, False]  # h_1 is a fixed target; h_0 is pulled
+    assert grads("source") == [False, True, False]

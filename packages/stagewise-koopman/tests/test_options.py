@@ -15,6 +15,7 @@ import stagewise
     ({"axis": "width"}, "axis must be one of 'depth', 'time', got 'width'"),
     ({"distance": "l3"}, "distance must be one of 'mse', 'smooth_l1', got 'l3'"),
     ({"steps": 0}, "steps must be >= 1, got 0"),
+    ({"detach": "both"}, "detach must be one of 'none', 'source', 'target', got 'both'"),
     ({"dmd_rate": 0.0}, "dmd_rate must be in (0, 1], got 0.0"),
 ])
 def test_bad_options_are_refused(options, message):

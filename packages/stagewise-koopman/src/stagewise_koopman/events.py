@@ -35,10 +35,10 @@ def after_epoch(state: stagewise.State, metrics: dict[str, Any]) -> None:
 
 
 def koopman_share(metrics: dict[str, Any], name: str) -> float:
-    """Weighted term / total loss, from the epoch means: mean weight × mean term / mean total."""
+    """Weighted term / total loss over the epoch: the engine's mean of weight × term per step
+    (``train/<term>/weighted``, exact under a ramp or fallbacks) ÷ the mean total loss."""
     total = metrics.get("train/loss") or 0.0
-    weighted = metrics.get(f"train/{name}/weight", 0.0) * metrics.get(f"train/{name}", 0.0)
-    return weighted / total if total else 0.0
+    return metrics.get(f"train/{name}/weighted", 0.0) / total if total else 0.0
 
 
 def after_stage(state: stagewise.State) -> None:

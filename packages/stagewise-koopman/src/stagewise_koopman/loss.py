@@ -35,6 +35,7 @@ from stagewise_koopman.operator import EPS, KoopmanModules, normalize_state
 
 AXES = ("depth", "time")
 DISTANCES = ("mse", "smooth_l1")
+DETACH = ("none", "source", "target")
 
 
 @dataclass
@@ -53,6 +54,7 @@ class KoopmanOptions:
     dmd_every: int = 0  # blend a DMD fit into K every this many optimizer steps; 0: off
     dmd_rate: float = 0.1  # K <- (1 - rate) K + rate K_dmd
     dmd_buffer: int = 512  # token pairs per layer in the DMD fit (refilled between refreshes)
+    detach: str = "none"  # backbone states the term does not train through: "source" (h), "target" (h'), "none"
 
     def __post_init__(self) -> None:
         checks = [
@@ -60,6 +62,7 @@ class KoopmanOptions:
             (self.axis in AXES, f"axis must be one of {', '.join(map(repr, AXES))}, got {self.axis!r}"),
             (self.distance in DISTANCES,
              f"distance must be one of {', '.join(map(repr, DISTANCES))}, got {self.distance!r}"),
+            (self.detach in DETACH, f"detach must be one of {', '.join(map(repr, DETACH))}, got {self.detach!r}"),
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (min(self.lifted_weight, self.reconstruction_weight, self.state_weight, self.spectral_weight) >= 0,
              "lifted_weight, reconstruction_weight, state_weight and spectral_weight must be >= 0"),
@@ -116,6 +119,10 @@ def koopman_parts(modules: KoopmanModules, states: torch.Tensor, mask: torch.Ten
     """Unweighted errors (``lifted``, ``one_step``, ``reconstruction``, ``state``, ``spectral``)
     for states (n, s+1, M, C); also returns the lifted states (n, s+1, M, D)."""
     n, s1, M, C = states.shape
+    if options.detach == "source":  # the backbone is pulled only at h': its next state moves towards K φ(h)
+        states = torch.cat([states[:, :1].detach(), states[:, 1:]], 1)
+    elif options.detach == "target":
+        states = torch.cat([states[:, :1], states[:, 1:].detach()], 1)
     lifted = modules.lift(states.reshape(n, s1 * M, C)).view(n, s1, M, -1)  # every state in one bmm
     targets = normalize_state(states)
     x = lifted[:, 0]
