@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from stagewise.data.text import write_file_split
 from stagewise.engine.runner import run_recipe
 from stagewise.recipe import load_recipe
 
@@ -42,21 +43,6 @@ SETTINGS = {  # (data and training overrides) per mode
     "full": ["data.max_tokens=400000", "data.max_vocab=8000", "data.eval_batch_size=128",
              "stages.warmup.max_epochs=2", "stages.main.max_epochs=4", "stages.linearity.fit_steps=300"],
 }
-
-
-def split_by_file(source: Path, out: Path) -> Path:
-    """Deal the .txt files under ``source`` (sorted) to train/valid/test: every 10th file from
-    the first to valid, every 10th from the second to test, the rest to train."""
-    files = sorted(source.rglob("*.txt"))
-    if len(files) < 3:
-        sys.exit(f"{source}: need at least 3 .txt files to split by file, found {len(files)}")
-    parts: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
-    for i, file in enumerate(files):
-        split = "valid" if i % 10 == 0 else "test" if i % 10 == 1 else "train"
-        parts[split].append(file.read_text(encoding="utf-8", errors="replace"))
-    for split, texts in parts.items():
-        (out / f"{split}.txt").write_text("\n".join(texts), encoding="utf-8")
-    return out
 
 
 def koopman_losses(cap: float) -> str:
@@ -129,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="less data and fewer epochs (under 10 minutes)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="koopman-bench-") as tmp:
-        data = args.data or split_by_file(DEFAULT_DATA, Path(tmp))
+        if args.data is None:  # every 10th file from the first to valid, from the second to test
+            write_file_split(DEFAULT_DATA, Path(tmp), valid=0, test=1)
+        data = args.data or Path(tmp)
         result = measure(data, "quick" if args.quick else "full", Path(tmp) / "runs")
     print(table(result))
     print(json.dumps(result))
