@@ -3,20 +3,25 @@
     python packages/stagewise-lego-ashem/bench/ashem_vs_baseline.py [--data DIR] [--json OUT.json] [--quick]
 
 DIR holds train.txt, valid.txt and test.txt (WikiText-style plain text). Default: a
-deterministic by-file split of ../shared/data/pd_english written to a temporary directory
-(sorted file list; file i goes to valid when i % 10 == 3, to test when i % 10 == 7, else to
-train). Runs the recipes lego_ashem.baseline and lego_ashem.ashem with the same [data] table
-and seed, then a speed-only measurement (random weights, labelled so) on a shape where the
-layers dominate: dim 256, 8 layers, exit 4, vocabulary 2048, 70% of tokens exiting. Prints a
-table and one JSON line.
+deterministic split of ../shared/data/pd_english written to a temporary directory: every file
+cut into 40-line chunks, chunk j (counted over the sorted files) to valid when j % 10 == 3, to
+test when j % 10 == 7, else to train, each split's chunks in one seeded random order (so valid,
+on which the router is calibrated, and test, on which it is evaluated, are drawn alike and
+share no text). Runs the recipes lego_ashem.baseline and lego_ashem.ashem with the same [data]
+table and seed (ashem with hard_ratio 0.4, and with the learned exit probe trained and evaluated
+after its max-softmax test: probe_<metric>), then a speed-only measurement (random weights,
+labelled so) on a shape where the layers dominate: dim 256, 8 layers, exit 4, vocabulary 2048,
+70% of tokens exiting. Prints a table and one JSON line.
 Wall-clock numbers are measurements on a shared machine; counted FLOPs are printed beside them.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import random
 import sys
 import tempfile
 import time
@@ -27,7 +32,7 @@ import torch
 from stagewise.compare import check_comparable
 from stagewise.engine.runner import run_recipe
 from stagewise.nn.transformer import TransformerConfig
-from stagewise.recipe import load_recipe
+from stagewise.recipe import Recipe, load_recipe, recipe_from_table
 from stagewise_lego_ashem import metrics
 from stagewise_lego_ashem.evaluation import eval_speedup
 from stagewise_lego_ashem.model import DeepSupervisionTransformer
@@ -37,19 +42,39 @@ DEFAULT_SOURCE = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" 
 CONTRACT = ("baseline_ppl", "full_depth_ppl", "routed_ppl", "shallow_ratio", "compute_cost", "compute_cost_flops",
             "speedup_measured", "batch_size", "hard_ppl_before", "hard_ppl_after", "phase2_cache_speedup",
             "phase2_cache_speedup_flops", "phase2_token_mode_speedup")
+# the same routed evaluation with the learned exit probe, reported as probe_<metric>
+PROBE_METRICS = ("routed_ppl", "acc", "shallow_ratio", "compute_cost", "compute_cost_flops", "speedup_measured",
+                 "hard_ppl_before", "hard_ppl_after", "threshold", "routed_ms", "full_depth_ms")
+HARD_RATIO = 0.4  # the ashem recipe's router: fraction of valid tokens calibrated hard
+CHUNK_LINES = 40  # lines per chunk of the default split (a few paragraphs)
 
 
-def split_by_file(source: Path, out: Path) -> Path:
-    """train/valid/test.txt from a directory of .txt files, whole files per split."""
+def split_by_chunk(source: Path, out: Path, lines_per_chunk: int = CHUNK_LINES, seed: int = 0) -> Path:
+    """train/valid/test.txt from a directory of .txt files, drawn alike from the same files.
+
+    Each file is cut into chunks of ``lines_per_chunk`` consecutive lines; chunk j (counted over
+    the sorted files) goes to valid when j % 10 == 3, to test when j % 10 == 7, else to train,
+    so no text is in two splits. Each split's chunks are then put in one seeded random order, so that a prefix (what
+    ``data.max_tokens`` keeps) samples every file alike. A by-file split would calibrate the
+    router on one kind of text and evaluate it on another (at 150k tokens: valid = poems and
+    speeches, test = Moby-Dick), and a threshold calibrated on one split would not give the
+    same hard ratio on the other.
+    """
     files = sorted(source.rglob("*.txt"))
     if not files:
         raise SystemExit(f"no .txt files under {source}; pass --data DIR with train.txt, valid.txt, test.txt")
     parts: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
-    for i, path in enumerate(files):
-        split = "valid" if i % 10 == 3 else "test" if i % 10 == 7 else "train"
-        parts[split].append(path.read_text(encoding="utf-8", errors="replace"))
-    for split, texts in parts.items():
-        (out / f"{split}.txt").write_text("\n".join(texts), encoding="utf-8")
+    j = 0  # chunks counted across files, so that short files feed valid and test alike
+    for path in files:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        for start in range(0, len(lines), lines_per_chunk):
+            j += 1
+            split = "valid" if j % 10 == 3 else "test" if j % 10 == 7 else "train"
+            parts[split].append("\n".join(lines[start:start + lines_per_chunk]))
+    rng = random.Random(seed)
+    for split, chunks in parts.items():
+        rng.shuffle(chunks)
+        (out / f"{split}.txt").write_text("\n".join(chunks), encoding="utf-8")
     return out
 
 
@@ -62,14 +87,34 @@ def settings(data: Path, quick: bool, threads: int) -> list[str]:
 
 def epochs(quick: bool) -> dict[str, list[str]]:
     p1, p2 = (4, 4) if quick else (20, 20)
-    curve = ["stages.test.curve_points=6"] if quick else []
-    return {"ashem": [f"stages.phase1.max_epochs={p1}", f"stages.phase2.max_epochs={p2}", *curve],
+    # 15 interleaved timing rounds (the stage's default is 5): a steadier median on a shared machine
+    curve = ["stages.test.speed_repeats=15"] + (["stages.test.curve_points=6"] if quick else [])
+    # hard_ratio 0.4: the router is calibrated so that 60% of valid exits; valid and test are
+    # drawn alike, so about 60% of test exits too, and shallow_ratio >= 0.5 is tested with a
+    # margin (at 0.5 it would be a coin toss around 0.5 by construction)
+    return {"ashem": [f"stages.phase1.max_epochs={p1}", f"stages.phase2.max_epochs={p2}",
+                      f"stages.mine.router.hard_ratio={HARD_RATIO}", *curve],
             "baseline": [f"stages.train.max_epochs={p1 + p2}"]}
+
+
+def with_probe(recipe: Recipe, curve: list[str]) -> Recipe:
+    """The ashem recipe plus, after its max-softmax test, the learned exit probe (CALM/LayerSkip):
+    ``probe`` (lego_ashem.train_exit_probe: fit on train, threshold calibrated on valid at the same
+    hard_ratio) and ``test_probe`` (the same routed evaluation of test, routed by the probe).
+    Phases 1 and 2 are unchanged: the probe is one more linear layer that no loss reaches
+    before its own stage, so the max-softmax ``test`` numbers are those of the plain recipe."""
+    table = copy.deepcopy(recipe.table)
+    table["model"]["exit_probe"] = True
+    table["stages"] += [{"name": "probe", "use": "lego_ashem.train_exit_probe"},
+                        {"name": "test_probe", "use": "lego_ashem.evaluate_routed", "split": "test"}]
+    return recipe_from_table(table, f"{recipe.source}+probe",
+                             [c.replace("stages.test.", "stages.test_probe.") for c in curve])
 
 
 def run_both(data: Path, quick: bool, threads: int, out: Path) -> dict[str, dict]:
     common, per = settings(data, quick, threads), epochs(quick)
     recipes = {name: load_recipe(f"lego_ashem.{name}", common + per[name]) for name in ("baseline", "ashem")}
+    recipes["ashem"] = with_probe(recipes["ashem"], [c for c in per["ashem"] if c.startswith("stages.test.")])
     check_comparable(list(recipes.values()))
     summaries = {}
     for name, recipe in recipes.items():
@@ -118,11 +163,17 @@ def collect(summaries: dict[str, dict], large: dict[str, float]) -> dict[str, fl
                    "ashem_seconds": summaries["ashem"]["wall_seconds"],
                    "phase1_seconds": summaries["ashem"]["stages"]["phase1"]["seconds"],
                    "phase2_seconds": summaries["ashem"]["stages"]["phase2"]["seconds"],
+                   **{f"probe_{k}": ashem[f"test_probe/{k}"] for k in PROBE_METRICS},
+                   "probe_probe_acc": ashem["probe/probe_acc"], "probe_agreement": ashem["probe/agreement"],
                    **large, "load_average_1min": os.getloadavg()[0]})
     result["targets"] = {
         "routed_within_2pct_of_full_depth": result["routed_ppl"] <= 1.02 * result["full_depth_ppl"],
         "shallow_ratio_at_least_0.5": result["shallow_ratio"] >= 0.5,
         "speedup_realises_90pct_of_flops": result["speedup_measured"] >= 0.9 / result["compute_cost_flops"],
+        "probe_routed_within_2pct_of_full_depth": result["probe_routed_ppl"] <= 1.02 * result["full_depth_ppl"],
+        "probe_shallow_ratio_at_least_0.5": result["probe_shallow_ratio"] >= 0.5,
+        "probe_speedup_realises_90pct_of_flops":
+            result["probe_speedup_measured"] >= 0.9 / result["probe_compute_cost_flops"],
         "large_shape_speedup_at_least_1.2": max(large["large_max_prob_speedup_measured"],
                                                 large["large_probe_speedup_measured"]) >= 1.2,
         "phase2_cache_realises_90pct": result["phase2_cache_speedup"] >= 0.9 * result["phase2_cache_speedup_flops"],
@@ -145,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.data or split_by_file(DEFAULT_SOURCE.resolve(), Path(tmp))
+        data = args.data or split_by_chunk(DEFAULT_SOURCE.resolve(), Path(tmp))
         summaries = run_both(data, args.quick, args.threads, Path(tmp) / "runs")
     result = collect(summaries, large_shape_speed())
     print(table(result))

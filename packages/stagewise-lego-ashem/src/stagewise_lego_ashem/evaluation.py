@@ -104,12 +104,15 @@ def routed_report(state: stagewise.State, options: Any) -> dict[str, Any]:
 
 
 def eval_speedup(model: torch.nn.Module, router: Confidence, idx: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Wall-clock full-depth forward over routed forward on the same batch idx (B, T)."""
+    """Wall-clock full-depth forward over routed forward on the same batch idx (B, T), timed in
+    interleaved rounds (median of ``repeats``)."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        full = timing.median_seconds(lambda: model(idx)["logits"], repeats)
-        routed = timing.median_seconds(lambda: routed_forward(model, idx, router, router.threshold), repeats)
+        seconds = timing.interleaved_seconds({"full": lambda: model(idx)["logits"],
+                                              "routed": lambda: routed_forward(model, idx, router, router.threshold)},
+                                             repeats)
+        full, routed = seconds["full"], seconds["routed"]
     model.train(was_training)
     return {"speedup_measured": full / routed, "batch_size": idx.size(0),
             "full_depth_ms": 1e3 * full, "routed_ms": 1e3 * routed}

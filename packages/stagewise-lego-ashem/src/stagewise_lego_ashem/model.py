@@ -79,6 +79,14 @@ class DeepSupervisionTransformer(TransformerLM):
     def set_threshold(self, value: float) -> None:
         self.routing_threshold.fill_(value)
 
+    def logits_from_hidden(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The shared head (final norm, projection); with ``out`` (N, V) and h (N, C) the
+        projection writes into ``out`` (no autograd: out= kernels have no backward)."""
+        if out is None or torch.is_grad_enabled():
+            logits = super().logits_from_hidden(h)
+            return logits if out is None else out.copy_(logits)
+        return torch.mm(self.norm(h), self.head.weight.t(), out=out)  # the head has no bias
+
     def exit_hidden(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> the residual stream after ``exit_layer`` blocks, (B, T, C)."""
         return self.run_layers(self.embed(idx), 0, self.exit_layer)

@@ -32,7 +32,7 @@ def routed_layers(model: DeepSupervisionTransformer, h: torch.Tensor, hard: torc
     if not bool(hard.any()):
         return h
     T = h.size(1)
-    rows = _HardRows(hard)
+    rows = _HardRows(hard, model.rope_cos[:T], model.rope_sin[:T])
     cos, sin = model.rope_cos[:T], model.rope_sin[:T]  # (T, hd/2)
     for block in model.layers[start:end]:
         h = _routed_block(block, h, rows, cos, sin)
@@ -40,9 +40,10 @@ def routed_layers(model: DeepSupervisionTransformer, h: torch.Tensor, hard: torc
 
 
 class _HardRows:
-    """Where the hard rows are: flat (b, t) indices, and a per-sequence padded layout (B, M)."""
+    """Where the hard rows are: flat (b, t) indices, and a per-sequence padded layout (B, M);
+    with what every upper block shares: the queries' RoPE angles and the causal mask."""
 
-    def __init__(self, hard: torch.Tensor):
+    def __init__(self, hard: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         self.b, self.t = hard.nonzero(as_tuple=True)  # (n,) each, row-major
         slot = hard.long().cumsum(1) - 1  # (B, T): rank of a hard row within its sequence
         self.slot = slot[self.b, self.t]  # (n,)
@@ -51,6 +52,9 @@ class _HardRows:
         self.pos = torch.zeros(B, M, dtype=torch.long, device=hard.device)
         self.pos[self.b, self.slot] = self.t  # (B, M): the position each slot's query sits at
         self.shape = (B, M)
+        self.cos, self.sin = cos[self.pos].unsqueeze(1), sin[self.pos].unsqueeze(1)  # (B, 1, M, hd/2)
+        causal = torch.arange(hard.size(1), device=hard.device) <= self.pos.unsqueeze(-1)  # (B, M, T)
+        self.causal = causal.unsqueeze(1)  # (B, 1, M, T)
 
 
 def _routed_block(block: Block, h: torch.Tensor, rows: _HardRows, cos: torch.Tensor,
@@ -67,9 +71,8 @@ def _routed_block(block: Block, h: torch.Tensor, rows: _HardRows, cos: torch.Ten
     q = x.new_zeros(B, M, C)
     q[rows.b, rows.slot] = F.linear(x[rows.b, rows.t], w_q)  # queries of the hard rows only
     q = q.view(B, M, nh, hd).transpose(1, 2)  # (B, nh, M, hd)
-    q = apply_rope(q, cos[rows.pos].unsqueeze(1), sin[rows.pos].unsqueeze(1))
-    causal = torch.arange(T, device=h.device) <= rows.pos.unsqueeze(-1)  # (B, M, T)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal.unsqueeze(1))  # (B, nh, M, hd)
+    q = apply_rope(q, rows.cos, rows.sin)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=rows.causal)  # (B, nh, M, hd)
     y = y.transpose(1, 2).reshape(B, M, C)[rows.b, rows.slot]  # (n, C)
     hr = h[rows.b, rows.t] + attn.proj(y)  # dropout is off in eval; routed training uses none
     hr = hr + block.ffn(block.ffn_norm(hr))
@@ -84,19 +87,21 @@ def routed_forward(model: DeepSupervisionTransformer, idx: torch.Tensor, router:
     Easy tokens take the exit layer's logits, hard tokens the last layer's. With a softmax
     measure the exit logits of every token are computed anyway (they give the confidence) and
     the hard rows are written over them in place; ``keep_exit_logits`` keeps a copy (else
-    ``"exit_logits"`` is None). With the probe only the easy tokens pay for the exit head.
+    ``"exit_logits"`` is None). With the probe no token pays for an exit softmax, and the head runs
+    once per token: on the residual stream ``routed_layers`` returns, whose easy rows are still
+    their exit states.
     """
     h = model.exit_hidden(idx)  # (B, T, C)
     scores, exit_logits = router.score(model, h)
     easy = router.route(scores, threshold).masks["easy"]  # (B, T)
     hard = ~easy
-    deep = routed_layers(model, h, hard, model.exit_layer, model.config.n_layer)
-    if exit_logits is None:
-        logits = h.new_empty(*easy.shape, model.config.vocab_size)
-        logits[easy] = model.logits_from_hidden(h[easy])
-    else:
-        logits = exit_logits.clone() if keep_exit_logits else exit_logits
-    logits[hard] = model.logits_from_hidden(deep[hard])
+    deep = routed_layers(model, h, hard, model.exit_layer, model.config.n_layer)  # easy rows: still h
+    if exit_logits is None:  # the probe: one head over every row, each at its own exit
+        return {"logits": model.logits_from_hidden(deep), "easy": easy, "exit_logits": None}
+    logits = exit_logits.clone() if keep_exit_logits else exit_logits
+    rows = hard.flatten().nonzero().squeeze(1)  # (n_hard,)
+    flat = logits.view(-1, logits.size(-1))  # (B*T, V)
+    flat.index_copy_(0, rows, model.logits_from_hidden(deep.reshape(-1, deep.size(-1)).index_select(0, rows)))
     return {"logits": logits, "easy": easy, "exit_logits": exit_logits if keep_exit_logits else None}
 
 

@@ -267,7 +267,7 @@ class EvaluateRoutedOptions:
     allow_leak: bool = False  # true lets split be a mined or calibration split (only to reproduce the seed)
     measure_speed: bool = True  # wall-clock full-depth vs routed forward, same batch
     speed_batch_size: int = 32  # windows per timed forward
-    speed_repeats: int = 5  # timed calls per variant (median)
+    speed_repeats: int = 5  # timed rounds, full depth and routed interleaved (median)
     curve_points: int = 11  # thresholds of the accuracy-compute curve (calibration quantiles); 0: none
 
 

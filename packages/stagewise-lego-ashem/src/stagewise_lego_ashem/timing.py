@@ -30,6 +30,19 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_seconds(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds of each call, timed in interleaved rounds (round 0 warms up), so that load
+    from other processes falls on every variant alike rather than on whichever ran second."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(repeats + 1):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            if round_:
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def train_step_seconds(model: torch.nn.Module, losses: dict[str, Callable[[], torch.Tensor]],
                        repeats: int) -> dict[str, float]:
     """Median seconds of one forward + backward of each loss, timed in interleaved rounds so that
