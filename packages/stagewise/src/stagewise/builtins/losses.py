@@ -64,7 +64,7 @@ class CrossEntropy(_OutputLoss):
         logits, target = self._flat(outputs, batch)
         keep = target != self.options.ignore_index
         nll = F.cross_entropy(logits, target, ignore_index=self.options.ignore_index, reduction="sum")
-        correct = (logits.argmax(-1)[keep] == target[keep]).sum()
+        correct = ((logits.argmax(-1) == target) & keep).sum()  # a mask, not indexing: no copies
         n = float(keep.sum())
         return {"loss": (float(nll), n), "acc": (float(correct), n)}
 

@@ -157,8 +157,8 @@ class TrainLoop:
             weight = weights[name]
             if self.weights.specs[name].fallback_threshold is not None:
                 weight = self.weights.effective(name, weight, value.detach().item())
-            # float64 running sums: the epoch mean does not depend on float32 rounding order
-            record[name] = (value.detach().double(), weight, {k: v.detach().double() for k, v in parts.items()})
+            # Python floats (float64) for the running sums: no tensor ops on the hot path
+            record[name] = (value.item(), weight, {k: v.item() for k, v in parts.items()})
             if weight != 0.0 or self.state.dist.enabled:  # DDP wants every term in the graph
                 total = value if (weight == 1.0 and isinstance(total, float)) else total + weight * value
         if isinstance(total, float):  # every term had weight 0: nothing to learn from this batch
