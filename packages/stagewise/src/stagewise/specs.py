@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 from stagewise import plugins
 from stagewise.errors import UnknownNameError
 from stagewise.registry import singular
-from stagewise.schema import NoOptions, build_dataclass, coerce, field_types, keys_of
+from stagewise.schema import NoOptions, as_table, build_dataclass, coerce, field_types, keys_of
 
 
 class Spec:
@@ -56,8 +56,6 @@ class Spec:
             return None
 
     def to_table(self) -> dict[str, Any]:
-        from stagewise.schema import as_table
-
         table = {f.name: as_table(getattr(self, f.name)) for f in dataclasses.fields(self)
                  if f.name != "options" and getattr(self, f.name) is not None}
         return {**table, **as_table(self.options)}

@@ -155,10 +155,9 @@ class TrainLoop:
         for name, raw in values.items():
             value, parts = split_term(raw)
             weight = weights[name]
-            if self.weights.specs[name].fallback_threshold is not None:
-                weight = self.weights.effective(name, weight, value.detach().item())
-            # Python floats (float64) for the running sums: no tensor ops on the hot path
-            record[name] = (value.item(), weight, {k: v.item() for k, v in parts.items()})
+            scalar = value.item()  # Python floats (float64) for the running sums: no tensor ops here
+            weight = self.weights.effective(name, weight, scalar)
+            record[name] = (scalar, weight, {k: v.item() for k, v in parts.items()})
             if weight != 0.0 or self.state.dist.enabled:  # DDP wants every term in the graph
                 total = value if (weight == 1.0 and isinstance(total, float)) else total + weight * value
         if isinstance(total, float):  # every term had weight 0: nothing to learn from this batch
