@@ -15,7 +15,7 @@ import torch
 
 import stagewise
 from stagewise.engine.objective import forward_batch
-from stagewise_koopman.loss import KoopmanOperator, KoopmanOptions, probe_hidden
+from stagewise_koopman.loss import KoopmanOperator, KoopmanOptions, probe_hidden, relative_distance
 
 Batches = Callable[[int], Iterable[dict[str, Any]]]  # epoch -> that epoch's training batches
 
@@ -52,17 +52,27 @@ def fit_post_hoc(model: torch.nn.Module, batches: Batches, options: KoopmanOptio
 
 
 @torch.no_grad()
-def one_step_error(model: torch.nn.Module, term: KoopmanOperator, batches: Iterable[dict[str, Any]]) -> float:
-    """Relative lifted one-step error of ``term`` on the frozen ``model``, mean over batches."""
+def one_step_error(model: torch.nn.Module, term: KoopmanOperator, batches: Iterable[dict[str, Any]]
+                   ) -> tuple[float, dict[int, float]]:
+    """Relative lifted one-step error of ``term`` on the frozen ``model``, mean over batches:
+    over all source layers, and per source layer (which steps the model made linear)."""
     was_training = model.training
     model.eval()
     total = count = 0.0
+    per_layer = torch.zeros(len(term.sources), dtype=torch.float64)
     for batch in batches:
-        errors, _ = term.errors(frozen_hidden(model, batch))
+        hidden = frozen_hidden(model, batch)
+        errors, lifted = term.errors(hidden)
         n = float(batch["input"].shape[0])
         total, count = total + float(errors["one_step"]) * n, count + n
+        per_layer += layer_one_step(term, lifted).double() * n
     model.train(was_training)
-    return total / count
+    return total / count, {layer: float(e) / count for layer, e in zip(term.sources, per_layer, strict=True)}
+
+
+def layer_one_step(term: KoopmanOperator, lifted: torch.Tensor) -> torch.Tensor:
+    """Per source layer relative lifted one-step error, (n,), from the lifted states (n, s+1, M, D)."""
+    return relative_distance(term.koopman.advance(lifted[:, 0]), lifted[:, 1], term.options)
 
 
 def _cycle(batches: Batches) -> Iterator[dict[str, Any]]:

@@ -130,7 +130,7 @@ def koopman_parts(modules: KoopmanModules, states: torch.Tensor, mask: torch.Ten
     lifted_k, state_k, pred = [], [], x
     for k in range(1, s1):
         pred = modules.advance(pred, 1)  # K^k φ(h)
-        lifted_k.append(_masked_mean(_relative(pred, lifted[:, k], options), mask[:, k]))
+        lifted_k.append(_masked_mean(relative_distance(pred, lifted[:, k], options), mask[:, k]))
         state_k.append(_masked_mean(_distance(modules.decode(pred), targets[:, k], options), mask[:, k]))
     errors.update(lifted=torch.stack(lifted_k).mean(), one_step=lifted_k[0], state=torch.stack(state_k).mean())
     if options.spectral_weight:
@@ -144,7 +144,7 @@ def _distance(pred: torch.Tensor, target: torch.Tensor, options: KoopmanOptions)
     return fn(pred, target, reduction="none").mean(dim=(1, 2))
 
 
-def _relative(pred: torch.Tensor, target: torch.Tensor, options: KoopmanOptions) -> torch.Tensor:
+def relative_distance(pred: torch.Tensor, target: torch.Tensor, options: KoopmanOptions) -> torch.Tensor:
     """Distance in units of the target's spread over tokens (per layer, not trained through)."""
     scale = target.detach().var(dim=1, keepdim=True).mean(-1, keepdim=True).add(EPS).sqrt()  # (n, 1, 1)
     return _distance(pred / scale, target / scale, options)

@@ -71,8 +71,8 @@ class ForwardEval(stagewise.Stage):
         model.train(was_training)
         ppl, koopman_ppl = perplexity(nll["standard"] / tokens), perplexity(nll["koopman"] / tokens)
         metrics = {"ppl": ppl, "koopman_ppl": koopman_ppl, "ppl_ratio": koopman_ppl / ppl,
-                   "replaced_layers": o.replace_layers,
-                   "one_step_error": one_step_error(model, term, state.batches(o.split))}
+                   "replaced_layers": o.replace_layers}
+        metrics["one_step_error"], _ = one_step_error(model, term, state.batches(o.split))
         metrics.update({f"K{layer}/spectral_radius": r for layer, r in spectral_radii(term).items()})
         if state.run_dir is not None:
             plot_spectrum(state.run_dir.plot_path("koopman_spectrum.png"), term,
@@ -95,7 +95,8 @@ class LinearityOptions:
 
 class Linearity(stagewise.Stage):
     """Fit fresh φ, K, ψ on the frozen model and report ``<stage>/one_step_error`` (the relative
-    lifted one-step error on ``split``) and ``<stage>/fit_loss``. Run it on a baseline and on a
+    lifted one-step error on ``split``), ``<stage>/L<l>/one_step_error`` (the same per source
+    layer l) and ``<stage>/fit_loss``. Run it on a baseline and on a
     Koopman-trained model; the ratio of their errors is the ``linearity_gain``."""
 
     name = "koopman.linearity"
@@ -105,5 +106,7 @@ class Linearity(stagewise.Stage):
         o = self.options
         term, fit_loss = fit_post_hoc(state.model, lambda epoch: state.batches(o.fit_split, train=True, epoch=epoch),
                                       o.fit, o.fit_steps, o.lr)
-        error = one_step_error(state.model, term, state.batches(o.split))
-        return {f"{self.label}/one_step_error": error, f"{self.label}/fit_loss": fit_loss}
+        error, per_layer = one_step_error(state.model, term, state.batches(o.split))
+        metrics = {"one_step_error": error, "fit_loss": fit_loss}
+        metrics.update({f"L{layer}/one_step_error": e for layer, e in per_layer.items()})
+        return {f"{self.label}/{k}": v for k, v in metrics.items()}

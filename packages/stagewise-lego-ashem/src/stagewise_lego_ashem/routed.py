@@ -32,29 +32,32 @@ def routed_layers(model: DeepSupervisionTransformer, h: torch.Tensor, hard: torc
     if not bool(hard.any()):
         return h
     T = h.size(1)
-    rows = _HardRows(hard, model.rope_cos[:T], model.rope_sin[:T])
     cos, sin = model.rope_cos[:T], model.rope_sin[:T]  # (T, hd/2)
+    rows = _HardRows(hard, cos, sin)
     for block in model.layers[start:end]:
         h = _routed_block(block, h, rows, cos, sin)
     return h
 
 
 class _HardRows:
-    """Where the hard rows are: flat (b, t) indices, and a per-sequence padded layout (B, M);
-    with what every upper block shares: the queries' RoPE angles and the causal mask."""
+    """Where the hard rows are, as flat indices into the (B*T, C) rows, and a per-sequence
+    padded layout (B, M) for their queries; with what every upper block shares: the queries'
+    RoPE angles and the causal mask. Flat ``index_select``/``index_copy`` is the cheap gather."""
 
     def __init__(self, hard: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        self.b, self.t = hard.nonzero(as_tuple=True)  # (n,) each, row-major
-        slot = hard.long().cumsum(1) - 1  # (B, T): rank of a hard row within its sequence
-        self.slot = slot[self.b, self.t]  # (n,)
-        B, M = hard.size(0), int(hard.sum(1).max())
-        # padded slots attend to position 0 only (their result is dropped): no empty softmax row
-        self.pos = torch.zeros(B, M, dtype=torch.long, device=hard.device)
-        self.pos[self.b, self.slot] = self.t  # (B, M): the position each slot's query sits at
+        B, T = hard.shape
+        self.flat = hard.reshape(-1).nonzero().squeeze(1)  # (n,) into B*T, row-major
+        seq = self.flat // T
+        slot = (hard.long().cumsum(1) - 1).reshape(-1)[self.flat]  # (n,): rank within its sequence
+        M = int(hard.sum(1).max())
+        # padded slots sit at position 0 and attend to it only (their result is dropped): no empty softmax row
+        pos = torch.zeros(B, M, dtype=torch.long, device=hard.device)
+        pos[seq, slot] = self.flat % T  # (B, M): the position each slot's query sits at
+        self.padded = (pos + T * torch.arange(B, device=hard.device).unsqueeze(1)).reshape(-1)  # (B*M,) into B*T
+        self.unpad = seq * M + slot  # (n,) into B*M
         self.shape = (B, M)
-        self.cos, self.sin = cos[self.pos].unsqueeze(1), sin[self.pos].unsqueeze(1)  # (B, 1, M, hd/2)
-        causal = torch.arange(hard.size(1), device=hard.device) <= self.pos.unsqueeze(-1)  # (B, M, T)
-        self.causal = causal.unsqueeze(1)  # (B, 1, M, T)
+        self.cos, self.sin = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)  # (B, 1, M, hd/2)
+        self.causal = (torch.arange(T, device=hard.device) <= pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, M, T)
 
 
 def _routed_block(block: Block, h: torch.Tensor, rows: _HardRows, cos: torch.Tensor,
@@ -64,19 +67,18 @@ def _routed_block(block: Block, h: torch.Tensor, rows: _HardRows, cos: torch.Ten
     attn = block.attn
     nh, hd = attn.n_head, C // attn.n_head
     M = rows.shape[1]
-    x = block.attn_norm(h)  # (B, T, C)
+    flat = h.reshape(B * T, C)
+    x = block.attn_norm(flat)  # (B*T, C)
     w_q, w_kv = attn.qkv.weight[:C], attn.qkv.weight[C:]
     k, v = F.linear(x, w_kv).view(B, T, 2, nh, hd).permute(2, 0, 3, 1, 4)  # (B, nh, T, hd) each
     k = apply_rope(k, cos, sin)
-    q = x.new_zeros(B, M, C)
-    q[rows.b, rows.slot] = F.linear(x[rows.b, rows.t], w_q)  # queries of the hard rows only
-    q = q.view(B, M, nh, hd).transpose(1, 2)  # (B, nh, M, hd)
+    q = F.linear(x.index_select(0, rows.padded), w_q).view(B, M, nh, hd).transpose(1, 2)  # (B, nh, M, hd)
     q = apply_rope(q, rows.cos, rows.sin)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=rows.causal)  # (B, nh, M, hd)
-    y = y.transpose(1, 2).reshape(B, M, C)[rows.b, rows.slot]  # (n, C)
-    hr = h[rows.b, rows.t] + attn.proj(y)  # dropout is off in eval; routed training uses none
+    y = y.transpose(1, 2).reshape(B * M, C).index_select(0, rows.unpad)  # (n, C)
+    hr = flat.index_select(0, rows.flat) + attn.proj(y)  # dropout is off in eval; routed training uses none
     hr = hr + block.ffn(block.ffn_norm(hr))
-    return h.index_put((rows.b, rows.t), hr)  # out of place: autograd-safe
+    return flat.index_copy(0, rows.flat, hr).view(B, T, C)  # out of place: autograd-safe
 
 
 @torch.no_grad()
