@@ -17,7 +17,10 @@ cap of the sweep (the term's weight and cap both set to it). Prints a table and 
   frozen baseline ÷ the same fit on the frozen hybrid;
 - fallbacks: batches whose Koopman weight the engine cut; time_ratio: seconds of the hybrid's
   main stage ÷ the baseline's (same epochs and steps; wall clock, on a possibly shared machine);
-- sweep: [{cap, ppl, linearity_gain}] — the trade-off between the term's weight and perplexity.
+- sweep: [{cap, ppl, linearity_gain}] — the trade-off between the term's weight and perplexity;
+- seeds (with ``--seeds N``, N > 1): [{seed, baseline_ppl, hybrid_ppl, ppl_change_pct,
+  linearity_gain}] for seeds 0..N-1 (seed 0 is the run above), so a difference can be read
+  against the seed-to-seed spread.
 """
 
 from __future__ import annotations
@@ -61,16 +64,30 @@ def run(name: str, overrides: list[str], out: Path) -> dict[str, Any]:
     return summary
 
 
-def measure(data: Path, mode: str, out: Path) -> dict[str, Any]:
+def common_overrides(data: Path, mode: str, seed: int) -> list[str]:
     # one thread per run: on a shared machine, torch's thread pools oversubscribe the cores and
     # stall, which swamps the timing; both runs get the same single core
-    common = [f"data.path={data}", "run.seed=0", "run.threads=1", *SETTINGS[mode]]
+    return [f"data.path={data}", f"run.seed={seed}", "run.threads=1", *SETTINGS[mode]]
+
+
+def seed_pair(data: Path, mode: str, seed: int, out: Path) -> dict[str, Any]:
+    """Baseline and koopman.hybrid at one more seed: perplexities and the linearity gain."""
+    common = common_overrides(data, mode, seed)
+    base = run("koopman.baseline", common, out / f"baseline_seed{seed}")["metrics"]
+    hybrid = run("koopman.hybrid", [*common, koopman_losses(HYBRID_CAP)], out / f"hybrid_seed{seed}")["metrics"]
+    return {"seed": seed, "baseline_ppl": base["val/ppl"], "hybrid_ppl": hybrid["val/ppl"],
+            "ppl_change_pct": 100 * (hybrid["val/ppl"] / base["val/ppl"] - 1),
+            "linearity_gain": base["linearity/one_step_error"] / hybrid["linearity/one_step_error"]}
+
+
+def measure(data: Path, mode: str, out: Path, seeds: int = 1) -> dict[str, Any]:
+    common = common_overrides(data, mode, 0)
     baseline = run("koopman.baseline", common, out / "baseline")
     base_error = baseline["metrics"]["linearity/one_step_error"]
     hybrids = {cap: run("koopman.hybrid", [*common, f"run.name=koopman_hybrid_{cap}", koopman_losses(cap)],
                         out / f"hybrid_{cap}") for cap in CAPS}
     hybrid, m = hybrids[HYBRID_CAP], hybrids[HYBRID_CAP]["metrics"]
-    return {
+    result = {
         "baseline_ppl": baseline["metrics"]["val/ppl"],
         "hybrid_ppl": m["val/ppl"],
         "koopman_forward_ppl": m["forward/koopman_ppl"],
@@ -90,6 +107,12 @@ def measure(data: Path, mode: str, out: Path) -> dict[str, Any]:
                    "linearity_gain": base_error / h["metrics"]["linearity/one_step_error"]}
                   for cap, h in hybrids.items()],
     }
+    if seeds > 1:
+        first = {"seed": 0, "baseline_ppl": result["baseline_ppl"], "hybrid_ppl": result["hybrid_ppl"],
+                 "ppl_change_pct": 100 * (result["hybrid_ppl"] / result["baseline_ppl"] - 1),
+                 "linearity_gain": result["linearity_gain"]}
+        result["seeds"] = [first, *(seed_pair(data, mode, seed, out) for seed in range(1, seeds))]
+    return result
 
 
 def table(result: dict[str, Any]) -> str:
@@ -104,6 +127,10 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"{name:<36}{value:>12.4g}  {note}" for name, value, note in rows]
     lines += ["", f"{'cap':>8}{'val PPL':>12}{'linearity_gain':>16}"]
     lines += [f"{s['cap']:>8}{s['ppl']:>12.4f}{s['linearity_gain']:>16.3f}" for s in result["sweep"]]
+    if "seeds" in result:
+        lines += ["", f"{'seed':>8}{'baseline PPL':>14}{'hybrid PPL':>12}{'change %':>10}{'linearity_gain':>16}"]
+        lines += [f"{s['seed']:>8}{s['baseline_ppl']:>14.4f}{s['hybrid_ppl']:>12.4f}{s['ppl_change_pct']:>10.2f}"
+                  f"{s['linearity_gain']:>16.3f}" for s in result["seeds"]]
     return "\n".join(lines)
 
 
@@ -113,12 +140,14 @@ def main(argv: list[str] | None = None) -> int:
                         f"(default: {DEFAULT_DATA} split by file)")
     parser.add_argument("--json", type=Path, help="also write the result to this JSON file")
     parser.add_argument("--quick", action="store_true", help="less data and fewer epochs (under 10 minutes)")
+    parser.add_argument("--seeds", type=int, default=1, help="also run baseline and hybrid at seeds 1..N-1 "
+                        "(2 more runs per seed) to show the seed-to-seed spread (default 1: seed 0 only)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="koopman-bench-") as tmp:
         if args.data is None:  # every 10th file from the first to valid, from the second to test
             write_file_split(DEFAULT_DATA, Path(tmp), valid=0, test=1)
         data = args.data or Path(tmp)
-        result = measure(data, "quick" if args.quick else "full", Path(tmp) / "runs")
+        result = measure(data, "quick" if args.quick else "full", Path(tmp) / "runs", args.seeds)
     print(table(result))
     print(json.dumps(result))
     if args.json:

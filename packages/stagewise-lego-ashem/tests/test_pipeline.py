@@ -60,10 +60,12 @@ def test_speed_metrics_are_reported_and_change_no_other_number(tiny, tmp_path):
                  "test/compute_cost_flops", "test/hard_ppl_before", "test/hard_ppl_after"):
         assert metrics[name] > 0, name
     assert metrics["test/batch_size"] == 32
+    assert metrics["test/confidence_ms"] > 0 and 0 < metrics["test/confidence_flops_share"] < 1  # max_prob
     plain = read_summary(run_recipe(tiny(*short), out=tmp_path / "plain", quiet=True))["metrics"]
     assert {k: metrics[k] for k in plain} == plain  # timing trains nothing and draws no random number
     assert set(deterministic(metrics)) - set(plain) == {
-        "phase2/phase2_cache_speedup_flops", "phase2/phase2_token_mode_speedup_flops", "test/batch_size"}
+        "phase2/phase2_cache_speedup_flops", "phase2/phase2_token_mode_speedup_flops", "test/batch_size",
+        "test/confidence_flops_share"}
 
 
 def test_exit_probe_replaces_the_exit_softmax(tiny, tmp_path):

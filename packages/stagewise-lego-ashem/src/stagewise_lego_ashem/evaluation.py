@@ -18,7 +18,13 @@ import stagewise
 from stagewise.loss import perplexity
 from stagewise_lego_ashem import metrics, mining, timing
 from stagewise_lego_ashem.routed import routed_forward, upper_forward
-from stagewise_lego_ashem.router import Confidence, ConfidenceOptions
+from stagewise_lego_ashem.router import (
+    SCORE_ROWS,
+    SOFTMAX_MEASURES,
+    Confidence,
+    ConfidenceOptions,
+    confidence_from_logits,
+)
 
 
 def router_of(state: stagewise.State, measure: str | None = None) -> Confidence:
@@ -105,17 +111,32 @@ def routed_report(state: stagewise.State, options: Any) -> dict[str, Any]:
 
 def eval_speedup(model: torch.nn.Module, router: Confidence, idx: torch.Tensor, repeats: int) -> dict[str, float]:
     """Wall-clock full-depth forward over routed forward on the same batch idx (B, T), timed in
-    interleaved rounds (median of ``repeats``)."""
+    interleaved rounds (median of ``repeats``). With a softmax measure, also the confidence alone
+    (``confidence_ms``: softmax and max over the batch's exit logits, chunked as the routed
+    forward does) beside its share of the routed forward's counted FLOPs
+    (``confidence_flops_share``): the exit softmax's exponentials cost far more time than FLOPs."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        seconds = timing.interleaved_seconds({"full": lambda: model(idx)["logits"],
-                                              "routed": lambda: routed_forward(model, idx, router, router.threshold)},
-                                             repeats)
+        fns = {"full": lambda: model(idx)["logits"],
+               "routed": lambda: routed_forward(model, idx, router, router.threshold)}
+        measure = router.options.measure
+        if measure in SOFTMAX_MEASURES:
+            exit_logits = model.logits_from_hidden(model.exit_hidden(idx)).flatten(0, 1)  # (B*T, V)
+            fns["confidence"] = lambda: [confidence_from_logits(exit_logits[start:start + SCORE_ROWS], measure)
+                                         for start in range(0, exit_logits.size(0), SCORE_ROWS)]
+            easy = routed_forward(model, idx, router, router.threshold)["easy"]
+        seconds = timing.interleaved_seconds(fns, repeats)
         full, routed = seconds["full"], seconds["routed"]
     model.train(was_training)
-    return {"speedup_measured": full / routed, "batch_size": idx.size(0),
-            "full_depth_ms": 1e3 * full, "routed_ms": 1e3 * routed}
+    report = {"speedup_measured": full / routed, "batch_size": idx.size(0),
+              "full_depth_ms": 1e3 * full, "routed_ms": 1e3 * routed}
+    if "confidence" in seconds:
+        shape = metrics.Shape.of(model)
+        report["confidence_ms"] = 1e3 * seconds["confidence"]
+        report["confidence_flops_share"] = easy.numel() * shape.confidence(measure) / metrics.routed_flops(
+            shape, easy, measure)
+    return report
 
 
 def accuracy_compute_curve(state: stagewise.State, split: str, router: Confidence, points: int) -> list[dict]:

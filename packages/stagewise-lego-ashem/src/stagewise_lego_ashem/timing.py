@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-TIMING_METRICS = ("speedup_measured", "routed_ms", "full_depth_ms", "phase2_cache_speedup",
+TIMING_METRICS = ("speedup_measured", "routed_ms", "full_depth_ms", "confidence_ms", "phase2_cache_speedup",
                   "phase2_token_mode_speedup", "phase2_cache_step_ms", "phase2_full_forward_step_ms",
                   "phase2_token_step_ms")
 
