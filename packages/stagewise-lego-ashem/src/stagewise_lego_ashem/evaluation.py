@@ -8,7 +8,7 @@ in float64, so the numbers do not depend on batch boundaries' rounding.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -112,31 +112,40 @@ def routed_report(state: stagewise.State, options: Any) -> dict[str, Any]:
 def eval_speedup(model: torch.nn.Module, router: Confidence, idx: torch.Tensor, repeats: int) -> dict[str, float]:
     """Wall-clock full-depth forward over routed forward on the same batch idx (B, T), timed in
     interleaved rounds (median of ``repeats``). With a softmax measure, also the confidence alone
-    (``confidence_ms``: softmax and max over the batch's exit logits, chunked as the routed
-    forward does) beside its share of the routed forward's counted FLOPs
+    (``confidence_ms``) beside its share of the routed forward's counted FLOPs
     (``confidence_flops_share``): the exit softmax's exponentials cost far more time than FLOPs."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
         fns = {"full": lambda: model(idx)["logits"],
                "routed": lambda: routed_forward(model, idx, router, router.threshold)}
-        measure = router.options.measure
-        if measure in SOFTMAX_MEASURES:
-            exit_logits = model.logits_from_hidden(model.exit_hidden(idx)).flatten(0, 1)  # (B*T, V)
-            fns["confidence"] = lambda: [confidence_from_logits(exit_logits[start:start + SCORE_ROWS], measure)
-                                         for start in range(0, exit_logits.size(0), SCORE_ROWS)]
-            easy = routed_forward(model, idx, router, router.threshold)["easy"]
+        if router.options.measure in SOFTMAX_MEASURES:
+            fns["confidence"] = _confidence_alone(model, idx, router.options.measure)
         seconds = timing.interleaved_seconds(fns, repeats)
         full, routed = seconds["full"], seconds["routed"]
+        report = {"speedup_measured": full / routed, "batch_size": idx.size(0),
+                  "full_depth_ms": 1e3 * full, "routed_ms": 1e3 * routed}
+        if "confidence" in seconds:
+            report.update(confidence_ms=1e3 * seconds["confidence"],
+                          confidence_flops_share=_confidence_flops_share(model, idx, router))
     model.train(was_training)
-    report = {"speedup_measured": full / routed, "batch_size": idx.size(0),
-              "full_depth_ms": 1e3 * full, "routed_ms": 1e3 * routed}
-    if "confidence" in seconds:
-        shape = metrics.Shape.of(model)
-        report["confidence_ms"] = 1e3 * seconds["confidence"]
-        report["confidence_flops_share"] = easy.numel() * shape.confidence(measure) / metrics.routed_flops(
-            shape, easy, measure)
     return report
+
+
+def _confidence_alone(model: torch.nn.Module, idx: torch.Tensor, measure: str) -> Callable[[], Any]:
+    """Softmax and max over the exit logits of idx (B, T), ``SCORE_ROWS`` tokens at a time as the
+    routed forward scores them; the logits are computed once, outside the timed call."""
+    exit_logits = model.logits_from_hidden(model.exit_hidden(idx)).flatten(0, 1)  # (B*T, V)
+    return lambda: [confidence_from_logits(exit_logits[start:start + SCORE_ROWS], measure)
+                    for start in range(0, exit_logits.size(0), SCORE_ROWS)]
+
+
+def _confidence_flops_share(model: torch.nn.Module, idx: torch.Tensor, router: Confidence) -> float:
+    """Counted FLOPs of the confidence over all counted FLOPs of the routed forward on idx."""
+    easy = routed_forward(model, idx, router, router.threshold)["easy"]
+    shape = metrics.Shape.of(model)
+    return easy.numel() * shape.confidence(router.options.measure) / metrics.routed_flops(
+        shape, easy, router.options.measure)
 
 
 def accuracy_compute_curve(state: stagewise.State, split: str, router: Confidence, points: int) -> list[dict]:
