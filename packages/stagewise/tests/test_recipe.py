@@ -166,3 +166,30 @@ def test_exit_layer_outside_the_model_is_reported_before_anything_runs(tiny, tmp
         run_recipe(recipe, out=tmp_path / "run", quiet=True)
     assert info.value.problems == ["stages[0].losses[0]: at_layer 3 is outside the model's layers 1..2"]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_relative_data_path_in_a_recipe_file_is_relative_to_that_file(tmp_path, monkeypatch):
+    from conftest import TINY
+
+    folder = tmp_path / "project" / "recipes"
+    folder.mkdir(parents=True)
+    (folder / "r.toml").write_text(TINY.replace('use = "stagewise.text"', 'use = "stagewise.text"\npath = "../corpus"'))
+    monkeypatch.chdir(tmp_path)  # run from elsewhere: the path still means project/corpus
+    recipe = load_recipe("project/recipes/r.toml")
+    assert recipe.table["data"]["path"] == str((tmp_path / "project" / "corpus").resolve())
+    assert recipe.data.options.path == recipe.table["data"]["path"]
+
+
+def test_a_data_path_given_by_set_stays_relative_to_the_working_directory(tiny):
+    assert tiny("data.path=corpus").table["data"]["path"] == "corpus"
+
+
+def test_an_absolute_or_home_data_path_is_kept(tmp_path, monkeypatch):
+    from conftest import TINY
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # where ~ points
+    home = tmp_path / "home"
+    for given, expected in ((str(tmp_path / "abs"), str(tmp_path / "abs")), ("~/texts", str(home / "texts"))):
+        path = tmp_path / "r.toml"
+        path.write_text(TINY.replace('use = "stagewise.text"', f'use = "stagewise.text"\npath = "{given}"'))
+        assert load_recipe(path).table["data"]["path"] == expected

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +77,17 @@ def load_recipe(recipe: str | Path, overrides: list[str] | None = None) -> Recip
         raise ConfigError([f"not valid TOML: {exc}"], source) from exc
     except OSError as exc:
         raise ConfigError([f"cannot read the file: {exc}"], source) from exc
+    anchor_data_path(raw, path.parent)
     return recipe_from_table(raw, source, overrides or [])
+
+
+def anchor_data_path(raw: dict[str, Any], base: Path) -> None:
+    """Make a relative ``[data] path`` of a recipe file relative to that file (``base``, its
+    folder), not to wherever the command runs; ``~`` is expanded. Paths given by ``--set`` stay
+    relative to the working directory: they are applied later, to the anchored table."""
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("path"), str):
+        data["path"] = os.path.normpath(base.resolve() / Path(data["path"]).expanduser())  # absolute: kept
 
 
 def resolve_recipe_path(recipe: str | Path) -> Path:
