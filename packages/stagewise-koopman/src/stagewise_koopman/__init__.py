@@ -8,7 +8,7 @@ access, so ``stagewise plugins`` never imports torch because of this package.
 
 from __future__ import annotations
 
-from typing import Any
+from stagewise.lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -26,9 +26,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'stagewise_koopman' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

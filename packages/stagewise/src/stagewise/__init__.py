@@ -18,6 +18,7 @@ from stagewise.errors import (
 )
 from stagewise.events import Event
 from stagewise.hookspecs import hookimpl
+from stagewise.lazy import lazy_attributes
 from stagewise.plugins import get as _get
 from stagewise.plugins import registries as _registries
 
@@ -49,12 +50,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'stagewise' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 def _all_of(kind: str) -> dict[str, Any]:
