@@ -94,3 +94,12 @@ def test_fallback_cuts_the_weight_and_warns_once_per_epoch(constant_loss, tiny, 
     assert err.count("loss term 'constant' = 100 > fallback_threshold 8.0") == 1
     assert "'fallback/constant' happened 5 times this epoch" in err
     assert read_summary(run_dir)["stages"]["phase1"]["metrics"]["val/constant/loss"] == 100.0
+
+
+def test_token_nll_is_the_per_token_cross_entropy_shaped_like_the_target():
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(3, 5, 7, generator=g), torch.randint(0, 7, (3, 5), generator=g)
+    nll = stagewise.loss.token_nll(logits, target)
+    expected = -torch.log_softmax(logits, -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    assert nll.shape == target.shape and torch.allclose(nll, expected, atol=1e-6)
+    assert torch.equal(stagewise.loss.token_nll(logits[0], target[0]), nll[0])  # (T, V) works too, row for row

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import stagewise
-from stagewise.loss import perplexity
+from stagewise.loss import perplexity, token_nll
 from stagewise_lego_ashem import metrics, mining, timing
 from stagewise_lego_ashem.routed import routed_forward, upper_forward
 from stagewise_lego_ashem.router import (
@@ -52,7 +52,7 @@ def evaluate_routed(state: stagewise.State, batches: Iterable[dict[str, Any]], r
         idx, target = batch["input"], batch["target"]
         out = routed_forward(model, idx, router, threshold, keep_exit_logits=full)
         easy = out["easy"]
-        routed_nll = _nll(out["logits"], target)
+        routed_nll = token_nll(out["logits"], target)
         _add(sums, n=target.numel(), easy=float(easy.sum()), nll=float(routed_nll.double().sum()),
              correct=float((out["logits"].argmax(-1) == target).sum()),
              flops=metrics.routed_flops(shape, easy, router.options.measure),
@@ -62,17 +62,13 @@ def evaluate_routed(state: stagewise.State, batches: Iterable[dict[str, Any]], r
             exit_logits = out["exit_logits"]
             if exit_logits is None:
                 exit_logits = model.logits_from_hidden(model.exit_hidden(idx))
-            exit_nll, hard = _nll(exit_logits, target), ~easy
-            _add(sums, full_nll=float(_nll(logits, target).double().sum()),
+            exit_nll, hard = token_nll(exit_logits, target), ~easy
+            _add(sums, full_nll=float(token_nll(logits, target).double().sum()),
                  full_correct=float((logits.argmax(-1) == target).sum()),
                  exit_nll=float(exit_nll.double().sum()), hard=float(hard.sum()),
                  hard_before=float(exit_nll[hard].double().sum()), hard_after=float(routed_nll[hard].double().sum()))
     model.train(was_training)
     return _summarize(sums, model.exit_layer, model.config.n_layer)
-
-
-def _nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (B, T)
 
 
 def _add(sums: dict[str, float], **values: float) -> None:

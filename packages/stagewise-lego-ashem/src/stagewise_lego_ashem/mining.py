@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from stagewise.loss import token_nll
 from stagewise_lego_ashem.router import Confidence
 
 CACHE = "lego_ashem.cache"  # artifact: {"split", "exit_layer", "hidden", "target", "hard"}
@@ -37,7 +38,7 @@ def exit_states(model: torch.nn.Module, batches: Iterable[dict[str, Any]],
         scores, logits = router.score(model, h)
         target = batch["target"]
         nll = (torch.full(target.shape, float("nan")) if logits is None else
-               torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none"))
+               token_nll(logits, target))
         for key, value in (("hidden", h), ("scores", scores), ("target", target), ("nll", nll)):
             parts[key].append(value.cpu())
     model.train(was_training)

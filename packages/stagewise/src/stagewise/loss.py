@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from stagewise.schema import NoOptions
 
@@ -93,3 +94,13 @@ def batch_size(batch: dict[str, Any]) -> int:
 def perplexity(mean_nll: float) -> float:
     """exp(mean negative log-likelihood), capped so huge losses stay finite JSON."""
     return math.exp(min(mean_nll, 700.0))
+
+
+def token_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood of logits (..., V) at target (...), shaped like target.
+
+    Flattened so the log-softmax runs over the last, contiguous axis: on CPU that kernel is
+    several times faster than cross-entropy with the classes on axis 1 (``logits.transpose(1, 2)``).
+    """
+    flat = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none")
+    return flat.view(target.shape)
