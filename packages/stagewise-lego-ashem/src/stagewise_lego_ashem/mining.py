@@ -37,8 +37,7 @@ def exit_states(model: torch.nn.Module, batches: Iterable[dict[str, Any]],
         h = model.exit_hidden(batch["input"])  # (B, T, C)
         scores, logits = router.score(model, h)
         target = batch["target"]
-        nll = (torch.full(target.shape, float("nan")) if logits is None else
-               token_nll(logits, target))
+        nll = torch.full(target.shape, float("nan")) if logits is None else token_nll(logits, target)
         for key, value in (("hidden", h), ("scores", scores), ("target", target), ("nll", nll)):
             parts[key].append(value.cpu())
     model.train(was_training)
