@@ -48,11 +48,9 @@ SETTINGS = {  # (data and training overrides) per mode
 }
 
 
-def koopman_losses(cap: float) -> str:
-    """The hybrid's ``losses`` with the Koopman term's weight and cap set to ``cap``."""
-    return (f'stages.main.losses=[{{use="stagewise.cross_entropy"}}, {{use="koopman.operator", name="koopman", '
-            f'weight={cap}, cap={cap}, ramp_epochs=2, fallback_threshold=20.0, fallback_factor=0.01, '
-            f'koopman_dim=64, steps=2, layers=[0, 2], lifted_weight=10.0, detach="target"}}]')
+def koopman_losses(cap: float) -> list[str]:
+    """koopman.hybrid's Koopman term with its weight and cap set to ``cap``; the rest as in the recipe."""
+    return [f"stages.main.losses.koopman.weight={cap}", f"stages.main.losses.koopman.cap={cap}"]
 
 
 def run(name: str, overrides: list[str], out: Path) -> dict[str, Any]:
@@ -74,7 +72,7 @@ def seed_pair(data: Path, mode: str, seed: int, out: Path) -> dict[str, Any]:
     """Baseline and koopman.hybrid at one more seed: perplexities and the linearity gain."""
     common = common_overrides(data, mode, seed)
     base = run("koopman.baseline", common, out / f"baseline_seed{seed}")["metrics"]
-    hybrid = run("koopman.hybrid", [*common, koopman_losses(HYBRID_CAP)], out / f"hybrid_seed{seed}")["metrics"]
+    hybrid = run("koopman.hybrid", [*common, *koopman_losses(HYBRID_CAP)], out / f"hybrid_seed{seed}")["metrics"]
     return {"seed": seed, "baseline_ppl": base["val/ppl"], "hybrid_ppl": hybrid["val/ppl"],
             "ppl_change_pct": 100 * (hybrid["val/ppl"] / base["val/ppl"] - 1),
             "linearity_gain": base["linearity/one_step_error"] / hybrid["linearity/one_step_error"]}
@@ -84,7 +82,7 @@ def measure(data: Path, mode: str, out: Path, seeds: int = 1) -> dict[str, Any]:
     common = common_overrides(data, mode, 0)
     baseline = run("koopman.baseline", common, out / "baseline")
     base_error = baseline["metrics"]["linearity/one_step_error"]
-    hybrids = {cap: run("koopman.hybrid", [*common, f"run.name=koopman_hybrid_{cap}", koopman_losses(cap)],
+    hybrids = {cap: run("koopman.hybrid", [*common, f"run.name=koopman_hybrid_{cap}", *koopman_losses(cap)],
                         out / f"hybrid_{cap}") for cap in CAPS}
     hybrid, m = hybrids[HYBRID_CAP], hybrids[HYBRID_CAP]["metrics"]
     result = {

@@ -90,6 +90,12 @@ grow = { n_layers = 4 }
     assert problem.startswith("stages[0].grow.n_layers: unknown key; did you mean 'n_layer'?")
 
 
+def test_an_unknown_key_with_no_close_match_still_lists_the_valid_keys(tiny):
+    with pytest.raises(ConfigError) as info:
+        tiny("model.zzz=1")
+    assert info.value.problems[0].startswith("model.zzz: unknown key. Valid keys: dropout, ffn_hidden, ")
+
+
 def test_overrides_are_typed_and_address_stages_by_name(tiny):
     recipe = tiny("stages.phase2.max_epochs=5", "run.seed=3", "data.path=/tmp/x", "stages.phase1.lr=1e-4")
     assert recipe.stages[1].options.max_epochs == 5 and recipe.run.seed == 3
@@ -103,6 +109,27 @@ def test_bad_overrides(tiny):
     assert "no stage named 'nope'; stages: phase1, phase2, test" in problems[0]
     assert "expected KEY.PATH=VALUE" in problems[1]
     assert problems[2] == "run.seed: expected int, got str 'abc'"
+
+
+def test_overrides_address_loss_terms_by_name(tiny):
+    terms = '[{use="stagewise.cross_entropy"}, {use="stagewise.cross_entropy", name="exit1", at_layer=1}]'
+    recipe = tiny(f"stages.phase1.losses={terms}", "stages.phase1.losses.exit1.weight=0.3",
+                  "stages.phase1.losses.cross_entropy.label_smoothing=0.1")  # unnamed: the part of use after the dot
+    main, exit1 = recipe.stages[0].options.losses
+    assert (exit1.name, exit1.weight, exit1.options.at_layer) == ("exit1", 0.3, 1)
+    assert (main.weight, main.options.label_smoothing) == (1.0, 0.1)
+
+
+def test_an_unknown_loss_term_lists_the_stage_s_terms(tiny):
+    terms = '[{use="stagewise.cross_entropy"}, {use="stagewise.cross_entropy", name="exit1", at_layer=1}]'
+    with pytest.raises(ConfigError) as info:
+        tiny(f"stages.phase1.losses={terms}", "stages.phase1.losses.exit2.weight=0.3",
+             "stages.phase2.losses.cross_entropy.weight=2")  # phase2 leaves losses at the default
+    assert info.value.problems == [
+        "--set 'stages.phase1.losses.exit2.weight=0.3': no loss term named 'exit2'; losses: cross_entropy, exit1 "
+        "(address a loss term's key as stages.NAME.losses.TERM.KEY=VALUE)",
+        "--set 'stages.phase2.losses.cross_entropy.weight=2': no loss term named 'cross_entropy'; the recipe "
+        "lists no losses there (the stage's default applies: set the whole list)"]
 
 
 def test_unknown_recipe_name_lists_the_installed_ones():

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +19,7 @@ from typing import Any, Literal
 from stagewise import plugins
 from stagewise.errors import ConfigError, UnknownNameError
 from stagewise.schema import as_table, build_dataclass, unknown_key_message
-from stagewise.specs import DataSpec, ModelSpec, StageSpec
+from stagewise.specs import DataSpec, ModelSpec, StageSpec, default_term_name
 from stagewise.tomlwrite import dumps
 
 
@@ -149,7 +150,8 @@ def _check_grow(stages: list[StageSpec], model: ModelSpec, problems: list[str]) 
 
 
 def apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None:
-    """Apply ``a.b.c=value`` to the raw table; stages are addressed by name: ``stages.NAME.key``."""
+    """Apply ``a.b.c=value`` to the raw table. Stages are addressed by name (``stages.NAME.key``),
+    and so are a stage's loss terms (``stages.NAME.losses.TERM.key``, TERM as in metrics)."""
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
     if not sep or not all(parts):
@@ -157,27 +159,46 @@ def apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None:
         return
     value = _parse_value(text.strip())
     node: Any = raw
-    if parts[0] == "stages":
-        node = _stage_named(raw, parts[1] if len(parts) > 2 else "", item, problems)
-        if node is None:
-            return
-        parts = parts[2:]
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
+    kind = "recipe"  # what node is: the recipe, a stage, a loss term or another table
+    path = iter(parts[:-1])
+    for part in path:
+        named = _NAMED_LISTS.get((kind, part))
+        if named and isinstance(node.get(part, []), list):
+            node, kind = _element_named(node.get(part) or [], part, named, next(path, ""), item, problems), named[0]
+            if node is None:
+                return
+            continue
+        node, kind = node.setdefault(part, {}), "table"
         if not isinstance(node, dict):
             problems.append(f"--set {item!r}: {part!r} is not a table")
             return
     node[parts[-1]] = value
 
 
-def _stage_named(raw: dict[str, Any], name: str, item: str, problems: list[str]) -> dict | None:
-    stages = raw.get("stages") or []
-    for stage in stages:
-        if isinstance(stage, dict) and stage.get("name") == name:
-            return stage
-    names = ", ".join(str(s.get("name")) for s in stages if isinstance(s, dict))
-    problems.append(f"--set {item!r}: no stage named {name!r}; stages: {names or 'none'} "
-                    "(address a stage key as stages.NAME.KEY=VALUE)")
+def _term_name(table: dict) -> str:
+    return table.get("name") or default_term_name(str(table.get("use", "")))
+
+
+# the lists of tables whose elements --set addresses by name:
+# (what holds the list, its key) -> (an element's kind, its name, how to address its keys)
+_NAMED_LISTS: dict[tuple[str, str], tuple[str, Callable[[dict], Any], str]] = {
+    ("recipe", "stages"): ("stage", lambda table: table.get("name"), "stages.NAME.KEY=VALUE"),
+    ("stage", "losses"): ("loss term", _term_name, "stages.NAME.losses.TERM.KEY=VALUE"),
+}
+
+
+def _element_named(items: list, key: str, named: tuple, name: str, item: str, problems: list[str]) -> dict | None:
+    kind, name_of, form = named
+    tables = [t for t in items if isinstance(t, dict)]
+    for table in tables:
+        if name_of(table) == name:
+            return table
+    if tables:
+        hint = f"{key}: {', '.join(str(name_of(t)) for t in tables)} (address a {kind}'s key as {form})"
+    else:
+        hint = f"the recipe lists no {key} there" + ("" if key == "stages" else
+                                                     " (the stage's default applies: set the whole list)")
+    problems.append(f"--set {item!r}: no {kind} named {name!r}; {hint}")
     return None
 
 

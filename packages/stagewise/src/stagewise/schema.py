@@ -36,7 +36,7 @@ def unknown_key_message(key: str, path: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     where = f"{path}.{key}" if path else key
-    return f"{where}: unknown key{hint} Valid keys: {', '.join(sorted(valid)) or 'none'}"
+    return f"{where}: unknown key{hint or '.'} Valid keys: {', '.join(sorted(valid)) or 'none'}"
 
 
 def build_dataclass(cls: type, raw: Any, path: str, problems: list[str],

@@ -64,6 +64,11 @@ class Spec:
         return plugins.get(self.KIND, self.use)
 
 
+def default_term_name(use: str) -> str:
+    """A loss term's name when the recipe gives none: the part of ``use`` after the first dot."""
+    return use.split(".", 1)[-1]
+
+
 @dataclass
 class LossSpec(Spec):
     """One loss term of a stage, with its weight schedule and fallback."""
@@ -81,7 +86,7 @@ class LossSpec(Spec):
 
     def __post_init__(self) -> None:
         if self.name is None:
-            self.name = self.use.split(".", 1)[1]
+            self.name = default_term_name(self.use)
         if self.weight < 0 or (self.cap is not None and self.cap < 0):
             raise ValueError(f"weight and cap must be >= 0, got weight={self.weight}, cap={self.cap}")
         if self.start_epoch < 0 or self.ramp_epochs < 0:
