@@ -4,8 +4,8 @@
 
 DIR holds train.txt, valid.txt and test.txt (WikiText-style plain text). Default: a
 deterministic split of ../shared/data/pd_english written to a temporary directory: every file
-cut into 40-line chunks, chunk j (counted over the sorted files) to valid when j % 10 == 3, to
-test when j % 10 == 7, else to train, each split's chunks in one seeded random order (so valid,
+cut into 40-line chunks, chunk i (0-based, over the sorted files) to valid when i % 10 == 2, to
+test when i % 10 == 6, else to train, each split's chunks in one seeded random order (so valid,
 on which the router is calibrated, and test, on which it is evaluated, are drawn alike and
 share no text). Runs the recipes lego_ashem.baseline and lego_ashem.ashem with the same [data]
 table and seed (ashem with hard_ratio 0.4, and with the learned exit probe trained and evaluated
@@ -21,7 +21,6 @@ import argparse
 import copy
 import json
 import os
-import random
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 from stagewise.compare import check_comparable
+from stagewise.data.text import write_file_split
 from stagewise.engine.runner import run_recipe
 from stagewise.nn.transformer import TransformerConfig
 from stagewise.recipe import Recipe, load_recipe, recipe_from_table
@@ -49,32 +49,16 @@ HARD_RATIO = 0.4  # the ashem recipe's router: fraction of valid tokens calibrat
 CHUNK_LINES = 40  # lines per chunk of the default split (a few paragraphs)
 
 
-def split_by_chunk(source: Path, out: Path, lines_per_chunk: int = CHUNK_LINES, seed: int = 0) -> Path:
-    """train/valid/test.txt from a directory of .txt files, drawn alike from the same files.
+def default_split(out: Path) -> Path:
+    """train/valid/test.txt from ../shared/data/pd_english, dealt by 40-line chunk.
 
-    Each file is cut into chunks of ``lines_per_chunk`` consecutive lines; chunk j (counted over
-    the sorted files) goes to valid when j % 10 == 3, to test when j % 10 == 7, else to train,
-    so no text is in two splits. Each split's chunks are then put in one seeded random order, so that a prefix (what
-    ``data.max_tokens`` keeps) samples every file alike. A by-file split would calibrate the
-    router on one kind of text and evaluate it on another (at 150k tokens: valid = poems and
-    speeches, test = Moby-Dick), and a threshold calibrated on one split would not give the
-    same hard ratio on the other.
+    Chunk i (0-based, over the sorted files) goes to valid when i % 10 == 2, to test when
+    i % 10 == 6, else to train; each split's chunks in one seeded random order (core's
+    ``write_file_split``). A by-file split would calibrate the router on one kind of text and
+    evaluate it on another (at 150k tokens: valid = poems and speeches, test = Moby-Dick), and a
+    threshold calibrated on one split would not give the same hard ratio on the other.
     """
-    files = sorted(source.rglob("*.txt"))
-    if not files:
-        raise SystemExit(f"no .txt files under {source}; pass --data DIR with train.txt, valid.txt, test.txt")
-    parts: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
-    j = 0  # chunks counted across files, so that short files feed valid and test alike
-    for path in files:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        for start in range(0, len(lines), lines_per_chunk):
-            j += 1
-            split = "valid" if j % 10 == 3 else "test" if j % 10 == 7 else "train"
-            parts[split].append("\n".join(lines[start:start + lines_per_chunk]))
-    rng = random.Random(seed)
-    for split, chunks in parts.items():
-        rng.shuffle(chunks)
-        (out / f"{split}.txt").write_text("\n".join(chunks), encoding="utf-8")
+    write_file_split(DEFAULT_SOURCE.resolve(), out, valid=2, test=6, chunk_lines=CHUNK_LINES, seed=0)
     return out
 
 
@@ -199,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.data or split_by_chunk(DEFAULT_SOURCE.resolve(), Path(tmp))
+        data = args.data or default_split(Path(tmp))
         summaries = run_both(data, args.quick, args.threads, Path(tmp) / "runs")
     result = collect(summaries, large_shape_speed())
     print(table(result))

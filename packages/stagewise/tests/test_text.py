@@ -134,5 +134,30 @@ def test_write_file_split_refuses_too_few_files(tmp_path):
     from stagewise.data.splits import DataError
     from stagewise.data.text import write_file_split
 
-    with pytest.raises(DataError, match="at least 3 .txt files"):
+    with pytest.raises(DataError, match="0 .txt files leave train, valid, test empty"):
         write_file_split(tmp_path, tmp_path / "out")
+    (tmp_path / "a.txt").write_text("one\ntwo\nthree")
+    with pytest.raises(DataError, match="3 chunks of 1 lines leave valid empty"):
+        write_file_split(tmp_path, tmp_path / "out", valid=3, test=1, chunk_lines=1)
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_write_file_split_by_chunk_deals_every_line_once_in_a_seeded_order(tmp_path):
+    from stagewise.data.text import write_file_split
+
+    source = tmp_path / "books"
+    source.mkdir()
+    for b in range(2):
+        (source / f"{b}.txt").write_text("\n".join(f"book {b} line {i}" for i in range(50)))
+    counts = write_file_split(source, tmp_path / "a", valid=2, test=6, chunk_lines=5, seed=1)
+    assert counts == {"train": 16, "valid": 2, "test": 2}  # 20 chunks: 2, 12 -> valid; 6, 16 -> test
+    split = {name: (tmp_path / "a" / f"{name}.txt").read_text().splitlines() for name in counts}
+    assert sorted(line for lines in split.values() for line in lines) == sorted(
+        f"book {b} line {i}" for b in range(2) for i in range(50))
+    assert sorted(split["valid"]) == sorted([f"book 0 line {i}" for i in range(10, 15)]
+                                            + [f"book 1 line {i}" for i in range(10, 15)])
+    write_file_split(source, tmp_path / "b", valid=2, test=6, chunk_lines=5, seed=1)
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in
+               ("train.txt", "valid.txt", "test.txt"))
+    write_file_split(source, tmp_path / "c", valid=2, test=6, chunk_lines=5, seed=2)
+    assert (tmp_path / "c" / "train.txt").read_bytes() != (tmp_path / "a" / "train.txt").read_bytes()

@@ -16,6 +16,7 @@ The vocabulary is built from the training split only; nothing depends on the see
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,20 +174,43 @@ class TextCorpus:
         return DataSplits(splits, info)
 
 
-def write_file_split(source: Path, out: Path, *, every: int = 10, valid: int = 0, test: int = 1) -> dict[str, int]:
+def write_file_split(source: Path, out: Path, *, every: int = 10, valid: int = 0, test: int = 1,
+                     chunk_lines: int | None = None, seed: int = 0) -> dict[str, int]:
     """Write ``train.txt``/``valid.txt``/``test.txt`` in ``out`` from the ``.txt`` files under
-    ``source``, whole files per split (so no document straddles two): the i-th file in sorted
-    order goes to valid when ``i % every == valid``, to test when ``i % every == test``, else
-    to train. Undecodable bytes become U+FFFD. Returns the number of files per split."""
+    ``source`` (sorted order; undecodable bytes become U+FFFD), so that no text is in two splits.
+
+    The units dealt are whole files, or with ``chunk_lines`` chunks of that many consecutive
+    lines (counted over all files): unit i goes to valid when ``i % every == valid``, to test
+    when ``i % every == test``, else to train. Chunks are then put in one seeded random order per
+    split, so that a prefix of a split (what ``data.max_tokens`` keeps) samples every file
+    alike, and valid and test are drawn like train; whole files keep their order (a file split
+    of a few files puts whole kinds of text in valid or test). Returns the units per split.
+    """
     files = sorted(Path(source).rglob("*.txt"))
-    if len(files) < 3 or valid == test:
-        raise DataError(f"{source}: a file split needs at least 3 .txt files (found {len(files)}) "
-                        f"and distinct valid/test offsets (got {valid}, {test})")
+    units = [text for file in files for text in _units(file.read_text(encoding="utf-8", errors="replace"),
+                                                       chunk_lines)]
     parts: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
-    for i, file in enumerate(files):
-        split = "valid" if i % every == valid else "test" if i % every == test else "train"
-        parts[split].append(file.read_text(encoding="utf-8", errors="replace"))
+    for i, text in enumerate(units):
+        parts["valid" if i % every == valid else "test" if i % every == test else "train"].append(text)
+    empty = [split for split, texts in parts.items() if not texts]
+    if empty or valid == test:
+        unit = f"chunks of {chunk_lines} lines" if chunk_lines else ".txt files"
+        raise DataError(f"{source}: {len(units)} {unit} leave {', '.join(empty) or 'no split'} empty "
+                        f"(valid/test offsets {valid}, {test} of every {every}); they must differ, and "
+                        f"there must be at least {max(valid, test) + 1} units, a few more for train")
+    if chunk_lines:
+        rng = random.Random(seed)
+        for texts in parts.values():
+            rng.shuffle(texts)
     Path(out).mkdir(parents=True, exist_ok=True)
     for split, texts in parts.items():
         (Path(out) / f"{split}.txt").write_text("\n".join(texts), encoding="utf-8")
     return {split: len(texts) for split, texts in parts.items()}
+
+
+def _units(text: str, chunk_lines: int | None) -> list[str]:
+    """A file's text whole, or its chunks of ``chunk_lines`` lines."""
+    if not chunk_lines:
+        return [text]
+    lines = text.splitlines()
+    return ["\n".join(lines[start:start + chunk_lines]) for start in range(0, len(lines), chunk_lines)]
