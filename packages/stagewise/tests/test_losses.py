@@ -103,3 +103,35 @@ def test_token_nll_is_the_per_token_cross_entropy_shaped_like_the_target():
     expected = -torch.log_softmax(logits, -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
     assert nll.shape == target.shape and torch.allclose(nll, expected, atol=1e-6)
     assert torch.equal(stagewise.loss.token_nll(logits[0], target[0]), nll[0])  # (T, V) works too, row for row
+
+
+class OwnParameter(stagewise.Loss):
+    """A term with a parameter of its own whose gradient is huge, and no gradient path into the model."""
+
+    name = "testing.own_parameter"
+
+    def setup(self, state):
+        self.p = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, outputs, batch, state):
+        return 1e6 * self.p ** 2 + outputs["logits"].sum() * 0.0
+
+
+class OwnParameterPlugin:
+    @stagewise.hookimpl
+    def stagewise_register_losses(self, register):
+        register(OwnParameter, "testing.own_parameter")
+
+
+def test_grad_clip_bounds_a_term_s_own_parameters_apart_from_the_model(tiny, tmp_path):
+    plugins.register_plugin(OwnParameterPlugin(), "testing_own")
+    try:
+        alone = run_recipe(tiny(), out=tmp_path / "alone", quiet=True)
+        terms = '[{use="stagewise.cross_entropy"}, {use="testing.own_parameter", weight=1.0}]'
+        with_term = run_recipe(tiny(f"stages.phase1.losses={terms}"), out=tmp_path / "with", quiet=True)
+    finally:
+        plugins.unregister_plugin("testing_own")
+    # phase1 clips at 1.0: the term's gradient (2e6) is clipped on its own, so the model's steps,
+    # and the language model's validation loss, are exactly those of the run without the term
+    val = [read_summary(run)["stages"]["phase1"]["metrics"]["val/loss"] for run in (alone, with_term)]
+    assert val[0] == val[1]

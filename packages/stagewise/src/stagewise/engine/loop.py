@@ -56,8 +56,12 @@ class TrainLoop:
         state.terms = self.terms  # event hooks reach the terms through the state (e.g. a refresh after each step)
         self.objective = Objective(state.model, self.terms, state)
         selected = select_parameters(state.model, self.o.train, self.o.freeze, where)
-        self.params = [p for _, p in selected] + list(self.objective.terms.parameters())
-        self.optimizer = build_optimizer(self.params, self.o)
+        model_params = [p for _, p in selected]
+        # grad_clip bounds the model's gradient norm and each term's own parameters' apart, so that
+        # an auxiliary term's modules (e.g. Koopman operators) never shrink the model's step
+        self.clip_groups = [group for group in (model_params, *(list(t.parameters()) for t in self.terms.values()))
+                            if group]
+        self.optimizer = build_optimizer(model_params + list(self.objective.terms.parameters()), self.o)
         self.steps_per_epoch = stage.steps_per_epoch(state)
         self.scheduler = build_scheduler(self.optimizer, self.o, self.steps_per_epoch * self.o.max_epochs)
         self.weights = TermWeights(self.o.losses, state)
@@ -131,7 +135,8 @@ class TrainLoop:
             if ok:
                 total.backward()
                 if o.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip)
+                    for group in self.clip_groups:
+                        torch.nn.utils.clip_grad_norm_(group, o.grad_clip)
                 self.optimizer.step()
         if ok:
             self._after_update(value, record)
