@@ -56,12 +56,11 @@ class TrainLoop:
         state.terms = self.terms  # event hooks reach the terms through the state (e.g. a refresh after each step)
         self.objective = Objective(state.model, self.terms, state)
         selected = select_parameters(state.model, self.o.train, self.o.freeze, where)
-        model_params = [p for _, p in selected]
+        groups = [[p for _, p in selected], *(list(term.parameters()) for term in self.terms.values())]
         # grad_clip bounds the model's gradient norm and each term's own parameters' apart, so that
         # an auxiliary term's modules (e.g. Koopman operators) never shrink the model's step
-        self.clip_groups = [group for group in (model_params, *(list(t.parameters()) for t in self.terms.values()))
-                            if group]
-        self.optimizer = build_optimizer(model_params + list(self.objective.terms.parameters()), self.o)
+        self.clip_groups = [group for group in groups if group]
+        self.optimizer = build_optimizer([p for group in groups for p in group], self.o)
         self.steps_per_epoch = stage.steps_per_epoch(state)
         self.scheduler = build_scheduler(self.optimizer, self.o, self.steps_per_epoch * self.o.max_epochs)
         self.weights = TermWeights(self.o.losses, state)
