@@ -186,3 +186,13 @@ def test_every_rank_takes_the_same_number_of_training_steps(n):
 def test_a_last_batch_smaller_than_the_world_does_not_split_the_ranks():
     steps = _steps_per_rank(17)  # 8 + 8 + 1: rank 1 has no share of the last batch
     assert len(set(steps)) == 1 and steps[0][0] == steps[0][1]
+
+
+def test_unsharded_batches_give_every_rank_the_whole_split_in_order():
+    def inputs(rank: int, shard: bool) -> list[int]:
+        state = _rank_state(13, 4, rank, 2)
+        return [int(i) for b in iterate_batches(state, "train", train=False, shard=shard) for i in b["input"]]
+
+    assert inputs(0, shard=False) == inputs(1, shard=False) == list(range(13))
+    assert sorted(inputs(0, shard=True) + inputs(1, shard=True)) == list(range(13))  # each rank a share
+    assert inputs(1, shard=True) == [1, 3, 5, 7, 9, 11]

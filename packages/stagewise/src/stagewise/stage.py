@@ -17,7 +17,7 @@ Example::
         Options = CountOptions
 
         def run(self, state):
-            n = sum(b["target"].numel() for b in state.batches(self.options.split))
+            n = sum(b["target"].numel() for b in state.batches(self.options.split, shard=False))
             state.artifacts["n_tokens"] = n
             return {"tokens": n}
 """

@@ -54,7 +54,7 @@ class MineHard(stagewise.Stage):
     def run(self, state: stagewise.State) -> dict[str, Any]:
         o = self.options
         router = o.router.component()(o.router.options)
-        losses = per_example_losses(state.model, state.batches(o.split))
+        losses = per_example_losses(state.model, state.batches(o.split, shard=False))  # every rank: the same indices
         calibrated = router.calibrate(losses)
         routing = router.route(losses)
         hard = routing.masks["hard"].nonzero().flatten()  # (n_hard,) indices into the split

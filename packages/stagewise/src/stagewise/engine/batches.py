@@ -47,13 +47,14 @@ def dataset_of(state: State, source: str | Dataset, indices: list[int] | None = 
 
 
 def iterate_batches(state: State, source: str | Dataset, *, train: bool, epoch: int = 0, start: int = 0,
-                    indices: list[int] | None = None) -> Iterator[dict[str, Any]]:
+                    indices: list[int] | None = None, shard: bool = True) -> Iterator[dict[str, Any]]:
     spec = state.recipe.data
     dataset = dataset_of(state, source, indices)
     size = spec.batch_size if train else (spec.eval_batch_size or spec.batch_size)
     order = epoch_order(len(dataset), state.seed, state.stage_index, epoch) if train and spec.shuffle else None
+    rank, world = (state.dist.rank, state.dist.world_size) if shard else (0, 1)
     index_lists = batch_indices(len(dataset), size, order=order, drop_last=train and spec.drop_last,
-                                rank=state.dist.rank, world=state.dist.world_size, every_rank=train)
+                                rank=rank, world=world, every_rank=train)
     loader = DataLoader(dataset, batch_sampler=index_lists[start:], collate_fn=default_collate,
                         num_workers=spec.num_workers)
     for batch in loader:

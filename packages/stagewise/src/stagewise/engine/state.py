@@ -74,16 +74,19 @@ class State:
             self.run_dir.log({**record, **values})
 
     def batches(self, source: Any, *, train: bool = False, epoch: int = 0, start: int = 0,
-                indices: list[int] | None = None):
+                indices: list[int] | None = None, shard: bool = True):
         """Batches on the run's device of a split (by name) or of any map-style dataset (a cache).
 
-        ``train=True`` shuffles with an order fixed by (seed, stage, epoch) and splits each
-        global batch across processes; ``start`` skips batches (resume); ``indices`` keeps only
-        those examples (e.g. the hard ones). See :mod:`stagewise.engine.batches`.
+        ``train=True`` shuffles with an order fixed by (seed, stage, epoch). Under ``torchrun``
+        each global batch is split across processes (sum what you measure over ranks, e.g. with
+        :func:`stagewise.engine.distributed.all_reduce_sums`); ``shard=False`` gives every
+        process the whole source, for results every rank must hold alike (a cache, a
+        calibration). ``start`` skips batches (resume); ``indices`` keeps only those examples
+        (e.g. the hard ones). See :mod:`stagewise.engine.batches`.
         """
         from stagewise.engine.batches import iterate_batches
 
-        return iterate_batches(self, source, train=train, epoch=epoch, start=start, indices=indices)
+        return iterate_batches(self, source, train=train, epoch=epoch, start=start, indices=indices, shard=shard)
 
     def save_checkpoint(self, *, done: bool, extra: dict[str, Any] | None = None) -> None:
         """Write ``checkpoints/last.pt`` (and the stage's own checkpoint when it is ``done``)."""
