@@ -1,6 +1,7 @@
 """ASHEM against its baseline on real text, in one process, on the same data and seed.
 
     python packages/stagewise-lego-ashem/bench/ashem_vs_baseline.py [--data DIR] [--json OUT.json] [--quick]
+        [--threads N]
 
 DIR holds train.txt, valid.txt and test.txt (WikiText-style plain text). Default: a
 deterministic split of ../shared/data/pd_english written to a temporary directory: every file

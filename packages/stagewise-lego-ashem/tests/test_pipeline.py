@@ -117,3 +117,62 @@ def test_ashem_and_baseline_are_comparable():
     from stagewise.compare import check_comparable
 
     check_comparable([load_recipe("lego_ashem.baseline"), load_recipe("lego_ashem.ashem")])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("stages.test.speed_repeats=0", "speed_repeats must be >= 1"),
+    ("stages.test.curve_points=-1", "curve_points >= 0"),
+    ("stages.phase2.speed_repeats=0", "speed_repeats must be >= 1"),
+])
+def test_bad_speed_and_curve_options_are_refused_when_the_recipe_loads(tiny, override, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny(override)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("stages.phase2.grow={n_layer=4, exit_layer=3}", "cached layer 2's states"),
+    ("stages.phase2.losses=[{use=\"stagewise.cross_entropy\", at_layer=4}]", "needs exit-layer logits"),
+])
+def test_phase2_settings_the_cache_cannot_serve_are_refused_before_anything_runs(tiny, tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        run_recipe(tiny(override), out=tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_curve_without_calibration_quantiles_is_refused_before_anything_runs(tiny, tmp_path):
+    table = tiny().table
+    table["model"]["n_layer"] = 4
+    table["model"]["routing_threshold"] = 0.05
+    table["stages"] = [table["stages"][0], table["stages"][3]]  # phase 1, then routed eval at a set threshold
+    from stagewise.recipe import recipe_from_table
+
+    with pytest.raises(ConfigError, match="set curve_points = 0"):
+        run_recipe(recipe_from_table(table, "set-threshold", []), out=tmp_path / "run", quiet=True)
+    table["stages"][1]["curve_points"] = 0
+    summary = read_summary(run_recipe(recipe_from_table(table, "set-threshold", []), out=tmp_path / "ok", quiet=True))
+    assert summary["metrics"]["test/threshold"] == pytest.approx(0.05)
+
+
+def test_evaluating_where_the_probe_was_fitted_is_refused(tiny, tmp_path):
+    table = tiny().table
+    table["model"]["exit_probe"] = True
+    table["stages"].insert(3, {"name": "probe", "use": "lego_ashem.train_exit_probe", "split": "test",
+                               "calib_split": "valid"})
+    from stagewise.recipe import recipe_from_table
+
+    with pytest.raises(ConfigError, match="to fit the exit probe"):
+        recipe = recipe_from_table(table, "probe-on-test", [])
+        run_recipe(recipe, out=tmp_path / "run", quiet=True)
+
+
+def test_a_cache_without_hard_tokens_says_there_is_nothing_to_train():
+    from types import SimpleNamespace
+
+    from stagewise_lego_ashem import mining
+    from stagewise_lego_ashem.stages import TrainUpperLayers
+
+    stage = TrainUpperLayers(label="phase2")
+    cache = {"split": "train", "exit_layer": 2, "hidden": torch.zeros(3, 4, 8), "target": torch.zeros(3, 4),
+             "hard": torch.zeros(3, 4, dtype=torch.bool)}
+    with pytest.raises(ConfigError, match="'train' holds no hard token.*raise the router's hard_ratio"):
+        stage.run(SimpleNamespace(artifacts={mining.CACHE: cache}))

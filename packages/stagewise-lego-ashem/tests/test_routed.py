@@ -142,3 +142,39 @@ def test_routed_generation_with_a_kv_cache_matches_the_routed_forward(threshold)
         with torch.no_grad():
             exit_logits = model(out["tokens"][:, :-1], exit_layers=[2])["exit_logits"][2]
         torch.testing.assert_close(out["logits"], exit_logits, rtol=0, atol=1e-5)
+
+
+def test_routed_generation_needs_a_new_token():
+    from stagewise_lego_ashem.routed import generate_routed
+
+    model = small_model()
+    router = calibrated(model, torch.randint(0, 40, (8, 12), generator=torch.Generator().manual_seed(8)))
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        generate_routed(model, torch.zeros(1, 1, dtype=torch.long), 0, router, router.threshold)
+
+
+def test_routed_training_applies_the_attention_dropout_of_core_blocks():
+    """With the feed-forward's dropout out of the way, only the attention and residual dropouts
+    can make a train-mode pass differ from an eval-mode one; easy rows never change."""
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=40, n_layer=4, n_embd=16, n_head=2, ffn_hidden=32, dropout=0.5)
+    model = DeepSupervisionTransformer(config, exit_layer=2)
+    for block in model.layers:
+        block.ffn.dropout = torch.nn.Identity()
+    h = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(1))
+    hard = torch.tensor([[True, False, True, True, False, True]] * 2)
+    with torch.no_grad():
+        trained = routed_layers(model.train(), h, hard, 2, 4)
+        evaluated = routed_layers(model.eval(), h, hard, 2, 4)
+    assert not torch.allclose(trained[hard], evaluated[hard])
+    assert torch.equal(trained[~hard], h[~hard]) and torch.equal(evaluated[~hard], h[~hard])
+
+
+def test_the_sequence_cache_keeps_only_windows_with_a_hard_token():
+    from stagewise_lego_ashem.mining import SequenceCache
+
+    hard = torch.tensor([[False, True], [False, False], [True, True]])
+    cache = SequenceCache({"hidden": torch.arange(3.0).view(3, 1, 1).expand(3, 2, 4), "target": torch.zeros(3, 2),
+                           "hard": hard})
+    assert len(cache) == 2 and cache.windows.tolist() == [0, 2]
+    assert torch.equal(cache[1]["hard"], hard[2]) and float(cache[1]["hidden"][0, 0]) == 2.0

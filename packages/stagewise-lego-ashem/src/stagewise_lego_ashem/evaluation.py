@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import stagewise
+from stagewise.engine.distributed import all_reduce_sums
 from stagewise.loss import perplexity, token_nll
 from stagewise_lego_ashem import metrics, mining, timing
 from stagewise_lego_ashem.routed import routed_forward, upper_forward
@@ -68,7 +69,13 @@ def evaluate_routed(state: stagewise.State, batches: Iterable[dict[str, Any]], r
                  exit_nll=float(exit_nll.double().sum()), hard=float(hard.sum()),
                  hard_before=float(exit_nll[hard].double().sum()), hard_after=float(routed_nll[hard].double().sum()))
     model.train(was_training)
+    keys = _SUMS + (_FULL_SUMS if full else ())  # every rank sends every key, even with no batch of its own
+    sums = dict(zip(keys, all_reduce_sums([sums.get(k, 0.0) for k in keys], state.dist), strict=True))
     return _summarize(sums, model.exit_layer, model.config.n_layer)
+
+
+_SUMS = ("n", "easy", "nll", "correct", "flops", "full_flops")
+_FULL_SUMS = ("full_nll", "full_correct", "exit_nll", "hard", "hard_before", "hard_after")
 
 
 def _add(sums: dict[str, float], **values: float) -> None:
@@ -190,9 +197,10 @@ def phase2_speedups(state: stagewise.State, cache: dict[str, Any], split: Any, r
     """
     model, B = state.model, state.recipe.data.batch_size
     shape = metrics.Shape.of(model)
-    hidden, hard = cache["hidden"][:B].to(state.device), cache["hard"][:B].to(state.device)
-    target = cache["target"][:B].to(state.device)[hard]
-    idx = _first_windows(split, B, state.device)
+    windows = mining.SequenceCache(cache)  # what phase 2 trains on
+    hidden, hard = windows.hidden[:B].to(state.device), windows.hard[:B].to(state.device)
+    target = windows.target[:B].to(state.device)[hard]
+    idx = torch.stack([split[int(i)]["input"] for i in windows.windows[:B]]).to(state.device)  # (B, T)
     forward = upper_forward(model, "full")
 
     def from_cache() -> torch.Tensor:
@@ -214,7 +222,7 @@ def phase2_speedups(state: stagewise.State, cache: dict[str, Any], split: Any, r
                                         repeats)
     t_cache, t_full, t_token = seconds["cache"], seconds["full"], seconds["token"]
     counted = metrics.phase2_step_flops(shape, hard)
-    seq_steps, token_steps = math.ceil(len(cache["hidden"]) / B), math.ceil(len(tokens) / B)
+    seq_steps, token_steps = math.ceil(len(windows) / B), math.ceil(len(tokens) / B)
     full_epoch = seq_steps * (counted["lower"] + counted["cache"])
     return {"phase2_cache_speedup": t_full / t_cache,
             "phase2_cache_speedup_flops": (counted["lower"] + counted["cache"]) / counted["cache"],

@@ -52,10 +52,13 @@ def score_quantiles(scores: torch.Tensor, points: int = 21) -> list[float]:
 
 
 class SequenceCache(Dataset):
-    """Cached full windows: item i is ``{"hidden": (T, C), "target": (T,), "hard": (T,) bool}``."""
+    """Cached full windows that hold a hard token (the others carry no loss): item i is
+    ``{"hidden": (T, C), "target": (T,), "hard": (T,) bool}``; ``windows`` are their indices
+    into the cached split."""
 
     def __init__(self, cache: dict[str, Any]):
-        self.hidden, self.target, self.hard = cache["hidden"], cache["target"], cache["hard"]
+        self.windows = cache["hard"].any(1).nonzero().squeeze(1)  # (n,)
+        self.hidden, self.target, self.hard = (cache[k][self.windows] for k in ("hidden", "target", "hard"))
 
     def __len__(self) -> int:
         return len(self.hidden)

@@ -74,9 +74,10 @@ def _routed_block(block: Block, h: torch.Tensor, rows: _HardRows, cos: torch.Ten
     k = apply_rope(k, cos, sin)
     q = F.linear(x.index_select(0, rows.padded), w_q).view(B, M, nh, hd).transpose(1, 2)  # (B, nh, M, hd)
     q = apply_rope(q, rows.cos, rows.sin)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=rows.causal)  # (B, nh, M, hd)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=rows.causal,  # (B, nh, M, hd)
+                                       dropout_p=attn.dropout if attn.training else 0.0)
     y = y.transpose(1, 2).reshape(B * M, C).index_select(0, rows.unpad)  # (n, C)
-    hr = flat.index_select(0, rows.flat) + attn.proj(y)  # dropout is off in eval; routed training uses none
+    hr = flat.index_select(0, rows.flat) + attn.resid_dropout(attn.proj(y))  # core's Block, on hard rows
     hr = hr + block.ffn(block.ffn_norm(hr))
     return flat.index_copy(0, rows.flat, hr).view(B, T, C)  # out of place: autograd-safe
 
@@ -134,6 +135,8 @@ def generate_routed(model: DeepSupervisionTransformer, idx: torch.Tensor, max_ne
     ``tokens[:, :-1]``.
     """
     T, limit = idx.size(1), model.config.max_seq_len
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if T + max_new_tokens - 1 > limit:
         raise ValueError(f"prompt {T} + {max_new_tokens} new tokens exceeds max_seq_len {limit}")
     cache: list[list[torch.Tensor]] = [[] for _ in model.layers]  # per block: [keys, values], (B, nh, t, hd)

@@ -9,7 +9,6 @@ reports routed metrics on a held-out split. Every stage checks the recipe before
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -69,11 +68,12 @@ class Mine(stagewise.Stage):
     def run(self, state: stagewise.State) -> dict[str, Any]:
         o, model = self.options, state.model
         router = o.router.component()(o.router.options)
-        calib = mining.exit_states(model, state.batches(o.calib_split), router)
+        # every process reads the whole splits: the threshold and the cache must be alike on all ranks
+        calib = mining.exit_states(model, state.batches(o.calib_split, shard=False), router)
         router.calibrate(calib["scores"])
         model.set_threshold(router.threshold)
         calib_hard = router.route(calib["scores"]).ratio("hard")
-        mined = mining.exit_states(model, state.batches(o.split), router)
+        mined = mining.exit_states(model, state.batches(o.split, shard=False), router)
         hard = router.route(mined["scores"]).masks["hard"]  # (N, T): per token, never per sequence
         state.artifacts[mining.CACHE] = {"split": o.split, "exit_layer": model.exit_layer,
                                          "hidden": mined["hidden"], "target": mined["target"], "hard": hard}
@@ -108,6 +108,11 @@ class TrainUpperOptions(TrainOptions):
     measure_speed: bool = True  # time cached vs full-forward phase-2 steps (wall clock) at the end
     speed_repeats: int = 5  # timed steps per variant (median of interleaved rounds)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.speed_repeats < 1:
+            raise ValueError(f"speed_repeats must be >= 1, got {self.speed_repeats}")
+
 
 class TrainUpperLayers(stagewise.TrainStage):
     """Train the blocks above the exit layer from the hidden states ``lego_ashem.mine`` cached:
@@ -116,10 +121,12 @@ class TrainUpperLayers(stagewise.TrainStage):
     ``val/mined_hard_ppl``, the perplexity on the cached training tokens (the seed's "Hard PPL").
 
     With ``measure_speed``: ``<stage>/phase2_cache_speedup`` (a full-forward step over the
-    time of a step from the cache, same windows), ``<stage>/phase2_cache_speedup_flops``, and
-    ``<stage>/phase2_token_mode_speedup`` (a full-forward epoch over a token-mode epoch).
-    Raises ConfigError before the run when no ``lego_ashem.mine`` stage comes first or no layer
-    lies above the exit.
+    time of a step from the cache, same windows), ``<stage>/phase2_token_mode_speedup`` (a
+    full-forward epoch over a token-mode epoch), each with its ``..._flops`` count, and the step
+    times ``phase2_cache_step_ms``, ``phase2_full_forward_step_ms``, ``phase2_token_step_ms``.
+    Raises ConfigError before the run when no ``lego_ashem.mine`` stage comes first, no layer
+    lies above the exit, the exit layer moved since ``mine`` or a loss term needs more than the
+    final logits; at run time when the cache holds no hard token.
     """
 
     name = "lego_ashem.train_upper_layers"
@@ -131,21 +138,39 @@ class TrainUpperLayers(stagewise.TrainStage):
 
     def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
         problems = super().check(recipe, index, data) + _model_problems(recipe, index, self.name)
-        if not _earlier(recipe, index, "lego_ashem.mine"):
+        mine = _last_earlier(recipe, index, "lego_ashem.mine")
+        if mine is None:
             problems.append(f"stages[{index}] ({self.label}): {self.name} trains from the cache of hidden "
                             f"states that lego_ashem.mine writes; add a lego_ashem.mine stage before it")
-        options = _model_options_at(recipe, index)
-        if options is not None and options.exit_layer >= options.n_layer:
+        if mine is None or recipe.model.use != MODEL:
+            return problems
+        options, mined = recipe.model_options_at(index), recipe.model_options_at(mine)
+        if options.exit_layer >= options.n_layer:
             problems.append(f"stages[{index}] ({self.label}): no layer above exit_layer {options.exit_layer} "
                             f"(n_layer {options.n_layer}); grow the model first, e.g. grow = {{ n_layer = "
                             f"{2 * options.exit_layer} }}")
+        if options.exit_layer != mined.exit_layer:
+            problems.append(f"stages[{index}] ({self.label}): the model exits at layer {options.exit_layer} "
+                            f"here but stages[{mine}] (lego_ashem.mine) cached layer {mined.exit_layer}'s states; "
+                            f"change exit_layer in no grow between them")
+        return problems + self._loss_problems(index)
+
+    def _loss_problems(self, index: int) -> list[str]:
+        """Terms that need what the cached forward does not make (exit logits, hidden states)."""
+        problems = []
+        for i, spec in enumerate(self.options.losses):
+            needs = spec.component()(spec.options).needs()
+            if needs.exit_layers or needs.hidden:
+                problems.append(f"stages[{index}].losses[{i}]: {spec.use} needs exit-layer logits or hidden "
+                                f"states; {self.name} gives the loss only the hard tokens' final logits "
+                                f"(use e.g. stagewise.cross_entropy without at_layer)")
         return problems
 
     def run(self, state: stagewise.State) -> dict[str, Any]:
         cache = self._cache(state)
-        if cache["exit_layer"] != state.model.exit_layer:
-            raise stagewise.ConfigError([f"stages.{self.label}: the cache holds layer {cache['exit_layer']}'s "
-                                         f"states but the model exits at {state.model.exit_layer}"])
+        if len(self._dataset(state)) == 0:
+            raise stagewise.ConfigError([f"stages.{self.label}: the cache of {cache['split']!r} holds no hard "
+                                         f"token, so there is nothing to train; raise the router's hard_ratio"])
         metrics = super().run(state)
         if self.options.measure_speed:
             split = state.data[cache["split"]]
@@ -198,7 +223,7 @@ def mined_hard_ppl(state: stagewise.State, tokens: mining.TokenCache) -> float:
     was_training = model.training
     model.eval()
     nll = [torch.nn.functional.cross_entropy(forward(b)["logits"], b["target"], reduction="none")
-           for b in state.batches(tokens)]
+           for b in state.batches(tokens, shard=False)]
     model.train(was_training)
     return _ppl(torch.cat(nll))
 
@@ -233,19 +258,19 @@ class TrainExitProbe(stagewise.Stage):
 
     def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
         problems = super().check(recipe, index, data) + _model_problems(recipe, index, self.name)
-        options = _model_options_at(recipe, index)
-        if options is not None and not options.exit_probe:
+        options = recipe.model_options_at(index)
+        if isinstance(options, DeepSupervisionOptions) and not options.exit_probe:
             problems.append(f"stages[{index}] ({self.label}): set [model] exit_probe = true to train a probe")
-        if not _earlier(recipe, index, "lego_ashem.mine"):
+        if _last_earlier(recipe, index, "lego_ashem.mine") is None:
             problems.append(f"stages[{index}] ({self.label}): needs the router of an earlier lego_ashem.mine stage")
         return problems
 
     def run(self, state: stagewise.State) -> dict[str, Any]:
         o, model = self.options, state.model
-        train = probe.probe_data(model, state.batches(o.split))
+        train = probe.probe_data(model, state.batches(o.split, shard=False))  # alike on every rank
         probe.fit_probe(model.exit_probe, train, epochs=o.epochs, lr=o.lr, batch_size=o.batch_size,
                         seed=state.seed + state.stage_index)
-        calib = probe.probe_data(model, state.batches(o.calib_split))
+        calib = probe.probe_data(model, state.batches(o.calib_split, shard=False))
         scores = probe.probe_scores(model.exit_probe, calib["hidden"])
         router = router_of(state, measure="probe")
         router.calibrate(scores)
@@ -268,14 +293,19 @@ class EvaluateRoutedOptions:
     measure_speed: bool = True  # wall-clock full-depth vs routed forward, same batch
     speed_batch_size: int = 32  # windows per timed forward
     speed_repeats: int = 5  # timed rounds, full depth and routed interleaved (median)
-    curve_points: int = 11  # thresholds of the accuracy-compute curve (calibration quantiles); 0: none
+    curve_points: int = 11  # thresholds of the accuracy-compute curve (calibration quantiles, at most 21); 0: none
+
+    def __post_init__(self) -> None:
+        if self.speed_batch_size < 1 or self.speed_repeats < 1 or self.curve_points < 0:
+            raise ValueError(f"speed_batch_size and speed_repeats must be >= 1 and curve_points >= 0, got "
+                             f"{self.speed_batch_size}, {self.speed_repeats}, {self.curve_points}")
 
 
 class EvaluateRouted(stagewise.Stage):
     """Routed evaluation on ``split``: every token runs to the exit layer; easy tokens exit,
     hard tokens continue, and the exited tokens' upper-layer work is really skipped.
 
-    Reports ``<stage>/<metric>`` for ``acc``, ``ppl`` (routed), ``routed_ppl``, ``full_depth_ppl``,
+    Reports ``<stage>/<metric>`` for ``acc``, ``ppl`` (routed), ``routed_ppl``, ``routed_loss``, ``full_depth_ppl``,
     ``full_depth_acc``, ``exit_ppl``, ``shallow_ratio``, ``compute_cost`` (the seed's layer
     count), ``compute_cost_flops`` (counted), ``hard_ppl_before`` (exit layer) and
     ``hard_ppl_after`` (routed) on the tokens routed hard, ``threshold``; with ``measure_speed``
@@ -289,16 +319,21 @@ class EvaluateRouted(stagewise.Stage):
 
     def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
         problems = super().check(recipe, index, data) + _model_problems(recipe, index, self.name)
-        used = {s.options.calib_split for s in recipe.stages[:index] if s.use == "lego_ashem.mine"} | \
-               {s.options.split for s in recipe.stages[:index] if s.use == "lego_ashem.mine"}
+        used = {split for s in recipe.stages[:index] if s.use in _CALIBRATING
+                for split in (s.options.calib_split, s.options.split)}
         if self.options.split in used and not self.options.allow_leak:
-            problems.append(f"stages[{index}].split: {self.options.split!r} was used to calibrate or mine; "
-                            f"evaluate on a held-out split (or set allow_leak = true to reproduce the seed)")
-        options = _model_options_at(recipe, index)
-        if not _earlier(recipe, index, "lego_ashem.mine") and options is not None \
-                and options.routing_threshold is None:
-            problems.append(f"stages[{index}] ({self.label}): no routing threshold: add a lego_ashem.mine "
-                            f"stage before it or set [model] routing_threshold")
+            problems.append(f"stages[{index}].split: {self.options.split!r} was used to calibrate or mine (or "
+                            f"to fit the exit probe); evaluate on a held-out split (or set allow_leak = true "
+                            f"to reproduce the seed)")
+        if _last_earlier(recipe, index, "lego_ashem.mine") is None:
+            options = recipe.model_options_at(index)
+            if isinstance(options, DeepSupervisionOptions) and options.routing_threshold is None:
+                problems.append(f"stages[{index}] ({self.label}): no routing threshold: add a lego_ashem.mine "
+                                f"stage before it or set [model] routing_threshold")
+            if self.options.curve_points:
+                problems.append(f"stages[{index}].curve_points: the accuracy-compute curve's thresholds are the "
+                                f"calibration quantiles that lego_ashem.mine keeps; add a mine stage before "
+                                f"it or set curve_points = 0")
         return problems
 
     def run(self, state: stagewise.State) -> dict[str, Any]:
@@ -308,19 +343,12 @@ class EvaluateRouted(stagewise.Stage):
 # --- recipe checks -----------------------------------------------------------------------------
 
 
-def _earlier(recipe: Recipe, index: int, use: str) -> bool:
-    return any(s.use == use for s in recipe.stages[:index])
+_CALIBRATING = ("lego_ashem.mine", "lego_ashem.train_exit_probe")  # stages that read a split to fit or calibrate
 
 
-def _model_options_at(recipe: Recipe, index: int) -> DeepSupervisionOptions | None:
-    """The model options in force at stage ``index`` (after every ``grow`` so far)."""
-    options = recipe.model.options
-    if not isinstance(options, DeepSupervisionOptions):
-        return None
-    for spec in recipe.stages[: index + 1]:
-        if spec.grow:
-            options = dataclasses.replace(options, **spec.grow)
-    return options
+def _last_earlier(recipe: Recipe, index: int, use: str) -> int | None:
+    """The index of the last stage before ``index`` that uses ``use``, or None."""
+    return max((i for i, s in enumerate(recipe.stages[:index]) if s.use == use), default=None)
 
 
 def _model_problems(recipe: Recipe, index: int, stage: str) -> list[str]:

@@ -20,16 +20,6 @@ TIMING_METRICS = ("speedup_measured", "routed_ms", "full_depth_ms", "confidence_
                   "phase2_token_step_ms")
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up: allocator, lazy init
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def interleaved_seconds(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
     """Median seconds of each call, timed in interleaved rounds (round 0 warms up), so that load
     from other processes falls on every variant alike rather than on whichever ran second."""
