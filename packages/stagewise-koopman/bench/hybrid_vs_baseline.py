@@ -1,12 +1,15 @@
 """Baseline vs Koopman hybrid, measured in one process on the same data and seed.
 
-    python packages/stagewise-koopman/bench/hybrid_vs_baseline.py [--data DIR] [--json OUT.json] [--quick]
+    python packages/stagewise-koopman/bench/hybrid_vs_baseline.py [--data DIR] [--out DIR] [--json OUT.json]
+                                                                  [--quick] [--seeds N]
 
 DIR holds train.txt, valid.txt and test.txt; by default the public-domain English texts in
 ../shared/data/pd_english (relative to the repository) are dealt to the three splits by
 40-line chunk (core's write_file_split: chunk i to valid when i % 10 == 2, to test when
 i % 10 == 6, each split in one seeded order), so that the three are drawn alike and share no
-text, into a temporary directory. Runs the recipes koopman.baseline and
+text, into ``<out>/data``. Every run directory is kept under ``--out`` (default
+runs/koopman-bench-<date>-<time>; it must be new or empty), so the runs that finished survive
+one that fails. Runs the recipes koopman.baseline and
 koopman.hybrid (same [data], [model], seed and epochs), then the hybrid again for each weight
 cap of the sweep (the term's weight and cap both set to it). Prints a table and one JSON line:
 
@@ -17,8 +20,13 @@ cap of the sweep (the term's weight and cap both set to it). Prints a table and 
   per-step mean of weight x term, ``train/koopman/weighted``, over the mean total loss);
 - linearity_gain: relative lifted one-step error of Koopman modules fitted post hoc on the
   frozen baseline ÷ the same fit on the frozen hybrid;
-- fallbacks: batches whose Koopman weight the engine cut; time_ratio: seconds of the hybrid's
-  main stage ÷ the baseline's (same epochs and steps; wall clock, on a possibly shared machine);
+- fallbacks: batches whose Koopman weight the engine cut over the hybrid's whole main stage
+  (its last epoch's record: the final metrics are the best epoch's, which count only up to it);
+- time_ratio: seconds of the hybrid's main stage ÷ the baseline's (same epochs and steps; wall
+  clock, on a possibly shared machine); seconds: {baseline_main, hybrid_main}, those seconds;
+- baseline_test_ppl, hybrid_test_ppl: test perplexity of each (the final ``test`` stage);
+- hybrid_weight: the term's mean effective weight in the hybrid's best epoch (after fallbacks);
+- mode: "quick" or "full", the settings used;
 - sweep: [{cap, ppl, linearity_gain}] — the trade-off between the term's weight and perplexity;
 - seeds (with ``--seeds N``, N > 1): [{seed, baseline_ppl, hybrid_ppl, ppl_change_pct,
   test_ppl_change_pct, linearity_gain}] for seeds 0..N-1 (seed 0 is the run above), and
@@ -32,10 +40,11 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+from stagewise import StagewiseError
 from stagewise.data.text import write_file_split
 from stagewise.engine.runner import run_recipe
 from stagewise.recipe import load_recipe
@@ -61,12 +70,20 @@ def koopman_losses(cap: float) -> list[str]:
 
 
 def run(name: str, overrides: list[str], out: Path) -> dict[str, Any]:
-    """Run a named recipe; returns its summary and its koopman.epoch records."""
+    """Run a named recipe; returns its summary, its koopman.epoch records and the epoch records
+    of its main stage."""
     run_dir = run_recipe(load_recipe(name, overrides), out=out, quiet=True)
     summary = json.loads((run_dir / "summary.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary["koopman_epochs"] = [r for r in records if r["event"] == "koopman.epoch"]
+    summary["main_epochs"] = [r for r in records if r["event"] == "epoch" and r["stage"] == "main"]
     return summary
+
+
+def stage_fallbacks(summary: dict[str, Any]) -> int:
+    """Batches whose Koopman weight was cut over the whole main stage: the engine's count is
+    cumulative, so the last epoch's record holds it (the summary's metrics stop at the best epoch)."""
+    return summary["main_epochs"][-1]["train/koopman/fallbacks"]
 
 
 def common_overrides(data: Path, mode: str, seed: int) -> list[str]:
@@ -106,7 +123,7 @@ def measure(data: Path, mode: str, out: Path, seeds: int = 1) -> dict[str, Any]:
         "koopman_forward_ratio": m["forward/ppl_ratio"],
         "koopman_share": hybrid["koopman_epochs"][-1]["koopman/share"],
         "linearity_gain": base_error / m["linearity/one_step_error"],
-        "fallbacks": m["train/koopman/fallbacks"],
+        "fallbacks": stage_fallbacks(hybrid),
         "time_ratio": hybrid["stages"]["main"]["seconds"] / baseline["stages"]["main"]["seconds"],
         "baseline_test_ppl": baseline["metrics"]["test/ppl"],
         "hybrid_test_ppl": m["test/ppl"],
@@ -152,16 +169,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, help="directory with train.txt, valid.txt, test.txt "
                         f"(default: {DEFAULT_DATA} dealt by 40-line chunk)")
+    parser.add_argument("--out", type=Path, help="new or empty directory for the run directories (and the "
+                        "dealt data); default: runs/koopman-bench-<date>-<time>")
     parser.add_argument("--json", type=Path, help="also write the result to this JSON file")
     parser.add_argument("--quick", action="store_true", help="less data and fewer epochs (under 10 minutes)")
     parser.add_argument("--seeds", type=int, default=1, help="also run baseline and hybrid at seeds 1..N-1 "
                         "(2 more runs per seed) to show the seed-to-seed spread (default 1: seed 0 only)")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="koopman-bench-") as tmp:
-        if args.data is None:  # a by-file split would validate on one kind of text, train on others
-            write_file_split(DEFAULT_DATA, Path(tmp), valid=2, test=6, chunk_lines=40, seed=0)
-        data = args.data or Path(tmp)
-        result = measure(data, "quick" if args.quick else "full", Path(tmp) / "runs", args.seeds)
+    out = args.out or Path("runs") / time.strftime("koopman-bench-%Y%m%d-%H%M%S")
+    if out.exists() and any(out.iterdir()):
+        print(f"hybrid_vs_baseline: {out} is not empty; pass --out with a new folder", file=sys.stderr)
+        return 1
+    try:
+        data = args.data
+        if data is None:  # a by-file split would validate on one kind of text, train on others
+            data = out / "data"
+            write_file_split(DEFAULT_DATA, data, valid=2, test=6, chunk_lines=40, seed=0)
+        result = measure(data, "quick" if args.quick else "full", out, args.seeds)
+    except StagewiseError as exc:
+        print(f"hybrid_vs_baseline: {exc}\n(finished runs, if any, are in {out})", file=sys.stderr)
+        return 1
     print(table(result))
     print(json.dumps(result))
     if args.json:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 import torch
-from stagewise_koopman.loss import KoopmanOperator, KoopmanOptions, gather_pairs, source_layers
-from stagewise_koopman.operator import KoopmanModules
+import torch.nn.functional as F
+from stagewise_koopman.linearity import fit_post_hoc
+from stagewise_koopman.loss import KoopmanOperator, KoopmanOptions, gather_pairs, relative_distance, source_layers
+from stagewise_koopman.operator import EPS, KoopmanModules
+
+from stagewise.nn.transformer import TransformerConfig, TransformerLM
 
 
 def hidden_states(n: int = 4, B: int = 2, T: int = 6, C: int = 8, seed: int = 0) -> list[torch.Tensor]:
@@ -83,3 +90,35 @@ def test_detach_keeps_the_backbone_gradient_off_one_side_of_each_pair():
     assert grads("none") == [True, True, False]
     assert grads("target") == [True, False, False]  # h_1 is a fixed target; h_0 is pulled
     assert grads("source") == [False, True, False]
+
+
+def test_a_single_token_pair_has_zero_spread_not_nan():
+    hidden = hidden_states(B=1, T=1)  # one position: one pair per layer
+    errors, _ = KoopmanOperator(KoopmanOptions(koopman_dim=4, steps=2)).build(4, 8).errors(hidden)
+    assert all(bool(torch.isfinite(value)) for value in errors.values()), errors
+    pred, target = torch.randn(2, 1, 4), torch.randn(2, 1, 4)
+    torch.testing.assert_close(relative_distance(pred, target, KoopmanOptions()),
+                               F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2)) / EPS)
+
+
+def test_depth_steps_past_every_source_layer_are_refused():
+    with pytest.raises(ValueError, match="steps 2 reaches past the last hidden state h_3 .* must be <= 1"):
+        KoopmanOperator(KoopmanOptions(layers=[2], steps=2)).build(4, 8)
+    term = KoopmanOperator(KoopmanOptions(layers=[1, 2], steps=2)).build(4, 8)  # layer 1 has a pair at k = 2
+    assert all(bool(torch.isfinite(value)) for value in term.errors(hidden_states())[0].values())
+
+
+def test_model_check_knows_the_hidden_states_of_a_model_with_n_layer():
+    term = KoopmanOperator(KoopmanOptions(layers=[3]))
+    assert term.check(SimpleNamespace(n_layer=4)) == []
+    assert term.check(SimpleNamespace(n_layer=3)) == [
+        "layers [3] are out of range for axis 'depth': the model has hidden states h_0..h_3, so source "
+        "layers go up to 2"]
+    assert term.check(SimpleNamespace()) == []  # no n_layer: checked when the stage starts
+
+
+def test_post_hoc_fit_refuses_time_steps_as_long_as_the_sequence():
+    model = TransformerLM(TransformerConfig(vocab_size=20, n_layer=1, n_embd=8, n_head=2, ffn_hidden=16))
+    batch = {"input": torch.zeros(2, 8, dtype=torch.long)}
+    with pytest.raises(ValueError, match="steps 8 must be below the sequence length 8 for axis 'time'"):
+        fit_post_hoc(model, lambda epoch: [batch], KoopmanOptions(koopman_dim=4, axis="time", steps=8), 2, 1e-3)

@@ -17,6 +17,10 @@ import stagewise
     ({"steps": 0}, "steps must be >= 1, got 0"),
     ({"detach": "both"}, "detach must be one of 'none', 'source', 'target', got 'both'"),
     ({"dmd_rate": 0.0}, "dmd_rate must be in (0, 1], got 0.0"),
+    ({"lifted_weight": 0, "reconstruction_weight": 0, "state_weight": 0, "spectral_weight": 0},
+     "at least one of lifted_weight, reconstruction_weight, state_weight and spectral_weight must be > 0"),
+    ({"koopman_dim": 8, "dmd_every": 2, "dmd_buffer": 7},
+     "dmd_buffer (7) must be >= koopman_dim (8) when dmd_every > 0"),
 ])
 def test_bad_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -39,12 +43,12 @@ def test_negative_cap_is_refused_by_the_engine():
         tiny_recipe(TINY_HYBRID.replace("ramp_epochs = 2\n", "ramp_epochs = 2\ncap = -0.1\n"))
 
 
-def test_layers_out_of_range_fail_before_the_first_step(tmp_path):
+def test_layers_out_of_range_fail_before_anything_runs(tmp_path):
     bad = TINY_HYBRID.replace("steps = 2\n", "steps = 2\nlayers = [0, 3]\n")
-    with pytest.raises(stagewise.ConfigError, match=r"layers \[3\] are out of range for axis 'depth'.*up to 2"):
+    with pytest.raises(stagewise.ConfigError,
+                       match=r"stages\[1\]\.losses\[1\]: layers \[3\] are out of range for axis 'depth'.*up to 2"):
         run_tiny(tmp_path / "run", bad)
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert not any('"stage": "main"' in line and '"event": "step"' in line for line in lines)
+    assert not (tmp_path / "run").exists()  # not even the warmup stage ran
 
 
 def test_forward_eval_needs_an_earlier_koopman_term():
@@ -54,3 +58,33 @@ def test_forward_eval_needs_an_earlier_koopman_term():
 
         recipe = tiny_recipe(no_term)
         check_stages(recipe, recipe.data.component().from_recipe(recipe.data.options, seed=0))
+
+
+def test_a_term_with_only_the_spectral_part_or_a_small_buffer_without_dmd_is_accepted():
+    KoopmanOptions(lifted_weight=0, reconstruction_weight=0, state_weight=0, spectral_weight=0.1)
+    KoopmanOptions(koopman_dim=8, dmd_buffer=4)  # the buffer is unused while dmd_every is 0
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["stages.main.losses.koopman.layers=[2]"],  # steps = 2: h_4 does not exist
+     r"stages\[1\]\.losses\[1\]: steps 2 reaches past the last hidden state h_3 .* steps must be <= 1"),
+    (["stages.main.losses.koopman.layers=[0]", "stages.main.losses.koopman.steps=5"],
+     r"stages\[1\]\.losses\[1\]: steps 5 .* steps must be <= 3"),
+    (["stages.forward.replace_layers=1", "stages.main.losses.koopman.layers=[0]"],
+     r"stages\[2\]\.replace_layers: replacing the last 1 of 3 blocks needs term 'koopman'.s operator from "
+     r"layer 2, but its source layers are \[0\]; replace_layers can be: 3"),
+    (["stages.forward.replace_layers=9"],
+     r"stages\[2\]\.replace_layers: 9 is more than the model's 3 blocks; .* replace_layers can be: 1, 2, 3"),
+    (['stages.main.losses.koopman.axis="time"'],
+     r"stages\[2\]\.replace_layers: Koopman forward mode needs a term with axis 'depth'"),
+    (["stages.linearity.fit.layers=[7]"],
+     r"stages\[3\]\.fit: layers \[7\] are out of range for axis 'depth'.*up to 2"),
+    (['stages.linearity.fit={axis="time", steps=8}'],
+     r"stages\[3\]\.fit: steps 8 must be below the sequence length 8 for axis 'time'"),
+    (["stages.linearity.fit.dmd_every=2"], r"stages\[3\]: fit\.dmd_every must be 0"),
+    (["stages.linearity.lr=nan"], r"stages\[3\]: fit_steps must be >= 1 and lr > 0, got 5 and nan"),
+])
+def test_settings_that_only_a_later_stage_would_trip_on_fail_before_anything_runs(tmp_path, overrides, message):
+    with pytest.raises(stagewise.ConfigError, match=message):
+        run_tiny(tmp_path / "run", overrides=overrides)
+    assert not (tmp_path / "run").exists()

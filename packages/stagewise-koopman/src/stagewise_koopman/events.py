@@ -1,6 +1,7 @@
 """What the plugin does at run events, only in stages that train a ``koopman.operator`` term.
 
-- after each optimizer step: the optional DMD refresh of K (``dmd_every``);
+- after each optimizer step: the optional DMD refresh of K (``dmd_every``); under torchrun
+  every rank then takes rank 0's K, so the ranks keep one operator;
 - after each epoch: a ``koopman.epoch`` record with each operator's change since the last
   epoch and the Koopman share of the loss;
 - after the stage: the trained φ, K, ψ go to ``state.artifacts["koopman.operators"]``, so
@@ -25,6 +26,7 @@ def after_step(state: stagewise.State) -> None:
         every = term.options.dmd_every
         if every and state.step % every == 0:
             term.refresh_operator()
+            term.share_operator(state.dist)  # on every rank, refreshed or not: it is a collective
 
 
 def after_epoch(state: stagewise.State, metrics: dict[str, Any]) -> None:

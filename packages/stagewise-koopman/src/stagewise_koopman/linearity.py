@@ -15,7 +15,7 @@ import torch
 
 import stagewise
 from stagewise.engine.objective import forward_batch
-from stagewise_koopman.loss import KoopmanOperator, KoopmanOptions, probe_hidden, relative_distance
+from stagewise_koopman.loss import KoopmanOperator, KoopmanOptions, probe_hidden, relative_distance, shape_problems
 
 Batches = Callable[[int], Iterable[dict[str, Any]]]  # epoch -> that epoch's training batches
 
@@ -34,7 +34,10 @@ def fit_post_hoc(model: torch.nn.Module, batches: Batches, options: KoopmanOptio
     model.eval()
     stream = _cycle(batches)
     first = next(stream)
-    n_hidden, width, _ = probe_hidden(model, first)
+    n_hidden, width, seq_len = probe_hidden(model, first)
+    problems = shape_problems(options, n_hidden, seq_len)
+    if problems:
+        raise ValueError("; ".join(problems))
     term = KoopmanOperator(options).build(n_hidden, width).to(next(model.parameters()).device)
     optimizer = torch.optim.Adam(term.parameters(), lr=lr)
     tail: list[float] = []

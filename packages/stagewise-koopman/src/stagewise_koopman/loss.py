@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed
 import torch.nn.functional as F
 
 import stagewise
+from stagewise.engine.distributed import DistInfo
 from stagewise.engine.objective import forward_batch
 from stagewise_koopman.dmd import blend, dmd_operator
 from stagewise_koopman.operator import EPS, KoopmanModules, normalize_state
@@ -64,11 +66,18 @@ class KoopmanOptions:
              f"distance must be one of {', '.join(map(repr, DISTANCES))}, got {self.distance!r}"),
             (self.detach in DETACH, f"detach must be one of {', '.join(map(repr, DETACH))}, got {self.detach!r}"),
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
-            (min(self.lifted_weight, self.reconstruction_weight, self.state_weight, self.spectral_weight) >= 0,
+            (min(self.part_weights().values()) >= 0,
              "lifted_weight, reconstruction_weight, state_weight and spectral_weight must be >= 0"),
+            (max(self.part_weights().values()) > 0,
+             "at least one of lifted_weight, reconstruction_weight, state_weight and spectral_weight must be "
+             "> 0 (with all four 0 the term has nothing to compute)"),
             (self.dmd_every >= 0, f"dmd_every must be >= 0 (0: no DMD refresh), got {self.dmd_every}"),
             (0 < self.dmd_rate <= 1, f"dmd_rate must be in (0, 1], got {self.dmd_rate}"),
             (self.dmd_buffer >= 1, f"dmd_buffer must be >= 1, got {self.dmd_buffer}"),
+            # fewer pairs than dimensions leave X rank-deficient: the fit would be low-rank
+            (not self.dmd_every or self.dmd_buffer >= self.koopman_dim,
+             f"dmd_buffer ({self.dmd_buffer}) must be >= koopman_dim ({self.koopman_dim}) when dmd_every > 0, "
+             f"or the DMD fit of K is low-rank"),
             (all(layer >= 0 for layer in self.layers), f"layers must be >= 0, got {self.layers}"),
         ]
         problems = [message for ok, message in checks if not ok]
@@ -80,16 +89,42 @@ class KoopmanOptions:
                 "state": self.state_weight, "spectral": self.spectral_weight}
 
 
+def _top_layer(options: KoopmanOptions, n_hidden: int) -> int:
+    return n_hidden - 2 if options.axis == "depth" else n_hidden - 1  # depth needs a layer above
+
+
 def source_layers(options: KoopmanOptions, n_hidden: int) -> list[int]:
-    """The source layers for a model with hidden states h_0..h_{n_hidden-1}; checks ``layers``."""
-    top = n_hidden - 2 if options.axis == "depth" else n_hidden - 1  # depth needs a layer above
+    """The source layers for a model with hidden states h_0..h_{n_hidden-1} (unchecked: see
+    :func:`shape_problems`)."""
     first = 0 if options.axis == "depth" else 1
-    layers = sorted(set(options.layers)) or list(range(first, top + 1))
-    bad = [layer for layer in layers if layer > top]
-    if bad:
-        raise ValueError(f"layers {bad} are out of range for axis {options.axis!r}: the model has hidden "
-                         f"states h_0..h_{n_hidden - 1}, so source layers go up to {top}")
-    return layers
+    return sorted(set(options.layers)) or list(range(first, _top_layer(options, n_hidden) + 1))
+
+
+def model_hidden(model_options: Any) -> int | None:
+    """How many hidden states (h_0..h_n_layer) a model with these options returns, known before
+    it is built for models with ``n_layer`` (as ``stagewise.transformer``); ``None`` for others."""
+    n_layer = getattr(model_options, "n_layer", None)
+    return None if n_layer is None else n_layer + 1
+
+
+def shape_problems(options: KoopmanOptions, n_hidden: int | None, seq_len: int | None = None) -> list[str]:
+    """What keeps ``options`` from fitting a model with ``n_hidden`` hidden states and sequences of
+    ``seq_len`` tokens (``None``: not known, not checked)."""
+    problems = []
+    if n_hidden is not None:
+        top, layers = _top_layer(options, n_hidden), source_layers(options, n_hidden)
+        bad = [layer for layer in layers if layer > top]
+        if bad:
+            problems.append(f"layers {bad} are out of range for axis {options.axis!r}: the model has hidden "
+                            f"states h_0..h_{n_hidden - 1}, so source layers go up to {top}")
+        elif options.axis == "depth" and min(layers) + options.steps > n_hidden - 1:
+            # no pair k = steps apart exists: its error would be a mean over nothing (NaN)
+            problems.append(f"steps {options.steps} reaches past the last hidden state h_{n_hidden - 1} from "
+                            f"every source layer (the lowest is {min(layers)}): with these layers, steps must "
+                            f"be <= {n_hidden - 1 - min(layers)} for axis 'depth'")
+    if seq_len is not None and options.axis == "time" and options.steps >= seq_len:
+        problems.append(f"steps {options.steps} must be below the sequence length {seq_len} for axis 'time'")
+    return problems
 
 
 def gather_pairs(hidden: list[torch.Tensor], sources: list[int], options: KoopmanOptions
@@ -145,8 +180,13 @@ def _distance(pred: torch.Tensor, target: torch.Tensor, options: KoopmanOptions)
 
 
 def relative_distance(pred: torch.Tensor, target: torch.Tensor, options: KoopmanOptions) -> torch.Tensor:
-    """Distance in units of the target's spread over tokens (per layer, not trained through)."""
-    scale = target.detach().var(dim=1, keepdim=True).mean(-1, keepdim=True).add(EPS).sqrt()  # (n, 1, 1)
+    """Distance in units of the target's spread over tokens (per layer, not trained through).
+
+    The spread is the unbiased variance, except for a single token, whose (biased) spread is 0:
+    the unbiased one would divide by 0 tokens.
+    """
+    correction = 1 if target.shape[1] > 1 else 0
+    scale = target.detach().var(dim=1, keepdim=True, correction=correction).mean(-1, keepdim=True).add(EPS).sqrt()
     return _distance(pred / scale, target / scale, options)
 
 
@@ -182,19 +222,24 @@ class KoopmanOperator(stagewise.Loss):
     name = "koopman.operator"
     Options = KoopmanOptions
 
+    def check(self, model_options: Any) -> list[str]:
+        """Before anything runs: ``layers`` and ``steps`` against a model with ``n_layer`` blocks;
+        other models are checked when the stage starts."""
+        return super().check(model_options) + shape_problems(self.options, model_hidden(model_options))
+
     def setup(self, state: stagewise.State) -> None:
         n_hidden, width, seq_len = probe_hidden(state.model, next(iter(state.batches("train"))))
-        try:
-            self.build(n_hidden, width)
-            if self.options.axis == "time" and self.options.steps >= seq_len:
-                raise ValueError(f"steps {self.options.steps} must be below the sequence length {seq_len} "
-                                 f"for axis 'time'")
-        except ValueError as exc:
-            raise stagewise.ConfigError([f"stages.{state.stage_name}.losses ({self.name}): {exc}"]) from exc
+        problems = shape_problems(self.options, n_hidden, seq_len)
+        if problems:
+            raise stagewise.ConfigError([f"stages.{state.stage_name}.losses ({self.name}): {p}" for p in problems])
+        self.build(n_hidden, width)
 
     def build(self, n_hidden: int, width: int) -> KoopmanOperator:
         """Create φ, K, ψ for a model with ``n_hidden`` hidden states of width ``width``."""
         o = self.options
+        problems = shape_problems(o, n_hidden)
+        if problems:
+            raise ValueError("; ".join(problems))
         self.sources = source_layers(o, n_hidden)
         self.n_hidden, self.width = n_hidden, width
         n, D = len(self.sources), o.koopman_dim
@@ -248,6 +293,14 @@ class KoopmanOperator(stagewise.Loss):
         self.koopman.operator.copy_(blend(self.koopman.operator, fitted, self.options.dmd_rate))
         self.dmd_fresh.zero_()
         return True
+
+    @torch.no_grad()
+    def share_operator(self, dist: DistInfo) -> None:
+        """Under torchrun, give every rank rank 0's K. Each rank fits K from its own buffer (its
+        share of the batches), so without this the ranks' operators drift apart. A collective:
+        every rank must call it at the same step."""
+        if dist.enabled:
+            torch.distributed.broadcast(self.koopman.operator.data, src=0)
 
     @torch.no_grad()
     def operator_change(self) -> dict[str, float]:

@@ -17,7 +17,7 @@ from stagewise.engine.objective import forward_batch
 from stagewise.loss import perplexity
 from stagewise_koopman.forward_mode import koopman_forward_logits, plot_spectrum, spectral_radii
 from stagewise_koopman.linearity import fit_post_hoc, one_step_error
-from stagewise_koopman.loss import KoopmanOperator, KoopmanOptions
+from stagewise_koopman.loss import KoopmanOperator, KoopmanOptions, model_hidden, shape_problems, source_layers
 
 ARTIFACT = "koopman.operators"  # term name -> KoopmanOperator.artifact()
 
@@ -45,13 +45,38 @@ class ForwardEval(stagewise.Stage):
     Options = ForwardEvalOptions
 
     def check(self, recipe, index, data) -> list[str]:
-        earlier = {spec.name for stage in recipe.stages[:index]
+        # term name -> (stage index, spec); a later stage's term replaces an earlier one's artifact
+        earlier = {spec.name: (i, spec) for i, stage in enumerate(recipe.stages[:index])
                    for spec in getattr(stage.options, "losses", []) or [] if spec.use == "koopman.operator"}
         problems = super().check(recipe, index, data)
         if self.options.term not in earlier:
             problems.append(f"stages[{index}].term: no earlier stage trains a koopman.operator term named "
                             f"{self.options.term!r} (found: {', '.join(sorted(earlier)) or 'none'})")
+            return problems
+        trained_at, spec = earlier[self.options.term]
+        n_hidden, trained_hidden = (model_hidden(recipe.model_options_at(i)) for i in (index, trained_at))
+        if n_hidden is not None and trained_hidden is not None:
+            problems += [f"stages[{index}].replace_layers: {p}"
+                         for p in self.replace_problems(spec.options, n_hidden - 1, trained_hidden)]
         return problems
+
+    def replace_problems(self, term: KoopmanOptions, n_layer: int, trained_hidden: int) -> list[str]:
+        """Can a term with options ``term``, trained on a model with ``trained_hidden`` hidden
+        states, replace the last ``replace_layers`` of ``n_layer`` blocks?"""
+        if shape_problems(term, trained_hidden):
+            return []  # the training stage's own check reports the term
+        name, replace = self.options.term, self.options.replace_layers
+        if term.axis != "depth":
+            return [f"Koopman forward mode needs a term with axis 'depth'; {name!r} has axis {term.axis!r}"]
+        sources = source_layers(term, trained_hidden)
+        valid = ", ".join(str(n_layer - s) for s in reversed(sources) if n_layer - s >= 1) or "none"
+        if replace > n_layer:
+            return [f"{replace} is more than the model's {n_layer} blocks; with term {name!r} "
+                    f"(source layers {sources}) replace_layers can be: {valid}"]
+        if n_layer - replace not in sources:
+            return [f"replacing the last {replace} of {n_layer} blocks needs term {name!r}'s operator from layer "
+                    f"{n_layer - replace}, but its source layers are {sources}; replace_layers can be: {valid}"]
+        return []
 
     @torch.no_grad()
     def run(self, state: stagewise.State) -> dict[str, Any]:
@@ -61,7 +86,7 @@ class ForwardEval(stagewise.Stage):
         model.eval()
         nll = {"standard": 0.0, "koopman": 0.0}
         tokens = 0
-        for batch in state.batches(o.split):
+        for batch in state.batches(o.split, shard=False):  # the whole split on every process: same figures
             hidden = forward_batch(model, batch, stagewise.Needs(hidden=True))["hidden"]
             target = batch["target"].reshape(-1)
             for mode, logits in (("standard", model.logits_from_hidden(hidden[-1])),
@@ -72,7 +97,7 @@ class ForwardEval(stagewise.Stage):
         ppl, koopman_ppl = perplexity(nll["standard"] / tokens), perplexity(nll["koopman"] / tokens)
         metrics = {"ppl": ppl, "koopman_ppl": koopman_ppl, "ppl_ratio": koopman_ppl / ppl,
                    "replaced_layers": o.replace_layers}
-        metrics["one_step_error"], _ = one_step_error(model, term, state.batches(o.split))
+        metrics["one_step_error"], _ = one_step_error(model, term, state.batches(o.split, shard=False))
         metrics.update({f"K{layer}/spectral_radius": r for layer, r in spectral_radii(term).items()})
         if state.run_dir is not None:
             plot_spectrum(state.run_dir.plot_path("koopman_spectrum.png"), term,
@@ -89,8 +114,11 @@ class LinearityOptions:
     split: str = "valid"  # the split the one-step error is measured on
 
     def __post_init__(self) -> None:
-        if self.fit_steps < 1 or self.lr <= 0:
+        if self.fit_steps < 1 or not self.lr > 0:  # `not >` also refuses NaN
             raise ValueError(f"fit_steps must be >= 1 and lr > 0, got {self.fit_steps} and {self.lr}")
+        if self.fit.dmd_every:
+            raise ValueError(f"fit.dmd_every must be 0: the post-hoc fit trains φ, K, ψ by Adam alone, with no "
+                             f"DMD refresh (got {self.fit.dmd_every})")
 
 
 class Linearity(stagewise.Stage):
@@ -102,11 +130,18 @@ class Linearity(stagewise.Stage):
     name = "koopman.linearity"
     Options = LinearityOptions
 
+    def check(self, recipe, index, data) -> list[str]:
+        """The split check, plus ``fit`` against the model (with ``n_layer``) and the sequence length."""
+        problems = shape_problems(self.options.fit, model_hidden(recipe.model_options_at(index)),
+                                  data.info.get("seq_len"))
+        return super().check(recipe, index, data) + [f"stages[{index}].fit: {p}" for p in problems]
+
     def run(self, state: stagewise.State) -> dict[str, Any]:
         o = self.options
-        term, fit_loss = fit_post_hoc(state.model, lambda epoch: state.batches(o.fit_split, train=True, epoch=epoch),
-                                      o.fit, o.fit_steps, o.lr)
-        error, per_layer = one_step_error(state.model, term, state.batches(o.split))
+        # every process fits and measures on whole batches, so all end with the same modules and figures
+        term, fit_loss = fit_post_hoc(state.model, lambda epoch: state.batches(o.fit_split, train=True, epoch=epoch,
+                                                                               shard=False), o.fit, o.fit_steps, o.lr)
+        error, per_layer = one_step_error(state.model, term, state.batches(o.split, shard=False))
         metrics = {"one_step_error": error, "fit_loss": fit_loss}
         metrics.update({f"L{layer}/one_step_error": e for layer, e in per_layer.items()})
         return {f"{self.label}/{k}": v for k, v in metrics.items()}

@@ -1,0 +1,53 @@
+"""The benchmark script's bookkeeping, on the tiny recipe: no benchmark-sized run here."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from conftest import TINY_HYBRID
+
+import stagewise
+
+BENCH = Path(__file__).parents[1] / "bench" / "hybrid_vs_baseline.py"
+TRAIN_ONLY = TINY_HYBRID[: TINY_HYBRID.index('[[stages]]\nname = "forward"')]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("hybrid_vs_baseline", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fallbacks_are_counted_over_the_whole_main_stage(bench, tmp_path):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(TRAIN_ONLY.replace("fallback_threshold = 3.1", "fallback_threshold = 0.0"))
+    summary = bench.run(str(recipe), [], tmp_path / "run")
+    # every batch of epochs 1 and 2 (3 steps each) is cut, whichever epoch restore_best keeps
+    assert bench.stage_fallbacks(summary) == 6
+    assert [e["train/koopman/fallbacks"] for e in summary["main_epochs"]] == [0, 3, 6]
+
+
+def test_bad_data_is_a_message_not_a_traceback(bench, tmp_path, capsys):
+    assert bench.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--quick"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hybrid_vs_baseline: ") and "missing does not exist" in err
+    assert "Traceback" not in err
+
+
+def test_finished_runs_survive_a_later_failure(bench, tmp_path, capsys, monkeypatch):
+    def measure(data, mode, out, seeds):
+        (out / "baseline").mkdir(parents=True)
+        (out / "baseline" / "summary.json").write_text("{}")  # one run finished ...
+        raise stagewise.TrainingError("the next one failed")  # ... then one failed
+
+    monkeypatch.setattr(bench, "measure", measure)
+    out = tmp_path / "out"
+    assert bench.main(["--data", str(tmp_path), "--out", str(out)]) == 1
+    assert "the next one failed" in capsys.readouterr().err
+    assert (out / "baseline" / "summary.json").exists()
+    assert bench.main(["--data", str(tmp_path), "--out", str(out)]) == 1  # a used folder is refused
+    assert "is not empty" in capsys.readouterr().err
