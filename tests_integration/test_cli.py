@@ -114,3 +114,16 @@ def test_compare_runs_baseline_and_method(cli, recipes, tmp_path):
         assert Path(run["run_dir"]) == out / name and "test/loss" in run["metrics"]
     assert "mine/threshold" in runs["example"]["metrics"] and "mine/threshold" not in runs["baseline"]["metrics"]
     assert result.stdout.splitlines()[0].split() == ["metric", "baseline", "example"]
+
+    (out / "baseline" / "summary.json").unlink()  # as if baseline had stopped part-way
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    again = cli("compare", recipes["baseline"], recipes["example"], "--out", out, "--quiet", ok=False)
+    assert again.returncode == 1 and "not empty; pass --out with a new folder" in again.stderr
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # refused before running either
+
+
+def test_compare_default_folder_is_never_reused(cli, recipes, tmp_path):
+    (tmp_path / "runs" / "compare").mkdir(parents=True)
+    (tmp_path / "runs" / "compare" / "earlier.txt").write_text("an earlier comparison")
+    cli("compare", recipes["baseline"], recipes["example"], "--quiet", cwd=tmp_path)
+    assert (tmp_path / "runs" / "compare-2" / "compare.json").exists()

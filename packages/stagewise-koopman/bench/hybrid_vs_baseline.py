@@ -8,10 +8,11 @@ DIR holds train.txt, valid.txt and test.txt; by default the public-domain Englis
 40-line chunk (core's write_file_split: chunk i to valid when i % 10 == 2, to test when
 i % 10 == 6, each split in one seeded order), so that the three are drawn alike and share no
 text, into ``<out>/data``. Every run directory is kept under ``--out`` (default
-runs/koopman-bench-<date>-<time>; it must be new or empty), so the runs that finished survive
-one that fails. Runs the recipes koopman.baseline and
-koopman.hybrid (same [data], [model], seed and epochs), then the hybrid again for each weight
-cap of the sweep (the term's weight and cap both set to it). Prints a table and one JSON line:
+runs/koopman-bench, or runs/koopman-bench-2, ... when that holds files; a folder given must be
+new or empty), so the runs that finished survive one that fails. Runs the recipes
+koopman.baseline and koopman.hybrid (same [data], [model], seed and epochs), then the hybrid
+again for each weight cap of the sweep (the term's weight and cap both set to it). Prints a
+table and one JSON line:
 
 - baseline_ppl, hybrid_ppl: final validation perplexity of each (the main stage's best epoch);
 - koopman_forward_ppl: test perplexity with the last ``koopman_forward_layers`` blocks replaced
@@ -40,11 +41,10 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from stagewise import StagewiseError
+from stagewise.bench import run_benchmark
 from stagewise.data.text import write_file_split
 from stagewise.engine.runner import run_recipe
 from stagewise.recipe import load_recipe
@@ -170,31 +170,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, help="directory with train.txt, valid.txt, test.txt "
                         f"(default: {DEFAULT_DATA} dealt by 40-line chunk)")
     parser.add_argument("--out", type=Path, help="new or empty directory for the run directories (and the "
-                        "dealt data); default: runs/koopman-bench-<date>-<time>")
+                        "dealt data); default: runs/koopman-bench, or runs/koopman-bench-2, ...")
     parser.add_argument("--json", type=Path, help="also write the result to this JSON file")
     parser.add_argument("--quick", action="store_true", help="less data and fewer epochs (under 10 minutes)")
     parser.add_argument("--seeds", type=int, default=1, help="also run baseline and hybrid at seeds 1..N-1 "
                         "(2 more runs per seed) to show the seed-to-seed spread (default 1: seed 0 only)")
     args = parser.parse_args(argv)
-    out = args.out or Path("runs") / time.strftime("koopman-bench-%Y%m%d-%H%M%S")
-    if out.exists() and any(out.iterdir()):
-        print(f"hybrid_vs_baseline: {out} is not empty; pass --out with a new folder", file=sys.stderr)
-        return 1
-    try:
+    def body(out: Path) -> dict[str, Any]:
         data = args.data
         if data is None:  # a by-file split would validate on one kind of text, train on others
             data = out / "data"
             write_file_split(DEFAULT_DATA, data, valid=2, test=6, chunk_lines=40, seed=0)
-        result = measure(data, "quick" if args.quick else "full", out, args.seeds)
-    except StagewiseError as exc:
-        print(f"hybrid_vs_baseline: {exc}\n(finished runs, if any, are in {out})", file=sys.stderr)
-        return 1
-    print(table(result))
-    print(json.dumps(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+        return measure(data, "quick" if args.quick else "full", out, args.seeds)
 
+    return run_benchmark("hybrid_vs_baseline", body, table, args.out, "koopman-bench", args.json)
 
 if __name__ == "__main__":
     sys.exit(main())

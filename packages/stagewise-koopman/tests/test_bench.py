@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 from conftest import TINY_HYBRID
 
-import stagewise
-
 BENCH = Path(__file__).parents[1] / "bench" / "hybrid_vs_baseline.py"
 TRAIN_ONLY = TINY_HYBRID[: TINY_HYBRID.index('[[stages]]\nname = "forward"')]
 
@@ -37,17 +35,3 @@ def test_bad_data_is_a_message_not_a_traceback(bench, tmp_path, capsys):
     assert err.startswith("hybrid_vs_baseline: ") and "missing does not exist" in err
     assert "Traceback" not in err
 
-
-def test_finished_runs_survive_a_later_failure(bench, tmp_path, capsys, monkeypatch):
-    def measure(data, mode, out, seeds):
-        (out / "baseline").mkdir(parents=True)
-        (out / "baseline" / "summary.json").write_text("{}")  # one run finished ...
-        raise stagewise.TrainingError("the next one failed")  # ... then one failed
-
-    monkeypatch.setattr(bench, "measure", measure)
-    out = tmp_path / "out"
-    assert bench.main(["--data", str(tmp_path), "--out", str(out)]) == 1
-    assert "the next one failed" in capsys.readouterr().err
-    assert (out / "baseline" / "summary.json").exists()
-    assert bench.main(["--data", str(tmp_path), "--out", str(out)]) == 1  # a used folder is refused
-    assert "is not empty" in capsys.readouterr().err

@@ -1,18 +1,20 @@
 """ASHEM against its baseline on real text, in one process, on the same data and seed.
 
-    python packages/stagewise-lego-ashem/bench/ashem_vs_baseline.py [--data DIR] [--json OUT.json] [--quick]
-        [--threads N]
+    python packages/stagewise-lego-ashem/bench/ashem_vs_baseline.py [--data DIR] [--out DIR] [--json OUT.json]
+        [--quick] [--threads N]
 
 DIR holds train.txt, valid.txt and test.txt (WikiText-style plain text). Default: a
-deterministic split of ../shared/data/pd_english written to a temporary directory: every file
+deterministic split of ../shared/data/pd_english written to ``<out>/data``: every file
 cut into 40-line chunks, chunk i (0-based, over the sorted files) to valid when i % 10 == 2, to
 test when i % 10 == 6, else to train, each split's chunks in one seeded random order (so valid,
 on which the router is calibrated, and test, on which it is evaluated, are drawn alike and
-share no text). Runs the recipes lego_ashem.baseline and lego_ashem.ashem with the same [data]
-table and seed (ashem with hard_ratio 0.4, and with the learned exit probe trained and evaluated
-after its max-softmax test: probe_<metric>), then a speed-only measurement (random weights,
-labelled so) on a shape where the layers dominate: dim 256, 8 layers, exit 4, vocabulary 2048,
-70% of tokens exiting. Prints a table and one JSON line.
+share no text). Every run directory is kept under ``--out`` (default runs/lego-ashem-bench, or
+runs/lego-ashem-bench-2, ... when that holds files; a folder given must be new or empty), so a
+finished run survives a later one that fails. Runs the recipes lego_ashem.baseline and
+lego_ashem.ashem with the same [data] table and seed (ashem with hard_ratio 0.4, and with the
+learned exit probe trained and evaluated after its max-softmax test: probe_<metric>), then a
+speed-only measurement (random weights, labelled so) on a shape where the layers dominate: dim
+256, 8 layers, exit 4, vocabulary 2048, 70% of tokens exiting. Prints a table and one JSON line.
 Wall-clock numbers are measurements on a shared machine; counted FLOPs are printed beside them.
 """
 
@@ -23,12 +25,12 @@ import copy
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from stagewise.bench import run_benchmark
 from stagewise.compare import check_comparable
 from stagewise.data.text import write_file_split
 from stagewise.engine.runner import run_recipe
@@ -177,22 +179,20 @@ def table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, help="directory with train.txt, valid.txt, test.txt")
+    parser.add_argument("--out", type=Path, help="new or empty directory for the run directories (and the "
+                        "dealt data); default: runs/lego-ashem-bench, or runs/lego-ashem-bench-2, ...")
     parser.add_argument("--json", type=Path, help="also write the result to this file")
     parser.add_argument("--quick", action="store_true", help="150k-token splits, 4 + 4 epochs (< 10 minutes)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine more threads oversubscribe)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        data = args.data or default_split(Path(tmp))
-        summaries = run_both(data, args.quick, args.threads, Path(tmp) / "runs")
-    result = collect(summaries, large_shape_speed())
-    print(table(result))
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        args.json.write_text(line + "\n")
-    return 0
+
+    def body(out: Path) -> dict[str, float]:
+        data = args.data or default_split(out / "data")
+        return collect(run_both(data, args.quick, args.threads, out), large_shape_speed())
+
+    return run_benchmark("ashem_vs_baseline", body, table, args.out, "lego-ashem-bench", args.json)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Run a baseline and a method (or any recipes) in one process on the same data and seed.
 
 Baselines are run, not typed in: ``compare_recipes`` refuses recipes whose data tables or
-seeds differ, runs each into ``OUT/<run name>``, prints one table of final metrics side by
-side and writes ``OUT/compare.json``.
+seeds differ, or whose run directory ``OUT/<run name>`` already holds files (before running any),
+runs each there, prints one table of final metrics side by side and writes ``OUT/compare.json``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stagewise.engine.rundir import write_json_atomic
+from stagewise.engine.rundir import empty_folder, write_json_atomic
 from stagewise.errors import ConfigError
 from stagewise.recipe import Recipe, load_recipe
 
@@ -21,6 +21,8 @@ def compare_recipes(names: list[str], overrides: list[str], out: Path, quiet: bo
 
     recipes = [load_recipe(name, overrides) for name in names]
     check_comparable(recipes)
+    for recipe in recipes:  # before the first run, not after it
+        empty_folder(out / recipe.run.name)
     runs: dict[str, Any] = {}
     for recipe in recipes:
         run_dir = run_recipe(recipe, out=out / recipe.run.name, quiet=quiet)

@@ -30,7 +30,8 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="run several recipes on the same data and seed, print one table")
     p.add_argument("recipes", nargs="+", help="recipe files or names, e.g. the baseline then the method")
     _add_recipe_args(p)
-    p.add_argument("--out", default="runs/compare", help="parent folder of the runs (default: runs/compare)")
+    p.add_argument("--out", help="parent folder of the runs (default: runs/compare, or runs/compare-2, ... "
+                   "when that holds files)")
     p.set_defaults(handler=cmd_compare)
 
     p = sub.add_parser("verify", help="compare a run's final metrics with a golden record")
@@ -88,8 +89,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from stagewise.compare import compare_recipes
+    from stagewise.engine.rundir import unused_folder
 
-    compare_recipes(args.recipes, args.overrides, Path(args.out), quiet=args.quiet)
+    out = Path(args.out) if args.out else unused_folder(Path("runs/compare"))
+    compare_recipes(args.recipes, args.overrides, out, quiet=args.quiet)
     return 0
 
 

@@ -78,6 +78,25 @@ class RunDir:
         return self.path / "plots" / name
 
 
+def unused_folder(base: Path) -> Path:
+    """``base``, or the first of ``base-2``, ``base-3``, ... that is missing or empty: a default
+    output folder never mixes with an earlier run's."""
+    base = Path(base)
+    candidate, n = base, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def empty_folder(path: Path) -> Path:
+    """``path`` if it is missing or empty; a folder the user named is never written into twice."""
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        raise CheckpointError(f"{path} is not empty; pass --out with a new folder")
+    return path
+
+
 def finite(value: Any) -> Any:
     """JSON has no NaN/Inf: write them as strings so every line stays valid JSON."""
     if isinstance(value, float) and not math.isfinite(value):

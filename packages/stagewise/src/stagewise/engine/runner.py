@@ -16,7 +16,7 @@ import torch
 from stagewise.engine import distributed
 from stagewise.engine.checkpoint import load_checkpoint, seed_everything, set_rng_state
 from stagewise.engine.guards import RateLimitedWarnings
-from stagewise.engine.rundir import RunDir, environment
+from stagewise.engine.rundir import RunDir, environment, unused_folder
 from stagewise.engine.state import State
 from stagewise.errors import CheckpointError, ConfigError, StagewiseError
 from stagewise.events import Event
@@ -48,7 +48,8 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
     check_stages(recipe, data)
     model_options = _model_options(recipe, saved)
     model = _build("model", recipe, lambda: recipe.model.component().from_recipe(model_options, data)).to(device)
-    path = Path(resume) if resume is not None else Path(out) if out is not None else _default_out(recipe)
+    default = Path(recipe.run.out) / recipe.run.name
+    path = Path(resume) if resume is not None else Path(out) if out is not None else unused_folder(default)
     run_dir = None
     if info.rank == 0:
         run_dir = (RunDir.reopen(path, saved["metrics_lines"]) if saved is not None
@@ -157,15 +158,6 @@ def _load_resume(path: Path, recipe: Recipe) -> dict[str, Any]:
             f"{path}: the recipe differs from the one this run started with (in: {', '.join(changed)}). "
             f"Resume with the same recipe and --set overrides (see {path / 'recipe.toml'}).")
     return saved
-
-
-def _default_out(recipe: Recipe) -> Path:
-    base = Path(recipe.run.out) / recipe.run.name
-    candidate, n = base, 1
-    while candidate.exists() and any(candidate.iterdir()):
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    return candidate
 
 
 def final_table(summary: dict[str, Any], path: Path) -> str:
