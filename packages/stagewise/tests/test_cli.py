@@ -50,6 +50,15 @@ def test_run_verify_export(tiny_recipe_path, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "nope: missing from the run" in out and "val/loss" not in out and "1 difference(s)" in out
 
+    for bad, problem in [({"metrics": [1]}, "'metrics' must be an object"),
+                         ({"metrics": {}, "tolerance": {"val/loss": "0.1"}}, "'tolerance' must be an object"),
+                         ([1], "'metrics' must be an object")]:
+        golden.write_text(json.dumps(bad))
+        assert main(["verify", str(run_dir), str(golden)]) == 1
+        assert f"{golden}: 1 problem:\n  - {problem}" in capsys.readouterr().err
+    assert main(["verify", str(run_dir), str(tmp_path)]) == 1  # a folder, not a golden file
+    assert "cannot read the golden file" in capsys.readouterr().err
+
     assert main(["export", str(run_dir), str(tmp_path / "model.npz")]) == 0
     arrays, meta = load_npz(tmp_path / "model.npz")
     assert meta["model"] == "stagewise.transformer" and meta["model_options"]["n_layer"] == 3
@@ -77,3 +86,13 @@ def test_verify_needs_a_finished_run(tmp_path, capsys):
     (tmp_path / "g.json").write_text('{"metrics": {}}')
     assert main(["verify", str(tmp_path), str(tmp_path / "g.json")]) == 1
     assert "did the run finish?" in capsys.readouterr().err
+
+
+def test_out_must_be_a_new_or_empty_folder(tiny_recipe_path, tmp_path, capsys):
+    (tmp_path / "notes.csv").write_text("kept")
+    assert main(["run", str(tiny_recipe_path), "--out", str(tmp_path / "notes.csv"), "--quiet"]) == 1
+    assert "notes.csv is a file, not a folder; pass --resume" in capsys.readouterr().err
+    assert main(["run", str(tiny_recipe_path), "--out", str(tmp_path), "--quiet"]) == 1
+    assert f"{tmp_path} is not empty; pass --resume {tmp_path} to continue that run" in capsys.readouterr().err
+    assert (tmp_path / "notes.csv").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.csv", "tiny.toml"]  # nothing written

@@ -157,6 +157,19 @@ def test_toml_writer_escapes():
         '[a]\ns = "q\\"uote"\nf = 1e-05\nl = [1, 2]\nt = { x = true }\n'
 
 
+def test_toml_writer_quotes_keys_toml_does_not_allow_bare():
+    import tomllib
+
+    table = {"data": {"splits": {"tést": 0.1, "a b": 0.2, "ok_key-1": 0.3}}}
+    assert tomllib.loads(dumps(table)) == table
+
+
+def test_a_folder_named_like_a_recipe_is_not_the_recipe(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    assert load_recipe("demo").source.endswith("demo.toml")
+
+
 def test_lbfgs_refuses_grad_clip(tiny):
     from stagewise.errors import ConfigError
 

@@ -93,7 +93,7 @@ def anchor_data_path(raw: dict[str, Any], base: Path) -> None:
 
 def resolve_recipe_path(recipe: str | Path) -> Path:
     candidate = Path(recipe)
-    if candidate.suffix == ".toml" or candidate.exists():
+    if candidate.suffix == ".toml" or candidate.is_file():  # a folder named "demo" is not the recipe
         if not candidate.exists():
             raise ConfigError(["file not found"], str(candidate))
         return candidate

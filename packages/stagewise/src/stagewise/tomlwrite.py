@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
+
+_BARE = re.compile(r"[A-Za-z0-9_-]+")  # TOML's bare keys: ASCII only
 
 
 def dumps(table: dict[str, Any]) -> str:
@@ -25,7 +28,7 @@ def _is_section(value: Any) -> bool:
 
 
 def _key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
+    return key if _BARE.fullmatch(key) else json.dumps(key, ensure_ascii=False)
 
 
 def _value(value: Any) -> str:

@@ -19,7 +19,9 @@ def load_json(path: Path, what: str) -> dict[str, Any]:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path}: {what} not found") from exc
-    except json.JSONDecodeError as exc:
+    except OSError as exc:  # a folder, no permission
+        raise CheckpointError(f"{path}: cannot read the {what}: {exc.strerror}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError([f"not valid JSON: {exc}"], str(path)) from exc
 
 
@@ -39,11 +41,19 @@ def compare(actual: dict[str, Any], golden: dict[str, Any], tolerance: dict[str,
 
 def verify_run(run_dir: Path, golden_path: Path) -> list[str]:
     summary = load_json(Path(run_dir) / "summary.json", "summary.json (did the run finish?)")
-    golden = load_json(golden_path, "golden file")
-    if "metrics" not in golden:
-        raise ConfigError(["missing key 'metrics' (expected {\"metrics\": {...}, \"tolerance\": {...}})"],
-                          str(golden_path))
-    return compare(summary["metrics"], golden["metrics"], golden.get("tolerance", {}))
+    metrics, tolerance = golden_tables(load_json(golden_path, "golden file"), golden_path)
+    return compare(summary["metrics"], metrics, tolerance)
+
+
+def golden_tables(golden: Any, path: Path) -> tuple[dict[str, Any], dict[str, float]]:
+    """The golden file's metrics and tolerances, or a ConfigError saying what its form must be."""
+    form = '(expected {"metrics": {name: value}, "tolerance": {name: abs_tol}})'
+    if not isinstance(golden, dict) or not isinstance(golden.get("metrics"), dict):
+        raise ConfigError([f"'metrics' must be an object of metric names and values {form}"], str(path))
+    tolerance = golden.get("tolerance", {})
+    if not isinstance(tolerance, dict) or not all(_numbers(t, 0) and t >= 0 for t in tolerance.values()):
+        raise ConfigError([f"'tolerance' must be an object of metric names and numbers >= 0 {form}"], str(path))
+    return golden["metrics"], tolerance
 
 
 def _numbers(a: Any, b: Any) -> bool:

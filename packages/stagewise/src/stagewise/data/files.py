@@ -32,7 +32,8 @@ def open_data(path: str | Path, what: str) -> IO[bytes]:
 
 
 def open_text(path: str | Path, what: str) -> IO[str]:
-    """Open a UTF-8 text file (gzip allowed) for the csv and json modules (``newline=""``).
+    """Open a UTF-8 text file (gzip allowed; a leading BOM, as Excel writes, dropped) for the csv
+    and json modules (``newline=""``).
 
     Undecodable bytes become U+FFFD, so they surface as a bad value on a known line."""
-    return io.TextIOWrapper(open_data(path, what), encoding="utf-8", errors="replace", newline="")
+    return io.TextIOWrapper(open_data(path, what), encoding="utf-8-sig", errors="replace", newline="")

@@ -75,7 +75,7 @@ def tokenize(text: str, lowercase: bool) -> list[str]:
 
 def read_tokens(path: Path, lowercase: bool) -> list[str]:
     # errors="replace": some real corpora are Latin-1; a stray byte must not stop training
-    return tokenize(path.read_text(encoding="utf-8", errors="replace"), lowercase)
+    return tokenize(path.read_text(encoding="utf-8-sig", errors="replace"), lowercase)
 
 
 def split_files(root: Path) -> dict[str, Path]:

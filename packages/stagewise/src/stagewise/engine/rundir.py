@@ -35,12 +35,7 @@ class RunDir:
 
     @classmethod
     def create(cls, path: Path, recipe_toml: str, env: dict[str, Any]) -> RunDir:
-        path = Path(path)
-        if path.exists() and any(path.iterdir()):
-            raise CheckpointError(
-                f"{path}: the run directory exists and is not empty. Pass --resume {path} to "
-                "continue that run, or --out with a new folder."
-            )
+        path = empty_folder(path, f"pass --resume {path} to continue that run, or --out with a new folder")
         run = cls(path)
         run.checkpoints.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path / "recipe.toml", recipe_toml)
@@ -89,11 +84,14 @@ def unused_folder(base: Path) -> Path:
     return candidate
 
 
-def empty_folder(path: Path) -> Path:
-    """``path`` if it is missing or empty; a folder the user named is never written into twice."""
+def empty_folder(path: Path, advice: str = "pass --out with a new folder") -> Path:
+    """``path`` if it is missing or an empty folder; a folder the user named is never written
+    into twice."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a folder; {advice}")
     if path.exists() and any(path.iterdir()):
-        raise CheckpointError(f"{path} is not empty; pass --out with a new folder")
+        raise CheckpointError(f"{path} is not empty; {advice}")
     return path
 
 
