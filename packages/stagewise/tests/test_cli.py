@@ -96,3 +96,10 @@ def test_out_must_be_a_new_or_empty_folder(tiny_recipe_path, tmp_path, capsys):
     assert f"{tmp_path} is not empty; pass --resume {tmp_path} to continue that run" in capsys.readouterr().err
     assert (tmp_path / "notes.csv").read_text() == "kept"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.csv", "tiny.toml"]  # nothing written
+
+
+def test_out_expands_the_home_folder(tiny_recipe_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(tiny_recipe_path), "--out=~/run", "--quiet", "--set", "stages.phase1.max_epochs=1"]) == 0
+    assert (tmp_path / "home" / "run" / "summary.json").is_file() and not (tmp_path / "~").exists()

@@ -83,8 +83,11 @@ def _run(args: list[str], cwd: Path) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """The recipe run single-process (``single/``) and by 2 gloo processes (``ddp/``)."""
-    root = tmp_path_factory.mktemp("distributed")
-    (root / "recipe.toml").write_text(RECIPE)
+    return _single_and_ddp(tmp_path_factory.mktemp("distributed"), RECIPE)
+
+
+def _single_and_ddp(root: Path, recipe: str) -> SimpleNamespace:
+    (root / "recipe.toml").write_text(recipe)
     _run(["-m", "stagewise", "run", "recipe.toml", "--out", "single", "--quiet"], root)
     _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
           "-m", "stagewise", "run", "recipe.toml", "--out", "ddp", "--quiet"], root)
@@ -196,3 +199,27 @@ def test_unsharded_batches_give_every_rank_the_whole_split_in_order():
     assert inputs(0, shard=False) == inputs(1, shard=False) == list(range(13))
     assert sorted(inputs(0, shard=True) + inputs(1, shard=True)) == list(range(13))  # each rank a share
     assert inputs(1, shard=True) == [1, 3, 5, 7, 9, 11]
+
+
+UNEVEN = RECIPE.replace("batch_size = 8 ", "batch_size = 7 ").replace("drop_last = true ", "drop_last = false ") + """\
+losses = [{ use = "stagewise.cross_entropy" },
+          { use = "stagewise.cross_entropy", name = "late", start_epoch = 1, fallback_threshold = 5.5 }]
+"""
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """Global batches of 7 (4 + 3 per rank), and a term with weight 0 in epoch 0."""
+    return _single_and_ddp(tmp_path_factory.mktemp("uneven"), UNEVEN)
+
+
+@needs_gloo
+def test_term_metrics_weigh_ranks_by_their_share_of_an_uneven_batch(uneven):
+    def epochs(run_dir: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in _records(run_dir) if r["event"] == "epoch"]
+
+    single, ddp = epochs(uneven.single), epochs(uneven.ddp)
+    assert "train/late" not in single[0] and "train/late" in single[1]  # inactive, then active
+    assert single[1]["train/late/fallbacks"] > 0  # the fallback is decided on the global batch's value
+    for i, (got, want) in enumerate(zip(ddp, single, strict=True)):
+        _assert_close(got, want, f"epoch {i}")

@@ -92,7 +92,7 @@ def test_lr_schedules_run(tiny, tmp_path, schedule):
     if schedule == "constant":
         assert set(lrs) == {1e-2}
     elif schedule == "warmup":
-        assert lrs[:3] == pytest.approx([2 / 3 * 1e-2, 1e-2, 1e-2]) and lrs[-1] == pytest.approx(1e-2)
+        assert lrs[:3] == pytest.approx([1 / 3 * 1e-2, 2 / 3 * 1e-2, 1e-2]) and lrs[-1] == pytest.approx(1e-2)
     elif schedule == "cosine":
         assert lrs[2] == pytest.approx(1e-2) and lrs[-1] < lrs[3]
     else:

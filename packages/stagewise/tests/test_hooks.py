@@ -177,3 +177,45 @@ def test_hook_stagewise_register_commands(capsys):
     finally:
         plugins.unregister_plugin("hello")
     assert capsys.readouterr().out == "hello\n"
+
+
+def test_event_hooks_honour_tryfirst_and_trylast(tiny, tmp_path):
+    log: list[str] = []
+
+    def plugin(tag, **order):
+        class Ordered:
+            @stagewise.hookimpl(**order)
+            def stagewise_before_stage(self, stage):
+                log.append(f"{tag} before")
+
+            @stagewise.hookimpl(**order)
+            def stagewise_after_stage(self, stage):
+                log.append(f"{tag} after")
+        return Ordered()
+
+    names = {"last": {"trylast": True}, "a": {}, "first": {"tryfirst": True}, "b": {}}
+    for name, order in names.items():
+        plugins.register_plugin(plugin(name, **order), f"order-{name}")
+    try:
+        run_recipe(tiny("stages.phase1.max_epochs=1"), out=tmp_path / "run", quiet=True)
+    finally:
+        for name in names:
+            plugins.unregister_plugin(f"order-{name}")
+    assert log[:4] == ["first before", "a before", "b before", "last before"]
+    assert log[4:8] == ["first after", "b after", "a after", "last after"]  # plain ones reversed
+
+
+def test_a_wrapper_event_hook_is_refused_before_the_run_writes(tiny, tmp_path):
+    class Wrapper:
+        @stagewise.hookimpl(wrapper=True)
+        def stagewise_before_stage(self, state):
+            return (yield)
+
+    plugins.register_plugin(Wrapper(), "wrapper")
+    try:
+        with pytest.raises(stagewise.PluginError, match=r"plugin 'wrapper': stagewise_before_stage\(state, stage\) "
+                                                         r"is a wrapper"):
+            run_recipe(tiny(), out=tmp_path / "run", quiet=True)
+    finally:
+        plugins.unregister_plugin("wrapper")
+    assert not (tmp_path / "run").exists()

@@ -198,3 +198,83 @@ def test_npz_errors(tmp_path):
     np.save(tmp_path / "one.npy", np.zeros(3))
     with pytest.raises(DataError, match="holds a single array"):
         NPZDataset.from_recipe(NPZOptions(path=str(tmp_path / "one.npy")), seed=0)
+
+
+# --- bad data is refused before training, naming the file -----------------------------------
+
+
+def test_negative_class_labels_name_the_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"x": 1, "y": 0}\n{"x": 2, "y": -1}\n{"x": 3, "y": -100}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl, line 2: target -1 holds a negative class label"):
+        JSONLDataset.from_recipe(JSONLOptions(path=str(path), input_keys=["x"], target_keys=["y"],
+                                              target_dtype="long"), seed=0)
+    np.savez(tmp_path / "a.npz", input=np.zeros((4, 2)), target=np.array([0, 1, -2, 1]))
+    with pytest.raises(DataError, match=r"a\.npz, example 2 \(axis 0\): target -2 holds a negative class label"):
+        NPZDataset.from_recipe(NPZOptions(path=str(tmp_path / "a.npz")), seed=0)
+    (tmp_path / "images.idx").write_bytes(idx_bytes(np.zeros((2, 2, 2), dtype=np.uint8), 0x08))
+    (tmp_path / "labels.idx").write_bytes(idx_bytes(np.array([1, -1], dtype=np.int8), 0x09))
+    with pytest.raises(DataError, match=r"labels\.idx, example 1 \(axis 0\): target -1"):
+        IDXDataset.from_recipe(IDXOptions(images=str(tmp_path / "images.idx"),
+                                          labels=str(tmp_path / "labels.idx")), seed=0)
+
+
+def test_inputs_need_a_feature_axis(tmp_path):
+    np.savez(tmp_path / "a.npz", input=np.zeros(4), target=np.zeros(4))
+    with pytest.raises(DataError, match=r"a\.npz: the inputs have shape \(4,\), a single number per example"):
+        NPZDataset.from_recipe(NPZOptions(path=str(tmp_path / "a.npz")), seed=0)
+
+
+def test_an_object_array_names_the_file_and_the_array(tmp_path):
+    np.savez(tmp_path / "a.npz", input=np.array([[1], "x"], dtype=object), target=np.zeros(2))
+    with pytest.raises(DataError, match=r"a\.npz: array 'input' \(input_key\) cannot be read: Object arrays"):
+        NPZDataset.from_recipe(NPZOptions(path=str(tmp_path / "a.npz")), seed=0)
+
+
+def test_csv_features_must_not_include_the_target(tmp_path):
+    write_csv(tmp_path / "t.csv", [(i, i % 2, i) for i in range(4)])
+    opts = CSVOptions(path=str(tmp_path / "t.csv"), target=["label"], features=["x1", "label"])
+    with pytest.raises(DataError, match=r"t\.csv: column 'label' is in both data\.features and data\.target"):
+        CSVDataset.from_recipe(opts, seed=0)
+
+
+@pytest.mark.parametrize("cell", ["nan", "inf", "-Infinity"])
+def test_non_finite_csv_cells_name_file_line_and_column(tmp_path, cell):
+    (tmp_path / "t.csv").write_text(f"x1,label\n1,0\n{cell},1\n")
+    with pytest.raises(DataError, match=rf"t\.csv, line 3, column 0 \('x1'\): '{cell}' is not a finite number"):
+        CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=["label"]), seed=0)
+
+
+@pytest.mark.parametrize("value", ["NaN", "[1, Infinity]"])
+def test_non_finite_jsonl_values_name_file_line_and_key(tmp_path, value):
+    (tmp_path / "d.jsonl").write_text(f'{{"x": 1, "y": 2}}\n{{"x": {value}, "y": 2}}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl, line 2: 'x' is .*, but its numbers must be finite"):
+        JSONLDataset.from_recipe(JSONLOptions(path=str(tmp_path / "d.jsonl"), input_keys=["x"],
+                                              target_keys=["y"]), seed=0)
+
+
+def test_a_utf8_bom_is_ignored(tmp_path):
+    (tmp_path / "t.csv").write_bytes(b"\xef\xbb\xbfx1,label\n1,0\n2,1\n")
+    data = CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=["label"],
+                                             splits={"train": 1.0}), seed=0)
+    assert all_items(data) == [([1.0], 0.0), ([2.0], 1.0)]
+    (tmp_path / "d.jsonl").write_bytes(b'\xef\xbb\xbf{"x": 1, "y": 2}\n')
+    data = JSONLDataset.from_recipe(JSONLOptions(path=str(tmp_path / "d.jsonl"), input_keys=["x"],
+                                                 target_keys=["y"], splits={"train": 1.0}), seed=0)
+    assert all_items(data) == [([1.0], 2.0)]
+
+
+def test_messages_name_the_file_and_the_key(tmp_path):
+    write_csv(tmp_path / "t.csv", [(i, 0, i) for i in range(4)])
+    with pytest.raises(DataError, match=r"t\.csv: split 'test' would be empty: 0\.1 of 4 examples"):
+        CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=["label"]), seed=0)
+    with pytest.raises(DataError, match=r"t\.csv: data\.target names column 5, which is neither a column "
+                                        r"name nor a column index; its columns are x1, label, x2, or 0-based "
+                                        r"indices 0\.\.2"):
+        CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=[5]), seed=0)
+
+
+def test_a_missing_absolute_path_has_no_working_directory_hint(tmp_path):
+    with pytest.raises(DataError) as info:
+        CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "missing.csv"), target=["b"]), seed=0)
+    assert str(info.value) == f"CSV file {tmp_path / 'missing.csv'} does not exist; check the path"

@@ -118,10 +118,66 @@ def test_same_name_twice_names_both_distributions(host):
         plugins.load_plugins()
 
 
-def test_names_must_be_namespaced(host, capsys):
+def test_names_must_be_namespaced(host, capsys, monkeypatch):
+    monkeypatch.setenv("STAGEWISE_STRICT_PLUGINS", "1")  # outside strict mode it is skipped: below
     host.append(FakeEntryPoint("flat", plugin_module("flat", stagewise_register_stages=registers_stage("flat"))))
     with pytest.raises(PluginError, match="names must be namespaced"):
         plugins.load_plugins()
+
+
+def test_a_badly_named_component_skips_its_plugin_outside_strict_mode(host, capsys):
+    host.append(FakeEntryPoint("flat", plugin_module("flat", stagewise_register_stages=registers_stage("flat")),
+                               dist="stagewise-flat"))
+    host.append(FakeEntryPoint("good", plugin_module("good", stagewise_register_stages=registers_stage("good.s"))))
+    assert stagewise.get_stage("good.s").name == "stagewise.train"
+    assert capsys.readouterr().err.splitlines() == [
+        "stagewise: warning: skipped plugin 'flat' (stagewise-flat 1.0) failed during registration: "
+        "ValueError: a stage named 'flat': names must be namespaced like 'flat.thing'"]
+    assert {i.name: i.error is not None for i in plugins.plugin_infos()}["flat"]
+
+
+def test_a_plugin_claiming_a_core_name_is_the_one_to_disable(host):
+    host.append(FakeEntryPoint("thief", plugin_module("thief", stagewise_register_stages=registers_stage(
+        "stagewise.train")), dist="stagewise-thief"))
+    with pytest.raises(PluginError) as info:
+        plugins.load_plugins()
+    assert str(info.value).endswith("the name is core's: disable plugin 'thief' with "
+                                    "STAGEWISE_DISABLE_PLUGINS=thief (or uninstall stagewise-thief)")
+
+
+def test_a_lazy_entry_that_fails_to_import_names_its_plugin(host):
+    def stagewise_register_stages(register):
+        register("no_such_module_xyz:Stage", "lazy.stage")
+
+    host.append(FakeEntryPoint("lazy", plugin_module("lazy", stagewise_register_stages=stagewise_register_stages),
+                               dist="stagewise-lazy"))
+    with pytest.raises(PluginError, match=r"'lazy.stage' of plugin 'lazy' \(stagewise-lazy\) cannot be loaded "
+                                          r"from 'no_such_module_xyz:Stage': ModuleNotFoundError") as info:
+        stagewise.get_stage("lazy.stage")
+    assert isinstance(info.value.__cause__, ModuleNotFoundError)
+
+
+def test_a_failing_register_commands_hook_skips_only_its_plugin(host, monkeypatch, capsys):
+    from stagewise.cli.main import main
+
+    def stagewise_register_commands(cli):
+        cli.add_parser("half-added")
+        raise RuntimeError("boom in commands")
+
+    host.append(FakeEntryPoint("cmd", plugin_module("cmd", stagewise_register_commands=stagewise_register_commands,
+                                                    stagewise_register_stages=registers_stage("cmd.s")),
+                               dist="stagewise-cmd"))
+    assert main(["plugins"]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == ["stagewise: warning: skipped plugin 'cmd' (stagewise-cmd 1.0) failed during "
+                                "stagewise_register_commands: RuntimeError: boom in commands"]
+    assert "cmd.s" not in out  # the plugin is taken out, as when it fails to load
+    with pytest.raises(SystemExit):  # the subcommand it added before failing is taken out again
+        main(["half-added"])
+    monkeypatch.setenv("STAGEWISE_STRICT_PLUGINS", "1")
+    monkeypatch.setattr(plugins, "_host", plugins._Host())
+    assert main(["plugins"]) == 1
+    assert "boom in commands (STAGEWISE_STRICT_PLUGINS is set)" in capsys.readouterr().err
 
 
 def test_unknown_name_suggests_the_package_to_install(host):

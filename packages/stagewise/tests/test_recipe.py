@@ -220,8 +220,10 @@ def test_a_relative_data_path_in_a_recipe_file_is_relative_to_that_file(tmp_path
     assert recipe.data.options.path == recipe.table["data"]["path"]
 
 
-def test_a_data_path_given_by_set_stays_relative_to_the_working_directory(tiny):
-    assert tiny("data.path=corpus").table["data"]["path"] == "corpus"
+def test_a_data_path_given_by_set_is_stored_absolute_from_the_working_directory(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # so RUN_DIR/recipe.toml runs again from anywhere
+    assert tiny("data.path=corpus").table["data"]["path"] == str(tmp_path / "corpus")
+    assert tiny("data={path='corpus'}").table["data"]["path"] == str(tmp_path / "corpus")
 
 
 def test_an_absolute_or_home_data_path_is_kept(tmp_path, monkeypatch):
@@ -233,3 +235,66 @@ def test_an_absolute_or_home_data_path_is_kept(tmp_path, monkeypatch):
         path = tmp_path / "r.toml"
         path.write_text(TINY.replace('use = "stagewise.text"', f'use = "stagewise.text"\npath = "{given}"'))
         assert load_recipe(path).table["data"]["path"] == expected
+
+
+def test_idx_files_in_a_recipe_file_are_relative_to_that_file(tmp_path, monkeypatch):
+    (tmp_path / "r.toml").write_text('[data]\nuse = "stagewise.idx"\nimages = "img.idx"\nlabels = "~/lab.idx"\n'
+                                     '[model]\nuse = "stagewise.mlp"\n[[stages]]\nname = "s"\n')
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir("/")
+    data = load_recipe(tmp_path / "r.toml", ["data.scale=1.0"]).table["data"]
+    assert (data["images"], data["labels"]) == (str(tmp_path / "img.idx"), str(tmp_path / "home" / "lab.idx"))
+    assert load_recipe(tmp_path / "r.toml", ["data.images=x.idx"]).table["data"]["images"] == "/x.idx"
+
+
+def test_run_out_expands_the_home_folder(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert tiny("run.out='~/runs'").run.out == str(tmp_path / "runs")
+
+
+def test_a_number_for_a_string_key_says_to_quote_it(tiny):
+    with pytest.raises(ConfigError) as info:
+        tiny("run.name=2024")
+    assert info.value.problems == ["run.name: expected str, got int 2024; quote it: \"2024\" "
+                                   "(with --set: --set 'run.name=\"2024\"')"]
+    assert tiny('run.name="2024"').run.name == "2024"
+
+
+CLASSES = """
+[data]
+use = "stagewise.csv"
+path = "c.csv"
+target = ["y"]
+splits = { train = 0.5, valid = 0.5 }
+
+[model]
+use = "stagewise.mlp"
+hidden = [4]
+
+[[stages]]
+name = "s"
+max_epochs = 1
+"""
+
+
+def test_model_n_outputs_below_the_labels_is_a_model_error(tmp_path):
+    from stagewise.engine.runner import run_recipe
+
+    (tmp_path / "c.csv").write_text("x,y\n" + "".join(f"{i},{i % 3}\n" for i in range(6)))
+    (tmp_path / "r.toml").write_text(CLASSES)
+    recipe = load_recipe(tmp_path / "r.toml", ['data.target_dtype="long"', "model.n_outputs=2"])
+    with pytest.raises(ConfigError, match=r"model \(stagewise.mlp\): n_outputs = 2 is less than the data's "
+                                          r"n_outputs = 3"):
+        run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cross_entropy_refuses_float_targets(tmp_path):
+    from stagewise.data.splits import DataError
+    from stagewise.engine.runner import run_recipe
+
+    (tmp_path / "c.csv").write_text("x,y\n" + "".join(f"{i},{i / 4}\n" for i in range(6)))
+    (tmp_path / "r.toml").write_text(CLASSES)
+    with pytest.raises(DataError, match=r"stagewise.cross_entropy needs class labels, but the batch's 'target' "
+                                        r"holds torch.float32 values; for class labels set data.target_dtype"):
+        run_recipe(load_recipe(tmp_path / "r.toml"), out=tmp_path / "run", quiet=True)

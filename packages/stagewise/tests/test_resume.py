@@ -8,11 +8,14 @@ import sys
 import textwrap
 
 import pytest
+import torch
 from conftest import read_records, read_summary
 
+import stagewise
 from stagewise.engine.checkpoint import load_checkpoint
 from stagewise.engine.runner import run_recipe
 from stagewise.errors import CheckpointError
+from stagewise.plugins import register_plugin, unregister_plugin
 
 # Runs the CLI in a child process that SIGKILLs itself after a given step of a given stage.
 KILLER = textwrap.dedent("""
@@ -79,3 +82,75 @@ def test_foreign_file_is_not_a_checkpoint(tmp_path):
     torch.save({"weights": torch.zeros(2)}, path)
     with pytest.raises(CheckpointError, match="not a stagewise checkpoint"):
         load_checkpoint(path)
+
+
+class _Stop(Exception):
+    """Stands in for a kill: the run stops at once; its last checkpoint is what it leaves."""
+
+
+class _Probe(stagewise.Loss):
+    """Cross-entropy plus a small penalty on a parameter that ``setup`` draws at random."""
+
+    name = "resumetest.probe"
+
+    def setup(self, state):
+        self.probe = torch.nn.Parameter(torch.randn(4))  # draws from the global RNG
+
+    def forward(self, outputs, batch, state):
+        logits = outputs["logits"]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["target"].reshape(-1))
+        return nll + 1e-3 * self.probe.pow(2).sum()
+
+
+class _Interrupter:
+    stop_at: tuple[str, int] | None = None  # (stage, step) after which the run stops
+
+    @stagewise.hookimpl
+    def stagewise_register_losses(self, register):
+        register(_Probe)
+
+    @stagewise.hookimpl
+    def stagewise_after_step(self, state):
+        if (state.stage_name, state.step) == self.stop_at:
+            raise _Stop
+
+
+@pytest.fixture
+def stopped_and_resumed(tmp_path):
+    """``run(recipe, stage, step)``: (a run stopped after ``step`` of ``stage`` and resumed, the
+    same recipe run without a stop), both in this process."""
+    interrupter = _Interrupter()
+    register_plugin(interrupter, "resumetest")
+
+    def run(recipe, stage, step):
+        interrupter.stop_at = (stage, step)
+        with pytest.raises(_Stop):
+            run_recipe(recipe, out=tmp_path / "stopped", quiet=True)
+        interrupter.stop_at = None
+        run_recipe(recipe, resume=tmp_path / "stopped", quiet=True)
+        return tmp_path / "stopped", run_recipe(recipe, out=tmp_path / "whole", quiet=True)
+
+    try:
+        yield run
+    finally:
+        unregister_plugin("resumetest")
+
+
+# last checkpoint: phase1 step 6 is past the end of epoch 0 (5 steps); 7 and phase2's 4 are mid-epoch
+@pytest.mark.parametrize("stage, step", [("phase1", 6), ("phase1", 7), ("phase2", 4)])
+def test_resume_with_dropout_and_a_term_drawing_at_setup_matches(tiny, stopped_and_resumed, stage, step):
+    recipe = tiny("run.checkpoint_every_n_steps=3", "model.dropout=0.1", "stages.phase1.restore_best=false",
+                  "stages.phase2.restore_best=false",
+                  'stages.phase1.losses=[{use="stagewise.cross_entropy"}, {use="resumetest.probe", weight=0.5}]')
+    stopped, whole = stopped_and_resumed(recipe, stage, step)
+    assert read_summary(stopped)["metrics"] == read_summary(whole)["metrics"]
+    assert _without_timing(read_records(stopped)) == _without_timing(read_records(whole))
+
+
+def test_resume_mid_epoch_keeps_the_epoch_s_warning_counts(tiny, stopped_and_resumed):
+    recipe = tiny("run.checkpoint_every_n_steps=3",
+                  'stages.phase1.losses=[{use="stagewise.cross_entropy", fallback_threshold=1.0}]')
+    stopped, whole = stopped_and_resumed(recipe, "phase1", 7)
+    counts = [r["warnings/fallback/cross_entropy"] for r in read_records(stopped, "epoch") if r["stage"] == "phase1"]
+    assert counts == [5, 5]  # every batch of both epochs is cut
+    assert _without_timing(read_records(stopped)) == _without_timing(read_records(whole))

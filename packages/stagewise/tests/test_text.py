@@ -1,6 +1,5 @@
 """The text pipeline: vocabulary, tokenisation, sources, windows and errors."""
 
-import json
 
 import pytest
 import torch
@@ -17,12 +16,6 @@ def test_vocabulary_order_ties_and_specials():
     assert vocab.decode([2, 3, 1]) == "b a <eos>"
     assert len(Vocabulary.build("b a c b a d".split(), min_freq=2)) == 4
     assert Vocabulary.build("b a c b a d".split(), max_size=3).itos == ["<unk>", "<eos>", "a"]  # a = b
-
-
-def test_vocabulary_round_trips_through_json():
-    vocab = Vocabulary.build("x y y".split())
-    again = Vocabulary.from_dict(json.loads(json.dumps(vocab.to_dict())))
-    assert again.itos == vocab.itos and again.stoi == vocab.stoi
 
 
 def test_tokenize_is_wikitext_style():
@@ -161,3 +154,11 @@ def test_write_file_split_by_chunk_deals_every_line_once_in_a_seeded_order(tmp_p
                ("train.txt", "valid.txt", "test.txt"))
     write_file_split(source, tmp_path / "c", valid=2, test=6, chunk_lines=5, seed=2)
     assert (tmp_path / "c" / "train.txt").read_bytes() != (tmp_path / "a" / "train.txt").read_bytes()
+
+
+def test_an_empty_split_names_the_source_and_counts_its_units(tmp_path):
+    (tmp_path / "one.txt").write_text("a b c\n")
+    with pytest.raises(DataError, match=rf"{tmp_path / 'one.txt'}: split 'test' would be empty: 0\.1 of 4 tokens"):
+        TextCorpus.from_recipe(TextOptions(path=str(tmp_path / "one.txt"), seq_len=1), seed=0)
+    with pytest.raises(DataError, match=r"the built-in corpus: split 'valid' would be empty: 0\.001 of \d+ documents"):
+        TextCorpus.from_recipe(TextOptions(splits={"train": 0.998, "valid": 0.001, "test": 0.001}), seed=0)

@@ -15,17 +15,19 @@ import sys
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from stagewise import hookspecs
 from stagewise.errors import PluginError
-from stagewise.registry import KINDS, Registry
+from stagewise.registry import CORE_DISTRIBUTION, KINDS, Registry
+
+if TYPE_CHECKING:
+    import argparse
 
 ENTRY_POINT_GROUP = "stagewise"
 DEFAULT_PLUGINS = ("stagewise.builtins.plugin", "stagewise.builtins.curves", "stagewise.builtins.tensorboard")
-CORE_DISTRIBUTION = "stagewise"
 
 
 @dataclass
@@ -106,13 +108,31 @@ def register_plugin(module: ModuleType | object, name: str, distribution: str | 
         _run_register_hooks(module, info)
         info.hooks = sorted(h.name for h in _host.pm.get_hookcallers(module) or []
                             if not h.name.startswith("stagewise_register_") or h.name.endswith("_commands"))
-    except PluginError:
+    except PluginError:  # a name registered twice: two plugins are involved, so skip neither
         unregister_plugin(name, keep_info=True)
         raise
     except Exception as exc:  # a partly registered plugin is taken out again
         unregister_plugin(name, keep_info=True)
         _fail(info, exc, "registration")
     return info
+
+
+def register_commands(cli: argparse._SubParsersAction) -> None:
+    """Call each plugin's ``stagewise_register_commands`` on its own, in pluggy's order: one that
+    raises is taken out, with the subcommands it added, like a plugin that fails to load."""
+    hook = plugin_manager().hook.stagewise_register_commands
+    for impl in reversed(hook.get_hookimpls()):  # pluggy calls the last registered first
+        trace(hook.name, [impl])
+        before = dict(cli.choices), list(cli._choices_actions)  # to take out what a failure added
+        try:
+            impl.function(**({"cli": cli} if "cli" in impl.argnames else {}))
+        except Exception as exc:  # third-party code: it must not take the other commands down
+            cli.choices.clear()
+            cli.choices.update(before[0])
+            cli._choices_actions[:] = before[1]
+            info = _host.infos.get(impl.plugin_name) or PluginInfo(impl.plugin_name, impl.plugin_name, "?")
+            unregister_plugin(impl.plugin_name, keep_info=True)
+            _fail(info, exc, hook.name)
 
 
 def unregister_plugin(name: str, keep_info: bool = False) -> None:

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stagewise import plugins
-from stagewise.errors import ConfigError, UnknownNameError
-from stagewise.schema import as_table, build_dataclass, unknown_key_message
+from stagewise.errors import ConfigError, StagewiseError, UnknownNameError
+from stagewise.schema import NoOptions, as_table, build_dataclass, unknown_key_message
 from stagewise.specs import DataSpec, ModelSpec, StageSpec, default_term_name
 from stagewise.tomlwrite import dumps
 
@@ -40,6 +40,7 @@ class RunOptions:
     def __post_init__(self) -> None:
         if self.log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be >= 1, got {self.log_every_n_steps}")
+        self.out = os.path.expanduser(self.out)  # "~/runs": no shell expands ~ inside a TOML string
 
 
 @dataclass
@@ -55,9 +56,6 @@ class Recipe:
 
     def to_toml(self) -> str:
         return dumps(self.table)
-
-    def stage_names(self) -> list[str]:
-        return [s.name for s in self.stages]
 
     def model_options_at(self, index: int) -> Any:
         """The model's options while stage ``index`` runs (after every ``grow`` up to it)."""
@@ -78,17 +76,22 @@ def load_recipe(recipe: str | Path, overrides: list[str] | None = None) -> Recip
         raise ConfigError([f"not valid TOML: {exc}"], source) from exc
     except OSError as exc:
         raise ConfigError([f"cannot read the file: {exc}"], source) from exc
-    anchor_data_path(raw, path.parent)
+    anchor_data_paths(raw, path.parent)
     return recipe_from_table(raw, source, overrides or [])
 
 
-def anchor_data_path(raw: dict[str, Any], base: Path) -> None:
-    """Make a relative ``[data] path`` of a recipe file relative to that file (``base``, its
-    folder), not to wherever the command runs; ``~`` is expanded. Paths given by ``--set`` stay
-    relative to the working directory: they are applied later, to the anchored table."""
+def anchor_data_paths(raw: dict[str, Any], base: Path, keys: set[str] | None = None) -> None:
+    """Make the relative file paths of the ``[data]`` table absolute from ``base`` (``~`` is
+    expanded): from the recipe file's folder for the paths written in it, wherever the command
+    runs, and from the working directory for those ``--set`` gives (``keys``, applied later), so
+    the run directory's recipe.toml runs again from anywhere. Path keys: ``path``, and the dataset
+    options marked ``field(metadata={"path": True})``, e.g. stagewise.idx's images and labels."""
     data = raw.get("data")
-    if isinstance(data, dict) and isinstance(data.get("path"), str):
-        data["path"] = os.path.normpath(base.resolve() / Path(data["path"]).expanduser())  # absolute: kept
+    if not isinstance(data, dict):
+        return
+    for key in _data_path_keys(data) & (set(data) if keys is None else keys):
+        if isinstance(data.get(key), str):
+            data[key] = os.path.normpath(base.resolve() / Path(data[key]).expanduser())  # absolute: kept
 
 
 def resolve_recipe_path(recipe: str | Path) -> Path:
@@ -111,6 +114,9 @@ def recipe_from_table(raw: dict[str, Any], source: str, overrides: list[str]) ->
     raw = copy.deepcopy(raw)
     for item in overrides:
         apply_override(raw, item, problems)
+    set_keys = [item.partition("=")[0].strip() for item in overrides]
+    anchor_data_paths(raw, Path.cwd(), None if "data" in set_keys else
+                      {k.removeprefix("data.") for k in set_keys if k.startswith("data.")})
     problems.extend(unknown_key_message(k, "", list(TOP_LEVEL)) for k in raw if k not in TOP_LEVEL)
     run = build_dataclass(RunOptions, raw.get("run", {}), "run", problems)
     data = DataSpec.from_table(raw.get("data", {}), "data", problems)
@@ -208,3 +214,13 @@ def _parse_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+
+
+def _data_path_keys(data: dict[str, Any]) -> set[str]:
+    """The ``[data]`` keys that hold file paths, for the dataset the table names."""
+    use = data.get("use", DataSpec.use)
+    try:
+        options = getattr(plugins.get("datasets", use), "Options", NoOptions) if isinstance(use, str) else NoOptions
+    except StagewiseError:  # an unknown dataset: validation reports it
+        options = NoOptions
+    return {"path"} | {f.name for f in dataclasses.fields(options) if f.metadata.get("path")}

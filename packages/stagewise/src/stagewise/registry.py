@@ -14,6 +14,7 @@ from typing import Any
 from stagewise.errors import PluginError, UnknownNameError
 
 KINDS = ("stages", "routers", "losses", "models", "datasets", "recipes")
+CORE_DISTRIBUTION = "stagewise"
 
 # Prefix of a name → the package that provides it, for "pip install ..." hints.
 KNOWN_PLUGINS = {
@@ -41,10 +42,12 @@ class Entry:
 
     def resolve(self) -> Any:
         if self.lazy:
-            module, _, attr = self.target.partition(":")
-            obj: Any = importlib.import_module(module)
-            for part in attr.split("."):
-                obj = getattr(obj, part)
+            try:
+                obj = _import(self.target)
+            except Exception as exc:  # the plugin's import-time code: any failure is the plugin's
+                raise PluginError(f"{self.name!r} of plugin {self.plugin!r} ({self.distribution}) cannot be "
+                                  f"loaded from {self.target!r}: {type(exc).__name__}: {exc} (reinstall "
+                                  f"{self.distribution}, or report this to its authors)") from exc
             self.target, self.lazy = obj, False
         return self.target
 
@@ -59,16 +62,15 @@ class Registry:
     def add(self, obj: Any, name: str | None, plugin: str, distribution: str) -> None:
         name = name if name is not None else getattr(obj, "name", None)
         if not isinstance(name, str) or "." not in name.strip("."):
-            raise PluginError(
-                f"plugin {plugin!r} ({distribution}) registered a {singular(self.kind)} with name "
-                f"{name!r}: names must be namespaced like 'myplugin.thing'"
-            )
+            # a ValueError, not a PluginError: this plugin alone is broken, and is skipped like one
+            raise ValueError(f"a {singular(self.kind)} named {name!r}: names must be namespaced "
+                             f"like '{plugin}.thing'")
         if name in self.entries:
             other = self.entries[name]
             raise PluginError(
                 f"{singular(self.kind)} {name!r} is registered twice: by plugin {other.plugin!r} "
                 f"({other.distribution}) and by plugin {plugin!r} ({distribution}); "
-                f"disable one with STAGEWISE_DISABLE_PLUGINS"
+                f"{_collision_hint(other.plugin, other.distribution, plugin, distribution)}"
             )
         lazy = self.kind != "recipes" and isinstance(obj, str) and ":" in obj
         self.entries[name] = Entry(name, obj, plugin, distribution, lazy)
@@ -100,3 +102,21 @@ class Registry:
             msg += f"; it is provided by a plugin that is not installed: pip install {KNOWN_PLUGINS[prefix]}"
         listing = ", ".join(self.names()) or "none"
         return f"{msg}. Installed {self.kind}: {listing}"
+
+
+def _collision_hint(plugin_a: str, dist_a: str, plugin_b: str, dist_b: str) -> str:
+    """What to disable when two plugins register one name: never core, whose names are its own."""
+    if CORE_DISTRIBUTION in (dist_a, dist_b):
+        plugin, dist = (plugin_b, dist_b) if dist_a == CORE_DISTRIBUTION else (plugin_a, dist_a)
+        return (f"the name is core's: disable plugin {plugin!r} with STAGEWISE_DISABLE_PLUGINS={plugin} "
+                f"(or uninstall {dist})")
+    return f"disable one with STAGEWISE_DISABLE_PLUGINS={plugin_a} or STAGEWISE_DISABLE_PLUGINS={plugin_b}"
+
+
+def _import(target: str) -> Any:
+    """The object a lazy ``"module:attribute.path"`` string names."""
+    module, _, attr = target.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -123,7 +123,12 @@ def _coerce_scalar(value: Any, annotation: Any, path: str, problems: list[str]) 
     if annotation in (int, float) and isinstance(value, bool):
         problems.append(f"{path}: expected {annotation.__name__}, got {_describe(value)}")
         return value
-    if isinstance(annotation, type) and not isinstance(value, annotation):
+    if annotation is str and isinstance(value, int | float) and not isinstance(value, bool):
+        # --set run.name=2024 reads a TOML number: the string must be quoted, past the shell too
+        key = path if "[" not in path else "KEY"  # stages[0].x is addressed by name in --set
+        problems.append(f"{path}: expected str, got {_describe(value)}; quote it: \"{value}\" "
+                        f"(with --set: --set '{key}=\"{value}\"')")
+    elif isinstance(annotation, type) and not isinstance(value, annotation):
         problems.append(f"{path}: expected {_type_name(annotation)}, got {_describe(value)}")
     return value
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from stagewise import plugins
-from stagewise.errors import UnknownNameError
+from stagewise.errors import PluginError, UnknownNameError
 from stagewise.registry import singular
 from stagewise.schema import NoOptions, as_table, build_dataclass, coerce, field_types, keys_of
 
@@ -33,7 +33,9 @@ class Spec:
             return None
         try:
             component = plugins.get(cls.KIND, use)
-        except UnknownNameError as exc:
+        except (UnknownNameError, PluginError) as exc:  # PluginError: its lazy import failed
+            if isinstance(exc, PluginError) and plugins.strict():
+                raise  # strict mode is for finding the bug: the CLI shows its traceback
             problems.append(f"{path}.use: {exc}")
             return None
         engine_keys = frozenset(keys_of(cls)) - {"options"}

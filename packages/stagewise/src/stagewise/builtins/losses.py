@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from stagewise.data.splits import DataError
 from stagewise.loss import Loss, Needs, perplexity
 
 
@@ -74,6 +75,11 @@ class CrossEntropy(_OutputLoss):
     def _flat(self, outputs, batch):
         logits = prediction(outputs, self.options)
         target = batch[self.options.target]
+        if target.is_floating_point():  # .long() would truncate 1.5 to 1 and train on nonsense
+            raise DataError(f"{self.name} needs class labels, but the batch's {self.options.target!r} holds "
+                            f"{target.dtype} values; for class labels set data.target_dtype = \"long\" "
+                            f"(stagewise.csv, stagewise.jsonl), for regression use "
+                            f"losses = [{{ use = \"stagewise.mse\" }}]")
         return logits.reshape(-1, logits.shape[-1]), target.reshape(-1).long()
 
 

@@ -13,8 +13,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from stagewise.builtins.losses import CrossEntropyOptions
 from stagewise.engine.batches import count_batches
+from stagewise.engine.distributed import launched_world_size
 from stagewise.engine.evaluate import evaluate
 from stagewise.engine.loop import TrainLoop
+from stagewise.engine.objective import duplicate_names
+from stagewise.engine.params import glob_problems, parameter_names_at
 from stagewise.specs import LossSpec
 from stagewise.stage import Stage
 
@@ -70,7 +73,12 @@ class TrainOptions:
             (len(self.betas) == 2, f"betas must be two numbers, got {self.betas}"),
             (bool(self.losses), "losses: at least one loss term is required"),
             (self.schedule not in ("warmup",) or self.warmup_steps > 0, "schedule 'warmup' needs warmup_steps > 0"),
-            (self.ema_momentum is None or 0 <= self.ema_momentum <= 1, "ema_momentum must be in [0, 1]"),
+            (self.ema_momentum is None or 0 <= self.ema_momentum <= 1,
+             f"ema_momentum must be in [0, 1], got {self.ema_momentum}"),
+            (self.ema_momentum_end is None or 0 <= self.ema_momentum_end <= 1,
+             f"ema_momentum_end must be in [0, 1], got {self.ema_momentum_end}"),
+            (self.ema_momentum_end is None or self.ema_momentum is not None,
+             "ema_momentum_end needs ema_momentum (the momentum at the stage's start); set both or neither"),
             (self.optimizer != "lbfgs" or self.grad_clip is None,
              "grad_clip cannot be used with optimizer 'lbfgs' (its line search takes whole steps); remove one"),
         ]
@@ -85,8 +93,10 @@ class TrainStage(Stage):
     Features: parameter selection by glob, AdamW/SGD/L-BFGS, constant/warmup/cosine/plateau
     schedules, per-term weight schedules and fallback, gradient clipping, a NaN/Inf guard,
     early stopping with best-weight restore, an EMA target network, mid-stage resume.
-    Raises ConfigError for globs matching no parameter or an unknown ``monitor`` metric, and
-    TrainingError after ``max_nonfinite`` non-finite losses in a row.
+    Raises ConfigError before the run (see :meth:`check`) for globs matching no parameter of the
+    model at this stage, two loss terms of one name, a ``monitor`` the stage cannot make,
+    ``patience`` without evaluation and L-BFGS under torchrun; TrainingError after
+    ``max_nonfinite`` non-finite losses in a row.
     """
 
     name = "stagewise.train"
@@ -102,6 +112,7 @@ class TrainStage(Stage):
         return state.batches("train", train=True, epoch=epoch, start=start)
 
     def steps_per_epoch(self, state: State) -> int:
+        """Steps of an epoch, ``max_steps_per_epoch`` applied: the loop stops there."""
         n = count_batches(state, "train", train=True)
         return min(n, self.options.max_steps_per_epoch or n)
 
@@ -110,13 +121,50 @@ class TrainStage(Stage):
         return objective.outputs
 
     def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
-        """The split check, plus each loss term's own check against the model at this stage."""
+        """The split check, each loss term's own check against the model at this stage, and
+        every option the loop would otherwise refuse only after the run directory exists."""
         model_options = recipe.model_options_at(index)
         problems = super().check(recipe, index, data)
         for i, spec in enumerate(self.options.losses):
             term = spec.component()(spec.options)
             problems += [f"stages[{index}].losses[{i}]: {p}" for p in term.check(model_options)]
+        problems += duplicate_names(self.options.losses, f"stages[{index}]")
+        names = parameter_names_at(recipe, index, data)
+        if names is not None:
+            problems += glob_problems(names, self.options.train, self.options.freeze, f"stages[{index}]")
+        return problems + self._option_problems(index)
+
+    def _option_problems(self, index: int) -> list[str]:
+        o, where = self.options, f"stages[{index}]"
+        problems = self._monitor_problems(index)
+        if o.patience is not None and not self.has_eval():
+            problems.append(f'{where}.patience: early stopping compares `monitor` after each evaluation, but '
+                            f'eval_split is "" (no evaluation); set eval_split or remove patience')
+        world = launched_world_size()
+        if o.optimizer == "lbfgs" and world > 1:
+            problems.append(f"{where}.optimizer: 'lbfgs' cannot run under torchrun ({world} processes): its "
+                            f"line search would follow each process's own loss, and the processes would "
+                            f"wait on each other forever; use 'adamw' or 'sgd', or run in one process")
         return problems
+
+    def _monitor_problems(self, index: int) -> list[str]:
+        """``monitor`` must be an epoch metric of the stage wherever it is read: after each
+        evaluation (best epoch, early stopping) and by the ``plateau`` schedule. The names of
+        ``val/`` metrics depend on the terms' evaluation, so only their prefix is checked here."""
+        o = self.options
+        if not self.has_eval() and o.schedule != "plateau":
+            return []  # monitor is never read
+        scope, _, rest = o.monitor.partition("/")
+        train = ["loss", "lr", "nonfinite", *(spec.name for spec in o.losses)]
+        if (scope == "train" and rest.split("/")[0] in train) or (scope == "val" and rest and self.has_eval()):
+            return []
+        made = ", ".join(f"train/{k}" for k in train)
+        if scope == "val" and rest:
+            return [f'stages[{index}].monitor: {o.monitor!r} needs evaluation, but eval_split is "" and '
+                    f"schedule 'plateau' reads monitor every epoch; set eval_split or monitor one of {made}"]
+        evaluated = "val/<metric> (e.g. val/loss) or " if self.has_eval() else ""
+        return [f"stages[{index}].monitor: {o.monitor!r} is not a metric this stage makes; use "
+                f"{evaluated}one of {made} (a term's name may be followed by /weight, /weighted, ...)"]
 
     def has_eval(self) -> bool:
         return bool(self.options.eval_split)

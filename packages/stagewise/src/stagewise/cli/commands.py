@@ -83,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from stagewise.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    run_recipe(recipe, out=args.out, resume=args.resume, quiet=args.quiet)
+    run_recipe(recipe, out=_user_path(args.out), resume=_user_path(args.resume), quiet=args.quiet)
     return 0
 
 
@@ -91,7 +91,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from stagewise.compare import compare_recipes
     from stagewise.engine.rundir import unused_folder
 
-    out = Path(args.out) if args.out else unused_folder(Path("runs/compare"))
+    out = _user_path(args.out) or unused_folder(Path("runs/compare"))
     compare_recipes(args.recipes, args.overrides, out, quiet=args.quiet)
     return 0
 
@@ -114,3 +114,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     counts: dict[str, Any] = export_npz(checkpoint, Path(args.out))
     print(f"wrote {args.out}: {counts['arrays']} arrays, {counts['parameters']} values")
     return 0
+
+
+def _user_path(text: str | None) -> Path | None:
+    """A path option as given, ``~`` expanded (the shell does not in ``--out=~/x``)."""
+    return Path(text).expanduser() if text else None

@@ -17,7 +17,7 @@ from stagewise.plugins import strict
 
 def build_parser() -> argparse.ArgumentParser:
     from stagewise import __version__
-    from stagewise.plugins import plugin_manager
+    from stagewise.plugins import register_commands
 
     parser = argparse.ArgumentParser(
         prog="stagewise",
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"stagewise {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_core_commands(sub)
-    plugin_manager().hook.stagewise_register_commands(cli=sub)
+    register_commands(sub)
     return parser
 
 

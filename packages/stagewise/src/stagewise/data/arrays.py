@@ -12,6 +12,8 @@ from torch.utils.data import Dataset
 from stagewise.data.files import existing_file
 from stagewise.data.splits import DataError, DataSplits, split_indices
 
+IGNORE_INDEX = -100  # stagewise.cross_entropy's default ignore_index: a label it skips
+
 
 class ArrayDataset(Dataset):
     """Item i is ``{"input": inputs[i], "target": targets[i]}``."""
@@ -33,17 +35,24 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=dtype))
 
 
-def array_splits(inputs: np.ndarray, targets: np.ndarray, fractions: dict[str, float],
-                 seed: int) -> DataSplits:
+def array_splits(inputs: np.ndarray, targets: np.ndarray, fractions: dict[str, float], seed: int,
+                 *, source: str, lines: list[int] | None = None) -> DataSplits:
     """Shuffle the examples (axis 0) with ``seed`` and cut them into splits by ``fractions``.
 
+    ``source`` (the file) and ``lines`` (each example's line in it, for text files) name where a
+    problem is: inputs without a feature axis, or integer targets that are not class labels.
     info: ``input_shape`` and ``target_shape`` (of one example), ``n_features`` (values per
     input), ``n_outputs`` (classes for integer targets: largest label + 1; else values per
     target) and ``examples`` (per split).
     """
-    splits = {name: ArrayDataset(to_tensor(inputs[idx]), to_tensor(targets[idx]))
-              for name, idx in split_indices(len(inputs), fractions, seed).items()}
+    if inputs.ndim < 2:
+        raise DataError(f"{source}: the inputs have shape {inputs.shape}, a single number per example; "
+                        f"give them a feature axis, shape (examples, features), e.g. x[:, None]")
     integer = targets.dtype.kind in "biu"
+    if integer:
+        check_labels(targets, source, lines)
+    splits = {name: ArrayDataset(to_tensor(inputs[idx]), to_tensor(targets[idx]))
+              for name, idx in split_indices(len(inputs), fractions, seed, source=source).items()}
     info = {
         "input_shape": list(inputs.shape[1:]),
         "target_shape": list(targets.shape[1:]),
@@ -52,6 +61,18 @@ def array_splits(inputs: np.ndarray, targets: np.ndarray, fractions: dict[str, f
         "examples": {name: len(dataset) for name, dataset in splits.items()},
     }
     return DataSplits(splits, info)
+
+
+def check_labels(targets: np.ndarray, source: str, lines: list[int] | None = None) -> None:
+    """Integer targets are class labels, 0, 1, ...: a negative one fails only mid-training, in the loss."""
+    negative = (targets < 0) & (targets != IGNORE_INDEX)
+    rows = np.flatnonzero(negative.reshape(len(targets), -1).any(axis=1))
+    if len(rows):
+        row = rows[0]
+        where = f"line {lines[row]}" if lines else f"example {row} (axis 0)"
+        raise DataError(f"{source}, {where}: target {targets[row].tolist()} holds a negative class label; "
+                        f"integer targets are class labels 0, 1, ... (or {IGNORE_INDEX}, which "
+                        f"stagewise.cross_entropy skips); regression targets must be floats")
 
 
 def read_npz(path: str, input_key: str, target_key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +90,11 @@ def read_npz(path: str, input_key: str, target_key: str) -> tuple[np.ndarray, np
         for option, key in (("input_key", input_key), ("target_key", target_key)):
             if key not in npz.files:
                 raise DataError(f"{file} has no array {key!r} ({option}); its arrays are: {', '.join(npz.files)}")
-            array = npz[key]
+            try:
+                array = npz[key]
+            except ValueError as exc:  # an object array: reading it would unpickle, which runs code
+                raise DataError(f"{file}: array {key!r} ({option}) cannot be read: {exc}; save numeric "
+                                f"arrays only, e.g. numpy.asarray(x, dtype=numpy.float32)") from None
             if array.ndim == 0 or array.dtype.kind not in "biuf":
                 raise DataError(f"{file}: array {key!r} has shape {array.shape} and dtype {array.dtype}; "
                                 f"it must be numeric with the examples on axis 0")

@@ -17,8 +17,8 @@ def existing_file(path: str | Path, what: str) -> Path:
     file = Path(path).expanduser()
     if not file.is_file():
         problem = "is a directory" if file.is_dir() else "does not exist"
-        raise DataError(f"{what} {file} {problem}; check the path (relative paths start from "
-                        f"the current directory {Path.cwd()})")
+        hint = "" if file.is_absolute() else f" (relative paths start from the current directory {Path.cwd()})"
+        raise DataError(f"{what} {file} {problem}; check the path{hint}")
     return file
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from stagewise.data.arrays import array_splits, read_npz
+from stagewise.data.arrays import array_splits, check_labels, read_npz
 from stagewise.data.idx import read_idx
 from stagewise.data.splits import DataError, DataSplits, check_fractions, default_splits
 from stagewise.data.tabular import column_indices, read_csv, read_jsonl, shape_targets
@@ -75,11 +75,17 @@ class CSVDataset:
             features = [j for j in range(width) if j not in target]
         else:
             features = column_indices("features", options.features, names, width, options.path)
+        both = [names[j] if names else j for j in target if j in features]
+        if both:  # the model would be handed its answer
+            listed = ", ".join(map(repr, both))
+            what = f"columns {listed} are" if len(both) > 1 else f"column {listed} is"
+            raise DataError(f"{options.path}: {what} in both data.features and data.target; "
+                            f"data.features must not name a target column")
         if not features:
             raise DataError(f"{options.path}: no feature columns are left besides the target; "
                             f"the file needs at least one input column")
         targets = shape_targets(values[:, target], options.target_dtype, lines, options.path)
-        return array_splits(values[:, features], targets, options.splits, seed)
+        return array_splits(values[:, features], targets, options.splits, seed, source=options.path, lines=lines)
 
 
 # --- JSON Lines -----------------------------------------------------------------------------
@@ -116,7 +122,7 @@ class JSONLDataset:
     def from_recipe(cls, options: JSONLOptions, *, seed: int) -> DataSplits:
         inputs, targets, lines = read_jsonl(options.path, options.input_keys, options.target_keys)
         targets = shape_targets(targets, options.target_dtype, lines, options.path)
-        return array_splits(inputs, targets, options.splits, seed)
+        return array_splits(inputs, targets, options.splits, seed, source=options.path, lines=lines)
 
 
 # --- IDX (MNIST) ----------------------------------------------------------------------------
@@ -126,8 +132,9 @@ class JSONLDataset:
 class IDXOptions:
     """The recipe's ``[data]`` keys for ``stagewise.idx``."""
 
-    images: str  # IDX file of images, e.g. train-images-idx3-ubyte.gz
-    labels: str  # IDX file of integer labels, one per image, e.g. train-labels-idx1-ubyte.gz
+    # file paths, relative to the recipe's folder (the metadata tells the recipe loader)
+    images: str = field(metadata={"path": True})  # IDX file of images, e.g. train-images-idx3-ubyte.gz
+    labels: str = field(metadata={"path": True})  # IDX file of integer labels, one per image
     scale: float = 1 / 255  # inputs are images * scale; 1/255 maps uint8 pixels to [0, 1]
     splits: dict[str, float] = field(default_factory=default_splits)  # split name -> fraction
 
@@ -150,8 +157,9 @@ class IDXDataset:
         if len(images) != len(labels):
             raise DataError(f"{options.images} has {len(images)} images but {options.labels} has "
                             f"{len(labels)} labels; they must match")
+        check_labels(labels, options.labels)
         inputs = images.astype(np.float32) * np.float32(options.scale)  # (N, ...) float32
-        return array_splits(inputs, labels, options.splits, seed)
+        return array_splits(inputs, labels, options.splits, seed, source=options.images)
 
 
 # --- NPZ ------------------------------------------------------------------------------------
@@ -182,4 +190,4 @@ class NPZDataset:
     @classmethod
     def from_recipe(cls, options: NPZOptions, *, seed: int) -> DataSplits:
         inputs, targets = read_npz(options.path, options.input_key, options.target_key)
-        return array_splits(inputs, targets, options.splits, seed)
+        return array_splits(inputs, targets, options.splits, seed, source=options.path)

@@ -61,37 +61,42 @@ def check_fractions(fractions: dict[str, float]) -> None:
         raise DataError(f"splits fractions sum to {total:g} ({listing}); they must sum to 1")
 
 
-def split_bounds(n: int, fractions: dict[str, float]) -> dict[str, tuple[int, int]]:
+def split_bounds(n: int, fractions: dict[str, float], *, source: str | None = None,
+                 unit: str = "examples") -> dict[str, tuple[int, int]]:
     """Cut ``range(n)`` into consecutive ``(start, end)`` ranges, one per split, in dict order.
 
     ``fractions`` must have passed :func:`check_fractions`. Raises DataError if a split would be
-    empty, since an empty split cannot be trained or evaluated on.
+    empty, since an empty split cannot be trained or evaluated on; the message names ``source``
+    (the file or corpus) and counts ``unit`` (examples, tokens, documents).
     """
     bounds, start, cumulative = {}, 0, 0.0
     for i, (name, fraction) in enumerate(fractions.items()):
         cumulative += fraction
         end = n if i == len(fractions) - 1 else min(n, round(n * cumulative))
         if end == start:
-            raise DataError(f"split {name!r} would be empty: {fraction:g} of {n} examples is less "
-                            f"than one; use more data or give {name!r} a larger fraction")
+            where = f"{source}: " if source else ""
+            raise DataError(f"{where}split {name!r} would be empty: {fraction:g} of {n} {unit} is less "
+                            f"than one; use more data or give {name!r} a larger fraction in data.splits")
         bounds[name] = (start, end)
         start = end
     return bounds
 
 
-def split_indices(n: int, fractions: dict[str, float], seed: int) -> dict[str, np.ndarray]:
+def split_indices(n: int, fractions: dict[str, float], seed: int,
+                  *, source: str | None = None) -> dict[str, np.ndarray]:
     """Shuffle ``range(n)`` with ``seed`` and cut it by :func:`split_bounds`; same seed, same split."""
     order = np.random.default_rng(seed).permutation(n)  # (n,) int64
-    return {name: order[start:end] for name, (start, end) in split_bounds(n, fractions).items()}
+    return {name: order[start:end] for name, (start, end) in split_bounds(n, fractions, source=source).items()}
 
 
-def deal(n: int, fractions: dict[str, float]) -> dict[str, list[int]]:
+def deal(n: int, fractions: dict[str, float], *, source: str | None = None,
+         unit: str = "examples") -> dict[str, list[int]]:
     """Deal ``0..n-1`` in order to the split furthest behind its share of those dealt so far.
 
     A split with fraction ``f`` so gets about every ``1/f``-th item, spread over the whole range,
-    and gets as many items as :func:`split_bounds` would give it.
+    and gets as many items as :func:`split_bounds` would give it (``source`` and ``unit`` as there).
     """
-    sizes = {name: end - start for name, (start, end) in split_bounds(n, fractions).items()}
+    sizes = {name: end - start for name, (start, end) in split_bounds(n, fractions, source=source, unit=unit).items()}
     dealt: dict[str, list[int]] = {name: [] for name in fractions}
     for i in range(n):
         open_splits = [name for name in fractions if len(dealt[name]) < sizes[name]]

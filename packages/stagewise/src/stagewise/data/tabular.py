@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -43,20 +44,26 @@ def read_csv(path: str, header: bool) -> tuple[list[str] | None, np.ndarray, lis
             if len(row) != width:
                 raise DataError(f"{path}, line {reader.line_num}: {len(row)} cells, but the "
                                 f"{'header' if header else 'first row'} has {width}")
-            values = []
-            for j, cell in enumerate(row):
-                try:
-                    values.append(float(cell))
-                except ValueError:
-                    column = f"column {j}" + (f" ({names[j]!r})" if names else "")
-                    raise DataError(f"{path}, line {reader.line_num}, {column}: {cell!r} is not a "
-                                    f"number; every cell must be numeric (fill in missing values, "
-                                    f"encode categories as numbers)") from None
-            rows.append(values)
+            rows.append([_cell(cell, path, reader.line_num, j, names) for j, cell in enumerate(row)])
             lines.append(reader.line_num)
     if not rows:
         raise DataError(f"{path} has no data rows")
     return names, np.array(rows, dtype=np.float64), lines
+
+
+def _cell(cell: str, path: str, line: int, j: int, names: list[str] | None) -> float:
+    """One CSV cell as a finite number (float() also reads "nan" and "inf": training on them fails)."""
+    try:
+        value = float(cell)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value):
+        column = f"column {j}" + (f" ({names[j]!r})" if names else "")
+        problem = ("is not a number; every cell must be numeric (fill in missing values, encode "
+                   "categories as numbers)" if value is None else
+                   "is not a finite number; fill in missing values (NaN and infinity cannot be trained on)")
+        raise DataError(f"{path}, line {line}, {column}: {cell!r} {problem}")
+    return value
 
 
 def column_indices(option: str, columns: list[str | int], names: list[str] | None, width: int,
@@ -66,8 +73,8 @@ def column_indices(option: str, columns: list[str | int], names: list[str] | Non
     for column in columns:
         if isinstance(column, str):
             if names is None:
-                raise DataError(f"{option} names column {column!r}, but header = false so columns "
-                                f"have no names; give 0-based column indices")
+                raise DataError(f"{path}: data.{option} names column {column!r}, but data.header = false "
+                                f"so columns have no names; give 0-based column indices")
             if column not in names:
                 raise DataError(f"{path} has no column {column!r} ({option}); its columns are: "
                                 f"{', '.join(names)}")
@@ -75,8 +82,9 @@ def column_indices(option: str, columns: list[str | int], names: list[str] | Non
         elif isinstance(column, int) and not isinstance(column, bool) and 0 <= column < width:
             indices.append(column)
         else:
-            raise DataError(f"{option}: {column!r} is neither a column name nor a column index "
-                            f"0..{width - 1} of {path}")
+            valid = f"its columns are {', '.join(names)}, or " if names else ""
+            raise DataError(f"{path}: data.{option} names column {column!r}, which is neither a column name "
+                            f"nor a column index; {valid}0-based indices 0..{width - 1}")
     return indices
 
 
@@ -97,10 +105,14 @@ def record_numbers(record: dict[str, Any], keys: list[str], path: str, line: int
             raise DataError(f"{path}, line {line}: key {key!r} is missing; the line has keys "
                             f"{', '.join(record) or 'none'}")
         try:
-            numbers.extend(flatten(record[key]))
+            values = flatten(record[key])
         except TypeError:
             raise DataError(f"{path}, line {line}: {key!r} is {json.dumps(record[key])[:60]}, but "
                             f"it must be a number or a list of numbers") from None
+        if not all(map(math.isfinite, values)):  # json reads NaN and Infinity
+            raise DataError(f"{path}, line {line}: {key!r} is {json.dumps(record[key])[:60]}, but its "
+                            f"numbers must be finite (fill in missing values)")
+        numbers.extend(values)
     return numbers
 
 

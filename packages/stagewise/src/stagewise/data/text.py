@@ -32,6 +32,7 @@ SPLIT_FILES = {
     "valid": ("valid.txt", "wiki.valid.tokens"),
     "test": ("test.txt", "wiki.test.tokens"),
 }
+BUILTIN = "the built-in corpus"
 LAYOUTS = ("a directory with train.txt, valid.txt and test.txt (or wiki.train.tokens, ...), "
            "a directory of .txt files, or a single text file")
 
@@ -98,7 +99,7 @@ def builtin_streams(options: TextOptions) -> dict[str, list[str]]:
 
     documents = [tokenize(topics[key], options.lowercase) for key in sorted(topics)]  # one per topic
     return {split: [token for i in ids for token in documents[i]]
-            for split, ids in deal(len(documents), options.splits).items()}
+            for split, ids in deal(len(documents), options.splits, source=BUILTIN, unit="documents").items()}
 
 
 def load_streams(options: TextOptions) -> dict[str, list[str]]:
@@ -119,7 +120,8 @@ def load_streams(options: TextOptions) -> dict[str, list[str]]:
     if not tokens:
         raise DataError(f"{root} contains no text (0 tokens); expected {LAYOUTS}")
     return {split: tokens[start:end]
-            for split, (start, end) in split_bounds(len(tokens), options.splits).items()}
+            for split, (start, end) in split_bounds(len(tokens), options.splits, source=str(root),
+                                                    unit="tokens").items()}
 
 
 class LMWindows(Dataset):
@@ -160,7 +162,7 @@ class TextCorpus:
         if options.max_tokens is not None:
             streams = {split: tokens[: options.max_tokens] for split, tokens in streams.items()}
         vocab = Vocabulary.build(streams["train"], options.min_freq, options.max_vocab)
-        source = options.path or "the built-in corpus"
+        source = options.path or BUILTIN
         splits = {}
         for split, tokens in streams.items():
             if len(tokens) < options.seq_len + 1:

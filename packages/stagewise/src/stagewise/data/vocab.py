@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
 
 UNK, EOS = "<unk>", "<eos>"
 SPECIALS = (UNK, EOS)
@@ -47,11 +46,3 @@ class Vocabulary:
     def decode(self, ids: Iterable[int]) -> str:
         """The tokens of ``ids`` joined by single spaces."""
         return " ".join(self.itos[i] for i in ids)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form, for checkpoints; :meth:`from_dict` reverses it."""
-        return {"itos": list(self.itos)}
-
-    @classmethod
-    def from_dict(cls, state: dict[str, Any]) -> Vocabulary:
-        return cls(state["itos"])

@@ -37,10 +37,6 @@ def atomic_write_bytes(path: Path, write) -> None:
         raise
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    write_checkpoint_bytes(path, checkpoint_bytes(payload))
-
-
 def checkpoint_bytes(payload: dict[str, Any]) -> bytes:
     """The checkpoint file's content, so one payload written to two files is serialized once."""
     buffer = io.BytesIO()

@@ -26,10 +26,14 @@ class DistInfo:
         return self.world_size > 1
 
 
+def launched_world_size() -> int:
+    """The number of processes torchrun started (1 without torchrun), known before they join."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup(device: torch.device) -> DistInfo:
     """Join the process group if launched by torchrun; a no-op in a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if launched_world_size() <= 1:
         return DistInfo()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
@@ -55,11 +59,11 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         from stagewise.errors import ConfigError
 
         raise ConfigError(["run.device: 'cuda' was asked for but no CUDA device is available; use 'auto' or 'cpu'"])
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", local_rank)))
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from stagewise.engine.distributed import all_reduce_sums
-from stagewise.engine.objective import forward_batch
-from stagewise.loss import Loss, Needs
+from stagewise.engine.objective import forward_batch, needs_of
+from stagewise.loss import Loss
 
 if TYPE_CHECKING:
     from stagewise.engine.state import State
@@ -23,9 +23,7 @@ def evaluate(state: State, terms: dict[str, Loss], batches: Iterable[dict[str, A
     model = state.model
     was_training = model.training
     model.eval()
-    needs = Needs()
-    for term in terms.values():
-        needs = needs | term.needs()
+    needs = needs_of(terms.values())
     forward_fn = forward_fn or (lambda batch: forward_batch(model, batch, needs))
     sums: dict[tuple[str, str], list[float]] = {}
     for batch in batches:

@@ -12,22 +12,23 @@ class RateLimitedWarnings:
     """Each kind of warning is printed at most once per epoch; the rest are counted.
 
     ``flush()`` at the end of an epoch prints one line per kind that repeated, with its count,
-    and returns the counts so they can be logged.
+    and returns the counts so they can be logged. ``--quiet`` does not silence warnings; only
+    processes other than the main one are ``silent``, so that each warning is printed once.
     """
 
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
+    def __init__(self, silent: bool = False):
+        self.silent = silent
         self.counts: Counter[str] = Counter()
 
     def warn(self, kind: str, message: str) -> None:
         self.counts[kind] += 1
-        if self.counts[kind] == 1 and not self.quiet:
+        if self.counts[kind] == 1 and not self.silent:
             print(f"stagewise: warning: {message}", file=sys.stderr, flush=True)
 
     def flush(self) -> dict[str, int]:
         counts = dict(self.counts)
         for kind, n in counts.items():
-            if n > 1 and not self.quiet:
+            if n > 1 and not self.silent:
                 print(f"stagewise: warning: {kind!r} happened {n} times this epoch", file=sys.stderr)
         self.counts.clear()
         return counts

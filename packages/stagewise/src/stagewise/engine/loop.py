@@ -8,15 +8,19 @@ declares the what: options, where batches come from and how outputs are computed
 
 from __future__ import annotations
 
+import math
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
 
 from stagewise.engine import ema
+from stagewise.engine.checkpoint import set_rng_state
 from stagewise.engine.distributed import all_reduce_sums
 from stagewise.engine.guards import NonFiniteGuard
 from stagewise.engine.objective import Objective, TermWeights, build_terms, split_term
@@ -55,7 +59,7 @@ class TrainLoop:
         self.terms = build_terms(self.o.losses, state, where)
         state.terms = self.terms  # event hooks reach the terms through the state (e.g. a refresh after each step)
         self.objective = Objective(state.model, self.terms, state)
-        selected = select_parameters(state.model, self.o.train, self.o.freeze, where)
+        selected = select_parameters(state.model, self.o.train, self.o.freeze, where, state.recipe.source)
         groups = [[p for _, p in selected], *(list(term.parameters()) for term in self.terms.values())]
         # grad_clip bounds the model's gradient norm and each term's own parameters' apart, so that
         # an auxiliary term's modules (e.g. Koopman operators) never shrink the model's step
@@ -70,6 +74,7 @@ class TrainLoop:
             state.target_model = ema.make_target(state.model)
         self.pos = Position()
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.rng: dict[str, Any] | None = None  # a resumed stage's saved RNG state, until it is set
         if state.resume is not None:
             self._restore(state.resume)
 
@@ -80,6 +85,7 @@ class TrainLoop:
         while self.pos.epoch < o.max_epochs and not self.pos.stopped_early:
             state.epoch = self.pos.epoch
             if self.pos.batch == 0:
+                self._resume_rng()  # resumed at an epoch's start: its hooks and batches draw from here
                 state.fire(Event.BEFORE_EPOCH)
             started = time.perf_counter()
             self._train_epoch()
@@ -94,13 +100,15 @@ class TrainLoop:
         state, pos = self.state, self.pos
         weights = self.weights.for_epoch(pos.epoch)
         active = {n for n, w in weights.items() if w != 0.0}
-        batches = self.stage.train_batches(state, pos.epoch, pos.batch)
-        total = min(self.steps_per_epoch, self.o.max_steps_per_epoch or self.steps_per_epoch)
+        total = self.steps_per_epoch
+        # islice: the epoch's last step draws no further batch from the stage
+        batches = islice(self.stage.train_batches(state, pos.epoch, pos.batch), total - pos.batch)
         bar = tqdm(batches, total=total, initial=pos.batch, leave=False, disable=not self._show_bar(),
                    desc=f"{self.stage.label} {pos.epoch + 1}/{self.o.max_epochs}")
         for batch in bar:
-            if pos.batch >= total:
-                break
+            # resumed mid-epoch: the new batch iterator has drawn its seed, as the epoch's first
+            # iterator had before the checkpoint, so the saved state is set only now
+            self._resume_rng()
             loss = self._step(batch, weights, active)
             pos.batch += 1
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
@@ -112,24 +120,14 @@ class TrainLoop:
     def _step(self, batch: dict[str, Any], weights: dict[str, float], active: set[str]) -> float:
         state, o = self.state, self.o
         state.fire(Event.BEFORE_STEP, batch=batch)
+        lr = self.optimizer.param_groups[0]["lr"]  # this step's: the scheduler steps after it
         record: dict[str, Any] = {}
-
-        def closure() -> torch.Tensor:
-            self.optimizer.zero_grad(set_to_none=True)
-            total = self._total(batch, weights, active, record)
-            if total.requires_grad:
-                total.backward()
-            return total
-
         if o.optimizer == "lbfgs":
-            value = self.optimizer.step(closure).detach().item()
+            value = self._lbfgs_step(batch, weights, active, record)
             ok = self.guard.check(value, self._where())
         else:
             self.optimizer.zero_grad(set_to_none=True)
-            total = self._total(batch, weights, active, record)
-            value = total.item()
-            if state.dist.enabled:
-                total, value = self._global_batch(batch, total, value)
+            total, value = self._total(batch, weights, active, record)
             ok = self.guard.check(value, self._where())
             if ok:
                 total.backward()
@@ -138,37 +136,79 @@ class TrainLoop:
                         torch.nn.utils.clip_grad_norm_(group, o.grad_clip)
                 self.optimizer.step()
         if ok:
-            self._after_update(value, record)
+            self._after_update(value, lr, record)
         state.fire(Event.AFTER_STEP, loss=value)
         return value
 
-    def _global_batch(self, batch: dict[str, Any], total: torch.Tensor, value: float) -> tuple[torch.Tensor, float]:
-        """Under DDP: the global batch's loss (every rank then agrees on skipping a non-finite
-        one), and the local loss scaled by this rank's share, since DDP averages gradients
-        over ranks with equal weight even when a last batch splits unevenly."""
-        n = batch_size(batch)
-        n_global, weighted = all_reduce_sums([float(n), value * n], self.state.dist)
-        scale = n * self.state.dist.world_size / n_global
-        return (total if scale == 1.0 else total * scale), weighted / n_global
+    def _lbfgs_step(self, batch: dict[str, Any], weights: dict[str, float], active: set[str],
+                    record: dict[str, Any]) -> float:
+        """One L-BFGS step; returns the batch's loss, its first evaluation. Only that one is
+        recorded and counts fallbacks: the line search re-evaluates the same batch.
+
+        A non-finite first loss gets no gradient, so L-BFGS, whose first test is "gradient
+        ~ 0", returns before it moves a parameter; the guard then skips the batch.
+        """
+        first = True
+
+        def closure() -> torch.Tensor:
+            nonlocal first
+            self.optimizer.zero_grad(set_to_none=True)
+            total, value = self._total(batch, weights, active, record if first else None)
+            if total.requires_grad and (math.isfinite(value) or not first):
+                total.backward()
+            first = False
+            return total
+
+        return self.optimizer.step(closure).item()
 
     def _total(self, batch: dict[str, Any], weights: dict[str, float], active: set[str],
-               record: dict[str, Any]) -> torch.Tensor:
-        """Σ w_i L_i for this batch; fills ``record`` with each term's detached value and weight."""
-        values = self.trainer(batch, self.stage.forward_fn(self.objective), active)
+               record: dict[str, Any] | None) -> tuple[torch.Tensor, float]:
+        """Σ w_i L_i for this batch (to backpropagate) and its value, the global batch's under
+        DDP. Fills ``record`` with each active term's value, weight and parts; ``None``: a
+        re-evaluation of the batch, neither recorded nor counted."""
+        values = {name: split_term(raw) for name, raw in
+                  self.trainer(batch, self.stage.forward_fn(self.objective), active).items()}
+        scalars, scale = self._term_scalars(batch, values, active)
         total: Any = 0.0
-        for name, raw in values.items():
-            value, parts = split_term(raw)
-            weight = weights[name]
-            scalar = value.item()  # Python floats (float64) for the running sums: no tensor ops here
-            weight = self.weights.effective(name, weight, scalar)
-            record[name] = (scalar, weight, {k: v.item() for k, v in parts.items()})
-            if weight != 0.0 or self.state.dist.enabled:  # DDP wants every term in the graph
+        global_value = 0.0  # Σ w_i L_i of the global batch, under DDP
+        for name, (value, _) in values.items():
+            weight = 0.0  # an inactive term, computed only because DDP wants every term in the graph
+            if name in active:
+                scalar, parts = scalars[name]
+                weight = self.weights.effective(name, weights[name], scalar, count=record is not None)
+                global_value += weight * scalar
+                if record is not None:
+                    record[name] = (scalar, weight, parts)
+            if weight != 0.0 or self.state.dist.enabled:
                 total = value if (weight == 1.0 and isinstance(total, float)) else total + weight * value
         if isinstance(total, float):  # every term had weight 0: nothing to learn from this batch
             total = torch.zeros((), device=self.state.device)
-        return total
+        if not self.state.dist.enabled:
+            return total, total.item()
+        return (total if scale == 1.0 else total * scale), global_value
 
-    def _after_update(self, value: float, record: dict[str, Any]) -> None:
+    def _term_scalars(self, batch: dict[str, Any], values: dict[str, Any],
+                      active: set[str]) -> tuple[dict[str, Any], float]:
+        """Each active term's value and parts as Python floats (float64 running sums, no tensor
+        ops), the global batch's under DDP; and the factor on the local loss (1 in one process)."""
+        scalars = {name: (value.item(), {k: v.item() for k, v in parts.items()})
+                   for name, (value, parts) in values.items() if name in active}
+        return self._global_means(batch, scalars) if self.state.dist.enabled else (scalars, 1.0)
+
+    def _global_means(self, batch: dict[str, Any], scalars: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        """Under DDP: each term's and part's mean over the global batch (ranks weighted by their
+        share of it), so that fallbacks, the guard and the records see what one process would;
+        and the factor on the local loss that makes DDP's equal-weight gradient average the
+        global batch's gradient even when a last batch splits unevenly."""
+        n = batch_size(batch)
+        flat = [float(n)] + [v * n for value, parts in scalars.values() for v in (value, *parts.values())]
+        reduced = iter(all_reduce_sums(flat, self.state.dist))
+        n_global = next(reduced)
+        means = {name: (next(reduced) / n_global, {k: next(reduced) / n_global for k in parts})
+                 for name, (_, parts) in scalars.items()}
+        return means, n * self.state.dist.world_size / n_global
+
+    def _after_update(self, value: float, lr: float, record: dict[str, Any]) -> None:
         state, pos, o = self.state, self.pos, self.o
         if o.schedule != "plateau":
             self.scheduler.step()
@@ -188,7 +228,7 @@ class TrainLoop:
             for part, v in parts.items():
                 sums[f"{name}/{part}"] = sums.get(f"{name}/{part}", 0.0) + v
         if state.step % state.recipe.run.log_every_n_steps == 0:
-            state.log("step", **{"train/loss": value, "train/lr": self.optimizer.param_groups[0]["lr"]})
+            state.log("step", **{"train/loss": value, "train/lr": lr})
 
     # --- epoch end: evaluation, early stopping, checkpoint ----------------------------------
 
@@ -213,11 +253,10 @@ class TrainLoop:
             self.save()
 
     def _train_metrics(self) -> dict[str, Any]:
-        sums = {k: float(v) for k, v in self.pos.sums.items()}
-        keys = sorted(sums)
-        reduced = dict(zip(keys, all_reduce_sums([sums[k] for k in keys], self.state.dist), strict=True))
-        n = reduced.pop("n", 0.0)
-        metrics = {f"train/{k}": v / n for k, v in reduced.items()} if n else {}
+        # under DDP every rank holds the same sums: each step added the global batch's values
+        sums = {k: float(v) for k, v in sorted(self.pos.sums.items())}
+        n = sums.pop("n", 0.0)
+        metrics = {f"train/{k}": v / n for k, v in sums.items()} if n else {}
         metrics["train/nonfinite"] = self.guard.skipped
         metrics.update({f"train/{name}/fallbacks": c for name, c in self.weights.fallbacks.items()
                         if self.weights.specs[name].fallback_threshold is not None})
@@ -227,7 +266,7 @@ class TrainLoop:
         if self.o.monitor not in metrics:
             known = ", ".join(sorted(k for k in metrics if isinstance(metrics[k], float)))
             raise ConfigError([f"stages.{self.stage.label}.monitor: {self.o.monitor!r} is not a metric of "
-                               f"this stage; metrics: {known}"])
+                               f"this stage; metrics: {known}"], self.state.recipe.source)
         return float(metrics[self.o.monitor])
 
     def _early_stopping(self, metrics: dict[str, Any]) -> None:
@@ -282,6 +321,7 @@ class TrainLoop:
             "target": self.state.target_model.state_dict() if self.state.target_model is not None else None,
             "guard": {"skipped": self.guard.skipped, "in_a_row": self.guard.in_a_row},
             "fallbacks": dict(self.weights.fallbacks),
+            "warnings": dict(self.state.warnings.counts),  # this epoch's so far, flushed at its end
             "step": self.state.step,
         }
         self.state.save_checkpoint(done=False, extra=extra)
@@ -296,7 +336,16 @@ class TrainLoop:
             self.state.target_model.load_state_dict(saved["target"])
         self.guard.skipped, self.guard.in_a_row = saved["guard"]["skipped"], saved["guard"]["in_a_row"]
         self.weights.fallbacks.update(saved["fallbacks"])
+        self.state.warnings.counts = Counter(saved.get("warnings", {}))  # older checkpoints lack them
         self.state.step = saved["step"]
+        self.rng = saved["rng"]
+
+    def _resume_rng(self) -> None:
+        """Set a resumed stage's saved RNG state at the point the uninterrupted run was at when
+        it saved: after term setup and the batch iterator, whose draws would shift it."""
+        if self.rng is not None:
+            set_rng_state(self.rng)
+            self.rng = None
 
     def _wrap_distributed(self) -> Any:
         """The callable that computes term values: the Objective, or its DDP wrapper."""

@@ -6,10 +6,12 @@ of parameters owned by losses are averaged across processes like the model's own
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from stagewise.errors import ConfigError
 from stagewise.loss import Loss, Needs
 
 if TYPE_CHECKING:
@@ -34,9 +36,7 @@ class Objective(torch.nn.Module):
         self.model = model
         self.terms = torch.nn.ModuleDict(terms)
         self.state = state  # not a module: plain attribute
-        self.needs = Needs()
-        for term in terms.values():
-            self.needs = self.needs | term.needs()
+        self.needs = needs_of(terms.values())
 
     def outputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         return forward_batch(self.model, batch, self.needs)
@@ -48,14 +48,28 @@ class Objective(torch.nn.Module):
                 if active is None or name in active}
 
 
+def needs_of(terms: Iterable[Loss]) -> Needs:
+    """What one forward pass must produce for all of ``terms``."""
+    needs = Needs()
+    for term in terms:
+        needs = needs | term.needs()
+    return needs
+
+
+def duplicate_names(specs: list[LossSpec], where: str) -> list[str]:
+    """One problem per term name used more than once (metrics and weights are keyed by name)."""
+    names = [spec.name for spec in specs]
+    return [f"{where}.losses: two terms are named {name!r}; set a distinct 'name'"
+            for name in sorted({n for n in names if names.count(n) > 1})]
+
+
 def build_terms(specs: list[LossSpec], state: State, where: str) -> dict[str, Loss]:
     """Instantiate a stage's loss terms, let them create their parameters, move them to device."""
+    problems = duplicate_names(specs, where)
+    if problems:
+        raise ConfigError(problems, state.recipe.source)
     terms: dict[str, Loss] = {}
     for spec in specs:
-        if spec.name in terms:
-            from stagewise.errors import ConfigError
-
-            raise ConfigError([f"{where}.losses: two terms are named {spec.name!r}; set a distinct 'name'"])
         term = spec.component()(spec.options)
         term.setup(state)
         terms[spec.name] = term.to(state.device)
@@ -80,11 +94,16 @@ class TermWeights:
     def for_epoch(self, epoch: int) -> dict[str, float]:
         return {name: spec.weight_at(epoch) for name, spec in self.specs.items()}
 
-    def effective(self, name: str, weight: float, value: float) -> float:
-        """The weight for this batch: ``weight * fallback_factor`` when the term is too large."""
+    def effective(self, name: str, weight: float, value: float, count: bool = True) -> float:
+        """The weight for this batch: ``weight * fallback_factor`` when the term is too large.
+
+        ``count=False`` for a re-evaluation of a batch already counted (L-BFGS's line search).
+        """
         spec = self.specs[name]
         if spec.fallback_threshold is None or weight == 0.0 or value <= spec.fallback_threshold:
             return weight
+        if not count:
+            return weight * spec.fallback_factor
         self.fallbacks[name] += 1
         self.state.warnings.warn(
             f"fallback/{name}",

@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING
 
 import torch
 
+from stagewise.engine.checkpoint import rng_state, set_rng_state
 from stagewise.errors import ConfigError
+
+if TYPE_CHECKING:
+    from stagewise.data.splits import DataSplits
+    from stagewise.recipe import Recipe
 
 
 def select_parameters(model: torch.nn.Module, train: list[str], freeze: list[str],
-                      where: str) -> list[tuple[str, torch.nn.Parameter]]:
+                      where: str, source: str) -> list[tuple[str, torch.nn.Parameter]]:
     """Mark parameters matching ``train`` and not ``freeze`` trainable; freeze the rest.
 
     Every glob must match at least one parameter, so a typo cannot silently freeze a model.
     """
-    names = [n for n, _ in model.named_parameters()]
-    problems = [f"{where}.{key}: {glob!r} matches no parameter; names look like: {', '.join(names[:6])}"
-                for key, globs in (("train", train), ("freeze", freeze)) for glob in globs
-                if not any(fnmatchcase(n, glob) for n in names)]
+    problems = glob_problems([n for n, _ in model.named_parameters()], train, freeze, where)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, source)
     selected = []
     for name, param in model.named_parameters():
         trainable = any(fnmatchcase(name, g) for g in train) and not any(fnmatchcase(name, g) for g in freeze)
@@ -28,5 +31,30 @@ def select_parameters(model: torch.nn.Module, train: list[str], freeze: list[str
         if trainable:
             selected.append((name, param))
     if not selected:
-        raise ConfigError([f"{where}: train/freeze leave no parameter to train"])
+        raise ConfigError([f"{where}: train/freeze leave no parameter to train"], source)
     return selected
+
+
+def glob_problems(names: list[str], train: list[str], freeze: list[str], where: str) -> list[str]:
+    """One problem per ``train``/``freeze`` glob that matches none of ``names``."""
+    return [f"{where}.{key}: {glob!r} matches no parameter; names look like: {', '.join(names[:6])}"
+            for key, globs in (("train", train), ("freeze", freeze)) for glob in globs
+            if not any(fnmatchcase(n, glob) for n in names)]
+
+
+def parameter_names_at(recipe: Recipe, index: int, data: DataSplits) -> list[str] | None:
+    """The model's parameter names while stage ``index`` runs (after every ``grow`` up to it).
+
+    The model is built on the meta device (no memory, no initialisation work) and the RNG is
+    put back after, so that checking a recipe moves no number. None when it cannot be built
+    there: the run's own build of the model then reports what is wrong.
+    """
+    saved = rng_state()
+    try:
+        with torch.device("meta"):
+            model = recipe.model.component().from_recipe(recipe.model_options_at(index), data)
+        return [n for n, _ in model.named_parameters()]
+    except Exception:  # a bad option or a model meta cannot build: reported where it is built for real
+        return None
+    finally:
+        set_rng_state(saved)

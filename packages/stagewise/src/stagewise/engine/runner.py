@@ -17,7 +17,7 @@ from stagewise.engine import distributed
 from stagewise.engine.checkpoint import load_checkpoint, seed_everything, set_rng_state
 from stagewise.engine.guards import RateLimitedWarnings
 from stagewise.engine.rundir import RunDir, environment, unused_folder
-from stagewise.engine.state import State
+from stagewise.engine.state import State, check_event_hooks
 from stagewise.errors import CheckpointError, ConfigError, StagewiseError
 from stagewise.events import Event
 from stagewise.recipe import Recipe
@@ -46,6 +46,7 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
     seed_everything(run.seed)
     data = _build("data", recipe, lambda: recipe.data.component().from_recipe(recipe.data.options, seed=run.seed))
     check_stages(recipe, data)
+    check_event_hooks()
     model_options = _model_options(recipe, saved)
     model = _build("model", recipe, lambda: recipe.model.component().from_recipe(model_options, data)).to(device)
     default = Path(recipe.run.out) / recipe.run.name
@@ -55,7 +56,7 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
         run_dir = (RunDir.reopen(path, saved["metrics_lines"]) if saved is not None
                    else RunDir.create(path, recipe.to_toml(), environment()))
     state = State(recipe=recipe, model=model, model_options=model_options, data=data, device=device,
-                  dist=info, warnings=RateLimitedWarnings(quiet or info.rank != 0), run_dir=run_dir,
+                  dist=info, warnings=RateLimitedWarnings(silent=info.rank != 0), run_dir=run_dir,
                   quiet=quiet)
     first = 0
     if saved is not None:
@@ -89,7 +90,7 @@ def run_stage(state: State, index: int, spec: StageSpec, saved: dict[str, Any] |
     state.terms = {}
     state.resume = saved
     if saved is not None:
-        set_rng_state(saved["rng"])
+        set_rng_state(saved["rng"])  # TrainLoop sets it again just before its first resumed step
     else:
         seed_everything(state.seed + index)  # each stage's randomness is independent of the others
         if spec.grow:

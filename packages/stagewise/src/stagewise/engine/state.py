@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from stagewise import plugins
+from stagewise.errors import PluginError
 from stagewise.events import Event
 
 if TYPE_CHECKING:
@@ -57,14 +58,13 @@ class State:
         return self.dist.rank == 0
 
     def fire(self, event: Event, **kwargs: Any) -> None:
-        """Call the hook for ``event``: "before" hooks in registration order, "after" reversed."""
-        hook = getattr(plugins.plugin_manager().hook, event.hook_name)
-        impls = hook.get_hookimpls()  # registration order
+        """Call the hook for ``event`` in the order :func:`event_hookimpls` gives."""
+        impls = event_hookimpls(event)
         if not impls:
             return
         plugins.trace(event.hook_name, impls)
         kwargs = {"state": self, **kwargs}
-        for impl in (reversed(impls) if event.is_after else impls):
+        for impl in impls:
             impl.function(**{name: kwargs[name] for name in impl.argnames})
 
     def log(self, event: str, **values: Any) -> None:
@@ -122,3 +122,34 @@ class State:
     def print(self, message: str) -> None:
         if not self.quiet and self.is_main:
             print(message, flush=True)
+
+
+def event_hookimpls(event: Event) -> list[Any]:
+    """The implementations of ``event``'s hook in call order: ``tryfirst`` ones, then plain
+    ones, then ``trylast`` ones; within each, "before" hooks in registration order and "after"
+    hooks reversed, so that a plugin can undo what it did.
+
+    The engine calls each implementation itself (pluggy's own order is last-registered first),
+    so wrappers, which pluggy would run around the others, are refused.
+    """
+    pm = plugins.plugin_manager()
+    hook = getattr(pm.hook, event.hook_name)
+    impls = hook.get_hookimpls()
+    if not impls:
+        return impls
+    wrappers = [i.plugin_name for i in impls if i.wrapper or i.hookwrapper]
+    if wrappers:
+        raise PluginError(
+            f"plugin {', '.join(map(repr, wrappers))}: {hook.name}({', '.join(hook.spec.argnames)}) is a "
+            f"wrapper (wrapper=True or hookwrapper=True), which event hooks do not support: the engine "
+            f"calls them one by one. Use a plain @stagewise.hookimpl; tryfirst=True or trylast=True "
+            f"has it called first or last")
+    registered = {name: i for i, (name, _) in enumerate(pm.list_name_plugin())}
+    sign = -1 if event.is_after else 1
+    return sorted(impls, key=lambda i: (-i.tryfirst + i.trylast, sign * registered[i.plugin_name]))
+
+
+def check_event_hooks() -> None:
+    """Refuse unsupported event hook implementations before a run writes anything."""
+    for event in Event:
+        event_hookimpls(event)

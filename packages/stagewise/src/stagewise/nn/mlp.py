@@ -49,4 +49,10 @@ class MLP(nn.Module):
         if missing:
             raise ValueError(f"model stagewise.mlp needs data.info {missing}; this dataset does not "
                              "provide them (set model.n_outputs, or use a tabular dataset)")
+        needed = data.info.get("n_outputs")
+        if options.n_outputs is not None and needed is not None and options.n_outputs < needed:
+            # labels >= n_outputs (or too few values) would fail only in the loss, mid-training
+            raise ValueError(f"n_outputs = {options.n_outputs} is less than the data's n_outputs = {needed} "
+                             f"(classes: the largest label + 1, or values per target); raise model.n_outputs "
+                             f"to at least {needed} or leave it unset")
         return cls(data.info["n_features"], options.n_outputs or data.info["n_outputs"], options)
