@@ -1,5 +1,6 @@
-"""The docs cover the code: every hook spec, recipe key and core command is documented, the
-generated CLI page is fresh, quoted code equals its file, and every shipped recipe validates.
+"""The docs cover the code: every hook spec, recipe key (core's, and the keys this repository's
+plugins add, on their pages) and core command is documented, the generated CLI page is fresh,
+quoted code equals its file, and every shipped recipe validates.
 
 Each check is parametrized, so one run lists every gap.
 """
@@ -91,6 +92,34 @@ RECIPE_KEYS = [(marker, f.name) for marker, cls in _options_tables().items() if 
 @pytest.mark.parametrize(("table", "key"), RECIPE_KEYS, ids=[f"{t.strip('`')}.{k}" for t, k in RECIPE_KEYS])
 def test_recipe_key_is_documented(table, key):
     assert f"`{key}`" in section(read("recipes.md"), table), f"recipes.md: section {table} misses `{key}`"
+
+
+def _own_fields(cls: type) -> list[str]:
+    """The recipe keys a class adds to the dataclasses it extends (e.g. stagewise.train's, which
+    recipes.md documents once)."""
+    inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base)
+                 for f in dataclasses.fields(base)}
+    return [f.name for f in dataclasses.fields(cls) if f.init and f.name not in inherited | {"options"}]
+
+
+def _plugin_keys() -> list[tuple[str, str, str]]:
+    """(page, component, key) for each component of this repository's plugins with a page."""
+    keys = []
+    for registry_ in plugins.registries().values():
+        for name, entry in registry_.entries.items():
+            page = Path("plugins") / f"{entry.distribution.removeprefix('stagewise-')}.md"
+            options = getattr(entry.resolve(), "Options", None) if (DOCS / page).is_file() else None
+            if entry.distribution != plugins.CORE_DISTRIBUTION and dataclasses.is_dataclass(options):
+                keys += [(str(page), name, key) for key in _own_fields(options)]
+    return keys
+
+
+PLUGIN_KEYS = _plugin_keys()
+
+
+@pytest.mark.parametrize(("page", "component", "key"), PLUGIN_KEYS, ids=[f"{c}.{k}" for _, c, k in PLUGIN_KEYS])
+def test_plugin_recipe_key_is_documented(page, component, key):
+    assert f"`{key}`" in section(read(page), f"`{component}`"), f"{page}: section `{component}` misses `{key}`"
 
 
 # --- CLI ------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ def test_run_verify_export(tiny_recipe_path, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["run", str(tiny_recipe_path), "--out", str(run_dir), "--quiet",
                  "--set", "stages.phase2.max_epochs=1"]) == 0
+    assert capsys.readouterr().out == f"{run_dir}\n"  # --quiet: where the run went, nothing else
     metrics = read_summary(run_dir)["metrics"]
 
     golden = tmp_path / "golden.json"
@@ -103,3 +104,16 @@ def test_out_expands_the_home_folder(tiny_recipe_path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["run", str(tiny_recipe_path), "--out=~/run", "--quiet", "--set", "stages.phase1.max_epochs=1"]) == 0
     assert (tmp_path / "home" / "run" / "summary.json").is_file() and not (tmp_path / "~").exists()
+
+
+def test_run_files_get_the_usual_permissions(tiny_recipe_path, tmp_path):
+    import os
+    import stat
+
+    run_dir = tmp_path / "run"
+    assert main(["run", str(tiny_recipe_path), "--out", str(run_dir), "--quiet",
+                 "--set", "stages.phase2.max_epochs=1"]) == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("recipe.toml", "env.json", "summary.json", "metrics.jsonl", "checkpoints/last.pt"):
+        assert stat.S_IMODE((run_dir / name).stat().st_mode) == 0o666 & ~mask, name  # as open() makes them

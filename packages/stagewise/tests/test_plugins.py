@@ -7,7 +7,7 @@ import types
 import pytest
 
 import stagewise
-from stagewise import plugins
+from stagewise import plugins, registry
 from stagewise.errors import PluginError, UnknownNameError
 
 
@@ -180,11 +180,22 @@ def test_a_failing_register_commands_hook_skips_only_its_plugin(host, monkeypatc
     assert "boom in commands (STAGEWISE_STRICT_PLUGINS is set)" in capsys.readouterr().err
 
 
-def test_unknown_name_suggests_the_package_to_install(host):
+def test_unknown_name_suggests_the_package_to_install(host, monkeypatch):
+    # a known plugin whose distribution is not installed (lego-ashem may be, in a development venv)
+    monkeypatch.setitem(registry.KNOWN_PLUGINS, "nosuch", "stagewise-nosuch")
     with pytest.raises(UnknownNameError) as info:
-        stagewise.get_stage("lego_ashem.mine")
-    assert "pip install stagewise-lego-ashem" in str(info.value)
+        stagewise.get_stage("nosuch.mine")
+    assert "pip install stagewise-nosuch" in str(info.value)
     assert "Installed stages: stagewise.evaluate, stagewise.train" in str(info.value)
+
+
+def test_a_known_plugin_installed_but_not_loaded_is_not_told_to_install(host, monkeypatch):
+    # as when STAGEWISE_DISABLE_PLUGINS leaves it out: its distribution (here: core's own) is installed
+    monkeypatch.setitem(registry.KNOWN_PLUGINS, "phantom", "stagewise")
+    with pytest.raises(UnknownNameError) as info:
+        stagewise.get_stage("phantom.mine")
+    assert "stagewise, which is installed but was not loaded" in str(info.value)
+    assert "pip install" not in str(info.value)
 
 
 def test_unknown_name_tells_near_misses_of_another_kind(host):

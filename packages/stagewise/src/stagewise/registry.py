@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.metadata
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,7 +100,7 @@ class Registry:
         prefix = name.split(".", 1)[0]
         installed_prefixes = {n.split(".", 1)[0] for n in self.entries}
         if prefix in KNOWN_PLUGINS and prefix not in installed_prefixes:
-            msg += f"; it is provided by a plugin that is not installed: pip install {KNOWN_PLUGINS[prefix]}"
+            msg += f"; {_missing_plugin_hint(KNOWN_PLUGINS[prefix])}"
         listing = ", ".join(self.names()) or "none"
         return f"{msg}. Installed {self.kind}: {listing}"
 
@@ -111,6 +112,17 @@ def _collision_hint(plugin_a: str, dist_a: str, plugin_b: str, dist_b: str) -> s
         return (f"the name is core's: disable plugin {plugin!r} with STAGEWISE_DISABLE_PLUGINS={plugin} "
                 f"(or uninstall {dist})")
     return f"disable one with STAGEWISE_DISABLE_PLUGINS={plugin_a} or STAGEWISE_DISABLE_PLUGINS={plugin_b}"
+
+
+def _missing_plugin_hint(distribution: str) -> str:
+    """Why a known plugin's names are missing: not installed, or installed but not loaded."""
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return f"it is provided by a plugin that is not installed: pip install {distribution}"
+    return (f"it is provided by {distribution}, which is installed but was not loaded: left out by "
+            f"STAGEWISE_DISABLE_PLUGINS or STAGEWISE_LOAD_PLUGINS, or it failed to load "
+            f"(see stagewise plugins)")
 
 
 def _import(target: str) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,8 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a recipe key, e.g. stages.phase1.max_epochs=3 (repeatable)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, per-epoch lines or final table "
+                   "(run prints only the run directory; warnings still go to stderr)")
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -83,7 +85,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from stagewise.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    run_recipe(recipe, out=_user_path(args.out), resume=_user_path(args.resume), quiet=args.quiet)
+    path = run_recipe(recipe, out=_user_path(args.out), resume=_user_path(args.resume), quiet=args.quiet)
+    if args.quiet and os.environ.get("RANK", "0") == "0":  # the final table is left out: say where the run went
+        print(path)
     return 0
 
 
