@@ -223,3 +223,46 @@ def test_term_metrics_weigh_ranks_by_their_share_of_an_uneven_batch(uneven):
     assert single[1]["train/late/fallbacks"] > 0  # the fallback is decided on the global batch's value
     for i, (got, want) in enumerate(zip(ddp, single, strict=True)):
         _assert_close(got, want, f"epoch {i}")
+
+
+NAN_LAUNCHER = '''\
+import sys
+
+import torch
+
+import stagewise
+from stagewise.cli.main import main
+from stagewise.plugins import register_plugin
+
+
+class NotYet(stagewise.Loss):
+    """NaN in value and gradient: an auxiliary term that is not switched on yet."""
+
+    name = "nantest.not_yet"
+
+    def forward(self, outputs, batch, state):
+        return torch.sqrt(-1.0 - outputs["logits"].pow(2).mean())
+
+
+class Plugin:
+    @stagewise.hookimpl
+    def stagewise_register_losses(self, register):
+        register(NotYet)
+
+
+register_plugin(Plugin(), "nantest")
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@needs_gloo
+def test_a_nan_in_a_switched_off_term_skips_the_batch_under_ddp(tmp_path):
+    # DDP puts every term in the graph, the switched-off one as 0 · NaN: that batch must be skipped
+    (tmp_path / "launch.py").write_text(NAN_LAUNCHER)
+    (tmp_path / "recipe.toml").write_text(RECIPE.replace("max_epochs = 2", "max_epochs = 1") + (
+        'losses = [{ use = "stagewise.cross_entropy" }, { use = "nantest.not_yet", start_epoch = 5 }]\n'))
+    _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+          "launch.py", "run", "recipe.toml", "--out", "ddp", "--quiet"], tmp_path)
+    metrics = _summary(tmp_path / "ddp")["metrics"]
+    assert metrics["train/nonfinite"] == 6  # every batch, none applied
+    assert math.isfinite(metrics["val/loss"])  # the parameters never took a NaN step

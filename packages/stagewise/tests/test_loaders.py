@@ -203,22 +203,6 @@ def test_npz_errors(tmp_path):
 # --- bad data is refused before training, naming the file -----------------------------------
 
 
-def test_negative_class_labels_name_the_file_and_line(tmp_path):
-    path = tmp_path / "d.jsonl"
-    path.write_text('{"x": 1, "y": 0}\n{"x": 2, "y": -1}\n{"x": 3, "y": -100}\n')
-    with pytest.raises(DataError, match=r"d\.jsonl, line 2: target -1 holds a negative class label"):
-        JSONLDataset.from_recipe(JSONLOptions(path=str(path), input_keys=["x"], target_keys=["y"],
-                                              target_dtype="long"), seed=0)
-    np.savez(tmp_path / "a.npz", input=np.zeros((4, 2)), target=np.array([0, 1, -2, 1]))
-    with pytest.raises(DataError, match=r"a\.npz, example 2 \(axis 0\): target -2 holds a negative class label"):
-        NPZDataset.from_recipe(NPZOptions(path=str(tmp_path / "a.npz")), seed=0)
-    (tmp_path / "images.idx").write_bytes(idx_bytes(np.zeros((2, 2, 2), dtype=np.uint8), 0x08))
-    (tmp_path / "labels.idx").write_bytes(idx_bytes(np.array([1, -1], dtype=np.int8), 0x09))
-    with pytest.raises(DataError, match=r"labels\.idx, example 1 \(axis 0\): target -1"):
-        IDXDataset.from_recipe(IDXOptions(images=str(tmp_path / "images.idx"),
-                                          labels=str(tmp_path / "labels.idx")), seed=0)
-
-
 def test_inputs_need_a_feature_axis(tmp_path):
     np.savez(tmp_path / "a.npz", input=np.zeros(4), target=np.zeros(4))
     with pytest.raises(DataError, match=r"a\.npz: the inputs have shape \(4,\), a single number per example"):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 
 from stagewise.errors import ConfigError
@@ -287,6 +290,22 @@ def test_model_n_outputs_below_the_labels_is_a_model_error(tmp_path):
                                           r"n_outputs = 3"):
         run_recipe(recipe, out=tmp_path / "run", quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_negative_labels_train_as_ignore_index_and_others_are_a_clear_error(tmp_path):
+    from stagewise.data.splits import DataError
+    from stagewise.engine.runner import run_recipe
+
+    (tmp_path / "c.csv").write_text("x,y\n" + "".join(f"{i},{i % 3 - 1}\n" for i in range(6)))  # -1, 0, 1
+    (tmp_path / "r.toml").write_text(CLASSES)
+    skip = ['data.target_dtype="long"', "model.n_outputs=2",
+            'stages.s.losses=[{ use = "stagewise.cross_entropy", ignore_index = -1 }]']
+    metrics = json.loads((run_recipe(load_recipe(tmp_path / "r.toml", skip), out=tmp_path / "ok", quiet=True)
+                          / "summary.json").read_text())["metrics"]
+    assert math.isfinite(metrics["val/loss"])  # the -1 labels were skipped, as the term says
+    with pytest.raises(DataError, match=r"stagewise.cross_entropy: Target -1 is out of bounds. The batch's "
+                                        r"'target' must hold class labels 0..1, or ignore_index = -100"):
+        run_recipe(load_recipe(tmp_path / "r.toml", skip[:2]), out=tmp_path / "bad", quiet=True)
 
 
 def test_cross_entropy_refuses_float_targets(tmp_path):

@@ -58,19 +58,27 @@ class CrossEntropy(_OutputLoss):
 
     def forward(self, outputs, batch, state):
         logits, target = self._flat(outputs, batch)
-        return F.cross_entropy(logits, target, ignore_index=self.options.ignore_index,
-                               label_smoothing=self.options.label_smoothing)
+        return self._nll(logits, target, label_smoothing=self.options.label_smoothing)
 
     def eval_sums(self, outputs, batch, state):
         logits, target = self._flat(outputs, batch)
         keep = target != self.options.ignore_index
-        nll = F.cross_entropy(logits, target, ignore_index=self.options.ignore_index, reduction="sum")
+        nll = self._nll(logits, target, reduction="sum")
         correct = ((logits.argmax(-1) == target) & keep).sum()  # a mask, not indexing: no copies
         n = float(keep.sum())
         return {"loss": (float(nll), n), "acc": (float(correct), n)}
 
     def summarize(self, means):
         return {**means, "ppl": perplexity(means["loss"])} if "loss" in means else means
+
+    def _nll(self, logits: torch.Tensor, target: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        try:
+            return F.cross_entropy(logits, target, ignore_index=self.options.ignore_index, **kwargs)
+        except IndexError as exc:  # a label outside the classes: torch names neither the loss nor the fix
+            raise DataError(f"{self.name}: {exc} The batch's {self.options.target!r} must hold class labels "
+                            f"0..{logits.shape[-1] - 1}, or ignore_index = {self.options.ignore_index} for "
+                            f"targets to skip; check the data's labels, the model's number of outputs and "
+                            f"this term's ignore_index") from None
 
     def _flat(self, outputs, batch):
         logits = prediction(outputs, self.options)

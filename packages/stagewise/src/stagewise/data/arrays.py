@@ -12,8 +12,6 @@ from torch.utils.data import Dataset
 from stagewise.data.files import existing_file
 from stagewise.data.splits import DataError, DataSplits, split_indices
 
-IGNORE_INDEX = -100  # stagewise.cross_entropy's default ignore_index: a label it skips
-
 
 class ArrayDataset(Dataset):
     """Item i is ``{"input": inputs[i], "target": targets[i]}``."""
@@ -36,11 +34,10 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def array_splits(inputs: np.ndarray, targets: np.ndarray, fractions: dict[str, float], seed: int,
-                 *, source: str, lines: list[int] | None = None) -> DataSplits:
+                 *, source: str) -> DataSplits:
     """Shuffle the examples (axis 0) with ``seed`` and cut them into splits by ``fractions``.
 
-    ``source`` (the file) and ``lines`` (each example's line in it, for text files) name where a
-    problem is: inputs without a feature axis, or integer targets that are not class labels.
+    ``source`` (the file) names where a problem is: inputs without a feature axis, a split left empty.
     info: ``input_shape`` and ``target_shape`` (of one example), ``n_features`` (values per
     input), ``n_outputs`` (classes for integer targets: largest label + 1; else values per
     target) and ``examples`` (per split).
@@ -49,8 +46,6 @@ def array_splits(inputs: np.ndarray, targets: np.ndarray, fractions: dict[str, f
         raise DataError(f"{source}: the inputs have shape {inputs.shape}, a single number per example; "
                         f"give them a feature axis, shape (examples, features), e.g. x[:, None]")
     integer = targets.dtype.kind in "biu"
-    if integer:
-        check_labels(targets, source, lines)
     splits = {name: ArrayDataset(to_tensor(inputs[idx]), to_tensor(targets[idx]))
               for name, idx in split_indices(len(inputs), fractions, seed, source=source).items()}
     info = {
@@ -61,18 +56,6 @@ def array_splits(inputs: np.ndarray, targets: np.ndarray, fractions: dict[str, f
         "examples": {name: len(dataset) for name, dataset in splits.items()},
     }
     return DataSplits(splits, info)
-
-
-def check_labels(targets: np.ndarray, source: str, lines: list[int] | None = None) -> None:
-    """Integer targets are class labels, 0, 1, ...: a negative one fails only mid-training, in the loss."""
-    negative = (targets < 0) & (targets != IGNORE_INDEX)
-    rows = np.flatnonzero(negative.reshape(len(targets), -1).any(axis=1))
-    if len(rows):
-        row = rows[0]
-        where = f"line {lines[row]}" if lines else f"example {row} (axis 0)"
-        raise DataError(f"{source}, {where}: target {targets[row].tolist()} holds a negative class label; "
-                        f"integer targets are class labels 0, 1, ... (or {IGNORE_INDEX}, which "
-                        f"stagewise.cross_entropy skips); regression targets must be floats")
 
 
 def read_npz(path: str, input_key: str, target_key: str) -> tuple[np.ndarray, np.ndarray]:

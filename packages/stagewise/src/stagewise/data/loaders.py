@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from stagewise.data.arrays import array_splits, check_labels, read_npz
+from stagewise.data.arrays import array_splits, read_npz
 from stagewise.data.idx import read_idx
 from stagewise.data.splits import DataError, DataSplits, check_fractions, default_splits
 from stagewise.data.tabular import column_indices, read_csv, read_jsonl, shape_targets
@@ -85,7 +85,7 @@ class CSVDataset:
             raise DataError(f"{options.path}: no feature columns are left besides the target; "
                             f"the file needs at least one input column")
         targets = shape_targets(values[:, target], options.target_dtype, lines, options.path)
-        return array_splits(values[:, features], targets, options.splits, seed, source=options.path, lines=lines)
+        return array_splits(values[:, features], targets, options.splits, seed, source=options.path)
 
 
 # --- JSON Lines -----------------------------------------------------------------------------
@@ -122,7 +122,7 @@ class JSONLDataset:
     def from_recipe(cls, options: JSONLOptions, *, seed: int) -> DataSplits:
         inputs, targets, lines = read_jsonl(options.path, options.input_keys, options.target_keys)
         targets = shape_targets(targets, options.target_dtype, lines, options.path)
-        return array_splits(inputs, targets, options.splits, seed, source=options.path, lines=lines)
+        return array_splits(inputs, targets, options.splits, seed, source=options.path)
 
 
 # --- IDX (MNIST) ----------------------------------------------------------------------------
@@ -157,7 +157,6 @@ class IDXDataset:
         if len(images) != len(labels):
             raise DataError(f"{options.images} has {len(images)} images but {options.labels} has "
                             f"{len(labels)} labels; they must match")
-        check_labels(labels, options.labels)
         inputs = images.astype(np.float32) * np.float32(options.scale)  # (N, ...) float32
         return array_splits(inputs, labels, options.splits, seed, source=options.images)
 

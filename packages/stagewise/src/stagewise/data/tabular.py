@@ -44,26 +44,42 @@ def read_csv(path: str, header: bool) -> tuple[list[str] | None, np.ndarray, lis
             if len(row) != width:
                 raise DataError(f"{path}, line {reader.line_num}: {len(row)} cells, but the "
                                 f"{'header' if header else 'first row'} has {width}")
-            rows.append([_cell(cell, path, reader.line_num, j, names) for j, cell in enumerate(row)])
+            try:
+                rows.append([float(cell) for cell in row])  # one call per row: the hot loop of a big file
+            except ValueError:
+                raise _bad_cell(row, path, reader.line_num, names, "is not a number; every cell must be "
+                                "numeric (fill in missing values, encode categories as numbers)") from None
             lines.append(reader.line_num)
     if not rows:
         raise DataError(f"{path} has no data rows")
-    return names, np.array(rows, dtype=np.float64), lines
+    values = np.array(rows, dtype=np.float64)
+    finite = np.isfinite(values)  # float() also reads "nan" and "inf": training on them fails
+    if not finite.all():
+        i = int(np.flatnonzero(~finite.all(axis=1))[0])
+        raise _bad_cell(_row_at(path, lines[i]), path, lines[i], names, "is not a finite number; fill "
+                        "in missing values (NaN and infinity cannot be trained on)")
+    return names, values, lines
 
 
-def _cell(cell: str, path: str, line: int, j: int, names: list[str] | None) -> float:
-    """One CSV cell as a finite number (float() also reads "nan" and "inf": training on them fails)."""
+def _bad_cell(row: list[str], path: str, line: int, names: list[str] | None, problem: str) -> DataError:
+    """The error for the first cell of ``row`` that is not a finite number."""
+    j = next(j for j, cell in enumerate(row) if not _finite_number(cell))
+    column = f"column {j}" + (f" ({names[j]!r})" if names else "")
+    return DataError(f"{path}, line {line}, {column}: {row[j]!r} {problem}")
+
+
+def _row_at(path: str, line: int) -> list[str]:
+    """The CSV row that ends on ``line``, read again: only an error needs the cells' text."""
+    with open_text(path, "CSV file") as f:
+        reader = csv.reader(f)
+        return next(row for row in reader if reader.line_num == line)
+
+
+def _finite_number(cell: str) -> bool:
     try:
-        value = float(cell)
+        return math.isfinite(float(cell))
     except ValueError:
-        value = None
-    if value is None or not math.isfinite(value):
-        column = f"column {j}" + (f" ({names[j]!r})" if names else "")
-        problem = ("is not a number; every cell must be numeric (fill in missing values, encode "
-                   "categories as numbers)" if value is None else
-                   "is not a finite number; fill in missing values (NaN and infinity cannot be trained on)")
-        raise DataError(f"{path}, line {line}, {column}: {cell!r} {problem}")
-    return value
+        return False
 
 
 def column_indices(option: str, columns: list[str | int], names: list[str] | None, width: int,

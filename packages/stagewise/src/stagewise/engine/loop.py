@@ -168,17 +168,19 @@ class TrainLoop:
         re-evaluation of the batch, neither recorded nor counted."""
         values = {name: split_term(raw) for name, raw in
                   self.trainer(batch, self.stage.forward_fn(self.objective), active).items()}
-        scalars, scale = self._term_scalars(batch, values, active)
+        scalars, scale = self._term_scalars(batch, values)
         total: Any = 0.0
         global_value = 0.0  # Σ w_i L_i of the global batch, under DDP
         for name, (value, _) in values.items():
             weight = 0.0  # an inactive term, computed only because DDP wants every term in the graph
+            scalar, parts = scalars[name]
             if name in active:
-                scalar, parts = scalars[name]
                 weight = self.weights.effective(name, weights[name], scalar, count=record is not None)
                 global_value += weight * scalar
                 if record is not None:
                     record[name] = (scalar, weight, parts)
+            elif not math.isfinite(scalar):  # 0 · NaN in the graph would still put NaN in every gradient
+                global_value = math.nan
             if weight != 0.0 or self.state.dist.enabled:
                 total = value if (weight == 1.0 and isinstance(total, float)) else total + weight * value
         if isinstance(total, float):  # every term had weight 0: nothing to learn from this batch
@@ -187,12 +189,12 @@ class TrainLoop:
             return total, total.item()
         return (total if scale == 1.0 else total * scale), global_value
 
-    def _term_scalars(self, batch: dict[str, Any], values: dict[str, Any],
-                      active: set[str]) -> tuple[dict[str, Any], float]:
-        """Each active term's value and parts as Python floats (float64 running sums, no tensor
-        ops), the global batch's under DDP; and the factor on the local loss (1 in one process)."""
+    def _term_scalars(self, batch: dict[str, Any], values: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        """Each computed term's value and parts as Python floats (float64 running sums, no tensor
+        ops), the global batch's under DDP; and the factor on the local loss (1 in one process).
+        Under DDP inactive terms are computed too: the guard must see them."""
         scalars = {name: (value.item(), {k: v.item() for k, v in parts.items()})
-                   for name, (value, parts) in values.items() if name in active}
+                   for name, (value, parts) in values.items()}
         return self._global_means(batch, scalars) if self.state.dist.enabled else (scalars, 1.0)
 
     def _global_means(self, batch: dict[str, Any], scalars: dict[str, Any]) -> tuple[dict[str, Any], float]:
