@@ -74,3 +74,13 @@ def test_ema_momentum_end_is_validated(tiny, overrides, message):
     with pytest.raises(ConfigError) as info:
         tiny(*overrides)
     assert any(message in p for p in info.value.problems)
+
+
+def test_a_term_switched_on_later_cannot_be_monitored(tiny, tmp_path):
+    # train/<term> is missing from the epochs before start_epoch: the first epoch end would fail
+    later = '{use="stagewise.cross_entropy", name="late", start_epoch=1}'
+    recipe = tiny(f'stages.phase1.losses=[{{use="stagewise.cross_entropy"}}, {later}]',
+                  'stages.phase1.monitor="train/late"')
+    (problem,) = _problems(recipe, tmp_path)
+    assert problem.startswith("stages[0].monitor: 'train/late' is not a metric this stage makes in every epoch")
+    assert "train/cross_entropy" in problem and "train/late" not in problem.split("one of")[1]

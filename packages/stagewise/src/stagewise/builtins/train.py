@@ -155,7 +155,8 @@ class TrainStage(Stage):
         if not self.has_eval() and o.schedule != "plateau":
             return []  # monitor is never read
         scope, _, rest = o.monitor.partition("/")
-        train = ["loss", "lr", "nonfinite", *(spec.name for spec in o.losses)]
+        # a term's train/ metrics exist only in epochs where its weight is not 0: from the first one
+        train = ["loss", "lr", "nonfinite", *(spec.name for spec in o.losses if _weighted_from_the_start(spec))]
         if (scope == "train" and rest.split("/")[0] in train) or (scope == "val" and rest and self.has_eval()):
             return []
         made = ", ".join(f"train/{k}" for k in train)
@@ -163,7 +164,7 @@ class TrainStage(Stage):
             return [f'stages[{index}].monitor: {o.monitor!r} needs evaluation, but eval_split is "" and '
                     f"schedule 'plateau' reads monitor every epoch; set eval_split or monitor one of {made}"]
         evaluated = "val/<metric> (e.g. val/loss) or " if self.has_eval() else ""
-        return [f"stages[{index}].monitor: {o.monitor!r} is not a metric this stage makes; use "
+        return [f"stages[{index}].monitor: {o.monitor!r} is not a metric this stage makes in every epoch; use "
                 f"{evaluated}one of {made} (a term's name may be followed by /weight, /weighted, ...)"]
 
     def has_eval(self) -> bool:
@@ -176,3 +177,7 @@ class TrainStage(Stage):
         terms = dict(objective.terms.items())
         return evaluate(state, terms, state.batches(self.options.eval_split), "val",
                         self.forward_fn(objective))
+
+
+def _weighted_from_the_start(spec: Any) -> bool:
+    return spec.start_epoch == 0 and spec.weight > 0 and (spec.cap is None or spec.cap > 0)
