@@ -156,7 +156,7 @@ class TrainStage(Stage):
             return []  # monitor is never read
         scope, _, rest = o.monitor.partition("/")
         # a term's train/ metrics exist only in epochs where its weight is not 0: from the first one
-        train = ["loss", "lr", "nonfinite", *(spec.name for spec in o.losses if _weighted_from_the_start(spec))]
+        train = ["loss", "lr", "nonfinite", *(spec.name for spec in o.losses if spec.weight_at(0) != 0.0)]
         if (scope == "train" and rest.split("/")[0] in train) or (scope == "val" and rest and self.has_eval()):
             return []
         made = ", ".join(f"train/{k}" for k in train)
@@ -177,7 +177,3 @@ class TrainStage(Stage):
         terms = dict(objective.terms.items())
         return evaluate(state, terms, state.batches(self.options.eval_split), "val",
                         self.forward_fn(objective))
-
-
-def _weighted_from_the_start(spec: Any) -> bool:
-    return spec.start_epoch == 0 and spec.weight > 0 and (spec.cap is None or spec.cap > 0)
