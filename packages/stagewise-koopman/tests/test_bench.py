@@ -35,3 +35,12 @@ def test_bad_data_is_a_message_not_a_traceback(bench, tmp_path, capsys):
     assert err.startswith("hybrid_vs_baseline: ") and "missing does not exist" in err
     assert "Traceback" not in err
 
+
+
+def test_pair_row_gain_is_the_baseline_error_over_the_hybrid_error(bench):
+    base = {"val/ppl": 100.0, "test/ppl": 110.0, "linearity/one_step_error": 0.3}
+    hybrid = {"val/ppl": 101.0, "test/ppl": 107.8, "linearity/one_step_error": 0.1}
+    row = bench.pair_row(2, base, hybrid)
+    assert row["linearity_gain"] == pytest.approx(3.0)  # the hybrid is three times as linear
+    assert row["ppl_change_pct"] == pytest.approx(1.0) and row["test_ppl_change_pct"] == pytest.approx(-2.0)
+    assert (row["seed"], row["baseline_ppl"], row["hybrid_ppl"]) == (2, 100.0, 101.0)

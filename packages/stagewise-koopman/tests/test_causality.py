@@ -59,3 +59,23 @@ def test_forward_mode_refuses_a_time_operator():
     model, term = trained("time")
     with pytest.raises(ValueError, match="needs a depth operator from layer 1"):
         koopman_forward_logits(model, term, model(torch.zeros(1, T, dtype=torch.long), return_hidden=True)["hidden"], 2)
+
+
+def test_forward_mode_uses_the_operator_of_its_source_layer_k_times():
+    """A term with source layer 1 only (its operator sits at index 0): replacing the last two of
+    three blocks is the head on ψ(K² φ(h_1)), computed here from the raw parameters."""
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerConfig(vocab_size=50, n_layer=3, n_embd=16, n_head=2, ffn_hidden=32)).eval()
+    term = KoopmanOperator(KoopmanOptions(koopman_dim=8, layers=[1], steps=2)).build(4, 16)
+    m = term.koopman
+    with torch.no_grad():
+        m.operator.copy_(torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(3)) / 3)
+        m.lift_bias.normal_()
+        m.decode_bias.normal_()
+        idx = torch.randint(0, 50, (2, T), generator=torch.Generator().manual_seed(4))
+        hidden = model(idx, return_hidden=True)["hidden"]
+        h = hidden[1]
+        h_hat = h / (h.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+        z = torch.tanh(h_hat @ m.lift_weight[0] + m.lift_bias[0]) @ m.operator[0].T @ m.operator[0].T
+        expected = model.logits_from_hidden(z @ m.decode_weight[0] + m.decode_bias[0])
+        torch.testing.assert_close(koopman_forward_logits(model, term, hidden, 2), expected, rtol=1e-5, atol=1e-5)

@@ -53,3 +53,26 @@ def test_refresh_blends_at_the_rate():
     term.refresh_operator()
     expected = 0.9 * torch.eye(4) + 0.1 * A
     torch.testing.assert_close(term.koopman.operator.detach(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_each_step_records_enough_pairs_to_refresh_every_dmd_every_steps():
+    # ⌈16 / 3⌉ = 6 pairs per step: three steps refill the 16-pair buffer (two would not)
+    A, x, y = linear_system(n=3, N=10, D=4)
+    term = KoopmanOperator(KoopmanOptions(koopman_dim=4, dmd_every=3, dmd_rate=1.0, dmd_buffer=16)).build(4, 8)
+    for _ in range(2):
+        term._record(x, y)
+        assert term.refresh_operator() is False
+    term._record(x, y)
+    assert int(term.dmd_fresh) == 18 and term.refresh_operator() is True
+    torch.testing.assert_close(term.koopman.operator.detach(), A, rtol=1e-4, atol=1e-5)
+
+
+def test_only_training_passes_record_pairs_for_the_refresh():
+    g = torch.Generator().manual_seed(5)
+    hidden = [torch.randn(2, 6, 8, generator=g) for _ in range(4)]
+    term = KoopmanOperator(KoopmanOptions(koopman_dim=4, dmd_every=2, dmd_buffer=16)).build(4, 8)
+    with torch.no_grad():
+        term({"hidden": hidden}, {}, None)  # an evaluation pass
+    assert int(term.dmd_seen) == 0 and int(term.dmd_fresh) == 0
+    term({"hidden": hidden}, {}, None)
+    assert int(term.dmd_seen) == 8 and int(term.dmd_fresh) == 8  # ⌈16 / 2⌉ pairs of this step

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import run_tiny
 
@@ -47,3 +48,17 @@ def test_forward_mode_and_spectrum_are_reported(tiny_run):
     assert metrics["forward/ppl_ratio"] == metrics["forward/koopman_ppl"] / metrics["forward/ppl"]
     assert metrics["forward/ppl"] == metrics["test/ppl"]  # the standard pass is the model's own
     assert (tiny_run / "plots" / "koopman_spectrum.png").exists() == have_matplotlib()
+
+
+def test_share_is_the_weighted_term_over_the_total_loss(tiny_run):
+    """koopman/share = train/koopman/weighted ÷ train/loss of the same epoch (the weighted term,
+    after the ramp and the fallbacks, not the raw one)."""
+    from stagewise_koopman.events import koopman_share
+
+    assert koopman_share({"train/loss": 4.0, "train/koopman": 10.0, "train/koopman/weighted": 1.0}, "koopman") == 0.25
+    assert koopman_share({"train/loss": 4.0}, "koopman") == 0.0  # the term was off
+    records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["event"] == "epoch" and r["stage"] == "main"]
+    shares = [r["koopman/share"] for r in records if r["event"] == "koopman.epoch"]
+    assert epochs[2]["train/koopman/weighted"] != epochs[2]["train/koopman"]  # the test can tell them apart
+    assert shares[1:] == [pytest.approx(e["train/koopman/weighted"] / e["train/loss"], rel=1e-12) for e in epochs[1:]]

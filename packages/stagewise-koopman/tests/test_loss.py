@@ -122,3 +122,108 @@ def test_post_hoc_fit_refuses_time_steps_as_long_as_the_sequence():
     batch = {"input": torch.zeros(2, 8, dtype=torch.long)}
     with pytest.raises(ValueError, match="steps 8 must be below the sequence length 8 for axis 'time'"):
         fit_post_hoc(model, lambda epoch: [batch], KoopmanOptions(koopman_dim=4, axis="time", steps=8), 2, 1e-3)
+
+
+def test_operator_change_is_measured_since_the_last_call():
+    term = KoopmanOperator(KoopmanOptions(koopman_dim=2)).build(3, 8)  # depth: sources 0, 1; K = I
+    with torch.no_grad():
+        term.koopman.operator[0] += torch.tensor([[0.3, 0.0], [0.0, -0.1]])
+    change = term.operator_change()
+    assert change["K0/change"] == pytest.approx(0.1)  # mean |ΔK| = (0.3 + 0.1) / 4
+    assert change["K0/change_pct"] == pytest.approx(100 * (0.1 ** 0.5) / (2 ** 0.5))  # ‖ΔK‖ / ‖I‖ in %
+    assert change["K1/change"] == 0.0 and change["K1/change_pct"] == 0.0
+    assert term.operator_change() == {"K0/change": 0.0, "K0/change_pct": 0.0, "K1/change": 0.0, "K1/change_pct": 0.0}
+    with torch.no_grad():
+        term.koopman.operator[1, 0, 1] = 0.4  # K1 = [[1, 0.4], [0, 1]]
+    change = term.operator_change()
+    assert change["K0/change"] == 0.0  # K0's earlier change is not counted again
+    assert change["K1/change"] == pytest.approx(0.1) and change["K1/change_pct"] == pytest.approx(100 * 0.4 / 2 ** 0.5)
+
+
+def test_spectral_radius_is_the_largest_eigenvalue_modulus():
+    from stagewise_koopman.forward_mode import spectral_radii
+
+    term = KoopmanOperator(KoopmanOptions(koopman_dim=2)).build(3, 8)
+    with torch.no_grad():
+        term.koopman.operator[0] = torch.tensor([[0.0, -0.5], [0.5, 0.0]])  # a rotation: eigenvalues ±0.5i
+        term.koopman.operator[1] = torch.tensor([[-0.9, 0.0], [0.0, 0.2]])  # eigenvalues -0.9, 0.2
+    radii = spectral_radii(term)
+    assert radii == {0: pytest.approx(0.5), 1: pytest.approx(0.9)}
+
+
+class _FixedHidden(torch.nn.Module):
+    """A stand-in model whose hidden states are given."""
+
+    def __init__(self, hidden):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward_batch(self, batch, needs):
+        return {"hidden": self.hidden}
+
+
+def test_linearity_error_per_source_layer_belongs_to_that_layer():
+    from stagewise_koopman.linearity import one_step_error
+
+    h, g = hidden_states(n=2)
+    term = KoopmanOperator(KoopmanOptions(koopman_dim=4)).build(3, 8)  # depth: sources 0, 1
+    with torch.no_grad():  # K0 = I; K1 anything but I (K1² ≠ K1)
+        term.koopman.operator[1] = torch.randn(4, 4, generator=torch.Generator().manual_seed(3))
+    # h_1 = h_0: layer 0's step is the identity, which K0 = I predicts exactly; h_2 is unrelated
+    overall, per_layer = one_step_error(_FixedHidden([h, h, g]), term, [{"input": torch.zeros(2, 6)}])
+    assert per_layer[0] == 0.0
+    with torch.no_grad():  # by hand: ‖z K1ᵀ − φ1(h_2)‖² over the spread of φ1(h_2), unbiased over tokens
+        j = slice(1, 2)
+        z, target = term.koopman.lift(h.reshape(1, 12, 8), j)[0], term.koopman.lift(g.reshape(1, 12, 8), j)[0]
+        pred = z @ term.koopman.operator[1].T
+        expected = float(((pred - target) ** 2).mean() / (target.var(0).mean() + EPS))
+    assert per_layer[1] == pytest.approx(expected, rel=1e-5)
+    assert overall == pytest.approx((per_layer[0] + per_layer[1]) / 2, rel=1e-6)
+
+
+def test_post_hoc_fit_loss_is_the_mean_of_the_last_tenth_of_the_steps():
+    model = TransformerLM(TransformerConfig(vocab_size=20, n_layer=2, n_embd=8, n_head=2, ffn_hidden=16)).eval()
+    g = torch.Generator().manual_seed(4)
+    batches = [{"input": torch.randint(0, 20, (2, 6), generator=g)} for _ in range(3)]
+    options = KoopmanOptions(koopman_dim=4)
+    torch.manual_seed(7)
+    _, fit_loss = fit_post_hoc(model, lambda epoch: batches, options, 20, 5e-2)
+    # the same fit by hand: fresh modules (same seed), Adam, the batches in turn
+    torch.manual_seed(7)
+    term = KoopmanOperator(options).build(3, 8)
+    optimizer = torch.optim.Adam(term.parameters(), lr=5e-2)
+    losses = []
+    for step in range(20):
+        with torch.no_grad():
+            hidden = model(batches[step % 3]["input"], return_hidden=True)["hidden"]
+        loss = sum(term({"hidden": hidden}, {}, None).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] > 1.5 * losses[-1]  # the fit moves: a mean over other steps would differ
+    assert fit_loss == pytest.approx((losses[-2] + losses[-1]) / 2, rel=1e-5)  # steps 18 and 19
+
+
+def test_forward_eval_accepts_exactly_the_source_layer_that_replace_layers_needs():
+    from stagewise_koopman.stages import ForwardEval, ForwardEvalOptions
+
+    def problems(replace, **term):
+        return ForwardEval(ForwardEvalOptions(replace_layers=replace)).replace_problems(
+            KoopmanOptions(**term), n_layer=3, trained_hidden=4)
+
+    assert problems(3, layers=[0], steps=3) == []  # ψ(K³ φ(h_0)) replaces all three blocks
+    assert problems(2, layers=[1]) == []
+    assert problems(2, layers=[2]) != []  # replacing blocks 2-3 needs layer 1's operator, not layer 2's
+    assert problems(1, layers=[0, 1]) != []
+
+
+def test_evaluation_sums_weigh_each_batch_by_its_sequences():
+    term = KoopmanOperator(KoopmanOptions(koopman_dim=4, lifted_weight=2.0)).build(4, 8)
+    hidden = hidden_states(B=3)
+    with torch.no_grad():  # as the engine's evaluation calls it
+        sums = term.eval_sums({"hidden": hidden}, {"input": torch.zeros(3, 6, dtype=torch.long)}, None)
+        errors, _ = term.errors(hidden)
+    weighted = 2.0 * errors["lifted"] + errors["reconstruction"] + errors["state"]
+    assert sums["loss"] == (pytest.approx(3 * float(weighted)), 3.0)
+    assert sums["one_step"] == (pytest.approx(3 * float(errors["one_step"])), 3.0)

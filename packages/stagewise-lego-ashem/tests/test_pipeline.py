@@ -176,3 +176,28 @@ def test_a_cache_without_hard_tokens_says_there_is_nothing_to_train():
              "hard": torch.zeros(3, 4, dtype=torch.bool)}
     with pytest.raises(ConfigError, match="'train' holds no hard token.*raise the router's hard_ratio"):
         stage.run(SimpleNamespace(artifacts={mining.CACHE: cache}))
+
+
+def test_mine_reports_the_calibrated_hard_ratio_on_the_calibration_split(tiny, tmp_path):
+    """At hard_ratio 0.25 (not 0.5, where hard and easy shares coincide) a quarter of the
+    calibration tokens come out hard; the mined split's counts agree with its ratio."""
+    table = tiny("stages.mine.router.hard_ratio=0.25").table
+    table["stages"] = table["stages"][:2]  # phase 1, mine
+    from stagewise.recipe import recipe_from_table
+
+    metrics = read_summary(run_recipe(recipe_from_table(table, "mine-only", []), out=tmp_path / "run",
+                                      quiet=True))["metrics"]
+    assert metrics["mine/calib_hard_ratio"] == pytest.approx(0.25, abs=0.01)
+    assert metrics["mine/hard_tokens"] == round(metrics["mine/hard_ratio"] * metrics["mine/tokens"])
+    assert metrics["mine/mean_hard_confidence"] < metrics["mine/threshold"]
+
+
+def test_phase2_without_a_layer_above_the_exit_is_refused_before_anything_runs(tiny, tmp_path):
+    table = tiny().table
+    del table["stages"][2]["grow"]  # phase 2 on the 2-layer model that exits at layer 2
+    table["stages"][2]["train"] = ["layers.1.*"]
+    from stagewise.recipe import recipe_from_table
+
+    with pytest.raises(ConfigError, match="no layer above exit_layer 2 .n_layer 2."):
+        run_recipe(recipe_from_table(table, "no-grow", []), out=tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()

@@ -178,3 +178,217 @@ def test_the_sequence_cache_keeps_only_windows_with_a_hard_token():
                            "hard": hard})
     assert len(cache) == 2 and cache.windows.tolist() == [0, 2]
     assert torch.equal(cache[1]["hard"], hard[2]) and float(cache[1]["hidden"][0, 0]) == 2.0
+
+
+# --- counted FLOPs, the curve, the probe, phase-2 speedups: numbers users read ------------------
+
+
+def _shape(n_layer: int = 4, exit_layer: int = 2):
+    from stagewise_lego_ashem.metrics import Shape
+
+    return Shape(n_embd=16, ffn_hidden=32, vocab_size=40, n_layer=n_layer, exit_layer=exit_layer)
+
+
+@pytest.mark.parametrize(("measure", "per_vocab"), [("max_prob", 3), ("margin", 4), ("neg_entropy", 5)])
+def test_routed_flops_with_every_token_hard_are_full_depth_plus_the_exit_head_and_confidence(measure, per_vocab):
+    """All hard: every layer runs for every row, as in the full-depth forward; a softmax measure
+    adds the exit head (2·C·V) and its confidence (per_vocab·V) for every token."""
+    from stagewise_lego_ashem.metrics import full_depth_flops, routed_flops
+
+    shape, hard = _shape(), torch.zeros(3, 5, dtype=torch.bool)  # easy mask: nobody exits
+    n, C, V = 15, 16, 40
+    extra = routed_flops(shape, hard, measure) - full_depth_flops(shape, torch.ones(3, 5, dtype=torch.bool))
+    assert extra == pytest.approx(n * (2 * C * V + per_vocab * V), rel=1e-12)
+
+
+def test_routed_flops_with_the_probe_pay_one_head_per_token():
+    """The probe (C -> 1: 2·C per token) replaces the exit softmax: no exit head for hard tokens,
+    so all hard costs full depth + the probe; all easy costs the lower layers, the upper layers'
+    keys/values (4·C² per position and upper layer) and one head per token."""
+    from stagewise_lego_ashem.metrics import full_depth_flops, routed_flops
+
+    shape, every = _shape(), torch.ones(3, 5, dtype=torch.bool)
+    n, C, V = 15, 16, 40
+    assert routed_flops(shape, ~every, "probe") - full_depth_flops(shape, every) == pytest.approx(n * 2 * C, rel=1e-12)
+    lower = full_depth_flops(_shape(n_layer=2), every) - n * 2 * C * V  # two blocks, no head
+    expected_easy = lower + 2 * n * 4 * C * C + n * 2 * C + n * 2 * C * V
+    assert routed_flops(shape, every, "probe") == pytest.approx(expected_easy, rel=1e-12)
+
+
+def test_phase2_step_and_token_step_flops_follow_the_layers_they_run():
+    """All hard: a cached step's forward is the upper blocks plus the head (x3 with the backward),
+    and the lower blocks' forward is what a full-forward step adds: lower + cache/3 = full depth.
+    A token-mode step is the upper blocks on length-1 sequences (x3)."""
+    from stagewise_lego_ashem.metrics import full_depth_flops, phase2_step_flops, token_step_flops
+
+    shape, hard = _shape(), torch.ones(2, 6, dtype=torch.bool)
+    counted = phase2_step_flops(shape, hard)
+    assert counted["lower"] + counted["cache"] / 3 == pytest.approx(full_depth_flops(shape, hard), rel=1e-12)
+    assert counted["lower"] == pytest.approx(full_depth_flops(_shape(n_layer=2), hard) - 12 * 2 * 16 * 40, rel=1e-12)
+    two_blocks_alone = full_depth_flops(_shape(n_layer=2), torch.ones(7, 1, dtype=torch.bool))  # 7 tokens, T = 1
+    assert token_step_flops(shape, 7) == pytest.approx(3 * two_blocks_alone, rel=1e-12)
+
+
+def test_seed_compute_cost_is_the_layer_count():
+    from stagewise_lego_ashem.metrics import seed_compute_cost
+
+    # 3 of 4 tokens exit at layer 1 of 4: (3·1 + 1·4) / (4·4)
+    assert seed_compute_cost(3, 4, 1, 4) == pytest.approx(7 / 16)
+
+
+class _State:
+    """The parts of stagewise.State that the routed evaluation and the curve read."""
+
+    def __init__(self, model, batches, artifacts=None):
+        from stagewise.engine.distributed import DistInfo
+
+        self.model, self._batches, self.artifacts = model, batches, artifacts or {}
+        self.dist, self.run_dir, self.logged, self.seed, self.stage_index = DistInfo(), None, [], 0, 0
+        self.device = torch.device("cpu")
+
+    def batches(self, split, shard=True, **_):
+        return self._batches[split]
+
+    def log(self, event, **fields):
+        self.logged.append((event, fields))
+
+    def print(self, text):
+        pass
+
+
+def test_the_curve_takes_evenly_spread_calibration_quantiles_and_ends_with_nobody_exiting():
+    from stagewise_lego_ashem.evaluation import accuracy_compute_curve
+    from stagewise_lego_ashem.mining import ROUTER, score_quantiles
+
+    model = small_model()
+    idx = torch.randint(0, 40, (4, 12), generator=torch.Generator().manual_seed(11))
+    router = calibrated(model, idx)
+    with torch.no_grad():
+        scores = router.score(model, model.exit_hidden(idx))[0]
+    quantiles = score_quantiles(scores)
+    state = _State(model, {"test": [{"input": idx, "target": idx.roll(-1, 1)}]}, {ROUTER: {"quantiles": quantiles}})
+    rows = accuracy_compute_curve(state, "test", router, 3)  # quantiles 0, 10, 20 of 21
+    assert [r["threshold"] for r in rows] == [quantiles[0], quantiles[10], math.inf]
+    # evaluated on the calibration tokens themselves: the minimum lets every token exit, the
+    # median half of them, and the top point (infinity) none: full depth, compute_cost 1
+    assert [r["shallow_ratio"] for r in rows] == [1.0, pytest.approx(0.5, abs=1 / 48), 0.0]
+    assert rows[0]["compute_cost"] == pytest.approx(0.5) and rows[-1]["compute_cost"] == 1.0
+    assert state.logged[0][0] == "lego_ashem.curve" and state.logged[0][1]["points"] == rows
+
+
+def test_probe_labels_say_whether_the_exit_argmax_is_the_final_argmax():
+    from stagewise_lego_ashem.probe import probe_data
+
+    model = small_model()
+    idx = torch.randint(0, 40, (3, 9), generator=torch.Generator().manual_seed(12))
+    data = probe_data(model, [{"input": idx}])
+    with torch.no_grad():
+        out = model(idx, exit_layers=[2])
+    expected = (out["exit_logits"][2].argmax(-1) == out["logits"].argmax(-1)).flatten()
+    assert 0 < int(expected.sum()) < expected.numel()  # both labels occur: the test can tell them apart
+    assert torch.equal(data["label"], expected)
+    assert torch.equal(data["hidden"], model.exit_hidden(idx).flatten(0, 1))
+
+
+def test_train_exit_probe_calibrates_on_calib_split_and_scores_its_accuracy_there():
+    from stagewise_lego_ashem.mining import ROUTER
+    from stagewise_lego_ashem.probe import probe_data
+    from stagewise_lego_ashem.router import quantile_threshold
+    from stagewise_lego_ashem.stages import TrainExitProbe, TrainExitProbeOptions
+
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=40, n_layer=4, n_embd=16, n_head=2, ffn_hidden=32)
+    model = DeepSupervisionTransformer(config, exit_layer=2, exit_probe=True).eval()
+    g = torch.Generator().manual_seed(13)
+    train, valid = (torch.randint(0, 40, (4, 10), generator=g) for _ in range(2))
+    state = _State(model, {"train": [{"input": train}], "valid": [{"input": valid}]},
+                   {ROUTER: {"measure": "max_prob", "hard_ratio": 0.3, "threshold": 0.1}})
+    metrics = TrainExitProbe(TrainExitProbeOptions(epochs=2), label="probe").run(state)
+    calib = probe_data(model, [{"input": valid}])
+    with torch.no_grad():
+        scores = torch.sigmoid(model.exit_probe(calib["hidden"]).squeeze(-1))
+    assert metrics["probe/threshold"] == pytest.approx(quantile_threshold(scores, 0.3), abs=1e-6)
+    assert model.threshold == pytest.approx(metrics["probe/threshold"], abs=1e-6)
+    labels = calib["label"]
+    assert metrics["probe/probe_acc"] == pytest.approx(float(((scores >= 0.5) == labels).float().mean()))
+    agreement = float(probe_data(model, [{"input": train}])["label"].float().mean())
+    assert metrics["probe/agreement"] == pytest.approx(agreement)
+    assert state.artifacts[ROUTER]["measure"] == "probe"
+
+
+def test_phase2_counted_speedups_compare_the_layers_each_step_runs():
+    """Every cached token hard, 2 windows of 3 tokens, batch 2: one cached step. A full-forward
+    step adds the frozen lower blocks' forward (A) to the cached step (3U: the upper blocks and
+    the head, forward and backward); token mode runs the 6 hard tokens alone in 3 steps of 2."""
+    from types import SimpleNamespace
+
+    from stagewise_lego_ashem.evaluation import phase2_speedups
+    from stagewise_lego_ashem.metrics import full_depth_flops
+
+    model = small_model()
+    idx = torch.randint(0, 40, (2, 3), generator=torch.Generator().manual_seed(14))
+    with torch.no_grad():
+        hidden = model.exit_hidden(idx)
+    cache = {"split": "train", "exit_layer": 2, "hidden": hidden, "target": idx.roll(-1, 1),
+             "hard": torch.ones(2, 3, dtype=torch.bool)}
+    state = SimpleNamespace(model=model, device=torch.device("cpu"),
+                            recipe=SimpleNamespace(data=SimpleNamespace(batch_size=2)))
+    out = phase2_speedups(state, cache, [{"input": row} for row in idx], repeats=1)
+    every, head = torch.ones(2, 3, dtype=torch.bool), 2 * 16 * 40
+    lower = full_depth_flops(_shape(n_layer=2), every) - 6 * head  # blocks 1-2, no head
+    upper = full_depth_flops(_shape(), every) - lower  # blocks 3-4 and the head
+    assert out["phase2_cache_speedup_flops"] == pytest.approx((lower + 3 * upper) / (3 * upper), rel=1e-12)
+    token_step = 3 * full_depth_flops(_shape(n_layer=2), torch.ones(2, 1, dtype=torch.bool))  # 2 tokens, T = 1
+    assert out["phase2_token_mode_speedup_flops"] == pytest.approx((lower + 3 * upper) / (3 * token_step), rel=1e-12)
+    assert all(out[k] > 0 for k in ("phase2_cache_step_ms", "phase2_full_forward_step_ms", "phase2_token_step_ms"))
+
+
+def test_confidence_flops_share_is_the_confidence_over_the_routed_forward():
+    from stagewise_lego_ashem.evaluation import _confidence_flops_share
+    from stagewise_lego_ashem.metrics import routed_flops
+
+    model = small_model()
+    idx = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(15))
+    router = calibrated(model, idx)
+    easy = routed_forward(model, idx, router, router.threshold)["easy"]
+    assert 0 < int(easy.sum()) < easy.numel()
+    expected = 12 * 3 * 40 / routed_flops(_shape(), easy, "max_prob")  # 3 FLOPs per vocabulary entry, every token
+    assert _confidence_flops_share(model, idx, router) == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_model_refuses_an_exit_layer_outside_it():
+    config = TransformerConfig(vocab_size=40, n_layer=2, n_embd=16, n_head=2, ffn_hidden=32)
+    for exit_layer in (0, 3):
+        with pytest.raises(ValueError, match="outside the model"):
+            DeepSupervisionTransformer(config, exit_layer=exit_layer)
+
+
+@pytest.mark.parametrize("measure", ["max_prob", "margin", "neg_entropy"])
+def test_chunked_exit_confidence_equals_the_unchunked_one_across_chunk_boundaries(measure):
+    from stagewise_lego_ashem.router import SCORE_ROWS, confidence_and_exit_logits
+
+    model = small_model()
+    h = torch.randn(3, 100, 16, generator=torch.Generator().manual_seed(16))  # 300 rows: 3 chunks of 128
+    assert 2 * SCORE_ROWS < 300
+    with torch.no_grad():
+        confidence, logits = confidence_and_exit_logits(model, h, measure)
+        expected_logits = model.logits_from_hidden(h)
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(confidence, confidence_from_logits(expected_logits, measure), rtol=0, atol=1e-6)
+
+
+def test_routed_training_applies_the_residual_dropout_of_core_blocks():
+    """With attention-weight and feed-forward dropout off, only the residual dropout after the
+    attention projection can make a train-mode pass differ from an eval-mode one."""
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=40, n_layer=4, n_embd=16, n_head=2, ffn_hidden=32, dropout=0.5)
+    model = DeepSupervisionTransformer(config, exit_layer=2)
+    for block in model.layers:
+        block.ffn.dropout = torch.nn.Identity()
+        block.attn.dropout = 0.0
+    h = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(1))
+    hard = torch.tensor([[True, False, True, True, False, True]] * 2)
+    with torch.no_grad():
+        trained = routed_layers(model.train(), h, hard, 2, 4)
+        evaluated = routed_layers(model.eval(), h, hard, 2, 4)
+    assert not torch.allclose(trained[hard], evaluated[hard])
