@@ -117,3 +117,29 @@ def test_run_files_get_the_usual_permissions(tiny_recipe_path, tmp_path):
     os.umask(mask)
     for name in ("recipe.toml", "env.json", "summary.json", "metrics.jsonl", "checkpoints/last.pt"):
         assert stat.S_IMODE((run_dir / name).stat().st_mode) == 0o666 & ~mask, name  # as open() makes them
+
+
+def test_verify_tolerance_is_inclusive_and_nan_matches_nan():
+    from stagewise.verify import compare
+
+    golden = {"a": 1.0, "b": float("nan"), "c": 2}
+    assert compare({"a": 1.5, "b": float("nan"), "c": 2}, golden, {"a": 0.5}) == []  # |1.5 - 1| <= 0.5
+    (problem,) = compare({"a": 1.75, "b": float("nan"), "c": 2}, golden, {"a": 0.5})
+    assert problem.startswith("a: run 1.75 != golden 1.0 (diff +0.75, tolerance 0.5)")
+    assert compare({"a": 1.0, "b": 0.0, "c": 2}, golden, {})[0].startswith("b: run 0.0 != golden nan")
+
+
+def test_compare_refuses_other_seeds_and_other_data(tiny_recipe_path, tmp_path):
+    from stagewise.compare import compare_recipes
+    from stagewise.errors import ConfigError
+
+    text = tiny_recipe_path.read_text().replace('name = "tiny"', 'name = "other"')
+    for change, problem in [(("seed = 7", "seed = 8"), "run.seed 8 differs from 7"),
+                            (("seq_len = 8", "seq_len = 4"), "[data] differs from")]:
+        other = tmp_path / "other.toml"
+        other.write_text(text.replace(*change))
+        with pytest.raises(ConfigError) as info:
+            compare_recipes([str(tiny_recipe_path), str(other)], [], tmp_path / "cmp", quiet=True)
+        (found,) = info.value.problems
+        assert found.startswith(f"{other}: ") and problem in found
+        assert not (tmp_path / "cmp").exists()  # refused before any run

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import read_records, read_summary
 
+import stagewise
 from stagewise.engine.checkpoint import load_checkpoint
 from stagewise.engine.runner import run_recipe
 from stagewise.verify import compare
@@ -145,3 +147,166 @@ def test_existing_run_directory_is_not_overwritten(tiny, tmp_path):
     with pytest.raises(CheckpointError, match="--resume"):
         run_recipe(tiny(), out=tmp_path / "run", quiet=True)
     assert (tmp_path / "run" / "keep.txt").read_text() == "mine"
+
+
+def test_early_stopping_stops_after_exactly_patience_epochs_without_improvement(tiny, tmp_path):
+    recipe = tiny("stages.phase1.lr=1.0", "stages.phase1.max_epochs=6", "stages.phase1.patience=2")
+    run_dir = run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    phase1 = read_summary(run_dir)["stages"]["phase1"]
+    val = [r["val/loss"] for r in read_records(run_dir, "epoch") if r["stage"] == "phase1"]
+    best = val.index(min(val))
+    assert phase1["metrics"]["train/stopped_early"] is True
+    assert len(val) == phase1["epochs"] == best + 1 + 2  # the best epoch, then 2 epochs without improvement
+
+
+def test_mode_max_picks_the_largest_monitor_for_best_epoch_and_plateau(tiny, tmp_path):
+    recipe = tiny('stages.phase1.mode="max"', "stages.phase1.max_epochs=3", 'stages.phase1.schedule="plateau"')
+    run_dir = run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    epochs = [r for r in read_records(run_dir, "epoch") if r["stage"] == "phase1"]
+    val = [r["val/loss"] for r in epochs]
+    assert len(set(val)) == 3
+    metrics = read_summary(run_dir)["stages"]["phase1"]["metrics"]
+    assert metrics["train/best_epoch"] == val.index(max(val)) and metrics["val/loss"] == max(val)
+    # plateau (patience 0, factor 0.5, torch's relative threshold 1e-4) halves the lr after each
+    # epoch whose val/loss is not above the best so far; an epoch's record holds the lr it trained at
+    lr, best, expected = 1e-2, -math.inf, []
+    for value in val:
+        expected.append(lr)
+        if value > best * (1 + 1e-4):
+            best = value
+        else:
+            lr *= 0.5
+    assert [r["train/lr"] for r in epochs] == pytest.approx(expected)
+
+
+def test_ema_target_moves_by_the_momentum_schedule_at_every_step(tiny, tmp_path):
+    from stagewise import hookimpl
+    from stagewise.plugins import register_plugin, unregister_plugin
+
+    errors, start, end, total = [], 0.5, 0.9, 10  # phase1: 2 epochs x 5 steps
+
+    class Watcher:
+        @hookimpl
+        def stagewise_before_step(self, state):
+            if state.stage_name == "phase1":
+                self.before = [t.detach().clone() for t in state.target_model.parameters()]
+
+        @hookimpl
+        def stagewise_after_step(self, state):
+            if state.stage_name == "phase1":
+                # cosine from start (step 0) to end (the stage's last step)
+                m = start + (end - start) * (1 - math.cos(math.pi * state.step / total)) / 2
+                pairs = zip(self.before, state.target_model.parameters(), state.model.parameters(), strict=True)
+                errors.append(max((t - (m * b + (1 - m) * p.detach())).abs().max().item() for b, t, p in pairs))
+
+    register_plugin(Watcher(), "ema_watcher")
+    try:
+        recipe = tiny(f"stages.phase1.ema_momentum={start}", f"stages.phase1.ema_momentum_end={end}")
+        run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    finally:
+        unregister_plugin("ema_watcher")
+    assert len(errors) == total and max(errors) < 1e-6
+
+
+def test_default_run_folders_are_numbered_from_2(tmp_path):
+    from stagewise.engine.rundir import unused_folder
+
+    base = tmp_path / "tiny"
+    assert unused_folder(base) == base  # missing
+    base.mkdir()
+    assert unused_folder(base) == base  # empty
+    (base / "summary.json").write_text("{}")
+    assert unused_folder(base) == tmp_path / "tiny-2"
+    (tmp_path / "tiny-2").mkdir()
+    (tmp_path / "tiny-2" / "x").write_text("")
+    assert unused_folder(base) == tmp_path / "tiny-3"
+    (tmp_path / "tiny-3").write_text("a file, not a run")  # passed over, not iterated
+    assert unused_folder(base) == tmp_path / "tiny-4"
+
+
+def test_non_finite_values_are_logged_as_strict_json(tmp_path):
+    from stagewise.engine.rundir import RunDir
+
+    run = RunDir.create(tmp_path / "run", "", {})
+    run.log({"event": "step", "train/loss": float("nan"), "parts": [float("inf"), 1.0]})
+    run.close()
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    line = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert json.loads(line, parse_constant=refuse) == {"event": "step", "train/loss": "nan", "parts": ["inf", 1.0]}
+
+
+def test_evaluation_runs_the_model_in_eval_mode_and_restores_training_mode():
+    from types import SimpleNamespace
+
+    from stagewise.builtins.losses import CrossEntropy
+    from stagewise.engine.distributed import DistInfo
+    from stagewise.engine.evaluate import evaluate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3))
+    batches = [{"input": torch.randn(5, 4), "target": torch.tensor([0, 1, 2, 0, 1])} for _ in range(2)]
+    state = SimpleNamespace(model=model, dist=DistInfo())
+    with torch.no_grad():  # the reference: the model without dropout, over both batches
+        logits = model[2](model[0](torch.cat([b["input"] for b in batches])))
+        expected = torch.nn.functional.cross_entropy(logits, torch.cat([b["target"] for b in batches])).item()
+    metrics = evaluate(state, {"cross_entropy": CrossEntropy()}, batches, "val")
+    assert metrics["val/loss"] == pytest.approx(expected, rel=1e-6) and model.training  # back to training
+
+
+class _Drift(stagewise.Loss):
+    """A term with a parameter of its own that moves at every step (towards 1), apart from the model."""
+
+    name = "enginetest.drift"
+
+    def setup(self, state):
+        self.p = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, outputs, batch, state):
+        return (self.p - 1.0) ** 2 + outputs["logits"].sum() * 0.0
+
+
+def test_restore_best_restores_the_terms_parameters_with_the_model(tiny, tmp_path):
+    from stagewise.plugins import register_plugin, unregister_plugin
+
+    seen = {"epochs": [], "stage": None}
+
+    class Watcher:
+        @stagewise.hookimpl
+        def stagewise_register_losses(self, register):
+            register(_Drift)
+
+        @stagewise.hookimpl
+        def stagewise_after_epoch(self, state, metrics):
+            if state.stage_name == "phase1":
+                seen["epochs"].append((metrics["val/loss"], state.terms["drift"].p.item(),
+                                       state.model.embedding.weight.detach().clone()))
+
+        @stagewise.hookimpl
+        def stagewise_after_stage(self, state):
+            if state.stage_name == "phase1":
+                seen["stage"] = (state.terms["drift"].p.item(), state.model.embedding.weight.detach().clone())
+
+    register_plugin(Watcher(), "enginetest")
+    try:
+        terms = '[{use="stagewise.cross_entropy"}, {use="enginetest.drift"}]'
+        recipe = tiny("stages.phase1.lr=1.0", "stages.phase1.max_epochs=3", f"stages.phase1.losses={terms}")
+        run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    finally:
+        unregister_plugin("enginetest")
+    val = [v for v, _, _ in seen["epochs"]]
+    best = val.index(min(val))
+    assert best < len(val) - 1  # the last epoch is not the best: restoring changes something
+    _, p_best, embedding_best = seen["epochs"][best]
+    p_final, embedding_final = seen["stage"]
+    assert p_final == p_best != seen["epochs"][-1][1]
+    assert torch.equal(embedding_final, embedding_best)
+
+
+def test_a_stage_without_evaluation_tracks_no_best_epoch(tiny, tmp_path):
+    run_dir = run_recipe(tiny('stages.phase1.eval_split=""'), out=tmp_path / "run", quiet=True)
+    metrics = read_summary(run_dir)["stages"]["phase1"]["metrics"]
+    assert metrics["train/best_epoch"] == -1 and metrics["train/stopped_early"] is False
+    assert not any(k.startswith("val/") for k in metrics) and read_summary(run_dir)["stages"]["phase1"]["epochs"] == 2

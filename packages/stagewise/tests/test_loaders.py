@@ -262,3 +262,12 @@ def test_a_missing_absolute_path_has_no_working_directory_hint(tmp_path):
     with pytest.raises(DataError) as info:
         CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "missing.csv"), target=["b"]), seed=0)
     assert str(info.value) == f"CSV file {tmp_path / 'missing.csv'} does not exist; check the path"
+
+
+def test_csv_column_indices_stop_before_the_width_and_blank_lines_are_skipped(tmp_path):
+    (tmp_path / "t.csv").write_text("1,2,3\n\n4,5,6\n\n")
+    data = CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=[2], header=False,
+                                             splits={"train": 1.0}), seed=0)
+    assert all_items(data) == [([1.0, 2.0], 3.0), ([4.0, 5.0], 6.0)]
+    with pytest.raises(DataError, match=r"names column 3, which is neither .* 0-based indices 0\.\.2"):
+        CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=[3], header=False), seed=0)

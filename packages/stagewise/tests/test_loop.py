@@ -105,3 +105,102 @@ def test_an_epoch_draws_only_the_batches_it_trains_on(tiny, tmp_path, monkeypatc
     monkeypatch.setattr(TrainStage, "train_batches", counted)
     run_recipe(tiny(), out=tmp_path / "run", quiet=True)
     assert len(drawn) == 20  # 2 stages x 2 epochs x max_steps_per_epoch 5, of a longer split
+
+
+def test_a_nonfinite_loss_leaves_adamw_parameters_unchanged_and_unrecorded(tiny, tmp_path):
+    spy = Snapshots()
+    NanOnce.batches = 0
+    register_plugin(spy, "looptest")
+    try:
+        recipe = tiny('stages.phase2.losses=[{use="looptest.nan_once"}]')  # adamw, no grad_clip
+        run_dir = run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    finally:
+        unregister_plugin("looptest")
+    skipped = [same for loss, same in spy.steps if math.isnan(loss)]
+    assert skipped == [True]  # no backward, no optimizer step on the NaN batch
+    assert not any(same for loss, same in spy.steps if not math.isnan(loss))  # every other step trains
+    # a skipped batch is no optimizer step: 10 batches, 9 steps, each logged (log_every_n_steps = 1)
+    steps = [r for r in read_records(run_dir, "step") if r["stage"] == "phase2"]
+    assert [r["step"] for r in steps] == list(range(1, 10))
+    epochs = [r for r in read_records(run_dir, "epoch") if r["stage"] == "phase2"]
+    assert all(math.isfinite(r["train/loss"]) and math.isfinite(r["val/loss"]) for r in epochs)
+    assert [r["train/nonfinite"] for r in epochs] == [1, 1]  # counted over the stage
+
+
+def test_step_records_every_n_steps(tiny, tmp_path):
+    run_dir = run_recipe(tiny("run.log_every_n_steps=3"), out=tmp_path / "run", quiet=True)
+    steps = [(r["stage"], r["step"]) for r in read_records(run_dir, "step")]
+    assert steps == [(stage, s) for stage in ("phase1", "phase2") for s in (3, 6, 9)]  # 10 steps a stage
+
+
+def test_the_guard_stops_only_after_max_nonfinite_in_a_row(capsys):
+    from stagewise.engine.guards import NonFiniteGuard, RateLimitedWarnings
+    from stagewise.errors import TrainingError
+
+    warnings = RateLimitedWarnings()
+    guard = NonFiniteGuard(2, warnings)
+    assert guard.check(float("nan"), "b0") is False
+    assert guard.check(1.0, "b1") is True  # a finite loss ends the run of bad ones
+    assert guard.check(float("inf"), "b2") is False  # 1 in a row, not 2
+    with pytest.raises(TrainingError, match="2 non-finite losses in a row at b3"):
+        guard.check(float("-inf"), "b3")
+    assert guard.skipped == 3
+    assert warnings.flush() == {"nonfinite_loss": 3}
+    err = capsys.readouterr().err
+    assert err.count("stagewise: warning: non-finite loss") == 1 and "'nonfinite_loss' happened 3 times" in err
+    warnings.warn("once", "just once")
+    assert warnings.flush() == {"once": 1} and "happened" not in capsys.readouterr().err  # no repeat line
+
+
+def test_lr_factor_warmup_then_cosine_down_to_min_lr():
+    from types import SimpleNamespace
+
+    from stagewise.engine.optim import lr_factor
+
+    o = SimpleNamespace(schedule="cosine", warmup_steps=2, lr=1.0, min_lr=0.2)
+    factor = lr_factor(o, total_steps=6)  # 2 warmup steps, then a half cosine over 4 steps
+    floor = 0.2
+    expected = [0.5, 1.0, 1.0, floor + 0.8 * (1 + math.cos(math.pi / 4)) / 2, floor + 0.4,
+                floor + 0.8 * (1 + math.cos(3 * math.pi / 4)) / 2, floor, floor]
+    assert [factor(s) for s in range(8)] == pytest.approx(expected)
+
+
+def test_sgd_gets_its_momentum_and_weight_decay():
+    from types import SimpleNamespace
+
+    from stagewise.engine.optim import build_optimizer
+
+    o = SimpleNamespace(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.05)
+    group = build_optimizer([torch.nn.Parameter(torch.zeros(2))], o).param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.1, 0.9, 0.05)
+
+
+def test_drop_last_drops_the_short_last_batch_in_training_only():
+    from types import SimpleNamespace
+
+    from stagewise.engine.batches import count_batches, iterate_batches
+    from stagewise.engine.distributed import DistInfo
+
+    data = SimpleNamespace(batch_size=4, eval_batch_size=None, shuffle=False, drop_last=True, num_workers=0)
+    split = [{"input": torch.tensor([i])} for i in range(10)]
+    state = SimpleNamespace(recipe=SimpleNamespace(data=data), data={"train": split}, seed=0, stage_index=0,
+                            dist=DistInfo(0, 1, 0), device=torch.device("cpu"))
+    train = [b["input"].flatten().tolist() for b in iterate_batches(state, "train", train=True)]
+    assert train == [[0, 1, 2, 3], [4, 5, 6, 7]] and count_batches(state, "train", train=True) == 2
+    evaluation = [b["input"].flatten().tolist() for b in iterate_batches(state, "train", train=False)]
+    assert evaluation[-1] == [8, 9] and count_batches(state, "train", train=False) == 3
+
+
+def test_evaluation_batches_use_eval_batch_size():
+    from types import SimpleNamespace
+
+    from stagewise.engine.batches import count_batches, iterate_batches
+    from stagewise.engine.distributed import DistInfo
+
+    data = SimpleNamespace(batch_size=4, eval_batch_size=3, shuffle=False, drop_last=False, num_workers=0)
+    split = [{"input": torch.tensor([i])} for i in range(10)]
+    state = SimpleNamespace(recipe=SimpleNamespace(data=data), data={"valid": split}, seed=0, stage_index=0,
+                            dist=DistInfo(0, 1, 0), device=torch.device("cpu"))
+    sizes = [len(b["input"]) for b in iterate_batches(state, "valid", train=False)]
+    assert sizes == [3, 3, 3, 1] and count_batches(state, "valid", train=False) == 4
+    assert [len(b["input"]) for b in iterate_batches(state, "valid", train=True)] == [4, 4, 2]

@@ -30,6 +30,10 @@ def test_loss_spec_rejects_bad_values():
         LossSpec(use="stagewise.mse", cap=-1.0)
     with pytest.raises(ValueError, match="fallback_factor"):
         LossSpec(use="stagewise.mse", fallback_factor=2.0)
+    with pytest.raises(ValueError, match="start_epoch and ramp_epochs must be >= 0"):
+        LossSpec(use="stagewise.mse", start_epoch=-1)
+    with pytest.raises(ValueError, match="start_epoch and ramp_epochs must be >= 0"):
+        LossSpec(use="stagewise.mse", ramp_epochs=-2)
 
 
 def test_cross_entropy_sums_ignore_padding():
@@ -90,6 +94,9 @@ def test_fallback_cuts_the_weight_and_warns_once_per_epoch(constant_loss, tiny, 
     assert epochs[1]["train/constant/fallbacks"] == 5 and epochs[1]["warnings/fallback/constant"] == 5
     assert epochs[1]["train/constant/big"] == 100.0 and epochs[1]["train/constant"] == 100.0
     assert epochs[1]["train/loss"] == pytest.approx(epochs[1]["train/cross_entropy"] + 0.5, rel=1e-6)
+    # each term's share of the loss: its weight (cut by the fallback) times its value, 0.005 * 100
+    assert epochs[1]["train/constant/weighted"] == pytest.approx(0.5)
+    assert epochs[1]["train/cross_entropy/weighted"] == pytest.approx(epochs[1]["train/cross_entropy"])
     err = capsys.readouterr().err
     assert err.count("loss term 'constant' = 100 > fallback_threshold 8.0") == 1
     assert "'fallback/constant' happened 5 times this epoch" in err
@@ -135,3 +142,39 @@ def test_grad_clip_bounds_a_term_s_own_parameters_apart_from_the_model(tiny, tmp
     # and the language model's validation loss, are exactly those of the run without the term
     val = [read_summary(run)["stages"]["phase1"]["metrics"]["val/loss"] for run in (alone, with_term)]
     assert val[0] == val[1]
+
+
+def test_fallback_cuts_only_a_term_above_its_threshold_and_counts_only_first_evaluations():
+    from types import SimpleNamespace
+
+    from stagewise.engine.guards import RateLimitedWarnings
+    from stagewise.engine.objective import TermWeights
+
+    spec = LossSpec(use="stagewise.mse", fallback_threshold=2.0, fallback_factor=0.1)
+    state = SimpleNamespace(warnings=RateLimitedWarnings(silent=True))
+    weights = TermWeights([spec], state)
+    assert weights.effective("mse", 0.5, 2.0) == 0.5  # at the threshold: not above it
+    assert weights.effective("mse", 0.5, 3.0) == pytest.approx(0.05)
+    assert weights.effective("mse", 0.5, 3.0, count=False) == pytest.approx(0.05)  # a re-evaluation: cut too
+    assert weights.fallbacks == {"mse": 1} and state.warnings.counts == {"fallback/mse": 1}
+
+
+def test_mse_eval_sums_count_every_value():
+    pred = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    target = torch.zeros(2, 3)
+    total, count = MSE().eval_sums({"output": pred}, {"target": target}, None)["loss"]
+    assert (total, count) == (14.0, 6.0)  # the mean, 14 / 6, is F.mse_loss's
+    assert total / count == pytest.approx(MSE()({"output": pred}, {"target": target}, None).item())
+
+
+def test_a_term_of_parts_is_their_sum_and_perplexity_stays_finite():
+    import math
+
+    from stagewise.engine.objective import split_term
+    from stagewise.loss import perplexity
+
+    parts = {"a": torch.tensor(1.5), "b": torch.tensor(2.0)}
+    total, same = split_term(parts)
+    assert total.item() == 3.5 and same is parts
+    assert perplexity(math.log(4.0)) == pytest.approx(4.0)
+    assert perplexity(1e4) == math.exp(700.0)  # a diverged loss: capped, not an OverflowError

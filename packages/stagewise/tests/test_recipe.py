@@ -317,3 +317,25 @@ def test_cross_entropy_refuses_float_targets(tmp_path):
     with pytest.raises(DataError, match=r"stagewise.cross_entropy needs class labels, but the batch's 'target' "
                                         r"holds torch.float32 values; for class labels set data.target_dtype"):
         run_recipe(load_recipe(tmp_path / "r.toml"), out=tmp_path / "run", quiet=True)
+
+
+def test_an_integer_is_a_float_but_a_boolean_is_no_number(tiny):
+    recipe = tiny("stages.phase1.lr=1", "stages.phase1.grad_clip=2")
+    lr, clip = recipe.stages[0].options.lr, recipe.stages[0].options.grad_clip
+    assert (lr, clip) == (1.0, 2.0) and type(lr) is float and type(clip) is float
+    assert recipe.table["stages"][0]["lr"] == 1.0 and type(recipe.table["stages"][0]["lr"]) is float
+    with pytest.raises(ConfigError) as info:
+        tiny("stages.phase1.max_epochs=true", "stages.phase1.lr=false")
+    assert sorted(info.value.problems) == ["stages[0].lr: expected float, got bool False",
+                                           "stages[0].max_epochs: expected int, got bool True"]
+
+
+def test_grow_is_checked_against_the_model_as_grown_by_the_stages_before(tiny):
+    # n_head 3 divides n_embd 24 (phase1's growth), not the recipe's n_embd 16
+    recipe = tiny("stages.phase1.grow={n_embd = 24}", "stages.phase2.grow={n_layer = 3, n_head = 3}")
+    options = recipe.model_options_at(1)
+    assert (options.n_embd, options.n_head, options.n_layer) == (24, 3, 3)
+    with pytest.raises(ConfigError) as info:
+        tiny("stages.phase2.grow={n_head = 3}")
+    (problem,) = info.value.problems
+    assert problem.startswith("stages[1].grow: n_embd (16) must be divisible by n_head (3)")

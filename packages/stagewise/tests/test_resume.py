@@ -154,3 +154,93 @@ def test_resume_mid_epoch_keeps_the_epoch_s_warning_counts(tiny, stopped_and_res
     counts = [r["warnings/fallback/cross_entropy"] for r in read_records(stopped, "epoch") if r["stage"] == "phase1"]
     assert counts == [5, 5]  # every batch of both epochs is cut
     assert _without_timing(read_records(stopped)) == _without_timing(read_records(whole))
+
+
+class _NanEarly(stagewise.Loss):
+    """Cross-entropy, but NaN for phase1's training batches of epoch 0 once a step has been taken
+    (batches 1-4: four skipped in a row); deterministic across a resume."""
+
+    name = "resumetest.nan_early"
+
+    def forward(self, outputs, batch, state):
+        logits = outputs["logits"]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["target"].reshape(-1))
+        skip = self.training and (state.stage_name, state.epoch, state.step) == ("phase1", 0, 1)
+        return nll * float("nan") if skip else nll
+
+
+class _EmaPull(stagewise.Loss):
+    """Cross-entropy plus a pull of the model towards its EMA target: the loss depends on the target."""
+
+    name = "resumetest.ema_pull"
+
+    def forward(self, outputs, batch, state):
+        logits = outputs["logits"]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["target"].reshape(-1))
+        pairs = zip(state.model.parameters(), state.target_model.parameters(), strict=True)
+        return nll + 10.0 * sum((p - t).pow(2).sum() for p, t in pairs)
+
+
+class _MoreLosses:
+    @stagewise.hookimpl
+    def stagewise_register_losses(self, register):
+        register(_NanEarly)
+        register(_EmaPull)
+
+
+@pytest.fixture
+def more_losses():
+    register_plugin(_MoreLosses(), "resumetest_more")
+    yield
+    unregister_plugin("resumetest_more")
+
+
+def test_resume_keeps_the_count_of_skipped_batches(tiny, stopped_and_resumed, more_losses):
+    recipe = tiny('stages.phase1.losses=[{use="resumetest.nan_early"}]')
+    stopped, whole = stopped_and_resumed(recipe, "phase1", 2)  # resumed from the end of epoch 0
+    counts = [r["train/nonfinite"] for r in read_records(stopped, "epoch") if r["stage"] == "phase1"]
+    assert counts == [4, 4]  # the stage's count, carried into epoch 1 across the resume
+    assert _without_timing(read_records(stopped)) == _without_timing(read_records(whole))
+
+
+def test_resume_keeps_the_ema_target(tiny, stopped_and_resumed, more_losses):
+    recipe = tiny("run.checkpoint_every_n_steps=3", "stages.phase1.ema_momentum=0.9",
+                  'stages.phase1.losses=[{use="resumetest.ema_pull"}]')
+    stopped, whole = stopped_and_resumed(recipe, "phase1", 7)
+    assert _without_timing(read_records(stopped)) == _without_timing(read_records(whole))
+
+
+def test_resume_between_stages_starts_the_next_stage(tiny, stopped_and_resumed):
+    # no mid-epoch checkpoints: stopped in phase2's first epoch, last.pt is phase1's final one
+    stopped, whole = stopped_and_resumed(tiny(), "phase2", 1)
+    assert read_summary(stopped)["metrics"] == read_summary(whole)["metrics"]
+    assert _without_timing(read_records(stopped)) == _without_timing(read_records(whole))
+
+
+def test_rng_state_round_trips_every_generator():
+    import random
+
+    import numpy as np
+
+    from stagewise.engine.checkpoint import rng_state, set_rng_state
+
+    saved = rng_state()
+    first = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    set_rng_state(saved)
+    again = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
+    from stagewise.engine.checkpoint import atomic_write_bytes
+
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"old")
+
+    def fail(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(path, fail)
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]

@@ -16,6 +16,9 @@ def test_vocabulary_order_ties_and_specials():
     assert vocab.decode([2, 3, 1]) == "b a <eos>"
     assert len(Vocabulary.build("b a c b a d".split(), min_freq=2)) == 4
     assert Vocabulary.build("b a c b a d".split(), max_size=3).itos == ["<unk>", "<eos>", "a"]  # a = b
+    assert Vocabulary.build("b a".split(), max_size=2).itos == ["<unk>", "<eos>"]
+    with pytest.raises(ValueError, match="max_size must be at least 2"):
+        Vocabulary.build("b a".split(), max_size=1)  # a negative slice would keep words, not drop them
 
 
 def test_tokenize_is_wikitext_style():
@@ -162,3 +165,31 @@ def test_an_empty_split_names_the_source_and_counts_its_units(tmp_path):
         TextCorpus.from_recipe(TextOptions(path=str(tmp_path / "one.txt"), seq_len=1), seed=0)
     with pytest.raises(DataError, match=r"the built-in corpus: split 'valid' would be empty: 0\.001 of \d+ documents"):
         TextCorpus.from_recipe(TextOptions(splits={"train": 0.998, "valid": 0.001, "test": 0.001}), seed=0)
+
+
+def test_deal_gives_each_split_the_size_split_bounds_gives():
+    # halves of 5: split_bounds gives round(2.5) = 2 and 3; dealing in turn would give a 3 and b 2
+    assert deal(5, {"a": 0.5, "b": 0.5}) == {"a": [0, 2], "b": [1, 3, 4]}
+    for fractions in ({"train": 0.8, "valid": 0.1, "test": 0.1}, {"train": 0.7, "valid": 0.2, "test": 0.1},
+                      {"train": 0.6, "valid": 0.2, "test": 0.2}):
+        for n in range(10, 30):
+            dealt = deal(n, fractions)
+            sizes = {name: end - start for name, (start, end) in split_bounds(n, fractions).items()}
+            assert {name: len(ids) for name, ids in dealt.items()} == sizes, (n, fractions)
+            assert sorted(i for ids in dealt.values() for i in ids) == list(range(n))
+
+
+def test_split_files_without_a_training_file(tmp_path):
+    (tmp_path / "valid.txt").write_text("a b\n")
+    (tmp_path / "test.txt").write_text("a b\n")
+    with pytest.raises(DataError, match="has valid.txt, test.txt but no training file; add train.txt"):
+        TextCorpus.from_recipe(TextOptions(path=str(tmp_path), seq_len=1), seed=0)
+
+
+def test_a_split_needs_seq_len_plus_one_tokens(tmp_path):
+    (tmp_path / "train.txt").write_text("a b c d e f\n")
+    (tmp_path / "valid.txt").write_text("a b c\n")  # 4 tokens with <eos>: no window of 5
+    with pytest.raises(DataError, match=r"split 'valid' .* has 4 tokens, too few for one window of seq_len \+ 1 = 5"):
+        TextCorpus.from_recipe(TextOptions(path=str(tmp_path), seq_len=4), seed=0)
+    (tmp_path / "valid.txt").write_text("a b c d\n")  # 5 tokens: exactly one window
+    assert len(TextCorpus.from_recipe(TextOptions(path=str(tmp_path), seq_len=4), seed=0)["valid"]) == 1

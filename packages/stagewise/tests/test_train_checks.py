@@ -84,3 +84,30 @@ def test_a_term_switched_on_later_cannot_be_monitored(tiny, tmp_path):
     (problem,) = _problems(recipe, tmp_path)
     assert problem.startswith("stages[0].monitor: 'train/late' is not a metric this stage makes in every epoch")
     assert "train/cross_entropy" in problem and "train/late" not in problem.split("one of")[1]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stages.phase1.grad_clip=0.0", "grad_clip must be > 0, got 0.0"),
+    ("stages.phase1.patience=0", "patience must be >= 1, got 0"),
+    ('stages.phase1.schedule="warmup"', "schedule 'warmup' needs warmup_steps > 0"),
+    ("stages.phase1.max_epochs=0", "max_epochs must be >= 1, got 0"),
+    ("run.log_every_n_steps=0", "log_every_n_steps must be >= 1, got 0"),
+])
+def test_option_values_are_validated(tiny, override, message):
+    with pytest.raises(ConfigError) as info:
+        tiny(override)
+    assert any(message in p for p in info.value.problems), info.value.problems
+
+
+def test_freeze_takes_parameters_out_of_train():
+    import torch
+
+    from stagewise.engine.params import select_parameters
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    selected = select_parameters(model, ["*"], ["0.*"], "stages[0]", "r.toml")
+    assert [name for name, _ in selected] == ["1.weight", "1.bias"]
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == {
+        "0.weight": False, "0.bias": False, "1.weight": True, "1.bias": True}
+    with pytest.raises(ConfigError, match="train/freeze leave no parameter to train"):
+        select_parameters(model, ["0.*"], ["0.*"], "stages[0]", "r.toml")

@@ -28,6 +28,8 @@ class Vocabulary:
     def build(cls, tokens: Iterable[str], min_freq: int = 1, max_size: int | None = None) -> Vocabulary:
         """The vocabulary of ``tokens``: words seen at least ``min_freq`` times, the most
         frequent first, at most ``max_size`` entries in all (the two specials included)."""
+        if max_size is not None and max_size < len(SPECIALS):
+            raise ValueError(f"max_size must be at least {len(SPECIALS)} (the specials {list(SPECIALS)}), got {max_size}")
         counts = Counter(tokens)
         for special in SPECIALS:  # e.g. WikiText writes <unk> in its text
             counts.pop(special, None)

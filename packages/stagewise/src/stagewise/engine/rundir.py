@@ -74,11 +74,11 @@ class RunDir:
 
 
 def unused_folder(base: Path) -> Path:
-    """``base``, or the first of ``base-2``, ``base-3``, ... that is missing or empty: a default
-    output folder never mixes with an earlier run's."""
+    """``base``, or the first of ``base-2``, ``base-3``, ... that is missing or an empty folder:
+    a default output folder never mixes with an earlier run's (a file of that name is passed over)."""
     base = Path(base)
     candidate, n = base, 1
-    while candidate.exists() and any(candidate.iterdir()):
+    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
         n += 1
         candidate = base.with_name(f"{base.name}-{n}")
     return candidate
