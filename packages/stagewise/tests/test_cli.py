@@ -143,3 +143,204 @@ def test_compare_refuses_other_seeds_and_other_data(tiny_recipe_path, tmp_path):
         (found,) = info.value.problems
         assert found.startswith(f"{other}: ") and problem in found
         assert not (tmp_path / "cmp").exists()  # refused before any run
+
+
+def test_no_command_prints_the_help_and_exits_2(capsys):
+    assert main([]) == 2  # as argparse's own usage errors: a wrong invocation is not success
+    assert "run a recipe file or a named recipe" in capsys.readouterr().out
+
+
+def _with_command(handler):
+    """Register a one-off subcommand ``boom`` whose handler is ``handler``."""
+    import stagewise
+    from stagewise import plugins
+
+    class Boom:
+        @stagewise.hookimpl
+        def stagewise_register_commands(self, cli):
+            cli.add_parser("boom").set_defaults(handler=handler)
+
+    plugins.register_plugin(Boom(), "boom")
+
+
+def test_ctrl_c_exits_130_with_one_line(capsys):
+    from stagewise import plugins
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    _with_command(interrupted)
+    try:
+        assert main(["boom"]) == 130  # 128 + SIGINT, what shells report for Ctrl-C
+    finally:
+        plugins.unregister_plugin("boom")
+    assert capsys.readouterr().err == "stagewise: interrupted\n"
+
+
+def test_a_plugin_errors_cause_is_shown_only_in_strict_mode(monkeypatch, capsys):
+    from stagewise import plugins
+    from stagewise.errors import PluginError
+
+    def broken(args):
+        try:
+            raise ValueError("the cause")  # e.g. in the plugin's import-time code
+        except ValueError as exc:
+            raise PluginError("plugin 'x' is broken") from exc
+
+    _with_command(broken)
+    try:
+        monkeypatch.setenv("STAGEWISE_STRICT_PLUGINS", "0")  # "0" is off, as unset
+        assert main(["boom"]) == 1
+        assert capsys.readouterr().err == "stagewise: error: plugin 'x' is broken\n"  # no traceback
+        monkeypatch.setenv("STAGEWISE_STRICT_PLUGINS", "1")
+        assert main(["boom"]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "ValueError: the cause" in err
+        assert err.endswith("stagewise: error: plugin 'x' is broken\n")
+    finally:
+        plugins.unregister_plugin("boom")
+
+
+def _fake_run(tmp_path, metrics):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text(json.dumps({"metrics": metrics}))
+    return run_dir
+
+
+def test_verify_refuses_bad_tolerances_and_bad_json(tmp_path, capsys):
+    run_dir = _fake_run(tmp_path, {"val/loss": 1.0})
+    golden = tmp_path / "golden.json"
+    for tolerance in (-0.1, True):  # a negative tolerance matches nothing; true is not a number
+        golden.write_text(json.dumps({"metrics": {"val/loss": 1.0}, "tolerance": {"val/loss": tolerance}}))
+        assert main(["verify", str(run_dir), str(golden)]) == 1
+        assert "'tolerance' must be an object of metric names and numbers >= 0" in capsys.readouterr().err
+    golden.write_text('{"metrics": {"val/loss": 1.0,}}')  # a trailing comma
+    assert main(["verify", str(run_dir), str(golden)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"stagewise: error: {golden}: 1 problem:\n  - not valid JSON") and "Traceback" not in err
+
+
+def test_verify_matches_non_finite_metrics_as_summary_json_writes_them(tmp_path, capsys):
+    from stagewise.engine.rundir import write_json_atomic
+
+    run_dir = tmp_path / "run"
+    write_json_atomic(run_dir / "summary.json", {"metrics": {"a": float("nan"), "b": float("inf"), "c": -float("inf")}})
+    assert json.loads((run_dir / "summary.json").read_text())["metrics"]["a"] == "nan"  # strict JSON: a string
+    golden = tmp_path / "golden.json"
+    golden.write_text(json.dumps({"metrics": {"a": float("nan"), "b": float("inf"), "c": -float("inf")},
+                                  "tolerance": {"b": 0.1}}))  # NaN / Infinity, as Python's json writes them
+    assert main(["verify", str(run_dir), str(golden)]) == 0
+    golden.write_text(json.dumps({"metrics": {"a": "nan", "b": "inf", "c": float("inf")}}))  # copied from a summary
+    assert main(["verify", str(run_dir), str(golden)]) == 1
+    assert capsys.readouterr().out.splitlines()[-2:] == ["c: run -inf != golden inf (diff -inf, tolerance 0.0)",
+                                                         "verify: 1 difference(s)"]
+
+
+@pytest.mark.parametrize("summary", ["{}", "[1]", '{"metrics": 3}'])
+def test_verify_names_a_summary_without_metrics(tmp_path, capsys, summary):
+    (tmp_path / "summary.json").write_text(summary)
+    (tmp_path / "g.json").write_text('{"metrics": {}}')
+    assert main(["verify", str(tmp_path), str(tmp_path / "g.json")]) == 1
+    err = capsys.readouterr().err
+    assert "summary.json has no 'metrics' object: is" in err and "Traceback" not in err
+
+
+def _checkpoint(path, model):
+    """A minimal checkpoint as load_checkpoint accepts it, holding ``model`` as the state dict."""
+    import torch
+
+    from stagewise.engine.checkpoint import FORMAT
+
+    torch.save({"format": FORMAT, "model": model, "recipe": {"model": {"use": "x.net"}},
+                "model_options": {"width": 2}, "stage_name": "phase9"}, path)
+    return path
+
+
+def test_export_converts_floats_to_float32_and_keeps_integers(tmp_path, capsys):
+    import torch
+
+    ckpt = _checkpoint(tmp_path / "c.pt", {"w": torch.tensor([[1.5, -2.0]], dtype=torch.bfloat16),
+                                           "steps": torch.tensor(7)})
+    assert main(["export", str(ckpt), str(tmp_path / "m.npz")]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'm.npz'}: 2 arrays, 3 values\n"  # 2 + 1 values
+    arrays, meta = load_npz(tmp_path / "m.npz")
+    assert arrays["w"].dtype == np.float32 and arrays["w"].tolist() == [[1.5, -2.0]]  # numpy has no bfloat16
+    assert arrays["steps"].dtype == np.int64 and int(arrays["steps"]) == 7
+    assert meta == {"model": "x.net", "model_options": {"width": 2}, "stage": "phase9", "format": "stagewise-npz-1"}
+
+
+def test_export_refuses_a_parameter_named_like_the_metadata(tmp_path, capsys):
+    import torch
+
+    ckpt = _checkpoint(tmp_path / "c.pt", {"__meta__": torch.zeros(1)})
+    assert main(["export", str(ckpt), str(tmp_path / "m.npz")]) == 1
+    assert "a parameter is named '__meta__', which the format reserves" in capsys.readouterr().err
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_export_to_a_folder_names_the_file_to_give(tmp_path, capsys):
+    import torch
+
+    ckpt = _checkpoint(tmp_path / "c.pt", {"w": torch.zeros(1)})
+    (tmp_path / "models").mkdir()
+    assert main(["export", str(ckpt), str(tmp_path / "models")]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'models'} is a folder; give the file to write, e.g. {tmp_path / 'models' / 'model.npz'}" in err
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def _fake_run_recipe(recipe, out, quiet=False, resume=None):
+    """Stands in for a run: a summary whose metrics tell the recipes apart."""
+    out.mkdir(parents=True)
+    metrics = {"val/loss": 2.0 if recipe.run.name == "tiny" else 1.5, "note": "text"}
+    if recipe.run.name != "tiny":
+        metrics["test/acc"] = 0.25
+    (out / "summary.json").write_text(json.dumps({"metrics": metrics}))
+    return out
+
+
+def test_compare_writes_compare_json_and_one_table(tiny_recipe_path, tmp_path, monkeypatch, capsys):
+    from stagewise.compare import compare_recipes
+
+    monkeypatch.setattr("stagewise.engine.runner.run_recipe", _fake_run_recipe)
+    other = tmp_path / "other.toml"
+    other.write_text(tiny_recipe_path.read_text().replace('name = "tiny"', 'name = "other"'))
+    out = tmp_path / "cmp"
+    compare_recipes([str(tiny_recipe_path), str(other)], [], out, quiet=True)
+    saved = json.loads((out / "compare.json").read_text())["runs"]
+    assert list(saved) == ["tiny", "other"] and saved["other"]["run_dir"] == str(out / "other")
+    assert saved["tiny"]["metrics"] == {"val/loss": 2.0, "note": "text"}
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split() for line in lines] == [["metric", "tiny", "other"],
+                                                ["val/loss", "2", "1.5"],
+                                                ["test/acc", "-", "0.25"]]  # text metrics left out
+    assert len({len(line) for line in lines}) == 1  # columns line up
+
+
+def test_compare_refuses_a_repeated_run_name_or_a_used_folder_before_running(tiny_recipe_path, tmp_path,
+                                                                             monkeypatch):
+    from stagewise.compare import compare_recipes
+    from stagewise.errors import CheckpointError, ConfigError
+
+    ran = []
+    monkeypatch.setattr("stagewise.engine.runner.run_recipe", lambda *a, **k: ran.append(a))
+    with pytest.raises(ConfigError, match="run.name 'tiny' is used twice"):  # both would share one folder
+        compare_recipes([str(tiny_recipe_path), str(tiny_recipe_path)], [], tmp_path / "cmp", quiet=True)
+    other = tmp_path / "other.toml"
+    other.write_text(tiny_recipe_path.read_text().replace('name = "tiny"', 'name = "other"'))
+    (tmp_path / "cmp" / "other").mkdir(parents=True)
+    (tmp_path / "cmp" / "other" / "old.txt").write_text("kept")
+    with pytest.raises(CheckpointError, match="other is not empty"):  # the second run's folder: before the first runs
+        compare_recipes([str(tiny_recipe_path), str(other)], [], tmp_path / "cmp", quiet=True)
+    assert ran == [] and not (tmp_path / "cmp" / "tiny").exists()
+
+
+def test_compare_without_out_never_reuses_a_folder(tiny_recipe_path, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr("stagewise.compare.compare_recipes", lambda names, overrides, out, quiet: seen.append(out))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "compare").mkdir(parents=True)
+    (tmp_path / "runs" / "compare" / "compare.json").write_text("{}")  # an earlier comparison
+    assert main(["compare", str(tiny_recipe_path)]) == 0
+    assert [str(p) for p in seen] == ["runs/compare-2"]

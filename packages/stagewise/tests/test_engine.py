@@ -310,3 +310,20 @@ def test_a_stage_without_evaluation_tracks_no_best_epoch(tiny, tmp_path):
     metrics = read_summary(run_dir)["stages"]["phase1"]["metrics"]
     assert metrics["train/best_epoch"] == -1 and metrics["train/stopped_early"] is False
     assert not any(k.startswith("val/") for k in metrics) and read_summary(run_dir)["stages"]["phase1"]["epochs"] == 2
+
+
+def test_evaluate_prefix_names_the_metrics(tiny, tmp_path):
+    recipe = tiny('stages.test.prefix="heldout"', "stages.phase1.max_epochs=1", "stages.phase2.max_epochs=1")
+    metrics = read_summary(run_recipe(recipe, out=tmp_path / "run", quiet=True))["metrics"]
+    assert {"heldout/loss", "heldout/acc", "heldout/ppl"} <= set(metrics)
+    assert not any(k.startswith("test/") for k in metrics)  # the split's name is only the default prefix
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_cuda_without_cuda_is_a_config_error():
+    from stagewise.engine.distributed import resolve_device
+    from stagewise.errors import ConfigError
+
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="run.device: 'cuda' was asked for but no CUDA device is available"):
+        resolve_device("cuda")

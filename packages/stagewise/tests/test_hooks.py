@@ -219,3 +219,41 @@ def test_a_wrapper_event_hook_is_refused_before_the_run_writes(tiny, tmp_path):
     finally:
         plugins.unregister_plugin("wrapper")
     assert not (tmp_path / "run").exists()
+
+
+def test_router_state_is_what_calibrate_learned_and_an_empty_branch_has_ratio_0():
+    import dataclasses
+
+    import torch
+
+    @dataclasses.dataclass
+    class QuantileOptions:
+        hard_ratio: float = 0.5
+
+    class LossRouter(stagewise.Router):
+        name = "hooktest.loss_quantile"
+        Options = QuantileOptions
+
+        def calibrate(self, scores):
+            self.threshold = float(torch.quantile(scores, 1 - self.options.hard_ratio))
+            return {"threshold": self.threshold}
+
+        def route(self, scores):
+            hard = scores > self.threshold
+            return stagewise.Routing(masks={"hard": hard, "easy": ~hard}, scores=scores)
+
+    router = LossRouter()
+    router.calibrate(torch.tensor([1.0, 2.0, 3.0]))
+    assert router.state_dict() == {"threshold": 2.0}  # options come from the recipe, not the checkpoint
+    restored = LossRouter(QuantileOptions(hard_ratio=0.1))
+    restored.load_state_dict(router.state_dict())
+    assert restored.threshold == 2.0 and restored.options.hard_ratio == 0.1
+    assert restored.route(torch.tensor([1.0, 4.0, 5.0, 2.0])).ratio("hard") == 0.5
+    assert restored.route(torch.tensor([])).ratio("hard") == 0.0  # not nan: nothing was routed there
+
+
+def test_a_stage_made_without_a_label_is_labelled_by_its_name():
+    from stagewise.builtins.evaluate import EvaluateStage
+
+    assert EvaluateStage().label == "stagewise.evaluate"
+    assert EvaluateStage(label="final").label == "final"

@@ -31,3 +31,92 @@ def test_tensorboard_scalars(tiny, tmp_path):
     run_dir = run_recipe(tiny("run.tensorboard=true"), out=tmp_path / "run", quiet=True)
     events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1 and events[0].stat().st_size > 0
+
+
+def _finished_run(tmp_path, records):
+    """What the curves plugin reads after a run: the recipe's name and RUN_DIR/metrics.jsonl."""
+    import json
+    from types import SimpleNamespace
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run_dir = SimpleNamespace(path=tmp_path, plot_path=lambda name: tmp_path / name)
+    return SimpleNamespace(run_dir=run_dir, recipe=SimpleNamespace(run=SimpleNamespace(name="r")))
+
+
+def test_curves_number_epochs_across_stages_and_mark_each_stage_start(tmp_path, monkeypatch):
+    from stagewise.builtins import curves
+
+    pytest.importorskip("matplotlib")
+    drawn = []
+    monkeypatch.setattr(curves, "line_plot", lambda path, series, **kw: drawn.append((path, series, kw)))
+    state = _finished_run(tmp_path, [
+        {"event": "step", "stage": "a", "train/loss": 9.0},  # only epoch records are plotted
+        {"event": "epoch", "stage": "a", "train/loss": 3.0, "val/loss": 3.5},
+        {"event": "epoch", "stage": "a", "train/loss": 2.0, "val/loss": 2.5},
+        {"event": "epoch", "stage": "b", "train/loss": 1.0},  # a stage without validation
+        {"event": "stage", "stage": "b"},
+    ])
+    curves.stagewise_after_run(state)
+    ((path, series, kw),) = drawn
+    assert path == tmp_path / "curves.png"
+    assert series == {"train/loss": ([1, 2, 3], [3.0, 2.0, 1.0]), "val/loss": ([1, 2], [3.5, 2.5])}
+    assert kw["vlines"] == [(0.5, "a"), (2.5, "b")]  # just before each stage's first epoch
+
+
+def test_curves_leave_out_missing_series_and_runs_without_epochs(tmp_path, monkeypatch):
+    from stagewise.builtins import curves
+
+    pytest.importorskip("matplotlib")
+    drawn = []
+    monkeypatch.setattr(curves, "line_plot", lambda path, series, **kw: drawn.append(series))
+    curves.stagewise_after_run(_finished_run(tmp_path, [{"event": "epoch", "stage": "a", "train/loss": 1.0}]))
+    assert drawn == [{"train/loss": ([1], [1.0])}]  # no empty val/loss line in the legend
+    drawn.clear()
+    curves.stagewise_after_run(_finished_run(tmp_path, [{"event": "stage", "stage": "eval"}]))
+    assert drawn == []  # an evaluation-only run has no curve to draw
+
+
+class FakeWriter:
+    def __init__(self):
+        self.scalars, self.closed = [], False
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def close(self):
+        self.closed = True
+
+
+def _tensorboard_state(tmp_path, log_every=1):
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(tensorboard=True, log_every_n_steps=log_every)
+    return SimpleNamespace(recipe=SimpleNamespace(run=run), run_dir=SimpleNamespace(path=tmp_path),
+                           stage_name="phase1", step=0, epoch=0)
+
+
+def test_tensorboard_logs_every_nth_step_and_numeric_epoch_metrics(tmp_path, monkeypatch):
+    from stagewise.builtins import tensorboard
+
+    state, writer = _tensorboard_state(tmp_path, log_every=2), FakeWriter()
+    monkeypatch.setitem(tensorboard._writers, id(state), writer)
+    for step in (1, 2, 3, 4):
+        state.step = step
+        tensorboard.stagewise_after_step(state, loss=float(step))
+    state.epoch = 1
+    tensorboard.stagewise_after_epoch(state, {"val/loss": 0.5, "stopped": True, "note": "x", "n": 3})
+    assert writer.scalars == [("phase1/train/loss_step", 2.0, 2), ("phase1/train/loss_step", 4.0, 4),
+                              ("phase1/val/loss", 0.5, 1), ("phase1/n", 3, 1)]  # no booleans, no text
+    tensorboard.stagewise_after_run(state)
+    assert writer.closed and id(state) not in tensorboard._writers  # a later run with this id gets a new writer
+
+
+def test_tensorboard_missing_fails_before_the_first_step(tmp_path, monkeypatch):
+    import sys
+
+    from stagewise.builtins import tensorboard
+    from stagewise.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"pip install 'stagewise\[tensorboard\]' or set tensorboard = false"):
+        tensorboard.stagewise_before_run(_tensorboard_state(tmp_path))

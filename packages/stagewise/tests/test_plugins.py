@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import types
 
 import pytest
@@ -180,6 +181,24 @@ def test_a_failing_register_commands_hook_skips_only_its_plugin(host, monkeypatc
     assert "boom in commands (STAGEWISE_STRICT_PLUGINS is set)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["half-added"]])
+def test_a_failing_register_commands_hook_leaves_no_half_added_command(host, capsys, argv):
+    # checked in the same parse as the failure: later parses no longer call the unregistered plugin
+    from stagewise.cli.main import main
+
+    def stagewise_register_commands(cli):
+        cli.add_parser("half-added", help="added before the failure")
+        raise RuntimeError("boom in commands")
+
+    host.append(FakeEntryPoint("cmd", plugin_module("cmd", stagewise_register_commands=stagewise_register_commands)))
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert "half-added" not in out and "boom in commands" in err
+    if argv == ["half-added"]:
+        assert info.value.code == 2 and "invalid choice: 'half-added'" in err
+
+
 def test_unknown_name_suggests_the_package_to_install(host, monkeypatch):
     # a known plugin whose distribution is not installed (lego-ashem may be, in a development venv)
     monkeypatch.setitem(registry.KNOWN_PLUGINS, "nosuch", "stagewise-nosuch")
@@ -223,3 +242,146 @@ def test_trace_prints_hook_calls(host, monkeypatch, capsys):
 def test_public_api_is_complete():
     for name in stagewise.__all__:
         assert getattr(stagewise, name) is not None, name
+
+
+def test_plugins_table_shows_core_first_then_errors_registrations_and_hooks(host, capsys):
+    from stagewise.cli.main import main
+
+    def stagewise_register_commands(cli):
+        pass
+
+    def stagewise_after_run(state):
+        pass
+
+    host.append(FakeEntryPoint("zeta", error=RuntimeError("boom"), dist="stagewise-zeta"))
+    host.append(FakeEntryPoint("aaa", plugin_module("aaa", stagewise_register_stages=registers_stage("aaa.s"),
+                                                    stagewise_register_commands=stagewise_register_commands,
+                                                    stagewise_after_run=stagewise_after_run)))
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"stagewise  (stagewise {stagewise.__version__})"  # core first, though 'aaa' sorts before
+    aaa = out.index("aaa  (stagewise-fake 1.0)")
+    assert out[aaa + 1:aaa + 3] == ["  stages: aaa.s", "  hooks: after_run, register_commands"]
+    zeta = out.index("zeta  (stagewise-zeta 1.0)")
+    assert out[zeta + 1] == "  error: RuntimeError: boom"
+
+    assert main(["plugins", "--json"]) == 0
+    infos = {i["name"]: i for i in json.loads(capsys.readouterr().out)}
+    assert list(infos) == ["stagewise", "aaa", "stagewise.curves", "stagewise.tensorboard", "zeta"]
+    assert infos["aaa"]["hooks"] == ["stagewise_after_run", "stagewise_register_commands"]  # not the register_*
+    assert infos["stagewise.curves"]["distribution"] == "stagewise"  # core's event plugins, named as core's
+    assert infos["stagewise.curves"]["hooks"] == ["stagewise_after_run"]
+
+
+def test_recipes_are_listed_by_name_with_their_distribution(host, capsys, tmp_path):
+    from stagewise.cli.main import main
+
+    def stagewise_register_recipes(register):
+        register(tmp_path / "z.toml", "mine.zulu")
+        register(tmp_path / "a.toml", "mine.alpha")
+
+    host.append(FakeEntryPoint("mine", plugin_module("mine", stagewise_register_recipes=stagewise_register_recipes),
+                               dist="stagewise-mine"))
+    assert main(["recipes"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert rows == [["mine.alpha", "stagewise-mine"], ["mine.zulu", "stagewise-mine"], ["stagewise.demo", "stagewise"]]
+    assert main(["recipes", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert list(listed) == ["mine.alpha", "mine.zulu", "stagewise.demo"]
+    assert listed["mine.zulu"] == str(tmp_path / "z.toml") and listed["stagewise.demo"].endswith("demo.toml")
+
+
+def test_plugin_lists_in_the_environment_may_have_spaces(host, monkeypatch):
+    host.append(FakeEntryPoint("a", plugin_module("a", stagewise_register_stages=registers_stage("a.s"))))
+    host.append(FakeEntryPoint("b", error=RuntimeError("never loaded")))
+    host.append(FakeEntryPoint("c", error=RuntimeError("never loaded")))
+    monkeypatch.setenv("STAGEWISE_DISABLE_PLUGINS", " b , c ")
+    assert third_party(plugins.plugin_infos()) == ["a"]
+
+
+def test_zero_turns_strict_mode_and_tracing_off(host, monkeypatch, capsys):
+    monkeypatch.setenv("STAGEWISE_STRICT_PLUGINS", "0")
+    monkeypatch.setenv("STAGEWISE_TRACE_PLUGINS", "0")
+    host.append(FakeEntryPoint("bad", error=RuntimeError("boom")))
+    plugins.load_plugins()  # a warning, not an error
+    assert capsys.readouterr().err.splitlines() == [
+        "stagewise: warning: skipped plugin 'bad' (stagewise-fake 1.0) failed during import: RuntimeError: boom"]
+
+
+def test_plugins_load_in_name_order_whatever_the_discovery_order(host):
+    host.append(FakeEntryPoint("two", plugin_module("two", stagewise_register_stages=registers_stage("x.s"))))
+    host.append(FakeEntryPoint("one", plugin_module("one", stagewise_register_stages=registers_stage("x.s"))))
+    with pytest.raises(PluginError, match=r"by plugin 'one' \(stagewise-fake\) and by plugin 'two' \(stagewise-fake\); "
+                                          r"disable one with STAGEWISE_DISABLE_PLUGINS=one or "
+                                          r"STAGEWISE_DISABLE_PLUGINS=two$"):
+        plugins.load_plugins()
+
+
+def test_a_late_plugin_claiming_a_core_name_is_taken_out_whole(host):
+    def stagewise_register_stages(register):
+        register("stagewise.builtins.train:TrainStage", "late.ok")
+        register("stagewise.builtins.train:TrainStage", "stagewise.train")  # core registered it first
+
+    plugins.load_plugins()
+    with pytest.raises(PluginError) as info:
+        plugins.register_plugin(plugin_module("late", stagewise_register_stages=stagewise_register_stages),
+                                "late", "stagewise-late")
+    assert str(info.value).endswith("the name is core's: disable plugin 'late' with STAGEWISE_DISABLE_PLUGINS=late "
+                                    "(or uninstall stagewise-late)")
+    assert plugins.plugin_manager().get_plugin("late") is None
+    with pytest.raises(UnknownNameError):  # what it registered before the clash is gone too
+        stagewise.get_stage("late.ok")
+    assert stagewise.get_stage("stagewise.train").name == "stagewise.train"  # core's entry untouched
+
+
+def test_unregistering_a_plugin_drops_it_from_the_listing(host):
+    plugins.register_plugin(plugin_module("temp", stagewise_register_stages=registers_stage("temp.s")), "temp")
+    assert "temp" in [i.name for i in plugins.plugin_infos()]
+    plugins.unregister_plugin("temp")
+    assert "temp" not in [i.name for i in plugins.plugin_infos()]
+
+
+@pytest.mark.parametrize("name", ["flat.", ".flat"])
+def test_a_dot_at_either_end_is_not_a_namespace(host, capsys, name):
+    host.append(FakeEntryPoint("flat", plugin_module("flat", stagewise_register_stages=registers_stage(name))))
+    plugins.load_plugins()
+    assert "names must be namespaced like 'flat.thing'" in capsys.readouterr().err
+    assert name not in plugins.registries()["stages"].entries
+
+
+def test_a_recipe_string_with_a_colon_is_a_path_not_a_lazy_import(host):
+    def stagewise_register_recipes(register):
+        register("C:/recipes/x.toml", "win.recipe")  # a Windows path, not "module:attribute"
+
+    host.append(FakeEntryPoint("win", plugin_module("win", stagewise_register_recipes=stagewise_register_recipes)))
+    assert plugins.get("recipes", "win.recipe") == "C:/recipes/x.toml"
+
+
+def test_a_lazy_target_may_name_a_nested_attribute(host):
+    def stagewise_register_stages(register):
+        register("stagewise.builtins.train:TrainStage.Options", "nested.options")
+
+    host.append(FakeEntryPoint("nested", plugin_module("nested", stagewise_register_stages=stagewise_register_stages)))
+    from stagewise.builtins.train import TrainStage
+
+    assert plugins.get("stages", "nested.options") is TrainStage.Options
+
+
+def test_a_known_plugin_that_is_loaded_gets_no_install_hint(host, monkeypatch):
+    # its prefix has names: a typo in a name, not a missing package
+    monkeypatch.setitem(registry.KNOWN_PLUGINS, "good", "stagewise-good-not-installed")
+    host.append(FakeEntryPoint("good", plugin_module("good", stagewise_register_stages=registers_stage("good.s"))))
+    with pytest.raises(UnknownNameError) as info:
+        stagewise.get_stage("good.t")
+    assert "pip install" not in str(info.value) and "did you mean 'good.s'?" in str(info.value)
+
+
+def test_an_empty_kind_is_listed_as_none(host):
+    with pytest.raises(UnknownNameError, match=r"unknown router 'x.y'\. Installed routers: none$"):
+        plugins.get("routers", "x.y")  # core registers no routers
+
+
+def test_an_unknown_top_level_name_is_an_attribute_error():
+    with pytest.raises(AttributeError, match="module 'stagewise' has no attribute 'Nope'"):
+        stagewise.Nope  # noqa: B018
+    assert not hasattr(stagewise, "Nope")

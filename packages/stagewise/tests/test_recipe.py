@@ -160,6 +160,13 @@ def test_toml_writer_escapes():
         '[a]\ns = "q\\"uote"\nf = 1e-05\nl = [1, 2]\nt = { x = true }\n'
 
 
+def test_toml_writer_keeps_the_sign_of_infinity():
+    import tomllib
+
+    table = {"a": {"lo": -math.inf, "hi": math.inf}}
+    assert tomllib.loads(dumps(table)) == table
+
+
 def test_toml_writer_quotes_keys_toml_does_not_allow_bare():
     import tomllib
 

@@ -18,6 +18,8 @@ from stagewise.errors import CheckpointError
 
 def export_npz(checkpoint: Path, out: Path) -> dict[str, int]:
     """Write the checkpoint's model weights to ``out``; returns array count and parameter count."""
+    if Path(out).is_dir():
+        raise CheckpointError(f"{out} is a folder; give the file to write, e.g. {Path(out) / 'model.npz'}")
     saved = load_checkpoint(Path(checkpoint))
     arrays = {name: tensor.detach().cpu().float().numpy() if tensor.is_floating_point() else tensor.cpu().numpy()
               for name, tensor in saved["model"].items()}

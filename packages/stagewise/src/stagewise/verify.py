@@ -32,7 +32,8 @@ def compare(actual: dict[str, Any], golden: dict[str, Any], tolerance: dict[str,
         if key not in actual:
             differences.append(f"{key}: missing from the run (golden {expected!r})")
             continue
-        value, tol = actual[key], tolerance.get(key, 0.0)
+        value, expected = _number(actual[key]), _number(expected)
+        tol = tolerance.get(key, 0.0)
         if not _close(value, expected, tol):
             delta = f" (diff {value - expected:+.3g}, tolerance {tol})" if _numbers(value, expected) else ""
             differences.append(f"{key}: run {value!r} != golden {expected!r}{delta}")
@@ -40,7 +41,10 @@ def compare(actual: dict[str, Any], golden: dict[str, Any], tolerance: dict[str,
 
 
 def verify_run(run_dir: Path, golden_path: Path) -> list[str]:
-    summary = load_json(Path(run_dir) / "summary.json", "summary.json (did the run finish?)")
+    path = Path(run_dir) / "summary.json"
+    summary = load_json(path, "summary.json (did the run finish?)")
+    if not isinstance(summary, dict) or not isinstance(summary.get("metrics"), dict):
+        raise CheckpointError(f"{path} has no 'metrics' object: is {run_dir} a stagewise run directory?")
     metrics, tolerance = golden_tables(load_json(golden_path, "golden file"), golden_path)
     return compare(summary["metrics"], metrics, tolerance)
 
@@ -60,9 +64,18 @@ def _numbers(a: Any, b: Any) -> bool:
     return all(isinstance(x, int | float) and not isinstance(x, bool) for x in (a, b))
 
 
+NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _number(value: Any) -> Any:
+    """summary.json writes NaN/Inf as the strings "nan"/"inf"/"-inf" (strict JSON); a golden file
+    may hold them either so or as Python's json writes them: compare them as numbers."""
+    return NON_FINITE.get(value, value) if isinstance(value, str) else value
+
+
 def _close(value: Any, expected: Any, tol: float) -> bool:
     if _numbers(value, expected):
         if math.isnan(value) and math.isnan(expected):
             return True
-        return value == expected if tol == 0 else abs(value - expected) <= tol
+        return value == expected or abs(value - expected) <= tol  # == first: inf - inf is nan
     return value == expected

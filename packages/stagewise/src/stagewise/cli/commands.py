@@ -115,7 +115,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     source = Path(args.source)
     checkpoint = source / "checkpoints" / "last.pt" if source.is_dir() else source
-    counts: dict[str, Any] = export_npz(checkpoint, Path(args.out))
+    counts: dict[str, Any] = export_npz(checkpoint, _user_path(args.out))
     print(f"wrote {args.out}: {counts['arrays']} arrays, {counts['parameters']} values")
     return 0
 

@@ -29,7 +29,8 @@ class Vocabulary:
         """The vocabulary of ``tokens``: words seen at least ``min_freq`` times, the most
         frequent first, at most ``max_size`` entries in all (the two specials included)."""
         if max_size is not None and max_size < len(SPECIALS):
-            raise ValueError(f"max_size must be at least {len(SPECIALS)} (the specials {list(SPECIALS)}), got {max_size}")
+            raise ValueError(f"max_size must be at least {len(SPECIALS)} (the specials "
+                             f"{list(SPECIALS)}), got {max_size}")
         counts = Counter(tokens)
         for special in SPECIALS:  # e.g. WikiText writes <unk> in its text
             counts.pop(special, None)
