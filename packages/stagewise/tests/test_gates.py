@@ -37,3 +37,8 @@ def test_gradients_flow_to_kept_rows_only():
 def test_bad_mask_shape():
     with pytest.raises(ValueError, match=r"keep must be a \(B,\) mask"):
         run_rows(lambda x: x, torch.zeros(4, 2), torch.ones(4, 2, dtype=torch.bool))
+
+
+def test_mask_length_must_match_the_rows():
+    with pytest.raises(ValueError, match=r"keep must be a \(B,\) mask for h of shape \(4, 2\), got \(3,\)"):
+        run_rows(lambda x: x, torch.zeros(4, 2), torch.ones(3, dtype=torch.bool))

@@ -172,6 +172,21 @@ def test_idx_bad_magic_and_truncation(tmp_path):
         read_idx(tmp_path / "short.idx.gz")
 
 
+@pytest.mark.parametrize("name", ["t.csv.gz", "t.jsonl.gz"])
+def test_a_truncated_gzip_csv_or_jsonl_names_the_file(tmp_path, name):
+    rows = [(i, i % 2) for i in range(1000)]  # long enough that the cut lands mid-stream
+    csv = name.endswith(".csv.gz")
+    text = ("x,y\n" + "".join(f"{x},{y}\n" for x, y in rows) if csv
+            else "".join(json.dumps({"x": x, "y": y}) + "\n" for x, y in rows))
+    (tmp_path / name).write_bytes(gzip.compress(text.encode())[:-20])
+    path = str(tmp_path / name)
+    with pytest.raises(DataError, match=rf"{name.replace('.', '[.]')}: broken gzip data .*fetch the file again"):
+        if csv:
+            CSVDataset.from_recipe(CSVOptions(path=path, target=["y"]), seed=0)
+        else:
+            JSONLDataset.from_recipe(JSONLOptions(path=path, input_keys=["x"], target_keys=["y"]), seed=0)
+
+
 # --- NPZ ------------------------------------------------------------------------------------
 
 
@@ -271,3 +286,188 @@ def test_csv_column_indices_stop_before_the_width_and_blank_lines_are_skipped(tm
     assert all_items(data) == [([1.0, 2.0], 3.0), ([4.0, 5.0], 6.0)]
     with pytest.raises(DataError, match=r"names column 3, which is neither .* 0-based indices 0\.\.2"):
         CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=[3], header=False), seed=0)
+
+
+# --- what a mutation audit found unpinned ----------------------------------------------------
+
+
+def test_bool_targets_are_int64_class_labels(tmp_path):
+    np.savez(tmp_path / "a.npz", input=np.arange(8.0).reshape(4, 2), target=np.array([True, False, True, True]))
+    data = NPZDataset.from_recipe(NPZOptions(path=str(tmp_path / "a.npz"), splits={"train": 1.0}), seed=0)
+    assert data["train"][0]["target"].dtype == torch.int64
+    assert data.info["n_outputs"] == 2  # classes False and True: largest label 1, plus 1
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(input=np.zeros((4, 2)), target=np.array(1.0)), r"array 'target' has shape \(\) and dtype float64"),
+    (dict(input=np.array([["a"], ["b"]]), target=np.zeros(2)), r"array 'input' has shape \(2, 1\) and dtype <U1"),
+])
+def test_npz_arrays_must_be_numeric_with_an_example_axis(tmp_path, arrays, message):
+    np.savez(tmp_path / "a.npz", **arrays)
+    with pytest.raises(DataError, match=rf"a\.npz: {message}; it must be numeric with the examples on axis 0"):
+        NPZDataset.from_recipe(NPZOptions(path=str(tmp_path / "a.npz")), seed=0)
+
+
+def test_a_truncated_npz_is_a_data_error(tmp_path):
+    np.savez(tmp_path / "whole.npz", input=np.zeros((4, 2)), target=np.zeros(4))
+    raw = (tmp_path / "whole.npz").read_bytes()
+    (tmp_path / "a.npz").write_bytes(raw[: len(raw) // 2])  # a zip without its central directory
+    with pytest.raises(DataError, match=r"a\.npz is not a readable \.npz file .*; write it with numpy\.savez"):
+        NPZDataset.from_recipe(NPZOptions(path=str(tmp_path / "a.npz")), seed=0)
+
+
+def test_idx_pixels_are_unsigned_and_scaled_to_one_by_default(tmp_path):
+    # MNIST's layout: magic 00 00 08 03 (unsigned bytes, 3 dimensions), then N, rows, columns
+    pixels = bytes([0, 128, 255, 1, 255, 0, 64, 32])
+    (tmp_path / "images").write_bytes(b"\0\0\x08\x03" + struct.pack(">III", 2, 2, 2) + pixels)
+    (tmp_path / "labels").write_bytes(b"\0\0\x08\x01" + struct.pack(">I", 2) + bytes([7, 3]))
+    data = IDXDataset.from_recipe(IDXOptions(images=str(tmp_path / "images"), labels=str(tmp_path / "labels"),
+                                             splits={"train": 1.0}), seed=0)
+    by_label = {item["target"].item(): item["input"] for item in data["train"]}
+    assert by_label[7].flatten().tolist() == pytest.approx([0.0, 128 / 255, 1.0, 1 / 255])
+    assert by_label[3].flatten().tolist() == pytest.approx([1.0, 0.0, 64 / 255, 32 / 255])
+    assert data.info["n_outputs"] == 8
+
+
+@pytest.mark.parametrize("code, body, expected", [
+    (0x09, bytes([0x7F, 0x80]), [127, -128]),
+    (0x0B, bytes([0x01, 0x02, 0xFF, 0xFE]), [258, -2]),
+    (0x0C, bytes([0, 0, 1, 0, 0xFF, 0xFF, 0xFF, 0xFF]), [256, -1]),
+    (0x0E, struct.pack(">dd", 0.1, -3.5), [0.1, -3.5]),
+])
+def test_idx_values_are_big_endian_for_every_type(tmp_path, code, body, expected):
+    (tmp_path / "v.idx").write_bytes(bytes([0, 0, code, 1]) + struct.pack(">I", 2) + body)
+    assert read_idx(tmp_path / "v.idx").tolist() == expected
+
+
+def test_idx_int32_labels_are_read_big_endian(tmp_path):
+    (tmp_path / "images.idx").write_bytes(idx_bytes(np.zeros((2, 1, 1), dtype=np.uint8), 0x08))
+    (tmp_path / "labels.idx").write_bytes(b"\0\0\x0c\x01" + struct.pack(">I", 2) + bytes([0, 0, 0, 1, 0, 0, 0, 2]))
+    data = IDXDataset.from_recipe(IDXOptions(images=str(tmp_path / "images.idx"), labels=str(tmp_path / "labels.idx"),
+                                             splits={"train": 1.0}), seed=0)
+    assert sorted(item["target"].item() for item in data["train"]) == [1, 2]
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b"\x01\x00\x08\x01\x00\x00\x00\x01\x05", r"is not an IDX file: it starts with bytes 01 00 08 01"),
+    (b"\0\0\x08\x00\x05", r"is not an IDX file: .* number of dimensions >= 1"),
+    (b"\0\0\x08\x01\x00\x00\x00\x02\x05\x06\x07", r"is longer than its header says: .* shape \(2,\) .* needs 10 "
+                                                  r"bytes, the file has 11"),
+])
+def test_idx_header_problems(tmp_path, raw, message):
+    (tmp_path / "x.idx").write_bytes(raw)
+    with pytest.raises(DataError, match=rf"x\.idx {message}"):
+        read_idx(tmp_path / "x.idx")
+
+
+@pytest.mark.parametrize("labels, message", [
+    (np.zeros((3, 1), dtype=np.uint8), r"labels\.idx holds an array of shape \(3, 1\) and type uint8, but labels "
+                                       r"must be one integer per image"),
+    (np.zeros(3, dtype=np.float32), r"labels\.idx holds an array of shape \(3,\) and type float32"),
+    (np.zeros(2, dtype=np.uint8), r"images\.idx has 3 images but .*labels\.idx has 2 labels; they must match"),
+])
+def test_idx_labels_must_be_one_integer_per_image(tmp_path, labels, message):
+    (tmp_path / "images.idx").write_bytes(idx_bytes(np.zeros((3, 2, 2), dtype=np.uint8), 0x08))
+    (tmp_path / "labels.idx").write_bytes(idx_bytes(labels, 0x08 if labels.dtype == np.uint8 else 0x0D))
+    with pytest.raises(DataError, match=message):
+        IDXDataset.from_recipe(IDXOptions(images=str(tmp_path / "images.idx"), labels=str(tmp_path / "labels.idx")),
+                               seed=0)
+
+
+def test_gzip_is_told_by_content_not_by_name(tmp_path):
+    (tmp_path / "t.csv").write_bytes(gzip.compress(b"x,y\n1,2\n"))  # compressed, without .gz
+    (tmp_path / "d.jsonl.gz").write_text('{"x": 3, "y": 4}\n')  # plain text, with .gz
+    csv_data = CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=["y"],
+                                                 splits={"train": 1.0}), seed=0)
+    assert all_items(csv_data) == [([1.0], 2.0)]
+    jsonl_data = JSONLDataset.from_recipe(JSONLOptions(path=str(tmp_path / "d.jsonl.gz"), input_keys=["x"],
+                                                       target_keys=["y"], splits={"train": 1.0}), seed=0)
+    assert all_items(jsonl_data) == [([3.0], 4.0)]
+
+
+def test_a_directory_or_a_missing_relative_path_is_named_with_a_hint(tmp_path, monkeypatch):
+    with pytest.raises(DataError) as info:
+        CSVDataset.from_recipe(CSVOptions(path=str(tmp_path), target=["y"]), seed=0)
+    assert str(info.value) == f"CSV file {tmp_path} is a directory; check the path"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as info:
+        CSVDataset.from_recipe(CSVOptions(path="missing.csv", target=["y"]), seed=0)
+    assert str(info.value) == (f"CSV file missing.csv does not exist; check the path (relative paths start "
+                               f"from the current directory {tmp_path})")
+
+
+def test_a_data_path_may_start_with_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "t.csv").write_text("x,y\n1,2\n")
+    data = CSVDataset.from_recipe(CSVOptions(path="~/t.csv", target=["y"], splits={"train": 1.0}), seed=0)
+    assert all_items(data) == [([1.0], 2.0)]
+
+
+def test_an_undecodable_byte_is_a_bad_cell_on_its_line(tmp_path):
+    (tmp_path / "t.csv").write_bytes(b"x,y\n1,0\n2\xff,1\n")  # Latin-1 or a corrupt byte
+    with pytest.raises(DataError, match=r"t\.csv, line 3, column 0 \('x'\): '2\ufffd' is not a number"):
+        CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=["y"]), seed=0)
+
+
+def test_csv_quoted_fields_and_windows_line_endings(tmp_path):
+    # as spreadsheets and pandas write them: quoted names (with a comma), quoted numbers, CRLF
+    (tmp_path / "t.csv").write_bytes(b'"size, cm","label"\r\n"1.5","0"\r\n\r\n2,"1"\r\n3,x\r\n')
+    with pytest.raises(DataError, match=r"t\.csv, line 5, column 1 \('label'\): 'x' is not a number"):
+        CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=["label"]), seed=0)
+    (tmp_path / "t.csv").write_bytes(b'"size, cm","label"\r\n"1.5","0"\r\n\r\n2,"1"\r\n')
+    data = CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=["label"], features=["size, cm"],
+                                             target_dtype="long", splits={"train": 1.0}), seed=0)
+    assert all_items(data) == [([1.5], 0), ([2.0], 1)]
+
+
+def test_long_targets_check_every_target_column(tmp_path):
+    (tmp_path / "t.csv").write_text("x,a,b\n1,0,1\n2,1,2.5\n")
+    with pytest.raises(DataError, match=r"t\.csv, line 3: target \[1\.0, 2\.5\] is not a whole number"):
+        CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=["a", "b"], target_dtype="long",
+                                          splits={"train": 1.0}), seed=0)
+
+
+@pytest.mark.parametrize("column", [-1, True])
+def test_csv_column_indices_are_not_negative_or_bool(tmp_path, column):
+    # -1 would take the last column from the end, and it would stay a feature: the model would see its answer
+    write_csv(tmp_path / "t.csv", [(i, i % 2, i) for i in range(4)])
+    with pytest.raises(DataError, match=rf"names column {column}, which is neither a column name nor a column index"):
+        CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=[column]), seed=0)
+
+
+def test_csv_without_header_has_no_column_names(tmp_path):
+    (tmp_path / "t.csv").write_text("1,2\n3\n")
+    with pytest.raises(DataError, match=r"t\.csv, line 2: 1 cells, but the first row has 2"):
+        CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=[1], header=False), seed=0)
+    (tmp_path / "t.csv").write_text("1,2\n3,4\n")
+    with pytest.raises(DataError, match=r"t\.csv: data\.target names column 'y', but data\.header = false"):
+        CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=["y"], header=False), seed=0)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("x,y\n", r"t\.csv has no data rows"),
+    ("y\n1\n2\n", r"t\.csv: no feature columns are left besides the target"),
+])
+def test_csv_without_examples_or_features(tmp_path, text, message):
+    (tmp_path / "t.csv").write_text(text)
+    with pytest.raises(DataError, match=message):
+        CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=["y"]), seed=0)
+
+
+def test_target_dtype_is_checked_when_the_options_are_made():
+    with pytest.raises(DataError, match=r'target_dtype must be "float" \(regression\) or "long" .*got \'int\''):
+        CSVOptions(path="t.csv", target=["y"], target_dtype="int")
+    with pytest.raises(DataError, match=r'target_dtype must be "float"'):
+        JSONLOptions(path="d.jsonl", input_keys=["x"], target_keys=["y"], target_dtype="int")
+
+
+@pytest.mark.parametrize("body, message", [
+    ('{"x": true, "y": 2}\n', r"line 1: 'x' is true, but it must be a number or a list of numbers"),
+    ('{"x": 1, "y": 2}\n{"x": 1, "y": [2, 3]}\n', r"line 2: 1 input and 2 target numbers, but line 1 has 1 and 1"),
+    ("\n\n", r"d\.jsonl has no data lines"),
+])
+def test_more_jsonl_errors(tmp_path, body, message):
+    (tmp_path / "d.jsonl").write_text(body)
+    with pytest.raises(DataError, match=message):
+        JSONLDataset.from_recipe(JSONLOptions(path=str(tmp_path / "d.jsonl"), input_keys=["x"], target_keys=["y"]),
+                                 seed=0)

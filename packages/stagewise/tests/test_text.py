@@ -126,6 +126,19 @@ def test_write_file_split_keeps_files_whole(tmp_path):
     assert "book 0\nbook 1\nbook 2\nbook 4" in (tmp_path / "out" / "train.txt").read_text()
 
 
+def test_write_file_split_drops_each_source_file_s_bom(tmp_path):
+    from stagewise.data.text import TextCorpus, TextOptions, write_file_split
+
+    source = tmp_path / "books"
+    source.mkdir()
+    for i in range(4):  # as Notepad and Excel save UTF-8
+        (source / f"{i}.txt").write_bytes("\ufeffHello world\n".encode())
+    write_file_split(source, tmp_path / "out", every=4, valid=1, test=2)
+    assert "\ufeff" not in (tmp_path / "out" / "train.txt").read_text(encoding="utf-8")
+    vocab = TextCorpus.from_recipe(TextOptions(path=str(tmp_path / "out"), seq_len=1), seed=0).info["vocab"]
+    assert sorted(vocab.itos[2:]) == ["hello", "world"]  # no second, BOM-prefixed "hello"
+
+
 def test_write_file_split_refuses_too_few_files(tmp_path):
     from stagewise.data.splits import DataError
     from stagewise.data.text import write_file_split
@@ -193,3 +206,41 @@ def test_a_split_needs_seq_len_plus_one_tokens(tmp_path):
         TextCorpus.from_recipe(TextOptions(path=str(tmp_path), seq_len=4), seed=0)
     (tmp_path / "valid.txt").write_text("a b c d\n")  # 5 tokens: exactly one window
     assert len(TextCorpus.from_recipe(TextOptions(path=str(tmp_path), seq_len=4), seed=0)["valid"]) == 1
+
+
+def test_a_utf8_bom_is_not_part_of_the_first_word(tmp_path):
+    (tmp_path / "notes.txt").write_bytes(b"\xef\xbb\xbfHello world\n")  # as Windows Notepad saves
+    data = TextCorpus.from_recipe(TextOptions(path=str(tmp_path / "notes.txt"), seq_len=1,
+                                              splits={"train": 1.0}), seed=0)
+    assert data.info["vocab"].decode(data["train"].tokens.tolist()) == "hello world <eos>"
+
+
+def test_train_txt_is_preferred_to_wikitext_names(tmp_path):
+    (tmp_path / "train.txt").write_text("mine mine\n")
+    (tmp_path / "wiki.train.tokens").write_text("wiki wiki\n")
+    data = TextCorpus.from_recipe(TextOptions(path=str(tmp_path), seq_len=1), seed=0)
+    assert data.names() == ["train"]
+    assert data.info["vocab"].decode(data["train"].tokens.tolist()) == "mine mine <eos>"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(seq_len=0), "seq_len must be a positive integer, got 0"),
+    (dict(min_freq=0), "min_freq must be a positive integer, got 0"),
+    (dict(max_tokens=0), "max_tokens must be a positive integer, got 0"),
+    (dict(max_vocab=2), r"max_vocab must be at least 3 \(<unk>, <eos> and one word\), got 2"),
+])
+def test_bad_text_options(change, message):
+    with pytest.raises(DataError, match=message):
+        TextOptions(**change)
+
+
+def test_write_file_split_by_chunk_keeps_a_short_last_chunk(tmp_path):
+    from stagewise.data.text import write_file_split
+
+    source = tmp_path / "books"
+    source.mkdir()
+    (source / "a.txt").write_text("\n".join(f"line {i}" for i in range(23)))  # chunks of 5: 5, 5, 5, 5, 3
+    counts = write_file_split(source, tmp_path / "out", chunk_lines=5)
+    assert counts == {"train": 3, "valid": 1, "test": 1}  # chunk 0 -> valid, 1 -> test (of every 10)
+    lines = [line for name in counts for line in (tmp_path / "out" / f"{name}.txt").read_text().splitlines()]
+    assert sorted(lines) == sorted(f"line {i}" for i in range(23))

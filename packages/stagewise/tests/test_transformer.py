@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from stagewise.data.splits import DataSplits
-from stagewise.nn.transformer import TransformerConfig, TransformerLM, TransformerOptions
+from stagewise.nn.transformer import (
+    RMSNorm,
+    TransformerConfig,
+    TransformerLM,
+    TransformerOptions,
+    apply_rope,
+    rope_tables,
+)
 
 CONFIG = dict(vocab_size=13, n_layer=3, n_head=2, n_embd=16, ffn_hidden=32, max_seq_len=12)
 
@@ -132,3 +139,100 @@ def test_generate_is_seeded():
     a = model.generate(tokens(T=4), 10, top_k=5, generator=torch.Generator().manual_seed(3))
     b = model.generate(tokens(T=4), 10, top_k=5, generator=torch.Generator().manual_seed(3))
     assert a.shape == (2, 14) and torch.equal(a, b) and torch.equal(a[:, :4], tokens(T=4))
+
+
+# --- what a mutation audit found unpinned ----------------------------------------------------
+
+
+def test_each_exit_is_the_head_on_that_layers_hidden_state():
+    model = make_model()
+    idx = tokens()
+    out = model(idx, exit_layers=(1, 2, 3), return_hidden=True)
+    h = model.embed(idx)
+    for layer in (1, 2, 3):
+        h = model.run_layers(h, layer - 1, layer)  # the first `layer` blocks, run by hand
+        assert torch.equal(out["hidden"][layer], h)
+        assert torch.equal(out["exit_logits"][layer], model.logits_from_hidden(h))
+
+
+@pytest.mark.parametrize("start, end", [(2, 1), (-1, 1), (0, 4)])
+def test_run_layers_range_errors(start, end):
+    model = make_model()
+    with pytest.raises(ValueError, match=rf"run_layers\(start={start}, end={end}\) needs 0 <= start <= end <= "
+                                         rf"n_layer = 3"):
+        model.run_layers(model.embed(tokens()), start, end)
+
+
+def test_a_sequence_of_max_seq_len_is_accepted():
+    assert make_model()(tokens(T=12))["logits"].shape == (2, 12, 13)
+
+
+def test_rope_tables_follow_the_rotary_definition():
+    # angle of pair i at position p: p * base ** (-2i / head_dim); head_dim 4, base 100: p * [1, 0.1]
+    cos, sin = rope_tables(4, 3, 100.0)
+    angles = torch.tensor([[0.0, 0.0], [1.0, 0.1], [2.0, 0.2]])
+    assert torch.allclose(cos, angles.cos()) and torch.allclose(sin, angles.sin())
+
+
+def test_rope_rotates_pairs_half_a_head_apart():
+    # x (1, 1, 1, 4): pairs (x0, x2) and (x1, x3), turned by 90 and 180 degrees
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 1, 4)
+    cos, sin = torch.tensor([[0.0, -1.0]]), torch.tensor([[1.0, 0.0]])
+    assert apply_rope(x, cos, sin).flatten().tolist() == [-3.0, -2.0, 1.0, -4.0]
+
+
+def test_rope_makes_the_order_of_earlier_tokens_matter():
+    # Causal attention without positions is a symmetric sum over earlier tokens: with one block,
+    # the output at position 2 could not tell [a, b, c] from [b, a, c]. Rotating queries and keys can.
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerConfig(**{**CONFIG, "n_layer": 1})).eval()
+    with torch.no_grad():
+        model.layers[0].attn.qkv.weight.mul_(20)  # sharp attention, so positions change the output clearly
+    a = model(torch.tensor([[1, 2, 3, 4]]))["logits"][0, 2:]
+    b = model(torch.tensor([[2, 1, 3, 4]]))["logits"][0, 2:]
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_dropout_is_off_in_eval_mode():
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerConfig(**{**CONFIG, "dropout": 0.5})).eval()
+    plain = make_model()
+    plain.load_state_dict(model.state_dict())
+    idx = tokens()
+    assert torch.equal(model(idx)["logits"], plain(idx)["logits"])
+
+
+def greedy(model: TransformerLM, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """The most likely next token n times, each from the last max_seq_len tokens."""
+    for _ in range(n):
+        logits = model(idx[:, -CONFIG["max_seq_len"]:])["logits"][:, -1]
+        idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+def test_top_k_1_and_a_tiny_temperature_are_greedy_past_max_seq_len():
+    model = make_model()
+    expected = greedy(model, tokens(T=4), 12)  # 16 tokens: the last steps see only the last 12
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(model.generate(tokens(T=4), 12, top_k=1, generator=gen), expected)
+    assert torch.equal(model.generate(tokens(T=4), 12, temperature=1e-6, generator=gen), expected)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_temperature_must_be_positive(temperature):
+    with pytest.raises(ValueError, match=f"temperature must be positive, got {temperature}"):
+        make_model().generate(tokens(T=4), 1, temperature=temperature)
+
+
+
+def test_rms_norm_divides_by_the_root_mean_square_plus_eps():
+    x = torch.tensor([[3.0, 4.0]])  # mean square 12.5
+    assert RMSNorm(2, eps=0.0)(x)[0].tolist() == pytest.approx([3 / 12.5**0.5, 4 / 12.5**0.5])
+    assert RMSNorm(2, eps=3.5)(x)[0].tolist() == pytest.approx([0.75, 1.0])  # 1 / sqrt(12.5 + 3.5) = 1/4
+
+
+def test_top_k_above_the_vocabulary_keeps_every_token():
+    model = make_model()
+    a = model.generate(tokens(T=4), 3, top_k=100, generator=torch.Generator().manual_seed(3))
+    b = model.generate(tokens(T=4), 3, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gzip
 import io
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -37,3 +40,13 @@ def open_text(path: str | Path, what: str) -> IO[str]:
 
     Undecodable bytes become U+FFFD, so they surface as a bad value on a known line."""
     return io.TextIOWrapper(open_data(path, what), encoding="utf-8-sig", errors="replace", newline="")
+
+
+@contextmanager
+def gzip_errors(path: str | Path) -> Iterator[None]:
+    """A truncated or corrupt gzip file fails mid-read, far from the open: name the file and the fix."""
+    try:
+        yield
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise DataError(f"{path}: broken gzip data ({exc}); the download may be truncated, "
+                        f"fetch the file again") from None

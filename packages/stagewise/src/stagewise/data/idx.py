@@ -6,14 +6,13 @@ big-endian uint32 sizes, then the values (big-endian, row-major).
 
 from __future__ import annotations
 
-import gzip
 import math
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from stagewise.data.files import open_data
+from stagewise.data.files import gzip_errors, open_data
 from stagewise.data.splits import DataError
 
 # type code -> big-endian numpy dtype
@@ -22,12 +21,8 @@ IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x
 
 def read_idx(path: str | Path) -> np.ndarray:
     """The array stored in an IDX file (read-only, big-endian dtype)."""
-    try:
-        with open_data(path, "IDX file") as f:
-            raw = f.read()
-    except (EOFError, gzip.BadGzipFile) as exc:
-        raise DataError(f"{path}: broken gzip data ({exc}); the download may be truncated, "
-                        f"fetch the file again") from None
+    with open_data(path, "IDX file") as f, gzip_errors(path):
+        raw = f.read()
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in IDX_TYPES or raw[3] == 0:
         codes = ", ".join(f"{code:02x}" for code in IDX_TYPES)
         raise DataError(f"{path} is not an IDX file: it starts with bytes {raw[:4].hex(' ') or '(none)'}, "

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from stagewise.data.files import open_text
+from stagewise.data.files import gzip_errors, open_text
 from stagewise.data.splits import DataError
 
 
@@ -32,7 +32,7 @@ def shape_targets(targets: np.ndarray, target_dtype: str, lines: list[int], path
 
 def read_csv(path: str, header: bool) -> tuple[list[str] | None, np.ndarray, list[int]]:
     """Column names (None without header), the values (N, columns) and each row's line."""
-    with open_text(path, "CSV file") as f:
+    with open_text(path, "CSV file") as f, gzip_errors(path):
         reader = csv.reader(f)
         names = next(reader, []) if header else None
         width = len(names) if names is not None else None
@@ -70,7 +70,7 @@ def _bad_cell(row: list[str], path: str, line: int, names: list[str] | None, pro
 
 def _row_at(path: str, line: int) -> list[str]:
     """The CSV row that ends on ``line``, read again: only an error needs the cells' text."""
-    with open_text(path, "CSV file") as f:
+    with open_text(path, "CSV file") as f, gzip_errors(path):
         reader = csv.reader(f)
         return next(row for row in reader if reader.line_num == line)
 
@@ -135,7 +135,7 @@ def record_numbers(record: dict[str, Any], keys: list[str], path: str, line: int
 def read_jsonl(path: str, input_keys: list[str], target_keys: list[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Inputs (N, F), targets (N, K) and each example's line."""
     inputs, targets, lines = [], [], []
-    with open_text(path, "JSONL file") as f:
+    with open_text(path, "JSONL file") as f, gzip_errors(path):
         for line, text in enumerate(f, start=1):
             if not text.strip():
                 continue

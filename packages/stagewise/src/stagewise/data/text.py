@@ -189,7 +189,7 @@ def write_file_split(source: Path, out: Path, *, every: int = 10, valid: int = 0
     of a few files puts whole kinds of text in valid or test). Returns the units per split.
     """
     files = sorted(Path(source).rglob("*.txt"))
-    units = [text for file in files for text in _units(file.read_text(encoding="utf-8", errors="replace"),
+    units = [text for file in files for text in _units(file.read_text(encoding="utf-8-sig", errors="replace"),
                                                        chunk_lines)]
     parts: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
     for i, text in enumerate(units):

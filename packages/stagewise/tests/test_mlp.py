@@ -1,0 +1,36 @@
+"""The MLP: layers as the options say, inputs flattened, widths from the data or the options."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from stagewise.data.splits import DataSplits
+from stagewise.nn.mlp import MLP, MLPOptions
+
+IMAGES = DataSplits({}, {"n_features": 6, "n_outputs": 3, "input_shape": [2, 3]})
+
+
+def layer_types(model: MLP) -> list[type]:
+    return [type(layer) for layer in model.net]
+
+
+def test_layers_follow_the_options():
+    model = MLP.from_recipe(MLPOptions(hidden=[5, 4], activation="gelu", dropout=0.25), IMAGES)
+    assert layer_types(model) == [nn.Linear, nn.GELU, nn.Dropout, nn.Linear, nn.GELU, nn.Dropout, nn.Linear]
+    assert [(m.in_features, m.out_features) for m in model.net if isinstance(m, nn.Linear)] == [(6, 5), (5, 4), (4, 3)]
+    assert model.net[2].p == 0.25
+    assert layer_types(MLP.from_recipe(MLPOptions(hidden=[5], activation="tanh"), IMAGES)) == [
+        nn.Linear, nn.Tanh, nn.Linear]  # no dropout layer at dropout = 0
+
+
+def test_image_inputs_are_flattened():
+    model = MLP.from_recipe(MLPOptions(hidden=[4]), IMAGES)
+    x = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(x), model(x.reshape(5, 6)))
+    assert model(x).shape == (5, 3)
+
+
+def test_n_outputs_option_widens_the_output():
+    model = MLP.from_recipe(MLPOptions(hidden=[4], n_outputs=10), IMAGES)
+    assert model(torch.zeros(2, 6)).shape == (2, 10)
