@@ -315,15 +315,24 @@ def test_negative_labels_train_as_ignore_index_and_others_are_a_clear_error(tmp_
         run_recipe(load_recipe(tmp_path / "r.toml", skip[:2]), out=tmp_path / "bad", quiet=True)
 
 
-def test_cross_entropy_refuses_float_targets(tmp_path):
+def test_cross_entropy_refuses_float_targets_before_the_run(tmp_path):
+    import torch
+
+    from stagewise.builtins.losses import CrossEntropy
     from stagewise.data.splits import DataError
     from stagewise.engine.runner import run_recipe
 
     (tmp_path / "c.csv").write_text("x,y\n" + "".join(f"{i},{i / 4}\n" for i in range(6)))
     (tmp_path / "r.toml").write_text(CLASSES)
-    with pytest.raises(DataError, match=r"stagewise.cross_entropy needs class labels, but the batch's 'target' "
-                                        r"holds torch.float32 values; for class labels set data.target_dtype"):
+    with pytest.raises(ConfigError) as info:
         run_recipe(load_recipe(tmp_path / "r.toml"), out=tmp_path / "run", quiet=True)
+    (problem,) = info.value.problems
+    assert problem.startswith("stages[0].losses[0]: stagewise.cross_entropy needs class labels, but the data's "
+                              "'target' holds torch.float32 values; for class labels set data.target_dtype")
+    assert not (tmp_path / "run").exists()
+    # batches a stage draws from elsewhere (a cache) meet the same refusal at the first batch
+    with pytest.raises(DataError, match=r"needs class labels, but the data's 'target' holds torch.float64"):
+        CrossEntropy()({"logits": torch.zeros(2, 3)}, {"target": torch.zeros(2, dtype=torch.float64)}, None)
 
 
 def test_an_integer_is_a_float_but_a_boolean_is_no_number(tiny):

@@ -30,6 +30,14 @@ def test_two_terms_of_one_name(tiny, tmp_path):
     assert problems == ["stages[0].losses: two terms are named 'cross_entropy'; set a distinct 'name'"]
 
 
+def test_a_term_s_target_must_be_in_the_data(tiny, tmp_path):
+    bad = '[{use="stagewise.cross_entropy", target="label"}]'
+    problems = _problems(tiny(f"stages.phase1.losses={bad}", f"stages.test.losses={bad}"), tmp_path)
+    hint = "target 'label' is not in the data's examples, which hold: 'input', 'target'; set this term's target"
+    assert [p.split(": ", 1) for p in problems] == [["stages[0].losses[0]", f"{hint} to one of them"],
+                                                    ["stages[2].losses[0]", f"{hint} to one of them"]]
+
+
 @pytest.mark.parametrize("monitor", ["valid/loss", "train/los", "train/best_epoch"])
 def test_a_monitor_the_stage_cannot_make(tiny, tmp_path, monitor):
     (problem,) = _problems(tiny(f'stages.phase1.monitor="{monitor}"'), tmp_path)

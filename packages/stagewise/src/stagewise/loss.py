@@ -71,6 +71,12 @@ class Loss(torch.nn.Module):
         return [f"at_layer {layer} is outside the model's layers 1..{n_layer}"
                 for layer in sorted(self.needs().exit_layers) if not 1 <= layer <= n_layer]
 
+    def check_example(self, example: dict[str, Any]) -> list[str]:
+        """Problems with the data this term will read, from one example of it (a dict of
+        tensors without the batch axis), reported before anything runs: a missing key, a wrong
+        dtype. Default: none."""
+        return []
+
     def forward(self, outputs: dict[str, Any], batch: dict[str, Any], state: State) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must implement forward()")
 

@@ -7,12 +7,14 @@ from typing import TYPE_CHECKING, Any
 
 from stagewise.builtins.train import _default_losses
 from stagewise.engine.evaluate import evaluate
-from stagewise.engine.objective import build_terms
+from stagewise.engine.objective import build_terms, loss_problems
 from stagewise.specs import LossSpec
 from stagewise.stage import Stage
 
 if TYPE_CHECKING:
+    from stagewise.data.splits import DataSplits
     from stagewise.engine.state import State
+    from stagewise.recipe import Recipe
 
 
 @dataclass
@@ -29,6 +31,11 @@ class EvaluateStage(Stage):
 
     name = "stagewise.evaluate"
     Options = EvaluateOptions
+
+    def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
+        o = self.options
+        return super().check(recipe, index, data) + loss_problems(
+            o.losses, recipe.model_options_at(index), data.example(o.split), f"stages[{index}]")
 
     def run(self, state: State) -> dict[str, Any]:
         o = self.options

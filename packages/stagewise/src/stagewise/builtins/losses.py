@@ -49,6 +49,12 @@ class _OutputLoss(Loss):
         layer = self.options.at_layer
         return Needs(exit_layers=frozenset([layer]) if layer is not None else frozenset())
 
+    def check_example(self, example: dict[str, Any]) -> list[str]:
+        if self.options.target not in example:
+            return [f"target {self.options.target!r} is not in the data's examples, which hold: "
+                    f"{', '.join(map(repr, example))}; set this term's target to one of them"]
+        return []
+
 
 class CrossEntropy(_OutputLoss):
     """Mean cross-entropy over every target (token, example or head); reports loss, ppl, acc."""
@@ -71,6 +77,17 @@ class CrossEntropy(_OutputLoss):
     def summarize(self, means):
         return {**means, "ppl": perplexity(means["loss"])} if "loss" in means else means
 
+    def check_example(self, example: dict[str, Any]) -> list[str]:
+        target = example.get(self.options.target)
+        if isinstance(target, torch.Tensor) and target.is_floating_point():
+            return [self._float_targets(target.dtype)]
+        return super().check_example(example)
+
+    def _float_targets(self, dtype: torch.dtype) -> str:
+        return (f"{self.name} needs class labels, but the data's {self.options.target!r} holds {dtype} "
+                f"values; for class labels set data.target_dtype = \"long\" (stagewise.csv, "
+                f"stagewise.jsonl), for regression use losses = [{{ use = \"stagewise.mse\" }}]")
+
     def _nll(self, logits: torch.Tensor, target: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         try:
             return F.cross_entropy(logits, target, ignore_index=self.options.ignore_index, **kwargs)
@@ -84,10 +101,7 @@ class CrossEntropy(_OutputLoss):
         logits = prediction(outputs, self.options)
         target = batch[self.options.target]
         if target.is_floating_point():  # .long() would truncate 1.5 to 1 and train on nonsense
-            raise DataError(f"{self.name} needs class labels, but the batch's {self.options.target!r} holds "
-                            f"{target.dtype} values; for class labels set data.target_dtype = \"long\" "
-                            f"(stagewise.csv, stagewise.jsonl), for regression use "
-                            f"losses = [{{ use = \"stagewise.mse\" }}]")
+            raise DataError(self._float_targets(target.dtype))
         return logits.reshape(-1, logits.shape[-1]), target.reshape(-1).long()
 
 

@@ -16,7 +16,7 @@ from stagewise.engine.batches import count_batches
 from stagewise.engine.distributed import launched_world_size
 from stagewise.engine.evaluate import evaluate
 from stagewise.engine.loop import TrainLoop
-from stagewise.engine.objective import duplicate_names
+from stagewise.engine.objective import loss_problems
 from stagewise.engine.params import glob_problems, parameter_names_at
 from stagewise.specs import LossSpec
 from stagewise.stage import Stage
@@ -121,14 +121,14 @@ class TrainStage(Stage):
         return objective.outputs
 
     def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
-        """The split check, each loss term's own check against the model at this stage, and
-        every option the loop would otherwise refuse only after the run directory exists."""
-        model_options = recipe.model_options_at(index)
+        """The split check, each loss term's own checks against the model at this stage and the
+        training data, and every option the loop would otherwise refuse only after the run
+        directory exists."""
+        # a stage that draws its batches elsewhere (e.g. a cache) feeds its terms other examples
+        own_batches = type(self).train_batches is TrainStage.train_batches
         problems = super().check(recipe, index, data)
-        for i, spec in enumerate(self.options.losses):
-            term = spec.component()(spec.options)
-            problems += [f"stages[{index}].losses[{i}]: {p}" for p in term.check(model_options)]
-        problems += duplicate_names(self.options.losses, f"stages[{index}]")
+        problems += loss_problems(self.options.losses, recipe.model_options_at(index),
+                                  data.example("train") if own_batches else None, f"stages[{index}]")
         names = parameter_names_at(recipe, index, data)
         if names is not None:
             problems += glob_problems(names, self.options.train, self.options.freeze, f"stages[{index}]")

@@ -40,6 +40,14 @@ class DataSplits:
     def names(self) -> list[str]:
         return list(self.splits)
 
+    def example(self, name: str) -> dict[str, Any] | None:
+        """The split's first example if it is a dict (what pre-run checks read), else None."""
+        split = self.splits.get(name)
+        if split is None or not hasattr(split, "__len__") or len(split) == 0:
+            return None
+        first = split[0]
+        return first if isinstance(first, dict) else None
+
 
 def default_splits() -> dict[str, float]:
     """The ``splits`` option's default: 80% train, 10% valid, 10% test."""

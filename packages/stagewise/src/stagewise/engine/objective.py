@@ -63,6 +63,18 @@ def duplicate_names(specs: list[LossSpec], where: str) -> list[str]:
             for name in sorted({n for n in names if names.count(n) > 1})]
 
 
+def loss_problems(specs: list[LossSpec], model_options: Any, example: dict[str, Any] | None,
+                  where: str) -> list[str]:
+    """Each term's own checks against the model and, when given, one example of the data it
+    will read; plus duplicate names. Reported before anything runs."""
+    problems = duplicate_names(specs, where)
+    for i, spec in enumerate(specs):
+        term = spec.component()(spec.options)
+        found = term.check(model_options) + (term.check_example(example) if example is not None else [])
+        problems += [f"{where}.losses[{i}]: {p}" for p in found]
+    return problems
+
+
 def build_terms(specs: list[LossSpec], state: State, where: str) -> dict[str, Loss]:
     """Instantiate a stage's loss terms, let them create their parameters, move them to device."""
     problems = duplicate_names(specs, where)
