@@ -12,6 +12,7 @@ import stagewise
 from stagewise import plugins
 from stagewise.builtins.losses import MSE, CrossEntropy, CrossEntropyOptions, OutputOptions
 from stagewise.engine.runner import run_recipe
+from stagewise.errors import ConfigError
 from stagewise.specs import LossSpec
 
 
@@ -50,8 +51,11 @@ def test_outputs_are_chosen_by_key_and_exit_layer():
     ce = CrossEntropy(CrossEntropyOptions(output="heads.a"))
     assert ce(outputs, {"target": torch.tensor([0, 1])}, None) == pytest.approx(torch.log(torch.tensor(3.0)))
     assert CrossEntropy(CrossEntropyOptions(at_layer=1)).needs().exit_layers == {1}
-    with pytest.raises(KeyError, match="no 'b'"):
+    # a user's error, found once the model has run: a one-line message, not a KeyError traceback
+    with pytest.raises(ConfigError, match=r"output 'heads.b': the model's outputs have no 'b' \(keys there: 'a'\)"):
         CrossEntropy(CrossEntropyOptions(output="heads.b"))(outputs, {"target": torch.tensor([0, 1])}, None)
+    with pytest.raises(ConfigError, match=r"have no 'x' \(keys there: none: it is a tensor\)"):
+        CrossEntropy(CrossEntropyOptions(output="logits.x"))(outputs, {"target": torch.tensor([0, 1])}, None)
     mse = MSE(OutputOptions(output="heads.a"))
     assert mse(outputs, {"target": torch.ones(2, 3)}, None) == 1.0
 

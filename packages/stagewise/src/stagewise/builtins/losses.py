@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from stagewise.data.splits import DataError
+from stagewise.errors import ConfigError
 from stagewise.loss import Loss, Needs, perplexity
 
 
@@ -29,9 +30,10 @@ def prediction(outputs: dict[str, Any], o: OutputOptions) -> torch.Tensor:
         return outputs["logits"] if "logits" in outputs else outputs["output"]
     node: Any = outputs
     for part in o.output.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise KeyError(f"loss output {o.output!r}: the model outputs have no {part!r} "
-                           f"(keys: {', '.join(node) if isinstance(node, dict) else '-'})")
+        if not isinstance(node, dict) or part not in node:  # known only once the model has run
+            keys = ", ".join(map(repr, node)) if isinstance(node, dict) else "none: it is a tensor"
+            raise ConfigError([f"a loss term's output {o.output!r}: the model's outputs have no {part!r} "
+                               f"(keys there: {keys}); set the term's output to one of them"])
         node = node[part]
     return node
 
