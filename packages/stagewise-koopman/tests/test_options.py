@@ -88,3 +88,26 @@ def test_settings_that_only_a_later_stage_would_trip_on_fail_before_anything_run
     with pytest.raises(stagewise.ConfigError, match=message):
         run_tiny(tmp_path / "run", overrides=overrides)
     assert not (tmp_path / "run").exists()
+
+
+# --- fuzzing findings: each was accepted, or failed mid-run with a traceback ---------------
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    # accepted (NaN passes `min(...) >= 0`): the term is NaN, its batches are skipped
+    (["stages.main.losses.koopman.reconstruction_weight=nan"], "reconstruction_weight"),
+    (["stages.main.losses.koopman.state_weight=nan"], "state_weight"),
+    (["stages.main.losses.koopman.lifted_weight=inf"], "lifted_weight"),
+    # was: torch._C._LinAlgError from linalg.svd in koopman.linearity's fit, after RUN_DIR exists
+    (["stages.linearity.fit.spectral_weight=nan"], "spectral_weight"),
+    (["stages.linearity.fit.spectral_weight=inf"], "spectral_weight"),
+    # was accepted: the post-hoc fit diverges
+    (["stages.linearity.lr=inf"], "lr"),
+    # was: KeyError "no split named ''" traceback mid-run
+    (['stages.forward.split=""'], "split"),
+    (['stages.linearity.split=""'], "split"),
+])
+def test_fuzzed_values_are_refused_before_anything_runs(tmp_path, overrides, key):
+    with pytest.raises(stagewise.ConfigError) as info:
+        run_tiny(tmp_path / "run", overrides=overrides)
+    assert not (tmp_path / "run").exists()
+    assert any(key in p for p in info.value.problems), info.value.problems

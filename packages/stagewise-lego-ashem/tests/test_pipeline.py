@@ -201,3 +201,19 @@ def test_phase2_without_a_layer_above_the_exit_is_refused_before_anything_runs(t
     with pytest.raises(ConfigError, match="no layer above exit_layer 2 .n_layer 2."):
         run_recipe(recipe_from_table(table, "no-grow", []), out=tmp_path / "run", quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+# --- fuzzing findings: each was accepted, or failed mid-run --------------------------------------
+
+@pytest.mark.parametrize("override", ['stages.mine.split=""', 'stages.test.split=""'])
+def test_an_empty_split_name_is_refused_before_anything_runs(tiny, tmp_path, override):
+    # was: KeyError "no split named ''" traceback from state.batches, after RUN_DIR existed
+    with pytest.raises(ConfigError, match="split"):
+        run_recipe(tiny(override), out=tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_curve_points_above_the_calibration_quantiles_are_refused(tiny):
+    # documented "at most 21"; 22 and 100 were accepted, 10**12 hung the test stage
+    with pytest.raises(ConfigError, match="curve_points"):
+        tiny("stages.test.curve_points=22")

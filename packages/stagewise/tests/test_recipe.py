@@ -355,3 +355,11 @@ def test_grow_is_checked_against_the_model_as_grown_by_the_stages_before(tiny):
         tiny("stages.phase2.grow={n_head = 3}")
     (problem,) = info.value.problems
     assert problem.startswith("stages[1].grow: n_embd (16) must be divisible by n_head (3)")
+
+
+@pytest.mark.parametrize("name", ['""', '"../x"', '"/tmp/elsewhere"'])
+def test_the_run_name_is_one_folder_name(tiny, name):
+    # fuzzing: run.name = "" made the run directory run.out itself; "../x" and an absolute path
+    # put it outside run.out
+    with pytest.raises(ConfigError, match="run.name"):
+        tiny(f"run.name={name}")

@@ -119,3 +119,131 @@ def test_freeze_takes_parameters_out_of_train():
         "0.weight": False, "0.bias": False, "1.weight": True, "1.bias": True}
     with pytest.raises(ConfigError, match="train/freeze leave no parameter to train"):
         select_parameters(model, ["0.*"], ["0.*"], "stages[0]", "r.toml")
+
+
+# --- fuzzing findings: bad values must be refused before the run writes anything -------------------
+# Each of these was accepted by validation and then either raised a raw Python exception from
+# torch/itertools/nn.ModuleDict mid-run (after RUN_DIR existed), or trained on nonsense.
+
+def _refused(tiny, tmp_path, *overrides) -> list[str]:
+    """A ConfigError (from loading or from run_recipe's checks), with no run directory written."""
+    with pytest.raises(ConfigError) as info:
+        run_recipe(tiny(*overrides), out=tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists(), "the run directory was written before the error"
+    return info.value.problems
+
+
+def _one_term(**options) -> str:
+    body = ", ".join(f"{k}={v}" for k, v in options.items())
+    return f'stages.phase1.losses=[{{use="stagewise.cross_entropy", {body}}}]'
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    # torch.optim raises ValueError at the first training stage (after RUN_DIR exists): a traceback
+    (["stages.phase1.weight_decay=-1"], "weight_decay"),
+    (["stages.phase1.weight_decay=nan"], "weight_decay"),
+    (["stages.phase1.betas=[1.0, 0.999]"], "betas"),
+    (["stages.phase1.betas=[nan, 0.9]"], "betas"),
+    (['stages.phase1.optimizer="sgd"', "stages.phase1.momentum=-1"], "momentum"),
+    (['stages.phase1.schedule="plateau"', "stages.phase1.plateau_factor=1.0"], "plateau_factor"),
+    # itertools.islice raises ValueError
+    (["stages.phase1.max_steps_per_epoch=-1"], "max_steps_per_epoch"),
+    # every term weighted 0 in an epoch: "element 0 of tensors does not require grad" at backward()
+    ([_one_term(weight=0)], "weight"),
+    ([_one_term(cap=0)], "cap"),
+    ([_one_term(start_epoch=5)], "start_epoch"),
+    # nn.ModuleDict refuses the term name: KeyError traceback
+    ([_one_term(name='""')], "name"),
+    ([_one_term(name='"a.b"')], "name"),
+    # F.cross_entropy raises RuntimeError
+    ([_one_term(label_smoothing=2.0)], "label_smoothing"),
+    # stagewise.evaluate's split "" passes the split check, then state.batches("") raises KeyError
+    (['stages.test.split=""'], "split"),
+    # DataLoader raises ValueError at the first batch
+    (["data.num_workers=-1"], "num_workers"),
+    # torch.set_num_threads raises RuntimeError (nothing written, but a traceback)
+    (["run.threads=-1"], "threads"),
+])
+def test_bad_values_are_refused_before_the_run_not_a_traceback(tiny, tmp_path, overrides, key):
+    problems = _refused(tiny, tmp_path, *overrides)
+    assert any(key in p for p in problems), problems
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    # accepted today: the run ends with exit 0 and a NaN model (val/loss nan, test/ppl nan)
+    (["stages.phase1.lr=inf"], "lr"),
+    (['stages.phase1.schedule="cosine"', "stages.phase1.min_lr=nan"], "min_lr"),
+    # accepted today: cosine decays to a negative lr (gradient ascent; train/lr -0.495)
+    (['stages.phase1.schedule="cosine"', "stages.phase1.min_lr=-1"], "min_lr"),
+    # accepted today: a negative plateau factor would make the lr negative; NaN, NaN
+    (['stages.phase1.schedule="plateau"', "stages.phase1.plateau_factor=-1"], "plateau_factor"),
+    (['stages.phase1.schedule="plateau"', "stages.phase1.plateau_factor=nan"], "plateau_factor"),
+    (["stages.phase1.plateau_patience=-1"], "plateau_patience"),
+    (['stages.phase1.optimizer="sgd"', "stages.phase1.momentum=nan"], "momentum"),
+    (["stages.phase1.weight_decay=inf"], "weight_decay"),
+    # accepted today: 0 is read as "unset" and the whole split runs
+    (["stages.phase1.max_steps_per_epoch=0"], "max_steps_per_epoch"),
+    # a NaN/Inf weight makes every batch non-finite: skipped, or the run aborts after 10 (RUN_DIR written)
+    ([_one_term(weight="nan")], "weight"),
+    ([_one_term(weight="inf")], "weight"),
+    # min(weight, nan) is the weight: the cap is silently ignored
+    ([_one_term(cap="nan")], "cap"),
+    # torch skips smoothing for a value <= 0 or NaN: silently ignored
+    ([_one_term(label_smoothing=-1.0)], "label_smoothing"),
+    ([_one_term(label_smoothing="nan")], "label_smoothing"),
+    # accepted today: the evaluate stage reports nothing at all
+    (["stages.test.losses=[]"], "losses"),
+    # -1 makes every step a checkpoint (step % -1 == 0)
+    (["run.checkpoint_every_n_steps=-1"], "checkpoint_every_n_steps"),
+    # eval_batch_size 0 silently means batch_size; -1 gives no evaluation batch at all, and the run
+    # fails after RUN_DIR exists with "stages.phase1.monitor: 'val/loss' is not a metric of this stage"
+    (["data.eval_batch_size=0"], "eval_batch_size"),
+    (["data.eval_batch_size=-1"], "eval_batch_size"),
+    # RMSNorm with eps = inf outputs zeros: the model cannot learn
+    (["model.norm_eps=inf"], "norm_eps"),
+    (["model.rope_base=inf"], "rope_base"),
+])
+def test_nonsense_values_are_refused_not_trained_on(tiny, tmp_path, overrides, key):
+    problems = _refused(tiny, tmp_path, *overrides)
+    assert any(key in p for p in problems), problems
+
+
+@pytest.mark.parametrize("override", ["stages.phase1.train=[]", 'stages.phase1.freeze=["*"]'])
+def test_a_stage_with_nothing_to_train_is_refused_before_the_run_dir(tiny, tmp_path, override):
+    # today: "train/freeze leave no parameter to train", but only once the stage starts (RUN_DIR written)
+    problems = _refused(tiny, tmp_path, override)
+    assert any("no parameter to train" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("override", ['stages.test.checkpoint="phase1"', 'stages.phase1.checkpoint="last"'])
+def test_checkpoint_names_must_not_collide(tiny, tmp_path, override):
+    # today both run: the later stage overwrites checkpoints/phase1.pt, or a stage's own checkpoint is
+    # checkpoints/last.pt, which every later stage (and --resume) overwrites
+    problems = _refused(tiny, tmp_path, override)
+    assert any("checkpoint" in p for p in problems), problems
+
+
+def test_tensorboard_missing_is_refused_before_the_run_dir(tiny, tmp_path):
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+        pytest.skip("TensorBoard is installed")
+    except ImportError:
+        pass
+    problems = _refused(tiny, tmp_path, "run.tensorboard=true")
+    assert any("tensorboard" in p.lower() for p in problems), problems
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (['stages.phase1.optimizer="lbfgs"', "stages.phase1.lbfgs_history=0"], "lbfgs_history"),  # IndexError
+    (['stages.phase1.optimizer="lbfgs"', "stages.phase1.lbfgs_history=-1"], "lbfgs_history"),  # IndexError
+    (['stages.phase1.optimizer="lbfgs"', "stages.phase1.lbfgs_max_iter=0"], "lbfgs_max_iter"),  # trains nothing
+])
+def test_lbfgs_options_are_validated(tmp_path, overrides, key):
+    from conftest import TINY
+
+    from stagewise.recipe import load_recipe
+
+    path = tmp_path / "no_clip.toml"
+    path.write_text(TINY.replace("grad_clip = 1.0\n", ""))  # lbfgs refuses grad_clip
+    problems = _refused(lambda *o: load_recipe(path, list(o)), tmp_path, *overrides)
+    assert any(key in p for p in problems), problems

@@ -66,8 +66,8 @@ class KoopmanOptions:
              f"distance must be one of {', '.join(map(repr, DISTANCES))}, got {self.distance!r}"),
             (self.detach in DETACH, f"detach must be one of {', '.join(map(repr, DETACH))}, got {self.detach!r}"),
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
-            (min(self.part_weights().values()) >= 0,
-             "lifted_weight, reconstruction_weight, state_weight and spectral_weight must be >= 0"),
+            (all(math.isfinite(w) and w >= 0 for w in self.part_weights().values()),  # NaN passes min() >= 0
+             "lifted_weight, reconstruction_weight, state_weight and spectral_weight must be >= 0 and finite"),
             (max(self.part_weights().values()) > 0,
              "at least one of lifted_weight, reconstruction_weight, state_weight and spectral_weight must be "
              "> 0 (with all four 0 the term has nothing to compute)"),

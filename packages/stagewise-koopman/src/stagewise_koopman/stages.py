@@ -6,6 +6,7 @@ written by an ``after_stage`` hook when a training stage with a ``koopman.operat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,8 +115,9 @@ class LinearityOptions:
     split: str = "valid"  # the split the one-step error is measured on
 
     def __post_init__(self) -> None:
-        if self.fit_steps < 1 or not self.lr > 0:  # `not >` also refuses NaN
-            raise ValueError(f"fit_steps must be >= 1 and lr > 0, got {self.fit_steps} and {self.lr}")
+        if self.fit_steps < 1 or not 0 < self.lr < math.inf:  # `not <` also refuses NaN
+            raise ValueError(f"fit_steps must be >= 1 and lr > 0, got {self.fit_steps} and {self.lr} "
+                             f"(lr must also be finite)")
         if self.fit.dmd_every:
             raise ValueError(f"fit.dmd_every must be 0: the post-hoc fit trains φ, K, ψ by Adam alone, with no "
                              f"DMD refresh (got {self.fit.dmd_every})")

@@ -44,7 +44,10 @@ def exit_states(model: torch.nn.Module, batches: Iterable[dict[str, Any]],
     return {key: torch.cat(values) for key, values in parts.items()}
 
 
-def score_quantiles(scores: torch.Tensor, points: int = 21) -> list[float]:
+CURVE_QUANTILES = 21  # calibration quantiles kept with the router: the curve picks its points among them
+
+
+def score_quantiles(scores: torch.Tensor, points: int = CURVE_QUANTILES) -> list[float]:
     """Evenly spaced quantiles (0, 1/(points-1), ..., 1) of the calibration confidences: the
     thresholds of the accuracy-compute curve, kept with the router so evaluation needs no rerun."""
     qs = torch.linspace(0, 1, points, dtype=torch.float64)

@@ -296,8 +296,9 @@ class EvaluateRoutedOptions:
     curve_points: int = 11  # thresholds of the accuracy-compute curve (calibration quantiles, at most 21); 0: none
 
     def __post_init__(self) -> None:
-        if self.speed_batch_size < 1 or self.speed_repeats < 1 or self.curve_points < 0:
-            raise ValueError(f"speed_batch_size and speed_repeats must be >= 1 and curve_points >= 0, got "
+        if self.speed_batch_size < 1 or self.speed_repeats < 1 or not 0 <= self.curve_points <= mining.CURVE_QUANTILES:
+            raise ValueError(f"speed_batch_size and speed_repeats must be >= 1 and curve_points >= 0 and "
+                             f"<= {mining.CURVE_QUANTILES} (the calibration quantiles kept), got "
                              f"{self.speed_batch_size}, {self.speed_repeats}, {self.curve_points}")
 
 

@@ -38,8 +38,14 @@ class RunOptions:
     tensorboard: bool = False  # also write TensorBoard scalars to RUN_DIR/tensorboard (extra [tensorboard])
 
     def __post_init__(self) -> None:
+        if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\"):
+            raise ValueError(f"name {self.name!r}: the run directory's name under `out`; use a non-empty "
+                             f"name without '/' or '\\'")
         if self.log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be >= 1, got {self.log_every_n_steps}")
+        if self.checkpoint_every_n_steps < 0 or self.threads < 0:
+            raise ValueError(f"checkpoint_every_n_steps and threads must be >= 0 (0 = epoch ends only / torch's "
+                             f"default), got {self.checkpoint_every_n_steps} and {self.threads}")
         self.out = os.path.expanduser(self.out)  # "~/runs": no shell expands ~ inside a TOML string
 
 
@@ -139,9 +145,10 @@ def _stages(raw: Any, problems: list[str]) -> list[StageSpec]:
         problems.append("stages: at least one [[stages]] table is required")
         return []
     stages = [StageSpec.from_table(t, f"stages[{i}]", problems) for i, t in enumerate(raw)]
-    names = [s.name for s in stages if s is not None]
-    for name in sorted({n for n in names if names.count(n) > 1}):
-        problems.append(f"stages: the name {name!r} is used by more than one stage; names must be unique")
+    for key in ("name", "checkpoint"):  # a shared checkpoint file would be overwritten by the later stage
+        values = [getattr(s, key) for s in stages if s is not None]
+        for value in sorted({v for v in values if values.count(v) > 1}):
+            problems.append(f"stages: the {key} {value!r} is used by more than one stage; {key}s must be unique")
     return [s for s in stages if s is not None]
 
 

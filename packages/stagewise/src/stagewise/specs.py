@@ -8,6 +8,7 @@ names and keys are reported with the valid choices.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -89,8 +90,10 @@ class LossSpec(Spec):
     def __post_init__(self) -> None:
         if self.name is None:
             self.name = default_term_name(self.use)
-        if self.weight < 0 or (self.cap is not None and self.cap < 0):
-            raise ValueError(f"weight and cap must be >= 0, got weight={self.weight}, cap={self.cap}")
+        if not self.name or "." in self.name:  # it keys metrics (train/<name>/<part>) and parameters
+            raise ValueError(f"term name {self.name!r}: use a non-empty name without '.'")
+        if not all(math.isfinite(w) and w >= 0 for w in (self.weight, self.cap if self.cap is not None else 0)):
+            raise ValueError(f"weight and cap must be >= 0 and finite, got weight={self.weight}, cap={self.cap}")
         if self.start_epoch < 0 or self.ramp_epochs < 0:
             raise ValueError("start_epoch and ramp_epochs must be >= 0")
         if not 0 <= self.fallback_factor <= 1:
@@ -137,8 +140,11 @@ class DataSpec(Spec):
     num_workers: int = 0  # DataLoader worker processes
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size < 1 or (self.eval_batch_size is not None and self.eval_batch_size < 1):
+            raise ValueError(f"batch_size and eval_batch_size must be >= 1 (leave eval_batch_size unset for "
+                             f"batch_size), got {self.batch_size} and {self.eval_batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (0 = load in the main process), got {self.num_workers}")
 
 
 @dataclass
@@ -157,3 +163,5 @@ class StageSpec(Spec):
             self.checkpoint = self.name
         if not self.checkpoint.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"checkpoint name {self.checkpoint!r}: use letters, digits, '-' and '_'")
+        if self.checkpoint == "last":  # checkpoints/last.pt is the resume point, rewritten by every stage
+            raise ValueError("checkpoint name 'last' is reserved for the resume checkpoint; choose another")

@@ -33,9 +33,11 @@ class EvaluateStage(Stage):
     Options = EvaluateOptions
 
     def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
-        o = self.options
-        return super().check(recipe, index, data) + loss_problems(
-            o.losses, recipe.model_options_at(index), data.example(o.split), f"stages[{index}]")
+        o, where = self.options, f"stages[{index}]"
+        problems = super().check(recipe, index, data)
+        if not o.losses:
+            problems.append(f"{where}.losses: at least one loss term is required")
+        return problems + loss_problems(o.losses, recipe.model_options_at(index), data.example(o.split), where)
 
     def run(self, state: State) -> dict[str, Any]:
         o = self.options

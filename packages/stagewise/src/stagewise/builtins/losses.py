@@ -43,6 +43,10 @@ class CrossEntropyOptions(OutputOptions):
     ignore_index: int = -100  # targets with this value are not counted
     label_smoothing: float = 0.0
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.label_smoothing <= 1:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
+
 
 class _OutputLoss(Loss):
     """A loss that reads one prediction, chosen by ``OutputOptions``."""

@@ -7,6 +7,7 @@ Subclasses change *what* the loop trains on without rewriting the loop: override
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -65,7 +66,20 @@ class TrainOptions:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.lr >= 0, f"lr must be >= 0, got {self.lr}"),
+            (math.isfinite(self.lr) and self.lr >= 0, f"lr must be a finite number >= 0, got {self.lr}"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             f"weight_decay must be a finite number >= 0, got {self.weight_decay}"),
+            (all(0 <= b < 1 for b in self.betas), f"betas must be in [0, 1), got {self.betas}"),
+            (math.isfinite(self.momentum) and self.momentum >= 0,
+             f"momentum must be a finite number >= 0, got {self.momentum}"),
+            (0 <= self.min_lr <= self.lr, f"min_lr must be in [0, lr = {self.lr}], got {self.min_lr}"),
+            (0 < self.plateau_factor < 1, f"plateau_factor must be in (0, 1), got {self.plateau_factor}"),
+            (self.plateau_patience >= 0, f"plateau_patience must be >= 0, got {self.plateau_patience}"),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (self.lbfgs_max_iter >= 1 and self.lbfgs_history >= 1,
+             f"lbfgs_max_iter and lbfgs_history must be >= 1, got {self.lbfgs_max_iter} and {self.lbfgs_history}"),
+            (self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
+             f"max_steps_per_epoch must be >= 1 (leave it unset for whole epochs), got {self.max_steps_per_epoch}"),
             (self.max_epochs >= 1, f"max_epochs must be >= 1, got {self.max_epochs}"),
             (self.max_nonfinite >= 1, f"max_nonfinite must be >= 1, got {self.max_nonfinite}"),
             (self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}"),
@@ -129,10 +143,21 @@ class TrainStage(Stage):
         problems = super().check(recipe, index, data)
         problems += loss_problems(self.options.losses, recipe.model_options_at(index),
                                   data.example("train") if own_batches else None, f"stages[{index}]")
+        problems += self._idle_epochs(index)
         names = parameter_names_at(recipe, index, data)
         if names is not None:
             problems += glob_problems(names, self.options.train, self.options.freeze, f"stages[{index}]")
         return problems + self._option_problems(index)
+
+    def _idle_epochs(self, index: int) -> list[str]:
+        """Epochs in which every term has weight 0: nothing to train on (backward would fail)."""
+        idle = [e for e in range(self.options.max_epochs)
+                if all(spec.weight_at(e) == 0 for spec in self.options.losses)]
+        if not idle:
+            return []
+        return [f"stages[{index}].losses: every term has weight 0 in epoch(s) {', '.join(map(str, idle))} "
+                f"(0-based; see each term's weight, cap and start_epoch), so nothing would train; give one "
+                f"term a weight > 0 there or lower max_epochs"]
 
     def _option_problems(self, index: int) -> list[str]:
         o, where = self.options, f"stages[{index}]"

@@ -26,7 +26,7 @@ def select_parameters(model: torch.nn.Module, train: list[str], freeze: list[str
         raise ConfigError(problems, source)
     selected = []
     for name, param in model.named_parameters():
-        trainable = any(fnmatchcase(name, g) for g in train) and not any(fnmatchcase(name, g) for g in freeze)
+        trainable = _trains(name, train, freeze)
         param.requires_grad_(trainable)
         if trainable:
             selected.append((name, param))
@@ -36,10 +36,18 @@ def select_parameters(model: torch.nn.Module, train: list[str], freeze: list[str
 
 
 def glob_problems(names: list[str], train: list[str], freeze: list[str], where: str) -> list[str]:
-    """One problem per ``train``/``freeze`` glob that matches none of ``names``."""
-    return [f"{where}.{key}: {glob!r} matches no parameter; names look like: {', '.join(names[:6])}"
-            for key, globs in (("train", train), ("freeze", freeze)) for glob in globs
-            if not any(fnmatchcase(n, glob) for n in names)]
+    """One problem per ``train``/``freeze`` glob that matches none of ``names``, and one if
+    together they leave nothing to train."""
+    problems = [f"{where}.{key}: {glob!r} matches no parameter; names look like: {', '.join(names[:6])}"
+                for key, globs in (("train", train), ("freeze", freeze)) for glob in globs
+                if not any(fnmatchcase(n, glob) for n in names)]
+    if names and not problems and not any(_trains(n, train, freeze) for n in names):
+        problems.append(f"{where}: train/freeze leave no parameter to train (train = {train}, freeze = {freeze})")
+    return problems
+
+
+def _trains(name: str, train: list[str], freeze: list[str]) -> bool:
+    return any(fnmatchcase(name, g) for g in train) and not any(fnmatchcase(name, g) for g in freeze)
 
 
 def parameter_names_at(recipe: Recipe, index: int, data: DataSplits) -> list[str] | None:

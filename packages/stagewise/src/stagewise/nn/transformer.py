@@ -46,10 +46,10 @@ class TransformerOptions:
         if (self.n_embd // self.n_head) % 2:
             raise ValueError(f"the head dimension n_embd / n_head = {self.n_embd // self.n_head} must "
                              f"be even for the rotary embedding; change n_embd or n_head")
-        if not self.rope_base > 1:
-            raise ValueError(f"rope_base must be greater than 1, got {self.rope_base}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
+        if not 1 < self.rope_base < math.inf:
+            raise ValueError(f"rope_base must be a finite number greater than 1, got {self.rope_base}")
+        if not 0 < self.norm_eps < math.inf:
+            raise ValueError(f"norm_eps must be a finite positive number, got {self.norm_eps}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
