@@ -392,3 +392,14 @@ def test_routed_training_applies_the_residual_dropout_of_core_blocks():
         trained = routed_layers(model.train(), h, hard, 2, 4)
         evaluated = routed_layers(model.eval(), h, hard, 2, 4)
     assert not torch.allclose(trained[hard], evaluated[hard])
+
+
+def test_calibrating_on_non_finite_confidences_names_the_divergence():
+    """A diverged model scores NaN: a NaN threshold would route no token and fail later with
+    "call calibrate() before route()"; calibration says what happened instead."""
+    from stagewise.errors import TrainingError
+    from stagewise_lego_ashem.router import Confidence
+
+    scores = torch.tensor([0.2, float("nan"), 0.7, float("nan")])
+    with pytest.raises(TrainingError, match="2 of 4 calibration confidences are not finite, so the model has diverged"):
+        Confidence().calibrate(scores)

@@ -247,3 +247,27 @@ def test_lbfgs_options_are_validated(tmp_path, overrides, key):
     path.write_text(TINY.replace("grad_clip = 1.0\n", ""))  # lbfgs refuses grad_clip
     problems = _refused(lambda *o: load_recipe(path, list(o)), tmp_path, *overrides)
     assert any(key in p for p in problems), problems
+
+
+def test_mse_on_integer_targets_is_refused_before_the_run(tiny, tmp_path):
+    # was: RuntimeError "shape '[4, 8, 196]' is invalid for input of size 32" at the first batch
+    (problem,) = _refused(tiny, tmp_path, 'stages.phase1.losses=[{use="stagewise.mse"}]')
+    assert problem.startswith("stages[0].losses[0]: stagewise.mse needs float targets, but the data's 'target' "
+                              "holds torch.int64 values")
+
+
+def test_a_model_too_big_to_allocate_is_a_recipe_error(tiny, tmp_path):
+    # was: RuntimeError "DefaultCPUAllocator: can't allocate memory" from the model's constructor
+    (problem,) = _refused(tiny, tmp_path, "model.ffn_hidden=1000000000000")
+    assert problem.startswith("model (stagewise.transformer): its options ask for") and "lower the sizes" in problem
+
+
+def test_run_out_running_into_a_file_is_a_recipe_error(tiny, tmp_path):
+    # was: NotADirectoryError when the default run folder was made under it
+    (tmp_path / "notes").write_text("kept")
+    recipe = tiny(f'run.out="{tmp_path / "notes" / "runs"}"')
+    with pytest.raises(ConfigError) as info:
+        run_recipe(recipe, quiet=True)
+    assert info.value.problems == [f"run.out: {tmp_path / 'notes'} is a file, not a folder; set run.out to a "
+                                   f"folder (or pass --out)"]
+    assert (tmp_path / "notes").read_text() == "kept"

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import stagewise
+from stagewise.errors import TrainingError
 
 Measure = Literal["max_prob", "margin", "neg_entropy", "probe"]
 SOFTMAX_MEASURES = ("max_prob", "margin", "neg_entropy")
@@ -69,6 +70,10 @@ def confidence_and_exit_logits(model: torch.nn.Module, h_exit: torch.Tensor,
 
 def quantile_threshold(scores: torch.Tensor, hard_ratio: float) -> float:
     """The confidence below which a ``hard_ratio`` fraction of ``scores`` lies (torch.quantile)."""
+    if not bool(torch.isfinite(scores).all()):  # a diverged model: a NaN threshold would route nothing
+        raise TrainingError(f"lego_ashem.confidence: {int((~torch.isfinite(scores)).sum())} of {scores.numel()} "
+                            f"calibration confidences are not finite, so the model has diverged; check the "
+                            f"earlier stages' lr and their non-finite loss counts in metrics.jsonl")
     return float(torch.quantile(scores.flatten().double(), hard_ratio))
 
 

@@ -117,6 +117,14 @@ class MSE(_OutputLoss):
     name = "stagewise.mse"
     Options = OutputOptions
 
+    def check_example(self, example: dict[str, Any]) -> list[str]:
+        target = example.get(self.options.target)
+        if isinstance(target, torch.Tensor) and not target.is_floating_point():
+            return [f"{self.name} needs float targets, but the data's {self.options.target!r} holds {target.dtype} "
+                    f"values (class labels or token ids): use stagewise.cross_entropy, or for regression "
+                    f"set data.target_dtype = \"float\" (stagewise.csv, stagewise.jsonl)"]
+        return super().check_example(example)
+
     def forward(self, outputs, batch, state):
         pred = prediction(outputs, self.options)
         return F.mse_loss(pred, batch[self.options.target].to(pred.dtype).reshape(pred.shape))

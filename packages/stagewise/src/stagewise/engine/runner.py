@@ -7,6 +7,7 @@ run directory is created, so a mistake writes nothing.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,7 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
     check_event_hooks()
     model_options = _model_options(recipe, saved)
     model = _build("model", recipe, lambda: recipe.model.component().from_recipe(model_options, data)).to(device)
-    default = Path(recipe.run.out) / recipe.run.name
-    path = Path(resume) if resume is not None else Path(out) if out is not None else unused_folder(default)
+    path = Path(resume) if resume is not None else Path(out) if out is not None else _default_folder(recipe)
     run_dir = None
     if info.rank == 0:
         run_dir = (RunDir.reopen(path, saved["metrics_lines"]) if saved is not None
@@ -116,15 +116,31 @@ def check_stages(recipe: Recipe, data: Any) -> None:
         raise ConfigError(problems, recipe.source)
 
 
+def _default_folder(recipe: Recipe) -> Path:
+    """``run.out/run.name``, numbered past used folders; refused if ``run.out`` runs into a file."""
+    out = Path(recipe.run.out)
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError([f"run.out: {existing} is a file, not a folder; set run.out to a folder "
+                           f"(or pass --out)"], recipe.source)
+    return unused_folder(out / recipe.run.name)
+
+
 def _build(table: str, recipe: Recipe, factory: Any) -> Any:
     """Build the data or the model; a bad option value becomes a recipe error naming the table."""
+    use = getattr(recipe, table).use
     try:
         return factory()
     except (ValueError, TypeError, KeyError) as exc:
         if isinstance(exc, StagewiseError):
             raise
-        use = getattr(recipe, table).use
         raise ConfigError([f"{table} ({use}): {exc}"], recipe.source) from exc
+    except RuntimeError as exc:
+        asked = re.search(r"tried to allocate (\d+) bytes", str(exc))  # torch's CPU allocator
+        if asked is None:
+            raise
+        raise ConfigError([f"{table} ({use}): its options ask for {int(asked[1]) / 2**30:.3g} GiB at once, more "
+                           f"memory than this machine has; lower the sizes"], recipe.source) from None
 
 
 def grow_model(state: State, changes: dict[str, Any]) -> None:
