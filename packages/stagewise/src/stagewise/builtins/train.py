@@ -151,8 +151,10 @@ class TrainStage(Stage):
 
     def _idle_epochs(self, index: int) -> list[str]:
         """Epochs in which every term has weight 0: nothing to train on (backward would fail)."""
-        idle = [e for e in range(self.options.max_epochs)
-                if all(spec.weight_at(e) == 0 for spec in self.options.losses)]
+        losses = self.options.losses
+        # each weight is constant from start_epoch + ramp_epochs on: later epochs repeat the last one looked at
+        horizon = min(self.options.max_epochs, 1 + max((s.start_epoch + s.ramp_epochs for s in losses), default=0))
+        idle = [e for e in range(horizon) if all(spec.weight_at(e) == 0 for spec in losses)]
         if not idle:
             return []
         return [f"stages[{index}].losses: every term has weight 0 in epoch(s) {', '.join(map(str, idle))} "
