@@ -55,6 +55,7 @@ def test_missing_tables_and_duplicate_stage_names(tmp_path):
     problems = problems_of(tmp_path, '[[stages]]\nname = "a"\n[[stages]]\nname = "a"\n')
     assert any(p.startswith("model: required table is missing") for p in problems)
     assert any("the name 'a' is used by more than one stage" in p for p in problems)
+    assert not any("checkpoint" in p for p in problems)  # the checkpoint defaults to the name: one mistake
 
 
 def test_nested_loss_terms_are_validated(tmp_path):

@@ -170,18 +170,18 @@ def test_bad_values_are_refused_before_the_run_not_a_traceback(tiny, tmp_path, o
 
 
 @pytest.mark.parametrize(("overrides", "key"), [
-    # accepted today: the run ends with exit 0 and a NaN model (val/loss nan, test/ppl nan)
+    # was accepted: the run ends with exit 0 and a NaN model (val/loss nan, test/ppl nan)
     (["stages.phase1.lr=inf"], "lr"),
     (['stages.phase1.schedule="cosine"', "stages.phase1.min_lr=nan"], "min_lr"),
-    # accepted today: cosine decays to a negative lr (gradient ascent; train/lr -0.495)
+    # was accepted: cosine decays to a negative lr (gradient ascent; train/lr -0.495)
     (['stages.phase1.schedule="cosine"', "stages.phase1.min_lr=-1"], "min_lr"),
-    # accepted today: a negative plateau factor would make the lr negative; NaN, NaN
+    # was accepted: a negative plateau factor would make the lr negative; NaN, NaN
     (['stages.phase1.schedule="plateau"', "stages.phase1.plateau_factor=-1"], "plateau_factor"),
     (['stages.phase1.schedule="plateau"', "stages.phase1.plateau_factor=nan"], "plateau_factor"),
     (["stages.phase1.plateau_patience=-1"], "plateau_patience"),
     (['stages.phase1.optimizer="sgd"', "stages.phase1.momentum=nan"], "momentum"),
     (["stages.phase1.weight_decay=inf"], "weight_decay"),
-    # accepted today: 0 is read as "unset" and the whole split runs
+    # was accepted: 0 is read as "unset" and the whole split runs
     (["stages.phase1.max_steps_per_epoch=0"], "max_steps_per_epoch"),
     # a NaN/Inf weight makes every batch non-finite: skipped, or the run aborts after 10 (RUN_DIR written)
     ([_one_term(weight="nan")], "weight"),
@@ -191,7 +191,7 @@ def test_bad_values_are_refused_before_the_run_not_a_traceback(tiny, tmp_path, o
     # torch skips smoothing for a value <= 0 or NaN: silently ignored
     ([_one_term(label_smoothing=-1.0)], "label_smoothing"),
     ([_one_term(label_smoothing="nan")], "label_smoothing"),
-    # accepted today: the evaluate stage reports nothing at all
+    # was accepted: the evaluate stage reports nothing at all
     (["stages.test.losses=[]"], "losses"),
     # -1 makes every step a checkpoint (step % -1 == 0)
     (["run.checkpoint_every_n_steps=-1"], "checkpoint_every_n_steps"),
@@ -210,14 +210,14 @@ def test_nonsense_values_are_refused_not_trained_on(tiny, tmp_path, overrides, k
 
 @pytest.mark.parametrize("override", ["stages.phase1.train=[]", 'stages.phase1.freeze=["*"]'])
 def test_a_stage_with_nothing_to_train_is_refused_before_the_run_dir(tiny, tmp_path, override):
-    # today: "train/freeze leave no parameter to train", but only once the stage starts (RUN_DIR written)
+    # was: "train/freeze leave no parameter to train", but only once the stage started (RUN_DIR written)
     problems = _refused(tiny, tmp_path, override)
     assert any("no parameter to train" in p for p in problems), problems
 
 
 @pytest.mark.parametrize("override", ['stages.test.checkpoint="phase1"', 'stages.phase1.checkpoint="last"'])
 def test_checkpoint_names_must_not_collide(tiny, tmp_path, override):
-    # today both run: the later stage overwrites checkpoints/phase1.pt, or a stage's own checkpoint is
+    # both ran: the later stage overwrote checkpoints/phase1.pt, or a stage's own checkpoint was
     # checkpoints/last.pt, which every later stage (and --resume) overwrites
     problems = _refused(tiny, tmp_path, override)
     assert any("checkpoint" in p for p in problems), problems

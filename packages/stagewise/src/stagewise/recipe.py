@@ -145,8 +145,11 @@ def _stages(raw: Any, problems: list[str]) -> list[StageSpec]:
         problems.append("stages: at least one [[stages]] table is required")
         return []
     stages = [StageSpec.from_table(t, f"stages[{i}]", problems) for i, t in enumerate(raw)]
-    for key in ("name", "checkpoint"):  # a shared checkpoint file would be overwritten by the later stage
-        values = [getattr(s, key) for s in stages if s is not None]
+    named = [s for s in stages if s is not None]
+    names = [s.name for s in named]
+    # a shared checkpoint file would be overwritten by the later stage; a shared name is reported once
+    checkpoints = [s.checkpoint for s in named if names.count(s.name) == 1]
+    for key, values in (("name", names), ("checkpoint", checkpoints)):
         for value in sorted({v for v in values if values.count(v) > 1}):
             problems.append(f"stages: the {key} {value!r} is used by more than one stage; {key}s must be unique")
     return [s for s in stages if s is not None]

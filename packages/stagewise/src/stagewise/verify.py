@@ -64,13 +64,13 @@ def _numbers(a: Any, b: Any) -> bool:
     return all(isinstance(x, int | float) and not isinstance(x, bool) for x in (a, b))
 
 
-NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
 def _number(value: Any) -> Any:
     """summary.json writes NaN/Inf as the strings "nan"/"inf"/"-inf" (strict JSON); a golden file
     may hold them either so or as Python's json writes them: compare them as numbers."""
-    return NON_FINITE.get(value, value) if isinstance(value, str) else value
+    return _NON_FINITE.get(value, value) if isinstance(value, str) else value
 
 
 def _close(value: Any, expected: Any, tol: float) -> bool:

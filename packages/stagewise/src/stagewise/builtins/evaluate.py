@@ -25,6 +25,10 @@ class EvaluateOptions:
     losses: list[LossSpec] = field(default_factory=_default_losses)  # terms to report
     prefix: str | None = None  # metric prefix; default: the split name
 
+    def __post_init__(self) -> None:
+        if not self.losses:
+            raise ValueError("losses: at least one loss term is required")
+
 
 class EvaluateStage(Stage):
     """Report every loss term's metrics on a split, e.g. ``test/loss``, ``test/ppl``."""
@@ -33,11 +37,9 @@ class EvaluateStage(Stage):
     Options = EvaluateOptions
 
     def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
-        o, where = self.options, f"stages[{index}]"
-        problems = super().check(recipe, index, data)
-        if not o.losses:
-            problems.append(f"{where}.losses: at least one loss term is required")
-        return problems + loss_problems(o.losses, recipe.model_options_at(index), data.example(o.split), where)
+        o = self.options
+        return super().check(recipe, index, data) + loss_problems(
+            o.losses, recipe.model_options_at(index), data.example(o.split), f"stages[{index}]")
 
     def run(self, state: State) -> dict[str, Any]:
         o = self.options
