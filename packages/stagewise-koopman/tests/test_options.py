@@ -105,9 +105,19 @@ def test_settings_that_only_a_later_stage_would_trip_on_fail_before_anything_run
     # was: KeyError "no split named ''" traceback mid-run
     (['stages.forward.split=""'], "split"),
     (['stages.linearity.split=""'], "split"),
+    (['stages.linearity.fit_split=""'], "fit_split"),
 ])
 def test_fuzzed_values_are_refused_before_anything_runs(tmp_path, overrides, key):
     with pytest.raises(stagewise.ConfigError) as info:
         run_tiny(tmp_path / "run", overrides=overrides)
     assert not (tmp_path / "run").exists()
     assert any(key in p for p in info.value.problems), info.value.problems
+
+
+def test_a_term_too_big_to_allocate_stops_its_stage_with_a_clear_error(tmp_path):
+    # was: RuntimeError "DefaultCPUAllocator: can't allocate memory" traceback from the term's constructor
+    with pytest.raises(stagewise.TrainingError, match=r"^stage 'main' \(stagewise\.train\) asked for \S+ GiB "
+                                                      r"at once, more memory than this machine has; lower its sizes"):
+        run_tiny(tmp_path / "run", overrides=["stages.main.losses.koopman.koopman_dim=1000000000000",
+                                                      "stages.main.losses.koopman.dmd_every=0"])
+    assert (tmp_path / "run" / "checkpoints" / "warmup.pt").is_file()  # the stage before it is kept

@@ -358,6 +358,14 @@ def test_grow_is_checked_against_the_model_as_grown_by_the_stages_before(tiny):
     assert problem.startswith("stages[1].grow: n_embd (16) must be divisible by n_head (3)")
 
 
+def test_a_bad_grow_is_reported_once_not_again_by_each_later_grow(tiny):
+    # was: stages[1].grow.n_layerz reported too, since phase2's check saw phase1's growth
+    with pytest.raises(ConfigError) as info:
+        tiny("stages.phase1.grow={n_layerz = 3}", "stages.phase2.grow={n_layer = 3}")
+    (problem,) = info.value.problems
+    assert problem.startswith("stages[0].grow.n_layerz: unknown key; did you mean 'n_layer'?")
+
+
 @pytest.mark.parametrize("name", ['""', '"../x"', '"/tmp/elsewhere"'])
 def test_the_run_name_is_one_folder_name(tiny, name):
     # fuzzing: run.name = "" made the run directory run.out itself; "../x" and an absolute path

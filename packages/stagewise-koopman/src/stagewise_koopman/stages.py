@@ -118,6 +118,8 @@ class LinearityOptions:
         if self.fit_steps < 1 or not 0 < self.lr < math.inf:  # `not <` also refuses NaN
             raise ValueError(f"fit_steps must be >= 1 and lr > 0, got {self.fit_steps} and {self.lr} "
                              f"(lr must also be finite)")
+        if not self.fit_split:
+            raise ValueError("fit_split must name the split the fit trains on (e.g. \"train\"), got \"\"")
         if self.fit.dmd_every:
             raise ValueError(f"fit.dmd_every must be 0: the post-hoc fit trains φ, K, ψ by Adam alone, with no "
                              f"DMD refresh (got {self.fit.dmd_every})")

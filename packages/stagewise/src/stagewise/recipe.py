@@ -161,8 +161,10 @@ def _check_grow(stages: list[StageSpec], model: ModelSpec, problems: list[str]) 
     current = as_table(model.options)
     for i, stage in enumerate(stages):
         if stage.grow:
-            current = {**current, **stage.grow}
-            build_dataclass(options_cls, current, f"stages[{i}].grow", problems)
+            grown, found = {**current, **stage.grow}, len(problems)
+            build_dataclass(options_cls, grown, f"stages[{i}].grow", problems)
+            if len(problems) == found:  # a bad growth is reported once, not again by every later grow
+                current = grown
 
 
 def apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None:

@@ -19,7 +19,7 @@ from stagewise.engine.checkpoint import load_checkpoint, seed_everything, set_rn
 from stagewise.engine.guards import RateLimitedWarnings
 from stagewise.engine.rundir import RunDir, environment, unused_folder
 from stagewise.engine.state import State, check_event_hooks
-from stagewise.errors import CheckpointError, ConfigError, StagewiseError
+from stagewise.errors import CheckpointError, ConfigError, StagewiseError, TrainingError
 from stagewise.events import Event
 from stagewise.recipe import Recipe
 from stagewise.schema import build_dataclass
@@ -98,7 +98,15 @@ def run_stage(state: State, index: int, spec: StageSpec, saved: dict[str, Any] |
     stage = spec.component()(spec.options, label=spec.name)
     state.fire(Event.BEFORE_STAGE, stage=stage)
     started = time.perf_counter()
-    metrics = stage.run(state)
+    try:
+        metrics = stage.run(state)
+    except RuntimeError as exc:
+        gib = _allocation_gib(exc)
+        if gib is None:
+            raise
+        raise TrainingError(f"stage '{spec.name}' ({spec.use}) asked for {gib:.3g} GiB at once, more memory than "
+                            f"this machine has; lower its sizes (the run directory keeps the stages before it)"
+                            ) from None
     seconds = time.perf_counter() - started
     state.resume = None
     state.stage_results[spec.name] = {"metrics": metrics, "epochs": state.epochs_run, "seconds": seconds}
@@ -136,11 +144,17 @@ def _build(table: str, recipe: Recipe, factory: Any) -> Any:
             raise
         raise ConfigError([f"{table} ({use}): {exc}"], recipe.source) from exc
     except RuntimeError as exc:
-        asked = re.search(r"tried to allocate (\d+) bytes", str(exc))  # torch's CPU allocator
-        if asked is None:
+        gib = _allocation_gib(exc)
+        if gib is None:
             raise
-        raise ConfigError([f"{table} ({use}): its options ask for {int(asked[1]) / 2**30:.3g} GiB at once, more "
+        raise ConfigError([f"{table} ({use}): its options ask for {gib:.3g} GiB at once, more "
                            f"memory than this machine has; lower the sizes"], recipe.source) from None
+
+
+def _allocation_gib(exc: RuntimeError) -> float | None:
+    """The GiB that a failed allocation of torch's CPU allocator asked for; None for another error."""
+    asked = re.search(r"tried to allocate (\d+) bytes", str(exc))
+    return None if asked is None else int(asked[1]) / 2**30
 
 
 def grow_model(state: State, changes: dict[str, Any]) -> None:
