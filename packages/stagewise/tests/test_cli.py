@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import read_summary
+from conftest import RunsCode, read_summary
 
 from stagewise import __version__
 from stagewise.cli.main import main
@@ -344,3 +344,130 @@ def test_compare_without_out_never_reuses_a_folder(tiny_recipe_path, tmp_path, m
     (tmp_path / "runs" / "compare" / "compare.json").write_text("{}")  # an earlier comparison
     assert main(["compare", str(tiny_recipe_path)]) == 0
     assert [str(p) for p in seen] == ["runs/compare-2"]
+
+
+# --- fuzzing findings: what users feed the commands besides --set keys --------------------------------
+
+
+@pytest.mark.parametrize("raw, problem", [
+    # a Latin-1 or UTF-16 recipe, or a binary file, was a UnicodeDecodeError traceback; deep nesting a RecursionError
+    (b'[run]\nname = "x"\n# caf\xe9\n', "not UTF-8 text: byte 0xe9 at line 3 cannot be read (TOML files are UTF-8); "
+                                        "save the file as UTF-8"),
+    ('[run]\nname = "x"\n'.encode("utf-16"), "not UTF-8 text: byte 0xff at line 1"),
+    (b"a = " + b"[" * 5000 + b"]" * 5000, "not valid TOML: arrays or tables nested too deeply to read"),
+    (b'[run]\nseed = = 7\n', "not valid TOML: Invalid value (at line 2, column 8)"),  # pinned: the line
+], ids=["latin-1", "utf-16", "nested-5000-deep", "syntax-error"])
+def test_a_recipe_file_that_cannot_be_read_is_one_message(tmp_path, capsys, raw, problem):
+    (tmp_path / "r.toml").write_bytes(raw)
+    assert main(["run", str(tmp_path / "r.toml"), "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"stagewise: error: {tmp_path / 'r.toml'}: 1 problem:\n  - {problem}")
+    assert err.count("\n") == 2  # one problem, one message
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_with_a_byte_order_mark_loads_and_a_folder_is_not_a_recipe(tiny_recipe_path, tmp_path, capsys):
+    from stagewise.recipe import load_recipe
+
+    (tmp_path / "bom.toml").write_bytes(b"\xef\xbb\xbf" + tiny_recipe_path.read_bytes())  # as Notepad saves
+    assert load_recipe(tmp_path / "bom.toml").run.name == "tiny"  # was "Invalid statement (at line 1, column 1)"
+    (tmp_path / "recipes").mkdir()
+    assert main(["run", str(tmp_path / "recipes")]) == 1
+    err = capsys.readouterr().err
+    assert "recipes: 1 problem:\n  - a directory, not a recipe file: give the recipe's .toml file" in err
+
+
+def test_out_and_resume_exclude_each_other(tiny_recipe_path, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:  # --out was silently ignored: the run went on in RUN_DIR
+        main(["run", str(tiny_recipe_path), "--resume", str(tmp_path / "a"), "--out", str(tmp_path / "b")])
+    assert info.value.code == 2
+    assert "argument --out: not allowed with argument --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["run", "compare"])
+def test_out_running_into_a_file_is_refused_and_writes_nothing(tiny_recipe_path, tmp_path, capsys, command):
+    (tmp_path / "notes.txt").write_text("kept")  # was a NotADirectoryError traceback
+    out = tmp_path / "notes.txt" / "sub"
+    assert main([command, str(tiny_recipe_path), "--out", str(out), "--quiet"]) == 1
+    blocked = out if command == "run" else out / "tiny"  # compare's --out is the runs' parent folder
+    assert capsys.readouterr().err == (f"stagewise: error: {blocked} cannot be created: {tmp_path / 'notes.txt'} is a "
+                                       f"file, not a folder; pass --out with a path in a folder\n")
+    assert (tmp_path / "notes.txt").read_text() == "kept"
+
+
+@pytest.mark.parametrize("error, message", [
+    (PermissionError(13, "Permission denied", "/data/runs/x"),
+     "/data/runs/x: Permission denied; check its permissions, or choose another folder"),
+    (OSError(28, "No space left on device", "/data/runs/x/checkpoints/last.pt"),
+     "/data/runs/x/checkpoints/last.pt: No space left on device; free some disk space and run again"),
+], ids=["read-only", "disk-full"])
+def test_a_file_system_error_is_one_message_naming_the_path(capsys, error, message):
+    from stagewise import plugins
+
+    def refused(args):  # e.g. a read-only output folder: was a PermissionError traceback
+        raise error
+
+    _with_command(refused)
+    try:
+        assert main(["boom"]) == 1
+    finally:
+        plugins.unregister_plugin("boom")
+    assert capsys.readouterr().err == f"stagewise: error: {message}\n"
+
+
+@pytest.mark.parametrize("golden, expected", [
+    ('{"metrics": ' + "[" * 100_000 + "]" * 100_000 + "}", "1 problem:\n  - cannot be read as JSON: nested too deeply"),
+    ('{"metrics": {"a": 1' + "0" * 400 + "}}", "verify: 1 difference(s)"),  # compared as inf, not OverflowError
+], ids=["nested-100000-deep", "int-beyond-float"])
+def test_verify_reads_any_golden_file_without_a_traceback(tmp_path, capsys, golden, expected):
+    run_dir = _fake_run(tmp_path, {"a": 1.0})
+    (tmp_path / "g.json").write_text(golden)
+    assert main(["verify", str(run_dir), str(tmp_path / "g.json")]) == 1
+    captured = capsys.readouterr()
+    assert expected in captured.out + captured.err and "Traceback" not in captured.err
+
+
+def test_export_never_overwrites_a_file_it_did_not_write(tmp_path, capsys):
+    import torch
+
+    ckpt = _checkpoint(tmp_path / "c.pt", {"w": torch.zeros(1)})
+    original = ckpt.read_bytes()
+    (tmp_path / "notes.txt").write_text("kept")
+    for target in (ckpt, tmp_path / "notes.txt"):  # the checkpoint itself was replaced by the .npz
+        assert main(["export", str(ckpt), str(target)]) == 1
+        assert (f"stagewise: error: {target} exists and is not a stagewise export; export never overwrites other "
+                f"files: give a new file name") in capsys.readouterr().err
+    assert ckpt.read_bytes() == original and (tmp_path / "notes.txt").read_text() == "kept"
+    assert main(["export", str(ckpt), str(tmp_path / "m.npz")]) == 0
+    assert main(["export", str(ckpt), str(tmp_path / "m.npz")]) == 0  # an earlier export may be replaced
+    assert main(["export", str(ckpt), str(tmp_path / "new" / "m.npz")]) == 0  # a missing folder is made, as --out's
+    assert main(["export", str(ckpt), str(tmp_path / "notes.txt" / "m.npz")]) == 1  # was FileExistsError
+    assert (f"cannot write {tmp_path / 'notes.txt' / 'm.npz'}: {tmp_path / 'notes.txt'} is a file, not a folder"
+            in capsys.readouterr().err)
+
+
+def test_export_refuses_a_checkpoint_that_needs_pickle_without_running_it(tmp_path, capsys):
+    import torch
+
+    from stagewise.engine.checkpoint import FORMAT
+
+    torch.save({"format": FORMAT, "model": RunsCode(tmp_path / "ran")}, tmp_path / "evil.pt")
+    assert main(["export", str(tmp_path / "evil.pt"), str(tmp_path / "m.npz")]) == 1
+    err = capsys.readouterr().err
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "m.npz").exists()
+    # torch's own text is pages long, with ANSI codes, and tells to load with weights_only=False
+    assert err.count("\n") == 1 and "weights_only=False" not in err and "\x1b" not in err
+    assert err.startswith(f"stagewise: error: {tmp_path / 'evil.pt'}: refused: the file holds Python objects (it "
+                          f"refers to posix.system) that only an unsafe load (pickle) could read")
+
+
+def test_export_names_what_an_incomplete_checkpoint_lacks(tmp_path, capsys):
+    import torch
+
+    from stagewise.engine.checkpoint import FORMAT
+
+    torch.save({"format": FORMAT, "model": {}}, tmp_path / "c.pt")  # was KeyError: 'recipe'
+    assert main(["export", str(tmp_path / "c.pt"), str(tmp_path / "m.npz")]) == 1
+    assert capsys.readouterr().err == (f"stagewise: error: {tmp_path / 'c.pt'}: an incomplete stagewise checkpoint: "
+                                       f"it lacks recipe, model_options, stage_name; use a checkpoint a stagewise "
+                                       f"run wrote\n")

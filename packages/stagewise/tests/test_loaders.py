@@ -471,3 +471,149 @@ def test_more_jsonl_errors(tmp_path, body, message):
     with pytest.raises(DataError, match=message):
         JSONLDataset.from_recipe(JSONLOptions(path=str(tmp_path / "d.jsonl"), input_keys=["x"], target_keys=["y"]),
                                  seed=0)
+
+
+# --- fuzzing findings: malformed files are one message naming the file, never a traceback ----------
+
+
+def _load(kind: str, path):
+    """Load ``path`` with the loader of ``kind`` (one feature/target column or key named x / y)."""
+    if kind == "csv":
+        return CSVDataset.from_recipe(CSVOptions(path=str(path), target=["y"]), seed=0)
+    if kind == "jsonl":
+        return JSONLDataset.from_recipe(JSONLOptions(path=str(path), input_keys=["x"], target_keys=["y"]), seed=0)
+    if kind == "npz":
+        return NPZDataset.from_recipe(NPZOptions(path=str(path)), seed=0)
+    return IDXDataset.from_recipe(IDXOptions(images=str(path), labels=str(path)), seed=0)
+
+
+@pytest.mark.parametrize("body, message", [
+    ('{"x": 1' + "0" * 400 + ', "y": 2}\n', r"d\.jsonl, line 1: 'x' is 1000.*, but its numbers must be finite"),
+    ('{"x": 1, "y": 2}\n{"x": ' + "1" * 5000 + ', "y": 2}\n',
+     r"d\.jsonl, line 2: a number is too long to read \(Exceeds the limit \(4300 digits\).*\); values must be "
+     r"numbers of float range"),
+    ('{"x": ' + "[" * 100_000 + "]" * 100_000 + ', "y": 2}\n', r"d\.jsonl, line 1: lists nested too deeply to read"),
+    ('{"x": ' + "[" * 990 + "1" + "]" * 990 + ', "y": 2}\n', r"d\.jsonl, line 1: lists nested too deeply to read"),
+], ids=["int-beyond-float", "int-of-5000-digits", "nested-100000-deep", "nested-990-deep"])
+def test_jsonl_numbers_python_cannot_read_name_the_line(tmp_path, body, message):
+    (tmp_path / "d.jsonl").write_text(body)  # were OverflowError, ValueError and RecursionError tracebacks
+    with pytest.raises(DataError, match=message):
+        _load("jsonl", tmp_path / "d.jsonl")
+
+
+CSV_TEXT = "x,y\n" + "".join(f"{i},{i % 2}\n" for i in range(10))
+JSONL_TEXT = "".join(json.dumps({"x": i, "y": i % 2}) + "\n" for i in range(10))
+
+
+@pytest.mark.parametrize("kind, raw, message", [
+    # UTF-16 (as Excel's "Unicode text" and PowerShell write) was read as garbage cells, with advice about numbers
+    ("csv", CSV_TEXT.encode("utf-16"), r"CSV file .*t\.csv is UTF-16 text \(it starts with a UTF-16 byte-order "
+                                       r"mark\); save it as UTF-8"),
+    ("jsonl", JSONL_TEXT.encode("utf-16"), r"JSONL file .*t\.jsonl is UTF-16 text"),
+    ("csv", CSV_TEXT.encode("utf-16-le"), r"CSV file .*t\.csv, line 1: a NUL byte, so this is not UTF-8 text "
+                                          r"\(UTF-16 text without a byte-order mark, or binary data\); save it as "
+                                          r"UTF-8"),
+    ("jsonl", JSONL_TEXT.encode() + b'{"x": 1,\0 "y": 1}\n', r"JSONL file .*t\.jsonl, line 11: a NUL byte"),
+], ids=["csv-utf16", "jsonl-utf16", "csv-utf16-without-bom", "jsonl-nul"])
+def test_text_that_is_not_utf8_names_the_file_and_the_encoding(tmp_path, kind, raw, message):
+    path = tmp_path / f"t.{kind}"
+    path.write_bytes(raw)
+    with pytest.raises(DataError, match=message):
+        _load(kind, path)
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl", "npz", "idx"])
+def test_an_unreadable_data_file_names_it_and_the_fix(tmp_path, monkeypatch, kind):
+    import os
+    from pathlib import Path
+
+    path = tmp_path / f"t.{kind}"
+    path.write_bytes(b"x")
+    path.chmod(0)
+    if os.access(path, os.R_OK):  # root reads anything: refuse the open as the file system would
+        opened = Path.open
+
+        def refuse(self, *args, **kwargs):
+            if self == path:
+                raise PermissionError(13, "Permission denied", str(self))
+            return opened(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "open", refuse)
+    with pytest.raises(DataError, match=rf"file {path} cannot be read \(Permission denied\); check its permissions"):
+        _load(kind, path)  # was a PermissionError traceback (an .npz: "write it with numpy.savez")
+
+
+@pytest.mark.parametrize("header, option, name, columns", [
+    ("x,y,y", "target", "y", "1, 2"),  # the second "y" was kept as a feature: the model was handed its answer
+    ("x,x,y", "features", "x", "0, 1"),  # the first "x" was taken, silently
+])
+def test_a_column_name_the_header_repeats_is_refused(tmp_path, header, option, name, columns):
+    (tmp_path / "t.csv").write_text(header + "\n" + "".join(f"{i},{i % 2},{i % 2}\n" for i in range(10)))
+    opts = CSVOptions(path=str(tmp_path / "t.csv"), target=["y"], features=["x"] if option == "features" else None)
+    with pytest.raises(DataError, match=rf"t\.csv: the header names 2 columns '{name}' \(0-based columns {columns}\), "
+                                        rf"which data\.{option} cannot tell apart; give every column its own name"):
+        CSVDataset.from_recipe(opts, seed=0)
+
+
+def test_a_csv_cell_beyond_the_csv_module_s_limit_names_the_line(tmp_path):
+    (tmp_path / "t.csv").write_text(CSV_TEXT + "1," + "9" * 200_000 + "\n")  # was a _csv.Error traceback
+    with pytest.raises(DataError, match=r"t\.csv, line 12: cannot be read as CSV \(field larger than field limit "
+                                        r"\(131072\)\); every cell must be a number"):
+        _load("csv", tmp_path / "t.csv")
+
+
+@pytest.mark.parametrize("arrays, message", [
+    # NaN/inf in .npz and IDX float arrays was trained on (batches skipped, val/loss NaN), unlike CSV/JSONL's
+    (dict(input=np.array([[1.0], [np.nan], [2.0], [3.0]]), target=np.zeros(4)),
+     r"a\.npz: example 1 \(0-based, axis 0\) of the inputs holds NaN or infinity; fill in or drop missing values"),
+    (dict(input=np.zeros((4, 2)), target=np.array([0.0, 1.0, 2.0, -np.inf], dtype=np.float32)),
+     r"a\.npz: example 3 \(0-based, axis 0\) of the targets holds NaN or infinity"),
+    # an input or target of no values trained a model of zero-width layers
+    (dict(input=np.zeros((4, 0)), target=np.zeros(4)), r"a\.npz: the inputs have shape \(4, 0\), no values per "
+                                                       r"example; every example needs at least one input value"),
+], ids=["nan-input", "inf-target", "no-input-values"])
+def test_arrays_without_usable_values_name_the_file_and_the_example(tmp_path, arrays, message):
+    np.savez(tmp_path / "a.npz", **arrays)
+    with pytest.raises(DataError, match=message):
+        NPZDataset.from_recipe(NPZOptions(path=str(tmp_path / "a.npz")), seed=0)
+
+
+def test_idx_float_images_with_nan_and_jsonl_without_values_are_refused(tmp_path):
+    images = np.ones((4, 2, 2), dtype=np.float32)
+    images[2, 1, 0] = np.nan
+    (tmp_path / "images.idx").write_bytes(idx_bytes(images, 0x0D))
+    (tmp_path / "labels.idx").write_bytes(idx_bytes(np.zeros(4, dtype=np.uint8), 0x08))
+    with pytest.raises(DataError, match=r"images\.idx: example 2 \(0-based, axis 0\) of the inputs holds NaN"):
+        IDXDataset.from_recipe(IDXOptions(images=str(tmp_path / "images.idx"), labels=str(tmp_path / "labels.idx")),
+                               seed=0)
+    (tmp_path / "d.jsonl").write_text('{"x": [], "y": 1}\n' * 4)
+    with pytest.raises(DataError, match=r"d\.jsonl: the inputs have shape \(4, 0\), no values per example"):
+        _load("jsonl", tmp_path / "d.jsonl")
+
+
+def _corrupt_member(path):
+    np.savez(path, input=np.ones((50, 20)), target=np.ones(50))
+    raw = bytearray(path.read_bytes())
+    raw[1000] ^= 0xFF  # inside input.npy's data: its CRC no longer matches
+    path.write_bytes(bytes(raw))
+
+
+def _not_npy_members(path):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("input.npy", b"hello")
+        z.writestr("target.npy", b"world")
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda p: p.write_bytes(b""), r"a\.npz is not a readable \.npz file \(.*\); write it with numpy\.savez"),
+    (_corrupt_member, r"a\.npz: array 'input' \(input_key\) is corrupt \(Bad CRC-32 for file 'input\.npy'\); the "
+                      r"file may be truncated or damaged, write it again with numpy\.savez"),
+    (_not_npy_members, r"a\.npz: 'input' \(input_key\) is not a numpy array \(\.npy\) inside the file"),
+    (lambda p: np.savez(p), r"a\.npz has no array 'input' \(input_key\); its arrays are: \(none\)"),
+], ids=["empty-file", "bad-crc", "member-not-npy", "no-arrays"])
+def test_a_damaged_npz_is_a_data_error(tmp_path, write, message):
+    write(tmp_path / "a.npz")  # were EOFError, zipfile.BadZipFile and AttributeError tracebacks
+    with pytest.raises(DataError, match=message):
+        NPZDataset.from_recipe(NPZOptions(path=str(tmp_path / "a.npz")), seed=0)

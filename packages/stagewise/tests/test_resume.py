@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,10 +10,10 @@ import textwrap
 
 import pytest
 import torch
-from conftest import read_records, read_summary
+from conftest import RunsCode, read_records, read_summary
 
 import stagewise
-from stagewise.engine.checkpoint import load_checkpoint
+from stagewise.engine.checkpoint import FORMAT, load_checkpoint
 from stagewise.engine.runner import run_recipe
 from stagewise.errors import CheckpointError
 from stagewise.plugins import register_plugin, unregister_plugin
@@ -244,3 +245,77 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_pa
     with pytest.raises(OSError, match="disk full"):
         atomic_write_bytes(path, fail)
     assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+# --- fuzzing findings: run directories and checkpoints fed to --resume -------------------------------
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda p: None, "does not exist; give the run directory of the run to continue (the folder that holds its "
+                     "checkpoints/ and metrics.jsonl)"),
+    (lambda p: p.write_text("x"), "is a file; give the run directory of the run to continue (the folder that "
+                                  "holds its checkpoints/ and metrics.jsonl)"),
+    (lambda p: (p.mkdir(), (p / "notes.txt").write_text("kept")),
+     "there is no {last}: the run stopped before its first checkpoint, or {run} is not a run directory; start the "
+     "run again with --out (a new folder, or {run} once you have removed it)"),
+], ids=["missing", "a-file", "no-checkpoint"])
+def test_resume_says_what_is_missing_and_what_to_do(tiny, tmp_path, make, problem):
+    run = tmp_path / "run"
+    make(run)
+    with pytest.raises(CheckpointError) as info:  # was "run/checkpoints/last.pt: checkpoint not found"
+        run_recipe(tiny(), resume=run, quiet=True)
+    assert str(info.value) == f"--resume {run}: " + problem.format(last=run / "checkpoints" / "last.pt", run=run)
+    assert not run.is_dir() or [p.name for p in run.iterdir()] == ["notes.txt"]  # nothing written
+
+
+@pytest.mark.parametrize("payload, problem", [
+    (lambda marker: {"format": FORMAT, "recipe": RunsCode(marker)},
+     "refused: the file holds Python objects (it refers to posix.system) that only an unsafe load (pickle) could "
+     "read, and unpickling can run code"),
+    (lambda marker: {"format": FORMAT, "model": {}}, "an incomplete stagewise checkpoint: it lacks recipe, "
+                                                      "stage_index, stage_name, stage_done, model_options"),  # KeyError
+], ids=["pickle", "missing-keys"])
+def test_resume_refuses_a_checkpoint_stagewise_did_not_write(tiny, tmp_path, payload, problem):
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    last.parent.mkdir(parents=True)
+    torch.save(payload(tmp_path / "ran"), last)
+    with pytest.raises(CheckpointError) as info:
+        run_recipe(tiny(), resume=tmp_path / "run", quiet=True)
+    assert str(info.value).startswith(f"{last}: {problem}") and "\n" not in str(info.value)
+    assert not (tmp_path / "ran").exists()  # weights_only=True: the pickle never ran
+
+
+def test_a_damaged_last_pt_resumes_from_a_stage_checkpoint_and_a_cut_metrics_line_is_dropped(tiny, tmp_path,
+                                                                                             capsys):
+    whole = run_recipe(tiny(), out=tmp_path / "whole", quiet=True)
+    run = tmp_path / "run"
+    shutil.copytree(whole, run)
+    last = run / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"corrupt or truncated .* copy that stage's checkpoint in the same "
+                                              r"folder \(checkpoints/<stage>\.pt\) over checkpoints/last\.pt"):
+        run_recipe(tiny(), resume=run, quiet=True)
+    shutil.copy(run / "checkpoints" / "phase1.pt", last)  # the advice: resume from the end of phase1
+    counted = load_checkpoint(last)["metrics_lines"]
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    # the file lost its end mid-line: the next record used to be glued onto the cut one
+    (run / "metrics.jsonl").write_text("".join(lines[: counted - 1]) + lines[counted - 1][:20])
+    run_recipe(tiny(), resume=run, quiet=True)
+    assert (f"{run / 'metrics.jsonl'} holds {counted - 1} complete records, but the checkpoint counted {counted}"
+            in capsys.readouterr().err)
+    records = read_records(run)  # every line is JSON again
+    expected = read_records(whole)
+    assert _without_timing(records) == _without_timing(expected[: counted - 1] + expected[counted:])
+    assert read_summary(run)["metrics"] == read_summary(whole)["metrics"]
+
+
+def test_resuming_a_finished_run_resumes_nothing_and_a_lost_metrics_file_is_a_warning(tiny, tmp_path, capsys):
+    run = run_recipe(tiny(), out=tmp_path / "run", quiet=True)
+    checkpoints = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    (run / "metrics.jsonl").unlink()  # was a FileNotFoundError traceback
+    run_recipe(tiny(), resume=run, quiet=False)
+    captured = capsys.readouterr()
+    assert f"{run} has finished all 3 stages: nothing to resume" in captured.out  # was "at stage 4/3"
+    assert f"{run / 'metrics.jsonl'} holds 0 complete records, but the checkpoint counted" in captured.err
+    assert (run / "metrics.jsonl").read_text() == ""
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == checkpoints

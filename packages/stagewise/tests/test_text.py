@@ -244,3 +244,30 @@ def test_write_file_split_by_chunk_keeps_a_short_last_chunk(tmp_path):
     assert counts == {"train": 3, "valid": 1, "test": 1}  # chunk 0 -> valid, 1 -> test (of every 10)
     lines = [line for name in counts for line in (tmp_path / "out" / f"{name}.txt").read_text().splitlines()]
     assert sorted(lines) == sorted(f"line {i}" for i in range(23))
+
+
+# --- fuzzing findings: text files that are not UTF-8 text --------------------------------------------
+
+
+@pytest.mark.parametrize("raw, message", [
+    # were read "successfully" as garbage words ("h\0e\0l\0l\0o\0") and trained on
+    ("hello world\n".encode("utf-16"), r"text file .*c\.txt is UTF-16 text \(it starts with a UTF-16 byte-order "
+                                       r"mark\); save it as UTF-8"),
+    ("hello world\n".encode("utf-32"), r"c\.txt is UTF-32 text"),
+    (b"hello world\nsecond\0line\n", r"text file .*c\.txt, line 2: a NUL byte, so this is not UTF-8 text \(UTF-16 "
+                                     r"text without a byte-order mark, or binary data\); save it as UTF-8 text"),
+], ids=["utf16", "utf32", "nul"])
+def test_text_that_is_not_utf8_is_refused_naming_the_file(tmp_path, raw, message):
+    (tmp_path / "c.txt").write_bytes(raw)
+    with pytest.raises(DataError, match=message):
+        TextCorpus.from_recipe(TextOptions(path=str(tmp_path / "c.txt"), seq_len=1, splits={"train": 1.0}), seed=0)
+
+
+def test_text_is_read_through_gzip_and_a_folder_named_txt_is_not_a_file(tmp_path):
+    import gzip
+
+    (tmp_path / "a.txt").write_bytes(gzip.compress(b"one two\n"))  # gzip told by content, as the other loaders
+    (tmp_path / "b.txt").mkdir()  # was an IsADirectoryError traceback
+    (tmp_path / "b.txt" / "c.txt").write_text("three\n")
+    data = TextCorpus.from_recipe(TextOptions(path=str(tmp_path), seq_len=1, splits={"train": 1.0}), seed=0)
+    assert data.info["vocab"].decode(data["train"].tokens.tolist()) == "one two <eos> three <eos>"

@@ -13,14 +13,26 @@ from pathlib import Path
 import numpy as np
 
 from stagewise.engine.checkpoint import atomic_write_bytes, load_checkpoint
+from stagewise.engine.rundir import file_in_the_way
 from stagewise.errors import CheckpointError
+
+EXPORT_KEYS = ("model", "recipe", "model_options", "stage_name")
 
 
 def export_npz(checkpoint: Path, out: Path) -> dict[str, int]:
-    """Write the checkpoint's model weights to ``out``; returns array count and parameter count."""
-    if Path(out).is_dir():
-        raise CheckpointError(f"{out} is a folder; give the file to write, e.g. {Path(out) / 'model.npz'}")
-    saved = load_checkpoint(Path(checkpoint))
+    """Write the checkpoint's model weights to ``out``; returns array count and parameter count.
+
+    ``out`` may replace an earlier export, never another file (the checkpoint itself, a recipe)."""
+    out = Path(out)
+    if out.is_dir():
+        raise CheckpointError(f"{out} is a folder; give the file to write, e.g. {out / 'model.npz'}")
+    blocking = file_in_the_way(out.parent)
+    if blocking is not None:
+        raise CheckpointError(f"cannot write {out}: {blocking} is a file, not a folder; give a path in a folder")
+    if out.exists() and not _is_export(out):
+        raise CheckpointError(f"{out} exists and is not a stagewise export; export never overwrites other "
+                              f"files: give a new file name (or remove {out} first)")
+    saved = load_checkpoint(Path(checkpoint), EXPORT_KEYS)
     arrays = {name: tensor.detach().cpu().float().numpy() if tensor.is_floating_point() else tensor.cpu().numpy()
               for name, tensor in saved["model"].items()}
     if "__meta__" in arrays:
@@ -29,8 +41,17 @@ def export_npz(checkpoint: Path, out: Path) -> dict[str, int]:
             "stage": saved["stage_name"], "format": "stagewise-npz-1"}
     counts = {"arrays": len(arrays), "parameters": int(sum(a.size for a in arrays.values()))}
     arrays["__meta__"] = np.array(json.dumps(meta))
-    atomic_write_bytes(Path(out), lambda f: np.savez(f, **arrays))
+    atomic_write_bytes(out, lambda f: np.savez(f, **arrays))
     return counts
+
+
+def _is_export(path: Path) -> bool:
+    """Whether ``path`` is a file :func:`export_npz` wrote (which a new export may replace)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return json.loads(str(data["__meta__"])).get("format") == "stagewise-npz-1"
+    except Exception:  # not an npz, no __meta__, not JSON: not an export
+        return False
 
 
 def load_npz(path: Path) -> tuple[dict[str, np.ndarray], dict]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import os
 import tomllib
 from collections.abc import Callable
@@ -46,6 +47,9 @@ class RunOptions:
         if self.checkpoint_every_n_steps < 0 or self.threads < 0:
             raise ValueError(f"checkpoint_every_n_steps and threads must be >= 0 (0 = epoch ends only / torch's "
                              f"default), got {self.checkpoint_every_n_steps} and {self.threads}")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("tensorboard = true needs TensorBoard, which is not installed; "
+                             "pip install 'stagewise[tensorboard]' or set tensorboard = false")
         self.out = os.path.expanduser(self.out)  # "~/runs": no shell expands ~ inside a TOML string
 
 
@@ -77,9 +81,16 @@ def load_recipe(recipe: str | Path, overrides: list[str] | None = None) -> Recip
     path = resolve_recipe_path(recipe)
     source = str(path)
     try:
-        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        data = Path(path).read_bytes()
+        raw = tomllib.loads(data.decode("utf-8-sig"))  # a BOM, as Notepad writes, is not TOML's
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"not valid TOML: {exc}"], source) from exc
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([f"not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line} cannot be read "
+                           f"(TOML files are UTF-8); save the file as UTF-8"], source) from None
+    except RecursionError:
+        raise ConfigError(["not valid TOML: arrays or tables nested too deeply to read"], source) from None
     except OSError as exc:
         raise ConfigError([f"cannot read the file: {exc}"], source) from exc
     anchor_data_paths(raw, path.parent)
@@ -112,6 +123,9 @@ def resolve_recipe_path(recipe: str | Path) -> Path:
     try:
         return Path(str(plugins.get("recipes", name)))
     except UnknownNameError as exc:
+        if candidate.is_dir():
+            raise ConfigError(["a directory, not a recipe file: give the recipe's .toml file (or a registered "
+                               "recipe name, see 'stagewise recipes')"], str(recipe)) from None
         raise ConfigError([f"not a file and not a registered recipe: {exc}"], str(recipe)) from exc
 
 

@@ -23,6 +23,9 @@ def load_json(path: Path, what: str) -> dict[str, Any]:
         raise CheckpointError(f"{path}: cannot read the {what}: {exc.strerror}") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError([f"not valid JSON: {exc}"], str(path)) from exc
+    except (RecursionError, ValueError) as exc:  # nested too deeply; an integer of too many digits
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+        raise ConfigError([f"cannot be read as JSON: {problem}"], str(path)) from None
 
 
 def compare(actual: dict[str, Any], golden: dict[str, Any], tolerance: dict[str, float]) -> list[str]:
@@ -70,6 +73,11 @@ _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 def _number(value: Any) -> Any:
     """summary.json writes NaN/Inf as the strings "nan"/"inf"/"-inf" (strict JSON); a golden file
     may hold them either so or as Python's json writes them: compare them as numbers."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            float(value)
+        except OverflowError:  # an integer beyond float's range: compare it as infinite
+            return math.inf if value > 0 else -math.inf
     return _NON_FINITE.get(value, value) if isinstance(value, str) else value
 
 

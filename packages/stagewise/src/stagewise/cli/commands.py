@@ -24,8 +24,9 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a recipe file or a named recipe")
     p.add_argument("recipe", help="a .toml file or a registered recipe name (see 'stagewise recipes')")
     _add_recipe_args(p)
-    p.add_argument("--out", help="the run directory to create (default: RUN.OUT/RUN.NAME)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    where = p.add_mutually_exclusive_group()  # a resumed run goes on in its own folder
+    where.add_argument("--out", help="the run directory to create (default: RUN.OUT/RUN.NAME)")
+    where.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("compare", help="run several recipes on the same data and seed, print one table")
@@ -42,7 +43,7 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export", help="export a checkpoint's model to a numpy-only .npz")
     p.add_argument("source", help="a run directory (its last checkpoint) or a .pt checkpoint")
-    p.add_argument("out", help="the .npz file to write")
+    p.add_argument("out", help="the .npz file to write (it may replace an earlier export, no other file)")
     p.set_defaults(handler=cmd_export)
 
 

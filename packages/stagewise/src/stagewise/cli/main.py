@@ -7,6 +7,7 @@ a one-paragraph message on stderr and a non-zero exit code.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import traceback
 
@@ -30,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PERMISSIONS = "check its permissions, or choose another folder"
+# what to do when the file system refuses, by errno
+_OS_ADVICE = {errno.EACCES: _PERMISSIONS, errno.EPERM: _PERMISSIONS, errno.ENOSPC: "free some disk space and run again",
+              errno.EROFS: "choose a folder on a writable disk"}
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
@@ -42,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, PluginError) and exc.__cause__ is not None and strict():
             traceback.print_exception(exc.__cause__)  # strict mode is for finding the bug: show where
         print(f"stagewise: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the file system said no: no permission, a file where a folder should be, disk full
+        where = "".join(f"{name}: " for name in (exc.filename, exc.filename2) if name is not None)
+        advice = _OS_ADVICE.get(exc.errno, "check the path")
+        print(f"stagewise: error: {where}{exc.strerror or exc}; {advice}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("stagewise: interrupted", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -45,6 +46,14 @@ def array_splits(inputs: np.ndarray, targets: np.ndarray, fractions: dict[str, f
     if inputs.ndim < 2:
         raise DataError(f"{source}: the inputs have shape {inputs.shape}, a single number per example; "
                         f"give them a feature axis, shape (examples, features), e.g. x[:, None]")
+    for what, array in (("inputs", inputs), ("targets", targets)):
+        if array.ndim > 1 and math.prod(array.shape[1:]) == 0:
+            raise DataError(f"{source}: the {what} have shape {array.shape}, no values per example; "
+                            f"every example needs at least one {what[:-1]} value")
+        if array.dtype.kind == "f" and array.size and not np.isfinite(array).all():
+            i = int(np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))[0])
+            raise DataError(f"{source}: example {i} (0-based, axis 0) of the {what} holds NaN or infinity; "
+                            f"fill in or drop missing values (NaN and infinity cannot be trained on)")
     integer = targets.dtype.kind in "biu"
     splits = {name: ArrayDataset(to_tensor(inputs[idx]), to_tensor(targets[idx]))
               for name, idx in split_indices(len(inputs), fractions, seed, source=source).items()}
@@ -63,8 +72,9 @@ def read_npz(path: str, input_key: str, target_key: str) -> tuple[np.ndarray, np
     file = existing_file(path, "NPZ file")
     try:
         npz = np.load(file, allow_pickle=False)
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{file} is not a readable .npz file ({exc}); write it with numpy.savez") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # EOFError: an empty file
+        raise DataError(f"{file} is not a readable .npz file ({exc or 'it is empty'}); write it with "
+                        f"numpy.savez") from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise DataError(f"{file} holds a single array (.npy); save the inputs and targets together "
                         f"with numpy.savez(path, {input_key}=..., {target_key}=...)")
@@ -72,12 +82,19 @@ def read_npz(path: str, input_key: str, target_key: str) -> tuple[np.ndarray, np
     with npz:
         for option, key in (("input_key", input_key), ("target_key", target_key)):
             if key not in npz.files:
-                raise DataError(f"{file} has no array {key!r} ({option}); its arrays are: {', '.join(npz.files)}")
+                raise DataError(f"{file} has no array {key!r} ({option}); its arrays are: "
+                                f"{', '.join(npz.files) or '(none)'}")
             try:
                 array = npz[key]
             except ValueError as exc:  # an object array: reading it would unpickle, which runs code
                 raise DataError(f"{file}: array {key!r} ({option}) cannot be read: {exc}; save numeric "
                                 f"arrays only, e.g. numpy.asarray(x, dtype=numpy.float32)") from None
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # a damaged member
+                raise DataError(f"{file}: array {key!r} ({option}) is corrupt ({exc}); the file may be "
+                                f"truncated or damaged, write it again with numpy.savez") from None
+            if not isinstance(array, np.ndarray):  # a zip member that is not a .npy: numpy gives its bytes
+                raise DataError(f"{file}: {key!r} ({option}) is not a numpy array (.npy) inside the file; "
+                                f"write the file with numpy.savez")
             if array.ndim == 0 or array.dtype.kind not in "biuf":
                 raise DataError(f"{file}: array {key!r} has shape {array.shape} and dtype {array.dtype}; "
                                 f"it must be numeric with the examples on axis 0")

@@ -34,22 +34,26 @@ def read_csv(path: str, header: bool) -> tuple[list[str] | None, np.ndarray, lis
     """Column names (None without header), the values (N, columns) and each row's line."""
     with open_text(path, "CSV file") as f, gzip_errors(path):
         reader = csv.reader(f)
-        names = next(reader, []) if header else None
-        width = len(names) if names is not None else None
         rows, lines = [], []
-        for row in reader:
-            if not row:  # blank line
-                continue
-            width = len(row) if width is None else width
-            if len(row) != width:
-                raise DataError(f"{path}, line {reader.line_num}: {len(row)} cells, but the "
-                                f"{'header' if header else 'first row'} has {width}")
-            try:
-                rows.append([float(cell) for cell in row])  # one call per row: the hot loop of a big file
-            except ValueError:
-                raise _bad_cell(row, path, reader.line_num, names, "is not a number; every cell must be "
-                                "numeric (fill in missing values, encode categories as numbers)") from None
-            lines.append(reader.line_num)
+        try:
+            names = next(reader, []) if header else None
+            width = len(names) if names is not None else None
+            for row in reader:
+                if not row:  # blank line
+                    continue
+                width = len(row) if width is None else width
+                if len(row) != width:
+                    raise DataError(f"{path}, line {reader.line_num}: {len(row)} cells, but the "
+                                    f"{'header' if header else 'first row'} has {width}")
+                try:
+                    rows.append([float(cell) for cell in row])  # one call per row: the hot loop of a big file
+                except ValueError:
+                    raise _bad_cell(row, path, reader.line_num, names, "is not a number; every cell must be "
+                                    "numeric (fill in missing values, encode categories as numbers)") from None
+                lines.append(reader.line_num)
+        except csv.Error as exc:  # e.g. a cell longer than the csv module's limit (131072 characters)
+            raise DataError(f"{path}, line {reader.line_num}: cannot be read as CSV ({exc}); every cell must "
+                            f"be a number: check that this is a CSV file of numbers") from None
     if not rows:
         raise DataError(f"{path} has no data rows")
     values = np.array(rows, dtype=np.float64)
@@ -94,7 +98,12 @@ def column_indices(option: str, columns: list[str | int], names: list[str] | Non
             if column not in names:
                 raise DataError(f"{path} has no column {column!r} ({option}); its columns are: "
                                 f"{', '.join(names)}")
-            indices.append(names.index(column))
+            same = [j for j, name in enumerate(names) if name == column]
+            if len(same) > 1:  # which one is meant? and a copy of the target left as a feature gives the answer away
+                raise DataError(f"{path}: the header names {len(same)} columns {column!r} (0-based columns "
+                                f"{', '.join(map(str, same))}), which data.{option} cannot tell apart; give "
+                                f"every column its own name")
+            indices.append(same[0])
         elif isinstance(column, int) and not isinstance(column, bool) and 0 <= column < width:
             indices.append(column)
         else:
@@ -109,7 +118,10 @@ def flatten(value: Any) -> list[float]:
     if isinstance(value, list):
         return [number for item in value for number in flatten(item)]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return [float(value)]
+        try:
+            return [float(value)]
+        except OverflowError:  # an integer beyond float's range: as infinite, which callers refuse
+            return [math.inf if value > 0 else -math.inf]
     raise TypeError(f"not a number: {value!r}")
 
 
@@ -141,14 +153,22 @@ def read_jsonl(path: str, input_keys: list[str], target_keys: list[str]) -> tupl
                 continue
             try:
                 record = json.loads(text)
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}, line {line}: expected a JSON object {{...}}, got "
+                                    f"{json.dumps(record)[:60]}")
+                x = record_numbers(record, input_keys, path, line)
+                y = record_numbers(record, target_keys, path, line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}, line {line}: not valid JSON ({exc.msg} at column "
                                 f"{exc.colno}); each line must be one JSON object") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}, line {line}: expected a JSON object {{...}}, got "
-                                f"{json.dumps(record)[:60]}")
-            x = record_numbers(record, input_keys, path, line)
-            y = record_numbers(record, target_keys, path, line)
+            except RecursionError:
+                raise DataError(f"{path}, line {line}: lists nested too deeply to read; values must be "
+                                f"numbers or (nested) lists of numbers of a few levels") from None
+            except DataError:
+                raise
+            except ValueError as exc:  # an integer of more digits than Python converts
+                raise DataError(f"{path}, line {line}: a number is too long to read ({str(exc).split(';')[0]}); "
+                                f"values must be numbers of float range") from None
             if inputs and (len(x), len(y)) != (len(inputs[0]), len(targets[0])):
                 raise DataError(f"{path}, line {line}: {len(x)} input and {len(y)} target numbers, "
                                 f"but line {lines[0]} has {len(inputs[0])} and {len(targets[0])}; "

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from stagewise.data.files import read_text
 from stagewise.data.splits import DataError, DataSplits, check_fractions, deal, default_splits, split_bounds
 from stagewise.data.vocab import EOS, Vocabulary
 
@@ -75,8 +76,13 @@ def tokenize(text: str, lowercase: bool) -> list[str]:
 
 
 def read_tokens(path: Path, lowercase: bool) -> list[str]:
-    # errors="replace": some real corpora are Latin-1; a stray byte must not stop training
-    return tokenize(path.read_text(encoding="utf-8-sig", errors="replace"), lowercase)
+    # undecodable bytes become U+FFFD: some real corpora are Latin-1; a stray byte must not stop training
+    return tokenize(read_text(path, "text file"), lowercase)
+
+
+def text_files(root: Path) -> list[Path]:
+    """The ``.txt`` files under ``root``, sorted (a folder named ``x.txt`` is not one)."""
+    return sorted(path for path in root.rglob("*.txt") if path.is_file())
 
 
 def split_files(root: Path) -> dict[str, Path]:
@@ -113,7 +119,7 @@ def load_streams(options: TextOptions) -> dict[str, list[str]]:
     predefined = split_files(root) if root.is_dir() else {}
     if predefined:
         return {split: read_tokens(file, options.lowercase) for split, file in predefined.items()}
-    files = sorted(root.rglob("*.txt")) if root.is_dir() else [root]
+    files = text_files(root) if root.is_dir() else [root]
     if not files:
         raise DataError(f"no .txt files under {root}; expected {LAYOUTS}")
     tokens = [token for file in files for token in read_tokens(file, options.lowercase)]
@@ -188,9 +194,8 @@ def write_file_split(source: Path, out: Path, *, every: int = 10, valid: int = 0
     alike, and valid and test are drawn like train; whole files keep their order (a file split
     of a few files puts whole kinds of text in valid or test). Returns the units per split.
     """
-    files = sorted(Path(source).rglob("*.txt"))
-    units = [text for file in files for text in _units(file.read_text(encoding="utf-8-sig", errors="replace"),
-                                                       chunk_lines)]
+    files = text_files(Path(source))
+    units = [text for file in files for text in _units(read_text(file, "text file"), chunk_lines)]
     parts: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
     for i, text in enumerate(units):
         parts["valid" if i % every == valid else "test" if i % every == test else "train"].append(text)

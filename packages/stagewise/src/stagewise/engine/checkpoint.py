@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,9 @@ import torch
 from stagewise.errors import CheckpointError
 
 FORMAT = "stagewise-checkpoint-1"
+# what every checkpoint holds (State.checkpoint_payload); a resumed run reads them all
+RESUME_KEYS = ("recipe", "stage_index", "stage_name", "stage_done", "model", "model_options", "artifacts",
+               "metrics", "stage_results", "rng", "metrics_lines")
 
 
 def _read_umask() -> int:
@@ -34,7 +39,10 @@ _UMASK = _read_umask()
 def atomic_write_bytes(path: Path, write) -> None:
     """Call ``write(file)`` on a temp file beside ``path``, fsync, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # name the folder that refused, not the temp file's random name
+        raise type(exc)(exc.errno, exc.strerror, str(path.parent)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -58,18 +66,34 @@ def write_checkpoint_bytes(path: Path, data: bytes) -> None:
     atomic_write_bytes(path, lambda f: f.write(data))
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The checkpoint at ``path``, read with ``weights_only=True``; CheckpointError unless it is a
+    stagewise checkpoint holding every one of ``keys``."""
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, bad pickle, foreign file: all mean "not usable"
+    except Exception as exc:  # truncated zip, foreign file, objects weights_only refuses: all mean "not usable"
+        refused = re.search(r"GLOBAL ([\w.]+)", str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
+        if refused:  # never loaded: unpickling it could run code
+            raise CheckpointError(
+                f"{path}: refused: the file holds Python objects (it refers to {refused[1]}) that only an "
+                "unsafe load (pickle) could read, and unpickling can run code. Checkpoints are read with "
+                "weights_only=True: use a checkpoint a stagewise run wrote."
+            ) from None
+        detail = ("not a file torch.save wrote" if isinstance(exc, pickle.UnpicklingError)  # torch's text: pages
+                  else " ".join(str(exc).split()))  # one paragraph
         raise CheckpointError(
-            f"{path}: the checkpoint is corrupt or truncated ({type(exc).__name__}: {exc}). "
-            "Resume from an earlier checkpoint in the same folder or start the run again."
+            f"{path}: the checkpoint is corrupt or truncated ({type(exc).__name__}: {detail}). To resume a "
+            "run from the end of an earlier stage, copy that stage's checkpoint in the same folder "
+            "(checkpoints/<stage>.pt) over checkpoints/last.pt; or start the run again."
         ) from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a stagewise checkpoint (expected format {FORMAT!r})")
+    missing = [key for key in keys if key not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: an incomplete stagewise checkpoint: it lacks {', '.join(missing)}; "
+                              f"use a checkpoint a stagewise run wrote")
     return payload
 
 

@@ -45,10 +45,17 @@ class RunDir:
 
     @classmethod
     def reopen(cls, path: Path, lines: int) -> RunDir:
-        """Continue a run: cut metrics.jsonl back to the records the checkpoint had seen."""
+        """Continue a run: cut metrics.jsonl back to the records the checkpoint had seen.
+
+        A line cut short (the file lost its end) is dropped, so that the next record starts a line
+        of its own; records the checkpoint counted but the file lacks are reported, not invented."""
         run = cls(path)
         metrics = run.path / "metrics.jsonl"
-        kept = metrics.read_text(encoding="utf-8").splitlines(keepends=True)[:lines]
+        text = metrics.read_text(encoding="utf-8", errors="replace") if metrics.exists() else ""
+        kept = [line for line in text.splitlines(keepends=True)[:lines] if line.endswith("\n")]
+        if len(kept) < lines:
+            print(f"stagewise: warning: {metrics} holds {len(kept)} complete records, but the checkpoint "
+                  f"counted {lines}; the missing records are lost, the run goes on", file=sys.stderr)
         write_text_atomic(metrics, "".join(kept))
         run.lines = len(kept)
         return run
@@ -84,12 +91,22 @@ def unused_folder(base: Path) -> Path:
     return candidate
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The file at ``path`` or at one of its parents, where a folder would have to be; else None."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
 def empty_folder(path: Path, advice: str = "pass --out with a new folder") -> Path:
     """``path`` if it is missing or an empty folder; a folder the user named is never written
     into twice."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
+    blocking = file_in_the_way(path)
+    if blocking == path:
         raise CheckpointError(f"{path} is a file, not a folder; {advice}")
+    if blocking is not None:
+        raise CheckpointError(f"{path} cannot be created: {blocking} is a file, not a folder; pass --out "
+                              f"with a path in a folder")
     if path.exists() and any(path.iterdir()):
         raise CheckpointError(f"{path} is not empty; {advice}")
     return path

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from stagewise.engine import distributed
-from stagewise.engine.checkpoint import load_checkpoint, seed_everything, set_rng_state
+from stagewise.engine.checkpoint import RESUME_KEYS, load_checkpoint, seed_everything, set_rng_state
 from stagewise.engine.guards import RateLimitedWarnings
 from stagewise.engine.rundir import RunDir, environment, unused_folder
 from stagewise.engine.state import State, check_event_hooks
@@ -64,7 +64,8 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
         state.artifacts, state.metrics = saved["artifacts"], saved["metrics"]
         state.stage_results = saved["stage_results"]
         first = saved["stage_index"] + (1 if saved["stage_done"] else 0)
-        state.print(f"resuming {path} at stage {first + 1}/{len(recipe.stages)}")
+        state.print(f"resuming {path} at stage {first + 1}/{len(recipe.stages)}" if first < len(recipe.stages)
+                    else f"{path} has finished all {len(recipe.stages)} stages: nothing to resume")
     try:
         state.fire(Event.BEFORE_RUN)
         for index in range(first, len(recipe.stages)):
@@ -181,7 +182,16 @@ def _model_options(recipe: Recipe, saved: dict[str, Any] | None) -> Any:
 
 
 def _load_resume(path: Path, recipe: Recipe) -> dict[str, Any]:
-    saved = load_checkpoint(path / "checkpoints" / "last.pt")
+    last = path / "checkpoints" / "last.pt"
+    if not path.is_dir():
+        problem = "is a file" if path.exists() else "does not exist"
+        raise CheckpointError(f"--resume {path}: {problem}; give the run directory of the run to continue "
+                              f"(the folder that holds its checkpoints/ and metrics.jsonl)")
+    if not last.exists():
+        raise CheckpointError(f"--resume {path}: there is no {last}: the run stopped before its first checkpoint, "
+                              f"or {path} is not a run directory; start the run again with --out (a new folder, "
+                              f"or {path} once you have removed it)")
+    saved = load_checkpoint(last, RESUME_KEYS)
     if saved["recipe"] != recipe.table:
         changed = sorted(k for k in set(saved["recipe"]) | set(recipe.table)
                          if saved["recipe"].get(k) != recipe.table.get(k))
