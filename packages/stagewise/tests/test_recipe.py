@@ -372,3 +372,12 @@ def test_the_run_name_is_one_folder_name(tiny, name):
     # put it outside run.out
     with pytest.raises(ConfigError, match="run.name"):
         tiny(f"run.name={name}")
+
+
+def test_a_set_value_nested_too_deep_for_toml_is_a_string_the_schema_refuses(tiny):
+    # was: RecursionError traceback from tomllib
+    deep = "[" * 3000 + "]" * 3000
+    with pytest.raises(ConfigError) as info:
+        tiny(f"run.seed={deep}")
+    (problem,) = info.value.problems
+    assert problem.startswith("run.seed: expected int, got str '[[[")

@@ -238,7 +238,7 @@ def _parse_value(text: str) -> Any:
     """A TOML value (``3``, ``1e-3``, ``true``, ``[1, 2]``, ``"x"``); anything else is a string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):  # RecursionError: arrays nested thousands deep
         return text
 
 
