@@ -251,20 +251,17 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_pa
 
 
 @pytest.mark.parametrize("make, problem", [
-    (lambda p: None, "does not exist; give the run directory of the run to continue (the folder that holds its "
-                     "checkpoints/ and metrics.jsonl)"),
-    (lambda p: p.write_text("x"), "is a file; give the run directory of the run to continue (the folder that "
-                                  "holds its checkpoints/ and metrics.jsonl)"),
-    (lambda p: (p.mkdir(), (p / "notes.txt").write_text("kept")),
-     "there is no {last}: the run stopped before its first checkpoint, or {run} is not a run directory; start the "
-     "run again with --out (a new folder, or {run} once you have removed it)"),
-], ids=["missing", "a-file", "no-checkpoint"])
+    (lambda p: None, "does not exist"),
+    (lambda p: p.write_text("x"), "is a file"),
+    (lambda p: (p.mkdir(), (p / "notes.txt").write_text("kept")), "is not a run directory (it has no recipe.toml)"),
+], ids=["missing", "a-file", "not-a-run"])
 def test_resume_says_what_is_missing_and_what_to_do(tiny, tmp_path, make, problem):
     run = tmp_path / "run"
     make(run)
     with pytest.raises(CheckpointError) as info:  # was "run/checkpoints/last.pt: checkpoint not found"
         run_recipe(tiny(), resume=run, quiet=True)
-    assert str(info.value) == f"--resume {run}: " + problem.format(last=run / "checkpoints" / "last.pt", run=run)
+    assert str(info.value) == (f"--resume {run}: {problem}; give the run directory of the run to continue (the "
+                               f"folder that holds its recipe.toml, checkpoints/ and metrics.jsonl)")
     assert not run.is_dir() or [p.name for p in run.iterdir()] == ["notes.txt"]  # nothing written
 
 
@@ -278,6 +275,7 @@ def test_resume_says_what_is_missing_and_what_to_do(tiny, tmp_path, make, proble
 def test_resume_refuses_a_checkpoint_stagewise_did_not_write(tiny, tmp_path, payload, problem):
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     last.parent.mkdir(parents=True)
+    (tmp_path / "run" / "recipe.toml").write_text(tiny().to_toml())  # a run directory, whose last.pt is foreign
     torch.save(payload(tmp_path / "ran"), last)
     with pytest.raises(CheckpointError) as info:
         run_recipe(tiny(), resume=tmp_path / "run", quiet=True)
@@ -319,3 +317,34 @@ def test_resuming_a_finished_run_resumes_nothing_and_a_lost_metrics_file_is_a_wa
     assert f"{run / 'metrics.jsonl'} holds 0 complete records, but the checkpoint counted" in captured.err
     assert (run / "metrics.jsonl").read_text() == ""
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == checkpoints
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(tiny, tmp_path):
+    """Nothing to continue from: ``--resume`` runs the same recipe again in the run's folder (the
+    folder is not empty, so ``--out`` refuses it) and ends with the uninterrupted run's numbers."""
+    interrupter = _Interrupter()
+    interrupter.stop_at = ("phase1", 2)  # epoch 0 has 5 steps: no checkpoint yet
+    register_plugin(interrupter, "resumetest")
+    try:
+        with pytest.raises(_Stop):
+            run_recipe(tiny(), out=tmp_path / "stopped", quiet=True)
+    finally:
+        unregister_plugin("resumetest")
+    assert not (tmp_path / "stopped" / "checkpoints" / "last.pt").exists()
+    with pytest.raises(CheckpointError, match=r"recipe differs .*\(in: stages\)"):
+        run_recipe(tiny("stages.phase1.lr=0.5"), resume=tmp_path / "stopped", quiet=True)
+
+    stopped = run_recipe(tiny(), resume=tmp_path / "stopped", quiet=True)
+    whole = run_recipe(tiny(), out=tmp_path / "whole", quiet=True)
+    assert read_summary(stopped)["metrics"] == read_summary(whole)["metrics"]
+    assert _without_timing(read_records(stopped)) == _without_timing(read_records(whole))
+
+
+def test_a_run_with_stage_checkpoints_but_no_last_pt_says_which_file_to_copy(tiny, tmp_path):
+    run = run_recipe(tiny(), out=tmp_path / "run", quiet=True)
+    last = run / "checkpoints" / "last.pt"
+    last.unlink()
+    with pytest.raises(CheckpointError) as info:
+        run_recipe(tiny(), resume=run, quiet=True)
+    assert str(info.value) == (f"--resume {run}: there is no {last}, only the checkpoints of finished stages; copy "
+                               f"the latest checkpoints/<stage>.pt over {last} to continue after that stage")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,8 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
     path = Path(resume) if resume is not None else Path(out) if out is not None else _default_folder(recipe)
     run_dir = None
     if info.rank == 0:
-        run_dir = (RunDir.reopen(path, saved["metrics_lines"]) if saved is not None
-                   else RunDir.create(path, recipe.to_toml(), environment()))
+        run_dir = (RunDir.create(path, recipe.to_toml(), environment()) if resume is None
+                   else RunDir.reopen(path, saved["metrics_lines"] if saved is not None else 0))
     state = State(recipe=recipe, model=model, model_options=model_options, data=data, device=device,
                   dist=info, warnings=RateLimitedWarnings(silent=info.rank != 0), run_dir=run_dir,
                   quiet=quiet)
@@ -181,24 +182,35 @@ def _model_options(recipe: Recipe, saved: dict[str, Any] | None) -> Any:
     return options
 
 
-def _load_resume(path: Path, recipe: Recipe) -> dict[str, Any]:
-    last = path / "checkpoints" / "last.pt"
-    if not path.is_dir():
-        problem = "is a file" if path.exists() else "does not exist"
+def _load_resume(path: Path, recipe: Recipe) -> dict[str, Any] | None:
+    """The checkpoint to continue from; None for a run killed before its first checkpoint, which
+    has nothing to continue from and starts over in its folder (same recipe only)."""
+    checkpoints = path / "checkpoints"
+    if not (path / "recipe.toml").is_file():
+        problem = ("does not exist" if not path.exists() else "is a file" if not path.is_dir()
+                   else "is not a run directory (it has no recipe.toml)")
         raise CheckpointError(f"--resume {path}: {problem}; give the run directory of the run to continue "
-                              f"(the folder that holds its checkpoints/ and metrics.jsonl)")
+                              f"(the folder that holds its recipe.toml, checkpoints/ and metrics.jsonl)")
+    if not any(checkpoints.glob("*.pt")):  # a temp file a kill left behind is not a checkpoint
+        started = (path / "recipe.toml").read_text(encoding="utf-8")
+        if started != recipe.to_toml():
+            raise _recipe_differs(path, tomllib.loads(started), recipe.table)
+        return None
+    last = checkpoints / "last.pt"
     if not last.exists():
-        raise CheckpointError(f"--resume {path}: there is no {last}: the run stopped before its first checkpoint, "
-                              f"or {path} is not a run directory; start the run again with --out (a new folder, "
-                              f"or {path} once you have removed it)")
+        raise CheckpointError(f"--resume {path}: there is no {last}, only the checkpoints of finished stages; "
+                              f"copy the latest checkpoints/<stage>.pt over {last} to continue after that stage")
     saved = load_checkpoint(last, RESUME_KEYS)
     if saved["recipe"] != recipe.table:
-        changed = sorted(k for k in set(saved["recipe"]) | set(recipe.table)
-                         if saved["recipe"].get(k) != recipe.table.get(k))
-        raise CheckpointError(
-            f"{path}: the recipe differs from the one this run started with (in: {', '.join(changed)}). "
-            f"Resume with the same recipe and --set overrides (see {path / 'recipe.toml'}).")
+        raise _recipe_differs(path, saved["recipe"], recipe.table)
     return saved
+
+
+def _recipe_differs(path: Path, started: dict[str, Any], table: dict[str, Any]) -> CheckpointError:
+    changed = sorted(k for k in set(started) | set(table) if started.get(k) != table.get(k))
+    return CheckpointError(
+        f"{path}: the recipe differs from the one this run started with (in: {', '.join(changed)}). "
+        f"Resume with the same recipe and --set overrides (see {path / 'recipe.toml'}).")
 
 
 def final_table(summary: dict[str, Any], path: Path) -> str:
