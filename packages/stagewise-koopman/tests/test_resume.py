@@ -5,10 +5,6 @@ warning counts and the operators handed to forward_eval come back from the check
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import textwrap
 
 import pytest
 from conftest import TINY_HYBRID
@@ -16,38 +12,9 @@ from conftest import TINY_HYBRID
 from stagewise.engine.checkpoint import load_checkpoint
 from stagewise.engine.runner import run_recipe
 from stagewise.recipe import load_recipe
-
-# The CLI in a child process that SIGKILLs itself after step N of a stage ("step STAGE N"), or
-# as a stage starts, once the stage before it has written its checkpoint ("stage STAGE 0").
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    import stagewise
-    from stagewise.plugins import register_plugin
-    from stagewise.cli.main import main
-
-    event, stage, step = sys.argv[1], sys.argv[2], int(sys.argv[3])
-
-    class Killer:
-        @stagewise.hookimpl
-        def stagewise_after_step(self, state):
-            if event == "step" and (state.stage_name, state.step) == (stage, step):
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        @stagewise.hookimpl
-        def stagewise_before_stage(self, state):
-            if event == "stage" and state.stage_name == stage:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    register_plugin(Killer(), "killer")
-    sys.exit(main(sys.argv[4:]))
-""")
+from stagewise.testing import resume_run, run_killed, timeless_records
 
 OVERRIDES = ["run.checkpoint_every_n_steps=1"]
-
-
-def _records(run_dir):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
 
 
 def _summary(run_dir):
@@ -65,19 +32,16 @@ def whole(tmp_path_factory):
 
 # main: 3 steps an epoch, the term from epoch 1 (steps 4-6, one fallback at step 5), a DMD
 # refresh at step 6 once the buffer holds 16 fresh pairs; a checkpoint after every step
-@pytest.mark.parametrize("event, stage, step, last", [
-    ("step", "warmup", 1, None),  # before any checkpoint: the run starts over in its folder
-    ("step", "main", 6, ("main", False, (1, 2))),  # after the fallback, the buffer filled, before the refresh
-    ("step", "main", 8, ("main", False, (2, 1))),  # after the refresh and the epoch's koopman.epoch record
-    ("stage", "forward", 0, ("main", True, None)),  # right after main: forward_eval's operators from the checkpoint
+@pytest.mark.parametrize("stage, step, last", [
+    ("warmup", 1, None),  # before any checkpoint: the run starts over in its folder
+    ("main", 6, ("main", False, (1, 2))),  # after the fallback, the buffer filled, before the refresh
+    ("main", 8, ("main", False, (2, 1))),  # after the refresh and the epoch's koopman.epoch record
+    ("forward", 0, ("main", True, None)),  # right after main: forward_eval's operators from the checkpoint
 ], ids=["before-any-checkpoint", "main-before-refresh", "main-after-refresh", "after-main"])
-def test_resume_after_sigkill_matches_uninterrupted_run(whole, tmp_path, event, stage, step, last):
+def test_resume_after_sigkill_matches_uninterrupted_run(whole, tmp_path, stage, step, last):
     path, uninterrupted = whole
-    sets = [arg for o in OVERRIDES for arg in ("--set", o)]
     killed = tmp_path / "killed"
-    child = subprocess.run([sys.executable, "-c", KILLER, event, stage, str(step), "run", str(path),
-                            "--out", str(killed), "--quiet", *sets], capture_output=True, text=True)
-    assert child.returncode == -signal.SIGKILL, child.stderr
+    run_killed(path, killed, stage, step, OVERRIDES)
     if last is None:
         assert not (killed / "checkpoints" / "last.pt").exists()
     else:
@@ -85,11 +49,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(whole, tmp_path, event, 
         position = (saved["loop"]["epoch"], saved["loop"]["batch"]) if "loop" in saved else None
         assert (saved["stage_name"], saved["stage_done"], position) == last
 
-    resumed = subprocess.run([sys.executable, "-m", "stagewise", "run", str(path), "--resume", str(killed),
-                              "--quiet", *sets], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
+    resume_run(path, killed, OVERRIDES)
     assert _summary(killed) == _summary(uninterrupted)
-    assert _records(killed) == _records(uninterrupted)
-    fallbacks = [r.get("warnings/fallback/koopman", 0) for r in _records(killed)
+    records = timeless_records(killed)
+    assert records == timeless_records(uninterrupted)
+    fallbacks = [r.get("warnings/fallback/koopman", 0) for r in records
                  if r["event"] == "epoch" and r["stage"] == "main"]
     assert fallbacks == [0, 1, 0]  # the counts the resumed epochs must keep

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import signal
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -17,49 +13,21 @@ from stagewise.engine.checkpoint import FORMAT, load_checkpoint
 from stagewise.engine.runner import run_recipe
 from stagewise.errors import CheckpointError
 from stagewise.plugins import register_plugin, unregister_plugin
-
-# Runs the CLI in a child process that SIGKILLs itself after a given step of a given stage.
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    import stagewise
-    from stagewise.plugins import register_plugin
-    from stagewise.cli.main import main
-
-    stage, step = sys.argv[1], int(sys.argv[2])
-
-    class Killer:
-        @stagewise.hookimpl
-        def stagewise_after_step(self, state):
-            if state.stage_name == stage and state.step == step:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    register_plugin(Killer(), "killer")
-    sys.exit(main(sys.argv[3:]))
-""")
-
-
-def _without_timing(records):
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+from stagewise.testing import resume_run, run_killed, timeless_records
 
 
 @pytest.mark.parametrize("stage, step", [("phase1", 7), ("phase2", 4)])
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_recipe_path, tiny, tmp_path, stage, step):
-    overrides = ["--set", "run.checkpoint_every_n_steps=3"]
     killed = tmp_path / "killed"
-    child = subprocess.run([sys.executable, "-c", KILLER, stage, str(step), "run", str(tiny_recipe_path),
-                            "--out", str(killed), "--quiet", *overrides], capture_output=True, text=True)
-    assert child.returncode == -signal.SIGKILL, child.stderr
+    run_killed(tiny_recipe_path, killed, stage, step, ["run.checkpoint_every_n_steps=3"])
     assert not (killed / "summary.json").exists()
     saved = load_checkpoint(killed / "checkpoints" / "last.pt")
     assert saved["stage_name"] == stage and not saved["stage_done"]  # died mid-stage
 
-    resumed = subprocess.run([sys.executable, "-m", "stagewise", "run", str(tiny_recipe_path), "--resume",
-                              str(killed), "--quiet", *overrides], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-
+    resume_run(tiny_recipe_path, killed, ["run.checkpoint_every_n_steps=3"])
     whole = run_recipe(tiny("run.checkpoint_every_n_steps=3"), out=tmp_path / "whole", quiet=True)
     assert read_summary(killed)["metrics"] == read_summary(whole)["metrics"]
-    assert _without_timing(read_records(killed)) == _without_timing(read_records(whole))
+    assert timeless_records(killed) == timeless_records(whole)
 
 
 def test_resume_refuses_a_changed_recipe(tiny, tmp_path):
@@ -145,7 +113,7 @@ def test_resume_with_dropout_and_a_term_drawing_at_setup_matches(tiny, stopped_a
                   'stages.phase1.losses=[{use="stagewise.cross_entropy"}, {use="resumetest.probe", weight=0.5}]')
     stopped, whole = stopped_and_resumed(recipe, stage, step)
     assert read_summary(stopped)["metrics"] == read_summary(whole)["metrics"]
-    assert _without_timing(read_records(stopped)) == _without_timing(read_records(whole))
+    assert timeless_records(stopped) == timeless_records(whole)
 
 
 def test_resume_mid_epoch_keeps_the_epoch_s_warning_counts(tiny, stopped_and_resumed):
@@ -154,7 +122,7 @@ def test_resume_mid_epoch_keeps_the_epoch_s_warning_counts(tiny, stopped_and_res
     stopped, whole = stopped_and_resumed(recipe, "phase1", 7)
     counts = [r["warnings/fallback/cross_entropy"] for r in read_records(stopped, "epoch") if r["stage"] == "phase1"]
     assert counts == [5, 5]  # every batch of both epochs is cut
-    assert _without_timing(read_records(stopped)) == _without_timing(read_records(whole))
+    assert timeless_records(stopped) == timeless_records(whole)
 
 
 class _NanEarly(stagewise.Loss):
@@ -201,21 +169,21 @@ def test_resume_keeps_the_count_of_skipped_batches(tiny, stopped_and_resumed, mo
     stopped, whole = stopped_and_resumed(recipe, "phase1", 2)  # resumed from the end of epoch 0
     counts = [r["train/nonfinite"] for r in read_records(stopped, "epoch") if r["stage"] == "phase1"]
     assert counts == [4, 4]  # the stage's count, carried into epoch 1 across the resume
-    assert _without_timing(read_records(stopped)) == _without_timing(read_records(whole))
+    assert timeless_records(stopped) == timeless_records(whole)
 
 
 def test_resume_keeps_the_ema_target(tiny, stopped_and_resumed, more_losses):
     recipe = tiny("run.checkpoint_every_n_steps=3", "stages.phase1.ema_momentum=0.9",
                   'stages.phase1.losses=[{use="resumetest.ema_pull"}]')
     stopped, whole = stopped_and_resumed(recipe, "phase1", 7)
-    assert _without_timing(read_records(stopped)) == _without_timing(read_records(whole))
+    assert timeless_records(stopped) == timeless_records(whole)
 
 
 def test_resume_between_stages_starts_the_next_stage(tiny, stopped_and_resumed):
     # no mid-epoch checkpoints: stopped in phase2's first epoch, last.pt is phase1's final one
     stopped, whole = stopped_and_resumed(tiny(), "phase2", 1)
     assert read_summary(stopped)["metrics"] == read_summary(whole)["metrics"]
-    assert _without_timing(read_records(stopped)) == _without_timing(read_records(whole))
+    assert timeless_records(stopped) == timeless_records(whole)
 
 
 def test_rng_state_round_trips_every_generator():
@@ -301,9 +269,8 @@ def test_a_damaged_last_pt_resumes_from_a_stage_checkpoint_and_a_cut_metrics_lin
     run_recipe(tiny(), resume=run, quiet=True)
     assert (f"{run / 'metrics.jsonl'} holds {counted - 1} complete records, but the checkpoint counted {counted}"
             in capsys.readouterr().err)
-    records = read_records(run)  # every line is JSON again
-    expected = read_records(whole)
-    assert _without_timing(records) == _without_timing(expected[: counted - 1] + expected[counted:])
+    expected = timeless_records(whole)
+    assert timeless_records(run) == expected[: counted - 1] + expected[counted:]  # every line is JSON again
     assert read_summary(run)["metrics"] == read_summary(whole)["metrics"]
 
 
@@ -337,7 +304,7 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(tiny, 
     stopped = run_recipe(tiny(), resume=tmp_path / "stopped", quiet=True)
     whole = run_recipe(tiny(), out=tmp_path / "whole", quiet=True)
     assert read_summary(stopped)["metrics"] == read_summary(whole)["metrics"]
-    assert _without_timing(read_records(stopped)) == _without_timing(read_records(whole))
+    assert timeless_records(stopped) == timeless_records(whole)
 
 
 def test_a_run_with_stage_checkpoints_but_no_last_pt_says_which_file_to_copy(tiny, tmp_path):
@@ -348,3 +315,9 @@ def test_a_run_with_stage_checkpoints_but_no_last_pt_says_which_file_to_copy(tin
         run_recipe(tiny(), resume=run, quiet=True)
     assert str(info.value) == (f"--resume {run}: there is no {last}, only the checkpoints of finished stages; copy "
                                f"the latest checkpoints/<stage>.pt over {last} to continue after that stage")
+
+
+def test_run_killed_says_when_the_run_was_never_killed(tiny_recipe_path, tmp_path):
+    with pytest.raises(AssertionError, match=r"to be killed at step 3 of 'nope' but exited with 0"):
+        run_killed(tiny_recipe_path, tmp_path / "run", "nope", 3)
+    assert (tmp_path / "run" / "summary.json").exists()  # the run finished: no stage 'nope' to stop in

@@ -1,0 +1,77 @@
+"""Helpers for plugin test suites: prove that a plugin keeps the resume guarantee.
+
+``run_killed`` runs ``stagewise run`` in a child process that kills itself with SIGKILL at a
+chosen point, the way a crash or an out-of-memory kill would end it (no ``finally``, no atexit);
+``resume_run`` continues that run in its folder with ``--resume``. Compare the result with an
+uninterrupted run of the same recipe: ``summary.json`` equal, and ``timeless_records`` equal.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# The CLI, with a plugin that SIGKILLs the process after step N of a stage or as a stage starts.
+_KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import stagewise
+    from stagewise.plugins import register_plugin
+    from stagewise.cli.main import main
+
+    stage, step = sys.argv[1], int(sys.argv[2])
+
+    class Killer:
+        @stagewise.hookimpl
+        def stagewise_after_step(self, state):
+            if step > 0 and (state.stage_name, state.step) == (stage, step):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        @stagewise.hookimpl
+        def stagewise_before_stage(self, state):
+            if step == 0 and state.stage_name == stage:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    register_plugin(Killer(), "stagewise.testing.killer")
+    sys.exit(main(sys.argv[3:]))
+""")
+
+
+def _sets(overrides: Sequence[str]) -> list[str]:
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
+def run_killed(recipe: str | Path, out: str | Path, stage: str, step: int = 0,
+               overrides: Sequence[str] = ()) -> None:
+    """Run RECIPE into OUT and SIGKILL it after optimizer step STEP of STAGE (counted from 1 within
+    the stage), or, with step 0, as STAGE starts (the stage before it has written its checkpoint).
+
+    Raises AssertionError, with the child's stderr, when the run was not killed there (it
+    finished first, failed, or never reached STAGE)."""
+    child = subprocess.run([sys.executable, "-c", _KILLER, stage, str(step), "run", str(recipe), "--out",
+                            str(out), "--quiet", *_sets(overrides)], capture_output=True, text=True)
+    if child.returncode != -signal.SIGKILL:
+        where = f"step {step} of {stage!r}" if step else f"the start of {stage!r}"
+        raise AssertionError(f"the run was to be killed at {where} but exited with {child.returncode}:\n"
+                             f"{child.stderr}")
+
+
+def resume_run(recipe: str | Path, run_dir: str | Path, overrides: Sequence[str] = ()) -> None:
+    """``stagewise run RECIPE --resume RUN_DIR`` in a child process; AssertionError with its
+    stderr when it fails."""
+    child = subprocess.run([sys.executable, "-m", "stagewise", "run", str(recipe), "--resume", str(run_dir),
+                            "--quiet", *_sets(overrides)], capture_output=True, text=True)
+    if child.returncode != 0:
+        raise AssertionError(f"resuming {run_dir} exited with {child.returncode}:\n{child.stderr}")
+
+
+def timeless_records(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of RUN_DIR's metrics.jsonl without their wall-clock ``seconds``: what a resumed
+    run must reproduce exactly."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
