@@ -321,3 +321,33 @@ def test_run_killed_says_when_the_run_was_never_killed(tiny_recipe_path, tmp_pat
     with pytest.raises(AssertionError, match=r"to be killed at step 3 of 'nope' but exited with 0"):
         run_killed(tiny_recipe_path, tmp_path / "run", "nope", 3)
     assert (tmp_path / "run" / "summary.json").exists()  # the run finished: no stage 'nope' to stop in
+
+
+class _StageTracker:
+    """The hooks.md tracker: logs a record as each stage starts, but not again for a stage a resumed
+    run continues mid-way (``state.resume`` is set then)."""
+
+    def __init__(self):
+        self.calls = []
+
+    @stagewise.hookimpl
+    def stagewise_before_stage(self, state, stage):
+        self.calls.append((stage.label, state.resume is not None))
+        if state.resume is None:
+            state.log("mytracker.stage_start", use=stage.name)
+
+
+def test_before_stage_fires_again_for_the_stage_resumed_mid_way_with_state_resume_set(tiny, stopped_and_resumed):
+    tracker = _StageTracker()
+    register_plugin(tracker, "stagetracker")
+    try:
+        stopped, whole = stopped_and_resumed(tiny("run.checkpoint_every_n_steps=3"), "phase2", 4)
+    finally:
+        unregister_plugin("stagetracker")
+    stopped_run, resumed_run, whole_run = tracker.calls[:2], tracker.calls[2:4], tracker.calls[4:]
+    assert stopped_run == [("phase1", False), ("phase2", False)]
+    assert resumed_run == [("phase2", True), ("test", False)]  # phase1 was finished: skipped, no call
+    assert whole_run == [("phase1", False), ("phase2", False), ("test", False)]
+    assert timeless_records(stopped) == timeless_records(whole)  # one stage_start record per stage
+    assert [r["stage"] for r in timeless_records(whole) if r["event"] == "mytracker.stage_start"] == \
+        ["phase1", "phase2", "test"]

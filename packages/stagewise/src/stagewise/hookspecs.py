@@ -143,6 +143,9 @@ def stagewise_after_run(state: State, metrics: dict[str, Any]) -> None:
 def stagewise_before_stage(state: State, stage: Stage) -> None:
     """Called before each stage starts (``state.stage_index`` is set).
 
+    A stage a resumed run continues mid-way fires it again, with ``state.resume`` set to the
+    checkpoint; stages the run had finished do not fire.
+
     :param state: the run's state.
     :param stage: the stage about to run.
 
