@@ -11,6 +11,7 @@ from conftest import RunsCode, read_summary
 from stagewise import __version__
 from stagewise.cli.main import main
 from stagewise.engine.checkpoint import load_checkpoint
+from stagewise.engine.runner import run_recipe
 from stagewise.export import load_npz
 
 
@@ -382,6 +383,28 @@ def test_out_and_resume_exclude_each_other(tiny_recipe_path, tmp_path, capsys):
         main(["run", str(tiny_recipe_path), "--resume", str(tmp_path / "a"), "--out", str(tmp_path / "b")])
     assert info.value.code == 2
     assert "argument --out: not allowed with argument --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, argument", [
+    (["run", "RECIPE", "--resume", ""], "--resume"), (["run", "RECIPE", "--out", " "], "--out"),
+    (["compare", "RECIPE", "--out", ""], "--out"), (["export", "RUN", ""], "out"),
+], ids=["run-resume", "run-out", "compare-out", "export-out"])
+def test_an_empty_path_is_refused_before_anything_runs(tiny_recipe_path, tmp_path, capsys, monkeypatch, args,
+                                                       argument):
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # --resume "" started a new run in runs/tiny; --out "" wrote there too
+    args = [str(tiny_recipe_path) if a == "RECIPE" else str(tmp_path) if a == "RUN" else a for a in args]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    assert f"argument {argument}: an empty path; give a folder or file name" in capsys.readouterr().err
+    assert list((tmp_path / "cwd").iterdir()) == []
+
+
+def test_run_recipe_refuses_out_and_resume_together(tiny, tmp_path):
+    with pytest.raises(ValueError, match=r"give out or resume, not both"):  # out was silently ignored
+        run_recipe(tiny(), out=tmp_path / "b", resume=tmp_path / "a", quiet=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.toml"]
 
 
 @pytest.mark.parametrize("command", ["run", "compare"])

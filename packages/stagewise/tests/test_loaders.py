@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 import struct
 
 import numpy as np
@@ -91,6 +92,17 @@ def test_csv_errors(tmp_path):
                                         splits={"train": 1.0}), seed=0)
     with pytest.raises(DataError, match=r"no column 'c' \(target\); its columns are: a, b"):
         CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=["c"]), seed=0)
+    (tmp_path / "t.csv").write_text("a, b\n1, 2\n")  # as people type it: the name is " b"
+    with pytest.raises(DataError, match=r"no column 'b' \(target\); its columns are: a,  b; the header writes it "
+                                        r"' b': remove the spaces around the names after the commas$"):
+        CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=["b"]), seed=0)
+    (tmp_path / "t.csv").write_text("a;b\n1;2\n")  # as a spreadsheet in a comma-decimal locale saves it
+    with pytest.raises(DataError, match=r"line 2, column 0 \('a;b'\): '1;2' is not a number; .*; the row is one cell "
+                                        r"holding ';': stagewise reads comma-separated files, so replace ';' by ','"):
+        CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=["b"]), seed=0)
+    (tmp_path / "t.csv").write_text("a\tb\n1\t2\n")  # tab-separated
+    with pytest.raises(DataError, match=r"'1\\t2' is not a number; .*; the row is one cell holding '\\t'"):
+        CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=["b"]), seed=0)
     with pytest.raises(DataError, match=r"CSV file .*missing\.csv does not exist"):
         CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "missing.csv"), target=["b"]), seed=0)
     with pytest.raises(DataError, match="target must be a non-empty list"):
@@ -394,6 +406,14 @@ def test_a_directory_or_a_missing_relative_path_is_named_with_a_hint(tmp_path, m
         CSVDataset.from_recipe(CSVOptions(path="missing.csv", target=["y"]), seed=0)
     assert str(info.value) == (f"CSV file missing.csv does not exist; check the path (relative paths start "
                                f"from the current directory {tmp_path})")
+
+
+def test_a_pipe_is_not_taken_for_a_missing_file(tmp_path):
+    os.mkfifo(tmp_path / "t.csv")  # was "does not exist; check the path", though it does
+    with pytest.raises(DataError) as info:
+        CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=["y"]), seed=0)
+    assert str(info.value) == (f"CSV file {tmp_path / 't.csv'} is not a regular file (a pipe, socket or device); "
+                               f"save the data to a file and give its path")
 
 
 def test_a_data_path_may_start_with_the_home_folder(tmp_path, monkeypatch):

@@ -25,14 +25,15 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", help="a .toml file or a registered recipe name (see 'stagewise recipes')")
     _add_recipe_args(p)
     where = p.add_mutually_exclusive_group()  # a resumed run goes on in its own folder
-    where.add_argument("--out", help="the run directory to create (default: RUN.OUT/RUN.NAME)")
-    where.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    where.add_argument("--out", type=_path, help="the run directory to create (default: RUN.OUT/RUN.NAME)")
+    where.add_argument("--resume", type=_path, metavar="RUN_DIR",
+                       help="continue an interrupted run from its last checkpoint")
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("compare", help="run several recipes on the same data and seed, print one table")
     p.add_argument("recipes", nargs="+", help="recipe files or names, e.g. the baseline then the method")
     _add_recipe_args(p)
-    p.add_argument("--out", help="parent folder of the runs (default: runs/compare, or runs/compare-2, ... "
+    p.add_argument("--out", type=_path, help="parent folder of the runs (default: runs/compare, or runs/compare-2, ... "
                    "when that holds files)")
     p.set_defaults(handler=cmd_compare)
 
@@ -42,8 +43,8 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_verify)
 
     p = sub.add_parser("export", help="export a checkpoint's model to a numpy-only .npz")
-    p.add_argument("source", help="a run directory (its last checkpoint) or a .pt checkpoint")
-    p.add_argument("out", help="the .npz file to write (it may replace an earlier export, no other file)")
+    p.add_argument("source", type=_path, help="a run directory (its last checkpoint) or a .pt checkpoint")
+    p.add_argument("out", type=_path, help="the .npz file to write (it may replace an earlier export, no other file)")
     p.set_defaults(handler=cmd_export)
 
 
@@ -86,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from stagewise.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    path = run_recipe(recipe, out=_user_path(args.out), resume=_user_path(args.resume), quiet=args.quiet)
+    path = run_recipe(recipe, out=args.out, resume=args.resume, quiet=args.quiet)
     if args.quiet and os.environ.get("RANK", "0") == "0":  # the final table is left out: say where the run went
         print(path)
     return 0
@@ -96,7 +97,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from stagewise.compare import compare_recipes
     from stagewise.engine.rundir import unused_folder
 
-    out = _user_path(args.out) or unused_folder(Path("runs/compare"))
+    out = args.out or unused_folder(Path("runs/compare"))
     compare_recipes(args.recipes, args.overrides, out, quiet=args.quiet)
     return 0
 
@@ -114,13 +115,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from stagewise.export import export_npz
 
-    source = Path(args.source)
+    source = args.source
     checkpoint = source / "checkpoints" / "last.pt" if source.is_dir() else source
-    counts: dict[str, Any] = export_npz(checkpoint, _user_path(args.out))
+    counts: dict[str, Any] = export_npz(checkpoint, args.out)
     print(f"wrote {args.out}: {counts['arrays']} arrays, {counts['parameters']} values")
     return 0
 
 
-def _user_path(text: str | None) -> Path | None:
-    """A path option as given, ``~`` expanded (the shell does not in ``--out=~/x``)."""
-    return Path(text).expanduser() if text else None
+def _path(text: str) -> Path:
+    """A path argument, ``~`` expanded (the shell does not in ``--out=~/x``). An empty one is
+    refused: ``--resume ""`` must not start a new run, nor ``--out ""`` pick the default folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a folder or file name")
+    return Path(text).expanduser()

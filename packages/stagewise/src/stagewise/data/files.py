@@ -20,6 +20,9 @@ def existing_file(path: str | Path, what: str) -> Path:
     """``path`` as a Path; DataError naming it and ``what`` it should be if it is not a readable file."""
     file = Path(path).expanduser()
     if not file.is_file():
+        if file.exists() and not file.is_dir():  # loaders read a file more than once: a stream will not do
+            raise DataError(f"{what} {file} is not a regular file (a pipe, socket or device); save the data "
+                            f"to a file and give its path")
         problem = "is a directory" if file.is_dir() else "does not exist"
         hint = "" if file.is_absolute() else f" (relative paths start from the current directory {Path.cwd()})"
         raise DataError(f"{what} {file} {problem}; check the path{hint}")

@@ -69,7 +69,7 @@ def _bad_cell(row: list[str], path: str, line: int, names: list[str] | None, pro
     """The error for the first cell of ``row`` that is not a finite number."""
     j = next(j for j, cell in enumerate(row) if not _finite_number(cell))
     column = f"column {j}" + (f" ({names[j]!r})" if names else "")
-    return DataError(f"{path}, line {line}, {column}: {row[j]!r} {problem}")
+    return DataError(f"{path}, line {line}, {column}: {row[j]!r} {problem}{_separator_hint(row)}")
 
 
 def _row_at(path: str, line: int) -> list[str]:
@@ -86,6 +86,23 @@ def _finite_number(cell: str) -> bool:
         return False
 
 
+def _separator_hint(cells: list[str]) -> str:
+    """A row read as one cell that holds another separator: the file is not comma-separated."""
+    separator = next((sep for sep in (";", "\t", "|") if len(cells) == 1 and sep in cells[0]), None)
+    if separator is None:
+        return ""
+    return (f"; the row is one cell holding {separator!r}: stagewise reads comma-separated files, so "
+            f"replace {separator!r} by ',' (or save the file as CSV with commas)")
+
+
+def _header_hint(column: str, names: list[str]) -> str:
+    """Why a header a person typed lacks ``column``: spaces after the commas."""
+    padded = [name for name in names if name != name.strip() and name.strip() == column]
+    if not padded:
+        return ""
+    return f"; the header writes it {padded[0]!r}: remove the spaces around the names after the commas"
+
+
 def column_indices(option: str, columns: list[str | int], names: list[str] | None, width: int,
                    path: str) -> list[int]:
     """0-based indices of ``columns`` (header names or indices) in a table ``width`` wide."""
@@ -97,7 +114,7 @@ def column_indices(option: str, columns: list[str | int], names: list[str] | Non
                                 f"so columns have no names; give 0-based column indices")
             if column not in names:
                 raise DataError(f"{path} has no column {column!r} ({option}); its columns are: "
-                                f"{', '.join(names)}")
+                                f"{', '.join(names)}{_header_hint(column, names)}")
             same = [j for j, name in enumerate(names) if name == column]
             if len(same) > 1:  # which one is meant? and a copy of the target left as a feature gives the answer away
                 raise DataError(f"{path}: the header names {len(same)} columns {column!r} (0-based columns "

@@ -29,7 +29,10 @@ from stagewise.specs import StageSpec
 
 def run_recipe(recipe: Recipe, out: str | Path | None = None, resume: str | Path | None = None,
                quiet: bool = False) -> Path:
-    """Run every stage of ``recipe``; returns the run directory. ``resume`` continues a run."""
+    """Run every stage of ``recipe``; returns the run directory. ``resume`` continues a run in its
+    own folder, so it excludes ``out``."""
+    if out is not None and resume is not None:
+        raise ValueError(f"run_recipe: give out or resume, not both (a resumed run goes on in {resume})")
     device = distributed.resolve_device(recipe.run.device)
     info = distributed.setup(device)
     try:
