@@ -23,7 +23,9 @@ import torch
 import torch.distributed as dist
 
 from stagewise.engine.batches import count_batches, iterate_batches
+from stagewise.engine.checkpoint import load_checkpoint
 from stagewise.engine.distributed import DistInfo
+from stagewise.testing import resume_run, run_killed, timeless_records
 
 needs_gloo = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -151,6 +153,16 @@ def test_step_records_hold_the_global_batch_loss(runs):
     assert len(ddp) == len(single) == 12
     for step, (got, want) in enumerate(zip(ddp, single, strict=True), start=1):
         assert math.isclose(got, want, rel_tol=REL_TOL), f"step {step}: {got} != {want}"
+
+
+@needs_gloo
+def test_a_killed_torchrun_job_resumed_under_torchrun_ends_with_the_uninterrupted_numbers(runs, tmp_path):
+    sets = ["run.checkpoint_every_n_steps=3"]  # last checkpoint before the kill: epoch 1, after step 6
+    run_killed(runs.root / "recipe.toml", tmp_path / "killed", "train", 8, sets, processes=2)
+    assert load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.pt")["step"] == 6
+    resume_run(runs.root / "recipe.toml", tmp_path / "killed", sets, processes=2)
+    assert _summary(tmp_path / "killed")["metrics"] == _summary(runs.ddp)["metrics"]  # bit-identical
+    assert timeless_records(tmp_path / "killed") == timeless_records(runs.ddp)
 
 
 class _Windows(torch.utils.data.Dataset):

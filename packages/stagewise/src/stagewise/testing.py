@@ -46,25 +46,36 @@ def _sets(overrides: Sequence[str]) -> list[str]:
     return [arg for override in overrides for arg in ("--set", override)]
 
 
+def _python(processes: int) -> list[str]:
+    """This Python, or ``processes`` of it started by torchrun (on CPU: the gloo backend)."""
+    if processes == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "--no-python", sys.executable]
+
+
 def run_killed(recipe: str | Path, out: str | Path, stage: str, step: int = 0,
-               overrides: Sequence[str] = ()) -> None:
+               overrides: Sequence[str] = (), processes: int = 1) -> None:
     """Run RECIPE into OUT and SIGKILL it after optimizer step STEP of STAGE (counted from 1 within
     the stage), or, with step 0, as STAGE starts (the stage before it has written its checkpoint).
+    With ``processes`` > 1 the run is data-parallel under torchrun, and every rank kills itself.
 
     Raises AssertionError, with the child's stderr, when the run was not killed there (it
     finished first, failed, or never reached STAGE)."""
-    child = subprocess.run([sys.executable, "-c", _KILLER, stage, str(step), "run", str(recipe), "--out",
+    child = subprocess.run([*_python(processes), "-c", _KILLER, stage, str(step), "run", str(recipe), "--out",
                             str(out), "--quiet", *_sets(overrides)], capture_output=True, text=True)
-    if child.returncode != -signal.SIGKILL:
+    killed = (child.returncode == -signal.SIGKILL if processes == 1  # torchrun exits 1 and names the signal
+              else child.returncode != 0 and "Signal 9 (SIGKILL)" in child.stderr)
+    if not killed:
         where = f"step {step} of {stage!r}" if step else f"the start of {stage!r}"
         raise AssertionError(f"the run was to be killed at {where} but exited with {child.returncode}:\n"
                              f"{child.stderr}")
 
 
-def resume_run(recipe: str | Path, run_dir: str | Path, overrides: Sequence[str] = ()) -> None:
-    """``stagewise run RECIPE --resume RUN_DIR`` in a child process; AssertionError with its
-    stderr when it fails."""
-    child = subprocess.run([sys.executable, "-m", "stagewise", "run", str(recipe), "--resume", str(run_dir),
+def resume_run(recipe: str | Path, run_dir: str | Path, overrides: Sequence[str] = (), processes: int = 1) -> None:
+    """``stagewise run RECIPE --resume RUN_DIR`` in a child process (under torchrun with
+    ``processes`` > 1); AssertionError with its stderr when it fails."""
+    child = subprocess.run([*_python(processes), "-m", "stagewise", "run", str(recipe), "--resume", str(run_dir),
                             "--quiet", *_sets(overrides)], capture_output=True, text=True)
     if child.returncode != 0:
         raise AssertionError(f"resuming {run_dir} exited with {child.returncode}:\n{child.stderr}")

@@ -66,9 +66,10 @@ def write_checkpoint_bytes(path: Path, data: bytes) -> None:
     atomic_write_bytes(path, lambda f: f.write(data))
 
 
-def load_checkpoint(path: Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """The checkpoint at ``path``, read with ``weights_only=True``; CheckpointError unless it is a
     stagewise checkpoint holding every one of ``keys``."""
+    path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
