@@ -1,13 +1,14 @@
 """How a plugin repository tests itself: ``nox`` installs the plugin and runs its tests."""
 
+import os
 from pathlib import Path
 
 import nox
 
-# This copy lives in the stagewise repository, whose core is not on the package index: take it
-# from the checkout, with the checkout's pins (the CPU build of torch). A plugin in its own
-# repository has no such folder, and pip installs stagewise from the index as a dependency.
-CHECKOUT = Path(__file__).resolve().parents[2]
+# stagewise's core is not on the package index yet: take it from a checkout of the stagewise
+# repository, with the checkout's pins (the CPU build of torch). This copy lives in that
+# repository; a plugin in its own repository runs `STAGEWISE_CHECKOUT=/path/to/stagewise nox`.
+CHECKOUT = Path(os.environ.get("STAGEWISE_CHECKOUT") or Path(__file__).resolve().parents[2])
 PINS = ["-c", str(CHECKOUT / "constraints.txt")] if (CHECKOUT / "constraints.txt").is_file() else []
 
 

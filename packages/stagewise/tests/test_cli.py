@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 from conftest import RunsCode, read_summary
 
+import stagewise
 from stagewise import __version__
 from stagewise.cli.main import main
 from stagewise.engine.checkpoint import load_checkpoint
 from stagewise.engine.runner import run_recipe
 from stagewise.export import load_npz
+from stagewise.recipe import load_recipe
 
 
 def test_version(capsys):
@@ -136,7 +138,7 @@ def test_compare_refuses_other_seeds_and_other_data(tiny_recipe_path, tmp_path):
 
     text = tiny_recipe_path.read_text().replace('name = "tiny"', 'name = "other"')
     for change, problem in [(("seed = 7", "seed = 8"), "run.seed 8 differs from 7"),
-                            (("seq_len = 8", "seq_len = 4"), "[data] differs from")]:
+                            (("seq_len = 8", "seq_len = 4"), "[data] differs from")]:  # naming the key: below
         other = tmp_path / "other.toml"
         other.write_text(text.replace(*change))
         with pytest.raises(ConfigError) as info:
@@ -144,6 +146,7 @@ def test_compare_refuses_other_seeds_and_other_data(tiny_recipe_path, tmp_path):
         (found,) = info.value.problems
         assert found.startswith(f"{other}: ") and problem in found
         assert not (tmp_path / "cmp").exists()  # refused before any run
+    assert found == f"{other}: [data] differs from {tiny_recipe_path} in seq_len; compare on the same data"
 
 
 def test_no_command_prints_the_help_and_exits_2(capsys):
@@ -176,6 +179,37 @@ def test_ctrl_c_exits_130_with_one_line(capsys):
     finally:
         plugins.unregister_plugin("boom")
     assert capsys.readouterr().err == "stagewise: interrupted\n"
+
+
+class _CtrlC:
+    at: tuple[str, int] = ("", 0)  # (stage, step) after which Ctrl-C comes
+
+    @stagewise.hookimpl
+    def stagewise_after_step(self, state):
+        if (state.stage_name, state.step) == self.at:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("at, resumed", [(("phase2", 2), "resuming {run} at stage 2/3"),
+                                         (("phase1", 1), "{run} has no checkpoint yet: running it again from "
+                                                         "the start")], ids=["mid-stage", "before-any-checkpoint"])
+def test_ctrl_c_during_a_run_prints_the_command_that_continues_it(tiny_recipe_path, tmp_path, capsys, at, resumed):
+    from stagewise import plugins
+
+    run, sets = tmp_path / "my run", ["--set", "run.checkpoint_every_n_steps=1"]
+    ctrl_c = _CtrlC()
+    ctrl_c.at = at
+    plugins.register_plugin(ctrl_c, "ctrlc")
+    try:
+        assert main(["run", str(tiny_recipe_path), "--out", str(run), "--quiet", *sets]) == 130
+    finally:
+        plugins.unregister_plugin("ctrlc")
+    again = f"stagewise run {tiny_recipe_path} --resume '{run}' --set run.checkpoint_every_n_steps=1"
+    assert capsys.readouterr().err == f"stagewise: interrupted; continue with: {again}\n"  # was: interrupted
+    assert main(["run", str(tiny_recipe_path), "--resume", str(run), *sets]) == 0  # what it says, run
+    assert resumed.format(run=run) in capsys.readouterr().out
+    assert read_summary(run)["metrics"] == read_summary(run_recipe(load_recipe(tiny_recipe_path, sets[1:]),
+                                                                   out=tmp_path / "whole", quiet=True))["metrics"]
 
 
 def test_a_plugin_errors_cause_is_shown_only_in_strict_mode(monkeypatch, capsys):
@@ -294,7 +328,8 @@ def test_export_to_a_folder_names_the_file_to_give(tmp_path, capsys):
 def _fake_run_recipe(recipe, out, quiet=False, resume=None):
     """Stands in for a run: a summary whose metrics tell the recipes apart."""
     out.mkdir(parents=True)
-    metrics = {"val/loss": 2.0 if recipe.run.name == "tiny" else 1.5, "note": "text"}
+    metrics = {"val/loss": 2.0 if recipe.run.name == "tiny" else 1.5, "note": "text",
+               "train/stopped_early": recipe.run.name == "tiny"}
     if recipe.run.name != "tiny":
         metrics["test/acc"] = 0.25
     (out / "summary.json").write_text(json.dumps({"metrics": metrics}))
@@ -311,12 +346,14 @@ def test_compare_writes_compare_json_and_one_table(tiny_recipe_path, tmp_path, m
     compare_recipes([str(tiny_recipe_path), str(other)], [], out, quiet=True)
     saved = json.loads((out / "compare.json").read_text())["runs"]
     assert list(saved) == ["tiny", "other"] and saved["other"]["run_dir"] == str(out / "other")
-    assert saved["tiny"]["metrics"] == {"val/loss": 2.0, "note": "text"}
-    lines = capsys.readouterr().out.splitlines()
+    assert saved["tiny"]["metrics"] == {"val/loss": 2.0, "note": "text", "train/stopped_early": True}
+    *lines, blank, written = capsys.readouterr().out.splitlines()
     assert [line.split() for line in lines] == [["metric", "tiny", "other"],
                                                 ["val/loss", "2", "1.5"],
+                                                ["train/stopped_early", "True", "False"],  # was 1 and 0
                                                 ["test/acc", "-", "0.25"]]  # text metrics left out
     assert len({len(line) for line in lines}) == 1  # columns line up
+    assert (blank, written) == ("", f"-> {out / 'compare.json'}")  # where the table went
 
 
 def test_compare_refuses_a_repeated_run_name_or_a_used_folder_before_running(tiny_recipe_path, tmp_path,

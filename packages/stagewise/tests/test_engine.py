@@ -327,3 +327,5 @@ def test_asking_for_cuda_without_cuda_is_a_config_error():
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(ConfigError, match="run.device: 'cuda' was asked for but no CUDA device is available"):
         resolve_device("cuda")
+    with pytest.raises(ConfigError, match=r"^my\.toml: 1 problem:\n  - run\.device"):  # was "recipe: 1 problem"
+        resolve_device("cuda", "my.toml")

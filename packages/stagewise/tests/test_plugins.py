@@ -208,6 +208,30 @@ def test_unknown_name_suggests_the_package_to_install(host, monkeypatch):
     assert "Installed stages: stagewise.evaluate, stagewise.train" in str(info.value)
 
 
+def test_a_plugin_in_this_checkout_is_installed_from_its_folder(host, monkeypatch, tmp_path):
+    # the plugins are not on the package index: from a checkout, the hint names the folder and the pins
+    (tmp_path / "packages" / "stagewise-nosuch").mkdir(parents=True)
+    (tmp_path / "packages" / "stagewise-nosuch" / "pyproject.toml").write_text("")
+    (tmp_path / "constraints.txt").write_text("")
+    monkeypatch.setattr(registry, "CHECKOUT_PACKAGES", tmp_path / "packages")
+    monkeypatch.setitem(registry.KNOWN_PLUGINS, "nosuch", "stagewise-nosuch")
+    with pytest.raises(UnknownNameError) as info:
+        stagewise.get_stage("nosuch.mine")
+    pins, folder = tmp_path / "constraints.txt", tmp_path / "packages" / "stagewise-nosuch"
+    assert f"not installed: pip install -c {pins} -e {folder}. Installed stages:" in str(info.value)
+
+
+def test_an_extra_is_installed_from_the_checkout_or_the_index(monkeypatch, tmp_path):
+    monkeypatch.setattr(registry, "CHECKOUT_PACKAGES", tmp_path / "my checkout" / "packages")
+    assert registry.install_command("stagewise", "plots") == "pip install 'stagewise[plots]'"
+    (tmp_path / "my checkout" / "packages" / "stagewise").mkdir(parents=True)
+    (tmp_path / "my checkout" / "packages" / "stagewise" / "pyproject.toml").write_text("")
+    (tmp_path / "my checkout" / "constraints.txt").write_text("")
+    checkout = tmp_path / "my checkout"
+    assert registry.install_command("stagewise", "plots") == (
+        f"pip install -c '{checkout}/constraints.txt' -e '{checkout}/packages/stagewise[plots]'")
+
+
 def test_a_known_plugin_installed_but_not_loaded_is_not_told_to_install(host, monkeypatch):
     # as when STAGEWISE_DISABLE_PLUGINS leaves it out: its distribution (here: core's own) is installed
     monkeypatch.setitem(registry.KNOWN_PLUGINS, "phantom", "stagewise")
@@ -373,7 +397,7 @@ def test_a_known_plugin_that_is_loaded_gets_no_install_hint(host, monkeypatch):
     host.append(FakeEntryPoint("good", plugin_module("good", stagewise_register_stages=registers_stage("good.s"))))
     with pytest.raises(UnknownNameError) as info:
         stagewise.get_stage("good.t")
-    assert "pip install" not in str(info.value) and "did you mean 'good.s'?" in str(info.value)
+    assert "pip install" not in str(info.value) and "did you mean 'good.s'? Installed stages:" in str(info.value)
 
 
 def test_an_empty_kind_is_listed_as_none(host):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 
 import pytest
 import torch
@@ -13,11 +14,11 @@ from stagewise.engine.checkpoint import FORMAT, load_checkpoint
 from stagewise.engine.runner import run_recipe
 from stagewise.errors import CheckpointError
 from stagewise.plugins import register_plugin, unregister_plugin
-from stagewise.testing import resume_run, run_killed, timeless_records
+from stagewise.testing import resume_run, run_killed, run_uninterrupted, timeless_records
 
 
 @pytest.mark.parametrize("stage, step", [("phase1", 7), ("phase2", 4)])
-def test_resume_after_sigkill_matches_uninterrupted_run(tiny_recipe_path, tiny, tmp_path, stage, step):
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny_recipe_path, tmp_path, stage, step):
     killed = tmp_path / "killed"
     run_killed(tiny_recipe_path, killed, stage, step, ["run.checkpoint_every_n_steps=3"])
     assert not (killed / "summary.json").exists()
@@ -25,7 +26,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_recipe_path, tiny, 
     assert saved["stage_name"] == stage and not saved["stage_done"]  # died mid-stage
 
     resume_run(tiny_recipe_path, killed, ["run.checkpoint_every_n_steps=3"])
-    whole = run_recipe(tiny("run.checkpoint_every_n_steps=3"), out=tmp_path / "whole", quiet=True)
+    whole = tmp_path / "whole"
+    run_uninterrupted(tiny_recipe_path, whole, ["run.checkpoint_every_n_steps=3"])
     assert read_summary(killed)["metrics"] == read_summary(whole)["metrics"]
     assert timeless_records(killed) == timeless_records(whole)
 
@@ -351,3 +353,23 @@ def test_before_stage_fires_again_for_the_stage_resumed_mid_way_with_state_resum
     assert timeless_records(stopped) == timeless_records(whole)  # one stage_start record per stage
     assert [r["stage"] for r in timeless_records(whole) if r["event"] == "mytracker.stage_start"] == \
         ["phase1", "phase2", "test"]
+
+
+class _SlowSteps:
+    """Sleeps after each step of phase1 up to step 6, the checkpoint before the stop."""
+
+    @stagewise.hookimpl
+    def stagewise_after_step(self, state):
+        if state.stage_name == "phase1" and state.step <= 6:
+            time.sleep(0.1)
+
+
+def test_a_resumed_stage_and_epoch_count_the_seconds_they_ran_before_the_stop(tiny, stopped_and_resumed):
+    register_plugin(_SlowSteps(), "slowsteps")
+    try:  # steps 1-6 slept 0.6 s before the checkpoint at step 6; the resumed part does not sleep
+        stopped, _ = stopped_and_resumed(tiny("run.checkpoint_every_n_steps=3"), "phase1", 7)
+    finally:
+        unregister_plugin("slowsteps")
+    assert read_summary(stopped)["stages"]["phase1"]["seconds"] >= 0.6  # was the resumed part's alone
+    epoch_1 = next(r for r in read_records(stopped, "epoch") if r["stage"] == "phase1" and r["epoch"] == 1)
+    assert epoch_1["seconds"] >= 0.1  # its step 6 slept before the checkpoint

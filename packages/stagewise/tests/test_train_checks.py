@@ -271,3 +271,8 @@ def test_run_out_running_into_a_file_is_a_recipe_error(tiny, tmp_path):
     assert info.value.problems == [f"run.out: {tmp_path / 'notes'} is a file, not a folder; set run.out to a "
                                    f"folder (or pass --out)"]
     assert (tmp_path / "notes").read_text() == "kept"
+
+
+def test_a_bad_run_value_names_only_its_own_key(tiny, tmp_path):
+    # was: "checkpoint_every_n_steps and threads must be >= 0 ..., got 0 and -1" for a bad threads alone
+    assert _refused(tiny, tmp_path, "run.threads=-1") == ["run: threads must be >= 0 (0 = torch's default), got -1"]

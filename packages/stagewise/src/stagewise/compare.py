@@ -29,7 +29,7 @@ def compare_recipes(names: list[str], overrides: list[str], out: Path, quiet: bo
         summary = json.loads((run_dir / "summary.json").read_text())
         runs[recipe.run.name] = {"run_dir": str(run_dir), "metrics": summary["metrics"]}
     write_json_atomic(out / "compare.json", {"runs": runs})
-    print(comparison_table(runs))
+    print(f"{comparison_table(runs)}\n\n-> {out / 'compare.json'}")
     return runs
 
 
@@ -43,7 +43,9 @@ def check_comparable(recipes: list[Recipe]) -> None:
             problems.append(f"{other.source}: run.seed {other.run.seed} differs from {first.run.seed} "
                             f"in {first.source}; compare on the same seed (--set run.seed=N sets all)")
         if other.table["data"] != first.table["data"]:
-            problems.append(f"{other.source}: [data] differs from {first.source}; compare on the same data")
+            a, b = first.table["data"], other.table["data"]
+            keys = ", ".join(sorted(k for k in a.keys() | b.keys() if a.get(k, "unset") != b.get(k, "unset")))
+            problems.append(f"{other.source}: [data] differs from {first.source} in {keys}; compare on the same data")
     if problems:
         raise ConfigError(problems, "compare")
 
@@ -56,6 +58,11 @@ def comparison_table(runs: dict[str, Any]) -> str:
     width = max([len(k) for k in keys] + [6]) + 2
     lines = ["metric".ljust(width) + "".join(f"{n:>16}" for n in names)]
     for key in keys:
-        cells = [runs[n]["metrics"].get(key) for n in names]
-        lines.append(key.ljust(width) + "".join(f"{c:>16.6g}" if c is not None else f"{'-':>16}" for c in cells))
+        cells = [_cell(runs[n]["metrics"].get(key)) for n in names]
+        lines.append(key.ljust(width) + "".join(f"{c:>16}" for c in cells))
     return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    """As the run's final table shows it: True/False, not 1/0; '-' for a metric the run lacks."""
+    return "-" if value is None else str(value) if isinstance(value, bool) else f"{value:.6g}"

@@ -1,5 +1,9 @@
 """Exceptions raised by stagewise. The CLI turns each into a one-paragraph message and exit 1."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
 
 class StagewiseError(Exception):
     """Base class: every error stagewise raises on purpose. Users see its message."""
@@ -30,3 +34,13 @@ class CheckpointError(StagewiseError):
 
 class TrainingError(StagewiseError):
     """Training cannot go on, e.g. too many non-finite losses in a row."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run whose directory exists: ``run_dir`` is where ``--resume`` continues it.
+
+    A KeyboardInterrupt still, so code that stops on Ctrl-C keeps stopping."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir

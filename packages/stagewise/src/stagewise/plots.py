@@ -24,7 +24,10 @@ def line_plot(path: Path, series: dict[str, tuple[list[float], list[float]]], *,
     global _hinted
     if not have_matplotlib():
         if not _hinted:
-            print("stagewise: hint: pip install 'stagewise[plots]' to get plots in RUN_DIR/plots/", file=sys.stderr)
+            from stagewise.registry import install_command
+
+            print(f"stagewise: hint: {install_command('stagewise', 'plots')} to get plots in RUN_DIR/plots/",
+                  file=sys.stderr)
             _hinted = True
         return False
     from matplotlib.figure import Figure  # not pyplot: no global figures, no GUI backend
@@ -44,5 +47,6 @@ def line_plot(path: Path, series: dict[str, tuple[list[float], list[float]]], *,
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)  # here, not before: no empty plots/ without matplotlib
     fig.savefig(path)
     return True

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from stagewise import plugins
 from stagewise.errors import ConfigError, StagewiseError, UnknownNameError
+from stagewise.registry import install_command
 from stagewise.schema import NoOptions, as_table, build_dataclass, unknown_key_message
 from stagewise.specs import DataSpec, ModelSpec, StageSpec, default_term_name
 from stagewise.tomlwrite import dumps
@@ -44,12 +45,14 @@ class RunOptions:
                              f"name without '/' or '\\'")
         if self.log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be >= 1, got {self.log_every_n_steps}")
-        if self.checkpoint_every_n_steps < 0 or self.threads < 0:
-            raise ValueError(f"checkpoint_every_n_steps and threads must be >= 0 (0 = epoch ends only / torch's "
-                             f"default), got {self.checkpoint_every_n_steps} and {self.threads}")
+        if self.checkpoint_every_n_steps < 0:
+            raise ValueError(f"checkpoint_every_n_steps must be >= 0 (0 = at epoch ends only), "
+                             f"got {self.checkpoint_every_n_steps}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = torch's default), got {self.threads}")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
-            raise ValueError("tensorboard = true needs TensorBoard, which is not installed; "
-                             "pip install 'stagewise[tensorboard]' or set tensorboard = false")
+            raise ValueError(f"tensorboard = true needs TensorBoard, which is not installed; "
+                             f"{install_command('stagewise', 'tensorboard')} or set tensorboard = false")
         self.out = os.path.expanduser(self.out)  # "~/runs": no shell expands ~ inside a TOML string
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.metadata
+import shlex
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from stagewise.errors import PluginError, UnknownNameError
@@ -102,7 +104,8 @@ class Registry:
         if prefix in KNOWN_PLUGINS and prefix not in installed_prefixes:
             msg += f"; {_missing_plugin_hint(KNOWN_PLUGINS[prefix])}"
         listing = ", ".join(self.names()) or "none"
-        return f"{msg}. Installed {self.kind}: {listing}"
+        end = "" if msg.endswith("?") else "."
+        return f"{msg}{end} Installed {self.kind}: {listing}"
 
 
 def _collision_hint(plugin_a: str, dist_a: str, plugin_b: str, dist_b: str) -> str:
@@ -114,12 +117,29 @@ def _collision_hint(plugin_a: str, dist_a: str, plugin_b: str, dist_b: str) -> s
     return f"disable one with STAGEWISE_DISABLE_PLUGINS={plugin_a} or STAGEWISE_DISABLE_PLUGINS={plugin_b}"
 
 
+# The packages/ folder of the checkout core runs from, when it is installed from one (-e): the
+# packages are not on the package index yet, so a hint names the checkout's folder instead.
+CHECKOUT_PACKAGES = Path(__file__).resolve().parents[3]
+
+
+def install_command(distribution: str, extra: str = "") -> str:
+    """The pip command that installs ``distribution`` (with its ``extra``): from the checkout core
+    runs from when that holds it, else from the package index."""
+    folder = CHECKOUT_PACKAGES / distribution
+    wanted = f"[{extra}]" if extra else ""
+    if not (folder / "pyproject.toml").is_file():
+        return f"pip install {shlex.quote(distribution + wanted)}"
+    pins = CHECKOUT_PACKAGES.parent / "constraints.txt"
+    pinned = f"-c {shlex.quote(str(pins))} " if pins.is_file() else ""
+    return f"pip install {pinned}-e {shlex.quote(str(folder) + wanted)}"
+
+
 def _missing_plugin_hint(distribution: str) -> str:
     """Why a known plugin's names are missing: not installed, or installed but not loaded."""
     try:
         importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError:
-        return f"it is provided by a plugin that is not installed: pip install {distribution}"
+        return f"it is provided by a plugin that is not installed: {install_command(distribution)}"
     return (f"it is provided by {distribution}, which is installed but was not loaded: left out by "
             f"STAGEWISE_DISABLE_PLUGINS or STAGEWISE_LOAD_PLUGINS, or it failed to load "
             f"(see stagewise plugins)")

@@ -3,7 +3,8 @@
 ``run_killed`` runs ``stagewise run`` in a child process that kills itself with SIGKILL at a
 chosen point, the way a crash or an out-of-memory kill would end it (no ``finally``, no atexit);
 ``resume_run`` continues that run in its folder with ``--resume``. Compare the result with an
-uninterrupted run of the same recipe: ``summary.json`` equal, and ``timeless_records`` equal.
+uninterrupted run of the same recipe (``run_uninterrupted``): ``summary.json`` equal, and
+``timeless_records`` equal.
 """
 
 from __future__ import annotations
@@ -72,13 +73,23 @@ def run_killed(recipe: str | Path, out: str | Path, stage: str, step: int = 0,
                              f"{child.stderr}")
 
 
+def run_uninterrupted(recipe: str | Path, out: str | Path, overrides: Sequence[str] = (), processes: int = 1) -> None:
+    """``stagewise run RECIPE --out OUT`` in a child process, the run to compare a resumed one
+    with; AssertionError with its stderr when it fails."""
+    _check(subprocess.run([*_python(processes), "-m", "stagewise", "run", str(recipe), "--out", str(out), "--quiet",
+                           *_sets(overrides)], capture_output=True, text=True), f"running {recipe} into {out}")
+
+
 def resume_run(recipe: str | Path, run_dir: str | Path, overrides: Sequence[str] = (), processes: int = 1) -> None:
     """``stagewise run RECIPE --resume RUN_DIR`` in a child process (under torchrun with
     ``processes`` > 1); AssertionError with its stderr when it fails."""
-    child = subprocess.run([*_python(processes), "-m", "stagewise", "run", str(recipe), "--resume", str(run_dir),
-                            "--quiet", *_sets(overrides)], capture_output=True, text=True)
+    _check(subprocess.run([*_python(processes), "-m", "stagewise", "run", str(recipe), "--resume", str(run_dir),
+                           "--quiet", *_sets(overrides)], capture_output=True, text=True), f"resuming {run_dir}")
+
+
+def _check(child: subprocess.CompletedProcess, what: str) -> None:
     if child.returncode != 0:
-        raise AssertionError(f"resuming {run_dir} exited with {child.returncode}:\n{child.stderr}")
+        raise AssertionError(f"{what} exited with {child.returncode}:\n{child.stderr}")
 
 
 def timeless_records(run_dir: str | Path) -> list[dict[str, Any]]:

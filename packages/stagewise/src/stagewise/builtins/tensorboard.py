@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from stagewise.errors import ConfigError
 from stagewise.hookspecs import hookimpl
+from stagewise.registry import install_command
 
 _writers: dict[int, object] = {}
 
@@ -20,8 +21,8 @@ def _writer(state):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
-            raise ConfigError(["run.tensorboard: TensorBoard is not installed; "
-                               "pip install 'stagewise[tensorboard]' or set tensorboard = false"]) from exc
+            raise ConfigError([f"run.tensorboard: TensorBoard is not installed; "
+                               f"{install_command('stagewise', 'tensorboard')} or set tensorboard = false"]) from exc
         _writers[key] = SummaryWriter(str(state.run_dir.path / "tensorboard"))
     return _writers[key]
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
 from stagewise import plugins
+from stagewise.errors import RunInterrupted
 from stagewise.registry import KINDS
 
 
@@ -51,8 +54,9 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a recipe key, e.g. stages.phase1.max_epochs=3 (repeatable)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars, per-epoch lines or final table "
-                   "(run prints only the run directory; warnings still go to stderr)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, per-epoch lines or per-run tables "
+                   "(run prints only the run directory, compare only its comparison table; warnings still go "
+                   "to stderr)")
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -87,7 +91,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from stagewise.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    path = run_recipe(recipe, out=args.out, resume=args.resume, quiet=args.quiet)
+    try:
+        path = run_recipe(recipe, out=args.out, resume=args.resume, quiet=args.quiet)
+    except RunInterrupted as exc:
+        again = ["stagewise", "run", args.recipe, "--resume", str(exc.run_dir)]
+        again += [arg for override in args.overrides for arg in ("--set", override)]
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted: say it once
+            print(f"stagewise: interrupted; continue with: {shlex.join(again)}", file=sys.stderr)
+        return 130
     if args.quiet and os.environ.get("RANK", "0") == "0":  # the final table is left out: say where the run went
         print(path)
     return 0

@@ -59,11 +59,13 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, source: str = "recipe") -> torch.device:
+    """The torch device for ``run.device``; ConfigError naming the recipe ``source`` without CUDA."""
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         from stagewise.errors import ConfigError
 
-        raise ConfigError(["run.device: 'cuda' was asked for but no CUDA device is available; use 'auto' or 'cpu'"])
+        raise ConfigError(["run.device: 'cuda' was asked for but no CUDA device is available; use 'auto' or 'cpu'"],
+                          source)
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

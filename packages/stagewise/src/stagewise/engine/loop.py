@@ -75,6 +75,7 @@ class TrainLoop:
         self.pos = Position()
         self.best_state: dict[str, torch.Tensor] | None = None
         self.rng: dict[str, Any] | None = None  # a resumed stage's saved RNG state, until it is set
+        self.epoch_started = 0.0  # perf_counter() at the epoch's start, moved back on a mid-epoch resume
         if state.resume is not None:
             self._restore(state.resume)
 
@@ -87,9 +88,9 @@ class TrainLoop:
             if self.pos.batch == 0:
                 self._resume_rng()  # resumed at an epoch's start: its hooks and batches draw from here
                 state.fire(Event.BEFORE_EPOCH)
-            started = time.perf_counter()
+                self.epoch_started = time.perf_counter()
             self._train_epoch()
-            self._end_epoch(time.perf_counter() - started)
+            self._end_epoch(time.perf_counter() - self.epoch_started)
         if o.restore_best and self.best_state is not None:
             self._load_model_state(self.best_state)
         state.epochs_run = self.pos.epoch
@@ -325,6 +326,7 @@ class TrainLoop:
             "fallbacks": dict(self.weights.fallbacks),
             "warnings": dict(self.state.warnings.counts),  # this epoch's so far, flushed at its end
             "step": self.state.step,
+            "epoch_seconds": time.perf_counter() - self.epoch_started,
         }
         self.state.save_checkpoint(done=False, extra=extra)
 
@@ -340,6 +342,7 @@ class TrainLoop:
         self.weights.fallbacks.update(saved["fallbacks"])
         self.state.warnings.counts = Counter(saved.get("warnings", {}))  # older checkpoints lack them
         self.state.step = saved["step"]
+        self.epoch_started = time.perf_counter() - saved.get("epoch_seconds", 0.0)  # older checkpoints lack it
         self.rng = saved["rng"]
 
     def _resume_rng(self) -> None:

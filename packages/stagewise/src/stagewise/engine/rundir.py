@@ -76,7 +76,7 @@ class RunDir:
         write_json_atomic(self.path / "summary.json", summary)
 
     def plot_path(self, name: str) -> Path:
-        (self.path / "plots").mkdir(exist_ok=True)
+        """Where a plot goes; ``line_plot`` makes the folder when it draws one."""
         return self.path / "plots" / name
 
 

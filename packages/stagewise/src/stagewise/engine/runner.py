@@ -20,7 +20,7 @@ from stagewise.engine.checkpoint import RESUME_KEYS, load_checkpoint, seed_every
 from stagewise.engine.guards import RateLimitedWarnings
 from stagewise.engine.rundir import RunDir, environment, unused_folder
 from stagewise.engine.state import State, check_event_hooks
-from stagewise.errors import CheckpointError, ConfigError, StagewiseError, TrainingError
+from stagewise.errors import CheckpointError, ConfigError, RunInterrupted, StagewiseError, TrainingError
 from stagewise.events import Event
 from stagewise.recipe import Recipe
 from stagewise.schema import build_dataclass
@@ -33,7 +33,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, resume: str | Path
     own folder, so it excludes ``out``."""
     if out is not None and resume is not None:
         raise ValueError(f"run_recipe: give out or resume, not both (a resumed run goes on in {resume})")
-    device = distributed.resolve_device(recipe.run.device)
+    device = distributed.resolve_device(recipe.run.device, recipe.source)
     info = distributed.setup(device)
     try:
         return _run(recipe, device, info, out, resume, quiet)
@@ -70,6 +70,8 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
         first = saved["stage_index"] + (1 if saved["stage_done"] else 0)
         state.print(f"resuming {path} at stage {first + 1}/{len(recipe.stages)}" if first < len(recipe.stages)
                     else f"{path} has finished all {len(recipe.stages)} stages: nothing to resume")
+    elif resume is not None:
+        state.print(f"{path} has no checkpoint yet: running it again from the start")
     try:
         state.fire(Event.BEFORE_RUN)
         for index in range(first, len(recipe.stages)):
@@ -81,6 +83,8 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
         if run_dir is not None:
             run_dir.write_summary(summary)
             state.print(final_table(summary, path))
+    except KeyboardInterrupt:
+        raise RunInterrupted(path) from None
     finally:
         if run_dir is not None:
             run_dir.close()
@@ -102,7 +106,7 @@ def run_stage(state: State, index: int, spec: StageSpec, saved: dict[str, Any] |
             grow_model(state, spec.grow)
     stage = spec.component()(spec.options, label=spec.name)
     state.fire(Event.BEFORE_STAGE, stage=stage)
-    started = time.perf_counter()
+    state.stage_started = time.perf_counter() - (saved.get("stage_seconds", 0.0) if saved is not None else 0.0)
     try:
         metrics = stage.run(state)
     except RuntimeError as exc:
@@ -112,7 +116,7 @@ def run_stage(state: State, index: int, spec: StageSpec, saved: dict[str, Any] |
         raise TrainingError(f"stage '{spec.name}' ({spec.use}) asked for {gib:.3g} GiB at once, more memory than "
                             f"this machine has; lower its sizes (the run directory keeps the stages before it)"
                             ) from None
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - state.stage_started
     state.resume = None
     state.stage_results[spec.name] = {"metrics": metrics, "epochs": state.epochs_run, "seconds": seconds}
     state.metrics.update(metrics)

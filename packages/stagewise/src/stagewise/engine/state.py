@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,7 @@ class State:
     target_model: torch.nn.Module | None = None  # EMA copy of the model, when a stage asks for one
     terms: dict[str, Any] = field(default_factory=dict)  # the training stage's loss terms, by name
     resume: dict[str, Any] | None = None  # the checkpoint a resumed stage continues from
+    stage_started: float = 0.0  # perf_counter() at the stage's start, as if a resumed stage had never stopped
     metrics: dict[str, Any] = field(default_factory=dict)  # final metrics so far, all stages
     stage_results: dict[str, Any] = field(default_factory=dict)  # summary.json "stages"
 
@@ -116,6 +118,7 @@ class State:
             "stage_results": self.stage_results,
             "rng": rng_state(),
             "metrics_lines": self.run_dir.lines if self.run_dir is not None else 0,
+            "stage_seconds": time.perf_counter() - self.stage_started,  # a resumed stage's seconds go on from here
             **extra,
         }
 
