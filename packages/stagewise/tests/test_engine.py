@@ -11,8 +11,9 @@ import torch
 from conftest import read_records, read_summary
 
 import stagewise
+from stagewise.data import DataSplits, Vocabulary
 from stagewise.engine.checkpoint import load_checkpoint
-from stagewise.engine.runner import run_recipe
+from stagewise.engine.runner import _data_files, run_recipe
 from stagewise.verify import compare
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny.json"
@@ -42,7 +43,11 @@ def test_golden_record(tiny, tmp_path):
 def test_run_directory_layout(tiny, tmp_path):
     run_dir = run_recipe(tiny(), out=tmp_path / "run", quiet=True)
     names = sorted(p.name for p in run_dir.iterdir() if p.name != "plots")  # plots need matplotlib
-    assert names == ["checkpoints", "env.json", "metrics.jsonl", "recipe.toml", "summary.json"]
+    assert names == ["checkpoints", "env.json", "metrics.jsonl", "recipe.toml", "summary.json", "vocab.txt"]
+    vocab = Vocabulary.from_file(run_dir / "vocab.txt")  # a text run keeps what decodes its model's ids
+    recipe = tiny()
+    assert vocab.itos == recipe.data.component().from_recipe(recipe.data.options, seed=0).info["vocab"].itos
+    assert _data_files(DataSplits({})) == {}  # data without a vocabulary (CSV, arrays) adds no file
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == \
         ["last.pt", "phase1.pt", "phase2.pt", "test.pt"]
     summary = read_summary(run_dir)

@@ -21,6 +21,13 @@ def test_vocabulary_order_ties_and_specials():
         Vocabulary.build("b a".split(), max_size=1)  # a negative slice would keep words, not drop them
 
 
+def test_a_vocabulary_saved_as_text_reads_back_with_the_same_ids(tmp_path):
+    vocab = Vocabulary.build(tokenize("Été ¿qué?\tnaïve\u00a0word 東京 <b>\n", lowercase=False))
+    (tmp_path / "vocab.txt").write_text(vocab.to_text(), encoding="utf-8")
+    assert Vocabulary.from_file(tmp_path / "vocab.txt").itos == vocab.itos
+    assert vocab.to_text().splitlines() == vocab.itos  # line i holds id i
+
+
 def test_tokenize_is_wikitext_style():
     assert tokenize(" The cat\n\n  sat .\r\n", lowercase=True) == ["the", "cat", "<eos>", "sat", ".", "<eos>"]
     assert tokenize("The", lowercase=False) == ["The", "<eos>"]

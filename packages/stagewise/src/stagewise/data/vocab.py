@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 
 UNK, EOS = "<unk>", "<eos>"
 SPECIALS = (UNK, EOS)
@@ -49,3 +50,12 @@ class Vocabulary:
     def decode(self, ids: Iterable[int]) -> str:
         """The tokens of ``ids`` joined by single spaces."""
         return " ".join(self.itos[i] for i in ids)
+
+    def to_text(self) -> str:
+        """One token per line, line i (from 0) holding id i: a run directory's ``vocab.txt``."""
+        return "".join(f"{token}\n" for token in self.itos)  # tokens hold no whitespace
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Vocabulary:
+        """The vocabulary a run saved as ``RUN_DIR/vocab.txt``, to decode its model's ids."""
+        return cls(Path(path).read_text(encoding="utf-8").splitlines())

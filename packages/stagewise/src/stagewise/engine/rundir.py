@@ -34,12 +34,16 @@ class RunDir:
         self.lines = 0  # records in metrics.jsonl, saved in checkpoints to cut on resume
 
     @classmethod
-    def create(cls, path: Path, recipe_toml: str, env: dict[str, Any]) -> RunDir:
+    def create(cls, path: Path, recipe_toml: str, env: dict[str, Any],
+               files: dict[str, str] | None = None) -> RunDir:
+        """A new run directory holding the recipe, the environment and ``files`` (name -> text)."""
         path = empty_folder(path, f"pass --resume {path} to continue that run, or --out with a new folder")
         run = cls(path)
         run.checkpoints.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path / "recipe.toml", recipe_toml)
         write_json_atomic(path / "env.json", env)
+        for name, text in (files or {}).items():
+            write_text_atomic(path / name, text)
         (path / "metrics.jsonl").write_text("")
         return run
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from stagewise.data.vocab import Vocabulary
 from stagewise.engine import distributed
 from stagewise.engine.checkpoint import RESUME_KEYS, load_checkpoint, seed_everything, set_rng_state
 from stagewise.engine.guards import RateLimitedWarnings
@@ -57,7 +58,7 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
     path = Path(resume) if resume is not None else Path(out) if out is not None else _default_folder(recipe)
     run_dir = None
     if info.rank == 0:
-        run_dir = (RunDir.create(path, recipe.to_toml(), environment()) if resume is None
+        run_dir = (RunDir.create(path, recipe.to_toml(), environment(), _data_files(data)) if resume is None
                    else RunDir.reopen(path, saved["metrics_lines"] if saved is not None else 0))
     state = State(recipe=recipe, model=model, model_options=model_options, data=data, device=device,
                   dist=info, warnings=RateLimitedWarnings(silent=info.rank != 0), run_dir=run_dir,
@@ -187,6 +188,13 @@ def _model_options(recipe: Recipe, saved: dict[str, Any] | None) -> Any:
     if problems:
         raise CheckpointError(f"the checkpoint's model options no longer validate: {problems}")
     return options
+
+
+def _data_files(data: Any) -> dict[str, str]:
+    """Files the run directory keeps beside the model so that it can be used: a text corpus's
+    vocabulary (``vocab.txt``), without which a language model's ids cannot be read."""
+    vocab = data.info.get("vocab")
+    return {"vocab.txt": vocab.to_text()} if isinstance(vocab, Vocabulary) else {}
 
 
 def _load_resume(path: Path, recipe: Recipe) -> dict[str, Any] | None:
