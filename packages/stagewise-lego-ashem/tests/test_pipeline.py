@@ -217,3 +217,24 @@ def test_curve_points_above_the_calibration_quantiles_are_refused(tiny):
     # documented "at most 21"; 22 and 100 were accepted, 10**12 hung the test stage
     with pytest.raises(ConfigError, match="curve_points"):
         tiny("stages.test.curve_points=22")
+
+
+def test_a_finished_run_generates_text_as_the_readme_shows(tiny, tmp_path):
+    import stagewise
+    from stagewise.data import Vocabulary
+    from stagewise_lego_ashem.model import DeepSupervisionTransformer
+    from stagewise_lego_ashem.routed import generate_routed
+    from stagewise_lego_ashem.router import Confidence, ConfidenceOptions
+
+    run = run_recipe(tiny(), out=tmp_path / "run", quiet=True)
+    model = stagewise.load_model(run)  # the README's snippet, step by step
+    vocab = Vocabulary.from_file(run / "vocab.txt")
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")
+    router_state = saved["artifacts"]["lego_ashem.router"]
+    router = Confidence(ConfidenceOptions(measure=router_state["measure"]))
+    out = generate_routed(model, torch.tensor([vocab.encode("the old man said".split())]), 5, router,
+                          router_state["threshold"])
+    assert isinstance(model, DeepSupervisionTransformer) and not model.training
+    assert (len(model.layers), model.exit_layer) == (saved["model_options"]["n_layer"], 2)  # grown, exit kept
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved["model"].items())
+    assert len(vocab.decode(out["tokens"][0].tolist()).split()) == 4 + 5

@@ -59,6 +59,24 @@ split = "test"
 """
 
 
+# A classifier on a CSV file c.csv beside the recipe (columns x..., y).
+CLASSES = """
+[data]
+use = "stagewise.csv"
+path = "c.csv"
+target = ["y"]
+splits = { train = 0.5, valid = 0.5 }
+
+[model]
+use = "stagewise.mlp"
+hidden = [4]
+
+[[stages]]
+name = "s"
+max_epochs = 1
+"""
+
+
 @pytest.fixture
 def tiny_recipe_path(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.toml"

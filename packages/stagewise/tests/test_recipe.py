@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+from conftest import CLASSES
 
 from stagewise.errors import ConfigError
 from stagewise.recipe import load_recipe, recipe_from_table
@@ -269,23 +270,6 @@ def test_a_number_for_a_string_key_says_to_quote_it(tiny):
     assert info.value.problems == ["run.name: expected str, got int 2024; quote it: \"2024\" "
                                    "(with --set: --set 'run.name=\"2024\"')"]
     assert tiny('run.name="2024"').run.name == "2024"
-
-
-CLASSES = """
-[data]
-use = "stagewise.csv"
-path = "c.csv"
-target = ["y"]
-splits = { train = 0.5, valid = 0.5 }
-
-[model]
-use = "stagewise.mlp"
-hidden = [4]
-
-[[stages]]
-name = "s"
-max_epochs = 1
-"""
 
 
 def test_model_n_outputs_below_the_labels_is_a_model_error(tmp_path):

@@ -29,7 +29,7 @@ __all__ = [
     "Router", "RouterSpec", "Routing", "Stage", "StagewiseError", "State", "TrainStage", "TrainingError",
     "UnknownNameError", "__version__", "forward_batch", "get_dataset", "get_datasets", "get_loss", "get_losses",
     "get_model", "get_models", "get_recipe", "get_recipes", "get_router", "get_routers",
-    "get_stage", "get_stages", "hookimpl", "load_recipe", "run_recipe",
+    "get_stage", "get_stages", "hookimpl", "load_model", "load_recipe", "run_recipe",
 ]
 
 # name -> module that defines it; imported on first attribute access (PEP 562)
@@ -43,6 +43,7 @@ _LAZY = {
     "State": "stagewise.engine.state",
     "DataSplits": "stagewise.data.splits",
     "load_recipe": "stagewise.recipe",
+    "load_model": "stagewise.load",
     "LossSpec": "stagewise.specs",
     "RouterSpec": "stagewise.specs",
     "forward_batch": "stagewise.engine.objective",

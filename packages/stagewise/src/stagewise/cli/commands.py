@@ -125,10 +125,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from stagewise.export import export_npz
+    from stagewise.load import checkpoint_of
 
-    source = args.source
-    checkpoint = source / "checkpoints" / "last.pt" if source.is_dir() else source
-    counts: dict[str, Any] = export_npz(checkpoint, args.out)
+    counts: dict[str, Any] = export_npz(checkpoint_of(args.source), args.out)
     print(f"wrote {args.out}: {counts['arrays']} arrays, {counts['parameters']} values")
     return 0
 

@@ -104,6 +104,7 @@ class State:
 
     def checkpoint_payload(self, done: bool, extra: dict[str, Any]) -> dict[str, Any]:
         from stagewise.engine.checkpoint import rng_state
+        from stagewise.load import plain_info
         from stagewise.schema import as_table
 
         return {
@@ -113,6 +114,7 @@ class State:
             "stage_done": done,
             "model": self.model.state_dict(),
             "model_options": as_table(self.model_options),
+            "data_info": plain_info(self.data.info),  # what the model was built from: load_model builds it again
             "artifacts": self.artifacts,
             "metrics": self.metrics,
             "stage_results": self.stage_results,
