@@ -94,16 +94,21 @@ class FakeWriter:
 def _tensorboard_state(tmp_path, log_every=1):
     from types import SimpleNamespace
 
+    from stagewise.engine.rundir import RunDir
+
     run = SimpleNamespace(tensorboard=True, log_every_n_steps=log_every)
-    return SimpleNamespace(recipe=SimpleNamespace(run=run), run_dir=SimpleNamespace(path=tmp_path),
+    return SimpleNamespace(recipe=SimpleNamespace(run=run), run_dir=RunDir(tmp_path),
                            stage_name="phase1", step=0, epoch=0)
 
 
 def test_tensorboard_logs_every_nth_step_and_numeric_epoch_metrics(tmp_path, monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
     from stagewise.builtins import tensorboard
 
     state, writer = _tensorboard_state(tmp_path, log_every=2), FakeWriter()
-    monkeypatch.setitem(tensorboard._writers, id(state), writer)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", SimpleNamespace(SummaryWriter=lambda folder: writer))
     for step in (1, 2, 3, 4):
         state.step = step
         tensorboard.stagewise_after_step(state, loss=float(step))
@@ -111,8 +116,29 @@ def test_tensorboard_logs_every_nth_step_and_numeric_epoch_metrics(tmp_path, mon
     tensorboard.stagewise_after_epoch(state, {"val/loss": 0.5, "stopped": True, "note": "x", "n": 3})
     assert writer.scalars == [("phase1/train/loss_step", 2.0, 2), ("phase1/train/loss_step", 4.0, 4),
                               ("phase1/val/loss", 0.5, 1), ("phase1/n", 3, 1)]  # no booleans, no text
-    tensorboard.stagewise_after_run(state)
+    state.run_dir.close()  # as the engine does when the run ends, finished or failed
     assert writer.closed and id(state) not in tensorboard._writers  # a later run with this id gets a new writer
+
+
+def test_a_failed_run_closes_its_tensorboard_writer(tiny, tmp_path):
+    pytest.importorskip("tensorboard")
+    import stagewise
+    from stagewise.builtins import tensorboard
+    from stagewise.plugins import register_plugin, unregister_plugin
+
+    class Fails:
+        @stagewise.hookimpl
+        def stagewise_after_step(self, state):
+            if state.step == 2:
+                raise RuntimeError("boom")
+
+    register_plugin(Fails(), "fails")
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            run_recipe(tiny("run.tensorboard=true"), out=tmp_path / "run", quiet=True)
+    finally:
+        unregister_plugin("fails")
+    assert tensorboard._writers == {}  # was left open: a later state with the same id wrote to this run's folder
 
 
 def test_tensorboard_missing_fails_before_the_first_step(tmp_path, monkeypatch):

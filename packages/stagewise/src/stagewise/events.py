@@ -13,10 +13,11 @@ The loop, with each event where it fires::
                     outputs = forward(model, batch); loss = sum_i w_i(t) * L_i(outputs)
                     backward, clip, optimizer.step(), scheduler.step()
                     AFTER_STEP
-                evaluate on the validation split, early stopping, checkpoint
+                evaluate on the validation split, early stopping
                 AFTER_EPOCH
-        checkpoint the stage
+                checkpoint
         AFTER_STAGE
+        checkpoint the stage
     AFTER_RUN
 
 - ``BEFORE_RUN`` / ``AFTER_RUN``: once per run (``stagewise_before_run(state)``).

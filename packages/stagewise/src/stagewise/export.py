@@ -17,6 +17,7 @@ from stagewise.engine.rundir import file_in_the_way
 from stagewise.errors import CheckpointError
 
 EXPORT_KEYS = ("model", "recipe", "model_options", "stage_name")
+FORMAT = "stagewise-npz-1"  # __meta__["format"]: marks a file export_npz wrote
 
 
 def export_npz(checkpoint: Path, out: Path) -> dict[str, int]:
@@ -38,7 +39,7 @@ def export_npz(checkpoint: Path, out: Path) -> dict[str, int]:
     if "__meta__" in arrays:
         raise CheckpointError(f"{checkpoint}: a parameter is named '__meta__', which the format reserves")
     meta = {"model": saved["recipe"]["model"].get("use"), "model_options": saved["model_options"],
-            "stage": saved["stage_name"], "format": "stagewise-npz-1"}
+            "stage": saved["stage_name"], "format": FORMAT}
     counts = {"arrays": len(arrays), "parameters": int(sum(a.size for a in arrays.values()))}
     arrays["__meta__"] = np.array(json.dumps(meta))
     atomic_write_bytes(out, lambda f: np.savez(f, **arrays))
@@ -49,7 +50,7 @@ def _is_export(path: Path) -> bool:
     """Whether ``path`` is a file :func:`export_npz` wrote (which a new export may replace)."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            return json.loads(str(data["__meta__"])).get("format") == "stagewise-npz-1"
+            return json.loads(str(data["__meta__"])).get("format") == FORMAT
     except Exception:  # not an npz, no __meta__, not JSON: not an export
         return False
 

@@ -27,7 +27,9 @@ if TYPE_CHECKING:
     import argparse
 
 ENTRY_POINT_GROUP = "stagewise"
-DEFAULT_PLUGINS = ("stagewise.builtins.plugin", "stagewise.builtins.curves", "stagewise.builtins.tensorboard")
+# core's built-in plugins, by plugin name, registered after the entry points
+DEFAULT_PLUGINS = {"stagewise": "stagewise.builtins.plugin", "stagewise.curves": "stagewise.builtins.curves",
+                   "stagewise.tensorboard": "stagewise.builtins.tensorboard"}
 
 
 @dataclass
@@ -92,8 +94,7 @@ def load_plugins() -> None:
             continue
         register_plugin(module, ep.name, dist, version)
     version = sys.modules["stagewise"].__version__
-    for module_name in DEFAULT_PLUGINS:
-        name = "stagewise" if module_name == DEFAULT_PLUGINS[0] else f"stagewise.{module_name.rsplit('.', 1)[1]}"
+    for name, module_name in DEFAULT_PLUGINS.items():
         register_plugin(importlib.import_module(module_name), name, CORE_DISTRIBUTION, version)
 
 
@@ -154,8 +155,7 @@ def _run_register_hooks(module: object, info: PluginInfo) -> None:
             trace(hook.name, [impl])
 
             def register(obj: Any, name: str | None = None, _kind: str = kind) -> None:
-                _host.registries[_kind].add(obj, name, info.name, info.distribution)
-                info.registered[_kind].append(name if name is not None else obj.name)
+                info.registered[_kind].append(_host.registries[_kind].add(obj, name, info.name, info.distribution))
 
             impl.function(**({"register": register} if "register" in impl.argnames else {}))
 

@@ -144,7 +144,7 @@ def recipe_from_table(raw: dict[str, Any], source: str, overrides: list[str]) ->
     run = build_dataclass(RunOptions, raw.get("run", {}), "run", problems)
     data = DataSpec.from_table(raw.get("data", {}), "data", problems)
     model = ModelSpec.from_table(raw.get("model"), "model", problems) if "model" in raw else None
-    if model is None and "model" not in raw:
+    if "model" not in raw:
         problems.append("model: required table is missing (e.g. [model] use = \"stagewise.transformer\")")
     stages = _stages(raw.get("stages"), problems)
     if model is not None:
@@ -169,7 +169,7 @@ def _stages(raw: Any, problems: list[str]) -> list[StageSpec]:
     for key, values in (("name", names), ("checkpoint", checkpoints)):
         for value in sorted({v for v in values if values.count(v) > 1}):
             problems.append(f"stages: the {key} {value!r} is used by more than one stage; {key}s must be unique")
-    return [s for s in stages if s is not None]
+    return named
 
 
 def _check_grow(stages: list[StageSpec], model: ModelSpec, problems: list[str]) -> None:

@@ -62,7 +62,8 @@ class Registry:
         self.kind = kind
         self.entries: dict[str, Entry] = {}
 
-    def add(self, obj: Any, name: str | None, plugin: str, distribution: str) -> None:
+    def add(self, obj: Any, name: str | None, plugin: str, distribution: str) -> str:
+        """Register ``obj`` as ``name`` (default: ``obj.name``); returns the name it got."""
         name = name if name is not None else getattr(obj, "name", None)
         if not isinstance(name, str) or "." not in name.strip("."):
             # a ValueError, not a PluginError: this plugin alone is broken, and is skipped like one
@@ -77,6 +78,7 @@ class Registry:
             )
         lazy = self.kind != "recipes" and isinstance(obj, str) and ":" in obj
         self.entries[name] = Entry(name, obj, plugin, distribution, lazy)
+        return name
 
     def remove_plugin(self, plugin: str) -> None:
         for name in [n for n, e in self.entries.items() if e.plugin == plugin]:

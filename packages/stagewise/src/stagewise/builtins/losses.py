@@ -126,10 +126,13 @@ class MSE(_OutputLoss):
         return super().check_example(example)
 
     def forward(self, outputs, batch, state):
-        pred = prediction(outputs, self.options)
-        return F.mse_loss(pred, batch[self.options.target].to(pred.dtype).reshape(pred.shape))
+        return F.mse_loss(*self._pair(outputs, batch))
 
     def eval_sums(self, outputs, batch, state):
-        pred = prediction(outputs, self.options)
-        target = batch[self.options.target].to(pred.dtype).reshape(pred.shape)
+        pred, target = self._pair(outputs, batch)
         return {"loss": (float(((pred - target) ** 2).sum()), float(pred.numel()))}
+
+    def _pair(self, outputs, batch):
+        """The prediction and the target, cast and shaped like it."""
+        pred = prediction(outputs, self.options)
+        return pred, batch[self.options.target].to(pred.dtype).reshape(pred.shape)

@@ -1,7 +1,8 @@
 """Built-in event plugin: TensorBoard scalars when ``[run] tensorboard = true``.
 
 Runs on ``Event.AFTER_STEP`` (logged steps) and ``Event.AFTER_EPOCH``; writes to
-``RUN_DIR/tensorboard/``. Needs ``pip install stagewise[tensorboard]``.
+``RUN_DIR/tensorboard/``, with a writer the run directory closes when the run ends. Needs
+``pip install stagewise[tensorboard]``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from stagewise.errors import ConfigError
 from stagewise.hookspecs import hookimpl
 from stagewise.registry import install_command
 
+# the open writer of each running run, by id(state); the run directory closes it when the run
+# ends, finished or failed, so a later state with a reused id never finds a stale writer
 _writers: dict[int, object] = {}
 
 
@@ -24,6 +27,7 @@ def _writer(state):
             raise ConfigError([f"run.tensorboard: TensorBoard is not installed; "
                                f"{install_command('stagewise', 'tensorboard')} or set tensorboard = false"]) from exc
         _writers[key] = SummaryWriter(str(state.run_dir.path / "tensorboard"))
+        state.run_dir.on_close(lambda: _writers.pop(key).close())
     return _writers[key]
 
 
@@ -47,9 +51,3 @@ def stagewise_after_epoch(state, metrics):
             if isinstance(value, int | float) and not isinstance(value, bool):
                 writer.add_scalar(f"{state.stage_name}/{key}", value, state.epoch)
 
-
-@hookimpl
-def stagewise_after_run(state):
-    writer = _writers.pop(id(state), None)
-    if writer is not None:
-        writer.close()

@@ -35,9 +35,20 @@ def batch_indices(n: int, batch_size: int, *, order: list[int] | None = None,
     """
     order = order if order is not None else list(range(n))
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    if batches and len(batches[-1]) < (batch_size if drop_last else world if every_rank else 1):
+    if batches and len(batches[-1]) < _smallest_last_batch(batch_size, drop_last, world, every_rank):
         batches.pop()
     return [b[rank::world] for b in batches if b[rank::world]]
+
+
+def _smallest_last_batch(batch_size: int, drop_last: bool, world: int, every_rank: bool) -> int:
+    """The fewest examples a last, short global batch must hold to be kept; :func:`batch_indices`
+    and :func:`count_batches` share it, so a stage's step count always matches its batches."""
+    return batch_size if drop_last else world if every_rank else 1
+
+
+def _batch_size(state: State, train: bool) -> int:
+    spec = state.recipe.data
+    return spec.batch_size if train else (spec.eval_batch_size or spec.batch_size)
 
 
 def dataset_of(state: State, source: str | Dataset, indices: list[int] | None = None) -> Dataset:
@@ -50,7 +61,7 @@ def iterate_batches(state: State, source: str | Dataset, *, train: bool, epoch: 
                     indices: list[int] | None = None, shard: bool = True) -> Iterator[dict[str, Any]]:
     spec = state.recipe.data
     dataset = dataset_of(state, source, indices)
-    size = spec.batch_size if train else (spec.eval_batch_size or spec.batch_size)
+    size = _batch_size(state, train)
     order = epoch_order(len(dataset), state.seed, state.stage_index, epoch) if train and spec.shuffle else None
     rank, world = (state.dist.rank, state.dist.world_size) if shard else (0, 1)
     index_lists = batch_indices(len(dataset), size, order=order, drop_last=train and spec.drop_last,
@@ -62,11 +73,10 @@ def iterate_batches(state: State, source: str | Dataset, *, train: bool, epoch: 
 
 
 def count_batches(state: State, source: str | Dataset, *, train: bool, indices: list[int] | None = None) -> int:
-    spec = state.recipe.data
-    size = spec.batch_size if train else (spec.eval_batch_size or spec.batch_size)
+    size = _batch_size(state, train)
     n = len(dataset_of(state, source, indices))
     full, rest = divmod(n, size)
-    smallest = (size if spec.drop_last else state.dist.world_size) if train else 1
+    smallest = _smallest_last_batch(size, train and state.recipe.data.drop_last, state.dist.world_size, train)
     return full + (1 if rest >= smallest else 0)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import Counter
 
@@ -45,7 +46,7 @@ class NonFiniteGuard:
 
     def check(self, value: float, where: str) -> bool:
         """True when the loss is finite (train on it); False to skip the batch."""
-        if value == value and abs(value) != float("inf"):
+        if math.isfinite(value):
             self.in_a_row = 0
             return True
         self.in_a_row += 1

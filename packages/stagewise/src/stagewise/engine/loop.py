@@ -66,7 +66,8 @@ class TrainLoop:
         self.clip_groups = [group for group in groups if group]
         self.optimizer = build_optimizer([p for group in groups for p in group], self.o)
         self.steps_per_epoch = stage.steps_per_epoch(state)
-        self.scheduler = build_scheduler(self.optimizer, self.o, self.steps_per_epoch * self.o.max_epochs)
+        self.total_steps = self.steps_per_epoch * self.o.max_epochs  # the stage's: LR schedule and EMA momentum
+        self.scheduler = build_scheduler(self.optimizer, self.o, self.total_steps)
         self.weights = TermWeights(self.o.losses, state)
         self.guard = NonFiniteGuard(self.o.max_nonfinite, state.warnings)
         self.trainer = self._wrap_distributed()
@@ -217,9 +218,8 @@ class TrainLoop:
             self.scheduler.step()
         state.step += 1
         if state.target_model is not None:
-            total_steps = self.steps_per_epoch * o.max_epochs
             end = o.ema_momentum_end if o.ema_momentum_end is not None else o.ema_momentum
-            momentum = ema.momentum_at(state.step, total_steps, o.ema_momentum, end)
+            momentum = ema.momentum_at(state.step, self.total_steps, o.ema_momentum, end)
             ema.ema_update(state.target_model, state.model, momentum)
         sums = pos.sums
         sums["n"] = sums.get("n", 0) + 1
@@ -308,8 +308,8 @@ class TrainLoop:
         return {k: v.detach().clone() for k, v in both.items()}
 
     def _load_model_state(self, saved: dict[str, torch.Tensor]) -> None:
-        self.state.model.load_state_dict({k[6:]: v for k, v in saved.items() if k.startswith("model.")})
-        self.objective.terms.load_state_dict({k[6:]: v for k, v in saved.items() if k.startswith("terms.")})
+        for prefix, module in (("model.", self.state.model), ("terms.", self.objective.terms)):
+            module.load_state_dict({k.removeprefix(prefix): v for k, v in saved.items() if k.startswith(prefix)})
 
     def save(self) -> None:
         """Checkpoint the stage mid-way (``last.pt``), so a killed run resumes from here."""
@@ -356,7 +356,7 @@ class TrainLoop:
         """The callable that computes term values: the Objective, or its DDP wrapper."""
         objective = self.objective
         if not self.state.dist.enabled:
-            return lambda batch, fn, active: objective(batch, fn, active)
+            return objective
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.state.device.index] if self.state.device.type == "cuda" else None

@@ -114,11 +114,11 @@ class TermWeights:
         spec = self.specs[name]
         if spec.fallback_threshold is None or weight == 0.0 or value <= spec.fallback_threshold:
             return weight
-        if not count:
-            return weight * spec.fallback_factor
-        self.fallbacks[name] += 1
-        self.state.warnings.warn(
-            f"fallback/{name}",
-            f"loss term {name!r} = {value:.4g} > fallback_threshold {spec.fallback_threshold}; "
-            f"weight cut to {weight * spec.fallback_factor:.3g} for this batch")
-        return weight * spec.fallback_factor
+        cut = weight * spec.fallback_factor
+        if count:
+            self.fallbacks[name] += 1
+            self.state.warnings.warn(
+                f"fallback/{name}",
+                f"loss term {name!r} = {value:.4g} > fallback_threshold {spec.fallback_threshold}; "
+                f"weight cut to {cut:.3g} for this batch")
+        return cut

@@ -5,10 +5,12 @@
     RUN_DIR/
       recipe.toml        the resolved recipe (defaults filled in, overrides applied)
       env.json           python, torch, platform, every plugin's distribution and version
-      metrics.jsonl      one JSON object per logged event (step, epoch, stage, run)
+      metrics.jsonl      one JSON object per logged event (step, epoch, stage, grow, plugins' own)
       summary.json       per-stage metrics and timings, and the final metrics
       checkpoints/       <stage checkpoint name>.pt after each stage, last.pt for resuming
       plots/             PNGs some stages draw (with the [plots] extra)
+      tensorboard/       TensorBoard scalars, with [run] tensorboard = true
+      vocab.txt          a text corpus's vocabulary (RunDir.create's ``files``)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import math
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ class RunDir:
         self.checkpoints = self.path / "checkpoints"
         self._metrics = None
         self.lines = 0  # records in metrics.jsonl, saved in checkpoints to cut on resume
+        self._on_close: list[Callable[[], None]] = []
 
     @classmethod
     def create(cls, path: Path, recipe_toml: str, env: dict[str, Any],
@@ -71,10 +75,17 @@ class RunDir:
         self._metrics.flush()
         self.lines += 1
 
+    def on_close(self, close: Callable[[], None]) -> None:
+        """Call ``close`` when the run ends, finished or failed: for what a plugin opens in the
+        run directory (a TensorBoard writer), so that it is closed whatever happens."""
+        self._on_close.append(close)
+
     def close(self) -> None:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+        while self._on_close:
+            self._on_close.pop()()
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.path / "summary.json", summary)

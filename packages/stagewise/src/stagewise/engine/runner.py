@@ -19,7 +19,7 @@ from stagewise.data.vocab import Vocabulary
 from stagewise.engine import distributed
 from stagewise.engine.checkpoint import RESUME_KEYS, load_checkpoint, seed_everything, set_rng_state
 from stagewise.engine.guards import RateLimitedWarnings
-from stagewise.engine.rundir import RunDir, environment, unused_folder
+from stagewise.engine.rundir import RunDir, environment, file_in_the_way, unused_folder
 from stagewise.engine.state import State, check_event_hooks
 from stagewise.errors import CheckpointError, ConfigError, RunInterrupted, StagewiseError, TrainingError
 from stagewise.events import Event
@@ -63,16 +63,7 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
     state = State(recipe=recipe, model=model, model_options=model_options, data=data, device=device,
                   dist=info, warnings=RateLimitedWarnings(silent=info.rank != 0), run_dir=run_dir,
                   quiet=quiet)
-    first = 0
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        state.artifacts, state.metrics = saved["artifacts"], saved["metrics"]
-        state.stage_results = saved["stage_results"]
-        first = saved["stage_index"] + (1 if saved["stage_done"] else 0)
-        state.print(f"resuming {path} at stage {first + 1}/{len(recipe.stages)}" if first < len(recipe.stages)
-                    else f"{path} has finished all {len(recipe.stages)} stages: nothing to resume")
-    elif resume is not None:
-        state.print(f"{path} has no checkpoint yet: running it again from the start")
+    first = _restore_run(state, saved, path) if resume is not None else 0
     try:
         state.fire(Event.BEFORE_RUN)
         for index in range(first, len(recipe.stages)):
@@ -90,6 +81,22 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
         if run_dir is not None:
             run_dir.close()
     return path
+
+
+def _restore_run(state: State, saved: dict[str, Any] | None, path: Path) -> int:
+    """Put a resumed run's model, artifacts and results back from ``saved`` (None: the run has no
+    checkpoint yet, so it starts over); returns the index of the first stage to run."""
+    if saved is None:
+        state.print(f"{path} has no checkpoint yet: running it again from the start")
+        return 0
+    state.model.load_state_dict(saved["model"])
+    state.artifacts, state.metrics = saved["artifacts"], saved["metrics"]
+    state.stage_results = saved["stage_results"]
+    first = saved["stage_index"] + (1 if saved["stage_done"] else 0)
+    n = len(state.recipe.stages)
+    state.print(f"resuming {path} at stage {first + 1}/{n}" if first < n
+                else f"{path} has finished all {n} stages: nothing to resume")
+    return first
 
 
 def run_stage(state: State, index: int, spec: StageSpec, saved: dict[str, Any] | None) -> None:
@@ -137,9 +144,9 @@ def check_stages(recipe: Recipe, data: Any) -> None:
 def _default_folder(recipe: Recipe) -> Path:
     """``run.out/run.name``, numbered past used folders; refused if ``run.out`` runs into a file."""
     out = Path(recipe.run.out)
-    existing = next((p for p in (out, *out.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise ConfigError([f"run.out: {existing} is a file, not a folder; set run.out to a folder "
+    blocking = file_in_the_way(out)
+    if blocking is not None:
+        raise ConfigError([f"run.out: {blocking} is a file, not a folder; set run.out to a folder "
                            f"(or pass --out)"], recipe.source)
     return unused_folder(out / recipe.run.name)
 
