@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stagewise import registry
+from stagewise import install
 from stagewise.engine.runner import run_recipe
 from stagewise.plots import line_plot
 
@@ -21,7 +21,7 @@ def test_line_plot_without_matplotlib_hints_once(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(plots, "have_matplotlib", lambda: False)
     monkeypatch.setattr(plots, "_hinted", False)
-    monkeypatch.setattr(registry, "CHECKOUT_PACKAGES", tmp_path)  # core from the package index
+    monkeypatch.setattr(install, "CHECKOUT_PACKAGES", tmp_path)  # core from the package index
     assert line_plot(tmp_path / "x.png", {"a": ([1], [1])}) is False
     assert line_plot(tmp_path / "x.png", {"a": ([1], [1])}) is False
     assert capsys.readouterr().err.count("pip install 'stagewise[plots]'") == 1
@@ -148,6 +148,6 @@ def test_tensorboard_missing_fails_before_the_first_step(tmp_path, monkeypatch):
     from stagewise.errors import ConfigError
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
-    monkeypatch.setattr(registry, "CHECKOUT_PACKAGES", tmp_path)  # core from the package index
+    monkeypatch.setattr(install, "CHECKOUT_PACKAGES", tmp_path)  # core from the package index
     with pytest.raises(ConfigError, match=r"pip install 'stagewise\[tensorboard\]' or set tensorboard = false"):
         tensorboard.stagewise_before_run(_tensorboard_state(tmp_path))

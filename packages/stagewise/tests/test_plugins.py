@@ -8,7 +8,7 @@ import types
 import pytest
 
 import stagewise
-from stagewise import plugins, registry
+from stagewise import install, plugins, registry
 from stagewise.errors import PluginError, UnknownNameError
 
 
@@ -213,7 +213,7 @@ def test_a_plugin_in_this_checkout_is_installed_from_its_folder(host, monkeypatc
     (tmp_path / "packages" / "stagewise-nosuch").mkdir(parents=True)
     (tmp_path / "packages" / "stagewise-nosuch" / "pyproject.toml").write_text("")
     (tmp_path / "constraints.txt").write_text("")
-    monkeypatch.setattr(registry, "CHECKOUT_PACKAGES", tmp_path / "packages")
+    monkeypatch.setattr(install, "CHECKOUT_PACKAGES", tmp_path / "packages")
     monkeypatch.setitem(registry.KNOWN_PLUGINS, "nosuch", "stagewise-nosuch")
     with pytest.raises(UnknownNameError) as info:
         stagewise.get_stage("nosuch.mine")
@@ -222,13 +222,13 @@ def test_a_plugin_in_this_checkout_is_installed_from_its_folder(host, monkeypatc
 
 
 def test_an_extra_is_installed_from_the_checkout_or_the_index(monkeypatch, tmp_path):
-    monkeypatch.setattr(registry, "CHECKOUT_PACKAGES", tmp_path / "my checkout" / "packages")
-    assert registry.install_command("stagewise", "plots") == "pip install 'stagewise[plots]'"
+    monkeypatch.setattr(install, "CHECKOUT_PACKAGES", tmp_path / "my checkout" / "packages")
+    assert install.install_command("stagewise", "plots") == "pip install 'stagewise[plots]'"
     (tmp_path / "my checkout" / "packages" / "stagewise").mkdir(parents=True)
     (tmp_path / "my checkout" / "packages" / "stagewise" / "pyproject.toml").write_text("")
     (tmp_path / "my checkout" / "constraints.txt").write_text("")
     checkout = tmp_path / "my checkout"
-    assert registry.install_command("stagewise", "plots") == (
+    assert install.install_command("stagewise", "plots") == (
         f"pip install -c '{checkout}/constraints.txt' -e '{checkout}/packages/stagewise[plots]'")
 
 

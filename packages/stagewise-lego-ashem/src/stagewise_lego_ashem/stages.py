@@ -182,9 +182,8 @@ class TrainUpperLayers(stagewise.TrainStage):
         for batch in state.batches(self._dataset(state), train=True, epoch=epoch, start=start):
             yield cache_batch(batch)
 
-    def steps_per_epoch(self, state: stagewise.State) -> int:
-        n = count_batches(state, self._dataset(state), train=True)
-        return min(n, self.options.max_steps_per_epoch or n)
+    def batches_per_epoch(self, state: stagewise.State) -> int:
+        return count_batches(state, self._dataset(state), train=True)
 
     def forward_fn(self, objective: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
         return upper_forward(objective.model, self.options.context)

@@ -24,7 +24,7 @@ def line_plot(path: Path, series: dict[str, tuple[list[float], list[float]]], *,
     global _hinted
     if not have_matplotlib():
         if not _hinted:
-            from stagewise.registry import install_command
+            from stagewise.install import install_command
 
             print(f"stagewise: hint: {install_command('stagewise', 'plots')} to get plots in RUN_DIR/plots/",
                   file=sys.stderr)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from stagewise import plugins
 from stagewise.errors import ConfigError, StagewiseError, UnknownNameError
-from stagewise.registry import install_command
+from stagewise.install import install_command
 from stagewise.schema import NoOptions, as_table, build_dataclass, unknown_key_message
 from stagewise.specs import DataSpec, ModelSpec, StageSpec, default_term_name
 from stagewise.tomlwrite import dumps

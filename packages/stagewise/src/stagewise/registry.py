@@ -9,12 +9,11 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.metadata
-import shlex
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from stagewise.errors import PluginError, UnknownNameError
+from stagewise.install import install_command
 
 KINDS = ("stages", "routers", "losses", "models", "datasets", "recipes")
 CORE_DISTRIBUTION = "stagewise"
@@ -117,23 +116,6 @@ def _collision_hint(plugin_a: str, dist_a: str, plugin_b: str, dist_b: str) -> s
         return (f"the name is core's: disable plugin {plugin!r} with STAGEWISE_DISABLE_PLUGINS={plugin} "
                 f"(or uninstall {dist})")
     return f"disable one with STAGEWISE_DISABLE_PLUGINS={plugin_a} or STAGEWISE_DISABLE_PLUGINS={plugin_b}"
-
-
-# The packages/ folder of the checkout core runs from, when it is installed from one (-e): the
-# packages are not on the package index yet, so a hint names the checkout's folder instead.
-CHECKOUT_PACKAGES = Path(__file__).resolve().parents[3]
-
-
-def install_command(distribution: str, extra: str = "") -> str:
-    """The pip command that installs ``distribution`` (with its ``extra``): from the checkout core
-    runs from when that holds it, else from the package index."""
-    folder = CHECKOUT_PACKAGES / distribution
-    wanted = f"[{extra}]" if extra else ""
-    if not (folder / "pyproject.toml").is_file():
-        return f"pip install {shlex.quote(distribution + wanted)}"
-    pins = CHECKOUT_PACKAGES.parent / "constraints.txt"
-    pinned = f"-c {shlex.quote(str(pins))} " if pins.is_file() else ""
-    return f"pip install {pinned}-e {shlex.quote(str(folder) + wanted)}"
 
 
 def _missing_plugin_hint(distribution: str) -> str:

@@ -74,9 +74,8 @@ class TrainHard(stagewise.TrainStage):
         for ids in self._index_lists(state, epoch)[start:]:
             yield to_device(default_collate([data[indices[i]] for i in ids]), state.device)
 
-    def steps_per_epoch(self, state: stagewise.State) -> int:
-        n = len(self._index_lists(state, epoch=0))
-        return min(n, self.options.max_steps_per_epoch or n)
+    def batches_per_epoch(self, state: stagewise.State) -> int:
+        return len(self._index_lists(state, epoch=0))
 
     def _index_lists(self, state: stagewise.State, epoch: int) -> list[list[int]]:
         """Batches of positions in the hard list; the order depends on (seed, stage, epoch) only."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from stagewise.errors import ConfigError
 from stagewise.hookspecs import hookimpl
-from stagewise.registry import install_command
+from stagewise.install import install_command
 
 # the open writer of each running run, by id(state); the run directory closes it when the run
 # ends, finished or failed, so a later state with a reused id never finds a stale writer

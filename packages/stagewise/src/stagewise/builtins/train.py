@@ -125,9 +125,13 @@ class TrainStage(Stage):
         """The epoch's training batches from batch ``start`` on (deterministic per epoch)."""
         return state.batches("train", train=True, epoch=epoch, start=start)
 
+    def batches_per_epoch(self, state: State) -> int:
+        """How many batches :meth:`train_batches` yields in an epoch (before ``max_steps_per_epoch``)."""
+        return count_batches(state, "train", train=True)
+
     def steps_per_epoch(self, state: State) -> int:
         """Steps of an epoch, ``max_steps_per_epoch`` applied: the loop stops there."""
-        n = count_batches(state, "train", train=True)
+        n = self.batches_per_epoch(state)
         return min(n, self.options.max_steps_per_epoch or n)
 
     def forward_fn(self, objective: Objective) -> Callable[[dict[str, Any]], dict[str, Any]]:
