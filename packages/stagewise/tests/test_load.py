@@ -62,3 +62,13 @@ def test_a_checkpoint_without_data_info_says_what_to_do(tiny_run, tmp_path):
         stagewise.load_model(old)
     with pytest.raises(CheckpointError, match=r"nothing\.pt: checkpoint not found"):
         stagewise.load_model(tmp_path / "nothing.pt")
+
+
+def test_a_model_whose_plugin_is_missing_is_named(tiny_run, tmp_path):
+    saved = load_checkpoint(tiny_run / "checkpoints" / "last.pt")
+    saved["recipe"]["model"]["use"] = "nosuch.lm"
+    del saved["format"]
+    write_checkpoint_bytes(tmp_path / "foreign.pt", checkpoint_bytes(saved))
+    with pytest.raises(CheckpointError, match=r"foreign\.pt: cannot rebuild its model: model\.use: unknown model "
+                                              r"'nosuch\.lm'"):
+        stagewise.load_model(tmp_path / "foreign.pt")

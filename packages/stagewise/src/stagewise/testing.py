@@ -76,18 +76,18 @@ def run_killed(recipe: str | Path, out: str | Path, stage: str, step: int = 0,
 def run_uninterrupted(recipe: str | Path, out: str | Path, overrides: Sequence[str] = (), processes: int = 1) -> None:
     """``stagewise run RECIPE --out OUT`` in a child process, the run to compare a resumed one
     with; AssertionError with its stderr when it fails."""
-    _check(subprocess.run([*_python(processes), "-m", "stagewise", "run", str(recipe), "--out", str(out), "--quiet",
-                           *_sets(overrides)], capture_output=True, text=True), f"running {recipe} into {out}")
+    _stagewise_run(recipe, ["--out", str(out)], overrides, processes, f"running {recipe} into {out}")
 
 
 def resume_run(recipe: str | Path, run_dir: str | Path, overrides: Sequence[str] = (), processes: int = 1) -> None:
     """``stagewise run RECIPE --resume RUN_DIR`` in a child process (under torchrun with
     ``processes`` > 1); AssertionError with its stderr when it fails."""
-    _check(subprocess.run([*_python(processes), "-m", "stagewise", "run", str(recipe), "--resume", str(run_dir),
-                           "--quiet", *_sets(overrides)], capture_output=True, text=True), f"resuming {run_dir}")
+    _stagewise_run(recipe, ["--resume", str(run_dir)], overrides, processes, f"resuming {run_dir}")
 
 
-def _check(child: subprocess.CompletedProcess, what: str) -> None:
+def _stagewise_run(recipe: str | Path, where: list[str], overrides: Sequence[str], processes: int, what: str) -> None:
+    child = subprocess.run([*_python(processes), "-m", "stagewise", "run", str(recipe), *where, "--quiet",
+                            *_sets(overrides)], capture_output=True, text=True)
     if child.returncode != 0:
         raise AssertionError(f"{what} exited with {child.returncode}:\n{child.stderr}")
 
