@@ -257,9 +257,14 @@ def test_mse_on_integer_targets_is_refused_before_the_run(tiny, tmp_path):
 
 
 def test_a_model_too_big_to_allocate_is_a_recipe_error(tiny, tmp_path):
-    # was: RuntimeError "DefaultCPUAllocator: can't allocate memory" from the model's constructor
-    (problem,) = _refused(tiny, tmp_path, "model.ffn_hidden=1000000000000")
+    # was: RuntimeError "DefaultCPUAllocator: can't allocate memory" from the model's constructor;
+    # the rotary tables of a huge max_seq_len are one such allocation
+    (problem,) = _refused(tiny, tmp_path, "model.max_seq_len=1000000000000")
     assert problem.startswith("model (stagewise.transformer): its options ask for") and "lower the sizes" in problem
+    # block weights beyond the machine's memory are refused when the recipe loads, before that
+    # (this case was the allocation error above until the size check came)
+    (problem,) = _refused(tiny, tmp_path, "model.ffn_hidden=1000000000000")
+    assert problem.startswith("model: n_layer = 2 blocks of n_embd = 16 and ffn_hidden = 1000000000000 need")
 
 
 def test_run_out_running_into_a_file_is_a_recipe_error(tiny, tmp_path):

@@ -236,3 +236,24 @@ def test_top_k_above_the_vocabulary_keeps_every_token():
     a = model.generate(tokens(T=4), 3, top_k=100, generator=torch.Generator().manual_seed(3))
     b = model.generate(tokens(T=4), 3, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+def test_blocks_whose_weights_exceed_the_memory_are_refused_before_building(monkeypatch):
+    import stagewise.nn.transformer as transformer
+
+    # 2 blocks of width 16, ffn 32: 2 * (4*256 + 3*512 + 32) = 5184 float32 values, 20736 bytes
+    sizes = dict(n_layer=2, n_embd=16, n_head=2, ffn_hidden=32)
+    monkeypatch.setattr(transformer, "physical_memory_gib", lambda: 20736 / 2**30)
+    TransformerOptions(**sizes)  # exactly fits
+    monkeypatch.setattr(transformer, "physical_memory_gib", lambda: 20735 / 2**30)
+    with pytest.raises(ValueError, match=r"^n_layer = 2 blocks of n_embd = 16 and ffn_hidden = 32 need 1\.93e-05 GiB "
+                                         r"for their weights alone, more than this machine's 1\.93e-05 GiB; lower"):
+        TransformerOptions(**sizes)
+    monkeypatch.setattr(transformer, "physical_memory_gib", lambda: None)  # a platform that does not say
+    TransformerOptions(n_layer=10**12)  # was: building a trillion blocks ran for ever
+
+
+def test_the_block_weights_counted_are_the_model_s():
+    model = make_model()
+    d, f = CONFIG["n_embd"], CONFIG["ffn_hidden"]
+    assert sum(p.numel() for p in model.layers.parameters()) == CONFIG["n_layer"] * (4 * d * d + 3 * d * f + 2 * d)

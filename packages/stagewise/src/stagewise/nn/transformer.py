@@ -11,6 +11,7 @@ a cached hidden state.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,26 @@ class TransformerOptions:
             raise ValueError(f"norm_eps must be a finite positive number, got {self.norm_eps}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        self._check_fits()
+
+    def _check_fits(self) -> None:
+        """Refuse blocks whose weights alone exceed the machine's memory: each block is a small
+        allocation, so building a billion of them would run for hours before failing."""
+        d, f = self.n_embd, self.ffn_hidden
+        gib = self.n_layer * (4 * d * d + 3 * d * f + 2 * d) * 4 / 2**30  # float32 attention, SwiGLU, norms
+        memory = physical_memory_gib()
+        if memory is not None and gib > memory:
+            raise ValueError(f"n_layer = {self.n_layer} blocks of n_embd = {d} and ffn_hidden = {f} need "
+                             f"{gib:.3g} GiB for their weights alone, more than this machine's {memory:.3g} GiB; "
+                             f"lower them")
+
+
+def physical_memory_gib() -> float | None:
+    """The machine's RAM in GiB; None where the platform does not say (then nothing is refused)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return None
 
 
 @dataclass(kw_only=True)
