@@ -498,6 +498,9 @@ def test_export_never_overwrites_a_file_it_did_not_write(tmp_path, capsys):
         assert (f"stagewise: error: {target} exists and is not a stagewise export; export never overwrites other "
                 f"files: give a new file name") in capsys.readouterr().err
     assert ckpt.read_bytes() == original and (tmp_path / "notes.txt").read_text() == "kept"
+    assert main(["export", str(ckpt), str(tmp_path / "m.txt")]) == 1  # was written: an .npz named m.txt
+    assert (f"stagewise: error: {tmp_path / 'm.txt'}: an export is an .npz file; give a name ending in .npz, "
+            f"e.g. {tmp_path / 'm.npz'}") in capsys.readouterr().err and not (tmp_path / "m.txt").exists()
     assert main(["export", str(ckpt), str(tmp_path / "m.npz")]) == 0
     assert main(["export", str(ckpt), str(tmp_path / "m.npz")]) == 0  # an earlier export may be replaced
     assert main(["export", str(ckpt), str(tmp_path / "new" / "m.npz")]) == 0  # a missing folder is made, as --out's

@@ -33,6 +33,9 @@ def export_npz(checkpoint: Path, out: Path) -> dict[str, int]:
     if out.exists() and not _is_export(out):
         raise CheckpointError(f"{out} exists and is not a stagewise export; export never overwrites other "
                               f"files: give a new file name (or remove {out} first)")
+    if out.suffix != ".npz":  # numpy.load and every reader of the format expect the name
+        raise CheckpointError(f"{out}: an export is an .npz file; give a name ending in .npz, "
+                              f"e.g. {out.with_suffix('.npz')}")
     saved = load_checkpoint(Path(checkpoint), EXPORT_KEYS)
     arrays = {name: tensor.detach().cpu().float().numpy() if tensor.is_floating_point() else tensor.cpu().numpy()
               for name, tensor in saved["model"].items()}
