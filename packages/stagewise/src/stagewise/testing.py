@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from stagewise.cli.commands import set_args
+
 # The CLI, with a plugin that SIGKILLs the process after step N of a stage or as a stage starts.
 _KILLER = textwrap.dedent("""
     import os, signal, sys
@@ -43,10 +45,6 @@ _KILLER = textwrap.dedent("""
 """)
 
 
-def _sets(overrides: Sequence[str]) -> list[str]:
-    return [arg for override in overrides for arg in ("--set", override)]
-
-
 def _python(processes: int) -> list[str]:
     """This Python, or ``processes`` of it started by torchrun (on CPU: the gloo backend)."""
     if processes == 1:
@@ -64,7 +62,7 @@ def run_killed(recipe: str | Path, out: str | Path, stage: str, step: int = 0,
     Raises AssertionError, with the child's stderr, when the run was not killed there (it
     finished first, failed, or never reached STAGE)."""
     child = subprocess.run([*_python(processes), "-c", _KILLER, stage, str(step), "run", str(recipe), "--out",
-                            str(out), "--quiet", *_sets(overrides)], capture_output=True, text=True)
+                            str(out), "--quiet", *set_args(overrides)], capture_output=True, text=True)
     killed = (child.returncode == -signal.SIGKILL if processes == 1  # torchrun exits 1 and names the signal
               else child.returncode != 0 and "Signal 9 (SIGKILL)" in child.stderr)
     if not killed:
@@ -87,7 +85,7 @@ def resume_run(recipe: str | Path, run_dir: str | Path, overrides: Sequence[str]
 
 def _stagewise_run(recipe: str | Path, where: list[str], overrides: Sequence[str], processes: int, what: str) -> None:
     child = subprocess.run([*_python(processes), "-m", "stagewise", "run", str(recipe), *where, "--quiet",
-                            *_sets(overrides)], capture_output=True, text=True)
+                            *set_args(overrides)], capture_output=True, text=True)
     if child.returncode != 0:
         raise AssertionError(f"{what} exited with {child.returncode}:\n{child.stderr}")
 

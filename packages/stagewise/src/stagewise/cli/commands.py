@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,17 +92,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     from stagewise.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, say things once
     try:
         path = run_recipe(recipe, out=args.out, resume=args.resume, quiet=args.quiet)
     except RunInterrupted as exc:
-        again = ["stagewise", "run", args.recipe, "--resume", str(exc.run_dir)]
-        again += [arg for override in args.overrides for arg in ("--set", override)]
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted: say it once
+        again = ["stagewise", "run", args.recipe, "--resume", str(exc.run_dir), *set_args(args.overrides)]
+        if main_rank:
             print(f"stagewise: interrupted; continue with: {shlex.join(again)}", file=sys.stderr)
         return 130
-    if args.quiet and os.environ.get("RANK", "0") == "0":  # the final table is left out: say where the run went
+    if args.quiet and main_rank:  # the final table is left out: say where the run went
         print(path)
     return 0
+
+
+def set_args(overrides: Sequence[str]) -> list[str]:
+    """``--set`` overrides as command-line arguments: ``["--set", "a=1", "--set", "b=2"]``."""
+    return [arg for override in overrides for arg in ("--set", override)]
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
