@@ -81,6 +81,7 @@ name = "test"
 use = "stagewise.evaluate"
 split = "test"
 """
+TRAIN_ONLY = TINY_HYBRID[: TINY_HYBRID.index('[[stages]]\nname = "forward"')]  # warmup and main
 
 
 def tiny_recipe(text: str = TINY_HYBRID, overrides: list[str] | None = None):

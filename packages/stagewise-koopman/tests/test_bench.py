@@ -6,10 +6,9 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from conftest import TINY_HYBRID
+from conftest import TRAIN_ONLY
 
 BENCH = Path(__file__).parents[1] / "bench" / "hybrid_vs_baseline.py"
-TRAIN_ONLY = TINY_HYBRID[: TINY_HYBRID.index('[[stages]]\nname = "forward"')]
 
 
 @pytest.fixture(scope="module")

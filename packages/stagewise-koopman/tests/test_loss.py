@@ -227,3 +227,63 @@ def test_evaluation_sums_weigh_each_batch_by_its_sequences():
     weighted = 2.0 * errors["lifted"] + errors["reconstruction"] + errors["state"]
     assert sums["loss"] == (pytest.approx(3 * float(weighted)), 3.0)
     assert sums["one_step"] == (pytest.approx(3 * float(errors["one_step"])), 3.0)
+
+
+def test_a_refused_post_hoc_fit_leaves_the_model_in_training_mode():
+    model = TransformerLM(TransformerConfig(vocab_size=20, n_layer=1, n_embd=8, n_head=2, ffn_hidden=16))
+    batch = {"input": torch.zeros(2, 8, dtype=torch.long)}
+    with pytest.raises(ValueError, match="steps 8 must be below the sequence length 8"):
+        fit_post_hoc(model, lambda epoch: [batch], KoopmanOptions(koopman_dim=4, axis="time", steps=8), 2, 1e-3)
+    assert model.training
+
+
+def _forward_eval_state(model, batches, term):
+    """What ``koopman.forward_eval`` reads of the run state."""
+    return SimpleNamespace(artifacts={"koopman.operators": {"koopman": term.artifact()}}, device=torch.device("cpu"),
+                           model=model, batches=lambda split, shard: batches, run_dir=None)
+
+
+def test_forward_eval_says_what_a_model_without_an_output_head_lacks():
+    from stagewise_koopman.stages import ForwardEval, ForwardEvalOptions
+
+    term = KoopmanOperator(KoopmanOptions(koopman_dim=4)).build(3, 8)  # depth: sources 0, 1
+    batch = {"input": torch.zeros(2, 6, dtype=torch.long), "target": torch.zeros(2, 6, dtype=torch.long)}
+    state = _forward_eval_state(_FixedHidden(hidden_states(n=3)), [batch], term)
+    with pytest.raises(ValueError, match="needs the model's output head as logits_from_hidden"):
+        ForwardEval(ForwardEvalOptions(replace_layers=1)).run(state)
+
+
+def test_forward_eval_runs_the_model_once_per_batch():
+    from stagewise_koopman.linearity import one_step_error
+    from stagewise_koopman.stages import ForwardEval, ForwardEvalOptions
+
+    class Counting(TransformerLM):
+        calls = 0
+
+        def forward_batch(self, batch, needs):
+            self.calls += 1
+            return super().forward_batch(batch, needs)
+
+    torch.manual_seed(0)
+    model = Counting(TransformerConfig(vocab_size=20, n_layer=2, n_embd=8, n_head=2, ffn_hidden=16)).eval()
+    term = KoopmanOperator(KoopmanOptions(koopman_dim=4)).build(3, 8)
+    g = torch.Generator().manual_seed(6)
+    batches = [{"input": torch.randint(0, 20, (2, 6), generator=g), "target": torch.randint(0, 20, (2, 6), generator=g)}
+               for _ in range(3)]
+    metrics = ForwardEval(ForwardEvalOptions(replace_layers=2), label="forward").run(
+        _forward_eval_state(model, batches, term))
+    assert model.calls == 3
+    assert metrics["forward/one_step_error"] == one_step_error(model, term, batches)[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_one_step_error_on_cuda_matches_cpu():
+    # the per-layer sums were a CPU tensor, which refuses the CUDA errors added to it
+    from stagewise_koopman.linearity import one_step_error
+
+    term = KoopmanOperator(KoopmanOptions(koopman_dim=4)).build(3, 8)
+    hidden, batches = hidden_states(n=3), [{"input": torch.zeros(2, 6)}]
+    on_cpu = one_step_error(_FixedHidden(hidden), term, batches)
+    on_cuda = one_step_error(_FixedHidden([h.cuda() for h in hidden]), term.cuda(), batches)
+    assert on_cuda[0] == pytest.approx(on_cpu[0], rel=1e-4)
+    assert on_cuda[1] == {layer: pytest.approx(e, rel=1e-4) for layer, e in on_cpu[1].items()}

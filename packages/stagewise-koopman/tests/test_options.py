@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import TINY_HYBRID, run_tiny, tiny_recipe
+from conftest import TINY_HYBRID, TRAIN_ONLY, run_tiny, tiny_recipe
 from stagewise_koopman.loss import KoopmanOptions
 
 import stagewise
@@ -121,3 +121,16 @@ def test_a_term_too_big_to_allocate_stops_its_stage_with_a_clear_error(tmp_path)
         run_tiny(tmp_path / "run", overrides=["stages.main.losses.koopman.koopman_dim=1000000000000",
                                                       "stages.main.losses.koopman.dmd_every=0"])
     assert (tmp_path / "run" / "checkpoints" / "warmup.pt").is_file()  # the stage before it is kept
+
+
+def test_a_bad_part_weight_is_named_with_its_value():
+    with pytest.raises(ValueError, match=r"must be >= 0 and finite, got lifted_weight = -1.0, state_weight = nan$"):
+        KoopmanOptions(lifted_weight=-1.0, state_weight=float("nan"))
+
+
+def test_a_term_refused_as_its_stage_starts_names_the_recipe_file(tmp_path):
+    # steps against seq_len along time is known only when the stage starts
+    overrides = ['stages.main.losses.koopman.axis="time"', "stages.main.losses.koopman.steps=8"]
+    with pytest.raises(stagewise.ConfigError, match=r"^tiny_hybrid\.toml: 1 problem:\n  - stages\.main\.losses "
+                       r"\(koopman\.operator\): steps 8 must be below the sequence length 8"):
+        run_tiny(tmp_path / "run", TRAIN_ONLY, overrides)

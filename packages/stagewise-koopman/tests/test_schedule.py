@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TINY_HYBRID, run_tiny
+from conftest import TRAIN_ONLY, run_tiny
 
 from stagewise.specs import LossSpec
-
-TRAIN_ONLY = TINY_HYBRID[: TINY_HYBRID.index('[[stages]]\nname = "forward"')]
 
 
 def epochs_with_threshold(tmp_path, threshold: str) -> list[dict]:

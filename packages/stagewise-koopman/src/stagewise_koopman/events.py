@@ -13,8 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import stagewise
-from stagewise_koopman.loss import KoopmanOperator
-from stagewise_koopman.stages import ARTIFACT
+from stagewise_koopman.loss import ARTIFACT, KoopmanOperator
 
 
 def koopman_terms(state: stagewise.State) -> dict[str, KoopmanOperator]:

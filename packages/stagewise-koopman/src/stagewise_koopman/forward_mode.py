@@ -25,7 +25,8 @@ def koopman_forward_logits(model: torch.nn.Module, term: KoopmanOperator, hidden
     if term.options.axis != "depth" or source not in term.sources:
         raise ValueError(f"replacing the last {replace} layers needs a depth operator from layer {source}; "
                          f"the term has axis {term.options.axis!r} and source layers {term.sources}")
-    j = slice(term.sources.index(source), term.sources.index(source) + 1)
+    i = term.sources.index(source)
+    j = slice(i, i + 1)  # that layer's φ, K, ψ
     h = hidden[source]  # (B, T, C)
     B, T, C = h.shape
     z = term.koopman.advance(term.koopman.lift(h.reshape(1, B * T, C), j), replace, j)

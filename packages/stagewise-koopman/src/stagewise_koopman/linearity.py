@@ -1,14 +1,16 @@
 """How linear are a frozen model's dynamics? Fit fresh Koopman modules post hoc and measure.
 
-``linearity_gain`` compares two models with the same procedure: fresh φ, K, ψ fitted for the
-same number of steps on each frozen model, then the relative lifted one-step error
-‖K φ(h) − φ(h')‖² / spread(φ(h')) on held-out data. A model trained with the Koopman term
-should need less to be linear, so its error is lower.
+The linearity gain (``linearity_gain`` in the benchmark: the baseline's error ÷ the hybrid's)
+compares two models with the same procedure: fresh φ, K, ψ fitted for the same number of steps
+on each frozen model (:func:`fit_post_hoc`), then the relative lifted one-step error
+‖K φ(h) − φ(h')‖² / spread(φ(h')) on held-out data (:func:`one_step_error`). A model trained
+with the Koopman term should need less to be linear, so its error is lower.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from itertools import chain, islice
 from typing import Any
 
 import torch
@@ -30,20 +32,18 @@ def fit_post_hoc(model: torch.nn.Module, batches: Batches, options: KoopmanOptio
                  lr: float) -> tuple[KoopmanOperator, float]:
     """Fresh Koopman modules fitted with Adam for ``steps`` batches on the frozen ``model``;
     returns them and the mean loss of the last 10% of steps."""
-    was_training = model.training
-    model.eval()
     stream = _cycle(batches)
     first = next(stream)
     n_hidden, width, seq_len = probe_hidden(model, first)
     problems = shape_problems(options, n_hidden, seq_len)
     if problems:
         raise ValueError("; ".join(problems))
+    was_training = model.training
+    model.eval()
     term = KoopmanOperator(options).build(n_hidden, width).to(next(model.parameters()).device)
     optimizer = torch.optim.Adam(term.parameters(), lr=lr)
     tail: list[float] = []
-    for step, batch in enumerate(_chain(first, stream)):
-        if step == steps:
-            break
+    for step, batch in enumerate(islice(chain([first], stream), steps)):
         loss = sum(term({"hidden": frozen_hidden(model, batch)}, batch, None).values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -61,16 +61,34 @@ def one_step_error(model: torch.nn.Module, term: KoopmanOperator, batches: Itera
     over all source layers, and per source layer (which steps the model made linear)."""
     was_training = model.training
     model.eval()
-    total = count = 0.0
-    per_layer = torch.zeros(len(term.sources), dtype=torch.float64)
+    error = OneStepError(term)
     for batch in batches:
-        hidden = frozen_hidden(model, batch)
-        errors, lifted = term.errors(hidden)
-        n = float(batch["input"].shape[0])
-        total, count = total + float(errors["one_step"]) * n, count + n
-        per_layer += layer_one_step(term, lifted).double() * n
+        error.add(frozen_hidden(model, batch), batch)
     model.train(was_training)
-    return total / count, {layer: float(e) / count for layer, e in zip(term.sources, per_layer, strict=True)}
+    return error.means()
+
+
+class OneStepError:
+    """Running sums for :func:`one_step_error`, so a stage that runs the model on the batches
+    anyway (``koopman.forward_eval``) measures it in the same pass."""
+
+    def __init__(self, term: KoopmanOperator):
+        self.term = term
+        self.total = self.count = 0.0
+        # on the term's device: a CPU tensor would refuse the CUDA tensors added to it
+        self.per_layer = torch.zeros(len(term.sources), dtype=torch.float64, device=term.koopman.operator.device)
+
+    def add(self, hidden: list[torch.Tensor], batch: dict[str, Any]) -> None:
+        """One batch, weighted by its sequences."""
+        errors, lifted = self.term.errors(hidden)
+        n = float(batch["input"].shape[0])
+        self.total, self.count = self.total + float(errors["one_step"]) * n, self.count + n
+        self.per_layer += layer_one_step(self.term, lifted).double() * n
+
+    def means(self) -> tuple[float, dict[int, float]]:
+        """(over all source layers, by source layer)."""
+        return self.total / self.count, {layer: float(e) / self.count
+                                         for layer, e in zip(self.term.sources, self.per_layer, strict=True)}
 
 
 def layer_one_step(term: KoopmanOperator, lifted: torch.Tensor) -> torch.Tensor:
@@ -83,8 +101,3 @@ def _cycle(batches: Batches) -> Iterator[dict[str, Any]]:
     while True:
         yield from batches(epoch)
         epoch += 1
-
-
-def _chain(first: dict[str, Any], rest: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    yield first
-    yield from rest

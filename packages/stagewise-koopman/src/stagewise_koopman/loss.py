@@ -35,6 +35,7 @@ from stagewise.engine.objective import forward_batch
 from stagewise_koopman.dmd import blend, dmd_operator
 from stagewise_koopman.operator import EPS, KoopmanModules, normalize_state
 
+ARTIFACT = "koopman.operators"  # state.artifacts key: term name -> KoopmanOperator.artifact()
 AXES = ("depth", "time")
 DISTANCES = ("mse", "smooth_l1")
 DETACH = ("none", "source", "target")
@@ -59,6 +60,8 @@ class KoopmanOptions:
     detach: str = "none"  # backbone states the term does not train through: "source" (h), "target" (h'), "none"
 
     def __post_init__(self) -> None:
+        bad_weights = [f"{part}_weight = {w}" for part, w in self.part_weights().items()
+                       if not (math.isfinite(w) and w >= 0)]  # NaN passes min() >= 0
         checks = [
             (self.koopman_dim > 0, f"koopman_dim must be a positive integer, got {self.koopman_dim}"),
             (self.axis in AXES, f"axis must be one of {', '.join(map(repr, AXES))}, got {self.axis!r}"),
@@ -66,8 +69,8 @@ class KoopmanOptions:
              f"distance must be one of {', '.join(map(repr, DISTANCES))}, got {self.distance!r}"),
             (self.detach in DETACH, f"detach must be one of {', '.join(map(repr, DETACH))}, got {self.detach!r}"),
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
-            (all(math.isfinite(w) and w >= 0 for w in self.part_weights().values()),  # NaN passes min() >= 0
-             "lifted_weight, reconstruction_weight, state_weight and spectral_weight must be >= 0 and finite"),
+            (not bad_weights, f"lifted_weight, reconstruction_weight, state_weight and spectral_weight must be "
+                              f">= 0 and finite, got {', '.join(bad_weights)}"),
             (max(self.part_weights().values()) > 0,
              "at least one of lifted_weight, reconstruction_weight, state_weight and spectral_weight must be "
              "> 0 (with all four 0 the term has nothing to compute)"),
@@ -231,7 +234,8 @@ class KoopmanOperator(stagewise.Loss):
         n_hidden, width, seq_len = probe_hidden(state.model, next(iter(state.batches("train"))))
         problems = shape_problems(self.options, n_hidden, seq_len)
         if problems:
-            raise stagewise.ConfigError([f"stages.{state.stage_name}.losses ({self.name}): {p}" for p in problems])
+            raise stagewise.ConfigError([f"stages.{state.stage_name}.losses ({self.name}): {p}" for p in problems],
+                                        state.recipe.source)
         self.build(n_hidden, width)
 
     def build(self, n_hidden: int, width: int) -> KoopmanOperator:

@@ -14,13 +14,17 @@ import torch
 import torch.nn.functional as F
 
 import stagewise
-from stagewise.engine.objective import forward_batch
 from stagewise.loss import perplexity
 from stagewise_koopman.forward_mode import koopman_forward_logits, plot_spectrum, spectral_radii
-from stagewise_koopman.linearity import fit_post_hoc, one_step_error
-from stagewise_koopman.loss import KoopmanOperator, KoopmanOptions, model_hidden, shape_problems, source_layers
-
-ARTIFACT = "koopman.operators"  # term name -> KoopmanOperator.artifact()
+from stagewise_koopman.linearity import OneStepError, fit_post_hoc, frozen_hidden, one_step_error
+from stagewise_koopman.loss import (
+    ARTIFACT,
+    KoopmanOperator,
+    KoopmanOptions,
+    model_hidden,
+    shape_problems,
+    source_layers,
+)
 
 
 @dataclass
@@ -87,18 +91,21 @@ class ForwardEval(stagewise.Stage):
         model.eval()
         nll = {"standard": 0.0, "koopman": 0.0}
         tokens = 0
+        one_step = OneStepError(term)  # measured in the same pass as the perplexities
         for batch in state.batches(o.split, shard=False):  # the whole split on every process: same figures
-            hidden = forward_batch(model, batch, stagewise.Needs(hidden=True))["hidden"]
+            hidden = frozen_hidden(model, batch)
             target = batch["target"].reshape(-1)
-            for mode, logits in (("standard", model.logits_from_hidden(hidden[-1])),
-                                 ("koopman", koopman_forward_logits(model, term, hidden, o.replace_layers))):
+            # forward mode first: it says what a model without logits_from_hidden lacks
+            koopman_logits = koopman_forward_logits(model, term, hidden, o.replace_layers)
+            for mode, logits in (("standard", model.logits_from_hidden(hidden[-1])), ("koopman", koopman_logits)):
                 nll[mode] += float(F.cross_entropy(logits.flatten(0, 1), target, reduction="sum"))
             tokens += target.numel()
+            one_step.add(hidden, batch)
         model.train(was_training)
         ppl, koopman_ppl = perplexity(nll["standard"] / tokens), perplexity(nll["koopman"] / tokens)
         metrics = {"ppl": ppl, "koopman_ppl": koopman_ppl, "ppl_ratio": koopman_ppl / ppl,
                    "replaced_layers": o.replace_layers}
-        metrics["one_step_error"], _ = one_step_error(model, term, state.batches(o.split, shard=False))
+        metrics["one_step_error"], _ = one_step.means()
         metrics.update({f"K{layer}/spectral_radius": r for layer, r in spectral_radii(term).items()})
         if state.run_dir is not None:
             plot_spectrum(state.run_dir.plot_path("koopman_spectrum.png"), term,
