@@ -144,6 +144,23 @@ def test_routed_generation_with_a_kv_cache_matches_the_routed_forward(threshold)
         torch.testing.assert_close(out["logits"], exit_logits, rtol=0, atol=1e-5)
 
 
+def test_routed_generation_with_the_probe_matches_the_routed_forward():
+    """The probe makes no exit logits: each position's head runs once, on its own exit state."""
+    from stagewise_lego_ashem.routed import generate_routed
+
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=40, n_layer=4, n_embd=16, n_head=2, ffn_hidden=32)
+    model = DeepSupervisionTransformer(config, exit_layer=2, exit_probe=True).eval()
+    router = calibrated(model, torch.randint(0, 40, (8, 12), generator=torch.Generator().manual_seed(8)),
+                        measure="probe")
+    prompt = torch.randint(0, 40, (3, 4), generator=torch.Generator().manual_seed(7))
+    out = generate_routed(model, prompt, 6, router, router.threshold)
+    whole = routed_forward(model, out["tokens"][:, :-1], router, router.threshold)
+    assert 0 < int(out["easy"].sum()) < out["easy"].numel()  # both kinds of rows occur
+    assert torch.equal(out["easy"], whole["easy"])
+    torch.testing.assert_close(out["logits"], whole["logits"], rtol=0, atol=1e-5)
+
+
 def test_routed_generation_needs_a_new_token():
     from stagewise_lego_ashem.routed import generate_routed
 

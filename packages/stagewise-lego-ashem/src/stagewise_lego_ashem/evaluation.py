@@ -1,6 +1,6 @@
 """Routed evaluation: exact metric sums over a split, the accuracy-compute curve, speedups.
 
-The functional core is :func:`evaluate_routed` (tensors and a router in, numbers out); the
+The core is :func:`evaluate_routed` (the run's state, batches and a router in, numbers out); the
 stages in :mod:`.stages` call it. Perplexities are exp(sum of token NLL / tokens), accumulated
 in float64, so the numbers do not depend on batch boundaries' rounding.
 """
@@ -59,10 +59,11 @@ def evaluate_routed(state: stagewise.State, batches: Iterable[dict[str, Any]], r
              flops=metrics.routed_flops(shape, easy, router.options.measure),
              full_flops=metrics.full_depth_flops(shape, torch.ones_like(easy)))
         if full:
-            logits = model(idx)["logits"]
-            exit_logits = out["exit_logits"]
+            exit_logits = out["exit_logits"]  # None with the probe: the full forward makes them
+            deep = model(idx, exit_layers=[model.exit_layer] if exit_logits is None else [])
+            logits = deep["logits"]
             if exit_logits is None:
-                exit_logits = model.logits_from_hidden(model.exit_hidden(idx))
+                exit_logits = deep["exit_logits"][model.exit_layer]
             exit_nll, hard = token_nll(exit_logits, target), ~easy
             _add(sums, full_nll=float(token_nll(logits, target).double().sum()),
                  full_correct=float((logits.argmax(-1) == target).sum()),
@@ -195,13 +196,16 @@ def phase2_speedups(state: stagewise.State, cache: dict[str, Any], split: Any, r
     ``phase2_token_mode_speedup``: a full-forward epoch over a token-mode epoch (the hard tokens
     alone, length 1), each estimated as its step time × its number of steps.
     """
-    model, B = state.model, state.recipe.data.batch_size
+    model, B, device = state.model, state.recipe.data.batch_size, state.device
     shape = metrics.Shape.of(model)
-    windows = mining.SequenceCache(cache)  # what phase 2 trains on
-    hidden, hard = windows.hidden[:B].to(state.device), windows.hard[:B].to(state.device)
-    target = windows.target[:B].to(state.device)[hard]
-    idx = torch.stack([split[int(i)]["input"] for i in windows.windows[:B]]).to(state.device)  # (B, T)
-    forward = upper_forward(model, "full")
+    # the first batch of each phase-2 dataset (mining.SequenceCache, mining.TokenCache), taken from
+    # the cache directly: building those datasets here would copy the whole cache twice more
+    windows = mining.hard_windows(cache["hard"])  # (n_windows,): what phase 2 trains on
+    first = windows[:B]
+    hidden, hard = cache["hidden"][first].to(device), cache["hard"][first].to(device)
+    target = cache["target"][first].to(device)[hard]
+    idx = torch.stack([split[int(i)]["input"] for i in first]).to(device)  # (B, T)
+    forward, token_forward = upper_forward(model, "full"), upper_forward(model, "token")
 
     def from_cache() -> torch.Tensor:
         return F.cross_entropy(forward({"hidden": hidden, "hard": hard})["logits"], target)
@@ -211,12 +215,12 @@ def phase2_speedups(state: stagewise.State, cache: dict[str, Any], split: Any, r
             h = model.exit_hidden(idx)  # what the cache saves
         return F.cross_entropy(forward({"hidden": h, "hard": hard})["logits"], target)
 
-    tokens = mining.TokenCache(cache)
-    token_h = tokens.hidden[:B].unsqueeze(1).to(state.device)  # (B, 1, C)
-    token_target = tokens.target[:B].to(state.device)
+    tokens = cache["hard"].nonzero()  # (n_tokens, 2): (window, position) of every hard token, row-major
+    token_h = cache["hidden"][tokens[:B, 0], tokens[:B, 1]].unsqueeze(1).to(device)  # (B, 1, C)
+    token_target = cache["target"][tokens[:B, 0], tokens[:B, 1]].to(device)
 
     def token_step() -> torch.Tensor:
-        return F.cross_entropy(upper_forward(model, "token")({"hidden": token_h})["logits"], token_target)
+        return F.cross_entropy(token_forward({"hidden": token_h})["logits"], token_target)
 
     seconds = timing.train_step_seconds(model, {"cache": from_cache, "full": full_forward, "token": token_step},
                                         repeats)

@@ -54,13 +54,18 @@ def score_quantiles(scores: torch.Tensor, points: int = CURVE_QUANTILES) -> list
     return [float(v) for v in torch.quantile(scores.flatten().double(), qs)]
 
 
+def hard_windows(hard: torch.Tensor) -> torch.Tensor:
+    """Indices (n,) of the cached windows that hold a hard token, from the hard mask (N, T)."""
+    return hard.any(1).nonzero().squeeze(1)
+
+
 class SequenceCache(Dataset):
     """Cached full windows that hold a hard token (the others carry no loss): item i is
     ``{"hidden": (T, C), "target": (T,), "hard": (T,) bool}``; ``windows`` are their indices
     into the cached split."""
 
     def __init__(self, cache: dict[str, Any]):
-        self.windows = cache["hard"].any(1).nonzero().squeeze(1)  # (n,)
+        self.windows = hard_windows(cache["hard"])  # (n,)
         self.hidden, self.target, self.hard = (cache[k][self.windows] for k in ("hidden", "target", "hard"))
 
     def __len__(self) -> int:

@@ -31,7 +31,8 @@ def probe_data(model: torch.nn.Module, batches: Iterable[dict[str, Any]]) -> dic
 
 
 def probe_scores(probe: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    """The probe's probability that a token may exit, (N,)."""
+    """The probe's probability that a token may exit: hidden (..., C) -> (...); the router's
+    ``measure = "probe"`` confidence."""
     with torch.no_grad():
         return torch.sigmoid(probe(hidden).squeeze(-1).float())
 

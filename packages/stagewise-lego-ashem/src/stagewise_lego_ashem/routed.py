@@ -161,8 +161,9 @@ def _routed_step(model: DeepSupervisionTransformer, token: torch.Tensor, pos: in
     easy = router.route(scores, threshold).masks["easy"][:, 0]  # (B,)
     for layer in range(model.exit_layer, model.config.n_layer):
         h = _cached_block(model, layer, h, ~easy, pos, cache)
-    logits = h.new_empty(h.size(0), model.config.vocab_size)
-    logits[easy] = (exit_logits[:, 0] if exit_logits is not None else model.logits_from_hidden(h[:, 0]))[easy]
+    if exit_logits is None:  # the probe: one head over every row, each at its own exit (as in routed_forward)
+        return model.logits_from_hidden(h[:, 0]), easy
+    logits = exit_logits[:, 0].clone()  # (B, V)
     logits[~easy] = model.logits_from_hidden(h[~easy, 0])
     return logits, easy
 

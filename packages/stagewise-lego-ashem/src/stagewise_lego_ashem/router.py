@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import stagewise
 from stagewise.errors import TrainingError
+from stagewise_lego_ashem.probe import probe_scores
 
 Measure = Literal["max_prob", "margin", "neg_entropy", "probe"]
 SOFTMAX_MEASURES = ("max_prob", "margin", "neg_entropy")
@@ -97,7 +98,7 @@ class Confidence(stagewise.Router):
             if getattr(model, "exit_probe", None) is None:
                 raise ValueError("measure 'probe' needs a model with exit_probe = true, trained by "
                                  "lego_ashem.train_exit_probe")
-            return torch.sigmoid(model.exit_probe(h_exit).squeeze(-1).float()), None
+            return probe_scores(model.exit_probe, h_exit), None
         return confidence_and_exit_logits(model, h_exit, self.options.measure)
 
     def calibrate(self, scores: torch.Tensor) -> dict[str, float]:

@@ -18,7 +18,7 @@ import torch
 import stagewise
 from stagewise.builtins.train import TrainOptions
 from stagewise.engine.batches import count_batches
-from stagewise.loss import perplexity
+from stagewise.loss import perplexity, token_nll
 from stagewise.schema import as_table
 from stagewise.specs import RouterSpec
 from stagewise_lego_ashem import mining, probe
@@ -152,7 +152,7 @@ class TrainUpperLayers(stagewise.TrainStage):
         if options.exit_layer != mined.exit_layer:
             problems.append(f"stages[{index}] ({self.label}): the model exits at layer {options.exit_layer} "
                             f"here but stages[{mine}] (lego_ashem.mine) cached layer {mined.exit_layer}'s states; "
-                            f"change exit_layer in no grow between them")
+                            f"keep exit_layer the same in every grow between them")
         return problems + self._loss_problems(index)
 
     def _loss_problems(self, index: int) -> list[str]:
@@ -221,8 +221,7 @@ def mined_hard_ppl(state: stagewise.State, tokens: mining.TokenCache) -> float:
     model, forward = state.model, upper_forward(state.model, "token")
     was_training = model.training
     model.eval()
-    nll = [torch.nn.functional.cross_entropy(forward(b)["logits"], b["target"], reduction="none")
-           for b in state.batches(tokens, shard=False)]
+    nll = [token_nll(forward(b)["logits"], b["target"]) for b in state.batches(tokens, shard=False)]
     model.train(was_training)
     return _ppl(torch.cat(nll))
 
@@ -239,9 +238,9 @@ class TrainExitProbeOptions:
     batch_size: int = 1024  # tokens per probe step
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise ValueError(f"epochs and batch_size must be >= 1 and lr > 0, got {self.epochs}, "
-                             f"{self.batch_size}, {self.lr}")
+        _refuse([(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+                 (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+                 (self.lr > 0, f"lr must be > 0, got {self.lr}")])
 
 
 class TrainExitProbe(stagewise.Stage):
@@ -295,10 +294,11 @@ class EvaluateRoutedOptions:
     curve_points: int = 11  # thresholds of the accuracy-compute curve (calibration quantiles, at most 21); 0: none
 
     def __post_init__(self) -> None:
-        if self.speed_batch_size < 1 or self.speed_repeats < 1 or not 0 <= self.curve_points <= mining.CURVE_QUANTILES:
-            raise ValueError(f"speed_batch_size and speed_repeats must be >= 1 and curve_points >= 0 and "
-                             f"<= {mining.CURVE_QUANTILES} (the calibration quantiles kept), got "
-                             f"{self.speed_batch_size}, {self.speed_repeats}, {self.curve_points}")
+        _refuse([(self.speed_batch_size >= 1, f"speed_batch_size must be >= 1, got {self.speed_batch_size}"),
+                 (self.speed_repeats >= 1, f"speed_repeats must be >= 1, got {self.speed_repeats}"),
+                 (0 <= self.curve_points <= mining.CURVE_QUANTILES,
+                  f"need curve_points >= 0 (0: no curve) and <= {mining.CURVE_QUANTILES} (the calibration "
+                  f"quantiles kept), got {self.curve_points}")])
 
 
 class EvaluateRouted(stagewise.Stage):
@@ -349,6 +349,13 @@ _CALIBRATING = ("lego_ashem.mine", "lego_ashem.train_exit_probe")  # stages that
 def _last_earlier(recipe: Recipe, index: int, use: str) -> int | None:
     """The index of the last stage before ``index`` that uses ``use``, or None."""
     return max((i for i, s in enumerate(recipe.stages[:index]) if s.use == use), default=None)
+
+
+def _refuse(checks: list[tuple[bool, str]]) -> None:
+    """Raise one ValueError listing the message of every failed ``(ok, message)`` check."""
+    problems = [message for ok, message in checks if not ok]
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def _model_problems(recipe: Recipe, index: int, stage: str) -> list[str]:

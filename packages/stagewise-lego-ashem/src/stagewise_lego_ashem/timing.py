@@ -35,14 +35,8 @@ def interleaved_seconds(fns: dict[str, Callable[[], Any]], repeats: int) -> dict
 
 def train_step_seconds(model: torch.nn.Module, losses: dict[str, Callable[[], torch.Tensor]],
                        repeats: int) -> dict[str, float]:
-    """Median seconds of one forward + backward of each loss, timed in interleaved rounds so that
-    load from other processes falls on every variant alike; the model's gradients are cleared."""
-    times: dict[str, list[float]] = {name: [] for name in losses}
-    for round_ in range(repeats + 1):  # round 0 warms up
-        for name, loss_fn in losses.items():
-            started = time.perf_counter()
-            loss_fn().backward()
-            if round_:
-                times[name].append(time.perf_counter() - started)
+    """Median seconds of one forward + backward of each loss (:func:`interleaved_seconds`); the
+    model's gradients are cleared afterwards."""
+    seconds = interleaved_seconds({name: lambda fn=fn: fn().backward() for name, fn in losses.items()}, repeats)
     model.zero_grad(set_to_none=True)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return seconds
