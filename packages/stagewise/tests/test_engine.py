@@ -261,6 +261,17 @@ def test_evaluation_runs_the_model_in_eval_mode_and_restores_training_mode():
     assert metrics["val/loss"] == pytest.approx(expected, rel=1e-6) and model.training  # back to training
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_eval_mode_restores_the_training_mode_even_when_the_block_raises(training):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)).train(training)
+    with stagewise.eval_mode(model) as inside:
+        assert inside is model and not model.training and not model[1].training
+    assert model.training is training and model[1].training is training
+    with pytest.raises(RuntimeError, match="boom"), stagewise.eval_mode(model):
+        raise RuntimeError("boom")
+    assert model.training is training and model[1].training is training
+
+
 class _Drift(stagewise.Loss):
     """A term with a parameter of its own that moves at every step (towards 1), apart from the model."""
 

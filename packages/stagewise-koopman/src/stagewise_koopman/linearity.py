@@ -38,19 +38,17 @@ def fit_post_hoc(model: torch.nn.Module, batches: Batches, options: KoopmanOptio
     problems = shape_problems(options, n_hidden, seq_len)
     if problems:
         raise ValueError("; ".join(problems))
-    was_training = model.training
-    model.eval()
     term = KoopmanOperator(options).build(n_hidden, width).to(next(model.parameters()).device)
     optimizer = torch.optim.Adam(term.parameters(), lr=lr)
     tail: list[float] = []
-    for step, batch in enumerate(islice(chain([first], stream), steps)):
-        loss = sum(term({"hidden": frozen_hidden(model, batch)}, batch, None).values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step >= steps - max(1, steps // 10):
-            tail.append(loss.item())
-    model.train(was_training)
+    with stagewise.eval_mode(model):
+        for step, batch in enumerate(islice(chain([first], stream), steps)):
+            loss = sum(term({"hidden": frozen_hidden(model, batch)}, batch, None).values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step >= steps - max(1, steps // 10):
+                tail.append(loss.item())
     return term, sum(tail) / len(tail)
 
 
@@ -59,12 +57,10 @@ def one_step_error(model: torch.nn.Module, term: KoopmanOperator, batches: Itera
                    ) -> tuple[float, dict[int, float]]:
     """Relative lifted one-step error of ``term`` on the frozen ``model``, mean over batches:
     over all source layers, and per source layer (which steps the model made linear)."""
-    was_training = model.training
-    model.eval()
     error = OneStepError(term)
-    for batch in batches:
-        error.add(frozen_hidden(model, batch), batch)
-    model.train(was_training)
+    with stagewise.eval_mode(model):
+        for batch in batches:
+            error.add(frozen_hidden(model, batch), batch)
     return error.means()
 
 

@@ -199,11 +199,8 @@ def _masked_mean(per_layer: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def probe_hidden(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[int, int, int]:
     """(number of hidden states, width, sequence length) of ``model``, from one batch."""
-    was_training = model.training
-    model.eval()  # no dropout: the probe draws no random numbers
-    with torch.no_grad():
+    with stagewise.eval_mode(model), torch.no_grad():  # no dropout: the probe draws no random numbers
         outputs = forward_batch(model, batch, stagewise.Needs(hidden=True))
-    model.train(was_training)
     hidden = outputs.get("hidden") if isinstance(outputs, dict) else None
     if not hidden or len(hidden) < 2 or hidden[0].dim() != 3:
         keys = sorted(outputs) if isinstance(outputs, dict) else "-"

@@ -87,21 +87,20 @@ class ForwardEval(stagewise.Stage):
     def run(self, state: stagewise.State) -> dict[str, Any]:
         o = self.options
         term = KoopmanOperator.from_artifact(state.artifacts[ARTIFACT][o.term]).to(state.device)
-        model, was_training = state.model, state.model.training
-        model.eval()
+        model = state.model
         nll = {"standard": 0.0, "koopman": 0.0}
         tokens = 0
         one_step = OneStepError(term)  # measured in the same pass as the perplexities
-        for batch in state.batches(o.split, shard=False):  # the whole split on every process: same figures
-            hidden = frozen_hidden(model, batch)
-            target = batch["target"].reshape(-1)
-            # forward mode first: it says what a model without logits_from_hidden lacks
-            koopman_logits = koopman_forward_logits(model, term, hidden, o.replace_layers)
-            for mode, logits in (("standard", model.logits_from_hidden(hidden[-1])), ("koopman", koopman_logits)):
-                nll[mode] += float(F.cross_entropy(logits.flatten(0, 1), target, reduction="sum"))
-            tokens += target.numel()
-            one_step.add(hidden, batch)
-        model.train(was_training)
+        with stagewise.eval_mode(model):
+            for batch in state.batches(o.split, shard=False):  # the whole split on every process: same figures
+                hidden = frozen_hidden(model, batch)
+                target = batch["target"].reshape(-1)
+                # forward mode first: it says what a model without logits_from_hidden lacks
+                koopman_logits = koopman_forward_logits(model, term, hidden, o.replace_layers)
+                for mode, logits in (("standard", model.logits_from_hidden(hidden[-1])), ("koopman", koopman_logits)):
+                    nll[mode] += float(F.cross_entropy(logits.flatten(0, 1), target, reduction="sum"))
+                tokens += target.numel()
+                one_step.add(hidden, batch)
         ppl, koopman_ppl = perplexity(nll["standard"] / tokens), perplexity(nll["koopman"] / tokens)
         metrics = {"ppl": ppl, "koopman_ppl": koopman_ppl, "ppl_ratio": koopman_ppl / ppl,
                    "replaced_layers": o.replace_layers}

@@ -46,30 +46,29 @@ def evaluate_routed(state: stagewise.State, batches: Iterable[dict[str, Any]], r
     model = state.model
     threshold = router.threshold if threshold is None else threshold
     shape = metrics.Shape.of(model)
-    was_training = model.training
-    model.eval()
     sums: dict[str, float] = {}
-    for batch in batches:
-        idx, target = batch["input"], batch["target"]
-        out = routed_forward(model, idx, router, threshold, keep_exit_logits=full)
-        easy = out["easy"]
-        routed_nll = token_nll(out["logits"], target)
-        _add(sums, n=target.numel(), easy=float(easy.sum()), nll=float(routed_nll.double().sum()),
-             correct=float((out["logits"].argmax(-1) == target).sum()),
-             flops=metrics.routed_flops(shape, easy, router.options.measure),
-             full_flops=metrics.full_depth_flops(shape, torch.ones_like(easy)))
-        if full:
-            exit_logits = out["exit_logits"]  # None with the probe: the full forward makes them
-            deep = model(idx, exit_layers=[model.exit_layer] if exit_logits is None else [])
-            logits = deep["logits"]
-            if exit_logits is None:
-                exit_logits = deep["exit_logits"][model.exit_layer]
-            exit_nll, hard = token_nll(exit_logits, target), ~easy
-            _add(sums, full_nll=float(token_nll(logits, target).double().sum()),
-                 full_correct=float((logits.argmax(-1) == target).sum()),
-                 exit_nll=float(exit_nll.double().sum()), hard=float(hard.sum()),
-                 hard_before=float(exit_nll[hard].double().sum()), hard_after=float(routed_nll[hard].double().sum()))
-    model.train(was_training)
+    with stagewise.eval_mode(model):
+        for batch in batches:
+            idx, target = batch["input"], batch["target"]
+            out = routed_forward(model, idx, router, threshold, keep_exit_logits=full)
+            easy = out["easy"]
+            routed_nll = token_nll(out["logits"], target)
+            _add(sums, n=target.numel(), easy=float(easy.sum()), nll=float(routed_nll.double().sum()),
+                 correct=float((out["logits"].argmax(-1) == target).sum()),
+                 flops=metrics.routed_flops(shape, easy, router.options.measure),
+                 full_flops=metrics.full_depth_flops(shape, torch.ones_like(easy)))
+            if full:
+                exit_logits = out["exit_logits"]  # None with the probe: the full forward makes them
+                deep = model(idx, exit_layers=[model.exit_layer] if exit_logits is None else [])
+                logits = deep["logits"]
+                if exit_logits is None:
+                    exit_logits = deep["exit_logits"][model.exit_layer]
+                exit_nll, hard = token_nll(exit_logits, target), ~easy
+                _add(sums, full_nll=float(token_nll(logits, target).double().sum()),
+                     full_correct=float((logits.argmax(-1) == target).sum()),
+                     exit_nll=float(exit_nll.double().sum()), hard=float(hard.sum()),
+                     hard_before=float(exit_nll[hard].double().sum()),
+                     hard_after=float(routed_nll[hard].double().sum()))
     keys = _SUMS + (_FULL_SUMS if full else ())  # every rank sends every key, even with no batch of its own
     sums = dict(zip(keys, all_reduce_sums([sums.get(k, 0.0) for k in keys], state.dist), strict=True))
     return _summarize(sums, model.exit_layer, model.config.n_layer)
@@ -118,9 +117,7 @@ def eval_speedup(model: torch.nn.Module, router: Confidence, idx: torch.Tensor, 
     interleaved rounds (median of ``repeats``). With a softmax measure, also the confidence alone
     (``confidence_ms``) beside its share of the routed forward's counted FLOPs
     (``confidence_flops_share``): the exit softmax's exponentials cost far more time than FLOPs."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with stagewise.eval_mode(model), torch.no_grad():
         fns = {"full": lambda: model(idx)["logits"],
                "routed": lambda: routed_forward(model, idx, router, router.threshold)}
         if router.options.measure in SOFTMAX_MEASURES:
@@ -132,7 +129,6 @@ def eval_speedup(model: torch.nn.Module, router: Confidence, idx: torch.Tensor, 
         if "confidence" in seconds:
             report.update(confidence_ms=1e3 * seconds["confidence"],
                           confidence_flops_share=_confidence_flops_share(model, idx, router))
-    model.train(was_training)
     return report
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+import stagewise
 from stagewise.loss import token_nll
 from stagewise_lego_ashem.router import Confidence
 
@@ -30,17 +31,15 @@ def exit_states(model: torch.nn.Module, batches: Iterable[dict[str, Any]],
     Returns ``{"hidden": (N, T, C), "scores": (N, T), "target": (N, T), "nll": (N, T)}``; ``nll``
     is the exit layer's per-token loss (NaN with the probe, which computes no exit logits).
     """
-    was_training = model.training
-    model.eval()
     parts: dict[str, list[torch.Tensor]] = {"hidden": [], "scores": [], "target": [], "nll": []}
-    for batch in batches:
-        h = model.exit_hidden(batch["input"])  # (B, T, C)
-        scores, logits = router.score(model, h)
-        target = batch["target"]
-        nll = torch.full(target.shape, float("nan")) if logits is None else token_nll(logits, target)
-        for key, value in (("hidden", h), ("scores", scores), ("target", target), ("nll", nll)):
-            parts[key].append(value.cpu())
-    model.train(was_training)
+    with stagewise.eval_mode(model):
+        for batch in batches:
+            h = model.exit_hidden(batch["input"])  # (B, T, C)
+            scores, logits = router.score(model, h)
+            target = batch["target"]
+            nll = torch.full(target.shape, float("nan")) if logits is None else token_nll(logits, target)
+            for key, value in (("hidden", h), ("scores", scores), ("target", target), ("nll", nll)):
+                parts[key].append(value.cpu())
     return {key: torch.cat(values) for key, values in parts.items()}
 
 

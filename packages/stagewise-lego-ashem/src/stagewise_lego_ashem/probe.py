@@ -14,19 +14,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+import stagewise
+
 
 @torch.no_grad()
 def probe_data(model: torch.nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Exit hidden states (N, C) of every token and labels (N,): exit argmax == last-layer argmax."""
-    was_training = model.training
-    model.eval()
     hidden, labels = [], []
-    for batch in batches:
-        h = model.exit_hidden(batch["input"])  # (B, T, C)
-        final = model.logits_from_hidden(model.run_layers(h, model.exit_layer, model.config.n_layer))
-        labels.append((model.logits_from_hidden(h).argmax(-1) == final.argmax(-1)).flatten())
-        hidden.append(h.flatten(0, 1))
-    model.train(was_training)
+    with stagewise.eval_mode(model):
+        for batch in batches:
+            h = model.exit_hidden(batch["input"])  # (B, T, C)
+            final = model.logits_from_hidden(model.run_layers(h, model.exit_layer, model.config.n_layer))
+            labels.append((model.logits_from_hidden(h).argmax(-1) == final.argmax(-1)).flatten())
+            hidden.append(h.flatten(0, 1))
     return {"hidden": torch.cat(hidden), "label": torch.cat(labels)}
 
 

@@ -219,10 +219,8 @@ def cache_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def mined_hard_ppl(state: stagewise.State, tokens: mining.TokenCache) -> float:
     """Perplexity of the upper layers on the cached hard tokens, each alone (the seed's Hard PPL)."""
     model, forward = state.model, upper_forward(state.model, "token")
-    was_training = model.training
-    model.eval()
-    nll = [token_nll(forward(b)["logits"], b["target"]) for b in state.batches(tokens, shard=False)]
-    model.train(was_training)
+    with stagewise.eval_mode(model):
+        nll = [token_nll(forward(b)["logits"], b["target"]) for b in state.batches(tokens, shard=False)]
     return _ppl(torch.cat(nll))
 
 

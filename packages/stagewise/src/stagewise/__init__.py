@@ -27,8 +27,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError", "ConfigError", "DataSplits", "Event", "Loss", "LossSpec", "Needs", "PluginError",
     "Router", "RouterSpec", "Routing", "Stage", "StagewiseError", "State", "TrainStage", "TrainingError",
-    "UnknownNameError", "__version__", "forward_batch", "get_dataset", "get_datasets", "get_loss", "get_losses",
-    "get_model", "get_models", "get_recipe", "get_recipes", "get_router", "get_routers",
+    "UnknownNameError", "__version__", "eval_mode", "forward_batch", "get_dataset", "get_datasets", "get_loss",
+    "get_losses", "get_model", "get_models", "get_recipe", "get_recipes", "get_router", "get_routers",
     "get_stage", "get_stages", "hookimpl", "load_model", "load_recipe", "run_recipe",
 ]
 
@@ -47,6 +47,7 @@ _LAZY = {
     "LossSpec": "stagewise.specs",
     "RouterSpec": "stagewise.specs",
     "forward_batch": "stagewise.engine.objective",
+    "eval_mode": "stagewise.engine.evaluate",
     "run_recipe": "stagewise.engine.runner",
 }
 

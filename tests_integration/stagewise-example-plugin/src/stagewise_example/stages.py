@@ -25,14 +25,12 @@ HARD_EXAMPLES = "example.hard_examples"  # the artifact key
 @torch.no_grad()
 def per_example_losses(model: torch.nn.Module, batches) -> torch.Tensor:
     """Mean cross-entropy of each example (N,), in the order the batches hold them."""
-    was_training = model.training
-    model.eval()
     losses = []
-    for batch in batches:
-        logits, target = forward_batch(model, batch, stagewise.Needs())["logits"], batch["target"]
-        nll = F.cross_entropy(logits.flatten(0, -2), target.flatten().long(), reduction="none")
-        losses.append(nll.view(len(target), -1).mean(1))  # (B,): mean over tokens, if any
-    model.train(was_training)
+    with stagewise.eval_mode(model):  # no dropout; the model's training mode comes back afterwards
+        for batch in batches:
+            logits, target = forward_batch(model, batch, stagewise.Needs())["logits"], batch["target"]
+            nll = F.cross_entropy(logits.flatten(0, -2), target.flatten().long(), reduction="none")
+            losses.append(nll.view(len(target), -1).mean(1))  # (B,): mean over tokens, if any
     return torch.cat(losses)
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,25 +16,35 @@ if TYPE_CHECKING:
     from stagewise.engine.state import State
 
 
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode (no dropout) inside the block; its training mode is restored on
+    leaving, also when the block raises. Gradients are untouched: add ``torch.no_grad()``."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate(state: State, terms: dict[str, Loss], batches: Iterable[dict[str, Any]], prefix: str,
              forward_fn: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, float]:
     """Metrics of every term over ``batches``, named ``<prefix>/<metric>`` for the first term
     (the stage's main objective) and ``<prefix>/<term>/<metric>`` for the others."""
     model = state.model
-    was_training = model.training
-    model.eval()
     needs = needs_of(terms.values())
     forward_fn = forward_fn or (lambda batch: forward_batch(model, batch, needs))
     sums: dict[tuple[str, str], list[float]] = {}
-    for batch in batches:
-        outputs = forward_fn(batch)
-        for name, term in terms.items():
-            for metric, (total, count) in term.eval_sums(outputs, batch, state).items():
-                acc = sums.setdefault((name, metric), [0.0, 0.0])
-                acc[0] += total
-                acc[1] += count
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in batches:
+            outputs = forward_fn(batch)
+            for name, term in terms.items():
+                for metric, (total, count) in term.eval_sums(outputs, batch, state).items():
+                    acc = sums.setdefault((name, metric), [0.0, 0.0])
+                    acc[0] += total
+                    acc[1] += count
     keys = list(sums)
     flat = all_reduce_sums([v for k in keys for v in sums[k]], state.dist)
     means: dict[str, dict[str, float]] = {}
