@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from stagewise_koopman.dmd import blend, dmd_operator
 from stagewise_koopman.loss import KoopmanOperator, KoopmanOptions
@@ -75,4 +77,55 @@ def test_only_training_passes_record_pairs_for_the_refresh():
         term({"hidden": hidden}, {}, None)  # an evaluation pass
     assert int(term.dmd_seen) == 0 and int(term.dmd_fresh) == 0
     term({"hidden": hidden}, {}, None)
+    term.end_step(trained=True)  # the pairs enter the buffer when the step has trained the term
     assert int(term.dmd_seen) == 8 and int(term.dmd_fresh) == 8  # ⌈16 / 2⌉ pairs of this step
+
+
+def _step_ends(term, loss, weight, step=1):
+    """The plugin's after-step event for one term named "koopman" at ``weight`` this epoch."""
+    from stagewise_koopman import events
+
+    from stagewise.engine.distributed import DistInfo
+
+    state = SimpleNamespace(terms={"koopman": term}, term_weights={"koopman": weight}, step=step, dist=DistInfo())
+    events.after_step(state, loss)
+
+
+def _dmd_term(dmd_every=2):
+    return KoopmanOperator(KoopmanOptions(koopman_dim=4, dmd_every=dmd_every, dmd_rate=1.0, dmd_buffer=8)).build(4, 8)
+
+
+def test_a_skipped_non_finite_batch_leaves_no_pairs_for_the_refresh():
+    hidden = [torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    term = _dmd_term(dmd_every=1)
+    term({"hidden": [h.clone() for h in hidden[:3]] + [torch.full((2, 6, 8), float("nan"))]}, {}, None)
+    _step_ends(term, float("nan"), 0.2)  # the engine skipped the batch: no pairs, no refresh
+    assert int(term.dmd_seen) == 0 and torch.equal(term.koopman.operator, torch.eye(4).repeat(3, 1, 1))
+    term({"hidden": hidden}, {}, None)
+    _step_ends(term, 1.5, 0.2)  # a trained step fills the 8-pair buffer and refreshes K from finite pairs
+    assert int(term.dmd_seen) == 8 and torch.isfinite(term.koopman.operator).all()
+    assert not torch.equal(term.koopman.operator, torch.eye(4).repeat(3, 1, 1))
+
+
+def test_a_term_at_weight_zero_records_no_pairs_even_when_computed():
+    # under torchrun the engine computes a term at weight 0 (DDP wants it in the graph); one process would not
+    term = _dmd_term()
+    term({"hidden": [torch.randn(2, 6, 8) for _ in range(4)]}, {}, None)
+    _step_ends(term, 1.5, 0.0, step=2)
+    assert int(term.dmd_seen) == 0 and term.pending is None
+
+
+def test_only_a_steps_first_pass_is_recorded():
+    # L-BFGS evaluates a batch again in its line search; the engine records only the first evaluation
+    g = torch.Generator().manual_seed(3)
+    first, again = ([torch.randn(2, 6, 8, generator=g) for _ in range(4)] for _ in range(2))
+    torch.manual_seed(0)
+    term = _dmd_term()
+    term({"hidden": first}, {}, None)
+    term({"hidden": again}, {}, None)
+    _step_ends(term, 1.5, 0.2)
+    torch.manual_seed(0)
+    once = _dmd_term()  # the same φ, K, ψ, shown the first pass alone
+    once({"hidden": first}, {}, None)
+    once.end_step(trained=True)
+    assert int(term.dmd_seen) == 4 and torch.equal(term.dmd_x, once.dmd_x) and torch.equal(term.dmd_y, once.dmd_y)

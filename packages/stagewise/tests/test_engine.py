@@ -272,6 +272,28 @@ def test_eval_mode_restores_the_training_mode_even_when_the_block_raises(trainin
     assert model.training is training and model[1].training is training
 
 
+def test_hooks_see_each_terms_scheduled_weight_of_the_epoch(tiny, tmp_path):
+    from stagewise.plugins import register_plugin, unregister_plugin
+
+    seen = set()
+
+    class Watcher:
+        @stagewise.hookimpl
+        def stagewise_after_step(self, state):
+            seen.add((state.stage_name, state.epoch, tuple(sorted(state.term_weights.items()))))
+
+    register_plugin(Watcher(), "weightwatcher")
+    try:
+        terms = ('[{use="stagewise.cross_entropy"}, '
+                 '{use="stagewise.cross_entropy", name="late", weight=0.5, start_epoch=1}]')
+        run_recipe(tiny(f"stages.phase1.losses={terms}"), out=tmp_path / "run", quiet=True)
+    finally:
+        unregister_plugin("weightwatcher")
+    assert seen == {("phase1", 0, (("cross_entropy", 1.0), ("late", 0.0))),
+                    ("phase1", 1, (("cross_entropy", 1.0), ("late", 0.5))),
+                    ("phase2", 0, (("cross_entropy", 1.0),)), ("phase2", 1, (("cross_entropy", 1.0),))}
+
+
 class _Drift(stagewise.Loss):
     """A term with a parameter of its own that moves at every step (towards 1), apart from the model."""
 

@@ -1,7 +1,9 @@
 """What the plugin does at run events, only in stages that train a ``koopman.operator`` term.
 
-- after each optimizer step: the optional DMD refresh of K (``dmd_every``); under torchrun
-  every rank then takes rank 0's K, so the ranks keep one operator;
+- after each optimizer step: the step's lifted pairs enter the DMD buffer if the step trained
+  the term (not a batch skipped as non-finite, not an epoch at weight 0), then the optional DMD
+  refresh of K (``dmd_every``); under torchrun every rank then takes rank 0's K, so the ranks
+  keep one operator;
 - after each epoch: a ``koopman.epoch`` record with each operator's change since the last
   epoch and the Koopman share of the loss;
 - after the stage: the trained φ, K, ψ go to ``state.artifacts["koopman.operators"]``, so
@@ -10,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import stagewise
@@ -20,10 +23,14 @@ def koopman_terms(state: stagewise.State) -> dict[str, KoopmanOperator]:
     return {name: term for name, term in state.terms.items() if isinstance(term, KoopmanOperator)}
 
 
-def after_step(state: stagewise.State) -> None:
-    for term in koopman_terms(state).values():
+def after_step(state: stagewise.State, loss: float) -> None:
+    for name, term in koopman_terms(state).items():
         every = term.options.dmd_every
-        if every and state.step % every == 0:
+        if not every:
+            continue
+        # under torchrun a term at weight 0 is computed too; one process would not have run it
+        term.end_step(trained=math.isfinite(loss) and state.term_weights.get(name, 0.0) != 0.0)
+        if state.step % every == 0:
             term.refresh_operator()
             term.share_operator(state.dist)  # on every rank, refreshed or not: it is a collective
 

@@ -251,6 +251,7 @@ class KoopmanOperator(stagewise.Loss):
             self.register_buffer("dmd_y", torch.zeros(n, o.dmd_buffer, D))
             self.register_buffer("dmd_seen", torch.zeros((), dtype=torch.long))  # pairs ever recorded
             self.register_buffer("dmd_fresh", torch.zeros((), dtype=torch.long))  # since the last refresh
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's pairs, until it ends
         return self
 
     def needs(self) -> stagewise.Needs:
@@ -262,8 +263,8 @@ class KoopmanOperator(stagewise.Loss):
 
     def forward(self, outputs, batch, state):
         errors, lifted = self.errors(outputs["hidden"])
-        if self.options.dmd_every and torch.is_grad_enabled():
-            self._record(lifted[:, 0].detach(), lifted[:, 1].detach())
+        if self.options.dmd_every and torch.is_grad_enabled() and self.pending is None:  # a step's first pass
+            self.pending = (lifted[:, 0].detach(), lifted[:, 1].detach())
         return {part: w * errors[part] for part, w in self.options.part_weights().items() if w}
 
     def eval_sums(self, outputs, batch, state):
@@ -273,6 +274,13 @@ class KoopmanOperator(stagewise.Loss):
         return {name: (float(value) * n, n) for name, value in {"loss": weighted, **errors}.items()}
 
     # --- operator refresh and change -----------------------------------------------------
+
+    def end_step(self, trained: bool) -> None:
+        """Record the step's pairs (from its first forward pass) for the DMD refresh if the step
+        ``trained`` the term; drop them otherwise, so a skipped non-finite batch never reaches K."""
+        if self.pending is not None and trained:
+            self._record(*self.pending)
+        self.pending = None
 
     def _record(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Keep ``ceil(dmd_buffer / dmd_every)`` evenly spaced token pairs (n, ·, D) of this step."""

@@ -30,11 +30,11 @@ def stagewise_register_recipes(register):
 
 
 @stagewise.hookimpl
-def stagewise_after_step(state):
+def stagewise_after_step(state, loss):
     if state.terms:
         from stagewise_koopman import events
 
-        events.after_step(state)
+        events.after_step(state, loss)
 
 
 @stagewise.hookimpl

@@ -101,6 +101,7 @@ class TrainLoop:
     def _train_epoch(self) -> None:
         state, pos = self.state, self.pos
         weights = self.weights.for_epoch(pos.epoch)
+        state.term_weights = dict(weights)  # a copy: hooks read it, the loop keeps its own
         active = {n for n, w in weights.items() if w != 0.0}
         total = self.steps_per_epoch
         # islice: the epoch's last step draws no further batch from the stage

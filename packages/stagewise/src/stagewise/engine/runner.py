@@ -104,7 +104,7 @@ def run_stage(state: State, index: int, spec: StageSpec, saved: dict[str, Any] |
     state.stage_index, state.stage_name = index, spec.name
     state.epoch = state.step = state.epochs_run = 0
     state.target_model = None
-    state.terms = {}
+    state.terms, state.term_weights = {}, {}
     state.resume = saved
     if saved is not None:
         set_rng_state(saved["rng"])  # TrainLoop sets it again just before its first resumed step

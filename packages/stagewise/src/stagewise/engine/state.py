@@ -46,6 +46,8 @@ class State:
     epochs_run: int = 0  # epochs the current stage has completed
     target_model: torch.nn.Module | None = None  # EMA copy of the model, when a stage asks for one
     terms: dict[str, Any] = field(default_factory=dict)  # the training stage's loss terms, by name
+    # each term's scheduled weight this epoch, by name; 0: not trained (under torchrun still computed)
+    term_weights: dict[str, float] = field(default_factory=dict)
     resume: dict[str, Any] | None = None  # the checkpoint a resumed stage continues from
     stage_started: float = 0.0  # perf_counter() at the stage's start, as if a resumed stage had never stopped
     metrics: dict[str, Any] = field(default_factory=dict)  # final metrics so far, all stages
