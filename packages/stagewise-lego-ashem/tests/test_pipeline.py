@@ -68,6 +68,20 @@ def test_speed_metrics_are_reported_and_change_no_other_number(tiny, tmp_path):
         "test/confidence_flops_share"}
 
 
+def test_a_rerun_verifies_against_the_first_runs_summary_leaving_wall_clock_out(tiny, tmp_path, capsys):
+    from stagewise.cli.main import main
+
+    timed = tiny("stages.phase2.max_epochs=1", "stages.test.curve_points=0", "stages.phase2.measure_speed=true",
+                 "stages.test.measure_speed=true")
+    first, again = (run_recipe(timed, out=tmp_path / name, quiet=True) for name in ("first", "again"))
+    stages = read_summary(first)["stages"]
+    assert "phase2/phase2_cache_speedup" in stages["phase2"]["measured"]
+    assert "phase2/phase2_cache_speedup_flops" not in stages["phase2"]["measured"]  # counted, not timed
+    assert "test/speedup_measured" in stages["test"]["measured"] and stages["mine"]["measured"] == []
+    assert main(["verify", str(again), str(first / "summary.json")]) == 0
+    assert "verify: OK (9 wall-clock measurement(s) not compared" in capsys.readouterr().out
+
+
 def test_exit_probe_replaces_the_exit_softmax(tiny, tmp_path):
     recipe = tiny("model.exit_probe=true", "stages.phase2.max_epochs=1",
                   "stages.test.measure_speed=false", "stages.test.curve_points=2")

@@ -92,6 +92,49 @@ def test_verify_needs_a_finished_run(tmp_path, capsys):
     assert "did the run finish?" in capsys.readouterr().err
 
 
+class _Timed(stagewise.Stage):
+    """Reports one wall-clock figure (declared measured) and one count."""
+
+    name = "clitest.timed"
+    measured = ("took_ms",)
+
+    def run(self, state):
+        return {f"{self.label}/took_ms": 12.5, f"{self.label}/count": 3}
+
+
+def test_verify_leaves_a_runs_wall_clock_measurements_out_unless_given_a_tolerance(tiny_recipe_path, tmp_path,
+                                                                                  capsys):
+    from stagewise.plugins import register_plugin, unregister_plugin
+
+    class Timed:
+        @stagewise.hookimpl
+        def stagewise_register_stages(self, register):
+            register(_Timed)
+
+    recipe = tmp_path / "timed.toml"
+    recipe.write_text(tiny_recipe_path.read_text() + '\n[[stages]]\nname = "clock"\nuse = "clitest.timed"\n')
+    register_plugin(Timed(), "clitest")
+    try:
+        run_dir = run_recipe(load_recipe(recipe, ["stages.phase1.max_epochs=1", "stages.phase2.max_epochs=1"]),
+                             out=tmp_path / "run", quiet=True)
+    finally:
+        unregister_plugin("clitest")
+    summary = read_summary(run_dir)
+    assert summary["stages"]["clock"]["measured"] == ["clock/took_ms"] and summary["stages"]["phase1"]["measured"] == []
+    other = {**summary, "metrics": {**summary["metrics"], "clock/took_ms": 14.0}}  # another run's timing
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert main(["verify", str(run_dir), str(tmp_path / "other.json")]) == 0
+    assert capsys.readouterr().out == ("verify: OK (1 wall-clock measurement(s) not compared: clock/took_ms; "
+                                       "give one a tolerance in the golden file to compare it)\n")
+    other["metrics"]["clock/count"] = 4  # a counted figure is still compared
+    other["tolerance"] = {"clock/took_ms": 1.0}  # and a measurement given a tolerance is too
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert main(["verify", str(run_dir), str(tmp_path / "other.json")]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "clock/took_ms: run 12.5 != golden 14.0 (diff -1.5, tolerance 1.0)"
+    assert out[1] == "clock/count: run 3 != golden 4 (diff -1, tolerance 0.0)" and out[2] == "verify: 2 difference(s)"
+
+
 def test_out_must_be_a_new_or_empty_folder(tiny_recipe_path, tmp_path, capsys):
     (tmp_path / "notes.csv").write_text("kept")
     assert main(["run", str(tiny_recipe_path), "--out", str(tmp_path / "notes.csv"), "--quiet"]) == 1

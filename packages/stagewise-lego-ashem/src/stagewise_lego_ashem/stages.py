@@ -25,6 +25,7 @@ from stagewise_lego_ashem import mining, probe
 from stagewise_lego_ashem.evaluation import evaluate_routed, phase2_speedups, routed_report, router_of
 from stagewise_lego_ashem.model import DeepSupervisionOptions
 from stagewise_lego_ashem.routed import upper_forward
+from stagewise_lego_ashem.timing import TIMING_METRICS
 
 if TYPE_CHECKING:
     from stagewise.data.splits import DataSplits
@@ -131,6 +132,7 @@ class TrainUpperLayers(stagewise.TrainStage):
 
     name = "lego_ashem.train_upper_layers"
     Options = TrainUpperOptions
+    measured = TIMING_METRICS  # wall clock: summary.json marks them, verify leaves them out
 
     def __init__(self, options: TrainUpperOptions | None = None, label: str | None = None):
         super().__init__(options, label)
@@ -314,6 +316,7 @@ class EvaluateRouted(stagewise.Stage):
 
     name = "lego_ashem.evaluate_routed"
     Options = EvaluateRoutedOptions
+    measured = TIMING_METRICS  # wall clock: summary.json marks them, verify leaves them out
 
     def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
         problems = super().check(recipe, index, data) + _model_problems(recipe, index, self.name)

@@ -46,6 +46,10 @@ class Stage(ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
+    # metrics this stage returns that are wall-clock measurements, by the last part of their name
+    # (e.g. "speedup_measured"): summary.json lists them under "measured" and `stagewise verify`
+    # compares them only where a golden record gives a tolerance
+    measured: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Any = None, label: str | None = None):
         self.options = options if options is not None else self.Options()

@@ -1,7 +1,10 @@
 """Compare a run's final metrics with a golden record.
 
 A golden file is JSON: ``{"metrics": {name: value}, "tolerance": {name: abs_tol}}``. Every
-golden metric must match exactly unless the file gives it an explicit absolute tolerance.
+golden metric must match exactly unless the file gives it an explicit absolute tolerance. The
+run's wall-clock measurements (each stage's ``"measured"`` in summary.json) are compared only
+where the golden file gives them a tolerance: no two runs take the same time, so another run's summary.json still
+verifies a rerun.
 """
 
 from __future__ import annotations
@@ -44,12 +47,27 @@ def compare(actual: dict[str, Any], golden: dict[str, Any], tolerance: dict[str,
 
 
 def verify_run(run_dir: Path, golden_path: Path) -> list[str]:
+    """One line per golden metric the run misses or differs in (measured ones aside)."""
+    return verify_report(run_dir, golden_path)[0]
+
+
+def verify_report(run_dir: Path, golden_path: Path) -> tuple[list[str], list[str]]:
+    """(one line per difference, the run's measured metrics left out of the comparison)."""
     path = Path(run_dir) / "summary.json"
     summary = load_json(path, "summary.json (did the run finish?)")
     if not isinstance(summary, dict) or not isinstance(summary.get("metrics"), dict):
         raise CheckpointError(f"{path} has no 'metrics' object: is {run_dir} a stagewise run directory?")
     metrics, tolerance = golden_tables(load_json(golden_path, "golden file"), golden_path)
-    return compare(summary["metrics"], metrics, tolerance)
+    skipped = [key for key in measured_metrics(summary) if key in metrics and key not in tolerance]
+    compared = {key: value for key, value in metrics.items() if key not in skipped}
+    return compare(summary["metrics"], compared, tolerance), skipped
+
+
+def measured_metrics(summary: dict[str, Any]) -> list[str]:
+    """The run's metrics that are wall-clock measurements: each stage's ``measured`` list."""
+    stages = summary.get("stages")
+    results = stages.values() if isinstance(stages, dict) else ()
+    return sorted({key for result in results if isinstance(result, dict) for key in result.get("measured", ())})
 
 
 def golden_tables(golden: Any, path: Path) -> tuple[dict[str, Any], dict[str, float]]:

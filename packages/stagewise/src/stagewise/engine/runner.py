@@ -126,7 +126,8 @@ def run_stage(state: State, index: int, spec: StageSpec, saved: dict[str, Any] |
                             ) from None
     seconds = time.perf_counter() - state.stage_started
     state.resume = None
-    state.stage_results[spec.name] = {"metrics": metrics, "epochs": state.epochs_run, "seconds": seconds}
+    state.stage_results[spec.name] = {"metrics": metrics, "epochs": state.epochs_run, "seconds": seconds,
+                                      "measured": [k for k in metrics if k.rsplit("/", 1)[-1] in stage.measured]}
     state.metrics.update(metrics)
     state.log("stage", seconds=seconds, **metrics)
     state.fire(Event.AFTER_STAGE, stage=stage, metrics=metrics)  # before the checkpoint: hook records are kept
