@@ -175,6 +175,28 @@ def test_verify_tolerance_is_inclusive_and_nan_matches_nan():
     assert compare({"a": 1.0, "b": 0.0, "c": 2}, golden, {})[0].startswith("b: run 0.0 != golden nan")
 
 
+def test_compare_sets_a_stage_key_only_in_the_recipes_that_have_that_stage(tiny_recipe_path, tmp_path, capsys):
+    from stagewise.compare import compare_recipes
+    from stagewise.errors import ConfigError
+
+    text = tiny_recipe_path.read_text().replace('name = "tiny"', 'name = "renamed"')
+    other = tmp_path / "renamed.toml"
+    other.write_text(text.replace('name = "phase1"', 'name = "train"'))  # the baseline's name for it
+    names = [str(tiny_recipe_path), str(other)]
+    runs = compare_recipes(names, ["stages.phase1.max_epochs=1", "stages.train.max_epochs=1",
+                                   "stages.phase2.max_epochs=1"], tmp_path / "cmp", quiet=True)
+    out = capsys.readouterr().out
+    assert f"compare: --set stages.phase1.max_epochs=1 applies to {names[0]} only ({names[1]}: no stage named " \
+           f"'phase1')" in out and f"--set stages.train.max_epochs=1 applies to {names[1]} only" in out
+    assert "phase2.max_epochs" not in out  # both have it: nothing to say
+    for name, first in (("tiny", "phase1"), ("renamed", "train")):
+        stages = read_summary(tmp_path / "cmp" / name)["stages"]
+        assert stages[first]["epochs"] == 1 and stages["phase2"]["epochs"] == 1
+    assert runs["tiny"]["metrics"] == runs["renamed"]["metrics"]  # the same training under either name
+    with pytest.raises(ConfigError, match="no stage named 'phase9'"):  # in no recipe: an error, as ever
+        compare_recipes(names, ["stages.phase9.max_epochs=1"], tmp_path / "cmp2", quiet=True)
+
+
 def test_compare_refuses_other_seeds_and_other_data(tiny_recipe_path, tmp_path):
     from stagewise.compare import compare_recipes
     from stagewise.errors import ConfigError

@@ -13,13 +13,13 @@ from typing import Any
 
 from stagewise.engine.rundir import empty_folder, write_json_atomic
 from stagewise.errors import ConfigError
-from stagewise.recipe import Recipe, load_recipe
+from stagewise.recipe import Recipe, load_recipe, read_recipe_table
 
 
 def compare_recipes(names: list[str], overrides: list[str], out: Path, quiet: bool = False) -> dict[str, Any]:
     from stagewise.engine.runner import run_recipe
 
-    recipes = [load_recipe(name, overrides) for name in names]
+    recipes = [load_recipe(name, own) for name, own in zip(names, overrides_by_recipe(names, overrides), strict=True)]
     check_comparable(recipes)
     for recipe in recipes:  # before the first run, not after it
         empty_folder(out / recipe.run.name)
@@ -31,6 +31,32 @@ def compare_recipes(names: list[str], overrides: list[str], out: Path, quiet: bo
     write_json_atomic(out / "compare.json", {"runs": runs})
     print(f"{comparison_table(runs)}\n\n-> {out / 'compare.json'}")
     return runs
+
+
+def overrides_by_recipe(names: list[str], overrides: list[str]) -> list[list[str]]:
+    """Each recipe's share of ``overrides``: one that sets ``stages.NAME.…`` goes only to the
+    recipes that have a stage NAME (a baseline's ``train`` and a method's ``phase1`` can both be
+    shortened in one command) and is said once; one that no recipe's stages match goes to all,
+    whose errors then name it."""
+    stages = [_stage_names(name) for name in names]
+    shares: list[list[str]] = [[] for _ in names]
+    for item in overrides:
+        parts = item.partition("=")[0].strip().split(".")
+        stage = parts[1] if len(parts) > 2 and parts[0] == "stages" else None
+        having = [i for i, own in enumerate(stages) if stage in own]
+        if stage is not None and having and len(having) < len(names):
+            others = ", ".join(names[i] for i in range(len(names)) if i not in having)
+            print(f"compare: --set {item} applies to {', '.join(names[i] for i in having)} only "
+                  f"({others}: no stage named {stage!r})")
+        for i in having if stage is not None and having else range(len(names)):
+            shares[i].append(item)
+    return shares
+
+
+def _stage_names(name: str) -> set[str]:
+    raw, _ = read_recipe_table(name)
+    stages = raw.get("stages")
+    return {t.get("name") for t in stages if isinstance(t, dict)} if isinstance(stages, list) else set()
 
 
 def check_comparable(recipes: list[Recipe]) -> None:

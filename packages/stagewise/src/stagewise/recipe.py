@@ -81,6 +81,12 @@ TOP_LEVEL = ("run", "data", "model", "stages")
 
 def load_recipe(recipe: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Load, override and validate a recipe file or a registered recipe name."""
+    raw, path = read_recipe_table(recipe)
+    return recipe_from_table(raw, str(path), overrides or [])
+
+
+def read_recipe_table(recipe: str | Path) -> tuple[dict[str, Any], Path]:
+    """The recipe's TOML table as written (data paths made absolute), not yet validated, and its file."""
     path = resolve_recipe_path(recipe)
     source = str(path)
     try:
@@ -97,7 +103,7 @@ def load_recipe(recipe: str | Path, overrides: list[str] | None = None) -> Recip
     except OSError as exc:
         raise ConfigError([f"cannot read the file: {exc}"], source) from exc
     anchor_data_paths(raw, path.parent)
-    return recipe_from_table(raw, source, overrides or [])
+    return raw, path
 
 
 def anchor_data_paths(raw: dict[str, Any], base: Path, keys: set[str] | None = None) -> None:
