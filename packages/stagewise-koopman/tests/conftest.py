@@ -90,8 +90,8 @@ def tiny_recipe(text: str = TINY_HYBRID, overrides: list[str] | None = None):
     return recipe_from_table(tomllib.loads(text), "tiny_hybrid.toml", overrides or [])
 
 
-def run_tiny(out: Path, text: str = TINY_HYBRID, overrides: list[str] | None = None) -> Path:
-    return run_recipe(tiny_recipe(text, overrides), out=out, quiet=True)
+def run_tiny(out: Path, text: str = TINY_HYBRID, overrides: list[str] | None = None, quiet: bool = True) -> Path:
+    return run_recipe(tiny_recipe(text, overrides), out=out, quiet=quiet)
 
 
 @pytest.fixture(scope="session")

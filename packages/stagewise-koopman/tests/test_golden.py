@@ -12,6 +12,8 @@ from conftest import run_tiny
 from stagewise.plots import have_matplotlib
 from stagewise.verify import verify_run
 
+# Some final metrics of run_tiny; after a deliberate behaviour change, run run_tiny (conftest.py)
+# and copy the same keys from its summary.json, saying in the commit which numbers moved and why.
 GOLDEN = Path(__file__).parent / "golden" / "tiny_hybrid.json"
 
 

@@ -92,6 +92,28 @@ def test_detach_keeps_the_backbone_gradient_off_one_side_of_each_pair():
     assert grads("source") == [False, True, False]
 
 
+def test_the_term_normalises_the_states_once_for_the_lift_and_the_targets(monkeypatch):
+    # φ lifts ĥ and ψ's targets are ĥ: the term computed ĥ twice, once inside φ and once for the targets
+    import stagewise_koopman.loss
+    import stagewise_koopman.operator
+
+    original, calls = stagewise_koopman.operator.normalize_state, []
+
+    def counting(h):
+        calls.append(h.shape)
+        return original(h)
+
+    for module in (stagewise_koopman.loss, stagewise_koopman.operator):
+        monkeypatch.setattr(module, "normalize_state", counting)
+    hidden = hidden_states()
+    term = KoopmanOperator(KoopmanOptions(koopman_dim=4, steps=2)).build(4, 8)
+    _, lifted = term.errors(hidden)
+    assert len(calls) == 1
+    # the lift of the shared ĥ is φ of the raw states, as forward mode computes it
+    states, _ = gather_pairs(hidden, term.sources, term.options)
+    assert torch.equal(lifted[:, 0], term.koopman.lift(states[:, 0]))
+
+
 def test_a_single_token_pair_has_zero_spread_not_nan():
     hidden = hidden_states(B=1, T=1)  # one position: one pair per layer
     errors, _ = KoopmanOperator(KoopmanOptions(koopman_dim=4, steps=2)).build(4, 8).errors(hidden)
@@ -240,7 +262,7 @@ def test_a_refused_post_hoc_fit_leaves_the_model_in_training_mode():
 def _forward_eval_state(model, batches, term):
     """What ``koopman.forward_eval`` reads of the run state."""
     return SimpleNamespace(artifacts={"koopman.operators": {"koopman": term.artifact()}}, device=torch.device("cpu"),
-                           model=model, batches=lambda split, shard: batches, run_dir=None)
+                           model=model, batches=lambda split, shard: batches, run_dir=None, quiet=True, is_main=True)
 
 
 def test_forward_eval_says_what_a_model_without_an_output_head_lacks():

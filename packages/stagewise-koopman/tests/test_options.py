@@ -71,8 +71,8 @@ def test_a_term_with_only_the_spectral_part_or_a_small_buffer_without_dmd_is_acc
     (["stages.main.losses.koopman.layers=[0]", "stages.main.losses.koopman.steps=5"],
      r"stages\[1\]\.losses\[1\]: steps 5 .* steps must be <= 3"),
     (["stages.forward.replace_layers=1", "stages.main.losses.koopman.layers=[0]"],
-     r"stages\[2\]\.replace_layers: replacing the last 1 of 3 blocks needs term 'koopman'.s operator from "
-     r"layer 2, but its source layers are \[0\]; replace_layers can be: 3"),
+     r"stages\[2\]\.replace_layers: replacing the last 1 of 3 blocks needs the operator of term 'koopman' "
+     r"from layer 2, but its source layers are \[0\]; replace_layers can be: 3"),
     (["stages.forward.replace_layers=9"],
      r"stages\[2\]\.replace_layers: 9 is more than the model's 3 blocks; .* replace_layers can be: 1, 2, 3"),
     (['stages.main.losses.koopman.axis="time"'],

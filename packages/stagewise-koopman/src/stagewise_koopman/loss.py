@@ -161,8 +161,8 @@ def koopman_parts(modules: KoopmanModules, states: torch.Tensor, mask: torch.Ten
         states = torch.cat([states[:, :1].detach(), states[:, 1:]], 1)
     elif options.detach == "target":
         states = torch.cat([states[:, :1], states[:, 1:].detach()], 1)
-    lifted = modules.lift(states.reshape(n, s1 * M, C)).view(n, s1, M, -1)  # every state in one bmm
-    targets = normalize_state(states)
+    targets = normalize_state(states)  # ĥ: what φ lifts and ψ decodes back to, normalised once for both
+    lifted = modules.lift_normalized(targets.reshape(n, s1 * M, C)).view(n, s1, M, -1)  # every state in one bmm
     x = lifted[:, 0]
     errors = {"reconstruction": _masked_mean(_distance(modules.decode(x), targets[:, 0], options), mask[:, 0])}
     lifted_k, state_k, pred = [], [], x

@@ -41,7 +41,11 @@ class KoopmanModules(nn.Module):
 
     def lift(self, h: torch.Tensor, j: slice = slice(None)) -> torch.Tensor:
         """φ: h (n, M, C) -> z (n, M, D)."""
-        return torch.tanh(torch.baddbmm(self.lift_bias[j, None], normalize_state(h), self.lift_weight[j]))
+        return self.lift_normalized(normalize_state(h), j)
+
+    def lift_normalized(self, h_hat: torch.Tensor, j: slice = slice(None)) -> torch.Tensor:
+        """φ of a state already normalised by :func:`normalize_state`: ĥ (n, M, C) -> z (n, M, D)."""
+        return torch.tanh(torch.baddbmm(self.lift_bias[j, None], h_hat, self.lift_weight[j]))
 
     def advance(self, z: torch.Tensor, k: int = 1, j: slice = slice(None)) -> torch.Tensor:
         """K^k z for z (n, M, D): k applications of each layer's operator (row vectors: z K^T)."""

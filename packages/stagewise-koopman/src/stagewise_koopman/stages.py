@@ -7,6 +7,7 @@ written by an ``after_stage`` hook when a training stage with a ``koopman.operat
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import stagewise
+from stagewise.engine.batches import count_batches
 from stagewise.loss import perplexity
 from stagewise_koopman.forward_mode import koopman_forward_logits, plot_spectrum, spectral_radii
 from stagewise_koopman.linearity import OneStepError, fit_post_hoc, frozen_hidden, one_step_error
@@ -25,6 +27,16 @@ from stagewise_koopman.loss import (
     shape_problems,
     source_layers,
 )
+from stagewise_koopman.progress import progress_bar, show_bar
+
+
+def whole_split(state: stagewise.State, split: str, label: str) -> Iterable[dict[str, Any]]:
+    """Every batch of ``split`` on every process, so every rank reports the same figures; behind a
+    progress bar named ``label`` where core would show one."""
+    batches = state.batches(split, shard=False)
+    if not show_bar(state):
+        return batches
+    return progress_bar(batches, label, count_batches(state, split, train=False))
 
 
 @dataclass
@@ -79,8 +91,8 @@ class ForwardEval(stagewise.Stage):
             return [f"{replace} is more than the model's {n_layer} blocks; with term {name!r} "
                     f"(source layers {sources}) replace_layers can be: {valid}"]
         if n_layer - replace not in sources:
-            return [f"replacing the last {replace} of {n_layer} blocks needs term {name!r}'s operator from layer "
-                    f"{n_layer - replace}, but its source layers are {sources}; replace_layers can be: {valid}"]
+            return [f"replacing the last {replace} of {n_layer} blocks needs the operator of term {name!r} from "
+                    f"layer {n_layer - replace}, but its source layers are {sources}; replace_layers can be: {valid}"]
         return []
 
     @torch.no_grad()
@@ -92,7 +104,7 @@ class ForwardEval(stagewise.Stage):
         tokens = 0
         one_step = OneStepError(term)  # measured in the same pass as the perplexities
         with stagewise.eval_mode(model):
-            for batch in state.batches(o.split, shard=False):  # the whole split on every process: same figures
+            for batch in whole_split(state, o.split, f"{self.label} {o.split}"):
                 hidden = frozen_hidden(model, batch)
                 target = batch["target"].reshape(-1)
                 # forward mode first: it says what a model without logits_from_hidden lacks
@@ -150,8 +162,9 @@ class Linearity(stagewise.Stage):
         o = self.options
         # every process fits and measures on whole batches, so all end with the same modules and figures
         term, fit_loss = fit_post_hoc(state.model, lambda epoch: state.batches(o.fit_split, train=True, epoch=epoch,
-                                                                               shard=False), o.fit, o.fit_steps, o.lr)
-        error, per_layer = one_step_error(state.model, term, state.batches(o.split, shard=False))
+                                                                               shard=False), o.fit, o.fit_steps, o.lr,
+                                      progress=f"{self.label} fit" if show_bar(state) else None)
+        error, per_layer = one_step_error(state.model, term, whole_split(state, o.split, f"{self.label} {o.split}"))
         metrics = {"one_step_error": error, "fit_loss": fit_loss}
         metrics.update({f"L{layer}/one_step_error": e for layer, e in per_layer.items()})
         return {f"{self.label}/{k}": v for k, v in metrics.items()}
