@@ -16,6 +16,7 @@ os.environ["STAGEWISE_LOAD_PLUGINS"] = "koopman"
 TINY_HYBRID = """
 [run]
 name = "tiny_hybrid"
+device = "cpu"  # the golden records are CPU records; CUDA is tested separately
 seed = 5
 threads = 1
 log_every_n_steps = 1

@@ -35,6 +35,16 @@ def test_trained_operator_is_handed_on_in_the_artifacts(tiny_run):
     assert not torch.equal(operator["state"]["operator"][0], torch.eye(8))  # trained away from its init
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_tiny_hybrid_runs_on_cuda_to_its_cpu_figures(tiny_run, tmp_path):
+    # the golden is a CPU record; on a GPU the same recipe must run through and land close to it
+    on_cuda = run_tiny(tmp_path / "cuda", overrides=["run.device=cuda"])
+    cpu, gpu = (json.loads((run / "summary.json").read_text())["metrics"] for run in (tiny_run, on_cuda))
+    assert set(gpu) == set(cpu)
+    for key in ("val/ppl", "forward/ppl", "forward/koopman_ppl", "linearity/one_step_error", "test/loss"):
+        assert gpu[key] == pytest.approx(cpu[key], rel=1e-2), key
+
+
 def test_each_epoch_logs_operator_change_and_share(tiny_run):
     records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     koopman = [r for r in records if r["event"] == "koopman.epoch"]

@@ -16,6 +16,7 @@ os.environ["STAGEWISE_LOAD_PLUGINS"] = "stagewise,lego_ashem"
 TINY = """
 [run]
 name = "tiny_ashem"
+device = "cpu"  # the golden records are CPU records; CUDA is tested separately
 seed = 3
 threads = 1
 

@@ -13,7 +13,7 @@ import stagewise
 from stagewise.engine.checkpoint import load_checkpoint
 from stagewise.engine.runner import run_recipe
 from stagewise.errors import ConfigError
-from stagewise.recipe import load_recipe
+from stagewise.recipe import load_recipe, recipe_from_table
 from stagewise.verify import compare
 from stagewise_lego_ashem.timing import TIMING_METRICS
 
@@ -31,6 +31,26 @@ def test_golden_record(tiny, tmp_path, mode):
     summary = read_summary(run_recipe(tiny(f"stages.phase2.context=\"{mode}\""), out=tmp_path / "run", quiet=True))
     golden = json.loads((GOLDEN / f"tiny_{mode}.json").read_text())
     assert compare(summary["metrics"], golden["metrics"], golden.get("tolerance", {})) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("measure", ["max_prob", "probe"])
+def test_the_pipeline_runs_on_cuda_to_its_cpu_figures(tiny, tmp_path, measure):
+    # the goldens are CPU records; on a GPU the probe's curve quantiles crashed (a CPU q for CUDA scores)
+    overrides = ["stages.phase2.max_epochs=1", "stages.test.measure_speed=true", "stages.test.curve_points=2"]
+    if measure == "probe":
+        overrides.append("model.exit_probe=true")
+    runs = {}
+    for device in ("cpu", "cuda"):
+        table = tiny(*overrides, f"run.device={device}").table
+        if measure == "probe":
+            table["stages"].insert(3, {"name": "probe", "use": "lego_ashem.train_exit_probe", "epochs": 2})
+        recipe = recipe_from_table(table, f"tiny on {device}", [])
+        runs[device] = read_summary(run_recipe(recipe, out=tmp_path / device, quiet=True))["metrics"]
+    cpu, gpu = (deterministic(runs[device]) for device in ("cpu", "cuda"))
+    assert set(gpu) == set(cpu) and runs["cuda"]["test/speedup_measured"] > 0
+    for key in ("test/full_depth_ppl", "test/routed_ppl", "test/shallow_ratio", "test/compute_cost_flops"):
+        assert gpu[key] == pytest.approx(cpu[key], rel=5e-2), key
 
 
 def test_same_seed_gives_bit_identical_metrics(tiny, tmp_path):

@@ -406,3 +406,15 @@ def test_calibrating_on_non_finite_confidences_names_the_divergence():
     scores = torch.tensor([0.2, float("nan"), 0.7, float("nan")])
     with pytest.raises(TrainingError, match="2 of 4 calibration confidences are not finite, so the model has diverged"):
         Confidence().calibrate(scores)
+
+
+def test_timings_wait_for_the_gpu_before_reading_the_clock(monkeypatch):
+    # CUDA runs queued work after the call returns: without a wait, routed/full times were launch times
+    from stagewise_lego_ashem import timing
+
+    events = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: events.append("wait"))
+    timing.interleaved_seconds({"a": lambda: events.append("a"), "b": lambda: events.append("b")}, repeats=1)
+    assert events == ["wait", "a", "wait", "wait", "b", "wait"] * 2

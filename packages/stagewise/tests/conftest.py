@@ -17,6 +17,7 @@ os.environ["STAGEWISE_LOAD_PLUGINS"] = "stagewise"
 TINY = """
 [run]
 name = "tiny"
+device = "cpu"  # the golden records are CPU records; CUDA is tested separately
 seed = 7
 threads = 1
 log_every_n_steps = 1

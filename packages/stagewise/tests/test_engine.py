@@ -40,6 +40,15 @@ def test_golden_record(tiny, tmp_path):
     assert compare(summary["metrics"], golden["metrics"], golden.get("tolerance", {})) == []
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_tiny_recipe_runs_on_cuda_to_its_cpu_figures(tiny, tmp_path):
+    # the golden is a CPU record; on a GPU the same recipe must run through and land close to it
+    cpu = read_summary(run_recipe(tiny(), out=tmp_path / "cpu", quiet=True))["metrics"]
+    gpu = read_summary(run_recipe(tiny("run.device=cuda"), out=tmp_path / "cuda", quiet=True))["metrics"]
+    assert set(gpu) == set(cpu)
+    assert gpu["test/ppl"] == pytest.approx(cpu["test/ppl"], rel=1e-2)
+
+
 def test_run_directory_layout(tiny, tmp_path):
     run_dir = run_recipe(tiny(), out=tmp_path / "run", quiet=True)
     names = sorted(p.name for p in run_dir.iterdir() if p.name != "plots")  # plots need matplotlib
@@ -367,3 +376,20 @@ def test_asking_for_cuda_without_cuda_is_a_config_error():
         resolve_device("cuda")
     with pytest.raises(ConfigError, match=r"^my\.toml: 1 problem:\n  - run\.device"):  # was "recipe: 1 problem"
         resolve_device("cuda", "my.toml")
+
+
+@pytest.mark.parametrize("name", ["auto", "cuda"])
+def test_more_processes_on_a_machine_than_it_has_gpus_is_a_config_error(monkeypatch, name):
+    # torchrun --nproc_per_node=2 on a one-GPU machine crashed process 1 with "invalid device ordinal"
+    from stagewise.engine.distributed import resolve_device
+    from stagewise.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert resolve_device(name) == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match=r"^my\.toml: 1 problem:\n  - run\.device: .* this machine has 1 and "
+                                          r"torchrun started process 1 here; start at most 1 per machine "
+                                          r"\(torchrun --nproc_per_node=1\) or set run\.device = 'cpu'"):
+        resolve_device(name, "my.toml")

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 from conftest import CLASSES
 
 from stagewise.errors import ConfigError
@@ -284,20 +285,23 @@ def test_model_n_outputs_below_the_labels_is_a_model_error(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_negative_labels_train_as_ignore_index_and_others_are_a_clear_error(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_negative_labels_train_as_ignore_index_and_others_are_a_clear_error(tmp_path, device):
+    # on CUDA torch's bound check is a device-side assert that poisons the process: checked before it
     from stagewise.data.splits import DataError
     from stagewise.engine.runner import run_recipe
 
     (tmp_path / "c.csv").write_text("x,y\n" + "".join(f"{i},{i % 3 - 1}\n" for i in range(6)))  # -1, 0, 1
     (tmp_path / "r.toml").write_text(CLASSES)
-    skip = ['data.target_dtype="long"', "model.n_outputs=2",
+    skip = [f"run.device={device}", 'data.target_dtype="long"', "model.n_outputs=2",
             'stages.s.losses=[{ use = "stagewise.cross_entropy", ignore_index = -1 }]']
     metrics = json.loads((run_recipe(load_recipe(tmp_path / "r.toml", skip), out=tmp_path / "ok", quiet=True)
                           / "summary.json").read_text())["metrics"]
     assert math.isfinite(metrics["val/loss"])  # the -1 labels were skipped, as the term says
     with pytest.raises(DataError, match=r"stagewise.cross_entropy: Target -1 is out of bounds. The batch's "
                                         r"'target' must hold class labels 0..1, or ignore_index = -100"):
-        run_recipe(load_recipe(tmp_path / "r.toml", skip[:2]), out=tmp_path / "bad", quiet=True)
+        run_recipe(load_recipe(tmp_path / "r.toml", skip[:3]), out=tmp_path / "bad", quiet=True)
 
 
 def test_cross_entropy_refuses_float_targets_before_the_run(tmp_path):

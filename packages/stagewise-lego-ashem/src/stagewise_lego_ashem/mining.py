@@ -49,7 +49,7 @@ CURVE_QUANTILES = 21  # calibration quantiles kept with the router: the curve pi
 def score_quantiles(scores: torch.Tensor, points: int = CURVE_QUANTILES) -> list[float]:
     """Evenly spaced quantiles (0, 1/(points-1), ..., 1) of the calibration confidences: the
     thresholds of the accuracy-compute curve, kept with the router so evaluation needs no rerun."""
-    qs = torch.linspace(0, 1, points, dtype=torch.float64)
+    qs = torch.linspace(0, 1, points, dtype=torch.float64, device=scores.device)
     return [float(v) for v in torch.quantile(scores.flatten().double(), qs)]
 
 

@@ -26,11 +26,20 @@ def interleaved_seconds(fns: dict[str, Callable[[], Any]], repeats: int) -> dict
     times: dict[str, list[float]] = {name: [] for name in fns}
     for round_ in range(repeats + 1):
         for name, fn in fns.items():
+            wait_for_device()
             started = time.perf_counter()
             fn()
+            wait_for_device()
             if round_:
                 times[name].append(time.perf_counter() - started)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def wait_for_device() -> None:
+    """A GPU runs queued work after the call that queued it returns: wait for it, or a timing
+    measures only the launches. Nothing to wait for on the CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def train_step_seconds(model: torch.nn.Module, losses: dict[str, Callable[[], torch.Tensor]],

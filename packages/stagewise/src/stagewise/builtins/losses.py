@@ -95,13 +95,20 @@ class CrossEntropy(_OutputLoss):
                 f"stagewise.jsonl), for regression use losses = [{{ use = \"stagewise.mse\" }}]")
 
     def _nll(self, logits: torch.Tensor, target: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        classes = logits.shape[-1]
+        if logits.device.type != "cpu":  # there a bad label is a device-side assert, which ends the process
+            outside = (target != self.options.ignore_index) & ((target < 0) | (target >= classes))
+            if bool(outside.any()):
+                raise self._label_error(f"Target {int(target[outside][0])} is out of bounds.", classes)
         try:
             return F.cross_entropy(logits, target, ignore_index=self.options.ignore_index, **kwargs)
         except IndexError as exc:  # a label outside the classes: torch names neither the loss nor the fix
-            raise DataError(f"{self.name}: {exc} The batch's {self.options.target!r} must hold class labels "
-                            f"0..{logits.shape[-1] - 1}, or ignore_index = {self.options.ignore_index} for "
-                            f"targets to skip; check the data's labels, the model's number of outputs and "
-                            f"this term's ignore_index") from None
+            raise self._label_error(str(exc), classes) from None
+
+    def _label_error(self, problem: str, classes: int) -> DataError:
+        return DataError(f"{self.name}: {problem} The batch's {self.options.target!r} must hold class labels "
+                         f"0..{classes - 1}, or ignore_index = {self.options.ignore_index} for targets to skip; "
+                         f"check the data's labels, the model's number of outputs and this term's ignore_index")
 
     def _flat(self, outputs, batch):
         logits = prediction(outputs, self.options)

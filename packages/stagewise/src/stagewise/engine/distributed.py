@@ -63,9 +63,14 @@ def resolve_device(name: str, source: str = "recipe") -> torch.device:
     """The torch device for ``run.device``; ConfigError naming the recipe ``source`` without CUDA."""
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        from stagewise.errors import ConfigError
+    from stagewise.errors import ConfigError
 
+    if not torch.cuda.is_available():
         raise ConfigError(["run.device: 'cuda' was asked for but no CUDA device is available; use 'auto' or 'cpu'"],
                           source)
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local_rank >= gpus:  # each process takes the GPU of its local rank; NCCL refuses two on one GPU
+        raise ConfigError([f"run.device: {name!r} gives each process one GPU, but this machine has {gpus} and "
+                           f"torchrun started process {local_rank} here; start at most {gpus} per machine "
+                           f"(torchrun --nproc_per_node={gpus}) or set run.device = 'cpu'"], source)
+    return torch.device("cuda", local_rank)
