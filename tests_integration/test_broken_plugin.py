@@ -89,7 +89,7 @@ def test_a_lazy_component_that_fails_to_import_is_a_recipe_error(cli, tmp_path, 
     (tmp_path / "r.toml").write_text('[model]\nuse = "stagewise.mlp"\n[[stages]]\nname = "s"\nuse = "lazy.s"\n')
     result = cli("run", tmp_path / "r.toml", "--out", tmp_path / "run", env=env, ok=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert ("stages[0].use: 'lazy.s' of plugin 'lazy' (stagewise-lazy) cannot be loaded from 'no_such_module_xyz:S': "
+    assert ("stages.s.use: 'lazy.s' of plugin 'lazy' (stagewise-lazy) cannot be loaded from 'no_such_module_xyz:S': "
             "ModuleNotFoundError") in result.stderr
     assert not (tmp_path / "run").exists()
 

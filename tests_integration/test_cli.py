@@ -75,7 +75,7 @@ def test_bad_recipe_reports_every_problem_and_writes_nothing(cli, tmp_path):
     assert f"{recipe}: 3 problems" in err, err
     assert "run.seeed: unknown key; did you mean 'seed'? Valid keys: " in err
     assert "data.batch_size: expected int, got str 'big'" in err
-    assert "stages[0].use: unknown stage 'stagewise.trian'; did you mean 'stagewise.train'?" in err
+    assert "stages.phase1.use: unknown stage 'stagewise.trian'; did you mean 'stagewise.train'?" in err
     assert "Installed stages: " in err and "example.mine_hard" in err
     assert [p.name for p in tmp_path.iterdir()] == ["bad.toml"]  # no runs/ folder
 
@@ -103,6 +103,17 @@ def test_export_writes_a_numpy_only_file(cli, example_run, tmp_path):
         np.testing.assert_array_equal(data["embedding.weight"], weights["embedding.weight"].numpy())
         meta = json.loads(str(data["__meta__"]))
     assert meta["model"] == "stagewise.transformer" and meta["model_options"]["n_embd"] == 16
+
+
+def test_an_export_carries_the_router_a_plugin_s_stage_kept(cli, example_run, tmp_path):
+    from stagewise.export import load_npz
+
+    cli("export", example_run, tmp_path / "m.npz")
+    meta = load_npz(tmp_path / "m.npz")[1]
+    threshold = json.loads((example_run / "summary.json").read_text())["metrics"]["mine/threshold"]
+    router = load_recipe(example_run / "recipe.toml").table["stages"][1]["router"]
+    assert meta["routers"] == {"mine": {"use": "example.loss_quantile", "options": {"hard_ratio": router["hard_ratio"]},
+                                        "state": {"threshold": float(np.float32(threshold))}}}
 
 
 def test_compare_runs_baseline_and_method(cli, recipes, tmp_path):

@@ -32,7 +32,7 @@ def test_recipe_naming_it_fails_with_the_install_hint(known_missing_plugin, tmp_
                       f'use = "{NOT_INSTALLED}.mine"\n')
     assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err
-    assert str(recipe) in err and "stages[0].use" in err and "pip install stagewise-nosuchplugin" in err
+    assert str(recipe) in err and "stages.mine.use" in err and "pip install stagewise-nosuchplugin" in err
     assert not (tmp_path / "run").exists()
 
 

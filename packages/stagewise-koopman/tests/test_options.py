@@ -33,7 +33,7 @@ def test_recipe_validation_reports_every_bad_key_at_once():
     with pytest.raises(stagewise.ConfigError) as info:
         tiny_recipe(bad)
     text = str(info.value)
-    assert "stages[1].losses[1]" in text
+    assert "stages.main.losses[1]" in text
     assert "koopman_dim must be a positive integer, got 0" in text
     assert "axis must be one of 'depth', 'time', got 'sideways'" in text
 
@@ -46,7 +46,7 @@ def test_negative_cap_is_refused_by_the_engine():
 def test_layers_out_of_range_fail_before_anything_runs(tmp_path):
     bad = TINY_HYBRID.replace("steps = 2\n", "steps = 2\nlayers = [0, 3]\n")
     with pytest.raises(stagewise.ConfigError,
-                       match=r"stages\[1\]\.losses\[1\]: layers \[3\] are out of range for axis 'depth'.*up to 2"):
+                       match=r"stages\.main\.losses\[1\]: layers \[3\] are out of range for axis 'depth'.*up to 2"):
         run_tiny(tmp_path / "run", bad)
     assert not (tmp_path / "run").exists()  # not even the warmup stage ran
 
@@ -67,22 +67,22 @@ def test_a_term_with_only_the_spectral_part_or_a_small_buffer_without_dmd_is_acc
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["stages.main.losses.koopman.layers=[2]"],  # steps = 2: h_4 does not exist
-     r"stages\[1\]\.losses\[1\]: steps 2 reaches past the last hidden state h_3 .* steps must be <= 1"),
+     r"stages\.main\.losses\[1\]: steps 2 reaches past the last hidden state h_3 .* steps must be <= 1"),
     (["stages.main.losses.koopman.layers=[0]", "stages.main.losses.koopman.steps=5"],
-     r"stages\[1\]\.losses\[1\]: steps 5 .* steps must be <= 3"),
+     r"stages\.main\.losses\[1\]: steps 5 .* steps must be <= 3"),
     (["stages.forward.replace_layers=1", "stages.main.losses.koopman.layers=[0]"],
-     r"stages\[2\]\.replace_layers: replacing the last 1 of 3 blocks needs the operator of term 'koopman' "
+     r"stages\.forward\.replace_layers: replacing the last 1 of 3 blocks needs the operator of term 'koopman' "
      r"from layer 2, but its source layers are \[0\]; replace_layers can be: 3"),
     (["stages.forward.replace_layers=9"],
-     r"stages\[2\]\.replace_layers: 9 is more than the model's 3 blocks; .* replace_layers can be: 1, 2, 3"),
+     r"stages\.forward\.replace_layers: 9 is more than the model's 3 blocks; .* replace_layers can be: 1, 2, 3"),
     (['stages.main.losses.koopman.axis="time"'],
-     r"stages\[2\]\.replace_layers: Koopman forward mode needs a term with axis 'depth'"),
+     r"stages\.forward\.replace_layers: Koopman forward mode needs a term with axis 'depth'"),
     (["stages.linearity.fit.layers=[7]"],
-     r"stages\[3\]\.fit: layers \[7\] are out of range for axis 'depth'.*up to 2"),
+     r"stages\.linearity\.fit: layers \[7\] are out of range for axis 'depth'.*up to 2"),
     (['stages.linearity.fit={axis="time", steps=8}'],
-     r"stages\[3\]\.fit: steps 8 must be below the sequence length 8 for axis 'time'"),
-    (["stages.linearity.fit.dmd_every=2"], r"stages\[3\]: fit\.dmd_every must be 0"),
-    (["stages.linearity.lr=nan"], r"stages\[3\]: fit_steps must be >= 1 and lr > 0, got 5 and nan"),
+     r"stages\.linearity\.fit: steps 8 must be below the sequence length 8 for axis 'time'"),
+    (["stages.linearity.fit.dmd_every=2"], r"stages\.linearity: fit\.dmd_every must be 0"),
+    (["stages.linearity.lr=nan"], r"stages\.linearity: fit_steps must be >= 1 and lr > 0, got 5 and nan"),
 ])
 def test_settings_that_only_a_later_stage_would_trip_on_fail_before_anything_runs(tmp_path, overrides, message):
     with pytest.raises(stagewise.ConfigError, match=message):

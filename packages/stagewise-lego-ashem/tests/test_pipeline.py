@@ -118,6 +118,37 @@ def test_exit_probe_replaces_the_exit_softmax(tiny, tmp_path):
     assert 0 < metrics["test/shallow_ratio"] < 1
 
 
+def test_an_export_routes_with_numpy_as_the_run_did_with_torch(tiny, tmp_path):
+    # was: the export held the weights only, so its user could not route (no measure, no exact threshold)
+    import numpy as np
+
+    from stagewise.export import export_npz, load_npz
+    from stagewise_lego_ashem.router import confidence_from_logits
+
+    table = tiny().table
+    table["stages"] = table["stages"][:2]  # phase 1, mine
+    from stagewise.recipe import recipe_from_table
+
+    run_dir = run_recipe(recipe_from_table(table, "mine-only", []), out=tmp_path / "run", quiet=True)
+    export_npz(run_dir / "checkpoints" / "mine.pt", tmp_path / "mine.npz")
+    _, meta = load_npz(tmp_path / "mine.npz")
+    threshold = read_summary(run_dir)["metrics"]["mine/threshold"]
+    assert meta["routers"] == {"lego_ashem.router": {"use": "lego_ashem.confidence",
+                                                     "options": {"measure": "max_prob", "hard_ratio": 0.5},
+                                                     "state": {"threshold": float(np.float32(threshold))}}}
+    model = stagewise.load_model(run_dir)
+    with torch.no_grad():
+        h = model.exit_hidden(torch.arange(64).view(4, 16) % model.config.vocab_size)
+        scores = confidence_from_logits(model.logits_from_hidden(h), "max_prob")  # (4, 16) float32
+    scores = torch.cat([scores.flatten(), torch.tensor([threshold], dtype=torch.float32)])  # one tie at float32
+    torch_easy = (scores >= threshold).numpy()  # as Confidence.route compares
+    exported = meta["routers"]["lego_ashem.router"]["state"]["threshold"]
+    assert np.array_equal(scores.numpy() >= np.float64(exported), torch_easy)
+    assert np.array_equal(scores.numpy() >= np.float32(exported), torch_easy)
+    export_npz(run_dir / "checkpoints" / "phase1.pt", tmp_path / "phase1.npz")
+    assert load_npz(tmp_path / "phase1.npz")[1]["routers"] == {}  # before mine: no router, said so
+
+
 def test_a_stage_needing_the_cache_before_mine_fails_before_training(tiny, tmp_path):
     table = tiny().table
     table["stages"] = [s for s in table["stages"] if s["name"] != "mine"]
@@ -133,6 +164,25 @@ def test_recipe_errors_are_reported_before_anything_runs(tiny):
     with pytest.raises(ConfigError) as error:
         tiny("model.exit_layer=3", "stages.mine.router.hard_ratio=1.0")
     assert "outside the model" in str(error.value) and "strictly between 0 and 1" in str(error.value)
+
+
+def test_a_router_key_set_on_its_stage_names_the_stage_and_the_router_table():
+    # was: "stages[1].hard_ratio: unknown key. Valid keys: ..." for --set stages.mine.hard_ratio=2
+    with pytest.raises(ConfigError) as error:
+        load_recipe("lego_ashem.ashem", ["stages.mine.hard_ratio=2"])
+    assert error.value.problems == [
+        "stages.mine.hard_ratio: unknown key; did you mean stages.mine.router.hard_ratio (a key of the router "
+        "table)? Valid keys: calib_split, checkpoint, grow, name, router, split, use"]
+
+
+def test_the_plugin_s_checks_name_stages_as_set_addresses_them(tiny, tmp_path):
+    table = tiny("stages.phase2.grow={n_layer=4, exit_layer=3}").table
+    from stagewise.recipe import recipe_from_table
+
+    with pytest.raises(ConfigError) as error:
+        run_recipe(recipe_from_table(table, "moved-exit", []), out=tmp_path / "run", quiet=True)
+    assert error.value.problems[0].startswith("stages.phase2: the model exits at layer 3 here but stages.mine "
+                                              "(lego_ashem.mine) cached layer 2's states")
 
 
 def test_evaluating_on_a_mined_split_is_refused_unless_the_leak_is_asked_for(tiny, tmp_path):

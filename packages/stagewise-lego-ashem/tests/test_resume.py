@@ -51,3 +51,5 @@ def test_resume_after_sigkill_matches_uninterrupted_run(whole, tmp_path, context
     resume_run(path, killed, _overrides(context))
     assert read_summary(killed)["metrics"] == read_summary(uninterrupted)["metrics"]
     assert timeless_records(killed) == timeless_records(uninterrupted)
+    routers = [load_checkpoint(run / "checkpoints" / "last.pt")["routers"] for run in (killed, uninterrupted)]
+    assert routers[0] == routers[1] and "lego_ashem.router" in routers[0]  # the kept router came back too

@@ -262,9 +262,11 @@ class _State:
     def __init__(self, model, batches, artifacts=None):
         from stagewise.engine.distributed import DistInfo
 
-        self.model, self._batches, self.artifacts = model, batches, artifacts or {}
+        self.model, self._batches, self.artifacts, self.routers = model, batches, artifacts or {}, {}
         self.dist, self.run_dir, self.logged, self.seed, self.stage_index = DistInfo(), None, [], 0, 0
         self.device = torch.device("cpu")
+
+    keep_router = stagewise.State.keep_router
 
     def batches(self, split, shard=True, **_):
         return self._batches[split]
@@ -334,6 +336,9 @@ def test_train_exit_probe_calibrates_on_calib_split_and_scores_its_accuracy_ther
     agreement = float(probe_data(model, [{"input": train}])["label"].float().mean())
     assert metrics["probe/agreement"] == pytest.approx(agreement)
     assert state.artifacts[ROUTER]["measure"] == "probe"
+    assert state.routers == {ROUTER: {"use": "lego_ashem.confidence",  # what export writes: the probe router now
+                                      "options": {"measure": "probe", "hard_ratio": 0.3},
+                                      "state": {"threshold": metrics["probe/threshold"]}}}
 
 
 def test_phase2_counted_speedups_compare_the_layers_each_step_runs():

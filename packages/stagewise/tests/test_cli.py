@@ -71,12 +71,22 @@ def test_run_verify_export(tiny_recipe_path, tmp_path, capsys):
     assert all(np.array_equal(arrays[k], saved[k].numpy()) for k in saved)
 
 
+def test_run_says_where_it_writes_before_the_first_stage(tiny_recipe_path, tmp_path, capsys):
+    # was: the run directory was named only by the final table, so a long run's files could not be found
+    run_dir = tmp_path / "run"
+    assert main(["run", str(tiny_recipe_path), "--out", str(run_dir), "--set", "stages.phase2.max_epochs=1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"run 'tiny' (seed 7): writing to {run_dir}"
+    assert out[1].startswith("[phase1] epoch 1/2")
+    assert f"run 'tiny' (seed 7) -> {run_dir}" in out  # the final table still says it
+
+
 def test_errors_are_one_message_and_exit_1(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text('[model]\nuse = "stagewise.transformer"\n[[stages]]\nname = "a"\nlr = "fast"\n')
     assert main(["run", str(bad), "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"stagewise: error: {bad}: 1 problem:") and "stages[0].lr: expected float" in err
+    assert err.startswith(f"stagewise: error: {bad}: 1 problem:") and "stages.a.lr: expected float" in err
     assert not (tmp_path / "run").exists()  # nothing written
 
 
@@ -346,14 +356,14 @@ def test_verify_names_a_summary_without_metrics(tmp_path, capsys, summary):
     assert "summary.json has no 'metrics' object: is" in err and "Traceback" not in err
 
 
-def _checkpoint(path, model):
+def _checkpoint(path, model, **extra):
     """A minimal checkpoint as load_checkpoint accepts it, holding ``model`` as the state dict."""
     import torch
 
     from stagewise.engine.checkpoint import FORMAT
 
     torch.save({"format": FORMAT, "model": model, "recipe": {"model": {"use": "x.net"}},
-                "model_options": {"width": 2}, "stage_name": "phase9"}, path)
+                "model_options": {"width": 2}, "stage_name": "phase9", **extra}, path)
     return path
 
 
@@ -367,7 +377,30 @@ def test_export_converts_floats_to_float32_and_keeps_integers(tmp_path, capsys):
     arrays, meta = load_npz(tmp_path / "m.npz")
     assert arrays["w"].dtype == np.float32 and arrays["w"].tolist() == [[1.5, -2.0]]  # numpy has no bfloat16
     assert arrays["steps"].dtype == np.int64 and int(arrays["steps"]) == 7
-    assert meta == {"model": "x.net", "model_options": {"width": 2}, "stage": "phase9", "format": "stagewise-npz-1"}
+    assert meta == {"model": "x.net", "model_options": {"width": 2}, "stage": "phase9", "routers": {},
+                    "format": "stagewise-npz-1"}
+
+
+def test_export_writes_the_routers_the_run_kept_so_numpy_routes_as_torch_did(tmp_path):
+    # was: the export held no router: its options and calibrated threshold were lost
+    import torch
+
+    from stagewise.export import export_npz
+
+    threshold = 0.5 + 1e-12  # torch compares float32 scores with it in float32, where it is 0.5
+    routers = {"gate": {"use": "x.gate", "options": {"hard_ratio": 0.25},
+                        "state": {"threshold": threshold, "steps": 3, "quantiles": torch.tensor([0.1, 0.3]),
+                                  "measure": "max_prob", "fitted": True}}}
+    ckpt = _checkpoint(tmp_path / "c.pt", {"w": torch.zeros(1)}, routers=routers)
+    export_npz(ckpt, tmp_path / "m.npz")
+    _, meta = load_npz(tmp_path / "m.npz")
+    assert meta["routers"] == {"gate": {"use": "x.gate", "options": {"hard_ratio": 0.25},
+                                        "state": {"threshold": 0.5, "steps": 3, "fitted": True, "measure": "max_prob",
+                                                  "quantiles": [float(np.float32(0.1)), float(np.float32(0.3))]}}}
+    scores = torch.tensor([0.5, np.nextafter(np.float32(0.5), 1)], dtype=torch.float32)
+    stored = meta["routers"]["gate"]["state"]["threshold"]
+    assert (scores >= threshold).tolist() == [True, True]
+    assert (scores.numpy() >= np.float64(stored)).tolist() == [True, True]  # unrounded: [False, True]
 
 
 def test_export_refuses_a_parameter_named_like_the_metadata(tmp_path, capsys):

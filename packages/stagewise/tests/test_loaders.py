@@ -21,6 +21,7 @@ from stagewise.data.loaders import (
     NPZOptions,
 )
 from stagewise.data.splits import DataError, DataSplits, split_indices
+from stagewise.data.text import TextCorpus, TextOptions
 
 HALVES = {"train": 0.5, "valid": 0.5}
 
@@ -423,10 +424,66 @@ def test_a_data_path_may_start_with_the_home_folder(tmp_path, monkeypatch):
     assert all_items(data) == [([1.0], 2.0)]
 
 
-def test_an_undecodable_byte_is_a_bad_cell_on_its_line(tmp_path):
-    (tmp_path / "t.csv").write_bytes(b"x,y\n1,0\n2\xff,1\n")  # Latin-1 or a corrupt byte
-    with pytest.raises(DataError, match=r"t\.csv, line 3, column 0 \('x'\): '2\ufffd' is not a number"):
-        CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=["y"]), seed=0)
+# one Latin-1 file per text reader, é in the word, column or key "café" (so it loads only if read right)
+LATIN1 = {"txt": b"one two\ncaf\xe9 three\n", "csv": b"caf\xe9,y\n1,2\n",
+          "jsonl": b'{"caf\xe9": 1, "y": 2}\n{"caf\xe9": 3, "y": 4}\n'}
+WHAT = {"txt": "text file", "csv": "CSV file", "jsonl": "JSONL file"}
+
+
+def _read_text_data(kind: str, path, **options) -> DataSplits:
+    """Load ``path`` with the text-reading dataset of ``kind``: the input column or key is "café", the target y."""
+    if kind == "txt":
+        return TextCorpus.from_recipe(TextOptions(path=str(path), seq_len=1, splits={"train": 1.0}, **options), seed=0)
+    if kind == "csv":
+        return CSVDataset.from_recipe(CSVOptions(path=str(path), target=["y"], features=["café"],
+                                                 splits={"train": 1.0}, **options), seed=0)
+    return JSONLDataset.from_recipe(JSONLOptions(path=str(path), input_keys=["café"], target_keys=["y"],
+                                                 splits={"train": 1.0}, **options), seed=0)
+
+
+@pytest.mark.parametrize("kind", ["txt", "csv", "jsonl"])
+def test_a_byte_the_encoding_cannot_read_names_the_file_its_offset_and_the_fix(tmp_path, kind):
+    # was: read as U+FFFD, so a Latin-1 file trained on garbled words (or failed as a "bad cell")
+    path = tmp_path / f"t.{kind}"
+    path.write_bytes(LATIN1[kind])
+    offset = LATIN1[kind].index(b"\xe9")
+    line = LATIN1[kind].count(b"\n", 0, offset) + 1
+    with pytest.raises(DataError) as info:
+        _read_text_data(kind, path)
+    assert str(info.value) == (f"{WHAT[kind]} {path}, line {line}: byte 0xe9 "
+                               f"at offset {offset} is not utf-8 text; give the file's encoding (data.encoding, e.g. "
+                               f'"latin-1" or "cp1252") or save the file as UTF-8')
+
+
+@pytest.mark.parametrize("kind", ["txt", "csv", "jsonl"])
+def test_data_encoding_reads_a_latin1_file(tmp_path, kind):
+    path = tmp_path / f"t.{kind}.gz"  # gzip as well
+    path.write_bytes(gzip.compress(LATIN1[kind]))
+    data = _read_text_data(kind, path, encoding="latin-1")
+    if kind == "txt":
+        assert data.info["vocab"].decode(data["train"].tokens.tolist()) == "one two <eos> café three <eos>"
+    else:
+        assert all_items(data) == ([([1.0], 2.0)] if kind == "csv" else [([1.0], 2.0), ([3.0], 4.0)])
+
+
+def test_data_encoding_reads_utf16_text(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_bytes("café,y\n1,2\n".encode("utf-16"))
+    with pytest.raises(DataError, match=r'is UTF-16 text .*; save it as UTF-8 and run again \(or set data.encoding '
+                                        r'= "utf-16"\)'):
+        _read_text_data("csv", path)
+    assert all_items(_read_text_data("csv", path, encoding="utf-16")) == [([1.0], 2.0)]
+
+
+@pytest.mark.parametrize("encoding", ["latin-9x", "base64"])
+def test_an_unknown_encoding_names_the_key_and_the_recipe(tiny, tiny_recipe_path, encoding):
+    from stagewise.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        tiny(f'data.encoding="{encoding}"')
+    assert str(info.value).startswith(f"{tiny_recipe_path}: 1 problem")
+    assert info.value.problems == [f'data: encoding {encoding!r} is not a text encoding Python knows; use e.g. '
+                                   f'"utf-8" (the default), "latin-1" or "cp1252"']
 
 
 def test_csv_quoted_fields_and_windows_line_endings(tmp_path):

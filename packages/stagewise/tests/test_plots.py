@@ -20,7 +20,7 @@ def test_line_plot_without_matplotlib_hints_once(monkeypatch, tmp_path, capsys):
     import stagewise.plots as plots
 
     monkeypatch.setattr(plots, "have_matplotlib", lambda: False)
-    monkeypatch.setattr(plots, "_hinted", False)
+    monkeypatch.setattr(plots, "_hinted", set())
     monkeypatch.setattr(install, "CHECKOUT_PACKAGES", tmp_path)  # core from the package index
     assert line_plot(tmp_path / "x.png", {"a": ([1], [1])}) is False
     assert line_plot(tmp_path / "x.png", {"a": ([1], [1])}) is False
@@ -28,6 +28,26 @@ def test_line_plot_without_matplotlib_hints_once(monkeypatch, tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
     assert line_plot(tmp_path / "plots" / "x.png", {"a": ([1], [1])}) is False
     assert not (tmp_path / "plots").exists()  # a run without matplotlib had an empty plots/
+
+
+def test_a_run_without_matplotlib_says_once_why_it_has_no_curves(tiny, tmp_path, monkeypatch, capsys):
+    # was: curves.png was skipped without a word (the curves plugin never reached line_plot's hint)
+    import importlib.util
+
+    import stagewise.plots as plots
+
+    find_spec = importlib.util.find_spec  # matplotlib is not installed, as far as any module can tell
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    monkeypatch.setattr(plots, "_hinted", set())
+    monkeypatch.setattr(install, "CHECKOUT_PACKAGES", tmp_path)  # core from the package index
+    for name in ("a", "b"):  # each run says it, once
+        run_dir = run_recipe(tiny(), out=tmp_path / name, quiet=True)
+        err = capsys.readouterr().err
+        assert err.count("stagewise: hint:") == 1
+        assert (f"stagewise: hint: matplotlib is not installed, so {run_dir / 'plots' / 'curves.png'} (and this "
+                f"run's other plots) is not drawn; pip install 'stagewise[plots]' to get them\n") in err
+        assert not (run_dir / "plots").exists()
 
 
 def test_tensorboard_scalars(tiny, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -38,7 +39,7 @@ use = "stagewise.trian"
     assert problems[0].startswith("run.seed: expected int, got str 'seven'")
     assert "model.n_layers: unknown key; did you mean 'n_layer'?" in problems[1]
     assert "Valid keys:" in problems[1] and "n_embd" in problems[1]
-    assert "stages[0].use: unknown stage 'stagewise.trian'; did you mean 'stagewise.train'?" in problems[2]
+    assert "stages.a.use: unknown stage 'stagewise.trian'; did you mean 'stagewise.train'?" in problems[2]
     assert "Installed stages: stagewise.evaluate, stagewise.train" in problems[2]
 
 
@@ -50,7 +51,7 @@ use = "stagewise.transformer"
 name = "a"
 optimizer = "adam"
 """)
-    assert problem == "stages[0].optimizer: 'adam' is not one of the valid choices: 'adamw', 'sgd', 'lbfgs'"
+    assert problem == "stages.a.optimizer: 'adam' is not one of the valid choices: 'adamw', 'sgd', 'lbfgs'"
 
 
 def test_missing_tables_and_duplicate_stage_names(tmp_path):
@@ -68,10 +69,10 @@ use = "stagewise.transformer"
 name = "a"
 losses = [{ use = "stagewise.cross_entropy", at_layr = 1, weight = "x" }]
 """)
-    unknown = next(p for p in problems if p.startswith("stages[0].losses[0].at_layr: unknown key"))
+    unknown = next(p for p in problems if p.startswith("stages.a.losses[0].at_layr: unknown key"))
     assert "did you mean 'at_layer'?" in unknown
     assert "fallback_threshold" in unknown and "ignore_index" in unknown  # engine and loss keys
-    assert any(p.startswith("stages[0].losses[0].weight: expected float, got str 'x'") for p in problems)
+    assert any(p.startswith("stages.a.losses[0].weight: expected float, got str 'x'") for p in problems)
 
 
 def test_post_init_checks_are_reported(tmp_path):
@@ -93,7 +94,7 @@ use = "stagewise.transformer"
 name = "a"
 grow = { n_layers = 4 }
 """)
-    assert problem.startswith("stages[0].grow.n_layers: unknown key; did you mean 'n_layer'?")
+    assert problem.startswith("stages.a.grow.n_layers: unknown key; did you mean 'n_layer'?")
 
 
 def test_an_unknown_key_with_no_close_match_still_lists_the_valid_keys(tiny):
@@ -197,8 +198,8 @@ def test_unknown_split_is_reported_before_anything_runs(tiny, tmp_path):
     with pytest.raises(ConfigError) as info:
         run_recipe(recipe, out=tmp_path / "run", quiet=True)
     assert info.value.problems == [
-        "stages[0].eval_split: no split named 'vaild'; the data has: train, valid, test",
-        "stages[2].split: no split named 'tst'; the data has: train, valid, test"]
+        "stages.phase1.eval_split: no split named 'vaild'; the data has: train, valid, test",
+        "stages.test.split: no split named 'tst'; the data has: train, valid, test"]
     assert not (tmp_path / "run").exists()
 
 
@@ -217,7 +218,7 @@ def test_exit_layer_outside_the_model_is_reported_before_anything_runs(tiny, tmp
                   'stages.phase2.losses=[{use="stagewise.cross_entropy", at_layer=3}]')
     with pytest.raises(ConfigError) as info:  # phase2 grows the model to 3 layers: fine there
         run_recipe(recipe, out=tmp_path / "run", quiet=True)
-    assert info.value.problems == ["stages[0].losses[0]: at_layer 3 is outside the model's layers 1..2"]
+    assert info.value.problems == ["stages.phase1.losses[0]: at_layer 3 is outside the model's layers 1..2"]
     assert not (tmp_path / "run").exists()
 
 
@@ -316,7 +317,7 @@ def test_cross_entropy_refuses_float_targets_before_the_run(tmp_path):
     with pytest.raises(ConfigError) as info:
         run_recipe(load_recipe(tmp_path / "r.toml"), out=tmp_path / "run", quiet=True)
     (problem,) = info.value.problems
-    assert problem.startswith("stages[0].losses[0]: stagewise.cross_entropy needs class labels, but the data's "
+    assert problem.startswith("stages.s.losses[0]: stagewise.cross_entropy needs class labels, but the data's "
                               "'target' holds torch.float32 values; for class labels set data.target_dtype")
     assert not (tmp_path / "run").exists()
     # batches a stage draws from elsewhere (a cache) meet the same refusal at the first batch
@@ -331,8 +332,8 @@ def test_an_integer_is_a_float_but_a_boolean_is_no_number(tiny):
     assert recipe.table["stages"][0]["lr"] == 1.0 and type(recipe.table["stages"][0]["lr"]) is float
     with pytest.raises(ConfigError) as info:
         tiny("stages.phase1.max_epochs=true", "stages.phase1.lr=false")
-    assert sorted(info.value.problems) == ["stages[0].lr: expected float, got bool False",
-                                           "stages[0].max_epochs: expected int, got bool True"]
+    assert sorted(info.value.problems) == ["stages.phase1.lr: expected float, got bool False",
+                                           "stages.phase1.max_epochs: expected int, got bool True"]
 
 
 def test_grow_is_checked_against_the_model_as_grown_by_the_stages_before(tiny):
@@ -343,15 +344,15 @@ def test_grow_is_checked_against_the_model_as_grown_by_the_stages_before(tiny):
     with pytest.raises(ConfigError) as info:
         tiny("stages.phase2.grow={n_head = 3}")
     (problem,) = info.value.problems
-    assert problem.startswith("stages[1].grow: n_embd (16) must be divisible by n_head (3)")
+    assert problem.startswith("stages.phase2.grow: n_embd (16) must be divisible by n_head (3)")
 
 
 def test_a_bad_grow_is_reported_once_not_again_by_each_later_grow(tiny):
-    # was: stages[1].grow.n_layerz reported too, since phase2's check saw phase1's growth
+    # was: stages.phase2.grow.n_layerz reported too, since phase2's check saw phase1's growth
     with pytest.raises(ConfigError) as info:
         tiny("stages.phase1.grow={n_layerz = 3}", "stages.phase2.grow={n_layer = 3}")
     (problem,) = info.value.problems
-    assert problem.startswith("stages[0].grow.n_layerz: unknown key; did you mean 'n_layer'?")
+    assert problem.startswith("stages.phase1.grow.n_layerz: unknown key; did you mean 'n_layer'?")
 
 
 @pytest.mark.parametrize("name", ['""', '"../x"', '"/tmp/elsewhere"'])
@@ -369,3 +370,61 @@ def test_a_set_value_nested_too_deep_for_toml_is_a_string_the_schema_refuses(tin
         tiny(f"run.seed={deep}")
     (problem,) = info.value.problems
     assert problem.startswith("run.seed: expected int, got str '[[[")
+
+
+def test_problems_name_a_stage_as_set_addresses_it(tmp_path):
+    # was: stages[1].grow..., stages[5].eval_split: the user counted [[stages]] tables to find the one meant
+    # (and a grow after an invalid stage was named by the wrong index); only an unusable name falls back to it
+    problems = problems_of(tmp_path, """
+[model]
+use = "stagewise.transformer"
+[[stages]]
+lr = "slow"
+[[stages]]
+name = "main"
+grow = { n_layers = 4 }
+[[stages]]
+name = "twice"
+lr = "x"
+[[stages]]
+name = "twice"
+[[stages]]
+name = "a.b"
+checkpoint = "ab"
+lr = "y"
+[[stages]]
+name = "last"
+eval_split = 2024
+""")
+    assert [p.split(":")[0] for p in problems] == [
+        "stages[0].lr", "stages[0].name", "stages[2].lr", "stages[4].lr", "stages.last.eval_split",
+        "stages.main.grow.n_layers"]
+    assert problems[4].endswith("""(with --set: --set 'stages.last.eval_split="2024"')""")
+
+
+def test_a_stage_check_names_the_stage_as_set_addresses_it(tiny):
+    recipe = tiny()
+    assert [recipe.stage_path(i) for i in range(3)] == ["stages.phase1", "stages.phase2", "stages.test"]
+
+
+@dataclasses.dataclass
+class _Inner:
+    hard_ratio: float = 0.5
+
+
+@dataclasses.dataclass
+class _Outer:
+    inner: _Inner = dataclasses.field(default_factory=_Inner)
+    split: str = "train"
+
+
+def test_an_unknown_key_of_a_nested_table_says_where_it_belongs():
+    # as `--set stages.mine.hard_ratio=2` on lego_ashem.ashem, whose hard_ratio is in the stage's router table
+    from stagewise.schema import build_dataclass
+
+    problems: list[str] = []
+    build_dataclass(_Outer, {"hard_ratio": 0.2, "splt": "x"}, "stages.mine", problems)
+    assert problems == [
+        "stages.mine.hard_ratio: unknown key; did you mean stages.mine.inner.hard_ratio (a key of the inner "
+        "table)? Valid keys: inner, split",
+        "stages.mine.splt: unknown key; did you mean 'split'? Valid keys: inner, split"]

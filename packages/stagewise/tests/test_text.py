@@ -48,7 +48,8 @@ def test_wikitext_directory_layout(tmp_path):
 def test_single_file_split_contiguously(tmp_path):
     file = tmp_path / "book.txt"
     file.write_bytes("".join(f"w{i}\n" for i in range(50)).encode() + b"caf\xe9\n")  # Latin-1 byte
-    opts = TextOptions(path=str(file), seq_len=3, splits={"train": 0.6, "valid": 0.2, "test": 0.2})
+    opts = TextOptions(path=str(file), seq_len=3, splits={"train": 0.6, "valid": 0.2, "test": 0.2},
+                       encoding="latin-1")
     data = TextCorpus.from_recipe(opts, seed=0)
     assert data.info["tokens"] == {"train": 61, "valid": 21, "test": 20}  # 102 tokens
     vocab = data.info["vocab"]
@@ -144,6 +145,21 @@ def test_write_file_split_drops_each_source_file_s_bom(tmp_path):
     assert "\ufeff" not in (tmp_path / "out" / "train.txt").read_text(encoding="utf-8")
     vocab = TextCorpus.from_recipe(TextOptions(path=str(tmp_path / "out"), seq_len=1), seed=0).info["vocab"]
     assert sorted(vocab.itos[2:]) == ["hello", "world"]  # no second, BOM-prefixed "hello"
+
+
+def test_write_file_split_refuses_bytes_its_encoding_cannot_read_unless_told_to_replace_them(tmp_path):
+    from stagewise.data.text import write_file_split
+
+    source = tmp_path / "books"
+    source.mkdir()
+    for i in range(4):
+        (source / f"{i}.txt").write_bytes(b"caf\xe9\n" if i == 2 else b"tea\n")  # one Latin-1 file
+    with pytest.raises(DataError, match=r"2\.txt, line 1: byte 0xe9 at offset 3 is not utf-8 text"):
+        write_file_split(source, tmp_path / "out", every=4, valid=1, test=2)
+    write_file_split(source, tmp_path / "latin", every=4, valid=1, test=2, encoding="latin-1")
+    assert (tmp_path / "latin" / "test.txt").read_text(encoding="utf-8") == "café\n"
+    write_file_split(source, tmp_path / "mixed", every=4, valid=1, test=2, errors="replace")  # a mixed corpus
+    assert (tmp_path / "mixed" / "test.txt").read_text(encoding="utf-8") == "caf\ufffd\n"
 
 
 def test_write_file_split_refuses_too_few_files(tmp_path):
@@ -278,3 +294,11 @@ def test_text_is_read_through_gzip_and_a_folder_named_txt_is_not_a_file(tmp_path
     (tmp_path / "b.txt" / "c.txt").write_text("three\n")
     data = TextCorpus.from_recipe(TextOptions(path=str(tmp_path), seq_len=1, splits={"train": 1.0}), seed=0)
     assert data.info["vocab"].decode(data["train"].tokens.tolist()) == "one two <eos> three <eos>"
+
+
+def test_an_undecodable_byte_s_offset_counts_a_leading_bom(tmp_path):
+    from stagewise.data.files import read_text
+
+    (tmp_path / "t.txt").write_bytes(b"\xef\xbb\xbfab\n\xff")
+    with pytest.raises(DataError, match=r"t\.txt, line 2: byte 0xff at offset 6 is not utf-8 text"):
+        read_text(tmp_path / "t.txt", "text file")

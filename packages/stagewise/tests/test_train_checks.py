@@ -22,28 +22,28 @@ def test_globs_are_checked_against_the_model_at_each_stage(tiny, tmp_path):
     # phase2 grows the model to 3 layers: layers.2.* exists there, layers.3.* nowhere
     recipe = tiny('stages.phase1.train=["layers.2.*"]', 'stages.phase2.freeze=["layers.3.*"]')
     problems = _problems(recipe, tmp_path)
-    assert [p.split(";")[0] for p in problems] == ["stages[0].train: 'layers.2.*' matches no parameter",
-                                                   "stages[1].freeze: 'layers.3.*' matches no parameter"]
+    assert [p.split(";")[0] for p in problems] == ["stages.phase1.train: 'layers.2.*' matches no parameter",
+                                                   "stages.phase2.freeze: 'layers.3.*' matches no parameter"]
 
 
 def test_two_terms_of_one_name(tiny, tmp_path):
     ce = '{use="stagewise.cross_entropy"}'
     problems = _problems(tiny(f"stages.phase1.losses=[{ce}, {ce}]"), tmp_path)
-    assert problems == ["stages[0].losses: two terms are named 'cross_entropy'; set a distinct 'name'"]
+    assert problems == ["stages.phase1.losses: two terms are named 'cross_entropy'; set a distinct 'name'"]
 
 
 def test_a_term_s_target_must_be_in_the_data(tiny, tmp_path):
     bad = '[{use="stagewise.cross_entropy", target="label"}]'
     problems = _problems(tiny(f"stages.phase1.losses={bad}", f"stages.test.losses={bad}"), tmp_path)
     hint = "target 'label' is not in the data's examples, which hold: 'input', 'target'; set this term's target"
-    assert [p.split(": ", 1) for p in problems] == [["stages[0].losses[0]", f"{hint} to one of them"],
-                                                    ["stages[2].losses[0]", f"{hint} to one of them"]]
+    assert [p.split(": ", 1) for p in problems] == [["stages.phase1.losses[0]", f"{hint} to one of them"],
+                                                    ["stages.test.losses[0]", f"{hint} to one of them"]]
 
 
 @pytest.mark.parametrize("monitor", ["valid/loss", "train/los", "train/best_epoch"])
 def test_a_monitor_the_stage_cannot_make(tiny, tmp_path, monitor):
     (problem,) = _problems(tiny(f'stages.phase1.monitor="{monitor}"'), tmp_path)
-    assert problem.startswith(f"stages[0].monitor: {monitor!r} is not a metric this stage makes")
+    assert problem.startswith(f"stages.phase1.monitor: {monitor!r} is not a metric this stage makes")
     assert "train/cross_entropy" in problem
 
 
@@ -55,12 +55,12 @@ def test_train_metrics_can_be_monitored(tiny, tmp_path):
 
 def test_plateau_without_evaluation_needs_a_train_metric(tiny, tmp_path):
     (problem,) = _problems(tiny('stages.phase1.schedule="plateau"', 'stages.phase1.eval_split=""'), tmp_path)
-    assert problem.startswith("stages[0].monitor: 'val/loss' needs evaluation, but eval_split is \"\"")
+    assert problem.startswith("stages.phase1.monitor: 'val/loss' needs evaluation, but eval_split is \"\"")
 
 
 def test_patience_without_evaluation(tiny, tmp_path):
     (problem,) = _problems(tiny("stages.phase1.patience=1", 'stages.phase1.eval_split=""'), tmp_path)
-    assert problem.startswith("stages[0].patience: early stopping compares `monitor` after each evaluation")
+    assert problem.startswith("stages.phase1.patience: early stopping compares `monitor` after each evaluation")
 
 
 def test_lbfgs_is_refused_under_torchrun(tiny, tmp_path, monkeypatch):
@@ -72,7 +72,7 @@ def test_lbfgs_is_refused_under_torchrun(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; checked before any process group is used
     with pytest.raises(ConfigError) as info:
         check_stages(recipe, data)
-    assert info.value.problems[0].startswith("stages[1].optimizer: 'lbfgs' cannot run under torchrun (2 processes)")
+    assert info.value.problems[0].startswith("stages.phase2.optimizer: 'lbfgs' cannot run under torchrun (2 processes)")
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -92,7 +92,7 @@ def test_a_term_switched_on_later_cannot_be_monitored(tiny, tmp_path):
     recipe = tiny(f'stages.phase1.losses=[{{use="stagewise.cross_entropy"}}, {later}]',
                   'stages.phase1.monitor="train/late"')
     (problem,) = _problems(recipe, tmp_path)
-    assert problem.startswith("stages[0].monitor: 'train/late' is not a metric this stage makes in every epoch")
+    assert problem.startswith("stages.phase1.monitor: 'train/late' is not a metric this stage makes in every epoch")
     assert "train/cross_entropy" in problem and "train/late" not in problem.split("one of")[1]
 
 
@@ -252,7 +252,7 @@ def test_lbfgs_options_are_validated(tmp_path, overrides, key):
 def test_mse_on_integer_targets_is_refused_before_the_run(tiny, tmp_path):
     # was: RuntimeError "shape '[4, 8, 196]' is invalid for input of size 32" at the first batch
     (problem,) = _refused(tiny, tmp_path, 'stages.phase1.losses=[{use="stagewise.mse"}]')
-    assert problem.startswith("stages[0].losses[0]: stagewise.mse needs float targets, but the data's 'target' "
+    assert problem.startswith("stages.phase1.losses[0]: stagewise.mse needs float targets, but the data's 'target' "
                               "holds torch.int64 values")
 
 

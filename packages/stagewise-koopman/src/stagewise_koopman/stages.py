@@ -65,15 +65,15 @@ class ForwardEval(stagewise.Stage):
         # term name -> (stage index, spec); a later stage's term replaces an earlier one's artifact
         earlier = {spec.name: (i, spec) for i, stage in enumerate(recipe.stages[:index])
                    for spec in getattr(stage.options, "losses", []) or [] if spec.use == "koopman.operator"}
-        problems = super().check(recipe, index, data)
+        problems, where = super().check(recipe, index, data), recipe.stage_path(index)
         if self.options.term not in earlier:
-            problems.append(f"stages[{index}].term: no earlier stage trains a koopman.operator term named "
+            problems.append(f"{where}.term: no earlier stage trains a koopman.operator term named "
                             f"{self.options.term!r} (found: {', '.join(sorted(earlier)) or 'none'})")
             return problems
         trained_at, spec = earlier[self.options.term]
         n_hidden, trained_hidden = (model_hidden(recipe.model_options_at(i)) for i in (index, trained_at))
         if n_hidden is not None and trained_hidden is not None:
-            problems += [f"stages[{index}].replace_layers: {p}"
+            problems += [f"{where}.replace_layers: {p}"
                          for p in self.replace_problems(spec.options, n_hidden - 1, trained_hidden)]
         return problems
 
@@ -156,7 +156,7 @@ class Linearity(stagewise.Stage):
         """The split check, plus ``fit`` against the model (with ``n_layer``) and the sequence length."""
         problems = shape_problems(self.options.fit, model_hidden(recipe.model_options_at(index)),
                                   data.info.get("seq_len"))
-        return super().check(recipe, index, data) + [f"stages[{index}].fit: {p}" for p in problems]
+        return super().check(recipe, index, data) + [f"{recipe.stage_path(index)}.fit: {p}" for p in problems]
 
     def run(self, state: stagewise.State) -> dict[str, Any]:
         o = self.options

@@ -58,11 +58,12 @@ class Mine(stagewise.Stage):
 
     def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
         problems = super().check(recipe, index, data) + _model_problems(recipe, index, self.name)
+        where = recipe.stage_path(index)
         if self.options.router.use != "lego_ashem.confidence":
-            problems.append(f"stages[{index}].router.use: {self.name} calibrates a lego_ashem.confidence "
+            problems.append(f"{where}.router.use: {self.name} calibrates a lego_ashem.confidence "
                             f"router, got {self.options.router.use!r}")
         elif self.options.router.options.measure == "probe":
-            problems.append(f"stages[{index}].router.measure: mine with a softmax measure; the probe is "
+            problems.append(f"{where}.router.measure: mine with a softmax measure; the probe is "
                             f"trained later by lego_ashem.train_exit_probe")
         return problems
 
@@ -73,6 +74,7 @@ class Mine(stagewise.Stage):
         calib = mining.exit_states(model, state.batches(o.calib_split, shard=False), router)
         router.calibrate(calib["scores"])
         model.set_threshold(router.threshold)
+        state.keep_router(mining.ROUTER, router)  # stagewise export writes it beside the weights
         calib_hard = router.route(calib["scores"]).ratio("hard")
         mined = mining.exit_states(model, state.batches(o.split, shard=False), router)
         hard = router.route(mined["scores"]).masks["hard"]  # (N, T): per token, never per sequence
@@ -140,30 +142,30 @@ class TrainUpperLayers(stagewise.TrainStage):
 
     def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
         problems = super().check(recipe, index, data) + _model_problems(recipe, index, self.name)
-        mine = _last_earlier(recipe, index, "lego_ashem.mine")
+        mine, where = _last_earlier(recipe, index, "lego_ashem.mine"), recipe.stage_path(index)
         if mine is None:
-            problems.append(f"stages[{index}] ({self.label}): {self.name} trains from the cache of hidden "
+            problems.append(f"{where}: {self.name} trains from the cache of hidden "
                             f"states that lego_ashem.mine writes; add a lego_ashem.mine stage before it")
         if mine is None or recipe.model.use != MODEL:
             return problems
         options, mined = recipe.model_options_at(index), recipe.model_options_at(mine)
         if options.exit_layer >= options.n_layer:
-            problems.append(f"stages[{index}] ({self.label}): no layer above exit_layer {options.exit_layer} "
+            problems.append(f"{where}: no layer above exit_layer {options.exit_layer} "
                             f"(n_layer {options.n_layer}); grow the model first, e.g. grow = {{ n_layer = "
                             f"{2 * options.exit_layer} }}")
         if options.exit_layer != mined.exit_layer:
-            problems.append(f"stages[{index}] ({self.label}): the model exits at layer {options.exit_layer} "
-                            f"here but stages[{mine}] (lego_ashem.mine) cached layer {mined.exit_layer}'s states; "
-                            f"keep exit_layer the same in every grow between them")
-        return problems + self._loss_problems(index)
+            problems.append(f"{where}: the model exits at layer {options.exit_layer} here but "
+                            f"{recipe.stage_path(mine)} (lego_ashem.mine) cached layer {mined.exit_layer}'s "
+                            f"states; keep exit_layer the same in every grow between them")
+        return problems + self._loss_problems(where)
 
-    def _loss_problems(self, index: int) -> list[str]:
+    def _loss_problems(self, where: str) -> list[str]:
         """Terms that need what the cached forward does not make (exit logits, hidden states)."""
         problems = []
         for i, spec in enumerate(self.options.losses):
             needs = spec.component()(spec.options).needs()
             if needs.exit_layers or needs.hidden:
-                problems.append(f"stages[{index}].losses[{i}]: {spec.use} needs exit-layer logits or hidden "
+                problems.append(f"{where}.losses[{i}]: {spec.use} needs exit-layer logits or hidden "
                                 f"states; {self.name} gives the loss only the hard tokens' final logits "
                                 f"(use e.g. stagewise.cross_entropy without at_layer)")
         return problems
@@ -256,11 +258,11 @@ class TrainExitProbe(stagewise.Stage):
 
     def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
         problems = super().check(recipe, index, data) + _model_problems(recipe, index, self.name)
-        options = recipe.model_options_at(index)
+        options, where = recipe.model_options_at(index), recipe.stage_path(index)
         if isinstance(options, DeepSupervisionOptions) and not options.exit_probe:
-            problems.append(f"stages[{index}] ({self.label}): set [model] exit_probe = true to train a probe")
+            problems.append(f"{where}: set [model] exit_probe = true to train a probe")
         if _last_earlier(recipe, index, "lego_ashem.mine") is None:
-            problems.append(f"stages[{index}] ({self.label}): needs the router of an earlier lego_ashem.mine stage")
+            problems.append(f"{where}: needs the router of an earlier lego_ashem.mine stage")
         return problems
 
     def run(self, state: stagewise.State) -> dict[str, Any]:
@@ -273,6 +275,7 @@ class TrainExitProbe(stagewise.Stage):
         router = router_of(state, measure="probe")
         router.calibrate(scores)
         model.set_threshold(router.threshold)
+        state.keep_router(mining.ROUTER, router)  # replaces the one mine kept
         state.artifacts[mining.ROUTER] = {**state.artifacts[mining.ROUTER], "measure": "probe",
                                           "threshold": router.threshold, "calib_split": o.calib_split,
                                           "quantiles": mining.score_quantiles(scores)}
@@ -320,19 +323,20 @@ class EvaluateRouted(stagewise.Stage):
 
     def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
         problems = super().check(recipe, index, data) + _model_problems(recipe, index, self.name)
+        where = recipe.stage_path(index)
         used = {split for s in recipe.stages[:index] if s.use in _CALIBRATING
                 for split in (s.options.calib_split, s.options.split)}
         if self.options.split in used and not self.options.allow_leak:
-            problems.append(f"stages[{index}].split: {self.options.split!r} was used to calibrate or mine (or "
+            problems.append(f"{where}.split: {self.options.split!r} was used to calibrate or mine (or "
                             f"to fit the exit probe); evaluate on a held-out split (or set allow_leak = true "
                             f"to reproduce the seed)")
         if _last_earlier(recipe, index, "lego_ashem.mine") is None:
             options = recipe.model_options_at(index)
             if isinstance(options, DeepSupervisionOptions) and options.routing_threshold is None:
-                problems.append(f"stages[{index}] ({self.label}): no routing threshold: add a lego_ashem.mine "
+                problems.append(f"{where}: no routing threshold: add a lego_ashem.mine "
                                 f"stage before it or set [model] routing_threshold")
             if self.options.curve_points:
-                problems.append(f"stages[{index}].curve_points: the accuracy-compute curve's thresholds are the "
+                problems.append(f"{where}.curve_points: the accuracy-compute curve's thresholds are the "
                                 f"calibration quantiles that lego_ashem.mine keeps; add a mine stage before "
                                 f"it or set curve_points = 0")
         return problems
@@ -361,5 +365,5 @@ def _refuse(checks: list[tuple[bool, str]]) -> None:
 
 def _model_problems(recipe: Recipe, index: int, stage: str) -> list[str]:
     if recipe.model.use != MODEL:
-        return [f"stages[{index}]: {stage} needs [model] use = \"{MODEL}\", got {recipe.model.use!r}"]
+        return [f"{recipe.stage_path(index)}: {stage} needs [model] use = \"{MODEL}\", got {recipe.model.use!r}"]
     return []

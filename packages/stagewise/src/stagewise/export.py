@@ -2,15 +2,18 @@
 
 The file loads with ``numpy.load(path, allow_pickle=False)`` anywhere, no torch needed:
 arrays are the model's state dict (names as keys); ``__meta__`` holds a JSON string with the
-model name, its options and the stage it came from.
+model name, its options, the stage it came from and the routers the run kept
+(``state.keep_router``), so the exported model routes as the run did.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
 from stagewise.engine.checkpoint import atomic_write_bytes, load_checkpoint
 from stagewise.engine.rundir import file_in_the_way
@@ -42,11 +45,36 @@ def export_npz(checkpoint: Path, out: Path) -> dict[str, int]:
     if "__meta__" in arrays:
         raise CheckpointError(f"{checkpoint}: a parameter is named '__meta__', which the format reserves")
     meta = {"model": saved["recipe"]["model"].get("use"), "model_options": saved["model_options"],
-            "stage": saved["stage_name"], "format": FORMAT}
+            "stage": saved["stage_name"], "routers": _routers(saved.get("routers", {})), "format": FORMAT}
     counts = {"arrays": len(arrays), "parameters": int(sum(a.size for a in arrays.values()))}
     arrays["__meta__"] = np.array(json.dumps(meta))
     atomic_write_bytes(out, lambda f: np.savez(f, **arrays))
     return counts
+
+
+def _routers(routers: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's routers, name -> {"use", "options", "state"}, as JSON values (none: ``{}``)."""
+    return {name: {"use": r["use"], "options": r["options"], "state": _float32_json(r["state"])}
+            for name, r in routers.items()}
+
+
+def _float32_json(value: Any) -> Any:
+    """A router's state as JSON values: tensors and arrays as (nested) lists, and every float rounded
+    to float32, as torch compares float32 scores with a threshold: numpy, comparing float32 scores
+    with the stored value (at float32 or float64), then routes exactly as torch did."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return (value.astype(np.float32) if value.dtype.kind == "f" else value).tolist()
+    if isinstance(value, float | np.floating):
+        return float(np.float32(value))
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): _float32_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_float32_json(v) for v in value]
+    return value  # bool, int, str, None
 
 
 def _is_export(path: Path) -> bool:

@@ -1,7 +1,8 @@
 """Plots, drawn only when matplotlib is installed (``pip install stagewise[plots]``).
 
 Plugins call :func:`line_plot` with a path from ``state.run_dir.plot_path(name)``; without
-matplotlib it prints one hint and returns False, so no run fails for want of a plot.
+matplotlib it returns False, so no run fails for want of a plot, and says why once per run
+(per plots folder), with the command that installs the ``[plots]`` extra.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-_hinted = False
+_hinted: set[Path] = set()  # the plots folders (one per run) already told why they stay empty
 
 
 def have_matplotlib() -> bool:
@@ -21,14 +22,13 @@ def line_plot(path: Path, series: dict[str, tuple[list[float], list[float]]], *,
               xlabel: str = "", ylabel: str = "", logy: bool = False,
               vlines: list[tuple[float, str]] = ()) -> bool:
     """Draw named (x, y) series to a PNG; ``vlines`` mark positions (e.g. stage boundaries)."""
-    global _hinted
     if not have_matplotlib():
-        if not _hinted:
+        if path.parent not in _hinted:
             from stagewise.install import install_command
 
-            print(f"stagewise: hint: {install_command('stagewise', 'plots')} to get plots in RUN_DIR/plots/",
-                  file=sys.stderr)
-            _hinted = True
+            print(f"stagewise: hint: matplotlib is not installed, so {path} (and this run's other plots) is not "
+                  f"drawn; {install_command('stagewise', 'plots')} to get them", file=sys.stderr)
+            _hinted.add(path.parent)
         return False
     from matplotlib.figure import Figure  # not pyplot: no global figures, no GUI backend
     from matplotlib.ticker import MaxNLocator

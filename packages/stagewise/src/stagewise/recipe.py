@@ -70,6 +70,10 @@ class Recipe:
     def to_toml(self) -> str:
         return dumps(self.table)
 
+    def stage_path(self, index: int) -> str:
+        """How a problem names stage ``index``: ``stages.NAME``, as ``--set`` addresses it (see :func:`stage_paths`)."""
+        return stage_paths([stage.name for stage in self.stages])[index]
+
     def model_options_at(self, index: int) -> Any:
         """The model's options while stage ``index`` runs (after every ``grow`` up to it)."""
         changes = {k: v for stage in self.stages[: index + 1] for k, v in stage.grow.items()}
@@ -152,9 +156,9 @@ def recipe_from_table(raw: dict[str, Any], source: str, overrides: list[str]) ->
     model = ModelSpec.from_table(raw.get("model"), "model", problems) if "model" in raw else None
     if "model" not in raw:
         problems.append("model: required table is missing (e.g. [model] use = \"stagewise.transformer\")")
-    stages = _stages(raw.get("stages"), problems)
+    paths, stages = _stages(raw.get("stages"), problems)
     if model is not None:
-        _check_grow(stages, model, problems)
+        _check_grow(paths, stages, model, problems)
     if problems:
         raise ConfigError(problems, source)
     recipe = Recipe(run=run, data=data, model=model, stages=stages, source=source)
@@ -163,29 +167,43 @@ def recipe_from_table(raw: dict[str, Any], source: str, overrides: list[str]) ->
     return recipe
 
 
-def _stages(raw: Any, problems: list[str]) -> list[StageSpec]:
+def stage_paths(names: list[Any]) -> list[str]:
+    """How problems name each stage: ``stages.NAME`` as ``--set`` addresses it, or ``stages[i]`` when
+    its name is missing, shared with another stage, or one ``--set`` cannot address."""
+    return [f"stages.{name}" if _addressable(name) and names.count(name) == 1 else f"stages[{i}]"
+            for i, name in enumerate(names)]
+
+
+def _addressable(name: Any) -> bool:
+    """Whether ``--set stages.NAME.key=...`` reaches a stage of this name (see :func:`apply_override`)."""
+    return isinstance(name, str) and bool(name) and name == name.strip() and not set(name) & set(".=")
+
+
+def _stages(raw: Any, problems: list[str]) -> tuple[list[str], list[StageSpec]]:
+    """The valid stages, and how problems name each of them."""
     if not isinstance(raw, list) or not raw:
         problems.append("stages: at least one [[stages]] table is required")
-        return []
-    stages = [StageSpec.from_table(t, f"stages[{i}]", problems) for i, t in enumerate(raw)]
-    named = [s for s in stages if s is not None]
+        return [], []
+    paths = stage_paths([t.get("name") if isinstance(t, dict) else None for t in raw])
+    specs = [(path, StageSpec.from_table(t, path, problems)) for path, t in zip(paths, raw, strict=True)]
+    paths, named = [p for p, s in specs if s is not None], [s for _, s in specs if s is not None]
     names = [s.name for s in named]
     # a shared checkpoint file would be overwritten by the later stage; a shared name is reported once
     checkpoints = [s.checkpoint for s in named if names.count(s.name) == 1]
     for key, values in (("name", names), ("checkpoint", checkpoints)):
         for value in sorted({v for v in values if values.count(v) > 1}):
             problems.append(f"stages: the {key} {value!r} is used by more than one stage; {key}s must be unique")
-    return named
+    return paths, named
 
 
-def _check_grow(stages: list[StageSpec], model: ModelSpec, problems: list[str]) -> None:
+def _check_grow(paths: list[str], stages: list[StageSpec], model: ModelSpec, problems: list[str]) -> None:
     """A stage's ``grow`` table changes model options: check them against the model's Options."""
     options_cls = type(model.options)
     current = as_table(model.options)
-    for i, stage in enumerate(stages):
+    for path, stage in zip(paths, stages, strict=True):
         if stage.grow:
             grown, found = {**current, **stage.grow}, len(problems)
-            build_dataclass(options_cls, grown, f"stages[{i}].grow", problems)
+            build_dataclass(options_cls, grown, f"{path}.grow", problems)
             if len(problems) == found:  # a bad growth is reported once, not again by every later grow
                 current = grown
 

@@ -32,11 +32,28 @@ def keys_of(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.init]
 
 
-def unknown_key_message(key: str, path: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+def unknown_key_message(key: str, path: str, valid: list[str], table: str | None = None) -> str:
+    """``key`` is not one of ``valid`` at ``path``; ``table``: the nested table that takes it."""
     where = f"{path}.{key}" if path else key
+    if table is not None:  # written beside its table instead of in it, e.g. a router's hard_ratio
+        hint = f"; did you mean {path + '.' if path else ''}{table}.{key} (a key of the {table} table)?"
+    else:
+        close = difflib.get_close_matches(key, valid, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"{where}: unknown key{hint or '.'} Valid keys: {', '.join(sorted(valid)) or 'none'}"
+
+
+def _table_taking(key: str, types_: dict[str, Any], fields: list[str], raw: dict) -> str | None:
+    """The field among ``fields`` that is a nested table (a dataclass) taking ``key``, if any. A
+    dataclass whose keys depend on the table (a spec's, on the component its ``use`` names) tells
+    them through a ``keys_for(table)`` classmethod."""
+    for name in fields:
+        cls = types_[name]
+        if dataclasses.is_dataclass(cls):
+            keys = cls.keys_for(raw.get(name)) if hasattr(cls, "keys_for") else keys_of(cls)
+            if key in keys:
+                return name
+    return None
 
 
 def build_dataclass(cls: type, raw: Any, path: str, problems: list[str],
@@ -53,7 +70,8 @@ def build_dataclass(cls: type, raw: Any, path: str, problems: list[str],
         if key in extra_ok:
             continue
         if key not in fields:
-            problems.append(unknown_key_message(key, path, [*fields, *extra_ok]))
+            problems.append(unknown_key_message(key, path, [*fields, *extra_ok],
+                                                _table_taking(key, types_, list(fields), raw)))
             continue
         values[key] = coerce(value, types_[key], f"{path}.{key}" if path else key, problems)
     for name, f in fields.items():
@@ -125,7 +143,7 @@ def _coerce_scalar(value: Any, annotation: Any, path: str, problems: list[str]) 
         return value
     if annotation is str and isinstance(value, int | float) and not isinstance(value, bool):
         # --set run.name=2024 reads a TOML number: the string must be quoted, past the shell too
-        key = path if "[" not in path else "KEY"  # stages[0].x is addressed by name in --set
+        key = path if "[" not in path else "KEY"  # stages[0].x, losses[0].x: --set addresses them by name
         problems.append(f"{path}: expected str, got {_describe(value)}; quote it: \"{value}\" "
                         f"(with --set: --set '{key}=\"{value}\"')")
     elif isinstance(annotation, type) and not isinstance(value, annotation):

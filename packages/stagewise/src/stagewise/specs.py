@@ -58,6 +58,17 @@ class Spec:
             problems.append(f"{path}: {exc}")
             return None
 
+    @classmethod
+    def keys_for(cls, value: Any) -> list[str]:
+        """The keys a table that names ``value["use"]`` takes: the engine's and the component's options
+        (the engine's alone when it names no registered component)."""
+        use = value.get("use", getattr(cls, "use", None)) if isinstance(value, dict) else getattr(cls, "use", None)
+        try:
+            options = getattr(plugins.get(cls.KIND, use), "Options", NoOptions) if isinstance(use, str) else NoOptions
+        except (UnknownNameError, PluginError):  # validating the table itself reports these
+            options = NoOptions
+        return [k for k in keys_of(cls) if k != "options"] + keys_of(options)
+
     def to_table(self) -> dict[str, Any]:
         table = {f.name: as_table(getattr(self, f.name)) for f in dataclasses.fields(self)
                  if f.name != "options" and getattr(self, f.name) is not None}

@@ -65,13 +65,14 @@ class Stage(ABC):
         The default checks that every option named ``split`` or ``*_split`` names a split of
         the data (``split`` must; another ``*_split`` may be "" for none). Override to add
         requirements, e.g. "needs a mining stage before this one"; call ``super().check(...)``
-        to keep the split check.
+        to keep the split check. Name the stage as ``recipe.stage_path(index)`` does
+        (``stages.NAME``, the way ``--set`` addresses it), e.g. ``f"{recipe.stage_path(index)}.split: ..."``.
         """
         problems = []
         for f in dataclasses.fields(self.options) if dataclasses.is_dataclass(self.options) else ():
             value = getattr(self.options, f.name)
             named = (f.name == "split" or f.name.endswith("_split")) and value and value not in data.names()
             if named or (f.name == "split" and not value):  # `split` is required; others may be "" (none)
-                problems.append(f"stages[{index}].{f.name}: no split named {value!r}; "
+                problems.append(f"{recipe.stage_path(index)}.{f.name}: no split named {value!r}; "
                                 f"the data has: {', '.join(data.names())}")
         return problems

@@ -1,7 +1,9 @@
 """Two stages: ``example.mine_hard`` finds the hard examples, ``example.train_hard`` trains on them.
 
 They talk through one artifact, ``state.artifacts["example.hard_examples"]``: the mined split,
-the indices of its hard examples and the router's state, all checkpointed with the run.
+the indices of its hard examples and the router's state, all checkpointed with the run. The
+mining stage also keeps its router (``state.keep_router``), so ``stagewise export`` writes it
+beside the weights.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class MineHard(stagewise.Stage):
         routing = router.route(losses)
         hard = routing.masks["hard"].nonzero().flatten()  # (n_hard,) indices into the split
         state.artifacts[HARD_EXAMPLES] = {"split": o.split, "indices": hard, "router": router.state_dict()}
+        state.keep_router(self.label, router)  # checkpointed, and written by `stagewise export` beside the weights
         return {**{f"{self.label}/{k}": v for k, v in calibrated.items()},
                 f"{self.label}/hard_ratio": routing.ratio("hard"), f"{self.label}/hard_examples": len(hard)}
 

@@ -1,7 +1,8 @@
 """Built-in event plugin: after a run, plot every epoch's train and validation loss.
 
 Runs on ``Event.AFTER_RUN``. Writes ``RUN_DIR/plots/curves.png`` (x: epochs across all
-stages, dotted lines at stage starts) when matplotlib is installed.
+stages, dotted lines at stage starts) when matplotlib is installed; without it, ``line_plot``
+says so once per run, with the command that installs the ``[plots]`` extra.
 """
 
 from __future__ import annotations
@@ -9,14 +10,14 @@ from __future__ import annotations
 import json
 
 from stagewise.hookspecs import hookimpl
-from stagewise.plots import have_matplotlib, line_plot
+from stagewise.plots import line_plot
 
 CURVES = ("train/loss", "val/loss")
 
 
 @hookimpl
 def stagewise_after_run(state):
-    if state.run_dir is None or not have_matplotlib():
+    if state.run_dir is None:
         return
     lines = (state.run_dir.path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     epochs = [r for r in map(json.loads, lines) if r["event"] == "epoch"]

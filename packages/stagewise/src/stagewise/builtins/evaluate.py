@@ -39,7 +39,7 @@ class EvaluateStage(Stage):
     def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
         o = self.options
         return super().check(recipe, index, data) + loss_problems(
-            o.losses, recipe.model_options_at(index), data.example(o.split), f"stages[{index}]")
+            o.losses, recipe.model_options_at(index), data.example(o.split), recipe.stage_path(index))
 
     def run(self, state: State) -> dict[str, Any]:
         o = self.options

@@ -144,16 +144,17 @@ class TrainStage(Stage):
         directory exists."""
         # a stage that draws its batches elsewhere (e.g. a cache) feeds its terms other examples
         own_batches = type(self).train_batches is TrainStage.train_batches
+        where = recipe.stage_path(index)
         problems = super().check(recipe, index, data)
         problems += loss_problems(self.options.losses, recipe.model_options_at(index),
-                                  data.example("train") if own_batches else None, f"stages[{index}]")
-        problems += self._idle_epochs(index)
+                                  data.example("train") if own_batches else None, where)
+        problems += self._idle_epochs(where)
         names = parameter_names_at(recipe, index, data)
         if names is not None:
-            problems += glob_problems(names, self.options.train, self.options.freeze, f"stages[{index}]")
-        return problems + self._option_problems(index)
+            problems += glob_problems(names, self.options.train, self.options.freeze, where)
+        return problems + self._option_problems(where)
 
-    def _idle_epochs(self, index: int) -> list[str]:
+    def _idle_epochs(self, where: str) -> list[str]:
         """Epochs in which every term has weight 0: nothing to train on (backward would fail)."""
         losses = self.options.losses
         # each weight is constant from start_epoch + ramp_epochs on: later epochs repeat the last one looked at
@@ -161,13 +162,13 @@ class TrainStage(Stage):
         idle = [e for e in range(horizon) if all(spec.weight_at(e) == 0 for spec in losses)]
         if not idle:
             return []
-        return [f"stages[{index}].losses: every term has weight 0 in epoch(s) {', '.join(map(str, idle))} "
+        return [f"{where}.losses: every term has weight 0 in epoch(s) {', '.join(map(str, idle))} "
                 f"(0-based; see each term's weight, cap and start_epoch), so nothing would train; give one "
                 f"term a weight > 0 there or lower max_epochs"]
 
-    def _option_problems(self, index: int) -> list[str]:
-        o, where = self.options, f"stages[{index}]"
-        problems = self._monitor_problems(index)
+    def _option_problems(self, where: str) -> list[str]:
+        o = self.options
+        problems = self._monitor_problems(where)
         if o.patience is not None and not self.has_eval():
             problems.append(f'{where}.patience: early stopping compares `monitor` after each evaluation, but '
                             f'eval_split is "" (no evaluation); set eval_split or remove patience')
@@ -178,7 +179,7 @@ class TrainStage(Stage):
                             f"wait on each other forever; use 'adamw' or 'sgd', or run in one process")
         return problems
 
-    def _monitor_problems(self, index: int) -> list[str]:
+    def _monitor_problems(self, where: str) -> list[str]:
         """``monitor`` must be an epoch metric of the stage wherever it is read: after each
         evaluation (best epoch, early stopping) and by the ``plateau`` schedule. The names of
         ``val/`` metrics depend on the terms' evaluation, so only their prefix is checked here."""
@@ -192,10 +193,10 @@ class TrainStage(Stage):
             return []
         made = ", ".join(f"train/{k}" for k in train)
         if scope == "val" and rest:
-            return [f'stages[{index}].monitor: {o.monitor!r} needs evaluation, but eval_split is "" and '
+            return [f'{where}.monitor: {o.monitor!r} needs evaluation, but eval_split is "" and '
                     f"schedule 'plateau' reads monitor every epoch; set eval_split or monitor one of {made}"]
         evaluated = "val/<metric> (e.g. val/loss) or " if self.has_eval() else ""
-        return [f"stages[{index}].monitor: {o.monitor!r} is not a metric this stage makes in every epoch; use "
+        return [f"{where}.monitor: {o.monitor!r} is not a metric this stage makes in every epoch; use "
                 f"{evaluated}one of {made} (a term's name may be followed by /weight, /weighted, ...)"]
 
     def has_eval(self) -> bool:

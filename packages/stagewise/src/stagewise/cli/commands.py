@@ -25,7 +25,10 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON object name -> path")
     p.set_defaults(handler=cmd_recipes)
 
-    p = sub.add_parser("run", help="run a recipe file or a named recipe")
+    p = sub.add_parser("run", help="run a recipe file or a named recipe",
+                       description="Run a recipe file or a named recipe. Prints the run directory as it starts "
+                       "(metrics.jsonl and checkpoints are written there as it goes) and a table of the results "
+                       "at the end.")
     p.add_argument("recipe", help="a .toml file or a registered recipe name (see 'stagewise recipes')")
     _add_recipe_args(p)
     where = p.add_mutually_exclusive_group()  # a resumed run goes on in its own folder

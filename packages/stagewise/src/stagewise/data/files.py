@@ -43,45 +43,57 @@ def open_data(path: str | Path, what: str) -> IO[bytes]:
     return gzip.open(file, "rb") if magic == GZIP_MAGIC else file.open("rb")
 
 
-def open_text(path: str | Path, what: str) -> IO[str]:
-    """Open a UTF-8 text file (gzip allowed; a leading BOM, as Excel writes, dropped) for the csv
-    and json modules (``newline=""``).
-
-    Undecodable bytes become U+FFFD, so they surface as a bad value on a known line; a file that
-    starts as UTF-16/32 or binary data (a NUL byte in its first 64 KiB) is refused here."""
-    f = open_data(path, what)
-    try:
-        with gzip_errors(path):
-            head = f.read(1 << 16)
-            f.seek(0)
-        check_utf8(head, path, what)
-    except BaseException:
-        f.close()
-        raise
-    return io.TextIOWrapper(f, encoding="utf-8-sig", errors="replace", newline="")
+def open_text(path: str | Path, what: str, encoding: str) -> IO[str]:
+    """The text of a file, as :func:`read_text` reads it, open for the csv and json modules
+    (``newline=""``: line ends as written)."""
+    return io.StringIO(read_text(path, what, encoding), newline="")
 
 
-def read_text(path: str | Path, what: str) -> str:
-    """The whole text of a UTF-8 file (gzip allowed, a leading BOM dropped, undecodable bytes as
-    U+FFFD: some corpora are Latin-1, and a stray byte must not stop training); refused if it is
-    UTF-16/32 or holds a NUL byte (binary data), which would otherwise be read as garbage words."""
+def read_text(path: str | Path, what: str, encoding: str = "utf-8", errors: str = "strict") -> str:
+    """The whole text of a file in ``encoding`` (gzip allowed; with UTF-8 a leading BOM, as Excel
+    and Notepad write, dropped). A byte the encoding cannot read is a DataError naming the file,
+    its offset and line (``errors="replace"`` reads it as U+FFFD instead); so is text in UTF-16/32
+    or with a NUL byte (binary data) where an ASCII-based encoding such as UTF-8 is expected."""
     with open_data(path, what) as f, gzip_errors(path):
         raw = f.read()
-    check_utf8(raw, path, what)
-    return raw.decode("utf-8-sig", errors="replace")
+    if _ascii_based(encoding):
+        check_not_wide_text(raw, path, what)
+    utf8 = codecs.lookup(encoding).name == "utf-8"
+    try:
+        return raw.decode("utf-8-sig" if utf8 else encoding, errors)
+    except UnicodeDecodeError as exc:
+        offset = exc.start + (len(codecs.BOM_UTF8) if utf8 and raw.startswith(codecs.BOM_UTF8) else 0)
+        line = raw.count(b"\n", 0, offset) + 1
+        raise DataError(f"{what} {path}, line {line}: byte 0x{raw[offset]:02x} at offset {offset} is not "
+                        f"{encoding} text; give the file's encoding (data.encoding, e.g. \"latin-1\" or "
+                        f"\"cp1252\") or save the file as UTF-8") from None
 
 
-# byte-order marks of the encodings a text file must not be in (UTF-32 first: its LE mark starts as UTF-16's)
+def check_encoding(encoding: str) -> None:
+    """DataError unless Python can read text in ``encoding`` (the ``encoding`` key of text datasets)."""
+    try:
+        b"\0".decode(encoding, "replace")  # not b"": decoding no bytes looks no codec up
+    except LookupError:  # an unknown name, or a codec of bytes to bytes such as "base64"
+        raise DataError(f'encoding {encoding!r} is not a text encoding Python knows; use e.g. "utf-8" (the '
+                        f'default), "latin-1" or "cp1252"') from None
+
+
+def _ascii_based(encoding: str) -> bool:
+    """Whether ``encoding`` writes NUL and newline as single bytes (UTF-8, Latin-1, ...; not UTF-16/32)."""
+    return "\0\n".encode(encoding) == b"\0\n"
+
+
+# byte-order marks of text an ASCII-based encoding cannot read (UTF-32 first: its LE mark starts as UTF-16's)
 _FOREIGN_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
                  (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
 
 
-def check_utf8(raw: bytes, path: str | Path, what: str) -> None:
-    """DataError naming the file (and the line of the first NUL byte) unless ``raw`` can be UTF-8 text."""
+def check_not_wide_text(raw: bytes, path: str | Path, what: str) -> None:
+    """DataError naming the file (and the line of the first NUL byte) if ``raw`` is UTF-16/32 text or binary data."""
     encoding = next((name for bom, name in _FOREIGN_BOMS if raw.startswith(bom)), None)
     if encoding is not None:
         raise DataError(f"{what} {path} is {encoding} text (it starts with a {encoding} byte-order mark); "
-                        f"save it as UTF-8 and run again")
+                        f"save it as UTF-8 and run again (or set data.encoding = \"{encoding.lower()}\")")
     nul = raw.find(b"\0")
     if nul >= 0:
         line = raw.count(b"\n", 0, nul) + 1

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import numpy as np
 
 from stagewise.data.arrays import array_splits, read_npz
+from stagewise.data.files import check_encoding
 from stagewise.data.idx import read_idx
 from stagewise.data.splits import DataError, DataSplits, check_fractions, default_splits
 from stagewise.data.tabular import column_indices, read_csv, read_jsonl, shape_targets
@@ -49,12 +50,14 @@ class CSVOptions:
     header: bool = True  # the first row names the columns
     target_dtype: Literal["float", "long"] = "float"  # "long": class labels (int64)
     splits: dict[str, float] = field(default_factory=default_splits)  # split name -> fraction
+    encoding: str = "utf-8"  # of the file, e.g. "latin-1" or "cp1252"; a UTF-8 BOM is dropped
 
     def __post_init__(self) -> None:
         check_keys("target", self.target)
         check_keys("features", self.features, required=False)
         check_target_dtype(self.target_dtype)
         check_fractions(self.splits)
+        check_encoding(self.encoding)
 
 
 class CSVDataset:
@@ -68,7 +71,7 @@ class CSVDataset:
 
     @classmethod
     def from_recipe(cls, options: CSVOptions, *, seed: int) -> DataSplits:
-        names, values, lines = read_csv(options.path, options.header)  # values (N, columns)
+        names, values, lines = read_csv(options.path, options.header, options.encoding)  # values (N, columns)
         width = values.shape[1]
         target = column_indices("target", options.target, names, width, options.path)
         if options.features is None:
@@ -100,12 +103,14 @@ class JSONLOptions:
     target_keys: list[str]  # keys whose values, concatenated, are the target
     target_dtype: Literal["float", "long"] = "float"  # "long": class labels (int64)
     splits: dict[str, float] = field(default_factory=default_splits)  # split name -> fraction
+    encoding: str = "utf-8"  # of the file, e.g. "latin-1" or "cp1252"; a UTF-8 BOM is dropped
 
     def __post_init__(self) -> None:
         check_keys("input_keys", self.input_keys)
         check_keys("target_keys", self.target_keys)
         check_target_dtype(self.target_dtype)
         check_fractions(self.splits)
+        check_encoding(self.encoding)
 
 
 class JSONLDataset:
@@ -120,7 +125,7 @@ class JSONLDataset:
 
     @classmethod
     def from_recipe(cls, options: JSONLOptions, *, seed: int) -> DataSplits:
-        inputs, targets, lines = read_jsonl(options.path, options.input_keys, options.target_keys)
+        inputs, targets, lines = read_jsonl(options.path, options.input_keys, options.target_keys, options.encoding)
         targets = shape_targets(targets, options.target_dtype, lines, options.path)
         return array_splits(inputs, targets, options.splits, seed, source=options.path)
 

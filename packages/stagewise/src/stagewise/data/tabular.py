@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from stagewise.data.files import gzip_errors, open_text
+from stagewise.data.files import open_text
 from stagewise.data.splits import DataError
 
 
@@ -30,9 +30,9 @@ def shape_targets(targets: np.ndarray, target_dtype: str, lines: list[int], path
     return targets[:, 0] if targets.shape[1] == 1 else targets  # one value per example: a scalar
 
 
-def read_csv(path: str, header: bool) -> tuple[list[str] | None, np.ndarray, list[int]]:
+def read_csv(path: str, header: bool, encoding: str) -> tuple[list[str] | None, np.ndarray, list[int]]:
     """Column names (None without header), the values (N, columns) and each row's line."""
-    with open_text(path, "CSV file") as f, gzip_errors(path):
+    with open_text(path, "CSV file", encoding) as f:
         reader = csv.reader(f)
         rows, lines = [], []
         try:
@@ -60,7 +60,7 @@ def read_csv(path: str, header: bool) -> tuple[list[str] | None, np.ndarray, lis
     finite = np.isfinite(values)  # float() also reads "nan" and "inf": training on them fails
     if not finite.all():
         i = int(np.flatnonzero(~finite.all(axis=1))[0])
-        raise _bad_cell(_row_at(path, lines[i]), path, lines[i], names, "is not a finite number; fill "
+        raise _bad_cell(_row_at(path, lines[i], encoding), path, lines[i], names, "is not a finite number; fill "
                         "in missing values (NaN and infinity cannot be trained on)")
     return names, values, lines
 
@@ -72,9 +72,9 @@ def _bad_cell(row: list[str], path: str, line: int, names: list[str] | None, pro
     return DataError(f"{path}, line {line}, {column}: {row[j]!r} {problem}{_separator_hint(row)}")
 
 
-def _row_at(path: str, line: int) -> list[str]:
+def _row_at(path: str, line: int, encoding: str) -> list[str]:
     """The CSV row that ends on ``line``, read again: only an error needs the cells' text."""
-    with open_text(path, "CSV file") as f, gzip_errors(path):
+    with open_text(path, "CSV file", encoding) as f:
         reader = csv.reader(f)
         return next(row for row in reader if reader.line_num == line)
 
@@ -161,10 +161,11 @@ def record_numbers(record: dict[str, Any], keys: list[str], path: str, line: int
     return numbers
 
 
-def read_jsonl(path: str, input_keys: list[str], target_keys: list[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def read_jsonl(path: str, input_keys: list[str], target_keys: list[str],
+               encoding: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Inputs (N, F), targets (N, K) and each example's line."""
     inputs, targets, lines = [], [], []
-    with open_text(path, "JSONL file") as f, gzip_errors(path):
+    with open_text(path, "JSONL file", encoding) as f:
         for line, text in enumerate(f, start=1):
             if not text.strip():
                 continue

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from stagewise.data.files import read_text
+from stagewise.data.files import check_encoding, read_text
 from stagewise.data.splits import DataError, DataSplits, check_fractions, deal, default_splits, split_bounds
 from stagewise.data.vocab import EOS, Vocabulary
 
@@ -48,6 +48,7 @@ class TextOptions:
     min_freq: int = 1  # training-split words seen fewer times than this become <unk>
     max_vocab: int | None = None  # cap on the vocabulary size, <unk> and <eos> included
     max_tokens: int | None = None  # keep only each split's first max_tokens tokens (tiny tests)
+    encoding: str = "utf-8"  # of the text files, e.g. "latin-1" or "cp1252"; a UTF-8 BOM is dropped
     # split name -> fraction; only for sources without train/valid/test files
     splits: dict[str, float] = field(default_factory=default_splits)
 
@@ -59,6 +60,7 @@ class TextOptions:
         if self.max_vocab is not None and self.max_vocab < 3:
             raise DataError(f"max_vocab must be at least 3 (<unk>, <eos> and one word), got {self.max_vocab}")
         check_fractions(self.splits)
+        check_encoding(self.encoding)
         if "train" not in self.splits:
             raise DataError(f"splits must include 'train' (the vocabulary is built from it); "
                             f"got {', '.join(self.splits)}")
@@ -75,9 +77,8 @@ def tokenize(text: str, lowercase: bool) -> list[str]:
     return tokens
 
 
-def read_tokens(path: Path, lowercase: bool) -> list[str]:
-    # undecodable bytes become U+FFFD: some real corpora are Latin-1; a stray byte must not stop training
-    return tokenize(read_text(path, "text file"), lowercase)
+def read_tokens(path: Path, options: TextOptions) -> list[str]:
+    return tokenize(read_text(path, "text file", options.encoding), options.lowercase)
 
 
 def text_files(root: Path) -> list[Path]:
@@ -118,11 +119,11 @@ def load_streams(options: TextOptions) -> dict[str, list[str]]:
                         f"or leave it unset for the built-in corpus")
     predefined = split_files(root) if root.is_dir() else {}
     if predefined:
-        return {split: read_tokens(file, options.lowercase) for split, file in predefined.items()}
+        return {split: read_tokens(file, options) for split, file in predefined.items()}
     files = text_files(root) if root.is_dir() else [root]
     if not files:
         raise DataError(f"no .txt files under {root}; expected {LAYOUTS}")
-    tokens = [token for file in files for token in read_tokens(file, options.lowercase)]
+    tokens = [token for file in files for token in read_tokens(file, options)]
     if not tokens:
         raise DataError(f"{root} contains no text (0 tokens); expected {LAYOUTS}")
     return {split: tokens[start:end]
@@ -183,9 +184,12 @@ class TextCorpus:
 
 
 def write_file_split(source: Path, out: Path, *, every: int = 10, valid: int = 0, test: int = 1,
-                     chunk_lines: int | None = None, seed: int = 0) -> dict[str, int]:
-    """Write ``train.txt``/``valid.txt``/``test.txt`` in ``out`` from the ``.txt`` files under
-    ``source`` (sorted order; undecodable bytes become U+FFFD), so that no text is in two splits.
+                     chunk_lines: int | None = None, seed: int = 0, encoding: str = "utf-8",
+                     errors: str = "strict") -> dict[str, int]:
+    """Write ``train.txt``/``valid.txt``/``test.txt`` (UTF-8) in ``out`` from the ``.txt`` files under
+    ``source`` (sorted order, read in ``encoding``), so that no text is in two splits. A byte the
+    encoding cannot read is an error naming the file; ``errors="replace"`` reads it as U+FFFD
+    instead (a corpus of mixed encodings).
 
     The units dealt are whole files, or with ``chunk_lines`` chunks of that many consecutive
     lines (counted over all files): unit i goes to valid when ``i % every == valid``, to test
@@ -195,7 +199,7 @@ def write_file_split(source: Path, out: Path, *, every: int = 10, valid: int = 0
     of a few files puts whole kinds of text in valid or test). Returns the units per split.
     """
     files = text_files(Path(source))
-    units = [text for file in files for text in _units(read_text(file, "text file"), chunk_lines)]
+    units = [text for file in files for text in _units(read_text(file, "text file", encoding, errors), chunk_lines)]
     parts: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
     for i, text in enumerate(units):
         parts["valid" if i % every == valid else "test" if i % every == test else "train"].append(text)

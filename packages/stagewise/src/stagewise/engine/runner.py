@@ -63,6 +63,8 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
     state = State(recipe=recipe, model=model, model_options=model_options, data=data, device=device,
                   dist=info, warnings=RateLimitedWarnings(silent=info.rank != 0), run_dir=run_dir,
                   quiet=quiet)
+    if resume is None:  # said now, not only at the end: a long run's metrics and checkpoints are there from here on
+        state.print(f"run {run.name!r} (seed {run.seed}): writing to {path}")
     first = _restore_run(state, saved, path) if resume is not None else 0
     try:
         state.fire(Event.BEFORE_RUN)
@@ -91,6 +93,7 @@ def _restore_run(state: State, saved: dict[str, Any] | None, path: Path) -> int:
         return 0
     state.model.load_state_dict(saved["model"])
     state.artifacts, state.metrics = saved["artifacts"], saved["metrics"]
+    state.routers = saved.get("routers", {})  # a checkpoint written before routers were kept has none
     state.stage_results = saved["stage_results"]
     first = saved["stage_index"] + (1 if saved["stage_done"] else 0)
     n = len(state.recipe.stages)

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from stagewise.engine.guards import RateLimitedWarnings
     from stagewise.engine.rundir import RunDir
     from stagewise.recipe import Recipe
+    from stagewise.router import Router
 
 
 @dataclass
@@ -26,7 +27,8 @@ class State:
 
     ``artifacts`` hold what a stage hands to later ones (a threshold, cached hidden states, a
     trained encoder's state dict); they must be tensors, numbers, strings, lists or dicts so
-    checkpoints load with ``weights_only=True``.
+    checkpoints load with ``weights_only=True``. ``routers`` hold the routers stages calibrated
+    (:meth:`keep_router`), which ``stagewise export`` writes beside the weights.
     """
 
     recipe: Recipe
@@ -39,6 +41,7 @@ class State:
     run_dir: RunDir | None = None  # None on ranks other than 0
     quiet: bool = False
     artifacts: dict[str, Any] = field(default_factory=dict)
+    routers: dict[str, Any] = field(default_factory=dict)  # name -> {"use", "options", "state"}, see keep_router
     stage_index: int = 0
     stage_name: str = ""
     epoch: int = 0  # 0-based epoch within the current stage
@@ -92,6 +95,15 @@ class State:
 
         return iterate_batches(self, source, train=train, epoch=epoch, start=start, indices=indices, shard=shard)
 
+    def keep_router(self, name: str, router: Router) -> None:
+        """Checkpoint ``router`` under ``name`` as it is now: its registered name (``use``), options
+        and :meth:`~stagewise.Router.state_dict` (e.g. a calibrated threshold). ``stagewise export``
+        writes every kept router into the export, so the exported model routes as the run did;
+        keeping a name again replaces it (e.g. a later stage that recalibrates the router)."""
+        from stagewise.schema import as_table
+
+        self.routers[name] = {"use": router.name, "options": as_table(router.options), "state": router.state_dict()}
+
     def save_checkpoint(self, *, done: bool, extra: dict[str, Any] | None = None) -> None:
         """Write ``checkpoints/last.pt`` (and the stage's own checkpoint when it is ``done``)."""
         from stagewise.engine.checkpoint import checkpoint_bytes, write_checkpoint_bytes
@@ -118,6 +130,7 @@ class State:
             "model_options": as_table(self.model_options),
             "data_info": plain_info(self.data.info),  # what the model was built from: load_model builds it again
             "artifacts": self.artifacts,
+            "routers": self.routers,
             "metrics": self.metrics,
             "stage_results": self.stage_results,
             "rng": rng_state(),
