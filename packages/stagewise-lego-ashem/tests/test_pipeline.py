@@ -1,8 +1,11 @@
-"""The recipes end to end on a tiny model: golden numbers, determinism, freezing, errors."""
+"""The recipes end to end on a tiny model: golden numbers, determinism, freezing, errors,
+progress bars, the calibration pass, phase 2's view of the cache and the leak warning."""
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ import stagewise
 from stagewise.engine.checkpoint import load_checkpoint
 from stagewise.engine.runner import run_recipe
 from stagewise.errors import ConfigError
+from stagewise.loss import token_nll
 from stagewise.recipe import load_recipe, recipe_from_table
 from stagewise.verify import compare
 from stagewise_lego_ashem.timing import TIMING_METRICS
@@ -322,3 +326,89 @@ def test_a_finished_run_generates_text_as_the_readme_shows(tiny, tmp_path):
     assert (len(model.layers), model.exit_layer) == (saved["model_options"]["n_layer"], 2)  # grown, exit kept
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved["model"].items())
     assert len(vocab.decode(out["tokens"][0].tolist()).split()) == 4 + 5
+
+
+# --- progress, the calibration pass, the probe's loss, the leak warning ------------------------
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal, so that progress bars are drawn into it."""
+
+    def isatty(self):
+        return True
+
+
+def _with_probe(recipe):
+    """The tiny recipe with a probe stage after phase 2 (its evaluation then routes by the probe)."""
+    from stagewise.recipe import recipe_from_table
+
+    table = recipe.table
+    table["model"]["exit_probe"] = True
+    table["stages"].insert(3, {"name": "probe", "use": "lego_ashem.train_exit_probe", "epochs": 2})
+    return recipe_from_table(table, "tiny+probe", [])
+
+
+def test_long_stages_show_progress_on_a_terminal_only_without_quiet_and_change_no_number(tiny, tmp_path,
+                                                                                          monkeypatch):
+    recipe = _with_probe(tiny("stages.phase2.max_epochs=1", "stages.test.measure_speed=true"))
+    stderr, runs = {}, (("bar", False, Terminal()), ("quiet", True, Terminal()), ("log", False, io.StringIO()))
+    for name, quiet, terminal in runs:
+        monkeypatch.setattr(sys, "stderr", terminal)
+        run_recipe(recipe, out=tmp_path / name, quiet=quiet)
+        stderr[name] = terminal.getvalue()
+    for bar in ("mine: calibrate on valid", "mine: cache train", "probe: exit states of train",
+                "probe: calibrate on valid", "test: evaluate test", "test: curve point 3/3",
+                "test: time full depth vs routed"):
+        assert bar in stderr["bar"], bar
+    assert stderr["quiet"] == stderr["log"] == ""  # --quiet, or stderr not a terminal (a log file, a test)
+    metrics = [deterministic(read_summary(tmp_path / name)["metrics"]) for name in stderr]
+    assert metrics[0] == metrics[1] == metrics[2]
+
+
+def test_mine_takes_no_loss_on_the_calibration_split(tiny, tmp_path, monkeypatch):
+    """The calibration needs the confidences alone; the exit layer's loss is taken on the mined
+    split only (for mine/hard_ppl)."""
+    from stagewise.recipe import recipe_from_table
+    from stagewise_lego_ashem import mining
+
+    tokens = []
+
+    def counted(logits, target):
+        tokens.append(target.numel())
+        return token_nll(logits, target)
+
+    monkeypatch.setattr(mining, "token_nll", counted)
+    table = tiny().table
+    table["stages"] = table["stages"][:2]  # phase 1, mine
+    metrics = read_summary(run_recipe(recipe_from_table(table, "mine-only", []), out=tmp_path / "run",
+                                      quiet=True))["metrics"]
+    assert sum(tokens) == metrics["mine/tokens"]
+
+
+def test_phase2_datasets_read_the_cache_without_copying_it():
+    from stagewise_lego_ashem.mining import SequenceCache, TokenCache
+
+    hidden = torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(17))
+    hard = torch.tensor([[False, True, False, True], [False] * 4, [True, False, False, False]])
+    cache = {"hidden": hidden, "target": torch.arange(12).view(3, 4), "hard": hard}
+    windows, tokens = SequenceCache(cache), TokenCache(cache)
+    assert len(windows) == 2 and torch.equal(windows[1]["hidden"], hidden[2])
+    assert len(tokens) == 3 and [int(tokens[j]["target"]) for j in range(3)] == [1, 3, 8]  # row-major
+    assert torch.equal(torch.cat([tokens[j]["hidden"] for j in range(3)]), hidden[hard])
+    storage = hidden.untyped_storage().data_ptr()  # items are views of the cache: phase 2 holds it once
+    assert [item["hidden"].untyped_storage().data_ptr() == storage for item in (windows[0], tokens[0])] == [True] * 2
+
+
+def test_reporting_on_a_mined_split_warns_once_that_its_numbers_are_not_held_out(tiny, tmp_path, capsys):
+    short = ("stages.phase2.max_epochs=1", "stages.test.curve_points=2")
+    leaky = read_summary(run_recipe(tiny(*short, 'stages.test.split="train"', "stages.test.allow_leak=true"),
+                                    out=tmp_path / "leak", quiet=True))  # --quiet keeps warnings
+    err = capsys.readouterr().err
+    assert err.count("stagewise: warning:") == 1
+    assert ("stagewise: warning: stage 'test' reports on split 'train', where stage 'mine' mined the phase-2 "
+            "cache (allow_leak = true): its numbers are not held-out. For held-out numbers run lego_ashem.ashem"
+            in err)
+    assert leaky["stages"]["test"]["metrics"]["warnings/not_held_out"] == 1
+    held_out = read_summary(run_recipe(tiny(*short), out=tmp_path / "held-out", quiet=True))
+    assert "stagewise: warning:" not in capsys.readouterr().err
+    assert not any(k.startswith("warnings/") for k in held_out["metrics"])

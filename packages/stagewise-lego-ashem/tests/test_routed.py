@@ -341,6 +341,31 @@ def test_train_exit_probe_calibrates_on_calib_split_and_scores_its_accuracy_ther
                                       "state": {"threshold": metrics["probe/threshold"]}}}
 
 
+def test_train_exit_probe_reports_the_final_training_loss_of_an_unchanged_fit():
+    """``probe/probe_loss`` is what fit_probe returns (the last epoch's mean loss on ``split``): the
+    same fit, on the same data with the same seed, gives the same probe and the same loss."""
+    import copy
+
+    from stagewise_lego_ashem.mining import ROUTER
+    from stagewise_lego_ashem.probe import fit_probe, probe_data
+    from stagewise_lego_ashem.stages import TrainExitProbe, TrainExitProbeOptions
+
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=40, n_layer=4, n_embd=16, n_head=2, ffn_hidden=32)
+    model = DeepSupervisionTransformer(config, exit_layer=2, exit_probe=True).eval()
+    alone = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(18)
+    train, valid = (torch.randint(0, 40, (4, 10), generator=g) for _ in range(2))
+    state = _State(model, {"train": [{"input": train}], "valid": [{"input": valid}]},
+                   {ROUTER: {"measure": "max_prob", "hard_ratio": 0.3, "threshold": 0.1}})
+    metrics = TrainExitProbe(TrainExitProbeOptions(epochs=2, batch_size=16), label="probe").run(state)
+    loss = fit_probe(alone.exit_probe, probe_data(alone, [{"input": train}]), epochs=2, lr=1e-2, batch_size=16,
+                     seed=0)  # state.seed + state.stage_index
+    assert metrics["probe/probe_loss"] == loss and 0 < loss < 1
+    assert all(torch.equal(a, b) for a, b in zip(model.exit_probe.parameters(), alone.exit_probe.parameters(),
+                                                 strict=True))
+
+
 def test_phase2_counted_speedups_compare_the_layers_each_step_runs():
     """Every cached token hard, 2 windows of 3 tokens, batch 2: one cached step. A full-forward
     step adds the frozen lower blocks' forward (A) to the cached step (3U: the upper blocks and

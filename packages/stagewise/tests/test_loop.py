@@ -3,7 +3,9 @@ fallback count, warnings under --quiet, and the batches an epoch draws."""
 
 from __future__ import annotations
 
+import io
 import math
+import sys
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from conftest import read_records, read_summary
 import stagewise
 from stagewise.engine.runner import run_recipe
 from stagewise.plugins import register_plugin, unregister_plugin
+from stagewise.recipe import load_recipe
 
 FALLBACK = 'losses=[{use="stagewise.cross_entropy", fallback_threshold=1.0}]'  # CE ~ 5: every batch is cut
 
@@ -204,3 +207,53 @@ def test_evaluation_batches_use_eval_batch_size():
     sizes = [len(b["input"]) for b in iterate_batches(state, "valid", train=False)]
     assert sizes == [3, 3, 3, 1] and count_batches(state, "valid", train=False) == 4
     assert [len(b["input"]) for b in iterate_batches(state, "valid", train=True)] == [4, 4, 2]
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal, so that progress bars are drawn into it."""
+
+    def isatty(self):
+        return True
+
+
+def test_progress_bars_show_on_a_terminal_only_without_quiet_and_change_no_number(tiny, tmp_path, monkeypatch):
+    stderr, runs = {}, (("bar", False, Terminal()), ("quiet", True, Terminal()), ("log", False, io.StringIO()))
+    for name, quiet, terminal in runs:
+        monkeypatch.setattr(sys, "stderr", terminal)
+        run_recipe(tiny(), out=tmp_path / name, quiet=quiet)
+        stderr[name] = terminal.getvalue()
+    assert "phase1: epoch 1/2" in stderr["bar"] and "phase2: epoch 2/2" in stderr["bar"]  # named after the stage
+    assert stderr["quiet"] == stderr["log"] == ""  # --quiet, or stderr not a terminal (a log file, a test)
+    metrics = [read_summary(tmp_path / name)["metrics"] for name in stderr]
+    assert metrics[0] == metrics[1] == metrics[2]
+
+
+class _WarnsTwice(stagewise.Stage):
+    name = "looptest.warns_twice"
+
+    def run(self, state):
+        for _ in range(2):
+            state.warnings.warn("odd", "something odd")
+        return {}
+
+
+def test_warnings_a_stage_raises_outside_an_epoch_count_for_that_stage_not_the_next_epoch(tiny_recipe_path,
+                                                                                          tmp_path, capsys):
+    class Warns:
+        @stagewise.hookimpl
+        def stagewise_register_stages(self, register):
+            register(_WarnsTwice)
+
+    recipe = tmp_path / "warns.toml"
+    text = tiny_recipe_path.read_text()
+    phase2 = text.index('[[stages]]\nname = "phase2"')
+    recipe.write_text(text[:phase2] + '[[stages]]\nname = "odd"\nuse = "looptest.warns_twice"\n\n' + text[phase2:])
+    register_plugin(Warns(), "looptest")
+    try:
+        run_dir = run_recipe(load_recipe(recipe), out=tmp_path / "run", quiet=True)
+    finally:
+        unregister_plugin("looptest")
+    assert read_summary(run_dir)["stages"]["odd"]["metrics"] == {"warnings/odd": 2}
+    assert not any("warnings/odd" in r for r in read_records(run_dir, "epoch"))  # phase2's epochs did not warn
+    err = capsys.readouterr().err
+    assert err.count("something odd") == 1 and "'odd' happened 2 times in stage 'odd'" in err

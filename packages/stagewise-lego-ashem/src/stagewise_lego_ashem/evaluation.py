@@ -101,28 +101,30 @@ def _summarize(s: dict[str, float], exit_layer: int, n_layer: int) -> dict[str, 
 def routed_report(state: stagewise.State, options: Any) -> dict[str, Any]:
     """Everything ``lego_ashem.evaluate_routed`` reports (see its docstring)."""
     router = router_of(state)
-    result = evaluate_routed(state, state.batches(options.split), router, full=True)
+    result = evaluate_routed(state, state.batches(options.split, desc=f"evaluate {options.split}"), router, full=True)
     report = {"acc": result["acc"], "ppl": result["routed_ppl"], "threshold": router.threshold, **result}
     if options.measure_speed:
-        report.update(eval_speedup(state.model, router, _first_windows(state.data[options.split],
-                                                                       options.speed_batch_size, state.device),
-                                   options.speed_repeats))
+        idx = _first_windows(state.data[options.split], options.speed_batch_size, state.device)
+        report.update(eval_speedup(state.model, router, idx, options.speed_repeats,
+                                   rounds=lambda rounds: state.progress(rounds, desc="time full depth vs routed")))
     if options.curve_points:
         accuracy_compute_curve(state, options.split, router, options.curve_points)
     return report
 
 
-def eval_speedup(model: torch.nn.Module, router: Confidence, idx: torch.Tensor, repeats: int) -> dict[str, float]:
+def eval_speedup(model: torch.nn.Module, router: Confidence, idx: torch.Tensor, repeats: int,
+                 rounds: timing.Rounds = timing.every_round) -> dict[str, float]:
     """Wall-clock full-depth forward over routed forward on the same batch idx (B, T), timed in
-    interleaved rounds (median of ``repeats``). With a softmax measure, also the confidence alone
-    (``confidence_ms``) beside its share of the routed forward's counted FLOPs
-    (``confidence_flops_share``): the exit softmax's exponentials cost far more time than FLOPs."""
+    interleaved rounds (median of ``repeats``; ``rounds`` wraps them, e.g. in a progress bar).
+    With a softmax measure, also the confidence alone (``confidence_ms``) beside its share of the
+    routed forward's counted FLOPs (``confidence_flops_share``): the exit softmax's exponentials
+    cost far more time than FLOPs."""
     with stagewise.eval_mode(model), torch.no_grad():
         fns = {"full": lambda: model(idx)["logits"],
                "routed": lambda: routed_forward(model, idx, router, router.threshold)}
         if router.options.measure in SOFTMAX_MEASURES:
             fns["confidence"] = _confidence_alone(model, idx, router.options.measure)
-        seconds = timing.interleaved_seconds(fns, repeats)
+        seconds = timing.interleaved_seconds(fns, repeats, rounds)
         full, routed = seconds["full"], seconds["routed"]
         report = {"speedup_measured": full / routed, "batch_size": idx.size(0),
                   "full_depth_ms": 1e3 * full, "routed_ms": 1e3 * routed}
@@ -154,9 +156,10 @@ def accuracy_compute_curve(state: stagewise.State, split: str, router: Confidenc
     quantiles = state.artifacts[mining.ROUTER]["quantiles"]
     picks = sorted({round(i * (len(quantiles) - 1) / max(points - 1, 1)) for i in range(points)})
     rows = []
-    for i in picks:
+    for point, i in enumerate(picks, start=1):
         threshold = quantiles[i] if i < len(quantiles) - 1 else math.inf  # the top quantile: nobody exits
-        r = evaluate_routed(state, state.batches(split), router, threshold=threshold)
+        r = evaluate_routed(state, state.batches(split, desc=f"curve point {point}/{len(picks)}"), router,
+                            threshold=threshold)
         rows.append({"threshold": threshold, **{k: r[k] for k in
                      ("shallow_ratio", "acc", "routed_ppl", "compute_cost", "compute_cost_flops")}})
     state.log("lego_ashem.curve", split=split, points=rows)

@@ -24,6 +24,13 @@ ROUTER = "lego_ashem.router"  # artifact: {"measure", "hard_ratio", "threshold",
 
 
 @torch.no_grad()
+def exit_scores(model: torch.nn.Module, batches: Iterable[dict[str, Any]], router: Confidence) -> torch.Tensor:
+    """Exit-layer confidences (N, T) of every window of ``batches``: all that calibration reads."""
+    with stagewise.eval_mode(model):
+        return torch.cat([router.score(model, model.exit_hidden(batch["input"]))[0].cpu() for batch in batches])
+
+
+@torch.no_grad()
 def exit_states(model: torch.nn.Module, batches: Iterable[dict[str, Any]],
                 router: Confidence) -> dict[str, torch.Tensor]:
     """Exit-layer hidden states, confidences and targets of every window of ``batches``.
@@ -61,29 +68,32 @@ def hard_windows(hard: torch.Tensor) -> torch.Tensor:
 class SequenceCache(Dataset):
     """Cached full windows that hold a hard token (the others carry no loss): item i is
     ``{"hidden": (T, C), "target": (T,), "hard": (T,) bool}``; ``windows`` are their indices
-    into the cached split."""
+    into the cached split. Items are views of the cache: phase 2 holds the hidden states once."""
 
     def __init__(self, cache: dict[str, Any]):
+        self.cache = cache
         self.windows = hard_windows(cache["hard"])  # (n,)
-        self.hidden, self.target, self.hard = (cache[k][self.windows] for k in ("hidden", "target", "hard"))
 
     def __len__(self) -> int:
-        return len(self.hidden)
+        return len(self.windows)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"hidden": self.hidden[i], "target": self.target[i], "hard": self.hard[i]}
+        window = int(self.windows[i])
+        return {k: self.cache[k][window] for k in ("hidden", "target", "hard")}
 
 
 class TokenCache(Dataset):
-    """The hard tokens alone: item j is ``{"hidden": (1, C), "target": ()}`` (the seed's loader)."""
+    """The hard tokens alone: item j is ``{"hidden": (1, C), "target": ()}`` (the seed's loader),
+    in row-major order of (window, position). Items are views of the cache, as in :class:`SequenceCache`."""
 
     def __init__(self, cache: dict[str, Any]):
-        hard = cache["hard"]
-        self.hidden = cache["hidden"][hard]  # (n_hard, C), row-major order of (window, position)
-        self.target = cache["target"][hard]  # (n_hard,)
+        self.hidden = cache["hidden"].flatten(0, 1)  # (N*T, C): a view of the contiguous cache
+        self.target = cache["target"].flatten()  # (N*T,)
+        self.rows = cache["hard"].flatten().nonzero().squeeze(1)  # (n_hard,): the hard rows
 
     def __len__(self) -> int:
-        return len(self.hidden)
+        return len(self.rows)
 
     def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
-        return {"hidden": self.hidden[j].unsqueeze(0), "target": self.target[j]}
+        row = int(self.rows[j])
+        return {"hidden": self.hidden[row].unsqueeze(0), "target": self.target[row]}

@@ -71,18 +71,19 @@ class Mine(stagewise.Stage):
         o, model = self.options, state.model
         router = o.router.component()(o.router.options)
         # every process reads the whole splits: the threshold and the cache must be alike on all ranks
-        calib = mining.exit_states(model, state.batches(o.calib_split, shard=False), router)
-        router.calibrate(calib["scores"])
+        calib = mining.exit_scores(model, state.batches(o.calib_split, shard=False,
+                                                        desc=f"calibrate on {o.calib_split}"), router)
+        router.calibrate(calib)
         model.set_threshold(router.threshold)
         state.keep_router(mining.ROUTER, router)  # stagewise export writes it beside the weights
-        calib_hard = router.route(calib["scores"]).ratio("hard")
-        mined = mining.exit_states(model, state.batches(o.split, shard=False), router)
+        calib_hard = router.route(calib).ratio("hard")
+        mined = mining.exit_states(model, state.batches(o.split, shard=False, desc=f"cache {o.split}"), router)
         hard = router.route(mined["scores"]).masks["hard"]  # (N, T): per token, never per sequence
         state.artifacts[mining.CACHE] = {"split": o.split, "exit_layer": model.exit_layer,
                                          "hidden": mined["hidden"], "target": mined["target"], "hard": hard}
         state.artifacts[mining.ROUTER] = {**as_table(o.router.options), "threshold": router.threshold,
                                           "calib_split": o.calib_split,
-                                          "quantiles": mining.score_quantiles(calib["scores"])}
+                                          "quantiles": mining.score_quantiles(calib)}
         n_hard = int(hard.sum())
         return {f"{self.label}/{k}": v for k, v in {
             "threshold": router.threshold, "calib_hard_ratio": calib_hard,
@@ -249,7 +250,8 @@ class TrainExitProbe(stagewise.Stage):
     """Fit the model's ``exit_probe`` to predict "exit-layer argmax == last-layer argmax" (CALM,
     LayerSkip), then switch the router to ``measure = "probe"`` with a threshold calibrated on
     ``calib_split``: tokens that continue then never pay for an exit softmax. Only the probe
-    trains. Reports ``<stage>/threshold``, ``<stage>/agreement`` (how often the labels are 1) and
+    trains. Reports ``<stage>/threshold``, ``<stage>/agreement`` (how often the labels are 1),
+    ``<stage>/probe_loss`` (its binary cross-entropy on ``split``, mean over the last epoch) and
     ``<stage>/probe_acc`` on ``calib_split``.
     """
 
@@ -267,10 +269,12 @@ class TrainExitProbe(stagewise.Stage):
 
     def run(self, state: stagewise.State) -> dict[str, Any]:
         o, model = self.options, state.model
-        train = probe.probe_data(model, state.batches(o.split, shard=False))  # alike on every rank
-        probe.fit_probe(model.exit_probe, train, epochs=o.epochs, lr=o.lr, batch_size=o.batch_size,
-                        seed=state.seed + state.stage_index)
-        calib = probe.probe_data(model, state.batches(o.calib_split, shard=False))
+        # alike on every rank
+        train = probe.probe_data(model, state.batches(o.split, shard=False, desc=f"exit states of {o.split}"))
+        loss = probe.fit_probe(model.exit_probe, train, epochs=o.epochs, lr=o.lr, batch_size=o.batch_size,
+                               seed=state.seed + state.stage_index)
+        calib = probe.probe_data(model, state.batches(o.calib_split, shard=False,
+                                                      desc=f"calibrate on {o.calib_split}"))
         scores = probe.probe_scores(model.exit_probe, calib["hidden"])
         router = router_of(state, measure="probe")
         router.calibrate(scores)
@@ -281,6 +285,7 @@ class TrainExitProbe(stagewise.Stage):
                                           "quantiles": mining.score_quantiles(scores)}
         return {f"{self.label}/threshold": router.threshold,
                 f"{self.label}/agreement": float(train["label"].float().mean()),
+                f"{self.label}/probe_loss": loss,
                 f"{self.label}/probe_acc": float(((scores >= 0.5) == calib["label"]).float().mean())}
 
 
@@ -324,9 +329,7 @@ class EvaluateRouted(stagewise.Stage):
     def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
         problems = super().check(recipe, index, data) + _model_problems(recipe, index, self.name)
         where = recipe.stage_path(index)
-        used = {split for s in recipe.stages[:index] if s.use in _CALIBRATING
-                for split in (s.options.calib_split, s.options.split)}
-        if self.options.split in used and not self.options.allow_leak:
+        if _fitted_on(recipe, index, self.options.split) and not self.options.allow_leak:
             problems.append(f"{where}.split: {self.options.split!r} was used to calibrate or mine (or "
                             f"to fit the exit probe); evaluate on a held-out split (or set allow_leak = true "
                             f"to reproduce the seed)")
@@ -342,13 +345,34 @@ class EvaluateRouted(stagewise.Stage):
         return problems
 
     def run(self, state: stagewise.State) -> dict[str, Any]:
+        split, fitted = self.options.split, _fitted_on(state.recipe, state.stage_index, self.options.split)
+        if fitted:  # only with allow_leak = true: check() refuses it otherwise
+            state.warnings.warn("not_held_out", f"stage {self.label!r} reports on split {split!r}, where "
+                                f"{'; '.join(fitted)} (allow_leak = true): its numbers are not held-out. For "
+                                f"held-out numbers run lego_ashem.ashem, which reports on a split that no stage "
+                                f"calibrates, mines or fits on")
         return {f"{self.label}/{k}": v for k, v in routed_report(state, self.options).items()}
 
 
 # --- recipe checks -----------------------------------------------------------------------------
 
 
-_CALIBRATING = ("lego_ashem.mine", "lego_ashem.train_exit_probe")  # stages that read a split to fit or calibrate
+# what the stages that read a split to calibrate, mine or fit do with each split option
+_ROLES = {("lego_ashem.mine", "calib_split"): "calibrated the threshold",
+          ("lego_ashem.mine", "split"): "mined the phase-2 cache",
+          ("lego_ashem.train_exit_probe", "split"): "fitted the exit probe",
+          ("lego_ashem.train_exit_probe", "calib_split"): "calibrated the probe's threshold"}
+
+
+def _fitted_on(recipe: Recipe, index: int, split: str) -> list[str]:
+    """What the stages before ``index`` did with ``split``, e.g. "stage 'mine' calibrated the
+    threshold and mined the phase-2 cache"; empty when no stage calibrated, mined or fitted on it."""
+    found = []
+    for s in recipe.stages[:index]:
+        roles = [role for (use, key), role in _ROLES.items() if s.use == use and getattr(s.options, key) == split]
+        if roles:
+            found.append(f"stage {s.name!r} {' and '.join(roles)}")
+    return found
 
 
 def _last_earlier(recipe: Recipe, index: int, use: str) -> int | None:

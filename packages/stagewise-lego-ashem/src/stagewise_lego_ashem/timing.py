@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -20,11 +20,21 @@ TIMING_METRICS = ("speedup_measured", "routed_ms", "full_depth_ms", "confidence_
                   "phase2_token_step_ms")
 
 
-def interleaved_seconds(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+Rounds = Callable[[range], Iterable[int]]  # wraps the timed rounds, e.g. in a progress bar
+
+
+def every_round(rounds: range) -> range:
+    """The rounds, unwrapped: no progress bar."""
+    return rounds
+
+
+def interleaved_seconds(fns: dict[str, Callable[[], Any]], repeats: int,
+                        rounds: Rounds = every_round) -> dict[str, float]:
     """Median seconds of each call, timed in interleaved rounds (round 0 warms up), so that load
-    from other processes falls on every variant alike rather than on whichever ran second."""
+    from other processes falls on every variant alike rather than on whichever ran second.
+    ``rounds`` wraps ``range(repeats + 1)`` (a progress bar: it runs between the timed calls)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for round_ in range(repeats + 1):
+    for round_ in rounds(range(repeats + 1)):
         for name, fn in fns.items():
             wait_for_device()
             started = time.perf_counter()

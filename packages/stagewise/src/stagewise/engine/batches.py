@@ -72,11 +72,15 @@ def iterate_batches(state: State, source: str | Dataset, *, train: bool, epoch: 
         yield to_device(batch, state.device)
 
 
-def count_batches(state: State, source: str | Dataset, *, train: bool, indices: list[int] | None = None) -> int:
+def count_batches(state: State, source: str | Dataset, *, train: bool, indices: list[int] | None = None,
+                  shard: bool = True) -> int:
+    """How many batches :func:`iterate_batches` yields on the main process with these arguments
+    (and ``start = 0``)."""
     size = _batch_size(state, train)
     n = len(dataset_of(state, source, indices))
     full, rest = divmod(n, size)
-    smallest = _smallest_last_batch(size, train and state.recipe.data.drop_last, state.dist.world_size, train)
+    world = state.dist.world_size if shard else 1
+    smallest = _smallest_last_batch(size, train and state.recipe.data.drop_last, world, train)
     return full + (1 if rest >= smallest else 0)
 
 

@@ -12,9 +12,10 @@ from stagewise.errors import TrainingError
 class RateLimitedWarnings:
     """Each kind of warning is printed at most once per epoch; the rest are counted.
 
-    ``flush()`` at the end of an epoch prints one line per kind that repeated, with its count,
-    and returns the counts so they can be logged. ``--quiet`` does not silence warnings; only
-    processes other than the main one are ``silent``, so that each warning is printed once.
+    ``flush()`` at the end of an epoch (and of a stage, for what a stage warned outside its
+    epochs) prints one line per kind that repeated, with its count, and returns the counts so
+    they can be logged. ``--quiet`` does not silence warnings; only processes other than the
+    main one are ``silent``, so that each warning is printed once.
     """
 
     def __init__(self, silent: bool = False):
@@ -26,11 +27,11 @@ class RateLimitedWarnings:
         if self.counts[kind] == 1 and not self.silent:
             print(f"stagewise: warning: {message}", file=sys.stderr, flush=True)
 
-    def flush(self) -> dict[str, int]:
+    def flush(self, period: str = "this epoch") -> dict[str, int]:
         counts = dict(self.counts)
         for kind, n in counts.items():
             if n > 1 and not self.silent:
-                print(f"stagewise: warning: {kind!r} happened {n} times this epoch", file=sys.stderr)
+                print(f"stagewise: warning: {kind!r} happened {n} times {period}", file=sys.stderr)
         self.counts.clear()
         return counts
 

@@ -9,7 +9,6 @@ declares the what: options, where batches come from and how outputs are computed
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -17,7 +16,6 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import torch
-from tqdm import tqdm
 
 from stagewise.engine import ema
 from stagewise.engine.checkpoint import set_rng_state
@@ -106,8 +104,8 @@ class TrainLoop:
         total = self.steps_per_epoch
         # islice: the epoch's last step draws no further batch from the stage
         batches = islice(self.stage.train_batches(state, pos.epoch, pos.batch), total - pos.batch)
-        bar = tqdm(batches, total=total, initial=pos.batch, leave=False, disable=not self._show_bar(),
-                   desc=f"{self.stage.label} {pos.epoch + 1}/{self.o.max_epochs}")
+        bar = state.progress(batches, desc=f"epoch {pos.epoch + 1}/{self.o.max_epochs}", total=total,
+                             initial=pos.batch)
         for batch in bar:
             # resumed mid-epoch: the new batch iterator has drawn its seed, as the epoch's first
             # iterator had before the checkpoint, so the saved state is set only now
@@ -294,9 +292,6 @@ class TrainLoop:
         flag = "  *" if self.pos.best_epoch == self.pos.epoch else ""
         return (f"[{self.stage.label}] epoch {self.pos.epoch + 1}/{self.o.max_epochs}  {parts}"
                 f"  ({seconds:.1f}s){flag}")
-
-    def _show_bar(self) -> bool:
-        return not self.state.quiet and self.state.is_main and sys.stderr.isatty()
 
     def _where(self) -> str:
         return f"stage {self.stage.label!r} epoch {self.pos.epoch} batch {self.pos.batch}"

@@ -127,6 +127,10 @@ def run_stage(state: State, index: int, spec: StageSpec, saved: dict[str, Any] |
         raise TrainingError(f"stage '{spec.name}' ({spec.use}) asked for {gib:.3g} GiB at once, more memory than "
                             f"this machine has; lower its sizes (the run directory keeps the stages before it)"
                             ) from None
+    # a training stage flushed its warnings at each epoch's end; what is left the stage warned
+    # outside an epoch: it belongs to this stage's metrics, not to the next stage's first epoch
+    warned = state.warnings.flush(f"in stage {spec.name!r}")
+    metrics.update({f"warnings/{kind}": n for kind, n in warned.items()})
     seconds = time.perf_counter() - state.stage_started
     state.resume = None
     state.stage_results[spec.name] = {"metrics": metrics, "epochs": state.epochs_run, "seconds": seconds,

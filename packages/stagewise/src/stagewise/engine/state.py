@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from tqdm import tqdm
 
 from stagewise import plugins
 from stagewise.errors import PluginError
@@ -81,7 +84,7 @@ class State:
             self.run_dir.log({**record, **values})
 
     def batches(self, source: Any, *, train: bool = False, epoch: int = 0, start: int = 0,
-                indices: list[int] | None = None, shard: bool = True):
+                indices: list[int] | None = None, shard: bool = True, desc: str | None = None):
         """Batches on the run's device of a split (by name) or of any map-style dataset (a cache).
 
         ``train=True`` shuffles with an order fixed by (seed, stage, epoch). Under ``torchrun``
@@ -89,11 +92,25 @@ class State:
         :func:`stagewise.engine.distributed.all_reduce_sums`); ``shard=False`` gives every
         process the whole source, for results every rank must hold alike (a cache, a
         calibration). ``start`` skips batches (resume); ``indices`` keeps only those examples
-        (e.g. the hard ones). See :mod:`stagewise.engine.batches`.
+        (e.g. the hard ones). ``desc`` shows them as a progress bar (:meth:`progress`). See
+        :mod:`stagewise.engine.batches`.
         """
-        from stagewise.engine.batches import iterate_batches
+        from stagewise.engine.batches import count_batches, iterate_batches
 
-        return iterate_batches(self, source, train=train, epoch=epoch, start=start, indices=indices, shard=shard)
+        batches = iterate_batches(self, source, train=train, epoch=epoch, start=start, indices=indices, shard=shard)
+        if desc is None:
+            return batches
+        total = count_batches(self, source, train=train, indices=indices, shard=shard)
+        return self.progress(batches, desc=desc, total=total, initial=start)
+
+    def progress(self, iterable: Iterable[Any], *, desc: str, total: int | None = None, initial: int = 0) -> Any:
+        """``iterable`` as a tqdm progress bar named ``<stage>: <desc>`` on stderr; the bar is
+        shown only on the main process of a run without ``--quiet``, when stderr is a terminal
+        (not in tests or logs), and is cleared when done. It only counts: no metric changes.
+        ``total`` defaults to ``len(iterable)``; ``initial`` is where a resumed iteration starts."""
+        shown = not self.quiet and self.is_main and sys.stderr.isatty()
+        return tqdm(iterable, desc=f"{self.stage_name}: {desc}" if self.stage_name else desc, total=total,
+                    initial=initial, leave=False, disable=not shown)
 
     def keep_router(self, name: str, router: Router) -> None:
         """Checkpoint ``router`` under ``name`` as it is now: its registered name (``use``), options
