@@ -18,9 +18,14 @@ import torch
 import stagewise
 from stagewise.engine.objective import forward_batch
 from stagewise_koopman.loss import KoopmanOperator, KoopmanOptions, probe_hidden, relative_distance, shape_problems
-from stagewise_koopman.progress import progress_bar
 
 Batches = Callable[[int], Iterable[dict[str, Any]]]  # epoch -> that epoch's training batches
+Progress = Callable[[Iterable[dict[str, Any]], int], Iterable[dict[str, Any]]]  # (batches, total) -> batches
+
+
+def no_bar(batches: Iterable[dict[str, Any]], total: int) -> Iterable[dict[str, Any]]:
+    """The batches, unwrapped: no progress bar."""
+    return batches
 
 
 def frozen_hidden(model: torch.nn.Module, batch: dict[str, Any]) -> list[torch.Tensor]:
@@ -30,10 +35,10 @@ def frozen_hidden(model: torch.nn.Module, batch: dict[str, Any]) -> list[torch.T
 
 
 def fit_post_hoc(model: torch.nn.Module, batches: Batches, options: KoopmanOptions, steps: int,
-                 lr: float, progress: str | None = None) -> tuple[KoopmanOperator, float]:
+                 lr: float, progress: Progress = no_bar) -> tuple[KoopmanOperator, float]:
     """Fresh Koopman modules fitted with Adam for ``steps`` batches on the frozen ``model``;
-    returns them and the mean loss of the last 10% of steps. ``progress``: the label of a
-    progress bar over the steps (``None``: no bar)."""
+    returns them and the mean loss of the last 10% of steps. ``progress(batches, steps)`` wraps
+    the step batches, e.g. in a progress bar (``state.progress``)."""
     stream = _cycle(batches)
     first = next(stream)
     n_hidden, width, seq_len = probe_hidden(model, first)
@@ -44,7 +49,7 @@ def fit_post_hoc(model: torch.nn.Module, batches: Batches, options: KoopmanOptio
     optimizer = torch.optim.Adam(term.parameters(), lr=lr)
     tail: list[float] = []
     with stagewise.eval_mode(model):
-        for step, batch in enumerate(progress_bar(islice(chain([first], stream), steps), progress, steps)):
+        for step, batch in enumerate(progress(islice(chain([first], stream), steps), steps)):
             loss = sum(term({"hidden": frozen_hidden(model, batch)}, batch, None).values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -7,7 +7,6 @@ written by an ``after_stage`` hook when a training stage with a ``koopman.operat
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 import stagewise
-from stagewise.engine.batches import count_batches
 from stagewise.loss import perplexity
 from stagewise_koopman.forward_mode import koopman_forward_logits, plot_spectrum, spectral_radii
 from stagewise_koopman.linearity import OneStepError, fit_post_hoc, frozen_hidden, one_step_error
@@ -27,16 +25,6 @@ from stagewise_koopman.loss import (
     shape_problems,
     source_layers,
 )
-from stagewise_koopman.progress import progress_bar, show_bar
-
-
-def whole_split(state: stagewise.State, split: str, label: str) -> Iterable[dict[str, Any]]:
-    """Every batch of ``split`` on every process, so every rank reports the same figures; behind a
-    progress bar named ``label`` where core would show one."""
-    batches = state.batches(split, shard=False)
-    if not show_bar(state):
-        return batches
-    return progress_bar(batches, label, count_batches(state, split, train=False))
 
 
 @dataclass
@@ -104,7 +92,8 @@ class ForwardEval(stagewise.Stage):
         tokens = 0
         one_step = OneStepError(term)  # measured in the same pass as the perplexities
         with stagewise.eval_mode(model):
-            for batch in whole_split(state, o.split, f"{self.label} {o.split}"):
+            # the whole split on every process: same figures
+            for batch in state.batches(o.split, shard=False, desc=o.split):
                 hidden = frozen_hidden(model, batch)
                 target = batch["target"].reshape(-1)
                 # forward mode first: it says what a model without logits_from_hidden lacks
@@ -163,8 +152,8 @@ class Linearity(stagewise.Stage):
         # every process fits and measures on whole batches, so all end with the same modules and figures
         term, fit_loss = fit_post_hoc(state.model, lambda epoch: state.batches(o.fit_split, train=True, epoch=epoch,
                                                                                shard=False), o.fit, o.fit_steps, o.lr,
-                                      progress=f"{self.label} fit" if show_bar(state) else None)
-        error, per_layer = one_step_error(state.model, term, whole_split(state, o.split, f"{self.label} {o.split}"))
+                                      progress=lambda steps, total: state.progress(steps, desc="fit", total=total))
+        error, per_layer = one_step_error(state.model, term, state.batches(o.split, shard=False, desc=o.split))
         metrics = {"one_step_error": error, "fit_loss": fit_loss}
         metrics.update({f"L{layer}/one_step_error": e for layer, e in per_layer.items()})
         return {f"{self.label}/{k}": v for k, v in metrics.items()}
