@@ -8,7 +8,7 @@ from conftest import CLASSES, TINY
 
 import stagewise
 from stagewise.data import Vocabulary
-from stagewise.engine.checkpoint import checkpoint_bytes, load_checkpoint, write_checkpoint_bytes
+from stagewise.engine.checkpoint import load_checkpoint, write_checkpoint
 from stagewise.engine.runner import run_recipe
 from stagewise.errors import CheckpointError
 from stagewise.recipe import load_recipe
@@ -56,7 +56,7 @@ def test_a_checkpoint_without_data_info_says_what_to_do(tiny_run, tmp_path):
     saved = load_checkpoint(tiny_run / "checkpoints" / "last.pt")
     del saved["data_info"], saved["format"]  # as written before checkpoints kept it
     old = tmp_path / "old.pt"
-    write_checkpoint_bytes(old, checkpoint_bytes(saved))
+    write_checkpoint(saved, [old])
     with pytest.raises(CheckpointError, match=r"old\.pt: written by a stagewise that did not keep the data's facts "
                                               r".*; run the recipe again to load its model"):
         stagewise.load_model(old)
@@ -68,7 +68,7 @@ def test_a_model_whose_plugin_is_missing_is_named(tiny_run, tmp_path):
     saved = load_checkpoint(tiny_run / "checkpoints" / "last.pt")
     saved["recipe"]["model"]["use"] = "nosuch.lm"
     del saved["format"]
-    write_checkpoint_bytes(tmp_path / "foreign.pt", checkpoint_bytes(saved))
+    write_checkpoint(saved, [tmp_path / "foreign.pt"])
     with pytest.raises(CheckpointError, match=r"foreign\.pt: cannot rebuild its model: model\.use: unknown model "
                                               r"'nosuch\.lm'"):
         stagewise.load_model(tmp_path / "foreign.pt")

@@ -217,6 +217,48 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_pa
     assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
+class _BigArtifact:
+    """Hands phase2 on a 16 MB artifact, as lego-ashem's mine hands on its cache."""
+
+    @stagewise.hookimpl
+    def stagewise_before_stage(self, state, stage):
+        if state.stage_name == "phase2":
+            state.artifacts["resumetest.big"] = torch.arange(4 * 2**20, dtype=torch.float32)
+
+
+def test_a_checkpoint_is_streamed_to_its_file_and_copied_never_held_serialised_in_memory(tiny, tmp_path,
+                                                                                          monkeypatch):
+    """Serialised into a bytes object (once, for <stage>.pt and last.pt), a checkpoint was a second
+    in-memory copy of everything it holds; the Python heap's peak during a save now stays far below it."""
+    import tracemalloc
+
+    from stagewise.engine.state import State
+
+    peaks, save = [], State.save_checkpoint
+
+    def traced(self, **kwargs):
+        tracemalloc.start()
+        try:
+            save(self, **kwargs)
+            peaks.append((self.stage_name, tracemalloc.get_traced_memory()[1]))
+        finally:
+            tracemalloc.stop()
+
+    monkeypatch.setattr(State, "save_checkpoint", traced)
+    register_plugin(_BigArtifact(), "resumetest_big")
+    try:
+        run = run_recipe(tiny(), out=tmp_path / "run", quiet=True)
+    finally:
+        unregister_plugin("resumetest_big")
+    big = [peak for stage, peak in peaks if stage in ("phase2", "test")]
+    assert big and max(big) < 2**22, peaks  # a quarter of the artifact (was 19 MB; now 0.2 MB)
+    checkpoints = run / "checkpoints"
+    assert (checkpoints / "test.pt").read_bytes() == (checkpoints / "last.pt").read_bytes()
+    assert torch.equal(load_checkpoint(checkpoints / "last.pt")["artifacts"]["resumetest.big"],
+                       torch.arange(4 * 2**20, dtype=torch.float32))
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.pt", "phase1.pt", "phase2.pt", "test.pt"]
+
+
 # --- fuzzing findings: run directories and checkpoints fed to --resume -------------------------------
 
 

@@ -2,7 +2,8 @@
 and routed early exit that really skips the upper layers' work for tokens that exit.
 
 Imports nothing heavy; the components live in ``model``, ``router``, ``mining``, ``routed``,
-``evaluation``, ``metrics``, ``timing``, ``probe`` and ``stages`` and are registered by ``plugin``.
+``evaluation``, ``metrics``, ``timing``, ``probe``, ``rows`` and ``stages`` and are registered
+by ``plugin``.
 """
 
 __version__ = "0.1.0"

@@ -18,36 +18,39 @@ from torch.utils.data import Dataset
 import stagewise
 from stagewise.loss import token_nll
 from stagewise_lego_ashem.router import Confidence
+from stagewise_lego_ashem.rows import collect_rows
 
 CACHE = "lego_ashem.cache"  # artifact: {"split", "exit_layer", "hidden", "target", "hard"}
 ROUTER = "lego_ashem.router"  # artifact: {"measure", "hard_ratio", "threshold", "calib_split", "quantiles"}
 
 
 @torch.no_grad()
-def exit_scores(model: torch.nn.Module, batches: Iterable[dict[str, Any]], router: Confidence) -> torch.Tensor:
-    """Exit-layer confidences (N, T) of every window of ``batches``: all that calibration reads."""
+def exit_scores(model: torch.nn.Module, batches: Iterable[dict[str, Any]], router: Confidence, *,
+                windows: int) -> torch.Tensor:
+    """Exit-layer confidences (N, T) of the ``windows`` windows of ``batches``: all that calibration reads."""
     with stagewise.eval_mode(model):
-        return torch.cat([router.score(model, model.exit_hidden(batch["input"]))[0].cpu() for batch in batches])
+        scores = ({"scores": router.score(model, model.exit_hidden(batch["input"]))[0].cpu()} for batch in batches)
+        return collect_rows(scores, windows)["scores"]
 
 
 @torch.no_grad()
-def exit_states(model: torch.nn.Module, batches: Iterable[dict[str, Any]],
-                router: Confidence) -> dict[str, torch.Tensor]:
-    """Exit-layer hidden states, confidences and targets of every window of ``batches``.
+def exit_states(model: torch.nn.Module, batches: Iterable[dict[str, Any]], router: Confidence, *,
+                windows: int) -> dict[str, torch.Tensor]:
+    """Exit-layer hidden states, confidences and targets of the ``windows`` windows of ``batches``.
 
     Returns ``{"hidden": (N, T, C), "scores": (N, T), "target": (N, T), "nll": (N, T)}``; ``nll``
     is the exit layer's per-token loss (NaN with the probe, which computes no exit logits).
     """
-    parts: dict[str, list[torch.Tensor]] = {"hidden": [], "scores": [], "target": [], "nll": []}
     with stagewise.eval_mode(model):
-        for batch in batches:
-            h = model.exit_hidden(batch["input"])  # (B, T, C)
-            scores, logits = router.score(model, h)
-            target = batch["target"]
-            nll = torch.full(target.shape, float("nan")) if logits is None else token_nll(logits, target)
-            for key, value in (("hidden", h), ("scores", scores), ("target", target), ("nll", nll)):
-                parts[key].append(value.cpu())
-    return {key: torch.cat(values) for key, values in parts.items()}
+        return collect_rows((_exit_state(model, batch, router) for batch in batches), windows)
+
+
+def _exit_state(model: torch.nn.Module, batch: dict[str, Any], router: Confidence) -> dict[str, torch.Tensor]:
+    h = model.exit_hidden(batch["input"])  # (B, T, C)
+    scores, logits = router.score(model, h)
+    target = batch["target"]
+    nll = torch.full(target.shape, float("nan")) if logits is None else token_nll(logits, target)
+    return {"hidden": h.cpu(), "scores": scores.cpu(), "target": target.cpu(), "nll": nll.cpu()}
 
 
 CURVE_QUANTILES = 21  # calibration quantiles kept with the router: the curve picks its points among them

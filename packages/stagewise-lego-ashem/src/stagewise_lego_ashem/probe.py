@@ -15,19 +15,22 @@ import torch
 import torch.nn.functional as F
 
 import stagewise
+from stagewise_lego_ashem.rows import collect_rows
 
 
 @torch.no_grad()
-def probe_data(model: torch.nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Exit hidden states (N, C) of every token and labels (N,): exit argmax == last-layer argmax."""
-    hidden, labels = [], []
+def probe_data(model: torch.nn.Module, batches: Iterable[dict[str, Any]], *, windows: int) -> dict[str, torch.Tensor]:
+    """Exit hidden states (N, C) of every token of the ``windows`` windows of ``batches`` and labels
+    (N,): exit argmax == last-layer argmax."""
     with stagewise.eval_mode(model):
-        for batch in batches:
-            h = model.exit_hidden(batch["input"])  # (B, T, C)
-            final = model.logits_from_hidden(model.run_layers(h, model.exit_layer, model.config.n_layer))
-            labels.append((model.logits_from_hidden(h).argmax(-1) == final.argmax(-1)).flatten())
-            hidden.append(h.flatten(0, 1))
-    return {"hidden": torch.cat(hidden), "label": torch.cat(labels)}
+        rows = collect_rows((_probe_rows(model, batch["input"]) for batch in batches), windows)
+    return {"hidden": rows["hidden"].flatten(0, 1), "label": rows["label"].flatten()}
+
+
+def _probe_rows(model: torch.nn.Module, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    h = model.exit_hidden(idx)  # (B, T, C)
+    final = model.logits_from_hidden(model.run_layers(h, model.exit_layer, model.config.n_layer))
+    return {"hidden": h, "label": model.logits_from_hidden(h).argmax(-1) == final.argmax(-1)}  # label: (B, T)
 
 
 def probe_scores(probe: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from stagewise_lego_ashem import mining, probe
 from stagewise_lego_ashem.evaluation import evaluate_routed, phase2_speedups, routed_report, router_of
 from stagewise_lego_ashem.model import DeepSupervisionOptions
 from stagewise_lego_ashem.routed import upper_forward
+from stagewise_lego_ashem.rows import collect_rows
 from stagewise_lego_ashem.timing import TIMING_METRICS
 
 if TYPE_CHECKING:
@@ -72,12 +73,14 @@ class Mine(stagewise.Stage):
         router = o.router.component()(o.router.options)
         # every process reads the whole splits: the threshold and the cache must be alike on all ranks
         calib = mining.exit_scores(model, state.batches(o.calib_split, shard=False,
-                                                        desc=f"calibrate on {o.calib_split}"), router)
+                                                        desc=f"calibrate on {o.calib_split}"), router,
+                                   windows=len(state.data[o.calib_split]))
         router.calibrate(calib)
         model.set_threshold(router.threshold)
         state.keep_router(mining.ROUTER, router)  # stagewise export writes it beside the weights
         calib_hard = router.route(calib).ratio("hard")
-        mined = mining.exit_states(model, state.batches(o.split, shard=False, desc=f"cache {o.split}"), router)
+        mined = mining.exit_states(model, state.batches(o.split, shard=False, desc=f"cache {o.split}"), router,
+                                   windows=len(state.data[o.split]))
         hard = router.route(mined["scores"]).masks["hard"]  # (N, T): per token, never per sequence
         state.artifacts[mining.CACHE] = {"split": o.split, "exit_layer": model.exit_layer,
                                          "hidden": mined["hidden"], "target": mined["target"], "hard": hard}
@@ -225,8 +228,9 @@ def mined_hard_ppl(state: stagewise.State, tokens: mining.TokenCache) -> float:
     """Perplexity of the upper layers on the cached hard tokens, each alone (the seed's Hard PPL)."""
     model, forward = state.model, upper_forward(state.model, "token")
     with stagewise.eval_mode(model):
-        nll = [token_nll(forward(b)["logits"], b["target"]) for b in state.batches(tokens, shard=False)]
-    return _ppl(torch.cat(nll))
+        parts = ({"nll": token_nll(forward(b)["logits"], b["target"])} for b in state.batches(tokens, shard=False))
+        nll = collect_rows(parts, len(tokens))["nll"]
+    return _ppl(nll)
 
 
 # --- lego_ashem.train_exit_probe ----------------------------------------------------------------
@@ -270,11 +274,13 @@ class TrainExitProbe(stagewise.Stage):
     def run(self, state: stagewise.State) -> dict[str, Any]:
         o, model = self.options, state.model
         # alike on every rank
-        train = probe.probe_data(model, state.batches(o.split, shard=False, desc=f"exit states of {o.split}"))
+        train = probe.probe_data(model, state.batches(o.split, shard=False, desc=f"exit states of {o.split}"),
+                                 windows=len(state.data[o.split]))
         loss = probe.fit_probe(model.exit_probe, train, epochs=o.epochs, lr=o.lr, batch_size=o.batch_size,
                                seed=state.seed + state.stage_index)
         calib = probe.probe_data(model, state.batches(o.calib_split, shard=False,
-                                                      desc=f"calibrate on {o.calib_split}"))
+                                                      desc=f"calibrate on {o.calib_split}"),
+                                 windows=len(state.data[o.calib_split]))
         scores = probe.probe_scores(model.exit_probe, calib["hidden"])
         router = router_of(state, measure="probe")
         router.calibrate(scores)

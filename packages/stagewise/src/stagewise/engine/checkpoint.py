@@ -7,11 +7,11 @@ index, loop position, router state and artifacts.
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -55,15 +55,19 @@ def atomic_write_bytes(path: Path, write) -> None:
         raise
 
 
-def checkpoint_bytes(payload: dict[str, Any]) -> bytes:
-    """The checkpoint file's content, so one payload written to two files is serialized once."""
-    buffer = io.BytesIO()
-    torch.save({"format": FORMAT, **payload}, buffer)
-    return buffer.getvalue()
+def write_checkpoint(payload: dict[str, Any], paths: list[Path]) -> None:
+    """Write ``payload`` as the checkpoint at each of ``paths``, each atomically: ``torch.save``
+    streams it straight into the first file, the others are copies of that file, so memory never
+    holds a serialised copy of it (lego-ashem's cache: hundreds of MB at benchmark size)."""
+    first, *others = paths
+    atomic_write_bytes(first, lambda f: torch.save({"format": FORMAT, **payload}, f))
+    for path in others:
+        _copy_file(first, path)
 
 
-def write_checkpoint_bytes(path: Path, data: bytes) -> None:
-    atomic_write_bytes(path, lambda f: f.write(data))
+def _copy_file(source: Path, path: Path) -> None:
+    with source.open("rb") as src:
+        atomic_write_bytes(path, lambda f: shutil.copyfileobj(src, f))
 
 
 def load_checkpoint(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -123,14 +123,13 @@ class State:
 
     def save_checkpoint(self, *, done: bool, extra: dict[str, Any] | None = None) -> None:
         """Write ``checkpoints/last.pt`` (and the stage's own checkpoint when it is ``done``)."""
-        from stagewise.engine.checkpoint import checkpoint_bytes, write_checkpoint_bytes
+        from stagewise.engine.checkpoint import write_checkpoint
         from stagewise.engine.distributed import barrier
 
         if self.run_dir is not None:
-            data = checkpoint_bytes(self.checkpoint_payload(done, extra or {}))  # serialized once
             name = self.recipe.stages[self.stage_index].checkpoint if done else None
-            for file in ([f"{name}.pt"] if name else []) + ["last.pt"]:
-                write_checkpoint_bytes(self.run_dir.checkpoints / file, data)
+            files = ([f"{name}.pt"] if name else []) + ["last.pt"]
+            write_checkpoint(self.checkpoint_payload(done, extra or {}), [self.run_dir.checkpoints / f for f in files])
         barrier(self.dist)
 
     def checkpoint_payload(self, done: bool, extra: dict[str, Any]) -> dict[str, Any]:
