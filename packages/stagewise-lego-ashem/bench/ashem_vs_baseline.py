@@ -157,7 +157,8 @@ def collect(summaries: dict[str, dict], large: dict[str, float]) -> dict[str, fl
                    "phase1_seconds": summaries["ashem"]["stages"]["phase1"]["seconds"],
                    "phase2_seconds": summaries["ashem"]["stages"]["phase2"]["seconds"],
                    **{f"probe_{k}": ashem[f"test_probe/{k}"] for k in PROBE_METRICS},
-                   "probe_probe_acc": ashem["probe/probe_acc"], "probe_agreement": ashem["probe/agreement"],
+                   "probe_probe_acc": ashem["probe/probe_acc"], "probe_probe_loss": ashem["probe/probe_loss"],
+                   "probe_agreement": ashem["probe/agreement"],
                    **large, "load_average_1min": os.getloadavg()[0]})
     result["targets"] = {
         "routed_within_2pct_of_full_depth": result["routed_ppl"] <= 1.02 * result["full_depth_ppl"],
