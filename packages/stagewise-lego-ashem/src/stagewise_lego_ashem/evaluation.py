@@ -197,9 +197,8 @@ def phase2_speedups(state: stagewise.State, cache: dict[str, Any], split: Any, r
     """
     model, B, device = state.model, state.recipe.data.batch_size, state.device
     shape = metrics.Shape.of(model)
-    # the first batch of each phase-2 dataset (mining.SequenceCache, mining.TokenCache), taken from
-    # the cache directly: building those datasets here would copy the whole cache twice more
-    windows = mining.hard_windows(cache["hard"])  # (n_windows,): what phase 2 trains on
+    # the first batch of each phase-2 dataset (their items are views of the cache: nothing is copied)
+    windows = mining.SequenceCache(cache).windows  # what phase 2 trains on
     first = windows[:B]
     hidden, hard = cache["hidden"][first].to(device), cache["hard"][first].to(device)
     target = cache["target"][first].to(device)[hard]
@@ -214,9 +213,9 @@ def phase2_speedups(state: stagewise.State, cache: dict[str, Any], split: Any, r
             h = model.exit_hidden(idx)  # what the cache saves
         return F.cross_entropy(forward({"hidden": h, "hard": hard})["logits"], target)
 
-    tokens = cache["hard"].nonzero()  # (n_tokens, 2): (window, position) of every hard token, row-major
-    token_h = cache["hidden"][tokens[:B, 0], tokens[:B, 1]].unsqueeze(1).to(device)  # (B, 1, C)
-    token_target = cache["target"][tokens[:B, 0], tokens[:B, 1]].to(device)
+    tokens = mining.TokenCache(cache)
+    rows = tokens.rows[:B]
+    token_h, token_target = tokens.hidden[rows].unsqueeze(1).to(device), tokens.target[rows].to(device)  # (B, 1, C)
 
     def token_step() -> torch.Tensor:
         return F.cross_entropy(token_forward({"hidden": token_h})["logits"], token_target)

@@ -63,11 +63,6 @@ def score_quantiles(scores: torch.Tensor, points: int = CURVE_QUANTILES) -> list
     return [float(v) for v in torch.quantile(scores.flatten().double(), qs)]
 
 
-def hard_windows(hard: torch.Tensor) -> torch.Tensor:
-    """Indices (n,) of the cached windows that hold a hard token, from the hard mask (N, T)."""
-    return hard.any(1).nonzero().squeeze(1)
-
-
 class SequenceCache(Dataset):
     """Cached full windows that hold a hard token (the others carry no loss): item i is
     ``{"hidden": (T, C), "target": (T,), "hard": (T,) bool}``; ``windows`` are their indices
@@ -75,7 +70,7 @@ class SequenceCache(Dataset):
 
     def __init__(self, cache: dict[str, Any]):
         self.cache = cache
-        self.windows = hard_windows(cache["hard"])  # (n,)
+        self.windows = cache["hard"].any(1).nonzero().squeeze(1)  # (n,): the windows holding a hard token
 
     def __len__(self) -> int:
         return len(self.windows)
