@@ -80,6 +80,15 @@ def test_bad_recipe_reports_every_problem_and_writes_nothing(cli, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["bad.toml"]  # no runs/ folder
 
 
+def test_reporting_on_the_mined_split_is_refused_before_the_run(cli, tmp_path):
+    # the example's mine stage says in fits_on() that it calibrates and mines `train`
+    result = cli("run", "example.hard_examples", "--set", 'stages.test.split="train"', cwd=tmp_path, ok=False)
+    assert result.returncode == 1
+    assert ("stages.test.split: 'train' is not held-out: stage 'mine' calibrated the router and mined the hard "
+            "examples; report on a split no earlier stage fits on (or set allow_leak = true") in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_verify_passes_on_a_match_and_prints_the_difference_otherwise(cli, example_run, tmp_path):
     metrics = json.loads((example_run / "summary.json").read_text())["metrics"]
     golden = tmp_path / "golden.json"

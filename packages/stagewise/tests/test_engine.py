@@ -393,3 +393,53 @@ def test_more_processes_on_a_machine_than_it_has_gpus_is_a_config_error(monkeypa
                                           r"torchrun started process 1 here; start at most 1 per machine "
                                           r"\(torchrun --nproc_per_node=1\) or set run\.device = 'cpu'"):
         resolve_device(name, "my.toml")
+
+
+class _Calibrate(stagewise.Stage):
+    """Says it calibrates on `valid` (its fits_on), as a router-calibrating plugin stage would."""
+
+    name = "leaktest.calibrate"
+
+    def fits_on(self):
+        return [("valid", "calibrated a threshold")]
+
+    def run(self, state):
+        return {}
+
+
+class _LeakTest:
+    @stagewise.hookimpl
+    def stagewise_register_stages(self, register):
+        register(_Calibrate, _Calibrate.name)
+
+
+@pytest.fixture
+def calibrating(tiny_recipe_path):
+    """The tiny recipe with a stage that calibrates on valid before its evaluate stage."""
+    from stagewise.plugins import register_plugin, unregister_plugin
+
+    text = tiny_recipe_path.read_text().replace('name = "test"', 'name = "calibrate"\nuse = "leaktest.calibrate"\n\n'
+                                                '[[stages]]\nname = "test"')
+    tiny_recipe_path.write_text(text)
+    register_plugin(_LeakTest(), "leaktest")
+    yield lambda *overrides: stagewise.load_recipe(tiny_recipe_path, ["stages.phase1.max_epochs=1",
+                                                                       "stages.phase2.max_epochs=1", *overrides])
+    unregister_plugin("leaktest")
+
+
+def test_evaluate_refuses_a_split_an_earlier_stage_fitted_on(calibrating, tmp_path):
+    recipe = calibrating('stages.test.split="valid"')
+    assert recipe.fitted_on(3, "valid") == ["stage 'calibrate' calibrated a threshold"]
+    assert recipe.fitted_on(3, "test") == [] and recipe.fitted_on(1, "valid") == []  # only stages before it count
+    with pytest.raises(stagewise.ConfigError, match=r"stages\.test\.split: 'valid' is not held-out: stage "
+                                                    r"'calibrate' calibrated a threshold; report on a split"):
+        run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_evaluate_with_allow_leak_reports_and_warns_once(calibrating, tmp_path):
+    recipe = calibrating('stages.test.split="valid"', "stages.test.allow_leak=true")
+    metrics = read_summary(run_recipe(recipe, out=tmp_path / "run", quiet=True))["metrics"]
+    assert metrics["warnings/not_held_out"] == 1 and "valid/ppl" in metrics
+    held_out = read_summary(run_recipe(calibrating(), out=tmp_path / "held", quiet=True))["metrics"]
+    assert "warnings/not_held_out" not in held_out

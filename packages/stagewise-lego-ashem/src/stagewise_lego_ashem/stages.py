@@ -21,6 +21,7 @@ from stagewise.engine.batches import count_batches
 from stagewise.loss import perplexity, token_nll
 from stagewise.schema import as_table
 from stagewise.specs import RouterSpec
+from stagewise.stage import leak_problems, warn_not_held_out
 from stagewise_lego_ashem import mining, probe
 from stagewise_lego_ashem.evaluation import evaluate_routed, phase2_speedups, routed_report, router_of
 from stagewise_lego_ashem.model import DeepSupervisionOptions
@@ -56,6 +57,10 @@ class Mine(stagewise.Stage):
 
     name = "lego_ashem.mine"
     Options = MineOptions
+
+    def fits_on(self) -> list[tuple[str, str]]:
+        o = self.options
+        return [(o.calib_split, "calibrated the threshold"), (o.split, "mined the phase-2 cache")]
 
     def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
         problems = super().check(recipe, index, data) + _model_problems(recipe, index, self.name)
@@ -262,6 +267,10 @@ class TrainExitProbe(stagewise.Stage):
     name = "lego_ashem.train_exit_probe"
     Options = TrainExitProbeOptions
 
+    def fits_on(self) -> list[tuple[str, str]]:
+        o = self.options
+        return [(o.split, "fitted the exit probe"), (o.calib_split, "calibrated the probe's threshold")]
+
     def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
         problems = super().check(recipe, index, data) + _model_problems(recipe, index, self.name)
         options, where = recipe.model_options_at(index), recipe.stage_path(index)
@@ -334,11 +343,8 @@ class EvaluateRouted(stagewise.Stage):
 
     def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
         problems = super().check(recipe, index, data) + _model_problems(recipe, index, self.name)
+        problems += leak_problems(recipe, index, self.options.split, self.options.allow_leak)
         where = recipe.stage_path(index)
-        if _fitted_on(recipe, index, self.options.split) and not self.options.allow_leak:
-            problems.append(f"{where}.split: {self.options.split!r} was used to calibrate or mine (or "
-                            f"to fit the exit probe); evaluate on a held-out split (or set allow_leak = true "
-                            f"to reproduce the seed)")
         if _last_earlier(recipe, index, "lego_ashem.mine") is None:
             options = recipe.model_options_at(index)
             if isinstance(options, DeepSupervisionOptions) and options.routing_threshold is None:
@@ -351,34 +357,11 @@ class EvaluateRouted(stagewise.Stage):
         return problems
 
     def run(self, state: stagewise.State) -> dict[str, Any]:
-        split, fitted = self.options.split, _fitted_on(state.recipe, state.stage_index, self.options.split)
-        if fitted:  # only with allow_leak = true: check() refuses it otherwise
-            state.warnings.warn("not_held_out", f"stage {self.label!r} reports on split {split!r}, where "
-                                f"{'; '.join(fitted)} (allow_leak = true): its numbers are not held-out. For "
-                                f"held-out numbers run lego_ashem.ashem, which reports on a split that no stage "
-                                f"calibrates, mines or fits on")
+        warn_not_held_out(state, self.label, self.options.split)  # only with allow_leak: check() refuses it
         return {f"{self.label}/{k}": v for k, v in routed_report(state, self.options).items()}
 
 
 # --- recipe checks -----------------------------------------------------------------------------
-
-
-# what the stages that read a split to calibrate, mine or fit do with each split option
-_ROLES = {("lego_ashem.mine", "calib_split"): "calibrated the threshold",
-          ("lego_ashem.mine", "split"): "mined the phase-2 cache",
-          ("lego_ashem.train_exit_probe", "split"): "fitted the exit probe",
-          ("lego_ashem.train_exit_probe", "calib_split"): "calibrated the probe's threshold"}
-
-
-def _fitted_on(recipe: Recipe, index: int, split: str) -> list[str]:
-    """What the stages before ``index`` did with ``split``, e.g. "stage 'mine' calibrated the
-    threshold and mined the phase-2 cache"; empty when no stage calibrated, mined or fitted on it."""
-    found = []
-    for s in recipe.stages[:index]:
-        roles = [role for (use, key), role in _ROLES.items() if s.use == use and getattr(s.options, key) == split]
-        if roles:
-            found.append(f"stage {s.name!r} {' and '.join(roles)}")
-    return found
 
 
 def _last_earlier(recipe: Recipe, index: int, use: str) -> int | None:

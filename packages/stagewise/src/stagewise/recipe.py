@@ -74,6 +74,17 @@ class Recipe:
         """How a problem names stage ``index``: ``stages.NAME``, as ``--set`` addresses it (see :func:`stage_paths`)."""
         return stage_paths([stage.name for stage in self.stages])[index]
 
+    def fitted_on(self, index: int, split: str) -> list[str]:
+        """What the stages before ``index`` fitted on ``split`` by their ``fits_on``, one entry per
+        stage, e.g. ``["stage 'mine' calibrated the threshold and mined the phase-2 cache"]``;
+        empty when ``split`` is held-out from them."""
+        found = []
+        for spec in self.stages[:index]:
+            roles = [role for fitted, role in spec.build().fits_on() if fitted == split]
+            if roles:
+                found.append(f"stage {spec.name!r} {' and '.join(roles)}")
+        return found
+
     def model_options_at(self, index: int) -> Any:
         """The model's options while stage ``index`` runs (after every ``grow`` up to it)."""
         changes = {k: v for stage in self.stages[: index + 1] for k, v in stage.grow.items()}

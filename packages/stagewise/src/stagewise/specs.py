@@ -176,3 +176,7 @@ class StageSpec(Spec):
             raise ValueError(f"checkpoint name {self.checkpoint!r}: use letters, digits, '-' and '_'")
         if self.checkpoint == "last":  # checkpoints/last.pt is the resume point, rewritten by every stage
             raise ValueError("checkpoint name 'last' is reserved for the resume checkpoint; choose another")
+
+    def build(self) -> Any:
+        """The stage this table names, with its options and the recipe's name for it."""
+        return self.component()(self.options, label=self.name)

@@ -76,3 +76,31 @@ class Stage(ABC):
                 problems.append(f"{recipe.stage_path(index)}.{f.name}: no split named {value!r}; "
                                 f"the data has: {', '.join(data.names())}")
         return problems
+
+    def fits_on(self) -> list[tuple[str, str]]:
+        """``(split, what this stage does there)`` for each split it calibrates, mines or fits
+        something on (beyond training the model's weights), e.g. ``[("valid", "calibrated the
+        threshold")]``. A later stage that reports on such a split is not held-out:
+        :meth:`Recipe.fitted_on <stagewise.recipe.Recipe.fitted_on>` names what happened there,
+        and ``stagewise.evaluate`` refuses it unless ``allow_leak = true`` (:func:`leak_problems`).
+        Default: none."""
+        return []
+
+
+def leak_problems(recipe: Recipe, index: int, split: str, allow_leak: bool) -> list[str]:
+    """The problem a reporting stage raises in ``check`` when an earlier stage fitted on ``split``
+    (see :meth:`Stage.fits_on`), unless its ``allow_leak`` option is set."""
+    fitted = recipe.fitted_on(index, split)
+    if not fitted or allow_leak:
+        return []
+    return [f"{recipe.stage_path(index)}.split: {split!r} is not held-out: {'; '.join(fitted)}; report on a "
+            f"split no earlier stage fits on (or set allow_leak = true, e.g. to reproduce a published protocol)"]
+
+
+def warn_not_held_out(state: State, label: str, split: str) -> None:
+    """Warn once (``warnings/not_held_out``) when stage ``label`` reports on a split an earlier
+    stage fitted on: only with ``allow_leak = true``, as :func:`leak_problems` refuses it otherwise."""
+    fitted = state.recipe.fitted_on(state.stage_index, split)
+    if fitted:
+        state.warnings.warn("not_held_out", f"stage {label!r} reports on split {split!r}, where "
+                            f"{'; '.join(fitted)} (allow_leak = true): its numbers are not held-out")

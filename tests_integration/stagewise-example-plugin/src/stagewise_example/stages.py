@@ -51,6 +51,9 @@ class MineHard(stagewise.Stage):
     name = "example.mine_hard"
     Options = MineHardOptions
 
+    def fits_on(self) -> list[tuple[str, str]]:  # stagewise.evaluate then refuses this split
+        return [(self.options.split, "calibrated the router and mined the hard examples")]
+
     def run(self, state: stagewise.State) -> dict[str, Any]:
         o = self.options
         router = o.router.component()(o.router.options)

@@ -115,7 +115,7 @@ def run_stage(state: State, index: int, spec: StageSpec, saved: dict[str, Any] |
         seed_everything(state.seed + index)  # each stage's randomness is independent of the others
         if spec.grow:
             grow_model(state, spec.grow)
-    stage = spec.component()(spec.options, label=spec.name)
+    stage = spec.build()
     state.fire(Event.BEFORE_STAGE, stage=stage)
     state.stage_started = time.perf_counter() - (saved.get("stage_seconds", 0.0) if saved is not None else 0.0)
     try:
@@ -144,7 +144,7 @@ def run_stage(state: State, index: int, spec: StageSpec, saved: dict[str, Any] |
 def check_stages(recipe: Recipe, data: Any) -> None:
     """Every stage's own checks (splits exist, required earlier stages), all reported at once."""
     problems = [p for i, spec in enumerate(recipe.stages)
-                for p in spec.component()(spec.options, label=spec.name).check(recipe, i, data)]
+                for p in spec.build().check(recipe, i, data)]
     if problems:
         raise ConfigError(problems, recipe.source)
 
