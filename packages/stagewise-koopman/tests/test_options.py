@@ -33,7 +33,7 @@ def test_recipe_validation_reports_every_bad_key_at_once():
     with pytest.raises(stagewise.ConfigError) as info:
         tiny_recipe(bad)
     text = str(info.value)
-    assert "stages.main.losses[1]" in text
+    assert "stages.main.losses.koopman" in text
     assert "koopman_dim must be a positive integer, got 0" in text
     assert "axis must be one of 'depth', 'time', got 'sideways'" in text
 
@@ -46,7 +46,7 @@ def test_negative_cap_is_refused_by_the_engine():
 def test_layers_out_of_range_fail_before_anything_runs(tmp_path):
     bad = TINY_HYBRID.replace("steps = 2\n", "steps = 2\nlayers = [0, 3]\n")
     with pytest.raises(stagewise.ConfigError,
-                       match=r"stages\.main\.losses\[1\]: layers \[3\] are out of range for axis 'depth'.*up to 2"):
+                       match=r"stages\.main\.losses\.koopman: layers \[3\] are out of range for axis 'depth'.*up to 2"):
         run_tiny(tmp_path / "run", bad)
     assert not (tmp_path / "run").exists()  # not even the warmup stage ran
 
@@ -67,9 +67,9 @@ def test_a_term_with_only_the_spectral_part_or_a_small_buffer_without_dmd_is_acc
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["stages.main.losses.koopman.layers=[2]"],  # steps = 2: h_4 does not exist
-     r"stages\.main\.losses\[1\]: steps 2 reaches past the last hidden state h_3 .* steps must be <= 1"),
+     r"stages\.main\.losses\.koopman: steps 2 reaches past the last hidden state h_3 .* steps must be <= 1"),
     (["stages.main.losses.koopman.layers=[0]", "stages.main.losses.koopman.steps=5"],
-     r"stages\.main\.losses\[1\]: steps 5 .* steps must be <= 3"),
+     r"stages\.main\.losses\.koopman: steps 5 .* steps must be <= 3"),
     (["stages.forward.replace_layers=1", "stages.main.losses.koopman.layers=[0]"],
      r"stages\.forward\.replace_layers: replacing the last 1 of 3 blocks needs the operator of term 'koopman' "
      r"from layer 2, but its source layers are \[0\]; replace_layers can be: 3"),

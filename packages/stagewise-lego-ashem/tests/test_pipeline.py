@@ -413,3 +413,12 @@ def test_reporting_on_a_mined_split_warns_once_that_its_numbers_are_not_held_out
     held_out = read_summary(run_recipe(tiny(*short), out=tmp_path / "held-out", quiet=True))
     assert "stagewise: warning:" not in capsys.readouterr().err
     assert not any(k.startswith("warnings/") for k in held_out["metrics"])
+
+
+def test_a_term_the_cache_cannot_serve_is_named_as_set_addresses_it(tiny, tmp_path):
+    # was: stages.phase2.losses[1]: the user counted the stage's loss tables to find the term meant
+    terms = '[{use="stagewise.cross_entropy"}, {use="stagewise.cross_entropy", name="deep", at_layer=4}]'
+    with pytest.raises(ConfigError) as info:
+        run_recipe(tiny(f"stages.phase2.losses={terms}"), out=tmp_path / "run", quiet=True)
+    (problem,) = info.value.problems
+    assert problem.startswith("stages.phase2.losses.deep: stagewise.cross_entropy needs exit-layer logits")

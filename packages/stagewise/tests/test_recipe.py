@@ -69,10 +69,10 @@ use = "stagewise.transformer"
 name = "a"
 losses = [{ use = "stagewise.cross_entropy", at_layr = 1, weight = "x" }]
 """)
-    unknown = next(p for p in problems if p.startswith("stages.a.losses[0].at_layr: unknown key"))
+    unknown = next(p for p in problems if p.startswith("stages.a.losses.cross_entropy.at_layr: unknown key"))
     assert "did you mean 'at_layer'?" in unknown
     assert "fallback_threshold" in unknown and "ignore_index" in unknown  # engine and loss keys
-    assert any(p.startswith("stages.a.losses[0].weight: expected float, got str 'x'") for p in problems)
+    assert any(p.startswith("stages.a.losses.cross_entropy.weight: expected float, got str 'x'") for p in problems)
 
 
 def test_post_init_checks_are_reported(tmp_path):
@@ -218,7 +218,7 @@ def test_exit_layer_outside_the_model_is_reported_before_anything_runs(tiny, tmp
                   'stages.phase2.losses=[{use="stagewise.cross_entropy", at_layer=3}]')
     with pytest.raises(ConfigError) as info:  # phase2 grows the model to 3 layers: fine there
         run_recipe(recipe, out=tmp_path / "run", quiet=True)
-    assert info.value.problems == ["stages.phase1.losses[0]: at_layer 3 is outside the model's layers 1..2"]
+    assert info.value.problems == ["stages.phase1.losses.cross_entropy: at_layer 3 is outside the model's layers 1..2"]
     assert not (tmp_path / "run").exists()
 
 
@@ -317,8 +317,8 @@ def test_cross_entropy_refuses_float_targets_before_the_run(tmp_path):
     with pytest.raises(ConfigError) as info:
         run_recipe(load_recipe(tmp_path / "r.toml"), out=tmp_path / "run", quiet=True)
     (problem,) = info.value.problems
-    assert problem.startswith("stages.s.losses[0]: stagewise.cross_entropy needs class labels, but the data's "
-                              "'target' holds torch.float32 values; for class labels set data.target_dtype")
+    assert problem.startswith("stages.s.losses.cross_entropy: stagewise.cross_entropy needs class labels, but the "
+                              "data's 'target' holds torch.float32 values; for class labels set data.target_dtype")
     assert not (tmp_path / "run").exists()
     # batches a stage draws from elsewhere (a cache) meet the same refusal at the first batch
     with pytest.raises(DataError, match=r"needs class labels, but the data's 'target' holds torch.float64"):
@@ -428,3 +428,85 @@ def test_an_unknown_key_of_a_nested_table_says_where_it_belongs():
         "stages.mine.hard_ratio: unknown key; did you mean stages.mine.inner.hard_ratio (a key of the inner "
         "table)? Valid keys: inner, split",
         "stages.mine.splt: unknown key; did you mean 'split'? Valid keys: inner, split"]
+
+
+# was: stages.phase1.losses[1].weight, stages.phase1.losses[0]: ...: the user counted the stage's loss tables,
+# then had to write --set stages.phase1.losses.exit1.weight=... anyway
+def test_problems_name_a_loss_term_as_set_addresses_it(tiny, tmp_path):
+    from stagewise.engine.runner import run_recipe
+
+    terms = '[{use="stagewise.cross_entropy", target=5}, {use="stagewise.cross_entropy", name="exit1", weight="x"}]'
+    with pytest.raises(ConfigError) as info:
+        tiny(f"stages.phase1.losses={terms}")
+    assert info.value.problems == [
+        "stages.phase1.losses.cross_entropy.target: expected str, got int 5; quote it: \"5\" "
+        "(with --set: --set 'stages.phase1.losses.cross_entropy.target=\"5\"')",
+        "stages.phase1.losses.exit1.weight: expected float, got str 'x'"]
+    recipe = tiny('stages.phase1.losses=[{use="stagewise.cross_entropy", name="exit3", at_layer=3}]')
+    with pytest.raises(ConfigError) as info:
+        run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    assert info.value.problems == ["stages.phase1.losses.exit3: at_layer 3 is outside the model's layers 1..2"]
+
+
+def test_loss_terms_sharing_a_name_are_named_by_position(tiny, tmp_path):
+    from stagewise.engine.runner import run_recipe
+
+    ce = '{use="stagewise.cross_entropy"}'
+    with pytest.raises(ConfigError) as info:
+        tiny(f'stages.phase1.losses=[{ce}, {{use="stagewise.cross_entropy", weight="x"}}]')
+    assert info.value.problems == ["stages.phase1.losses[1].weight: expected float, got str 'x'"]
+    recipe = tiny(f'stages.phase1.losses=[{ce}, {{use="stagewise.cross_entropy", at_layer=3}}]')
+    with pytest.raises(ConfigError) as info:
+        run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    assert info.value.problems == [
+        "stages.phase1.losses: two terms are named 'cross_entropy'; set a distinct 'name'",
+        "stages.phase1.losses[1]: at_layer 3 is outside the model's layers 1..2"]
+
+
+@pytest.mark.parametrize("name", ["a=b", " padded", "a.b", 7])
+def test_a_loss_term_set_cannot_address_is_named_by_position(tiny, name):
+    term = f'{{use="stagewise.cross_entropy", name={json.dumps(name)}, target=5}}'
+    with pytest.raises(ConfigError) as info:
+        tiny(f"stages.phase1.losses=[{term}]")
+    problems = info.value.problems
+    assert all(p.startswith("stages.phase1.losses[0].") for p in problems)
+    assert ('stages.phase1.losses[0].target: expected str, got int 5; quote it: "5" '
+            "(with --set: --set 'KEY=\"5\"')") in problems  # no path --set takes: the hint says KEY
+
+
+@pytest.mark.parametrize("name", ["a=b", " padded"])
+def test_a_valid_term_name_set_cannot_address_is_named_by_position_in_stage_checks(tiny, tmp_path, name):
+    from stagewise.engine.runner import run_recipe
+
+    recipe = tiny(f'stages.phase1.losses=[{{use="stagewise.cross_entropy", name={json.dumps(name)}, at_layer=3}}]')
+    with pytest.raises(ConfigError) as info:
+        run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    assert info.value.problems == ["stages.phase1.losses[0]: at_layer 3 is outside the model's layers 1..2"]
+
+
+def test_a_term_name_with_a_dot_is_refused_at_its_position(tiny):
+    with pytest.raises(ConfigError) as info:
+        tiny('stages.phase1.losses=[{use="stagewise.cross_entropy", name="a.b"}]')
+    assert info.value.problems == ["stages.phase1.losses[0]: term name 'a.b': use a non-empty name without '.'"]
+
+
+@dataclasses.dataclass
+class _Named:
+    name: str
+    size: int = 1
+
+    @classmethod
+    def item_name(cls, value) -> str | None:
+        return value.get("name") if isinstance(value, dict) else None
+
+
+def test_a_list_s_item_type_names_its_items_through_item_name():
+    from stagewise.schema import coerce
+
+    problems: list[str] = []
+    coerce([{"name": "a", "size": "x"}, {"name": "b", "size": "y"}, {"name": "b", "size": "z"}, 3],
+           list[_Named], "parts", problems)
+    assert [p.split(":")[0] for p in problems] == ["parts.a.size", "parts[1].size", "parts[2].size", "parts[3]"]
+    problems = []
+    coerce([{"size": "x"}], list[_Outer], "plain", problems)  # no item_name: by position
+    assert [p.split(":")[0] for p in problems] == ["plain[0].size"]

@@ -36,8 +36,8 @@ def test_a_term_s_target_must_be_in_the_data(tiny, tmp_path):
     bad = '[{use="stagewise.cross_entropy", target="label"}]'
     problems = _problems(tiny(f"stages.phase1.losses={bad}", f"stages.test.losses={bad}"), tmp_path)
     hint = "target 'label' is not in the data's examples, which hold: 'input', 'target'; set this term's target"
-    assert [p.split(": ", 1) for p in problems] == [["stages.phase1.losses[0]", f"{hint} to one of them"],
-                                                    ["stages.test.losses[0]", f"{hint} to one of them"]]
+    assert [p.split(": ", 1) for p in problems] == [["stages.phase1.losses.cross_entropy", f"{hint} to one of them"],
+                                                    ["stages.test.losses.cross_entropy", f"{hint} to one of them"]]
 
 
 @pytest.mark.parametrize("monitor", ["valid/loss", "train/los", "train/best_epoch"])
@@ -252,7 +252,7 @@ def test_lbfgs_options_are_validated(tmp_path, overrides, key):
 def test_mse_on_integer_targets_is_refused_before_the_run(tiny, tmp_path):
     # was: RuntimeError "shape '[4, 8, 196]' is invalid for input of size 32" at the first batch
     (problem,) = _refused(tiny, tmp_path, 'stages.phase1.losses=[{use="stagewise.mse"}]')
-    assert problem.startswith("stages.phase1.losses[0]: stagewise.mse needs float targets, but the data's 'target' "
+    assert problem.startswith("stages.phase1.losses.mse: stagewise.mse needs float targets, but the data's 'target' "
                               "holds torch.int64 values")
 
 

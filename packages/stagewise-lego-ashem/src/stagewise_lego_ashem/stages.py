@@ -20,7 +20,7 @@ from stagewise.builtins.train import TrainOptions
 from stagewise.engine.batches import count_batches
 from stagewise.loss import perplexity, token_nll
 from stagewise.schema import as_table
-from stagewise.specs import RouterSpec
+from stagewise.specs import RouterSpec, term_paths
 from stagewise.stage import leak_problems, warn_not_held_out
 from stagewise_lego_ashem import mining, probe
 from stagewise_lego_ashem.evaluation import evaluate_routed, phase2_speedups, routed_report, router_of
@@ -171,10 +171,10 @@ class TrainUpperLayers(stagewise.TrainStage):
     def _loss_problems(self, where: str) -> list[str]:
         """Terms that need what the cached forward does not make (exit logits, hidden states)."""
         problems = []
-        for i, spec in enumerate(self.options.losses):
+        for path, spec in zip(term_paths(self.options.losses, where), self.options.losses, strict=True):
             needs = spec.component()(spec.options).needs()
             if needs.exit_layers or needs.hidden:
-                problems.append(f"{where}.losses[{i}]: {spec.use} needs exit-layer logits or hidden "
+                problems.append(f"{path}: {spec.use} needs exit-layer logits or hidden "
                                 f"states; {self.name} gives the loss only the hard tokens' final logits "
                                 f"(use e.g. stagewise.cross_entropy without at_layer)")
         return problems

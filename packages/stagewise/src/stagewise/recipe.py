@@ -20,8 +20,8 @@ from typing import Any, Literal
 from stagewise import plugins
 from stagewise.errors import ConfigError, StagewiseError, UnknownNameError
 from stagewise.install import install_command
-from stagewise.schema import NoOptions, as_table, build_dataclass, unknown_key_message
-from stagewise.specs import DataSpec, ModelSpec, StageSpec, default_term_name
+from stagewise.schema import NoOptions, as_table, build_dataclass, named_paths, unknown_key_message
+from stagewise.specs import DataSpec, LossSpec, ModelSpec, StageSpec
 from stagewise.tomlwrite import dumps
 
 
@@ -71,8 +71,9 @@ class Recipe:
         return dumps(self.table)
 
     def stage_path(self, index: int) -> str:
-        """How a problem names stage ``index``: ``stages.NAME``, as ``--set`` addresses it (see :func:`stage_paths`)."""
-        return stage_paths([stage.name for stage in self.stages])[index]
+        """How a problem names stage ``index``: ``stages.NAME``, as ``--set`` addresses it (see
+        :func:`~stagewise.schema.named_paths`)."""
+        return named_paths("stages", [stage.name for stage in self.stages])[index]
 
     def fitted_on(self, index: int, split: str) -> list[str]:
         """What the stages before ``index`` fitted on ``split`` by their ``fits_on``, one entry per
@@ -178,24 +179,12 @@ def recipe_from_table(raw: dict[str, Any], source: str, overrides: list[str]) ->
     return recipe
 
 
-def stage_paths(names: list[Any]) -> list[str]:
-    """How problems name each stage: ``stages.NAME`` as ``--set`` addresses it, or ``stages[i]`` when
-    its name is missing, shared with another stage, or one ``--set`` cannot address."""
-    return [f"stages.{name}" if _addressable(name) and names.count(name) == 1 else f"stages[{i}]"
-            for i, name in enumerate(names)]
-
-
-def _addressable(name: Any) -> bool:
-    """Whether ``--set stages.NAME.key=...`` reaches a stage of this name (see :func:`apply_override`)."""
-    return isinstance(name, str) and bool(name) and name == name.strip() and not set(name) & set(".=")
-
-
 def _stages(raw: Any, problems: list[str]) -> tuple[list[str], list[StageSpec]]:
     """The valid stages, and how problems name each of them."""
     if not isinstance(raw, list) or not raw:
         problems.append("stages: at least one [[stages]] table is required")
         return [], []
-    paths = stage_paths([t.get("name") if isinstance(t, dict) else None for t in raw])
+    paths = named_paths("stages", [StageSpec.item_name(t) for t in raw])
     specs = [(path, StageSpec.from_table(t, path, problems)) for path, t in zip(paths, raw, strict=True)]
     paths, named = [p for p, s in specs if s is not None], [s for _, s in specs if s is not None]
     names = [s.name for s in named]
@@ -245,15 +234,11 @@ def apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None:
     node[parts[-1]] = value
 
 
-def _term_name(table: dict) -> str:
-    return table.get("name") or default_term_name(str(table.get("use", "")))
-
-
-# the lists of tables whose elements --set addresses by name:
+# the lists of tables whose elements --set addresses by name (the name problems use too, see named_paths):
 # (what holds the list, its key) -> (an element's kind, its name, how to address its keys)
 _NAMED_LISTS: dict[tuple[str, str], tuple[str, Callable[[dict], Any], str]] = {
-    ("recipe", "stages"): ("stage", lambda table: table.get("name"), "stages.NAME.KEY=VALUE"),
-    ("stage", "losses"): ("loss term", _term_name, "stages.NAME.losses.TERM.KEY=VALUE"),
+    ("recipe", "stages"): ("stage", StageSpec.item_name, "stages.NAME.KEY=VALUE"),
+    ("stage", "losses"): ("loss term", LossSpec.item_name, "stages.NAME.losses.TERM.KEY=VALUE"),
 }
 
 

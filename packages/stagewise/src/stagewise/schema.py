@@ -5,6 +5,10 @@ returns the converted value; problems are appended as ``"<path>: <what is wrong>
 recipe with three mistakes reports three. Supported annotations: ``int``, ``float``, ``str``,
 ``bool``, ``Any``, ``X | None``, ``Literal[...]``, ``list[X]``, ``tuple[X, ...]``,
 ``dict[str, X]`` and dataclasses (nested tables).
+
+Problems name a list's items as ``--set`` addresses them (:func:`named_paths`): ``path.NAME`` when
+the item type names its items through an ``item_name(value)`` classmethod (stages, loss terms),
+``path[i]`` otherwise.
 """
 
 from __future__ import annotations
@@ -103,7 +107,9 @@ def coerce(value: Any, annotation: Any, path: str, problems: list[str]) -> Any:
             problems.append(f"{path}: expected a list, got {_describe(value)}")
             return value
         item_type = args[0] if args else Any
-        items = [coerce(v, item_type, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        name_of = getattr(item_type, "item_name", None)  # items --set addresses by name, e.g. loss terms
+        paths = named_paths(path, [name_of(v) if name_of else None for v in value])
+        items = [coerce(v, item_type, item_path, problems) for v, item_path in zip(value, paths, strict=True)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
@@ -117,6 +123,20 @@ def coerce(value: Any, annotation: Any, path: str, problems: list[str]) -> Any:
             return coerce_hook(value, path, problems)
         return build_dataclass(annotation, value, path, problems)
     return _coerce_scalar(value, annotation, path, problems)
+
+
+def named_paths(path: str, names: list[Any]) -> list[str]:
+    """How problems name the items of the list at ``path``, given each item's name (None: it has none):
+    ``path.NAME`` as ``--set`` addresses it (``stages.NAME``, ``stages.NAME.losses.TERM``), or
+    ``path[i]``, by position, when its name is missing, shared with another item, or one ``--set``
+    cannot address."""
+    return [f"{path}.{name}" if _addressable(name) and names.count(name) == 1 else f"{path}[{i}]"
+            for i, name in enumerate(names)]
+
+
+def _addressable(name: Any) -> bool:
+    """Whether ``--set PATH.NAME.key=...`` reaches an item of this name (see ``recipe.apply_override``)."""
+    return isinstance(name, str) and bool(name) and name == name.strip() and not set(name) & set(".=")
 
 
 def _coerce_union(value: Any, args: tuple, path: str, problems: list[str]) -> Any:
@@ -143,7 +163,7 @@ def _coerce_scalar(value: Any, annotation: Any, path: str, problems: list[str]) 
         return value
     if annotation is str and isinstance(value, int | float) and not isinstance(value, bool):
         # --set run.name=2024 reads a TOML number: the string must be quoted, past the shell too
-        key = path if "[" not in path else "KEY"  # stages[0].x, losses[0].x: --set addresses them by name
+        key = path if "[" not in path else "KEY"  # stages[0].x, losses[1].x: a position --set cannot address
         problems.append(f"{path}: expected str, got {_describe(value)}; quote it: \"{value}\" "
                         f"(with --set: --set '{key}=\"{value}\"')")
     elif isinstance(annotation, type) and not isinstance(value, annotation):

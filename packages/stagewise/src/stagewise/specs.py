@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from stagewise import plugins
 from stagewise.errors import PluginError, UnknownNameError
 from stagewise.registry import singular
-from stagewise.schema import NoOptions, as_table, build_dataclass, coerce, field_types, keys_of
+from stagewise.schema import NoOptions, as_table, build_dataclass, coerce, field_types, keys_of, named_paths
 
 
 class Spec:
@@ -83,6 +83,12 @@ def default_term_name(use: str) -> str:
     return use.split(".", 1)[-1]
 
 
+def term_paths(specs: list[LossSpec], where: str) -> list[str]:
+    """How problems name each of a stage's loss terms, ``where`` naming the stage: ``WHERE.losses.TERM``
+    as ``--set`` addresses it, or ``WHERE.losses[i]`` (see :func:`~stagewise.schema.named_paths`)."""
+    return named_paths(f"{where}.losses", [spec.name for spec in specs])
+
+
 @dataclass
 class LossSpec(Spec):
     """One loss term of a stage, with its weight schedule and fallback."""
@@ -109,6 +115,14 @@ class LossSpec(Spec):
             raise ValueError("start_epoch and ramp_epochs must be >= 0")
         if not 0 <= self.fallback_factor <= 1:
             raise ValueError(f"fallback_factor must be in [0, 1], got {self.fallback_factor}")
+
+    @classmethod
+    def item_name(cls, value: Any) -> Any:
+        """The name ``--set`` addresses this term's table by (``stages.NAME.losses.TERM``) and problems
+        name it by (see :func:`~stagewise.schema.named_paths`): its ``name``, default from its ``use``."""
+        if not isinstance(value, dict):
+            return None
+        return value.get("name") or default_term_name(str(value.get("use", "")))
 
     def weight_at(self, epoch: int) -> float:
         """The scheduled weight at a 0-based epoch."""
@@ -168,6 +182,11 @@ class StageSpec(Spec):
     options: Any = None
     checkpoint: str | None = None  # file name of this stage's checkpoint; default: its name
     grow: dict[str, Any] = field(default_factory=dict)  # model options changed before it runs
+
+    @classmethod
+    def item_name(cls, value: Any) -> Any:
+        """The name ``--set`` addresses this stage's table by (``stages.NAME``) and problems name it by."""
+        return value.get("name") if isinstance(value, dict) else None
 
     def __post_init__(self) -> None:
         if self.checkpoint is None:

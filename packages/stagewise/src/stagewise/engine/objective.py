@@ -13,10 +13,10 @@ import torch
 
 from stagewise.errors import ConfigError
 from stagewise.loss import Loss, Needs
+from stagewise.specs import LossSpec, term_paths
 
 if TYPE_CHECKING:
     from stagewise.engine.state import State
-    from stagewise.specs import LossSpec
 
 
 def forward_batch(model: torch.nn.Module, batch: dict[str, Any], needs: Needs) -> dict[str, Any]:
@@ -68,10 +68,10 @@ def loss_problems(specs: list[LossSpec], model_options: Any, example: dict[str, 
     """Each term's own checks against the model and, when given, one example of the data it
     will read; plus duplicate names. Reported before anything runs."""
     problems = duplicate_names(specs, where)
-    for i, spec in enumerate(specs):
+    for path, spec in zip(term_paths(specs, where), specs, strict=True):
         term = spec.component()(spec.options)
         found = term.check(model_options) + (term.check_example(example) if example is not None else [])
-        problems += [f"{where}.losses[{i}]: {p}" for p in found]
+        problems += [f"{path}: {p}" for p in found]
     return problems
 
 
