@@ -131,6 +131,6 @@ def test_a_bad_part_weight_is_named_with_its_value():
 def test_a_term_refused_as_its_stage_starts_names_the_recipe_file(tmp_path):
     # steps against seq_len along time is known only when the stage starts
     overrides = ['stages.main.losses.koopman.axis="time"', "stages.main.losses.koopman.steps=8"]
-    with pytest.raises(stagewise.ConfigError, match=r"^tiny_hybrid\.toml: 1 problem:\n  - stages\.main\.losses "
-                       r"\(koopman\.operator\): steps 8 must be below the sequence length 8"):
+    with pytest.raises(stagewise.ConfigError, match=r"^tiny_hybrid\.toml: 1 problem:\n  - stages\.main\.losses\."
+                       r"koopman: steps 8 must be below the sequence length 8"):
         run_tiny(tmp_path / "run", TRAIN_ONLY, overrides)

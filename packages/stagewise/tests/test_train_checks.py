@@ -281,3 +281,26 @@ def test_run_out_running_into_a_file_is_a_recipe_error(tiny, tmp_path):
 def test_a_bad_run_value_names_only_its_own_key(tiny, tmp_path):
     # was: "checkpoint_every_n_steps and threads must be >= 0 ..., got 0 and -1" for a bad threads alone
     assert _refused(tiny, tmp_path, "run.threads=-1") == ["run: threads must be >= 0 (0 = torch's default), got -1"]
+
+
+def test_a_problem_a_term_finds_as_its_stage_starts_names_the_term_and_the_file(tiny, tmp_path):
+    import stagewise
+    from stagewise.builtins.losses import CrossEntropy
+    from stagewise.plugins import register_plugin, unregister_plugin
+
+    class WidthOf3(CrossEntropy):  # a problem only the built model shows, found in setup
+        def setup(self, state):
+            raise ConfigError([f"the model's {state.recipe.model.options.n_embd} features are not a multiple of 3"])
+
+    class Plugin:
+        @stagewise.hookimpl
+        def stagewise_register_losses(self, register):
+            register(WidthOf3, "setuptest.width")
+
+    register_plugin(Plugin(), "setuptest")
+    try:
+        with pytest.raises(ConfigError, match=r"^\S*tiny\.toml: 1 problem:\n  - stages\.phase1\.losses\.width: the "
+                                              r"model's 16 features are not a multiple of 3$"):
+            run_recipe(tiny('stages.phase1.losses=[{use = "setuptest.width"}]'), out=tmp_path / "run", quiet=True)
+    finally:
+        unregister_plugin("setuptest")

@@ -231,8 +231,7 @@ class KoopmanOperator(stagewise.Loss):
         n_hidden, width, seq_len = probe_hidden(state.model, next(iter(state.batches("train"))))
         problems = shape_problems(self.options, n_hidden, seq_len)
         if problems:
-            raise stagewise.ConfigError([f"stages.{state.stage_name}.losses ({self.name}): {p}" for p in problems],
-                                        state.recipe.source)
+            raise stagewise.ConfigError(problems)  # the engine names the term and the recipe file
         self.build(n_hidden, width)
 
     def build(self, n_hidden: int, width: int) -> KoopmanOperator:

@@ -57,7 +57,9 @@ class Loss(torch.nn.Module):
 
     def setup(self, state: State) -> None:
         """Called once when the stage starts, before the optimizer is built: create parameters
-        that depend on the model (e.g. its width) here."""
+        that depend on the model (e.g. its width) here. A problem only the built model shows
+        (what :meth:`check` could not see from the options): ``raise stagewise.ConfigError([...])``
+        with plain problems; the engine names the term (``stages.NAME.losses.TERM: ...``) and the recipe file."""
 
     def needs(self) -> Needs:
         return Needs()

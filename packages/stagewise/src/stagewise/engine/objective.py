@@ -81,9 +81,12 @@ def build_terms(specs: list[LossSpec], state: State, where: str) -> dict[str, Lo
     if problems:
         raise ConfigError(problems, state.recipe.source)
     terms: dict[str, Loss] = {}
-    for spec in specs:
+    for path, spec in zip(term_paths(specs, where), specs, strict=True):
         term = spec.component()(spec.options)
-        term.setup(state)
+        try:
+            term.setup(state)
+        except ConfigError as exc:  # found only on the built model (Loss.setup): name the term and the file
+            raise ConfigError([f"{path}: {p}" for p in exc.problems], state.recipe.source) from None
         terms[spec.name] = term.to(state.device)
     return terms
 
