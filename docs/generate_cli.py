@@ -27,6 +27,10 @@ HEADER = """# CLI reference
 
 Plugins may add subcommands of their own (`stagewise --help` lists every installed one); they
 are documented on the plugin's page.
+
+Every command exits 0 when it succeeds; 1 on an error, printed as one line `stagewise: error: ...`
+(and for `verify`, when the metrics differ); 2 for a wrong invocation; 130 on Ctrl-C; and 141,
+silently, when the program reading its output stops early (`stagewise recipes | head -1`).
 """
 
 

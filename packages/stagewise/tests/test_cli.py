@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -254,6 +257,18 @@ def test_ctrl_c_exits_130_with_one_line(capsys):
     finally:
         plugins.unregister_plugin("boom")
     assert capsys.readouterr().err == "stagewise: interrupted\n"
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly():
+    # `stagewise recipes | head -1`: was "stagewise: error: Broken pipe; check the path" and exit 1
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the command writes
+    try:
+        child = subprocess.run([sys.executable, "-m", "stagewise", "recipes"], stdout=write,
+                               stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write)
+    assert (child.returncode, child.stderr) == (141, "")  # 128 + SIGPIPE, as for `yes | head -1`
 
 
 class _CtrlC:

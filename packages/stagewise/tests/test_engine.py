@@ -6,14 +6,18 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import read_records, read_summary
 
 import stagewise
+from stagewise import plugins
 from stagewise.data import DataSplits, Vocabulary
 from stagewise.engine.checkpoint import load_checkpoint
 from stagewise.engine.runner import _data_files, run_recipe
+from stagewise.errors import PluginError
+from stagewise.recipe import load_recipe
 from stagewise.verify import compare
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny.json"
@@ -443,3 +447,77 @@ def test_evaluate_with_allow_leak_reports_and_warns_once(calibrating, tmp_path):
     assert metrics["warnings/not_held_out"] == 1 and "valid/ppl" in metrics
     held_out = read_summary(run_recipe(calibrating(), out=tmp_path / "held", quiet=True))["metrics"]
     assert "warnings/not_held_out" not in held_out
+
+
+class _TensorMetric(stagewise.Stage):
+    """Returns a metric as a tensor, forgetting ``.item()``."""
+
+    name = "enginetest.tensor_metric"
+
+    def run(self, state):
+        return {f"{self.label}/norm": torch.tensor(0.5), f"{self.label}/n": 3}
+
+
+class _LogsNumpy:
+    @stagewise.hookimpl
+    def stagewise_after_epoch(self, state):
+        state.log("enginetest.epoch", rms=[1.0, np.float32(2.0)])
+
+
+@pytest.mark.parametrize("where, message", [
+    ("stage", "stage 'odd' logged 'odd/norm' (a Tensor) in its 'stage' record"),
+    ("hook", "stage 'phase1' logged 'rms' (a float32) in its 'enginetest.epoch' record"),
+])
+def test_a_record_json_cannot_hold_is_one_error_naming_the_key(tiny_recipe_path, tmp_path, where, message):
+    # was a traceback from the json module: "Object of type Tensor is not JSON serializable"
+    class Plugin(_LogsNumpy if where == "hook" else object):
+        @stagewise.hookimpl
+        def stagewise_register_stages(self, register):
+            register(_TensorMetric)
+
+    recipe = tmp_path / "odd.toml"
+    recipe.write_text(tiny_recipe_path.read_text() + '\n[[stages]]\nname = "odd"\nuse = "enginetest.tensor_metric"\n')
+    plugins.register_plugin(Plugin(), "enginetest")
+    try:
+        with pytest.raises(PluginError) as info:
+            run_recipe(load_recipe(recipe), out=tmp_path / "run", quiet=True)
+    finally:
+        plugins.unregister_plugin("enginetest")
+    assert str(info.value) == (f"{message}, which metrics.jsonl cannot hold: log numbers, strings, booleans, None, "
+                               f"or lists and dicts of them (e.g. tensor.item(), tensor.tolist())")
+    json_lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(line) for line in json_lines)  # nothing half-written
+
+
+class _NumpyArtifact(stagewise.Stage):
+    """Hands later stages a numpy array and keeps a router whose state holds a numpy float."""
+
+    name = "enginetest.numpy_artifact"
+
+    def run(self, state):
+        state.artifacts["enginetest.norms"] = {"rms": np.zeros(2), "n": 3}
+        state.routers["r"] = {"use": "x.router", "options": {}, "state": {"threshold": np.float32(0.5)}}
+        return {}
+
+
+def test_an_artifact_a_checkpoint_could_not_load_is_refused_when_saved(tiny_recipe_path, tmp_path):
+    # was a run that finished, with checkpoints that resume, export and load_model all refused to read
+    class Plugin:
+        @stagewise.hookimpl
+        def stagewise_register_stages(self, register):
+            register(_NumpyArtifact)
+
+    recipe = tmp_path / "np.toml"
+    recipe.write_text(tiny_recipe_path.read_text() + '\n[[stages]]\nname = "np"\nuse = "enginetest.numpy_artifact"\n')
+    plugins.register_plugin(Plugin(), "enginetest")
+    try:
+        with pytest.raises(PluginError) as info:
+            run_recipe(load_recipe(recipe), out=tmp_path / "run", quiet=True)
+    finally:
+        plugins.unregister_plugin("enginetest")
+    assert str(info.value) == (
+        "stage 'np': a checkpoint cannot hold state.artifacts['enginetest.norms']['rms'] (a numpy.ndarray), "
+        "state.routers['r']['state']['threshold'] (a numpy.float32): checkpoints are read with "
+        "torch.load(weights_only=True), so keep artifacts and router state to tensors, numbers, strings, lists "
+        "and dicts (e.g. torch.from_numpy(array), float(x))")
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["stage_name"] == "test"  # still resumable

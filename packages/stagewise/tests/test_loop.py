@@ -155,6 +155,35 @@ def test_the_guard_stops_only_after_max_nonfinite_in_a_row(capsys):
     assert warnings.flush() == {"once": 1} and "happened" not in capsys.readouterr().err  # no repeat line
 
 
+class _AlwaysNan(stagewise.Loss):
+    name = "looptest.always_nan"
+
+    def forward(self, outputs, batch, state):
+        return outputs["logits"].mean() * float("nan")
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lbfgs"])
+def test_a_non_finite_loss_names_the_terms_that_made_it(tiny, tmp_path, capsys, optimizer):
+    # was "non-finite loss (nan) at stage 'phase2' epoch 0 batch 0": which of the terms? (phase2: no grad_clip,
+    # which lbfgs refuses)
+    class Plugin:
+        @stagewise.hookimpl
+        def stagewise_register_losses(self, register):
+            register(_AlwaysNan)
+
+    register_plugin(Plugin(), "looptest")
+    try:
+        recipe = tiny('stages.phase2.losses=[{use="stagewise.cross_entropy"}, {use="looptest.always_nan", '
+                      'weight=0.1}]', "stages.phase2.max_nonfinite=2", f'stages.phase2.optimizer="{optimizer}"')
+        with pytest.raises(stagewise.TrainingError) as info:
+            run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    finally:
+        unregister_plugin("looptest")
+    where = "stage 'phase2' epoch 0 batch {}, from term 'always_nan' = nan"
+    assert str(info.value).startswith(f"2 non-finite losses in a row at {where.format(1)} (max_nonfinite = 2).")
+    assert f"stagewise: warning: non-finite loss (nan) at {where.format(0)}; batch skipped" in capsys.readouterr().err
+
+
 def test_lr_factor_warmup_then_cosine_down_to_min_lr():
     from types import SimpleNamespace
 

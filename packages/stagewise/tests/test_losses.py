@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import pytest
@@ -12,7 +13,7 @@ import stagewise
 from stagewise import plugins
 from stagewise.builtins.losses import MSE, CrossEntropy, CrossEntropyOptions, OutputOptions
 from stagewise.engine.runner import run_recipe
-from stagewise.errors import ConfigError
+from stagewise.errors import ConfigError, PluginError
 from stagewise.specs import LossSpec
 
 
@@ -105,6 +106,41 @@ def test_fallback_cuts_the_weight_and_warns_once_per_epoch(constant_loss, tiny, 
     assert err.count("loss term 'constant' = 100 > fallback_threshold 8.0") == 1
     assert "'fallback/constant' happened 5 times this epoch" in err
     assert read_summary(run_dir)["stages"]["phase1"]["metrics"]["val/constant/loss"] == 100.0
+
+
+class Returns(stagewise.Loss):
+    """A term whose forward returns what ``RETURNS[kind]`` makes of the logits (B, T, V)."""
+
+    name = "testing.returns"
+    kind = ""
+
+    def forward(self, outputs, batch, state):
+        return RETURNS[self.kind](outputs["logits"])
+
+
+RETURNS = {
+    "per-token": lambda logits: logits.pow(2).mean(-1),  # (B, T): forgot to reduce
+    "float": lambda logits: logits.pow(2).mean().item(),  # cut from the graph
+    "part": lambda logits: {"ok": logits.mean(), "bad": logits.mean(-1)},
+}
+
+
+@pytest.mark.parametrize("kind, what", [("per-token", "a tensor of shape (4, 8)"), ("float", "a float"),
+                                        ("part", "part 'bad': a tensor of shape (4, 8)")])
+@pytest.mark.parametrize("stage", ["phase1", "test"])  # training, and evaluation on its own
+def test_a_loss_returning_no_scalar_tensor_is_one_error_naming_it(tiny, tmp_path, monkeypatch, kind, what, stage):
+    # was a traceback from deep in the loop: "a Tensor with 32 elements cannot be converted to Scalar"
+    monkeypatch.setattr(Returns, "kind", kind)
+    plugins.register_plugin(types.SimpleNamespace(stagewise_register_losses=stagewise.hookimpl(
+        lambda register: register(Returns, "testing.returns"))), "testing_returns")
+    try:
+        recipe = tiny(f'stages.{stage}.losses=[{{use="stagewise.cross_entropy"}}, {{use="testing.returns"}}]')
+        with pytest.raises(PluginError) as info:
+            run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    finally:
+        plugins.unregister_plugin("testing_returns")
+    assert str(info.value) == (f"loss 'testing.returns' returned {what}; Loss.forward must return a scalar tensor "
+                               f"(reduce it, e.g. with .mean()) or a dict of named scalar tensors")
 
 
 def test_token_nll_is_the_per_token_cross_entropy_shaped_like_the_target():

@@ -381,6 +381,20 @@ def test_a_recipe_string_with_a_colon_is_a_path_not_a_lazy_import(host):
     assert plugins.get("recipes", "win.recipe") == "C:/recipes/x.toml"
 
 
+def test_a_lazy_target_written_with_a_dot_for_the_colon_skips_its_plugin(host, capsys):
+    def stagewise_register_losses(register):
+        register("dotted.loss.L1", "dotted.l1")  # meant "dotted.loss:L1"; was kept as the loss itself
+
+    host.append(FakeEntryPoint("dotted", plugin_module("dotted", stagewise_register_losses=stagewise_register_losses),
+                               dist="stagewise-dotted"))
+    plugins.load_plugins()
+    assert capsys.readouterr().err.splitlines() == [
+        "stagewise: warning: skipped plugin 'dotted' (stagewise-dotted 1.0) failed during registration: "
+        "ValueError: loss 'dotted.l1' is registered as the string 'dotted.loss.L1'; give the class, or a lazy "
+        "'module:Class' string such as 'dotted.loss:L1'"]
+    assert "dotted.l1" not in plugins.registries()["losses"].entries
+
+
 def test_a_lazy_target_may_name_a_nested_attribute(host):
     def stagewise_register_stages(register):
         register("stagewise.builtins.train:TrainStage.Options", "nested.options")

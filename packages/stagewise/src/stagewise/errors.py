@@ -25,7 +25,9 @@ class UnknownNameError(StagewiseError):
 
 
 class PluginError(StagewiseError):
-    """A plugin failed to load or registered something invalid (raised in strict mode or on collisions)."""
+    """A plugin failed to load or registered something invalid (raised in strict mode or on collisions),
+    or one of its components broke its contract in a run: a Loss returned no scalar tensor, a stage
+    or hook gave a value metrics.jsonl or a checkpoint cannot hold."""
 
 
 class CheckpointError(StagewiseError):

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from stagewise.errors import PluginError
 from stagewise.schema import NoOptions
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ class Loss(torch.nn.Module):
 
     def eval_sums(self, outputs: dict[str, Any], batch: dict[str, Any], state: State) -> dict[str, tuple[float, float]]:
         """``{metric: (sum, count)}`` for one evaluation batch; default: the batch mean loss."""
-        value = self(outputs, batch, state)
+        value = check_value(self, self(outputs, batch, state))
         value = sum(value.values()) if isinstance(value, dict) else value
         n = batch_size(batch)
         return {"loss": (float(value) * n, float(n))}
@@ -92,6 +93,19 @@ class Loss(torch.nn.Module):
     def summarize(self, means: dict[str, float]) -> dict[str, float]:
         """Turn aggregated means into reported metrics (e.g. add perplexity)."""
         return means
+
+
+def check_value(loss: Loss, value: Any) -> Any:
+    """``value`` when it is what ``loss.forward`` must return: a scalar (one-element) tensor or a
+    dict of them; else a PluginError naming the loss. No device sync: shapes only."""
+    parts = value.items() if isinstance(value, dict) else [(None, value)]
+    for part, v in parts:
+        if not (isinstance(v, torch.Tensor) and v.numel() == 1):
+            what = f"a tensor of shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
+            what = what if part is None else f"part {part!r}: {what}"
+            raise PluginError(f"loss {loss.name!r} returned {what}; Loss.forward must return a scalar tensor "
+                              f"(reduce it, e.g. with .mean()) or a dict of named scalar tensors")
+    return value
 
 
 def batch_size(batch: dict[str, Any]) -> int:

@@ -75,7 +75,12 @@ class Registry:
                 f"({other.distribution}) and by plugin {plugin!r} ({distribution}); "
                 f"{_collision_hint(other.plugin, other.distribution, plugin, distribution)}"
             )
-        lazy = self.kind != "recipes" and isinstance(obj, str) and ":" in obj
+        lazy = self.kind != "recipes" and isinstance(obj, str)
+        if lazy and ":" not in obj:  # would be kept as the component itself, to fail when a recipe uses it
+            module, _, attr = obj.rpartition(".")
+            example = f"{module}:{attr}" if module else "mypkg.module:Class"
+            raise ValueError(f"{singular(self.kind)} {name!r} is registered as the string {obj!r}; give the class, "
+                             f"or a lazy 'module:Class' string such as {example!r}")
         self.entries[name] = Entry(name, obj, plugin, distribution, lazy)
         return name
 

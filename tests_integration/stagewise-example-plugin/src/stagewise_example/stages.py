@@ -18,7 +18,6 @@ from torch.utils.data import default_collate
 
 import stagewise
 from stagewise.engine.batches import batch_indices, epoch_order, to_device
-from stagewise.engine.objective import forward_batch
 from stagewise.specs import RouterSpec
 
 HARD_EXAMPLES = "example.hard_examples"  # the artifact key
@@ -30,7 +29,7 @@ def per_example_losses(model: torch.nn.Module, batches) -> torch.Tensor:
     losses = []
     with stagewise.eval_mode(model):  # no dropout; the model's training mode comes back afterwards
         for batch in batches:
-            logits, target = forward_batch(model, batch, stagewise.Needs())["logits"], batch["target"]
+            logits, target = stagewise.forward_batch(model, batch, stagewise.Needs())["logits"], batch["target"]
             nll = F.cross_entropy(logits.flatten(0, -2), target.flatten().long(), reduction="none")
             losses.append(nll.view(len(target), -1).mean(1))  # (B,): mean over tokens, if any
     return torch.cat(losses)

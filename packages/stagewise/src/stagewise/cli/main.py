@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 import traceback
 
@@ -44,12 +45,17 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "handler", None) is None:
             parser.print_help()
             return 2
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        sys.stdout.flush()  # a reader gone away shows here, not as "Exception ignored" at exit
+        return code
     except StagewiseError as exc:
         if isinstance(exc, PluginError) and exc.__cause__ is not None and strict():
             traceback.print_exception(exc.__cause__)  # strict mode is for finding the bug: show where
         print(f"stagewise: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader of stdout stopped (`stagewise recipes | head -1`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        return 141  # 128 + SIGPIPE, as shells report for a command a closed pipe ended
     except OSError as exc:  # the file system said no: no permission, a file where a folder should be, disk full
         where = "".join(f"{name}: " for name in (exc.filename, exc.filename2) if name is not None)
         advice = _OS_ADVICE.get(exc.errno, "check the path")

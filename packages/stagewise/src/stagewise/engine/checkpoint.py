@@ -7,12 +7,14 @@ index, loop position, router state and artifacts.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import random
 import re
 import shutil
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ import torch
 from stagewise.errors import CheckpointError
 
 FORMAT = "stagewise-checkpoint-1"
+# leaves a weights_only load reads (tensors aside); a value of another type is tried on its own
+_PLAIN = (int, float, bool, str, bytes, complex, type(None), torch.Size, torch.dtype, torch.device)
 # what every checkpoint holds (State.checkpoint_payload); a resumed run reads them all
 RESUME_KEYS = ("recipe", "stage_index", "stage_name", "stage_done", "model", "model_options", "artifacts",
                "metrics", "stage_results", "rng", "metrics_lines")
@@ -63,6 +67,20 @@ def write_checkpoint(payload: dict[str, Any], paths: list[Path]) -> None:
     atomic_write_bytes(first, lambda f: torch.save({"format": FORMAT, **payload}, f))
     for path in others:
         _copy_file(first, path)
+
+
+def unreadable(value: Any, where: str) -> list[str]:
+    """Each part of ``value`` that ``torch.load(weights_only=True)`` would refuse, as ``where[key]
+    (a type)``: a checkpoint holding one could be written but never resumed, exported or loaded."""
+    if isinstance(value, torch.Tensor) or type(value) in _PLAIN:
+        return []
+    if type(value) in (dict, OrderedDict):
+        return [p for k, v in value.items() for p in unreadable(k, f"{where} key {k!r}") +
+                unreadable(v, f"{where}[{k!r}]")]
+    if type(value) in (list, tuple, set):
+        return [p for i, v in enumerate(value) for p in unreadable(v, f"{where}[{i}]")]
+    kind = type(value)
+    return [] if _loads_back(value) else [f"{where} (a {kind.__module__}.{kind.__qualname__})"]
 
 
 def _copy_file(source: Path, path: Path) -> None:
@@ -121,6 +139,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(_as_tuple(state["python"]))
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _loads_back(value: Any) -> bool:
+    """Whether ``value``, of a type not in ``_PLAIN``, survives torch.save and a weights_only load."""
+    buffer = io.BytesIO()
+    try:
+        torch.save(value, buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)
+    except Exception:  # unpicklable, or refused by weights_only: either way no checkpoint could hold it
+        return False
+    return True
 
 
 def _as_tuple(value: Any) -> Any:

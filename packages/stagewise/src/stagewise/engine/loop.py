@@ -125,11 +125,11 @@ class TrainLoop:
         record: dict[str, Any] = {}
         if o.optimizer == "lbfgs":
             value = self._lbfgs_step(batch, weights, active, record)
-            ok = self.guard.check(value, self._where())
+            ok = self.guard.check(value, self._where(record))
         else:
             self.optimizer.zero_grad(set_to_none=True)
             total, value = self._total(batch, weights, active, record)
-            ok = self.guard.check(value, self._where())
+            ok = self.guard.check(value, self._where(record))
             if ok:
                 total.backward()
                 if o.grad_clip is not None:
@@ -293,8 +293,11 @@ class TrainLoop:
         return (f"[{self.stage.label}] epoch {self.pos.epoch + 1}/{self.o.max_epochs}  {parts}"
                 f"  ({seconds:.1f}s){flag}")
 
-    def _where(self) -> str:
-        return f"stage {self.stage.label!r} epoch {self.pos.epoch} batch {self.pos.batch}"
+    def _where(self, record: dict[str, Any]) -> str:
+        """Where the loop is, naming the terms of ``record`` that are not finite (what a NaN came from)."""
+        bad = [f"{name!r} = {value}" for name, (value, _, _) in record.items() if not math.isfinite(value)]
+        terms = f", from term{'s' if len(bad) > 1 else ''} {', '.join(bad)}" if bad else ""
+        return f"stage {self.stage.label!r} epoch {self.pos.epoch} batch {self.pos.batch}{terms}"
 
     # --- state for checkpoints --------------------------------------------------------------
 

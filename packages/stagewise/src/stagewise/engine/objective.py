@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from stagewise.errors import ConfigError
-from stagewise.loss import Loss, Needs
+from stagewise.loss import Loss, Needs, check_value
 from stagewise.specs import LossSpec, term_paths
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class Objective(torch.nn.Module):
     def forward(self, batch: dict[str, Any], forward_fn=None, active: set[str] | None = None) -> dict[str, Any]:
         """Each term's value on ``batch``; only the ``active`` terms (weight > 0) when given."""
         outputs = (forward_fn or self.outputs)(batch)
-        return {name: term(outputs, batch, self.state) for name, term in self.terms.items()
+        return {name: check_value(term, term(outputs, batch, self.state)) for name, term in self.terms.items()
                 if active is None or name in active}
 
 

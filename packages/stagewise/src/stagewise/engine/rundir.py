@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from stagewise.engine.checkpoint import atomic_write_bytes
-from stagewise.errors import CheckpointError
+from stagewise.errors import CheckpointError, PluginError
 
 
 class RunDir:
@@ -71,7 +71,11 @@ class RunDir:
     def log(self, record: dict[str, Any]) -> None:
         if self._metrics is None:
             self._metrics = open(self.path / "metrics.jsonl", "a", encoding="utf-8")
-        self._metrics.write(json.dumps(finite(record)) + "\n")
+        try:
+            line = json.dumps(finite(record))
+        except TypeError as exc:  # a tensor or numpy number a stage returned or a plugin logged: name it
+            raise PluginError(_unwritable_message(record, exc)) from None
+        self._metrics.write(line + "\n")
         self._metrics.flush()
         self.lines += 1
 
@@ -159,3 +163,19 @@ def environment() -> dict[str, Any]:
         "plugins": {i.name: {"distribution": i.distribution, "version": i.version, "error": i.error}
                     for i in plugin_infos()},
     }
+
+
+def _unwritable_message(record: dict[str, Any], exc: TypeError) -> str:
+    bad = ", ".join(f"{k!r} (a {t})" for k, t in ((k, _unwritable(v)) for k, v in record.items()) if t)
+    bad = bad or f"a value ({exc})"  # e.g. a dict with tuple keys
+    return (f"stage {record.get('stage')!r} logged {bad} in its {record.get('event')!r} record, which metrics.jsonl "
+            f"cannot hold: log numbers, strings, booleans, None, or lists and dicts of them "
+            f"(e.g. tensor.item(), tensor.tolist())")
+
+
+def _unwritable(value: Any) -> str | None:
+    """The type name of the first part of ``value`` that JSON cannot write; None if it can."""
+    if isinstance(value, dict | list | tuple):
+        parts = value.values() if isinstance(value, dict) else value
+        return next((t for t in map(_unwritable, parts) if t), None)
+    return None if isinstance(value, str | int | float | type(None)) else type(value).__name__

@@ -123,9 +123,14 @@ class State:
 
     def save_checkpoint(self, *, done: bool, extra: dict[str, Any] | None = None) -> None:
         """Write ``checkpoints/last.pt`` (and the stage's own checkpoint when it is ``done``)."""
-        from stagewise.engine.checkpoint import write_checkpoint
+        from stagewise.engine.checkpoint import unreadable, write_checkpoint
         from stagewise.engine.distributed import barrier
 
+        refused = unreadable(self.artifacts, "state.artifacts") + unreadable(self.routers, "state.routers")
+        if refused:  # every rank holds them alike, so every rank stops here
+            raise PluginError(f"stage {self.stage_name!r}: a checkpoint cannot hold {', '.join(refused)}: checkpoints "
+                              f"are read with torch.load(weights_only=True), so keep artifacts and router state to "
+                              f"tensors, numbers, strings, lists and dicts (e.g. torch.from_numpy(array), float(x))")
         if self.run_dir is not None:
             name = self.recipe.stages[self.stage_index].checkpoint if done else None
             files = ([f"{name}.pt"] if name else []) + ["last.pt"]
