@@ -224,7 +224,13 @@ def test_compare_refuses_other_seeds_and_other_data(tiny_recipe_path, tmp_path):
         (found,) = info.value.problems
         assert found.startswith(f"{other}: ") and problem in found
         assert not (tmp_path / "cmp").exists()  # refused before any run
-    assert found == f"{other}: [data] differs from {tiny_recipe_path} in seq_len; compare on the same data"
+    assert found == (f"{other}: [data] differs from {tiny_recipe_path} in seq_len; compare on the same data: add "
+                     f"--set data.seq_len=8 (a --set of data.* applies to every recipe compared)")
+    other.write_text(text.replace("seq_len = 8", 'seq_len = 4\nlowercase = false\npath = "my text"'))
+    with pytest.raises(ConfigError) as info:  # the first recipe's values; a key it leaves unset, the other's
+        compare_recipes([str(tiny_recipe_path), str(other)], [], tmp_path / "cmp", quiet=True)
+    assert (f"add --set data.lowercase=true --set 'data.path=\"{tmp_path / 'my text'}\"' --set data.seq_len=8 ("
+            in info.value.problems[0])  # quoted for the shell
 
 
 def test_no_command_prints_the_help_and_exits_2(capsys):

@@ -218,3 +218,32 @@ def test_a_term_of_parts_is_their_sum_and_perplexity_stays_finite():
     assert total.item() == 3.5 and same is parts
     assert perplexity(math.log(4.0)) == pytest.approx(4.0)
     assert perplexity(1e4) == math.exp(700.0)  # a diverged loss: capped, not an OverflowError
+
+
+class Buggy(stagewise.Loss):
+    """A plugin's term with a bug in its forward."""
+
+    name = "testing.buggy"
+
+    def forward(self, outputs, batch, state):
+        return [outputs["logits"].mean()][7]  # IndexError
+
+
+@pytest.mark.parametrize("use, error, note", [
+    ("testing.buggy", IndexError, "in stage 'phase1' (testing.buggy term of stagewise.train), from stagewise-buggy "
+                                  "0.3: report it to that plugin"),
+    ("stagewise.cross_entropy", TypeError, "in stage 'phase1' (stagewise.cross_entropy term of stagewise.train)"),
+    ("testing.returns", PluginError, None)], ids=["plugin-term", "core-term", "stagewise-error"])
+def test_a_bug_in_a_stage_keeps_its_traceback_with_a_note_naming_stage_term_and_plugin(tiny, tmp_path, monkeypatch,
+                                                                                       use, error, note):
+    module = types.ModuleType(__name__)  # the plugin's module: this file's code is the plugin's
+    module.stagewise_register_losses = stagewise.hookimpl(lambda register: [register(Buggy), register(Returns)])
+    monkeypatch.setattr(Returns, "kind", "per-token")
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", None)  # a bug in core's term: "None is not callable"
+    plugins.register_plugin(module, "testing_buggy", "stagewise-buggy", "0.3")
+    try:
+        with pytest.raises(error) as info:
+            run_recipe(tiny(f'stages.phase1.losses=[{{use="{use}"}}]'), out=tmp_path / "run", quiet=True)
+    finally:
+        plugins.unregister_plugin("testing_buggy")
+    assert getattr(info.value, "__notes__", [None]) == [note]  # a StagewiseError says it all: no note

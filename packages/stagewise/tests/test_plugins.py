@@ -396,13 +396,13 @@ def test_a_lazy_target_written_with_a_dot_for_the_colon_skips_its_plugin(host, c
 
 
 def test_a_lazy_target_may_name_a_nested_attribute(host):
-    def stagewise_register_stages(register):
+    def stagewise_register_models(register):  # a model: an Options class is no stage (see test_a_lazy_target_...)
         register("stagewise.builtins.train:TrainStage.Options", "nested.options")
 
-    host.append(FakeEntryPoint("nested", plugin_module("nested", stagewise_register_stages=stagewise_register_stages)))
+    host.append(FakeEntryPoint("nested", plugin_module("nested", stagewise_register_models=stagewise_register_models)))
     from stagewise.builtins.train import TrainStage
 
-    assert plugins.get("stages", "nested.options") is TrainStage.Options
+    assert plugins.get("models", "nested.options") is TrainStage.Options
 
 
 def test_a_known_plugin_that_is_loaded_gets_no_install_hint(host, monkeypatch):
@@ -423,3 +423,52 @@ def test_an_unknown_top_level_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="module 'stagewise' has no attribute 'Nope'"):
         stagewise.Nope  # noqa: B018
     assert not hasattr(stagewise, "Nope")
+
+
+@pytest.mark.parametrize("kind, target, what", [
+    ("losses", "stagewise.builtins.losses:prediction", "a function"),  # a function where a Loss class belongs
+    ("stages", "stagewise.builtins.train:TrainStage.Options", "the class TrainOptions"),
+    ("routers", "stagewise.builtins.losses:CrossEntropy", "the class CrossEntropy")])
+def test_a_lazy_target_that_is_not_its_kinds_class_names_the_base_class(host, kind, target, what):
+    def register_it(register):
+        register(target, "odd.thing")
+
+    host.append(FakeEntryPoint("odd", plugin_module("odd", **{f"stagewise_register_{kind}": register_it}),
+                               dist="stagewise-odd"))
+    base = {"losses": "Loss", "stages": "Stage", "routers": "Router"}[kind]
+    with pytest.raises(PluginError) as info:
+        plugins.get(kind, "odd.thing")  # used to resolve, to fail at use: 'NoOptions' object has no attribute
+    assert str(info.value) == (
+        f"{registry.singular(kind)} 'odd.thing' of plugin 'odd' (stagewise-odd) is registered as {target!r}, "
+        f"which is {what}, not a subclass of stagewise.{base}; the plugin must register a class that subclasses "
+        f"stagewise.{base} (report this to its authors)")
+
+
+@pytest.mark.parametrize("entry_point, env, why", [
+    (FakeEntryPoint("act", error=ImportError("no module named 'numpyy'"), dist="stagewise-act"), {},
+     "failed to load: ImportError: no module named 'numpyy'"),
+    (FakeEntryPoint("act", plugin_module("act", stagewise_register_losses=lambda register: 1 / 0),
+                    dist="stagewise-act"), {}, "failed to load: ZeroDivisionError: division by zero"),
+    (FakeEntryPoint("act", plugin_module("act"), dist="stagewise-act"), {"STAGEWISE_DISABLE_PLUGINS": "act"},
+     "is disabled by STAGEWISE_DISABLE_PLUGINS=act"),
+    (FakeEntryPoint("act", plugin_module("act"), dist="stagewise-act"), {"STAGEWISE_LOAD_PLUGINS": "stagewise"},
+     "is left out by STAGEWISE_LOAD_PLUGINS=stagewise")], ids=["import", "register-hook", "disabled", "load-only"])
+def test_an_unknown_name_of_a_skipped_plugin_says_why_it_was_skipped(host, monkeypatch, capsys, entry_point, env, why):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    host.append(entry_point)
+    with pytest.raises(UnknownNameError) as info:
+        plugins.get("losses", "act.activation_l2")
+    assert str(info.value).startswith(f"unknown loss 'act.activation_l2'; the plugin 'act' (stagewise-act 1.0) "
+                                      f"{why}. Installed losses: ")
+
+
+def test_a_short_name_suggests_the_registered_names_ending_in_it(host):
+    def stagewise_register_recipes(register):
+        register("/recipes/l2.toml", "act.l2")
+        register("/recipes/l1.toml", "act.l1")
+
+    host.append(FakeEntryPoint("act", plugin_module("act", stagewise_register_recipes=stagewise_register_recipes)))
+    for typed, meant in (("l2", "act.l2"), ("demoo", "stagewise.demo")):  # exact, and near, short names
+        with pytest.raises(UnknownNameError, match=rf"unknown recipe '{typed}'; did you mean '{meant}'\? Installed"):
+            plugins.get("recipes", typed)

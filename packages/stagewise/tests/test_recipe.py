@@ -510,3 +510,21 @@ def test_a_list_s_item_type_names_its_items_through_item_name():
     problems = []
     coerce([{"size": "x"}], list[_Outer], "plain", problems)  # no item_name: by position
     assert [p.split(":")[0] for p in problems] == ["plain[0].size"]
+
+
+@pytest.mark.parametrize("sets, key, problem", [
+    ([], "data.path", "CSV file {dir}/c.csv does not exist; check the path"),
+    (['data={use="stagewise.text", path="no_corpus"}'], "data.path",
+     "text data path {dir}/no_corpus does not exist; set path to"),
+    (['data={use="stagewise.idx", images="i.idx", labels="l.idx"}'], "data.images",
+     "IDX file {dir}/i.idx does not exist; check the path")], ids=["csv", "text", "idx"])
+def test_a_data_file_problem_names_the_recipe_file_and_its_key(tmp_path, monkeypatch, sets, key, problem):
+    from stagewise.engine.runner import run_recipe
+
+    (tmp_path / "r.toml").write_text(CLASSES)  # c.csv is not there
+    monkeypatch.chdir(tmp_path)  # --set paths start from here
+    with pytest.raises(ConfigError) as info:  # was a DataError naming the file alone
+        run_recipe(load_recipe(tmp_path / "r.toml", sets), out=tmp_path / "run", quiet=True)
+    assert info.value.source == str(tmp_path / "r.toml")
+    assert info.value.problems[0].startswith(f"{key}: {problem.format(dir=tmp_path)}")
+    assert not (tmp_path / "run").exists()

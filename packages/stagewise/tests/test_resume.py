@@ -415,3 +415,20 @@ def test_a_resumed_stage_and_epoch_count_the_seconds_they_ran_before_the_stop(ti
     assert read_summary(stopped)["stages"]["phase1"]["seconds"] >= 0.6  # was the resumed part's alone
     epoch_1 = next(r for r in read_records(stopped, "epoch") if r["stage"] == "phase1" and r["epoch"] == 1)
     assert epoch_1["seconds"] >= 0.1  # its step 6 slept before the checkpoint
+
+
+@pytest.mark.parametrize("every, stage, step, where", [
+    (3, "phase1", 7, "at stage 1/3, epoch 2 after step 6"),  # mid-epoch: last.pt is step 6, one into epoch 2
+    (0, "phase1", 7, "at stage 1/3, start of epoch 2"),  # checkpoints at epoch ends only
+    (0, "phase2", 1, "at stage 2/3")], ids=["mid-epoch", "epoch-start", "stage-start"])
+def test_resume_says_where_in_the_stage_it_goes_on(tiny, tmp_path, capsys, every, stage, step, where):
+    recipe, interrupter = tiny(f"run.checkpoint_every_n_steps={every}"), _Interrupter()
+    interrupter.stop_at = (stage, step)
+    register_plugin(interrupter, "resumetest")
+    try:
+        with pytest.raises(_Stop):
+            run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    finally:
+        unregister_plugin("resumetest")
+    run_recipe(recipe, resume=tmp_path / "run")
+    assert f"resuming {tmp_path / 'run'} {where}\n" in capsys.readouterr().out  # was "at stage 1/3" alone

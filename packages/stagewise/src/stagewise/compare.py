@@ -8,12 +8,14 @@ runs each there, prints one table of final metrics side by side and writes ``OUT
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
 from stagewise.engine.rundir import empty_folder, write_json_atomic
 from stagewise.errors import ConfigError
 from stagewise.recipe import Recipe, load_recipe, read_recipe_table
+from stagewise.tomlwrite import toml_value
 
 
 def compare_recipes(names: list[str], overrides: list[str], out: Path, quiet: bool = False) -> dict[str, Any]:
@@ -70,10 +72,19 @@ def check_comparable(recipes: list[Recipe]) -> None:
                             f"in {first.source}; compare on the same seed (--set run.seed=N sets all)")
         if other.table["data"] != first.table["data"]:
             a, b = first.table["data"], other.table["data"]
-            keys = ", ".join(sorted(k for k in a.keys() | b.keys() if a.get(k, "unset") != b.get(k, "unset")))
-            problems.append(f"{other.source}: [data] differs from {first.source} in {keys}; compare on the same data")
+            keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "unset") != b.get(k, "unset"))
+            problems.append(f"{other.source}: [data] differs from {first.source} in {', '.join(keys)}; compare on "
+                            f"the same data: add {_aligning_sets(keys, a, b)} (a --set of data.* applies to every "
+                            f"recipe compared)")
     if problems:
         raise ConfigError(problems, "compare")
+
+
+def _aligning_sets(keys: list[str], first: dict[str, Any], other: dict[str, Any]) -> str:
+    """The ``--set`` options that give both ``[data]`` tables the same ``keys``: the first recipe's
+    values, or the other's where the first leaves a key unset (no --set unsets one)."""
+    values = {key: first[key] if key in first else other[key] for key in keys}
+    return " ".join(f"--set {shlex.quote(f'data.{key}={toml_value(value)}')}" for key, value in values.items())
 
 
 def comparison_table(runs: dict[str, Any]) -> str:

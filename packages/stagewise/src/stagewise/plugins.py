@@ -56,6 +56,7 @@ class _Host:
         self.pm.add_hookspecs(hookspecs)
         self.registries = {kind: Registry(kind) for kind in KINDS}
         self.infos: dict[str, PluginInfo] = {}
+        self.skipped: dict[str, str] = {}  # plugin name -> why it was not loaded, for unknown-name errors
         self.loaded = False
         self.tracing = False
 
@@ -81,11 +82,14 @@ def load_plugins() -> None:
         _host.pm.add_hookcall_monitoring(lambda name, impls, kwargs: trace(name, impls), lambda *a: None)
     disabled, only = _env_list("STAGEWISE_DISABLE_PLUGINS"), _env_list("STAGEWISE_LOAD_PLUGINS")
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        if ep.name in disabled or (only and ep.name not in only):
-            continue
         dist = ep.dist.name if ep.dist else "?"
         version = ep.dist.version if ep.dist else "?"
         info = PluginInfo(ep.name, dist, version)
+        if ep.name in disabled or (only and ep.name not in only):
+            how, variable = (("disabled by", "STAGEWISE_DISABLE_PLUGINS") if ep.name in disabled
+                             else ("left out by", "STAGEWISE_LOAD_PLUGINS"))
+            _skip(info, f"is {how} {variable}={os.environ[variable]}")
+            continue
         _host.infos[ep.name] = info
         try:
             module = ep.load()
@@ -163,10 +167,16 @@ def _run_register_hooks(module: object, info: PluginInfo) -> None:
 def _fail(info: PluginInfo, exc: BaseException, during: str) -> None:
     info.error = f"{type(exc).__name__}: {exc}"
     info.registered = {k: [] for k in KINDS}
+    _skip(info, f"failed to load: {info.error}")
     message = f"plugin {info.name!r} ({info.distribution} {info.version}) failed during {during}: {info.error}"
     if strict():
         raise PluginError(message + " (STAGEWISE_STRICT_PLUGINS is set)") from exc
     print(f"stagewise: warning: skipped {message}", file=sys.stderr)
+
+
+def _skip(info: PluginInfo, why: str) -> None:
+    """Remember why a plugin is not loaded: an unknown name in its namespace says so."""
+    _host.skipped[info.name] = f"the plugin {info.name!r} ({info.distribution} {info.version}) {why}"
 
 
 def trace(hook_name: str, impls: list) -> None:
@@ -190,7 +200,19 @@ def registries() -> dict[str, Registry]:
     return _host.registries
 
 
+def third_party_plugin_of(module_name: str) -> PluginInfo | None:
+    """The loaded third-party plugin whose package (the top-level one of its plugin module) holds
+    module ``module_name``; None for core's modules and any other."""
+    package = module_name.partition(".")[0]
+    for name, plugin in _host.pm.list_name_plugin():
+        info = _host.infos.get(name)
+        own = plugin.__name__ if isinstance(plugin, ModuleType) else type(plugin).__module__
+        if info is not None and info.distribution != CORE_DISTRIBUTION and own.partition(".")[0] == package:
+            return info
+    return None
+
+
 def get(kind: str, name: str) -> Any:
     """The component of ``kind`` registered as ``name``; an unknown name lists what exists."""
     regs = registries()
-    return regs[kind].get(name, others=regs)
+    return regs[kind].get(name, others=regs, skipped=_host.skipped)

@@ -131,7 +131,7 @@ def anchor_data_paths(raw: dict[str, Any], base: Path, keys: set[str] | None = N
     data = raw.get("data")
     if not isinstance(data, dict):
         return
-    for key in _data_path_keys(data) & (set(data) if keys is None else keys):
+    for key in data_path_keys(data) & (set(data) if keys is None else keys):
         if isinstance(data.get(key), str):
             data[key] = os.path.normpath(base.resolve() / Path(data[key]).expanduser())  # absolute: kept
 
@@ -265,7 +265,7 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _data_path_keys(data: dict[str, Any]) -> set[str]:
+def data_path_keys(data: dict[str, Any]) -> set[str]:
     """The ``[data]`` keys that hold file paths, for the dataset the table names."""
     use = data.get("use", DataSpec.use)
     try:

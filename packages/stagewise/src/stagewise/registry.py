@@ -27,6 +27,11 @@ KNOWN_PLUGINS = {
     "world_models": "stagewise-world-models",
 }
 
+# The base class a component of these kinds must subclass, checked when a lazy string is resolved
+# (imported only then: the loss module imports torch). Models and datasets have no base class.
+BASE_CLASSES = {"stages": "stagewise.stage:Stage", "losses": "stagewise.loss:Loss",
+                "routers": "stagewise.router:Router"}
+
 
 def singular(kind: str) -> str:
     return "loss" if kind == "losses" else kind[:-1]
@@ -36,6 +41,7 @@ def singular(kind: str) -> str:
 class Entry:
     """One registered component and the plugin (and distribution) that registered it."""
 
+    kind: str  # stages, routers, ...
     name: str
     target: Any  # the object, or a "module:attribute" string until first use when lazy
     plugin: str
@@ -43,6 +49,7 @@ class Entry:
     lazy: bool = False
 
     def resolve(self) -> Any:
+        """The component; a lazy string is imported (and checked against its kind's base class) once."""
         if self.lazy:
             try:
                 obj = _import(self.target)
@@ -50,8 +57,23 @@ class Entry:
                 raise PluginError(f"{self.name!r} of plugin {self.plugin!r} ({self.distribution}) cannot be "
                                   f"loaded from {self.target!r}: {type(exc).__name__}: {exc} (reinstall "
                                   f"{self.distribution}, or report this to its authors)") from exc
+            self._check_kind(obj)
             self.target, self.lazy = obj, False
         return self.target
+
+    def _check_kind(self, obj: Any) -> None:
+        """A PluginError unless ``obj`` subclasses its kind's base class (a function registered as a
+        loss would fail only when used, with an AttributeError far from the registration)."""
+        if self.kind not in BASE_CLASSES:
+            return
+        base = _import(BASE_CLASSES[self.kind])
+        if isinstance(obj, type) and issubclass(obj, base):
+            return
+        what = f"the class {obj.__name__}" if isinstance(obj, type) else f"a {type(obj).__name__}"
+        public = f"stagewise.{base.__name__}"
+        raise PluginError(f"{singular(self.kind)} {self.name!r} of plugin {self.plugin!r} ({self.distribution}) is "
+                          f"registered as {self.target!r}, which is {what}, not a subclass of {public}; the "
+                          f"plugin must register a class that subclasses {public} (report this to its authors)")
 
 
 class Registry:
@@ -81,7 +103,7 @@ class Registry:
             example = f"{module}:{attr}" if module else "mypkg.module:Class"
             raise ValueError(f"{singular(self.kind)} {name!r} is registered as the string {obj!r}; give the class, "
                              f"or a lazy 'module:Class' string such as {example!r}")
-        self.entries[name] = Entry(name, obj, plugin, distribution, lazy)
+        self.entries[name] = Entry(self.kind, name, obj, plugin, distribution, lazy)
         return name
 
     def remove_plugin(self, plugin: str) -> None:
@@ -91,27 +113,52 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self.entries)
 
-    def get(self, name: str, others: dict[str, Registry] | None = None) -> Any:
+    def get(self, name: str, others: dict[str, Registry] | None = None, skipped: dict[str, str] | None = None) -> Any:
+        """The component registered as ``name``. An unknown name is an UnknownNameError listing what
+        exists; ``skipped`` maps the plugins that were not loaded to why (see :func:`_plugin_hint`)."""
         entry = self.entries.get(name)
         if entry is None:
-            raise UnknownNameError(self._unknown_message(name, others or {}))
+            raise UnknownNameError(self._unknown_message(name, others or {}, skipped or {}))
         return entry.resolve()
 
-    def _unknown_message(self, name: str, others: dict[str, Registry]) -> str:
+    def _unknown_message(self, name: str, others: dict[str, Registry], skipped: dict[str, str]) -> str:
         msg = f"unknown {singular(self.kind)} {name!r}"
         elsewhere = [k for k, reg in others.items() if reg is not self and name in reg.entries]
         if elsewhere:
             msg += f" (a {singular(elsewhere[0])} named {name!r} exists)"
-        close = difflib.get_close_matches(name, self.names(), n=1)
+        close = _close_names(name, self.names())
         if close:
-            msg += f"; did you mean {close[0]!r}?"
+            msg += f"; did you mean {' or '.join(map(repr, close))}?"
         prefix = name.split(".", 1)[0]
-        installed_prefixes = {n.split(".", 1)[0] for n in self.entries}
-        if prefix in KNOWN_PLUGINS and prefix not in installed_prefixes:
-            msg += f"; {_missing_plugin_hint(KNOWN_PLUGINS[prefix])}"
+        hint = _plugin_hint(prefix, skipped)
+        if hint and prefix not in {n.split(".", 1)[0] for n in self.entries}:
+            msg += f"; {hint}"
         listing = ", ".join(self.names()) or "none"
-        end = "" if msg.endswith("?") else "."
+        end = "" if msg.endswith(("?", ".")) else "."
         return f"{msg}{end} Installed {self.kind}: {listing}"
+
+
+def _plugin_hint(prefix: str, skipped: dict[str, str]) -> str | None:
+    """Why the names of namespace ``prefix`` are missing, when a plugin of that name was skipped
+    (``skipped``: plugin name -> why, e.g. "the plugin 'x' (stagewise-x 0.1) failed to load: ...")
+    or is a known plugin (:data:`KNOWN_PLUGINS`); None when nothing is known of it."""
+    if prefix in skipped:
+        return skipped[prefix]
+    return _missing_plugin_hint(KNOWN_PLUGINS[prefix]) if prefix in KNOWN_PLUGINS else None
+
+
+def _close_names(name: str, names: list[str]) -> list[str]:
+    """The registered names ``name`` may have meant: a near miss of a whole name; for a name without a
+    namespace, the names whose part after the dot is ``name`` (a plugin recipe called by its short name,
+    ``l2`` for ``actstats.l2``) or a near miss of it."""
+    close = difflib.get_close_matches(name, names, n=1)
+    if close or "." in name:
+        return close
+    by_short: dict[str, list[str]] = {}
+    for full in names:
+        by_short.setdefault(full.split(".", 1)[1], []).append(full)
+    short = difflib.get_close_matches(name, list(by_short), n=1)
+    return by_short[short[0]] if short else []
 
 
 def _collision_hint(plugin_a: str, dist_a: str, plugin_b: str, dist_b: str) -> str:

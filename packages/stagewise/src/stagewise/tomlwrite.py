@@ -12,13 +12,13 @@ _BARE = re.compile(r"[A-Za-z0-9_-]+")  # TOML's bare keys: ASCII only
 
 def dumps(table: dict[str, Any]) -> str:
     """TOML text for a table of scalars, lists, tables and arrays of tables (one level deep)."""
-    lines = [f"{_key(k)} = {_value(v)}" for k, v in table.items() if not _is_section(v)]
+    lines = [f"{_key(k)} = {toml_value(v)}" for k, v in table.items() if not _is_section(v)]
     for key, value in table.items():
         if isinstance(value, dict):
-            lines += ["", f"[{_key(key)}]"] + [f"{_key(k)} = {_value(v)}" for k, v in value.items()]
+            lines += ["", f"[{_key(key)}]"] + [f"{_key(k)} = {toml_value(v)}" for k, v in value.items()]
         elif _is_section(value):
             for item in value:
-                lines += ["", f"[[{_key(key)}]]"] + [f"{_key(k)} = {_value(v)}" for k, v in item.items()]
+                lines += ["", f"[[{_key(key)}]]"] + [f"{_key(k)} = {toml_value(v)}" for k, v in item.items()]
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
@@ -31,7 +31,7 @@ def _key(key: str) -> str:
     return key if _BARE.fullmatch(key) else json.dumps(key, ensure_ascii=False)
 
 
-def _value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -45,7 +45,7 @@ def _value(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{_key(k)} = {_value(v)}" for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{_key(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {type(value).__name__} {value!r} as TOML")

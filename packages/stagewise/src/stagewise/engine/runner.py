@@ -15,15 +15,17 @@ from typing import Any
 
 import torch
 
+from stagewise.data.splits import DataError
 from stagewise.data.vocab import Vocabulary
 from stagewise.engine import distributed
 from stagewise.engine.checkpoint import RESUME_KEYS, load_checkpoint, seed_everything, set_rng_state
+from stagewise.engine.failures import failure_note
 from stagewise.engine.guards import RateLimitedWarnings
 from stagewise.engine.rundir import RunDir, environment, file_in_the_way, unused_folder
 from stagewise.engine.state import State, check_event_hooks
 from stagewise.errors import CheckpointError, ConfigError, RunInterrupted, StagewiseError, TrainingError
 from stagewise.events import Event
-from stagewise.recipe import Recipe
+from stagewise.recipe import Recipe, data_path_keys
 from stagewise.schema import build_dataclass
 from stagewise.specs import StageSpec
 
@@ -97,9 +99,19 @@ def _restore_run(state: State, saved: dict[str, Any] | None, path: Path) -> int:
     state.stage_results = saved["stage_results"]
     first = saved["stage_index"] + (1 if saved["stage_done"] else 0)
     n = len(state.recipe.stages)
-    state.print(f"resuming {path} at stage {first + 1}/{n}" if first < n
+    state.print(f"resuming {path} at stage {first + 1}/{n}{_within_stage(saved)}" if first < n
                 else f"{path} has finished all {n} stages: nothing to resume")
     return first
+
+
+def _within_stage(saved: dict[str, Any]) -> str:
+    """Where in its stage a mid-stage training checkpoint resumes (epochs 1-based, as the progress
+    bar counts them): ", epoch 2 after step 13", or ", start of epoch 3"; "" for a stage's start."""
+    loop = saved.get("loop") if not saved["stage_done"] else None  # TrainLoop's position
+    if loop is None:
+        return ""
+    epoch = loop["epoch"] + 1
+    return f", epoch {epoch} after step {saved['step']}" if loop["batch"] else f", start of epoch {epoch}"
 
 
 def run_stage(state: State, index: int, spec: StageSpec, saved: dict[str, Any] | None) -> None:
@@ -120,13 +132,16 @@ def run_stage(state: State, index: int, spec: StageSpec, saved: dict[str, Any] |
     state.stage_started = time.perf_counter() - (saved.get("stage_seconds", 0.0) if saved is not None else 0.0)
     try:
         metrics = stage.run(state)
-    except RuntimeError as exc:
-        gib = _allocation_gib(exc)
-        if gib is None:
-            raise
-        raise TrainingError(f"stage '{spec.name}' ({spec.use}) asked for {gib:.3g} GiB at once, more memory than "
-                            f"this machine has; lower its sizes (the run directory keeps the stages before it)"
-                            ) from None
+    except StagewiseError:  # says what went wrong already
+        raise
+    except Exception as exc:  # a bug: its traceback is for the author, the note says whose it is
+        gib = _allocation_gib(exc) if isinstance(exc, RuntimeError) else None
+        if gib is not None:
+            raise TrainingError(f"stage '{spec.name}' ({spec.use}) asked for {gib:.3g} GiB at once, more memory "
+                                f"than this machine has; lower its sizes (the run directory keeps the stages before "
+                                f"it)") from None
+        exc.add_note(failure_note(exc, spec))
+        raise
     # a training stage flushed its warnings at each epoch's end; what is left the stage warned
     # outside an epoch: it belongs to this stage's metrics, not to the next stage's first epoch
     warned = state.warnings.flush(f"in stage {spec.name!r}")
@@ -160,20 +175,29 @@ def _default_folder(recipe: Recipe) -> Path:
 
 
 def _build(table: str, recipe: Recipe, factory: Any) -> Any:
-    """Build the data or the model; a bad option value becomes a recipe error naming the table."""
+    """Build the data or the model; a bad option value or data file becomes a recipe error naming
+    the table, or the key that names the file (``data.path``), and the recipe file."""
     use = getattr(recipe, table).use
     try:
         return factory()
     except (ValueError, TypeError, KeyError) as exc:
-        if isinstance(exc, StagewiseError):
+        if isinstance(exc, StagewiseError) and not isinstance(exc, DataError):
             raise
-        raise ConfigError([f"{table} ({use}): {exc}"], recipe.source) from exc
+        keys = _file_keys(recipe, str(exc)) if table == "data" else []
+        raise ConfigError([f"{', '.join(keys) or f'{table} ({use})'}: {exc}"], recipe.source) from exc
     except RuntimeError as exc:
         gib = _allocation_gib(exc)
         if gib is None:
             raise
         raise ConfigError([f"{table} ({use}): its options ask for {gib:.3g} GiB at once, more "
                            f"memory than this machine has; lower the sizes"], recipe.source) from None
+
+
+def _file_keys(recipe: Recipe, message: str) -> list[str]:
+    """The ``[data]`` path keys (``data.path``, ``data.images``, ...) whose file ``message`` names."""
+    data = recipe.table["data"]
+    return [f"data.{key}" for key in sorted(data_path_keys(data))
+            if isinstance(data.get(key), str) and data[key] in message]
 
 
 def _allocation_gib(exc: RuntimeError) -> float | None:
