@@ -51,3 +51,16 @@ def test_a_name_of_another_kind_is_told_apart():
 @pytest.mark.parametrize("name", sorted(stagewise.get_recipes()))
 def test_every_registered_recipe_validates(name):
     assert load_recipe(name).stages
+
+
+def test_a_third_party_plain_value_error_is_reported_against_its_table():
+    # example.loss_quantile's Options raises a plain ValueError, naming no key: it keeps its table-level
+    # report, next to core's keyed problems in the same recipe
+    with pytest.raises(stagewise.ConfigError) as info:
+        load_recipe("example.hard_examples", ["stages.mine.router.hard_ratio=2.0", "stages.hard.max_epochs=0"])
+    assert info.value.problems == ["stages.mine.router: hard_ratio must be between 0 and 1, got 2.0",
+                                   "stages.hard.max_epochs: must be >= 1, got 0"]
+    with pytest.raises(stagewise.ConfigError) as info:  # with another problem in its table, it waits (as before)
+        load_recipe("example.hard_examples", ["stages.mine.router.hard_ratio=2.0", "stages.mine.router.ratio=0.1"])
+    (problem,) = info.value.problems
+    assert problem.startswith("stages.mine.router.ratio: unknown key")

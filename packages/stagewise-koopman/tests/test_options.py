@@ -10,13 +10,13 @@ import stagewise
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"koopman_dim": 0}, "koopman_dim must be a positive integer, got 0"),
-    ({"koopman_dim": -4}, "koopman_dim must be a positive integer, got -4"),
-    ({"axis": "width"}, "axis must be one of 'depth', 'time', got 'width'"),
-    ({"distance": "l3"}, "distance must be one of 'mse', 'smooth_l1', got 'l3'"),
-    ({"steps": 0}, "steps must be >= 1, got 0"),
-    ({"detach": "both"}, "detach must be one of 'none', 'source', 'target', got 'both'"),
-    ({"dmd_rate": 0.0}, "dmd_rate must be in (0, 1], got 0.0"),
+    ({"koopman_dim": 0}, "koopman_dim: must be a positive integer, got 0"),
+    ({"koopman_dim": -4}, "koopman_dim: must be a positive integer, got -4"),
+    ({"axis": "width"}, "axis: must be one of 'depth', 'time', got 'width'"),
+    ({"distance": "l3"}, "distance: must be one of 'mse', 'smooth_l1', got 'l3'"),
+    ({"steps": 0}, "steps: must be >= 1, got 0"),
+    ({"detach": "both"}, "detach: must be one of 'none', 'source', 'target', got 'both'"),
+    ({"dmd_rate": 0.0}, "dmd_rate: must be in (0, 1], got 0.0"),
     ({"lifted_weight": 0, "reconstruction_weight": 0, "state_weight": 0, "spectral_weight": 0},
      "at least one of lifted_weight, reconstruction_weight, state_weight and spectral_weight must be > 0"),
     ({"koopman_dim": 8, "dmd_every": 2, "dmd_buffer": 7},
@@ -34,12 +34,15 @@ def test_recipe_validation_reports_every_bad_key_at_once():
         tiny_recipe(bad)
     text = str(info.value)
     assert "stages.main.losses.koopman" in text
-    assert "koopman_dim must be a positive integer, got 0" in text
-    assert "axis must be one of 'depth', 'time', got 'sideways'" in text
+    assert "stages.main.losses.koopman.koopman_dim: must be a positive integer, got 0" in text
+    assert "stages.main.losses.koopman.axis: must be one of 'depth', 'time', got 'sideways'" in text
+    # the engine's key of the term, in the same round as its options' problems (was: the next round)
+    assert "stages.main.losses.koopman.cap: must be >= 0 and finite, got -0.1" in text
 
 
 def test_negative_cap_is_refused_by_the_engine():
-    with pytest.raises(stagewise.ConfigError, match="weight and cap must be >= 0"):
+    with pytest.raises(stagewise.ConfigError,
+                       match=r"stages\.main\.losses\.koopman\.cap: must be >= 0 and finite, got -0\.1"):
         tiny_recipe(TINY_HYBRID.replace("ramp_epochs = 2\n", "ramp_epochs = 2\ncap = -0.1\n"))
 
 
@@ -81,8 +84,8 @@ def test_a_term_with_only_the_spectral_part_or_a_small_buffer_without_dmd_is_acc
      r"stages\.linearity\.fit: layers \[7\] are out of range for axis 'depth'.*up to 2"),
     (['stages.linearity.fit={axis="time", steps=8}'],
      r"stages\.linearity\.fit: steps 8 must be below the sequence length 8 for axis 'time'"),
-    (["stages.linearity.fit.dmd_every=2"], r"stages\.linearity: fit\.dmd_every must be 0"),
-    (["stages.linearity.lr=nan"], r"stages\.linearity: fit_steps must be >= 1 and lr > 0, got 5 and nan"),
+    (["stages.linearity.fit.dmd_every=2"], r"stages\.linearity\.fit\.dmd_every: must be 0"),
+    (["stages.linearity.lr=nan"], r"stages\.linearity\.lr: must be a finite number > 0, got nan"),
 ])
 def test_settings_that_only_a_later_stage_would_trip_on_fail_before_anything_runs(tmp_path, overrides, message):
     with pytest.raises(stagewise.ConfigError, match=message):
@@ -124,7 +127,8 @@ def test_a_term_too_big_to_allocate_stops_its_stage_with_a_clear_error(tmp_path)
 
 
 def test_a_bad_part_weight_is_named_with_its_value():
-    with pytest.raises(ValueError, match=r"must be >= 0 and finite, got lifted_weight = -1.0, state_weight = nan$"):
+    with pytest.raises(ValueError, match=r"^lifted_weight: must be >= 0 and finite, got -1\.0; "
+                       r"state_weight: must be >= 0 and finite, got nan$"):
         KoopmanOptions(lifted_weight=-1.0, state_weight=float("nan"))
 
 
@@ -134,3 +138,14 @@ def test_a_term_refused_as_its_stage_starts_names_the_recipe_file(tmp_path):
     with pytest.raises(stagewise.ConfigError, match=r"^tiny_hybrid\.toml: 1 problem:\n  - stages\.main\.losses\."
                        r"koopman: steps 8 must be below the sequence length 8"):
         run_tiny(tmp_path / "run", TRAIN_ONLY, overrides)
+
+
+def test_a_nested_table_s_type_problem_and_its_stage_s_value_problem_come_together():
+    # was: only the type problem; fit_steps came the next round as "stages.linearity: fit_steps must be ..."
+    with pytest.raises(stagewise.ConfigError) as info:
+        tiny_recipe(overrides=['stages.linearity.fit.koopman_dim="x"', "stages.linearity.fit.dmd_every=2",
+                               "stages.linearity.fit_steps=0"])
+    # not reported: linearity's check of fit.dmd_every would judge a fit with koopman_dim at its default
+    assert info.value.problems == [
+        "stages.linearity.fit.koopman_dim: expected int, got str 'x'",
+        "stages.linearity.fit_steps: must be >= 1, got 0"]

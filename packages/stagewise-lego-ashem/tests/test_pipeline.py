@@ -208,13 +208,23 @@ def test_ashem_and_baseline_are_comparable():
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("stages.test.speed_repeats=0", "speed_repeats must be >= 1"),
-    ("stages.test.curve_points=-1", "curve_points >= 0"),
-    ("stages.phase2.speed_repeats=0", "speed_repeats must be >= 1"),
+    ("stages.test.speed_repeats=0", "stages.test.speed_repeats: must be >= 1"),
+    ("stages.test.curve_points=-1", "stages.test.curve_points: must be >= 0"),
+    ("stages.phase2.speed_repeats=0", "stages.phase2.speed_repeats: must be >= 1"),
 ])
 def test_bad_speed_and_curve_options_are_refused_when_the_recipe_loads(tiny, override, message):
     with pytest.raises(ConfigError, match=message):
         tiny(override)
+
+
+def test_train_upper_layers_reports_its_own_and_stagewise_train_s_problems_at_once(tiny):
+    # was: "stages.phase2: lr must be ...", and speed_repeats only once lr was fixed
+    with pytest.raises(ConfigError) as info:
+        tiny("stages.phase2.speed_repeats=0", "stages.phase2.lr=-1", 'stages.phase2.context="all"')
+    assert info.value.problems == [
+        "stages.phase2.context: 'all' is not one of the valid choices: 'full', 'token'",
+        "stages.phase2.lr: must be a finite number >= 0, got -1.0",
+        "stages.phase2.speed_repeats: must be >= 1, got 0"]
 
 
 @pytest.mark.parametrize(("override", "message"), [

@@ -106,7 +106,7 @@ def test_csv_errors(tmp_path):
         CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=["b"]), seed=0)
     with pytest.raises(DataError, match=r"CSV file .*missing\.csv does not exist"):
         CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "missing.csv"), target=["b"]), seed=0)
-    with pytest.raises(DataError, match="target must be a non-empty list"):
+    with pytest.raises(DataError, match="target: must be a non-empty list"):
         CSVOptions(path="t.csv", target="b")
 
 
@@ -482,7 +482,7 @@ def test_an_unknown_encoding_names_the_key_and_the_recipe(tiny, tiny_recipe_path
     with pytest.raises(ConfigError) as info:
         tiny(f'data.encoding="{encoding}"')
     assert str(info.value).startswith(f"{tiny_recipe_path}: 1 problem")
-    assert info.value.problems == [f'data: encoding {encoding!r} is not a text encoding Python knows; use e.g. '
+    assert info.value.problems == [f'data.encoding: {encoding!r} is not a text encoding Python knows; use e.g. '
                                    f'"utf-8" (the default), "latin-1" or "cp1252"']
 
 
@@ -532,9 +532,9 @@ def test_csv_without_examples_or_features(tmp_path, text, message):
 
 
 def test_target_dtype_is_checked_when_the_options_are_made():
-    with pytest.raises(DataError, match=r'target_dtype must be "float" \(regression\) or "long" .*got \'int\''):
+    with pytest.raises(DataError, match=r'target_dtype: must be "float" \(regression\) or "long" .*got \'int\''):
         CSVOptions(path="t.csv", target=["y"], target_dtype="int")
-    with pytest.raises(DataError, match=r'target_dtype must be "float"'):
+    with pytest.raises(DataError, match=r'target_dtype: must be "float"'):
         JSONLOptions(path="d.jsonl", input_keys=["x"], target_keys=["y"], target_dtype="int")
 
 

@@ -28,13 +28,13 @@ def test_weight_schedule_reproduces_the_seed_ramp():
 
 
 def test_loss_spec_rejects_bad_values():
-    with pytest.raises(ValueError, match="weight and cap must be >= 0"):
+    with pytest.raises(ValueError, match=r"cap: must be >= 0 and finite, got -1\.0"):
         LossSpec(use="stagewise.mse", cap=-1.0)
     with pytest.raises(ValueError, match="fallback_factor"):
         LossSpec(use="stagewise.mse", fallback_factor=2.0)
-    with pytest.raises(ValueError, match="start_epoch and ramp_epochs must be >= 0"):
+    with pytest.raises(ValueError, match="start_epoch: must be >= 0, got -1"):
         LossSpec(use="stagewise.mse", start_epoch=-1)
-    with pytest.raises(ValueError, match="start_epoch and ramp_epochs must be >= 0"):
+    with pytest.raises(ValueError, match="ramp_epochs: must be >= 0, got -2"):
         LossSpec(use="stagewise.mse", ramp_epochs=-2)
 
 

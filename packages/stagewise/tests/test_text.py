@@ -247,10 +247,10 @@ def test_train_txt_is_preferred_to_wikitext_names(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(seq_len=0), "seq_len must be a positive integer, got 0"),
-    (dict(min_freq=0), "min_freq must be a positive integer, got 0"),
-    (dict(max_tokens=0), "max_tokens must be a positive integer, got 0"),
-    (dict(max_vocab=2), r"max_vocab must be at least 3 \(<unk>, <eos> and one word\), got 2"),
+    (dict(seq_len=0), "seq_len: must be a positive integer, got 0"),
+    (dict(min_freq=0), "min_freq: must be a positive integer, got 0"),
+    (dict(max_tokens=0), "max_tokens: must be a positive integer, got 0"),
+    (dict(max_vocab=2), r"max_vocab: must be at least 3 \(<unk>, <eos> and one word\), got 2"),
 ])
 def test_bad_text_options(change, message):
     with pytest.raises(DataError, match=message):

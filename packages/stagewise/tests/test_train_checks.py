@@ -77,8 +77,8 @@ def test_lbfgs_is_refused_under_torchrun(tiny, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("overrides, message", [
     (["stages.phase1.ema_momentum=0.9", "stages.phase1.ema_momentum_end=1.5"],
-     "ema_momentum_end must be in [0, 1], got 1.5"),
-    (["stages.phase1.ema_momentum_end=0.99"], "ema_momentum_end needs ema_momentum"),
+     "stages.phase1.ema_momentum_end: must be in [0, 1], got 1.5"),
+    (["stages.phase1.ema_momentum_end=0.99"], "stages.phase1.ema_momentum_end: needs ema_momentum"),
 ])
 def test_ema_momentum_end_is_validated(tiny, overrides, message):
     with pytest.raises(ConfigError) as info:
@@ -97,11 +97,11 @@ def test_a_term_switched_on_later_cannot_be_monitored(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("stages.phase1.grad_clip=0.0", "grad_clip must be > 0, got 0.0"),
-    ("stages.phase1.patience=0", "patience must be >= 1, got 0"),
-    ('stages.phase1.schedule="warmup"', "schedule 'warmup' needs warmup_steps > 0"),
-    ("stages.phase1.max_epochs=0", "max_epochs must be >= 1, got 0"),
-    ("run.log_every_n_steps=0", "log_every_n_steps must be >= 1, got 0"),
+    ("stages.phase1.grad_clip=0.0", "stages.phase1.grad_clip: must be > 0, got 0.0"),
+    ("stages.phase1.patience=0", "stages.phase1.patience: must be >= 1, got 0"),
+    ('stages.phase1.schedule="warmup"', "stages.phase1.warmup_steps: schedule 'warmup' needs warmup_steps > 0"),
+    ("stages.phase1.max_epochs=0", "stages.phase1.max_epochs: must be >= 1, got 0"),
+    ("run.log_every_n_steps=0", "run.log_every_n_steps: must be >= 1, got 0"),
 ])
 def test_option_values_are_validated(tiny, override, message):
     with pytest.raises(ConfigError) as info:
@@ -264,7 +264,7 @@ def test_a_model_too_big_to_allocate_is_a_recipe_error(tiny, tmp_path):
     # block weights beyond the machine's memory are refused when the recipe loads, before that
     # (this case was the allocation error above until the size check came)
     (problem,) = _refused(tiny, tmp_path, "model.ffn_hidden=1000000000000")
-    assert problem.startswith("model: n_layer = 2 blocks of n_embd = 16 and ffn_hidden = 1000000000000 need")
+    assert problem.startswith("model.n_layer: 2 blocks of n_embd = 16 and ffn_hidden = 1000000000000 need")
 
 
 def test_run_out_running_into_a_file_is_a_recipe_error(tiny, tmp_path):
@@ -280,7 +280,7 @@ def test_run_out_running_into_a_file_is_a_recipe_error(tiny, tmp_path):
 
 def test_a_bad_run_value_names_only_its_own_key(tiny, tmp_path):
     # was: "checkpoint_every_n_steps and threads must be >= 0 ..., got 0 and -1" for a bad threads alone
-    assert _refused(tiny, tmp_path, "run.threads=-1") == ["run: threads must be >= 0 (0 = torch's default), got -1"]
+    assert _refused(tiny, tmp_path, "run.threads=-1") == ["run.threads: must be >= 0 (0 = torch's default), got -1"]
 
 
 def test_a_problem_a_term_finds_as_its_stage_starts_names_the_term_and_the_file(tiny, tmp_path):

@@ -90,8 +90,8 @@ def test_too_long_sequence():
 @pytest.mark.parametrize("change, message", [
     (dict(n_embd=15), "divisible by n_head"),
     (dict(n_embd=18, n_head=6), "must be even"),
-    (dict(n_layer=0), "n_layer must be a positive integer"),
-    (dict(vocab_size=0), "vocab_size must be a positive integer"),
+    (dict(n_layer=0), "n_layer: must be a positive integer"),
+    (dict(vocab_size=0), "vocab_size: must be a positive integer"),
 ])
 def test_config_errors(change, message):
     with pytest.raises(ValueError, match=message):
@@ -246,7 +246,7 @@ def test_blocks_whose_weights_exceed_the_memory_are_refused_before_building(monk
     monkeypatch.setattr(transformer, "physical_memory_gib", lambda: 20736 / 2**30)
     TransformerOptions(**sizes)  # exactly fits
     monkeypatch.setattr(transformer, "physical_memory_gib", lambda: 20735 / 2**30)
-    with pytest.raises(ValueError, match=r"^n_layer = 2 blocks of n_embd = 16 and ffn_hidden = 32 need 1\.93e-05 GiB "
+    with pytest.raises(ValueError, match=r"^n_layer: 2 blocks of n_embd = 16 and ffn_hidden = 32 need 1\.93e-05 GiB "
                                          r"for their weights alone, more than this machine's 1\.93e-05 GiB; lower"):
         TransformerOptions(**sizes)
     monkeypatch.setattr(transformer, "physical_memory_gib", lambda: None)  # a platform that does not say

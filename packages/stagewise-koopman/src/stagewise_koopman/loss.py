@@ -60,32 +60,28 @@ class KoopmanOptions:
     detach: str = "none"  # backbone states the term does not train through: "source" (h), "target" (h'), "none"
 
     def __post_init__(self) -> None:
-        bad_weights = [f"{part}_weight = {w}" for part, w in self.part_weights().items()
-                       if not (math.isfinite(w) and w >= 0)]  # NaN passes min() >= 0
-        checks = [
-            (self.koopman_dim > 0, f"koopman_dim must be a positive integer, got {self.koopman_dim}"),
-            (self.axis in AXES, f"axis must be one of {', '.join(map(repr, AXES))}, got {self.axis!r}"),
-            (self.distance in DISTANCES,
-             f"distance must be one of {', '.join(map(repr, DISTANCES))}, got {self.distance!r}"),
-            (self.detach in DETACH, f"detach must be one of {', '.join(map(repr, DETACH))}, got {self.detach!r}"),
-            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
-            (not bad_weights, f"lifted_weight, reconstruction_weight, state_weight and spectral_weight must be "
-                              f">= 0 and finite, got {', '.join(bad_weights)}"),
-            (max(self.part_weights().values()) > 0,
+        weights = {f"{part}_weight": w for part, w in self.part_weights().items()}
+        weights_ok = {key: math.isfinite(w) and w >= 0 for key, w in weights.items()}  # NaN passes min() >= 0
+        stagewise.check_options([
+            (self.koopman_dim > 0, "koopman_dim", f"must be a positive integer, got {self.koopman_dim}"),
+            (self.axis in AXES, "axis", f"must be one of {', '.join(map(repr, AXES))}, got {self.axis!r}"),
+            (self.distance in DISTANCES, "distance",
+             f"must be one of {', '.join(map(repr, DISTANCES))}, got {self.distance!r}"),
+            (self.detach in DETACH, "detach", f"must be one of {', '.join(map(repr, DETACH))}, got {self.detach!r}"),
+            (self.steps >= 1, "steps", f"must be >= 1, got {self.steps}"),
+            *((weights_ok[key], key, f"must be >= 0 and finite, got {w}") for key, w in weights.items()),
+            (max(weights.values()) > 0 or not all(weights_ok.values()), tuple(weights),
              "at least one of lifted_weight, reconstruction_weight, state_weight and spectral_weight must be "
              "> 0 (with all four 0 the term has nothing to compute)"),
-            (self.dmd_every >= 0, f"dmd_every must be >= 0 (0: no DMD refresh), got {self.dmd_every}"),
-            (0 < self.dmd_rate <= 1, f"dmd_rate must be in (0, 1], got {self.dmd_rate}"),
-            (self.dmd_buffer >= 1, f"dmd_buffer must be >= 1, got {self.dmd_buffer}"),
+            (self.dmd_every >= 0, "dmd_every", f"must be >= 0 (0: no DMD refresh), got {self.dmd_every}"),
+            (0 < self.dmd_rate <= 1, "dmd_rate", f"must be in (0, 1], got {self.dmd_rate}"),
+            (self.dmd_buffer >= 1, "dmd_buffer", f"must be >= 1, got {self.dmd_buffer}"),
             # fewer pairs than dimensions leave X rank-deficient: the fit would be low-rank
-            (not self.dmd_every or self.dmd_buffer >= self.koopman_dim,
+            (not self.dmd_every or self.dmd_buffer >= self.koopman_dim, ("dmd_buffer", "koopman_dim", "dmd_every"),
              f"dmd_buffer ({self.dmd_buffer}) must be >= koopman_dim ({self.koopman_dim}) when dmd_every > 0, "
              f"or the DMD fit of K is low-rank"),
-            (all(layer >= 0 for layer in self.layers), f"layers must be >= 0, got {self.layers}"),
-        ]
-        problems = [message for ok, message in checks if not ok]
-        if problems:
-            raise ValueError("; ".join(problems))
+            (all(layer >= 0 for layer in self.layers), "layers", f"must be >= 0, got {self.layers}"),
+        ])
 
     def part_weights(self) -> dict[str, float]:
         return {"lifted": self.lifted_weight, "reconstruction": self.reconstruction_weight,

@@ -34,8 +34,8 @@ class ForwardEvalOptions:
     split: str = "test"  # the split evaluated
 
     def __post_init__(self) -> None:
-        if self.replace_layers < 1:
-            raise ValueError(f"replace_layers must be >= 1, got {self.replace_layers}")
+        stagewise.check_options([(self.replace_layers >= 1, "replace_layers",
+                                  f"must be >= 1, got {self.replace_layers}")])
 
 
 class ForwardEval(stagewise.Stage):
@@ -122,14 +122,13 @@ class LinearityOptions:
     split: str = "valid"  # the split the one-step error is measured on
 
     def __post_init__(self) -> None:
-        if self.fit_steps < 1 or not 0 < self.lr < math.inf:  # `not <` also refuses NaN
-            raise ValueError(f"fit_steps must be >= 1 and lr > 0, got {self.fit_steps} and {self.lr} "
-                             f"(lr must also be finite)")
-        if not self.fit_split:
-            raise ValueError("fit_split must name the split the fit trains on (e.g. \"train\"), got \"\"")
-        if self.fit.dmd_every:
-            raise ValueError(f"fit.dmd_every must be 0: the post-hoc fit trains φ, K, ψ by Adam alone, with no "
-                             f"DMD refresh (got {self.fit.dmd_every})")
+        stagewise.check_options([
+            (self.fit_steps >= 1, "fit_steps", f"must be >= 1, got {self.fit_steps}"),
+            (0 < self.lr < math.inf, "lr", f"must be a finite number > 0, got {self.lr}"),  # `not <` refuses NaN
+            (bool(self.fit_split), "fit_split", "must name the split the fit trains on (e.g. \"train\"), got \"\""),
+            (not self.fit.dmd_every, "fit.dmd_every", f"must be 0: the post-hoc fit trains φ, K, ψ by Adam alone, "
+                                                      f"with no DMD refresh (got {self.fit.dmd_every})"),
+        ])
 
 
 class Linearity(stagewise.Stage):

@@ -34,11 +34,11 @@ class DeepSupervisionOptions(TransformerOptions):
     routing_threshold: float | None = None  # exit when confidence >= this; unset: lego_ashem.mine calibrates it
     exit_probe: bool = False  # add a learned exit classifier (trained by lego_ashem.train_exit_probe)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 1 <= self.exit_layer <= self.n_layer:
-            raise ValueError(f"exit_layer {self.exit_layer} is outside the model: it must be in "
-                             f"1..n_layer = 1..{self.n_layer} (blocks run before the exit)")
+    def checks(self) -> list[tuple[bool, str | tuple[str, ...], str]]:
+        in_model = 1 <= self.exit_layer <= self.n_layer or self.n_layer < 1  # a bad n_layer is reported
+        return [*super().checks(), (in_model, ("exit_layer", "n_layer"),
+                                    f"{self.exit_layer} is outside the model: it must be in 1..n_layer = "
+                                    f"1..{self.n_layer} (blocks run before the exit)")]
 
 
 class DeepSupervisionTransformer(TransformerLM):

@@ -29,8 +29,8 @@ class ConfidenceOptions:
     hard_ratio: float = 0.5  # fraction of the calibration tokens that come out hard (the seed's hard_example_ratio)
 
     def __post_init__(self) -> None:
-        if not 0 < self.hard_ratio < 1:
-            raise ValueError(f"hard_ratio must be strictly between 0 and 1, got {self.hard_ratio}")
+        stagewise.check_options([(0 < self.hard_ratio < 1, "hard_ratio",
+                                  f"must be strictly between 0 and 1, got {self.hard_ratio}")])
 
 
 def confidence_from_logits(logits: torch.Tensor, measure: str) -> torch.Tensor:

@@ -120,10 +120,9 @@ class TrainUpperOptions(TrainOptions):
     measure_speed: bool = True  # time cached vs full-forward phase-2 steps (wall clock) at the end
     speed_repeats: int = 5  # timed steps per variant (median of interleaved rounds)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.speed_repeats < 1:
-            raise ValueError(f"speed_repeats must be >= 1, got {self.speed_repeats}")
+    def checks(self) -> list[tuple[bool, str | tuple[str, ...], str]]:
+        return [*super().checks(),
+                (self.speed_repeats >= 1, "speed_repeats", f"must be >= 1, got {self.speed_repeats}")]
 
 
 class TrainUpperLayers(stagewise.TrainStage):
@@ -250,9 +249,9 @@ class TrainExitProbeOptions:
     batch_size: int = 1024  # tokens per probe step
 
     def __post_init__(self) -> None:
-        _refuse([(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-                 (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-                 (self.lr > 0, f"lr must be > 0, got {self.lr}")])
+        stagewise.check_options([(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}"),
+                                 (self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}"),
+                                 (self.lr > 0, "lr", f"must be > 0, got {self.lr}")])
 
 
 class TrainExitProbe(stagewise.Stage):
@@ -317,11 +316,13 @@ class EvaluateRoutedOptions:
     curve_points: int = 11  # thresholds of the accuracy-compute curve (calibration quantiles, at most 21); 0: none
 
     def __post_init__(self) -> None:
-        _refuse([(self.speed_batch_size >= 1, f"speed_batch_size must be >= 1, got {self.speed_batch_size}"),
-                 (self.speed_repeats >= 1, f"speed_repeats must be >= 1, got {self.speed_repeats}"),
-                 (0 <= self.curve_points <= mining.CURVE_QUANTILES,
-                  f"need curve_points >= 0 (0: no curve) and <= {mining.CURVE_QUANTILES} (the calibration "
-                  f"quantiles kept), got {self.curve_points}")])
+        stagewise.check_options([
+            (self.speed_batch_size >= 1, "speed_batch_size", f"must be >= 1, got {self.speed_batch_size}"),
+            (self.speed_repeats >= 1, "speed_repeats", f"must be >= 1, got {self.speed_repeats}"),
+            (0 <= self.curve_points <= mining.CURVE_QUANTILES, "curve_points",
+             f"must be >= 0 (0: no curve) and <= {mining.CURVE_QUANTILES} (the calibration quantiles kept), "
+             f"got {self.curve_points}"),
+        ])
 
 
 class EvaluateRouted(stagewise.Stage):
@@ -367,13 +368,6 @@ class EvaluateRouted(stagewise.Stage):
 def _last_earlier(recipe: Recipe, index: int, use: str) -> int | None:
     """The index of the last stage before ``index`` that uses ``use``, or None."""
     return max((i for i, s in enumerate(recipe.stages[:index]) if s.use == use), default=None)
-
-
-def _refuse(checks: list[tuple[bool, str]]) -> None:
-    """Raise one ValueError listing the message of every failed ``(ok, message)`` check."""
-    problems = [message for ok, message in checks if not ok]
-    if problems:
-        raise ValueError("; ".join(problems))
 
 
 def _model_problems(recipe: Recipe, index: int, stage: str) -> list[str]:

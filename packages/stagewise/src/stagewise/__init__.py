@@ -11,6 +11,7 @@ from typing import Any
 from stagewise.errors import (
     CheckpointError,
     ConfigError,
+    OptionError,
     PluginError,
     StagewiseError,
     TrainingError,
@@ -25,11 +26,11 @@ from stagewise.plugins import registries as _registries
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DataSplits", "Event", "Loss", "LossSpec", "Needs", "PluginError",
-    "Router", "RouterSpec", "Routing", "Stage", "StagewiseError", "State", "TrainStage", "TrainingError",
-    "UnknownNameError", "__version__", "eval_mode", "forward_batch", "get_dataset", "get_datasets", "get_loss",
-    "get_losses", "get_model", "get_models", "get_recipe", "get_recipes", "get_router", "get_routers",
-    "get_stage", "get_stages", "hookimpl", "load_model", "load_recipe", "run_recipe",
+    "CheckpointError", "ConfigError", "DataSplits", "Event", "Loss", "LossSpec", "Needs", "OptionError",
+    "PluginError", "Router", "RouterSpec", "Routing", "Stage", "StagewiseError", "State", "TrainStage",
+    "TrainingError", "UnknownNameError", "__version__", "check_options", "eval_mode", "forward_batch", "get_dataset",
+    "get_datasets", "get_loss", "get_losses", "get_model", "get_models", "get_recipe", "get_recipes", "get_router",
+    "get_routers", "get_stage", "get_stages", "hookimpl", "load_model", "load_recipe", "run_recipe",
 ]
 
 # name -> module that defines it; imported on first attribute access (PEP 562)
@@ -47,6 +48,7 @@ _LAZY = {
     "LossSpec": "stagewise.specs",
     "RouterSpec": "stagewise.specs",
     "forward_batch": "stagewise.engine.objective",
+    "check_options": "stagewise.schema",
     "eval_mode": "stagewise.engine.evaluate",
     "run_recipe": "stagewise.engine.runner",
 }

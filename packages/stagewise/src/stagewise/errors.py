@@ -20,6 +20,19 @@ class ConfigError(StagewiseError):
         super().__init__(f"{source}: {n} problem{'s' if n != 1 else ''}:\n{lines}")
 
 
+class OptionError(StagewiseError, ValueError):
+    """An Options dataclass's ``__post_init__`` refuses values, naming the key of each problem; raise it
+    through :func:`stagewise.check_options`. A recipe reports each as ``TABLE.KEY: message``.
+
+    ``problems`` maps a key, or a tuple of the key a problem names and the other keys its check read,
+    to what is wrong with its value; a problem whose check read a key with a type problem is not reported.
+    """
+
+    def __init__(self, problems: dict[str | tuple[str, ...], str]):
+        self.problems = {(key,) if isinstance(key, str) else tuple(key): message for key, message in problems.items()}
+        super().__init__("; ".join(f"{keys[0]}: {message}" for keys, message in self.problems.items()))
+
+
 class UnknownNameError(StagewiseError):
     """A recipe names a stage, router, loss, model, dataset or recipe that no plugin registered."""
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from stagewise import plugins
 from stagewise.errors import ConfigError, StagewiseError, UnknownNameError
 from stagewise.install import install_command
-from stagewise.schema import NoOptions, as_table, build_dataclass, named_paths, unknown_key_message
+from stagewise.schema import NoOptions, as_table, build_dataclass, check_options, named_paths, unknown_key_message
 from stagewise.specs import DataSpec, LossSpec, ModelSpec, StageSpec
 from stagewise.tomlwrite import dumps
 
@@ -40,19 +40,17 @@ class RunOptions:
     tensorboard: bool = False  # also write TensorBoard scalars to RUN_DIR/tensorboard (extra [tensorboard])
 
     def __post_init__(self) -> None:
-        if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\"):
-            raise ValueError(f"name {self.name!r}: the run directory's name under `out`; use a non-empty "
-                             f"name without '/' or '\\'")
-        if self.log_every_n_steps < 1:
-            raise ValueError(f"log_every_n_steps must be >= 1, got {self.log_every_n_steps}")
-        if self.checkpoint_every_n_steps < 0:
-            raise ValueError(f"checkpoint_every_n_steps must be >= 0 (0 = at epoch ends only), "
-                             f"got {self.checkpoint_every_n_steps}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0 = torch's default), got {self.threads}")
-        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
-            raise ValueError(f"tensorboard = true needs TensorBoard, which is not installed; "
-                             f"{install_command('stagewise', 'tensorboard')} or set tensorboard = false")
+        check_options([
+            (bool(self.name) and self.name not in (".", "..") and not any(c in self.name for c in "/\\"), "name",
+             f"{self.name!r}: the run directory's name under `out`; use a non-empty name without '/' or '\\'"),
+            (self.log_every_n_steps >= 1, "log_every_n_steps", f"must be >= 1, got {self.log_every_n_steps}"),
+            (self.checkpoint_every_n_steps >= 0, "checkpoint_every_n_steps",
+             f"must be >= 0 (0 = at epoch ends only), got {self.checkpoint_every_n_steps}"),
+            (self.threads >= 0, "threads", f"must be >= 0 (0 = torch's default), got {self.threads}"),
+            (not self.tensorboard or importlib.util.find_spec("tensorboard") is not None, "tensorboard",
+             f"true needs TensorBoard, which is not installed; {install_command('stagewise', 'tensorboard')} "
+             f"or set tensorboard = false"),
+        ])
         self.out = os.path.expanduser(self.out)  # "~/runs": no shell expands ~ inside a TOML string
 
 

@@ -17,7 +17,10 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, Union, get_args, get_origin
+
+from stagewise.errors import OptionError
 
 MISSING = dataclasses.MISSING
 
@@ -62,33 +65,86 @@ def _table_taking(key: str, types_: dict[str, Any], fields: list[str], raw: dict
 
 def build_dataclass(cls: type, raw: Any, path: str, problems: list[str],
                     extra_ok: frozenset[str] = frozenset()) -> Any:
-    """Instantiate dataclass ``cls`` from the table ``raw``; returns None if it had problems."""
+    """Instantiate dataclass ``cls`` from the table ``raw``; returns None if it had problems. Its value
+    checks run even when other keys have type problems (see :func:`construct`)."""
     if not isinstance(raw, dict):
         problems.append(f"{path}: expected a table, got {_describe(raw)}")
         return None
     types_ = field_types(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     before = len(problems)
-    values = {}
-    for key, value in raw.items():
-        if key in extra_ok:
-            continue
-        if key not in fields:
-            problems.append(unknown_key_message(key, path, [*fields, *extra_ok],
+    values, bad = coerce_keys(
+        {k: v for k, v in raw.items() if k not in extra_ok}, {name: types_[name] for name in fields}, path, problems,
+        unknown=lambda key: unknown_key_message(key, path, [*fields, *extra_ok],
                                                 _table_taking(key, types_, list(fields), raw)))
+    missing = [name for name, f in fields.items() if name not in raw and _required(f)]
+    problems.extend(f"{_join(path, name)}: required key is missing ({_type_name(types_[name])})" for name in missing)
+    return construct(cls, values, path, problems, bad, failed=len(problems) > before)
+
+
+def coerce_keys(table: dict[str, Any], types_: dict[str, Any], path: str, problems: list[str],
+                unknown: Callable[[str], str] | None = None) -> tuple[dict[str, Any], set[str]]:
+    """Each value of ``table`` coerced to its key's type in ``types_``, and the keys whose value had a
+    problem; a key ``types_`` lacks is skipped, its problem ``unknown(key)``."""
+    values, bad = {}, set()
+    for key, value in table.items():
+        if key not in types_:
+            problems.append(unknown(key))
             continue
-        values[key] = coerce(value, types_[key], f"{path}.{key}" if path else key, problems)
-    for name, f in fields.items():
-        if name not in raw and f.default is MISSING and f.default_factory is MISSING:
-            where = f"{path}.{name}" if path else name
-            problems.append(f"{where}: required key is missing ({_type_name(types_[name])})")
-    if len(problems) > before:
+        before = len(problems)
+        values[key] = coerce(value, types_[key], _join(path, key), problems)
+        if len(problems) > before:
+            bad.add(key)
+    return values, bad
+
+
+def construct(cls: type, values: dict[str, Any], path: str, problems: list[str],
+              bad: set[str] = frozenset(), failed: bool = False) -> Any:
+    """``cls(**values)``, whose ``__post_init__`` checks the values; None when it refuses them or when
+    ``failed`` (the table had other problems), so that one round reports every problem.
+
+    ``bad``: keys whose value had a problem; they are left at their defaults so the other keys are still
+    checked. An :class:`~stagewise.errors.OptionError`'s problems are reported as ``path.KEY: message``,
+    except those whose check read a bad key. A plain ValueError names no key: it is reported against the
+    table, and only when nothing else was wrong (it may be about a key left at its default)."""
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    kept = {k: v for k, v in values.items() if k not in bad}
+    if any(f.name not in kept and _required(f) for f in fields):  # nothing can stand in for it
         return None
     try:
-        return cls(**values)
-    except (ValueError, TypeError) as exc:  # __post_init__ checks
-        problems.append(f"{path or cls.__name__}: {exc}")
+        built = cls(**kept)
+    except OptionError as exc:
+        problems.extend(f"{_join(path, keys[0])}: {message}" for keys, message in exc.problems.items()
+                        if not bad & {key.partition(".")[0] for key in keys})  # fit.dmd_every reads fit
         return None
+    except (ValueError, TypeError) as exc:  # __post_init__ checks that name no key
+        if not failed:
+            problems.append(f"{path or cls.__name__}: {exc}")
+        return None
+    return None if failed else built
+
+
+def check_options(checks: Iterable[tuple[bool, str | tuple[str, ...], str]],
+                  error: type[OptionError] = OptionError) -> None:
+    """Raise :class:`~stagewise.errors.OptionError` for every failed ``(ok, key, message)`` check, so
+    that an Options dataclass's ``__post_init__`` reports all its problems at once, each named by its
+    key: ``stages.train.lr: must be > 0, got -1.0``. ``key``: the key the problem names, or a tuple of
+    it and the other keys the check reads (``("min_lr", "lr")``); a key's messages are joined by "; ".
+    ``error``: the OptionError subclass to raise."""
+    problems: dict[str | tuple[str, ...], str] = {}
+    for ok, key, message in checks:
+        if not ok:
+            problems[key] = f"{problems[key]}; {message}" if key in problems else message
+    if problems:
+        raise error(problems)
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is MISSING and f.default_factory is MISSING
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
 
 
 def coerce(value: Any, annotation: Any, path: str, problems: list[str]) -> Any:

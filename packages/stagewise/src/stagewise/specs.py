@@ -15,7 +15,21 @@ from typing import Any, ClassVar
 from stagewise import plugins
 from stagewise.errors import PluginError, UnknownNameError
 from stagewise.registry import singular
-from stagewise.schema import NoOptions, as_table, build_dataclass, coerce, field_types, keys_of, named_paths
+from stagewise.schema import (
+    NoOptions,
+    as_table,
+    build_dataclass,
+    check_options,
+    coerce_keys,
+    construct,
+    field_types,
+    keys_of,
+    named_paths,
+)
+
+
+def _finite_non_negative(x: float) -> bool:
+    return math.isfinite(x) and x >= 0
 
 
 class Spec:
@@ -43,20 +57,14 @@ class Spec:
         before = len(problems)
         options = build_dataclass(getattr(component, "Options", NoOptions), value, path, problems,
                                   extra_ok=engine_keys)
-        types_ = field_types(cls)
-        engine = {k: coerce(v, types_[k], f"{path}.{k}", problems)
-                  for k, v in value.items() if k in engine_keys}
+        engine, bad = coerce_keys({k: v for k, v in value.items() if k in engine_keys}, field_types(cls), path,
+                                  problems)
         engine["use"] = use
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in engine and f.name != "options"
                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         problems.extend(f"{path}.{k}: required key is missing" for k in missing)
-        if len(problems) > before:
-            return None
-        try:
-            return cls(options=options, **engine)
-        except ValueError as exc:
-            problems.append(f"{path}: {exc}")
-            return None
+        # the engine's keys are checked even when the component's options had problems
+        return construct(cls, {**engine, "options": options}, path, problems, bad, failed=len(problems) > before)
 
     @classmethod
     def keys_for(cls, value: Any) -> list[str]:
@@ -107,14 +115,16 @@ class LossSpec(Spec):
     def __post_init__(self) -> None:
         if self.name is None:
             self.name = default_term_name(self.use)
-        if not self.name or "." in self.name:  # it keys metrics (train/<name>/<part>) and parameters
-            raise ValueError(f"term name {self.name!r}: use a non-empty name without '.'")
-        if not all(math.isfinite(w) and w >= 0 for w in (self.weight, self.cap if self.cap is not None else 0)):
-            raise ValueError(f"weight and cap must be >= 0 and finite, got weight={self.weight}, cap={self.cap}")
-        if self.start_epoch < 0 or self.ramp_epochs < 0:
-            raise ValueError("start_epoch and ramp_epochs must be >= 0")
-        if not 0 <= self.fallback_factor <= 1:
-            raise ValueError(f"fallback_factor must be in [0, 1], got {self.fallback_factor}")
+        check_options([
+            # it keys metrics (train/<name>/<part>) and parameters
+            (bool(self.name) and "." not in self.name, ("name", "use"),
+             f"term name {self.name!r}: use a non-empty name without '.'"),
+            (_finite_non_negative(self.weight), "weight", f"must be >= 0 and finite, got {self.weight}"),
+            (self.cap is None or _finite_non_negative(self.cap), "cap", f"must be >= 0 and finite, got {self.cap}"),
+            (self.start_epoch >= 0, "start_epoch", f"must be >= 0, got {self.start_epoch}"),
+            (self.ramp_epochs >= 0, "ramp_epochs", f"must be >= 0, got {self.ramp_epochs}"),
+            (0 <= self.fallback_factor <= 1, "fallback_factor", f"must be in [0, 1], got {self.fallback_factor}"),
+        ])
 
     @classmethod
     def item_name(cls, value: Any) -> Any:
@@ -165,11 +175,13 @@ class DataSpec(Spec):
     num_workers: int = 0  # DataLoader worker processes
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or (self.eval_batch_size is not None and self.eval_batch_size < 1):
-            raise ValueError(f"batch_size and eval_batch_size must be >= 1 (leave eval_batch_size unset for "
-                             f"batch_size), got {self.batch_size} and {self.eval_batch_size}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0 (0 = load in the main process), got {self.num_workers}")
+        check_options([
+            (self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}"),
+            (self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size",
+             f"must be >= 1 (leave it unset for batch_size), got {self.eval_batch_size}"),
+            (self.num_workers >= 0, "num_workers",
+             f"must be >= 0 (0 = load in the main process), got {self.num_workers}"),
+        ])
 
 
 @dataclass
@@ -191,10 +203,14 @@ class StageSpec(Spec):
     def __post_init__(self) -> None:
         if self.checkpoint is None:
             self.checkpoint = self.name
-        if not self.checkpoint.replace("-", "").replace("_", "").isalnum():
-            raise ValueError(f"checkpoint name {self.checkpoint!r}: use letters, digits, '-' and '_'")
-        if self.checkpoint == "last":  # checkpoints/last.pt is the resume point, rewritten by every stage
-            raise ValueError("checkpoint name 'last' is reserved for the resume checkpoint; choose another")
+        key = "checkpoint" if self.checkpoint != self.name else ("name", "checkpoint")  # it defaults to the name
+        check_options([
+            (self.checkpoint.replace("-", "").replace("_", "").isalnum(), key,
+             f"checkpoint name {self.checkpoint!r}: use letters, digits, '-' and '_'"),
+            # checkpoints/last.pt is the resume point, rewritten by every stage
+            (self.checkpoint != "last", key, "checkpoint name 'last' is reserved for the resume checkpoint; "
+                                             "choose another"),
+        ])
 
     def build(self) -> Any:
         """The stage this table names, with its options and the recipe's name for it."""

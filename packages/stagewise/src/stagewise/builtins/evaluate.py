@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from stagewise.builtins.train import _default_losses
 from stagewise.engine.evaluate import evaluate
 from stagewise.engine.objective import build_terms, loss_problems
+from stagewise.schema import check_options
 from stagewise.specs import LossSpec
 from stagewise.stage import Stage, leak_problems, warn_not_held_out
 
@@ -27,8 +28,7 @@ class EvaluateOptions:
     allow_leak: bool = False  # true lets split be one an earlier stage calibrated, mined or fitted on
 
     def __post_init__(self) -> None:
-        if not self.losses:
-            raise ValueError("losses: at least one loss term is required")
+        check_options([(bool(self.losses), "losses", "at least one loss term is required")])
 
 
 class EvaluateStage(Stage):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from stagewise.data.splits import DataError
 from stagewise.errors import ConfigError
 from stagewise.loss import Loss, Needs, perplexity
+from stagewise.schema import check_options
 
 
 @dataclass
@@ -44,8 +45,8 @@ class CrossEntropyOptions(OutputOptions):
     label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.label_smoothing <= 1:
-            raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
+        check_options([(0 <= self.label_smoothing <= 1, "label_smoothing",
+                         f"must be in [0, 1], got {self.label_smoothing}")])
 
 
 class _OutputLoss(Loss):

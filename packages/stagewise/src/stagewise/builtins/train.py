@@ -19,6 +19,7 @@ from stagewise.engine.evaluate import evaluate
 from stagewise.engine.loop import TrainLoop
 from stagewise.engine.objective import loss_problems
 from stagewise.engine.params import glob_problems, parameter_names_at
+from stagewise.schema import check_options
 from stagewise.specs import LossSpec
 from stagewise.stage import Stage
 
@@ -65,40 +66,45 @@ class TrainOptions:
     ema_momentum_end: float | None = None  # cosine schedule of the EMA momentum to this value
 
     def __post_init__(self) -> None:
-        checks = [
-            (math.isfinite(self.lr) and self.lr >= 0, f"lr must be a finite number >= 0, got {self.lr}"),
-            (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
-             f"weight_decay must be a finite number >= 0, got {self.weight_decay}"),
-            (all(0 <= b < 1 for b in self.betas), f"betas must be in [0, 1), got {self.betas}"),
-            (math.isfinite(self.momentum) and self.momentum >= 0,
-             f"momentum must be a finite number >= 0, got {self.momentum}"),
-            (0 <= self.min_lr <= self.lr, f"min_lr must be in [0, lr = {self.lr}], got {self.min_lr}"),
-            (0 < self.plateau_factor < 1, f"plateau_factor must be in (0, 1), got {self.plateau_factor}"),
-            (self.plateau_patience >= 0, f"plateau_patience must be >= 0, got {self.plateau_patience}"),
-            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
-            (self.lbfgs_max_iter >= 1 and self.lbfgs_history >= 1,
-             f"lbfgs_max_iter and lbfgs_history must be >= 1, got {self.lbfgs_max_iter} and {self.lbfgs_history}"),
-            (self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
-             f"max_steps_per_epoch must be >= 1 (leave it unset for whole epochs), got {self.max_steps_per_epoch}"),
-            (self.max_epochs >= 1, f"max_epochs must be >= 1, got {self.max_epochs}"),
-            (self.max_nonfinite >= 1, f"max_nonfinite must be >= 1, got {self.max_nonfinite}"),
-            (self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}"),
-            (self.patience is None or self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
-            (len(self.betas) == 2, f"betas must be two numbers, got {self.betas}"),
-            (bool(self.losses), "losses: at least one loss term is required"),
-            (self.schedule not in ("warmup",) or self.warmup_steps > 0, "schedule 'warmup' needs warmup_steps > 0"),
-            (self.ema_momentum is None or 0 <= self.ema_momentum <= 1,
-             f"ema_momentum must be in [0, 1], got {self.ema_momentum}"),
-            (self.ema_momentum_end is None or 0 <= self.ema_momentum_end <= 1,
-             f"ema_momentum_end must be in [0, 1], got {self.ema_momentum_end}"),
-            (self.ema_momentum_end is None or self.ema_momentum is not None,
-             "ema_momentum_end needs ema_momentum (the momentum at the stage's start); set both or neither"),
-            (self.optimizer != "lbfgs" or self.grad_clip is None,
-             "grad_clip cannot be used with optimizer 'lbfgs' (its line search takes whole steps); remove one"),
+        check_options(self.checks())
+
+    def checks(self) -> list[tuple[bool, str | tuple[str, ...], str]]:
+        """The ``(ok, key, message)`` value checks of :func:`stagewise.check_options`; a stage built on
+        this one adds its own to these."""
+        lr_ok = math.isfinite(self.lr) and self.lr >= 0
+        return [
+            (lr_ok, "lr", f"must be a finite number >= 0, got {self.lr}"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
+             f"must be a finite number >= 0, got {self.weight_decay}"),
+            (all(0 <= b < 1 for b in self.betas), "betas", f"must be in [0, 1), got {self.betas}"),
+            (len(self.betas) == 2, "betas", f"must be two numbers, got {self.betas}"),
+            (math.isfinite(self.momentum) and self.momentum >= 0, "momentum",
+             f"must be a finite number >= 0, got {self.momentum}"),
+            (0 <= self.min_lr and (self.min_lr <= self.lr or not lr_ok), ("min_lr", "lr"),  # a bad lr is reported
+             f"must be in [0, lr = {self.lr}], got {self.min_lr}"),
+            (0 < self.plateau_factor < 1, "plateau_factor", f"must be in (0, 1), got {self.plateau_factor}"),
+            (self.plateau_patience >= 0, "plateau_patience", f"must be >= 0, got {self.plateau_patience}"),
+            (self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}"),
+            (self.schedule != "warmup" or self.warmup_steps > 0, ("warmup_steps", "schedule"),
+             "schedule 'warmup' needs warmup_steps > 0"),
+            (self.lbfgs_max_iter >= 1, "lbfgs_max_iter", f"must be >= 1, got {self.lbfgs_max_iter}"),
+            (self.lbfgs_history >= 1, "lbfgs_history", f"must be >= 1, got {self.lbfgs_history}"),
+            (self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "max_steps_per_epoch",
+             f"must be >= 1 (leave it unset for whole epochs), got {self.max_steps_per_epoch}"),
+            (self.max_epochs >= 1, "max_epochs", f"must be >= 1, got {self.max_epochs}"),
+            (self.max_nonfinite >= 1, "max_nonfinite", f"must be >= 1, got {self.max_nonfinite}"),
+            (self.grad_clip is None or self.grad_clip > 0, "grad_clip", f"must be > 0, got {self.grad_clip}"),
+            (self.optimizer != "lbfgs" or self.grad_clip is None, ("grad_clip", "optimizer"),
+             "cannot be used with optimizer 'lbfgs' (its line search takes whole steps); remove one"),
+            (self.patience is None or self.patience >= 1, "patience", f"must be >= 1, got {self.patience}"),
+            (bool(self.losses), "losses", "at least one loss term is required"),
+            (self.ema_momentum is None or 0 <= self.ema_momentum <= 1, "ema_momentum",
+             f"must be in [0, 1], got {self.ema_momentum}"),
+            (self.ema_momentum_end is None or 0 <= self.ema_momentum_end <= 1, "ema_momentum_end",
+             f"must be in [0, 1], got {self.ema_momentum_end}"),
+            (self.ema_momentum_end is None or self.ema_momentum is not None, ("ema_momentum_end", "ema_momentum"),
+             "needs ema_momentum (the momentum at the stage's start); set both or neither"),
         ]
-        problems = [message for ok, message in checks if not ok]
-        if problems:
-            raise ValueError("; ".join(problems))
 
 
 class TrainStage(Stage):

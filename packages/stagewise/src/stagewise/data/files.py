@@ -69,13 +69,14 @@ def read_text(path: str | Path, what: str, encoding: str = "utf-8", errors: str 
                         f"\"cp1252\") or save the file as UTF-8") from None
 
 
-def check_encoding(encoding: str) -> None:
-    """DataError unless Python can read text in ``encoding`` (the ``encoding`` key of text datasets)."""
+def encoding_problem(encoding: str) -> str | None:
+    """What is wrong with the ``encoding`` key of text datasets unless Python can read text in ``encoding``."""
     try:
         b"\0".decode(encoding, "replace")  # not b"": decoding no bytes looks no codec up
     except LookupError:  # an unknown name, or a codec of bytes to bytes such as "base64"
-        raise DataError(f'encoding {encoding!r} is not a text encoding Python knows; use e.g. "utf-8" (the '
-                        f'default), "latin-1" or "cp1252"') from None
+        return (f'{encoding!r} is not a text encoding Python knows; use e.g. "utf-8" (the default), "latin-1" '
+                f'or "cp1252"')
+    return None
 
 
 def _ascii_based(encoding: str) -> bool:

@@ -15,26 +15,25 @@ from typing import Any, Literal
 import numpy as np
 
 from stagewise.data.arrays import array_splits, read_npz
-from stagewise.data.files import check_encoding
+from stagewise.data.files import encoding_problem
 from stagewise.data.idx import read_idx
-from stagewise.data.splits import DataError, DataSplits, check_fractions, default_splits
+from stagewise.data.splits import DataError, DataSplits, check_data_options, default_splits, fractions_problem
 from stagewise.data.tabular import column_indices, read_csv, read_jsonl, shape_targets
 
 TARGET_DTYPES = ("float", "long")
 
 
-def check_keys(option: str, keys: Any, required: bool = True) -> None:
+def keys_problem(option: str, keys: Any, required: bool = True) -> str | None:
     """Column or key lists must be non-empty lists (or unset, where that is allowed)."""
-    if keys is None and not required:
-        return
-    if not isinstance(keys, list) or not keys:
-        raise DataError(f'{option} must be a non-empty list, e.g. {option} = ["y"]; got {keys!r}')
+    if (keys is None and not required) or (isinstance(keys, list) and keys):
+        return None
+    return f'must be a non-empty list, e.g. {option} = ["y"]; got {keys!r}'
 
 
-def check_target_dtype(target_dtype: str) -> None:
-    if target_dtype not in TARGET_DTYPES:
-        raise DataError(f'target_dtype must be "float" (regression) or "long" (class labels), '
-                        f"got {target_dtype!r}")
+def target_dtype_problem(target_dtype: str) -> str | None:
+    if target_dtype in TARGET_DTYPES:
+        return None
+    return f'must be "float" (regression) or "long" (class labels), got {target_dtype!r}'
 
 
 # --- CSV ------------------------------------------------------------------------------------
@@ -53,11 +52,10 @@ class CSVOptions:
     encoding: str = "utf-8"  # of the file, e.g. "latin-1" or "cp1252"; a UTF-8 BOM is dropped
 
     def __post_init__(self) -> None:
-        check_keys("target", self.target)
-        check_keys("features", self.features, required=False)
-        check_target_dtype(self.target_dtype)
-        check_fractions(self.splits)
-        check_encoding(self.encoding)
+        check_data_options(target=keys_problem("target", self.target),
+                           features=keys_problem("features", self.features, required=False),
+                           target_dtype=target_dtype_problem(self.target_dtype),
+                           splits=fractions_problem(self.splits), encoding=encoding_problem(self.encoding))
 
 
 class CSVDataset:
@@ -106,11 +104,10 @@ class JSONLOptions:
     encoding: str = "utf-8"  # of the file, e.g. "latin-1" or "cp1252"; a UTF-8 BOM is dropped
 
     def __post_init__(self) -> None:
-        check_keys("input_keys", self.input_keys)
-        check_keys("target_keys", self.target_keys)
-        check_target_dtype(self.target_dtype)
-        check_fractions(self.splits)
-        check_encoding(self.encoding)
+        check_data_options(input_keys=keys_problem("input_keys", self.input_keys),
+                           target_keys=keys_problem("target_keys", self.target_keys),
+                           target_dtype=target_dtype_problem(self.target_dtype),
+                           splits=fractions_problem(self.splits), encoding=encoding_problem(self.encoding))
 
 
 class JSONLDataset:
@@ -144,7 +141,7 @@ class IDXOptions:
     splits: dict[str, float] = field(default_factory=default_splits)  # split name -> fraction
 
     def __post_init__(self) -> None:
-        check_fractions(self.splits)
+        check_data_options(splits=fractions_problem(self.splits))
 
 
 class IDXDataset:
@@ -179,7 +176,7 @@ class NPZOptions:
     splits: dict[str, float] = field(default_factory=default_splits)  # split name -> fraction
 
     def __post_init__(self) -> None:
-        check_fractions(self.splits)
+        check_data_options(splits=fractions_problem(self.splits))
 
 
 class NPZDataset:

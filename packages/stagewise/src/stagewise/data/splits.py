@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stagewise.errors import StagewiseError
+from stagewise.errors import OptionError, StagewiseError
+from stagewise.schema import check_options
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
@@ -23,6 +24,16 @@ if TYPE_CHECKING:
 
 class DataError(StagewiseError, ValueError):
     """A data file or data option is invalid; the message names the file (and line) and the fix."""
+
+
+class DataOptionError(OptionError, DataError):
+    """A dataset's options refuse values, naming each key (see :func:`check_data_options`)."""
+
+
+def check_data_options(**problems: str | None) -> None:
+    """Raise DataOptionError naming each key whose problem is not None, e.g.
+    ``check_data_options(splits=fractions_problem(self.splits))``."""
+    check_options([(problem is None, key, problem) for key, problem in problems.items()], error=DataOptionError)
 
 
 @dataclass
@@ -54,26 +65,28 @@ def default_splits() -> dict[str, float]:
     return {"train": 0.8, "valid": 0.1, "test": 0.1}
 
 
-def check_fractions(fractions: dict[str, float]) -> None:
-    """Raise DataError unless ``fractions`` maps split names to positive numbers summing to 1."""
+def fractions_problem(fractions: dict[str, float]) -> str | None:
+    """What is wrong with the ``splits`` key unless ``fractions`` maps split names to positive numbers
+    summing to 1."""
     if not isinstance(fractions, dict) or not fractions:
-        raise DataError(f"splits must be a table of split name -> fraction, e.g. "
-                        f'{{train = 0.8, valid = 0.1, test = 0.1}}; got {fractions!r}')
+        return (f"must be a table of split name -> fraction, e.g. "
+                f'{{train = 0.8, valid = 0.1, test = 0.1}}; got {fractions!r}')
     for name, fraction in fractions.items():
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not fraction > 0:
-            raise DataError(f"splits.{name} = {fraction!r}: each fraction must be a number > 0 "
-                            f"(leave a split out instead of giving it 0)")
+            return (f"{name} = {fraction!r}: each fraction must be a number > 0 "
+                    f"(leave a split out instead of giving it 0)")
     total = sum(fractions.values())
     if not math.isclose(total, 1.0, abs_tol=1e-6):
         listing = ", ".join(f"{name} = {fraction}" for name, fraction in fractions.items())
-        raise DataError(f"splits fractions sum to {total:g} ({listing}); they must sum to 1")
+        return f"fractions sum to {total:g} ({listing}); they must sum to 1"
+    return None
 
 
 def split_bounds(n: int, fractions: dict[str, float], *, source: str | None = None,
                  unit: str = "examples") -> dict[str, tuple[int, int]]:
     """Cut ``range(n)`` into consecutive ``(start, end)`` ranges, one per split, in dict order.
 
-    ``fractions`` must have passed :func:`check_fractions`. Raises DataError if a split would be
+    ``fractions`` must have passed :func:`fractions_problem`. Raises DataError if a split would be
     empty, since an empty split cannot be trained or evaluated on; the message names ``source``
     (the file or corpus) and counts ``unit`` (examples, tokens, documents).
     """

@@ -23,8 +23,16 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from stagewise.data.files import check_encoding, read_text
-from stagewise.data.splits import DataError, DataSplits, check_fractions, deal, default_splits, split_bounds
+from stagewise.data.files import encoding_problem, read_text
+from stagewise.data.splits import (
+    DataError,
+    DataSplits,
+    check_data_options,
+    deal,
+    default_splits,
+    fractions_problem,
+    split_bounds,
+)
 from stagewise.data.vocab import EOS, Vocabulary
 
 # split -> file names that hold it, in order of preference
@@ -53,17 +61,20 @@ class TextOptions:
     splits: dict[str, float] = field(default_factory=default_splits)
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "min_freq", "max_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise DataError(f"{name} must be a positive integer, got {value}")
-        if self.max_vocab is not None and self.max_vocab < 3:
-            raise DataError(f"max_vocab must be at least 3 (<unk>, <eos> and one word), got {self.max_vocab}")
-        check_fractions(self.splits)
-        check_encoding(self.encoding)
-        if "train" not in self.splits:
-            raise DataError(f"splits must include 'train' (the vocabulary is built from it); "
-                            f"got {', '.join(self.splits)}")
+        sizes = {name: getattr(self, name) for name in ("seq_len", "min_freq", "max_tokens")}
+        check_data_options(
+            **{name: f"must be a positive integer, got {value}" for name, value in sizes.items()
+               if value is not None and value < 1},
+            max_vocab=None if self.max_vocab is None or self.max_vocab >= 3
+            else f"must be at least 3 (<unk>, <eos> and one word), got {self.max_vocab}",
+            splits=fractions_problem(self.splits) or _train_problem(self.splits),
+            encoding=encoding_problem(self.encoding))
+
+
+def _train_problem(splits: dict[str, float]) -> str | None:
+    if "train" in splits:
+        return None
+    return f"must include 'train' (the vocabulary is built from it); got {', '.join(splits)}"
 
 
 def tokenize(text: str, lowercase: bool) -> list[str]:

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from stagewise.schema import check_options
+
 if TYPE_CHECKING:
     from stagewise.data.splits import DataSplits
 
@@ -38,33 +40,36 @@ class TransformerOptions:
     dropout: float = 0.0  # dropout after the embedding, in attention and on each residual branch
 
     def __post_init__(self) -> None:
-        for name in ("n_layer", "n_head", "n_embd", "ffn_hidden", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
-                             f"change one of them")
-        if (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"the head dimension n_embd / n_head = {self.n_embd // self.n_head} must "
-                             f"be even for the rotary embedding; change n_embd or n_head")
-        if not 1 < self.rope_base < math.inf:
-            raise ValueError(f"rope_base must be a finite number greater than 1, got {self.rope_base}")
-        if not 0 < self.norm_eps < math.inf:
-            raise ValueError(f"norm_eps must be a finite positive number, got {self.norm_eps}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        self._check_fits()
+        check_options(self.checks())
 
-    def _check_fits(self) -> None:
-        """Refuse blocks whose weights alone exceed the machine's memory: each block is a small
-        allocation, so building a billion of them would run for hours before failing."""
+    def checks(self) -> list[tuple[bool, str | tuple[str, ...], str]]:
+        """The ``(ok, key, message)`` value checks of :func:`stagewise.check_options`; a model built on
+        this one adds its own to these."""
+        sizes = ("n_layer", "n_head", "n_embd", "ffn_hidden", "max_seq_len")
+        checks = [(getattr(self, name) >= 1, name, f"must be a positive integer, got {getattr(self, name)}")
+                  for name in sizes]
+        if min(self.n_head, self.n_embd) >= 1:  # else reported above
+            head_dim, rest = divmod(self.n_embd, self.n_head)
+            checks.append((rest == 0 and head_dim % 2 == 0, ("n_embd", "n_head"),
+                           f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); change one of them"
+                           if rest else f"the head dimension n_embd / n_head = {head_dim} must be even for the "
+                                        f"rotary embedding; change n_embd or n_head"))
+        checks += [
+            (1 < self.rope_base < math.inf, "rope_base",
+             f"must be a finite number greater than 1, got {self.rope_base}"),
+            (0 < self.norm_eps < math.inf, "norm_eps", f"must be a finite positive number, got {self.norm_eps}"),
+            (0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}"),
+        ]
+        # Refuse blocks whose weights alone exceed the machine's memory: each block is a small
+        # allocation, so building a billion of them would run for hours before failing.
         d, f = self.n_embd, self.ffn_hidden
         gib = self.n_layer * (4 * d * d + 3 * d * f + 2 * d) * 4 / 2**30  # float32 attention, SwiGLU, norms
         memory = physical_memory_gib()
         if memory is not None and gib > memory:
-            raise ValueError(f"n_layer = {self.n_layer} blocks of n_embd = {d} and ffn_hidden = {f} need "
-                             f"{gib:.3g} GiB for their weights alone, more than this machine's {memory:.3g} GiB; "
-                             f"lower them")
+            checks.append((False, ("n_layer", "n_embd", "ffn_hidden"),
+                           f"{self.n_layer} blocks of n_embd = {d} and ffn_hidden = {f} need {gib:.3g} GiB for "
+                           f"their weights alone, more than this machine's {memory:.3g} GiB; lower them"))
+        return checks
 
 
 def physical_memory_gib() -> float | None:
@@ -81,10 +86,9 @@ class TransformerConfig(TransformerOptions):
 
     vocab_size: int  # number of token ids; recipes take it from the data's info["vocab_size"]
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.vocab_size < 1:
-            raise ValueError(f"vocab_size must be a positive integer, got {self.vocab_size}")
+    def checks(self) -> list[tuple[bool, str | tuple[str, ...], str]]:
+        return [*super().checks(), (self.vocab_size >= 1, "vocab_size",
+                                    f"must be a positive integer, got {self.vocab_size}")]
 
 
 class RMSNorm(nn.Module):
