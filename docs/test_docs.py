@@ -177,3 +177,18 @@ def test_known_plugin_is_listed(prefix):
 @pytest.mark.parametrize("recipe", sorted(CORE_RECIPES.glob("*.toml")), ids=lambda p: p.name)
 def test_core_recipe_validates(recipe):
     assert load_recipe(recipe).stages
+
+
+def _core_building_blocks() -> list[tuple[str, str]]:
+    """(module, name) for each name the "What to import from core" table of plugin-authoring.md lists."""
+    text = (DOCS / "plugin-authoring.md").read_text(encoding="utf-8")
+    section = text.split("## 11. What to import from core", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(stagewise[\w.]*)` \| ([^|]*) \|", section, flags=re.M)
+    return [(module, name) for module, names in rows for name in re.findall(r"`(\w+)`", names)]
+
+
+@pytest.mark.parametrize("module, name", _core_building_blocks())
+def test_a_core_building_block_for_plugins_exists(module, name):
+    import importlib
+
+    assert hasattr(importlib.import_module(module), name), f"plugin-authoring.md lists {module}.{name}"
