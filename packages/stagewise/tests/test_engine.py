@@ -464,6 +464,19 @@ class _LogsNumpy:
         state.log("enginetest.epoch", rms=[1.0, np.float32(2.0)])
 
 
+def _run_refused(tiny_recipe_path, tmp_path, plugin, name, use):
+    """The PluginError the tiny recipe raises with one more stage, ``use``, that ``plugin`` registers."""
+    recipe = tmp_path / f"{name}.toml"
+    recipe.write_text(tiny_recipe_path.read_text() + f'\n[[stages]]\nname = "{name}"\nuse = "{use}"\n')
+    plugins.register_plugin(plugin, "enginetest")
+    try:
+        with pytest.raises(PluginError) as info:
+            run_recipe(load_recipe(recipe), out=tmp_path / "run", quiet=True)
+    finally:
+        plugins.unregister_plugin("enginetest")
+    return info.value
+
+
 @pytest.mark.parametrize("where, message", [
     ("stage", "stage 'odd' logged 'odd/norm' (a Tensor) in its 'stage' record"),
     ("hook", "stage 'phase1' logged 'rms' (a float32) in its 'enginetest.epoch' record"),
@@ -475,15 +488,8 @@ def test_a_record_json_cannot_hold_is_one_error_naming_the_key(tiny_recipe_path,
         def stagewise_register_stages(self, register):
             register(_TensorMetric)
 
-    recipe = tmp_path / "odd.toml"
-    recipe.write_text(tiny_recipe_path.read_text() + '\n[[stages]]\nname = "odd"\nuse = "enginetest.tensor_metric"\n')
-    plugins.register_plugin(Plugin(), "enginetest")
-    try:
-        with pytest.raises(PluginError) as info:
-            run_recipe(load_recipe(recipe), out=tmp_path / "run", quiet=True)
-    finally:
-        plugins.unregister_plugin("enginetest")
-    assert str(info.value) == (f"{message}, which metrics.jsonl cannot hold: log numbers, strings, booleans, None, "
+    error = _run_refused(tiny_recipe_path, tmp_path, Plugin(), "odd", "enginetest.tensor_metric")
+    assert str(error) == (f"{message}, which metrics.jsonl cannot hold: log numbers, strings, booleans, None, "
                                f"or lists and dicts of them (e.g. tensor.item(), tensor.tolist())")
     json_lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert all(json.loads(line) for line in json_lines)  # nothing half-written
@@ -507,15 +513,8 @@ def test_an_artifact_a_checkpoint_could_not_load_is_refused_when_saved(tiny_reci
         def stagewise_register_stages(self, register):
             register(_NumpyArtifact)
 
-    recipe = tmp_path / "np.toml"
-    recipe.write_text(tiny_recipe_path.read_text() + '\n[[stages]]\nname = "np"\nuse = "enginetest.numpy_artifact"\n')
-    plugins.register_plugin(Plugin(), "enginetest")
-    try:
-        with pytest.raises(PluginError) as info:
-            run_recipe(load_recipe(recipe), out=tmp_path / "run", quiet=True)
-    finally:
-        plugins.unregister_plugin("enginetest")
-    assert str(info.value) == (
+    error = _run_refused(tiny_recipe_path, tmp_path, Plugin(), "np", "enginetest.numpy_artifact")
+    assert str(error) == (
         "stage 'np': a checkpoint cannot hold state.artifacts['enginetest.norms']['rms'] (a numpy.ndarray), "
         "state.routers['r']['state']['threshold'] (a numpy.float32): checkpoints are read with "
         "torch.load(weights_only=True), so keep artifacts and router state to tensors, numbers, strings, lists "
