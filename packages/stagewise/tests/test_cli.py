@@ -188,6 +188,21 @@ def test_verify_tolerance_is_inclusive_and_nan_matches_nan():
     assert compare({"a": 1.0, "b": 0.0, "c": 2}, golden, {})[0].startswith("b: run 0.0 != golden nan")
 
 
+def test_the_final_table_keeps_long_names_values_in_one_column(tmp_path):
+    # was: a 38-character metric (lego_ashem's phase2/phase2_token_mode_speedup_flops) or a 17-character
+    # stage name pushed its value out of the column the others are in
+    from stagewise.engine.runner import final_table
+
+    summary = {"recipe": "r", "seed": 0, "stages": {"s": {"epochs": 1, "seconds": 0.1},
+                                                    "a_long_stage_name": {"epochs": 2, "seconds": 0.2}},
+               "metrics": {"val/loss": 3.25, "phase2/phase2_token_mode_speedup_flops": 2.5}}
+    stages, metrics = final_table(summary, tmp_path).split("\n\n")[1:]
+    for table in (stages, metrics):
+        ends = {len(line) for line in table.splitlines()}
+        assert len(ends) == 1, table  # every row's last (right-aligned) column ends at the same place
+    assert "phase2/phase2_token_mode_speedup_flops  " in metrics  # and a gap before it
+
+
 def test_compare_sets_a_stage_key_only_in_the_recipes_that_have_that_stage(tiny_recipe_path, tmp_path, capsys):
     from stagewise.compare import compare_recipes
     from stagewise.errors import ConfigError
@@ -208,6 +223,26 @@ def test_compare_sets_a_stage_key_only_in_the_recipes_that_have_that_stage(tiny_
     assert runs["tiny"]["metrics"] == runs["renamed"]["metrics"]  # the same training under either name
     with pytest.raises(ConfigError, match="no stage named 'phase9'"):  # in no recipe: an error, as ever
         compare_recipes(names, ["stages.phase9.max_epochs=1"], tmp_path / "cmp2", quiet=True)
+
+
+def test_compare_sets_a_loss_terms_key_only_in_the_recipes_whose_stage_has_that_term(tiny_recipe_path, tmp_path,
+                                                                                       capsys):
+    # was: `stagewise compare koopman.baseline koopman.hybrid --set stages.main.losses.koopman.weight=0.5`
+    # went to the baseline's 'main' too, which has no 'koopman' term: "no loss term named 'koopman'"
+    from stagewise.compare import overrides_by_recipe
+
+    method = tmp_path / "method.toml"
+    method.write_text(tiny_recipe_path.read_text().replace('name = "tiny"', 'name = "method"').replace(
+        'grad_clip = 1.0', 'grad_clip = 1.0\nlosses = [{ use = "stagewise.cross_entropy" }, '
+                           '{ use = "stagewise.cross_entropy", name = "exit1", at_layer = 1, weight = 0.5 }]'))
+    names = [str(tiny_recipe_path), str(method)]
+    term, stage = "stages.phase1.losses.exit1.weight=0.25", "stages.phase1.max_epochs=1"
+    assert overrides_by_recipe(names, [term, stage]) == [[stage], [term, stage]]
+    assert capsys.readouterr().out == (f"compare: --set {term} applies to {names[1]} only ({names[0]}: no loss "
+                                       f"term 'exit1' in stage 'phase1')\n")
+    assert load_recipe(names[1], [term]).table["stages"][0]["losses"][1]["weight"] == 0.25
+    typo = "stages.phase1.losses.exit9.weight=0.25"  # in no recipe: to all, whose errors name it
+    assert overrides_by_recipe(names, [typo]) == [[typo], [typo]]
 
 
 def test_compare_refuses_other_seeds_and_other_data(tiny_recipe_path, tmp_path):

@@ -16,6 +16,17 @@ def test_run_draws_loss_curves(tiny, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_line_plot_keeps_the_axis_labels_of_wide_tick_labels_in_the_picture(tmp_path):
+    # was: lego_ashem's accuracy_compute.png (accuracies such as 0.0921 on the y axis) lost the
+    # left half of its "accuracy" label past the image's edge
+    image = pytest.importorskip("matplotlib.image")
+    path = tmp_path / "p.png"
+    line_plot(path, {"a": ([0.66, 0.8, 1.2], [0.0915, 0.0921, 0.0915])}, xlabel="cost", ylabel="accuracy")
+    pixels = image.imread(path)[:, :, :3]
+    for edge in (pixels[:, 0], pixels[:, -1], pixels[0], pixels[-1]):
+        assert edge.min() == 1.0  # white: nothing drawn reaches the image's border
+
+
 def test_line_plot_without_matplotlib_hints_once(monkeypatch, tmp_path, capsys):
     import stagewise.plots as plots
 

@@ -15,6 +15,7 @@ from typing import Any
 from stagewise.engine.rundir import empty_folder, write_json_atomic
 from stagewise.errors import ConfigError
 from stagewise.recipe import Recipe, load_recipe, read_recipe_table
+from stagewise.specs import default_term_name
 from stagewise.tomlwrite import toml_value
 
 
@@ -38,27 +39,48 @@ def compare_recipes(names: list[str], overrides: list[str], out: Path, quiet: bo
 def overrides_by_recipe(names: list[str], overrides: list[str]) -> list[list[str]]:
     """Each recipe's share of ``overrides``: one that sets ``stages.NAME.…`` goes only to the
     recipes that have a stage NAME (a baseline's ``train`` and a method's ``phase1`` can both be
-    shortened in one command) and is said once; one that no recipe's stages match goes to all,
-    whose errors then name it."""
-    stages = [_stage_names(name) for name in names]
+    shortened in one command), one that sets ``stages.NAME.losses.TERM.…`` only to those whose
+    stage NAME has a term TERM (a method's auxiliary term beside a baseline without it), and is
+    said once; one that no recipe matches goes to all, whose errors then name it."""
+    stages = [_stage_terms(name) for name in names]
     shares: list[list[str]] = [[] for _ in names]
     for item in overrides:
-        parts = item.partition("=")[0].strip().split(".")
-        stage = parts[1] if len(parts) > 2 and parts[0] == "stages" else None
-        having = [i for i, own in enumerate(stages) if stage in own]
-        if stage is not None and having and len(having) < len(names):
+        target = _override_target(item)
+        having = [i for i, own in enumerate(stages) if target is not None and _has(own, *target)]
+        if having and len(having) < len(names):
             others = ", ".join(names[i] for i in range(len(names)) if i not in having)
-            print(f"compare: --set {item} applies to {', '.join(names[i] for i in having)} only "
-                  f"({others}: no stage named {stage!r})")
-        for i in having if stage is not None and having else range(len(names)):
+            stage, term = target
+            lacking = f"no stage named {stage!r}" if term is None else f"no loss term {term!r} in stage {stage!r}"
+            print(f"compare: --set {item} applies to {', '.join(names[i] for i in having)} only ({others}: {lacking})")
+        for i in having or range(len(names)):
             shares[i].append(item)
     return shares
 
 
-def _stage_names(name: str) -> set[str]:
+def _override_target(item: str) -> tuple[str, str | None] | None:
+    """The stage (and loss term) a ``--set`` addresses: ``stages.NAME[.losses.TERM].KEY``."""
+    parts = item.partition("=")[0].strip().split(".")
+    if len(parts) < 3 or parts[0] != "stages":
+        return None
+    return parts[1], parts[3] if len(parts) > 4 and parts[2] == "losses" else None
+
+
+def _has(stages: dict[str, set[str]], stage: str, term: str | None) -> bool:
+    return stage in stages and (term is None or term in stages[stage])
+
+
+def _stage_terms(name: str) -> dict[str, set[str]]:
+    """Each stage's name in a recipe file, with its loss terms' names (``name`` or from ``use``)."""
     raw, _ = read_recipe_table(name)
     stages = raw.get("stages")
-    return {t.get("name") for t in stages if isinstance(t, dict)} if isinstance(stages, list) else set()
+    if not isinstance(stages, list):
+        return {}
+    return {table.get("name"): _term_names(table.get("losses")) for table in stages if isinstance(table, dict)}
+
+
+def _term_names(losses: Any) -> set[str]:
+    terms = [t for t in losses if isinstance(t, dict)] if isinstance(losses, list) else []
+    return {t.get("name") or default_term_name(str(t.get("use", ""))) for t in terms}
 
 
 def check_comparable(recipes: list[Recipe]) -> None:

@@ -48,5 +48,5 @@ def line_plot(path: Path, series: dict[str, tuple[list[float], list[float]]], *,
     ax.grid(alpha=0.3)
     ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)  # here, not before: no empty plots/ without matplotlib
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight", pad_inches=0.1)  # the fixed margins clip wide tick labels' ylabel
     return True

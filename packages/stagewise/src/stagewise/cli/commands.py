@@ -39,7 +39,8 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("compare", help="run several recipes on the same data and seed, print one table",
                        description="Run several recipes on the same data and seed, print one table. A --set "
-                       "on stages.NAME goes only to the recipes that have a stage NAME.")
+                       "on stages.NAME goes only to the recipes that have a stage NAME, one on "
+                       "stages.NAME.losses.TERM only to those whose stage NAME has a loss term TERM.")
     p.add_argument("recipes", nargs="+", help="recipe files or names, e.g. the baseline then the method")
     _add_recipe_args(p)
     p.add_argument("--out", type=_path, help="parent folder of the runs (default: runs/compare, or runs/compare-2, ... "

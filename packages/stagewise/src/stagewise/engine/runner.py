@@ -10,6 +10,7 @@ import dataclasses
 import re
 import time
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -269,13 +270,20 @@ def _recipe_differs(path: Path, started: dict[str, Any], table: dict[str, Any]) 
 
 def final_table(summary: dict[str, Any], path: Path) -> str:
     """The table printed at the end of a run: each stage's epochs and seconds, final metrics."""
+    stage_width = _column_width(summary["stages"], 16)
     lines = [f"run {summary['recipe']!r} (seed {summary['seed']}) -> {path}", "",
-             f"{'stage':<16}{'epochs':>8}{'seconds':>10}"]
+             f"{'stage':<{stage_width}}{'epochs':>8}{'seconds':>10}"]
     for name, result in summary["stages"].items():
-        lines.append(f"{name:<16}{result['epochs']:>8}{result['seconds']:>10.1f}")
-    lines += ["", f"{'metric':<32}{'value':>14}"]
+        lines.append(f"{name:<{stage_width}}{result['epochs']:>8}{result['seconds']:>10.1f}")
+    metric_width = _column_width(summary["metrics"], 32)
+    lines += ["", f"{'metric':<{metric_width}}{'value':>14}"]
     for key, value in summary["metrics"].items():
         shown = f"{value:.6g}" if isinstance(value, float) else str(value)
-        lines.append(f"{key:<32}{shown:>14}")
+        lines.append(f"{key:<{metric_width}}{shown:>14}")
     return "\n".join(lines)
 
+
+def _column_width(names: Iterable[str], least: int) -> int:
+    """Wide enough that a long name (``phase2/phase2_token_mode_speedup_flops``) keeps a gap
+    before its value, so every value stays in one column."""
+    return max([least] + [len(name) + 2 for name in names])
