@@ -10,6 +10,7 @@ model with ``dmd_every``; each saves its K after the main stage and its metrics 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,11 +18,12 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import TINY_HYBRID
+from conftest import TINY_HYBRID, TRAIN_ONLY
 
 # Saves each rank's K after the main stage and its figures after each stage, next to the run directory.
 DRIVER = """\
 import json
+import math
 import torch
 import stagewise
 from stagewise import plugins
@@ -61,3 +63,21 @@ def test_every_rank_ends_with_the_same_operator_and_figures(tmp_path):
     m0, m1 = (json.loads((tmp_path / f"metrics{rank}.json").read_text()) for rank in (0, 1))
     assert {"forward/koopman_ppl", "linearity/one_step_error"} <= m0.keys()  # read whole on every rank
     assert m0 == m1
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                    reason="torch.distributed with the gloo backend is not available in this torch build")
+def test_two_processes_train_the_term_of_one(tmp_path):
+    # was ~1% apart from the first step: each rank scaled the lifted error by its own half's spread
+    from stagewise.testing import run_uninterrupted, timeless_records
+
+    (tmp_path / "recipe.toml").write_text(TRAIN_ONLY)
+    sets = ["data.drop_last=true", "stages.main.losses.koopman.dmd_every=0"]  # DMD fits each rank's own pairs
+    for processes in (1, 2):
+        run_uninterrupted(tmp_path / "recipe.toml", tmp_path / f"run{processes}", sets, processes=processes)
+    one, two = ([r for r in timeless_records(tmp_path / f"run{n}") if r["event"] == "epoch" and r["stage"] == "main"]
+                for n in (1, 2))
+    keys = ("train/koopman/lifted", "val/koopman/lifted", "val/koopman/one_step", "val/ppl")
+    pairs = [(key, a[key], b[key]) for a, b in zip(one, two, strict=True) for key in keys if key in a]
+    assert len(pairs) == 11  # val/koopman/* every epoch, train/koopman/* once the term is on (epochs 2 and 3)
+    assert all(math.isclose(a, b, rel_tol=1e-4) for _, a, b in pairs), pairs

@@ -237,7 +237,8 @@ def test_term_metrics_weigh_ranks_by_their_share_of_an_uneven_batch(uneven):
         _assert_close(got, want, f"epoch {i}")
 
 
-NAN_LAUNCHER = '''\
+# `python launch.py ARGS`: the stagewise CLI with one extra loss term (LOSS, class CLASS) registered
+LAUNCHER = '''\
 import sys
 
 import torch
@@ -246,35 +247,74 @@ import stagewise
 from stagewise.cli.main import main
 from stagewise.plugins import register_plugin
 
-
-class NotYet(stagewise.Loss):
-    """NaN in value and gradient: an auxiliary term that is not switched on yet."""
-
-    name = "nantest.not_yet"
-
-    def forward(self, outputs, batch, state):
-        return torch.sqrt(-1.0 - outputs["logits"].pow(2).mean())
+LOSS
 
 
 class Plugin:
     @stagewise.hookimpl
     def stagewise_register_losses(self, register):
-        register(NotYet)
+        register(CLASS)
+
+    @stagewise.hookimpl
+    def stagewise_after_stage(self, state):  # the term's parameters, for the test to read
+        if state.dist.rank == 0:
+            torch.save({k: v.detach() for k, v in state.terms[CLASS.name.split(".")[1]].state_dict().items()},
+                       "term.pt")
 
 
-register_plugin(Plugin(), "nantest")
+register_plugin(Plugin(), "ddptest")
 sys.exit(main(sys.argv[1:]))
 '''
+
+NOT_YET = '''\
+class NotYet(stagewise.Loss):
+    """NaN in value and gradient: an auxiliary term that is not switched on yet."""
+
+    name = "ddptest.not_yet"
+
+    def forward(self, outputs, batch, state):
+        return torch.sqrt(-1.0 - outputs["logits"].pow(2).mean())
+'''
+
+WITH_PARAMETER = '''\
+class Scaled(stagewise.Loss):
+    """A term with a parameter of its own, as a Koopman operator or a probe has."""
+
+    name = "ddptest.scaled"
+
+    def setup(self, state):
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, outputs, batch, state):
+        return (self.scale * outputs["logits"].mean()).square()
+'''
+
+
+def _launcher(loss: str, cls: str) -> str:
+    return LAUNCHER.replace("LOSS", loss).replace("CLASS", cls)
 
 
 @needs_gloo
 def test_a_nan_in_a_switched_off_term_skips_the_batch_under_ddp(tmp_path):
     # DDP puts every term in the graph, the switched-off one as 0 · NaN: that batch must be skipped
-    (tmp_path / "launch.py").write_text(NAN_LAUNCHER)
+    (tmp_path / "launch.py").write_text(_launcher(NOT_YET, "NotYet"))
     (tmp_path / "recipe.toml").write_text(RECIPE.replace("max_epochs = 2", "max_epochs = 1") + (
-        'losses = [{ use = "stagewise.cross_entropy" }, { use = "nantest.not_yet", start_epoch = 5 }]\n'))
+        'losses = [{ use = "stagewise.cross_entropy" }, { use = "ddptest.not_yet", start_epoch = 5 }]\n'))
     _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
           "launch.py", "run", "recipe.toml", "--out", "ddp", "--quiet"], tmp_path)
     metrics = _summary(tmp_path / "ddp")["metrics"]
     assert metrics["train/nonfinite"] == 6  # every batch, none applied
     assert math.isfinite(metrics["val/loss"])  # the parameters never took a NaN step
+
+
+@needs_gloo
+def test_a_switched_off_term_s_parameters_stay_untouched_under_ddp(tmp_path):
+    # was: DDP gave them zero gradients (the term is in the graph at weight 0), and AdamW then
+    # decayed them every step; in one process a term not switched on yet is not computed at all
+    (tmp_path / "launch.py").write_text(_launcher(WITH_PARAMETER, "Scaled"))
+    (tmp_path / "recipe.toml").write_text(RECIPE.replace("max_epochs = 2", "max_epochs = 1") + (
+        'weight_decay = 0.5\nlosses = [{ use = "stagewise.cross_entropy" }, { use = "ddptest.scaled", '
+        'start_epoch = 5 }]\n'))
+    _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+          "launch.py", "run", "recipe.toml", "--out", "ddp", "--quiet"], tmp_path)
+    assert torch.load(tmp_path / "term.pt", weights_only=True)["scale"].item() == 1.0

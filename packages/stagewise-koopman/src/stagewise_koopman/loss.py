@@ -148,10 +148,12 @@ def gather_pairs(hidden: list[torch.Tensor], sources: list[int], options: Koopma
     return states.flatten(2, 3), mask
 
 
-def koopman_parts(modules: KoopmanModules, states: torch.Tensor, mask: torch.Tensor,
-                  options: KoopmanOptions) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def koopman_parts(modules: KoopmanModules, states: torch.Tensor, mask: torch.Tensor, options: KoopmanOptions,
+                  dist: DistInfo | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Unweighted errors (``lifted``, ``one_step``, ``reconstruction``, ``state``, ``spectral``)
-    for states (n, s+1, M, C); also returns the lifted states (n, s+1, M, D)."""
+    for states (n, s+1, M, C); also returns the lifted states (n, s+1, M, D). Under torchrun
+    (``dist``) each process holds a share of the batch's tokens: the lifted errors' spread is then
+    the whole batch's, as in one process."""
     n, s1, M, C = states.shape
     if options.detach == "source":  # the backbone is pulled only at h': its next state moves towards K φ(h)
         states = torch.cat([states[:, :1].detach(), states[:, 1:]], 1)
@@ -164,7 +166,7 @@ def koopman_parts(modules: KoopmanModules, states: torch.Tensor, mask: torch.Ten
     lifted_k, state_k, pred = [], [], x
     for k in range(1, s1):
         pred = modules.advance(pred, 1)  # K^k φ(h)
-        lifted_k.append(_masked_mean(relative_distance(pred, lifted[:, k], options), mask[:, k]))
+        lifted_k.append(_masked_mean(relative_distance(pred, lifted[:, k], options, dist), mask[:, k]))
         state_k.append(_masked_mean(_distance(modules.decode(pred), targets[:, k], options), mask[:, k]))
     errors.update(lifted=torch.stack(lifted_k).mean(), one_step=lifted_k[0], state=torch.stack(state_k).mean())
     if options.spectral_weight:
@@ -178,15 +180,38 @@ def _distance(pred: torch.Tensor, target: torch.Tensor, options: KoopmanOptions)
     return fn(pred, target, reduction="none").mean(dim=(1, 2))
 
 
-def relative_distance(pred: torch.Tensor, target: torch.Tensor, options: KoopmanOptions) -> torch.Tensor:
-    """Distance in units of the target's spread over tokens (per layer, not trained through).
+def relative_distance(pred: torch.Tensor, target: torch.Tensor, options: KoopmanOptions,
+                      dist: DistInfo | None = None) -> torch.Tensor:
+    """Distance in units of the target's spread over tokens (per layer, not trained through), the
+    tokens of every process under torchrun (``dist``).
 
     The spread is the unbiased variance, except for a single token, whose (biased) spread is 0:
     the unbiased one would divide by 0 tokens.
     """
-    correction = 1 if target.shape[1] > 1 else 0
-    scale = target.detach().var(dim=1, keepdim=True, correction=correction).mean(-1, keepdim=True).add(EPS).sqrt()
+    target_ = target.detach()
+    if dist is not None and dist.enabled:
+        variance = _global_variance(target_)
+    else:
+        variance = target_.var(dim=1, keepdim=True, correction=1 if target.shape[1] > 1 else 0)
+    scale = variance.mean(-1, keepdim=True).add(EPS).sqrt()
     return _distance(pred / scale, target / scale, options)
+
+
+def _global_variance(target: torch.Tensor) -> torch.Tensor:
+    """``target.var(dim=1, keepdim=True)`` (n, 1, D) over the tokens of every process (two passes:
+    the mean, then the squared deviations, as torch.var does). A collective: every rank calls it."""
+    count = torch.tensor(float(target.shape[1]), dtype=target.dtype, device=target.device)
+    total = target.sum(1, keepdim=True)
+    for tensor in (count, total):
+        torch.distributed.all_reduce(tensor)
+    squares = (target - total / count).square().sum(1, keepdim=True)
+    torch.distributed.all_reduce(squares)
+    return squares / (count - 1 if count > 1 else count)
+
+
+def _dist(state: stagewise.State | None) -> DistInfo | None:
+    """The run's processes; None outside a run (fit_post_hoc, which reads its split whole on every rank)."""
+    return state.dist if state is not None else None
 
 
 def _masked_mean(per_layer: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -252,18 +277,20 @@ class KoopmanOperator(stagewise.Loss):
     def needs(self) -> stagewise.Needs:
         return stagewise.Needs(hidden=True)
 
-    def errors(self, hidden: list[torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def errors(self, hidden: list[torch.Tensor],
+               dist: DistInfo | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The term's parts on ``hidden`` (see :func:`koopman_parts`); ``dist``: the processes under torchrun."""
         states, mask = gather_pairs(hidden, self.sources, self.options)
-        return koopman_parts(self.koopman, states, mask, self.options)
+        return koopman_parts(self.koopman, states, mask, self.options, dist)
 
     def forward(self, outputs, batch, state):
-        errors, lifted = self.errors(outputs["hidden"])
+        errors, lifted = self.errors(outputs["hidden"], _dist(state))
         if self.options.dmd_every and torch.is_grad_enabled() and self.pending is None:  # a step's first pass
             self.pending = (lifted[:, 0].detach(), lifted[:, 1].detach())
         return {part: w * errors[part] for part, w in self.options.part_weights().items() if w}
 
     def eval_sums(self, outputs, batch, state):
-        errors, _ = self.errors(outputs["hidden"])
+        errors, _ = self.errors(outputs["hidden"], _dist(state))
         weighted = sum(w * errors[part] for part, w in self.options.part_weights().items() if w)
         n = float(batch["input"].shape[0])
         return {name: (float(value) * n, n) for name, value in {"loss": weighted, **errors}.items()}

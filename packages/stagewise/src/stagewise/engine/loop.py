@@ -132,6 +132,7 @@ class TrainLoop:
             ok = self.guard.check(value, self._where(record))
             if ok:
                 total.backward()
+                self._drop_inactive_grads(active)
                 if o.grad_clip is not None:
                     for group in self.clip_groups:
                         torch.nn.utils.clip_grad_norm_(group, o.grad_clip)
@@ -140,6 +141,16 @@ class TrainLoop:
             self._after_update(value, lr, record)
         state.fire(Event.AFTER_STEP, loss=value)
         return value
+
+    def _drop_inactive_grads(self, active: set[str]) -> None:
+        """Under DDP an inactive term is in the graph at weight 0, so its parameters get zero
+        gradients, which AdamW would decay and count as steps; in one process they get none (not
+        computed). Leave them none here too, so both runs take the same steps."""
+        if self.state.dist.enabled:
+            for name, term in self.terms.items():
+                if name not in active:
+                    for param in term.parameters():
+                        param.grad = None
 
     def _lbfgs_step(self, batch: dict[str, Any], weights: dict[str, float], active: set[str],
                     record: dict[str, Any]) -> float:
