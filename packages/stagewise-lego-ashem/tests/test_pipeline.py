@@ -61,6 +61,9 @@ def test_same_seed_gives_bit_identical_metrics(tiny, tmp_path):
     a = read_summary(run_recipe(tiny(), out=tmp_path / "a", quiet=True))["metrics"]
     b = read_summary(run_recipe(tiny(), out=tmp_path / "b", quiet=True))["metrics"]
     assert a == b and "test/routed_ppl" in a
+    # the names stagewise.evaluate reports, so `stagewise compare` lines them up with lego_ashem.baseline's
+    assert (a["test/loss"], a["test/ppl"], a["test/acc"]) == (a["test/routed_loss"], a["test/routed_ppl"],
+                                                            a["test/acc"])
 
 
 def test_upper_layer_training_never_touches_frozen_parameters(tiny, tmp_path):

@@ -102,7 +102,9 @@ def routed_report(state: stagewise.State, options: Any) -> dict[str, Any]:
     """Everything ``lego_ashem.evaluate_routed`` reports (see its docstring)."""
     router = router_of(state)
     result = evaluate_routed(state, state.batches(options.split, desc=f"evaluate {options.split}"), router, full=True)
-    report = {"acc": result["acc"], "ppl": result["routed_ppl"], "threshold": router.threshold, **result}
+    # loss, ppl, acc: the names stagewise.evaluate reports, so a compare table lines them up with a baseline's
+    report = {"loss": result["routed_loss"], "acc": result["acc"], "ppl": result["routed_ppl"],
+              "threshold": router.threshold, **result}
     if options.measure_speed:
         idx = _first_windows(state.data[options.split], options.speed_batch_size, state.device)
         report.update(eval_speedup(state.model, router, idx, options.speed_repeats,

@@ -329,7 +329,8 @@ class EvaluateRouted(stagewise.Stage):
     """Routed evaluation on ``split``: every token runs to the exit layer; easy tokens exit,
     hard tokens continue, and the exited tokens' upper-layer work is really skipped.
 
-    Reports ``<stage>/<metric>`` for ``acc``, ``ppl`` (routed), ``routed_ppl``, ``routed_loss``, ``full_depth_ppl``,
+    Reports ``<stage>/<metric>`` for ``loss``, ``acc``, ``ppl`` (routed, as ``stagewise.evaluate`` names them),
+    ``routed_ppl``, ``routed_loss``, ``full_depth_ppl``,
     ``full_depth_acc``, ``exit_ppl``, ``shallow_ratio``, ``compute_cost`` (the seed's layer
     count), ``compute_cost_flops`` (counted), ``hard_ppl_before`` (exit layer) and
     ``hard_ppl_after`` (routed) on the tokens routed hard, ``threshold``; with ``measure_speed``
