@@ -62,8 +62,7 @@ def test_same_seed_gives_bit_identical_metrics(tiny, tmp_path):
     b = read_summary(run_recipe(tiny(), out=tmp_path / "b", quiet=True))["metrics"]
     assert a == b and "test/routed_ppl" in a
     # the names stagewise.evaluate reports, so `stagewise compare` lines them up with lego_ashem.baseline's
-    assert (a["test/loss"], a["test/ppl"], a["test/acc"]) == (a["test/routed_loss"], a["test/routed_ppl"],
-                                                            a["test/acc"])
+    assert (a["test/loss"], a["test/ppl"]) == (a["test/routed_loss"], a["test/routed_ppl"]) and "test/acc" in a
 
 
 def test_upper_layer_training_never_touches_frozen_parameters(tiny, tmp_path):
