@@ -343,17 +343,23 @@ class _State:
         pass
 
 
-def test_the_curve_takes_evenly_spread_calibration_quantiles_and_ends_with_nobody_exiting():
-    from stagewise_lego_ashem.evaluation import accuracy_compute_curve
+def _curve_state():
+    """A state for the curve: a small model's calibrated router and its score quantiles on one batch."""
     from stagewise_lego_ashem.mining import ROUTER, score_quantiles
 
     model = small_model()
     idx = torch.randint(0, 40, (4, 12), generator=torch.Generator().manual_seed(11))
     router = calibrated(model, idx)
     with torch.no_grad():
-        scores = router.score(model, model.exit_hidden(idx))[0]
-    quantiles = score_quantiles(scores)
+        quantiles = score_quantiles(router.score(model, model.exit_hidden(idx))[0])
     state = _State(model, {"test": [{"input": idx, "target": idx.roll(-1, 1)}]}, {ROUTER: {"quantiles": quantiles}})
+    return state, router, quantiles
+
+
+def test_the_curve_takes_evenly_spread_calibration_quantiles_and_ends_with_nobody_exiting():
+    from stagewise_lego_ashem.evaluation import accuracy_compute_curve
+
+    state, router, quantiles = _curve_state()
     rows = accuracy_compute_curve(state, "test", router, 3)  # quantiles 0, 10, 20 of 21
     assert [r["threshold"] for r in rows] == [quantiles[0], quantiles[10], math.inf]
     # evaluated on the calibration tokens themselves: the minimum lets every token exit, the
@@ -361,6 +367,23 @@ def test_the_curve_takes_evenly_spread_calibration_quantiles_and_ends_with_nobod
     assert [r["shallow_ratio"] for r in rows] == [1.0, pytest.approx(0.5, abs=1 / 48), 0.0]
     assert rows[0]["compute_cost"] == pytest.approx(0.5) and rows[-1]["compute_cost"] == 1.0
     assert state.logged[0][0] == "lego_ashem.curve" and state.logged[0][1]["points"] == rows
+
+
+def test_the_curve_plot_says_that_compute_above_1_costs_more_than_full_depth(tmp_path, monkeypatch):
+    # was: the x axis said "(1 = full depth)" while the exit head and confidence push
+    # compute_cost_flops above 1 at high thresholds, which read like a scale error
+    import stagewise.plots
+    from stagewise.engine.rundir import RunDir
+    from stagewise_lego_ashem.evaluation import accuracy_compute_curve
+
+    drawn = []
+    monkeypatch.setattr(stagewise.plots, "line_plot", lambda path, series, **kw: drawn.append(kw))
+    state, router, _ = _curve_state()
+    state.run_dir = RunDir(tmp_path)
+    rows = accuracy_compute_curve(state, "test", router, 2)
+    assert rows[-1]["compute_cost_flops"] > 1  # full depth plus the exit head: the case the label explains
+    assert "(>1: routing costs more)" in drawn[0]["xlabel"] and "1 = full depth" not in drawn[0]["xlabel"]
+    assert drawn[0]["vlines"] == [(1.0, "full depth")]
 
 
 def test_probe_labels_say_whether_the_exit_argmax_is_the_final_argmax():

@@ -182,3 +182,15 @@ def test_tensorboard_missing_fails_before_the_first_step(tmp_path, monkeypatch):
     monkeypatch.setattr(install, "CHECKOUT_PACKAGES", tmp_path)  # core from the package index
     with pytest.raises(ConfigError, match=r"pip install 'stagewise\[tensorboard\]' or set tensorboard = false"):
         tensorboard.stagewise_before_run(_tensorboard_state(tmp_path))
+
+
+def test_line_plot_draws_hlines_as_reference_lines_outside_the_legend(tmp_path, monkeypatch):
+    figure = pytest.importorskip("matplotlib.figure")
+    drawn = []
+    monkeypatch.setattr(figure.Figure, "savefig", lambda fig, *args, **kw: drawn.append(fig))
+    line_plot(tmp_path / "p.png", {"K0": ([1, 2], [1.2, 0.5])}, hlines=[(1.0, "|λ| = 1")])
+    ax = drawn[0].axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["K0"]
+    reference = [line for line in ax.get_lines() if list(line.get_ydata()) == [1.0, 1.0]]
+    assert len(reference) == 1 and reference[0].get_marker() in ("None", "", None)
+    assert "|λ| = 1" in [t.get_text().strip() for t in ax.texts]

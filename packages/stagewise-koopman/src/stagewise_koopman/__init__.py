@@ -13,7 +13,7 @@ from stagewise.lazy import lazy_attributes
 __version__ = "0.1.0"
 
 __all__ = ["KoopmanModules", "KoopmanOperator", "KoopmanOptions", "__version__", "dmd_operator",
-           "fit_post_hoc", "koopman_forward_logits", "koopman_parts"]
+           "fit_post_hoc", "koopman_forward_logits", "koopman_parts", "load_term"]
 
 _LAZY = {
     "KoopmanModules": "stagewise_koopman.operator",
@@ -22,6 +22,7 @@ _LAZY = {
     "koopman_parts": "stagewise_koopman.loss",
     "dmd_operator": "stagewise_koopman.dmd",
     "koopman_forward_logits": "stagewise_koopman.forward_mode",
+    "load_term": "stagewise_koopman.forward_mode",
     "fit_post_hoc": "stagewise_koopman.linearity",
 }
 

@@ -3,6 +3,7 @@
 The trained decoder ψ returns a normalised hidden state, which the model's own output head
 (``logits_from_hidden``: final norm, then projection) turns into logits. Each position uses
 only its own hidden state, so forward mode is exactly as causal as the layers below it.
+A finished run's trained φ, K, ψ come back with :func:`load_term`.
 """
 
 from __future__ import annotations
@@ -11,8 +12,24 @@ from pathlib import Path
 
 import torch
 
+from stagewise.engine.checkpoint import load_checkpoint
+from stagewise.errors import CheckpointError
+from stagewise.load import checkpoint_of
 from stagewise.plots import line_plot
-from stagewise_koopman.loss import KoopmanOperator
+from stagewise_koopman.loss import ARTIFACT, KoopmanOperator
+
+
+def load_term(source: str | Path, name: str = "koopman") -> KoopmanOperator:
+    """The trained φ, K, ψ of the ``koopman.operator`` term ``name`` (its ``name`` in ``losses``)
+    from ``source`` (a run directory: its last checkpoint; or a checkpoint file), on CPU, in eval
+    mode: ready for :func:`koopman_forward_logits` with ``stagewise.load_model(source)``."""
+    checkpoint = checkpoint_of(source)
+    terms = load_checkpoint(checkpoint, ("artifacts",))["artifacts"].get(ARTIFACT, {})
+    if name not in terms:
+        raise CheckpointError(f"{checkpoint}: holds no trained koopman.operator term named {name!r} "
+                              f"(found: {', '.join(sorted(terms)) or 'none'}); pass one of those as name, or use "
+                              f"a checkpoint written after the stage that trains the term")
+    return KoopmanOperator.from_artifact(terms[name]).eval()
 
 
 def koopman_forward_logits(model: torch.nn.Module, term: KoopmanOperator, hidden: list[torch.Tensor],
@@ -40,9 +57,8 @@ def spectral_radii(term: KoopmanOperator) -> dict[int, float]:
 
 
 def plot_spectrum(path: Path, term: KoopmanOperator, title: str) -> bool:
-    """Eigenvalue moduli of each K_l, sorted, against the unit circle; False without matplotlib."""
+    """Eigenvalue moduli of each K_l, sorted, against the unit circle (a reference line); False without matplotlib."""
     moduli = term.koopman.eigenvalues().abs().sort(-1, descending=True).values  # (n, D)
     ranks = list(range(1, moduli.shape[1] + 1))
     series = {f"K{layer}": (ranks, moduli[i].tolist()) for i, layer in enumerate(term.sources)}
-    series["|λ| = 1"] = ([1, ranks[-1]], [1.0, 1.0])
-    return line_plot(path, series, title=title, xlabel="eigenvalue rank", ylabel="|λ|")
+    return line_plot(path, series, title=title, xlabel="eigenvalue rank", ylabel="|λ|", hlines=[(1.0, "|λ| = 1")])

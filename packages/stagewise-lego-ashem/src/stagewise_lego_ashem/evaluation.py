@@ -171,8 +171,8 @@ def accuracy_compute_curve(state: stagewise.State, split: str, router: Confidenc
 
         line_plot(state.run_dir.plot_path("accuracy_compute.png"),
                   {"routed, threshold sweep": ([r["compute_cost_flops"] for r in rows], [r["acc"] for r in rows])},
-                  title=f"accuracy vs compute ({split})", xlabel="compute_cost_flops (1 = full depth)",
-                  ylabel="accuracy")
+                  title=f"accuracy vs compute ({split})", ylabel="accuracy", vlines=[(1.0, "full depth")],
+                  xlabel="compute_cost_flops: counted FLOPs relative to full depth (>1: routing costs more)")
     return rows
 
 

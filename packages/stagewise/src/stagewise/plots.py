@@ -20,8 +20,9 @@ def have_matplotlib() -> bool:
 
 def line_plot(path: Path, series: dict[str, tuple[list[float], list[float]]], *, title: str = "",
               xlabel: str = "", ylabel: str = "", logy: bool = False,
-              vlines: list[tuple[float, str]] = ()) -> bool:
-    """Draw named (x, y) series to a PNG; ``vlines`` mark positions (e.g. stage boundaries)."""
+              vlines: list[tuple[float, str]] = (), hlines: list[tuple[float, str]] = ()) -> bool:
+    """Draw named (x, y) series to a PNG; ``vlines`` mark positions (e.g. stage boundaries) and
+    ``hlines`` reference values (e.g. |λ| = 1): labelled lines without markers, not in the legend."""
     if not have_matplotlib():
         if path.parent not in _hinted:
             from stagewise.install import install_command
@@ -41,6 +42,10 @@ def line_plot(path: Path, series: dict[str, tuple[list[float], list[float]]], *,
     for x, label in vlines:
         ax.axvline(x, color="grey", linestyle=":", linewidth=1)
         ax.text(x, 1.0, f" {label}", transform=ax.get_xaxis_transform(), va="top", fontsize=8, color="grey")
+    for y, label in hlines:
+        ax.axhline(y, color="grey", linestyle="--", linewidth=1)
+        ax.text(1.0, y, f"{label} ", transform=ax.get_yaxis_transform(), ha="right", va="bottom", fontsize=8,
+                color="grey")
     if logy:
         ax.set_yscale("log")
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
