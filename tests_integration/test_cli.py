@@ -84,8 +84,9 @@ def test_reporting_on_the_mined_split_is_refused_before_the_run(cli, tmp_path):
     # the example's mine stage says in fits_on() that it calibrates and mines `train`
     result = cli("run", "example.hard_examples", "--set", 'stages.test.split="train"', cwd=tmp_path, ok=False)
     assert result.returncode == 1
-    assert ("stages.test.split: 'train' is not held-out: stage 'mine' calibrated the router and mined the hard "
-            "examples; report on a split no earlier stage fits on (or set allow_leak = true") in result.stderr
+    assert ("stages.test.split (from --set stages.test.split=\"train\"): 'train' is not held-out: stage 'mine' "
+            "calibrated the router and mined the hard examples; report on a split no earlier stage fits on "
+            "(or set allow_leak = true") in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 

@@ -74,18 +74,23 @@ def test_a_term_with_only_the_spectral_part_or_a_small_buffer_without_dmd_is_acc
     (["stages.main.losses.koopman.layers=[0]", "stages.main.losses.koopman.steps=5"],
      r"stages\.main\.losses\.koopman: steps 5 .* steps must be <= 3"),
     (["stages.forward.replace_layers=1", "stages.main.losses.koopman.layers=[0]"],
-     r"stages\.forward\.replace_layers: replacing the last 1 of 3 blocks needs the operator of term 'koopman' "
+     r"stages\.forward\.replace_layers \(from --set stages\.forward\.replace_layers=1\): "
+     r"replacing the last 1 of 3 blocks needs the operator of term 'koopman' "
      r"from layer 2, but its source layers are \[0\]; replace_layers can be: 3"),
     (["stages.forward.replace_layers=9"],
-     r"stages\.forward\.replace_layers: 9 is more than the model's 3 blocks; .* replace_layers can be: 1, 2, 3"),
+     r"stages\.forward\.replace_layers \(from --set stages\.forward\.replace_layers=9\): 9 is more than the "
+     r"model's 3 blocks; .* replace_layers can be: 1, 2, 3"),
     (['stages.main.losses.koopman.axis="time"'],
      r"stages\.forward\.replace_layers: Koopman forward mode needs a term with axis 'depth'"),
     (["stages.linearity.fit.layers=[7]"],
      r"stages\.linearity\.fit: layers \[7\] are out of range for axis 'depth'.*up to 2"),
     (['stages.linearity.fit={axis="time", steps=8}'],
-     r"stages\.linearity\.fit: steps 8 must be below the sequence length 8 for axis 'time'"),
-    (["stages.linearity.fit.dmd_every=2"], r"stages\.linearity\.fit\.dmd_every: must be 0"),
-    (["stages.linearity.lr=nan"], r"stages\.linearity\.lr: must be a finite number > 0, got nan"),
+     r"stages\.linearity\.fit \(from --set stages\.linearity\.fit=\{axis=\"time\", steps=8\}\): "
+     r"steps 8 must be below the sequence length 8 for axis 'time'"),
+    (["stages.linearity.fit.dmd_every=2"],
+     r"stages\.linearity\.fit\.dmd_every \(from --set stages\.linearity\.fit\.dmd_every=2\): must be 0"),
+    (["stages.linearity.lr=nan"],
+     r"stages\.linearity\.lr \(from --set stages\.linearity\.lr=nan\): must be a finite number > 0, got nan"),
 ])
 def test_settings_that_only_a_later_stage_would_trip_on_fail_before_anything_runs(tmp_path, overrides, message):
     with pytest.raises(stagewise.ConfigError, match=message):

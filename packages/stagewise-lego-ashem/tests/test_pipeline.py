@@ -210,9 +210,12 @@ def test_ashem_and_baseline_are_comparable():
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("stages.test.speed_repeats=0", "stages.test.speed_repeats: must be >= 1"),
-    ("stages.test.curve_points=-1", "stages.test.curve_points: must be >= 0"),
-    ("stages.phase2.speed_repeats=0", "stages.phase2.speed_repeats: must be >= 1"),
+    ("stages.test.speed_repeats=0",
+     r"stages.test.speed_repeats \(from --set stages.test.speed_repeats=0\): must be >= 1"),
+    ("stages.test.curve_points=-1",
+     r"stages.test.curve_points \(from --set stages.test.curve_points=-1\): must be >= 0"),
+    ("stages.phase2.speed_repeats=0",
+     r"stages.phase2.speed_repeats \(from --set stages.phase2.speed_repeats=0\): must be >= 1"),
 ])
 def test_bad_speed_and_curve_options_are_refused_when_the_recipe_loads(tiny, override, message):
     with pytest.raises(ConfigError, match=message):

@@ -74,6 +74,22 @@ def test_run_verify_export(tiny_recipe_path, tmp_path, capsys):
     assert all(np.array_equal(arrays[k], saved[k].numpy()) for k in saved)
 
 
+def test_an_export_holds_the_data_facts_and_the_vocabulary(tiny_recipe_path, tmp_path):
+    # was: no vocab_size and no vocabulary: a numpy-only consumer could not turn ids into words
+    from stagewise.data import Vocabulary
+    from stagewise.export import export_npz
+
+    run_dir = tmp_path / "run"
+    assert main(["run", str(tiny_recipe_path), "--out", str(run_dir), "--quiet", "--set", "stages.phase1.max_epochs=1",
+                 "--set", "stages.phase2.max_epochs=1"]) == 0
+    export_npz(run_dir / "checkpoints" / "phase1.pt", tmp_path / "m.npz")
+    arrays, meta = load_npz(tmp_path / "m.npz")
+    vocab = Vocabulary.from_file(run_dir / "vocab.txt")
+    assert meta["data_info"] == load_checkpoint(run_dir / "checkpoints" / "phase1.pt")["data_info"]
+    assert meta["vocab"] == vocab.itos and meta["data_info"]["vocab_size"] == len(vocab)
+    assert arrays["embedding.weight"].shape[0] == len(vocab)
+
+
 def test_run_says_where_it_writes_before_the_first_stage(tiny_recipe_path, tmp_path, capsys):
     # was: the run directory was named only by the final table, so a long run's files could not be found
     run_dir = tmp_path / "run"

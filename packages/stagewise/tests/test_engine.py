@@ -435,7 +435,8 @@ def test_evaluate_refuses_a_split_an_earlier_stage_fitted_on(calibrating, tmp_pa
     recipe = calibrating('stages.test.split="valid"')
     assert recipe.fitted_on(3, "valid") == ["stage 'calibrate' calibrated a threshold"]
     assert recipe.fitted_on(3, "test") == [] and recipe.fitted_on(1, "valid") == []  # only stages before it count
-    with pytest.raises(stagewise.ConfigError, match=r"stages\.test\.split: 'valid' is not held-out: stage "
+    with pytest.raises(stagewise.ConfigError, match=r"stages\.test\.split \(from --set stages\.test\.split="
+                                                    r"\"valid\"\): 'valid' is not held-out: stage "
                                                     r"'calibrate' calibrated a threshold; report on a split"):
         run_recipe(recipe, out=tmp_path / "run", quiet=True)
     assert not (tmp_path / "run").exists()  # refused before anything is written

@@ -530,6 +530,35 @@ def test_a_data_file_problem_names_the_recipe_file_and_its_key(tmp_path, monkeyp
     assert not (tmp_path / "run").exists()
 
 
+def test_a_problem_with_a_value_set_says_it_came_from_set(tiny, tiny_recipe_path):
+    # was: "tiny.toml: ... - data.seq_len: ...", as if the file held the value the command line gave
+    with pytest.raises(ConfigError) as info:
+        tiny("data={use=\"stagewise.text\", batch_size=0}", "data.seq_len=true", "stages.phase1.lr=-1")
+    assert info.value.problems == ["data.seq_len: expected int, got bool True",  # as the key path addresses it
+                                   "data.batch_size: must be >= 1, got 0", "stages.phase1.lr: must be a finite number "
+                                   ">= 0, got -1.0"]
+    assert str(info.value).splitlines()[1:] == [
+        "  - data.seq_len (from --set data.seq_len=true): expected int, got bool True",  # the longest key set
+        "  - data.batch_size (from --set data={use=\"stagewise.text\", batch_size=0}): must be >= 1, got 0",
+        "  - stages.phase1.lr (from --set stages.phase1.lr=-1): must be a finite number >= 0, got -1.0"]
+    tiny_recipe_path.write_text(tiny_recipe_path.read_text().replace("batch_size = 4", "batch_size = 0"))
+    with pytest.raises(ConfigError) as info:
+        tiny("data.seq_len=2")  # the file's value: named as before
+    assert str(info.value).endswith("\n  - data.batch_size: must be >= 1, got 0")
+
+
+def test_a_data_file_problem_says_when_set_gave_the_path(tmp_path, monkeypatch):
+    # was: "r.toml: 1 problem: - data.path: ...", though the path came from the command line
+    from stagewise.engine.runner import run_recipe
+
+    (tmp_path / "r.toml").write_text(CLASSES)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        run_recipe(load_recipe(tmp_path / "r.toml", ["data.path=empty.csv"]), out=tmp_path / "run", quiet=True)
+    assert str(info.value).startswith(f"{tmp_path / 'r.toml'}: 1 problem:\n  - data.path (from --set "
+                                      f"data.path=empty.csv): CSV file {tmp_path / 'empty.csv'} does not exist")
+
+
 def test_a_value_problem_is_reported_with_a_type_problem_of_another_key(tiny):
     # was: only the type problem; the value problem came the next round, named by its table
     # ("stages.phase1: lr must be a finite number >= 0, got -1.0")

@@ -10,14 +10,29 @@ class StagewiseError(Exception):
 
 
 class ConfigError(StagewiseError):
-    """A recipe (or ``--set`` override) is invalid; the message lists every problem found."""
+    """A recipe (or ``--set`` override) is invalid; the message lists every problem found.
 
-    def __init__(self, problems: list[str], source: str = "recipe"):
+    ``problems`` read ``KEY.PATH: message`` (or ``KEY, KEY: message``). ``overrides`` maps the key
+    paths ``--set`` gave to its argument: the message marks each key set so, or inside a table set
+    so, as ``data.path (from --set data.path=x)``, as ``source`` (the recipe file) did not hold it."""
+
+    def __init__(self, problems: list[str], source: str = "recipe", overrides: dict[str, str] | None = None):
         self.problems = list(problems)
         self.source = source
-        lines = "\n".join(f"  - {p}" for p in self.problems)
+        lines = "\n".join(f"  - {_mark_overrides(p, overrides or {})}" for p in self.problems)
         n = len(self.problems)
         super().__init__(f"{source}: {n} problem{'s' if n != 1 else ''}:\n{lines}")
+
+
+def _mark_overrides(problem: str, overrides: dict[str, str]) -> str:
+    keys, sep, message = problem.partition(": ")
+    return ", ".join(_from_set(key, overrides) for key in keys.split(", ")) + sep + message if sep else problem
+
+
+def _from_set(path: str, overrides: dict[str, str]) -> str:
+    """``path``, marked with the override that set it or a table holding it (the longest such key)."""
+    keys = [key for key in overrides if path == key or path.startswith(f"{key}.")]
+    return f"{path} (from --set {overrides[max(keys, key=len)]})" if keys else path
 
 
 class OptionError(StagewiseError, ValueError):

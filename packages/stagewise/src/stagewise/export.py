@@ -3,7 +3,9 @@
 The file loads with ``numpy.load(path, allow_pickle=False)`` anywhere, no torch needed:
 arrays are the model's state dict (names as keys); ``__meta__`` holds a JSON string with the
 model name, its options, the stage it came from and the routers the run kept
-(``state.keep_router``), so the exported model routes as the run did.
+(``state.keep_router``), so the exported model routes as the run did, and what the data gave the
+model: ``data_info`` (e.g. ``vocab_size``) and a text run's vocabulary (``vocab``), so the file
+alone turns ids into words.
 """
 
 from __future__ import annotations
@@ -45,11 +47,23 @@ def export_npz(checkpoint: Path, out: Path) -> dict[str, int]:
     if "__meta__" in arrays:
         raise CheckpointError(f"{checkpoint}: a parameter is named '__meta__', which the format reserves")
     meta = {"model": saved["recipe"]["model"].get("use"), "model_options": saved["model_options"],
-            "stage": saved["stage_name"], "routers": _routers(saved.get("routers", {})), "format": FORMAT}
+            "stage": saved["stage_name"], "routers": _routers(saved.get("routers", {})), "format": FORMAT,
+            **_data_meta(Path(checkpoint), saved)}
     counts = {"arrays": len(arrays), "parameters": int(sum(a.size for a in arrays.values()))}
     arrays["__meta__"] = np.array(json.dumps(meta))
     atomic_write_bytes(out, lambda f: np.savez(f, **arrays))
     return counts
+
+
+def _data_meta(checkpoint: Path, saved: dict[str, Any]) -> dict[str, Any]:
+    """``data_info``: the data's facts the model was built from (absent from checkpoints older than
+    that key); ``vocab``: the tokens of the run directory's vocab.txt, id i at index i (a checkpoint
+    in RUN_DIR/checkpoints of a text run only), so a numpy-only consumer needs no second file."""
+    meta = {"data_info": saved["data_info"]} if "data_info" in saved else {}
+    vocab = checkpoint.parent.parent / "vocab.txt"
+    if checkpoint.parent.name == "checkpoints" and vocab.is_file():
+        meta["vocab"] = vocab.read_text(encoding="utf-8").splitlines()
+    return meta
 
 
 def _routers(routers: dict[str, Any]) -> dict[str, Any]:

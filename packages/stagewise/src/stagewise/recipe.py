@@ -64,9 +64,14 @@ class Recipe:
     stages: list[StageSpec]
     source: str = "<recipe>"
     table: dict[str, Any] = field(default_factory=dict, repr=False)  # resolved, as TOML data
+    overrides: dict[str, str] = field(default_factory=dict, repr=False)  # key path -> the --set that gave it
 
     def to_toml(self) -> str:
         return dumps(self.table)
+
+    def error(self, problems: list[str]) -> ConfigError:
+        """A ConfigError naming the recipe file, each problem marked if ``--set`` gave its value."""
+        return ConfigError(problems, self.source, self.overrides)
 
     def stage_path(self, index: int) -> str:
         """How a problem names stage ``index``: ``stages.NAME``, as ``--set`` addresses it (see
@@ -155,11 +160,9 @@ def resolve_recipe_path(recipe: str | Path) -> Path:
 def recipe_from_table(raw: dict[str, Any], source: str, overrides: list[str]) -> Recipe:
     problems: list[str] = []
     raw = copy.deepcopy(raw)
-    for item in overrides:
-        apply_override(raw, item, problems)
-    set_keys = [item.partition("=")[0].strip() for item in overrides]
-    anchor_data_paths(raw, Path.cwd(), None if "data" in set_keys else
-                      {k.removeprefix("data.") for k in set_keys if k.startswith("data.")})
+    set_by = {key: item for item in overrides if (key := apply_override(raw, item, problems)) is not None}
+    anchor_data_paths(raw, Path.cwd(), None if "data" in set_by else
+                      {k.removeprefix("data.") for k in set_by if k.startswith("data.")})
     problems.extend(unknown_key_message(k, "", list(TOP_LEVEL)) for k in raw if k not in TOP_LEVEL)
     run = build_dataclass(RunOptions, raw.get("run", {}), "run", problems)
     data = DataSpec.from_table(raw.get("data", {}), "data", problems)
@@ -170,8 +173,8 @@ def recipe_from_table(raw: dict[str, Any], source: str, overrides: list[str]) ->
     if model is not None:
         _check_grow(paths, stages, model, problems)
     if problems:
-        raise ConfigError(problems, source)
-    recipe = Recipe(run=run, data=data, model=model, stages=stages, source=source)
+        raise ConfigError(problems, source, set_by)
+    recipe = Recipe(run=run, data=data, model=model, stages=stages, source=source, overrides=set_by)
     recipe.table = {"run": as_table(run), "data": data.to_table(), "model": model.to_table(),
                     "stages": [s.to_table() for s in stages]}
     return recipe
@@ -206,14 +209,15 @@ def _check_grow(paths: list[str], stages: list[StageSpec], model: ModelSpec, pro
                 current = grown
 
 
-def apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None:
+def apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> str | None:
     """Apply ``a.b.c=value`` to the raw table. Stages are addressed by name (``stages.NAME.key``),
-    and so are a stage's loss terms (``stages.NAME.losses.TERM.key``, TERM as in metrics)."""
+    and so are a stage's loss terms (``stages.NAME.losses.TERM.key``, TERM as in metrics).
+    Returns the key path it set (as problems name it), or None when it reported a problem instead."""
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
     if not sep or not all(parts):
         problems.append(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. stages.phase1.max_epochs=3")
-        return
+        return None
     value = _parse_value(text.strip())
     node: Any = raw
     kind = "recipe"  # what node is: the recipe, a stage, a loss term or another table
@@ -223,13 +227,14 @@ def apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None:
         if named and isinstance(node.get(part, []), list):
             node, kind = _element_named(node.get(part) or [], part, named, next(path, ""), item, problems), named[0]
             if node is None:
-                return
+                return None
             continue
         node, kind = node.setdefault(part, {}), "table"
         if not isinstance(node, dict):
             problems.append(f"--set {item!r}: {part!r} is not a table")
-            return
+            return None
     node[parts[-1]] = value
+    return ".".join(parts)
 
 
 # the lists of tables whose elements --set addresses by name (the name problems use too, see named_paths):

@@ -24,7 +24,7 @@ from stagewise.engine.failures import failure_note
 from stagewise.engine.guards import RateLimitedWarnings
 from stagewise.engine.rundir import RunDir, environment, file_in_the_way, unused_folder
 from stagewise.engine.state import State, check_event_hooks
-from stagewise.errors import CheckpointError, ConfigError, RunInterrupted, StagewiseError, TrainingError
+from stagewise.errors import CheckpointError, RunInterrupted, StagewiseError, TrainingError
 from stagewise.events import Event
 from stagewise.recipe import Recipe, data_path_keys
 from stagewise.schema import build_dataclass
@@ -162,7 +162,7 @@ def check_stages(recipe: Recipe, data: Any) -> None:
     problems = [p for i, spec in enumerate(recipe.stages)
                 for p in spec.build().check(recipe, i, data)]
     if problems:
-        raise ConfigError(problems, recipe.source)
+        raise recipe.error(problems)
 
 
 def _default_folder(recipe: Recipe) -> Path:
@@ -170,8 +170,8 @@ def _default_folder(recipe: Recipe) -> Path:
     out = Path(recipe.run.out)
     blocking = file_in_the_way(out)
     if blocking is not None:
-        raise ConfigError([f"run.out: {blocking} is a file, not a folder; set run.out to a folder "
-                           f"(or pass --out)"], recipe.source)
+        raise recipe.error([f"run.out: {blocking} is a file, not a folder; set run.out to a folder "
+                            f"(or pass --out)"])
     return unused_folder(out / recipe.run.name)
 
 
@@ -185,13 +185,13 @@ def _build(table: str, recipe: Recipe, factory: Any) -> Any:
         if isinstance(exc, StagewiseError) and not isinstance(exc, DataError):
             raise
         keys = _file_keys(recipe, str(exc)) if table == "data" else []
-        raise ConfigError([f"{', '.join(keys) or f'{table} ({use})'}: {exc}"], recipe.source) from exc
+        raise recipe.error([f"{', '.join(keys) or f'{table} ({use})'}: {exc}"]) from exc
     except RuntimeError as exc:
         gib = _allocation_gib(exc)
         if gib is None:
             raise
-        raise ConfigError([f"{table} ({use}): its options ask for {gib:.3g} GiB at once, more "
-                           f"memory than this machine has; lower the sizes"], recipe.source) from None
+        raise recipe.error([f"{table} ({use}): its options ask for {gib:.3g} GiB at once, more "
+                            f"memory than this machine has; lower the sizes"]) from None
 
 
 def _file_keys(recipe: Recipe, message: str) -> list[str]:
