@@ -299,8 +299,10 @@ def test_a_problem_a_term_finds_as_its_stage_starts_names_the_term_and_the_file(
 
     register_plugin(Plugin(), "setuptest")
     try:
-        with pytest.raises(ConfigError, match=r"^\S*tiny\.toml: 1 problem:\n  - stages\.phase1\.losses\.width: the "
-                                              r"model's 16 features are not a multiple of 3$"):
+        # the terms came from --set, so the problem says so (the file did not hold them)
+        with pytest.raises(ConfigError, match=r"^\S*tiny\.toml: 1 problem:\n  - stages\.phase1\.losses\.width \(from "
+                                              r"--set stages\.phase1\.losses=\[\{use = \"setuptest\.width\"\}\]\): "
+                                              r"the model's 16 features are not a multiple of 3$"):
             run_recipe(tiny('stages.phase1.losses=[{use = "setuptest.width"}]'), out=tmp_path / "run", quiet=True)
     finally:
         unregister_plugin("setuptest")

@@ -24,7 +24,6 @@ from stagewise.engine.guards import NonFiniteGuard
 from stagewise.engine.objective import Objective, TermWeights, build_terms, split_term
 from stagewise.engine.optim import build_optimizer, build_scheduler
 from stagewise.engine.params import select_parameters
-from stagewise.errors import ConfigError
 from stagewise.events import Event
 from stagewise.loss import batch_size
 
@@ -278,8 +277,8 @@ class TrainLoop:
     def _monitored(self, metrics: dict[str, Any]) -> float:
         if self.o.monitor not in metrics:
             known = ", ".join(sorted(k for k in metrics if isinstance(metrics[k], float)))
-            raise ConfigError([f"stages.{self.stage.label}.monitor: {self.o.monitor!r} is not a metric of "
-                               f"this stage; metrics: {known}"], self.state.recipe.source)
+            raise self.state.recipe.error([f"stages.{self.stage.label}.monitor: {self.o.monitor!r} is not a "
+                                           f"metric of this stage; metrics: {known}"])
         return float(metrics[self.o.monitor])
 
     def _early_stopping(self, metrics: dict[str, Any]) -> None:

@@ -79,14 +79,14 @@ def build_terms(specs: list[LossSpec], state: State, where: str) -> dict[str, Lo
     """Instantiate a stage's loss terms, let them create their parameters, move them to device."""
     problems = duplicate_names(specs, where)
     if problems:
-        raise ConfigError(problems, state.recipe.source)
+        raise state.recipe.error(problems)
     terms: dict[str, Loss] = {}
     for path, spec in zip(term_paths(specs, where), specs, strict=True):
         term = spec.component()(spec.options)
         try:
             term.setup(state)
         except ConfigError as exc:  # found only on the built model (Loss.setup): name the term and the file
-            raise ConfigError([f"{path}: {p}" for p in exc.problems], state.recipe.source) from None
+            raise state.recipe.error([f"{path}: {p}" for p in exc.problems]) from None
         terms[spec.name] = term.to(state.device)
     return terms
 
