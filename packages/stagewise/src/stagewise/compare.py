@@ -15,7 +15,7 @@ from typing import Any
 from stagewise.engine.rundir import empty_folder, write_json_atomic
 from stagewise.errors import ConfigError
 from stagewise.recipe import Recipe, load_recipe, read_recipe_table
-from stagewise.specs import default_term_name
+from stagewise.specs import LossSpec, StageSpec
 from stagewise.tomlwrite import toml_value
 
 
@@ -70,17 +70,16 @@ def _has(stages: dict[str, set[str]], stage: str, term: str | None) -> bool:
 
 
 def _stage_terms(name: str) -> dict[str, set[str]]:
-    """Each stage's name in a recipe file, with its loss terms' names (``name`` or from ``use``)."""
+    """Each stage's name in a recipe file, with its loss terms' names, as ``--set`` addresses them."""
     raw, _ = read_recipe_table(name)
     stages = raw.get("stages")
     if not isinstance(stages, list):
         return {}
-    return {table.get("name"): _term_names(table.get("losses")) for table in stages if isinstance(table, dict)}
+    return {StageSpec.item_name(table): _term_names(table.get("losses")) for table in stages if isinstance(table, dict)}
 
 
 def _term_names(losses: Any) -> set[str]:
-    terms = [t for t in losses if isinstance(t, dict)] if isinstance(losses, list) else []
-    return {t.get("name") or default_term_name(str(t.get("use", ""))) for t in terms}
+    return {LossSpec.item_name(t) for t in losses if isinstance(t, dict)} if isinstance(losses, list) else set()
 
 
 def check_comparable(recipes: list[Recipe]) -> None:

@@ -124,11 +124,11 @@ class TrainLoop:
         record: dict[str, Any] = {}
         if o.optimizer == "lbfgs":
             value = self._lbfgs_step(batch, weights, active, record)
-            ok = self.guard.check(value, self._where(record))
+            ok = self._checked(value, record)
         else:
             self.optimizer.zero_grad(set_to_none=True)
             total, value = self._total(batch, weights, active, record)
-            ok = self.guard.check(value, self._where(record))
+            ok = self._checked(value, record)
             if ok:
                 total.backward()
                 self._drop_inactive_grads(active)
@@ -302,6 +302,11 @@ class TrainLoop:
         flag = "  *" if self.pos.best_epoch == self.pos.epoch else ""
         return (f"[{self.stage.label}] epoch {self.pos.epoch + 1}/{self.o.max_epochs}  {parts}"
                 f"  ({seconds:.1f}s){flag}")
+
+    def _checked(self, value: float, record: dict[str, Any]) -> bool:
+        """The guard's verdict on the batch's loss; where the loop is is spelled out (a string
+        per term) only for a loss the guard reports, off the per-step path."""
+        return self.guard.check(value, "" if math.isfinite(value) else self._where(record))
 
     def _where(self, record: dict[str, Any]) -> str:
         """Where the loop is, naming the terms of ``record`` that are not finite (what a NaN came from)."""
