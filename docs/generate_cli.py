@@ -31,6 +31,13 @@ are documented on the plugin's page.
 Every command exits 0 when it succeeds; 1 on an error, printed as one line `stagewise: error: ...`
 (and for `verify`, when the metrics differ); 2 for a wrong invocation; 130 on Ctrl-C; and 141,
 silently, when the program reading its output stops early (`stagewise recipes | head -1`).
+
+A bug exits 1 with Python's traceback instead, and, in a run, a note naming the stage, the term or
+hook, and the plugin to report it to. The file system refusing a path (`OSError`: no permission, a
+missing file, disk full) is the one line `stagewise: error: PATH: ...; advice` when stagewise's own
+code was handling the path (the run directory, data files, checkpoints, the recipe), and a plugin's
+bug, with its traceback and note, when the innermost stagewise or plugin code it came through is a
+plugin's (a file the plugin opens or writes itself).
 """
 
 

@@ -115,6 +115,24 @@ def test_bad_data_path_writes_nothing(tiny_recipe_path, tmp_path, capsys):
     assert code == 1 and "missing" in capsys.readouterr().err and not out.exists()
 
 
+def test_a_glob_set_by_set_is_marked_when_the_stage_start_refuses_it(tiny_recipe_path, tmp_path, capsys, monkeypatch):
+    # a model the meta device cannot build: its globs are checked only as the stage starts (was unmarked)
+    monkeypatch.setattr("stagewise.builtins.train.parameter_names_at", lambda recipe, index, data: None)
+    args = ["run", str(tiny_recipe_path), "--out", str(tmp_path / "run"), "--quiet"]
+    assert main([*args, "--set", 'stages.phase1.freeze=["nope.*"]']) == 1
+    assert (f"stagewise: error: {tiny_recipe_path}: 1 problem:\n  - stages.phase1.freeze (from --set "
+            f'stages.phase1.freeze=["nope.*"]): \'nope.*\' matches no parameter;') in capsys.readouterr().err
+
+
+def test_a_device_set_by_set_is_marked_when_the_machine_has_none(tiny_recipe_path, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["run", str(tiny_recipe_path), "--out", str(tmp_path / "run"), "--set", "run.device=cuda"]) == 1
+    assert capsys.readouterr().err == (f"stagewise: error: {tiny_recipe_path}: 1 problem:\n  - run.device (from --set "
+                                       f"run.device=cuda): 'cuda' was asked for but no CUDA device is available; "
+                                       f"use 'auto' or 'cpu'\n")
+    assert not (tmp_path / "run").exists()
+
+
 def test_verify_needs_a_finished_run(tmp_path, capsys):
     (tmp_path / "g.json").write_text('{"metrics": {}}')
     assert main(["verify", str(tmp_path), str(tmp_path / "g.json")]) == 1

@@ -370,20 +370,26 @@ def test_evaluate_prefix_names_the_metrics(tiny, tmp_path):
     assert not any(k.startswith("test/") for k in metrics)  # the split's name is only the default prefix
 
 
+def _with_device(recipe, device, source="recipe"):
+    """``recipe`` asking for ``device`` in its file ``source`` (not through --set)."""
+    recipe.run.device, recipe.source = device, source
+    return recipe
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_asking_for_cuda_without_cuda_is_a_config_error():
+def test_asking_for_cuda_without_cuda_is_a_config_error(tiny):
     from stagewise.engine.distributed import resolve_device
     from stagewise.errors import ConfigError
 
-    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device(_with_device(tiny(), "auto")) == torch.device("cpu")
     with pytest.raises(ConfigError, match="run.device: 'cuda' was asked for but no CUDA device is available"):
-        resolve_device("cuda")
+        resolve_device(_with_device(tiny(), "cuda"))
     with pytest.raises(ConfigError, match=r"^my\.toml: 1 problem:\n  - run\.device"):  # was "recipe: 1 problem"
-        resolve_device("cuda", "my.toml")
+        resolve_device(_with_device(tiny(), "cuda", "my.toml"))
 
 
 @pytest.mark.parametrize("name", ["auto", "cuda"])
-def test_more_processes_on_a_machine_than_it_has_gpus_is_a_config_error(monkeypatch, name):
+def test_more_processes_on_a_machine_than_it_has_gpus_is_a_config_error(tiny, monkeypatch, name):
     # torchrun --nproc_per_node=2 on a one-GPU machine crashed process 1 with "invalid device ordinal"
     from stagewise.engine.distributed import resolve_device
     from stagewise.errors import ConfigError
@@ -391,12 +397,12 @@ def test_more_processes_on_a_machine_than_it_has_gpus_is_a_config_error(monkeypa
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert resolve_device(name) == torch.device("cuda", 0)
+    assert resolve_device(_with_device(tiny(), name)) == torch.device("cuda", 0)
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(ConfigError, match=r"^my\.toml: 1 problem:\n  - run\.device: .* this machine has 1 and "
                                           r"torchrun started process 1 here; start at most 1 per machine "
                                           r"\(torchrun --nproc_per_node=1\) or set run\.device = 'cpu'"):
-        resolve_device(name, "my.toml")
+        resolve_device(_with_device(tiny(), name, "my.toml"))
 
 
 class _Calibrate(stagewise.Stage):

@@ -109,18 +109,18 @@ def test_option_values_are_validated(tiny, override, message):
     assert any(message in p for p in info.value.problems), info.value.problems
 
 
-def test_freeze_takes_parameters_out_of_train():
+def test_freeze_takes_parameters_out_of_train(tiny):
     import torch
 
     from stagewise.engine.params import select_parameters
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
-    selected = select_parameters(model, ["*"], ["0.*"], "stages[0]", "r.toml")
+    selected = select_parameters(model, ["*"], ["0.*"], "stages[0]", tiny())
     assert [name for name, _ in selected] == ["1.weight", "1.bias"]
     assert {n: p.requires_grad for n, p in model.named_parameters()} == {
         "0.weight": False, "0.bias": False, "1.weight": True, "1.bias": True}
     with pytest.raises(ConfigError, match="train/freeze leave no parameter to train"):
-        select_parameters(model, ["0.*"], ["0.*"], "stages[0]", "r.toml")
+        select_parameters(model, ["0.*"], ["0.*"], "stages[0]", tiny())
 
 
 # --- fuzzing findings: bad values must be refused before the run writes anything -------------------

@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
         return 141  # 128 + SIGPIPE, as shells report for a command a closed pipe ended
     except OSError as exc:  # the file system said no: no permission, a file where a folder should be, disk full
+        from stagewise.engine.failures import blames_plugin
+
+        if blames_plugin(exc):  # a plugin's own file handling in a run, not a path the user gave to core
+            raise  # a bug: its traceback, with the note that says whom to report it to
         where = "".join(f"{name}: " for name in (exc.filename, exc.filename2) if name is not None)
         advice = _OS_ADVICE.get(exc.errno, "check the path")
         print(f"stagewise: error: {where}{exc.strerror or exc}; {advice}", file=sys.stderr)

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from stagewise.recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -59,18 +63,17 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def resolve_device(name: str, source: str = "recipe") -> torch.device:
-    """The torch device for ``run.device``; ConfigError naming the recipe ``source`` without CUDA."""
+def resolve_device(recipe: Recipe) -> torch.device:
+    """The torch device for the recipe's ``run.device``; the recipe's error (marked when ``--set``
+    gave the device) when it asks for CUDA this machine cannot give."""
+    name = recipe.run.device
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    from stagewise.errors import ConfigError
-
     if not torch.cuda.is_available():
-        raise ConfigError(["run.device: 'cuda' was asked for but no CUDA device is available; use 'auto' or 'cpu'"],
-                          source)
+        raise recipe.error(["run.device: 'cuda' was asked for but no CUDA device is available; use 'auto' or 'cpu'"])
     local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
     if local_rank >= gpus:  # each process takes the GPU of its local rank; NCCL refuses two on one GPU
-        raise ConfigError([f"run.device: {name!r} gives each process one GPU, but this machine has {gpus} and "
-                           f"torchrun started process {local_rank} here; start at most {gpus} per machine "
-                           f"(torchrun --nproc_per_node={gpus}) or set run.device = 'cpu'"], source)
+        raise recipe.error([f"run.device: {name!r} gives each process one GPU, but this machine has {gpus} and "
+                            f"torchrun started process {local_rank} here; start at most {gpus} per machine "
+                            f"(torchrun --nproc_per_node={gpus}) or set run.device = 'cpu'"])
     return torch.device("cuda", local_rank)

@@ -1,44 +1,81 @@
-"""Which stage, term and plugin a bug that broke a stage came from, for a note on its traceback.
+"""Which stage, term, hook and plugin a bug in a run came from, for a note on its traceback.
 
 The traceback is for the plugin's author; the note tells a user whom to report it to. It is
-worked out from the traceback once the stage has failed, so a step costs nothing for it.
+worked out from the traceback once the run has failed, so a step costs nothing for it.
 """
 
 from __future__ import annotations
 
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from stagewise import plugins
+from stagewise.engine.state import State
+from stagewise.errors import StagewiseError
 from stagewise.loss import Loss
 from stagewise.router import Router
 
 if TYPE_CHECKING:
     from types import FrameType
 
-    from stagewise.specs import StageSpec
+REPORT = "report it to that plugin"
 
 
-def failure_note(exc: BaseException, spec: StageSpec) -> str:
+@contextmanager
+def noted(where: str, use: str | None = None) -> Iterator[None]:
+    """Add a :func:`failure_note` to a bug raised inside (a StagewiseError says what went wrong already)."""
+    try:
+        yield
+    except StagewiseError:
+        raise
+    except Exception as exc:
+        exc.add_note(failure_note(exc, where, use))
+        raise
+
+
+def failure_note(exc: BaseException, where: str, use: str | None = None) -> str:
     """E.g. "in stage 'main' (koopman.operator term of stagewise.train), from stagewise-koopman 0.1.0:
-    report it to that plugin"; without the plugin when every frame of ``exc`` is core's or Python's."""
+    report it to that plugin": ``where`` the engine was, what it was calling there (see :func:`_calling`)
+    and the plugin to blame (see :func:`_blamed_plugin`), left out when there is none."""
     frames = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)]
-    component = _innermost_component(frames)
-    note = f"in stage {spec.name!r} ({spec.use if component is None else f'{component} of {spec.use}'})"
-    plugin = next((info for info in map(_plugin_of, reversed(frames)) if info is not None), None)
-    if plugin is not None:
-        note += f", from {plugin.distribution} {plugin.version}: report it to that plugin"
-    return note
+    what = _calling(frames, use)
+    note = where if what is None else f"{where} ({what})"
+    plugin = _blamed_plugin(exc, frames)
+    return note if plugin is None else f"{note}, from {plugin.distribution} {plugin.version}: {REPORT}"
 
 
-def _innermost_component(frames: list[FrameType]) -> str | None:
-    """The loss term or router whose method the innermost of ``frames`` ran in, e.g. "koopman.operator term"."""
+def _blamed_plugin(exc: BaseException, frames: list[FrameType]) -> plugins.PluginInfo | None:
+    """The third-party plugin with the innermost frame in ``frames``, None when every frame is core's
+    or Python's. An OSError is the file system's answer to the code that asked: it is a plugin's
+    only when no core frame lies inside the plugin's, so a path core was handling (a run directory,
+    a data file, a checkpoint) stays the user's to fix."""
     for frame in reversed(frames):
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, Loss | Router):
-            return f"{owner.name} {'term' if isinstance(owner, Loss) else 'router'}"
+        module = frame.f_globals.get("__name__", "")
+        plugin = plugins.third_party_plugin_of(module)
+        if plugin is not None:
+            return plugin
+        if isinstance(exc, OSError) and module.partition(".")[0] == "stagewise":
+            return None
     return None
 
 
-def _plugin_of(frame: FrameType) -> plugins.PluginInfo | None:
-    return plugins.third_party_plugin_of(frame.f_globals.get("__name__", ""))
+def blames_plugin(exc: BaseException) -> bool:
+    """Whether a failure note on ``exc`` names a plugin to report it to."""
+    return any(note.endswith(REPORT) for note in getattr(exc, "__notes__", ()))
+
+
+def _calling(frames: list[FrameType], use: str | None) -> str | None:
+    """The innermost event hook, loss term or router of ``frames``, e.g. "stagewise_after_stage hook of
+    plugin 'tracker'" or "koopman.operator term of stagewise.train" (``use``: the component the engine
+    called), else ``use``."""
+    for frame in reversed(frames):
+        impl = frame.f_locals.get("impl") if frame.f_code is State.fire.__code__ else None
+        if impl is not None:  # the engine was calling a plugin's event hook
+            return f"{frame.f_locals['event'].hook_name} hook of plugin {impl.plugin_name!r}"
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, Loss | Router):
+            component = f"{owner.name} {'term' if isinstance(owner, Loss) else 'router'}"
+            return component if use is None else f"{component} of {use}"
+    return use

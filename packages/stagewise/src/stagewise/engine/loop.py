@@ -56,7 +56,7 @@ class TrainLoop:
         self.terms = build_terms(self.o.losses, state, where)
         state.terms = self.terms  # event hooks reach the terms through the state (e.g. a refresh after each step)
         self.objective = Objective(state.model, self.terms, state)
-        selected = select_parameters(state.model, self.o.train, self.o.freeze, where, state.recipe.source)
+        selected = select_parameters(state.model, self.o.train, self.o.freeze, where, state.recipe)
         groups = [[p for _, p in selected], *(list(term.parameters()) for term in self.terms.values())]
         # grad_clip bounds the model's gradient norm and each term's own parameters' apart, so that
         # an auxiliary term's modules (e.g. Koopman operators) never shrink the model's step

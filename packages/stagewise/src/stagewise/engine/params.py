@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from stagewise.engine.checkpoint import rng_state, set_rng_state
-from stagewise.errors import ConfigError
 
 if TYPE_CHECKING:
     from stagewise.data.splits import DataSplits
@@ -16,14 +15,15 @@ if TYPE_CHECKING:
 
 
 def select_parameters(model: torch.nn.Module, train: list[str], freeze: list[str],
-                      where: str, source: str) -> list[tuple[str, torch.nn.Parameter]]:
+                      where: str, recipe: Recipe) -> list[tuple[str, torch.nn.Parameter]]:
     """Mark parameters matching ``train`` and not ``freeze`` trainable; freeze the rest.
 
-    Every glob must match at least one parameter, so a typo cannot silently freeze a model.
+    Every glob must match at least one parameter, so a typo cannot silently freeze a model; a
+    problem is the ``recipe``'s error, marked when ``--set`` gave the glob.
     """
     problems = glob_problems([n for n, _ in model.named_parameters()], train, freeze, where)
     if problems:
-        raise ConfigError(problems, source)
+        raise recipe.error(problems)
     selected = []
     for name, param in model.named_parameters():
         trainable = _trains(name, train, freeze)
@@ -31,7 +31,7 @@ def select_parameters(model: torch.nn.Module, train: list[str], freeze: list[str
         if trainable:
             selected.append((name, param))
     if not selected:
-        raise ConfigError([f"{where}: train/freeze leave no parameter to train"], source)
+        raise recipe.error([f"{where}: train/freeze leave no parameter to train"])
     return selected
 
 

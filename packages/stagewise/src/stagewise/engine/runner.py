@@ -20,7 +20,7 @@ from stagewise.data.splits import DataError
 from stagewise.data.vocab import Vocabulary
 from stagewise.engine import distributed
 from stagewise.engine.checkpoint import RESUME_KEYS, load_checkpoint, seed_everything, set_rng_state
-from stagewise.engine.failures import failure_note
+from stagewise.engine.failures import noted
 from stagewise.engine.guards import RateLimitedWarnings
 from stagewise.engine.rundir import RunDir, environment, file_in_the_way, unused_folder
 from stagewise.engine.state import State, check_event_hooks
@@ -37,7 +37,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, resume: str | Path
     own folder, so it excludes ``out``."""
     if out is not None and resume is not None:
         raise ValueError(f"run_recipe: give out or resume, not both (a resumed run goes on in {resume})")
-    device = distributed.resolve_device(recipe.run.device, recipe.source)
+    device = distributed.resolve_device(recipe)
     info = distributed.setup(device)
     try:
         return _run(recipe, device, info, out, resume, quiet)
@@ -70,13 +70,15 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
         state.print(f"run {run.name!r} (seed {run.seed}): writing to {path}")
     first = _restore_run(state, saved, path) if resume is not None else 0
     try:
-        state.fire(Event.BEFORE_RUN)
+        with noted(f"in run {run.name!r}"):
+            state.fire(Event.BEFORE_RUN)
         for index in range(first, len(recipe.stages)):
             mid_stage = saved if saved is not None and index == saved["stage_index"] else None
             run_stage(state, index, recipe.stages[index], mid_stage)
         summary = {"recipe": run.name, "seed": run.seed, "stages": state.stage_results,
                    "metrics": state.metrics}
-        state.fire(Event.AFTER_RUN, metrics=state.metrics)
+        with noted(f"in run {run.name!r}"):
+            state.fire(Event.AFTER_RUN, metrics=state.metrics)
         if run_dir is not None:
             run_dir.write_summary(summary)
             state.print(final_table(summary, path))
@@ -122,45 +124,50 @@ def run_stage(state: State, index: int, spec: StageSpec, saved: dict[str, Any] |
     state.target_model = None
     state.terms, state.term_weights = {}, {}
     state.resume = saved
-    if saved is not None:
-        set_rng_state(saved["rng"])  # TrainLoop sets it again just before its first resumed step
-    else:
-        seed_everything(state.seed + index)  # each stage's randomness is independent of the others
-        if spec.grow:
-            grow_model(state, spec.grow)
-    stage = spec.build()
-    state.fire(Event.BEFORE_STAGE, stage=stage)
-    state.stage_started = time.perf_counter() - (saved.get("stage_seconds", 0.0) if saved is not None else 0.0)
-    try:
-        metrics = stage.run(state)
-    except StagewiseError:  # says what went wrong already
-        raise
-    except Exception as exc:  # a bug: its traceback is for the author, the note says whose it is
-        gib = _allocation_gib(exc) if isinstance(exc, RuntimeError) else None
-        if gib is not None:
-            raise TrainingError(f"stage '{spec.name}' ({spec.use}) asked for {gib:.3g} GiB at once, more memory "
-                                f"than this machine has; lower its sizes (the run directory keeps the stages before "
-                                f"it)") from None
-        exc.add_note(failure_note(exc, spec))
-        raise
-    # a training stage flushed its warnings at each epoch's end; what is left the stage warned
-    # outside an epoch: it belongs to this stage's metrics, not to the next stage's first epoch
-    warned = state.warnings.flush(f"in stage {spec.name!r}")
-    metrics.update({f"warnings/{kind}": n for kind, n in warned.items()})
-    seconds = time.perf_counter() - state.stage_started
-    state.resume = None
-    state.stage_results[spec.name] = {"metrics": metrics, "epochs": state.epochs_run, "seconds": seconds,
-                                      "measured": [k for k in metrics if k.rsplit("/", 1)[-1] in stage.measured]}
-    state.metrics.update(metrics)
-    state.log("stage", seconds=seconds, **metrics)
-    state.fire(Event.AFTER_STAGE, stage=stage, metrics=metrics)  # before the checkpoint: hook records are kept
+    with noted(f"in stage {spec.name!r}", spec.use):  # a bug in the plugin code it calls: a grown model, hooks, stage
+        if saved is not None:
+            set_rng_state(saved["rng"])  # TrainLoop sets it again just before its first resumed step
+        else:
+            seed_everything(state.seed + index)  # each stage's randomness is independent of the others
+            if spec.grow:
+                grow_model(state, spec.grow)
+        stage = spec.build()
+        state.fire(Event.BEFORE_STAGE, stage=stage)
+        state.stage_started = time.perf_counter() - (saved.get("stage_seconds", 0.0) if saved is not None else 0.0)
+        metrics = _stage_metrics(state, stage, spec)
+        # a training stage flushed its warnings at each epoch's end; what is left the stage warned
+        # outside an epoch: it belongs to this stage's metrics, not to the next stage's first epoch
+        warned = state.warnings.flush(f"in stage {spec.name!r}")
+        metrics.update({f"warnings/{kind}": n for kind, n in warned.items()})
+        seconds = time.perf_counter() - state.stage_started
+        state.resume = None
+        state.stage_results[spec.name] = {"metrics": metrics, "epochs": state.epochs_run, "seconds": seconds,
+                                          "measured": [k for k in metrics if k.rsplit("/", 1)[-1] in stage.measured]}
+        state.metrics.update(metrics)
+        state.log("stage", seconds=seconds, **metrics)
+        state.fire(Event.AFTER_STAGE, stage=stage, metrics=metrics)  # before the checkpoint: hook records are kept
     state.save_checkpoint(done=True)
+
+
+def _stage_metrics(state: State, stage: Any, spec: StageSpec) -> dict[str, Any]:
+    """What ``stage`` reports; an allocation larger than the machine's memory is a TrainingError."""
+    try:
+        return stage.run(state)
+    except RuntimeError as exc:
+        gib = _allocation_gib(exc)
+        if gib is None:
+            raise
+        raise TrainingError(f"stage '{spec.name}' ({spec.use}) asked for {gib:.3g} GiB at once, more memory "
+                            f"than this machine has; lower its sizes (the run directory keeps the stages before "
+                            f"it)") from None
 
 
 def check_stages(recipe: Recipe, data: Any) -> None:
     """Every stage's own checks (splits exist, required earlier stages), all reported at once."""
-    problems = [p for i, spec in enumerate(recipe.stages)
-                for p in spec.build().check(recipe, i, data)]
+    problems = []
+    for index, spec in enumerate(recipe.stages):
+        with noted(f"checking stage {spec.name!r}", spec.use):
+            problems += spec.build().check(recipe, index, data)
     if problems:
         raise recipe.error(problems)
 
@@ -179,19 +186,20 @@ def _build(table: str, recipe: Recipe, factory: Any) -> Any:
     """Build the data or the model; a bad option value or data file becomes a recipe error naming
     the table, or the key that names the file (``data.path``), and the recipe file."""
     use = getattr(recipe, table).use
-    try:
-        return factory()
-    except (ValueError, TypeError, KeyError) as exc:
-        if isinstance(exc, StagewiseError) and not isinstance(exc, DataError):
-            raise
-        keys = _file_keys(recipe, str(exc)) if table == "data" else []
-        raise recipe.error([f"{', '.join(keys) or f'{table} ({use})'}: {exc}"]) from exc
-    except RuntimeError as exc:
-        gib = _allocation_gib(exc)
-        if gib is None:
-            raise
-        raise recipe.error([f"{table} ({use}): its options ask for {gib:.3g} GiB at once, more "
-                            f"memory than this machine has; lower the sizes"]) from None
+    with noted(f"building the {table}", use):  # a bug, not a bad option or file: for the component's author
+        try:
+            return factory()
+        except (ValueError, TypeError, KeyError) as exc:
+            if isinstance(exc, StagewiseError) and not isinstance(exc, DataError):
+                raise
+            keys = _file_keys(recipe, str(exc)) if table == "data" else []
+            raise recipe.error([f"{', '.join(keys) or f'{table} ({use})'}: {exc}"]) from exc
+        except RuntimeError as exc:
+            gib = _allocation_gib(exc)
+            if gib is None:
+                raise
+            raise recipe.error([f"{table} ({use}): its options ask for {gib:.3g} GiB at once, more "
+                                f"memory than this machine has; lower the sizes"]) from None
 
 
 def _file_keys(recipe: Recipe, message: str) -> list[str]:
