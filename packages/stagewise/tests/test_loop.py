@@ -246,6 +246,7 @@ class Terminal(io.StringIO):
 
 
 def test_progress_bars_show_on_a_terminal_only_without_quiet_and_change_no_number(tiny, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")  # without it each run's stderr holds its no-plots hint, even with --quiet
     stderr, runs = {}, (("bar", False, Terminal()), ("quiet", True, Terminal()), ("log", False, io.StringIO()))
     for name, quiet, terminal in runs:
         monkeypatch.setattr(sys, "stderr", terminal)

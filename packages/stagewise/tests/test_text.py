@@ -1,5 +1,6 @@
 """The text pipeline: vocabulary, tokenisation, sources, windows and errors."""
 
+import sys
 
 import pytest
 import torch
@@ -76,6 +77,12 @@ def test_builtin_corpus_splits_are_disjoint_and_deterministic():
     docs = deal(79, opts.splits)
     assert sorted(i for ids in docs.values() for i in ids) == list(range(79))
     assert docs["valid"][:3] == [3, 13, 23] and len(docs["test"]) == 8
+
+
+def test_a_python_without_pydoc_data_is_told_to_set_a_path(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pydoc_data.topics", None)  # as in a Python built without it
+    with pytest.raises(DataError, match=r"pydoc_data.topics, which this Python \(.*\) lacks; set path to a directory"):
+        TextCorpus.from_recipe(TextOptions(seq_len=8), seed=0)
 
 
 def test_windows_shift_input_and_target():

@@ -17,6 +17,7 @@ The vocabulary is built from the training split only; nothing depends on the see
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,7 +114,11 @@ def split_files(root: Path) -> dict[str, Path]:
 
 def builtin_streams(options: TextOptions) -> dict[str, list[str]]:
     """Token streams of the built-in corpus: Python's topic docs, dealt to splits by document."""
-    from pydoc_data.topics import topics
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as exc:  # some minimal Python builds leave pydoc_data out
+        raise DataError(f"{BUILTIN} is Python's pydoc_data.topics, which this Python ({sys.executable}) lacks; "
+                        f"set path to {LAYOUTS}") from exc
 
     documents = [tokenize(topics[key], options.lowercase) for key in sorted(topics)]  # one per topic
     return {split: [token for i in ids for token in documents[i]]
