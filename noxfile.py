@@ -50,9 +50,11 @@ def integration(session: nox.Session) -> None:
 
 @nox.session(tags=["tests"])
 def docs(session: nox.Session) -> None:
-    """Every hook spec, recipe key and CLI command is documented in docs/."""
+    """Every hook spec, recipe key and CLI command is documented in docs/, and every Python example runs."""
     _install(session, *PACKAGES)
-    session.run("pytest", "docs/test_docs.py", *session.posargs, env=STRICT)
+    # the example plugin's README holds an example too
+    session.install(*CONSTRAINTS, "-e", "tests_integration/stagewise-example-plugin")
+    session.run("pytest", "docs/test_docs.py", "docs/test_examples.py", *session.posargs, env=STRICT)
 
 
 @nox.session
