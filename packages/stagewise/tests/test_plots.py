@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from stagewise import install
@@ -194,3 +196,22 @@ def test_line_plot_draws_hlines_as_reference_lines_outside_the_legend(tmp_path, 
     reference = [line for line in ax.get_lines() if list(line.get_ydata()) == [1.0, 1.0]]
     assert len(reference) == 1 and reference[0].get_marker() in ("None", "", None)
     assert "|λ| = 1" in [t.get_text().strip() for t in ax.texts]
+
+
+def test_a_plot_stopped_mid_write_keeps_the_earlier_picture_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    # was: savefig wrote straight into the PNG, so a run killed while drawing left a cut picture
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    path = tmp_path / "plots" / "curves.png"
+    line_plot(path, {"a": ([1, 2], [1, 2])})
+    drawn = path.read_bytes()
+
+    def stopped(self, target, **kwargs):
+        target.write(drawn[:100]) if hasattr(target, "write") else Path(target).write_bytes(drawn[:100])
+        raise KeyboardInterrupt  # Ctrl-C in the middle of the write
+
+    monkeypatch.setattr(Figure, "savefig", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        line_plot(path, {"a": ([1, 2], [2, 1])})
+    assert path.read_bytes() == drawn and [p.name for p in path.parent.iterdir()] == ["curves.png"]

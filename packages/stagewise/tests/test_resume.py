@@ -14,6 +14,7 @@ from stagewise.engine.checkpoint import FORMAT, load_checkpoint
 from stagewise.engine.runner import run_recipe
 from stagewise.errors import CheckpointError
 from stagewise.plugins import register_plugin, unregister_plugin
+from stagewise.recipe import load_recipe
 from stagewise.testing import resume_run, run_killed, run_uninterrupted, timeless_records
 
 
@@ -32,10 +33,16 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_recipe_path, tmp_pa
     assert timeless_records(killed) == timeless_records(whole)
 
 
-def test_resume_refuses_a_changed_recipe(tiny, tmp_path):
+def test_resume_refuses_a_changed_recipe_naming_each_changed_key_and_the_command_that_resumes(tiny, tmp_path):
+    # was "(in: stages)": which key of which stage, and what to resume with, was left to the user to find
     run_dir = run_recipe(tiny(), out=tmp_path / "run", quiet=True)
-    with pytest.raises(CheckpointError, match="recipe differs"):
-        run_recipe(tiny("stages.phase1.lr=0.5"), resume=run_dir, quiet=True)
+    with pytest.raises(CheckpointError) as info:
+        run_recipe(tiny("stages.phase1.lr=0.5", "run.log_every_n_steps=2"), resume=run_dir, quiet=True)
+    assert str(info.value) == (
+        f"{run_dir}: the recipe differs from the one this run started with: run.log_every_n_steps = 2 (the run "
+        f"started with 1), stages.phase1.lr = 0.5 (the run started with 0.01). Resume with the --set overrides it "
+        f"started with, or with the recipe it saved: stagewise run {run_dir / 'recipe.toml'} --resume {run_dir}")
+    run_recipe(load_recipe(run_dir / "recipe.toml"), resume=run_dir, quiet=True)  # the advice works
 
 
 def test_corrupt_checkpoint_gives_a_clear_error(tiny, tmp_path):
@@ -342,7 +349,7 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(tiny, 
     finally:
         unregister_plugin("resumetest")
     assert not (tmp_path / "stopped" / "checkpoints" / "last.pt").exists()
-    with pytest.raises(CheckpointError, match=r"recipe differs .*\(in: stages\)"):
+    with pytest.raises(CheckpointError, match=r"recipe differs .*: stages\.phase1\.lr = 0\.5 \("):
         run_recipe(tiny("stages.phase1.lr=0.5"), resume=tmp_path / "stopped", quiet=True)
 
     stopped = run_recipe(tiny(), resume=tmp_path / "stopped", quiet=True)
@@ -357,8 +364,10 @@ def test_a_run_with_stage_checkpoints_but_no_last_pt_says_which_file_to_copy(tin
     last.unlink()
     with pytest.raises(CheckpointError) as info:
         run_recipe(tiny(), resume=run, quiet=True)
+    # was "copy the latest checkpoints/<stage>.pt": which one is the latest was left to the user
     assert str(info.value) == (f"--resume {run}: there is no {last}, only the checkpoints of finished stages; copy "
-                               f"the latest checkpoints/<stage>.pt over {last} to continue after that stage")
+                               f"{run / 'checkpoints' / 'test.pt'} (stage 'test', the last one that finished) over "
+                               f"{last} to continue after that stage")
 
 
 def test_run_killed_says_when_the_run_was_never_killed(tiny_recipe_path, tmp_path):
@@ -432,3 +441,55 @@ def test_resume_says_where_in_the_stage_it_goes_on(tiny, tmp_path, capsys, every
         unregister_plugin("resumetest")
     run_recipe(recipe, resume=tmp_path / "run")
     assert f"resuming {tmp_path / 'run'} {where}\n" in capsys.readouterr().out  # was "at stage 1/3" alone
+
+
+def test_resume_removes_the_temp_files_that_a_kill_during_a_write_left(tiny, tmp_path):
+    # a SIGKILL inside atomic_write_bytes leaves its temp file (.last.pt.<random>.tmp) behind: they piled up,
+    # a checkpoint's size each, with every kill and resume (lego-ashem's cache: hundreds of MB at a time)
+    run = run_recipe(tiny(), out=tmp_path / "run", quiet=True)
+    left = [run / "checkpoints" / ".last.pt.k2x9a1b3.tmp", run / ".summary.json.p0q8r7s6.tmp",
+            run / "plots" / ".curves.png.abcdefgh.tmp"]
+    for path in left:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"half")
+    (run / "notes.tmp").write_text("the user's")  # not a temp file of an atomic write
+    run_recipe(tiny(), resume=run, quiet=True)
+    assert [path for path in left if path.exists()] == [] and (run / "notes.tmp").exists()
+
+
+def test_a_run_killed_while_its_folder_is_made_runs_again_there_with_every_file(tiny, tmp_path, monkeypatch):
+    """A kill (here: Ctrl-C) as RunDir.create writes its files. Was: killed before recipe.toml was in place,
+    the folder (checkpoints/, a temp file) was neither a run to --resume nor empty for --out; killed after
+    it, the resumed run never wrote env.json and vocab.txt (an export then had no vocabulary)."""
+    from stagewise.engine import rundir
+
+    def killed_at(name, write):
+        def kill(path, data):
+            if path.name == name:
+                raise KeyboardInterrupt
+            write(path, data)
+        return kill
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(rundir, "write_text_atomic", killed_at("recipe.toml", rundir.write_text_atomic))
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(tiny(), out=cut, quiet=True)
+    monkeypatch.undo()
+    cut.mkdir(exist_ok=True)  # Ctrl-C inside that write leaves the folder it made, empty
+    shutil.copytree(cut, tmp_path / "cut-2")
+    (cut / ".recipe.toml.a1b2c3d4.tmp").write_text("[ru")  # what a SIGKILL in that write leaves
+    shutil.copytree(cut, tmp_path / "cut-3")
+    run_recipe(tiny(), out=cut, quiet=True)  # the folder holds nothing of a run: --out takes it
+    for again in ("cut-2", "cut-3"):  # and --resume runs it from the start
+        run_recipe(tiny(), resume=tmp_path / again, quiet=True)
+        assert read_summary(tmp_path / again)["metrics"] == read_summary(cut)["metrics"]
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(rundir, "write_json_atomic", killed_at("env.json", rundir.write_json_atomic))
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(tiny(), out=run, quiet=True)
+    monkeypatch.undo()
+    run_recipe(tiny(), resume=run, quiet=True)
+    assert [(run / name).read_text() for name in ("env.json", "vocab.txt")] == \
+        [(cut / name).read_text() for name in ("env.json", "vocab.txt")]
+    assert read_summary(run)["metrics"] == read_summary(cut)["metrics"]

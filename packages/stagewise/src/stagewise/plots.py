@@ -52,6 +52,10 @@ def line_plot(path: Path, series: dict[str, tuple[list[float], list[float]]], *,
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)  # here, not before: no empty plots/ without matplotlib
-    fig.savefig(path, bbox_inches="tight", pad_inches=0.1)  # the fixed margins clip wide tick labels' ylabel
+    from stagewise.engine.checkpoint import atomic_write_bytes  # a run has imported torch already
+
+    # atomic like every file of a run directory: a run killed while drawing keeps the earlier picture.
+    # The write makes plots/, so a run without matplotlib has none. The fixed margins clip a wide tick
+    # label's ylabel: bbox_inches="tight"
+    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", bbox_inches="tight", pad_inches=0.1))
     return True

@@ -38,13 +38,21 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()
+TEMP_GLOB = ".*.tmp"  # atomic_write_bytes's temp file beside NAME: .NAME.<random>.tmp
+
+
+def remove_temp_files(folder: Path) -> None:
+    """Delete the temp files of atomic writes into ``folder`` that a killed process (SIGKILL, no
+    cleanup) left: only a run that writes there again knows that none of them is in use."""
+    for temp in folder.glob(TEMP_GLOB):
+        temp.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: Path, write) -> None:
     """Call ``write(file)`` on a temp file beside ``path``, fsync, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # TEMP_GLOB matches it
     except OSError as exc:  # name the folder that refused, not the temp file's random name
         raise type(exc)(exc.errno, exc.strerror, str(path.parent)) from None
     try:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stagewise.engine.checkpoint import atomic_write_bytes
+from stagewise.engine.checkpoint import TEMP_GLOB, atomic_write_bytes, remove_temp_files
 from stagewise.errors import CheckpointError, PluginError
 
 
@@ -39,12 +39,17 @@ class RunDir:
 
     @classmethod
     def create(cls, path: Path, recipe_toml: str, env: dict[str, Any],
-               files: dict[str, str] | None = None) -> RunDir:
-        """A new run directory holding the recipe, the environment and ``files`` (name -> text)."""
-        path = empty_folder(path, f"pass --resume {path} to continue that run, or --out with a new folder")
+               files: dict[str, str] | None = None, again: bool = False) -> RunDir:
+        """A new run directory holding the recipe, the environment and ``files`` (name -> text);
+        ``again``: the folder of a run stopped before its first checkpoint, whose files are written anew."""
+        if not again:
+            path = empty_folder(path, f"pass --resume {path} to continue that run, or --out with a new folder")
         run = cls(path)
-        run.checkpoints.mkdir(parents=True, exist_ok=True)
+        run.remove_temp_files()
+        # recipe.toml first: it makes the folder a run directory; a run killed before it is in
+        # place leaves a folder with nothing in it (but a temp file), which --out takes again
         write_text_atomic(path / "recipe.toml", recipe_toml)
+        run.checkpoints.mkdir(exist_ok=True)
         write_json_atomic(path / "env.json", env)
         for name, text in (files or {}).items():
             write_text_atomic(path / name, text)
@@ -53,11 +58,13 @@ class RunDir:
 
     @classmethod
     def reopen(cls, path: Path, lines: int) -> RunDir:
-        """Continue a run: cut metrics.jsonl back to the records the checkpoint had seen.
+        """Continue a run: drop the temp files of writes a kill cut short, and cut metrics.jsonl back
+        to the records the checkpoint had seen.
 
         A line cut short (the file lost its end) is dropped, so that the next record starts a line
         of its own; records the checkpoint counted but the file lacks are reported, not invented."""
         run = cls(path)
+        run.remove_temp_files()
         metrics = run.path / "metrics.jsonl"
         text = metrics.read_text(encoding="utf-8", errors="replace") if metrics.exists() else ""
         kept = [line for line in text.splitlines(keepends=True)[:lines] if line.endswith("\n")]
@@ -67,6 +74,11 @@ class RunDir:
         write_text_atomic(metrics, "".join(kept))
         run.lines = len(kept)
         return run
+
+    def remove_temp_files(self) -> None:
+        """Drop the temp files of writes a kill cut short (SIGKILL: no cleanup ran)."""
+        for folder in (self.path, self.checkpoints, self.path / "plots"):
+            remove_temp_files(folder)
 
     def log(self, record: dict[str, Any]) -> None:
         if self._metrics is None:
@@ -126,9 +138,14 @@ def empty_folder(path: Path, advice: str = "pass --out with a new folder") -> Pa
     if blocking is not None:
         raise CheckpointError(f"{path} cannot be created: {blocking} is a file, not a folder; pass --out "
                               f"with a path in a folder")
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and holds_files(path):
         raise CheckpointError(f"{path} is not empty; {advice}")
     return path
+
+
+def holds_files(folder: Path) -> bool:
+    """Whether ``folder`` holds anything but the temp files of writes a kill cut short."""
+    return any(not p.match(TEMP_GLOB) for p in folder.iterdir())
 
 
 def finite(value: Any) -> Any:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,10 @@ import torch
 from stagewise.data.splits import DataError
 from stagewise.data.vocab import Vocabulary
 from stagewise.engine import distributed
-from stagewise.engine.checkpoint import RESUME_KEYS, load_checkpoint, seed_everything, set_rng_state
+from stagewise.engine.checkpoint import seed_everything, set_rng_state
 from stagewise.engine.failures import noted
 from stagewise.engine.guards import RateLimitedWarnings
+from stagewise.engine.resume import load_resume, restore_run
 from stagewise.engine.rundir import RunDir, environment, file_in_the_way, unused_folder
 from stagewise.engine.state import State, check_event_hooks
 from stagewise.errors import CheckpointError, RunInterrupted, StagewiseError, TrainingError
@@ -51,7 +51,7 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
     if run.threads:
         torch.set_num_threads(run.threads)
     torch.use_deterministic_algorithms(run.deterministic, warn_only=True)
-    saved = _load_resume(Path(resume), recipe) if resume is not None else None
+    saved = load_resume(Path(resume), recipe) if resume is not None else None
     seed_everything(run.seed)
     data = _build("data", recipe, lambda: recipe.data.component().from_recipe(recipe.data.options, seed=run.seed))
     check_stages(recipe, data)
@@ -61,14 +61,14 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
     path = Path(resume) if resume is not None else Path(out) if out is not None else _default_folder(recipe)
     run_dir = None
     if info.rank == 0:
-        run_dir = (RunDir.create(path, recipe.to_toml(), environment(), _data_files(data)) if resume is None
-                   else RunDir.reopen(path, saved["metrics_lines"] if saved is not None else 0))
+        run_dir = (RunDir.create(path, recipe.to_toml(), environment(), _data_files(data), again=resume is not None)
+                   if saved is None else RunDir.reopen(path, saved["metrics_lines"]))
     state = State(recipe=recipe, model=model, model_options=model_options, data=data, device=device,
                   dist=info, warnings=RateLimitedWarnings(silent=info.rank != 0), run_dir=run_dir,
                   quiet=quiet)
     if resume is None:  # said now, not only at the end: a long run's metrics and checkpoints are there from here on
         state.print(f"run {run.name!r} (seed {run.seed}): writing to {path}")
-    first = _restore_run(state, saved, path) if resume is not None else 0
+    first = restore_run(state, saved, path) if resume is not None else 0
     try:
         with noted(f"in run {run.name!r}"):
             state.fire(Event.BEFORE_RUN)
@@ -88,33 +88,6 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
         if run_dir is not None:
             run_dir.close()
     return path
-
-
-def _restore_run(state: State, saved: dict[str, Any] | None, path: Path) -> int:
-    """Put a resumed run's model, artifacts and results back from ``saved`` (None: the run has no
-    checkpoint yet, so it starts over); returns the index of the first stage to run."""
-    if saved is None:
-        state.print(f"{path} has no checkpoint yet: running it again from the start")
-        return 0
-    state.model.load_state_dict(saved["model"])
-    state.artifacts, state.metrics = saved["artifacts"], saved["metrics"]
-    state.routers = saved.get("routers", {})  # a checkpoint written before routers were kept has none
-    state.stage_results = saved["stage_results"]
-    first = saved["stage_index"] + (1 if saved["stage_done"] else 0)
-    n = len(state.recipe.stages)
-    state.print(f"resuming {path} at stage {first + 1}/{n}{_within_stage(saved)}" if first < n
-                else f"{path} has finished all {n} stages: nothing to resume")
-    return first
-
-
-def _within_stage(saved: dict[str, Any]) -> str:
-    """Where in its stage a mid-stage training checkpoint resumes (epochs 1-based, as the progress
-    bar counts them): ", epoch 2 after step 13", or ", start of epoch 3"; "" for a stage's start."""
-    loop = saved.get("loop") if not saved["stage_done"] else None  # TrainLoop's position
-    if loop is None:
-        return ""
-    epoch = loop["epoch"] + 1
-    return f", epoch {epoch} after step {saved['step']}" if loop["batch"] else f", start of epoch {epoch}"
 
 
 def run_stage(state: State, index: int, spec: StageSpec, saved: dict[str, Any] | None) -> None:
@@ -243,37 +216,6 @@ def _data_files(data: Any) -> dict[str, str]:
     vocabulary (``vocab.txt``), without which a language model's ids cannot be read."""
     vocab = data.info.get("vocab")
     return {"vocab.txt": vocab.to_text()} if isinstance(vocab, Vocabulary) else {}
-
-
-def _load_resume(path: Path, recipe: Recipe) -> dict[str, Any] | None:
-    """The checkpoint to continue from; None for a run killed before its first checkpoint, which
-    has nothing to continue from and starts over in its folder (same recipe only)."""
-    checkpoints = path / "checkpoints"
-    if not (path / "recipe.toml").is_file():
-        problem = ("does not exist" if not path.exists() else "is a file" if not path.is_dir()
-                   else "is not a run directory (it has no recipe.toml)")
-        raise CheckpointError(f"--resume {path}: {problem}; give the run directory of the run to continue "
-                              f"(the folder that holds its recipe.toml, checkpoints/ and metrics.jsonl)")
-    if not any(checkpoints.glob("*.pt")):  # a temp file a kill left behind is not a checkpoint
-        started = (path / "recipe.toml").read_text(encoding="utf-8")
-        if started != recipe.to_toml():
-            raise _recipe_differs(path, tomllib.loads(started), recipe.table)
-        return None
-    last = checkpoints / "last.pt"
-    if not last.exists():
-        raise CheckpointError(f"--resume {path}: there is no {last}, only the checkpoints of finished stages; "
-                              f"copy the latest checkpoints/<stage>.pt over {last} to continue after that stage")
-    saved = load_checkpoint(last, RESUME_KEYS)
-    if saved["recipe"] != recipe.table:
-        raise _recipe_differs(path, saved["recipe"], recipe.table)
-    return saved
-
-
-def _recipe_differs(path: Path, started: dict[str, Any], table: dict[str, Any]) -> CheckpointError:
-    changed = sorted(k for k in set(started) | set(table) if started.get(k) != table.get(k))
-    return CheckpointError(
-        f"{path}: the recipe differs from the one this run started with (in: {', '.join(changed)}). "
-        f"Resume with the same recipe and --set overrides (see {path / 'recipe.toml'}).")
 
 
 def final_table(summary: dict[str, Any], path: Path) -> str:

@@ -1,0 +1,116 @@
+"""What ``stagewise run --resume RUN`` continues from: the run's last checkpoint, checked
+against the recipe it is resumed with, and the state it puts back."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from stagewise.engine.checkpoint import RESUME_KEYS, load_checkpoint
+from stagewise.engine.rundir import holds_files
+from stagewise.engine.state import State
+from stagewise.errors import CheckpointError
+from stagewise.recipe import Recipe
+from stagewise.tomlwrite import toml_value
+
+
+def restore_run(state: State, saved: dict[str, Any] | None, path: Path) -> int:
+    """Put a resumed run's model, artifacts and results back from ``saved`` (None: the run has no
+    checkpoint yet, so it starts over); returns the index of the first stage to run."""
+    if saved is None:
+        state.print(f"{path} has no checkpoint yet: running it again from the start")
+        return 0
+    state.model.load_state_dict(saved["model"])
+    state.artifacts, state.metrics = saved["artifacts"], saved["metrics"]
+    state.routers = saved.get("routers", {})  # a checkpoint written before routers were kept has none
+    state.stage_results = saved["stage_results"]
+    first = saved["stage_index"] + (1 if saved["stage_done"] else 0)
+    n = len(state.recipe.stages)
+    state.print(f"resuming {path} at stage {first + 1}/{n}{_within_stage(saved)}" if first < n
+                else f"{path} has finished all {n} stages: nothing to resume")
+    return first
+
+
+def _within_stage(saved: dict[str, Any]) -> str:
+    """Where in its stage a mid-stage training checkpoint resumes (epochs 1-based, as the progress
+    bar counts them): ", epoch 2 after step 13", or ", start of epoch 3"; "" for a stage's start."""
+    loop = saved.get("loop") if not saved["stage_done"] else None  # TrainLoop's position
+    if loop is None:
+        return ""
+    epoch = loop["epoch"] + 1
+    return f", epoch {epoch} after step {saved['step']}" if loop["batch"] else f", start of epoch {epoch}"
+
+
+def load_resume(path: Path, recipe: Recipe) -> dict[str, Any] | None:
+    """The checkpoint to continue from; None for a run killed before its first checkpoint, which
+    has nothing to continue from and starts over in its folder (same recipe only), or killed as
+    its folder was made (it holds nothing, or only the temp file of recipe.toml)."""
+    checkpoints = path / "checkpoints"
+    if path.is_dir() and not holds_files(path):
+        return None
+    if not (path / "recipe.toml").is_file():
+        problem = ("does not exist" if not path.exists() else "is a file" if not path.is_dir()
+                   else "is not a run directory (it has no recipe.toml)")
+        raise CheckpointError(f"--resume {path}: {problem}; give the run directory of the run to continue "
+                              f"(the folder that holds its recipe.toml, checkpoints/ and metrics.jsonl)")
+    if not any(checkpoints.glob("*.pt")):  # a temp file a kill left behind is not a checkpoint
+        started = (path / "recipe.toml").read_text(encoding="utf-8")
+        if started != recipe.to_toml():
+            raise _recipe_differs(path, tomllib.loads(started), recipe.table)
+        return None
+    last = checkpoints / "last.pt"
+    if not last.exists():
+        raise CheckpointError(f"--resume {path}: there is no {last}, only the checkpoints of finished stages; "
+                              f"copy {_latest_stage_checkpoint(checkpoints, recipe)} over {last} to continue after "
+                              f"that stage")
+    saved = load_checkpoint(last, RESUME_KEYS)
+    if saved["recipe"] != recipe.table:
+        raise _recipe_differs(path, saved["recipe"], recipe.table)
+    return saved
+
+
+def _latest_stage_checkpoint(checkpoints: Path, recipe: Recipe) -> str:
+    """The checkpoint of the last stage, in recipe order, that has one, as the advice names it."""
+    spec = next((s for s in reversed(recipe.stages) if (checkpoints / f"{s.checkpoint}.pt").exists()), None)
+    return ("the latest checkpoints/<stage>.pt" if spec is None
+            else f"{checkpoints / spec.checkpoint}.pt (stage {spec.name!r}, the last one that finished)")
+
+
+def _recipe_differs(path: Path, started: dict[str, Any], table: dict[str, Any]) -> CheckpointError:
+    changes = _changes(started, table, "")
+    shown = ", ".join(changes[:_SHOWN_CHANGES]) + (f" and {len(changes) - _SHOWN_CHANGES} more"
+                                                    if len(changes) > _SHOWN_CHANGES else "")
+    return CheckpointError(
+        f"{path}: the recipe differs from the one this run started with: {shown}. Resume with the --set "
+        f"overrides it started with, or with the recipe it saved: stagewise run {path / 'recipe.toml'} "
+        f"--resume {path}")
+
+
+_SHOWN_CHANGES = 5
+_UNSET = object()
+
+
+def _changes(started: Any, now: Any, key: str) -> list[str]:
+    """Each recipe key whose value changed, as --set names it: ``stages.phase1.lr = 0.5 (the run
+    started with 0.01)``; stages and loss terms by name, in order."""
+    if isinstance(started, dict) and isinstance(now, dict):
+        return [change for k in dict.fromkeys([*started, *now])
+                for change in _changes(started.get(k, _UNSET), now.get(k, _UNSET), f"{key}.{k}".lstrip("."))]
+    if _names(started) is not None and _names(now) is not None:  # [[stages]], losses
+        if _names(started) != _names(now):  # not their every key: the names say enough
+            return [f"{key} names {_shown(_names(now))} (the run started with {_shown(_names(started))})"]
+        return [change for a, b in zip(started, now, strict=True) for change in _changes(a, b, f"{key}.{a['name']}")]
+    if started == now:
+        return []
+    return [f"{key} = {_shown(now)} (the run started with {_shown(started)})"]
+
+
+def _names(value: Any) -> list[str] | None:
+    """The names of a list of named tables; None for any other value."""
+    named = isinstance(value, list) and all(isinstance(v, dict) and "name" in v for v in value)
+    return [v["name"] for v in value] if named else None
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value is _UNSET else toml_value(value)
