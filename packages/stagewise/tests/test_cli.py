@@ -471,6 +471,20 @@ def test_export_converts_floats_to_float32_and_keeps_integers(tmp_path, capsys):
                     "format": "stagewise-npz-1"}
 
 
+@pytest.mark.parametrize("done", [True, False])
+def test_export_of_a_checkpoint_written_part_way_through_a_stage_says_so(tmp_path, capsys, done):
+    # was: a stopped run's last.pt exported like a finished model, with nothing said
+    import torch
+
+    ckpt = _checkpoint(tmp_path / "c.pt", {"w": torch.ones(2)}, stage_done=done)
+    assert main(["export", str(ckpt), str(tmp_path / "m.npz")]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"wrote {tmp_path / 'm.npz'}: 1 arrays, 2 values\n"
+    assert err == ("" if done else f"stagewise: note: {ckpt} was written part-way through stage 'phase9', so these "
+                   f"are its weights at that point; export checkpoints/<stage>.pt for a finished stage's\n")
+    assert load_npz(tmp_path / "m.npz")[1]["stage_done"] is done
+
+
 def test_export_writes_the_routers_the_run_kept_so_numpy_routes_as_torch_did(tmp_path):
     # was: the export held no router: its options and calibrated threshold were lost
     import torch

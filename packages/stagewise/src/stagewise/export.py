@@ -2,7 +2,8 @@
 
 The file loads with ``numpy.load(path, allow_pickle=False)`` anywhere, no torch needed:
 arrays are the model's state dict (names as keys); ``__meta__`` holds a JSON string with the
-model name, its options, the stage it came from and the routers the run kept
+model name, its options, the stage it came from (``stage_done`` false: written part-way through
+it, e.g. by an unfinished run) and the routers the run kept
 (``state.keep_router``), so the exported model routes as the run did, and what the data gave the
 model: ``data_info`` (e.g. ``vocab_size``) and a text run's vocabulary (``vocab``), so the file
 alone turns ids into words.
@@ -25,8 +26,9 @@ EXPORT_KEYS = ("model", "recipe", "model_options", "stage_name")
 FORMAT = "stagewise-npz-1"  # __meta__["format"]: marks a file export_npz wrote
 
 
-def export_npz(checkpoint: Path, out: Path) -> dict[str, int]:
-    """Write the checkpoint's model weights to ``out``; returns array count and parameter count.
+def export_npz(checkpoint: Path, out: Path) -> dict[str, Any]:
+    """Write the checkpoint's model weights to ``out``; returns array count, parameter count and
+    ``part_way``, the stage the checkpoint was written part-way through (None: a finished stage's).
 
     ``out`` may replace an earlier export, never another file (the checkpoint itself, a recipe)."""
     out = Path(out)
@@ -49,10 +51,12 @@ def export_npz(checkpoint: Path, out: Path) -> dict[str, int]:
     meta = {"model": saved["recipe"]["model"].get("use"), "model_options": saved["model_options"],
             "stage": saved["stage_name"], "routers": _routers(saved.get("routers", {})), "format": FORMAT,
             **_data_meta(Path(checkpoint), saved)}
+    if "stage_done" in saved:  # False: a run's last.pt written part-way through that stage
+        meta["stage_done"] = bool(saved["stage_done"])
     counts = {"arrays": len(arrays), "parameters": int(sum(a.size for a in arrays.values()))}
     arrays["__meta__"] = np.array(json.dumps(meta))
     atomic_write_bytes(out, lambda f: np.savez(f, **arrays))
-    return counts
+    return {**counts, "part_way": saved["stage_name"] if meta.get("stage_done") is False else None}
 
 
 def _data_meta(checkpoint: Path, saved: dict[str, Any]) -> dict[str, Any]:

@@ -142,8 +142,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from stagewise.export import export_npz
     from stagewise.load import checkpoint_of
 
-    counts: dict[str, Any] = export_npz(checkpoint_of(args.source), args.out)
+    checkpoint = checkpoint_of(args.source)
+    counts: dict[str, Any] = export_npz(checkpoint, args.out)
     print(f"wrote {args.out}: {counts['arrays']} arrays, {counts['parameters']} values")
+    if counts["part_way"] is not None:  # e.g. the last.pt of a run that was stopped: not a trained model yet
+        print(f"stagewise: note: {checkpoint} was written part-way through stage {counts['part_way']!r}, so these "
+              f"are its weights at that point; export checkpoints/<stage>.pt for a finished stage's", file=sys.stderr)
     return 0
 
 
