@@ -578,7 +578,7 @@ def test_compare_refuses_a_repeated_run_name_or_a_used_folder_before_running(tin
 
 def test_compare_without_out_never_reuses_a_folder(tiny_recipe_path, tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr("stagewise.compare.compare_recipes", lambda names, overrides, out, quiet: seen.append(out))
+    monkeypatch.setattr("stagewise.compare.compare_recipes", lambda *args, **kwargs: seen.append(args[2]))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "compare").mkdir(parents=True)
     (tmp_path / "runs" / "compare" / "compare.json").write_text("{}")  # an earlier comparison

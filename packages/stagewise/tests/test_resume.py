@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
@@ -493,3 +494,40 @@ def test_a_run_killed_while_its_folder_is_made_runs_again_there_with_every_file(
     assert [(run / name).read_text() for name in ("env.json", "vocab.txt")] == \
         [(cut / name).read_text() for name in ("env.json", "vocab.txt")]
     assert read_summary(run)["metrics"] == read_summary(cut)["metrics"]
+
+
+class _StopOther:
+    """Stops the comparison's second run, ``other``, after its third step."""
+
+    @stagewise.hookimpl
+    def stagewise_after_step(self, state):
+        if state.recipe.run.name == "other" and state.step == 3:
+            raise _Stop
+
+
+def test_a_stopped_comparison_goes_on_with_compare_resume(tiny_recipe_path, tmp_path):
+    # was: a stopped `stagewise compare` could not go on: its finished run's folder was "not empty"
+    from stagewise.cli.main import main
+    from stagewise.compare import compare_recipes
+
+    other = tmp_path / "other.toml"
+    other.write_text(tiny_recipe_path.read_text().replace('name = "tiny"', 'name = "other"'))
+    names, out = [str(tiny_recipe_path), str(other)], tmp_path / "cmp"
+    register_plugin(_StopOther(), "resumetest")
+    try:
+        with pytest.raises(_Stop):
+            compare_recipes(names, [], out, quiet=True)
+    finally:
+        unregister_plugin("resumetest")
+    finished = (out / "tiny" / "metrics.jsonl").read_text()
+    with pytest.raises(CheckpointError, match=f"tiny is not empty; pass --resume {out} to continue that comparison"):
+        compare_recipes(names, [], out, quiet=True)
+    with pytest.raises(CheckpointError, match=r"stages\.phase1\.lr = 0\.5 \(the run started with"):
+        compare_recipes(names, ["stages.phase1.lr=0.5"], out, quiet=True, resume=True)  # before any run
+
+    assert main(["compare", *names, "--resume", str(out), "--quiet"]) == 0
+    whole = compare_recipes(names, [], tmp_path / "whole", quiet=True)
+    resumed = json.loads((out / "compare.json").read_text())["runs"]
+    assert {name: run["metrics"] for name, run in resumed.items()} == {name: run["metrics"]
+                                                                       for name, run in whole.items()}
+    assert (out / "tiny" / "metrics.jsonl").read_text() == finished  # the finished run trained no step again

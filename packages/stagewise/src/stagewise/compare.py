@@ -3,6 +3,7 @@
 Baselines are run, not typed in: ``compare_recipes`` refuses recipes whose data tables or
 seeds differ, or whose run directory ``OUT/<run name>`` already holds files (before running any),
 runs each there, prints one table of final metrics side by side and writes ``OUT/compare.json``.
+A comparison that was stopped goes on with ``resume``: as ``stagewise run --resume`` does, run by run.
 """
 
 from __future__ import annotations
@@ -12,28 +13,46 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from stagewise.engine.rundir import empty_folder, write_json_atomic
-from stagewise.errors import ConfigError
+from stagewise.engine.resume import check_same_recipe
+from stagewise.engine.rundir import empty_folder, holds_files, write_json_atomic
+from stagewise.errors import CheckpointError, ConfigError
 from stagewise.recipe import Recipe, load_recipe, read_recipe_table
 from stagewise.specs import LossSpec, StageSpec
 from stagewise.tomlwrite import toml_value
 
 
-def compare_recipes(names: list[str], overrides: list[str], out: Path, quiet: bool = False) -> dict[str, Any]:
+def compare_recipes(names: list[str], overrides: list[str], out: Path, quiet: bool = False,
+                    resume: bool = False) -> dict[str, Any]:
+    """``resume``: ``out`` holds a comparison that was stopped; each run that holds files is
+    resumed (a finished one only has its summary rewritten), the others start."""
     from stagewise.engine.runner import run_recipe
 
     recipes = [load_recipe(name, own) for name, own in zip(names, overrides_by_recipe(names, overrides), strict=True)]
     check_comparable(recipes)
-    for recipe in recipes:  # before the first run, not after it
-        empty_folder(out / recipe.run.name)
+    started = {recipe.run.name: _started(out / recipe.run.name, recipe, resume) for recipe in recipes}
     runs: dict[str, Any] = {}
     for recipe in recipes:
-        run_dir = run_recipe(recipe, out=out / recipe.run.name, quiet=quiet)
+        folder = out / recipe.run.name
+        run_dir = (run_recipe(recipe, resume=folder, quiet=quiet) if started[recipe.run.name]
+                   else run_recipe(recipe, out=folder, quiet=quiet))
         summary = json.loads((run_dir / "summary.json").read_text())
         runs[recipe.run.name] = {"run_dir": str(run_dir), "metrics": summary["metrics"]}
     write_json_atomic(out / "compare.json", {"runs": runs})
     print(f"{comparison_table(runs)}\n\n-> {out / 'compare.json'}")
     return runs
+
+
+def _started(folder: Path, recipe: Recipe, resume: bool) -> bool:
+    """Whether ``recipe``'s run in ``folder`` has begun; checked for every recipe before the first
+    runs. Without ``resume`` a folder holding files is refused; with it, one holding another recipe's run."""
+    if not (resume and folder.is_dir() and holds_files(folder)):
+        empty_folder(folder, f"pass --resume {folder.parent} to continue that comparison, or --out with a new folder")
+        return False
+    if not (folder / "recipe.toml").is_file():
+        raise CheckpointError(f"--resume {folder.parent}: {folder} holds files but no recipe.toml, so it is not a "
+                              f"run of {recipe.run.name!r}; move it away, or pass --out with a new folder")
+    check_same_recipe(folder, recipe)
+    return True
 
 
 def overrides_by_recipe(names: list[str], overrides: list[str]) -> list[list[str]]:

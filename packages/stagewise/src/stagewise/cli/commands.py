@@ -43,8 +43,12 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
                        "stages.NAME.losses.TERM only to those whose stage NAME has a loss term TERM.")
     p.add_argument("recipes", nargs="+", help="recipe files or names, e.g. the baseline then the method")
     _add_recipe_args(p)
-    p.add_argument("--out", type=_path, help="parent folder of the runs (default: runs/compare, or runs/compare-2, ... "
-                   "when that holds files)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", type=_path, help="parent folder of the runs (default: runs/compare, or runs/compare-2, "
+                       "... when that holds files)")
+    where.add_argument("--resume", type=_path, metavar="OUT",
+                       help="continue a stopped comparison in OUT, with the same recipes and --set: its runs "
+                       "go on from their last checkpoints, finished ones are not run again")
     p.set_defaults(handler=cmd_compare)
 
     p = sub.add_parser("verify", help="compare a run's final metrics with a golden record")
@@ -121,8 +125,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from stagewise.compare import compare_recipes
     from stagewise.engine.rundir import unused_folder
 
-    out = args.out or unused_folder(Path("runs/compare"))
-    compare_recipes(args.recipes, args.overrides, out, quiet=args.quiet)
+    out = args.resume or args.out or unused_folder(Path("runs/compare"))
+    compare_recipes(args.recipes, args.overrides, out, quiet=args.quiet, resume=args.resume is not None)
     return 0
 
 

@@ -55,9 +55,7 @@ def load_resume(path: Path, recipe: Recipe) -> dict[str, Any] | None:
         raise CheckpointError(f"--resume {path}: {problem}; give the run directory of the run to continue "
                               f"(the folder that holds its recipe.toml, checkpoints/ and metrics.jsonl)")
     if not any(checkpoints.glob("*.pt")):  # a temp file a kill left behind is not a checkpoint
-        started = (path / "recipe.toml").read_text(encoding="utf-8")
-        if started != recipe.to_toml():
-            raise _recipe_differs(path, tomllib.loads(started), recipe.table)
+        check_same_recipe(path, recipe)
         return None
     last = checkpoints / "last.pt"
     if not last.exists():
@@ -68,6 +66,14 @@ def load_resume(path: Path, recipe: Recipe) -> dict[str, Any] | None:
     if saved["recipe"] != recipe.table:
         raise _recipe_differs(path, saved["recipe"], recipe.table)
     return saved
+
+
+def check_same_recipe(path: Path, recipe: Recipe) -> None:
+    """CheckpointError naming each changed key unless the run directory ``path`` was started with
+    ``recipe`` (its recipe.toml, as the run wrote it)."""
+    started = (path / "recipe.toml").read_text(encoding="utf-8")
+    if started != recipe.to_toml():
+        raise _recipe_differs(path, tomllib.loads(started), recipe.table)
 
 
 def _latest_stage_checkpoint(checkpoints: Path, recipe: Recipe) -> str:
