@@ -524,6 +524,8 @@ def test_a_stopped_comparison_goes_on_with_compare_resume(tiny_recipe_path, tmp_
         compare_recipes(names, [], out, quiet=True)
     with pytest.raises(CheckpointError, match=r"stages\.phase1\.lr = 0\.5 \(the run started with"):
         compare_recipes(names, ["stages.phase1.lr=0.5"], out, quiet=True, resume=True)  # before any run
+    with pytest.raises(CheckpointError, match="no such folder; give the --out folder of the comparison"):
+        compare_recipes(names, [], tmp_path / "cpm", quiet=True, resume=True)  # a typo starts nothing
 
     assert main(["compare", *names, "--resume", str(out), "--quiet"]) == 0
     whole = compare_recipes(names, [], tmp_path / "whole", quiet=True)

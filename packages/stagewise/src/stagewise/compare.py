@@ -29,6 +29,8 @@ def compare_recipes(names: list[str], overrides: list[str], out: Path, quiet: bo
 
     recipes = [load_recipe(name, own) for name, own in zip(names, overrides_by_recipe(names, overrides), strict=True)]
     check_comparable(recipes)
+    if resume and not out.is_dir():  # a mistyped folder must not quietly start a new comparison
+        raise CheckpointError(f"--resume {out}: no such folder; give the --out folder of the comparison to continue")
     started = {recipe.run.name: _started(out / recipe.run.name, recipe, resume) for recipe in recipes}
     runs: dict[str, Any] = {}
     for recipe in recipes:
