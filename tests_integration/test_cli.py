@@ -139,8 +139,10 @@ def test_compare_runs_baseline_and_method(cli, recipes, tmp_path):
     (out / "baseline" / "summary.json").unlink()  # as if baseline had stopped part-way
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     again = cli("compare", recipes["baseline"], recipes["example"], "--out", out, "--quiet", ok=False)
-    assert again.returncode == 1 and "not empty; pass --out with a new folder" in again.stderr
+    assert again.returncode == 1 and f"not empty; pass --resume {out} to continue that comparison" in again.stderr
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # refused before running either
+    cli("compare", recipes["baseline"], recipes["example"], "--resume", out, "--quiet")  # both had finished
+    assert json.loads((out / "compare.json").read_text())["runs"] == runs
 
 
 def test_compare_default_folder_is_never_reused(cli, recipes, tmp_path):
