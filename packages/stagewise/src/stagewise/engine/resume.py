@@ -1,5 +1,6 @@
 """What ``stagewise run --resume RUN`` continues from: the run's last checkpoint, checked
-against the recipe it is resumed with, and the state it puts back."""
+against the recipe it is resumed with, and the state it puts back. ``stagewise compare
+--resume`` checks each of its runs' recipes here too (:func:`check_same_recipe`)."""
 
 from __future__ import annotations
 
