@@ -65,3 +65,17 @@ def test_sdist_carries_the_whole_test_suite(pyproject):
     """setuptools alone puts tests/test*.py in the sdist but not conftest.py or the golden records."""
     manifest = pyproject.parent / "MANIFEST.in"
     assert manifest.is_file() and "graft tests" in manifest.read_text(encoding="utf-8").splitlines()
+
+
+def _core_minor() -> tuple[int, int]:
+    init = (ROOT / "packages" / "stagewise" / "src" / "stagewise" / "__init__.py").read_text(encoding="utf-8")
+    major, minor = re.search(r'^__version__ = "(\d+)\.(\d+)\.', init, re.MULTILINE).groups()
+    return int(major), int(minor)
+
+
+@pytest.mark.parametrize("pyproject", [p for p in PROJECTS if _name(p) != "stagewise"], ids=_name)
+def test_plugin_bounds_core_to_its_minor_release(pyproject):
+    """Core is 0.x: a minor release may change the hook specs, so a plugin names the one it was built on."""
+    major, minor = _core_minor()
+    (core,) = [r for r in _config(pyproject)["project"]["dependencies"] if re.match(r"stagewise\b(?![-_])", r)]
+    assert core.replace(" ", "") == f"stagewise>={major}.{minor},<{major}.{minor + 1}", pyproject
