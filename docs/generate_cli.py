@@ -32,12 +32,16 @@ Every command exits 0 when it succeeds; 1 on an error, printed as one line `stag
 (and for `verify`, when the metrics differ); 2 for a wrong invocation; 130 on Ctrl-C; and 141,
 silently, when the program reading its output stops early (`stagewise recipes | head -1`).
 
-A bug exits 1 with Python's traceback instead, and, in a run, a note naming the stage, the term or
-hook, and the plugin to report it to. The file system refusing a path (`OSError`: no permission, a
+A bug exits 1 with Python's traceback instead, and a note naming where it happened and the plugin to
+report it to: in a run, the stage, the term or hook (`in stage 'main' (actstats.l2 term of stagewise.train),
+from stagewise-actstats 0.1.0: report it to that plugin`); in a plugin's subcommand, the command (`in command
+'example-hello', from ...`); in `stagewise.load_model`, the model and its checkpoint; a bug in stagewise's own
+code names no plugin. The file system refusing a path (`OSError`: no permission, a
 missing file, disk full) is the one line `stagewise: error: PATH: ...; advice` when stagewise's own
 code was handling the path (the run directory, data files, checkpoints, the recipe), and a plugin's
 bug, with its traceback and note, when the innermost stagewise or plugin code it came through is a
-plugin's (a file the plugin opens or writes itself).
+plugin's (a file the plugin opens or writes itself in a run); in a plugin's subcommand, which may be
+handling a path it was given, it is the one line too.
 """
 
 

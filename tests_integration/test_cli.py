@@ -107,12 +107,15 @@ def test_verify_passes_on_a_match_and_prints_the_difference_otherwise(cli, examp
 def test_export_writes_a_numpy_only_file(cli, example_run, tmp_path):
     out = tmp_path / "model.npz"
     cli("export", example_run, out)
-    weights = load_checkpoint(example_run / "checkpoints" / "last.pt")["model"]
-    with np.load(out, allow_pickle=False) as data:
-        assert set(data.files) == {*weights, "__meta__"}
+    saved = load_checkpoint(example_run / "checkpoints" / "last.pt")
+    weights, mined = saved["model"], saved["artifacts"]["example.hard_examples"]
+    with np.load(out, allow_pickle=False) as data:  # the weights, the mining stage's artifact beside them, __meta__
+        assert set(data.files) == {*weights, "artifacts/example.hard_examples/indices", "__meta__"}
         np.testing.assert_array_equal(data["embedding.weight"], weights["embedding.weight"].numpy())
+        np.testing.assert_array_equal(data["artifacts/example.hard_examples/indices"], mined["indices"].numpy())
         meta = json.loads(str(data["__meta__"]))
     assert meta["model"] == "stagewise.transformer" and meta["model_options"]["n_embd"] == 16
+    assert meta["artifacts"]["example.hard_examples"] == {"split": mined["split"], "router": mined["router"]}
 
 
 def test_an_export_carries_the_router_a_plugin_s_stage_kept(cli, example_run, tmp_path):

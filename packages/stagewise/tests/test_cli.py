@@ -90,6 +90,55 @@ def test_an_export_holds_the_data_facts_and_the_vocabulary(tiny_recipe_path, tmp
     assert arrays["embedding.weight"].shape[0] == len(vocab)
 
 
+def test_an_export_carries_the_artifacts_plugins_keep_beside_the_model(tiny_recipe_path, tmp_path, capsys):
+    # was: the export held the model alone, so what a stage kept in state.artifacts was lost
+    import torch
+
+    from stagewise.plugins import register_plugin, unregister_plugin
+
+    class Keeps:
+        @stagewise.hookimpl
+        def stagewise_after_stage(self, state):
+            state.artifacts["clitest.kept"] = {"state": {"w/1": torch.arange(6.0).view(2, 3), "n": torch.tensor(4)},
+                                               "scale": 0.5, "tags": ["a", torch.tensor([1, 2])], "empty": {}}
+            state.artifacts["clitest.count"] = 12
+
+    register_plugin(Keeps(), "clitest")
+    try:
+        assert main(["run", str(tiny_recipe_path), "--out", str(tmp_path / "run"), "--quiet",
+                     "--set", "stages.phase1.max_epochs=1", "--set", "stages.phase2.max_epochs=1"]) == 0
+    finally:
+        unregister_plugin("clitest")
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "m.npz")]) == 0
+    assert capsys.readouterr().out.endswith("values; artifacts: clitest.count, clitest.kept\n")
+    with np.load(tmp_path / "m.npz", allow_pickle=False) as data:  # what a numpy-only reader sees
+        np.testing.assert_array_equal(data["artifacts/clitest.kept/state/w%2F1"], np.arange(6.0).reshape(2, 3))
+        assert data["artifacts/clitest.kept/state/n"].dtype == np.int64
+        assert json.loads(str(data["__meta__"]))["artifacts"] == {
+            "clitest.kept": {"state": {}, "scale": 0.5, "tags": ["a", [1, 2]], "empty": {}}, "clitest.count": 12}
+    arrays, meta = load_npz(tmp_path / "m.npz")
+    assert sorted(arrays) == sorted(load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"])
+    kept = meta["artifacts"]["clitest.kept"]
+    assert kept["state"]["w/1"].tolist() == [[0, 1, 2], [3, 4, 5]] and int(kept["state"]["n"]) == 4
+    assert meta["artifacts"]["clitest.count"] == 12 and kept["empty"] == {}
+
+
+def test_export_leaves_out_the_artifacts_it_is_told_to_and_names_the_others_on_a_typo(tmp_path, capsys):
+    import torch
+
+    artifacts = {"x.cache": {"hidden": torch.zeros(4, 2)}, "x.router": {"threshold": 0.5}}
+    ckpt = _checkpoint(tmp_path / "c.pt", {"w": torch.ones(2)}, artifacts=artifacts)
+    assert main(["export", str(ckpt), str(tmp_path / "m.npz"), "--exclude-artifact", "x.cache"]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'm.npz'}: 1 arrays, 2 values; artifacts: x.router\n"
+    arrays, meta = load_npz(tmp_path / "m.npz")
+    assert list(arrays) == ["w"] and meta["artifacts"] == {"x.router": {"threshold": 0.5}}
+    assert main(["export", str(ckpt), str(tmp_path / "n.npz"), "--exclude-artifact", "x.cahce"]) == 1
+    assert capsys.readouterr().err == (f"stagewise: error: {ckpt}: holds no artifact named 'x.cahce' to leave out; "
+                                       f"it holds: x.cache, x.router\n")
+    assert not (tmp_path / "n.npz").exists()
+
+
 def test_run_says_where_it_writes_before_the_first_stage(tiny_recipe_path, tmp_path, capsys):
     # was: the run directory was named only by the final table, so a long run's files could not be found
     run_dir = tmp_path / "run"
@@ -377,6 +426,30 @@ def test_ctrl_c_during_a_run_prints_the_command_that_continues_it(tiny_recipe_pa
                                                                    out=tmp_path / "whole", quiet=True))["metrics"]
 
 
+@pytest.mark.parametrize("at, said, then", [
+    ("env.json", "; continue with: stagewise run {recipe} --resume '{run}'", "--resume"),  # was: interrupted
+    ("recipe.toml", "", "--out"),  # nothing of the run written yet: nothing to resume, --out takes the folder again
+], ids=["after-recipe-toml", "before-recipe-toml"])
+def test_ctrl_c_while_the_run_folder_is_made_prints_the_command_that_continues_it(tiny_recipe_path, tmp_path, capsys,
+                                                                                 monkeypatch, at, said, then):
+    from stagewise.engine import rundir
+
+    def ctrl_c_at(write):
+        def written(path, data):
+            if path.name == at:
+                raise KeyboardInterrupt
+            write(path, data)
+        return written
+
+    for name in ("write_text_atomic", "write_json_atomic"):
+        monkeypatch.setattr(rundir, name, ctrl_c_at(getattr(rundir, name)))
+    run = tmp_path / "my run"
+    assert main(["run", str(tiny_recipe_path), "--out", str(run), "--quiet"]) == 130
+    assert capsys.readouterr().err == f"stagewise: interrupted{said.format(recipe=tiny_recipe_path, run=run)}\n"
+    monkeypatch.undo()
+    assert main(["run", str(tiny_recipe_path), then, str(run), "--quiet"]) == 0  # what it says, run
+
+
 def test_a_plugin_errors_cause_is_shown_only_in_strict_mode(monkeypatch, capsys):
     from stagewise import plugins
     from stagewise.errors import PluginError
@@ -514,6 +587,14 @@ def test_export_refuses_a_parameter_named_like_the_metadata(tmp_path, capsys):
     assert main(["export", str(ckpt), str(tmp_path / "m.npz")]) == 1
     assert "a parameter is named '__meta__', which the format reserves" in capsys.readouterr().err
     assert not (tmp_path / "m.npz").exists()
+
+
+def test_export_refuses_a_parameter_named_like_the_artifacts_arrays(tmp_path, capsys):
+    import torch
+
+    ckpt = _checkpoint(tmp_path / "c.pt", {"artifacts/x": torch.zeros(1)}, artifacts={})
+    assert main(["export", str(ckpt), str(tmp_path / "m.npz")]) == 1
+    assert "a parameter is named 'artifacts/x', which the format reserves" in capsys.readouterr().err
 
 
 def test_export_to_a_folder_names_the_file_to_give(tmp_path, capsys):

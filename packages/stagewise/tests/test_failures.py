@@ -148,3 +148,62 @@ def test_an_os_error_in_cores_file_handling_for_a_plugin_stays_one_line(tiny_rec
     assert _run_file_stage(tiny_recipe_path, tmp_path, own=False) == 1
     folder = tmp_path / "run" / "checkpoints"
     assert capsys.readouterr().err == f"stagewise: error: {folder}: File exists; check the path\n"
+
+
+def _command_plugin(add=None, handler=_bug) -> types.ModuleType:
+    """A plugin adding the command ``buggy`` (``add``: its own way, e.g. a buggy one) whose handler is ``handler``."""
+    module = types.ModuleType(__name__)  # the plugin's module: this file's code is the plugin's
+    module.stagewise_register_commands = stagewise.hookimpl(
+        add or (lambda cli: cli.add_parser("buggy").set_defaults(handler=handler)))
+    return module
+
+
+def test_a_bug_in_a_plugins_command_gets_a_note_naming_the_command_and_the_plugin():
+    plugins.register_plugin(_command_plugin(), "testing_buggy", "stagewise-buggy", "0.3")
+    try:
+        with pytest.raises(IndexError, match="a plugin's bug") as info:  # main lets it through: its traceback
+            main(["buggy"])
+    finally:
+        plugins.unregister_plugin("testing_buggy")
+    assert info.value.__notes__ == [f"in command 'buggy', from {PLUGIN}"]  # was: no note
+
+
+def test_a_bug_adding_a_plugins_command_gets_the_note_strict_mode_shows(monkeypatch, capsys):
+    monkeypatch.setenv("STAGEWISE_STRICT_PLUGINS", "1")
+    plugins.register_plugin(_command_plugin(add=_bug), "testing_buggy", "stagewise-buggy", "0.3")
+    try:
+        assert main(["plugins"]) == 1
+    finally:
+        plugins.unregister_plugin("testing_buggy")
+    err = capsys.readouterr().err
+    assert f"adding commands (stagewise_register_commands hook of plugin 'testing_buggy'), from {PLUGIN}\n" in err
+    assert "IndexError: a plugin's bug" in err and err.endswith("(STAGEWISE_STRICT_PLUGINS is set)\n")
+
+
+def test_a_bug_in_a_core_command_names_the_command_but_claims_no_plugin(monkeypatch):
+    monkeypatch.setattr(plugins, "plugin_infos", lambda: [None])  # core's `stagewise plugins` then reads None.name
+    plugins.register_plugin(_command_plugin(), "testing_buggy", "stagewise-buggy", "0.3")  # installed, not involved
+    try:
+        with pytest.raises(AttributeError) as info:
+            main(["plugins"])
+    finally:
+        plugins.unregister_plugin("testing_buggy")
+    assert info.value.__notes__ == ["in command 'plugins'"]
+
+
+def test_a_bug_in_a_plugins_model_loaded_from_a_checkpoint_gets_a_note(tiny, tmp_path):
+    from stagewise.engine.checkpoint import load_checkpoint, write_checkpoint
+
+    run = run_recipe(tiny("stages.phase1.max_epochs=1"), out=tmp_path / "run", quiet=True)
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")
+    saved["recipe"]["model"], saved["model_options"] = {"use": "testing.badmodel"}, {}  # the plugin's model
+    del saved["format"]  # write_checkpoint adds it
+    checkpoint = tmp_path / "plugins.pt"
+    write_checkpoint(saved, [checkpoint])
+    plugins.register_plugin(_plugin(None), "testing_buggy", "stagewise-buggy", "0.3")
+    try:
+        with pytest.raises(IndexError, match="a plugin's bug") as info:
+            stagewise.load_model(checkpoint)
+    finally:
+        plugins.unregister_plugin("testing_buggy")
+    assert info.value.__notes__ == [f"rebuilding the model of {checkpoint} (testing.badmodel), from {PLUGIN}"]

@@ -66,8 +66,10 @@ def test_a_run_without_matplotlib_says_once_why_it_has_no_curves(tiny, tmp_path,
 def test_tensorboard_scalars(tiny, tmp_path):
     pytest.importorskip("tensorboard")
     run_dir = run_recipe(tiny("run.tensorboard=true"), out=tmp_path / "run", quiet=True)
-    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    assert len(events) == 1 and events[0].stat().st_size > 0
+    events = sorted((run_dir / "tensorboard").rglob("events.out.tfevents.*"))  # was: one file in tensorboard/
+    assert [path.parent.relative_to(run_dir / "tensorboard").as_posix() for path in events] == \
+        ["phase1/epochs", "phase1/steps", "phase2/epochs", "phase2/steps"]  # the evaluate stage logs none
+    assert all(path.stat().st_size > 0 for path in events)
 
 
 def _finished_run(tmp_path, records):
@@ -130,8 +132,9 @@ def _tensorboard_state(tmp_path, log_every=1):
     from stagewise.engine.rundir import RunDir
 
     run = SimpleNamespace(tensorboard=True, log_every_n_steps=log_every)
-    return SimpleNamespace(recipe=SimpleNamespace(run=run), run_dir=RunDir(tmp_path),
-                           stage_name="phase1", step=0, epoch=0)
+    recipe = SimpleNamespace(run=run, stages=[SimpleNamespace(checkpoint="phase1")])
+    return SimpleNamespace(recipe=recipe, run_dir=RunDir(tmp_path), stage_name="phase1", stage_index=0, step=0,
+                           epoch=0)
 
 
 def test_tensorboard_logs_every_nth_step_and_numeric_epoch_metrics(tmp_path, monkeypatch):
@@ -140,8 +143,13 @@ def test_tensorboard_logs_every_nth_step_and_numeric_epoch_metrics(tmp_path, mon
 
     from stagewise.builtins import tensorboard
 
-    state, writer = _tensorboard_state(tmp_path, log_every=2), FakeWriter()
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", SimpleNamespace(SummaryWriter=lambda folder: writer))
+    state, writer, opened = _tensorboard_state(tmp_path, log_every=2), FakeWriter(), []
+
+    def open_writer(folder, purge_step):  # the one fake writer stands for each folder's
+        opened.append((folder, purge_step))
+        return writer
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", SimpleNamespace(SummaryWriter=open_writer))
     for step in (1, 2, 3, 4):
         state.step = step
         tensorboard.stagewise_after_step(state, loss=float(step))
@@ -149,8 +157,27 @@ def test_tensorboard_logs_every_nth_step_and_numeric_epoch_metrics(tmp_path, mon
     tensorboard.stagewise_after_epoch(state, {"val/loss": 0.5, "stopped": True, "note": "x", "n": 3})
     assert writer.scalars == [("phase1/train/loss_step", 2.0, 2), ("phase1/train/loss_step", 4.0, 4),
                               ("phase1/val/loss", 0.5, 1), ("phase1/n", 3, 1)]  # no booleans, no text
+    # a folder per stage and series, opened at its first point: a resumed run's hides a killed run's from there on
+    assert opened == [(str(tmp_path / "tensorboard" / "phase1" / "steps"), 2),
+                      (str(tmp_path / "tensorboard" / "phase1" / "epochs"), 1)]
     state.run_dir.close()  # as the engine does when the run ends, finished or failed
     assert writer.closed and id(state) not in tensorboard._writers  # a later run with this id gets a new writer
+
+
+def test_a_finished_stage_closes_its_tensorboard_writers(tmp_path, monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
+    from stagewise.builtins import tensorboard
+
+    state, writer = _tensorboard_state(tmp_path), FakeWriter()
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard",
+                        SimpleNamespace(SummaryWriter=lambda folder, purge_step: writer))
+    state.step = 1
+    tensorboard.stagewise_after_step(state, loss=1.0)
+    tensorboard.stagewise_after_stage(state)  # its points are on disk; a long recipe keeps no idle writers open
+    assert writer.closed and tensorboard._writers[id(state)] == {}
+    state.run_dir.close()
 
 
 def test_a_failed_run_closes_its_tensorboard_writer(tiny, tmp_path):

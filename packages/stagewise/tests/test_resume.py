@@ -34,6 +34,31 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_recipe_path, tmp_pa
     assert timeless_records(killed) == timeless_records(whole)
 
 
+def _tensorboard_scalars(run_dir) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """RUN_DIR's TensorBoard scalars as TensorBoard reads them (a restart's purge applied):
+    (folder, tag) -> [(step, value), ...]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for folder in sorted({path.parent for path in (run_dir / "tensorboard").rglob("events.out.tfevents.*")}):
+        events = EventAccumulator(str(folder)).Reload()
+        for tag in events.Tags()["scalars"]:
+            scalars[folder.relative_to(run_dir).as_posix(), tag] = [(e.step, e.value) for e in events.Scalars(tag)]
+    return scalars
+
+
+def test_a_resumed_runs_tensorboard_holds_each_point_once_as_an_uninterrupted_run(tiny_recipe_path, tmp_path):
+    pytest.importorskip("tensorboard")
+    sets = ["run.tensorboard=true"]
+    run_killed(tiny_recipe_path, tmp_path / "killed", "phase2", 8, sets)  # its last checkpoint: phase2's step 5
+    resume_run(tiny_recipe_path, tmp_path / "killed", sets)
+    run_uninterrupted(tiny_recipe_path, tmp_path / "whole", sets)
+    whole = _tensorboard_scalars(tmp_path / "whole")
+    assert [step for step, _ in whole["tensorboard/phase2/steps", "phase2/train/loss_step"]] == list(range(1, 11))
+    assert [step for step, _ in whole["tensorboard/phase2/epochs", "phase2/val/loss"]] == [0, 1]
+    assert _tensorboard_scalars(tmp_path / "killed") == whole  # was: phase2's steps 6, 7 (and 8) twice
+
+
 def test_resume_refuses_a_changed_recipe_naming_each_changed_key_and_the_command_that_resumes(tiny, tmp_path):
     # was "(in: stages)": which key of which stage, and what to resume with, was left to the user to find
     run_dir = run_recipe(tiny(), out=tmp_path / "run", quiet=True)

@@ -2,8 +2,8 @@
 
 - after each optimizer step: the step's lifted pairs enter the DMD buffer if the step trained
   the term (not a batch skipped as non-finite, not an epoch at weight 0), then the optional DMD
-  refresh of K (``dmd_every``); under torchrun every rank then takes rank 0's K, so the ranks
-  keep one operator;
+  refresh of K (``dmd_every``); under torchrun every rank records the pairs of every rank (those
+  one process would keep of the global batch), so the ranks fit one operator;
 - after each epoch: a ``koopman.epoch`` record with each operator's change since the last
   epoch and the Koopman share of the loss;
 - after the stage: the trained φ, K, ψ go to ``state.artifacts["koopman.operators"]``, so
@@ -29,10 +29,10 @@ def after_step(state: stagewise.State, loss: float) -> None:
         if not every:
             continue
         # under torchrun a term at weight 0 is computed too; one process would not have run it
-        term.end_step(trained=math.isfinite(loss) and state.term_weights.get(name, 0.0) != 0.0)
+        trained = math.isfinite(loss) and state.term_weights.get(name, 0.0) != 0.0  # the global batch's loss
+        term.end_step(trained, state.dist)
         if state.step % every == 0:
-            term.refresh_operator()
-            term.share_operator(state.dist)  # on every rank, refreshed or not: it is a collective
+            term.refresh_operator()  # every rank holds the same pairs, so fits the same K
 
 
 def after_epoch(state: stagewise.State, metrics: dict[str, Any]) -> None:

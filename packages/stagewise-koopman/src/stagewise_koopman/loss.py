@@ -30,7 +30,7 @@ import torch.distributed
 import torch.nn.functional as F
 
 import stagewise
-from stagewise.engine.distributed import DistInfo
+from stagewise.engine.distributed import DistInfo, all_reduce_sums
 from stagewise.engine.objective import forward_batch
 from stagewise_koopman.dmd import blend, dmd_operator
 from stagewise_koopman.operator import EPS, KoopmanModules, normalize_state
@@ -271,7 +271,8 @@ class KoopmanOperator(stagewise.Loss):
             self.register_buffer("dmd_y", torch.zeros(n, o.dmd_buffer, D))
             self.register_buffer("dmd_seen", torch.zeros((), dtype=torch.long))  # pairs ever recorded
             self.register_buffer("dmd_fresh", torch.zeros((), dtype=torch.long))  # since the last refresh
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's pairs, until it ends
+        # this step's pairs (n, M, D), from the tokens of its examples, and how many examples, until the step ends
+        self.pending: tuple[torch.Tensor, torch.Tensor, int] | None = None
         return self
 
     def needs(self) -> stagewise.Needs:
@@ -286,7 +287,7 @@ class KoopmanOperator(stagewise.Loss):
     def forward(self, outputs, batch, state):
         errors, lifted = self.errors(outputs["hidden"], _dist(state))
         if self.options.dmd_every and torch.is_grad_enabled() and self.pending is None:  # a step's first pass
-            self.pending = (lifted[:, 0].detach(), lifted[:, 1].detach())
+            self.pending = (lifted[:, 0].detach(), lifted[:, 1].detach(), outputs["hidden"][0].shape[0])
         return {part: w * errors[part] for part, w in self.options.part_weights().items() if w}
 
     def eval_sums(self, outputs, batch, state):
@@ -297,23 +298,61 @@ class KoopmanOperator(stagewise.Loss):
 
     # --- operator refresh and change -----------------------------------------------------
 
-    def end_step(self, trained: bool) -> None:
+    def end_step(self, trained: bool, dist: DistInfo | None = None) -> None:
         """Record the step's pairs (from its first forward pass) for the DMD refresh if the step
-        ``trained`` the term; drop them otherwise, so a skipped non-finite batch never reaches K."""
+        ``trained`` the term; drop them otherwise, so a skipped non-finite batch never reaches K.
+        Under torchrun (``dist``) every rank records the pairs one process would keep of the
+        global batch: a collective, every rank calls it at the same step."""
         if self.pending is not None and trained:
-            self._record(*self.pending)
+            x, y, examples = self.pending
+            if dist is not None and dist.enabled:
+                self._store(*self._global_pairs(x, y, examples, dist))
+            else:
+                self._record(x, y)
         self.pending = None
 
-    def _record(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Keep ``ceil(dmd_buffer / dmd_every)`` evenly spaced token pairs (n, ·, D) of this step."""
+    def _take(self, tokens: int, device: torch.device) -> torch.Tensor:
+        """Which of a step's ``tokens`` pairs the buffer keeps: ``ceil(dmd_buffer / dmd_every)``, evenly spaced."""
         o = self.options
-        per_step = min(math.ceil(o.dmd_buffer / o.dmd_every), x.shape[1])
-        take = torch.linspace(0, x.shape[1] - 1, per_step, device=x.device).long()
-        slots = (self.dmd_seen + torch.arange(per_step, device=x.device)) % o.dmd_buffer
-        self.dmd_x[:, slots] = x[:, take]
-        self.dmd_y[:, slots] = y[:, take]
-        self.dmd_seen += per_step
-        self.dmd_fresh += per_step
+        per_step = min(math.ceil(o.dmd_buffer / o.dmd_every), tokens)
+        return torch.linspace(0, tokens - 1, per_step, device=device).long()
+
+    def _record(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Keep the evenly spaced token pairs (n, ·, D) of this step (see :meth:`_take`)."""
+        take = self._take(x.shape[1], x.device)
+        self._store(x[:, take], y[:, take])
+
+    def _store(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Put pairs (n, k, D) into the ring buffer."""
+        k = x.shape[1]
+        slots = (self.dmd_seen + torch.arange(k, device=x.device)) % self.options.dmd_buffer
+        self.dmd_x[:, slots] = x
+        self.dmd_y[:, slots] = y
+        self.dmd_seen += k
+        self.dmd_fresh += k
+
+    def _global_pairs(self, x: torch.Tensor, y: torch.Tensor, examples: int,
+                      dist: DistInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs :meth:`_record` keeps of the global batch, in its order, on every rank.
+
+        Rank r holds examples r, r + world, ... of the global batch (``stagewise.engine.batches``),
+        each of the same number of tokens. Every rank works out which of its tokens the one-process
+        selection takes and sends those alone (one all_gather, padded to the largest rank's share),
+        then puts every rank's pairs in the global order."""
+        world, per_example = dist.world_size, x.shape[1] // examples
+        (total,) = all_reduce_sums([float(examples)], dist)
+        take = self._take(int(total) * per_example, x.device)
+        example, position = take // per_example, take % per_example
+        owner, local = example % world, (example // world) * per_example + position
+        ranks = F.one_hot(owner, world)  # (kept, world)
+        mine = torch.cat([x, y], -1)[:, local[owner == dist.rank]]  # (n, ·, 2D): x and y in one message
+        sent = F.pad(mine, (0, 0, 0, int(ranks.sum(0).max()) - mine.shape[1]))  # all_gather wants equal sizes
+        shares = [torch.empty_like(sent) for _ in range(world)]
+        torch.distributed.all_gather(shares, sent)
+        # the global selection's i-th pair is the k-th its owner sent: owners keep the token order
+        k = (ranks.cumsum(0) * ranks).sum(1) - 1
+        pairs = torch.stack(shares)[owner, :, k].transpose(0, 1)  # (n, kept, 2D)
+        return pairs.split(x.shape[2], -1)
 
     @torch.no_grad()
     def refresh_operator(self) -> bool:
@@ -324,14 +363,6 @@ class KoopmanOperator(stagewise.Loss):
         self.koopman.operator.copy_(blend(self.koopman.operator, fitted, self.options.dmd_rate))
         self.dmd_fresh.zero_()
         return True
-
-    @torch.no_grad()
-    def share_operator(self, dist: DistInfo) -> None:
-        """Under torchrun, give every rank rank 0's K. Each rank fits K from its own buffer (its
-        share of the batches), so without this the ranks' operators drift apart. A collective:
-        every rank must call it at the same step."""
-        if dist.enabled:
-            torch.distributed.broadcast(self.koopman.operator.data, src=0)
 
     @torch.no_grad()
     def operator_change(self) -> dict[str, float]:

@@ -67,7 +67,8 @@ class TrainingError(StagewiseError):
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a run whose directory exists: ``run_dir`` is where ``--resume`` continues it.
+    """Ctrl-C during a run whose directory holds its recipe.toml (from the moment the folder's
+    making wrote it): ``run_dir`` is where ``--resume`` continues it.
 
     A KeyboardInterrupt still, so code that stops on Ctrl-C keeps stopping."""
 

@@ -7,13 +7,26 @@ it, e.g. by an unfinished run) and the routers the run kept
 (``state.keep_router``), so the exported model routes as the run did, and what the data gave the
 model: ``data_info`` (e.g. ``vocab_size``) and a text run's vocabulary (``vocab``), so the file
 alone turns ids into words.
+
+What plugins keep beside the model, the checkpoint's ``artifacts`` (e.g. ``koopman.operators``:
+a trained Koopman term's φ, K, ψ), comes along: every tensor that is an artifact or a dict value
+inside one, at any depth, is an array named ``artifacts/<name>/<key>/...`` (the path of dict
+keys; a ``/`` or ``%`` inside a key written as ``%2F``, ``%25``; floating ones as float32, as the
+weights), and the rest of each artifact, its plain values (numbers, strings, lists; a tensor
+inside a list as a nested list), is ``__meta__["artifacts"]``. :func:`load_npz` puts the arrays
+back in place, so ``meta["artifacts"]`` has the shape of the checkpoint's artifacts. ``exclude``
+(``stagewise export --exclude-artifact NAME``) leaves artifacts out, e.g. ``lego_ashem.cache``,
+the hidden states of a whole split, which the run needed for training. Exports written before
+artifacts came along have no ``meta["artifacts"]``.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 import torch
@@ -24,11 +37,14 @@ from stagewise.errors import CheckpointError
 
 EXPORT_KEYS = ("model", "recipe", "model_options", "stage_name")
 FORMAT = "stagewise-npz-1"  # __meta__["format"]: marks a file export_npz wrote
+ARTIFACTS = "artifacts/"  # the names of the artifacts' arrays start with it (no model parameter's may)
 
 
-def export_npz(checkpoint: Path, out: Path) -> dict[str, Any]:
-    """Write the checkpoint's model weights to ``out``; returns array count, parameter count and
-    ``part_way``, the stage the checkpoint was written part-way through (None: a finished stage's).
+def export_npz(checkpoint: Path, out: Path, exclude: Sequence[str] = ()) -> dict[str, Any]:
+    """Write the checkpoint's model weights and artifacts (but those named in ``exclude``, e.g. a
+    large training cache) to ``out``; returns the model's array count and parameter count,
+    ``artifacts`` (the names written) and ``part_way``, the stage the checkpoint was written
+    part-way through (None: a finished stage's).
 
     ``out`` may replace an earlier export, never another file (the checkpoint itself, a recipe)."""
     out = Path(out)
@@ -44,19 +60,62 @@ def export_npz(checkpoint: Path, out: Path) -> dict[str, Any]:
         raise CheckpointError(f"{out}: an export is an .npz file; give a name ending in .npz, "
                               f"e.g. {out.with_suffix('.npz')}")
     saved = load_checkpoint(Path(checkpoint), EXPORT_KEYS)
-    arrays = {name: tensor.detach().cpu().float().numpy() if tensor.is_floating_point() else tensor.cpu().numpy()
-              for name, tensor in saved["model"].items()}
-    if "__meta__" in arrays:
-        raise CheckpointError(f"{checkpoint}: a parameter is named '__meta__', which the format reserves")
+    arrays = {name: _array(tensor) for name, tensor in saved["model"].items()}
+    reserved = next((name for name in arrays if name == "__meta__" or name.startswith(ARTIFACTS)), None)
+    if reserved is not None:
+        raise CheckpointError(f"{checkpoint}: a parameter is named {reserved!r}, which the format reserves")
     meta = {"model": saved["recipe"]["model"].get("use"), "model_options": saved["model_options"],
             "stage": saved["stage_name"], "routers": _routers(saved.get("routers", {})), "format": FORMAT,
             **_data_meta(Path(checkpoint), saved)}
     if "stage_done" in saved:  # False: a run's last.pt written part-way through that stage
         meta["stage_done"] = bool(saved["stage_done"])
     counts = {"arrays": len(arrays), "parameters": int(sum(a.size for a in arrays.values()))}
+    artifacts = _kept(checkpoint, saved.get("artifacts", {}), exclude)
+    if "artifacts" in saved:  # every checkpoint a run writes
+        meta["artifacts"] = _split(artifacts, ARTIFACTS, arrays)
     arrays["__meta__"] = np.array(json.dumps(meta))
     atomic_write_bytes(out, lambda f: np.savez(f, **arrays))
-    return {**counts, "part_way": saved["stage_name"] if meta.get("stage_done") is False else None}
+    return {**counts, "artifacts": sorted(meta.get("artifacts", {})),
+            "part_way": saved["stage_name"] if meta.get("stage_done") is False else None}
+
+
+def _kept(checkpoint: Path, artifacts: dict[str, Any], exclude: Sequence[str]) -> dict[str, Any]:
+    """The artifacts but those named in ``exclude``, each of which the checkpoint must hold (a typo must
+    not quietly export everything)."""
+    unknown = sorted(set(exclude) - set(artifacts))
+    if unknown:
+        raise CheckpointError(f"{checkpoint}: holds no artifact named {', '.join(map(repr, unknown))} to leave "
+                              f"out; it holds: {', '.join(sorted(artifacts)) or 'none'}")
+    return {name: value for name, value in artifacts.items() if name not in exclude}
+
+
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor as numpy, floating ones as float32 (numpy has no bfloat16)."""
+    return tensor.detach().cpu().float().numpy() if tensor.is_floating_point() else tensor.detach().cpu().numpy()
+
+
+def _split(value: dict, prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``value`` without its tensors (those of its dicts, at any depth), which go into ``arrays``
+    under ``prefix`` + the path of their keys; the rest as JSON values."""
+    plain = {}
+    for key, item in value.items():
+        name = prefix + str(key).replace("%", "%25").replace("/", "%2F")  # "/" separates the levels
+        if isinstance(item, torch.Tensor):
+            arrays[name] = _array(item)
+        else:
+            plain[str(key)] = _split(item, name + "/", arrays) if isinstance(item, dict) else _json(item)
+    return plain
+
+
+def _json(value: Any) -> Any:
+    """An artifact's plain value as JSON values: tuples and tensors as (nested) lists."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json(v) for v in value]
+    return value  # bool, int, float, str, None
 
 
 def _data_meta(checkpoint: Path, saved: dict[str, Any]) -> dict[str, Any]:
@@ -105,8 +164,15 @@ def _is_export(path: Path) -> bool:
 
 
 def load_npz(path: Path) -> tuple[dict[str, np.ndarray], dict]:
-    """Read an exported file back: (arrays by name, metadata)."""
+    """Read an exported file back: (the model's arrays by name, metadata), the artifacts' arrays
+    in place in ``meta["artifacts"]``."""
     with np.load(path, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files if k != "__meta__"}
         meta = json.loads(str(data["__meta__"]))
+    for name in [name for name in arrays if name.startswith(ARTIFACTS)]:
+        *parents, key = (unquote(part) for part in name.removeprefix(ARTIFACTS).split("/"))
+        node = meta["artifacts"]
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[key] = arrays.pop(name)
     return arrays, meta

@@ -9,6 +9,7 @@ import torch
 
 from stagewise.data.splits import DataSplits
 from stagewise.engine.checkpoint import load_checkpoint
+from stagewise.engine.failures import noted
 from stagewise.errors import CheckpointError
 from stagewise.specs import ModelSpec
 
@@ -32,8 +33,9 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> torch.
     if "data_info" not in saved:
         raise CheckpointError(f"{checkpoint}: written by a stagewise that did not keep the data's facts the model "
                               f"is built from (e.g. vocab_size); run the recipe again to load its model")
-    model = _build(checkpoint, saved)
-    model.load_state_dict(saved["model"])
+    with noted(f"rebuilding the model of {checkpoint}", saved["recipe"]["model"]["use"]):  # the model's plugin code
+        model = _build(checkpoint, saved)
+        model.load_state_dict(saved["model"])
     return model.to(device).eval()
 
 

@@ -125,12 +125,15 @@ def register_plugin(module: ModuleType | object, name: str, distribution: str | 
 def register_commands(cli: argparse._SubParsersAction) -> None:
     """Call each plugin's ``stagewise_register_commands`` on its own, in pluggy's order: one that
     raises is taken out, with the subcommands it added, like a plugin that fails to load."""
+    from stagewise.engine.failures import noted  # not above: it imports this module
+
     hook = plugin_manager().hook.stagewise_register_commands
     for impl in reversed(hook.get_hookimpls()):  # pluggy calls the last registered first
         trace(hook.name, [impl])
         before = dict(cli.choices), list(cli._choices_actions)  # to take out what a failure added
         try:
-            impl.function(**({"cli": cli} if "cli" in impl.argnames else {}))
+            with noted("adding commands", f"{hook.name} hook of plugin {impl.plugin_name!r}"):  # strict mode shows it
+                impl.function(**({"cli": cli} if "cli" in impl.argnames else {}))
         except Exception as exc:  # third-party code: it must not take the other commands down
             cli.choices.clear()
             cli.choices.update(before[0])

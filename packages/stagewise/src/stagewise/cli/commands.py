@@ -57,9 +57,18 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
                    "summary.json; the run's wall-clock measurements are compared only if given a tolerance")
     p.set_defaults(handler=cmd_verify)
 
-    p = sub.add_parser("export", help="export a checkpoint's model to a numpy-only .npz")
+    p = sub.add_parser("export", help="export a checkpoint's model to a numpy-only .npz",
+                       description="Export a checkpoint's model to a numpy-only .npz (numpy.load(path, "
+                       "allow_pickle=False) reads it): the model's weights, named as in its state dict; what "
+                       "plugins keep beside the model, the checkpoint's artifacts (e.g. a Koopman term's trained "
+                       "φ, K, ψ), as arrays named artifacts/<name>/<key>/...; and __meta__, a JSON string with "
+                       "the model, its options, the routers, the vocabulary and the artifacts' plain values "
+                       "(stagewise.export.load_npz puts the arrays back in place there).")
     p.add_argument("source", type=_path, help="a run directory (its last checkpoint) or a .pt checkpoint")
     p.add_argument("out", type=_path, help="the .npz file to write (it may replace an earlier export, no other file)")
+    p.add_argument("--exclude-artifact", action="append", default=[], metavar="NAME", dest="exclude",
+                   help="leave out the artifact NAME (repeatable), e.g. a large cache a stage kept for "
+                   "training; the command lists the checkpoint's artifacts when NAME is not one of them")
     p.set_defaults(handler=cmd_export)
 
 
@@ -147,8 +156,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from stagewise.load import checkpoint_of
 
     checkpoint = checkpoint_of(args.source)
-    counts: dict[str, Any] = export_npz(checkpoint, args.out)
-    print(f"wrote {args.out}: {counts['arrays']} arrays, {counts['parameters']} values")
+    counts: dict[str, Any] = export_npz(checkpoint, args.out, args.exclude)
+    artifacts = f"; artifacts: {', '.join(counts['artifacts'])}" if counts["artifacts"] else ""
+    print(f"wrote {args.out}: {counts['arrays']} arrays, {counts['parameters']} values{artifacts}")
     if counts["part_way"] is not None:  # e.g. the last.pt of a run that was stopped: not a trained model yet
         print(f"stagewise: note: {checkpoint} was written part-way through stage {counts['part_way']!r}, so these "
               f"are its weights at that point; export checkpoints/<stage>.pt for a finished stage's", file=sys.stderr)

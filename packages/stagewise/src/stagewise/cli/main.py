@@ -13,6 +13,7 @@ import sys
 import traceback
 
 from stagewise.cli import commands
+from stagewise.engine.failures import noted
 from stagewise.errors import PluginError, StagewiseError
 from stagewise.plugins import strict
 
@@ -45,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "handler", None) is None:
             parser.print_help()
             return 2
-        code = int(args.handler(args) or 0)
+        # a bug in a plugin's command, or in plugin code a core command calls; the file system refusing a
+        # path, as it may be one the command was given, is the one line below (a run notes a plugin's own)
+        with noted(f"in command {args.command!r}", passing=(OSError,)):
+            code = int(args.handler(args) or 0)
         sys.stdout.flush()  # a reader gone away shows here, not as "Exception ignored" at exit
         return code
     except StagewiseError as exc:

@@ -1,7 +1,9 @@
-"""Which stage, term, hook and plugin a bug in a run came from, for a note on its traceback.
+"""Which stage, term, hook and plugin a bug in a run, a command or a model load came from, for a
+note on its traceback.
 
 The traceback is for the plugin's author; the note tells a user whom to report it to. It is
-worked out from the traceback once the run has failed, so a step costs nothing for it.
+worked out from the traceback once the run has failed, so a step costs nothing for it. The module
+imports no torch: the command line notes every command's bugs, ``stagewise plugins``'s too.
 """
 
 from __future__ import annotations
@@ -12,26 +14,28 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from stagewise import plugins
-from stagewise.engine.state import State
 from stagewise.errors import StagewiseError
-from stagewise.loss import Loss
-from stagewise.router import Router
 
 if TYPE_CHECKING:
     from types import FrameType
 
 REPORT = "report it to that plugin"
+_NOTED = "stagewise_failure_noted"  # set on a bug once noted: an outer noted (the command's) adds no second note
 
 
 @contextmanager
-def noted(where: str, use: str | None = None) -> Iterator[None]:
-    """Add a :func:`failure_note` to a bug raised inside (a StagewiseError says what went wrong already)."""
+def noted(where: str, use: str | None = None, passing: tuple[type[Exception], ...] = ()) -> Iterator[None]:
+    """Add a :func:`failure_note` to a bug raised inside (a StagewiseError says what went wrong already;
+    ``passing``: errors the caller reports itself), unless a noted nearer to the bug has (a stage's
+    inside the command's)."""
     try:
         yield
     except StagewiseError:
         raise
     except Exception as exc:
-        exc.add_note(failure_note(exc, where, use))
+        if not isinstance(exc, passing) and not getattr(exc, _NOTED, False):
+            exc.add_note(failure_note(exc, where, use))
+            setattr(exc, _NOTED, True)
         raise
 
 
@@ -70,6 +74,10 @@ def _calling(frames: list[FrameType], use: str | None) -> str | None:
     """The innermost event hook, loss term or router of ``frames``, e.g. "stagewise_after_stage hook of
     plugin 'tracker'" or "koopman.operator term of stagewise.train" (``use``: the component the engine
     called), else ``use``."""
+    from stagewise.engine.state import State  # here, not above: they import torch
+    from stagewise.loss import Loss
+    from stagewise.router import Router
+
     for frame in reversed(frames):
         impl = frame.f_locals.get("impl") if frame.f_code is State.fire.__code__ else None
         if impl is not None:  # the engine was calling a plugin's event hook

@@ -9,7 +9,7 @@
       summary.json       per-stage metrics and timings, and the final metrics
       checkpoints/       <stage checkpoint name>.pt after each stage, last.pt for resuming
       plots/             PNGs some stages draw (with the [plots] extra)
-      tensorboard/       TensorBoard scalars, with [run] tensorboard = true
+      tensorboard/       TensorBoard scalars, with [run] tensorboard = true: <stage>/steps, <stage>/epochs
       vocab.txt          a text corpus's vocabulary (RunDir.create's ``files``)
 """
 

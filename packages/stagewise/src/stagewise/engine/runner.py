@@ -60,16 +60,16 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
     model = _build("model", recipe, lambda: recipe.model.component().from_recipe(model_options, data)).to(device)
     path = Path(resume) if resume is not None else Path(out) if out is not None else _default_folder(recipe)
     run_dir = None
-    if info.rank == 0:
-        run_dir = (RunDir.create(path, recipe.to_toml(), environment(), _data_files(data), again=resume is not None)
-                   if saved is None else RunDir.reopen(path, saved["metrics_lines"]))
-    state = State(recipe=recipe, model=model, model_options=model_options, data=data, device=device,
-                  dist=info, warnings=RateLimitedWarnings(silent=info.rank != 0), run_dir=run_dir,
-                  quiet=quiet)
-    if resume is None:  # said now, not only at the end: a long run's metrics and checkpoints are there from here on
-        state.print(f"run {run.name!r} (seed {run.seed}): writing to {path}")
-    first = restore_run(state, saved, path) if resume is not None else 0
-    try:
+    try:  # from the folder's making on: Ctrl-C once its recipe.toml is there says how to resume
+        if info.rank == 0:
+            run_dir = (RunDir.create(path, recipe.to_toml(), environment(), _data_files(data), again=resume is not None)
+                       if saved is None else RunDir.reopen(path, saved["metrics_lines"]))
+        state = State(recipe=recipe, model=model, model_options=model_options, data=data, device=device,
+                      dist=info, warnings=RateLimitedWarnings(silent=info.rank != 0), run_dir=run_dir,
+                      quiet=quiet)
+        if resume is None:  # said now, not only at the end: a long run's metrics and checkpoints are there from here on
+            state.print(f"run {run.name!r} (seed {run.seed}): writing to {path}")
+        first = restore_run(state, saved, path) if resume is not None else 0
         with noted(f"in run {run.name!r}"):
             state.fire(Event.BEFORE_RUN)
         for index in range(first, len(recipe.stages)):
@@ -83,6 +83,8 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
             run_dir.write_summary(summary)
             state.print(final_table(summary, path))
     except KeyboardInterrupt:
+        if not (path / "recipe.toml").is_file():  # stopped as the folder was made: no run there to resume yet
+            raise
         raise RunInterrupted(path) from None
     finally:
         if run_dir is not None:
