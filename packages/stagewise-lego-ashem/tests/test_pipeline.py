@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_summary
+from conftest import TINY, read_summary
 
 import stagewise
 from stagewise.engine.checkpoint import load_checkpoint
@@ -72,8 +72,30 @@ def test_upper_layer_training_never_touches_frozen_parameters(tiny, tmp_path):
     assert set(before) < set(after)
     for name, tensor in before.items():  # embedding, layers 0-1, norm, head, routing_threshold
         assert torch.equal(after[name], tensor), name
-    fresh = load_checkpoint(run_dir / "checkpoints" / "phase2.pt")
-    assert fresh["artifacts"]["lego_ashem.cache"]["hidden"].shape[-1] == 16
+
+
+def _artifacts(run_dir: Path) -> dict[str, set[str]]:
+    return {file.stem: set(load_checkpoint(file)["artifacts"]) for file in (run_dir / "checkpoints").glob("*.pt")}
+
+
+def test_the_cache_is_checkpointed_only_until_the_last_stage_that_trains_from_it(tiny, tmp_path):
+    run_dir = run_recipe(tiny(), out=tmp_path / "run", quiet=True)
+    cache = load_checkpoint(run_dir / "checkpoints" / "mine.pt")["artifacts"]["lego_ashem.cache"]
+    assert cache["hidden"].shape[-1] == 16
+    router = {"lego_ashem.router"}  # after phase 2 the checkpoints keep the router alone, not a split's hidden states
+    assert _artifacts(run_dir) == {"phase1": set(), "mine": router | {"lego_ashem.cache"}, "phase2": router,
+                                   "test": router, "last": router}
+
+
+def test_a_second_stage_training_from_the_cache_finds_it(tmp_path):
+    again = TINY.replace('[[stages]]\nname = "test"', '[[stages]]\nname = "phase2b"\n'
+                         'use = "lego_ashem.train_upper_layers"\ntrain = ["layers.3.*"]\nmax_epochs = 1\n'
+                         'max_steps_per_epoch = 2\nmeasure_speed = false\n\n[[stages]]\nname = "test"')
+    path = tmp_path / "again.toml"
+    path.write_text(again)
+    run_dir = run_recipe(load_recipe(path), out=tmp_path / "run", quiet=True)
+    artifacts = _artifacts(run_dir)
+    assert "lego_ashem.cache" in artifacts["phase2"] and "lego_ashem.cache" not in artifacts["phase2b"]
 
 
 def test_speed_metrics_are_reported_and_change_no_other_number(tiny, tmp_path):

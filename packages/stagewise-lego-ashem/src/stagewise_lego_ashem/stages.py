@@ -188,6 +188,9 @@ class TrainUpperLayers(stagewise.TrainStage):
             split = state.data[cache["split"]]
             metrics.update({f"{self.label}/{k}": v for k, v in phase2_speedups(
                 state, cache, split, self.options.speed_repeats).items()})
+        if not _trains_from_cache_later(state.recipe, state.stage_index):  # it would fill every later checkpoint
+            del state.artifacts[mining.CACHE]
+            self._data = None
         return metrics
 
     def train_batches(self, state: stagewise.State, epoch: int, start: int) -> Iterator[dict[str, Any]]:
@@ -364,6 +367,14 @@ class EvaluateRouted(stagewise.Stage):
 
 
 # --- recipe checks -----------------------------------------------------------------------------
+
+
+def _trains_from_cache_later(recipe: Recipe, index: int) -> bool:
+    """Whether a stage after ``index`` trains from this cache (before a later mine replaces it)."""
+    for spec in recipe.stages[index + 1:]:
+        if spec.use in ("lego_ashem.mine", TrainUpperLayers.name):
+            return spec.use == TrainUpperLayers.name
+    return False
 
 
 def _last_earlier(recipe: Recipe, index: int, use: str) -> int | None:
