@@ -59,6 +59,8 @@ def dataset_of(state: State, source: str | Dataset, indices: list[int] | None = 
 
 def iterate_batches(state: State, source: str | Dataset, *, train: bool, epoch: int = 0, start: int = 0,
                     indices: list[int] | None = None, shard: bool = True) -> Iterator[dict[str, Any]]:
+    """The batches of :meth:`State.batches <stagewise.State.batches>`, whose docstring says what each
+    argument does; a resumed epoch starts at batch ``start`` without loading the ones before it."""
     spec = state.recipe.data
     dataset = dataset_of(state, source, indices)
     size = _batch_size(state, train)

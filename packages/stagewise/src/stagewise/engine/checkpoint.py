@@ -3,6 +3,12 @@
 A checkpoint holds everything a resumed run needs to end with the numbers of an
 uninterrupted one: model, optimizer, scheduler, loss terms, EMA target, RNG states, stage
 index, loop position, router state and artifacts.
+
+What checkpoints are made with lives here too, shared with the engine's other writers: the
+atomic write (:func:`atomic_write_bytes`, which the run directory, export and plots use for every
+file they write) and the removal of the temp files a kill left (:func:`remove_temp_files`); and
+the RNG states a checkpoint saves and a resume puts back (:func:`rng_state`, :func:`set_rng_state`,
+:func:`seed_everything`).
 """
 
 from __future__ import annotations
@@ -141,6 +147,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Put back what :func:`rng_state` took (CUDA's only where this machine has CUDA)."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
@@ -166,6 +173,7 @@ def _as_tuple(value: Any) -> Any:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's RNGs (numpy takes seeds below 2**32 only)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

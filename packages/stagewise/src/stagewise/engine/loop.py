@@ -34,7 +34,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class Position:
-    """Where the loop is, and what it has learned so far: all of it goes into checkpoints."""
+    """Where the loop is (epoch, next batch), its early-stopping record and this epoch's running
+    sums. A mid-stage checkpoint holds it as its ``loop`` table, so the field names are checkpoint
+    keys."""
 
     epoch: int = 0
     batch: int = 0  # next batch of the epoch
@@ -67,12 +69,12 @@ class TrainLoop:
         self.scheduler = build_scheduler(self.optimizer, self.o, self.total_steps)
         self.weights = TermWeights(self.o.losses, state)
         self.guard = NonFiniteGuard(self.o.max_nonfinite, state.warnings)
-        self.trainer = self._wrap_distributed()
+        self.term_values = self._wrap_distributed()
         if self.o.ema_momentum is not None:
             state.target_model = ema.make_target(state.model)
         self.pos = Position()
         self.best_state: dict[str, torch.Tensor] | None = None
-        self.rng: dict[str, Any] | None = None  # a resumed stage's saved RNG state, until it is set
+        self.rng_to_set: dict[str, Any] | None = None  # a resumed stage's saved RNG state, until it is set
         self.epoch_started = 0.0  # perf_counter() at the epoch's start, moved back on a mid-epoch resume
         if state.resume is not None:
             self._restore(state.resume)
@@ -113,7 +115,7 @@ class TrainLoop:
             pos.batch += 1
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             every = state.recipe.run.checkpoint_every_n_steps
-            if every and state.step % every == 0 and pos.batch < total:
+            if every and state.step % every == 0 and pos.batch < total:  # after the last, _end_epoch saves
                 self.save()
         bar.close()
 
@@ -177,12 +179,12 @@ class TrainLoop:
         """Σ w_i L_i for this batch (to backpropagate) and its value, the global batch's under
         DDP. Fills ``record`` with each active term's value, weight and parts; ``None``: a
         re-evaluation of the batch, neither recorded nor counted."""
-        values = {name: split_term(raw) for name, raw in
-                  self.trainer(batch, self.stage.forward_fn(self.objective), active).items()}
-        scalars, scale = self._term_scalars(batch, values)
-        total: Any = 0.0
+        losses = {name: split_term(raw) for name, raw in
+                  self.term_values(batch, self.stage.forward_fn(self.objective), active).items()}
+        scalars, scale = self._term_scalars(batch, losses)
+        total: Any = 0.0  # a float until a term joins, so a first term of weight 1 is taken as it is: no 0 + 1·L ops
         global_value = 0.0  # Σ w_i L_i of the global batch, under DDP
-        for name, (value, _) in values.items():
+        for name, (loss, _) in losses.items():
             weight = 0.0  # an inactive term, computed only because DDP wants every term in the graph
             scalar, parts = scalars[name]
             if name in active:
@@ -193,10 +195,10 @@ class TrainLoop:
             elif not math.isfinite(scalar):  # 0 · NaN in the graph would still put NaN in every gradient
                 global_value = math.nan
             if weight != 0.0 or self.state.dist.enabled:
-                total = value if (weight == 1.0 and isinstance(total, float)) else total + weight * value
+                total = loss if (weight == 1.0 and isinstance(total, float)) else total + weight * loss
         if isinstance(total, float):  # every term had weight 0: nothing to learn from this batch
             total = torch.zeros((), device=self.state.device)
-        if not self.state.dist.enabled:
+        if not self.state.dist.enabled:  # one process: the loss reported is the tensor's own value
             return total, total.item()
         return (total if scale == 1.0 else total * scale), global_value
 
@@ -222,15 +224,29 @@ class TrainLoop:
         return means, n * self.state.dist.world_size / n_global
 
     def _after_update(self, value: float, lr: float, record: dict[str, Any]) -> None:
-        state, pos, o = self.state, self.pos, self.o
+        """What follows a step the guard let through: the scheduler, the step count, the EMA
+        target, the epoch's sums and the step record."""
+        state, o = self.state, self.o
         if o.schedule != "plateau":
             self.scheduler.step()
         state.step += 1
         if state.target_model is not None:
-            end = o.ema_momentum_end if o.ema_momentum_end is not None else o.ema_momentum
-            momentum = ema.momentum_at(state.step, self.total_steps, o.ema_momentum, end)
-            ema.ema_update(state.target_model, state.model, momentum)
-        sums = pos.sums
+            self._update_target()
+        self._add_to_sums(value, record)
+        if state.step % state.recipe.run.log_every_n_steps == 0:
+            state.log("step", **{"train/loss": value, "train/lr": lr})
+
+    def _update_target(self) -> None:
+        """Move the EMA target towards the model, at the momentum of the stage's step."""
+        state, o = self.state, self.o
+        end = o.ema_momentum_end if o.ema_momentum_end is not None else o.ema_momentum
+        momentum = ema.momentum_at(state.step, self.total_steps, o.ema_momentum, end)
+        ema.ema_update(state.target_model, state.model, momentum)
+
+    def _add_to_sums(self, value: float, record: dict[str, Any]) -> None:
+        """Add the step's loss and each recorded term's value, weight, weighted value and parts to the
+        epoch's running sums, which :meth:`_train_metrics` averages."""
+        sums = self.pos.sums
         sums["n"] = sums.get("n", 0) + 1
         sums["loss"] = sums.get("loss", 0.0) + value
         for name, (term, weight, parts) in record.items():
@@ -239,8 +255,6 @@ class TrainLoop:
             sums[f"{name}/weighted"] = sums.get(f"{name}/weighted", 0.0) + weight * term  # its share of the loss
             for part, v in parts.items():
                 sums[f"{name}/{part}"] = sums.get(f"{name}/{part}", 0.0) + v
-        if state.step % state.recipe.run.log_every_n_steps == 0:
-            state.log("step", **{"train/loss": value, "train/lr": lr})
 
     # --- epoch end: evaluation, early stopping, checkpoint ----------------------------------
 
@@ -357,17 +371,20 @@ class TrainLoop:
         self.state.warnings.counts = Counter(saved.get("warnings", {}))  # older checkpoints lack them
         self.state.step = saved["step"]
         self.epoch_started = time.perf_counter() - saved.get("epoch_seconds", 0.0)  # older checkpoints lack it
-        self.rng = saved["rng"]
+        self.rng_to_set = saved["rng"]
 
     def _resume_rng(self) -> None:
         """Set a resumed stage's saved RNG state at the point the uninterrupted run was at when
         it saved: after term setup and the batch iterator, whose draws would shift it."""
-        if self.rng is not None:
-            set_rng_state(self.rng)
-            self.rng = None
+        if self.rng_to_set is not None:
+            set_rng_state(self.rng_to_set)
+            self.rng_to_set = None
 
     def _wrap_distributed(self) -> Any:
-        """The callable that computes term values: the Objective, or its DDP wrapper."""
+        """The callable that computes term values: the Objective, or its DDP wrapper, which
+        computes every term (``active`` None): DDP, built without ``find_unused_parameters``, expects
+        every parameter to get a gradient at every step, so an inactive term stays in the graph at
+        weight 0 (see :meth:`_total` and :meth:`_drop_inactive_grads`)."""
         objective = self.objective
         if not self.state.dist.enabled:
             return objective

@@ -6,7 +6,7 @@ of parameters owned by losses are averaged across processes like the model's own
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -68,8 +68,7 @@ def loss_problems(specs: list[LossSpec], model_options: Any, example: dict[str, 
     """Each term's own checks against the model and, when given, one example of the data it
     will read; plus duplicate names. Reported before anything runs."""
     problems = duplicate_names(specs, where)
-    for path, spec in zip(term_paths(specs, where), specs, strict=True):
-        term = spec.component()(spec.options)
+    for path, _, term in _new_terms(specs, where):
         found = term.check(model_options) + (term.check_example(example) if example is not None else [])
         problems += [f"{path}: {p}" for p in found]
     return problems
@@ -81,14 +80,21 @@ def build_terms(specs: list[LossSpec], state: State, where: str) -> dict[str, Lo
     if problems:
         raise state.recipe.error(problems)
     terms: dict[str, Loss] = {}
-    for path, spec in zip(term_paths(specs, where), specs, strict=True):
-        term = spec.component()(spec.options)
+    for path, name, term in _new_terms(specs, where):
         try:
             term.setup(state)
         except ConfigError as exc:  # found only on the built model (Loss.setup): name the term and the file
             raise state.recipe.error([f"{path}: {p}" for p in exc.problems]) from None
-        terms[spec.name] = term.to(state.device)
+        terms[name] = term.to(state.device)
     return terms
+
+
+def _new_terms(specs: list[LossSpec], where: str) -> Iterator[tuple[str, str, Loss]]:
+    """Each term's recipe path (as problems name it), name and a new Loss built from its options.
+    Lazily: :func:`build_terms` sets up each term before the next is built, the order of RNG draws
+    that runs' numbers depend on."""
+    for path, spec in zip(term_paths(specs, where), specs, strict=True):
+        yield path, spec.name, spec.component()(spec.options)
 
 
 def split_term(value: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

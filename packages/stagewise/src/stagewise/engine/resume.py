@@ -85,6 +85,8 @@ def _latest_stage_checkpoint(checkpoints: Path, recipe: Recipe) -> str:
 
 
 def _recipe_differs(path: Path, started: dict[str, Any], table: dict[str, Any]) -> CheckpointError:
+    """The refusal of a recipe (``table``) other than the one the run at ``path`` started with,
+    naming the first few changed keys and the command that resumes it."""
     changes = _changes(started, table, "")
     shown = ", ".join(changes[:_SHOWN_CHANGES]) + (f" and {len(changes) - _SHOWN_CHANGES} more"
                                                     if len(changes) > _SHOWN_CHANGES else "")

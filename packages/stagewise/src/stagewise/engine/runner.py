@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,10 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, resume: str | Path
         distributed.teardown(info)
 
 
-def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: Any, resume: Any,
-         quiet: bool) -> Path:
+def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: str | Path | None,
+         resume: str | Path | None, quiet: bool) -> Path:
+    """:func:`run_recipe` once the processes are set up: what can fail on bad input is built before
+    the run directory, which then holds the stages' records."""
     run = recipe.run
     if run.threads:
         torch.set_num_threads(run.threads)
@@ -58,30 +61,20 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
     check_event_hooks()
     model_options = _model_options(recipe, saved)
     model = _build("model", recipe, lambda: recipe.model.component().from_recipe(model_options, data)).to(device)
-    path = Path(resume) if resume is not None else Path(out) if out is not None else _default_folder(recipe)
+    path = _run_folder(recipe, out, resume)
     run_dir = None
     try:  # from the folder's making on: Ctrl-C once its recipe.toml is there says how to resume
         if info.rank == 0:
-            run_dir = (RunDir.create(path, recipe.to_toml(), environment(), _data_files(data), again=resume is not None)
-                       if saved is None else RunDir.reopen(path, saved["metrics_lines"]))
+            run_dir = _open_run_dir(recipe, data, path, resume is not None, saved)
         state = State(recipe=recipe, model=model, model_options=model_options, data=data, device=device,
                       dist=info, warnings=RateLimitedWarnings(silent=info.rank != 0), run_dir=run_dir,
                       quiet=quiet)
-        if resume is None:  # said now, not only at the end: a long run's metrics and checkpoints are there from here on
+        if resume is not None:
+            first = restore_run(state, saved, path)
+        else:  # said now, not only at the end: a long run's metrics and checkpoints are there from here on
             state.print(f"run {run.name!r} (seed {run.seed}): writing to {path}")
-        first = restore_run(state, saved, path) if resume is not None else 0
-        with noted(f"in run {run.name!r}"):
-            state.fire(Event.BEFORE_RUN)
-        for index in range(first, len(recipe.stages)):
-            mid_stage = saved if saved is not None and index == saved["stage_index"] else None
-            run_stage(state, index, recipe.stages[index], mid_stage)
-        summary = {"recipe": run.name, "seed": run.seed, "stages": state.stage_results,
-                   "metrics": state.metrics}
-        with noted(f"in run {run.name!r}"):
-            state.fire(Event.AFTER_RUN, metrics=state.metrics)
-        if run_dir is not None:
-            run_dir.write_summary(summary)
-            state.print(final_table(summary, path))
+            first = 0
+        _run_stages(state, first, saved)
     except KeyboardInterrupt:
         if not (path / "recipe.toml").is_file():  # stopped as the folder was made: no run there to resume yet
             raise
@@ -92,13 +85,35 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
     return path
 
 
+def _open_run_dir(recipe: Recipe, data: Any, path: Path, resuming: bool, saved: dict[str, Any] | None) -> RunDir:
+    """The main process's run directory. A run resumed from a checkpoint reopens its folder at the
+    records the checkpoint had seen; a new run, or a resumed one killed before its first
+    checkpoint (``saved`` is None: it starts over in its folder), writes the folder anew."""
+    if saved is not None:
+        return RunDir.reopen(path, saved["metrics_lines"])
+    return RunDir.create(path, recipe.to_toml(), environment(), _data_files(data), again=resuming)
+
+
+def _run_stages(state: State, first: int, saved: dict[str, Any] | None) -> None:
+    """Run the stages from index ``first`` on between the run's events, then write the summary;
+    the stage that ``saved`` (a mid-stage checkpoint) was taken in continues from it."""
+    run = state.recipe.run
+    with noted(f"in run {run.name!r}"):
+        state.fire(Event.BEFORE_RUN)
+    for index in range(first, len(state.recipe.stages)):
+        mid_stage = saved if saved is not None and index == saved["stage_index"] else None
+        run_stage(state, index, state.recipe.stages[index], mid_stage)
+    summary = {"recipe": run.name, "seed": run.seed, "stages": state.stage_results, "metrics": state.metrics}
+    with noted(f"in run {run.name!r}"):
+        state.fire(Event.AFTER_RUN, metrics=state.metrics)
+    if state.run_dir is not None:
+        state.run_dir.write_summary(summary)
+        state.print(final_table(summary, state.run_dir.path))
+
+
 def run_stage(state: State, index: int, spec: StageSpec, saved: dict[str, Any] | None) -> None:
     """Run one stage; ``saved`` is the checkpoint of this stage when resuming it mid-way."""
-    state.stage_index, state.stage_name = index, spec.name
-    state.epoch = state.step = state.epochs_run = 0
-    state.target_model = None
-    state.terms, state.term_weights = {}, {}
-    state.resume = saved
+    _enter_stage(state, index, spec, saved)
     with noted(f"in stage {spec.name!r}", spec.use):  # a bug in the plugin code it calls: a grown model, hooks, stage
         if saved is not None:
             set_rng_state(saved["rng"])  # TrainLoop sets it again just before its first resumed step
@@ -110,31 +125,43 @@ def run_stage(state: State, index: int, spec: StageSpec, saved: dict[str, Any] |
         state.fire(Event.BEFORE_STAGE, stage=stage)
         state.stage_started = time.perf_counter() - (saved.get("stage_seconds", 0.0) if saved is not None else 0.0)
         metrics = _stage_metrics(state, stage, spec)
-        # a training stage flushed its warnings at each epoch's end; what is left the stage warned
-        # outside an epoch: it belongs to this stage's metrics, not to the next stage's first epoch
-        warned = state.warnings.flush(f"in stage {spec.name!r}")
-        metrics.update({f"warnings/{kind}": n for kind, n in warned.items()})
-        seconds = time.perf_counter() - state.stage_started
-        state.resume = None
-        state.stage_results[spec.name] = {"metrics": metrics, "epochs": state.epochs_run, "seconds": seconds,
-                                          "measured": [k for k in metrics if k.rsplit("/", 1)[-1] in stage.measured]}
-        state.metrics.update(metrics)
-        state.log("stage", seconds=seconds, **metrics)
+        _record_stage(state, spec, stage, metrics)
         state.fire(Event.AFTER_STAGE, stage=stage, metrics=metrics)  # before the checkpoint: hook records are kept
     state.save_checkpoint(done=True)
 
 
+def _enter_stage(state: State, index: int, spec: StageSpec, saved: dict[str, Any] | None) -> None:
+    """Start the state's per-stage fields afresh, so that nothing of the stage before (its step
+    count, EMA target, loss terms) reaches this one; ``state.resume`` is what a resumed stage goes
+    on from (TrainLoop reads it), until the stage ends."""
+    state.stage_index, state.stage_name = index, spec.name
+    state.epoch = state.step = state.epochs_run = 0
+    state.target_model = None
+    state.terms, state.term_weights = {}, {}
+    state.resume = saved
+
+
+def _record_stage(state: State, spec: StageSpec, stage: Any, metrics: dict[str, Any]) -> None:
+    """Keep what the stage ended with: its results in summary.json's ``stages``, its metrics among
+    the run's, a ``stage`` record in metrics.jsonl."""
+    # a training stage flushed its warnings at each epoch's end; what is left the stage warned
+    # outside an epoch: it belongs to this stage's metrics, not to the next stage's first epoch
+    warned = state.warnings.flush(f"in stage {spec.name!r}")
+    metrics.update({f"warnings/{kind}": n for kind, n in warned.items()})
+    seconds = time.perf_counter() - state.stage_started
+    state.resume = None  # the stage has ended: AFTER_STAGE hooks see no stage to resume
+    state.stage_results[spec.name] = {"metrics": metrics, "epochs": state.epochs_run, "seconds": seconds,
+                                      "measured": [k for k in metrics if k.rsplit("/", 1)[-1] in stage.measured]}
+    state.metrics.update(metrics)
+    state.log("stage", seconds=seconds, **metrics)
+
+
 def _stage_metrics(state: State, stage: Any, spec: StageSpec) -> dict[str, Any]:
     """What ``stage`` reports; an allocation larger than the machine's memory is a TrainingError."""
-    try:
+    with _allocation_too_large(lambda gib: TrainingError(
+            f"stage '{spec.name}' ({spec.use}) asked for {gib:.3g} GiB at once, more memory than this machine "
+            f"has; lower its sizes (the run directory keeps the stages before it)")):
         return stage.run(state)
-    except RuntimeError as exc:
-        gib = _allocation_gib(exc)
-        if gib is None:
-            raise
-        raise TrainingError(f"stage '{spec.name}' ({spec.use}) asked for {gib:.3g} GiB at once, more memory "
-                            f"than this machine has; lower its sizes (the run directory keeps the stages before "
-                            f"it)") from None
 
 
 def check_stages(recipe: Recipe, data: Any) -> None:
@@ -147,34 +174,39 @@ def check_stages(recipe: Recipe, data: Any) -> None:
         raise recipe.error(problems)
 
 
-def _default_folder(recipe: Recipe) -> Path:
-    """``run.out/run.name``, numbered past used folders; refused if ``run.out`` runs into a file."""
-    out = Path(recipe.run.out)
-    blocking = file_in_the_way(out)
+def _run_folder(recipe: Recipe, out: str | Path | None, resume: str | Path | None) -> Path:
+    """Where the run writes: a resumed run's own folder, else ``out``, else ``run.out/run.name``
+    numbered past used folders (refused if ``run.out`` runs into a file)."""
+    if resume is not None:
+        return Path(resume)
+    if out is not None:
+        return Path(out)
+    base = Path(recipe.run.out)
+    blocking = file_in_the_way(base)
     if blocking is not None:
         raise recipe.error([f"run.out: {blocking} is a file, not a folder; set run.out to a folder "
                             f"(or pass --out)"])
-    return unused_folder(out / recipe.run.name)
+    return unused_folder(base / recipe.run.name)
 
 
 def _build(table: str, recipe: Recipe, factory: Any) -> Any:
     """Build the data or the model; a bad option value or data file becomes a recipe error naming
     the table, or the key that names the file (``data.path``), and the recipe file."""
     use = getattr(recipe, table).use
+
+    def too_large(gib: float) -> StagewiseError:
+        return recipe.error([f"{table} ({use}): its options ask for {gib:.3g} GiB at once, more memory than this "
+                             f"machine has; lower the sizes"])
+
     with noted(f"building the {table}", use):  # a bug, not a bad option or file: for the component's author
-        try:
-            return factory()
-        except (ValueError, TypeError, KeyError) as exc:
-            if isinstance(exc, StagewiseError) and not isinstance(exc, DataError):
-                raise
-            keys = _file_keys(recipe, str(exc)) if table == "data" else []
-            raise recipe.error([f"{', '.join(keys) or f'{table} ({use})'}: {exc}"]) from exc
-        except RuntimeError as exc:
-            gib = _allocation_gib(exc)
-            if gib is None:
-                raise
-            raise recipe.error([f"{table} ({use}): its options ask for {gib:.3g} GiB at once, more "
-                                f"memory than this machine has; lower the sizes"]) from None
+        with _allocation_too_large(too_large):
+            try:
+                return factory()
+            except (ValueError, TypeError, KeyError) as exc:
+                if isinstance(exc, StagewiseError) and not isinstance(exc, DataError):
+                    raise
+                keys = _file_keys(recipe, str(exc)) if table == "data" else []
+                raise recipe.error([f"{', '.join(keys) or f'{table} ({use})'}: {exc}"]) from exc
 
 
 def _file_keys(recipe: Recipe, message: str) -> list[str]:
@@ -182,6 +214,19 @@ def _file_keys(recipe: Recipe, message: str) -> list[str]:
     data = recipe.table["data"]
     return [f"data.{key}" for key in sorted(data_path_keys(data))
             if isinstance(data.get(key), str) and data[key] in message]
+
+
+@contextmanager
+def _allocation_too_large(error: Callable[[float], Exception]) -> Iterator[None]:
+    """Raise ``error(gib)`` in place of a failed allocation larger than the machine's memory, so
+    that the user learns which sizes to lower; any other RuntimeError passes."""
+    try:
+        yield
+    except RuntimeError as exc:
+        gib = _allocation_gib(exc)
+        if gib is None:
+            raise
+        raise error(gib) from None
 
 
 def _allocation_gib(exc: RuntimeError) -> float | None:
@@ -204,6 +249,8 @@ def grow_model(state: State, changes: dict[str, Any]) -> None:
 
 
 def _model_options(recipe: Recipe, saved: dict[str, Any] | None) -> Any:
+    """The options the model is built with: the recipe's, or for a resumed run the checkpoint's, which
+    differ from the recipe's once a stage has grown the model (``grow``), so its weights fit."""
     if saved is None:
         return recipe.model.options
     problems: list[str] = []

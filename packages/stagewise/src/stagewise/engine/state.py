@@ -68,7 +68,12 @@ class State:
         return self.dist.rank == 0
 
     def fire(self, event: Event, **kwargs: Any) -> None:
-        """Call the hook for ``event`` in the order :func:`event_hookimpls` gives."""
+        """Call the hook for ``event`` in the order :func:`event_hookimpls` gives.
+
+        :func:`stagewise.engine.failures.failure_note` finds this frame in a failed run's traceback
+        and reads its locals ``event`` and ``impl`` to name the hook and plugin a bug came from:
+        keep those names.
+        """
         impls = event_hookimpls(event)
         if not impls:
             return
@@ -138,6 +143,8 @@ class State:
         barrier(self.dist)
 
     def checkpoint_payload(self, done: bool, extra: dict[str, Any]) -> dict[str, Any]:
+        """What every checkpoint holds, plus a stage's ``extra`` (TrainLoop's optimizer, position, ...).
+        A key that a resume needs goes into :data:`~stagewise.engine.checkpoint.RESUME_KEYS` too."""
         from stagewise.engine.checkpoint import rng_state
         from stagewise.load import plain_info
         from stagewise.schema import as_table
