@@ -13,6 +13,7 @@ The loop, with each event where it fires::
                     outputs = forward(model, batch); loss = sum_i w_i(t) * L_i(outputs)
                     backward, clip, optimizer.step(), scheduler.step()
                     AFTER_STEP
+                    checkpoint every [run] checkpoint_every_n_steps steps (0: none mid-epoch)
                 evaluate on the validation split, early stopping
                 AFTER_EPOCH
                 checkpoint
