@@ -1,6 +1,7 @@
 """Loaders for users' files: CSV, JSON Lines (+gzip), IDX (MNIST) and NPZ."""
 
 import gzip
+import io
 import json
 import os
 import struct
@@ -9,6 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from stagewise.data import tabular
+from stagewise.data.arrays import array_splits
+from stagewise.data.files import text_lines
 from stagewise.data.idx import read_idx
 from stagewise.data.loaders import (
     CSVDataset,
@@ -143,6 +147,41 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
             JSONLDataset.from_recipe(opts, seed=0)
 
 
+# --- big files: one copy of the text, numbers held as numbers ---------------------------------
+
+
+def test_text_lines_are_the_lines_a_file_opened_with_newline_empty_gives(tmp_path):
+    # was: the whole text was copied into a StringIO, 4 bytes a character (a 69 MB CSV: 276 MB more)
+    text = "a,b\r\n1,2\r3,4\n\n\r\n5,\"6\n7\"\x0c,8\u2028\n\x1c9"
+    (tmp_path / "t.csv").write_text(text, encoding="utf-8", newline="")
+    assert list(text_lines(tmp_path / "t.csv", "CSV file", "utf-8")) == list(io.StringIO(text, newline=""))
+
+
+def test_big_tables_read_the_same_numbers(tmp_path):
+    # the values are gathered in flat float64 buffers (8 bytes a number, not a list of float objects per row)
+    rows = np.random.default_rng(0).standard_normal((50, 3))
+    lines = [",".join(map(repr, row)) for row in rows.tolist()]
+    (tmp_path / "t.csv").write_text("a,b,c\r\n" + "\r\n\n".join(lines) + "\r\n", encoding="utf-8")
+    names, values, at = tabular.read_csv(str(tmp_path / "t.csv"), True, "utf-8")
+    assert np.array_equal(values, rows) and values.dtype == np.float64 and at == list(range(2, 101, 2))
+    records = [json.dumps({"x": row[:2], "y": [[row[2]], 1]}) for row in rows.tolist()]
+    (tmp_path / "t.jsonl").write_text("\n".join(records))
+    inputs, targets, at = tabular.read_jsonl(str(tmp_path / "t.jsonl"), ["x"], ["y"], "utf-8")
+    assert np.array_equal(inputs, rows[:, :2]) and np.array_equal(targets[:, 0], rows[:, 2])
+    assert (targets[:, 1] == 1).all() and at == list(range(1, 51))
+
+
+def test_a_list_of_floats_is_flattened_without_a_call_per_number(monkeypatch):
+    # was: one recursive call per number, the hot loop of a big JSONL file
+    calls = []
+    flatten = tabular.flatten
+    monkeypatch.setattr(tabular, "flatten", lambda value: calls.append(value) or flatten(value))
+    assert tabular.flatten([0.5, -1.25, 3.0]) == [0.5, -1.25, 3.0] and len(calls) == 1
+    assert tabular.flatten([1, [2.5, 3], 4.0]) == [1.0, 2.5, 3.0, 4.0]  # ints and nesting: number by number
+    with pytest.raises(TypeError, match="not a number: True"):
+        tabular.flatten([0.5, True])
+
+
 # --- IDX ------------------------------------------------------------------------------------
 
 
@@ -164,6 +203,35 @@ def test_idx_images_and_labels(tmp_path):
     assert torch.equal(item["input"], torch.from_numpy(images[item["input"][0, 0].long() // 3] * 0.5).float())
     assert data.info["n_outputs"] == 3 and data.info["examples"] == {"train": 3, "valid": 3}
     assert data.info["input_shape"] == [2, 3] and data.info["n_features"] == 6
+
+
+def test_idx_images_are_scaled_split_by_split_with_the_same_values(tmp_path, monkeypatch):
+    # was: the whole file was converted to float32 twice (astype, then * scale) and then split: a 235 MB
+    # file of images peaked at 2.2 GB; now each split's pixels are converted once, in place
+    images = np.random.default_rng(0).integers(0, 256, (10, 2, 3), dtype=np.uint8)
+    (tmp_path / "images").write_bytes(idx_bytes(images, 0x08))
+    (tmp_path / "labels").write_bytes(idx_bytes(np.arange(10, dtype=np.uint8), 0x08))
+    converted = []
+    def spy(inputs, targets, fractions, seed, *, source, convert):
+        converted.append(inputs.dtype)
+        return array_splits(inputs, targets, fractions, seed, source=source,
+                            convert=lambda split: converted.append(split.shape) or convert(split))
+    monkeypatch.setattr("stagewise.data.loaders.array_splits", spy)
+    opts = IDXOptions(images=str(tmp_path / "images"), labels=str(tmp_path / "labels"), scale=0.3)
+    data = IDXDataset.from_recipe(opts, seed=5)
+    assert converted == [np.uint8, (8, 2, 3), (1, 2, 3), (1, 2, 3)]  # the file as read, then each split
+    order = split_indices(10, opts.splits, 5)
+    for split, idx in order.items():  # bit for bit what converting the whole file first gives
+        assert torch.equal(data[split].inputs, torch.from_numpy((images.astype(np.float32) * np.float32(0.3))[idx]))
+
+
+def test_idx_images_that_overflow_float32_when_scaled_are_refused(tmp_path):
+    # still refused now that the scaled splits are checked, not the whole converted file
+    (tmp_path / "images").write_bytes(idx_bytes(np.full((10, 2), 1e300), 0x0E))
+    (tmp_path / "labels").write_bytes(idx_bytes(np.arange(10, dtype=np.uint8), 0x08))
+    with pytest.raises(DataError, match=r"images: images \* scale \(1\) is not finite; use a scale such as 1/255"):
+        IDXDataset.from_recipe(IDXOptions(images=str(tmp_path / "images"), labels=str(tmp_path / "labels"),
+                                          scale=1), seed=0)
 
 
 def test_idx_other_types_are_big_endian(tmp_path):

@@ -258,6 +258,19 @@ def test_progress_bars_show_on_a_terminal_only_without_quiet_and_change_no_numbe
     assert metrics[0] == metrics[1] == metrics[2]
 
 
+def test_loading_the_data_is_said_on_a_terminal_before_it_starts(tiny, tmp_path, monkeypatch):
+    # was: nothing was shown while a big file was read and tokenised, a silent minute before the first bar
+    shown = {}
+    for name, quiet in (("terminal", False), ("quiet", True)):
+        monkeypatch.setattr(sys, "stderr", Terminal())
+        run_recipe(tiny(), out=tmp_path / name, quiet=quiet)
+        shown[name] = sys.stderr.getvalue()
+    lines = shown["terminal"].splitlines()
+    assert lines[0] == "stagewise: loading the data (stagewise.text) ..."
+    assert lines[1].startswith("stagewise: data loaded in ") and lines[1].endswith("s")
+    assert "loading the data" not in shown["quiet"]
+
+
 class _WarnsTwice(stagewise.Stage):
     name = "looptest.warns_twice"
 

@@ -2,11 +2,12 @@
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from stagewise.data.splits import DataError, deal, split_bounds
-from stagewise.data.text import LMWindows, TextCorpus, TextOptions, tokenize
+from stagewise.data.text import LMWindows, TextCorpus, TextOptions, WordIndex, load_streams, tokenize
 from stagewise.data.vocab import Vocabulary
 
 
@@ -32,6 +33,55 @@ def test_a_vocabulary_saved_as_text_reads_back_with_the_same_ids(tmp_path):
 def test_tokenize_is_wikitext_style():
     assert tokenize(" The cat\n\n  sat .\r\n", lowercase=True) == ["the", "cat", "<eos>", "sat", ".", "<eos>"]
     assert tokenize("The", lowercase=False) == ["The", "<eos>"]
+
+
+def test_vocabulary_from_counts_ranks_as_build_and_leaves_out_unseen_words():
+    words = "b a c b a d <unk> b <eos>".split()
+    counts = {**{word: words.count(word) for word in words}, "zzz": 0}  # zzz: seen in valid only
+    for min_freq, max_size in ((1, None), (2, None), (1, 3)):
+        assert (Vocabulary.from_counts(counts, min_freq, max_size).itos
+                == Vocabulary.build(words, min_freq, max_size).itos)
+
+
+TRICKY = "ΟΔΟΣ Σ\nİstanbul  ΣΑΣ\r\n\n  <unk> the The THE\n\t\n<eos> naïve\u00a0word\nthe a b the"
+
+
+@pytest.mark.parametrize("options", [{}, {"lowercase": False}, {"min_freq": 2}, {"max_vocab": 4}, {"max_tokens": 5}])
+def test_the_corpus_is_held_as_ids_that_equal_the_token_strings_path(tmp_path, options):
+    # was: every token was a string object (a 100 MB text: 18M strings, 1.8 GB of memory), counted and
+    # encoded in three more passes; the ids must be the same as that path's
+    texts = {"train": TRICKY * 3 + "\nrare", "valid": TRICKY + " unseen", "test": "Σ the\nοδος"}
+    for split, text in texts.items():
+        (tmp_path / f"{split}.txt").write_text(text, encoding="utf-8")
+    opts = TextOptions(path=str(tmp_path), seq_len=2, **options)
+    streams = load_streams(opts, WordIndex())
+    assert all(ids.dtype == np.int64 for ids in streams.values())  # no list of strings
+    data = TextCorpus.from_recipe(opts, seed=0)
+    tokens = {split: tokenize(text, opts.lowercase)[: opts.max_tokens] for split, text in texts.items()}
+    vocab = Vocabulary.build(tokens["train"], opts.min_freq, opts.max_vocab)
+    assert data.info["vocab"].itos == vocab.itos
+    for split, words in tokens.items():
+        assert data[split].tokens.dtype == torch.long and data[split].tokens.tolist() == vocab.encode(words)
+
+
+def test_max_tokens_tokenises_only_the_start_of_split_files(tmp_path):
+    # was: a quick run (max_tokens) on a big corpus tokenised every file whole, then kept a few tokens
+    for split in ("train", "valid", "test"):
+        (tmp_path / f"{split}.txt").write_text("".join(f"{split} w{i}\n" for i in range(1000)))
+    index = WordIndex()
+    streams = load_streams(TextOptions(path=str(tmp_path), seq_len=2, max_tokens=4), index)
+    assert [len(ids) for ids in streams.values()] == [6, 6, 6]  # whole lines, up to the first with token 4
+    assert list(index) == ["<eos>", "train", "w0", "w1", "valid", "test"]  # no later line was split
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1 << 20])
+def test_text_read_chunk_by_chunk_gives_each_line_s_words(monkeypatch, chunk):
+    # chunks of whole lines are lowercased at once (no copy of a whole big text): as each line alone
+    monkeypatch.setattr("stagewise.data.text.CHUNK", chunk)
+    text = "ΟΔΟΣ\nΣ\nΑΣ \n\nΣΑ\r\nİ\nﬁ ẞ\n"  # final sigmas at line ends, characters that lower to two
+    for lowercase in (True, False):
+        assert tokenize(text, lowercase) == [w for line in text.split("\n") for w in (
+            (line.lower() if lowercase else line).split() + ["<eos>"] if line.split() else [])]
 
 
 def test_wikitext_directory_layout(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import zipfile
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -35,10 +36,12 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def array_splits(inputs: np.ndarray, targets: np.ndarray, fractions: dict[str, float], seed: int,
-                 *, source: str) -> DataSplits:
+                 *, source: str, convert: Callable[[np.ndarray], np.ndarray] | None = None) -> DataSplits:
     """Shuffle the examples (axis 0) with ``seed`` and cut them into splits by ``fractions``.
 
     ``source`` (the file) names where a problem is: inputs without a feature axis, a split left empty.
+    ``convert``, if given, maps each split's inputs elementwise (e.g. uint8 pixels to scaled float32),
+    so that the whole file is never held converted as well as split.
     info: ``input_shape`` and ``target_shape`` (of one example), ``n_features`` (values per
     input), ``n_outputs`` (classes for integer targets: largest label + 1; else values per
     target) and ``examples`` (per split).
@@ -55,7 +58,8 @@ def array_splits(inputs: np.ndarray, targets: np.ndarray, fractions: dict[str, f
             raise DataError(f"{source}: example {i} (0-based, axis 0) of the {what} holds NaN or infinity; "
                             f"fill in or drop missing values (NaN and infinity cannot be trained on)")
     integer = targets.dtype.kind in "biu"
-    splits = {name: ArrayDataset(to_tensor(inputs[idx]), to_tensor(targets[idx]))
+    convert = convert or (lambda split: split)
+    splits = {name: ArrayDataset(to_tensor(convert(inputs[idx])), to_tensor(targets[idx]))
               for name, idx in split_indices(len(inputs), fractions, seed, source=source).items()}
     info = {
         "input_shape": list(inputs.shape[1:]),

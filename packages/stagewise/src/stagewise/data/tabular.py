@@ -8,11 +8,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+from array import array
 from typing import Any
 
 import numpy as np
 
-from stagewise.data.files import open_text
+from stagewise.data.files import text_lines
 from stagewise.data.splits import DataError
 
 
@@ -32,31 +33,30 @@ def shape_targets(targets: np.ndarray, target_dtype: str, lines: list[int], path
 
 def read_csv(path: str, header: bool, encoding: str) -> tuple[list[str] | None, np.ndarray, list[int]]:
     """Column names (None without header), the values (N, columns) and each row's line."""
-    with open_text(path, "CSV file", encoding) as f:
-        reader = csv.reader(f)
-        rows, lines = [], []
-        try:
-            names = next(reader, []) if header else None
-            width = len(names) if names is not None else None
-            for row in reader:
-                if not row:  # blank line
-                    continue
-                width = len(row) if width is None else width
-                if len(row) != width:
-                    raise DataError(f"{path}, line {reader.line_num}: {len(row)} cells, but the "
-                                    f"{'header' if header else 'first row'} has {width}")
-                try:
-                    rows.append([float(cell) for cell in row])  # one call per row: the hot loop of a big file
-                except ValueError:
-                    raise _bad_cell(row, path, reader.line_num, names, "is not a number; every cell must be "
-                                    "numeric (fill in missing values, encode categories as numbers)") from None
-                lines.append(reader.line_num)
-        except csv.Error as exc:  # e.g. a cell longer than the csv module's limit (131072 characters)
-            raise DataError(f"{path}, line {reader.line_num}: cannot be read as CSV ({exc}); every cell must "
-                            f"be a number: check that this is a CSV file of numbers") from None
-    if not rows:
+    reader = csv.reader(text_lines(path, "CSV file", encoding))
+    values, lines = array("d"), []  # values row after row: 8 bytes a number, not a float object
+    try:
+        names = next(reader, []) if header else None
+        width = len(names) if names is not None else None
+        for row in reader:
+            if not row:  # blank line
+                continue
+            width = len(row) if width is None else width
+            if len(row) != width:
+                raise DataError(f"{path}, line {reader.line_num}: {len(row)} cells, but the "
+                                f"{'header' if header else 'first row'} has {width}")
+            try:
+                values.extend(map(float, row))  # the hot loop of a big file (a bad row's numbers are never used)
+            except ValueError:
+                raise _bad_cell(row, path, reader.line_num, names, "is not a number; every cell must be "
+                                "numeric (fill in missing values, encode categories as numbers)") from None
+            lines.append(reader.line_num)
+    except csv.Error as exc:  # e.g. a cell longer than the csv module's limit (131072 characters)
+        raise DataError(f"{path}, line {reader.line_num}: cannot be read as CSV ({exc}); every cell must "
+                        f"be a number: check that this is a CSV file of numbers") from None
+    if not lines:
         raise DataError(f"{path} has no data rows")
-    values = np.array(rows, dtype=np.float64)
+    values = np.frombuffer(values, dtype=np.float64).reshape(len(lines), -1)  # (N, columns), no copy
     finite = np.isfinite(values)  # float() also reads "nan" and "inf": training on them fails
     if not finite.all():
         i = int(np.flatnonzero(~finite.all(axis=1))[0])
@@ -74,9 +74,8 @@ def _bad_cell(row: list[str], path: str, line: int, names: list[str] | None, pro
 
 def _row_at(path: str, line: int, encoding: str) -> list[str]:
     """The CSV row that ends on ``line``, read again: only an error needs the cells' text."""
-    with open_text(path, "CSV file", encoding) as f:
-        reader = csv.reader(f)
-        return next(row for row in reader if reader.line_num == line)
+    reader = csv.reader(text_lines(path, "CSV file", encoding))
+    return next(row for row in reader if reader.line_num == line)
 
 
 def _finite_number(cell: str) -> bool:
@@ -133,6 +132,8 @@ def column_indices(option: str, columns: list[str | int], names: list[str] | Non
 def flatten(value: Any) -> list[float]:
     """A number or (nested) list of numbers as one flat list; TypeError for anything else."""
     if isinstance(value, list):
+        if all(type(item) is float for item in value):  # the common case: no call per number (a big file's hot loop)
+            return value
         return [number for item in value for number in flatten(item)]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
@@ -164,36 +165,43 @@ def record_numbers(record: dict[str, Any], keys: list[str], path: str, line: int
 def read_jsonl(path: str, input_keys: list[str], target_keys: list[str],
                encoding: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Inputs (N, F), targets (N, K) and each example's line."""
-    inputs, targets, lines = [], [], []
-    with open_text(path, "JSONL file", encoding) as f:
-        for line, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}, line {line}: expected a JSON object {{...}}, got "
-                                    f"{json.dumps(record)[:60]}")
-                x = record_numbers(record, input_keys, path, line)
-                y = record_numbers(record, target_keys, path, line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, line {line}: not valid JSON ({exc.msg} at column "
-                                f"{exc.colno}); each line must be one JSON object") from None
-            except RecursionError:
-                raise DataError(f"{path}, line {line}: lists nested too deeply to read; values must be "
-                                f"numbers or (nested) lists of numbers of a few levels") from None
-            except DataError:
-                raise
-            except ValueError as exc:  # an integer of more digits than Python converts
-                raise DataError(f"{path}, line {line}: a number is too long to read ({str(exc).split(';')[0]}); "
-                                f"values must be numbers of float range") from None
-            if inputs and (len(x), len(y)) != (len(inputs[0]), len(targets[0])):
-                raise DataError(f"{path}, line {line}: {len(x)} input and {len(y)} target numbers, "
-                                f"but line {lines[0]} has {len(inputs[0])} and {len(targets[0])}; "
-                                f"every line must have the same number of values")
-            inputs.append(x)
-            targets.append(y)
-            lines.append(line)
-    if not inputs:
+    inputs, targets, lines = array("d"), array("d"), []  # row after row: 8 bytes a number
+    widths = None  # (input, target) numbers of the first line, which every line must have
+    for line, text in enumerate(text_lines(path, "JSONL file", encoding), start=1):
+        if not text.strip():
+            continue
+        x, y = _line_numbers(text, input_keys, target_keys, path, line)
+        widths = widths or (len(x), len(y), line)
+        if (len(x), len(y)) != widths[:2]:
+            raise DataError(f"{path}, line {line}: {len(x)} input and {len(y)} target numbers, "
+                            f"but line {widths[2]} has {widths[0]} and {widths[1]}; "
+                            f"every line must have the same number of values")
+        inputs.extend(x)
+        targets.extend(y)
+        lines.append(line)
+    if not lines:
         raise DataError(f"{path} has no data lines")
-    return np.array(inputs, dtype=np.float64), np.array(targets, dtype=np.float64), lines
+    return (np.frombuffer(inputs, dtype=np.float64).reshape(len(lines), widths[0]),
+            np.frombuffer(targets, dtype=np.float64).reshape(len(lines), widths[1]), lines)
+
+
+def _line_numbers(text: str, input_keys: list[str], target_keys: list[str], path: str,
+                  line: int) -> tuple[list[float], list[float]]:
+    """The input and target numbers of one JSONL line."""
+    try:
+        record = json.loads(text)
+        if not isinstance(record, dict):
+            raise DataError(f"{path}, line {line}: expected a JSON object {{...}}, got "
+                            f"{json.dumps(record)[:60]}")
+        return record_numbers(record, input_keys, path, line), record_numbers(record, target_keys, path, line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}, line {line}: not valid JSON ({exc.msg} at column "
+                        f"{exc.colno}); each line must be one JSON object") from None
+    except RecursionError:
+        raise DataError(f"{path}, line {line}: lists nested too deeply to read; values must be "
+                        f"numbers or (nested) lists of numbers of a few levels") from None
+    except DataError:
+        raise
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise DataError(f"{path}, line {line}: a number is too long to read ({str(exc).split(';')[0]}); "
+                        f"values must be numbers of float range") from None

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import random
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -78,19 +80,56 @@ def _train_problem(splits: dict[str, float]) -> str | None:
     return f"must include 'train' (the vocabulary is built from it); got {', '.join(splits)}"
 
 
+CHUNK = 1 << 20  # characters lowercased and cut into lines at a time: a big text is never copied whole
+
+
+def line_words(text: str, lowercase: bool) -> Iterator[list[str]]:
+    """The words of each non-empty line, read chunk by chunk of whole lines (lowercasing a chunk
+    lowercases each of its lines alike: a line end is no letter, so even a final sigma reads the same)."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + CHUNK)
+        end = len(text) if end < 0 else end + 1
+        chunk = text[start:end]
+        for line in (chunk.lower() if lowercase else chunk).split("\n"):
+            words = line.split()
+            if words:
+                yield words
+        start = end
+
+
 def tokenize(text: str, lowercase: bool) -> list[str]:
     """WikiText-style tokens: each non-empty line's words, then ``<eos>``."""
     tokens = []
-    for line in text.split("\n"):
-        words = (line.lower() if lowercase else line).split()
-        if words:
-            tokens.extend(words)
-            tokens.append(EOS)
+    for words in line_words(text, lowercase):
+        tokens.extend(words)
+        tokens.append(EOS)
     return tokens
 
 
-def read_tokens(path: Path, options: TextOptions) -> list[str]:
-    return tokenize(read_text(path, "text file", options.encoding), options.lowercase)
+class WordIndex(dict):
+    """Word -> provisional id in order of first sighting (a new word gets the next id), so a
+    corpus is held as one int64 per token, not one string object per token."""
+
+    def __missing__(self, word: str) -> int:
+        self[word] = n = len(self)
+        return n
+
+
+def token_ids(text: str, lowercase: bool, index: WordIndex, limit: int | None = None) -> np.ndarray:
+    """``tokenize(text, lowercase)`` as ids of ``index``, (N,) int64; with ``limit``, at least its
+    first ``limit`` tokens (whole lines), the rest of the text left untokenised."""
+    ids, eos = [], index[EOS]
+    for words in line_words(text, lowercase):
+        ids.extend(map(index.__getitem__, words))  # C-speed lookups; only new words call __missing__
+        ids.append(eos)
+        if limit is not None and len(ids) >= limit:
+            break
+    return np.array(ids, dtype=np.int64)
+
+
+def read_ids(path: Path, options: TextOptions, index: WordIndex, limit: int | None = None) -> np.ndarray:
+    return token_ids(read_text(path, "text file", options.encoding), options.lowercase, index, limit)
 
 
 def text_files(root: Path) -> list[Path]:
@@ -112,35 +151,36 @@ def split_files(root: Path) -> dict[str, Path]:
     return found
 
 
-def builtin_streams(options: TextOptions) -> dict[str, list[str]]:
-    """Token streams of the built-in corpus: Python's topic docs, dealt to splits by document."""
+def builtin_streams(options: TextOptions, index: WordIndex) -> dict[str, np.ndarray]:
+    """Token streams (ids of ``index``) of the built-in corpus: Python's topic docs, dealt to splits by document."""
     try:
         from pydoc_data.topics import topics
     except ImportError as exc:  # some minimal Python builds leave pydoc_data out
         raise DataError(f"{BUILTIN} is Python's pydoc_data.topics, which this Python ({sys.executable}) lacks; "
                         f"set path to {LAYOUTS}") from exc
 
-    documents = [tokenize(topics[key], options.lowercase) for key in sorted(topics)]  # one per topic
-    return {split: [token for i in ids for token in documents[i]]
+    documents = [token_ids(topics[key], options.lowercase, index) for key in sorted(topics)]  # one per topic
+    return {split: np.concatenate([documents[i] for i in ids])
             for split, ids in deal(len(documents), options.splits, source=BUILTIN, unit="documents").items()}
 
 
-def load_streams(options: TextOptions) -> dict[str, list[str]]:
-    """Token streams, by split, of the source that ``options.path`` names."""
+def load_streams(options: TextOptions, index: WordIndex) -> dict[str, np.ndarray]:
+    """Token streams (ids of ``index``), by split, of the source that ``options.path`` names."""
     if options.path is None:
-        return builtin_streams(options)
+        return builtin_streams(options, index)
     root = Path(options.path).expanduser()
     if not root.exists():
         raise DataError(f"text data path {root} does not exist; set path to {LAYOUTS}, "
                         f"or leave it unset for the built-in corpus")
     predefined = split_files(root) if root.is_dir() else {}
     if predefined:
-        return {split: read_tokens(file, options) for split, file in predefined.items()}
+        # a split file's first max_tokens tokens are all that is kept: a quick run skips the rest
+        return {split: read_ids(file, options, index, options.max_tokens) for split, file in predefined.items()}
     files = text_files(root) if root.is_dir() else [root]
     if not files:
         raise DataError(f"no .txt files under {root}; expected {LAYOUTS}")
-    tokens = [token for file in files for token in read_tokens(file, options)]
-    if not tokens:
+    tokens = np.concatenate([read_ids(file, options, index) for file in files])
+    if not len(tokens):
         raise DataError(f"{root} contains no text (0 tokens); expected {LAYOUTS}")
     return {split: tokens[start:end]
             for split, (start, end) in split_bounds(len(tokens), options.splits, source=str(root),
@@ -181,10 +221,13 @@ class TextCorpus:
 
         ``seed`` is unused: the text splits are fixed by the source and the options.
         """
-        streams = load_streams(options)
+        index = WordIndex()
+        streams = load_streams(options, index)
         if options.max_tokens is not None:
             streams = {split: tokens[: options.max_tokens] for split, tokens in streams.items()}
-        vocab = Vocabulary.build(streams["train"], options.min_freq, options.max_vocab)
+        counts = np.bincount(streams["train"], minlength=len(index)).tolist()  # index's words are in id order
+        vocab = Vocabulary.from_counts(dict(zip(index, counts, strict=True)), options.min_freq, options.max_vocab)
+        to_vocab = np.array([vocab.stoi.get(word, 0) for word in index], dtype=np.int64)  # provisional id -> id
         source = options.path or BUILTIN
         splits = {}
         for split, tokens in streams.items():
@@ -192,7 +235,7 @@ class TextCorpus:
                 raise DataError(f"split {split!r} of {source} has {len(tokens)} tokens, too few for "
                                 f"one window of seq_len + 1 = {options.seq_len + 1}; use more text "
                                 f"or a smaller seq_len")
-            ids = torch.tensor(vocab.encode(tokens), dtype=torch.long)  # (N,)
+            ids = torch.from_numpy(to_vocab[tokens])  # (N,) int64
             splits[split] = LMWindows(ids, options.seq_len)
         info = {"vocab_size": len(vocab), "vocab": vocab, "seq_len": options.seq_len,
                 "tokens": {split: len(tokens) for split, tokens in streams.items()}}

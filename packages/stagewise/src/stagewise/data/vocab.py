@@ -7,7 +7,7 @@ alphabetical order, so the same tokens always give the same ids.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 UNK, EOS = "<unk>", "<eos>"
@@ -29,14 +29,18 @@ class Vocabulary:
     def build(cls, tokens: Iterable[str], min_freq: int = 1, max_size: int | None = None) -> Vocabulary:
         """The vocabulary of ``tokens``: words seen at least ``min_freq`` times, the most
         frequent first, at most ``max_size`` entries in all (the two specials included)."""
+        return cls.from_counts(Counter(tokens), min_freq, max_size)
+
+    @classmethod
+    def from_counts(cls, counts: Mapping[str, int], min_freq: int = 1, max_size: int | None = None) -> Vocabulary:
+        """:meth:`build` from each word's count (words counted 0 times are left out)."""
         if max_size is not None and max_size < len(SPECIALS):
             raise ValueError(f"max_size must be at least {len(SPECIALS)} (the specials "
                              f"{list(SPECIALS)}), got {max_size}")
-        counts = Counter(tokens)
-        for special in SPECIALS:  # e.g. WikiText writes <unk> in its text
-            counts.pop(special, None)
-        ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-        words = [word for word, count in ranked if count >= min_freq]
+        # the specials are not ranked, e.g. WikiText writes <unk> in its text
+        ranked = sorted(((word, count) for word, count in counts.items() if word not in SPECIALS),
+                        key=lambda item: (-item[1], item[0]))
+        words = [word for word, count in ranked if count >= max(min_freq, 1)]
         if max_size is not None:
             words = words[: max_size - len(SPECIALS)]
         return cls([*SPECIALS, *words])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -56,7 +57,7 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
     torch.use_deterministic_algorithms(run.deterministic, warn_only=True)
     saved = load_resume(Path(resume), recipe) if resume is not None else None
     seed_everything(run.seed)
-    data = _build("data", recipe, lambda: recipe.data.component().from_recipe(recipe.data.options, seed=run.seed))
+    data = _load_data(recipe, shown=not quiet and info.rank == 0 and sys.stderr.isatty())
     check_stages(recipe, data)
     check_event_hooks()
     model_options = _model_options(recipe, saved)
@@ -187,6 +188,19 @@ def _run_folder(recipe: Recipe, out: str | Path | None, resume: str | Path | Non
         raise recipe.error([f"run.out: {blocking} is a file, not a folder; set run.out to a folder "
                             f"(or pass --out)"])
     return unused_folder(base / recipe.run.name)
+
+
+def _load_data(recipe: Recipe, shown: bool) -> Any:
+    """Build the data, on a terminal saying so (like the progress bars): reading and tokenising
+    a file of hundreds of MB takes a while before the first bar shows."""
+    if shown:
+        print(f"stagewise: loading the data ({recipe.data.use}) ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    data = _build("data", recipe, lambda: recipe.data.component().from_recipe(recipe.data.options,
+                                                                               seed=recipe.run.seed))
+    if shown:
+        print(f"stagewise: data loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+    return data
 
 
 def _build(table: str, recipe: Recipe, factory: Any) -> Any:
