@@ -23,7 +23,7 @@ artifacts came along have no ``meta["artifacts"]``.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -103,19 +103,23 @@ def _split(value: dict, prefix: str, arrays: dict[str, np.ndarray]) -> dict[str,
         if isinstance(item, torch.Tensor):
             arrays[name] = _array(item)
         else:
-            plain[str(key)] = _split(item, name + "/", arrays) if isinstance(item, dict) else _json(item)
+            plain[str(key)] = _split(item, name + "/", arrays) if isinstance(item, dict) else _json(item, _plain)
     return plain
 
 
-def _json(value: Any) -> Any:
-    """An artifact's plain value as JSON values: tuples and tensors as (nested) lists."""
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
+def _json(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``value`` as JSON values: dicts (keys as strings) and lists walked, tuples as lists, every
+    other value as ``leaf`` gives it."""
     if isinstance(value, dict):
-        return {str(k): _json(v) for k, v in value.items()}
+        return {str(k): _json(v, leaf) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json(v) for v in value]
-    return value  # bool, int, float, str, None
+        return [_json(v, leaf) for v in value]
+    return leaf(value)
+
+
+def _plain(value: Any) -> Any:
+    """An artifact's plain value: a tensor (inside a list) as a nested list."""
+    return value.tolist() if isinstance(value, torch.Tensor) else value  # else bool, int, float, str, None
 
 
 def _data_meta(checkpoint: Path, saved: dict[str, Any]) -> dict[str, Any]:
@@ -131,12 +135,12 @@ def _data_meta(checkpoint: Path, saved: dict[str, Any]) -> dict[str, Any]:
 
 def _routers(routers: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint's routers, name -> {"use", "options", "state"}, as JSON values (none: ``{}``)."""
-    return {name: {"use": r["use"], "options": r["options"], "state": _float32_json(r["state"])}
+    return {name: {"use": r["use"], "options": r["options"], "state": _json(r["state"], _float32)}
             for name, r in routers.items()}
 
 
-def _float32_json(value: Any) -> Any:
-    """A router's state as JSON values: tensors and arrays as (nested) lists, and every float rounded
+def _float32(value: Any) -> Any:
+    """A router's state value as JSON: tensors and arrays as (nested) lists, and every float rounded
     to float32, as torch compares float32 scores with a threshold: numpy, comparing float32 scores
     with the stored value (at float32 or float64), then routes exactly as torch did."""
     if isinstance(value, torch.Tensor):
@@ -147,10 +151,6 @@ def _float32_json(value: Any) -> Any:
         return float(np.float32(value))
     if isinstance(value, np.generic):
         return value.item()
-    if isinstance(value, dict):
-        return {str(k): _float32_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_float32_json(v) for v in value]
     return value  # bool, int, str, None
 
 
