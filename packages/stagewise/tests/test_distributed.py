@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from stagewise.engine.batches import count_batches, iterate_batches
 from stagewise.engine.checkpoint import load_checkpoint
-from stagewise.engine.distributed import DistInfo
+from stagewise.engine.distributed import DistInfo, collective_device, setup
 from stagewise.testing import resume_run, run_killed, timeless_records
 
 needs_gloo = pytest.mark.skipif(
@@ -318,3 +318,27 @@ def test_a_switched_off_term_s_parameters_stay_untouched_under_ddp(tmp_path):
     _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
           "launch.py", "run", "recipe.toml", "--out", "ddp", "--quiet"], tmp_path)
     assert torch.load(tmp_path / "term.pt", weights_only=True)["scale"].item() == 1.0
+
+
+# No test here runs NCCL (no GPUs): these check that a CUDA job puts its collectives where NCCL needs them.
+def test_nccl_collectives_run_on_the_process_gpu(monkeypatch):
+    """NCCL reduces CUDA tensors only: all_reduce_sums' tensor goes to this process's GPU."""
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert collective_device() == torch.device("cuda", 1)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert collective_device() == torch.device("cpu")
+
+
+def test_a_cuda_process_takes_its_gpu_before_joining_the_group(monkeypatch):
+    """Else NCCL's barrier and sums run on GPU 0 in every process."""
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    assert setup(torch.device("cuda", 1)) == DistInfo(1, 2, 1)
+    assert calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl")]

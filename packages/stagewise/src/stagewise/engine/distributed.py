@@ -40,6 +40,8 @@ def setup(device: torch.device) -> DistInfo:
     if launched_world_size() <= 1:
         return DistInfo()
     if not dist.is_initialized():
+        if device.type == "cuda":  # NCCL's collectives (a barrier, the sums below) run on the current device
+            torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
@@ -53,9 +55,14 @@ def all_reduce_sums(values: list[float], info: DistInfo) -> list[float]:
     """Sum a list of floats over ranks (float64, so sums of counts stay exact)."""
     if not info.enabled:
         return values
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def collective_device() -> torch.device:
+    """Where a collective's own tensors live: NCCL reduces CUDA tensors only (this process's GPU)."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def barrier(info: DistInfo) -> None:
