@@ -227,7 +227,7 @@ class TextCorpus:
             streams = {split: tokens[: options.max_tokens] for split, tokens in streams.items()}
         counts = np.bincount(streams["train"], minlength=len(index)).tolist()  # index's words are in id order
         vocab = Vocabulary.from_counts(dict(zip(index, counts, strict=True)), options.min_freq, options.max_vocab)
-        to_vocab = np.array([vocab.stoi.get(word, 0) for word in index], dtype=np.int64)  # provisional id -> id
+        to_vocab = np.array(vocab.encode(index), dtype=np.int64)  # provisional id -> id (index iterates in id order)
         source = options.path or BUILTIN
         splits = {}
         for split, tokens in streams.items():
