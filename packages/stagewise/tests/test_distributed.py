@@ -342,3 +342,13 @@ def test_a_cuda_process_takes_its_gpu_before_joining_the_group(monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     assert setup(torch.device("cuda", 1)) == DistInfo(1, 2, 1)
     assert calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl")]
+
+
+def test_no_process_leaves_before_the_run_directory_is_written(tiny, tmp_path, monkeypatch):
+    """A rank that left first (and crashed in torch's teardown) got rank 0 stopped before its summary."""
+    from stagewise.engine import distributed, runner
+
+    summary, written = tmp_path / "run" / "summary.json", []
+    monkeypatch.setattr(distributed, "barrier", lambda info: written.append(summary.exists()))
+    runner.run_recipe(tiny(), out=tmp_path / "run", quiet=True)
+    assert written[-1] and not any(written[:-1])  # the checkpoints' barriers, then one after the summary

@@ -42,7 +42,11 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, resume: str | Path
     device = distributed.resolve_device(recipe)
     info = distributed.setup(device)
     try:
-        return _run(recipe, device, info, out, resume, quiet)
+        path = _run(recipe, device, info, out, resume, quiet)
+        # every process leaves together: one that ended first could take the job down (torchrun stops the
+        # others when one exits, a clean exit or a crash in torch's teardown) while rank 0 still writes the run
+        distributed.barrier(info)
+        return path
     finally:
         distributed.teardown(info)
 
