@@ -103,7 +103,8 @@ def test_csv_errors(tmp_path):
         CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=["b"]), seed=0)
     (tmp_path / "t.csv").write_text("a;b\n1;2\n")  # as a spreadsheet in a comma-decimal locale saves it
     with pytest.raises(DataError, match=r"line 2, column 0 \('a;b'\): '1;2' is not a number; .*; the row is one cell "
-                                        r"holding ';': stagewise reads comma-separated files, so replace ';' by ','"):
+                                        r"holding ';': stagewise reads comma-separated files with '\.' decimals, "
+                                        r"so replace ';' by ','"):
         CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=["b"]), seed=0)
     (tmp_path / "t.csv").write_text("a\tb\n1\t2\n")  # tab-separated
     with pytest.raises(DataError, match=r"'1\\t2' is not a number; .*; the row is one cell holding '\\t'"):
@@ -762,3 +763,49 @@ def test_a_damaged_npz_is_a_data_error(tmp_path, write, message):
     write(tmp_path / "a.npz")  # were EOFError, zipfile.BadZipFile and AttributeError tracebacks
     with pytest.raises(DataError, match=message):
         NPZDataset.from_recipe(NPZOptions(path=str(tmp_path / "a.npz")), seed=0)
+
+
+# --- files as users bring them ---------------------------------------------------------------
+
+
+def test_csv_blank_lines_of_spaces_hold_no_example(tmp_path):
+    # was: a line of spaces (as editors leave) before the header or between rows was a row of 1 cell
+    (tmp_path / "t.csv").write_text("\n  \na,y\n1,2\n   \n3,4\n")
+    names, values, lines = tabular.read_csv(str(tmp_path / "t.csv"), header=True, encoding="utf-8")
+    assert names == ["a", "y"] and values.tolist() == [[1, 2], [3, 4]] and lines == [4, 6]
+
+
+def test_csv_semicolons_and_decimal_commas_are_named_in_a_row_count_error(tmp_path):
+    # was: "line 2: 3 cells, but the header has 1", nothing said about the separator or what to do
+    (tmp_path / "t.csv").write_text("a;y\n1,5;2,5\n")  # a spreadsheet in a comma-decimal locale
+    with pytest.raises(DataError, match=r"t\.csv, line 2: 3 cells, but the header has 1; give every row one number "
+                                        r"per column; the header is one cell holding ';': .* decimal comma such as "
+                                        r"1,5 by 1\.5\), or save the file as CSV with commas$"):
+        tabular.read_csv(str(tmp_path / "t.csv"), header=True, encoding="utf-8")
+
+
+def test_jsonl_error_at_a_line_end_says_objects_must_fit_on_one_line(tmp_path):
+    # was: "line 1: not valid JSON (... at column 1)": json counts the line end as a new line of its own
+    (tmp_path / "d.json").write_text('{\n  "x": 1,\n  "y": 2\n}\n')  # pretty-printed JSON
+    with pytest.raises(DataError, match=r"d\.json, line 1: not valid JSON \(Expecting property name enclosed in "
+                                        r"double quotes at the end of the line: an object must not go on to the "
+                                        r"next line, as in a pretty-printed \.json file\)"):
+        tabular.read_jsonl(str(tmp_path / "d.json"), ["x"], ["y"], "utf-8")
+    (tmp_path / "d.json").write_text('{"x": 1, "y": 2}\r\n{"x": 1,, "y": 2}\r\n')
+    with pytest.raises(DataError, match=r"line 2: not valid JSON \(Expecting property name enclosed in double "
+                                        r"quotes at column 9\)"):
+        tabular.read_jsonl(str(tmp_path / "d.json"), ["x"], ["y"], "utf-8")
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"\x1f\x8b", r"d\.npz is gzip-compressed; decompress it \(gunzip\)"),
+    (b"a,b\n1,2\n", r"d\.npz is not a \.npz file: it starts with bytes 61 2c 62 0a, not a zip archive's 50 4b 03 04"),
+])
+def test_npz_that_is_no_zip_is_not_called_pickled_data(tmp_path, content, message):
+    # was: numpy reads any other file as a pickle: "contains pickled (object) data ... allow_pickle="
+    np.savez(tmp_path / "d.npz", input=np.zeros((2, 1)), target=np.zeros(2))
+    if content.startswith(b"\x1f\x8b"):
+        content = gzip.compress((tmp_path / "d.npz").read_bytes())
+    (tmp_path / "d.npz").write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        NPZDataset.from_recipe(NPZOptions(path=str(tmp_path / "d.npz")), seed=0)

@@ -359,3 +359,45 @@ def test_an_undecodable_byte_s_offset_counts_a_leading_bom(tmp_path):
     (tmp_path / "t.txt").write_bytes(b"\xef\xbb\xbfab\n\xff")
     with pytest.raises(DataError, match=r"t\.txt, line 2: byte 0xff at offset 6 is not utf-8 text"):
         read_text(tmp_path / "t.txt", "text file")
+
+
+def test_a_lone_cr_ends_a_line_as_python_reads_text(tmp_path):
+    # was: an old Mac file (lines ending in CR only) was one line with one <eos>, and an error in it said line 1
+    text = "A b\rc\r\n\rd\r"
+    assert tokenize(text, lowercase=True) == ["a", "b", "<eos>", "c", "<eos>", "d", "<eos>"]
+    assert tokenize(text, lowercase=True) == tokenize(open_text(tmp_path, text), lowercase=True)
+    (tmp_path / "mac.txt").write_bytes(b"one\rtwo\rcaf\xe9\r")
+    with pytest.raises(DataError, match=r"mac\.txt, line 3: byte 0xe9 at offset 11 is not utf-8 text"):
+        TextCorpus.from_recipe(TextOptions(path=str(tmp_path / "mac.txt")), seed=0)
+
+
+def open_text(tmp_path, text):
+    """``text`` as Python's open() reads it back from a file (universal newlines)."""
+    (tmp_path / "t.txt").write_bytes(text.encode())
+    with open(tmp_path / "t.txt", encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1 << 20])
+def test_one_long_line_is_tokenised_piece_by_piece(tmp_path, monkeypatch, chunk):
+    # was: a file of one 50 MB line was split into 8M word strings at once (1 GB), max_tokens or not
+    monkeypatch.setattr("stagewise.data.text.CHUNK", chunk)
+    words = [f"W{i}\u03a3" for i in range(200)]  # a capital sigma at each word's end: final once lowercased
+    for split in ("train", "valid", "test"):
+        (tmp_path / f"{split}.txt").write_text(" ".join(words))
+    assert tokenize(" ".join(words), lowercase=True) == [w.lower() for w in words] + ["<eos>"]
+    index = WordIndex()
+    streams = load_streams(TextOptions(path=str(tmp_path), seq_len=2, max_tokens=5), index)
+    whole = chunk > len(words[0]) * 200  # one chunk holds the line: it is read whole
+    assert all(len(ids) == 200 if whole else 5 <= len(ids) < 10 for ids in streams.values())
+    assert len(index) == 201 if whole else len(index) < 10  # <eos> and the words read
+
+
+def test_chunks_lowercase_as_the_whole_text_does(monkeypatch):
+    # pieces are cut after whitespace, even inside a line: final sigma, İ and ẞ read as in text.lower()
+    text = "ΟΔΟΣ Σ ΑΣ\tΣΑ İ ﬁ ẞ\u00a0ΣΣ \u2029Σ\u0345 x\r\nΣ'Σ\rΣ\n\nΣ."
+    expected = [w for line in text.lower().replace("\r", "\n").split("\n") for w in line.split() + ["<eos>"]
+                if line.split()]
+    for chunk in range(1, len(text) + 1):
+        monkeypatch.setattr("stagewise.data.text.CHUNK", chunk)
+        assert tokenize(text, lowercase=True) == expected, chunk

@@ -6,12 +6,13 @@ import math
 import zipfile
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from stagewise.data.files import existing_file
+from stagewise.data.files import GZIP_MAGIC, existing_file
 from stagewise.data.splits import DataError, DataSplits, split_indices
 
 
@@ -74,6 +75,7 @@ def array_splits(inputs: np.ndarray, targets: np.ndarray, fractions: dict[str, f
 def read_npz(path: str, input_key: str, target_key: str) -> tuple[np.ndarray, np.ndarray]:
     """The arrays ``input_key`` and ``target_key`` of a ``.npz`` file, examples on axis 0."""
     file = existing_file(path, "NPZ file")
+    _check_npz_magic(file)
     try:
         npz = np.load(file, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # EOFError: an empty file
@@ -108,3 +110,21 @@ def read_npz(path: str, input_key: str, target_key: str) -> tuple[np.ndarray, np
         raise DataError(f"{file}: {input_key!r} has {len(inputs)} examples (axis 0) but {target_key!r} "
                         f"has {len(targets)}; they must match")
     return inputs, targets
+
+
+# how a .npz (a zip: local file header, or the end record of an empty one) and a .npy file start
+_NPZ_MAGICS = (b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")
+
+
+def _check_npz_magic(file: Path) -> None:
+    """DataError naming the file unless it starts as a .npz or .npy does: numpy would read any other
+    file as a pickle and refuse it as "pickled data", which sends the user the wrong way."""
+    with file.open("rb") as f:
+        start = f.read(6)
+    if any(start.startswith(magic) for magic in _NPZ_MAGICS) or not start:  # numpy names an empty file itself
+        return
+    if start.startswith(GZIP_MAGIC):
+        raise DataError(f"{file} is gzip-compressed; decompress it (gunzip) and give the .npz (numpy.savez_compressed "
+                        f"writes a smaller .npz that stagewise reads as it is)")
+    raise DataError(f"{file} is not a .npz file: it starts with bytes {start[:4].hex(' ')}, not a zip archive's "
+                    f"50 4b 03 04; write it with numpy.savez")

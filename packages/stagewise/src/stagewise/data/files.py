@@ -68,9 +68,8 @@ def read_text(path: str | Path, what: str, encoding: str = "utf-8", errors: str 
         return raw.decode("utf-8-sig" if utf8 else encoding, errors)
     except UnicodeDecodeError as exc:
         offset = exc.start + (len(codecs.BOM_UTF8) if utf8 and raw.startswith(codecs.BOM_UTF8) else 0)
-        line = raw.count(b"\n", 0, offset) + 1
-        raise DataError(f"{what} {path}, line {line}: byte 0x{raw[offset]:02x} at offset {offset} is not "
-                        f"{encoding} text; give the file's encoding (data.encoding, e.g. \"latin-1\" or "
+        raise DataError(f"{what} {path}, line {_line_at(raw, offset)}: byte 0x{raw[offset]:02x} at offset {offset} "
+                        f"is not {encoding} text; give the file's encoding (data.encoding, e.g. \"latin-1\" or "
                         f"\"cp1252\") or save the file as UTF-8") from None
 
 
@@ -102,9 +101,13 @@ def check_not_wide_text(raw: bytes, path: str | Path, what: str) -> None:
                         f"save it as UTF-8 and run again (or set data.encoding = \"{encoding.lower()}\")")
     nul = raw.find(b"\0")
     if nul >= 0:
-        line = raw.count(b"\n", 0, nul) + 1
-        raise DataError(f"{what} {path}, line {line}: a NUL byte, so this is not UTF-8 text (UTF-16 text "
-                        f"without a byte-order mark, or binary data); save it as UTF-8 text and run again")
+        raise DataError(f"{what} {path}, line {_line_at(raw, nul)}: a NUL byte, so this is not UTF-8 text (UTF-16 "
+                        f"text without a byte-order mark, or binary data); save it as UTF-8 text and run again")
+
+
+def _line_at(raw: bytes, offset: int) -> int:
+    """The line (from 1) of byte ``offset``, lines ending at LF, CR LF or a lone CR as the loaders read them."""
+    return raw.count(b"\n", 0, offset) + raw.count(b"\r", 0, offset) - raw.count(b"\r\n", 0, offset) + 1
 
 
 @contextmanager

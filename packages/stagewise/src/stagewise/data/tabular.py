@@ -9,6 +9,7 @@ import csv
 import json
 import math
 from array import array
+from itertools import filterfalse
 from typing import Any
 
 import numpy as np
@@ -35,16 +36,17 @@ def read_csv(path: str, header: bool, encoding: str) -> tuple[list[str] | None, 
     """Column names (None without header), the values (N, columns) and each row's line."""
     reader = csv.reader(text_lines(path, "CSV file", encoding))
     values, lines = array("d"), []  # values row after row: 8 bytes a number, not a float object
+    rows = filterfalse(_blank, reader)
     try:
-        names = next(reader, []) if header else None
+        names = next(rows, []) if header else None
         width = len(names) if names is not None else None
-        for row in reader:
-            if not row:  # blank line
-                continue
+        for row in rows:
             width = len(row) if width is None else width
             if len(row) != width:
+                hint = _separator_hint(names or [], "header") or _separator_hint(row)
                 raise DataError(f"{path}, line {reader.line_num}: {len(row)} cells, but the "
-                                f"{'header' if header else 'first row'} has {width}")
+                                f"{'header' if header else 'first row'} has {width}; give every row one "
+                                f"number per column{hint}")
             try:
                 values.extend(map(float, row))  # the hot loop of a big file (a bad row's numbers are never used)
             except ValueError:
@@ -63,6 +65,11 @@ def read_csv(path: str, header: bool, encoding: str) -> tuple[list[str] | None, 
         raise _bad_cell(_row_at(path, lines[i], encoding), path, lines[i], names, "is not a finite number; fill "
                         "in missing values (NaN and infinity cannot be trained on)")
     return names, values, lines
+
+
+def _blank(row: list[str]) -> bool:
+    """A blank line, or one of spaces only (as editors leave), which holds no example."""
+    return not row or (len(row) == 1 and not row[0].strip())
 
 
 def _bad_cell(row: list[str], path: str, line: int, names: list[str] | None, problem: str) -> DataError:
@@ -85,13 +92,14 @@ def _finite_number(cell: str) -> bool:
         return False
 
 
-def _separator_hint(cells: list[str]) -> str:
+def _separator_hint(cells: list[str], what: str = "row") -> str:
     """A row read as one cell that holds another separator: the file is not comma-separated."""
     separator = next((sep for sep in (";", "\t", "|") if len(cells) == 1 and sep in cells[0]), None)
     if separator is None:
         return ""
-    return (f"; the row is one cell holding {separator!r}: stagewise reads comma-separated files, so "
-            f"replace {separator!r} by ',' (or save the file as CSV with commas)")
+    return (f"; the {what} is one cell holding {separator!r}: stagewise reads comma-separated files with '.' "
+            f"decimals, so replace {separator!r} by ',' (and a decimal comma such as 1,5 by 1.5), or save the "
+            f"file as CSV with commas")
 
 
 def _header_hint(column: str, names: list[str]) -> str:
@@ -195,8 +203,8 @@ def _line_numbers(text: str, input_keys: list[str], target_keys: list[str], path
                             f"{json.dumps(record)[:60]}")
         return record_numbers(record, input_keys, path, line), record_numbers(record, target_keys, path, line)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}, line {line}: not valid JSON ({exc.msg} at column "
-                        f"{exc.colno}); each line must be one JSON object") from None
+        raise DataError(f"{path}, line {line}: not valid JSON ({exc.msg} {_json_error_place(text, exc.pos)}); "
+                        f"each line must be one JSON object") from None
     except RecursionError:
         raise DataError(f"{path}, line {line}: lists nested too deeply to read; values must be "
                         f"numbers or (nested) lists of numbers of a few levels") from None
@@ -205,3 +213,10 @@ def _line_numbers(text: str, input_keys: list[str], target_keys: list[str], path
     except ValueError as exc:  # an integer of more digits than Python converts
         raise DataError(f"{path}, line {line}: a number is too long to read ({str(exc).split(';')[0]}); "
                         f"values must be numbers of float range") from None
+
+
+def _json_error_place(text: str, pos: int) -> str:
+    """Where on its line json stopped (its own colno counts from the line end it reads as a new line)."""
+    if pos < len(text.rstrip()):
+        return f"at column {pos + 1}"
+    return "at the end of the line: an object must not go on to the next line, as in a pretty-printed .json file"

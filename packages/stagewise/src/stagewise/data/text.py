@@ -17,6 +17,7 @@ The vocabulary is built from the training split only; nothing depends on the see
 from __future__ import annotations
 
 import random
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -80,31 +81,47 @@ def _train_problem(splits: dict[str, float]) -> str | None:
     return f"must include 'train' (the vocabulary is built from it); got {', '.join(splits)}"
 
 
-CHUNK = 1 << 20  # characters lowercased and cut into lines at a time: a big text is never copied whole
+CHUNK = 1 << 20  # characters lowercased and split at a time: a big text (or one long line) is never copied whole
+_SPACE = re.compile(r"\s")
+
+
+def _chunks(text: str) -> Iterator[str]:
+    """``text`` in pieces of about CHUNK characters, each cut just after a whitespace character: no word
+    is cut, and lowercasing each piece gives what lowercasing the whole text gives (whitespace is
+    neither a letter nor skipped by the case rules, so even a final sigma reads the same)."""
+    start = 0
+    while start < len(text):
+        cut = _SPACE.search(text, start + CHUNK)
+        end = len(text) if cut is None else cut.end()
+        yield text[start:end]
+        start = end
 
 
 def line_words(text: str, lowercase: bool) -> Iterator[list[str]]:
-    """The words of each non-empty line, read chunk by chunk of whole lines (lowercasing a chunk
-    lowercases each of its lines alike: a line end is no letter, so even a final sigma reads the same)."""
-    start = 0
-    while start < len(text):
-        end = text.find("\n", start + CHUNK)
-        end = len(text) if end < 0 else end + 1
-        chunk = text[start:end]
-        for line in (chunk.lower() if lowercase else chunk).split("\n"):
+    """The tokens of ``text`` a list at a time: each line's words (a long line's in pieces), with
+    ``<eos>`` after the last word of each non-empty line. A line ends at LF, CR LF or a lone CR
+    (old Mac files), as Python reads text files."""
+    open_line = False  # the line a chunk ends in has words so far
+    for chunk in _chunks(text):
+        # a CR is a line end too: CR LF reads as a line end and an empty line, which adds no token
+        *ended, rest = (chunk.lower() if lowercase else chunk).replace("\r", "\n").split("\n")
+        for line in ended:
             words = line.split()
-            if words:
+            if words or open_line:
+                words.append(EOS)
                 yield words
-        start = end
+            open_line = False
+        words = rest.split()
+        if words:
+            yield words
+            open_line = True
+    if open_line:  # the text's last line has no line end
+        yield [EOS]
 
 
 def tokenize(text: str, lowercase: bool) -> list[str]:
     """WikiText-style tokens: each non-empty line's words, then ``<eos>``."""
-    tokens = []
-    for words in line_words(text, lowercase):
-        tokens.extend(words)
-        tokens.append(EOS)
-    return tokens
+    return [token for tokens in line_words(text, lowercase) for token in tokens]
 
 
 class WordIndex(dict):
@@ -118,11 +135,11 @@ class WordIndex(dict):
 
 def token_ids(text: str, lowercase: bool, index: WordIndex, limit: int | None = None) -> np.ndarray:
     """``tokenize(text, lowercase)`` as ids of ``index``, (N,) int64; with ``limit``, at least its
-    first ``limit`` tokens (whole lines), the rest of the text left untokenised."""
-    ids, eos = [], index[EOS]
-    for words in line_words(text, lowercase):
-        ids.extend(map(index.__getitem__, words))  # C-speed lookups; only new words call __missing__
-        ids.append(eos)
+    first ``limit`` tokens (whole lines, or pieces of a long line), the rest of the text left untokenised."""
+    index[EOS]  # <eos> takes provisional id 0 in every index, whatever the text starts with
+    ids = []
+    for tokens in line_words(text, lowercase):
+        ids.extend(map(index.__getitem__, tokens))  # C-speed lookups; only new words call __missing__
         if limit is not None and len(ids) >= limit:
             break
     return np.array(ids, dtype=np.int64)
