@@ -241,6 +241,15 @@ def test_idx_other_types_are_big_endian(tmp_path):
     assert np.array_equal(read_idx(tmp_path / "f.idx"), values)
 
 
+def test_idx_sizes_written_little_endian_are_named_not_called_a_broken_download(tmp_path):
+    images = np.arange(6 * 5, dtype=np.uint8).reshape(6, 5)
+    (tmp_path / "le.idx").write_bytes(b"\0\0\x08\x02" + struct.pack("<2I", 6, 5) + images.tobytes())
+    with pytest.raises(DataError, match=r"le\.idx: its sizes read big-endian, as IDX stores them, say that an array "
+                                        r"of shape \(100663296, 83886080\) .* read little-endian, \(6, 5\), they "
+                                        r"would fit, so write them with struct\.pack\('>I', size\)"):
+        read_idx(tmp_path / "le.idx")
+
+
 def test_idx_bad_magic_and_truncation(tmp_path):
     (tmp_path / "bad.idx").write_bytes(b"PK\x03\x04rest")
     with pytest.raises(DataError, match=r"bad\.idx is not an IDX file: it starts with bytes 50 4b 03 04"):

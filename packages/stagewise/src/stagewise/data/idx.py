@@ -38,7 +38,13 @@ def read_idx(path: str | Path) -> np.ndarray:
     count = math.prod(shape)
     expected = offset + count * dtype.itemsize
     if len(raw) != expected:
+        needs = f"an array of shape {shape} and type {dtype.name} needs {expected} bytes, the file has {len(raw)}"
+        little = struct.unpack(f"<{ndim}I", raw[4:offset])
+        if len(raw) == offset + math.prod(little) * dtype.itemsize:  # a hand-written file's sizes
+            raise DataError(f"{path}: its sizes read big-endian, as IDX stores them, say that {needs}; read "
+                            f"little-endian, {little}, they would fit, so write them with struct.pack('>I', size) "
+                            f"(numpy: dtype '>u4')")
         problem = "truncated" if len(raw) < expected else "longer than its header says"
-        raise DataError(f"{path} is {problem}: an array of shape {shape} and type {dtype.name} "
-                        f"needs {expected} bytes, the file has {len(raw)}; fetch the file again")
+        raise DataError(f"{path} is {problem}: {needs}; fetch the file again")
     return np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(shape)
+
