@@ -335,9 +335,12 @@ def test_a_damaged_last_pt_resumes_from_a_stage_checkpoint_and_a_cut_metrics_lin
     shutil.copytree(whole, run)
     last = run / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match=r"corrupt or truncated .* copy that stage's checkpoint in the same "
-                                              r"folder \(checkpoints/<stage>\.pt\) over checkpoints/last\.pt"):
+    with pytest.raises(CheckpointError) as info:  # was the general advice: "copy that stage's checkpoint ..."
         run_recipe(tiny(), resume=run, quiet=True)
+    assert str(info.value).startswith(f"{last}: the checkpoint is corrupt or truncated (")
+    assert str(info.value).endswith(f"). Copy {run / 'checkpoints' / 'test.pt'} (stage 'test', the last one that "
+                                    f"finished) over {last} to continue after that stage, or run the recipe again "
+                                    f"with --out and a new folder")
     shutil.copy(run / "checkpoints" / "phase1.pt", last)  # the advice: resume from the end of phase1
     counted = load_checkpoint(last)["metrics_lines"]
     lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
@@ -349,6 +352,27 @@ def test_a_damaged_last_pt_resumes_from_a_stage_checkpoint_and_a_cut_metrics_lin
     expected = timeless_records(whole)
     assert timeless_records(run) == expected[: counted - 1] + expected[counted:]  # every line is JSON again
     assert read_summary(run)["metrics"] == read_summary(whole)["metrics"]
+
+
+def test_a_damaged_last_pt_before_any_stage_finished_says_to_run_again_in_a_new_folder(tiny, tmp_path):
+    # the advice was to copy a stage's checkpoint over last.pt, when no stage had one, "or start the run
+    # again": --out refuses the run's folder, which is not empty
+    interrupter = _Interrupter()
+    interrupter.stop_at = ("phase1", 7)  # after epoch 0's checkpoint, before phase1.pt
+    register_plugin(interrupter, "resumetest")
+    try:
+        with pytest.raises(_Stop):
+            run_recipe(tiny(), out=tmp_path / "stopped", quiet=True)
+    finally:
+        unregister_plugin("resumetest")
+    run = tmp_path / "stopped"
+    last = run / "checkpoints" / "last.pt"
+    assert [p.name for p in last.parent.glob("*.pt")] == ["last.pt"]
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.raises(CheckpointError) as info:
+        run_recipe(tiny(), resume=run, quiet=True)
+    assert str(info.value).endswith(f"). No stage of this run has finished, so no other checkpoint can continue it: "
+                                    f"run the recipe again with --out and a new folder (or delete {run} first)")
 
 
 def test_resuming_a_finished_run_resumes_nothing_and_a_lost_metrics_file_is_a_warning(tiny, tmp_path, capsys):

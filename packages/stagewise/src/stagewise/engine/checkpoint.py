@@ -102,9 +102,15 @@ def _copy_file(source: Path, path: Path) -> None:
         atomic_write_bytes(path, lambda f: shutil.copyfileobj(src, f))
 
 
-def load_checkpoint(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+_DAMAGED_ADVICE = ("To resume a run from the end of an earlier stage, copy that stage's checkpoint in the same folder "
+                   "(checkpoints/<stage>.pt) over checkpoints/last.pt; or start the run again.")
+
+
+def load_checkpoint(path: str | Path, keys: tuple[str, ...] = (), damaged_advice: str = _DAMAGED_ADVICE
+                    ) -> dict[str, Any]:
     """The checkpoint at ``path``, read with ``weights_only=True``; CheckpointError unless it is a
-    stagewise checkpoint holding every one of ``keys``."""
+    stagewise checkpoint holding every one of ``keys``. ``damaged_advice`` ends the error of a
+    file that cannot be read (corrupt or truncated): what to do instead."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -121,9 +127,7 @@ def load_checkpoint(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, A
         detail = ("not a file torch.save wrote" if isinstance(exc, pickle.UnpicklingError)  # torch's text: pages
                   else " ".join(str(exc).split()))  # one paragraph
         raise CheckpointError(
-            f"{path}: the checkpoint is corrupt or truncated ({type(exc).__name__}: {detail}). To resume a "
-            "run from the end of an earlier stage, copy that stage's checkpoint in the same folder "
-            "(checkpoints/<stage>.pt) over checkpoints/last.pt; or start the run again."
+            f"{path}: the checkpoint is corrupt or truncated ({type(exc).__name__}: {detail}). {damaged_advice}"
         ) from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a stagewise checkpoint (expected format {FORMAT!r})")

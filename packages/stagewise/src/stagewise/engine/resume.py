@@ -13,6 +13,7 @@ from stagewise.engine.rundir import holds_files
 from stagewise.engine.state import State
 from stagewise.errors import CheckpointError
 from stagewise.recipe import Recipe
+from stagewise.specs import StageSpec
 from stagewise.tomlwrite import toml_value
 
 
@@ -63,7 +64,7 @@ def load_resume(path: Path, recipe: Recipe) -> dict[str, Any] | None:
         raise CheckpointError(f"--resume {path}: there is no {last}, only the checkpoints of finished stages; "
                               f"copy {_latest_stage_checkpoint(checkpoints, recipe)} over {last} to continue after "
                               f"that stage")
-    saved = load_checkpoint(last, RESUME_KEYS)
+    saved = load_checkpoint(last, RESUME_KEYS, _damaged_last_advice(path, recipe))
     if saved["recipe"] != recipe.table:
         raise _recipe_differs(path, saved["recipe"], recipe.table)
     return saved
@@ -77,9 +78,26 @@ def check_same_recipe(path: Path, recipe: Recipe) -> None:
         raise _recipe_differs(path, tomllib.loads(started), recipe.table)
 
 
+def _damaged_last_advice(path: Path, recipe: Recipe) -> str:
+    """What to do when the run's last.pt cannot be read: continue after the last stage that finished,
+    naming its checkpoint; or, before any stage has finished, run the recipe again elsewhere (``--out``
+    refuses the run's folder, which is not empty)."""
+    checkpoints = path / "checkpoints"
+    if _last_finished(checkpoints, recipe) is None:
+        return (f"No stage of this run has finished, so no other checkpoint can continue it: run the recipe again "
+                f"with --out and a new folder (or delete {path} first)")
+    return (f"Copy {_latest_stage_checkpoint(checkpoints, recipe)} over {checkpoints / 'last.pt'} to continue after "
+            f"that stage, or run the recipe again with --out and a new folder")
+
+
+def _last_finished(checkpoints: Path, recipe: Recipe) -> StageSpec | None:
+    """The last stage, in recipe order, whose checkpoint is in ``checkpoints``; None if none is."""
+    return next((s for s in reversed(recipe.stages) if (checkpoints / f"{s.checkpoint}.pt").exists()), None)
+
+
 def _latest_stage_checkpoint(checkpoints: Path, recipe: Recipe) -> str:
     """The checkpoint of the last stage, in recipe order, that has one, as the advice names it."""
-    spec = next((s for s in reversed(recipe.stages) if (checkpoints / f"{s.checkpoint}.pt").exists()), None)
+    spec = _last_finished(checkpoints, recipe)
     return ("the latest checkpoints/<stage>.pt" if spec is None
             else f"{checkpoints / spec.checkpoint}.pt (stage {spec.name!r}, the last one that finished)")
 
