@@ -817,3 +817,30 @@ def test_export_names_what_an_incomplete_checkpoint_lacks(tmp_path, capsys):
     assert capsys.readouterr().err == (f"stagewise: error: {tmp_path / 'c.pt'}: an incomplete stagewise checkpoint: "
                                        f"it lacks recipe, model_options, stage_name; use a checkpoint a stagewise "
                                        f"run wrote\n")
+
+
+
+class _Ended(Exception):
+    """os._exit, caught: the test process goes on."""
+
+
+@pytest.mark.parametrize("joined", [True, False])
+def test_a_torchrun_process_whose_run_joined_the_group_ends_without_python_shutdown(joined, monkeypatch, capsys):
+    # torch's gloo threads outlive the group; one releasing a tensor during shutdown aborted finished jobs
+    from stagewise.engine import distributed
+
+    ended = []
+
+    def exit_now(code: int) -> None:
+        ended.append((code, capsys.readouterr().out))  # what the process had shown when it ended
+        raise _Ended
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "_joined", joined)
+    monkeypatch.setattr(os, "_exit", exit_now)
+    if joined:
+        with pytest.raises(_Ended):
+            main(["recipes"])
+        assert len(ended) == 1 and ended[0][0] == 0 and "stagewise.demo" in ended[0][1]
+    else:
+        assert main(["recipes"]) == 0 and ended == []

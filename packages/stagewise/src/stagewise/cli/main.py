@@ -40,6 +40,30 @@ _OS_ADVICE = {errno.EACCES: _PERMISSIONS, errno.EPERM: _PERMISSIONS, errno.ENOSP
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit code. A process in which a run joined torchrun's process group
+    ends here instead (see :func:`_end_torchrun_process`)."""
+    code = _command(argv)
+    distributed = sys.modules.get("stagewise.engine.distributed")  # not imported: no run joined a group
+    if distributed is not None and distributed.launched_world_size() > 1 and distributed.joined_a_group():
+        _end_torchrun_process(code)
+    return code
+
+
+def _end_torchrun_process(code: int) -> None:
+    """End the process without Python's shutdown. torch's gloo worker threads outlive the process
+    group (a DistributedDataParallel keeps it alive), and one still letting go of a collective's
+    tensor once shutdown has begun aborts the process ('terminate called without an active
+    exception', SIGABRT), after the run's files were written: torchrun then fails the whole job.
+    Every file of the command is closed by now; only the standard streams need flushing."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader gone away, a closed stream: nothing more to show
+            pass
+    os._exit(code)
+
+
+def _command(argv: list[str] | None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

@@ -35,10 +35,20 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+_joined = False  # a run of this process joined a process group, whose threads outlive it (cli.main)
+
+
+def joined_a_group() -> bool:
+    """Whether a run in this process took part in a torchrun process group."""
+    return _joined
+
+
 def setup(device: torch.device) -> DistInfo:
     """Join the process group if launched by torchrun; a no-op in a single process."""
+    global _joined
     if launched_world_size() <= 1:
         return DistInfo()
+    _joined = True
     if not dist.is_initialized():
         if device.type == "cuda":  # NCCL's collectives (a barrier, the sums below) run on the current device
             torch.cuda.set_device(device)
