@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,6 +118,19 @@ class _Interrupter:
     def stagewise_after_step(self, state):
         if (state.stage_name, state.step) == self.stop_at:
             raise _Stop
+
+
+def _stop(recipe, out, stage: str, step: int) -> Path:
+    """Run ``recipe`` into ``out`` until step ``step`` of ``stage`` ends, as if killed there."""
+    interrupter = _Interrupter()
+    interrupter.stop_at = (stage, step)
+    register_plugin(interrupter, "resumetest")
+    try:
+        with pytest.raises(_Stop):
+            run_recipe(recipe, out=out, quiet=True)
+    finally:
+        unregister_plugin("resumetest")
+    return out
 
 
 @pytest.fixture
@@ -357,15 +371,7 @@ def test_a_damaged_last_pt_resumes_from_a_stage_checkpoint_and_a_cut_metrics_lin
 def test_a_damaged_last_pt_before_any_stage_finished_says_to_run_again_in_a_new_folder(tiny, tmp_path):
     # the advice was to copy a stage's checkpoint over last.pt, when no stage had one, "or start the run
     # again": --out refuses the run's folder, which is not empty
-    interrupter = _Interrupter()
-    interrupter.stop_at = ("phase1", 7)  # after epoch 0's checkpoint, before phase1.pt
-    register_plugin(interrupter, "resumetest")
-    try:
-        with pytest.raises(_Stop):
-            run_recipe(tiny(), out=tmp_path / "stopped", quiet=True)
-    finally:
-        unregister_plugin("resumetest")
-    run = tmp_path / "stopped"
+    run = _stop(tiny(), tmp_path / "stopped", "phase1", 7)  # after epoch 0's checkpoint, before phase1.pt
     last = run / "checkpoints" / "last.pt"
     assert [p.name for p in last.parent.glob("*.pt")] == ["last.pt"]
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
@@ -390,14 +396,7 @@ def test_resuming_a_finished_run_resumes_nothing_and_a_lost_metrics_file_is_a_wa
 def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(tiny, tmp_path):
     """Nothing to continue from: ``--resume`` runs the same recipe again in the run's folder (the
     folder is not empty, so ``--out`` refuses it) and ends with the uninterrupted run's numbers."""
-    interrupter = _Interrupter()
-    interrupter.stop_at = ("phase1", 2)  # epoch 0 has 5 steps: no checkpoint yet
-    register_plugin(interrupter, "resumetest")
-    try:
-        with pytest.raises(_Stop):
-            run_recipe(tiny(), out=tmp_path / "stopped", quiet=True)
-    finally:
-        unregister_plugin("resumetest")
+    _stop(tiny(), tmp_path / "stopped", "phase1", 2)  # epoch 0 has 5 steps: no checkpoint yet
     assert not (tmp_path / "stopped" / "checkpoints" / "last.pt").exists()
     with pytest.raises(CheckpointError, match=r"recipe differs .*: stages\.phase1\.lr = 0\.5 \("):
         run_recipe(tiny("stages.phase1.lr=0.5"), resume=tmp_path / "stopped", quiet=True)
@@ -481,15 +480,8 @@ def test_a_resumed_stage_and_epoch_count_the_seconds_they_ran_before_the_stop(ti
     (0, "phase1", 7, "at stage 1/3, start of epoch 2"),  # checkpoints at epoch ends only
     (0, "phase2", 1, "at stage 2/3")], ids=["mid-epoch", "epoch-start", "stage-start"])
 def test_resume_says_where_in_the_stage_it_goes_on(tiny, tmp_path, capsys, every, stage, step, where):
-    recipe, interrupter = tiny(f"run.checkpoint_every_n_steps={every}"), _Interrupter()
-    interrupter.stop_at = (stage, step)
-    register_plugin(interrupter, "resumetest")
-    try:
-        with pytest.raises(_Stop):
-            run_recipe(recipe, out=tmp_path / "run", quiet=True)
-    finally:
-        unregister_plugin("resumetest")
-    run_recipe(recipe, resume=tmp_path / "run")
+    recipe = tiny(f"run.checkpoint_every_n_steps={every}")
+    run_recipe(recipe, resume=_stop(recipe, tmp_path / "run", stage, step))
     assert f"resuming {tmp_path / 'run'} {where}\n" in capsys.readouterr().out  # was "at stage 1/3" alone
 
 
