@@ -51,10 +51,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _end_torchrun_process(code: int) -> None:
     """End the process without Python's shutdown. torch's gloo worker threads outlive the process
-    group (a DistributedDataParallel keeps it alive), and one still letting go of a collective's
-    tensor once shutdown has begun aborts the process ('terminate called without an active
-    exception', SIGABRT), after the run's files were written: torchrun then fails the whole job.
-    Every file of the command is closed by now; only the standard streams need flushing."""
+    group (torch._dynamo, which DistributedDataParallel imports, keeps references to it), and one
+    still letting go of a collective's tensor once shutdown has begun aborts the process ('terminate
+    called without an active exception', SIGABRT), after the run's files were written: torchrun then
+    fails the whole job. Every file of the command is closed by now; only the standard streams need
+    flushing."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
