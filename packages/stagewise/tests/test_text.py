@@ -191,6 +191,19 @@ def test_write_file_split_keeps_files_whole(tmp_path):
     assert "book 0\nbook 1\nbook 2\nbook 4" in (tmp_path / "out" / "train.txt").read_text()
 
 
+def test_write_file_split_chunks_lines_where_the_loader_ends_them(tmp_path):
+    # str.splitlines broke at the form feed and U+2028 too: a line end the text never had
+    from stagewise.data.text import tokenize, write_file_split
+
+    source = tmp_path / "books"
+    source.mkdir()
+    (source / "book.txt").write_text("a\x0cb\nc\u2028d\re\r\nf\n", encoding="utf-8", newline="")
+    counts = write_file_split(source, tmp_path / "out", every=4, valid=1, test=2, chunk_lines=1)
+    assert counts == {"train": 2, "valid": 1, "test": 1}  # 4 lines, as the loader reads them
+    valid = (tmp_path / "out" / "valid.txt").read_bytes().decode()
+    assert valid == "c\u2028d" and tokenize(valid, lowercase=False) == ["c", "d", "<eos>"]  # one line, kept whole
+
+
 def test_write_file_split_drops_each_source_file_s_bom(tmp_path):
     from stagewise.data.text import TextCorpus, TextOptions, write_file_split
 

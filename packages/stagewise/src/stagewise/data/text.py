@@ -296,8 +296,12 @@ def write_file_split(source: Path, out: Path, *, every: int = 10, valid: int = 0
 
 
 def _units(text: str, chunk_lines: int | None) -> list[str]:
-    """A file's text whole, or its chunks of ``chunk_lines`` lines."""
+    """A file's text whole, or its chunks of ``chunk_lines`` lines, lines ending where the loader
+    ends them (LF, CR LF, a lone CR): ``str.splitlines`` also breaks at a form feed or U+2028,
+    which would turn a character inside a line into a line end in the written split."""
     if not chunk_lines:
         return [text]
-    lines = text.splitlines()
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if lines[-1] == "":  # the last line's end, not an empty line after it
+        lines.pop()
     return ["\n".join(lines[start:start + chunk_lines]) for start in range(0, len(lines), chunk_lines)]
