@@ -60,6 +60,36 @@ def test_a_resumed_runs_tensorboard_holds_each_point_once_as_an_uninterrupted_ru
     assert _tensorboard_scalars(tmp_path / "killed") == whole  # was: phase2's steps 6, 7 (and 8) twice
 
 
+def test_every_tensorboard_point_a_checkpoint_has_seen_is_on_disk_when_the_checkpoint_is_written(tiny, tmp_path,
+                                                                                                monkeypatch):
+    # was: the points could wait in the writer's queue; a kill just after the checkpoint lost them for good, as the
+    # resumed run logs only what comes after it (a slow disk here; a writer that buffers until flushed loses more)
+    pytest.importorskip("tensorboard")
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    from stagewise.engine import checkpoint
+
+    write_record, write_checkpoint = RecordWriter.write, checkpoint.write_checkpoint
+    monkeypatch.setattr(RecordWriter, "write", lambda self, data: (time.sleep(0.02), write_record(self, data)))
+    run_dir, behind = tmp_path / "run", []
+
+    def checked_write_checkpoint(payload, paths):
+        stage = payload["stage_name"]
+        records = [r for r in read_records(run_dir) if r["stage"] == stage]
+        logged = {"steps": [r["step"] for r in records if r["event"] == "step"],
+                  "epochs": [r["epoch"] for r in records if r["event"] == "epoch"]}
+        scalars = _tensorboard_scalars(run_dir)
+        on_disk = {"steps": [s for s, _ in scalars.get((f"tensorboard/{stage}/steps", f"{stage}/train/loss_step"), [])],
+                   "epochs": [e for e, _ in scalars.get((f"tensorboard/{stage}/epochs", f"{stage}/val/loss"), [])]}
+        if on_disk != logged:
+            behind.append((stage, logged, on_disk))
+        write_checkpoint(payload, paths)
+
+    monkeypatch.setattr(checkpoint, "write_checkpoint", checked_write_checkpoint)
+    run_recipe(tiny("run.tensorboard=true", "run.checkpoint_every_n_steps=3"), out=run_dir, quiet=True)
+    assert behind == []
+
+
 def test_resume_refuses_a_changed_recipe_naming_each_changed_key_and_the_command_that_resumes(tiny, tmp_path):
     # was "(in: stages)": which key of which stage, and what to resume with, was left to the user to find
     run_dir = run_recipe(tiny(), out=tmp_path / "run", quiet=True)
@@ -574,3 +604,14 @@ def test_a_stopped_comparison_goes_on_with_compare_resume(tiny_recipe_path, tmp_
     assert {name: run["metrics"] for name, run in resumed.items()} == {name: run["metrics"]
                                                                        for name, run in whole.items()}
     assert (out / "tiny" / "metrics.jsonl").read_text() == finished  # the finished run trained no step again
+
+
+def test_compare_resume_drops_the_temp_file_of_a_table_write_a_kill_cut_short(tiny_recipe_path, tmp_path):
+    # was: a comparison killed as it wrote compare.json kept its temp file after --resume had written the table
+    from stagewise.compare import compare_recipes
+
+    out, sets = tmp_path / "cmp", ["stages.phase1.max_epochs=1", "stages.phase2.max_epochs=1"]
+    compare_recipes([str(tiny_recipe_path)], sets, out, quiet=True)
+    (out / ".compare.json.k1ll3d.tmp").write_text('{"runs": {"ti')  # as SIGKILL leaves it, before the rename
+    compare_recipes([str(tiny_recipe_path)], sets, out, quiet=True, resume=True)
+    assert sorted(path.name for path in out.iterdir()) == ["compare.json", "tiny"]

@@ -13,6 +13,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from stagewise.engine.checkpoint import remove_temp_files
 from stagewise.engine.resume import check_same_recipe
 from stagewise.engine.rundir import empty_folder, holds_files, write_json_atomic
 from stagewise.errors import CheckpointError, ConfigError
@@ -32,6 +33,8 @@ def compare_recipes(names: list[str], overrides: list[str], out: Path, quiet: bo
     if resume and not out.is_dir():  # a mistyped folder must not quietly start a new comparison
         raise CheckpointError(f"--resume {out}: no such folder; give the --out folder of the comparison to continue")
     started = {recipe.run.name: _started(out / recipe.run.name, recipe, resume) for recipe in recipes}
+    if resume:  # a kill as compare.json was written left its temp file; the table is written anew below
+        remove_temp_files(out)
     runs: dict[str, Any] = {}
     for recipe in recipes:
         folder = out / recipe.run.name

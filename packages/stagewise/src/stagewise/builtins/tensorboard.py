@@ -8,7 +8,8 @@ the stage's checkpoint name (its name by default). Needs ``pip install stagewise
 One folder per stage and series, because TensorBoard purges by folder: a writer's first point
 is written with ``purge_step`` at its step, so a resumed run, logging again what came after its
 checkpoint, hides the points a killed run had logged from there on (each point shows once); the
-stage's other series, counted in other units, and the other stages are left alone. The run
+stage's other series, counted in other units, and the other stages are left alone. Each point is
+flushed as it is written, so that every point a checkpoint has seen is on disk with it. The run
 directory closes the writers when the run ends, finished or failed; a stage's when it ends.
 """
 
@@ -59,6 +60,9 @@ def _add_scalar(state, series: str, tag: str, value: float, step: int) -> None:
     if folder not in writers:  # purge_step: TensorBoard hides this folder's earlier points from ``step`` on
         writers[folder] = _summary_writer()(str(state.run_dir.path / "tensorboard" / folder), purge_step=step)
     writers[folder].add_scalar(tag, value, step)
+    # on disk before the next checkpoint, as metrics.jsonl's lines are: a run killed after it resumes past
+    # this point, so a point still queued (or buffered until flushed) would be lost for good
+    writers[folder].flush()
 
 
 def _close(writers: dict[str, Any]) -> None:
