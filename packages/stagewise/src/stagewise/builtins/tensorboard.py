@@ -8,8 +8,8 @@ the stage's checkpoint name (its name by default). Needs ``pip install stagewise
 One folder per stage and series, because TensorBoard purges by folder: a writer's first point
 is written with ``purge_step`` at its step, so a resumed run, logging again what came after its
 checkpoint, hides the points a killed run had logged from there on (each point shows once); the
-stage's other series, counted in other units, and the other stages are left alone. Each point is
-flushed as it is written, so that every point a checkpoint has seen is on disk with it. The run
+stage's other series, counted in other units, and the other stages are left alone. Each event's points
+are flushed as they are written, so that every point a checkpoint has seen is on disk with it. The run
 directory closes the writers when the run ends, finished or failed; a stage's when it ends.
 """
 
@@ -52,14 +52,15 @@ def _folder(state, series: str) -> str:
     return f"{state.recipe.stages[state.stage_index].checkpoint}/{series}"
 
 
-def _add_scalar(state, series: str, tag: str, value: float, step: int) -> None:
+def _add_scalars(state, series: str, values: dict[str, float], step: int) -> None:
     writers = _run_writers(state)
-    if writers is None:
+    if writers is None or not values:
         return
     folder = _folder(state, series)
     if folder not in writers:  # purge_step: TensorBoard hides this folder's earlier points from ``step`` on
         writers[folder] = _summary_writer()(str(state.run_dir.path / "tensorboard" / folder), purge_step=step)
-    writers[folder].add_scalar(tag, value, step)
+    for tag, value in values.items():
+        writers[folder].add_scalar(tag, value, step)
     # on disk before the next checkpoint, as metrics.jsonl's lines are: a run killed after it resumes past
     # this point, so a point still queued (or buffered until flushed) would be lost for good
     writers[folder].flush()
@@ -78,14 +79,13 @@ def stagewise_before_run(state):
 @hookimpl
 def stagewise_after_step(state, loss):
     if state.step % state.recipe.run.log_every_n_steps == 0:
-        _add_scalar(state, "steps", f"{state.stage_name}/train/loss_step", loss, state.step)
+        _add_scalars(state, "steps", {f"{state.stage_name}/train/loss_step": loss}, state.step)
 
 
 @hookimpl
 def stagewise_after_epoch(state, metrics):
-    for key, value in metrics.items():
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            _add_scalar(state, "epochs", f"{state.stage_name}/{key}", value, state.epoch)
+    _add_scalars(state, "epochs", {f"{state.stage_name}/{key}": value for key, value in metrics.items()
+                                   if isinstance(value, int | float) and not isinstance(value, bool)}, state.epoch)
 
 
 @hookimpl
