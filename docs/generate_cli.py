@@ -35,7 +35,8 @@ silently, when the program reading its output stops early (`stagewise recipes | 
 A bug exits 1 with Python's traceback instead, and a note naming where it happened and the plugin to
 report it to: in a run, the stage, the term or hook (`in stage 'main' (actstats.l2 term of stagewise.train),
 from stagewise-actstats 0.1.0: report it to that plugin`); in a plugin's subcommand, the command (`in command
-'example-hello', from ...`); in `stagewise.load_model`, the model and its checkpoint; a bug in stagewise's own
+'example-hello', from ...`) or, in its arguments' `type=` functions, `parsing the command line,
+from ...`; in `stagewise.load_model`, the model and its checkpoint; a bug in stagewise's own
 code names no plugin. The file system refusing a path (`OSError`: no permission, a
 missing file, disk full) is the one line `stagewise: error: PATH: ...; advice` when stagewise's own
 code was handling the path (the run directory, data files, checkpoints, the recipe), and a plugin's

@@ -168,6 +168,19 @@ def test_a_bug_in_a_plugins_command_gets_a_note_naming_the_command_and_the_plugi
     assert info.value.__notes__ == [f"in command 'buggy', from {PLUGIN}"]  # was: no note
 
 
+def test_a_bug_in_a_plugins_argument_parsing_gets_a_note_naming_the_plugin():
+    def add(cli):  # argparse calls the plugin's type= while parsing, before any handler runs
+        cli.add_parser("buggy").add_argument("size", type=_bug)
+
+    plugins.register_plugin(_command_plugin(add=add), "testing_buggy", "stagewise-buggy", "0.3")
+    try:
+        with pytest.raises(IndexError, match="a plugin's bug") as info:
+            main(["buggy", "3"])
+    finally:
+        plugins.unregister_plugin("testing_buggy")
+    assert info.value.__notes__ == [f"parsing the command line, from {PLUGIN}"]  # was: no note
+
+
 def test_a_bug_adding_a_plugins_command_gets_the_note_strict_mode_shows(monkeypatch, capsys):
     monkeypatch.setenv("STAGEWISE_STRICT_PLUGINS", "1")
     plugins.register_plugin(_command_plugin(add=_bug), "testing_buggy", "stagewise-buggy", "0.3")

@@ -67,7 +67,8 @@ def _end_torchrun_process(code: int) -> None:
 def _command(argv: list[str] | None) -> int:
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        with noted("parsing the command line"):  # argparse runs a plugin's type= and actions here
+            args = parser.parse_args(argv)
         if getattr(args, "handler", None) is None:
             parser.print_help()
             return 2
