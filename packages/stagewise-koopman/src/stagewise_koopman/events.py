@@ -28,8 +28,10 @@ def after_step(state: stagewise.State, loss: float) -> None:
         every = term.options.dmd_every
         if not every:
             continue
-        # under torchrun a term at weight 0 is computed too; one process would not have run it
-        trained = math.isfinite(loss) and state.term_weights.get(name, 0.0) != 0.0  # the global batch's loss
+        # the step trained the term unless its batch was skipped as non-finite (``loss`` is the global
+        # batch's, alike on every rank) or the term's weight is 0: under torchrun such a term is still
+        # computed, but one process would not have run it, so its pairs must not reach the buffer
+        trained = math.isfinite(loss) and state.term_weights.get(name, 0.0) != 0.0
         term.end_step(trained, state.dist)
         if state.step % every == 0:
             term.refresh_operator()  # every rank holds the same pairs, so fits the same K

@@ -3,7 +3,9 @@
 The trained decoder ψ returns a normalised hidden state, which the model's own output head
 (``logits_from_hidden``: final norm, then projection) turns into logits. Each position uses
 only its own hidden state, so forward mode is exactly as causal as the layers below it.
-A finished run's trained φ, K, ψ come back with :func:`load_term`.
+A finished run's trained φ, K, ψ come back with :func:`load_term`. Also the report
+``koopman.forward_eval`` gives beside the perplexities: each K's spectral radius
+(:func:`spectral_radii`) and the spectrum plot (:func:`plot_spectrum`).
 """
 
 from __future__ import annotations

@@ -1,12 +1,15 @@
 """Two evaluation stages: ``koopman.forward_eval`` and ``koopman.linearity``. Neither trains the model.
 
-The trained φ, K, ψ reach them through ``state.artifacts["koopman.operators"][<term name>]``,
-written by an ``after_stage`` hook when a training stage with a ``koopman.operator`` term ends.
+``koopman.forward_eval`` scores the trained φ, K, ψ, which reach it through
+``state.artifacts["koopman.operators"][<term name>]``, written by an ``after_stage`` hook when a
+training stage with a ``koopman.operator`` term ends. ``koopman.linearity`` needs no trained term:
+it fits fresh φ, K, ψ on the frozen model (:func:`~stagewise_koopman.linearity.fit_post_hoc`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,9 +53,7 @@ class ForwardEval(stagewise.Stage):
     Options = ForwardEvalOptions
 
     def check(self, recipe, index, data) -> list[str]:
-        # term name -> (stage index, spec); a later stage's term replaces an earlier one's artifact
-        earlier = {spec.name: (i, spec) for i, stage in enumerate(recipe.stages[:index])
-                   for spec in getattr(stage.options, "losses", []) or [] if spec.use == "koopman.operator"}
+        earlier = _trained_terms(recipe, index)
         problems, where = super().check(recipe, index, data), recipe.stage_path(index)
         if self.options.term not in earlier:
             problems.append(f"{where}.term: no earlier stage trains a koopman.operator term named "
@@ -113,6 +114,13 @@ class ForwardEval(stagewise.Stage):
         return {f"{self.label}/{k}": v for k, v in metrics.items()}
 
 
+def _trained_terms(recipe, index: int) -> dict[str, tuple[int, Any]]:
+    """The ``koopman.operator`` terms the stages before ``index`` train: term name -> (stage index,
+    its loss spec); a later stage's term of the same name replaces the earlier one's, as its artifact does."""
+    return {spec.name: (i, spec) for i, stage in enumerate(recipe.stages[:index])
+            for spec in getattr(stage.options, "losses", []) or [] if spec.use == "koopman.operator"}
+
+
 @dataclass
 class LinearityOptions:
     fit: KoopmanOptions = field(default_factory=KoopmanOptions)  # the fresh term fitted post hoc
@@ -148,10 +156,15 @@ class Linearity(stagewise.Stage):
 
     def run(self, state: stagewise.State) -> dict[str, Any]:
         o = self.options
+
         # every process fits and measures on whole batches, so all end with the same modules and figures
-        term, fit_loss = fit_post_hoc(state.model, lambda epoch: state.batches(o.fit_split, train=True, epoch=epoch,
-                                                                               shard=False), o.fit, o.fit_steps, o.lr,
-                                      progress=lambda steps, total: state.progress(steps, desc="fit", total=total))
+        def fit_batches(epoch: int) -> Iterable[dict[str, Any]]:
+            return state.batches(o.fit_split, train=True, epoch=epoch, shard=False)
+
+        def fit_bar(batches: Iterable[dict[str, Any]], total: int) -> Iterable[dict[str, Any]]:
+            return state.progress(batches, desc="fit", total=total)
+
+        term, fit_loss = fit_post_hoc(state.model, fit_batches, o.fit, o.fit_steps, o.lr, progress=fit_bar)
         error, per_layer = one_step_error(state.model, term, state.batches(o.split, shard=False, desc=o.split))
         metrics = {"one_step_error": error, "fit_loss": fit_loss}
         metrics.update({f"L{layer}/one_step_error": e for layer, e in per_layer.items()})

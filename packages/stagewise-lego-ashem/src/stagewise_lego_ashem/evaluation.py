@@ -2,7 +2,9 @@
 
 The core is :func:`evaluate_routed` (the run's state, batches and a router in, numbers out); the
 stages in :mod:`.stages` call it. Perplexities are exp(sum of token NLL / tokens), accumulated
-in float64, so the numbers do not depend on batch boundaries' rounding.
+in float64, so the numbers do not depend on batch boundaries' rounding. The speedups are those
+of routed inference (:func:`eval_speedup`, for ``lego_ashem.evaluate_routed``) and of phase-2
+training from the cache (:func:`phase2_speedups`, for ``lego_ashem.train_upper_layers``).
 """
 
 from __future__ import annotations
@@ -58,17 +60,7 @@ def evaluate_routed(state: stagewise.State, batches: Iterable[dict[str, Any]], r
                  flops=metrics.routed_flops(shape, easy, router.options.measure),
                  full_flops=metrics.full_depth_flops(shape, torch.ones_like(easy)))
             if full:
-                exit_logits = out["exit_logits"]  # None with the probe: the full forward makes them
-                deep = model(idx, exit_layers=[model.exit_layer] if exit_logits is None else [])
-                logits = deep["logits"]
-                if exit_logits is None:
-                    exit_logits = deep["exit_logits"][model.exit_layer]
-                exit_nll, hard = token_nll(exit_logits, target), ~easy
-                _add(sums, full_nll=float(token_nll(logits, target).double().sum()),
-                     full_correct=float((logits.argmax(-1) == target).sum()),
-                     exit_nll=float(exit_nll.double().sum()), hard=float(hard.sum()),
-                     hard_before=float(exit_nll[hard].double().sum()),
-                     hard_after=float(routed_nll[hard].double().sum()))
+                _add(sums, **_full_depth_sums(model, idx, target, out, routed_nll))
     keys = _SUMS + (_FULL_SUMS if full else ())  # every rank sends every key, even with no batch of its own
     sums = dict(zip(keys, all_reduce_sums([sums.get(k, 0.0) for k in keys], state.dist), strict=True))
     return _summarize(sums, model.exit_layer, model.config.n_layer)
@@ -76,6 +68,23 @@ def evaluate_routed(state: stagewise.State, batches: Iterable[dict[str, Any]], r
 
 _SUMS = ("n", "easy", "nll", "correct", "flops", "full_flops")
 _FULL_SUMS = ("full_nll", "full_correct", "exit_nll", "hard", "hard_before", "hard_after")
+
+
+def _full_depth_sums(model: torch.nn.Module, idx: torch.Tensor, target: torch.Tensor, out: dict[str, Any],
+                     routed_nll: torch.Tensor) -> dict[str, float]:
+    """The ``_FULL_SUMS`` of one batch: the full-depth forward, the exit layer alone, and the
+    tokens ``out`` routed hard before (exit layer) and after (routed, ``routed_nll``)."""
+    exit_logits = out["exit_logits"]  # None with the probe: the full forward makes them
+    deep = model(idx, exit_layers=[model.exit_layer] if exit_logits is None else [])
+    logits = deep["logits"]
+    if exit_logits is None:
+        exit_logits = deep["exit_logits"][model.exit_layer]
+    exit_nll, hard = token_nll(exit_logits, target), ~out["easy"]
+    return {"full_nll": float(token_nll(logits, target).double().sum()),
+            "full_correct": float((logits.argmax(-1) == target).sum()),
+            "exit_nll": float(exit_nll.double().sum()), "hard": float(hard.sum()),
+            "hard_before": float(exit_nll[hard].double().sum()),
+            "hard_after": float(routed_nll[hard].double().sum())}
 
 
 def _add(sums: dict[str, float], **values: float) -> None:
@@ -106,7 +115,8 @@ def routed_report(state: stagewise.State, options: Any) -> dict[str, Any]:
     report = {"loss": result["routed_loss"], "acc": result["acc"], "ppl": result["routed_ppl"],
               "threshold": router.threshold, **result}
     if options.measure_speed:
-        idx = _first_windows(state.data[options.split], options.speed_batch_size, state.device)
+        dataset = state.data[options.split]
+        idx = _inputs(dataset, range(min(options.speed_batch_size, len(dataset))), state.device)
         report.update(eval_speedup(state.model, router, idx, options.speed_repeats,
                                    rounds=lambda rounds: state.progress(rounds, desc="time full depth vs routed")))
     if options.curve_points:
@@ -183,13 +193,15 @@ def _curve_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _first_windows(dataset: Any, n: int, device: torch.device) -> torch.Tensor:
-    n = min(n, len(dataset))
-    return torch.stack([dataset[i]["input"] for i in range(n)]).to(device)  # (n, T)
+def _inputs(dataset: Any, windows: Iterable[int], device: torch.device) -> torch.Tensor:
+    """The token ids (n, T) of the ``windows`` of ``dataset``, stacked on ``device``."""
+    return torch.stack([dataset[i]["input"] for i in windows]).to(device)
 
 
-def phase2_speedups(state: stagewise.State, cache: dict[str, Any], split: Any, repeats: int) -> dict[str, float]:
-    """Measured and counted speedups of phase-2 training from the cache, on the first batch.
+def phase2_speedups(state: stagewise.State, cache: dict[str, Any], dataset: Any, repeats: int) -> dict[str, float]:
+    """Measured and counted speedups of phase-2 training from the cache, on the first batch;
+    ``dataset`` is the cached split's windows (``state.data[cache["split"]]``), whose token ids a
+    full-forward step starts from.
 
     ``phase2_cache_speedup``: a full-forward step (embedding and frozen lower layers recomputed,
     then the same routed upper-layer step) over a step from the cache. With full context the
@@ -197,14 +209,34 @@ def phase2_speedups(state: stagewise.State, cache: dict[str, Any], split: Any, r
     ``phase2_token_mode_speedup``: a full-forward epoch over a token-mode epoch (the hard tokens
     alone, length 1), each estimated as its step time × its number of steps.
     """
-    model, B, device = state.model, state.recipe.data.batch_size, state.device
+    model, B = state.model, state.recipe.data.batch_size
+    windows, tokens = mining.SequenceCache(cache), mining.TokenCache(cache)  # what phase 2 trains on
+    seconds = timing.train_step_seconds(model, _phase2_steps(model, dataset, windows, tokens, B, state.device),
+                                        repeats)
+    t_cache, t_full, t_token = seconds["cache"], seconds["full"], seconds["token"]
     shape = metrics.Shape.of(model)
-    # the first batch of each phase-2 dataset (their items are views of the cache: nothing is copied)
-    windows = mining.SequenceCache(cache).windows  # what phase 2 trains on
-    first = windows[:B]
+    counted = metrics.phase2_step_flops(shape, cache["hard"][windows.windows[:B]])  # the timed batch's
+    seq_steps, token_steps = math.ceil(len(windows) / B), math.ceil(len(tokens) / B)
+    full_epoch = seq_steps * (counted["lower"] + counted["cache"])
+    return {"phase2_cache_speedup": t_full / t_cache,
+            "phase2_cache_speedup_flops": (counted["lower"] + counted["cache"]) / counted["cache"],
+            "phase2_token_mode_speedup": (t_full * seq_steps) / (t_token * token_steps),
+            "phase2_token_mode_speedup_flops": full_epoch / (token_steps * metrics.token_step_flops(shape, B)),
+            "phase2_cache_step_ms": 1e3 * t_cache, "phase2_full_forward_step_ms": 1e3 * t_full,
+            "phase2_token_step_ms": 1e3 * t_token}
+
+
+def _phase2_steps(model: torch.nn.Module, dataset: Any, windows: mining.SequenceCache, tokens: mining.TokenCache,
+                  B: int, device: torch.device) -> dict[str, Callable[[], torch.Tensor]]:
+    """The losses of the phase-2 steps :func:`phase2_speedups` times, each on the first batch of its
+    dataset: the cached windows from the cache (``"cache"``) or with their exit states recomputed
+    from ``dataset`` (``"full"``), and the hard tokens alone (``"token"``)."""
+    first, rows = windows.windows[:B], tokens.rows[:B]
+    cache = windows.cache
     hidden, hard = cache["hidden"][first].to(device), cache["hard"][first].to(device)
     target = cache["target"][first].to(device)[hard]
-    idx = torch.stack([split[int(i)]["input"] for i in first]).to(device)  # (B, T)
+    idx = _inputs(dataset, first.tolist(), device)  # (B, T)
+    token_h, token_target = tokens.hidden[rows].unsqueeze(1).to(device), tokens.target[rows].to(device)  # (B, 1, C)
     forward, token_forward = upper_forward(model, "full"), upper_forward(model, "token")
 
     def from_cache() -> torch.Tensor:
@@ -215,22 +247,7 @@ def phase2_speedups(state: stagewise.State, cache: dict[str, Any], split: Any, r
             h = model.exit_hidden(idx)  # what the cache saves
         return F.cross_entropy(forward({"hidden": h, "hard": hard})["logits"], target)
 
-    tokens = mining.TokenCache(cache)
-    rows = tokens.rows[:B]
-    token_h, token_target = tokens.hidden[rows].unsqueeze(1).to(device), tokens.target[rows].to(device)  # (B, 1, C)
-
     def token_step() -> torch.Tensor:
         return F.cross_entropy(token_forward({"hidden": token_h})["logits"], token_target)
 
-    seconds = timing.train_step_seconds(model, {"cache": from_cache, "full": full_forward, "token": token_step},
-                                        repeats)
-    t_cache, t_full, t_token = seconds["cache"], seconds["full"], seconds["token"]
-    counted = metrics.phase2_step_flops(shape, hard)
-    seq_steps, token_steps = math.ceil(len(windows) / B), math.ceil(len(tokens) / B)
-    full_epoch = seq_steps * (counted["lower"] + counted["cache"])
-    return {"phase2_cache_speedup": t_full / t_cache,
-            "phase2_cache_speedup_flops": (counted["lower"] + counted["cache"]) / counted["cache"],
-            "phase2_token_mode_speedup": (t_full * seq_steps) / (t_token * token_steps),
-            "phase2_token_mode_speedup_flops": full_epoch / (token_steps * metrics.token_step_flops(shape, B)),
-            "phase2_cache_step_ms": 1e3 * t_cache, "phase2_full_forward_step_ms": 1e3 * t_full,
-            "phase2_token_step_ms": 1e3 * t_token}
+    return {"cache": from_cache, "full": full_forward, "token": token_step}

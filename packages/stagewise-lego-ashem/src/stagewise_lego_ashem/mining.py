@@ -5,6 +5,11 @@ that hold one hard token marked ~100% of the data hard and undid Phase 2). The c
 exit-layer hidden states of a whole split once, so Phase 2 never recomputes the frozen lower
 layers: ``context = "full"`` trains on cached full sequences (loss on hard tokens only),
 ``context = "token"`` on the hard tokens alone as length-1 sequences (the seed's way).
+
+Also the two artifacts later stages read (``CACHE``, ``ROUTER``) and what ``lego_ashem.mine`` and
+``lego_ashem.train_exit_probe`` both do with the router they calibrate: :func:`calibrate_router`
+(the model's threshold, the router ``stagewise export`` writes) and :func:`router_record` (the
+``ROUTER`` artifact).
 """
 
 from __future__ import annotations
@@ -61,6 +66,22 @@ def score_quantiles(scores: torch.Tensor, points: int = CURVE_QUANTILES) -> list
     thresholds of the accuracy-compute curve, kept with the router so evaluation needs no rerun."""
     qs = torch.linspace(0, 1, points, dtype=torch.float64, device=scores.device)
     return [float(v) for v in torch.quantile(scores.flatten().double(), qs)]
+
+
+def calibrate_router(state: stagewise.State, router: Confidence, scores: torch.Tensor) -> None:
+    """Calibrate ``router`` on ``scores``, then hand it on: the threshold to the model's
+    ``routing_threshold`` (checkpointed with the weights), the router to ``stagewise export``."""
+    router.calibrate(scores)
+    state.model.set_threshold(router.threshold)
+    state.keep_router(ROUTER, router)  # a later calibration (train_exit_probe) replaces mine's
+
+
+def router_record(settings: dict[str, Any], router: Confidence, calib_split: str,
+                  scores: torch.Tensor) -> dict[str, Any]:
+    """The ``ROUTER`` artifact: the router's ``settings`` (measure, hard_ratio), then what its
+    calibration on ``calib_split`` gave: the threshold and the ``scores``' quantiles for the curve."""
+    return {**settings, "threshold": router.threshold, "calib_split": calib_split,
+            "quantiles": score_quantiles(scores)}
 
 
 class SequenceCache(Dataset):

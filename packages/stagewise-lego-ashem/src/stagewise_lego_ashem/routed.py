@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from stagewise.nn.transformer import Block, apply_rope
+from stagewise.nn.transformer import Block, CausalSelfAttention, apply_rope
 
 if TYPE_CHECKING:
     from stagewise_lego_ashem.model import DeepSupervisionTransformer
@@ -69,17 +69,25 @@ def _routed_block(block: Block, h: torch.Tensor, rows: _HardRows, cos: torch.Ten
     M = rows.shape[1]
     flat = h.reshape(B * T, C)
     x = block.attn_norm(flat)  # (B*T, C)
-    w_q, w_kv = attn.qkv.weight[:C], attn.qkv.weight[C:]
-    k, v = F.linear(x, w_kv).view(B, T, 2, nh, hd).permute(2, 0, 3, 1, 4)  # (B, nh, T, hd) each
-    k = apply_rope(k, cos, sin)
-    q = F.linear(x.index_select(0, rows.padded), w_q).view(B, M, nh, hd).transpose(1, 2)  # (B, nh, M, hd)
-    q = apply_rope(q, rows.cos, rows.sin)
+    k, v = _keys_values(attn, x, B, T, cos, sin)  # (B, nh, T, hd) each
+    q = F.linear(x.index_select(0, rows.padded), attn.qkv.weight[:C])  # the hard rows' queries only
+    q = apply_rope(q.view(B, M, nh, hd).transpose(1, 2), rows.cos, rows.sin)  # (B, nh, M, hd)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=rows.causal,  # (B, nh, M, hd)
                                        dropout_p=attn.dropout if attn.training else 0.0)
     y = y.transpose(1, 2).reshape(B * M, C).index_select(0, rows.unpad)  # (n, C)
     hr = flat.index_select(0, rows.flat) + attn.resid_dropout(attn.proj(y))  # core's Block, on hard rows
     hr = hr + block.ffn(block.ffn_norm(hr))
     return flat.index_copy(0, rows.flat, hr).view(B, T, C)  # out of place: autograd-safe
+
+
+def _keys_values(attn: CausalSelfAttention, x: torch.Tensor, B: int, T: int, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys (with RoPE) and values (B, nh, T, hd) of the normed rows x, (B*T, C) or (B, T, C): the part
+    of core's attention every position gets, routed or not (queries use the first C rows of ``qkv``)."""
+    C = x.size(-1)
+    nh, hd = attn.n_head, C // attn.n_head
+    k, v = F.linear(x, attn.qkv.weight[C:]).view(B, T, 2, nh, hd).permute(2, 0, 3, 1, 4)
+    return apply_rope(k, cos, sin), v
 
 
 @torch.no_grad()
@@ -177,8 +185,7 @@ def _cached_block(model: DeepSupervisionTransformer, layer: int, h: torch.Tensor
     nh, hd = block.attn.n_head, C // block.attn.n_head
     cos, sin = model.rope_cos[pos:pos + 1], model.rope_sin[pos:pos + 1]  # (1, hd/2)
     x = block.attn_norm(h)
-    k, v = F.linear(x, block.attn.qkv.weight[C:]).view(B, 1, 2, nh, hd).permute(2, 0, 3, 1, 4)  # (B, nh, 1, hd)
-    k = apply_rope(k, cos, sin)
+    k, v = _keys_values(block.attn, x, B, 1, cos, sin)  # (B, nh, 1, hd) each
     if cache[layer]:
         k, v = torch.cat([cache[layer][0], k], 2), torch.cat([cache[layer][1], v], 2)
     cache[layer] = [k, v]  # (B, nh, pos + 1, hd)

@@ -80,18 +80,14 @@ class Mine(stagewise.Stage):
         calib = mining.exit_scores(model, state.batches(o.calib_split, shard=False,
                                                         desc=f"calibrate on {o.calib_split}"), router,
                                    windows=len(state.data[o.calib_split]))
-        router.calibrate(calib)
-        model.set_threshold(router.threshold)
-        state.keep_router(mining.ROUTER, router)  # stagewise export writes it beside the weights
+        mining.calibrate_router(state, router, calib)
         calib_hard = router.route(calib).ratio("hard")
         mined = mining.exit_states(model, state.batches(o.split, shard=False, desc=f"cache {o.split}"), router,
                                    windows=len(state.data[o.split]))
         hard = router.route(mined["scores"]).masks["hard"]  # (N, T): per token, never per sequence
         state.artifacts[mining.CACHE] = {"split": o.split, "exit_layer": model.exit_layer,
                                          "hidden": mined["hidden"], "target": mined["target"], "hard": hard}
-        state.artifacts[mining.ROUTER] = {**as_table(o.router.options), "threshold": router.threshold,
-                                          "calib_split": o.calib_split,
-                                          "quantiles": mining.score_quantiles(calib)}
+        state.artifacts[mining.ROUTER] = mining.router_record(as_table(o.router.options), router, o.calib_split, calib)
         n_hard = int(hard.sum())
         return {f"{self.label}/{k}": v for k, v in {
             "threshold": router.threshold, "calib_hard_ratio": calib_hard,
@@ -284,7 +280,7 @@ class TrainExitProbe(stagewise.Stage):
 
     def run(self, state: stagewise.State) -> dict[str, Any]:
         o, model = self.options, state.model
-        # alike on every rank
+        # every process reads the whole splits, so every rank fits the same probe and threshold
         train = probe.probe_data(model, state.batches(o.split, shard=False, desc=f"exit states of {o.split}"),
                                  windows=len(state.data[o.split]))
         loss = probe.fit_probe(model.exit_probe, train, epochs=o.epochs, lr=o.lr, batch_size=o.batch_size,
@@ -294,12 +290,9 @@ class TrainExitProbe(stagewise.Stage):
                                  windows=len(state.data[o.calib_split]))
         scores = probe.probe_scores(model.exit_probe, calib["hidden"])
         router = router_of(state, measure="probe")
-        router.calibrate(scores)
-        model.set_threshold(router.threshold)
-        state.keep_router(mining.ROUTER, router)  # replaces the one mine kept
-        state.artifacts[mining.ROUTER] = {**state.artifacts[mining.ROUTER], "measure": "probe",
-                                          "threshold": router.threshold, "calib_split": o.calib_split,
-                                          "quantiles": mining.score_quantiles(scores)}
+        mining.calibrate_router(state, router, scores)
+        state.artifacts[mining.ROUTER] = mining.router_record({**state.artifacts[mining.ROUTER], "measure": "probe"},
+                                                              router, o.calib_split, scores)
         return {f"{self.label}/threshold": router.threshold,
                 f"{self.label}/agreement": float(train["label"].float().mean()),
                 f"{self.label}/probe_loss": loss,
@@ -366,7 +359,7 @@ class EvaluateRouted(stagewise.Stage):
         return {f"{self.label}/{k}": v for k, v in routed_report(state, self.options).items()}
 
 
-# --- recipe checks -----------------------------------------------------------------------------
+# --- reading the recipe --------------------------------------------------------------------------
 
 
 def _trains_from_cache_later(recipe: Recipe, index: int) -> bool:
