@@ -12,6 +12,7 @@ of all blocks run together in one tiny run.
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 import types
@@ -109,14 +110,27 @@ def test_example_runs(page, line, workdir, monkeypatch):
         manager.register(types.SimpleNamespace(**impls))
 
 
+def counted(hook, calls: dict[str, int], key: str):
+    """``hook`` (its arguments and hookimpl marker kept) counting its calls in ``calls[key]``."""
+    calls[key] = 0
+
+    @functools.wraps(hook)
+    def counting(**kwargs):
+        calls[key] += 1
+        return hook(**kwargs)
+
+    return counting
+
+
 def test_event_hook_examples_work_in_a_run(workdir, monkeypatch):
-    """Each example's event hooks, registered as a plugin of its own, in one tiny demo run."""
+    """Each example's event hooks, registered as a plugin of its own, in one tiny demo run: each is called."""
     monkeypatch.chdir(workdir)
-    names = []
+    names, calls = [], {}
     try:
         for page in [p for p in PAGES if any("@stagewise.hookimpl" in code for _, code in examples(p))]:
             for example, defined in run_page(page, examples(page)[-1][0], workdir, monkeypatch).items():
-                events = {k: v for k, v in hook_impls(defined).items() if k in EVENT_HOOKS}
+                events = {k: counted(v, calls, f"{example} {k}") for k, v in hook_impls(defined).items()
+                          if k in EVENT_HOOKS}
                 if events:
                     names.append(f"docs:{example}")
                     plugins.register_plugin(types.SimpleNamespace(**events), names[-1])
@@ -127,3 +141,4 @@ def test_event_hook_examples_work_in_a_run(workdir, monkeypatch):
     finally:
         for name in names:
             plugins.unregister_plugin(name)
+    assert [key for key, n in calls.items() if n == 0] == [], calls  # was: a hook never called passed too

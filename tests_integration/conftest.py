@@ -16,6 +16,7 @@ def _run_table(name: str) -> str:
     return f"""
 [run]
 name = "{name}"
+device = "cpu"  # golden/example.json is a CPU record
 seed = 3
 threads = 1
 log_every_n_steps = 1

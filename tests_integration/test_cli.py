@@ -10,6 +10,11 @@ import numpy as np
 
 from stagewise.engine.checkpoint import load_checkpoint
 from stagewise.recipe import load_recipe
+from stagewise.verify import verify_run
+
+# Some final metrics of the EXAMPLE run (conftest.py); after a deliberate behaviour change, copy
+# the same keys from its summary.json, saying in the commit which numbers moved and why.
+GOLDEN = Path(__file__).parent / "golden" / "example.json"
 
 BAD_RECIPE = """
 [run]
@@ -59,6 +64,11 @@ def test_example_stages_report_and_hand_over_an_artifact(example_run):
     artifact = load_checkpoint(example_run / "checkpoints" / "last.pt")["artifacts"]["example.hard_examples"]
     assert artifact["split"] == "train" and len(artifact["indices"]) == metrics["mine/hard_examples"]
     assert artifact["router"] == {"threshold": metrics["mine/threshold"]}
+
+
+def test_golden_record(example_run):
+    # the example plugin's stages had no exact figure: "hard" trained on any examples but the mined ones unseen
+    assert verify_run(example_run, GOLDEN) == []
 
 
 def test_event_hook_logs_each_epoch_of_the_plugins_own_stages(example_run):
@@ -129,13 +139,16 @@ def test_an_export_carries_the_router_a_plugin_s_stage_kept(cli, example_run, tm
                                         "state": {"threshold": float(np.float32(threshold))}}}
 
 
-def test_compare_runs_baseline_and_method(cli, recipes, tmp_path):
+def test_compare_runs_baseline_and_method(cli, recipes, example_run, tmp_path):
     out = tmp_path / "compare"
     result = cli("compare", recipes["baseline"], recipes["example"], "--out", out, "--quiet")
     runs = json.loads((out / "compare.json").read_text())["runs"]
     assert list(runs) == ["baseline", "example"]
     for name, run in runs.items():
         assert Path(run["run_dir"]) == out / name and "test/loss" in run["metrics"]
+        assert run["metrics"] == json.loads((out / name / "summary.json").read_text())["metrics"]
+    # each recipe ran as `stagewise run` runs it alone: same seed, same numbers
+    assert runs["example"]["metrics"] == json.loads((example_run / "summary.json").read_text())["metrics"]
     assert "mine/threshold" in runs["example"]["metrics"] and "mine/threshold" not in runs["baseline"]["metrics"]
     assert result.stdout.splitlines()[0].split() == ["metric", "baseline", "example"]
 

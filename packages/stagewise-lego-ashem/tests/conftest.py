@@ -77,5 +77,15 @@ def tiny(tmp_path: Path):
     return lambda *overrides: load_recipe(path, list(overrides))
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One finished run of the tiny recipe, shared by the tests that only read it."""
+    from stagewise.engine.runner import run_recipe
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny.toml"
+    path.write_text(TINY)
+    return run_recipe(load_recipe(path), out=path.parent / "run", quiet=True)
+
+
 def read_summary(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())

@@ -57,18 +57,17 @@ def test_the_pipeline_runs_on_cuda_to_its_cpu_figures(tiny, tmp_path, measure):
         assert gpu[key] == pytest.approx(cpu[key], rel=5e-2), key
 
 
-def test_same_seed_gives_bit_identical_metrics(tiny, tmp_path):
-    a = read_summary(run_recipe(tiny(), out=tmp_path / "a", quiet=True))["metrics"]
+def test_same_seed_gives_bit_identical_metrics(tiny, tiny_run, tmp_path):
+    a = read_summary(tiny_run)["metrics"]
     b = read_summary(run_recipe(tiny(), out=tmp_path / "b", quiet=True))["metrics"]
     assert a == b and "test/routed_ppl" in a
     # the names stagewise.evaluate reports, so `stagewise compare` lines them up with lego_ashem.baseline's
     assert (a["test/loss"], a["test/ppl"]) == (a["test/routed_loss"], a["test/routed_ppl"]) and "test/acc" in a
 
 
-def test_upper_layer_training_never_touches_frozen_parameters(tiny, tmp_path):
-    run_dir = run_recipe(tiny(), out=tmp_path / "run", quiet=True)
-    before = load_checkpoint(run_dir / "checkpoints" / "mine.pt")["model"]
-    after = load_checkpoint(run_dir / "checkpoints" / "phase2.pt")["model"]
+def test_upper_layer_training_never_touches_frozen_parameters(tiny_run):
+    before = load_checkpoint(tiny_run / "checkpoints" / "mine.pt")["model"]
+    after = load_checkpoint(tiny_run / "checkpoints" / "phase2.pt")["model"]
     assert set(before) < set(after)
     for name, tensor in before.items():  # embedding, layers 0-1, norm, head, routing_threshold
         assert torch.equal(after[name], tensor), name
@@ -78,12 +77,11 @@ def _artifacts(run_dir: Path) -> dict[str, set[str]]:
     return {file.stem: set(load_checkpoint(file)["artifacts"]) for file in (run_dir / "checkpoints").glob("*.pt")}
 
 
-def test_the_cache_is_checkpointed_only_until_the_last_stage_that_trains_from_it(tiny, tmp_path):
-    run_dir = run_recipe(tiny(), out=tmp_path / "run", quiet=True)
-    cache = load_checkpoint(run_dir / "checkpoints" / "mine.pt")["artifacts"]["lego_ashem.cache"]
+def test_the_cache_is_checkpointed_only_until_the_last_stage_that_trains_from_it(tiny_run):
+    cache = load_checkpoint(tiny_run / "checkpoints" / "mine.pt")["artifacts"]["lego_ashem.cache"]
     assert cache["hidden"].shape[-1] == 16
     router = {"lego_ashem.router"}  # after phase 2 the checkpoints keep the router alone, not a split's hidden states
-    assert _artifacts(run_dir) == {"phase1": set(), "mine": router | {"lego_ashem.cache"}, "phase2": router,
+    assert _artifacts(tiny_run) == {"phase1": set(), "mine": router | {"lego_ashem.cache"}, "phase2": router,
                                    "test": router, "last": router}
 
 
@@ -344,17 +342,16 @@ def test_curve_points_above_the_calibration_quantiles_are_refused(tiny):
         tiny("stages.test.curve_points=22")
 
 
-def test_a_finished_run_generates_text_as_the_readme_shows(tiny, tmp_path):
+def test_a_finished_run_generates_text_as_the_readme_shows(tiny_run):
     import stagewise
     from stagewise.data import Vocabulary
     from stagewise_lego_ashem.model import DeepSupervisionTransformer
     from stagewise_lego_ashem.routed import generate_routed
     from stagewise_lego_ashem.router import Confidence, ConfidenceOptions
 
-    run = run_recipe(tiny(), out=tmp_path / "run", quiet=True)
-    model = stagewise.load_model(run)  # the README's snippet, step by step
-    vocab = Vocabulary.from_file(run / "vocab.txt")
-    saved = load_checkpoint(run / "checkpoints" / "last.pt")
+    model = stagewise.load_model(tiny_run)  # the README's snippet, step by step
+    vocab = Vocabulary.from_file(tiny_run / "vocab.txt")
+    saved = load_checkpoint(tiny_run / "checkpoints" / "last.pt")
     router_state = saved["artifacts"]["lego_ashem.router"]
     router = Confidence(ConfidenceOptions(measure=router_state["measure"]))
     out = generate_routed(model, torch.tensor([vocab.encode("the old man said".split())]), 5, router,

@@ -207,6 +207,18 @@ def test_sgd_gets_its_momentum_and_weight_decay():
     assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.1, 0.9, 0.05)
 
 
+def test_lbfgs_gets_its_iterations_history_and_line_search():
+    # was checked only by a run whose val/loss was not NaN: an lbfgs_max_iter or lbfgs_history ignored passed
+    from types import SimpleNamespace
+
+    from stagewise.engine.optim import build_optimizer
+
+    o = SimpleNamespace(optimizer="lbfgs", lr=0.5, lbfgs_max_iter=3, lbfgs_history=7)
+    group = build_optimizer([torch.nn.Parameter(torch.zeros(2))], o).param_groups[0]
+    assert (group["lr"], group["max_iter"], group["history_size"], group["line_search_fn"]) == (0.5, 3, 7,
+                                                                                                "strong_wolfe")
+
+
 def test_drop_last_drops_the_short_last_batch_in_training_only():
     from types import SimpleNamespace
 

@@ -165,13 +165,22 @@ class OwnParameter(stagewise.Loss):
 
 
 class OwnParameterPlugin:
+    def __init__(self):
+        self.grads = []  # (stage, the term's gradient after each step's clipping)
+
     @stagewise.hookimpl
     def stagewise_register_losses(self, register):
         register(OwnParameter, "testing.own_parameter")
 
+    @stagewise.hookimpl
+    def stagewise_after_step(self, state):
+        if "own_parameter" in state.terms:
+            self.grads.append((state.stage_name, state.terms["own_parameter"].p.grad.item()))
+
 
 def test_grad_clip_bounds_a_term_s_own_parameters_apart_from_the_model(tiny, tmp_path):
-    plugins.register_plugin(OwnParameterPlugin(), "testing_own")
+    plugin = OwnParameterPlugin()
+    plugins.register_plugin(plugin, "testing_own")
     try:
         alone = run_recipe(tiny(), out=tmp_path / "alone", quiet=True)
         terms = '[{use="stagewise.cross_entropy"}, {use="testing.own_parameter", weight=1.0}]'
@@ -182,6 +191,8 @@ def test_grad_clip_bounds_a_term_s_own_parameters_apart_from_the_model(tiny, tmp
     # and the language model's validation loss, are exactly those of the run without the term
     val = [read_summary(run)["stages"]["phase1"]["metrics"]["val/loss"] for run in (alone, with_term)]
     assert val[0] == val[1]
+    # ... and the term's own gradient (2e6 p, p near 1) is cut to the norm 1.0 at each of the 10 steps
+    assert plugin.grads == [("phase1", pytest.approx(1.0, rel=1e-6))] * 10
 
 
 def test_fallback_cuts_only_a_term_above_its_threshold_and_counts_only_first_evaluations():
