@@ -142,6 +142,8 @@ def test_exit_probe_replaces_the_exit_softmax(tiny, tmp_path):
     assert artifacts["lego_ashem.router"]["measure"] == "probe"
     assert 0 <= metrics["probe/probe_acc"] <= 1 and metrics["test/threshold"] == metrics["probe/threshold"]
     assert 0 < metrics["test/shallow_ratio"] < 1
+    golden = json.loads((GOLDEN / "tiny_probe.json").read_text())  # exact, as the max-softmax runs' records
+    assert compare(metrics, golden["metrics"], golden.get("tolerance", {})) == []
 
 
 def test_an_export_routes_with_numpy_as_the_run_did_with_torch(tiny, tmp_path):
