@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import pytest
@@ -51,11 +52,12 @@ class Recorder:
 
     @stagewise.hookimpl
     def stagewise_after_step(self, state, loss):
-        self.log.append((self.tag, "after_step", state.step, isinstance(loss, float)))
+        self.log.append((self.tag, "after_step", state.step, isinstance(loss, float), state.stage_name, loss))
 
 
 @pytest.fixture(scope="module")
-def events(tmp_path_factory):
+def events_run(tmp_path_factory):
+    """The events both recorders saw in one tiny run, and the run's folder."""
     from conftest import TINY
 
     path = tmp_path_factory.mktemp("hooks") / "tiny.toml"
@@ -65,11 +67,16 @@ def events(tmp_path_factory):
     plugins.register_plugin(Recorder("second", log), "second")
     try:
         recipe = stagewise.load_recipe(path, ["stages.phase1.max_steps_per_epoch=2", "stages.phase1.max_epochs=1"])
-        run_recipe(recipe, out=path.parent / "run", quiet=True)
+        run_dir = run_recipe(recipe, out=path.parent / "run", quiet=True)
     finally:
         plugins.unregister_plugin("first")
         plugins.unregister_plugin("second")
-    return log
+    return log, run_dir
+
+
+@pytest.fixture
+def events(events_run):
+    return events_run[0]
 
 
 def of(events, name):
@@ -116,9 +123,14 @@ def test_hook_stagewise_before_step(events):
     assert len(of(events, "before_step")) == 2 * (2 + 10)
 
 
-def test_hook_stagewise_after_step(events):
+def test_hook_stagewise_after_step(events_run):
+    events, run_dir = events_run
     steps = [e[2] for e in of(events, "after_step") if e[0] == "first"]
     assert steps[:2] == [1, 2] and all(e[3] for e in of(events, "after_step"))
+    # the loss each step hands its hooks is the one it logs (the recipe logs every step)
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(e[4], e[2], e[5]) for e in of(events, "after_step") if e[0] == "first"] == [
+        (r["stage"], r["step"], r["train/loss"]) for r in logged if r["event"] == "step"]
 
 
 def _registered(kind, name, target):
