@@ -472,3 +472,45 @@ def test_a_short_name_suggests_the_registered_names_ending_in_it(host):
     for typed, meant in (("l2", "act.l2"), ("demoo", "stagewise.demo")):  # exact, and near, short names
         with pytest.raises(UnknownNameError, match=rf"unknown recipe '{typed}'; did you mean '{meant}'\? Installed"):
             plugins.get("recipes", typed)
+
+
+@pytest.mark.parametrize("where", ["import", "registration"])
+def test_a_plugin_that_calls_sys_exit_is_skipped_not_the_end_of_every_command(host, capsys, where):
+    def stagewise_register_stages(register):
+        raise SystemExit("needs CUDA")
+
+    error = SystemExit("needs CUDA") if where == "import" else None  # was: every command exited with "needs CUDA"
+    host.append(FakeEntryPoint("quits", plugin_module("quits", stagewise_register_stages=stagewise_register_stages),
+                               error=error, dist="stagewise-quits"))
+    host.append(FakeEntryPoint("good", plugin_module("good", stagewise_register_stages=registers_stage("good.s"))))
+    assert stagewise.get_stage("good.s").name == "stagewise.train"
+    assert capsys.readouterr().err == (f"stagewise: warning: skipped plugin 'quits' (stagewise-quits 1.0) failed "
+                                       f"during {where}: SystemExit: needs CUDA\n")
+
+
+def test_strict_mode_raises_for_a_plugin_that_calls_sys_exit(host, monkeypatch):
+    monkeypatch.setenv("STAGEWISE_STRICT_PLUGINS", "1")
+    host.append(FakeEntryPoint("quits", error=SystemExit(3)))
+    with pytest.raises(PluginError, match="plugin 'quits' .* failed during import: SystemExit: 3") as info:
+        plugins.load_plugins()
+    assert isinstance(info.value.__cause__, SystemExit)
+
+
+@pytest.mark.parametrize("kind, obj, what, base", [
+    ("stages", 42, "a int", "Stage"),
+    ("losses", len, "a builtin_function_or_method", "Loss"),
+    ("routers", dict, "the class dict", "Router"),
+])
+def test_a_registered_object_that_is_not_its_kinds_class_skips_the_plugin(host, capsys, kind, obj, what, base):
+    def register_it(register):
+        register(obj, "odd.thing")
+
+    host.append(FakeEntryPoint("odd", plugin_module("odd", **{f"stagewise_register_{kind}": register_it}),
+                               dist="stagewise-odd"))
+    # was registered, to fail as a recipe used it: "TypeError: 'int' object is not callable", a traceback
+    with pytest.raises(UnknownNameError, match="the plugin 'odd' .* failed to load"):
+        plugins.get(kind, "odd.thing")
+    assert capsys.readouterr().err == (
+        f"stagewise: warning: skipped plugin 'odd' (stagewise-odd 1.0) failed during registration: ValueError: "
+        f"{registry.singular(kind)} 'odd.thing' is registered as {obj!r}, which is {what}, not a subclass of "
+        f"stagewise.{base}; register a class that subclasses stagewise.{base}\n")

@@ -23,6 +23,7 @@ artifacts came along have no ``meta["artifacts"]``.
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,11 @@ def _data_meta(checkpoint: Path, saved: dict[str, Any]) -> dict[str, Any]:
     meta = {"data_info": saved["data_info"]} if "data_info" in saved else {}
     vocab = checkpoint.parent.parent / "vocab.txt"
     if checkpoint.parent.name == "checkpoints" and vocab.is_file():
-        meta["vocab"] = vocab.read_text(encoding="utf-8").splitlines()
+        try:
+            meta["vocab"] = vocab.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:  # the run wrote UTF-8: the file was damaged since
+            raise CheckpointError(f"{vocab}: not the UTF-8 text the run wrote ({exc}), so the export cannot hold the "
+                                  f"run's vocabulary; put back the file the run wrote") from None
     return meta
 
 
@@ -165,10 +170,19 @@ def _is_export(path: Path) -> bool:
 
 def load_npz(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     """Read an exported file back: (the model's arrays by name, metadata), the artifacts' arrays
-    in place in ``meta["artifacts"]``."""
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files if k != "__meta__"}
-        meta = json.loads(str(data["__meta__"]))
+    in place in ``meta["artifacts"]``; a CheckpointError naming ``path`` when it is no such file."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files if k != "__meta__"}
+            meta = json.loads(str(data["__meta__"]))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: export not found") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # truncated, not npz, no __meta__
+        raise CheckpointError(f"{path}: not a file stagewise export wrote ({type(exc).__name__}: {exc}); "
+                              f"export the checkpoint again") from None
+    if not isinstance(meta, dict) or (any(n.startswith(ARTIFACTS) for n in arrays) and
+                                      not isinstance(meta.get("artifacts"), dict)):
+        raise CheckpointError(f"{path}: its __meta__ is not what stagewise export writes; export the checkpoint again")
     for name in [name for name in arrays if name.startswith(ARTIFACTS)]:
         *parents, key = (unquote(part) for part in name.removeprefix(ARTIFACTS).split("/"))
         node = meta["artifacts"]

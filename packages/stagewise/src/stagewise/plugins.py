@@ -21,7 +21,7 @@ import pluggy
 
 from stagewise import hookspecs
 from stagewise.errors import PluginError
-from stagewise.registry import CORE_DISTRIBUTION, KINDS, Registry
+from stagewise.registry import CORE_DISTRIBUTION, KINDS, PLUGIN_FAILURES, Registry
 
 if TYPE_CHECKING:
     import argparse
@@ -93,7 +93,7 @@ def load_plugins() -> None:
         _host.infos[ep.name] = info
         try:
             module = ep.load()
-        except Exception as exc:  # any failure in third-party code must not stop the others
+        except PLUGIN_FAILURES as exc:  # any failure in third-party code must not stop the others
             _fail(info, exc, "import")
             continue
         register_plugin(module, ep.name, dist, version)
@@ -116,7 +116,7 @@ def register_plugin(module: ModuleType | object, name: str, distribution: str | 
     except PluginError:  # a name registered twice: two plugins are involved, so skip neither
         unregister_plugin(name, keep_info=True)
         raise
-    except Exception as exc:  # a partly registered plugin is taken out again
+    except PLUGIN_FAILURES as exc:  # a partly registered plugin is taken out again
         unregister_plugin(name, keep_info=True)
         _fail(info, exc, "registration")
     return info
@@ -134,7 +134,7 @@ def register_commands(cli: argparse._SubParsersAction) -> None:
         try:
             with noted("adding commands", f"{hook.name} hook of plugin {impl.plugin_name!r}"):  # strict mode shows it
                 impl.function(**({"cli": cli} if "cli" in impl.argnames else {}))
-        except Exception as exc:  # third-party code: it must not take the other commands down
+        except PLUGIN_FAILURES as exc:  # third-party code: it must not take the other commands down
             cli.choices.clear()
             cli.choices.update(before[0])
             cli._choices_actions[:] = before[1]

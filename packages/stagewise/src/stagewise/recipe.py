@@ -21,8 +21,11 @@ from stagewise import plugins
 from stagewise.errors import ConfigError, StagewiseError, UnknownNameError
 from stagewise.install import install_command
 from stagewise.schema import NoOptions, as_table, build_dataclass, check_options, named_paths, unknown_key_message
-from stagewise.specs import DataSpec, LossSpec, ModelSpec, StageSpec
+from stagewise.specs import MAX_NAME_BYTES, DataSpec, LossSpec, ModelSpec, StageSpec
 from stagewise.tomlwrite import dumps
+
+SEED_LIMIT = 2**40  # batches.epoch_order seeds torch with seed * 1_000_003 + ...: it must stay within 64 bits
+MAX_THREADS = 1024  # torch starts as many threads as asked: 10**6 of them crash the process
 
 
 @dataclass
@@ -41,12 +44,19 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         check_options([
-            (bool(self.name) and self.name not in (".", "..") and not any(c in self.name for c in "/\\"), "name",
-             f"{self.name!r}: the run directory's name under `out`; use a non-empty name without '/' or '\\'"),
+            (bool(self.name) and self.name not in (".", "..") and not any(c in self.name for c in "/\\\0"), "name",
+             f"{self.name!r}: the run directory's name under `out`; use a non-empty name without '/', '\\' or NUL"),
+            (len(self.name.encode("utf-8")) <= MAX_NAME_BYTES, "name",
+             f"{len(self.name.encode('utf-8'))} bytes long (in UTF-8); the run directory's name holds at most "
+             f"{MAX_NAME_BYTES}: use a shorter name"),
+            ("\0" not in self.out, "out", f"{self.out!r}: a path holds no NUL character"),
+            (-SEED_LIMIT < self.seed < SEED_LIMIT, "seed", f"must be between -2**40 and 2**40 (the engine derives "
+             f"torch's 64-bit seeds of each stage and epoch from it), got {self.seed}"),
             (self.log_every_n_steps >= 1, "log_every_n_steps", f"must be >= 1, got {self.log_every_n_steps}"),
             (self.checkpoint_every_n_steps >= 0, "checkpoint_every_n_steps",
              f"must be >= 0 (0 = at epoch ends only), got {self.checkpoint_every_n_steps}"),
             (self.threads >= 0, "threads", f"must be >= 0 (0 = torch's default), got {self.threads}"),
+            (self.threads <= MAX_THREADS, "threads", f"must be at most {MAX_THREADS}, got {self.threads}"),
             (not self.tensorboard or importlib.util.find_spec("tensorboard") is not None, "tensorboard",
              f"true needs TensorBoard, which is not installed; {install_command('stagewise', 'tensorboard')} "
              f"or set tensorboard = false"),

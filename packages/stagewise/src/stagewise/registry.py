@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.metadata
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,9 @@ from stagewise.errors import PluginError, UnknownNameError
 from stagewise.install import install_command
 
 KINDS = ("stages", "routers", "losses", "models", "datasets", "recipes")
+# what a plugin's code may raise as it loads or registers: a failure of that plugin alone. SystemExit too
+# (``sys.exit("needs CUDA")`` at import), which would end every command; Ctrl-C still stops the process
+PLUGIN_FAILURES = (Exception, SystemExit)
 CORE_DISTRIBUTION = "stagewise"
 
 # Prefix of a name → the package that provides it, for "pip install ..." hints.
@@ -53,7 +57,7 @@ class Entry:
         if self.lazy:
             try:
                 obj = _import(self.target)
-            except Exception as exc:  # the plugin's import-time code: any failure is the plugin's
+            except PLUGIN_FAILURES as exc:  # the plugin's import-time code: any failure is the plugin's
                 raise PluginError(f"{self.name!r} of plugin {self.plugin!r} ({self.distribution}) cannot be "
                                   f"loaded from {self.target!r}: {type(exc).__name__}: {exc} (reinstall "
                                   f"{self.distribution}, or report this to its authors)") from exc
@@ -67,13 +71,11 @@ class Entry:
         if self.kind not in BASE_CLASSES:
             return
         base = _import(BASE_CLASSES[self.kind])
-        if isinstance(obj, type) and issubclass(obj, base):
-            return
-        what = f"the class {obj.__name__}" if isinstance(obj, type) else f"a {type(obj).__name__}"
-        public = f"stagewise.{base.__name__}"
-        raise PluginError(f"{singular(self.kind)} {self.name!r} of plugin {self.plugin!r} ({self.distribution}) is "
-                          f"registered as {self.target!r}, which is {what}, not a subclass of {public}; the "
-                          f"plugin must register a class that subclasses {public} (report this to its authors)")
+        mismatch = _kind_mismatch(obj, base, f"stagewise.{base.__name__}")
+        if mismatch is not None:
+            raise PluginError(f"{singular(self.kind)} {self.name!r} of plugin {self.plugin!r} ({self.distribution}) is "
+                              f"registered as {self.target!r}, {mismatch}; the plugin must register a class that "
+                              f"subclasses stagewise.{base.__name__} (report this to its authors)")
 
 
 class Registry:
@@ -103,6 +105,13 @@ class Registry:
             example = f"{module}:{attr}" if module else "mypkg.module:Class"
             raise ValueError(f"{singular(self.kind)} {name!r} is registered as the string {obj!r}; give the class, "
                              f"or a lazy 'module:Class' string such as {example!r}")
+        if not lazy and self.kind in BASE_CLASSES:  # an object: checked now, so that its plugin is skipped
+            module, _, attr = BASE_CLASSES[self.kind].partition(":")
+            base = getattr(sys.modules.get(module), attr, None)  # not imported yet: nothing subclasses it
+            mismatch = _kind_mismatch(obj, base, f"stagewise.{attr}")
+            if mismatch is not None:
+                raise ValueError(f"{singular(self.kind)} {name!r} is registered as {obj!r}, {mismatch}; register a "
+                                 f"class that subclasses stagewise.{attr}")
         self.entries[name] = Entry(self.kind, name, obj, plugin, distribution, lazy)
         return name
 
@@ -136,6 +145,15 @@ class Registry:
         listing = ", ".join(self.names()) or "none"
         end = "" if msg.endswith(("?", ".")) else "."
         return f"{msg}{end} Installed {self.kind}: {listing}"
+
+
+def _kind_mismatch(obj: Any, base: type | None, public: str) -> str | None:
+    """``which is a function, not a subclass of stagewise.Loss`` (``public``: the base class's name),
+    unless ``obj`` subclasses ``base`` (None: it is not imported yet, so nothing subclasses it)."""
+    if base is not None and isinstance(obj, type) and issubclass(obj, base):
+        return None
+    what = f"the class {obj.__name__}" if isinstance(obj, type) else f"a {type(obj).__name__}"
+    return f"which is {what}, not a subclass of {public}"
 
 
 def _plugin_hint(prefix: str, skipped: dict[str, str]) -> str | None:

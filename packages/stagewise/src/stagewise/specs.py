@@ -27,6 +27,9 @@ from stagewise.schema import (
     named_paths,
 )
 
+# of a file or folder name a run makes from the recipe (most file systems allow 255; a temp file adds 17)
+MAX_NAME_BYTES = 200
+
 
 def _finite_non_negative(x: float) -> bool:
     return math.isfinite(x) and x >= 0
@@ -207,6 +210,10 @@ class StageSpec(Spec):
         check_options([
             (self.checkpoint.replace("-", "").replace("_", "").isalnum(), key,
              f"checkpoint name {self.checkpoint!r}: use letters, digits, '-' and '_'"),
+            # checked now: the stage would train, then fail to write its checkpoint (and tensorboard/NAME)
+            (len(self.checkpoint.encode("utf-8")) <= MAX_NAME_BYTES, key,
+             f"checkpoint name of {len(self.checkpoint.encode('utf-8'))} bytes (in UTF-8): at most {MAX_NAME_BYTES} "
+             f"fit a file name; set a shorter checkpoint = \"...\""),
             # checkpoints/last.pt is the resume point, rewritten by every stage
             (self.checkpoint != "last", key, "checkpoint name 'last' is reserved for the resume checkpoint; "
                                              "choose another"),

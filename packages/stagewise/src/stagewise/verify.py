@@ -67,7 +67,8 @@ def measured_metrics(summary: dict[str, Any]) -> list[str]:
     """The run's metrics that are wall-clock measurements: each stage's ``measured`` list."""
     stages = summary.get("stages")
     results = stages.values() if isinstance(stages, dict) else ()
-    return sorted({key for result in results if isinstance(result, dict) for key in result.get("measured", ())})
+    lists = [result.get("measured") for result in results if isinstance(result, dict)]
+    return sorted({key for keys in lists if isinstance(keys, list) for key in keys if isinstance(key, str)})
 
 
 def golden_tables(golden: Any, path: Path) -> tuple[dict[str, Any], dict[str, float]]:

@@ -116,13 +116,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         path = run_recipe(recipe, out=args.out, resume=args.resume, quiet=args.quiet)
     except RunInterrupted as exc:
-        again = ["stagewise", "run", args.recipe, "--resume", str(exc.run_dir), *set_args(args.overrides)]
         if main_rank:
-            print(f"stagewise: interrupted; continue with: {shlex.join(again)}", file=sys.stderr)
+            print(f"stagewise: interrupted; continue with: {_resume_command(args, exc.run_dir)}", file=sys.stderr)
         return 130
+    except OSError as exc:  # e.g. the disk filled up: the run goes on from its last checkpoint once that is fixed
+        run_dir = getattr(exc, "run_dir", None)
+        if run_dir is not None:
+            exc.continue_with = _resume_command(args, run_dir)
+        raise
     if args.quiet and main_rank:  # the final table is left out: say where the run went
         print(path)
     return 0
+
+
+def _resume_command(args: argparse.Namespace, run_dir: Path) -> str:
+    """The command that continues the run ``args`` started in ``run_dir``."""
+    return shlex.join(["stagewise", "run", args.recipe, "--resume", str(run_dir), *set_args(args.overrides)])
 
 
 def set_args(overrides: Sequence[str]) -> list[str]:

@@ -35,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 _PERMISSIONS = "check its permissions, or choose another folder"
 # what to do when the file system refuses, by errno
-_OS_ADVICE = {errno.EACCES: _PERMISSIONS, errno.EPERM: _PERMISSIONS, errno.ENOSPC: "free some disk space and run again",
-              errno.EROFS: "choose a folder on a writable disk"}
+_OS_ADVICE = {errno.EACCES: _PERMISSIONS, errno.EPERM: _PERMISSIONS, errno.ENOSPC: "free some disk space",
+              errno.EDQUOT: "free some space within your disk quota", errno.EROFS: "choose a folder on a writable disk"}
+# the refusals after which a stopped run goes on as it was, once there is room: its checkpoints are intact
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,12 +94,21 @@ def _command(argv: list[str] | None) -> int:
         if blames_plugin(exc):  # a plugin's own file handling in a run, not a path the user gave to core
             raise  # a bug: its traceback, with the note that says whom to report it to
         where = "".join(f"{name}: " for name in (exc.filename, exc.filename2) if name is not None)
-        advice = _OS_ADVICE.get(exc.errno, "check the path")
-        print(f"stagewise: error: {where}{exc.strerror or exc}; {advice}", file=sys.stderr)
+        print(f"stagewise: error: {where}{exc.strerror or exc}; {_os_advice(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("stagewise: interrupted", file=sys.stderr)
         return 130
+
+
+def _os_advice(exc: OSError) -> str:
+    """What to do when the file system refused: fix it; for a full disk, then resume the run it stopped
+    (not start it again), or run the command again."""
+    fix = _OS_ADVICE.get(exc.errno, "check the path")
+    if exc.errno not in _FULL:
+        return fix
+    again = getattr(exc, "continue_with", None)  # set by the run command once its folder holds the run
+    return f"{fix}; the run goes on from its last checkpoint with: {again}" if again else f"{fix} and run again"
 
 
 if __name__ == "__main__":

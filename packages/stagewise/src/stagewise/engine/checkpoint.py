@@ -35,6 +35,11 @@ _PLAIN = (int, float, bool, str, bytes, complex, type(None), torch.Size, torch.d
 # what every checkpoint holds (State.checkpoint_payload); a resumed run reads them all
 RESUME_KEYS = ("recipe", "stage_index", "stage_name", "stage_done", "model", "model_options", "artifacts",
                "metrics", "stage_results", "rng", "metrics_lines")
+# the type of each key a reader asks for, as a run writes it; a file of the right format with other
+# contents (edited or crafted) is refused by name, not met as an AttributeError deep in a command
+_KEY_TYPES = {"recipe": dict, "stage_index": int, "stage_name": str, "stage_done": bool, "model": dict,
+              "model_options": dict, "artifacts": dict, "metrics": dict, "stage_results": dict, "rng": dict,
+              "metrics_lines": int}
 
 
 def _read_umask() -> int:
@@ -55,7 +60,7 @@ def remove_temp_files(folder: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(file)`` on a temp file beside ``path``, fsync, then rename over ``path``."""
+    """Call ``write(file)`` on a temp file beside ``path``, fsync, rename over ``path``, fsync the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # TEMP_GLOB matches it
@@ -68,9 +73,35 @@ def atomic_write_bytes(path: Path, write) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private (0600); a plain open would not
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        refused = _os_error(exc)
+        if refused is None or refused.errno is None or refused.filename is not None:
+            raise
+        # name the file being written (a write's OSError names none): "PATH: No space left on device"
+        raise OSError(refused.errno, refused.strerror, str(path)) from exc
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename into ``folder`` survive a power cut: the file's fsync covers its bytes, not the
+    folder entry that names it (where the system can open a folder: not on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a folder this user may write but not read (mode -wx): the file is in place all the same
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _os_error(exc: BaseException | None) -> OSError | None:
+    """The file system's refusal behind ``exc``: ``exc`` itself, or the OSError that torch.save's
+    writer turned into a RuntimeError ("unexpected pos ...") as the disk filled up."""
+    while exc is not None and not isinstance(exc, OSError):
+        exc = (exc.__cause__ or exc.__context__) if isinstance(exc, RuntimeError) else None
+    return exc
 
 
 def write_checkpoint(payload: dict[str, Any], paths: list[Path]) -> None:
@@ -135,7 +166,24 @@ def load_checkpoint(path: str | Path, keys: tuple[str, ...] = (), damaged_advice
     if missing:
         raise CheckpointError(f"{path}: an incomplete stagewise checkpoint: it lacks {', '.join(missing)}; "
                               f"use a checkpoint a stagewise run wrote")
+    malformed = [key for key in keys if not _well_formed(key, payload[key])]
+    if malformed:
+        raise CheckpointError(f"{path}: a damaged stagewise checkpoint: what it holds under {', '.join(malformed)} "
+                              f"is not what a run writes there; use a checkpoint a stagewise run wrote")
     return payload
+
+
+def _well_formed(key: str, value: Any) -> bool:
+    """Whether ``value`` has the type a run writes under ``key``: the model's weights tensors, the
+    recipe one naming its model (``[model] use``), which every reader of a checkpoint rebuilds."""
+    kind = _KEY_TYPES.get(key, object)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        return False
+    if key == "model":
+        return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+    if key == "recipe":
+        return isinstance(value.get("model"), dict) and isinstance(value["model"].get("use"), str)
+    return True
 
 
 def rng_state() -> dict[str, Any]:

@@ -73,9 +73,14 @@ def load_resume(path: Path, recipe: Recipe) -> dict[str, Any] | None:
 def check_same_recipe(path: Path, recipe: Recipe) -> None:
     """CheckpointError naming each changed key unless the run directory ``path`` was started with
     ``recipe`` (its recipe.toml, as the run wrote it)."""
-    started = (path / "recipe.toml").read_text(encoding="utf-8")
-    if started != recipe.to_toml():
-        raise _recipe_differs(path, tomllib.loads(started), recipe.table)
+    file = path / "recipe.toml"
+    try:
+        started = file.read_text(encoding="utf-8")
+        if started != recipe.to_toml():
+            raise _recipe_differs(path, tomllib.loads(started), recipe.table)
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:  # damaged since: no recipe to check against
+        raise CheckpointError(f"{file}: the recipe this run started with cannot be read ({exc}), so the run cannot "
+                              f"be continued; run the recipe again with --out and a new folder") from None
 
 
 def _damaged_last_advice(path: Path, recipe: Recipe) -> str:

@@ -84,6 +84,10 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
         if not (path / "recipe.toml").is_file():  # stopped as the folder was made: no run there to resume yet
             raise
         raise RunInterrupted(path) from None
+    except OSError as exc:  # the file system refused (a full disk): the folder's run resumes once that is fixed
+        if (path / "recipe.toml").is_file():
+            exc.run_dir = path
+        raise
     finally:
         if run_dir is not None:
             run_dir.close()
