@@ -173,3 +173,23 @@ def test_a_run_stopped_by_a_full_disk_says_how_to_continue_it(tiny_recipe_path, 
                                        f"disk space; the run goes on from its last checkpoint with: {again}\n")
     monkeypatch.setattr(RunDir, "write_summary", write_summary)
     assert main(again.split()[1:]) == 0 and (out / "summary.json").is_file()
+
+
+def test_a_comparison_stopped_by_a_full_disk_says_how_to_continue_it(tiny_recipe_path, tmp_path, capsys, monkeypatch):
+    from stagewise.engine.rundir import RunDir
+
+    out = tmp_path / "cmp"
+    write_summary = RunDir.write_summary
+
+    def full(run_dir, summary):
+        raise OSError(errno.ENOSPC, "No space left on device", str(run_dir.path / "summary.json"))
+
+    monkeypatch.setattr(RunDir, "write_summary", full)
+    assert main(["compare", str(tiny_recipe_path), "--out", str(out), "--quiet", "--set", "run.seed=8"]) == 1
+    again = f"stagewise compare {tiny_recipe_path} --resume {out} --set run.seed=8"
+    # was "... free some disk space and run again": a new comparison, not the one whose checkpoints are kept
+    assert capsys.readouterr().err == (f"stagewise: error: {out / 'tiny' / 'summary.json'}: No space left on device; "
+                                       f"free some disk space; its runs go on from their last checkpoints with: "
+                                       f"{again}\n")
+    monkeypatch.setattr(RunDir, "write_summary", write_summary)
+    assert main(again.split()[1:]) == 0 and (out / "compare.json").is_file()

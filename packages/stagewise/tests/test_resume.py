@@ -606,6 +606,38 @@ def test_a_stopped_comparison_goes_on_with_compare_resume(tiny_recipe_path, tmp_
     assert (out / "tiny" / "metrics.jsonl").read_text() == finished  # the finished run trained no step again
 
 
+class _CtrlCOther:
+    """Ctrl-C in the comparison's second run, ``other``, after its third step."""
+
+    @stagewise.hookimpl
+    def stagewise_after_step(self, state):
+        if state.recipe.run.name == "other" and state.step == 3:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_in_a_comparison_prints_the_command_that_continues_it(tiny_recipe_path, tmp_path, capsys):
+    import shlex
+
+    from stagewise.cli.main import main
+    from stagewise.compare import compare_recipes
+
+    other = tmp_path / "other.toml"
+    other.write_text(tiny_recipe_path.read_text().replace('name = "tiny"', 'name = "other"'))
+    names, out, sets = [str(tiny_recipe_path), str(other)], tmp_path / "my cmp", ["stages.phase1.max_epochs=1"]
+    register_plugin(_CtrlCOther(), "resumetest")
+    try:
+        assert main(["compare", *names, "--out", str(out), "--quiet", "--set", sets[0]]) == 130
+    finally:
+        unregister_plugin("resumetest")
+    again = shlex.join(["stagewise", "compare", *names, "--resume", str(out), "--set", sets[0]])
+    assert capsys.readouterr().err == f"stagewise: interrupted; continue with: {again}\n"  # was: interrupted
+    assert main(shlex.split(again)[1:] + ["--quiet"]) == 0  # what it says, run
+    whole = compare_recipes(names, sets, tmp_path / "whole", quiet=True)
+    resumed = json.loads((out / "compare.json").read_text())["runs"]
+    assert {name: run["metrics"] for name, run in resumed.items()} == {name: run["metrics"]
+                                                                       for name, run in whole.items()}
+
+
 def test_compare_resume_drops_the_temp_file_of_a_table_write_a_kill_cut_short(tiny_recipe_path, tmp_path):
     # was: a comparison killed as it wrote compare.json kept its temp file after --resume had written the table
     from stagewise.compare import compare_recipes

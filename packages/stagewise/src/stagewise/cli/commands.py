@@ -117,21 +117,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         path = run_recipe(recipe, out=args.out, resume=args.resume, quiet=args.quiet)
     except RunInterrupted as exc:
         if main_rank:
-            print(f"stagewise: interrupted; continue with: {_resume_command(args, exc.run_dir)}", file=sys.stderr)
+            print(f"stagewise: interrupted; continue with: {_resume_command(args, [args.recipe], exc.run_dir)}",
+                  file=sys.stderr)
         return 130
     except OSError as exc:  # e.g. the disk filled up: the run goes on from its last checkpoint once that is fixed
         run_dir = getattr(exc, "run_dir", None)
         if run_dir is not None:
-            exc.continue_with = _resume_command(args, run_dir)
+            again = _resume_command(args, [args.recipe], run_dir)
+            exc.continue_with = f"the run goes on from its last checkpoint with: {again}"
         raise
     if args.quiet and main_rank:  # the final table is left out: say where the run went
         print(path)
     return 0
 
 
-def _resume_command(args: argparse.Namespace, run_dir: Path) -> str:
-    """The command that continues the run ``args`` started in ``run_dir``."""
-    return shlex.join(["stagewise", "run", args.recipe, "--resume", str(run_dir), *set_args(args.overrides)])
+def _resume_command(args: argparse.Namespace, recipes: list[str], folder: Path) -> str:
+    """The command that continues what ``args`` started (``args.command`` of ``recipes``) in ``folder``."""
+    return shlex.join(["stagewise", args.command, *recipes, "--resume", str(folder), *set_args(args.overrides)])
 
 
 def set_args(overrides: Sequence[str]) -> list[str]:
@@ -144,7 +146,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from stagewise.engine.rundir import unused_folder
 
     out = args.resume or args.out or unused_folder(Path("runs/compare"))
-    compare_recipes(args.recipes, args.overrides, out, quiet=args.quiet, resume=args.resume is not None)
+    try:
+        compare_recipes(args.recipes, args.overrides, out, quiet=args.quiet, resume=args.resume is not None)
+    except KeyboardInterrupt:  # a run's RunInterrupted too: compare --resume goes on with every run in `out`
+        if not out.is_dir():  # stopped before the comparison wrote anything: nothing to continue
+            raise
+        print(f"stagewise: interrupted; continue with: {_resume_command(args, args.recipes, out)}", file=sys.stderr)
+        return 130
+    except OSError as exc:  # e.g. the disk filled up: the comparison goes on once that is fixed
+        if out.is_dir():
+            again = _resume_command(args, args.recipes, out)
+            exc.continue_with = f"its runs go on from their last checkpoints with: {again}"
+        raise
     return 0
 
 

@@ -107,8 +107,8 @@ def _os_advice(exc: OSError) -> str:
     fix = _OS_ADVICE.get(exc.errno, "check the path")
     if exc.errno not in _FULL:
         return fix
-    again = getattr(exc, "continue_with", None)  # set by the run command once its folder holds the run
-    return f"{fix}; the run goes on from its last checkpoint with: {again}" if again else f"{fix} and run again"
+    again = getattr(exc, "continue_with", None)  # set by run and compare once their folder holds a run
+    return f"{fix}; {again}" if again else f"{fix} and run again"
 
 
 if __name__ == "__main__":
