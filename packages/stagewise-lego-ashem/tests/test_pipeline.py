@@ -328,6 +328,14 @@ def test_phase2_without_a_layer_above_the_exit_is_refused_before_anything_runs(t
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("train", ['["layers.1.*"]', '["embedding.*", "layers.0.*"]'])
+def test_phase2_training_only_what_the_cache_skips_is_refused_before_anything_runs(tiny, tmp_path, train):
+    # was: RuntimeError "element 0 of tensors does not require grad" from backward, after RUN_DIR existed
+    with pytest.raises(ConfigError, match=r"stages\.phase2\.train .* never runs .*train = \[\"layers\.2\.\*\"\]"):
+        run_recipe(tiny(f"stages.phase2.train={train}"), out=tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
 # --- fuzzing findings: each was accepted, or failed mid-run --------------------------------------
 
 @pytest.mark.parametrize("override", ['stages.mine.split=""', 'stages.test.split=""'])

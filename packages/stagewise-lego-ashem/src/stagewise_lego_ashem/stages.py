@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -18,6 +19,7 @@ import torch
 import stagewise
 from stagewise.builtins.train import TrainOptions
 from stagewise.engine.batches import count_batches
+from stagewise.engine.params import parameter_names_at
 from stagewise.loss import perplexity, token_nll
 from stagewise.schema import as_table
 from stagewise.specs import RouterSpec, term_paths
@@ -161,7 +163,21 @@ class TrainUpperLayers(stagewise.TrainStage):
             problems.append(f"{where}: the model exits at layer {options.exit_layer} here but "
                             f"{recipe.stage_path(mine)} (lego_ashem.mine) cached layer {mined.exit_layer}'s "
                             f"states; keep exit_layer the same in every grow between them")
+        elif options.exit_layer < options.n_layer:
+            problems += self._train_problems(parameter_names_at(recipe, index, data), options.exit_layer, where)
         return problems + self._loss_problems(where)
+
+    def _train_problems(self, names: list[str] | None, exit_layer: int, where: str) -> list[str]:
+        """train/freeze that select only parameters a step from the cache never runs: backward would
+        find nothing to differentiate (core reports globs that match nothing)."""
+        o = self.options
+        trained = [n for n in names or [] if any(fnmatchcase(n, g) for g in o.train)
+                   and not any(fnmatchcase(n, g) for g in o.freeze)]
+        if not trained or not all(_below_exit(n, exit_layer) for n in trained):
+            return []
+        return [f"{where}.train: train = {o.train}, freeze = {o.freeze} train only the embedding, the exit probe or "
+                f"layers below exit_layer {exit_layer}, which {self.name} never runs (the cache holds their "
+                f"output); train the layers above the exit, e.g. train = [\"layers.{exit_layer}.*\"]"]
 
     def _loss_problems(self, where: str) -> list[str]:
         """Terms that need what the cached forward does not make (exit logits, hidden states)."""
@@ -368,6 +384,12 @@ def _trains_from_cache_later(recipe: Recipe, index: int) -> bool:
         if spec.use in ("lego_ashem.mine", TrainUpperLayers.name):
             return spec.use == TrainUpperLayers.name
     return False
+
+
+def _below_exit(name: str, exit_layer: int) -> bool:
+    """A parameter that runs before the exit (or only for the probe): a step from the cache skips it."""
+    top, _, rest = name.partition(".")
+    return top in ("embedding", "exit_probe") or (top == "layers" and int(rest.split(".")[0]) < exit_layer)
 
 
 def _last_earlier(recipe: Recipe, index: int, use: str) -> int | None:
