@@ -1,5 +1,6 @@
 """The text pipeline: vocabulary, tokenisation, sources, windows and errors."""
 
+import json
 import sys
 
 import numpy as np
@@ -149,7 +150,7 @@ def test_missing_path(tmp_path):
 
 
 def test_directory_without_text(tmp_path):
-    with pytest.raises(DataError, match="no .txt files under"):
+    with pytest.raises(DataError, match="no .txt or .jsonl files under"):
         TextCorpus.from_recipe(TextOptions(path=str(tmp_path)), seed=0)
 
 
@@ -316,7 +317,47 @@ def test_train_txt_is_preferred_to_wikitext_names(tmp_path):
     assert data.info["vocab"].decode(data["train"].tokens.tolist()) == "mine mine <eos>"
 
 
+def _jsonl(path, texts, field="text"):
+    path.write_text("".join(json.dumps({"id": i, field: text}) + "\n" for i, text in enumerate(texts)) + "\n")
+
+
+def test_jsonl_split_files_read_each_record_s_text_field_as_lines_of_text(tmp_path):
+    # was: a .jsonl file was no source, and one named as data.path was read as text: '{"text":' a word
+    records = {"train": ["The cat\nsat .", "the dog"], "valid": ["a cat"], "test": ["the end\n"]}
+    for split, texts in records.items():
+        _jsonl(tmp_path / f"{split}.jsonl", texts)
+    data = TextCorpus.from_recipe(TextOptions(path=str(tmp_path), seq_len=1), seed=0)
+    vocab = data.info["vocab"]
+    assert vocab.decode(data["train"].tokens.tolist()) == "the cat <eos> sat . <eos> the dog <eos>"
+    assert vocab.decode(data["test"].tokens.tolist()) == "the <unk> <eos>"
+    (tmp_path / "as.txt").write_text("The cat\nsat .\nthe dog\n")  # the same text as a .txt file: the same ids
+    assert (TextCorpus.from_recipe(TextOptions(path=str(tmp_path / "as.txt"), seq_len=1, splits={"train": 1.0}),
+                                   seed=0)["train"].tokens.tolist() == data["train"].tokens.tolist())
+
+
+def test_a_directory_of_txt_and_jsonl_files_and_another_text_field(tmp_path):
+    _jsonl(tmp_path / "b.jsonl", ["two two"], field="body")
+    (tmp_path / "a.txt").write_text("one\n")
+    opts = TextOptions(path=str(tmp_path), seq_len=1, splits={"train": 1.0}, text_field="body")
+    data = TextCorpus.from_recipe(opts, seed=0)
+    assert data.info["vocab"].decode(data["train"].tokens.tolist()) == "one <eos> two two <eos>"
+
+
+@pytest.mark.parametrize("line, problem", [
+    ('{"body": "x"}', r"line 2: the text field 'text' is missing \(fields: 'body'\); set data.text_field"),
+    ('{"text": 3}', "line 2: the text field 'text' is 3, not a string"),
+    ('{"text": "x"', "line 2: not valid JSON"),
+    ('["x"]', r"line 2: expected a JSON object \{...\}"),
+])
+def test_a_jsonl_record_without_its_text_is_refused_naming_file_and_line(tmp_path, line, problem):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(DataError, match=f"{path}, {problem}"):
+        TextCorpus.from_recipe(TextOptions(path=str(path), seq_len=1), seed=0)
+
+
 @pytest.mark.parametrize("change, message", [
+    (dict(text_field=""), 'text_field: must name the field that holds the text, e.g. "text"'),
     (dict(seq_len=0), "seq_len: must be a positive integer, got 0"),
     (dict(min_freq=0), "min_freq: must be a positive integer, got 0"),
     (dict(max_tokens=0), "max_tokens: must be a positive integer, got 0"),

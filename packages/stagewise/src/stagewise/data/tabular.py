@@ -10,6 +10,7 @@ import json
 import math
 from array import array
 from itertools import filterfalse
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -197,14 +198,8 @@ def _line_numbers(text: str, input_keys: list[str], target_keys: list[str], path
                   line: int) -> tuple[list[float], list[float]]:
     """The input and target numbers of one JSONL line."""
     try:
-        record = json.loads(text)
-        if not isinstance(record, dict):
-            raise DataError(f"{path}, line {line}: expected a JSON object {{...}}, got "
-                            f"{json.dumps(record)[:60]}")
+        record = json_object(text, path, line)
         return record_numbers(record, input_keys, path, line), record_numbers(record, target_keys, path, line)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}, line {line}: not valid JSON ({exc.msg} {_json_error_place(text, exc.pos)}); "
-                        f"each line must be one JSON object") from None
     except RecursionError:
         raise DataError(f"{path}, line {line}: lists nested too deeply to read; values must be "
                         f"numbers or (nested) lists of numbers of a few levels") from None
@@ -213,6 +208,19 @@ def _line_numbers(text: str, input_keys: list[str], target_keys: list[str], path
     except ValueError as exc:  # an integer of more digits than Python converts
         raise DataError(f"{path}, line {line}: a number is too long to read ({str(exc).split(';')[0]}); "
                         f"values must be numbers of float range") from None
+
+
+def json_object(text: str, path: str | Path, line: int) -> dict[str, Any]:
+    """The JSON object on one line of a JSON Lines file; a DataError naming the file and line when
+    the line holds no valid JSON, or JSON that is not an object."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}, line {line}: not valid JSON ({exc.msg} {_json_error_place(text, exc.pos)}); "
+                        f"each line must be one JSON object") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}, line {line}: expected a JSON object {{...}}, got {json.dumps(record)[:60]}")
+    return record
 
 
 def _json_error_place(text: str, pos: int) -> str:

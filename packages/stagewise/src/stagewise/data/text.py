@@ -3,10 +3,13 @@
 Tokenisation is WikiText's: each line is split on whitespace (lowercased by default) and
 every non-empty line ends with ``<eos>``. Sources, by the ``path`` option:
 
-- a directory with ``train.txt`` / ``valid.txt`` / ``test.txt`` (or WikiText's
-  ``wiki.train.tokens`` / ...): those files are the splits;
-- a directory of ``.txt`` files (searched recursively, read in sorted order) or one file:
-  the token stream is cut into contiguous splits by the ``splits`` fractions;
+- a directory with ``train.txt`` / ``valid.txt`` / ``test.txt`` (or ``train.jsonl`` / ..., or
+  WikiText's ``wiki.train.tokens`` / ...): those files are the splits;
+- a directory of ``.txt`` and ``.jsonl`` files (searched recursively, read in sorted order) or
+  one file: the token stream is cut into contiguous splits by the ``splits`` fractions;
+
+A ``.jsonl`` file is JSON Lines: one object per line, whose ``text_field`` (``"text"``) is one
+record's text, read as lines of text like a ``.txt`` file's.
 - unset: the built-in offline corpus, the English documentation that ships with Python
   (``pydoc_data.topics``, ~79 topics, ~465k characters); each topic is a document and whole
   documents are dealt to the splits, so no document is in two splits.
@@ -16,6 +19,7 @@ The vocabulary is built from the training split only; nothing depends on the see
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import sys
@@ -27,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from stagewise.data.files import encoding_problem, read_text
+from stagewise.data.files import encoding_problem, read_text, text_lines
 from stagewise.data.splits import (
     DataError,
     DataSplits,
@@ -37,17 +41,18 @@ from stagewise.data.splits import (
     fractions_problem,
     split_bounds,
 )
+from stagewise.data.tabular import json_object
 from stagewise.data.vocab import EOS, Vocabulary
 
 # split -> file names that hold it, in order of preference
 SPLIT_FILES = {
-    "train": ("train.txt", "wiki.train.tokens"),
-    "valid": ("valid.txt", "wiki.valid.tokens"),
-    "test": ("test.txt", "wiki.test.tokens"),
+    "train": ("train.txt", "train.jsonl", "wiki.train.tokens"),
+    "valid": ("valid.txt", "valid.jsonl", "wiki.valid.tokens"),
+    "test": ("test.txt", "test.jsonl", "wiki.test.tokens"),
 }
 BUILTIN = "the built-in corpus"
-LAYOUTS = ("a directory with train.txt, valid.txt and test.txt (or wiki.train.tokens, ...), "
-           "a directory of .txt files, or a single text file")
+LAYOUTS = ("a directory with train.txt, valid.txt and test.txt (or train.jsonl, ..., or wiki.train.tokens, ...), "
+           "a directory of .txt and .jsonl files, or a single text or .jsonl file")
 
 
 @dataclass
@@ -61,6 +66,7 @@ class TextOptions:
     max_vocab: int | None = None  # cap on the vocabulary size, <unk> and <eos> included
     max_tokens: int | None = None  # keep only each split's first max_tokens tokens (tiny tests)
     encoding: str = "utf-8"  # of the text files, e.g. "latin-1" or "cp1252"; a UTF-8 BOM is dropped
+    text_field: str = "text"  # the field of a .jsonl file's objects that holds each record's text
     # split name -> fraction; only for sources without train/valid/test files
     splits: dict[str, float] = field(default_factory=default_splits)
 
@@ -72,7 +78,8 @@ class TextOptions:
             max_vocab=None if self.max_vocab is None or self.max_vocab >= 3
             else f"must be at least 3 (<unk>, <eos> and one word), got {self.max_vocab}",
             splits=fractions_problem(self.splits) or _train_problem(self.splits),
-            encoding=encoding_problem(self.encoding))
+            encoding=encoding_problem(self.encoding),
+            text_field=None if self.text_field else "must name the field that holds the text, e.g. \"text\"")
 
 
 def _train_problem(splits: dict[str, float]) -> str | None:
@@ -146,12 +153,32 @@ def token_ids(text: str, lowercase: bool, index: WordIndex, limit: int | None = 
 
 
 def read_ids(path: Path, options: TextOptions, index: WordIndex, limit: int | None = None) -> np.ndarray:
-    return token_ids(read_text(path, "text file", options.encoding), options.lowercase, index, limit)
+    text = jsonl_text(path, options) if path.suffix == ".jsonl" else read_text(path, "text file", options.encoding)
+    return token_ids(text, options.lowercase, index, limit)
+
+
+def jsonl_text(path: Path, options: TextOptions) -> str:
+    """The records' texts of a JSON Lines file (``options.text_field`` of each object), one after
+    another, each ending its last line; blank lines are skipped."""
+    field = options.text_field
+    texts = []
+    for line, text in enumerate(text_lines(path, "JSONL file", options.encoding), start=1):
+        if not text.strip():
+            continue
+        record = json_object(text, path, line)
+        value = record.get(field)
+        if not isinstance(value, str):
+            found = f"is {json.dumps(value)[:40]}, not a string" if field in record else (
+                f"is missing (fields: {', '.join(map(repr, list(record)[:8])) or 'none'})")
+            raise DataError(f"{path}, line {line}: the text field {field!r} {found}; set data.text_field to the "
+                            f"field that holds each record's text")
+        texts.append(value)
+    return "\n".join(texts)
 
 
 def text_files(root: Path) -> list[Path]:
-    """The ``.txt`` files under ``root``, sorted (a folder named ``x.txt`` is not one)."""
-    return sorted(path for path in root.rglob("*.txt") if path.is_file())
+    """The ``.txt`` and ``.jsonl`` files under ``root``, sorted (a folder named ``x.txt`` is not one)."""
+    return sorted(path for pattern in ("*.txt", "*.jsonl") for path in root.rglob(pattern) if path.is_file())
 
 
 def split_files(root: Path) -> dict[str, Path]:
@@ -195,7 +222,7 @@ def load_streams(options: TextOptions, index: WordIndex) -> dict[str, np.ndarray
         return {split: read_ids(file, options, index, options.max_tokens) for split, file in predefined.items()}
     files = text_files(root) if root.is_dir() else [root]
     if not files:
-        raise DataError(f"no .txt files under {root}; expected {LAYOUTS}")
+        raise DataError(f"no .txt or .jsonl files under {root}; expected {LAYOUTS}")
     tokens = np.concatenate([read_ids(file, options, index) for file in files])
     if not len(tokens):
         raise DataError(f"{root} contains no text (0 tokens); expected {LAYOUTS}")
