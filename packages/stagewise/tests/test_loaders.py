@@ -617,7 +617,9 @@ def test_target_dtype_is_checked_when_the_options_are_made():
 
 
 @pytest.mark.parametrize("body, message", [
-    ('{"x": true, "y": 2}\n', r"line 1: 'x' is true, but it must be a number or a list of numbers"),
+    ('{"x": true, "y": 2}\n', r"line 1: 'x' is true, but it must be a number or a list of numbers$"),
+    ('{"x": "the cat", "y": 2}\n', r"line 1: 'x' is \"the cat\", but it must be a number or a list of numbers; "
+                                   r"for text, use = \"stagewise.text\" with text_field = \"x\""),  # was: no hint
     ('{"x": 1, "y": 2}\n{"x": 1, "y": [2, 3]}\n', r"line 2: 1 input and 2 target numbers, but line 1 has 1 and 1"),
     ("\n\n", r"d\.jsonl has no data lines"),
 ])

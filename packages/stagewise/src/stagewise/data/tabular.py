@@ -162,8 +162,10 @@ def record_numbers(record: dict[str, Any], keys: list[str], path: str, line: int
         try:
             values = flatten(record[key])
         except TypeError:
+            text = isinstance(record[key], str)  # language-modelling text: stagewise.text reads .jsonl too
+            hint = f'; for text, use = "stagewise.text" with text_field = "{key}"' if text else ""
             raise DataError(f"{path}, line {line}: {key!r} is {json.dumps(record[key])[:60]}, but "
-                            f"it must be a number or a list of numbers") from None
+                            f"it must be a number or a list of numbers{hint}") from None
         if not all(map(math.isfinite, values)):  # json reads NaN and Infinity
             raise DataError(f"{path}, line {line}: {key!r} is {json.dumps(record[key])[:60]}, but its "
                             f"numbers must be finite (fill in missing values)")
