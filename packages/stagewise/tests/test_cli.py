@@ -271,6 +271,15 @@ def test_verify_tolerance_is_inclusive_and_nan_matches_nan():
     assert compare({"a": 1.0, "b": 0.0, "c": 2}, golden, {})[0].startswith("b: run 0.0 != golden nan")
 
 
+def test_a_golden_file_may_give_a_tolerance_of_zero(tmp_path):
+    from stagewise.verify import golden_tables
+
+    golden = {"metrics": {"a": 1.0}, "tolerance": {"a": 0}}  # >= 0, as documented: the same as no tolerance
+    assert golden_tables(golden, tmp_path / "g.json") == ({"a": 1.0}, {"a": 0})
+    with pytest.raises(stagewise.ConfigError, match="'tolerance' must be an object of metric names and numbers >= 0"):
+        golden_tables({**golden, "tolerance": {"a": -0.5}}, tmp_path / "g.json")
+
+
 def test_the_final_table_keeps_long_names_values_in_one_column(tmp_path):
     # was: a 38-character metric (lego_ashem's phase2/phase2_token_mode_speedup_flops) or a 17-character
     # stage name pushed its value out of the column the others are in

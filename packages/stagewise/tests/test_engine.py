@@ -71,6 +71,25 @@ def test_run_directory_layout(tiny, tmp_path):
     assert env["torch"] == torch.__version__ and env["plugins"]["stagewise"]["distribution"] == "stagewise"
     steps = read_records(run_dir, "step")
     assert len(steps) == 20 and {r["stage"] for r in steps} == {"phase1", "phase2"}
+    # phase2 grows 2 layers to 3: every entry of the old model is copied, the new layer's are new
+    grown = torch.load(run_dir / "checkpoints" / "phase2.pt", weights_only=True)["model"]
+    [grow] = read_records(run_dir, "grow")
+    assert grow["new"] == sum(k.startswith("layers.2.") for k in grown) > 0
+    assert grow["copied"] == len(grown) - grow["new"] and grow["changes"] == {"n_layer": 3}
+
+
+def test_grow_copies_only_parameters_of_the_same_shape(tiny, tmp_path):
+    # n_embd 16 -> 32 and ffn_hidden 32 -> 16: the feed-forward weights keep their element count
+    # but not their shape (32x16 -> 16x32), so they start fresh like every other resized parameter
+    recipe = tiny("stages.phase1.max_epochs=1", "stages.phase2.max_epochs=1", "stages.phase2.max_steps_per_epoch=1",
+                  "stages.phase2.grow={n_layer=3, n_embd=32, ffn_hidden=16}")
+    run_dir = run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    old, grown = (torch.load(run_dir / "checkpoints" / f"{name}.pt", weights_only=True)["model"]
+                  for name in ("phase1", "phase2"))
+    [grow] = read_records(run_dir, "grow")
+    same = [k for k, v in grown.items() if k in old and old[k].shape == v.shape]
+    assert grow["copied"] == len(same) and grow["new"] == len(grown) - len(same)
+    assert any(k in old and old[k].numel() == v.numel() and old[k].shape != v.shape for k, v in grown.items())
 
 
 def test_frozen_parameters_never_change(tiny, tmp_path):
@@ -175,6 +194,17 @@ def test_early_stopping_stops_after_exactly_patience_epochs_without_improvement(
     best = val.index(min(val))
     assert phase1["metrics"]["train/stopped_early"] is True
     assert len(val) == phase1["epochs"] == best + 1 + 2  # the best epoch, then 2 epochs without improvement
+
+
+def test_an_epoch_that_only_equals_the_best_is_no_improvement(tiny, tmp_path):
+    # lr 0: every epoch ends with the same val/loss, which must not count as a new best
+    recipe = tiny("stages.phase1.lr=0.0", "stages.phase1.max_epochs=3", "stages.phase1.patience=1",
+                  "stages.phase1.max_steps_per_epoch=1", "stages.phase2.max_epochs=1")
+    run_dir = run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    phase1 = read_summary(run_dir)["stages"]["phase1"]
+    val = [r["val/loss"] for r in read_records(run_dir, "epoch") if r["stage"] == "phase1"]
+    assert val == [val[0]] * 2 and phase1["epochs"] == 2
+    assert phase1["metrics"]["train/best_epoch"] == 0 and phase1["metrics"]["train/stopped_early"] is True
 
 
 def test_mode_max_picks_the_largest_monitor_for_best_epoch_and_plateau(tiny, tmp_path):
@@ -441,6 +471,7 @@ def test_evaluate_refuses_a_split_an_earlier_stage_fitted_on(calibrating, tmp_pa
     recipe = calibrating('stages.test.split="valid"')
     assert recipe.fitted_on(3, "valid") == ["stage 'calibrate' calibrated a threshold"]
     assert recipe.fitted_on(3, "test") == [] and recipe.fitted_on(1, "valid") == []  # only stages before it count
+    assert recipe.fitted_on(2, "valid") == []  # the calibrating stage itself is not before it
     with pytest.raises(stagewise.ConfigError, match=r"stages\.test\.split \(from --set stages\.test\.split="
                                                     r"\"valid\"\): 'valid' is not held-out: stage "
                                                     r"'calibrate' calibrated a threshold; report on a split"):

@@ -102,6 +102,19 @@ def test_resume_refuses_a_changed_recipe_naming_each_changed_key_and_the_command
     run_recipe(load_recipe(run_dir / "recipe.toml"), resume=run_dir, quiet=True)  # the advice works
 
 
+def test_a_changed_recipe_shows_five_changed_keys_and_counts_the_others(tiny, tmp_path):
+    from stagewise.engine.resume import check_same_recipe
+
+    (tmp_path / "recipe.toml").write_text(tiny().to_toml())  # as the run wrote it
+    five = ["run.log_every_n_steps=2",
+            *(f"stages.{stage}.{key}=3" for stage in ("phase1", "phase2") for key in ("lr", "max_epochs"))]
+    for sets, more in ((five, ""), (["run.seed=8", *five], " and 1 more")):
+        with pytest.raises(CheckpointError) as info:
+            check_same_recipe(tmp_path, tiny(*sets))
+        shown = str(info.value).split("started with: ")[1].split(". Resume")[0]
+        assert shown.count("(the run started with") == 5 and shown.endswith(f"){more}")
+
+
 def test_corrupt_checkpoint_gives_a_clear_error(tiny, tmp_path):
     run_dir = run_recipe(tiny(), out=tmp_path / "run", quiet=True)
     last = run_dir / "checkpoints" / "last.pt"
@@ -249,6 +262,75 @@ def test_resume_keeps_the_count_of_skipped_batches(tiny, stopped_and_resumed, mo
     counts = [r["train/nonfinite"] for r in read_records(stopped, "epoch") if r["stage"] == "phase1"]
     assert counts == [4, 4]  # the stage's count, carried into epoch 1 across the resume
     assert timeless_records(stopped) == timeless_records(whole)
+
+
+class _StopAtCall:
+    """Stops the run in its ``calls``-th after_step (skipped batches count): the checkpoint of the
+    batch before it is what the run leaves."""
+
+    def __init__(self, calls: int):
+        self.calls = calls
+
+    @stagewise.hookimpl
+    def stagewise_after_step(self, state):
+        self.calls -= 1
+        if self.calls == 0:
+            raise _Stop
+
+
+def test_resume_keeps_the_guard_s_count_of_non_finite_losses_in_a_row(tiny, tmp_path, more_losses):
+    # batches 1-4 of epoch 0 are NaN: the 4th in a row stops the run, also when resumed after the 2nd
+    recipe = tiny("run.checkpoint_every_n_steps=1", "stages.phase1.max_nonfinite=4",
+                  'stages.phase1.losses=[{use="resumetest.nan_early"}]')
+    register_plugin(_StopAtCall(4), "resumetest_stop")  # in batch 3: last.pt is batch 2's, 2 NaN in a row
+    try:
+        with pytest.raises(_Stop):
+            run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    finally:
+        unregister_plugin("resumetest_stop")
+    with pytest.raises(stagewise.TrainingError, match="4 non-finite losses in a row"):
+        run_recipe(recipe, resume=tmp_path / "run", quiet=True)
+
+
+class _Draws(stagewise.Stage):
+    """A plugin stage that draws four numbers from torch's RNG and checkpoints after the second."""
+
+    name = "resumetest.draws"
+    stop = False  # stop, as if killed, after the mid-stage checkpoint
+
+    def run(self, state):
+        drawn = list(state.resume["drawn"]) if state.resume is not None else []
+        while len(drawn) < 4:
+            drawn.append(torch.rand(()).item())
+            if len(drawn) == 2 and state.resume is None:
+                state.save_checkpoint(done=False, extra={"drawn": drawn})
+                if _Draws.stop:
+                    raise _Stop
+        return {"drawn/3": drawn[2], "drawn/4": drawn[3]}
+
+
+class _DrawsPlugin:
+    @stagewise.hookimpl
+    def stagewise_register_stages(self, register):
+        register(_Draws)
+
+
+def test_a_plugin_stage_resumed_mid_way_draws_on_from_the_rng_state_it_saved(tiny_recipe_path, tmp_path,
+                                                                             monkeypatch):
+    path = tmp_path / "draws.toml"
+    stage = '[[stages]]\nname = "draws"\nuse = "resumetest.draws"\n'
+    path.write_text(tiny_recipe_path.read_text().split("[[stages]]")[0] + stage)  # the tiny data and model
+    register_plugin(_DrawsPlugin(), "resumetest_draws")
+    try:
+        whole = run_recipe(load_recipe(path), out=tmp_path / "whole", quiet=True)
+        monkeypatch.setattr(_Draws, "stop", True)
+        with pytest.raises(_Stop):
+            run_recipe(load_recipe(path), out=tmp_path / "stopped", quiet=True)
+        monkeypatch.setattr(_Draws, "stop", False)
+        stopped = run_recipe(load_recipe(path), resume=tmp_path / "stopped", quiet=True)
+    finally:
+        unregister_plugin("resumetest_draws")
+    assert read_summary(stopped)["metrics"] == read_summary(whole)["metrics"]
 
 
 def test_resume_keeps_the_ema_target(tiny, stopped_and_resumed, more_losses):

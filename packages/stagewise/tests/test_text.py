@@ -42,6 +42,8 @@ def test_vocabulary_from_counts_ranks_as_build_and_leaves_out_unseen_words():
     for min_freq, max_size in ((1, None), (2, None), (1, 3)):
         assert (Vocabulary.from_counts(counts, min_freq, max_size).itos
                 == Vocabulary.build(words, min_freq, max_size).itos)
+    # min_freq 0 (the API allows it) must not let in a word counted 0 times
+    assert Vocabulary.from_counts(counts, 0).itos == Vocabulary.build(words).itos
 
 
 TRICKY = "ΟΔΟΣ Σ\nİstanbul  ΣΑΣ\r\n\n  <unk> the The THE\n\t\n<eos> naïve\u00a0word\nthe a b the"
@@ -259,6 +261,11 @@ def test_write_file_split_by_chunk_deals_every_line_once_in_a_seeded_order(tmp_p
         f"book {b} line {i}" for b in range(2) for i in range(50))
     assert sorted(split["valid"]) == sorted([f"book 0 line {i}" for i in range(10, 15)]
                                             + [f"book 1 line {i}" for i in range(10, 15)])
+    # the order seed 1 gives, pinned (one generator shuffles train, valid, test in turn): another
+    # draw, such as a fresh generator per split, would reorder every file split written so far
+    assert split["train"][:20:5] == ["book 0 line 15", "book 1 line 15", "book 0 line 0", "book 1 line 40"]
+    assert split["valid"][::5] + split["test"][::5] == ["book 1 line 10", "book 0 line 10", "book 0 line 30",
+                                                        "book 1 line 30"]
     write_file_split(source, tmp_path / "b", valid=2, test=6, chunk_lines=5, seed=1)
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in
                ("train.txt", "valid.txt", "test.txt"))
@@ -412,6 +419,9 @@ def test_an_undecodable_byte_s_offset_counts_a_leading_bom(tmp_path):
 
     (tmp_path / "t.txt").write_bytes(b"\xef\xbb\xbfab\n\xff")
     with pytest.raises(DataError, match=r"t\.txt, line 2: byte 0xff at offset 6 is not utf-8 text"):
+        read_text(tmp_path / "t.txt", "text file")
+    (tmp_path / "t.txt").write_bytes(b"a\r\nb\rc\n\xff")  # CR LF is one line end, as a lone CR or LF is
+    with pytest.raises(DataError, match=r"t\.txt, line 4: byte 0xff at offset 7 is not utf-8 text"):
         read_text(tmp_path / "t.txt", "text file")
 
 
