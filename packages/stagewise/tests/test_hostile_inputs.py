@@ -156,40 +156,27 @@ def test_load_npz_names_a_file_that_is_no_export(tmp_path, make, problem):
     assert str(info.value).startswith(f"{path}: {problem}")
 
 
-def test_a_run_stopped_by_a_full_disk_says_how_to_continue_it(tiny_recipe_path, tmp_path, capsys, monkeypatch):
+# (command, the summary that cannot be written, the advice, the file the continued command writes)
+_FULL_DISK = [("run", "summary.json", "the run goes on from its last checkpoint", "summary.json"),
+              ("compare", "tiny/summary.json", "its runs go on from their last checkpoints", "compare.json")]
+
+
+@pytest.mark.parametrize("command, summary, advice, written", _FULL_DISK, ids=["run", "compare"])
+def test_work_stopped_by_a_full_disk_says_how_to_continue_it(tiny_recipe_path, tmp_path, capsys, monkeypatch,
+                                                              command, summary, advice, written):
     from stagewise.engine.rundir import RunDir
 
-    out = tmp_path / "run"
+    out = tmp_path / "out"
     write_summary = RunDir.write_summary
 
     def full(run_dir, summary):
         raise OSError(errno.ENOSPC, "No space left on device", str(run_dir.path / "summary.json"))
 
     monkeypatch.setattr(RunDir, "write_summary", full)
-    assert main(["run", str(tiny_recipe_path), "--out", str(out), "--quiet", "--set", "run.seed=8"]) == 1
-    again = f"stagewise run {tiny_recipe_path} --resume {out} --set run.seed=8"
-    # was "... free some disk space and run again": a new run, not the one whose checkpoints are kept
-    assert capsys.readouterr().err == (f"stagewise: error: {out / 'summary.json'}: No space left on device; free some "
-                                       f"disk space; the run goes on from its last checkpoint with: {again}\n")
+    assert main([command, str(tiny_recipe_path), "--out", str(out), "--quiet", "--set", "run.seed=8"]) == 1
+    again = f"stagewise {command} {tiny_recipe_path} --resume {out} --set run.seed=8"
+    # was "... free some disk space and run again": new work, not the work whose checkpoints are kept
+    assert capsys.readouterr().err == (f"stagewise: error: {out / summary}: No space left on device; free some "
+                                       f"disk space; {advice} with: {again}\n")
     monkeypatch.setattr(RunDir, "write_summary", write_summary)
-    assert main(again.split()[1:]) == 0 and (out / "summary.json").is_file()
-
-
-def test_a_comparison_stopped_by_a_full_disk_says_how_to_continue_it(tiny_recipe_path, tmp_path, capsys, monkeypatch):
-    from stagewise.engine.rundir import RunDir
-
-    out = tmp_path / "cmp"
-    write_summary = RunDir.write_summary
-
-    def full(run_dir, summary):
-        raise OSError(errno.ENOSPC, "No space left on device", str(run_dir.path / "summary.json"))
-
-    monkeypatch.setattr(RunDir, "write_summary", full)
-    assert main(["compare", str(tiny_recipe_path), "--out", str(out), "--quiet", "--set", "run.seed=8"]) == 1
-    again = f"stagewise compare {tiny_recipe_path} --resume {out} --set run.seed=8"
-    # was "... free some disk space and run again": a new comparison, not the one whose checkpoints are kept
-    assert capsys.readouterr().err == (f"stagewise: error: {out / 'tiny' / 'summary.json'}: No space left on device; "
-                                       f"free some disk space; its runs go on from their last checkpoints with: "
-                                       f"{again}\n")
-    monkeypatch.setattr(RunDir, "write_summary", write_summary)
-    assert main(again.split()[1:]) == 0 and (out / "compare.json").is_file()
+    assert main(again.split()[1:]) == 0 and (out / written).is_file()
