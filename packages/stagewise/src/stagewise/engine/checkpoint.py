@@ -92,6 +92,8 @@ def _fsync_folder(folder: Path) -> None:
         return
     try:
         os.fsync(fd)
+    except OSError:  # a file system that cannot sync a folder (EINVAL on some): the rename has happened all the same
+        pass
     finally:
         os.close(fd)
 
