@@ -61,6 +61,16 @@ def test_missing_tables_and_duplicate_stage_names(tmp_path):
     assert not any("checkpoint" in p for p in problems)  # the checkpoint defaults to the name: one mistake
 
 
+def test_checkpoint_names_differing_only_in_case_are_refused(tmp_path):
+    # was accepted: on macOS and Windows Train.pt and train.pt, LAST.pt and last.pt, are one file
+    stages = "".join(f'[[stages]]\nname = "{name}"\n' for name in ("Train", "train", "LAST", "tune"))
+    problems = problems_of(tmp_path, f'[model]\nuse = "stagewise.transformer"\n{stages}')
+    assert problems == [
+        "stages.LAST.name: checkpoint name 'LAST': 'last' is reserved for the resume checkpoint; choose another",
+        "stages: the checkpoint names 'Train' and 'train' differ only in case, so they are one file where case is "
+        "ignored (macOS, Windows); rename one"]
+
+
 def test_nested_loss_terms_are_validated(tmp_path):
     problems = problems_of(tmp_path, """
 [model]

@@ -204,7 +204,18 @@ def _stages(raw: Any, problems: list[str]) -> tuple[list[str], list[StageSpec]]:
     for key, values in (("name", names), ("checkpoint", checkpoints)):
         for value in sorted({v for v in values if values.count(v) > 1}):
             problems.append(f"stages: the {key} {value!r} is used by more than one stage; {key}s must be unique")
+    problems.extend(_case_twins(checkpoints))
     return paths, named
+
+
+def _case_twins(checkpoints: list[str]) -> list[str]:
+    """Checkpoint names that differ only in case: one file on macOS's and Windows's file systems."""
+    by_folded: dict[str, list[str]] = {}
+    for name in dict.fromkeys(checkpoints):  # each spelling once, in recipe order
+        by_folded.setdefault(name.casefold(), []).append(name)
+    return [f"stages: the checkpoint names {' and '.join(map(repr, spellings))} differ only in case, so they are "
+            f"one file where case is ignored (macOS, Windows); rename one" for spellings in by_folded.values()
+            if len(spellings) > 1]
 
 
 def _check_grow(paths: list[str], stages: list[StageSpec], model: ModelSpec, problems: list[str]) -> None:

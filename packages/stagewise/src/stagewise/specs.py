@@ -215,8 +215,9 @@ class StageSpec(Spec):
              f"checkpoint name of {len(self.checkpoint.encode('utf-8'))} bytes (in UTF-8): at most {MAX_NAME_BYTES} "
              f"fit a file name; set a shorter checkpoint = \"...\""),
             # checkpoints/last.pt is the resume point, rewritten by every stage
-            (self.checkpoint != "last", key, "checkpoint name 'last' is reserved for the resume checkpoint; "
-                                             "choose another"),
+            # case too: where the file system ignores it (macOS, Windows) LAST.pt is last.pt
+            (self.checkpoint.casefold() != "last", key, f"checkpoint name {self.checkpoint!r}: 'last' is reserved "
+                                                        f"for the resume checkpoint; choose another"),
         ])
 
     def build(self) -> Any:
