@@ -80,6 +80,18 @@ def test_artifact_rebuilds_the_same_modules():
         assert torch.equal(a, b), name
 
 
+def test_a_stage_s_terms_join_the_terms_earlier_stages_handed_on():
+    """A second stage training term "b" keeps the artifact of term "a" from an earlier stage."""
+    from stagewise_koopman.events import after_stage
+    from stagewise_koopman.loss import ARTIFACT
+
+    first, second = (KoopmanOperator(KoopmanOptions(koopman_dim=4)).build(4, 8) for _ in range(2))
+    state = SimpleNamespace(terms={"b": second, "ce": object()}, artifacts={ARTIFACT: {"a": first.artifact()}})
+    after_stage(state)
+    assert sorted(state.artifacts[ARTIFACT]) == ["a", "b"]
+    assert torch.equal(state.artifacts[ARTIFACT]["b"]["state"]["operator"], second.koopman.operator)
+
+
 def test_detach_keeps_the_backbone_gradient_off_one_side_of_each_pair():
     def grads(detach: str) -> list[bool]:
         hidden = [h.requires_grad_() for h in hidden_states(n=3)]
@@ -202,6 +214,30 @@ def test_linearity_error_per_source_layer_belongs_to_that_layer():
         expected = float(((pred - target) ** 2).mean() / (target.var(0).mean() + EPS))
     assert per_layer[1] == pytest.approx(expected, rel=1e-5)
     assert overall == pytest.approx((per_layer[0] + per_layer[1]) / 2, rel=1e-6)
+    # two batches of the same states: the same means, over the sequences of both (not over the layers)
+    twice = one_step_error(_FixedHidden([h, h, g]), term, [{"input": torch.zeros(2, 6)}] * 2)
+    assert twice == (pytest.approx(overall, rel=1e-6), pytest.approx(per_layer, rel=1e-6))
+
+
+class _BatchHidden(torch.nn.Module):
+    """A stand-in model whose hidden states come with the batch."""
+
+    def forward_batch(self, batch, needs):
+        return {"hidden": batch["hidden"]}
+
+
+def test_linearity_error_weighs_each_batch_by_its_sequences():
+    """A batch of 2 sequences and one of 1: the error over both is (2·e_a + e_b) / 3, not the batches' mean."""
+    from stagewise_koopman.linearity import one_step_error
+
+    term = KoopmanOperator(KoopmanOptions(koopman_dim=4)).build(3, 8)
+    a, b = ({"input": torch.zeros(B, 6), "hidden": hidden_states(n=3, B=B, seed=B)} for B in (2, 1))
+    (e_a, layers_a), (e_b, layers_b) = (one_step_error(_BatchHidden(), term, [batch]) for batch in (a, b))
+    assert e_a != pytest.approx(e_b)  # the weighting shows
+    overall, per_layer = one_step_error(_BatchHidden(), term, [a, b])
+    assert overall == pytest.approx((2 * e_a + e_b) / 3, rel=1e-6)
+    assert per_layer == pytest.approx({layer: (2 * layers_a[layer] + layers_b[layer]) / 3 for layer in (0, 1)},
+                                      rel=1e-6)
 
 
 def test_post_hoc_fit_loss_is_the_mean_of_the_last_tenth_of_the_steps():

@@ -305,14 +305,17 @@ def test_a_cache_without_hard_tokens_says_there_is_nothing_to_train():
 
 def test_mine_reports_the_calibrated_hard_ratio_on_the_calibration_split(tiny, tmp_path):
     """At hard_ratio 0.25 (not 0.5, where hard and easy shares coincide) a quarter of the
-    calibration tokens come out hard; the mined split's counts agree with its ratio."""
+    calibration tokens come out hard; the mined split's counts agree with its ratio. The curve's
+    quantiles are the calibration split's too: the 0.25 one is the threshold."""
     table = tiny("stages.mine.router.hard_ratio=0.25").table
     table["stages"] = table["stages"][:2]  # phase 1, mine
     from stagewise.recipe import recipe_from_table
 
-    metrics = read_summary(run_recipe(recipe_from_table(table, "mine-only", []), out=tmp_path / "run",
-                                      quiet=True))["metrics"]
+    run_dir = run_recipe(recipe_from_table(table, "mine-only", []), out=tmp_path / "run", quiet=True)
+    metrics = read_summary(run_dir)["metrics"]
     assert metrics["mine/calib_hard_ratio"] == pytest.approx(0.25, abs=0.01)
+    quantiles = load_checkpoint(run_dir / "checkpoints" / "mine.pt")["artifacts"]["lego_ashem.router"]["quantiles"]
+    assert quantiles[5] == pytest.approx(metrics["mine/threshold"], rel=1e-9)  # quantile 5 of 0..20: 0.25
     assert metrics["mine/hard_tokens"] == round(metrics["mine/hard_ratio"] * metrics["mine/tokens"])
     assert metrics["mine/mean_hard_confidence"] < metrics["mine/threshold"]
 
@@ -334,6 +337,15 @@ def test_phase2_training_only_what_the_cache_skips_is_refused_before_anything_ru
     with pytest.raises(ConfigError, match=r"stages\.phase2\.train .* never runs .*train = \[\"layers\.2\.\*\"\]"):
         run_recipe(tiny(f"stages.phase2.train={train}"), out=tmp_path / "run", quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_phase2_training_only_the_first_block_above_the_exit_is_accepted(tiny):
+    """Blocks are counted from 0: with exit_layer 2 the cache holds the output of blocks 0 and 1,
+    and block 2 is the first that a step from the cache runs."""
+    from stagewise.engine.runner import check_stages
+
+    recipe = tiny('stages.phase2.train=["layers.2.*"]')
+    check_stages(recipe, recipe.data.component().from_recipe(recipe.data.options, seed=0))
 
 
 # --- fuzzing findings: each was accepted, or failed mid-run --------------------------------------

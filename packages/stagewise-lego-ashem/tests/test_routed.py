@@ -320,6 +320,14 @@ def test_seed_compute_cost_is_the_layer_count():
     assert seed_compute_cost(3, 4, 1, 4) == pytest.approx(7 / 16)
 
 
+def test_the_router_keeps_every_twentieth_calibration_quantile_for_the_curve():
+    """21 quantiles, 0 to 1 in steps of 1/20: on 0..10 they are 0, 0.5, ..., 10 (the curve indexes them)."""
+    from stagewise_lego_ashem.mining import CURVE_QUANTILES, score_quantiles
+
+    assert CURVE_QUANTILES == 21
+    assert score_quantiles(torch.arange(11.0).view(1, 11)) == pytest.approx([k / 2 for k in range(21)], abs=1e-12)
+
+
 class _State:
     """The parts of stagewise.State that the routed evaluation and the curve read."""
 
@@ -454,24 +462,27 @@ def test_train_exit_probe_reports_the_final_training_loss_of_an_unchanged_fit():
                                                  strict=True))
 
 
-def test_phase2_counted_speedups_compare_the_layers_each_step_runs():
-    """Every cached token hard, 2 windows of 3 tokens, batch 2: one cached step. A full-forward
-    step adds the frozen lower blocks' forward (A) to the cached step (3U: the upper blocks and
-    the head, forward and backward); token mode runs the 6 hard tokens alone in 3 steps of 2."""
-    from types import SimpleNamespace
-
+def _phase2_speedups(hard: torch.Tensor) -> dict[str, float]:
+    """phase2_speedups on a cache of 2 windows of 3 tokens whose hard rows are ``hard``, batch size 2."""
     from stagewise_lego_ashem.evaluation import phase2_speedups
-    from stagewise_lego_ashem.metrics import full_depth_flops
 
     model = small_model()
     idx = torch.randint(0, 40, (2, 3), generator=torch.Generator().manual_seed(14))
     with torch.no_grad():
         hidden = model.exit_hidden(idx)
-    cache = {"split": "train", "exit_layer": 2, "hidden": hidden, "target": idx.roll(-1, 1),
-             "hard": torch.ones(2, 3, dtype=torch.bool)}
+    cache = {"split": "train", "exit_layer": 2, "hidden": hidden, "target": idx.roll(-1, 1), "hard": hard}
     state = SimpleNamespace(model=model, device=torch.device("cpu"),
                             recipe=SimpleNamespace(data=SimpleNamespace(batch_size=2)))
-    out = phase2_speedups(state, cache, [{"input": row} for row in idx], repeats=1)
+    return phase2_speedups(state, cache, [{"input": row} for row in idx], repeats=1)
+
+
+def test_phase2_counted_speedups_compare_the_layers_each_step_runs():
+    """Every cached token hard, 2 windows of 3 tokens, batch 2: one cached step. A full-forward
+    step adds the frozen lower blocks' forward (A) to the cached step (3U: the upper blocks and
+    the head, forward and backward); token mode runs the 6 hard tokens alone in 3 steps of 2."""
+    from stagewise_lego_ashem.metrics import full_depth_flops
+
+    out = _phase2_speedups(torch.ones(2, 3, dtype=torch.bool))
     every, head = torch.ones(2, 3, dtype=torch.bool), 2 * 16 * 40
     lower = full_depth_flops(_shape(n_layer=2), every) - 6 * head  # blocks 1-2, no head
     upper = full_depth_flops(_shape(), every) - lower  # blocks 3-4 and the head
@@ -479,6 +490,17 @@ def test_phase2_counted_speedups_compare_the_layers_each_step_runs():
     token_step = 3 * full_depth_flops(_shape(n_layer=2), torch.ones(2, 1, dtype=torch.bool))  # 2 tokens, T = 1
     assert out["phase2_token_mode_speedup_flops"] == pytest.approx((lower + 3 * upper) / (3 * token_step), rel=1e-12)
     assert all(out[k] > 0 for k in ("phase2_cache_step_ms", "phase2_full_forward_step_ms", "phase2_token_step_ms"))
+
+
+def test_a_token_mode_epoch_counts_its_short_last_step():
+    """5 hard tokens in batches of 2 take 3 token-mode steps, the last one short (not 2)."""
+    from stagewise_lego_ashem.metrics import phase2_step_flops, token_step_flops
+
+    hard = torch.tensor([[True, True, True], [True, False, True]])
+    out = _phase2_speedups(hard)
+    counted = phase2_step_flops(_shape(), hard)  # one sequence step: both windows
+    expected = (counted["lower"] + counted["cache"]) / (3 * token_step_flops(_shape(), 2))
+    assert out["phase2_token_mode_speedup_flops"] == pytest.approx(expected, rel=1e-12)
 
 
 def test_confidence_flops_share_is_the_confidence_over_the_routed_forward():
