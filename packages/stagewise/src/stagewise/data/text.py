@@ -7,12 +7,12 @@ every non-empty line ends with ``<eos>``. Sources, by the ``path`` option:
   WikiText's ``wiki.train.tokens`` / ...): those files are the splits;
 - a directory of ``.txt`` and ``.jsonl`` files (searched recursively, read in sorted order) or
   one file: the token stream is cut into contiguous splits by the ``splits`` fractions;
-
-A ``.jsonl`` file is JSON Lines: one object per line, whose ``text_field`` (``"text"``) is one
-record's text, read as lines of text like a ``.txt`` file's.
 - unset: the built-in offline corpus, the English documentation that ships with Python
   (``pydoc_data.topics``, ~79 topics, ~465k characters); each topic is a document and whole
   documents are dealt to the splits, so no document is in two splits.
+
+A ``.jsonl`` file is JSON Lines: one object per line, whose ``text_field`` (``"text"``) is one
+record's text, read as lines of text like a ``.txt`` file's.
 
 The vocabulary is built from the training split only; nothing depends on the seed.
 """
