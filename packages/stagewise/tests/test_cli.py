@@ -666,6 +666,38 @@ def test_compare_refuses_a_repeated_run_name_or_a_used_folder_before_running(tin
     assert ran == [] and not (tmp_path / "cmp" / "tiny").exists()
 
 
+@pytest.mark.parametrize("names, problem", [
+    # were run one after the other: where case (macOS, Windows) or Unicode normalisation (macOS) is ignored, the
+    # second run found the first's folder, full of its files and checkpoints, after the first had trained
+    (["Tiny", "tiny"], "run.name 'Tiny' ({0}) and 'tiny' ({1}), the runs' folders in OUT, differ only in case, so "
+                       "they are one folder where case is ignored (macOS, Windows); rename one in its recipe file (a "
+                       "--set of run.name applies to every recipe compared)"),
+    (["caf\u00e9", "cafe\u0301"], "run.name 'caf\u00e9' ({0}) and 'cafe\u0301' ({1}), the runs' folders in OUT, are "
+                                  "one name in two Unicode normalisations (NFC and NFD), so they are one folder on "
+                                  "macOS; rename one"),
+    (["a", "b", "b"], "{2}: run.name 'b' is used twice; names must differ"),  # was compared with the first only
+    (["a", "Compare.JSON"], "{1}: run.name 'Compare.JSON' is the name of the table compare writes in OUT; rename "
+                            "the run in its recipe file"),  # was a folder that compare.json could not replace
+    (["a", ".b.tmp"], "{1}: run.name '.b.tmp' is the name of a temp file of an interrupted write, which compare "
+                      "--resume deletes in OUT"),
+], ids=["case", "normalisation", "third-repeats-second", "compare-json", "temp-file"])
+def test_compare_refuses_run_names_that_share_a_folder_before_running(tiny_recipe_path, tmp_path, monkeypatch, names,
+                                                                      problem):
+    from stagewise.compare import compare_recipes
+    from stagewise.errors import ConfigError
+
+    ran = []
+    monkeypatch.setattr("stagewise.engine.runner.run_recipe", lambda *a, **k: ran.append(a))
+    paths = [tmp_path / f"{i}.toml" for i in range(len(names))]
+    for path, name in zip(paths, names, strict=True):
+        path.write_text(tiny_recipe_path.read_text().replace('name = "tiny"', f'name = "{name}"'))
+    with pytest.raises(ConfigError) as info:
+        compare_recipes([str(p) for p in paths], [], tmp_path / "cmp", quiet=True)
+    (found,) = info.value.problems
+    assert found.startswith(problem.format(*paths))
+    assert ran == [] and not (tmp_path / "cmp").exists()
+
+
 def test_compare_without_out_never_reuses_a_folder(tiny_recipe_path, tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr("stagewise.compare.compare_recipes", lambda *args, **kwargs: seen.append(args[2]))

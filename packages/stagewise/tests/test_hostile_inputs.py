@@ -147,11 +147,32 @@ def test_resume_with_a_damaged_recipe_toml_is_one_line_naming_it(tiny_recipe_pat
     (f'run.name="{"n" * 201}"', "run.name (from --set run.name=\"nnn"),
     ('run.out="runs\\u0000x"', "run.out (from --set run.out=\"runs\\u0000x\"): 'runs\\x00x': a path holds no NUL"),
     (f'stages.phase1.checkpoint="{"c" * 201}"', "checkpoint name of 201 bytes (in UTF-8): at most 200 fit a file name"),
-], ids=["seed-beyond-int64", "threads-beyond-int64", "name-nul", "name-too-long", "out-nul", "checkpoint-too-long"])
+    # were accepted on Linux, and their run directory could not be copied to Windows (nor the recipe run there)
+    ('run.name="12:30 a|b?"', "run.name (from --set run.name=\"12:30 a|b?\"): '12:30 a|b?' names the run directory: "
+                              "':' '?' '|' cannot be in a file name on Windows; write e.g. '12-30 a-b-'"),
+    ('run.name="a\tb"', "'a\\tb' names the run directory: '\\t' cannot be in a file name on Windows; write e.g. 'a-b'"),
+    ('run.name="v1. "', "'v1. ' names the run directory: Windows drops a trailing dot or space from a file name; "
+                        "write e.g. 'v1'"),
+    ('run.name="aux.old"', "'aux.old' names the run directory: 'aux' is a device name on Windows (CON, PRN, AUX, NUL, "
+                           "COM0-9, LPT0-9), with any extension and in any case; write e.g. 'aux_.old'"),
+    ('stages.phase1.checkpoint="lpt1"', "checkpoint name 'lpt1' (checkpoints/lpt1.pt): 'lpt1' is a device name on "
+                                        "Windows"),
+    # was refused without saying why: "é" is a letter, its NFD spelling "e" and a combining accent is not
+    ('stages.phase1.checkpoint="cafe\u0301"', "checkpoint name 'cafe\u0301': use letters, digits, '-' and '_' (its "
+                                              "accents are separate marks, NFD, as some macOS tools write them: "
+                                              "write it composed, NFC, 'caf\u00e9')"),
+], ids=["seed-beyond-int64", "threads-beyond-int64", "name-nul", "name-too-long", "out-nul", "checkpoint-too-long",
+        "name-windows-characters", "name-control-character", "name-trailing-dot", "name-windows-device",
+        "checkpoint-windows-device", "checkpoint-nfd"])
 def test_settings_no_run_could_use_are_refused_before_anything_runs(tiny, override, problem):
     with pytest.raises(ConfigError) as info:  # were tracebacks, or a stage trained before its checkpoint failed
         tiny(override)
     assert problem in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["exp 1, lr=1e-3 (b)", "caf\u00e9", "cafe\u0301", "Console", "Nul_", ".hidden"])
+def test_run_names_every_file_system_holds_still_load(tiny, name):
+    assert tiny(f"run.name={json.dumps(name)}").run.name == name  # NFD too: one name alone is one folder anywhere
 
 
 @pytest.mark.parametrize("make, problem", [

@@ -71,6 +71,24 @@ def test_checkpoint_names_differing_only_in_case_are_refused(tmp_path):
         "ignored (macOS, Windows); rename one"]
 
 
+def test_checkpoint_names_one_file_on_macos_or_windows_are_refused(tmp_path):
+    # were accepted: macOS ignores Unicode normalisation (NFC "한" and its NFD jamo are one file, as are the
+    # angstrom sign and "Å", letters both), Windows has no file named nul.pt, with any extension, in any case
+    names = ("\ud55c", "\u1112\u1161\u11ab", "\u212b", "\u00c5", "Nul", "COM\u00b9", "console")
+    stages = "".join(f'[[stages]]\nname = "{name}"\n' for name in names)
+    problems = problems_of(tmp_path, f'[model]\nuse = "stagewise.transformer"\n{stages}')
+    assert problems == [
+        "stages.Nul.name: checkpoint name 'Nul' (checkpoints/Nul.pt): 'Nul' is a device name on Windows (CON, PRN, "
+        "AUX, NUL, COM0-9, LPT0-9), with any extension and in any case; write e.g. 'Nul_'",
+        "stages.COM\u00b9.name: checkpoint name 'COM\u00b9' (checkpoints/COM\u00b9.pt): 'COM\u00b9' is a device "
+        "name on Windows (CON, PRN, AUX, NUL, COM0-9, LPT0-9), with any extension and in any case; write e.g. "
+        "'COM\u00b9_'",
+        "stages: the checkpoint names '\ud55c' and '\u1112\u1161\u11ab' are one name in two Unicode normalisations "
+        "(NFC and NFD), so they are one file on macOS; rename one",
+        "stages: the checkpoint names '\u212b' and '\u00c5' are one name in two Unicode normalisations (NFC and NFD), "
+        "so they are one file on macOS; rename one"]
+
+
 def test_nested_loss_terms_are_validated(tmp_path):
     problems = problems_of(tmp_path, """
 [model]

@@ -1,25 +1,30 @@
 """Run a baseline and a method (or any recipes) in one process on the same data and seed.
 
 Baselines are run, not typed in: ``compare_recipes`` refuses recipes whose data tables or
-seeds differ, or whose run directory ``OUT/<run name>`` already holds files (before running any),
+seeds differ, whose run directories ``OUT/<run name>`` would be one folder on macOS or Windows (names
+differing only in case or Unicode normalisation), or one of which already holds files (before running any),
 runs each there, prints one table of final metrics side by side and writes ``OUT/compare.json``.
 A comparison that was stopped goes on with ``resume``: as ``stagewise run --resume`` does, run by run.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import shlex
 from pathlib import Path
 from typing import Any
 
-from stagewise.engine.checkpoint import remove_temp_files
+from stagewise.engine.checkpoint import TEMP_GLOB, remove_temp_files
 from stagewise.engine.resume import check_same_recipe
 from stagewise.engine.rundir import empty_folder, holds_files, write_json_atomic
 from stagewise.errors import CheckpointError, ConfigError
+from stagewise.names import alike, how_alike, same_file_key
 from stagewise.recipe import Recipe, load_recipe, read_recipe_table
 from stagewise.specs import LossSpec, StageSpec
 from stagewise.tomlwrite import toml_value
+
+COMPARE_JSON = "compare.json"  # the table, beside the runs' folders in OUT
 
 
 def compare_recipes(names: list[str], overrides: list[str], out: Path, quiet: bool = False,
@@ -42,8 +47,8 @@ def compare_recipes(names: list[str], overrides: list[str], out: Path, quiet: bo
                    else run_recipe(recipe, out=folder, quiet=quiet))
         summary = json.loads((run_dir / "summary.json").read_text())
         runs[recipe.run.name] = {"run_dir": str(run_dir), "metrics": summary["metrics"]}
-    write_json_atomic(out / "compare.json", {"runs": runs})
-    print(f"{comparison_table(runs)}\n\n-> {out / 'compare.json'}")
+    write_json_atomic(out / COMPARE_JSON, {"runs": runs})
+    print(f"{comparison_table(runs)}\n\n-> {out / COMPARE_JSON}")
     return runs
 
 
@@ -108,10 +113,8 @@ def _term_names(losses: Any) -> set[str]:
 
 def check_comparable(recipes: list[Recipe]) -> None:
     first = recipes[0]
-    problems = []
+    problems = _run_folder_problems(recipes)
     for other in recipes[1:]:
-        if other.run.name == first.run.name:
-            problems.append(f"{other.source}: run.name {other.run.name!r} is used twice; names must differ")
         if other.run.seed != first.run.seed:
             problems.append(f"{other.source}: run.seed {other.run.seed} differs from {first.run.seed} "
                             f"in {first.source}; compare on the same seed (--set run.seed=N sets all)")
@@ -123,6 +126,31 @@ def check_comparable(recipes: list[Recipe]) -> None:
                             f"recipe compared)")
     if problems:
         raise ConfigError(problems, "compare")
+
+
+def _run_folder_problems(recipes: list[Recipe]) -> list[str]:
+    """Each recipe runs in ``OUT/<run.name>``: two runs must not share that folder on any file system
+    (a copy of OUT on macOS or Windows too), nor may one take the name of the file compare writes there."""
+    used: dict[str, list[str]] = {}  # run name -> the recipes that give it
+    for recipe in recipes:
+        used.setdefault(recipe.run.name, []).append(recipe.source)
+    problems = [f"{sources[1]}: run.name {name!r} is used twice; names must differ"
+                for name, sources in used.items() if len(sources) > 1]
+    problems += [f"run.name {' and '.join(f'{name!r} ({used[name][0]})' for name in spellings)}, the runs' folders "
+                 f"in OUT, {how_alike(spellings, 'folder')}; rename one in its recipe file (a --set of run.name "
+                 f"applies to every recipe compared)" for spellings in alike(used)]
+    problems += [f"{sources[0]}: run.name {name!r} is the name of {what} in OUT; rename the run in its recipe file"
+                 for name, sources in used.items() if (what := _compare_file(name))]
+    return problems
+
+
+def _compare_file(name: str) -> str | None:
+    """What of compare's own a run folder named ``name`` would be, where case is ignored too; None if nothing."""
+    if same_file_key(name) == same_file_key(COMPARE_JSON):
+        return "the table compare writes"
+    if fnmatch.fnmatchcase(name.casefold(), TEMP_GLOB):
+        return "a temp file of an interrupted write, which compare --resume deletes"
+    return None
 
 
 def _aligning_sets(keys: list[str], first: dict[str, Any], other: dict[str, Any]) -> str:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from stagewise import plugins
 from stagewise.errors import ConfigError, StagewiseError, UnknownNameError
 from stagewise.install import install_command
+from stagewise.names import alike, how_alike, windows_problem
 from stagewise.schema import NoOptions, as_table, build_dataclass, check_options, named_paths, unknown_key_message
 from stagewise.specs import MAX_NAME_BYTES, DataSpec, LossSpec, ModelSpec, StageSpec
 from stagewise.tomlwrite import dumps
@@ -43,12 +44,16 @@ class RunOptions:
     tensorboard: bool = False  # also write TensorBoard scalars to RUN_DIR/tensorboard (extra [tensorboard])
 
     def __post_init__(self) -> None:
+        one_name = bool(self.name) and self.name not in (".", "..") and not any(c in self.name for c in "/\\\0")
         check_options([
-            (bool(self.name) and self.name not in (".", "..") and not any(c in self.name for c in "/\\\0"), "name",
+            (one_name, "name",
              f"{self.name!r}: the run directory's name under `out`; use a non-empty name without '/', '\\' or NUL"),
             (len(self.name.encode("utf-8")) <= MAX_NAME_BYTES, "name",
              f"{len(self.name.encode('utf-8'))} bytes long (in UTF-8); the run directory's name holds at most "
              f"{MAX_NAME_BYTES}: use a shorter name"),
+            # a run directory is copied whole to other machines: its folder's name must be one Windows can hold
+            (not one_name or windows_problem(self.name) is None, "name",
+             f"{self.name!r} names the run directory: {windows_problem(self.name)}"),
             ("\0" not in self.out, "out", f"{self.out!r}: a path holds no NUL character"),
             (-SEED_LIMIT < self.seed < SEED_LIMIT, "seed", f"must be between -2**40 and 2**40 (the engine derives "
              f"torch's 64-bit seeds of each stage and epoch from it), got {self.seed}"),
@@ -204,18 +209,9 @@ def _stages(raw: Any, problems: list[str]) -> tuple[list[str], list[StageSpec]]:
     for key, values in (("name", names), ("checkpoint", checkpoints)):
         for value in sorted({v for v in values if values.count(v) > 1}):
             problems.append(f"stages: the {key} {value!r} is used by more than one stage; {key}s must be unique")
-    problems.extend(_case_twins(checkpoints))
+    problems.extend(f"stages: the checkpoint names {' and '.join(map(repr, spellings))} {how_alike(spellings)}; "
+                    f"rename one" for spellings in alike(checkpoints))
     return paths, named
-
-
-def _case_twins(checkpoints: list[str]) -> list[str]:
-    """Checkpoint names that differ only in case: one file on macOS's and Windows's file systems."""
-    by_folded: dict[str, list[str]] = {}
-    for name in dict.fromkeys(checkpoints):  # each spelling once, in recipe order
-        by_folded.setdefault(name.casefold(), []).append(name)
-    return [f"stages: the checkpoint names {' and '.join(map(repr, spellings))} differ only in case, so they are "
-            f"one file where case is ignored (macOS, Windows); rename one" for spellings in by_folded.values()
-            if len(spellings) > 1]
 
 
 def _check_grow(paths: list[str], stages: list[StageSpec], model: ModelSpec, problems: list[str]) -> None:

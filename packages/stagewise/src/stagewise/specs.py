@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from stagewise import plugins
 from stagewise.errors import PluginError, UnknownNameError
+from stagewise.names import windows_problem
 from stagewise.registry import singular
 from stagewise.schema import (
     NoOptions,
@@ -207,9 +209,16 @@ class StageSpec(Spec):
         if self.checkpoint is None:
             self.checkpoint = self.name
         key = "checkpoint" if self.checkpoint != self.name else ("name", "checkpoint")  # it defaults to the name
+        in_letters = _in_letters(self.checkpoint)
+        composed = unicodedata.normalize("NFC", self.checkpoint)
+        nfd = (f" (its accents are separate marks, NFD, as some macOS tools write them: write it composed, NFC, "
+               f"{composed!r})" if not in_letters and _in_letters(composed) else "")
         check_options([
-            (self.checkpoint.replace("-", "").replace("_", "").isalnum(), key,
-             f"checkpoint name {self.checkpoint!r}: use letters, digits, '-' and '_'"),
+            (in_letters, key, f"checkpoint name {self.checkpoint!r}: use letters, digits, '-' and '_'{nfd}"),
+            # letters and digits leave Windows' device names (CON, NUL, COM1, ...): no nul.pt can be written there
+            (not in_letters or windows_problem(self.checkpoint) is None, key,
+             f"checkpoint name {self.checkpoint!r} (checkpoints/{self.checkpoint}.pt): "
+             f"{windows_problem(self.checkpoint)}"),
             # checked now: the stage would train, then fail to write its checkpoint (and tensorboard/NAME)
             (len(self.checkpoint.encode("utf-8")) <= MAX_NAME_BYTES, key,
              f"checkpoint name of {len(self.checkpoint.encode('utf-8'))} bytes (in UTF-8): at most {MAX_NAME_BYTES} "
@@ -223,3 +232,7 @@ class StageSpec(Spec):
     def build(self) -> Any:
         """The stage this table names, with its options and the recipe's name for it."""
         return self.component()(self.options, label=self.name)
+
+
+def _in_letters(checkpoint: str) -> bool:
+    return checkpoint.replace("-", "").replace("_", "").isalnum()

@@ -40,7 +40,9 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="run several recipes on the same data and seed, print one table",
                        description="Run several recipes on the same data and seed, print one table. A --set "
                        "on stages.NAME goes only to the recipes that have a stage NAME, one on "
-                       "stages.NAME.losses.TERM only to those whose stage NAME has a loss term TERM.")
+                       "stages.NAME.losses.TERM only to those whose stage NAME has a loss term TERM. Each recipe "
+                       "runs in OUT/<run.name>: run names that are one folder where case or Unicode normalisation is "
+                       "ignored (macOS, Windows), e.g. Base and base, are refused before any run.")
     p.add_argument("recipes", nargs="+", help="recipe files or names, e.g. the baseline then the method")
     _add_recipe_args(p)
     where = p.add_mutually_exclusive_group()
