@@ -6,16 +6,22 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import stat
 
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 
+import stagewise
 from stagewise.cli.main import main
 from stagewise.engine.checkpoint import FORMAT, atomic_write_bytes
+from stagewise.engine.runner import run_recipe
 from stagewise.errors import CheckpointError, ConfigError
 from stagewise.export import load_npz
+from stagewise.plugins import register_plugin, unregister_plugin
+from stagewise.recipe import load_recipe
 
 
 def _full_disk(f):
@@ -214,3 +220,105 @@ def test_work_stopped_by_a_full_disk_says_how_to_continue_it(tiny_recipe_path, t
                                        f"disk space; {advice} with: {again}\n")
     monkeypatch.setattr(RunDir, "write_summary", write_summary)
     assert main(again.split()[1:]) == 0 and (out / written).is_file()
+
+
+# --- resume of a last.pt whose top-level keys are right and whose contents deeper down are not ------------
+
+
+class _StopAfterStep7:
+    @stagewise.hookimpl
+    def stagewise_after_step(self, state):
+        if (state.stage_name, state.step) == ("phase1", 7):
+            raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="module")
+def stopped_mid_stage(tmp_path_factory):
+    """The tiny recipe stopped after phase1's step 7: its last.pt is phase1's step 6 (mid-epoch)."""
+    folder = tmp_path_factory.mktemp("stopped")
+    (folder / "tiny.toml").write_text(TINY)
+    recipe = load_recipe(folder / "tiny.toml", ["run.checkpoint_every_n_steps=3"])
+    register_plugin(_StopAfterStep7(), "stoptest")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe(recipe, out=folder / "run", quiet=True)
+    finally:
+        unregister_plugin("stoptest")
+    return recipe, folder / "run"
+
+
+def _python_state(saved):
+    version, words, gauss = saved["python"]
+    return version, (*words[:-1], 625), gauss  # the index past the 624 words: "invalid state"
+
+
+# each found by fuzzing (values deep inside a real last.pt changed); each was a traceback, or was taken silently
+# (numpy's pos out of range: a later draw reads out of bounds, a segfault; its keys all zero: draws of zeros)
+_DEEP_DAMAGE = [
+    ("model", lambda c: c["model"].pop("head.weight"), "model: lacks head.weight"),  # load_state_dict's RuntimeError
+    ("weight-shape", lambda c: c["model"].update({"head.weight": torch.zeros(3)}),
+     "model.head.weight: a torch.float32 tensor of shape (3,), expected a torch.float32 tensor of shape (196, 16)"),
+    ("rng-torch", lambda c: c["rng"].pop("torch"), "rng: lacks torch"),  # KeyError
+    ("rng-numpy-kind", lambda c: c["rng"]["numpy"].update(kind=None), "rng.numpy: not numpy's MT19937 state"),
+    ("rng-numpy-pos", lambda c: c["rng"]["numpy"].update(pos=10**6), "rng.numpy: not numpy's MT19937 state"),  # segv
+    ("rng-numpy-zero-keys", lambda c: c["rng"]["numpy"]["keys"].zero_(), "rng.numpy: not numpy's MT19937 state"),
+    ("rng-torch-dtype", lambda c: c["rng"].update(torch=c["rng"]["torch"].float()),
+     "rng.torch: RNG state must be a torch.ByteTensor"),
+    ("rng-python", lambda c: c["rng"].update(python=_python_state(c["rng"])), "rng.python: invalid state"),
+    ("rng-python-gauss", lambda c: c["rng"].update(python=(*c["rng"]["python"][:2], "x")),
+     "rng.python: its last item (the next gauss value) must be None or a float"),  # silently returned by gauss()
+    ("recipe-tensor", lambda c: c["recipe"]["stages"][1].update(lr=torch.zeros(2, 2)), None),  # ambiguous bool
+    ("stage-results", lambda c: c["stage_results"].update(phase0=[]),
+     "stage_results.phase0: expected a table of metrics, epochs, seconds, measured"),  # final_table TypeError
+    ("stage-seconds", lambda c: c.update(stage_seconds=None), "stage_seconds: nothing, expected a number"),
+    ("loop-key", lambda c: c["loop"].update(junk=1), "loop: expected a table of epoch, batch, best, "),
+    ("loop-sums", lambda c: c["loop"]["sums"].update(n=()), "loop.sums: expected a table of numbers"),
+    ("step", lambda c: c.pop("step"), "step: nothing, expected an int"),  # KeyError in the "resuming ..." line
+]
+_LOOP_DAMAGE = [  # the training stage's own state, checked against what it built: after the metrics are cut back
+    ("loop-batch", lambda c: c["loop"].update(batch=5), "loop.batch: 5, expected 0..4"),  # islice's ValueError
+    ("optimizer-eps", lambda c: c["optimizer"]["param_groups"][0].pop("eps"),
+     "optimizer.param_groups[0]: a dict, expected a table of "),  # KeyError at the next step
+    ("optimizer-betas", lambda c: c["optimizer"]["param_groups"][0].update(betas=(0.9, ())),
+     "optimizer.param_groups[0].betas[1]: a tuple, expected a float"),
+    ("optimizer-moment", lambda c: c["optimizer"]["state"][0].update(exp_avg=torch.zeros(2)),
+     "optimizer.state.0.exp_avg: a torch.float32 tensor of shape (2,), expected a torch.float32 tensor of shape "),
+    ("optimizer-step", lambda c: c["optimizer"]["state"][0].update(step=torch.zeros(0)),
+     "optimizer.state.0.step: a torch.float32 tensor of shape (0,), expected a torch.float32 tensor of shape ()"),
+    ("scheduler", lambda c: c["scheduler"].update(lr_lambdas=None), "scheduler.lr_lambdas: nothing, expected a list"),
+    ("fallbacks", lambda c: c["fallbacks"].update(junk=[]), "fallbacks: a dict, expected a table of cross_entropy"),
+    ("terms", lambda c: c.update(terms={"junk": torch.zeros(1)}), "terms: holds 'junk', "),
+    ("best-state", lambda c: c.update(best_state={"model.x": torch.zeros(1)}), "best_state: lacks model."),
+    ("epoch-seconds", lambda c: c.update(epoch_seconds="z"), "epoch_seconds: a str, expected a number"),
+]
+
+
+@pytest.mark.parametrize("damage, problem", [d[1:] for d in _DEEP_DAMAGE + _LOOP_DAMAGE],
+                         ids=[d[0] for d in _DEEP_DAMAGE + _LOOP_DAMAGE])
+def test_resume_refuses_a_last_pt_damaged_deep_inside_by_key(stopped_mid_stage, tmp_path, damage, problem):
+    recipe, stopped = stopped_mid_stage
+    run = shutil.copytree(stopped, tmp_path / "run")
+    last = run / "checkpoints" / "last.pt"
+    saved = torch.load(last, weights_only=True)
+    damage(saved)
+    torch.save(saved, last)
+    records = (run / "metrics.jsonl").read_text()
+    with pytest.raises(CheckpointError) as info:  # was a traceback mid-run (or a segfault: rng-numpy-pos)
+        run_recipe(recipe, resume=run, quiet=True)
+    message = str(info.value)
+    if problem is None:  # the recipe: refused as load_checkpoint refuses a malformed key
+        assert message.startswith(f"{last}: a damaged stagewise checkpoint: what it holds under recipe is not ")
+        return
+    assert message.startswith(f"{last}: a damaged stagewise checkpoint: what it holds is not what a run writes "
+                              f"there: {problem}") and "\n" not in message
+    assert message.endswith("No stage of this run has finished, so no other checkpoint can continue it: run the "
+                            f"recipe again with --out and a new folder (or delete {run} first)")
+    if damage in [d[1] for d in _DEEP_DAMAGE]:  # refused before the run directory was touched
+        assert (run / "metrics.jsonl").read_text() == records
+
+
+def test_a_resume_of_an_untouched_last_pt_passes_the_checks(stopped_mid_stage, tmp_path):
+    recipe, stopped = stopped_mid_stage
+    run = shutil.copytree(stopped, tmp_path / "run")
+    run_recipe(recipe, resume=run, quiet=True)
+    assert (run / "summary.json").exists()

@@ -263,6 +263,13 @@ def test_idx_bad_magic_and_truncation(tmp_path):
         read_idx(tmp_path / "short.idx.gz")
 
 
+def test_an_idx_file_of_no_values_is_refused_by_name(tmp_path):
+    # found by fuzzing: sizes (0, 2**32 - 1, ...) were numpy's ValueError "array is too big" from reshape
+    (tmp_path / "empty.idx").write_bytes(b"\0\0\x08\x04" + struct.pack(">4I", 0, *[2**32 - 1] * 3))
+    with pytest.raises(DataError, match=r"empty\.idx holds no values: its sizes are \(0, 4294967295, 4294967295, "):
+        read_idx(tmp_path / "empty.idx")
+
+
 @pytest.mark.parametrize("name", ["t.csv.gz", "t.jsonl.gz"])
 def test_a_truncated_gzip_csv_or_jsonl_names_the_file(tmp_path, name):
     rows = [(i, i % 2) for i in range(1000)]  # long enough that the cut lands mid-stream
@@ -763,13 +770,39 @@ def _not_npy_members(path):
         z.writestr("target.npy", b"world")
 
 
+def _flagged_member(bit):
+    """A .npz whose 'target.npy' member's zip flags say ``bit``: 0x20 compressed patched data, 0x01 encrypted
+    (found by fuzzing: zipfile's NotImplementedError and RuntimeError tracebacks)."""
+    def write(path):
+        np.savez(path, input=np.zeros((4, 2), np.float32), target=np.zeros(4))
+        raw = bytearray(path.read_bytes())
+        for signature, flags in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # local header, central directory
+            raw[raw.rfind(signature) + flags] |= bit  # the archive's last of each: target.npy's
+        path.write_bytes(bytes(raw))
+    return write
+
+
+def _zip_version_255(path):
+    """A .npz whose central directory says it needs zip version 25.5 to extract (zipfile: NotImplementedError)."""
+    np.savez(path, input=np.zeros((4, 2), np.float32), target=np.zeros(4))
+    raw = bytearray(path.read_bytes())
+    raw[raw.find(b"PK\x01\x02") + 6] = 255  # "version needed to extract" of the first member
+    path.write_bytes(bytes(raw))
+
+
 @pytest.mark.parametrize("write, message", [
     (lambda p: p.write_bytes(b""), r"a\.npz is not a readable \.npz file \(.*\); write it with numpy\.savez"),
     (_corrupt_member, r"a\.npz: array 'input' \(input_key\) is corrupt \(Bad CRC-32 for file 'input\.npy'\); the "
                       r"file may be truncated or damaged, write it again with numpy\.savez"),
     (_not_npy_members, r"a\.npz: 'input' \(input_key\) is not a numpy array \(\.npy\) inside the file"),
     (lambda p: np.savez(p), r"a\.npz has no array 'input' \(input_key\); its arrays are: \(none\)"),
-], ids=["empty-file", "bad-crc", "member-not-npy", "no-arrays"])
+    (_flagged_member(0x20), r"a\.npz: array 'target' \(target_key\) is stored in a way numpy cannot read \(compressed "
+                            r"patched data \(flag bit 5\)\); write the file with numpy\.savez or "
+                            r"numpy\.savez_compressed"),
+    (_flagged_member(0x01), r"a\.npz: array 'target' \(target_key\) is stored in a way numpy cannot read \(File "
+                            r"'target\.npy' is encrypted, password required for extraction\)"),
+    (_zip_version_255, r"a\.npz is not a readable \.npz file \(zip file version 25\.5\); write it with numpy\.savez"),
+], ids=["empty-file", "bad-crc", "member-not-npy", "no-arrays", "zip-patched-data", "zip-encrypted", "zip-version"])
 def test_a_damaged_npz_is_a_data_error(tmp_path, write, message):
     write(tmp_path / "a.npz")  # were EOFError, zipfile.BadZipFile and AttributeError tracebacks
     with pytest.raises(DataError, match=message):

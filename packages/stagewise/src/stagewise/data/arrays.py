@@ -78,7 +78,8 @@ def read_npz(path: str, input_key: str, target_key: str) -> tuple[np.ndarray, np
     _check_npz_magic(file)
     try:
         npz = np.load(file, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # EOFError: an empty file
+    # EOFError: an empty file; NotImplementedError: zipfile's refusal of a zip version it does not know
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, NotImplementedError) as exc:
         raise DataError(f"{file} is not a readable .npz file ({exc or 'it is empty'}); write it with "
                         f"numpy.savez") from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
@@ -98,6 +99,9 @@ def read_npz(path: str, input_key: str, target_key: str) -> tuple[np.ndarray, np
             except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # a damaged member
                 raise DataError(f"{file}: array {key!r} ({option}) is corrupt ({exc}); the file may be "
                                 f"truncated or damaged, write it again with numpy.savez") from None
+            except (NotImplementedError, RuntimeError) as exc:  # zipfile: a compression or flag it lacks, encryption
+                raise DataError(f"{file}: array {key!r} ({option}) is stored in a way numpy cannot read ({exc}); "
+                                f"write the file with numpy.savez or numpy.savez_compressed") from None
             if not isinstance(array, np.ndarray):  # a zip member that is not a .npy: numpy gives its bytes
                 raise DataError(f"{file}: {key!r} ({option}) is not a numpy array (.npy) inside the file; "
                                 f"write the file with numpy.savez")

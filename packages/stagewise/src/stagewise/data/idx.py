@@ -36,6 +36,9 @@ def read_idx(path: str | Path) -> np.ndarray:
     shape = struct.unpack(f">{ndim}I", raw[4:offset])
     dtype = np.dtype(IDX_TYPES[raw[2]])
     count = math.prod(shape)
+    if count == 0:  # nothing to train on; numpy cannot even shape (0, 2**32 - 1, 2**32 - 1) ("array is too big")
+        raise DataError(f"{path} holds no values: its sizes are {shape}, one of them 0; give a file with at least "
+                        f"one image or label")
     expected = offset + count * dtype.itemsize
     if len(raw) != expected:
         needs = f"an array of shape {shape} and type {dtype.name} needs {expected} bytes, the file has {len(raw)}"

@@ -183,9 +183,18 @@ def _well_formed(key: str, value: Any) -> bool:
         return False
     if key == "model":
         return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
-    if key == "recipe":
-        return isinstance(value.get("model"), dict) and isinstance(value["model"].get("use"), str)
+    if key == "recipe":  # compared with the recipe resumed with, its changes shown as TOML
+        return _toml_data(value) and isinstance(value.get("model"), dict) and isinstance(value["model"].get("use"), str)
     return True
+
+
+def _toml_data(value: Any) -> bool:
+    """Whether ``value`` holds only what a recipe file can: tables, arrays, strings, numbers, booleans."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _toml_data(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(_toml_data(v) for v in value)
+    return isinstance(value, str | int | float)  # bool is an int
 
 
 def rng_state() -> dict[str, Any]:
@@ -205,9 +214,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    random.setstate(_as_tuple(state["python"]))
+    random.setstate(python_rng_state(state["python"]))
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def python_rng_state(saved: Any) -> Any:
+    """What ``random.setstate`` takes: the saved state with its lists (as a checkpoint may hold them) as tuples."""
+    return tuple(python_rng_state(v) for v in saved) if isinstance(saved, list | tuple) else saved
 
 
 def _loads_back(value: Any) -> bool:
@@ -220,10 +234,6 @@ def _loads_back(value: Any) -> bool:
     except Exception:  # unpicklable, or refused by weights_only: either way no checkpoint could hold it
         return False
     return True
-
-
-def _as_tuple(value: Any) -> Any:
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
 
 
 def seed_everything(seed: int) -> None:

@@ -24,12 +24,24 @@ from stagewise.engine.guards import NonFiniteGuard
 from stagewise.engine.objective import Objective, TermWeights, build_terms, split_term
 from stagewise.engine.optim import build_optimizer, build_scheduler
 from stagewise.engine.params import select_parameters
+from stagewise.engine.resumable import (
+    counts_problems,
+    number_problems,
+    optimizer_problems,
+    plain_problems,
+    same_types,
+    tensors_problems,
+)
 from stagewise.events import Event
 from stagewise.loss import batch_size
 
 if TYPE_CHECKING:
     from stagewise.builtins.train import TrainStage
     from stagewise.engine.state import State
+
+
+# what a mid-stage checkpoint holds beside ``loop`` that :meth:`TrainLoop._restore` reads (save() writes them)
+_SAVED = ("optimizer", "scheduler", "terms", "best_state", "target", "guard", "fallbacks")
 
 
 @dataclass
@@ -47,6 +59,23 @@ class Position:
     sums: dict[str, float] = field(default_factory=dict)  # running train sums of this epoch
     best_metrics: dict[str, Any] = field(default_factory=dict)
     last_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def position_problems(loop: Any) -> list[str]:
+    """Where a checkpoint's ``loop`` table is not a :class:`Position` as :meth:`TrainLoop.save` writes it
+    (the loop checks the epoch and batch against the stage: :meth:`TrainLoop._resume_problems`)."""
+    fresh = asdict(Position())
+    if not isinstance(loop, dict) or loop.keys() != fresh.keys():
+        return [f"loop: expected a table of {', '.join(fresh)}"]
+    counts = ("epoch", "batch", "best_epoch", "bad_epochs", "stopped_early")
+    problems = same_types({k: loop[k] for k in counts}, {k: fresh[k] for k in counts}, "loop")
+    problems += [] if loop["best"] is None else number_problems(loop["best"], "loop.best")
+    sums = loop["sums"]
+    if not (isinstance(sums, dict) and all(isinstance(k, str) and type(v) in (int, float) for k, v in sums.items())):
+        problems.append("loop.sums: expected a table of numbers")
+    return problems + [p for key in ("best_metrics", "last_metrics") for p in
+                       ([] if isinstance(loop[key], dict) else [f"loop.{key}: expected a table"]) +
+                       plain_problems(loop[key], f"loop.{key}")]
 
 
 class TrainLoop:
@@ -359,6 +388,9 @@ class TrainLoop:
         self.state.save_checkpoint(done=False, extra=extra)
 
     def _restore(self, saved: dict[str, Any]) -> None:
+        from stagewise.engine.resume import refuse_damaged  # resume reads Position from here
+
+        refuse_damaged(self._resume_problems(saved), self.state.resumed_from, self.state.recipe)
         self.pos = Position(**saved["loop"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
@@ -372,6 +404,30 @@ class TrainLoop:
         self.state.step = saved["step"]
         self.epoch_started = time.perf_counter() - saved.get("epoch_seconds", 0.0)  # older checkpoints lack it
         self.rng_to_set = saved["rng"]
+
+    def _resume_problems(self, saved: dict[str, Any]) -> list[str]:
+        """Each value :meth:`_restore` would put back that is not what :meth:`save` writes, checked against
+        what this stage built (the run checked the model, RNG states, the loop's types and step before)."""
+        missing = [key for key in ("loop", *_SAVED) if key not in saved]
+        if missing:
+            return [f"{', '.join(missing)}: missing from a training stage's checkpoint"]
+        pos, target = saved["loop"], self.state.target_model
+        problems = [f"loop.{key}: {pos[key]}, expected 0..{end}" for key, end in
+                    (("epoch", self.o.max_epochs), ("batch", self.steps_per_epoch - 1)) if not 0 <= pos[key] <= end]
+        problems += optimizer_problems(saved["optimizer"], self.optimizer)
+        problems += same_types(saved["scheduler"], self.scheduler.state_dict(), "scheduler")
+        problems += tensors_problems(saved["terms"], self.objective.terms.state_dict(), "terms")
+        if saved["best_state"] is not None:
+            problems += tensors_problems(saved["best_state"], self._model_state(), "best_state")
+        if (saved["target"] is None) != (target is None):
+            problems.append(f"target: {'none' if saved['target'] is None else 'an EMA model'}, but this stage "
+                            f"{'keeps one' if target is not None else 'keeps none'} (ema_momentum)")
+        elif target is not None:
+            problems += tensors_problems(saved["target"], target.state_dict(), "target")
+        problems += same_types(saved["guard"], {"skipped": 0, "in_a_row": 0}, "guard")
+        problems += same_types(saved["fallbacks"], dict(self.weights.fallbacks), "fallbacks")
+        problems += counts_problems(saved.get("warnings", {}), "warnings")
+        return problems + number_problems(saved.get("epoch_seconds", 0.0), "epoch_seconds")
 
     def _resume_rng(self) -> None:
         """Set a resumed stage's saved RNG state at the point the uninterrupted run was at when

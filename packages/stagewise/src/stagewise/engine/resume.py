@@ -8,7 +8,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from stagewise.engine.checkpoint import RESUME_KEYS, load_checkpoint
+from stagewise.engine.loop import position_problems
+from stagewise.engine.resumable import number_problems, plain_problems, rng_problems, same_types, tensors_problems
 from stagewise.engine.rundir import holds_files
 from stagewise.engine.state import State
 from stagewise.errors import CheckpointError
@@ -32,6 +36,49 @@ def restore_run(state: State, saved: dict[str, Any] | None, path: Path) -> int:
     state.print(f"resuming {path} at stage {first + 1}/{n}{_within_stage(saved)}" if first < n
                 else f"{path} has finished all {n} stages: nothing to resume")
     return first
+
+
+def check_resumable(saved: dict[str, Any], model: torch.nn.Module, path: Path, recipe: Recipe) -> None:
+    """CheckpointError unless what the run's last.pt holds has the types and shapes a run writes there,
+    checked before anything of it is put back or the run directory ``path`` is touched: the weights
+    fit ``model`` (built from the checkpoint's model options), the RNG states, the stage, the results
+    and, for a training stage's mid-stage checkpoint, its loop position (the rest is the loop's to
+    check, against the optimizer it builds: :meth:`TrainLoop._resume_problems`)."""
+    index, name, stages = saved["stage_index"], saved["stage_name"], recipe.stages
+    problems = tensors_problems(saved["model"], model.state_dict(), "model") + rng_problems(saved["rng"])
+    if not (0 <= index < len(stages) and stages[index].name == name):
+        problems.append(f"stage_index, stage_name: {index}, {name!r} is no stage of this recipe")
+    problems += plain_problems(saved["metrics"], "metrics") + _results_problems(saved["stage_results"])
+    problems += number_problems(saved.get("stage_seconds", 0.0), "stage_seconds")
+    if not isinstance(saved.get("routers", {}), dict):
+        problems.append(f"routers: {type(saved['routers']).__name__}, expected a table of routers by name")
+    if not saved["stage_done"] and "loop" in saved:  # a training stage's: where it resumes is said before it runs
+        problems += position_problems(saved["loop"]) + same_types(saved.get("step"), 0, "step")
+    refuse_damaged(problems, path, recipe)
+
+
+def refuse_damaged(problems: list[str], path: Path, recipe: Recipe) -> None:
+    """CheckpointError naming what is wrong inside the last.pt of the run at ``path`` (the first few
+    problems, each as KEY.PATH: what), and what to do instead, unless ``problems`` is empty."""
+    if problems:
+        shown = "; ".join(problems[:_SHOWN_CHANGES]) + (f"; and {len(problems) - _SHOWN_CHANGES} more"
+                                                         if len(problems) > _SHOWN_CHANGES else "")
+        raise CheckpointError(f"{path / 'checkpoints' / 'last.pt'}: a damaged stagewise checkpoint: what it holds "
+                              f"is not what a run writes there: {shown}. {_damaged_last_advice(path, recipe)}")
+
+
+def _results_problems(results: dict[str, Any]) -> list[str]:
+    """Each stage result (summary.json's ``stages``) that is not as :func:`_record_stage` writes it."""
+    problems = []
+    for name, result in results.items():
+        where = f"stage_results.{name}"
+        if not isinstance(result, dict) or result.keys() != {"metrics", "epochs", "seconds", "measured"}:
+            problems.append(f"{where}: expected a table of metrics, epochs, seconds, measured")
+            continue
+        problems += plain_problems(result, where) + number_problems(result["seconds"], f"{where}.seconds")
+        problems += [f"{where}.{key}: expected a {kind.__name__}" for key, kind in
+                     (("metrics", dict), ("epochs", int), ("measured", list)) if type(result[key]) is not kind]
+    return problems
 
 
 def _within_stage(saved: dict[str, Any]) -> str:

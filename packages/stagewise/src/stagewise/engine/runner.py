@@ -23,7 +23,7 @@ from stagewise.engine import distributed
 from stagewise.engine.checkpoint import seed_everything, set_rng_state
 from stagewise.engine.failures import noted
 from stagewise.engine.guards import RateLimitedWarnings
-from stagewise.engine.resume import load_resume, restore_run
+from stagewise.engine.resume import check_resumable, load_resume, restore_run
 from stagewise.engine.rundir import RunDir, environment, file_in_the_way, unused_folder
 from stagewise.engine.state import State, check_event_hooks
 from stagewise.errors import CheckpointError, RunInterrupted, StagewiseError, TrainingError
@@ -66,6 +66,8 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
     check_event_hooks()
     model_options = _model_options(recipe, saved)
     model = _build("model", recipe, lambda: recipe.model.component().from_recipe(model_options, data)).to(device)
+    if saved is not None:  # before the run directory is touched: a damaged checkpoint leaves it as it was
+        check_resumable(saved, model, Path(resume), recipe)
     path = _run_folder(recipe, out, resume)
     run_dir = None
     try:  # from the folder's making on: Ctrl-C once its recipe.toml is there says how to resume
@@ -73,7 +75,7 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
             run_dir = _open_run_dir(recipe, data, path, resume is not None, saved)
         state = State(recipe=recipe, model=model, model_options=model_options, data=data, device=device,
                       dist=info, warnings=RateLimitedWarnings(silent=info.rank != 0), run_dir=run_dir,
-                      quiet=quiet)
+                      quiet=quiet, resumed_from=Path(resume) if resume is not None else None)
         if resume is not None:
             first = restore_run(state, saved, path)
         else:  # said now, not only at the end: a long run's metrics and checkpoints are there from here on

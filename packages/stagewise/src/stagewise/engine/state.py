@@ -16,6 +16,8 @@ from stagewise.errors import PluginError
 from stagewise.events import Event
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from stagewise.data.splits import DataSplits
     from stagewise.engine.distributed import DistInfo
     from stagewise.engine.guards import RateLimitedWarnings
@@ -55,6 +57,7 @@ class State:
     # each term's scheduled weight this epoch, by name; 0: not trained (under torchrun still computed)
     term_weights: dict[str, float] = field(default_factory=dict)
     resume: dict[str, Any] | None = None  # the checkpoint a resumed stage continues from
+    resumed_from: Path | None = None  # a resumed run's directory, whose checkpoints/last.pt ``resume`` is
     stage_started: float = 0.0  # perf_counter() at the stage's start, as if a resumed stage had never stopped
     metrics: dict[str, Any] = field(default_factory=dict)  # final metrics so far, all stages
     stage_results: dict[str, Any] = field(default_factory=dict)  # summary.json "stages"
