@@ -457,6 +457,24 @@ def test_phase2_datasets_read_the_cache_without_copying_it():
     assert [item["hidden"].untyped_storage().data_ptr() == storage for item in (windows[0], tokens[0])] == [True] * 2
 
 
+def test_phase2_batches_load_with_one_gather_per_tensor_bit_for_bit(monkeypatch):
+    # a token-mode batch cost 32 item lookups (~0.5 ms a step on the embedded corpus); now a few gathers
+    from torch.utils.data import default_collate
+
+    from stagewise.engine.batches import in_process_batches
+    from stagewise_lego_ashem.mining import SequenceCache, TokenCache
+
+    hidden = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(3))
+    hard = torch.tensor([[True, False, True], [False] * 3, [True, True, False], [False, False, True]])
+    cache = {"hidden": hidden, "target": torch.arange(12).view(4, 3), "hard": hard}
+    for dataset, indices in ((SequenceCache(cache), [2, 0]), (TokenCache(cache), [4, 0, 3, 1])):
+        expected = default_collate([dataset[i] for i in indices])
+        monkeypatch.setattr(type(dataset), "__getitem__", lambda self, i: pytest.fail("an item looked up alone"))
+        (got,) = in_process_batches(dataset, [indices])
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) and got[k].dtype == expected[k].dtype for k in got)
+
+
 def test_reporting_on_a_mined_split_warns_once_that_its_numbers_are_not_held_out(tiny, tmp_path, capsys):
     short = ("stages.phase2.max_epochs=1", "stages.test.curve_points=2")
     leaky = read_summary(run_recipe(tiny(*short, 'stages.test.split="train"', "stages.test.allow_leak=true"),

@@ -322,3 +322,20 @@ def test_a_resume_of_an_untouched_last_pt_passes_the_checks(stopped_mid_stage, t
     run = shutil.copytree(stopped, tmp_path / "run")
     run_recipe(recipe, resume=run, quiet=True)
     assert (run / "summary.json").exists()
+
+
+def test_a_last_pt_from_before_the_foreach_optimizer_resumes_to_the_same_numbers(stopped_mid_stage, tmp_path):
+    """Runs stopped under an earlier stagewise saved ``foreach=None`` (torch's per-parameter loop):
+    the resume takes it, on that path, and ends with the numbers of a resume on the multi-tensor one."""
+    recipe, stopped = stopped_mid_stage
+    finals = []
+    for flag in (True, None):
+        run = shutil.copytree(stopped, tmp_path / f"run-{flag}")
+        last = run / "checkpoints" / "last.pt"
+        saved = torch.load(last, weights_only=True)
+        assert saved["optimizer"]["param_groups"][0]["foreach"] is True  # written by this stagewise
+        saved["optimizer"]["param_groups"][0]["foreach"] = flag
+        torch.save(saved, last)
+        run_recipe(recipe, resume=run, quiet=True)
+        finals.append(json.loads((run / "summary.json").read_text())["metrics"])
+    assert finals[0] == finals[1] and finals[0]

@@ -100,6 +100,11 @@ class SequenceCache(Dataset):
         window = int(self.windows[i])
         return {k: self.cache[k][window] for k in ("hidden", "target", "hard")}
 
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        """The items of a batch, as :meth:`__getitem__` gives them, from one gather per tensor."""
+        windows = self.windows[indices]
+        return _items({k: self.cache[k][windows] for k in ("hidden", "target", "hard")})
+
 
 class TokenCache(Dataset):
     """The hard tokens alone: item j is ``{"hidden": (1, C), "target": ()}`` (the seed's loader),
@@ -116,3 +121,14 @@ class TokenCache(Dataset):
     def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
         row = int(self.rows[j])
         return {"hidden": self.hidden[row].unsqueeze(0), "target": self.target[row]}
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        """The items of a batch, as :meth:`__getitem__` gives them, from one gather per tensor."""
+        rows = self.rows[indices]
+        return _items({"hidden": self.hidden[rows].unsqueeze(1), "target": self.target[rows]})
+
+
+def _items(columns: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Batched ``columns`` (B, ...) cut back into B items (views), for the batch's collation: a
+    batch's loading (the phase-2 token mode's 32 rows) costs a few tensor operations, not a few per row."""
+    return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]

@@ -68,10 +68,25 @@ def iterate_batches(state: State, source: str | Dataset, *, train: bool, epoch: 
     rank, world = (state.dist.rank, state.dist.world_size) if shard else (0, 1)
     index_lists = batch_indices(len(dataset), size, order=order, drop_last=train and spec.drop_last,
                                 rank=rank, world=world, every_rank=train)
-    loader = DataLoader(dataset, batch_sampler=index_lists[start:], collate_fn=default_collate,
-                        num_workers=spec.num_workers)
-    for batch in loader:
+    if spec.num_workers:
+        batches = DataLoader(dataset, batch_sampler=index_lists[start:], collate_fn=default_collate,
+                             num_workers=spec.num_workers)
+    else:
+        batches = in_process_batches(dataset, index_lists[start:])
+    for batch in batches:
         yield to_device(batch, state.device)
+
+
+def in_process_batches(dataset: Dataset, index_lists: list[list[int]]) -> Iterator[Any]:
+    """What a ``DataLoader`` without workers yields for these index lists, bit for bit, without
+    its per-batch bookkeeping (profiler record, sampler and fetcher calls): a fixed cost that a
+    small model's step pays at every step. Like the DataLoader's iterator it draws one number
+    from torch's global RNG as it starts (its workers' seed), so the draws after it (dropout, a
+    stage's own sampling) stay those of a run that loads through a DataLoader."""
+    torch.empty((), dtype=torch.int64).random_()
+    getitems = getattr(dataset, "__getitems__", None)  # e.g. Subset's: the DataLoader prefers it too
+    for indices in index_lists:
+        yield default_collate(getitems(indices) if getitems else [dataset[i] for i in indices])
 
 
 def count_batches(state: State, source: str | Dataset, *, train: bool, indices: list[int] | None = None,

@@ -9,11 +9,16 @@ import torch
 
 
 def build_optimizer(params: list[torch.nn.Parameter], o: Any) -> torch.optim.Optimizer:
-    """AdamW, SGD or L-BFGS from a stage's options (see ``TrainOptions``)."""
+    """AdamW, SGD or L-BFGS from a stage's options (see ``TrainOptions``).
+
+    AdamW and SGD take torch's multi-tensor (``foreach``) path on every device, not only on CUDA:
+    the same kernels in the same order, so bit for bit the same steps, but one call per operation
+    for all parameters instead of one per parameter, which dominates a small model's step on the CPU.
+    """
     if o.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, foreach=True)
     if o.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, foreach=True)
     # L-BFGS re-evaluates the loss inside step(closure); strong Wolfe line search keeps it stable
     return torch.optim.LBFGS(params, lr=o.lr, max_iter=o.lbfgs_max_iter,
                              history_size=o.lbfgs_history, line_search_fn="strong_wolfe")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections.abc import Iterable
@@ -175,7 +176,7 @@ class State:
             print(message, flush=True)
 
 
-def event_hookimpls(event: Event) -> list[Any]:
+def event_hookimpls(event: Event) -> tuple[Any, ...]:
     """The implementations of ``event``'s hook in call order: ``tryfirst`` ones, then plain
     ones, then ``trylast`` ones; within each, "before" hooks in registration order and "after"
     hooks reversed, so that a plugin can undo what it did.
@@ -183,21 +184,28 @@ def event_hookimpls(event: Event) -> list[Any]:
     The engine calls each implementation itself (pluggy's own order is last-registered first),
     so wrappers, which pluggy would run around the others, are refused.
     """
+    impls = getattr(plugins.plugin_manager().hook, event.hook_name).get_hookimpls()
+    # ordered once per set of implementations, not at every step (BEFORE_STEP and AFTER_STEP)
+    return _call_order(event.hook_name, tuple(impls), event.is_after) if impls else ()
+
+
+@functools.lru_cache(maxsize=64)
+def _call_order(hook_name: str, impls: tuple[Any, ...], is_after: bool) -> tuple[Any, ...]:
+    """:func:`event_hookimpls` for one hook's ``impls`` (in pluggy's order). Registering or
+    unregistering a plugin makes new implementation objects, so a new key: the order is worked
+    out again. A refusal raises, and is not cached."""
     pm = plugins.plugin_manager()
-    hook = getattr(pm.hook, event.hook_name)
-    impls = hook.get_hookimpls()
-    if not impls:
-        return impls
     wrappers = [i.plugin_name for i in impls if i.wrapper or i.hookwrapper]
     if wrappers:
+        hook = getattr(pm.hook, hook_name)
         raise PluginError(
             f"plugin {', '.join(map(repr, wrappers))}: {hook.name}({', '.join(hook.spec.argnames)}) is a "
             f"wrapper (wrapper=True or hookwrapper=True), which event hooks do not support: the engine "
             f"calls them one by one. Use a plain @stagewise.hookimpl; tryfirst=True or trylast=True "
             f"has it called first or last")
     registered = {name: i for i, (name, _) in enumerate(pm.list_name_plugin())}
-    sign = -1 if event.is_after else 1
-    return sorted(impls, key=lambda i: (-i.tryfirst + i.trylast, sign * registered[i.plugin_name]))
+    sign = -1 if is_after else 1
+    return tuple(sorted(impls, key=lambda i: (-i.tryfirst + i.trylast, sign * registered[i.plugin_name])))
 
 
 def check_event_hooks() -> None:
