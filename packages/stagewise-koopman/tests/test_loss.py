@@ -299,7 +299,8 @@ def test_a_refused_post_hoc_fit_leaves_the_model_in_training_mode():
 def _forward_eval_state(model, batches, term):
     """What ``koopman.forward_eval`` reads of the run state."""
     return SimpleNamespace(artifacts={"koopman.operators": {"koopman": term.artifact()}}, device=torch.device("cpu"),
-                           model=model, batches=lambda split, shard, desc=None: batches, run_dir=None)
+                           model=model, batches=lambda split, shard, desc=None: batches, run_dir=None,
+                           resumed_from=None)
 
 
 def test_forward_eval_says_what_a_model_without_an_output_head_lacks():

@@ -5,12 +5,18 @@ warning counts and the operators handed to forward_eval come back from the check
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+import torch
 from conftest import TINY_HYBRID
+from stagewise_koopman import load_term
 
+import stagewise
 from stagewise.engine.checkpoint import load_checkpoint
 from stagewise.engine.runner import run_recipe
+from stagewise.errors import CheckpointError
+from stagewise.plugins import register_plugin, unregister_plugin
 from stagewise.recipe import load_recipe
 from stagewise.testing import resume_run, run_killed, timeless_records
 
@@ -56,3 +62,80 @@ def test_resume_after_sigkill_matches_uninterrupted_run(whole, tmp_path, stage, 
     fallbacks = [r.get("warnings/fallback/koopman", 0) for r in records
                  if r["event"] == "epoch" and r["stage"] == "main"]
     assert fallbacks == [0, 1, 0]  # the counts the resumed epochs must keep
+
+
+# --- a last.pt whose trained term is not what the run wrote --------------------------------------------------
+
+
+class _StopBeforeForward:
+    @stagewise.hookimpl
+    def stagewise_before_stage(self, state):
+        if state.stage_name == "forward":
+            raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="module")
+def stopped_before_forward(tmp_path_factory):
+    """The tiny hybrid recipe stopped as forward_eval began: its last.pt (main's end) holds the trained term."""
+    folder = tmp_path_factory.mktemp("stopped")
+    (folder / "tiny_hybrid.toml").write_text(TINY_HYBRID)
+    recipe = load_recipe(folder / "tiny_hybrid.toml")
+    register_plugin(_StopBeforeForward(), "stoptest")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe(recipe, out=folder / "run", quiet=True)
+    finally:
+        unregister_plugin("stoptest")
+    return recipe, folder / "run"
+
+
+def _term(artifacts):
+    return artifacts["koopman.operators"]["koopman"]
+
+
+# each found by fuzzing (a value inside last.pt's artifacts changed, then resumed): each was a traceback, or an
+# allocation that ran the machine out of memory (n_hidden: a range of a billion source layers)
+_DAMAGE = [
+    ("missing", lambda a: a["koopman.operators"].clear(),  # KeyError
+     "artifacts.koopman.operators: lacks koopman, the term an earlier stage trained"),
+    ("float", lambda a: a["koopman.operators"].update(koopman=float("nan")),  # TypeError: not subscriptable
+     "artifacts.koopman.operators.koopman: a float, expected a table of options, n_hidden, width, sources, state"),
+    ("option-type", lambda a: _term(a)["options"].update(koopman_dim="x"),  # TypeError in __post_init__
+     "artifacts.koopman.operators.koopman.options.koopman_dim: expected int"),
+    ("n-hidden", lambda a: _term(a).update(n_hidden=10**9),  # out of memory
+     "artifacts.koopman.operators.koopman.n_hidden: 1000000000, but sources lists 3 layers (expected 4)"),
+    ("width", lambda a: _term(a).update(width=-1),  # RuntimeError: negative dimension
+     "artifacts.koopman.operators.koopman.width: -1, expected a whole number >= 1"),
+    ("sources", lambda a: _term(a)["sources"].__setitem__(2, torch.zeros(2)),  # unread by the rebuild: was taken
+     "artifacts.koopman.operators.koopman.sources: a list, expected a list of layer numbers"),
+    ("state-shape", lambda a: _term(a)["state"].update(decode_weight=torch.zeros(3, 8, 15)),  # load_state_dict
+     "artifacts.koopman.operators.koopman.state.decode_weight: a torch.float32 tensor of shape (3, 8, 15), expected "
+     "a torch.float32 tensor of shape (3, 8, 16)"),
+    ("operator-nan", lambda a: _term(a)["state"]["operator"].fill_(float("nan")),  # svd's _LinAlgError
+     "artifacts.koopman.operators.koopman.state.operator: holds values that are not finite"),
+]
+
+
+@pytest.mark.parametrize("damage, problem", [d[1:] for d in _DAMAGE], ids=[d[0] for d in _DAMAGE])
+def test_resume_refuses_a_trained_term_the_run_did_not_write_by_key(stopped_before_forward, tmp_path, damage,
+                                                                     problem):
+    recipe, stopped = stopped_before_forward
+    run = shutil.copytree(stopped, tmp_path / "run")
+    last = run / "checkpoints" / "last.pt"
+    saved = torch.load(last, weights_only=True)
+    damage(saved["artifacts"])
+    torch.save(saved, last)
+    with pytest.raises(CheckpointError) as info:
+        run_recipe(recipe, resume=run, quiet=True)
+    assert str(info.value).startswith(f"{last}: a damaged stagewise checkpoint: what it holds is not what a run "
+                                      f"writes there: {problem}")
+    assert f"Copy {run / 'checkpoints' / 'main.pt'} (stage 'main', the last one that finished) over" in str(info.value)
+    with pytest.raises(CheckpointError, match=r"last\.pt: (holds no trained|not the trained term a run writes: )"):
+        load_term(run)  # the same checkpoint read by the plugin's own loader
+
+
+def test_a_resume_of_an_untouched_term_passes_the_checks(stopped_before_forward, tmp_path):
+    recipe, stopped = stopped_before_forward
+    run = shutil.copytree(stopped, tmp_path / "run")
+    run_recipe(recipe, resume=run, quiet=True)
+    assert "forward/koopman_ppl" in _summary(run)

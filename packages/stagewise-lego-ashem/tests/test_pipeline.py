@@ -194,6 +194,23 @@ def test_recipe_errors_are_reported_before_anything_runs(tiny):
     assert "outside the model" in str(error.value) and "strictly between 0 and 1" in str(error.value)
 
 
+@pytest.mark.parametrize("stage", ["mine", "probe"])
+def test_an_empty_calib_split_is_refused_before_anything_runs(tiny, tmp_path, stage):
+    # found by fuzzing the option tables: mine's was a KeyError from the data after phase 1 had trained
+    table = tiny("model.exit_probe=true").table
+    if stage == "mine":
+        table["stages"][1]["calib_split"] = ""
+    else:  # a probe stage after phase 2
+        table["stages"].insert(3, {"name": "probe", "use": "lego_ashem.train_exit_probe", "calib_split": ""})
+    from stagewise.recipe import recipe_from_table
+
+    with pytest.raises(ConfigError) as error:
+        run_recipe(recipe_from_table(table, "no-calib", []), out=tmp_path / "run", quiet=True)
+    assert error.value.problems == [f'stages.{stage}.calib_split: must name the split the threshold is calibrated '
+                                    f'on (e.g. "valid"), got ""']
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_router_key_set_on_its_stage_names_the_stage_and_the_router_table():
     # was: "stages[1].hard_ratio: unknown key. Valid keys: ..." for --set stages.mine.hard_ratio=2
     with pytest.raises(ConfigError) as error:
@@ -300,7 +317,7 @@ def test_a_cache_without_hard_tokens_says_there_is_nothing_to_train():
     cache = {"split": "train", "exit_layer": 2, "hidden": torch.zeros(3, 4, 8), "target": torch.zeros(3, 4),
              "hard": torch.zeros(3, 4, dtype=torch.bool)}
     with pytest.raises(ConfigError, match="'train' holds no hard token.*raise the router's hard_ratio"):
-        stage.run(SimpleNamespace(artifacts={mining.CACHE: cache}))
+        stage.run(SimpleNamespace(artifacts={mining.CACHE: cache}, resumed_from=None))
 
 
 def test_mine_reports_the_calibrated_hard_ratio_on_the_calibration_split(tiny, tmp_path):

@@ -4,11 +4,17 @@ cache come back from the checkpoint."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
+import torch
 from conftest import TINY, read_summary
 
+import stagewise
 from stagewise.engine.checkpoint import load_checkpoint
 from stagewise.engine.runner import run_recipe
+from stagewise.errors import CheckpointError
+from stagewise.plugins import register_plugin, unregister_plugin
 from stagewise.recipe import load_recipe
 from stagewise.testing import resume_run, run_killed, timeless_records
 
@@ -53,3 +59,74 @@ def test_resume_after_sigkill_matches_uninterrupted_run(whole, tmp_path, context
     assert timeless_records(killed) == timeless_records(uninterrupted)
     routers = [load_checkpoint(run / "checkpoints" / "last.pt")["routers"] for run in (killed, uninterrupted)]
     assert routers[0] == routers[1] and "lego_ashem.router" in routers[0]  # the kept router came back too
+
+
+# --- a last.pt whose artifacts are not what mine writes -------------------------------------------------------
+
+
+class _StopInPhase2:
+    @stagewise.hookimpl
+    def stagewise_after_step(self, state):
+        if (state.stage_name, state.step) == ("phase2", 4):
+            raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="module")
+def stopped_in_phase2(tmp_path_factory):
+    """The tiny recipe stopped in phase2: its last.pt (phase2's step 3) holds the cache and the router record."""
+    folder = tmp_path_factory.mktemp("stopped")
+    (folder / "tiny.toml").write_text(TINY)
+    recipe = load_recipe(folder / "tiny.toml", ["run.checkpoint_every_n_steps=3"])
+    register_plugin(_StopInPhase2(), "stoptest")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe(recipe, out=folder / "run", quiet=True)
+    finally:
+        unregister_plugin("stoptest")
+    return recipe, folder / "run"
+
+
+_CACHE, _ROUTER = "lego_ashem.cache", "lego_ashem.router"
+# each found by fuzzing (a value inside last.pt's artifacts changed, then resumed): each was a traceback
+_DAMAGE = [
+    ("cache-float", lambda a: a.update({_CACHE: float("nan")}),  # TypeError building the dataset
+     "artifacts.lego_ashem.cache: a float, expected a table of split, exit_layer, hidden, target, hard"),
+    ("cache-no-target", lambda a: a[_CACHE].pop("target"), "artifacts.lego_ashem.cache: a dict, expected"),  # KeyError
+    ("cache-hard-cut", lambda a: a[_CACHE].update(hard=a[_CACHE]["hard"][:2]),  # IndexError
+     "artifacts.lego_ashem.cache.hard: a torch.bool tensor of shape (2, 8), expected a torch.bool tensor of shape"),
+    ("cache-hidden-float64", lambda a: a[_CACHE].update(hidden=a[_CACHE]["hidden"].double()),  # matmul's dtype error
+     "artifacts.lego_ashem.cache.hidden: a torch.float64 tensor of shape"),
+    ("cache-target-ids", lambda a: a[_CACHE]["target"].fill_(10**6),
+     "artifacts.lego_ashem.cache.target: holds ids outside the vocabulary 0..299"),
+    ("cache-split", lambda a: a[_CACHE].update(split="nope"), "artifacts.lego_ashem.cache.split: 'nope' is no split"),
+    ("router-missing", lambda a: a.pop(_ROUTER),  # KeyError in the curve of the test stage
+     "artifacts: lacks lego_ashem.router, which an earlier lego_ashem.mine stage writes"),
+    ("router-hard-ratio", lambda a: a[_ROUTER].update(hard_ratio="x"),  # TypeError in ConfidenceOptions
+     "artifacts.lego_ashem.router.hard_ratio: 'x', expected a number strictly between 0 and 1"),
+    ("router-measure", lambda a: a[_ROUTER].update(measure=0.5),  # ValueError scoring the logits
+     "artifacts.lego_ashem.router.measure: 0.5, expected one of max_prob, margin, neg_entropy, probe"),
+    ("router-quantiles", lambda a: a[_ROUTER]["quantiles"].__setitem__(0, []),  # TypeError routing by []
+     "artifacts.lego_ashem.router.quantiles: expected 21 finite numbers in ascending order"),
+]
+
+
+@pytest.mark.parametrize("damage, problem", [d[1:] for d in _DAMAGE], ids=[d[0] for d in _DAMAGE])
+def test_resume_refuses_artifacts_that_mine_did_not_write_by_key(stopped_in_phase2, tmp_path, damage, problem):
+    recipe, stopped = stopped_in_phase2
+    run = shutil.copytree(stopped, tmp_path / "run")
+    last = run / "checkpoints" / "last.pt"
+    saved = torch.load(last, weights_only=True)
+    damage(saved["artifacts"])
+    torch.save(saved, last)
+    with pytest.raises(CheckpointError) as info:
+        run_recipe(recipe, resume=run, quiet=True)
+    assert str(info.value).startswith(f"{last}: a damaged stagewise checkpoint: what it holds is not what a run "
+                                      f"writes there: {problem}")
+    assert f"Copy {run / 'checkpoints' / 'mine.pt'} (stage 'mine', the last one that finished) over" in str(info.value)
+
+
+def test_a_resume_of_untouched_artifacts_passes_the_checks(stopped_in_phase2, tmp_path):
+    recipe, stopped = stopped_in_phase2
+    run = shutil.copytree(stopped, tmp_path / "run")
+    run_recipe(recipe, resume=run, quiet=True)
+    assert "test/routed_ppl" in read_summary(run)["metrics"]

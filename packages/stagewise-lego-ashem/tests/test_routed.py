@@ -337,7 +337,7 @@ class _State:
         self.model, self._batches, self.artifacts, self.routers = model, batches, artifacts or {}, {}
         self.data = {split: [None] * sum(len(b["input"]) for b in bs) for split, bs in batches.items()}  # windows
         self.dist, self.run_dir, self.logged, self.seed, self.stage_index = DistInfo(), None, [], 0, 0
-        self.device = torch.device("cpu")
+        self.device, self.resumed_from = torch.device("cpu"), None
 
     keep_router = stagewise.State.keep_router
 

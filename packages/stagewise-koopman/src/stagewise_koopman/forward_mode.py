@@ -18,7 +18,7 @@ from stagewise.engine.checkpoint import load_checkpoint
 from stagewise.errors import CheckpointError
 from stagewise.load import checkpoint_of
 from stagewise.plots import line_plot
-from stagewise_koopman.loss import ARTIFACT, KoopmanOperator
+from stagewise_koopman.loss import ARTIFACT, KoopmanOperator, artifact_problems
 
 
 def load_term(source: str | Path, name: str = "koopman") -> KoopmanOperator:
@@ -27,10 +27,16 @@ def load_term(source: str | Path, name: str = "koopman") -> KoopmanOperator:
     mode: ready for :func:`koopman_forward_logits` with ``stagewise.load_model(source)``."""
     checkpoint = checkpoint_of(source)
     terms = load_checkpoint(checkpoint, ("artifacts",))["artifacts"].get(ARTIFACT, {})
-    if name not in terms:
+    if isinstance(terms, dict) and name not in terms:
         raise CheckpointError(f"{checkpoint}: holds no trained koopman.operator term named {name!r} "
                               f"(found: {', '.join(sorted(terms)) or 'none'}); pass one of those as name, or use "
                               f"a checkpoint written after the stage that trains the term")
+    where = f"artifacts.{ARTIFACT}"
+    problems = (artifact_problems(terms[name], f"{where}.{name}") if isinstance(terms, dict)
+                else [f"{where}: a {type(terms).__name__}, expected a table of trained terms by name"])
+    if problems:
+        raise CheckpointError(f"{checkpoint}: not the trained term a run writes: {'; '.join(problems)}; use a "
+                              f"checkpoint the run wrote, untouched (or run the recipe again)")
     return KoopmanOperator.from_artifact(terms[name]).eval()
 
 

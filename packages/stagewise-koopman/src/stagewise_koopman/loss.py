@@ -32,6 +32,8 @@ import torch.nn.functional as F
 import stagewise
 from stagewise.engine.distributed import DistInfo, all_reduce_sums
 from stagewise.engine.objective import forward_batch
+from stagewise.engine.resumable import tensors_problems
+from stagewise.schema import build_dataclass
 from stagewise_koopman.dmd import blend, dmd_operator
 from stagewise_koopman.operator import EPS, KoopmanModules, normalize_state
 
@@ -255,8 +257,9 @@ class KoopmanOperator(stagewise.Loss):
             raise stagewise.ConfigError(problems)  # the engine names the term and the recipe file
         self.build(n_hidden, width)
 
-    def build(self, n_hidden: int, width: int) -> KoopmanOperator:
-        """Create φ, K, ψ for a model with ``n_hidden`` hidden states of width ``width``."""
+    def build(self, n_hidden: int, width: int, training: bool = True) -> KoopmanOperator:
+        """Create φ, K, ψ for a model with ``n_hidden`` hidden states of width ``width`` (and, when
+        ``training`` with ``dmd_every``, the DMD buffers: an evaluated term needs none)."""
         o = self.options
         problems = shape_problems(o, n_hidden)
         if problems:
@@ -266,7 +269,7 @@ class KoopmanOperator(stagewise.Loss):
         n, D = len(self.sources), o.koopman_dim
         self.koopman = KoopmanModules(n, width, D)
         self.register_buffer("operator_ref", self.koopman.operator.detach().clone())  # K at the last epoch end
-        if o.dmd_every:
+        if o.dmd_every and training:
             self.register_buffer("dmd_x", torch.zeros(n, o.dmd_buffer, D))
             self.register_buffer("dmd_y", torch.zeros(n, o.dmd_buffer, D))
             self.register_buffer("dmd_seen", torch.zeros((), dtype=torch.long))  # pairs ever recorded
@@ -390,6 +393,43 @@ class KoopmanOperator(stagewise.Loss):
 
     @classmethod
     def from_artifact(cls, saved: dict[str, Any]) -> KoopmanOperator:
-        term = cls(KoopmanOptions(**saved["options"])).build(saved["n_hidden"], saved["width"])
+        """The term :meth:`artifact` wrote ``saved`` from, for evaluation (unchecked: see :func:`artifact_problems`)."""
+        term = cls(KoopmanOptions(**saved["options"])).build(saved["n_hidden"], saved["width"], training=False)
         term.koopman.load_state_dict(saved["state"])
         return term
+
+
+def artifact_problems(saved: Any, where: str) -> list[str]:
+    """What keeps :meth:`KoopmanOperator.from_artifact` from rebuilding a trained term from ``saved`` (read
+    from a checkpoint, which may hold anything), each as ``KEY.PATH: what``: the keys :meth:`artifact`
+    writes, options a recipe could give, φ, K, ψ in the shapes those options and the model give, finite."""
+    keys = ("options", "n_hidden", "width", "sources", "state")
+    if not isinstance(saved, dict) or saved.keys() != set(keys):
+        return [f"{where}: {_kind(saved)}, expected a table of {', '.join(keys)}"]
+    problems: list[str] = []
+    options = build_dataclass(KoopmanOptions, saved["options"], f"{where}.options", problems)
+    problems += [f"{where}.{key}: {saved[key]!r}, expected a whole number >= 1" for key in ("n_hidden", "width")
+                 if not (type(saved[key]) is int and saved[key] >= 1)]
+    if problems:
+        return problems
+    saved_sources, n_hidden = saved["sources"], saved["n_hidden"]
+    if not (isinstance(saved_sources, list) and all(type(layer) is int for layer in saved_sources)):
+        return [f"{where}.sources: {_kind(saved_sources)}, expected a list of layer numbers"]
+    if not options.layers and n_hidden != len(saved_sources) + 1:  # all layers: one per hidden state but the last
+        return [f"{where}.n_hidden: {n_hidden}, but sources lists {len(saved_sources)} layers (expected "
+                f"{len(saved_sources) + 1})"]
+    problems = [f"{where}.options: {p}" for p in shape_problems(options, n_hidden)]
+    sources = source_layers(options, n_hidden)
+    if problems or saved_sources != sources:
+        return problems or [f"{where}.sources: {saved_sources!r}, expected {sources} (the options' source layers)"]
+    n, C, D = len(sources), saved["width"], options.koopman_dim
+    shapes = {"lift_weight": (n, C, D), "lift_bias": (n, D), "operator": (n, D, D), "decode_weight": (n, D, C),
+              "decode_bias": (n, C)}
+    fresh = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+    problems = tensors_problems(saved["state"], fresh, f"{where}.state")
+    return problems or [f"{where}.state.{k}: holds values that are not finite" for k in shapes
+                        if not bool(torch.isfinite(saved["state"][k]).all())]
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else f"a {type(value).__name__}"

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import stagewise
+from stagewise.engine.resume import refuse_damaged
 from stagewise.loss import perplexity
 from stagewise_koopman.forward_mode import koopman_forward_logits, plot_spectrum, spectral_radii
 from stagewise_koopman.linearity import OneStepError, fit_post_hoc, frozen_hidden, one_step_error
@@ -24,6 +25,7 @@ from stagewise_koopman.loss import (
     ARTIFACT,
     KoopmanOperator,
     KoopmanOptions,
+    artifact_problems,
     model_hidden,
     shape_problems,
     source_layers,
@@ -87,7 +89,7 @@ class ForwardEval(stagewise.Stage):
     @torch.no_grad()
     def run(self, state: stagewise.State) -> dict[str, Any]:
         o = self.options
-        term = KoopmanOperator.from_artifact(state.artifacts[ARTIFACT][o.term]).to(state.device)
+        term = KoopmanOperator.from_artifact(_trained_term(state, o.term)).to(state.device)
         model = state.model
         nll = {"standard": 0.0, "koopman": 0.0}
         tokens = 0
@@ -112,6 +114,28 @@ class ForwardEval(stagewise.Stage):
             plot_spectrum(state.run_dir.plot_path("koopman_spectrum.png"), term,
                           f"{state.recipe.run.name}: spectrum of each K ({o.term})")
         return {f"{self.label}/{k}": v for k, v in metrics.items()}
+
+
+def _trained_term(state: stagewise.State, name: str) -> dict[str, Any]:
+    """The artifact of the trained term ``name``. In a resumed run it came from last.pt, which may hold
+    anything there: refused naming its key path unless it rebuilds a term (a run that was not resumed
+    wrote it itself)."""
+    terms = state.artifacts.get(ARTIFACT)
+    if state.resumed_from is not None:
+        where = f"artifacts.{ARTIFACT}.{name}"
+        if not (isinstance(terms, dict) and name in terms):
+            problems = [f"artifacts.{ARTIFACT}: lacks {name}, the term an earlier stage trained"]
+        else:
+            problems = artifact_problems(terms[name], where) or _model_problems(terms[name], state, where)
+        refuse_damaged(problems, state.resumed_from, state.recipe)
+    return terms[name]
+
+
+def _model_problems(saved: dict[str, Any], state: stagewise.State, where: str) -> list[str]:
+    """The term must fit this run's model: its count and width of hidden states (where the options say)."""
+    model = {"n_hidden": model_hidden(state.model_options), "width": getattr(state.model_options, "n_embd", None)}
+    return [f"{where}.{key}: {saved[key]}, but this run's model has {value}" for key, value in model.items()
+            if value is not None and saved[key] != value]
 
 
 def _trained_terms(recipe, index: int) -> dict[str, tuple[int, Any]]:

@@ -32,7 +32,9 @@ from stagewise_lego_ashem.router import (
 
 def router_of(state: stagewise.State, measure: str | None = None) -> Confidence:
     """The router the run calibrated (measure, hard_ratio from the artifact; threshold from the model)."""
-    settings = state.artifacts.get(mining.ROUTER, {})
+    # a run with no mine stage routes by [model] routing_threshold, with the router's defaults
+    mined = mining.ROUTER in state.artifacts or mining.mined_before(state)  # then it must be there
+    settings = mining.read_artifact(state, mining.ROUTER) if mined else {}
     router = Confidence(ConfidenceOptions(measure=measure or settings.get("measure", "max_prob"),
                                           hard_ratio=settings.get("hard_ratio", 0.5)))
     router.threshold = state.model.threshold
@@ -165,7 +167,7 @@ def _confidence_flops_share(model: torch.nn.Module, idx: torch.Tensor, router: C
 def accuracy_compute_curve(state: stagewise.State, split: str, router: Confidence, points: int) -> list[dict]:
     """Routed accuracy, perplexity and cost at thresholds spread over the calibration quantiles;
     printed as a table, logged as a ``lego_ashem.curve`` record and drawn with ``[plots]``."""
-    quantiles = state.artifacts[mining.ROUTER]["quantiles"]
+    quantiles = mining.read_artifact(state, mining.ROUTER)["quantiles"]
     picks = sorted({round(i * (len(quantiles) - 1) / max(points - 1, 1)) for i in range(points)})
     rows = []
     for point, i in enumerate(picks, start=1):

@@ -14,15 +14,18 @@ Also the two artifacts later stages read (``CACHE``, ``ROUTER``) and what ``lego
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch.utils.data import Dataset
 
 import stagewise
+from stagewise.engine.resumable import tensors_problems
+from stagewise.engine.resume import refuse_damaged
 from stagewise.loss import token_nll
-from stagewise_lego_ashem.router import Confidence
+from stagewise_lego_ashem.router import Confidence, Measure
 from stagewise_lego_ashem.rows import collect_rows
 
 CACHE = "lego_ashem.cache"  # artifact: {"split", "exit_layer", "hidden", "target", "hard"}
@@ -82,6 +85,77 @@ def router_record(settings: dict[str, Any], router: Confidence, calib_split: str
     calibration on ``calib_split`` gave: the threshold and the ``scores``' quantiles for the curve."""
     return {**settings, "threshold": router.threshold, "calib_split": calib_split,
             "quantiles": score_quantiles(scores)}
+
+
+def read_artifact(state: stagewise.State, name: str) -> Any:
+    """The artifact ``name`` (``CACHE`` or ``ROUTER``) as a later stage reads it. In a resumed run it
+    came from last.pt, which may hold anything there: refused naming its key path unless it is what
+    ``mine`` writes (a run that was not resumed wrote it itself)."""
+    if state.resumed_from is None:
+        return state.artifacts[name]
+    if name not in state.artifacts:
+        problems = [f"artifacts: lacks {name}, which an earlier lego_ashem.mine stage writes"]
+    else:
+        check = _cache_problems if name == CACHE else _router_problems
+        problems = check(state.artifacts[name], state, f"artifacts.{name}")
+    refuse_damaged(problems, state.resumed_from, state.recipe)
+    return state.artifacts[name]
+
+
+def mined_before(state: stagewise.State) -> bool:
+    """Whether a ``lego_ashem.mine`` stage comes before the current one (so the ``ROUTER`` artifact must exist)."""
+    return any(spec.use == "lego_ashem.mine" for spec in state.recipe.stages[:state.stage_index])
+
+
+def _cache_problems(cache: Any, state: stagewise.State, where: str) -> list[str]:
+    """The cache must be as ``mine`` writes it for this run: the hidden states (N, T, C) of a split's
+    windows at this model's exit layer, in its dtype and finite; targets in the vocabulary; a bool hard mask."""
+    tensors = ("hidden", "target", "hard")
+    if not isinstance(cache, dict) or cache.keys() != {"split", "exit_layer", *tensors}:
+        return [f"{where}: {_kind(cache)}, expected a table of split, exit_layer, {', '.join(tensors)}"]
+    model, split = state.model, cache["split"]
+    if not (isinstance(split, str) and split in state.data.names()):
+        return [f"{where}.split: {split!r} is no split of this run's data ({', '.join(state.data.names())})"]
+    problems = [] if type(cache["exit_layer"]) is int and cache["exit_layer"] == model.exit_layer else [
+        f"{where}.exit_layer: {cache['exit_layer']!r}, expected the model's exit layer {model.exit_layer}"]
+    example = state.data.example(split)  # None for an empty split: mine cached no window of it
+    windows = (len(state.data[split]), len(example["input"]) if example else 0)
+    dtype = next(model.parameters()).dtype
+    expected = {"hidden": torch.empty(*windows, model.config.n_embd, dtype=dtype, device="meta"),
+                "target": torch.empty(windows, dtype=torch.int64, device="meta"),
+                "hard": torch.empty(windows, dtype=torch.bool, device="meta")}
+    problems += tensors_problems({k: cache[k] for k in tensors}, expected, where)
+    if problems:
+        return problems
+    if not bool(torch.isfinite(cache["hidden"]).all()):
+        problems.append(f"{where}.hidden: holds values that are not finite")
+    target, vocab = cache["target"], model.config.vocab_size
+    if target.numel() and not 0 <= int(target.min()) <= int(target.max()) < vocab:
+        problems.append(f"{where}.target: holds ids outside the vocabulary 0..{vocab - 1}")
+    return problems
+
+
+def _router_problems(record: Any, state: stagewise.State, where: str) -> list[str]:
+    """What later stages read of the ``ROUTER`` record: measure, hard_ratio and the calibration quantiles."""
+    if not isinstance(record, dict) or not all(k in record for k in ("measure", "hard_ratio", "quantiles")):
+        return [f"{where}: {_kind(record)}, expected a table of measure, hard_ratio, threshold, calib_split, "
+                f"quantiles"]
+    problems = []
+    if record["measure"] not in get_args(Measure):
+        problems.append(f"{where}.measure: {record['measure']!r}, expected one of {', '.join(get_args(Measure))}")
+    ratio = record["hard_ratio"]
+    if not (type(ratio) in (int, float) and 0 < ratio < 1):
+        problems.append(f"{where}.hard_ratio: {ratio!r}, expected a number strictly between 0 and 1")
+    quantiles = record["quantiles"]
+    if not (isinstance(quantiles, list) and len(quantiles) == CURVE_QUANTILES
+            and all(type(q) is float and math.isfinite(q) for q in quantiles) and quantiles == sorted(quantiles)):
+        problems.append(f"{where}.quantiles: expected {CURVE_QUANTILES} finite numbers in ascending order (the "
+                        f"calibration confidences' quantiles)")
+    return problems
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else f"a {type(value).__name__}"
 
 
 class SequenceCache(Dataset):

@@ -67,6 +67,7 @@ class Mine(stagewise.Stage):
     def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
         problems = super().check(recipe, index, data) + _model_problems(recipe, index, self.name)
         where = recipe.stage_path(index)
+        problems += _calib_split_problems(self.options.calib_split, where)
         if self.options.router.use != "lego_ashem.confidence":
             problems.append(f"{where}.router.use: {self.name} calibrates a lego_ashem.confidence "
                             f"router, got {self.options.router.use!r}")
@@ -226,7 +227,7 @@ class TrainUpperLayers(stagewise.TrainStage):
         return metrics
 
     def _cache(self, state: stagewise.State) -> dict[str, Any]:
-        return state.artifacts[mining.CACHE]
+        return mining.read_artifact(state, mining.CACHE)
 
     def _dataset(self, state: stagewise.State) -> torch.utils.data.Dataset:
         if self._data is None:
@@ -288,6 +289,7 @@ class TrainExitProbe(stagewise.Stage):
     def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
         problems = super().check(recipe, index, data) + _model_problems(recipe, index, self.name)
         options, where = recipe.model_options_at(index), recipe.stage_path(index)
+        problems += _calib_split_problems(self.options.calib_split, where)
         if isinstance(options, DeepSupervisionOptions) and not options.exit_probe:
             problems.append(f"{where}: set [model] exit_probe = true to train a probe")
         if _last_earlier(recipe, index, "lego_ashem.mine") is None:
@@ -307,8 +309,8 @@ class TrainExitProbe(stagewise.Stage):
         scores = probe.probe_scores(model.exit_probe, calib["hidden"])
         router = router_of(state, measure="probe")
         mining.calibrate_router(state, router, scores)
-        state.artifacts[mining.ROUTER] = mining.router_record({**state.artifacts[mining.ROUTER], "measure": "probe"},
-                                                              router, o.calib_split, scores)
+        settings = {**mining.read_artifact(state, mining.ROUTER), "measure": "probe"}
+        state.artifacts[mining.ROUTER] = mining.router_record(settings, router, o.calib_split, scores)
         return {f"{self.label}/threshold": router.threshold,
                 f"{self.label}/agreement": float(train["label"].float().mean()),
                 f"{self.label}/probe_loss": loss,
@@ -395,6 +397,13 @@ def _below_exit(name: str, exit_layer: int) -> bool:
 def _last_earlier(recipe: Recipe, index: int, use: str) -> int | None:
     """The index of the last stage before ``index`` that uses ``use``, or None."""
     return max((i for i, s in enumerate(recipe.stages[:index]) if s.use == use), default=None)
+
+
+def _calib_split_problems(calib_split: str, where: str) -> list[str]:
+    """Core lets a ``*_split`` be "" (none); the threshold is calibrated on this one, so it must name a split."""
+    if calib_split:
+        return []
+    return [f"{where}.calib_split: must name the split the threshold is calibrated on (e.g. \"valid\"), got \"\""]
 
 
 def _model_problems(recipe: Recipe, index: int, stage: str) -> list[str]:
