@@ -130,3 +130,16 @@ def test_a_resume_of_untouched_artifacts_passes_the_checks(stopped_in_phase2, tm
     run = shutil.copytree(stopped, tmp_path / "run")
     run_recipe(recipe, resume=run, quiet=True)
     assert "test/routed_ppl" in read_summary(run)["metrics"]
+
+
+def test_resume_refuses_a_model_whose_calibrated_threshold_is_gone(stopped_in_phase2, tmp_path):
+    # NaN is the buffer's "not set": after mine it made routing raise a RuntimeError in the test stage
+    recipe, stopped = stopped_in_phase2
+    run = shutil.copytree(stopped, tmp_path / "run")
+    last = run / "checkpoints" / "last.pt"
+    saved = torch.load(last, weights_only=True)
+    saved["model"]["routing_threshold"].fill_(float("nan"))
+    torch.save(saved, last)
+    with pytest.raises(CheckpointError, match=r"model\.routing_threshold: not set \(NaN\), but the lego_ashem\.mine "
+                                              r"stage before this one calibrated it"):
+        run_recipe(recipe, resume=run, quiet=True)

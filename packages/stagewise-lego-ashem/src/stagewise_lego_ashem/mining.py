@@ -151,6 +151,9 @@ def _router_problems(record: Any, state: stagewise.State, where: str) -> list[st
             and all(type(q) is float and math.isfinite(q) for q in quantiles) and quantiles == sorted(quantiles)):
         problems.append(f"{where}.quantiles: expected {CURVE_QUANTILES} finite numbers in ascending order (the "
                         f"calibration confidences' quantiles)")
+    if state.model.threshold is None:  # NaN: never calibrated, yet the record says mine calibrated it
+        problems.append("model.routing_threshold: not set (NaN), but the lego_ashem.mine stage before this one "
+                        "calibrated it")
     return problems
 
 
