@@ -12,13 +12,11 @@ import torch
 from conftest import TINY_HYBRID
 from stagewise_koopman import load_term
 
-import stagewise
 from stagewise.engine.checkpoint import load_checkpoint
 from stagewise.engine.runner import run_recipe
 from stagewise.errors import CheckpointError
-from stagewise.plugins import register_plugin, unregister_plugin
 from stagewise.recipe import load_recipe
-from stagewise.testing import resume_run, run_killed, timeless_records
+from stagewise.testing import damaged_copy, resume_run, run_killed, run_stopped, timeless_records
 
 OVERRIDES = ["run.checkpoint_every_n_steps=1"]
 
@@ -67,26 +65,13 @@ def test_resume_after_sigkill_matches_uninterrupted_run(whole, tmp_path, stage, 
 # --- a last.pt whose trained term is not what the run wrote --------------------------------------------------
 
 
-class _StopBeforeForward:
-    @stagewise.hookimpl
-    def stagewise_before_stage(self, state):
-        if state.stage_name == "forward":
-            raise KeyboardInterrupt
-
-
 @pytest.fixture(scope="module")
 def stopped_before_forward(tmp_path_factory):
     """The tiny hybrid recipe stopped as forward_eval began: its last.pt (main's end) holds the trained term."""
     folder = tmp_path_factory.mktemp("stopped")
     (folder / "tiny_hybrid.toml").write_text(TINY_HYBRID)
     recipe = load_recipe(folder / "tiny_hybrid.toml")
-    register_plugin(_StopBeforeForward(), "stoptest")
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_recipe(recipe, out=folder / "run", quiet=True)
-    finally:
-        unregister_plugin("stoptest")
-    return recipe, folder / "run"
+    return recipe, run_stopped(recipe, folder / "run", "forward")
 
 
 def _term(artifacts):
@@ -120,11 +105,8 @@ _DAMAGE = [
 def test_resume_refuses_a_trained_term_the_run_did_not_write_by_key(stopped_before_forward, tmp_path, damage,
                                                                      problem):
     recipe, stopped = stopped_before_forward
-    run = shutil.copytree(stopped, tmp_path / "run")
+    run = damaged_copy(stopped, tmp_path / "run", lambda saved: damage(saved["artifacts"]))
     last = run / "checkpoints" / "last.pt"
-    saved = torch.load(last, weights_only=True)
-    damage(saved["artifacts"])
-    torch.save(saved, last)
     with pytest.raises(CheckpointError) as info:
         run_recipe(recipe, resume=run, quiet=True)
     assert str(info.value).startswith(f"{last}: a damaged stagewise checkpoint: what it holds is not what a run "

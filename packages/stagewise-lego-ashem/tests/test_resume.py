@@ -4,19 +4,17 @@ cache come back from the checkpoint."""
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
-import torch
 from conftest import TINY, read_summary
 
-import stagewise
 from stagewise.engine.checkpoint import load_checkpoint
 from stagewise.engine.runner import run_recipe
 from stagewise.errors import CheckpointError
-from stagewise.plugins import register_plugin, unregister_plugin
 from stagewise.recipe import load_recipe
-from stagewise.testing import resume_run, run_killed, timeless_records
+from stagewise.testing import damaged_copy, resume_run, run_killed, run_stopped, timeless_records
 
 
 def _overrides(context):
@@ -64,26 +62,13 @@ def test_resume_after_sigkill_matches_uninterrupted_run(whole, tmp_path, context
 # --- a last.pt whose artifacts are not what mine writes -------------------------------------------------------
 
 
-class _StopInPhase2:
-    @stagewise.hookimpl
-    def stagewise_after_step(self, state):
-        if (state.stage_name, state.step) == ("phase2", 4):
-            raise KeyboardInterrupt
-
-
 @pytest.fixture(scope="module")
 def stopped_in_phase2(tmp_path_factory):
     """The tiny recipe stopped in phase2: its last.pt (phase2's step 3) holds the cache and the router record."""
     folder = tmp_path_factory.mktemp("stopped")
     (folder / "tiny.toml").write_text(TINY)
     recipe = load_recipe(folder / "tiny.toml", ["run.checkpoint_every_n_steps=3"])
-    register_plugin(_StopInPhase2(), "stoptest")
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_recipe(recipe, out=folder / "run", quiet=True)
-    finally:
-        unregister_plugin("stoptest")
-    return recipe, folder / "run"
+    return recipe, run_stopped(recipe, folder / "run", "phase2", 4)
 
 
 _CACHE, _ROUTER = "lego_ashem.cache", "lego_ashem.router"
@@ -113,11 +98,8 @@ _DAMAGE = [
 @pytest.mark.parametrize("damage, problem", [d[1:] for d in _DAMAGE], ids=[d[0] for d in _DAMAGE])
 def test_resume_refuses_artifacts_that_mine_did_not_write_by_key(stopped_in_phase2, tmp_path, damage, problem):
     recipe, stopped = stopped_in_phase2
-    run = shutil.copytree(stopped, tmp_path / "run")
+    run = damaged_copy(stopped, tmp_path / "run", lambda saved: damage(saved["artifacts"]))
     last = run / "checkpoints" / "last.pt"
-    saved = torch.load(last, weights_only=True)
-    damage(saved["artifacts"])
-    torch.save(saved, last)
     with pytest.raises(CheckpointError) as info:
         run_recipe(recipe, resume=run, quiet=True)
     assert str(info.value).startswith(f"{last}: a damaged stagewise checkpoint: what it holds is not what a run "
@@ -135,11 +117,7 @@ def test_a_resume_of_untouched_artifacts_passes_the_checks(stopped_in_phase2, tm
 def test_resume_refuses_a_model_whose_calibrated_threshold_is_gone(stopped_in_phase2, tmp_path):
     # NaN is the buffer's "not set": after mine it made routing raise a RuntimeError in the test stage
     recipe, stopped = stopped_in_phase2
-    run = shutil.copytree(stopped, tmp_path / "run")
-    last = run / "checkpoints" / "last.pt"
-    saved = torch.load(last, weights_only=True)
-    saved["model"]["routing_threshold"].fill_(float("nan"))
-    torch.save(saved, last)
+    run = damaged_copy(stopped, tmp_path / "run", lambda saved: saved["model"]["routing_threshold"].fill_(math.nan))
     with pytest.raises(CheckpointError, match=r"model\.routing_threshold: not set \(NaN\), but the lego_ashem\.mine "
                                               r"stage before this one calibrated it"):
         run_recipe(recipe, resume=run, quiet=True)

@@ -14,14 +14,13 @@ import pytest
 import torch
 from conftest import TINY
 
-import stagewise
 from stagewise.cli.main import main
 from stagewise.engine.checkpoint import FORMAT, atomic_write_bytes
 from stagewise.engine.runner import run_recipe
 from stagewise.errors import CheckpointError, ConfigError
 from stagewise.export import load_npz
-from stagewise.plugins import register_plugin, unregister_plugin
 from stagewise.recipe import load_recipe
+from stagewise.testing import damaged_copy, run_stopped
 
 
 def _full_disk(f):
@@ -225,26 +224,13 @@ def test_work_stopped_by_a_full_disk_says_how_to_continue_it(tiny_recipe_path, t
 # --- resume of a last.pt whose top-level keys are right and whose contents deeper down are not ------------
 
 
-class _StopAfterStep7:
-    @stagewise.hookimpl
-    def stagewise_after_step(self, state):
-        if (state.stage_name, state.step) == ("phase1", 7):
-            raise KeyboardInterrupt
-
-
 @pytest.fixture(scope="module")
 def stopped_mid_stage(tmp_path_factory):
     """The tiny recipe stopped after phase1's step 7: its last.pt is phase1's step 6 (mid-epoch)."""
     folder = tmp_path_factory.mktemp("stopped")
     (folder / "tiny.toml").write_text(TINY)
     recipe = load_recipe(folder / "tiny.toml", ["run.checkpoint_every_n_steps=3"])
-    register_plugin(_StopAfterStep7(), "stoptest")
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_recipe(recipe, out=folder / "run", quiet=True)
-    finally:
-        unregister_plugin("stoptest")
-    return recipe, folder / "run"
+    return recipe, run_stopped(recipe, folder / "run", "phase1", 7)
 
 
 def _python_state(saved):
@@ -297,11 +283,8 @@ _LOOP_DAMAGE = [  # the training stage's own state, checked against what it buil
                          ids=[d[0] for d in _DEEP_DAMAGE + _LOOP_DAMAGE])
 def test_resume_refuses_a_last_pt_damaged_deep_inside_by_key(stopped_mid_stage, tmp_path, damage, problem):
     recipe, stopped = stopped_mid_stage
-    run = shutil.copytree(stopped, tmp_path / "run")
+    run = damaged_copy(stopped, tmp_path / "run", damage)
     last = run / "checkpoints" / "last.pt"
-    saved = torch.load(last, weights_only=True)
-    damage(saved)
-    torch.save(saved, last)
     records = (run / "metrics.jsonl").read_text()
     with pytest.raises(CheckpointError) as info:  # was a traceback mid-run (or a segfault: rng-numpy-pos)
         run_recipe(recipe, resume=run, quiet=True)
@@ -330,12 +313,12 @@ def test_a_last_pt_from_before_the_foreach_optimizer_resumes_to_the_same_numbers
     recipe, stopped = stopped_mid_stage
     finals = []
     for flag in (True, None):
-        run = shutil.copytree(stopped, tmp_path / f"run-{flag}")
-        last = run / "checkpoints" / "last.pt"
-        saved = torch.load(last, weights_only=True)
-        assert saved["optimizer"]["param_groups"][0]["foreach"] is True  # written by this stagewise
-        saved["optimizer"]["param_groups"][0]["foreach"] = flag
-        torch.save(saved, last)
+        def written_by(saved, flag=flag):
+            group = saved["optimizer"]["param_groups"][0]
+            assert group["foreach"] is True  # written by this stagewise
+            group["foreach"] = flag
+
+        run = damaged_copy(stopped, tmp_path / f"run-{flag}", written_by)
         run_recipe(recipe, resume=run, quiet=True)
         finals.append(json.loads((run / "summary.json").read_text())["metrics"])
     assert finals[0] == finals[1] and finals[0]

@@ -17,7 +17,7 @@ from stagewise.engine.runner import run_recipe
 from stagewise.errors import CheckpointError
 from stagewise.plugins import register_plugin, unregister_plugin
 from stagewise.recipe import load_recipe
-from stagewise.testing import resume_run, run_killed, run_uninterrupted, timeless_records
+from stagewise.testing import resume_run, run_killed, run_stopped, run_uninterrupted, timeless_records
 
 
 @pytest.mark.parametrize("stage, step", [("phase1", 7), ("phase2", 4)])
@@ -729,3 +729,10 @@ def test_compare_resume_drops_the_temp_file_of_a_table_write_a_kill_cut_short(ti
     (out / ".compare.json.k1ll3d.tmp").write_text('{"runs": {"ti')  # as SIGKILL leaves it, before the rename
     compare_recipes([str(tiny_recipe_path)], sets, out, quiet=True, resume=True)
     assert sorted(path.name for path in out.iterdir()) == ["compare.json", "tiny"]
+
+
+def test_run_stopped_says_so_when_the_run_was_not_stopped(tiny, tmp_path):
+    short = tiny("stages.phase1.max_epochs=1", "stages.phase2.max_epochs=1")
+    with pytest.raises(AssertionError, match="the run was to be stopped at step 99 of 'phase1' but finished"):
+        run_stopped(short, tmp_path / "run", "phase1", 99)
+    assert (tmp_path / "run" / "summary.json").is_file()

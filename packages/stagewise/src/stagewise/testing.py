@@ -5,20 +5,30 @@ chosen point, the way a crash or an out-of-memory kill would end it (no ``finall
 ``resume_run`` continues that run in its folder with ``--resume``. Compare the result with an
 uninterrupted run of the same recipe (``run_uninterrupted``): ``summary.json`` equal, and
 ``timeless_records`` equal.
+
+``run_stopped`` stops a run in this process as Ctrl-C would, and ``damaged_copy`` copies it with
+its ``last.pt`` changed: for tests that a resume refuses what a run never writes.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import stagewise
 from stagewise.cli.commands import set_args
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from stagewise.recipe import Recipe
 
 # The CLI, with a plugin that SIGKILLs the process after step N of a stage or as a stage starts.
 _KILLER = textwrap.dedent("""
@@ -95,3 +105,50 @@ def timeless_records(run_dir: str | Path) -> list[dict[str, Any]]:
     run must reproduce exactly."""
     lines = (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+
+class _Stop:
+    """A plugin that raises KeyboardInterrupt after step ``step`` of ``stage``, or with step 0 as it starts."""
+
+    def __init__(self, stage: str, step: int) -> None:
+        self.stage, self.step = stage, step
+
+    @stagewise.hookimpl
+    def stagewise_after_step(self, state: Any) -> None:
+        if self.step > 0 and (state.stage_name, state.step) == (self.stage, self.step):
+            raise KeyboardInterrupt
+
+    @stagewise.hookimpl
+    def stagewise_before_stage(self, state: Any) -> None:
+        if self.step == 0 and state.stage_name == self.stage:
+            raise KeyboardInterrupt
+
+
+def run_stopped(recipe: Recipe, out: str | Path, stage: str, step: int = 0) -> Path:
+    """Run ``recipe`` into OUT in this process and stop it as Ctrl-C does, after optimizer step STEP
+    of STAGE or, with step 0, as STAGE starts; OUT, holding the run's last.pt. AssertionError when
+    the run was not stopped there."""
+    from stagewise.engine.runner import run_recipe
+    from stagewise.plugins import register_plugin, unregister_plugin
+
+    register_plugin(_Stop(stage, step), "stagewise.testing.stop")
+    try:
+        run_recipe(recipe, out=Path(out), quiet=True)
+    except KeyboardInterrupt:
+        return Path(out)
+    finally:
+        unregister_plugin("stagewise.testing.stop")
+    raise AssertionError(f"the run was to be stopped at step {step} of {stage!r} but finished")
+
+
+def damaged_copy(run_dir: str | Path, into: str | Path, damage: Callable[[dict[str, Any]], Any]) -> Path:
+    """A copy of the run RUN_DIR at INTO whose checkpoints/last.pt ``damage`` changed (it gets the
+    loaded checkpoint and changes it in place); INTO."""
+    import torch
+
+    run = Path(shutil.copytree(run_dir, into))
+    last = run / "checkpoints" / "last.pt"
+    saved = torch.load(last, weights_only=True)
+    damage(saved)
+    torch.save(saved, last)
+    return run
