@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import stagewise
 from stagewise.engine.distributed import DistInfo, all_reduce_sums
 from stagewise.engine.objective import forward_batch
-from stagewise.engine.resumable import tensors_problems
+from stagewise.engine.resumable import kind, tensors_problems
 from stagewise.schema import build_dataclass
 from stagewise_koopman.dmd import blend, dmd_operator
 from stagewise_koopman.operator import EPS, KoopmanModules, normalize_state
@@ -405,7 +405,7 @@ def artifact_problems(saved: Any, where: str) -> list[str]:
     writes, options a recipe could give, φ, K, ψ in the shapes those options and the model give, finite."""
     keys = ("options", "n_hidden", "width", "sources", "state")
     if not isinstance(saved, dict) or saved.keys() != set(keys):
-        return [f"{where}: {_kind(saved)}, expected a table of {', '.join(keys)}"]
+        return [f"{where}: {kind(saved)}, expected a table of {', '.join(keys)}"]
     problems: list[str] = []
     options = build_dataclass(KoopmanOptions, saved["options"], f"{where}.options", problems)
     problems += [f"{where}.{key}: {saved[key]!r}, expected a whole number >= 1" for key in ("n_hidden", "width")
@@ -414,7 +414,7 @@ def artifact_problems(saved: Any, where: str) -> list[str]:
         return problems
     saved_sources, n_hidden = saved["sources"], saved["n_hidden"]
     if not (isinstance(saved_sources, list) and all(type(layer) is int for layer in saved_sources)):
-        return [f"{where}.sources: {_kind(saved_sources)}, expected a list of layer numbers"]
+        return [f"{where}.sources: {kind(saved_sources)}, expected a list of layer numbers"]
     if not options.layers and n_hidden != len(saved_sources) + 1:  # all layers: one per hidden state but the last
         return [f"{where}.n_hidden: {n_hidden}, but sources lists {len(saved_sources)} layers (expected "
                 f"{len(saved_sources) + 1})"]
@@ -429,7 +429,3 @@ def artifact_problems(saved: Any, where: str) -> list[str]:
     problems = tensors_problems(saved["state"], fresh, f"{where}.state")
     return problems or [f"{where}.state.{k}: holds values that are not finite" for k in shapes
                         if not bool(torch.isfinite(saved["state"][k]).all())]
-
-
-def _kind(value: Any) -> str:
-    return "nothing" if value is None else f"a {type(value).__name__}"

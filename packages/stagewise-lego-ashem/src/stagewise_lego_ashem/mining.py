@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 import stagewise
-from stagewise.engine.resumable import tensors_problems
+from stagewise.engine.resumable import kind, tensors_problems
 from stagewise.engine.resume import refuse_damaged
 from stagewise.loss import token_nll
 from stagewise_lego_ashem.router import Confidence, Measure
@@ -112,7 +112,7 @@ def _cache_problems(cache: Any, state: stagewise.State, where: str) -> list[str]
     windows at this model's exit layer, in its dtype and finite; targets in the vocabulary; a bool hard mask."""
     tensors = ("hidden", "target", "hard")
     if not isinstance(cache, dict) or cache.keys() != {"split", "exit_layer", *tensors}:
-        return [f"{where}: {_kind(cache)}, expected a table of split, exit_layer, {', '.join(tensors)}"]
+        return [f"{where}: {kind(cache)}, expected a table of split, exit_layer, {', '.join(tensors)}"]
     model, split = state.model, cache["split"]
     if not (isinstance(split, str) and split in state.data.names()):
         return [f"{where}.split: {split!r} is no split of this run's data ({', '.join(state.data.names())})"]
@@ -138,7 +138,7 @@ def _cache_problems(cache: Any, state: stagewise.State, where: str) -> list[str]
 def _router_problems(record: Any, state: stagewise.State, where: str) -> list[str]:
     """What later stages read of the ``ROUTER`` record: measure, hard_ratio and the calibration quantiles."""
     if not isinstance(record, dict) or not all(k in record for k in ("measure", "hard_ratio", "quantiles")):
-        return [f"{where}: {_kind(record)}, expected a table of measure, hard_ratio, threshold, calib_split, "
+        return [f"{where}: {kind(record)}, expected a table of measure, hard_ratio, threshold, calib_split, "
                 f"quantiles"]
     problems = []
     if record["measure"] not in get_args(Measure):
@@ -155,10 +155,6 @@ def _router_problems(record: Any, state: stagewise.State, where: str) -> list[st
         problems.append("model.routing_threshold: not set (NaN), but the lego_ashem.mine stage before this one "
                         "calibrated it")
     return problems
-
-
-def _kind(value: Any) -> str:
-    return "nothing" if value is None else f"a {type(value).__name__}"
 
 
 class SequenceCache(Dataset):

@@ -23,12 +23,12 @@ _MT_WORDS = 624  # numpy's MT19937 key words; its position runs 0..624
 def tensors_problems(saved: Any, fresh: dict[str, torch.Tensor], where: str) -> list[str]:
     """``saved`` must hold ``fresh``'s keys, each a tensor of the same shape and dtype (a state dict)."""
     if not isinstance(saved, dict):
-        return [f"{where}: {_kind(saved)}, not the state dict a run writes"]
+        return [f"{where}: {kind(saved)}, not the state dict a run writes"]
     missing, extra = [k for k in fresh if k not in saved], [k for k in saved if k not in fresh]
     problems = [f"{where}: lacks {', '.join(map(str, missing[:3]))}"] if missing else []
     if extra:
         problems.append(f"{where}: holds {', '.join(map(repr, extra[:3]))}, which this run builds no tensor for")
-    return problems + [f"{where}.{k}: {_kind(saved[k])}, expected {_kind(v)}" for k, v in fresh.items()
+    return problems + [f"{where}.{k}: {kind(saved[k])}, expected {kind(v)}" for k, v in fresh.items()
                        if k in saved and not _same_tensor(saved[k], v)]
 
 
@@ -56,30 +56,30 @@ def same_types(saved: Any, fresh: Any, where: str) -> list[str]:
     groups, a scheduler's state): the same dict keys, sequence lengths and value types; values may differ."""
     if isinstance(fresh, dict):
         if not isinstance(saved, dict) or saved.keys() != fresh.keys():
-            return [f"{where}: {_kind(saved)}, expected a table of {', '.join(map(str, fresh))}"]
+            return [f"{where}: {kind(saved)}, expected a table of {', '.join(map(str, fresh))}"]
         return [p for k in fresh for p in same_types(saved[k], fresh[k], f"{where}.{k}")]
     if isinstance(fresh, list | tuple):
         if not isinstance(saved, list | tuple) or len(saved) != len(fresh):
-            return [f"{where}: {_kind(saved)}, expected a list of {len(fresh)}"]
+            return [f"{where}: {kind(saved)}, expected a list of {len(fresh)}"]
         return [p for i, (s, f) in enumerate(zip(saved, fresh, strict=True)) for p in same_types(s, f, f"{where}[{i}]")]
     if isinstance(fresh, torch.Tensor):
-        return [] if _same_tensor(saved, fresh) else [f"{where}: {_kind(saved)}, expected {_kind(fresh)}"]
+        return [] if _same_tensor(saved, fresh) else [f"{where}: {kind(saved)}, expected {kind(fresh)}"]
     same = type(saved) is type(fresh) or (type(fresh) is float and type(saved) is int)
     # torch's optional optimizer flags (foreach, fused, ...) are None or a bool: None is "torch chooses", as
     # in the checkpoints of runs from before the engine asked for foreach=True
     same = same or {type(saved), type(fresh)} == {type(None), bool}
-    return [] if same else [f"{where}: {_kind(saved)}, expected {_kind(fresh)}"]
+    return [] if same else [f"{where}: {kind(saved)}, expected {kind(fresh)}"]
 
 
 def counts_problems(saved: Any, where: str) -> list[str]:
     """``saved`` must be a table of counts by name (warnings by kind, ...)."""
     if isinstance(saved, dict) and all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in saved.items()):
         return []
-    return [f"{where}: {_kind(saved)}, expected a table of counts (names to whole numbers >= 0)"]
+    return [f"{where}: {kind(saved)}, expected a table of counts (names to whole numbers >= 0)"]
 
 
 def number_problems(saved: Any, where: str) -> list[str]:
-    return [] if type(saved) in _NUMBER else [f"{where}: {_kind(saved)}, expected a number"]
+    return [] if type(saved) in _NUMBER else [f"{where}: {kind(saved)}, expected a number"]
 
 
 def optimizer_problems(saved: Any, optimizer: torch.optim.Optimizer, where: str = "optimizer") -> list[str]:
@@ -87,7 +87,7 @@ def optimizer_problems(saved: Any, optimizer: torch.optim.Optimizer, where: str 
     settings' types) and, for AdamW and SGD, each parameter's moments in the parameter's shape."""
     fresh = optimizer.state_dict()
     if not isinstance(saved, dict) or saved.keys() != fresh.keys():
-        return [f"{where}: {_kind(saved)}, expected a table of state, param_groups"]
+        return [f"{where}: {kind(saved)}, expected a table of state, param_groups"]
     problems = same_types(saved["param_groups"], fresh["param_groups"], f"{where}.param_groups")
     if problems or [g["params"] for g in saved["param_groups"]] != [g["params"] for g in fresh["param_groups"]]:
         return problems or [f"{where}.param_groups: holds other parameters than this stage trains"]
@@ -97,7 +97,7 @@ def optimizer_problems(saved: Any, optimizer: torch.optim.Optimizer, where: str 
     if not isinstance(state, dict) or not all(k in params and isinstance(v, dict) for k, v in state.items()):
         return [f"{where}.state: not a table of this stage's parameters' states"]
     expected = _PER_PARAMETER.get(type(optimizer), {})  # L-BFGS keeps one state of its own: not checked deeper
-    return [f"{where}.state.{i}.{key}: {_kind(value.get(key))}, expected {_kind(_expected(shape, params[i]))}"
+    return [f"{where}.state.{i}.{key}: {kind(value.get(key))}, expected {kind(_expected(shape, params[i]))}"
             for i, value in state.items() for key, shape in expected.items()
             if not _same_tensor(value.get(key), _expected(shape, params[i]))
             and not (shape == "buffer" and value.get(key) is None)]
@@ -124,7 +124,7 @@ def plain_problems(value: Any, where: str) -> list[str]:
         return [p for k, v in value.items()
                 for p in ([] if isinstance(k, str) else [f"{where}: key {k!r} is not a string"]) +
                 plain_problems(v, f"{where}.{k}")]
-    return [f"{where}: {_kind(value)}, not a number, string, list or table"]
+    return [f"{where}: {kind(value)}, not a number, string, list or table"]
 
 
 def _same_tensor(saved: Any, fresh: torch.Tensor) -> bool:
@@ -160,7 +160,8 @@ def _refusal(trial: Any) -> str | None:
     return None
 
 
-def _kind(value: Any) -> str:
+def kind(value: Any) -> str:
+    """How a problem names what it found: "a torch.float32 tensor of shape (3,)", "an int", "nothing"."""
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
     name = type(value).__name__
