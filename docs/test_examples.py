@@ -12,6 +12,8 @@ of all blocks run together in one tiny run.
 
 from __future__ import annotations
 
+import builtins
+import dis
 import functools
 import re
 import sys
@@ -108,6 +110,27 @@ def test_example_runs(page, line, workdir, monkeypatch):
         manager = pluggy.PluginManager("stagewise")
         manager.add_hookspecs(hookspecs)
         manager.register(types.SimpleNamespace(**impls))
+
+
+def global_names(code: types.CodeType) -> set[str]:
+    """The global names ``code`` reads, its nested functions' and lambdas' included."""
+    names = {i.argval for i in dis.get_instructions(code) if i.opname == "LOAD_GLOBAL"}
+    return names.union(*(global_names(c) for c in code.co_consts if isinstance(c, types.CodeType)))
+
+
+TEST_EXAMPLES = [(page, line) for page in PAGES for line, code in examples(page) if "def test_" in code]
+
+
+@pytest.mark.parametrize(("page", "line"), TEST_EXAMPLES, ids=[_id(p, n) for p, n in TEST_EXAMPLES])
+def test_example_tests_import_what_they_use(page, line, workdir, monkeypatch):
+    """An example's ``test_*`` function is only defined, not run: each name it reads must be imported
+    by the page's examples so far, as a reader who pastes them into a test file needs."""
+    monkeypatch.chdir(workdir)
+    defined = run_page(page, line, workdir, monkeypatch)[_id(page, line)]
+    for name, test in [(k, v) for k, v in defined.items() if k.startswith("test_") and callable(v)]:
+        missing = sorted(n for n in global_names(test.__code__)
+                         if n not in test.__globals__ and not hasattr(builtins, n))
+        assert missing == [], f"{_id(page, line)}: {name} uses {missing}, which no example above imports"
 
 
 def counted(hook, calls: dict[str, int], key: str):

@@ -17,6 +17,11 @@ def tests(session: nox.Session) -> None:
     core = CHECKOUT / "packages" / "stagewise"
     if core.is_dir():
         session.install(*PINS, "-e", str(core))
+    elif "STAGEWISE_CHECKOUT" in os.environ:
+        session.error(f"STAGEWISE_CHECKOUT={CHECKOUT}: no packages/stagewise there; give the stagewise checkout's root")
+    else:  # once core is published, the index provides it; until then pip can only say it found none
+        session.log(f"no stagewise checkout at {CHECKOUT}: stagewise comes from the package index, "
+                    "where it is not yet; run STAGEWISE_CHECKOUT=/path/to/stagewise nox")
     session.install(*PINS, "-e", ".", "pytest")
     # strict: a plugin that fails to load is an error here, not a warning
     session.run("pytest", "tests", *session.posargs, env={"STAGEWISE_STRICT_PLUGINS": "1"})
