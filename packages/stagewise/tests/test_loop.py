@@ -312,3 +312,19 @@ def test_warnings_a_stage_raises_outside_an_epoch_count_for_that_stage_not_the_n
     assert not any("warnings/odd" in r for r in read_records(run_dir, "epoch"))  # phase2's epochs did not warn
     err = capsys.readouterr().err
     assert err.count("something odd") == 1 and "'odd' happened 2 times in stage 'odd'" in err
+
+
+def test_position_problems_name_each_damaged_metrics_table():
+    """A checkpoint's ``loop`` table as save() writes it passes; damaged best/last metrics are named one by one."""
+    from dataclasses import asdict
+
+    from stagewise.engine.loop import Position, position_problems
+
+    assert position_problems(asdict(Position())) == []
+    damaged = {**asdict(Position()), "best_metrics": {1.0}, "last_metrics": {"val/loss": {1, 2}, 3: 1.0}}
+    assert position_problems(damaged) == [
+        "loop.best_metrics: expected a table",
+        "loop.best_metrics: a set, not a number, string, list or table",
+        "loop.last_metrics.val/loss: a set, not a number, string, list or table",
+        "loop.last_metrics: key 3 is not a string",
+    ]

@@ -148,6 +148,7 @@ def _join(path: str, key: str) -> str:
 
 
 def coerce(value: Any, annotation: Any, path: str, problems: list[str]) -> Any:
+    """``value`` checked against ``annotation`` and converted (see the module docs)."""
     origin, args = get_origin(annotation), get_args(annotation)
     if annotation is Any:
         return value
@@ -159,20 +160,9 @@ def coerce(value: Any, annotation: Any, path: str, problems: list[str]) -> Any:
             problems.append(f"{path}: {value!r} is not one of the valid choices: {choices}")
         return value
     if origin in (list, tuple):
-        if not isinstance(value, list | tuple):
-            problems.append(f"{path}: expected a list, got {_describe(value)}")
-            return value
-        item_type = args[0] if args else Any
-        name_of = getattr(item_type, "item_name", None)  # items --set addresses by name, e.g. loss terms
-        paths = named_paths(path, [name_of(v) if name_of else None for v in value])
-        items = [coerce(v, item_type, item_path, problems) for v, item_path in zip(value, paths, strict=True)]
-        return tuple(items) if origin is tuple else items
+        return _coerce_list(value, origin, args[0] if args else Any, path, problems)
     if origin is dict:
-        if not isinstance(value, dict):
-            problems.append(f"{path}: expected a table, got {_describe(value)}")
-            return value
-        item_type = args[1] if len(args) == 2 else Any
-        return {k: coerce(v, item_type, f"{path}.{k}", problems) for k, v in value.items()}
+        return _coerce_dict(value, args[1] if len(args) == 2 else Any, path, problems)
     if dataclasses.is_dataclass(annotation):
         coerce_hook = getattr(annotation, "from_table", None)
         if coerce_hook is not None:
@@ -209,6 +199,25 @@ def _coerce_union(value: Any, args: tuple, path: str, problems: list[str]) -> An
     expected = " or ".join(_type_name(a) for a in candidates)
     problems.append(f"{path}: expected {expected}, got {_describe(value)}")
     return value
+
+
+def _coerce_list(value: Any, origin: type, item_type: Any, path: str, problems: list[str]) -> Any:
+    """A ``list[X]`` or ``tuple[X, ...]`` (``origin``): each item coerced to ``item_type``."""
+    if not isinstance(value, list | tuple):
+        problems.append(f"{path}: expected a list, got {_describe(value)}")
+        return value
+    name_of = getattr(item_type, "item_name", None)  # items --set addresses by name, e.g. loss terms
+    paths = named_paths(path, [name_of(v) if name_of else None for v in value])
+    items = [coerce(v, item_type, item_path, problems) for v, item_path in zip(value, paths, strict=True)]
+    return tuple(items) if origin is tuple else items
+
+
+def _coerce_dict(value: Any, item_type: Any, path: str, problems: list[str]) -> Any:
+    """A ``dict[str, X]``: each value coerced to ``item_type``."""
+    if not isinstance(value, dict):
+        problems.append(f"{path}: expected a table, got {_describe(value)}")
+        return value
+    return {k: coerce(v, item_type, f"{path}.{k}", problems) for k, v in value.items()}
 
 
 def _coerce_scalar(value: Any, annotation: Any, path: str, problems: list[str]) -> Any:

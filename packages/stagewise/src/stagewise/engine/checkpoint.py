@@ -116,6 +116,11 @@ def write_checkpoint(payload: dict[str, Any], paths: list[Path]) -> None:
         _copy_file(first, path)
 
 
+def _copy_file(source: Path, path: Path) -> None:
+    with source.open("rb") as src:
+        atomic_write_bytes(path, lambda f: shutil.copyfileobj(src, f))
+
+
 def unreadable(value: Any, where: str) -> list[str]:
     """Each part of ``value`` that ``torch.load(weights_only=True)`` would refuse, as ``where[key]
     (a type)``: a checkpoint holding one could be written but never resumed, exported or loaded."""
@@ -130,9 +135,16 @@ def unreadable(value: Any, where: str) -> list[str]:
     return [] if _loads_back(value) else [f"{where} (a {kind.__module__}.{kind.__qualname__})"]
 
 
-def _copy_file(source: Path, path: Path) -> None:
-    with source.open("rb") as src:
-        atomic_write_bytes(path, lambda f: shutil.copyfileobj(src, f))
+def _loads_back(value: Any) -> bool:
+    """Whether ``value``, of a type not in ``_PLAIN``, survives torch.save and a weights_only load."""
+    buffer = io.BytesIO()
+    try:
+        torch.save(value, buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)
+    except Exception:  # unpicklable, or refused by weights_only: either way no checkpoint could hold it
+        return False
+    return True
 
 
 _DAMAGED_ADVICE = ("To resume a run from the end of an earlier stage, copy that stage's checkpoint in the same folder "
@@ -147,8 +159,24 @@ def load_checkpoint(path: str | Path, keys: tuple[str, ...] = (), damaged_advice
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
+    payload = _torch_load(path, damaged_advice)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a stagewise checkpoint (expected format {FORMAT!r})")
+    missing = [key for key in keys if key not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: an incomplete stagewise checkpoint: it lacks {', '.join(missing)}; "
+                              f"use a checkpoint a stagewise run wrote")
+    malformed = [key for key in keys if not _well_formed(key, payload[key])]
+    if malformed:
+        raise CheckpointError(f"{path}: a damaged stagewise checkpoint: what it holds under {', '.join(malformed)} "
+                              f"is not what a run writes there; use a checkpoint a stagewise run wrote")
+    return payload
+
+
+def _torch_load(path: Path, damaged_advice: str) -> Any:
+    """What ``torch.load(weights_only=True)`` reads from ``path``; a file it cannot read is a CheckpointError."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, foreign file, objects weights_only refuses: all mean "not usable"
         refused = re.search(r"GLOBAL ([\w.]+)", str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
         if refused:  # never loaded: unpickling it could run code
@@ -162,17 +190,6 @@ def load_checkpoint(path: str | Path, keys: tuple[str, ...] = (), damaged_advice
         raise CheckpointError(
             f"{path}: the checkpoint is corrupt or truncated ({type(exc).__name__}: {detail}). {damaged_advice}"
         ) from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a stagewise checkpoint (expected format {FORMAT!r})")
-    missing = [key for key in keys if key not in payload]
-    if missing:
-        raise CheckpointError(f"{path}: an incomplete stagewise checkpoint: it lacks {', '.join(missing)}; "
-                              f"use a checkpoint a stagewise run wrote")
-    malformed = [key for key in keys if not _well_formed(key, payload[key])]
-    if malformed:
-        raise CheckpointError(f"{path}: a damaged stagewise checkpoint: what it holds under {', '.join(malformed)} "
-                              f"is not what a run writes there; use a checkpoint a stagewise run wrote")
-    return payload
 
 
 def _well_formed(key: str, value: Any) -> bool:
@@ -222,18 +239,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def python_rng_state(saved: Any) -> Any:
     """What ``random.setstate`` takes: the saved state with its lists (as a checkpoint may hold them) as tuples."""
     return tuple(python_rng_state(v) for v in saved) if isinstance(saved, list | tuple) else saved
-
-
-def _loads_back(value: Any) -> bool:
-    """Whether ``value``, of a type not in ``_PLAIN``, survives torch.save and a weights_only load."""
-    buffer = io.BytesIO()
-    try:
-        torch.save(value, buffer)
-        buffer.seek(0)
-        torch.load(buffer, weights_only=True)
-    except Exception:  # unpicklable, or refused by weights_only: either way no checkpoint could hold it
-        return False
-    return True
 
 
 def seed_everything(seed: int) -> None:

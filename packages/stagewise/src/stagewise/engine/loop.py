@@ -73,9 +73,11 @@ def position_problems(loop: Any) -> list[str]:
     sums = loop["sums"]
     if not (isinstance(sums, dict) and all(isinstance(k, str) and type(v) in (int, float) for k, v in sums.items())):
         problems.append("loop.sums: expected a table of numbers")
-    return problems + [p for key in ("best_metrics", "last_metrics") for p in
-                       ([] if isinstance(loop[key], dict) else [f"loop.{key}: expected a table"]) +
-                       plain_problems(loop[key], f"loop.{key}")]
+    for key in ("best_metrics", "last_metrics"):
+        if not isinstance(loop[key], dict):
+            problems.append(f"loop.{key}: expected a table")
+        problems += plain_problems(loop[key], f"loop.{key}")
+    return problems
 
 
 class TrainLoop:
@@ -367,10 +369,15 @@ class TrainLoop:
 
     # --- state for checkpoints --------------------------------------------------------------
 
-    def _model_state(self) -> dict[str, torch.Tensor]:
+    def _model_tensors(self) -> dict[str, torch.Tensor]:
+        """The model's and the terms' state dicts in one, keys prefixed ``model.`` / ``terms.``: the
+        live tensors, which the next step changes (:meth:`_model_state` keeps a copy)."""
         both = {f"model.{k}": v for k, v in self.state.model.state_dict().items()}
         both.update({f"terms.{k}": v for k, v in self.objective.terms.state_dict().items()})
-        return {k: v.detach().clone() for k, v in both.items()}
+        return both
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self._model_tensors().items()}
 
     def _load_model_state(self, saved: dict[str, torch.Tensor]) -> None:
         for prefix, module in (("model.", self.state.model), ("terms.", self.objective.terms)):
@@ -426,7 +433,7 @@ class TrainLoop:
         problems += same_types(saved["scheduler"], self.scheduler.state_dict(), "scheduler")
         problems += tensors_problems(saved["terms"], self.objective.terms.state_dict(), "terms")
         if saved["best_state"] is not None:
-            problems += tensors_problems(saved["best_state"], self._model_state(), "best_state")
+            problems += tensors_problems(saved["best_state"], self._model_tensors(), "best_state")  # no copy
         if (saved["target"] is None) != (target is None):
             problems.append(f"target: {'none' if saved['target'] is None else 'an EMA model'}, but this stage "
                             f"{'keeps one' if target is not None else 'keeps none'} (ema_momentum)")

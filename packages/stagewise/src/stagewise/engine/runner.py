@@ -42,7 +42,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, resume: str | Path
     device = distributed.resolve_device(recipe)
     info = distributed.setup(device)
     try:
-        path = _run(recipe, device, info, out, resume, quiet)
+        path = _run(recipe, device, info, out, None if resume is None else Path(resume), quiet)
         # every process leaves together: one that ended first could take the job down (torchrun stops the
         # others when one exits, a clean exit or a crash in torch's teardown) while rank 0 still writes the run
         distributed.barrier(info)
@@ -52,14 +52,14 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, resume: str | Path
 
 
 def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: str | Path | None,
-         resume: str | Path | None, quiet: bool) -> Path:
+         resume: Path | None, quiet: bool) -> Path:
     """:func:`run_recipe` once the processes are set up: what can fail on bad input is built before
     the run directory, which then holds the stages' records."""
     run = recipe.run
     if run.threads:
         torch.set_num_threads(run.threads)
     torch.use_deterministic_algorithms(run.deterministic, warn_only=True)
-    saved = load_resume(Path(resume), recipe) if resume is not None else None
+    saved = load_resume(resume, recipe) if resume is not None else None
     seed_everything(run.seed)
     data = _load_data(recipe, shown=not quiet and info.rank == 0 and sys.stderr.isatty())
     check_stages(recipe, data)
@@ -67,33 +67,43 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
     model_options = _model_options(recipe, saved)
     model = _build("model", recipe, lambda: recipe.model.component().from_recipe(model_options, data)).to(device)
     if saved is not None:  # before the run directory is touched: a damaged checkpoint leaves it as it was
-        check_resumable(saved, model, Path(resume), recipe)
+        check_resumable(saved, model, resume, recipe)
     path = _run_folder(recipe, out, resume)
     run_dir = None
-    try:  # from the folder's making on: Ctrl-C once its recipe.toml is there says how to resume
-        if info.rank == 0:
-            run_dir = _open_run_dir(recipe, data, path, resume is not None, saved)
-        state = State(recipe=recipe, model=model, model_options=model_options, data=data, device=device,
-                      dist=info, warnings=RateLimitedWarnings(silent=info.rank != 0), run_dir=run_dir,
-                      quiet=quiet, resumed_from=Path(resume) if resume is not None else None)
-        if resume is not None:
-            first = restore_run(state, saved, path)
-        else:  # said now, not only at the end: a long run's metrics and checkpoints are there from here on
-            state.print(f"run {run.name!r} (seed {run.seed}): writing to {path}")
-            first = 0
-        _run_stages(state, first, saved)
-    except KeyboardInterrupt:
-        if not (path / "recipe.toml").is_file():  # stopped as the folder was made: no run there to resume yet
-            raise
-        raise RunInterrupted(path) from None
-    except OSError as exc:  # the file system refused (a full disk): the folder's run resumes once that is fixed
-        if (path / "recipe.toml").is_file():
-            exc.run_dir = path
-        raise
+    try:
+        with _resumable_in(path):
+            if info.rank == 0:
+                run_dir = _open_run_dir(recipe, data, path, resume is not None, saved)
+            state = State(recipe=recipe, model=model, model_options=model_options, data=data, device=device,
+                          dist=info, warnings=RateLimitedWarnings(silent=info.rank != 0), run_dir=run_dir,
+                          quiet=quiet, resumed_from=resume)
+            if resume is not None:
+                first = restore_run(state, saved, path)
+            else:  # said now, not only at the end: a long run's metrics and checkpoints are there from here on
+                state.print(f"run {run.name!r} (seed {run.seed}): writing to {path}")
+                first = 0
+            _run_stages(state, first, saved)
     finally:
         if run_dir is not None:
             run_dir.close()
     return path
+
+
+@contextmanager
+def _resumable_in(path: Path) -> Iterator[None]:
+    """Once the run folder ``path`` holds its recipe.toml, a run stopped there can be resumed: Ctrl-C
+    becomes RunInterrupted, which says how, and the file system's refusal (a full disk) names the
+    folder (``exc.run_dir``), whose run resumes once that is fixed."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not (path / "recipe.toml").is_file():  # stopped as the folder was made: no run there to resume yet
+            raise
+        raise RunInterrupted(path) from None
+    except OSError as exc:
+        if (path / "recipe.toml").is_file():
+            exc.run_dir = path
+        raise
 
 
 def _open_run_dir(recipe: Recipe, data: Any, path: Path, resuming: bool, saved: dict[str, Any] | None) -> RunDir:
@@ -185,11 +195,11 @@ def check_stages(recipe: Recipe, data: Any) -> None:
         raise recipe.error(problems)
 
 
-def _run_folder(recipe: Recipe, out: str | Path | None, resume: str | Path | None) -> Path:
+def _run_folder(recipe: Recipe, out: str | Path | None, resume: Path | None) -> Path:
     """Where the run writes: a resumed run's own folder, else ``out``, else ``run.out/run.name``
     numbered past used folders (refused if ``run.out`` runs into a file)."""
     if resume is not None:
-        return Path(resume)
+        return resume
     if out is not None:
         return Path(out)
     base = Path(recipe.run.out)
