@@ -575,6 +575,18 @@ def test_a_problem_with_a_value_set_says_it_came_from_set(tiny, tiny_recipe_path
     assert str(info.value).endswith("\n  - data.batch_size: must be >= 1, got 0")
 
 
+def test_a_table_only_set_made_is_marked_as_set(tiny):
+    # was: "- stages.phase2.rooter: unknown key. ..." with no mark, though the file has no rooter
+    with pytest.raises(ConfigError) as info:
+        tiny("stages.phase2.rooter.k=1", "stages.phase2.rooter.use=\"x\"", "stages.phase1.grad_clip=-1")
+    first, made = str(info.value).splitlines()[1:]
+    assert first == "  - stages.phase1.grad_clip (from --set stages.phase1.grad_clip=-1): must be > 0, got -1.0"
+    assert made.startswith("  - stages.phase2.rooter (from --set stages.phase2.rooter.k=1): unknown key. Valid keys:")
+    with pytest.raises(ConfigError) as info:  # a table the file holds is not marked for a key --set adds to it
+        tiny("stages.phase1.grow.n_lyer=3")
+    assert "  - stages.phase1.grow.n_lyer (from --set stages.phase1.grow.n_lyer=3): unknown key" in str(info.value)
+
+
 def test_a_data_file_problem_says_when_set_gave_the_path(tmp_path, monkeypatch):
     # was: "r.toml: 1 problem: - data.path: ...", though the path came from the command line
     from stagewise.engine.runner import run_recipe

@@ -229,7 +229,8 @@ def _check_grow(paths: list[str], stages: list[StageSpec], model: ModelSpec, pro
 def apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> str | None:
     """Apply ``a.b.c=value`` to the raw table. Stages are addressed by name (``stages.NAME.key``),
     and so are a stage's loss terms (``stages.NAME.losses.TERM.key``, TERM as in metrics).
-    Returns the key path it set (as problems name it), or None when it reported a problem instead."""
+    Returns the key path it set (as problems name it): the first table it had to make, when it made
+    one, as all of that came from ``--set``; None when it reported a problem instead."""
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
     if not sep or not all(parts):
@@ -238,20 +239,23 @@ def apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> str |
     value = _parse_value(text.strip())
     node: Any = raw
     kind = "recipe"  # what node is: the recipe, a stage, a loss term or another table
-    path = iter(parts[:-1])
-    for part in path:
+    made = 0  # how many of parts name the first table this override made, if it made one
+    path = iter(enumerate(parts[:-1], start=1))
+    for depth, part in path:
         named = _NAMED_LISTS.get((kind, part))
         if named and isinstance(node.get(part, []), list):
-            node, kind = _element_named(node.get(part) or [], part, named, next(path, ""), item, problems), named[0]
+            name = next(path, (0, ""))[1]
+            node, kind = _element_named(node.get(part) or [], part, named, name, item, problems), named[0]
             if node is None:
                 return None
             continue
+        made = made or (depth if part not in node else 0)
         node, kind = node.setdefault(part, {}), "table"
         if not isinstance(node, dict):
             problems.append(f"--set {item!r}: {part!r} is not a table")
             return None
     node[parts[-1]] = value
-    return ".".join(parts)
+    return ".".join(parts[:made or len(parts)])
 
 
 # the lists of tables whose elements --set addresses by name (the name problems use too, see named_paths):
