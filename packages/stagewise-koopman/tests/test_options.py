@@ -54,6 +54,21 @@ def test_layers_out_of_range_fail_before_anything_runs(tmp_path):
     assert not (tmp_path / "run").exists()  # not even the warmup stage ran
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["stages.main.losses.koopman.dmd_buffer=1000000000"],
+     r"stages\.main\.losses\.koopman: koopman_dim = 8 and dmd_buffer = 1000000000 need 179 GiB for the operators of "
+     r"3 source layers of width 16 alone, more than this machine's 4 GiB; lower them"),
+    (["stages.linearity.fit.koopman_dim=100000"],
+     r"stages\.linearity\.fit: koopman_dim = 100000 need 224 GiB for the operators of 3 source layers"),
+])
+def test_operators_larger_than_the_memory_fail_before_anything_runs(tmp_path, monkeypatch, overrides, message):
+    # was: a TrainingError ("asked for 89.4 GiB at once") once the stages before had trained
+    monkeypatch.setattr("stagewise_koopman.loss.physical_memory_gib", lambda: 4.0, raising=False)  # no such name before
+    with pytest.raises(stagewise.ConfigError, match=message):
+        run_tiny(tmp_path / "run", overrides=overrides)
+    assert not (tmp_path / "run").exists()
+
+
 def test_forward_eval_needs_an_earlier_koopman_term():
     no_term = TINY_HYBRID.replace('name = "koopman"\n', 'name = "other"\n')
     with pytest.raises(stagewise.ConfigError, match="no earlier stage trains a koopman.operator term named 'koopman'"):
@@ -91,6 +106,9 @@ def test_a_term_with_only_the_spectral_part_or_a_small_buffer_without_dmd_is_acc
      r"stages\.linearity\.fit\.dmd_every \(from --set stages\.linearity\.fit\.dmd_every=2\): must be 0"),
     (["stages.linearity.lr=nan"],
      r"stages\.linearity\.lr \(from --set stages\.linearity\.lr=nan\): must be a finite number > 0, got nan"),
+    # was: a RuntimeError from Adam ("value cannot be converted to type float without overflow") after training
+    (["stages.linearity.lr=1e300"],
+     r"stages\.linearity\.lr \(from --set stages\.linearity\.lr=1e300\): must be <= 1e\+30"),
 ])
 def test_settings_that_only_a_later_stage_would_trip_on_fail_before_anything_runs(tmp_path, overrides, message):
     with pytest.raises(stagewise.ConfigError, match=message):
@@ -122,8 +140,11 @@ def test_fuzzed_values_are_refused_before_anything_runs(tmp_path, overrides, key
     assert any(key in p for p in info.value.problems), info.value.problems
 
 
-def test_a_term_too_big_to_allocate_stops_its_stage_with_a_clear_error(tmp_path):
-    # was: RuntimeError "DefaultCPUAllocator: can't allocate memory" traceback from the term's constructor
+def test_a_term_too_big_to_allocate_stops_its_stage_with_a_clear_error(tmp_path, monkeypatch):
+    # was: RuntimeError "DefaultCPUAllocator: can't allocate memory" traceback from the term's constructor.
+    # Where the machine's memory is known the recipe is refused before anything runs (see
+    # test_operators_larger_than_the_memory_fail_before_anything_runs); here the platform does not say
+    monkeypatch.setattr("stagewise_koopman.loss.physical_memory_gib", lambda: None)
     with pytest.raises(stagewise.TrainingError, match=r"^stage 'main' \(stagewise\.train\) asked for \S+ GiB "
                                                       r"at once, more memory than this machine has; lower its sizes"):
         run_tiny(tmp_path / "run", overrides=["stages.main.losses.koopman.koopman_dim=1000000000000",
@@ -154,3 +175,11 @@ def test_a_nested_table_s_type_problem_and_its_stage_s_value_problem_come_togeth
     assert info.value.problems == [
         "stages.linearity.fit.koopman_dim: expected int, got str 'x'",
         "stages.linearity.fit_steps: must be >= 1, got 0"]
+
+
+@pytest.mark.parametrize("overrides", [["stages.linearity.lr=1e30"], ["stages.linearity.fit.state_weight=1e300"]])
+def test_a_post_hoc_fit_that_diverges_stops_its_stage(tmp_path, overrides):
+    # was: the run ended as if measured, with linearity/one_step_error and fit_loss NaN
+    with pytest.raises(stagewise.TrainingError, match=r"^koopman\.linearity: the post-hoc fit's loss is (nan|inf) "
+                                                      r"at step \d+ of 5; lower its lr"):
+        run_tiny(tmp_path / "run", overrides=overrides)

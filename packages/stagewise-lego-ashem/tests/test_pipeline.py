@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -259,6 +260,23 @@ def test_ashem_and_baseline_are_comparable():
 def test_bad_speed_and_curve_options_are_refused_when_the_recipe_loads(tiny, override, message):
     with pytest.raises(ConfigError, match=message):
         tiny(override)
+
+
+@pytest.mark.parametrize(("lr", "message"), [
+    # was: accepted; the probe diverged and the router blamed "the earlier stages' lr" after phase 2 trained
+    (math.inf, "must be a finite number > 0, got inf"),
+    # was: a RuntimeError from AdamW ("value cannot be converted to type float without overflow")
+    (1e300, "must be <= 1e+30 (torch's optimizers overflow float32 above it), got 1e+300"),
+])
+def test_a_probe_lr_torch_cannot_take_is_refused_before_anything_runs(tiny, tmp_path, lr, message):
+    table = tiny("model.exit_probe=true").table
+    table["stages"].insert(3, {"name": "probe", "use": "lego_ashem.train_exit_probe", "lr": lr})
+    from stagewise.recipe import recipe_from_table
+
+    with pytest.raises(ConfigError) as info:
+        run_recipe(recipe_from_table(table, "tiny.toml", []), out=tmp_path / "run", quiet=True)
+    assert info.value.problems == [f"stages.probe.lr: {message}"]
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_upper_layers_reports_its_own_and_stagewise_train_s_problems_at_once(tiny):

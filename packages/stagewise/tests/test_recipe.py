@@ -678,3 +678,14 @@ def test_checks_of_one_key_are_joined():
     with pytest.raises(OptionError, match=r"^betas: must be in \[0, 1\), got \[2\.0\]; must be two numbers, "
                                           r"got \[2\.0\]$"):
         TrainStage.Options(betas=[2.0])
+
+
+def test_an_lr_that_overflows_the_optimizer_is_refused_before_anything_runs(tiny, tmp_path):
+    # was: a RuntimeError from AdamW ("value cannot be converted to type float without overflow") at the first step
+    from stagewise.engine.runner import run_recipe
+
+    with pytest.raises(ConfigError) as info:
+        run_recipe(tiny("stages.phase1.lr=1e38"), out=tmp_path / "run", quiet=True)
+    assert info.value.problems == ["stages.phase1.lr: must be <= 1e+30 (torch's optimizers overflow float32 above "
+                                   "it), got 1e+38"]
+    assert not (tmp_path / "run").exists()

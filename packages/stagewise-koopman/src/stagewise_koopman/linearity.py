@@ -9,6 +9,7 @@ with the Koopman term should need less to be linear, so its error is lower.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain, islice
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 
 import stagewise
 from stagewise.engine.objective import forward_batch
+from stagewise.errors import TrainingError
 from stagewise_koopman.loss import KoopmanOperator, KoopmanOptions, probe_hidden, relative_distance, shape_problems
 
 Batches = Callable[[int], Iterable[dict[str, Any]]]  # epoch -> that epoch's training batches
@@ -42,7 +44,7 @@ def fit_post_hoc(model: torch.nn.Module, batches: Batches, options: KoopmanOptio
     stream = _cycle(batches)
     first = next(stream)
     n_hidden, width, seq_len = probe_hidden(model, first)
-    problems = shape_problems(options, n_hidden, seq_len)
+    problems = shape_problems(options, n_hidden, seq_len, width)
     if problems:
         raise ValueError("; ".join(problems))
     term = KoopmanOperator(options).build(n_hidden, width).to(next(model.parameters()).device)
@@ -51,11 +53,15 @@ def fit_post_hoc(model: torch.nn.Module, batches: Batches, options: KoopmanOptio
     with stagewise.eval_mode(model):
         for step, batch in enumerate(progress(islice(chain([first], stream), steps), steps)):
             loss = sum(term({"hidden": frozen_hidden(model, batch)}, batch, None).values())
+            value = loss.item()
+            if not math.isfinite(value):  # else φ, K, ψ turn NaN and the errors measured with them are NaN
+                raise TrainingError(f"koopman.linearity: the post-hoc fit's loss is {value} at step {step + 1} of "
+                                    f"{steps}; lower its lr (now {lr}) or the part weights of fit")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if step >= steps - max(1, steps // 10):
-                tail.append(loss.item())
+                tail.append(value)
     return term, sum(tail) / len(tail)
 
 

@@ -33,6 +33,7 @@ import stagewise
 from stagewise.engine.distributed import DistInfo, all_reduce_sums
 from stagewise.engine.objective import forward_batch
 from stagewise.engine.resumable import kind, tensors_problems
+from stagewise.nn.transformer import physical_memory_gib
 from stagewise.schema import build_dataclass
 from stagewise_koopman.dmd import blend, dmd_operator
 from stagewise_koopman.operator import EPS, KoopmanModules, normalize_state
@@ -108,9 +109,15 @@ def model_hidden(model_options: Any) -> int | None:
     return None if n_layer is None else n_layer + 1
 
 
-def shape_problems(options: KoopmanOptions, n_hidden: int | None, seq_len: int | None = None) -> list[str]:
-    """What keeps ``options`` from fitting a model with ``n_hidden`` hidden states and sequences of
-    ``seq_len`` tokens (``None``: not known, not checked)."""
+def model_width(model_options: Any) -> int | None:
+    """The width of a model's hidden states, known before it is built for models with ``n_embd``."""
+    return getattr(model_options, "n_embd", None)
+
+
+def shape_problems(options: KoopmanOptions, n_hidden: int | None, seq_len: int | None = None,
+                   width: int | None = None) -> list[str]:
+    """What keeps ``options`` from fitting a model with ``n_hidden`` hidden states of ``width`` and
+    sequences of ``seq_len`` tokens (``None``: not known, not checked)."""
     problems = []
     if n_hidden is not None:
         top, layers = _top_layer(options, n_hidden), source_layers(options, n_hidden)
@@ -125,7 +132,22 @@ def shape_problems(options: KoopmanOptions, n_hidden: int | None, seq_len: int |
                             f"be <= {n_hidden - 1 - min(layers)} for axis 'depth'")
     if seq_len is not None and options.axis == "time" and options.steps >= seq_len:
         problems.append(f"steps {options.steps} must be below the sequence length {seq_len} for axis 'time'")
+    if not problems and n_hidden is not None and width is not None:
+        problems += _memory_problems(options, len(source_layers(options, n_hidden)), width)
     return problems
+
+
+def _memory_problems(options: KoopmanOptions, n: int, width: int) -> list[str]:
+    """φ, K, ψ (and K's reference copy, the DMD buffers) of ``n`` source layers that alone would not fit the
+    machine's memory: refused before any stage runs, not as a failed allocation once the stages before it ran."""
+    D = options.koopman_dim
+    floats = n * (2 * width * D + 2 * D * D + D + width) + (2 * n * options.dmd_buffer * D if options.dmd_every else 0)
+    gib, memory = floats * 4 / 2**30, physical_memory_gib()
+    if memory is None or gib <= memory:
+        return []
+    dmd = f" and dmd_buffer = {options.dmd_buffer}" if options.dmd_every else ""
+    return [f"koopman_dim = {D}{dmd} need {gib:.3g} GiB for the operators of {n} source layers of width {width} "
+            f"alone, more than this machine's {memory:.3g} GiB; lower them"]
 
 
 def gather_pairs(hidden: list[torch.Tensor], sources: list[int], options: KoopmanOptions
@@ -246,13 +268,14 @@ class KoopmanOperator(stagewise.Loss):
     Options = KoopmanOptions
 
     def check(self, model_options: Any) -> list[str]:
-        """Before anything runs: ``layers`` and ``steps`` against a model with ``n_layer`` blocks;
-        other models are checked when the stage starts."""
-        return super().check(model_options) + shape_problems(self.options, model_hidden(model_options))
+        """Before anything runs: ``layers`` and ``steps`` against a model with ``n_layer`` blocks, the
+        operators' memory against its ``n_embd``; other models are checked when the stage starts."""
+        return super().check(model_options) + shape_problems(self.options, model_hidden(model_options),
+                                                             width=model_width(model_options))
 
     def setup(self, state: stagewise.State) -> None:
         n_hidden, width, seq_len = probe_hidden(state.model, next(iter(state.batches("train"))))
-        problems = shape_problems(self.options, n_hidden, seq_len)
+        problems = shape_problems(self.options, n_hidden, seq_len, width)
         if problems:
             raise stagewise.ConfigError(problems)  # the engine names the term and the recipe file
         self.build(n_hidden, width)

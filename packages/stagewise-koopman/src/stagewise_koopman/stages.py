@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import stagewise
+from stagewise.builtins.train import lr_limit_check
 from stagewise.engine.resume import refuse_damaged
 from stagewise.loss import perplexity
 from stagewise_koopman.forward_mode import koopman_forward_logits, plot_spectrum, spectral_radii
@@ -27,6 +28,7 @@ from stagewise_koopman.loss import (
     KoopmanOptions,
     artifact_problems,
     model_hidden,
+    model_width,
     shape_problems,
     source_layers,
 )
@@ -133,7 +135,7 @@ def _trained_term(state: stagewise.State, name: str) -> dict[str, Any]:
 
 def _model_problems(saved: dict[str, Any], state: stagewise.State, where: str) -> list[str]:
     """The term must fit this run's model: its count and width of hidden states (where the options say)."""
-    model = {"n_hidden": model_hidden(state.model_options), "width": getattr(state.model_options, "n_embd", None)}
+    model = {"n_hidden": model_hidden(state.model_options), "width": model_width(state.model_options)}
     return [f"{where}.{key}: {saved[key]}, but this run's model has {value}" for key, value in model.items()
             if value is not None and saved[key] != value]
 
@@ -157,6 +159,7 @@ class LinearityOptions:
         stagewise.check_options([
             (self.fit_steps >= 1, "fit_steps", f"must be >= 1, got {self.fit_steps}"),
             (0 < self.lr < math.inf, "lr", f"must be a finite number > 0, got {self.lr}"),  # `not <` refuses NaN
+            lr_limit_check(self.lr),
             (bool(self.fit_split), "fit_split", "must name the split the fit trains on (e.g. \"train\"), got \"\""),
             (not self.fit.dmd_every, "fit.dmd_every", f"must be 0: the post-hoc fit trains φ, K, ψ by Adam alone, "
                                                       f"with no DMD refresh (got {self.fit.dmd_every})"),
@@ -174,8 +177,9 @@ class Linearity(stagewise.Stage):
 
     def check(self, recipe, index, data) -> list[str]:
         """The split check, plus ``fit`` against the model (with ``n_layer``) and the sequence length."""
-        problems = shape_problems(self.options.fit, model_hidden(recipe.model_options_at(index)),
-                                  data.info.get("seq_len"))
+        model_options = recipe.model_options_at(index)
+        problems = shape_problems(self.options.fit, model_hidden(model_options), data.info.get("seq_len"),
+                                  model_width(model_options))
         return super().check(recipe, index, data) + [f"{recipe.stage_path(index)}.fit: {p}" for p in problems]
 
     def run(self, state: stagewise.State) -> dict[str, Any]:

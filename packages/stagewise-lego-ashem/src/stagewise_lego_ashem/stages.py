@@ -9,6 +9,7 @@ reports routed metrics on a held-out split. Every stage checks the recipe before
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 import stagewise
-from stagewise.builtins.train import TrainOptions
+from stagewise.builtins.train import TrainOptions, lr_limit_check
 from stagewise.engine.batches import count_batches
 from stagewise.engine.params import parameter_names_at
 from stagewise.loss import perplexity, token_nll
@@ -267,7 +268,8 @@ class TrainExitProbeOptions:
     def __post_init__(self) -> None:
         stagewise.check_options([(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}"),
                                  (self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}"),
-                                 (self.lr > 0, "lr", f"must be > 0, got {self.lr}")])
+                                 (0 < self.lr < math.inf, "lr", f"must be a finite number > 0, got {self.lr}"),
+                                 lr_limit_check(self.lr)])
 
 
 class TrainExitProbe(stagewise.Stage):

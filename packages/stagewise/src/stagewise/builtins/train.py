@@ -34,6 +34,18 @@ def _default_losses() -> list[LossSpec]:
     return [LossSpec(use="stagewise.cross_entropy", options=CrossEntropyOptions())]
 
 
+# The largest lr any stage takes: torch's optimizers turn lr (Adam: lr / (1 - beta1)) into a float32 step, and
+# a larger one overflows it with a RuntimeError at the first step, after the stages before have run.
+MAX_LR = 1e30
+
+
+def lr_limit_check(lr: float, key: str = "lr") -> tuple[bool, str, str]:
+    """The :func:`~stagewise.check_options` check that ``lr`` is at most :data:`MAX_LR`, for every stage with an
+    optimizer; a NaN or infinite lr passes it, for the stage's own finiteness check to report."""
+    return (not MAX_LR < lr < math.inf, key, f"must be <= {MAX_LR:g} (torch's optimizers overflow float32 above it), "
+                                             f"got {lr}")
+
+
 @dataclass
 class TrainOptions:
     """Recipe keys of ``stagewise.train`` (and of stages built on it)."""
@@ -74,6 +86,7 @@ class TrainOptions:
         lr_ok = math.isfinite(self.lr) and self.lr >= 0
         return [
             (lr_ok, "lr", f"must be a finite number >= 0, got {self.lr}"),
+            lr_limit_check(self.lr),
             (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
              f"must be a finite number >= 0, got {self.weight_decay}"),
             (all(0 <= b < 1 for b in self.betas), "betas", f"must be in [0, 1), got {self.betas}"),
