@@ -32,6 +32,7 @@ from stagewise.engine.resumable import (
     same_types,
     tensors_problems,
 )
+from stagewise.errors import TrainingError
 from stagewise.events import Event
 from stagewise.loss import batch_size
 
@@ -359,7 +360,22 @@ class TrainLoop:
     def _checked(self, value: float, record: dict[str, Any]) -> bool:
         """The guard's verdict on the batch's loss; where the loop is is spelled out (a string
         per term) only for a loss the guard reports, off the per-step path."""
-        return self.guard.check(value, "" if math.isfinite(value) else self._where(record))
+        if math.isfinite(value):
+            return self.guard.check(value, "")
+        where = self._where(record)
+        broken = self._nonfinite_parameters()
+        if broken:  # skipping batches leaves them so: every later loss is non-finite, and so is what follows the stage
+            shown = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+            raise TrainingError(f"non-finite loss ({value}) at {where}: the weights are no longer finite ({shown}), "
+                                f"as a step before this batch diverged, so no later batch can train them. Lower the "
+                                f"learning rate or set grad_clip.")
+        return self.guard.check(value, where)
+
+    def _nonfinite_parameters(self) -> list[str]:
+        """The model's and the terms' parameters holding a NaN or an infinity, named as in the checkpoint."""
+        named = [(f"model.{n}", p) for n, p in self.state.model.named_parameters()]
+        named += [(f"terms.{n}", p) for n, p in self.objective.terms.named_parameters()]
+        return [name for name, p in named if not bool(torch.isfinite(p).all())]
 
     def _where(self, record: dict[str, Any]) -> str:
         """Where the loop is, naming the terms of ``record`` that are not finite (what a NaN came from)."""
