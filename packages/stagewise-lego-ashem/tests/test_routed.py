@@ -337,7 +337,7 @@ class _State:
         self.model, self._batches, self.artifacts, self.routers = model, batches, artifacts or {}, {}
         self.data = {split: [None] * sum(len(b["input"]) for b in bs) for split, bs in batches.items()}  # windows
         self.dist, self.run_dir, self.logged, self.seed, self.stage_index = DistInfo(), None, [], 0, 0
-        self.device, self.resumed_from = torch.device("cpu"), None
+        self.device, self.resumed_from, self.stage_name = torch.device("cpu"), None, "test"
 
     keep_router = stagewise.State.keep_router
 
@@ -392,6 +392,25 @@ def test_the_curve_plot_says_that_compute_above_1_costs_more_than_full_depth(tmp
     assert rows[-1]["compute_cost_flops"] > 1  # full depth plus the exit head: the case the label explains
     assert "(>1: routing costs more)" in drawn[0]["xlabel"] and "1 = full depth" not in drawn[0]["xlabel"]
     assert drawn[0]["vlines"] == [(1.0, "full depth")]
+
+
+def test_each_routed_evaluation_draws_its_own_curve_named_by_stage_and_measure(tmp_path, monkeypatch):
+    # was: every stage drew plots/accuracy_compute.png, so the documented probe recipe's test_probe
+    # overwrote test's max-softmax curve, and the plot said neither the stage nor the measure
+    import stagewise.plots
+    from stagewise.engine.rundir import RunDir
+    from stagewise_lego_ashem.evaluation import accuracy_compute_curve
+
+    drawn = []
+    monkeypatch.setattr(stagewise.plots, "line_plot", lambda path, series, **kw: drawn.append((path, series, kw)))
+    state, router, _ = _curve_state()
+    state.run_dir = RunDir(tmp_path)
+    for stage in ("test", "test_probe"):
+        state.stage_name = stage
+        accuracy_compute_curve(state, "test", router, 2)
+    assert [path.name for path, _, _ in drawn] == ["accuracy_compute_test.png", "accuracy_compute_test_probe.png"]
+    assert drawn[1][2]["title"] == "test_probe: accuracy vs compute (test)"
+    assert list(drawn[0][1]) == [f"routed by {router.options.measure}, threshold sweep"]
 
 
 def test_probe_labels_say_whether_the_exit_argmax_is_the_final_argmax():

@@ -181,9 +181,12 @@ def accuracy_compute_curve(state: stagewise.State, split: str, router: Confidenc
     if state.run_dir is not None:
         from stagewise.plots import line_plot
 
-        line_plot(state.run_dir.plot_path("accuracy_compute.png"),
-                  {"routed, threshold sweep": ([r["compute_cost_flops"] for r in rows], [r["acc"] for r in rows])},
-                  title=f"accuracy vs compute ({split})", ylabel="accuracy", vlines=[(1.0, "full depth")],
+        # one file per stage: a second evaluation (e.g. routed by the probe) would overwrite the first's curve
+        line_plot(state.run_dir.plot_path(f"accuracy_compute_{state.stage_name}.png"),
+                  {f"routed by {router.options.measure}, threshold sweep":
+                   ([r["compute_cost_flops"] for r in rows], [r["acc"] for r in rows])},
+                  title=f"{state.stage_name}: accuracy vs compute ({split})", ylabel="accuracy",
+                  vlines=[(1.0, "full depth")],
                   xlabel="compute_cost_flops: counted FLOPs relative to full depth (>1: routing costs more)")
     return rows
 

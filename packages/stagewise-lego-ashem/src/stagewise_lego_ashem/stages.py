@@ -352,7 +352,7 @@ class EvaluateRouted(stagewise.Stage):
     ``hard_ppl_after`` (routed) on the tokens routed hard, ``threshold``; with ``measure_speed``
     also ``speedup_measured``, ``batch_size``, ``routed_ms`` and ``full_depth_ms`` (and with a softmax
     measure ``confidence_ms`` and ``confidence_flops_share``). The curve is
-    printed, logged as ``lego_ashem.curve`` records and drawn to ``plots/accuracy_compute.png``.
+    printed, logged as ``lego_ashem.curve`` records and drawn to ``plots/accuracy_compute_<stage>.png``.
     """
 
     name = "lego_ashem.evaluate_routed"
