@@ -150,7 +150,7 @@ def test_compare_runs_baseline_and_method(cli, recipes, example_run, tmp_path):
     # each recipe ran as `stagewise run` runs it alone: same seed, same numbers
     assert runs["example"]["metrics"] == json.loads((example_run / "summary.json").read_text())["metrics"]
     assert "mine/threshold" in runs["example"]["metrics"] and "mine/threshold" not in runs["baseline"]["metrics"]
-    assert result.stdout.splitlines()[0].split() == ["metric", "baseline", "example"]
+    assert result.stdout.splitlines()[0].split() == ["metric", "baseline", "example", "example", "vs", "baseline"]
 
     (out / "baseline" / "summary.json").unlink()  # as if baseline had stopped part-way
     before = sorted(p.relative_to(out) for p in out.rglob("*"))

@@ -640,10 +640,10 @@ def test_compare_writes_compare_json_and_one_table(tiny_recipe_path, tmp_path, m
     assert list(saved) == ["tiny", "other"] and saved["other"]["run_dir"] == str(out / "other")
     assert saved["tiny"]["metrics"] == {"val/loss": 2.0, "note": "text", "train/stopped_early": True}
     *lines, blank, written = capsys.readouterr().out.splitlines()
-    assert [line.split() for line in lines] == [["metric", "tiny", "other"],
-                                                ["val/loss", "2", "1.5"],
-                                                ["train/stopped_early", "True", "False"],  # was 1 and 0
-                                                ["test/acc", "-", "0.25"]]  # text metrics left out
+    assert [line.split() for line in lines] == [["metric", "tiny", "other", "other", "vs", "tiny"],
+                                                ["val/loss", "2", "1.5", "-25.00%"],  # against the first
+                                                ["train/stopped_early", "True", "False", "-"],  # was 1 and 0
+                                                ["test/acc", "-", "0.25", "-"]]  # text metrics left out
     assert len({len(line) for line in lines}) == 1  # columns line up
     assert (blank, written) == ("", f"-> {out / 'compare.json'}")  # where the table went
 
@@ -885,3 +885,21 @@ def test_a_torchrun_process_whose_run_joined_the_group_ends_without_python_shutd
         assert len(ended) == 1 and ended[0][0] == 0 and "stagewise.demo" in ended[0][1]
     else:
         assert main(["recipes"]) == 0 and ended == []
+
+
+def test_the_comparison_table_shows_each_run_against_the_first_and_lines_up_long_names():
+    # was: no change column (a reader divided by hand), and a name over 15 characters pushed its column out of line
+    from stagewise.compare import comparison_table
+
+    runs = {"baseline": {"metrics": {"val/ppl": 120.0, "err": 0.0, "n": 3, "nan": float("nan")}},
+            "hybrid_with_a_long_name": {"metrics": {"val/ppl": 121.2, "err": 0.5, "n": 3, "nan": 1.0}},
+            "third": {"metrics": {"val/ppl": 90.0}}}
+    lines = comparison_table(runs).splitlines()
+    assert [line.split() for line in lines] == [
+        ["metric", "baseline", "hybrid_with_a_long_name", "third", "hybrid_with_a_long_name", "vs", "baseline",
+         "third", "vs", "baseline"],
+        ["val/ppl", "120", "121.2", "90", "+1.00%", "-25.00%"],
+        ["err", "0", "0.5", "-", "-", "-"],  # no change from 0
+        ["n", "3", "3", "-", "+0.00%", "-"],
+        ["nan", "nan", "1", "-", "-", "-"]]
+    assert len({len(line) for line in lines}) == 1

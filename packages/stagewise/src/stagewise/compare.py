@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import shlex
 from pathlib import Path
 from typing import Any
@@ -161,16 +162,31 @@ def _aligning_sets(keys: list[str], first: dict[str, Any], other: dict[str, Any]
 
 
 def comparison_table(runs: dict[str, Any]) -> str:
+    """The runs' final metrics side by side, then each later run's change against the first (the
+    baseline), in % of the first's value: what a reader would otherwise divide by hand."""
     names = list(runs)
     keys: list[str] = []
     for run in runs.values():
         keys += [k for k, v in run["metrics"].items() if isinstance(v, int | float) and k not in keys]
-    width = max([len(k) for k in keys] + [6]) + 2
-    lines = ["metric".ljust(width) + "".join(f"{n:>16}" for n in names)]
-    for key in keys:
-        cells = [_cell(runs[n]["metrics"].get(key)) for n in names]
-        lines.append(key.ljust(width) + "".join(f"{c:>16}" for c in cells))
-    return "\n".join(lines)
+    values = [[runs[n]["metrics"].get(key) for n in names] for key in keys]
+    header = ["metric", *names, *(f"{n} vs {names[0]}" for n in names[1:])]
+    rows = [header] + [[key, *map(_cell, row), *(_change(row[0], v) for v in row[1:])] for key, row in
+                       zip(keys, values, strict=True)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(row[0].ljust(widths[0] + 2) + "".join(f"{c:>{w + 2}}" for c, w in zip(row[1:], widths[1:],
+                                                                                           strict=True))
+                     for row in rows)
+
+
+def _change(first: Any, other: Any) -> str:
+    """``other`` against ``first`` in %, for numbers (not flags) where ``first`` is not 0; else '-'."""
+    if not (_number(first) and _number(other)) or first == 0:
+        return "-"
+    return f"{100 * (other - first) / abs(first):+.2f}%"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _cell(value: float | None) -> str:
