@@ -337,6 +337,23 @@ def test_compare_sets_a_loss_terms_key_only_in_the_recipes_whose_stage_has_that_
     assert overrides_by_recipe(names, [typo]) == [[typo], [typo]]
 
 
+def test_compare_removes_a_stage_or_term_only_from_the_recipes_that_have_it(tiny_recipe_path, tmp_path, capsys):
+    from stagewise.compare import overrides_by_recipe
+
+    method = tmp_path / "method.toml"
+    method.write_text(tiny_recipe_path.read_text().replace('name = "tiny"', 'name = "method"').replace(
+        'grad_clip = 1.0', 'grad_clip = 1.0\nlosses = [{ use = "stagewise.cross_entropy" }, '
+                           '{ use = "stagewise.cross_entropy", name = "exit1", at_layer = 1, weight = 0.5 }]').replace(
+        'name = "test"', 'name = "forward"'))
+    names = [str(tiny_recipe_path), str(method)]
+    stage, term, key = "~stages.forward", "~stages.phase1.losses.exit1", "~stages.phase1.grad_clip"
+    assert overrides_by_recipe(names, [stage, term, key]) == [[key], [stage, term, key]]
+    assert capsys.readouterr().out.splitlines() == [
+        f"compare: --set {stage} applies to {names[1]} only ({names[0]}: no stage named 'forward')",
+        f"compare: --set {term} applies to {names[1]} only ({names[0]}: no loss term 'exit1' in stage 'phase1')"]
+    assert [s.name for s in load_recipe(names[1], [stage, term]).stages] == ["phase1", "phase2"]
+
+
 def test_compare_refuses_other_seeds_and_other_data(tiny_recipe_path, tmp_path):
     from stagewise.compare import compare_recipes
     from stagewise.errors import ConfigError

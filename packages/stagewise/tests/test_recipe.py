@@ -155,6 +155,31 @@ def test_overrides_address_loss_terms_by_name(tiny):
     assert (main.weight, main.options.label_smoothing) == (1.0, 0.1)
 
 
+def test_a_tilde_override_removes_a_key_a_stage_or_a_loss_term(tiny):
+    # was: no way to drop what a named recipe holds (e.g. koopman.hybrid's forward stage, which refuses a time term)
+    assert (tiny().stages[0].options.grad_clip, tiny().run.log_every_n_steps) == (1.0, 1)  # as the file says
+    recipe = tiny("~stages.phase1.grad_clip", "~stages.test", "~run.log_every_n_steps")
+    assert [s.name for s in recipe.stages] == ["phase1", "phase2"]
+    assert (recipe.stages[0].options.grad_clip, recipe.run.log_every_n_steps) == (None, 10)  # the defaults
+    terms = '[{use="stagewise.cross_entropy"}, {use="stagewise.cross_entropy", name="exit1", at_layer=1}]'
+    recipe = tiny(f"stages.phase1.losses={terms}", "~stages.phase1.losses.exit1")
+    assert [t.name for t in recipe.stages[0].options.losses] == ["cross_entropy"]
+    assert tiny("~stages.phase2.grow.n_layer").stages[1].grow == {}
+
+
+def test_a_tilde_override_that_finds_nothing_to_remove_says_what_is_there(tiny):
+    with pytest.raises(ConfigError) as info:
+        tiny("~stages.phase9", "~run.nokey", "~nosuch.key", "~stages.phase1.losses.exit1", "~run.seed=3", "~model")
+    assert str(info.value).splitlines()[1:] == [
+        "  - --set '~stages.phase9': no stage named 'phase9'; stages: phase1, phase2, test (address a stage's key "
+        "as stages.NAME.KEY=VALUE)",
+        "  - --set '~run.nokey': nothing to remove: the recipe has no run.nokey",
+        "  - --set '~nosuch.key': nothing to remove: the recipe has no nosuch",
+        "  - --set '~stages.phase1.losses.exit1': nothing to remove: the recipe has no stages.phase1.losses",
+        "  - --set '~run.seed=3': expected ~KEY.PATH, which removes that key, e.g. ~stages.forward",
+        "  - model (from --set ~model): required table is missing (e.g. [model] use = \"stagewise.transformer\")"]
+
+
 def test_an_unknown_loss_term_lists_the_stage_s_terms(tiny):
     terms = '[{use="stagewise.cross_entropy"}, {use="stagewise.cross_entropy", name="exit1", at_layer=1}]'
     with pytest.raises(ConfigError) as info:

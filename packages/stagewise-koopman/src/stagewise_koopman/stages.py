@@ -78,7 +78,7 @@ class ForwardEval(stagewise.Stage):
         name, replace = self.options.term, self.options.replace_layers
         if term.axis != "depth":
             return [f"Koopman forward mode needs a term with axis 'depth'; {name!r} has axis {term.axis!r}: leave this "
-                    f"stage out of the recipe (a named recipe's file: 'stagewise recipes --json')"]
+                    f"stage out (--set '~stages.NAME' removes a named recipe's stage NAME)"]
         sources = source_layers(term, trained_hidden)
         valid = ", ".join(str(n_layer - s) for s in reversed(sources) if n_layer - s >= 1) or "none"
         if replace > n_layer:

@@ -88,11 +88,14 @@ def overrides_by_recipe(names: list[str], overrides: list[str]) -> list[list[str
 
 
 def _override_target(item: str) -> tuple[str, str | None] | None:
-    """The stage (and loss term) a ``--set`` addresses: ``stages.NAME[.losses.TERM].KEY``."""
-    parts = item.partition("=")[0].strip().split(".")
-    if len(parts) < 3 or parts[0] != "stages":
+    """The stage (and loss term) a ``--set`` addresses: ``stages.NAME[.losses.TERM].KEY``, or one
+    that removes, ``~stages.NAME[.losses.TERM][.KEY]``, the stage or term itself too."""
+    removing = item.startswith("~")
+    parts = item.removeprefix("~").partition("=")[0].strip().split(".")
+    least = 2 if removing else 3  # parts up to the stage's name, and a key unless it removes the stage
+    if len(parts) < least or parts[0] != "stages":
         return None
-    return parts[1], parts[3] if len(parts) > 4 and parts[2] == "losses" else None
+    return parts[1], parts[3] if len(parts) >= least + 2 and parts[2] == "losses" else None
 
 
 def _has(stages: dict[str, set[str]], stage: str, term: str | None) -> bool:

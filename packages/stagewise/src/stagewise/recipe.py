@@ -230,7 +230,10 @@ def apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> str |
     """Apply ``a.b.c=value`` to the raw table. Stages are addressed by name (``stages.NAME.key``),
     and so are a stage's loss terms (``stages.NAME.losses.TERM.key``, TERM as in metrics).
     Returns the key path it set (as problems name it): the first table it had to make, when it made
-    one, as all of that came from ``--set``; None when it reported a problem instead."""
+    one, as all of that came from ``--set``; None when it reported a problem instead. ``~a.b.c``
+    removes instead (see :func:`_remove`)."""
+    if item.startswith("~"):
+        return _remove(raw, item, problems)
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
     if not sep or not all(parts):
@@ -256,6 +259,38 @@ def apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> str |
             return None
     node[parts[-1]] = value
     return ".".join(parts[:made or len(parts)])
+
+
+def _remove(raw: dict[str, Any], item: str, problems: list[str]) -> str | None:
+    """Apply ``~a.b.c``: delete that key, so its default applies, or a whole stage (``~stages.NAME``)
+    or loss term (``~stages.NAME.losses.TERM``). Returns the key path, or None after a problem."""
+    key = item.removeprefix("~").strip()
+    parts = key.split(".")
+    if "=" in key or not all(parts):
+        problems.append(f"--set {item!r}: expected ~KEY.PATH, which removes that key, e.g. ~stages.forward")
+        return None
+    node: Any = raw
+    kind, i = "recipe", 0  # what node is (as in apply_override), and how many parts led to it
+    while i < len(parts) - 1:
+        part = parts[i]
+        named = _NAMED_LISTS.get((kind, part))
+        if named and isinstance(node.get(part), list):
+            element = _element_named(node[part], part, named, parts[i + 1], item, problems)
+            if element is None:
+                return None
+            if i + 2 == len(parts):  # the stage or loss term itself
+                node[part] = [t for t in node[part] if t is not element]
+                return key
+            node, kind, i = element, named[0], i + 2
+            continue
+        if not isinstance(node.get(part), dict):
+            break
+        node, kind, i = node[part], "table", i + 1
+    if i != len(parts) - 1 or parts[-1] not in node:
+        problems.append(f"--set {item!r}: nothing to remove: the recipe has no {'.'.join(parts[:i + 1])}")
+        return None
+    del node[parts[-1]]
+    return key
 
 
 # the lists of tables whose elements --set addresses by name (the name problems use too, see named_paths):

@@ -76,7 +76,8 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override a recipe key, e.g. stages.phase1.max_epochs=3 (repeatable)")
+                   help="override a recipe key, e.g. stages.phase1.max_epochs=3 (repeatable); '~KEY' removes a "
+                   "key (its default applies), a stage (~stages.NAME) or a loss term (~stages.NAME.losses.TERM)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, per-epoch lines or per-run tables "
                    "(run prints only the run directory, compare only its comparison table; warnings still go "
                    "to stderr)")
