@@ -352,3 +352,47 @@ def test_no_process_leaves_before_the_run_directory_is_written(tiny, tmp_path, m
     monkeypatch.setattr(distributed, "barrier", lambda info: written.append(summary.exists()))
     runner.run_recipe(tiny(), out=tmp_path / "run", quiet=True)
     assert written[-1] and not any(written[:-1])  # the checkpoints' barriers, then one after the summary
+
+
+def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "stagewise", *args], cwd=cwd, env=_environment(), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+
+
+@needs_gloo
+def test_a_bad_recipe_under_torchrun_is_said_once_and_writes_nothing(tmp_path):
+    # was: each process printed the same recipe error, once per process
+    (tmp_path / "recipe.toml").write_text(RECIPE)
+    done = _torchrun(["run", "recipe.toml", "--set", "stages.train.lr=-1", "--out", "ddp"], tmp_path)
+    assert done.returncode != 0
+    assert done.stderr.count("stagewise: error: recipe.toml: 1 problem:\n  - stages.train.lr") == 1, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.toml"]
+
+
+@needs_gloo
+def test_compare_under_torchrun_prints_its_table_once(tmp_path):
+    # was: every process printed the table and wrote compare.json
+    (tmp_path / "a.toml").write_text(RECIPE.replace("max_epochs = 2", "max_epochs = 1"))
+    (tmp_path / "b.toml").write_text(RECIPE.replace("max_epochs = 2", "max_epochs = 1").replace('"ddp"', '"other"'))
+    done = _torchrun(["compare", "a.toml", "b.toml", "--quiet", "--out", "cmp"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("-> cmp/compare.json") == 1, done.stdout
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["compare.json", "ddp", "other"]
+
+
+@pytest.mark.parametrize("command", ["run", "compare"])
+def test_a_torchrun_job_s_resume_command_is_a_torchrun_command(monkeypatch, command):
+    # was: `stagewise run ... --resume RUN`, which resumed a 2-process job in one process (other float sums)
+    from stagewise.cli.commands import _resume_command
+
+    args = SimpleNamespace(command=command, overrides=["run.seed=1"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert _resume_command(args, ["r.toml"], Path("runs/r")) == (
+        f"torchrun --nproc_per_node=2 -m stagewise {command} r.toml --resume runs/r --set run.seed=1")
+    monkeypatch.setenv("WORLD_SIZE", "4")  # two machines of 2: their rendezvous options are the user's
+    assert _resume_command(args, ["r.toml"], Path("runs/r")).startswith("torchrun --nnodes=2 --nproc_per_node=2 -m ")
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert _resume_command(args, ["r.toml"], Path("runs/r")).startswith(f"stagewise {command} r.toml")

@@ -432,12 +432,15 @@ def test_more_processes_on_a_machine_than_it_has_gpus_is_a_config_error(tiny, mo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert resolve_device(_with_device(tiny(), name)) == torch.device("cuda", 0)
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    with pytest.raises(ConfigError, match=r"^my\.toml: 1 problem:\n  - run\.device: .* this machine has 1 and "
-                                          r"torchrun started process 1 here; start at most 1 per machine "
-                                          r"\(torchrun --nproc_per_node=1\) or set run\.device = 'cpu'"):
-        resolve_device(_with_device(tiny(), name, "my.toml"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for rank in ("0", "1"):  # every process refuses alike, so rank 0 says it (was: process 1 alone)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        with pytest.raises(ConfigError, match=r"^my\.toml: 1 problem:\n  - run\.device: .* this machine has 1 and "
+                                              r"torchrun started 2 processes here; start at most 1 per machine "
+                                              r"\(torchrun --nproc_per_node=1\) or set run\.device = 'cpu'"):
+            resolve_device(_with_device(tiny(), name, "my.toml"))
 
 
 class _Calibrate(stagewise.Stage):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from stagewise.engine.checkpoint import TEMP_GLOB, remove_temp_files
+from stagewise.engine.distributed import is_main_process
 from stagewise.engine.resume import check_same_recipe
 from stagewise.engine.rundir import empty_folder, holds_files, write_json_atomic
 from stagewise.errors import CheckpointError, ConfigError
@@ -48,8 +49,9 @@ def compare_recipes(names: list[str], overrides: list[str], out: Path, quiet: bo
                    else run_recipe(recipe, out=folder, quiet=quiet))
         summary = json.loads((run_dir / "summary.json").read_text())
         runs[recipe.run.name] = {"run_dir": str(run_dir), "metrics": summary["metrics"]}
-    write_json_atomic(out / COMPARE_JSON, {"runs": runs})
-    print(f"{comparison_table(runs)}\n\n-> {out / COMPARE_JSON}")
+    if is_main_process():  # under torchrun, rank 0 writes and says it, as it does each run's folder
+        write_json_atomic(out / COMPARE_JSON, {"runs": runs})
+        print(f"{comparison_table(runs)}\n\n-> {out / COMPARE_JSON}")
     return runs
 
 
@@ -77,7 +79,7 @@ def overrides_by_recipe(names: list[str], overrides: list[str]) -> list[list[str
     for item in overrides:
         target = _override_target(item)
         having = [i for i, own in enumerate(stages) if target is not None and _has(own, *target)]
-        if having and len(having) < len(names):
+        if having and len(having) < len(names) and is_main_process():  # said once under torchrun
             others = ", ".join(names[i] for i in range(len(names)) if i not in having)
             stage, term = target
             lacking = f"no stage named {stage!r}" if term is None else f"no loss term {term!r} in stage {stage!r}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -111,11 +110,12 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from stagewise.engine.distributed import is_main_process
     from stagewise.engine.runner import run_recipe
     from stagewise.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, say things once
+    main_rank = is_main_process()  # under torchrun, say things once
     try:
         path = run_recipe(recipe, out=args.out, resume=args.resume, quiet=args.quiet)
     except RunInterrupted as exc:
@@ -135,8 +135,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _resume_command(args: argparse.Namespace, recipes: list[str], folder: Path) -> str:
-    """The command that continues what ``args`` started (``args.command`` of ``recipes``) in ``folder``."""
-    return shlex.join(["stagewise", args.command, *recipes, "--resume", str(folder), *set_args(args.overrides)])
+    """The command that continues what ``args`` started (``args.command`` of ``recipes``) in ``folder``,
+    launched as this one was (under torchrun, by torchrun with as many processes)."""
+    from stagewise.engine.distributed import launcher
+
+    return shlex.join([*launcher(), "stagewise", args.command, *recipes, "--resume", str(folder),
+                       *set_args(args.overrides)])
 
 
 def set_args(overrides: Sequence[str]) -> list[str]:
@@ -146,6 +150,7 @@ def set_args(overrides: Sequence[str]) -> list[str]:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from stagewise.compare import compare_recipes
+    from stagewise.engine.distributed import is_main_process
     from stagewise.engine.rundir import unused_folder
 
     out = args.resume or args.out or unused_folder(Path("runs/compare"))
@@ -154,7 +159,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # a run's RunInterrupted too: compare --resume goes on with every run in `out`
         if not out.is_dir():  # stopped before the comparison wrote anything: nothing to continue
             raise
-        print(f"stagewise: interrupted; continue with: {_resume_command(args, args.recipes, out)}", file=sys.stderr)
+        if is_main_process():
+            print(f"stagewise: interrupted; continue with: {_resume_command(args, args.recipes, out)}",
+                  file=sys.stderr)
         return 130
     except OSError as exc:  # e.g. the disk filled up: the comparison goes on once that is fixed
         if out.is_dir():

@@ -14,7 +14,7 @@ import traceback
 
 from stagewise.cli import commands
 from stagewise.engine.failures import noted
-from stagewise.errors import PluginError, StagewiseError
+from stagewise.errors import ConfigError, PluginError, StagewiseError, UnknownNameError
 from stagewise.plugins import strict
 
 
@@ -81,6 +81,8 @@ def _command(argv: list[str] | None) -> int:
         sys.stdout.flush()  # a reader gone away shows here, not as "Exception ignored" at exit
         return code
     except StagewiseError as exc:
+        if _said_by_another_process(exc):
+            return 1
         if isinstance(exc, PluginError) and exc.__cause__ is not None and strict():
             traceback.print_exception(exc.__cause__)  # strict mode is for finding the bug: show where
         print(f"stagewise: error: {exc}", file=sys.stderr)
@@ -99,6 +101,13 @@ def _command(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("stagewise: interrupted", file=sys.stderr)
         return 130
+
+
+def _said_by_another_process(exc: StagewiseError) -> bool:
+    """Whether the first process of this machine in a torchrun job prints ``exc`` for this one: the processes
+    of a machine check the same recipe and files alike, so a recipe's errors would show once per process. Per
+    machine, not per job: a file that one machine lacks is said there. An error of one process's run is its own."""
+    return isinstance(exc, (ConfigError, UnknownNameError)) and os.environ.get("LOCAL_RANK", "0") != "0"
 
 
 def _os_advice(exc: OSError) -> str:

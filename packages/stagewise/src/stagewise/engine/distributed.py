@@ -35,6 +35,22 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def is_main_process() -> bool:
+    """Whether this process speaks for the job: rank 0 under torchrun (known before it joins), or the only one."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def launcher() -> list[str]:
+    """How this process was started, before ``stagewise``: ``torchrun --nproc_per_node=N -m`` in a torchrun
+    job (``--nnodes`` too across machines, whose rendezvous options are the user's), else nothing."""
+    world = launched_world_size()
+    if world <= 1:
+        return []
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    nodes = [f"--nnodes={world // per_node}"] if per_node != world else []
+    return ["torchrun", *nodes, f"--nproc_per_node={per_node}", "-m"]
+
+
 _joined = False  # a run of this process joined a process group, whose threads outlive it (cli.main)
 
 
@@ -44,7 +60,9 @@ def joined_a_group() -> bool:
 
 
 def setup(device: torch.device) -> DistInfo:
-    """Join the process group if launched by torchrun; a no-op in a single process."""
+    """Join the process group if launched by torchrun, once: a later run in this process (compare's second)
+    reuses it rather than leaving it and joining anew under the same rendezvous, which hung a compare under
+    torchrun in 3 of 5 test runs on a loaded machine. A no-op in a single process."""
     global _joined
     if launched_world_size() <= 1:
         return DistInfo()
@@ -54,11 +72,6 @@ def setup(device: torch.device) -> DistInfo:
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def teardown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def all_reduce_sums(values: list[float], info: DistInfo) -> list[float]:
@@ -89,8 +102,11 @@ def resolve_device(recipe: Recipe) -> torch.device:
     if not torch.cuda.is_available():
         raise recipe.error(["run.device: 'cuda' was asked for but no CUDA device is available; use 'auto' or 'cpu'"])
     local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
-    if local_rank >= gpus:  # each process takes the GPU of its local rank; NCCL refuses two on one GPU
+    # each process takes the GPU of its local rank (NCCL refuses two on one GPU); checked on the machine's
+    # process count, not this process's rank, so every process refuses alike and rank 0 says it
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1)))
+    if processes > gpus:
         raise recipe.error([f"run.device: {name!r} gives each process one GPU, but this machine has {gpus} and "
-                            f"torchrun started process {local_rank} here; start at most {gpus} per machine "
+                            f"torchrun started {processes} processes here; start at most {gpus} per machine "
                             f"(torchrun --nproc_per_node={gpus}) or set run.device = 'cpu'"])
     return torch.device("cuda", local_rank)

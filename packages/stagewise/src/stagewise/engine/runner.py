@@ -40,15 +40,12 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, resume: str | Path
     if out is not None and resume is not None:
         raise ValueError(f"run_recipe: give out or resume, not both (a resumed run goes on in {resume})")
     device = distributed.resolve_device(recipe)
-    info = distributed.setup(device)
-    try:
-        path = _run(recipe, device, info, out, None if resume is None else Path(resume), quiet)
-        # every process leaves together: one that ended first could take the job down (torchrun stops the
-        # others when one exits, a clean exit or a crash in torch's teardown) while rank 0 still writes the run
-        distributed.barrier(info)
-        return path
-    finally:
-        distributed.teardown(info)
+    info = distributed.setup(device)  # the group stays until the process ends: a next run here (compare's) reuses it
+    path = _run(recipe, device, info, out, None if resume is None else Path(resume), quiet)
+    # every process leaves together: one that ended first could take the job down (torchrun stops the
+    # others when one exits, a clean exit or a crash in torch's teardown) while rank 0 still writes the run
+    distributed.barrier(info)
+    return path
 
 
 def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: str | Path | None,
