@@ -63,7 +63,7 @@ def test_layers_out_of_range_fail_before_anything_runs(tmp_path):
 ])
 def test_operators_larger_than_the_memory_fail_before_anything_runs(tmp_path, monkeypatch, overrides, message):
     # was: a TrainingError ("asked for 89.4 GiB at once") once the stages before had trained
-    monkeypatch.setattr("stagewise_koopman.loss.physical_memory_gib", lambda: 4.0, raising=False)  # no such name before
+    monkeypatch.setattr("stagewise.nn.transformer.physical_memory_gib", lambda: 4.0)
     with pytest.raises(stagewise.ConfigError, match=message):
         run_tiny(tmp_path / "run", overrides=overrides)
     assert not (tmp_path / "run").exists()
@@ -144,7 +144,7 @@ def test_a_term_too_big_to_allocate_stops_its_stage_with_a_clear_error(tmp_path,
     # was: RuntimeError "DefaultCPUAllocator: can't allocate memory" traceback from the term's constructor.
     # Where the machine's memory is known the recipe is refused before anything runs (see
     # test_operators_larger_than_the_memory_fail_before_anything_runs); here the platform does not say
-    monkeypatch.setattr("stagewise_koopman.loss.physical_memory_gib", lambda: None)
+    monkeypatch.setattr("stagewise.nn.transformer.physical_memory_gib", lambda: None)
     with pytest.raises(stagewise.TrainingError, match=r"^stage 'main' \(stagewise\.train\) asked for \S+ GiB "
                                                       r"at once, more memory than this machine has; lower its sizes"):
         run_tiny(tmp_path / "run", overrides=["stages.main.losses.koopman.koopman_dim=1000000000000",

@@ -33,7 +33,7 @@ import stagewise
 from stagewise.engine.distributed import DistInfo, all_reduce_sums
 from stagewise.engine.objective import forward_batch
 from stagewise.engine.resumable import kind, tensors_problems
-from stagewise.nn.transformer import physical_memory_gib
+from stagewise.nn.transformer import memory_problem
 from stagewise.schema import build_dataclass
 from stagewise_koopman.dmd import blend, dmd_operator
 from stagewise_koopman.operator import EPS, KoopmanModules, normalize_state
@@ -142,12 +142,9 @@ def _memory_problems(options: KoopmanOptions, n: int, width: int) -> list[str]:
     machine's memory: refused before any stage runs, not as a failed allocation once the stages before it ran."""
     D = options.koopman_dim
     floats = n * (2 * width * D + 2 * D * D + D + width) + (2 * n * options.dmd_buffer * D if options.dmd_every else 0)
-    gib, memory = floats * 4 / 2**30, physical_memory_gib()
-    if memory is None or gib <= memory:
-        return []
     dmd = f" and dmd_buffer = {options.dmd_buffer}" if options.dmd_every else ""
-    return [f"koopman_dim = {D}{dmd} need {gib:.3g} GiB for the operators of {n} source layers of width {width} "
-            f"alone, more than this machine's {memory:.3g} GiB; lower them"]
+    problem = memory_problem(floats, f"koopman_dim = {D}{dmd}", f"the operators of {n} source layers of width {width}")
+    return [problem] if problem else []
 
 
 def gather_pairs(hidden: list[torch.Tensor], sources: list[int], options: KoopmanOptions

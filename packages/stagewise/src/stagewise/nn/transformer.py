@@ -63,13 +63,22 @@ class TransformerOptions:
         # Refuse blocks whose weights alone exceed the machine's memory: each block is a small
         # allocation, so building a billion of them would run for hours before failing.
         d, f = self.n_embd, self.ffn_hidden
-        gib = self.n_layer * (4 * d * d + 3 * d * f + 2 * d) * 4 / 2**30  # float32 attention, SwiGLU, norms
-        memory = physical_memory_gib()
-        if memory is not None and gib > memory:
-            checks.append((False, ("n_layer", "n_embd", "ffn_hidden"),
-                           f"{self.n_layer} blocks of n_embd = {d} and ffn_hidden = {f} need {gib:.3g} GiB for "
-                           f"their weights alone, more than this machine's {memory:.3g} GiB; lower them"))
+        floats = self.n_layer * (4 * d * d + 3 * d * f + 2 * d)  # attention, SwiGLU, norms
+        problem = memory_problem(floats, f"{self.n_layer} blocks of n_embd = {d} and ffn_hidden = {f}",
+                                 "their weights")
+        if problem:
+            checks.append((False, ("n_layer", "n_embd", "ffn_hidden"), problem))
         return checks
+
+
+def memory_problem(floats: int, what: str, whose: str) -> str | None:
+    """Why ``what`` cannot be built when ``whose`` ``floats`` float32 values alone exceed the machine's
+    RAM (refused before anything runs, not as a failed allocation later); None when they fit or the
+    platform does not say."""
+    gib, memory = floats * 4 / 2**30, physical_memory_gib()
+    if memory is None or gib <= memory:
+        return None
+    return f"{what} need {gib:.3g} GiB for {whose} alone, more than this machine's {memory:.3g} GiB; lower them"
 
 
 def physical_memory_gib() -> float | None:
