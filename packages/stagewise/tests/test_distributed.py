@@ -140,6 +140,7 @@ def test_only_rank_zero_writes(runs):
     assert sorted(p.name for p in runs.root.iterdir()) == ["ddp", "recipe.toml", "single"]
     assert sorted(p.name for p in runs.ddp.iterdir()) == sorted(p.name for p in runs.single.iterdir())
     assert sorted(p.name for p in (runs.ddp / "checkpoints").iterdir()) == ["last.pt", "train.pt"]
+    assert [json.loads((run / "env.json").read_text())["processes"] for run in (runs.single, runs.ddp)] == [1, 2]
     ddp, single = _records(runs.ddp), _records(runs.single)
     keys = [(r["event"], r["stage"], r["epoch"], r["step"]) for r in ddp]
     assert len(keys) == len(set(keys)), "a record was written twice (by more than one rank)"
@@ -396,3 +397,35 @@ def test_a_torchrun_job_s_resume_command_is_a_torchrun_command(monkeypatch, comm
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert _resume_command(args, ["r.toml"], Path("runs/r")).startswith(f"stagewise {command} r.toml")
+
+
+LATE_RANK = """\
+import os, sys, time
+from pathlib import Path
+from stagewise.engine import runner
+from stagewise.recipe import load_recipe
+
+if os.environ["RANK"] == "1":  # picks its folder after rank 0 has made runs/ddp (or after 5 s, if rank 0 waits)
+    pick = runner._run_folder
+    def late(*args):
+        deadline = time.monotonic() + 5
+        while not Path("runs/ddp/recipe.toml").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return pick(*args)
+    runner._run_folder = late
+print(os.environ["RANK"], runner.run_recipe(load_recipe("recipe.toml"), quiet=True), flush=True)
+"""
+
+
+@needs_gloo
+def test_every_process_of_a_job_writes_to_the_folder_rank_zero_chose(tmp_path):
+    # was: each process numbered the default folder past the ones in use by itself, so a process that looked after
+    # rank 0 had made runs/ddp took runs/ddp-2 (its Ctrl-C then named no run to resume)
+    (tmp_path / "recipe.toml").write_text(RECIPE.replace("max_epochs = 2", "max_epochs = 1"))
+    (tmp_path / "late_rank.py").write_text(LATE_RANK)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "late_rank.py"], cwd=tmp_path, env=_environment(), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    assert sorted(done.stdout.split("\n")[:2]) == ["0 runs/ddp", "1 runs/ddp"], done.stdout
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ddp"]

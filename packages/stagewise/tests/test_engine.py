@@ -69,6 +69,7 @@ def test_run_directory_layout(tiny, tmp_path):
     assert summary["stages"]["phase1"]["epochs"] == 2
     env = json.loads((run_dir / "env.json").read_text())
     assert env["torch"] == torch.__version__ and env["plugins"]["stagewise"]["distribution"] == "stagewise"
+    assert env["processes"] == 1
     steps = read_records(run_dir, "step")
     assert len(steps) == 20 and {r["stage"] for r in steps} == {"phase1", "phase2"}
     # phase2 grows 2 layers to 3: every entry of the old model is copied, the new layer's are new

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
     from stagewise.recipe import Recipe
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,16 @@ def all_reduce_sums(values: list[float], info: DistInfo) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def main_process_choice(value: T, info: DistInfo) -> T:
+    """Rank 0's ``value`` in every process, for a choice each would make alone and could make differently:
+    a default run folder numbered past the folders in use, which rank 0 may already have made."""
+    if not info.enabled:
+        return value
+    chosen = [value]
+    dist.broadcast_object_list(chosen, src=0)
+    return chosen[0]
 
 
 def collective_device() -> torch.device:

@@ -4,7 +4,7 @@
 
     RUN_DIR/
       recipe.toml        the resolved recipe (defaults filled in, overrides applied)
-      env.json           python, torch, platform, every plugin's distribution and version
+      env.json           python, torch, platform, threads, processes, every plugin's distribution and version
       metrics.jsonl      one JSON object per logged event (step, epoch, stage, grow, plugins' own)
       summary.json       per-stage metrics and timings, and the final metrics
       checkpoints/       <stage checkpoint name>.pt after each stage, last.pt for resuming
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from stagewise.engine.checkpoint import TEMP_GLOB, atomic_write_bytes, remove_temp_files
+from stagewise.engine.distributed import launched_world_size
 from stagewise.errors import CheckpointError, PluginError
 
 
@@ -177,6 +178,7 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "processes": launched_world_size(),  # a torchrun job's sums run in another order than one process's
         "plugins": {i.name: {"distribution": i.distribution, "version": i.version, "error": i.error}
                     for i in plugin_infos()},
     }

@@ -65,7 +65,7 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
     model = _build("model", recipe, lambda: recipe.model.component().from_recipe(model_options, data)).to(device)
     if saved is not None:  # before the run directory is touched: a damaged checkpoint leaves it as it was
         check_resumable(saved, model, resume, recipe)
-    path = _run_folder(recipe, out, resume)
+    path = distributed.main_process_choice(_run_folder(recipe, out, resume), info)
     run_dir = None
     try:
         with _resumable_in(path):
