@@ -156,6 +156,10 @@ def test_a_bad_part_weight_is_named_with_its_value():
     with pytest.raises(ValueError, match=r"^lifted_weight: must be >= 0 and finite, got -1\.0; "
                        r"state_weight: must be >= 0 and finite, got nan$"):
         KoopmanOptions(lifted_weight=-1.0, state_weight=float("nan"))
+    # was: accepted; the term was inf on every batch, each batch skipped (and warned) until max_nonfinite
+    with pytest.raises(ValueError, match=r"^lifted_weight: must be at most 3\.403e\+38 \(the largest float32; "
+                                         r"losses are float32\), got 1e\+300$"):
+        KoopmanOptions(lifted_weight=1e300)
 
 
 def test_a_term_refused_as_its_stage_starts_names_the_recipe_file(tmp_path):

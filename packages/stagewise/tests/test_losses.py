@@ -38,6 +38,14 @@ def test_loss_spec_rejects_bad_values():
         LossSpec(use="stagewise.mse", ramp_epochs=-2)
 
 
+def test_a_weight_past_float32_is_refused():
+    # was: accepted; every weighted loss was inf, so each batch was skipped until max_nonfinite stopped the run
+    with pytest.raises(ValueError, match=r"^weight: must be at most 3\.403e\+38 \(the largest float32; losses are "
+                                         r"float32\), got 1e\+300$"):
+        LossSpec(use="stagewise.mse", weight=1e300)
+    assert LossSpec(use="stagewise.mse", weight=3e38).weight == 3e38
+
+
 def test_cross_entropy_sums_ignore_padding():
     logits = torch.tensor([[[2.0, 0.0], [0.0, 2.0], [5.0, 0.0]]])
     batch = {"target": torch.tensor([[0, 0, -100]])}

@@ -35,6 +35,7 @@ from stagewise.engine.objective import forward_batch
 from stagewise.engine.resumable import kind, tensors_problems
 from stagewise.nn.transformer import memory_problem
 from stagewise.schema import build_dataclass
+from stagewise.specs import weight_limit_check
 from stagewise_koopman.dmd import blend, dmd_operator
 from stagewise_koopman.operator import EPS, KoopmanModules, normalize_state
 
@@ -73,6 +74,7 @@ class KoopmanOptions:
             (self.detach in DETACH, "detach", f"must be one of {', '.join(map(repr, DETACH))}, got {self.detach!r}"),
             (self.steps >= 1, "steps", f"must be >= 1, got {self.steps}"),
             *((weights_ok[key], key, f"must be >= 0 and finite, got {w}") for key, w in weights.items()),
+            *(weight_limit_check(w, key) for key, w in weights.items()),
             (max(weights.values()) > 0 or not all(weights_ok.values()), tuple(weights),
              "at least one of lifted_weight, reconstruction_weight, state_weight and spectral_weight must be "
              "> 0 (with all four 0 the term has nothing to compute)"),

@@ -37,6 +37,18 @@ def _finite_non_negative(x: float) -> bool:
     return math.isfinite(x) and x >= 0
 
 
+# The largest weight of a loss term or part: losses are float32 tensors, and a weight past float32's range makes
+# every weighted loss inf, so each batch is skipped until max_nonfinite stops the run.
+MAX_WEIGHT = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+
+
+def weight_limit_check(weight: float, key: str) -> tuple[bool, str, str]:
+    """The :func:`~stagewise.check_options` check that ``weight`` is at most :data:`MAX_WEIGHT`; a NaN or infinite
+    weight passes it, for the option's own finiteness check to report."""
+    return (not MAX_WEIGHT < weight < math.inf, key,
+            f"must be at most {MAX_WEIGHT:.4g} (the largest float32; losses are float32), got {weight:g}")
+
+
 class Spec:
     """Mixin for dataclasses that name a component; subclasses set KIND and ``options``."""
 
@@ -125,6 +137,7 @@ class LossSpec(Spec):
             (bool(self.name) and "." not in self.name, ("name", "use"),
              f"term name {self.name!r}: use a non-empty name without '.'"),
             (_finite_non_negative(self.weight), "weight", f"must be >= 0 and finite, got {self.weight}"),
+            weight_limit_check(self.weight, "weight"),
             (self.cap is None or _finite_non_negative(self.cap), "cap", f"must be >= 0 and finite, got {self.cap}"),
             (self.start_epoch >= 0, "start_epoch", f"must be >= 0, got {self.start_epoch}"),
             (self.ramp_epochs >= 0, "ramp_epochs", f"must be >= 0, got {self.ramp_epochs}"),
