@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -269,6 +270,18 @@ def test_verify_tolerance_is_inclusive_and_nan_matches_nan():
     (problem,) = compare({"a": 1.75, "b": float("nan"), "c": 2}, golden, {"a": 0.5})
     assert problem.startswith("a: run 1.75 != golden 1.0 (diff +0.75, tolerance 0.5)")
     assert compare({"a": 1.0, "b": 0.0, "c": 2}, golden, {})[0].startswith("b: run 0.0 != golden nan")
+
+
+def test_a_bad_or_misspelt_tolerance_is_named(tmp_path):
+    # was: "'tolerance' must be ..." without the entry at fault, and a tolerance for a metric the golden
+    # record lacks (a typo) ignored, its metric compared exactly
+    from stagewise.verify import golden_tables
+
+    for tolerance, named in (({"a": -0.5}, "'a' is -0.5"), ({"a": math.nan}, "'a' is NaN")):
+        with pytest.raises(stagewise.ConfigError, match=f"numbers >= 0 .*: {named}$"):
+            golden_tables({"metrics": {"a": 1.0}, "tolerance": tolerance}, tmp_path / "g.json")
+    with pytest.raises(stagewise.ConfigError, match=r"'tolerance' names 'b', which 'metrics' lacks"):
+        golden_tables({"metrics": {"a": 1.0}, "tolerance": {"a": 0.1, "b": 0.1}}, tmp_path / "g.json")
 
 
 def test_a_golden_file_may_give_a_tolerance_of_zero(tmp_path):
@@ -580,8 +593,60 @@ def test_export_of_a_checkpoint_written_part_way_through_a_stage_says_so(tmp_pat
     out, err = capsys.readouterr()
     assert out == f"wrote {tmp_path / 'm.npz'}: 1 arrays, 2 values\n"
     assert err == ("" if done else f"stagewise: note: {ckpt} was written part-way through stage 'phase9', so these "
-                   f"are its weights at that point; export checkpoints/<stage>.pt for a finished stage's\n")
+                   f"are its weights at that point; no stage has finished yet: resume the run (stagewise run RECIPE "
+                   f"--resume RUN_DIR) to train it further\n")
     assert load_npz(tmp_path / "m.npz")[1]["stage_done"] is done
+
+
+def test_export_of_a_part_way_checkpoint_names_the_finished_stages_checkpoints_beside_it(tmp_path, capsys):
+    # was: "export checkpoints/<stage>.pt for a finished stage's", also when no stage had finished
+    import torch
+
+    last = _checkpoint(tmp_path / "last.pt", {"w": torch.ones(2)}, stage_done=False)
+    _checkpoint(tmp_path / "phase1.pt", {"w": torch.ones(2)}, stage_done=True)
+    assert main(["export", str(last), str(tmp_path / "m.npz")]) == 0
+    assert capsys.readouterr().err.endswith(f"; export one of phase1.pt in {tmp_path} for a finished stage's\n")
+
+
+def test_export_says_when_it_replaces_an_earlier_export(tmp_path, capsys):
+    # was: "wrote m.npz" whether or not an earlier export was overwritten
+    import torch
+
+    ckpt = _checkpoint(tmp_path / "c.pt", {"w": torch.ones(2)})
+    for said in ("wrote", "replaced the earlier export"):
+        assert main(["export", str(ckpt), str(tmp_path / "m.npz")]) == 0
+        assert capsys.readouterr().out == f"{said} {tmp_path / 'm.npz'}: 1 arrays, 2 values\n"
+
+
+def test_export_of_an_export_or_a_folder_without_last_pt_says_what_to_give(tmp_path, capsys):
+    # was: "the checkpoint is corrupt or truncated ... copy ... over checkpoints/last.pt" for an .npz, and
+    # "RUN/checkpoints/checkpoints/last.pt: checkpoint not found" for a run's checkpoints folder
+    import torch
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    _checkpoint(folder / "phase1.pt", {"w": torch.ones(2)})
+    assert main(["export", str(folder / "phase1.pt"), str(tmp_path / "m.npz")]) == 0
+    capsys.readouterr()
+    cases = [(tmp_path / "m.npz", f"{tmp_path / 'm.npz'}: an export (.npz), not a checkpoint; give the run directory"),
+             (folder, f"{folder / 'checkpoints' / 'last.pt'}: checkpoint not found; give one of the checkpoint files "
+                      f"in {folder}: phase1.pt"),
+             (tmp_path / "run", f"{folder / 'last.pt'}: checkpoint not found; give one of the checkpoint files in "
+                                f"{folder}: phase1.pt"),
+             (tmp_path, f"{tmp_path / 'checkpoints' / 'last.pt'}: checkpoint not found: {tmp_path} is no run "
+                        "directory")]
+    for source, error in cases:
+        assert main(["export", str(source), str(tmp_path / "x.npz")]) == 1
+        assert capsys.readouterr().err.startswith(f"stagewise: error: {error}")
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_a_damaged_checkpoint_read_for_export_gives_advice_for_export_not_for_resume(tmp_path, capsys):
+    # was: "To resume a run from the end of an earlier stage, copy that stage's checkpoint ... over last.pt"
+    (tmp_path / "c.pt").write_bytes(b"garbage")
+    assert main(["export", str(tmp_path / "c.pt"), str(tmp_path / "m.npz")]) == 1
+    assert capsys.readouterr().err.endswith("Use another checkpoint of the run (checkpoints/<stage>.pt, one per "
+                                            "finished stage), or run the recipe again.\n")
 
 
 def test_export_writes_the_routers_the_run_kept_so_numpy_routes_as_torch_did(tmp_path):

@@ -44,8 +44,8 @@ ARTIFACTS = "artifacts/"  # the names of the artifacts' arrays start with it (no
 def export_npz(checkpoint: Path, out: Path, exclude: Sequence[str] = ()) -> dict[str, Any]:
     """Write the checkpoint's model weights and artifacts (but those named in ``exclude``, e.g. a
     large training cache) to ``out``; returns the model's array count and parameter count,
-    ``artifacts`` (the names written) and ``part_way``, the stage the checkpoint was written
-    part-way through (None: a finished stage's).
+    ``artifacts`` (the names written), ``replaced`` (whether ``out`` was an earlier export) and
+    ``part_way``, the stage the checkpoint was written part-way through (None: a finished stage's).
 
     ``out`` may replace an earlier export, never another file (the checkpoint itself, a recipe)."""
     out = Path(out)
@@ -60,6 +60,7 @@ def export_npz(checkpoint: Path, out: Path, exclude: Sequence[str] = ()) -> dict
     if out.suffix != ".npz":  # numpy.load and every reader of the format expect the name
         raise CheckpointError(f"{out}: an export is an .npz file; give a name ending in .npz, "
                               f"e.g. {out.with_suffix('.npz')}")
+    replaced = out.exists()  # an earlier export (anything else was refused above)
     saved = load_checkpoint(Path(checkpoint), EXPORT_KEYS)
     arrays = {name: _array(tensor) for name, tensor in saved["model"].items()}
     reserved = next((name for name in arrays if name == "__meta__" or name.startswith(ARTIFACTS)), None)
@@ -76,7 +77,7 @@ def export_npz(checkpoint: Path, out: Path, exclude: Sequence[str] = ()) -> dict
         meta["artifacts"] = _split(artifacts, ARTIFACTS, arrays)
     arrays["__meta__"] = np.array(json.dumps(meta))
     atomic_write_bytes(out, lambda f: np.savez(f, **arrays))
-    return {**counts, "artifacts": sorted(meta.get("artifacts", {})),
+    return {**counts, "artifacts": sorted(meta.get("artifacts", {})), "replaced": replaced,
             "part_way": saved["stage_name"] if meta.get("stage_done") is False else None}
 
 

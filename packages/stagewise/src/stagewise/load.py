@@ -17,9 +17,31 @@ LOAD_KEYS = ("model", "recipe", "model_options")
 
 
 def checkpoint_of(source: str | Path) -> Path:
-    """A run directory's last checkpoint, or ``source`` itself when it is a checkpoint file."""
+    """A run directory's last checkpoint, or ``source`` itself when it is a checkpoint file; a
+    CheckpointError saying what to give instead for an export or a folder without ``checkpoints/last.pt``."""
     path = Path(source).expanduser()
-    return path / "checkpoints" / "last.pt" if path.is_dir() else path
+    if path.suffix == ".npz" and path.is_file():  # torch would call it a corrupt checkpoint
+        raise CheckpointError(f"{path}: an export (.npz), not a checkpoint; give the run directory or one of its "
+                              f"checkpoints/<stage>.pt (stagewise.export.load_npz reads an export)")
+    if not path.is_dir():
+        return path
+    last = path / "checkpoints" / "last.pt"
+    if not last.exists():
+        raise _no_last_checkpoint(path)
+    return last
+
+
+def _no_last_checkpoint(folder: Path) -> CheckpointError:
+    """The error for a folder given as a run directory that has no last checkpoint, naming the
+    checkpoint files it or its ``checkpoints/`` holds (e.g. ``RUN/checkpoints`` given for ``RUN``)."""
+    last = folder / "checkpoints" / "last.pt"
+    for where in (folder / "checkpoints", folder):
+        found = sorted(p.name for p in where.glob("*.pt"))
+        if found:
+            return CheckpointError(f"{last}: checkpoint not found; give one of the checkpoint files in {where}: "
+                                   f"{', '.join(found)}")
+    return CheckpointError(f"{last}: checkpoint not found: {folder} is no run directory, or its run wrote no "
+                           f"checkpoint yet; give a run directory or a .pt checkpoint file")
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:

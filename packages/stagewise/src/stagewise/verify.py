@@ -77,8 +77,16 @@ def golden_tables(golden: Any, path: Path) -> tuple[dict[str, Any], dict[str, fl
     if not isinstance(golden, dict) or not isinstance(golden.get("metrics"), dict):
         raise ConfigError([f"'metrics' must be an object of metric names and values {form}"], str(path))
     tolerance = golden.get("tolerance", {})
-    if not isinstance(tolerance, dict) or not all(_numbers(t, 0) and t >= 0 for t in tolerance.values()):
+    if not isinstance(tolerance, dict):
         raise ConfigError([f"'tolerance' must be an object of metric names and numbers >= 0 {form}"], str(path))
+    bad = [f"{name!r} is {json.dumps(t)}" for name, t in tolerance.items() if not (_numbers(t, 0) and t >= 0)]
+    if bad:  # a negative or NaN tolerance would match nothing
+        raise ConfigError([f"'tolerance' must be an object of metric names and numbers >= 0 {form}: "
+                           f"{', '.join(bad)}"], str(path))
+    unknown = sorted(set(tolerance) - set(golden["metrics"]))
+    if unknown:  # a misspelt name would leave its metric compared exactly, unsaid
+        raise ConfigError([f"'tolerance' names {', '.join(map(repr, unknown))}, which 'metrics' lacks; a tolerance "
+                           f"applies to a golden metric: correct the name or add the metric"], str(path))
     return golden["metrics"], tolerance
 
 

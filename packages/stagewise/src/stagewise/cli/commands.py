@@ -190,11 +190,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     checkpoint = checkpoint_of(args.source)
     counts: dict[str, Any] = export_npz(checkpoint, args.out, args.exclude)
     artifacts = f"; artifacts: {', '.join(counts['artifacts'])}" if counts["artifacts"] else ""
-    print(f"wrote {args.out}: {counts['arrays']} arrays, {counts['parameters']} values{artifacts}")
+    written = "replaced the earlier export" if counts["replaced"] else "wrote"
+    print(f"{written} {args.out}: {counts['arrays']} arrays, {counts['parameters']} values{artifacts}")
     if counts["part_way"] is not None:  # e.g. the last.pt of a run that was stopped: not a trained model yet
         print(f"stagewise: note: {checkpoint} was written part-way through stage {counts['part_way']!r}, so these "
-              f"are its weights at that point; export checkpoints/<stage>.pt for a finished stage's", file=sys.stderr)
+              f"are its weights at that point; {_finished_advice(checkpoint)}", file=sys.stderr)
     return 0
+
+
+def _finished_advice(checkpoint: Path) -> str:
+    """Where a finished stage's weights are, beside a checkpoint written part-way through a stage."""
+    finished = sorted(p.name for p in checkpoint.parent.glob("*.pt") if p != checkpoint and p.name != "last.pt")
+    if finished:
+        return f"export one of {', '.join(finished)} in {checkpoint.parent} for a finished stage's"
+    return "no stage has finished yet: resume the run (stagewise run RECIPE --resume RUN_DIR) to train it further"
 
 
 def _path(text: str) -> Path:

@@ -147,8 +147,9 @@ def _loads_back(value: Any) -> bool:
     return True
 
 
-_DAMAGED_ADVICE = ("To resume a run from the end of an earlier stage, copy that stage's checkpoint in the same folder "
-                   "(checkpoints/<stage>.pt) over checkpoints/last.pt; or start the run again.")
+# for readers of a checkpoint (export, load_model, plugins' loaders); --resume passes advice of its own
+_DAMAGED_ADVICE = ("Use another checkpoint of the run (checkpoints/<stage>.pt, one per finished stage), "
+                   "or run the recipe again.")
 
 
 def load_checkpoint(path: str | Path, keys: tuple[str, ...] = (), damaged_advice: str = _DAMAGED_ADVICE
