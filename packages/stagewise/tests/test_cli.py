@@ -549,6 +549,22 @@ def test_verify_matches_non_finite_metrics_as_summary_json_writes_them(tmp_path,
                                                          "verify: 1 difference(s)"]
 
 
+def test_verify_against_another_run_s_summary_says_whose_it_is(tmp_path, capsys):
+    # was: only the differences (36 of them for demo against koopman.hybrid), with no hint that the recipes differ
+    from stagewise.engine.rundir import write_json_atomic
+
+    write_json_atomic(tmp_path / "run" / "summary.json", {"recipe": "demo", "metrics": {"a": 1.0}})
+    golden = tmp_path / "golden.json"
+    golden.write_text(json.dumps({"recipe": "koopman_hybrid", "metrics": {"a": 2.0}}))
+    assert main(["verify", str(tmp_path / "run"), str(golden)]) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "verify: 1 difference(s); the golden record is of run 'koopman_hybrid', this run is 'demo': "
+        "is it another recipe's record?")
+    golden.write_text(json.dumps({"recipe": "koopman_hybrid", "metrics": {"a": 1.0}}))  # a rerun under another name
+    assert main(["verify", str(tmp_path / "run"), str(golden)]) == 0
+    assert capsys.readouterr().out == "verify: OK\n"
+
+
 @pytest.mark.parametrize("summary", ["{}", "[1]", '{"metrics": 3}'])
 def test_verify_names_a_summary_without_metrics(tmp_path, capsys, summary):
     (tmp_path / "summary.json").write_text(summary)

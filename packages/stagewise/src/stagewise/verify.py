@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from stagewise.errors import CheckpointError, ConfigError
 
@@ -48,19 +48,27 @@ def compare(actual: dict[str, Any], golden: dict[str, Any], tolerance: dict[str,
 
 def verify_run(run_dir: Path, golden_path: Path) -> list[str]:
     """One line per golden metric the run misses or differs in (measured ones aside)."""
-    return verify_report(run_dir, golden_path)[0]
+    return verify_report(run_dir, golden_path).differences
 
 
-def verify_report(run_dir: Path, golden_path: Path) -> tuple[list[str], list[str]]:
-    """(one line per difference, the run's measured metrics left out of the comparison)."""
+class Report(NamedTuple):
+    differences: list[str]  # one line per golden metric the run misses or differs in
+    skipped: list[str]  # the run's measured metrics left out of the comparison
+    names: tuple[str, str] | None  # (the golden record's run name, the run's) where they differ (a summary.json)
+
+
+def verify_report(run_dir: Path, golden_path: Path) -> Report:
     path = Path(run_dir) / "summary.json"
     summary = load_json(path, "summary.json (did the run finish?)")
     if not isinstance(summary, dict) or not isinstance(summary.get("metrics"), dict):
         raise CheckpointError(f"{path} has no 'metrics' object: is {run_dir} a stagewise run directory?")
-    metrics, tolerance = golden_tables(load_json(golden_path, "golden file"), golden_path)
+    golden = load_json(golden_path, "golden file")
+    metrics, tolerance = golden_tables(golden, golden_path)
     skipped = [key for key in measured_metrics(summary) if key in metrics and key not in tolerance]
     compared = {key: value for key, value in metrics.items() if key not in skipped}
-    return compare(summary["metrics"], compared, tolerance), skipped
+    names = (golden.get("recipe"), summary.get("recipe"))
+    differ = isinstance(names[0], str) and names[0] != names[1]
+    return Report(compare(summary["metrics"], compared, tolerance), skipped, names if differ else None)
 
 
 def measured_metrics(summary: dict[str, Any]) -> list[str]:

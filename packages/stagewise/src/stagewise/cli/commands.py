@@ -174,13 +174,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from stagewise.verify import verify_report
 
-    differences, skipped = verify_report(Path(args.run_dir), Path(args.golden))
-    for line in differences:
+    report = verify_report(Path(args.run_dir), Path(args.golden))
+    for line in report.differences:
         print(line)
+    skipped = report.skipped
     note = (f" ({len(skipped)} wall-clock measurement(s) not compared: {', '.join(skipped)}; "
             "give one a tolerance in the golden file to compare it)") if skipped else ""
-    print(("verify: OK" if not differences else f"verify: {len(differences)} difference(s)") + note)
-    return 1 if differences else 0
+    if report.differences and report.names is not None:  # a rerun under another run.name still verifies
+        note += "; the golden record is of run {!r}, this run is {!r}: is it another recipe's record?".format(
+            *report.names)
+    print(("verify: OK" if not report.differences else f"verify: {len(report.differences)} difference(s)") + note)
+    return 1 if report.differences else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
