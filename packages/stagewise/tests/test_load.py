@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+import warnings
+
 import pytest
 import torch
 from conftest import CLASSES, TINY
@@ -72,3 +76,20 @@ def test_a_model_whose_plugin_is_missing_is_named(tiny_run, tmp_path):
     with pytest.raises(CheckpointError, match=r"foreign\.pt: cannot rebuild its model: model\.use: unknown model "
                                               r"'nosuch\.lm'"):
         stagewise.load_model(tmp_path / "foreign.pt")
+
+
+def test_a_checkpoint_written_part_way_through_a_stage_warns_and_names_the_finished_ones(tiny_run, tmp_path):
+    # was: a stopped run's last.pt loaded like a trained model, unsaid (export notes it)
+    saved = load_checkpoint(tiny_run / "checkpoints" / "last.pt")
+    saved["stage_done"] = False
+    del saved["format"]
+    write_checkpoint(saved, [tmp_path / "last.pt"])
+    with pytest.warns(UserWarning, match=r"last\.pt was written part-way through stage '\w+', so the model has its "
+                                         r"weights at that point; no stage has finished yet: resume the run"):
+        stagewise.load_model(tmp_path / "last.pt")
+    shutil.copy(tiny_run / "checkpoints" / "phase1.pt", tmp_path)
+    with pytest.warns(UserWarning, match=re.escape(f"; load one of phase1.pt in {tmp_path} for a finished stage's")):
+        stagewise.load_model(tmp_path / "last.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stagewise.load_model(tiny_run)  # a finished run's last.pt

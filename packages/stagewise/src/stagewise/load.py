@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,19 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> torch.
     with noted(f"rebuilding the model of {checkpoint}", saved["recipe"]["model"]["use"]):  # the model's plugin code
         model = _build(checkpoint, saved)
         model.load_state_dict(saved["model"])
+    if saved.get("stage_done") is False:  # a stopped run's last.pt: not a trained model yet
+        warnings.warn(f"{checkpoint} was written part-way through stage {saved.get('stage_name')!r}, so the model has "
+                      f"its weights at that point; {part_way_advice(checkpoint, 'load')}", stacklevel=2)
     return model.to(device).eval()
+
+
+def part_way_advice(checkpoint: Path, verb: str) -> str:
+    """Where a finished stage's weights are, beside a checkpoint written part-way through a stage: ``verb``
+    (export, load) one of the finished stages' checkpoints, or resume the run if none has finished."""
+    finished = sorted(p.name for p in checkpoint.parent.glob("*.pt") if p != checkpoint and p.name != "last.pt")
+    if finished:
+        return f"{verb} one of {', '.join(finished)} in {checkpoint.parent} for a finished stage's"
+    return "no stage has finished yet: resume the run (stagewise run RECIPE --resume RUN_DIR) to train it further"
 
 
 def _build(checkpoint: Path, saved: dict[str, Any]) -> torch.nn.Module:

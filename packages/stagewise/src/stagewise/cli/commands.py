@@ -189,7 +189,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from stagewise.export import export_npz
-    from stagewise.load import checkpoint_of
+    from stagewise.load import checkpoint_of, part_way_advice
 
     checkpoint = checkpoint_of(args.source)
     counts: dict[str, Any] = export_npz(checkpoint, args.out, args.exclude)
@@ -198,16 +198,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"{written} {args.out}: {counts['arrays']} arrays, {counts['parameters']} values{artifacts}")
     if counts["part_way"] is not None:  # e.g. the last.pt of a run that was stopped: not a trained model yet
         print(f"stagewise: note: {checkpoint} was written part-way through stage {counts['part_way']!r}, so these "
-              f"are its weights at that point; {_finished_advice(checkpoint)}", file=sys.stderr)
+              f"are its weights at that point; {part_way_advice(checkpoint, 'export')}", file=sys.stderr)
     return 0
-
-
-def _finished_advice(checkpoint: Path) -> str:
-    """Where a finished stage's weights are, beside a checkpoint written part-way through a stage."""
-    finished = sorted(p.name for p in checkpoint.parent.glob("*.pt") if p != checkpoint and p.name != "last.pt")
-    if finished:
-        return f"export one of {', '.join(finished)} in {checkpoint.parent} for a finished stage's"
-    return "no stage has finished yet: resume the run (stagewise run RECIPE --resume RUN_DIR) to train it further"
 
 
 def _path(text: str) -> Path:
