@@ -3,7 +3,7 @@
     python packages/stagewise-koopman/bench/hybrid_vs_baseline.py [--data DIR] [--out DIR] [--json OUT.json]
                                                                   [--quick] [--seeds N]
 
-DIR holds train.txt, valid.txt and test.txt; by default the public-domain English texts in
+DIR holds train.txt, valid.txt and test.txt (UTF-8); by default the public-domain English texts in
 ../shared/data/pd_english (relative to the repository) are dealt to the three splits by
 40-line chunk (core's write_file_split: chunk i to valid when i % 10 == 2, to test when
 i % 10 == 6, each split in one seeded order), so that the three are drawn alike and share no
@@ -167,7 +167,7 @@ def table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, help="directory with train.txt, valid.txt, test.txt "
+    parser.add_argument("--data", type=Path, help="directory with train.txt, valid.txt, test.txt (UTF-8) "
                         f"(default: {DEFAULT_DATA} dealt by 40-line chunk)")
     parser.add_argument("--out", type=Path, help="new or empty directory for the run directories (and the "
                         "dealt data); default: runs/koopman-bench, or runs/koopman-bench-2, ...")

@@ -3,7 +3,7 @@
     python packages/stagewise-lego-ashem/bench/ashem_vs_baseline.py [--data DIR] [--out DIR] [--json OUT.json]
         [--quick] [--threads N]
 
-DIR holds train.txt, valid.txt and test.txt (WikiText-style plain text). Default: a
+DIR holds train.txt, valid.txt and test.txt (WikiText-style plain text, UTF-8). Default: a
 deterministic split of ../shared/data/pd_english written to ``<out>/data``: every file
 cut into 40-line chunks, chunk i (0-based, over the sorted files) to valid when i % 10 == 2, to
 test when i % 10 == 6, else to train, each split's chunks in one seeded random order (so valid,
@@ -182,7 +182,7 @@ def table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, help="directory with train.txt, valid.txt, test.txt")
+    parser.add_argument("--data", type=Path, help="directory with train.txt, valid.txt, test.txt (UTF-8)")
     parser.add_argument("--out", type=Path, help="new or empty directory for the run directories (and the "
                         "dealt data); default: runs/lego-ashem-bench, or runs/lego-ashem-bench-2, ...")
     parser.add_argument("--json", type=Path, help="also write the result to this file")

@@ -627,6 +627,9 @@ def test_target_dtype_is_checked_when_the_options_are_made():
     ('{"x": true, "y": 2}\n', r"line 1: 'x' is true, but it must be a number or a list of numbers$"),
     ('{"x": "the cat", "y": 2}\n', r"line 1: 'x' is \"the cat\", but it must be a number or a list of numbers; "
                                    r"for text, use = \"stagewise.text\" with text_field = \"x\""),  # was: no hint
+    ('{"x": 1, "y": "cat"}\n', r"line 1: 'y' is \"cat\", but it must be a number or a list of numbers; class labels "
+                                r"must be numbers: map each class name to an integer 0, 1, ... and set target_dtype = "
+                                r"\"long\"$"),  # was: told to read the label as text with stagewise.text
     ('{"x": 1, "y": 2}\n{"x": 1, "y": [2, 3]}\n', r"line 2: 1 input and 2 target numbers, but line 1 has 1 and 1"),
     ("\n\n", r"d\.jsonl has no data lines"),
 ])
@@ -853,3 +856,15 @@ def test_npz_that_is_no_zip_is_not_called_pickled_data(tmp_path, content, messag
     (tmp_path / "d.npz").write_bytes(content)
     with pytest.raises(DataError, match=message):
         NPZDataset.from_recipe(NPZOptions(path=str(tmp_path / "d.npz")), seed=0)
+
+
+@pytest.mark.parametrize("text, header, message", [
+    ('a,b\n"1,5",2\n', True, r"line 2, column 0 \('a'\): '1,5' is not a number; .*; write the decimal comma of '1,5' "
+                             r"as a point, 1\.5$"),  # was: no hint at a quoted decimal comma
+    ("a,b\n1,2\n", False, r"line 1, column 0: 'a' is not a number; .*; if this row names the columns, set "
+                          r"data\.header = true$"),  # was: no hint that the file has a header
+])
+def test_csv_cell_hints(tmp_path, text, header, message):
+    (tmp_path / "t.csv").write_text(text)
+    with pytest.raises(DataError, match=message):
+        CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=[1], header=header), seed=0)

@@ -1,5 +1,6 @@
 """The text pipeline: vocabulary, tokenisation, sources, windows and errors."""
 
+import gzip
 import json
 import sys
 
@@ -465,3 +466,20 @@ def test_chunks_lowercase_as_the_whole_text_does(monkeypatch):
     for chunk in range(1, len(text) + 1):
         monkeypatch.setattr("stagewise.data.text.CHUNK", chunk)
         assert tokenize(text, lowercase=True) == expected, chunk
+
+
+def test_split_files_named_in_other_case_are_refused(tmp_path):
+    # was: Train.txt, Valid.txt, Test.txt were read as three plain files cut by data.splits, unsaid (on Linux)
+    for name in ("Train.txt", "Valid.txt", "Test.txt"):
+        (tmp_path / name).write_text("a b c d\n")
+    with pytest.raises(DataError, match=r"Train\.txt: split file names are lower case; rename it to train\.txt"):
+        TextCorpus.from_recipe(TextOptions(path=str(tmp_path), seq_len=1), seed=0)
+
+
+def test_gzip_files_in_a_directory_are_named_not_left_out(tmp_path):
+    # was: a directory's .txt.gz files were skipped unsaid (or "no .txt or .jsonl files" if all were)
+    (tmp_path / "a.txt").write_text("a b c d\n")
+    (tmp_path / "b.txt.gz").write_bytes(gzip.compress(b"e f g h\n"))
+    with pytest.raises(DataError, match=r"b\.txt\.gz is gzip-compressed: in a directory only \.txt and \.jsonl files "
+                                        r"are read; decompress them \(gunzip\), or set path to one \.gz file"):
+        TextCorpus.from_recipe(TextOptions(path=str(tmp_path), seq_len=1), seed=0)

@@ -51,8 +51,9 @@ def read_csv(path: str, header: bool, encoding: str) -> tuple[list[str] | None, 
             try:
                 values.extend(map(float, row))  # the hot loop of a big file (a bad row's numbers are never used)
             except ValueError:
-                raise _bad_cell(row, path, reader.line_num, names, "is not a number; every cell must be "
-                                "numeric (fill in missing values, encode categories as numbers)") from None
+                names_row = "; if this row names the columns, set data.header = true" if not (header or lines) else ""
+                raise _bad_cell(row, path, reader.line_num, names, "is not a number; every cell must be numeric "
+                                f"(fill in missing values, encode categories as numbers){names_row}") from None
             lines.append(reader.line_num)
     except csv.Error as exc:  # e.g. a cell longer than the csv module's limit (131072 characters)
         raise DataError(f"{path}, line {reader.line_num}: cannot be read as CSV ({exc}); every cell must "
@@ -77,7 +78,8 @@ def _bad_cell(row: list[str], path: str, line: int, names: list[str] | None, pro
     """The error for the first cell of ``row`` that is not a finite number."""
     j = next(j for j, cell in enumerate(row) if not _finite_number(cell))
     column = f"column {j}" + (f" ({names[j]!r})" if names else "")
-    return DataError(f"{path}, line {line}, {column}: {row[j]!r} {problem}{_separator_hint(row)}")
+    hint = _separator_hint(row) or _decimal_comma_hint(row[j])
+    return DataError(f"{path}, line {line}, {column}: {row[j]!r} {problem}{hint}")
 
 
 def _row_at(path: str, line: int, encoding: str) -> list[str]:
@@ -101,6 +103,13 @@ def _separator_hint(cells: list[str], what: str = "row") -> str:
     return (f"; the {what} is one cell holding {separator!r}: stagewise reads comma-separated files with '.' "
             f"decimals, so replace {separator!r} by ',' (and a decimal comma such as 1,5 by 1.5), or save the "
             f"file as CSV with commas")
+
+
+def _decimal_comma_hint(cell: str) -> str:
+    """A quoted number with a decimal comma ("1,5"), as a spreadsheet in a comma-decimal locale writes it."""
+    if "," not in cell or not _finite_number(cell.replace(",", ".", 1)):
+        return ""
+    return f"; write the decimal comma of {cell!r} as a point, {cell.replace(',', '.', 1)}"
 
 
 def _header_hint(column: str, names: list[str]) -> str:
@@ -152,8 +161,9 @@ def flatten(value: Any) -> list[float]:
     raise TypeError(f"not a number: {value!r}")
 
 
-def record_numbers(record: dict[str, Any], keys: list[str], path: str, line: int) -> list[float]:
-    """The values of ``keys`` in ``record``, flattened and concatenated."""
+def record_numbers(record: dict[str, Any], keys: list[str], path: str, line: int,
+                   targets: bool = False) -> list[float]:
+    """The values of ``keys`` (``targets``: the target keys) in ``record``, flattened and concatenated."""
     numbers = []
     for key in keys:
         if key not in record:
@@ -162,8 +172,7 @@ def record_numbers(record: dict[str, Any], keys: list[str], path: str, line: int
         try:
             values = flatten(record[key])
         except TypeError:
-            text = isinstance(record[key], str)  # language-modelling text: stagewise.text reads .jsonl too
-            hint = f'; for text, use = "stagewise.text" with text_field = "{key}"' if text else ""
+            hint = _string_hint(record[key], key, targets)
             raise DataError(f"{path}, line {line}: {key!r} is {json.dumps(record[key])[:60]}, but "
                             f"it must be a number or a list of numbers{hint}") from None
         if not all(map(math.isfinite, values)):  # json reads NaN and Infinity
@@ -171,6 +180,17 @@ def record_numbers(record: dict[str, Any], keys: list[str], path: str, line: int
                             f"numbers must be finite (fill in missing values)")
         numbers.extend(values)
     return numbers
+
+
+def _string_hint(value: Any, key: str, targets: bool) -> str:
+    """What a string where numbers belong may be: a class name (a target), or language-modelling text
+    (stagewise.text reads .jsonl too)."""
+    if not isinstance(value, str):
+        return ""
+    if targets:
+        return ('; class labels must be numbers: map each class name to an integer 0, 1, ... and set '
+                'target_dtype = "long"')
+    return f'; for text, use = "stagewise.text" with text_field = "{key}"'
 
 
 def read_jsonl(path: str, input_keys: list[str], target_keys: list[str],
@@ -201,7 +221,8 @@ def _line_numbers(text: str, input_keys: list[str], target_keys: list[str], path
     """The input and target numbers of one JSONL line."""
     try:
         record = json_object(text, path, line)
-        return record_numbers(record, input_keys, path, line), record_numbers(record, target_keys, path, line)
+        return (record_numbers(record, input_keys, path, line),
+                record_numbers(record, target_keys, path, line, targets=True))
     except RecursionError:
         raise DataError(f"{path}, line {line}: lists nested too deeply to read; values must be "
                         f"numbers or (nested) lists of numbers of a few levels") from None

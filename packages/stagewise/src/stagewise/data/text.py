@@ -177,8 +177,18 @@ def jsonl_text(path: Path, options: TextOptions) -> str:
 
 
 def text_files(root: Path) -> list[Path]:
-    """The ``.txt`` and ``.jsonl`` files under ``root``, sorted (a folder named ``x.txt`` is not one)."""
-    return sorted(path for pattern in ("*.txt", "*.jsonl") for path in root.rglob(pattern) if path.is_file())
+    """The ``.txt`` and ``.jsonl`` files under ``root``, sorted (a folder named ``x.txt`` is not one); a
+    DataError naming a gzip-compressed one, which would otherwise be left out unsaid."""
+    compressed = _files(root, ("*.txt.gz", "*.jsonl.gz"))
+    if compressed:
+        more = f" (and {len(compressed) - 1} more)" if len(compressed) > 1 else ""
+        raise DataError(f"{compressed[0]}{more} is gzip-compressed: in a directory only .txt and .jsonl files are "
+                        f"read; decompress them (gunzip), or set path to one .gz file")
+    return _files(root, ("*.txt", "*.jsonl"))
+
+
+def _files(root: Path, patterns: tuple[str, ...]) -> list[Path]:
+    return sorted(path for pattern in patterns for path in root.rglob(pattern) if path.is_file())
 
 
 def split_files(root: Path) -> dict[str, Path]:
@@ -189,10 +199,25 @@ def split_files(root: Path) -> dict[str, Path]:
             if (root / name).is_file():
                 found[split] = root / name
                 break
+    _check_split_file_case(root, found)
     if found and "train" not in found:
         raise DataError(f"{root} has {', '.join(p.name for p in found.values())} but no training "
                         f"file; add train.txt (or wiki.train.tokens)")
     return found
+
+
+def _check_split_file_case(root: Path, found: dict[str, Path]) -> None:
+    """DataError for a split file named in other letter case (``Train.txt``): a case-sensitive file system
+    would not take it for a split, and would cut the directory by ``splits`` instead, unsaid."""
+    for split, names in SPLIT_FILES.items():
+        if split in found:
+            continue
+        miscased = sorted(path for path in root.iterdir()
+                          if path.name.lower() in names and path.name not in names and path.is_file())
+        if miscased:
+            name = next(name for name in names if name == miscased[0].name.lower())
+            raise DataError(f"{miscased[0]}: split file names are lower case; rename it to {name} (as written it "
+                            f"would not be read as the {split} split, and the directory would be cut by data.splits)")
 
 
 def builtin_streams(options: TextOptions, index: WordIndex) -> dict[str, np.ndarray]:
