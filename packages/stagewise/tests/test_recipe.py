@@ -256,6 +256,20 @@ def test_unknown_split_is_reported_before_anything_runs(tiny, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+
+def test_a_split_the_data_lacks_says_how_to_give_it(tiny, tmp_path):
+    # was: only "no split named 'valid'; the data has: train", for a folder holding train.txt alone
+    from stagewise.engine.runner import run_recipe
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.txt").write_text("the old man and the sea\n" * 200)
+    with pytest.raises(ConfigError) as info:
+        run_recipe(tiny(f"data.path={str(tmp_path / 'data')!r}"), out=tmp_path / "run", quiet=True)
+    assert info.value.problems[0] == (
+        "stages.phase1.eval_split: no split named 'valid'; the data has: train; give the data a 'valid' split "
+        "(a folder of split files: add valid.txt beside train.txt) or set eval_split to a split it has")
+    assert not (tmp_path / "run").exists()
+
 def test_bad_model_option_value_is_a_recipe_error(tiny, tmp_path):
     from stagewise.engine.runner import run_recipe
 

@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -34,6 +35,15 @@ if TYPE_CHECKING:
     from stagewise.data.splits import DataSplits
     from stagewise.engine.state import State
     from stagewise.recipe import Recipe
+
+
+
+def _missing_split_hint(split: str, key: str, data: DataSplits) -> str:
+    """How to give the data ``split`` when it is not a misspelling of one the data has (that one the list shows)."""
+    if not split or difflib.get_close_matches(split, data.names(), n=1):
+        return ""
+    return (f"; give the data a {split!r} split (a folder of split files: add {split}.txt beside train.txt) "
+            f"or set {key} to a split it has")
 
 
 class Stage(ABC):
@@ -74,7 +84,7 @@ class Stage(ABC):
             named = (f.name == "split" or f.name.endswith("_split")) and value and value not in data.names()
             if named or (f.name == "split" and not value):  # `split` is required; others may be "" (none)
                 problems.append(f"{recipe.stage_path(index)}.{f.name}: no split named {value!r}; "
-                                f"the data has: {', '.join(data.names())}")
+                                f"the data has: {', '.join(data.names())}{_missing_split_hint(value, f.name, data)}")
         return problems
 
     def fits_on(self) -> list[tuple[str, str]]:
