@@ -260,6 +260,11 @@ _DEEP_DAMAGE = [
     ("loop-key", lambda c: c["loop"].update(junk=1), "loop: expected a table of epoch, batch, best, "),
     ("loop-sums", lambda c: c["loop"]["sums"].update(n=()), "loop.sums: expected a table of numbers"),
     ("step", lambda c: c.pop("step"), "step: nothing, expected an int"),  # KeyError in the "resuming ..." line
+    # options that keep the weights' shapes: taken silently, the resumed run built another model and diverged
+    ("model-options-n-head", lambda c: c["model_options"].update(n_head=1),
+     "model_options.n_head: 1, but the recipe gives 2"),
+    ("model-options-dropout", lambda c: c["model_options"].update(dropout=0.5),
+     "model_options.dropout: 0.5, but the recipe gives 0.0"),
 ]
 _LOOP_DAMAGE = [  # the training stage's own state, checked against what it built: after the metrics are cut back
     ("loop-batch", lambda c: c["loop"].update(batch=5), "loop.batch: 5, expected 0..4"),  # islice's ValueError
@@ -276,6 +281,13 @@ _LOOP_DAMAGE = [  # the training stage's own state, checked against what it buil
     ("terms", lambda c: c.update(terms={"junk": torch.zeros(1)}), "terms: holds 'junk', "),
     ("best-state", lambda c: c.update(best_state={"model.x": torch.zeros(1)}), "best_state: lacks model."),
     ("epoch-seconds", lambda c: c.update(epoch_seconds="z"), "epoch_seconds: a str, expected a number"),
+    # settings of the right type but not the recipe's: taken silently, every step after the resume differed
+    ("optimizer-weight-decay", lambda c: c["optimizer"]["param_groups"][0].update(weight_decay=0.5),
+     "optimizer.param_groups[0].weight_decay: 0.5, but the recipe gives 0.01"),
+    ("optimizer-lr", lambda c: c["optimizer"]["param_groups"][0].update(lr=1.0),
+     "optimizer.param_groups[0].lr: 1.0, but the schedule set 0.01"),
+    ("scheduler-base-lrs", lambda c: c["scheduler"].update(base_lrs=[1.0]),
+     "scheduler.base_lrs: [1.0], but the recipe gives [0.01]"),
 ]
 
 

@@ -30,6 +30,7 @@ from stagewise.engine.resumable import (
     optimizer_problems,
     plain_problems,
     same_types,
+    schedule_problems,
     tensors_problems,
 )
 from stagewise.errors import TrainingError
@@ -445,8 +446,10 @@ class TrainLoop:
         pos, target = saved["loop"], self.state.target_model
         problems = [f"loop.{key}: {pos[key]}, expected 0..{end}" for key, end in
                     (("epoch", self.o.max_epochs), ("batch", self.steps_per_epoch - 1)) if not 0 <= pos[key] <= end]
-        problems += optimizer_problems(saved["optimizer"], self.optimizer)
-        problems += same_types(saved["scheduler"], self.scheduler.state_dict(), "scheduler")
+        fresh = self.scheduler.state_dict()
+        optimizer = optimizer_problems(saved["optimizer"], self.optimizer) + same_types(saved["scheduler"], fresh,
+                                                                                         "scheduler")
+        problems += optimizer or schedule_problems(saved["optimizer"], saved["scheduler"], fresh)
         problems += tensors_problems(saved["terms"], self.objective.terms.state_dict(), "terms")
         if saved["best_state"] is not None:
             problems += tensors_problems(saved["best_state"], self._model_tensors(), "best_state")  # no copy

@@ -71,6 +71,12 @@ def same_types(saved: Any, fresh: Any, where: str) -> list[str]:
     return [] if same else [f"{where}: {kind(saved)}, expected {kind(fresh)}"]
 
 
+def options_problems(saved: dict[str, Any], expected: dict[str, Any], where: str) -> list[str]:
+    """Each option whose value in ``saved`` is not the one the recipe gives (``expected``)."""
+    return [f"{where}.{key}: {saved.get(key)!r}, but the recipe gives {expected.get(key)!r}"
+            for key in dict.fromkeys([*expected, *saved]) if saved.get(key) != expected.get(key)]
+
+
 def counts_problems(saved: Any, where: str) -> list[str]:
     """``saved`` must be a table of counts by name (warnings by kind, ...)."""
     if isinstance(saved, dict) and all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in saved.items()):
@@ -91,6 +97,9 @@ def optimizer_problems(saved: Any, optimizer: torch.optim.Optimizer, where: str 
     problems = same_types(saved["param_groups"], fresh["param_groups"], f"{where}.param_groups")
     if problems or [g["params"] for g in saved["param_groups"]] != [g["params"] for g in fresh["param_groups"]]:
         return problems or [f"{where}.param_groups: holds other parameters than this stage trains"]
+    problems = _settings_problems(saved["param_groups"], fresh["param_groups"], f"{where}.param_groups")
+    if problems:
+        return problems
     params = dict(zip((i for g in fresh["param_groups"] for i in g["params"]),
                       (p for g in optimizer.param_groups for p in g["params"]), strict=True))
     state = saved["state"]
@@ -101,6 +110,27 @@ def optimizer_problems(saved: Any, optimizer: torch.optim.Optimizer, where: str 
             for i, value in state.items() for key, shape in expected.items()
             if not _same_tensor(value.get(key), _expected(shape, params[i]))
             and not (shape == "buffer" and value.get(key) is None)]
+
+
+def _settings_problems(saved: list[dict[str, Any]], fresh: list[dict[str, Any]], where: str) -> list[str]:
+    """Each param group's setting that is not the one this stage's options give (betas, weight_decay,
+    initial_lr, ...): of the right type, it would silently change every step after the resume. The lr
+    moves with the schedule (:func:`schedule_problems` checks it); torch's flags may be None: "torch chooses"."""
+    return [f"{where}[{i}].{key}: {s[key]!r}, but the recipe gives {f[key]!r}"
+            for i, (s, f) in enumerate(zip(saved, fresh, strict=True)) for key in f
+            if key not in ("params", "lr") and None not in (s[key], f[key]) and s[key] != f[key]]
+
+
+def schedule_problems(optimizer: dict[str, Any], scheduler: dict[str, Any], fresh: dict[str, Any]) -> list[str]:
+    """The saved lr schedule (``scheduler``, of the right types) must start from this stage's lrs, as
+    ``fresh`` (the one this stage built) does, and each saved param group's lr must be the one it set last."""
+    problems = []
+    if "base_lrs" in fresh and scheduler["base_lrs"] != fresh["base_lrs"]:
+        problems.append(f"scheduler.base_lrs: {scheduler['base_lrs']!r}, but the recipe gives {fresh['base_lrs']!r}")
+    last = scheduler.get("_last_lr", [group["lr"] for group in optimizer["param_groups"]])
+    return problems + [f"optimizer.param_groups[{i}].lr: {group['lr']!r}, but the schedule set {lr!r}"
+                       for i, (group, lr) in enumerate(zip(optimizer["param_groups"], last, strict=True))
+                       if group["lr"] != lr]
 
 
 # the per-parameter state each optimizer's step reads: "step" a 0-dim float tensor, "moment" the

@@ -23,13 +23,14 @@ from stagewise.engine import distributed
 from stagewise.engine.checkpoint import seed_everything, set_rng_state
 from stagewise.engine.failures import noted
 from stagewise.engine.guards import RateLimitedWarnings
-from stagewise.engine.resume import check_resumable, load_resume, restore_run
+from stagewise.engine.resumable import options_problems
+from stagewise.engine.resume import check_resumable, load_resume, refuse_damaged, restore_run
 from stagewise.engine.rundir import RunDir, environment, file_in_the_way, unused_folder
 from stagewise.engine.state import State, check_event_hooks
 from stagewise.errors import CheckpointError, RunInterrupted, StagewiseError, TrainingError
 from stagewise.events import Event
 from stagewise.recipe import Recipe, data_path_keys
-from stagewise.schema import build_dataclass
+from stagewise.schema import as_table, build_dataclass
 from stagewise.specs import StageSpec
 
 
@@ -61,7 +62,7 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
     data = _load_data(recipe, shown=not quiet and info.rank == 0 and sys.stderr.isatty())
     check_stages(recipe, data)
     check_event_hooks()
-    model_options = _model_options(recipe, saved)
+    model_options = _model_options(recipe, saved, resume)
     model = _build("model", recipe, lambda: recipe.model.component().from_recipe(model_options, data)).to(device)
     if saved is not None:  # before the run directory is touched: a damaged checkpoint leaves it as it was
         check_resumable(saved, model, resume, recipe)
@@ -279,15 +280,19 @@ def grow_model(state: State, changes: dict[str, Any]) -> None:
     state.log("grow", changes=changes, copied=len(copied), new=len(new) - len(copied))
 
 
-def _model_options(recipe: Recipe, saved: dict[str, Any] | None) -> Any:
+def _model_options(recipe: Recipe, saved: dict[str, Any] | None, resume: Path | None) -> Any:
     """The options the model is built with: the recipe's, or for a resumed run the checkpoint's, which
-    differ from the recipe's once a stage has grown the model (``grow``), so its weights fit."""
+    differ from the recipe's once a stage has grown the model (``grow``), so its weights fit. They must
+    be the recipe's at the checkpoint's stage: options that keep the weights' shapes (``n_head``,
+    ``dropout``) would otherwise build another model and the run would silently diverge."""
     if saved is None:
         return recipe.model.options
     problems: list[str] = []
     options = build_dataclass(type(recipe.model.options), saved["model_options"], "model", problems)
     if problems:
         raise CheckpointError(f"the checkpoint's model options no longer validate: {problems}")
+    refuse_damaged(options_problems(as_table(options), as_table(recipe.model_options_at(saved["stage_index"])),
+                                    "model_options"), resume, recipe)
     return options
 
 
