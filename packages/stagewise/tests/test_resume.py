@@ -736,3 +736,35 @@ def test_run_stopped_says_so_when_the_run_was_not_stopped(tiny, tmp_path):
     with pytest.raises(AssertionError, match="the run was to be stopped at step 99 of 'phase1' but finished"):
         run_stopped(short, tmp_path / "run", "phase1", 99)
     assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_a_data_file_changed_since_the_run_started_is_refused(tiny, tmp_path):
+    # was: resumed, training the rest of the run on the edited file, unsaid
+    data, text = tmp_path / "data", "the old man and the sea went out to the sea again\n" * 25
+    data.mkdir()
+    for split in ("train", "valid", "test"):
+        (data / f"{split}.txt").write_text(text)
+    recipe = (f"data.path={str(data)!r}", "data.max_tokens=1000")
+    run = run_stopped(tiny(*recipe), tmp_path / "run", "phase2", 2)
+    records = (run / "metrics.jsonl").read_bytes()
+    (data / "train.txt").write_text(text + "the old man\n")
+    with pytest.raises(CheckpointError) as info:
+        run_recipe(tiny(*recipe), resume=run, quiet=True)
+    assert str(info.value) == (
+        f"--resume {run}: the data is not what the run started with (tokens {{'train': 325, 'valid': 325, "
+        f"'test': 325}} then, {{'train': 329, 'valid': 325, 'test': 325}} now; its vocab.txt differs from the run's): "
+        f"a data file has changed since; restore it to continue the run, or run the recipe again with --out and a "
+        f"new folder")
+    (data / "train.txt").write_text(text.replace("went", "sea"))  # was: "a damaged checkpoint", as the weights'
+    with pytest.raises(CheckpointError, match=r"\(vocab_size 11 then, 10 now; its vocab\.txt differs from the "
+                                              r"run's\): a data file has changed since"):  # shapes no longer fit
+        run_recipe(tiny(*recipe), resume=run, quiet=True)
+    swapped = text.replace("sea", "X").replace("old", "sea").replace("X", "old")  # same words and sizes, other ids
+    (data / "train.txt").write_text(swapped)
+    with pytest.raises(CheckpointError, match=r"\(its vocab\.txt differs from the run's\): a data file has changed"):
+        run_recipe(tiny(*recipe), resume=run, quiet=True)
+    assert (run / "metrics.jsonl").read_bytes() == records
+    (data / "train.txt").write_text(text)
+    resumed = run_recipe(tiny(*recipe), resume=run, quiet=True)
+    whole = run_recipe(tiny(*recipe), out=tmp_path / "whole", quiet=True)
+    assert timeless_records(resumed) == timeless_records(whole)

@@ -60,6 +60,8 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
     saved = load_resume(resume, recipe) if resume is not None else None
     seed_everything(run.seed)
     data = _load_data(recipe, shown=not quiet and info.rank == 0 and sys.stderr.isatty())
+    if saved is not None:  # before the model is built from it (another vocabulary would not fit the weights)
+        _check_same_data(saved, data, resume)
     check_stages(recipe, data)
     check_event_hooks()
     model_options = _model_options(recipe, saved, resume)
@@ -294,6 +296,23 @@ def _model_options(recipe: Recipe, saved: dict[str, Any] | None, resume: Path | 
     refuse_damaged(options_problems(as_table(options), as_table(recipe.model_options_at(saved["stage_index"])),
                                     "model_options"), resume, recipe)
     return options
+
+
+def _check_same_data(saved: dict[str, Any], data: Any, path: Path) -> None:
+    """CheckpointError unless the data gives the facts the checkpoint kept (split sizes, vocabulary size, ...) and
+    the files the run wrote beside them (vocab.txt): a data file edited since the run started would train the rest
+    of the run on other data, unsaid."""
+    from stagewise.load import plain_info
+
+    kept, now = saved.get("data_info"), plain_info(data.info)  # none in a checkpoint from before it was kept
+    kept = kept if isinstance(kept, dict) else {}
+    changes = [f"{key} {value!r} then, {now.get(key)!r} now" for key, value in kept.items() if now.get(key) != value]
+    changes += [f"its {name} differs from the run's" for name, text in _data_files(data).items()
+                if (path / name).is_file() and (path / name).read_text(encoding="utf-8") != text]
+    if changes:
+        raise CheckpointError(f"--resume {path}: the data is not what the run started with ({'; '.join(changes)}): "
+                              f"a data file has changed since; restore it to continue the run, or run the recipe "
+                              f"again with --out and a new folder")
 
 
 def _data_files(data: Any) -> dict[str, str]:
