@@ -746,6 +746,27 @@ def test_compare_writes_compare_json_and_one_table(tiny_recipe_path, tmp_path, m
     assert (blank, written) == ("", f"-> {out / 'compare.json'}")  # where the table went
 
 
+def test_compare_shows_a_nan_or_inf_metric_not_a_dash(tiny_recipe_path, tmp_path, monkeypatch, capsys):
+    # was a ValueError once every run had finished: summary.json holds a NaN as "nan", which the table formatted
+    from stagewise.compare import compare_recipes
+    from stagewise.engine.rundir import write_json_atomic
+
+    def run(recipe, out, quiet=False, resume=None):
+        out.mkdir(parents=True)
+        diverged = recipe.run.name == "other"
+        write_json_atomic(out / "summary.json", {"metrics": {"val/loss": float("nan") if diverged else 2.0,
+                                                             "mine/threshold": float("inf") if diverged else 0.5}})
+        return out
+
+    monkeypatch.setattr("stagewise.engine.runner.run_recipe", run)
+    other = tmp_path / "other.toml"
+    other.write_text(tiny_recipe_path.read_text().replace('name = "tiny"', 'name = "other"'))
+    compare_recipes([str(tiny_recipe_path), str(other)], [], tmp_path / "cmp", quiet=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split() for line in lines[1:3]] == [["val/loss", "2", "nan", "-"],
+                                                     ["mine/threshold", "0.5", "inf", "-"]]
+
+
 def test_compare_refuses_a_repeated_run_name_or_a_used_folder_before_running(tiny_recipe_path, tmp_path,
                                                                              monkeypatch):
     from stagewise.compare import compare_recipes

@@ -283,6 +283,22 @@ def test_loading_the_data_is_said_on_a_terminal_before_it_starts(tiny, tmp_path,
     assert "loading the data" not in shown["quiet"]
 
 
+def test_a_warning_during_a_progress_bar_gets_its_own_line(monkeypatch):
+    # was "base: epoch 1/2:   0%|   | 0/53 [00:00<?, ?it/s]stagewise: warning: ...": the warning appended to the bar
+    from tqdm import tqdm
+
+    from stagewise.engine.guards import RateLimitedWarnings
+
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    with tqdm(range(3), desc="epoch 1/1", file=terminal) as bar:
+        batches = iter(bar)  # held: a dropped iterator would close the bar
+        next(batches)
+        RateLimitedWarnings().warn("kind", "something")
+    before = terminal.getvalue().split("stagewise: warning: something")[0]
+    assert before.endswith("\r")  # the bar cleared, so the warning starts its line
+
+
 class _WarnsTwice(stagewise.Stage):
     name = "looptest.warns_twice"
 

@@ -19,7 +19,7 @@ from typing import Any
 from stagewise.engine.checkpoint import TEMP_GLOB, remove_temp_files
 from stagewise.engine.distributed import is_main_process
 from stagewise.engine.resume import check_same_recipe
-from stagewise.engine.rundir import empty_folder, holds_files, write_json_atomic
+from stagewise.engine.rundir import empty_folder, holds_files, read_number, write_json_atomic
 from stagewise.errors import CheckpointError, ConfigError
 from stagewise.names import alike, how_alike, same_file_key
 from stagewise.recipe import Recipe, load_recipe, read_recipe_table
@@ -47,8 +47,9 @@ def compare_recipes(names: list[str], overrides: list[str], out: Path, quiet: bo
         folder = out / recipe.run.name
         run_dir = (run_recipe(recipe, resume=folder, quiet=quiet) if started[recipe.run.name]
                    else run_recipe(recipe, out=folder, quiet=quiet))
-        summary = json.loads((run_dir / "summary.json").read_text())
-        runs[recipe.run.name] = {"run_dir": str(run_dir), "metrics": summary["metrics"]}
+        metrics = json.loads((run_dir / "summary.json").read_text())["metrics"]
+        # a NaN or Inf metric is written "nan"/"inf": a number still, not a metric the run lacks
+        runs[recipe.run.name] = {"run_dir": str(run_dir), "metrics": {k: read_number(v) for k, v in metrics.items()}}
     if is_main_process():  # under torchrun, rank 0 writes and says it, as it does each run's folder
         write_json_atomic(out / COMPARE_JSON, {"runs": runs})
         print(f"{comparison_table(runs)}\n\n-> {out / COMPARE_JSON}")

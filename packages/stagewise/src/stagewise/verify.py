@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from stagewise.engine.rundir import read_number
 from stagewise.errors import CheckpointError, ConfigError
 
 
@@ -102,9 +103,6 @@ def _numbers(a: Any, b: Any) -> bool:
     return all(isinstance(x, int | float) and not isinstance(x, bool) for x in (a, b))
 
 
-_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-
-
 def _number(value: Any) -> Any:
     """summary.json writes NaN/Inf as the strings "nan"/"inf"/"-inf" (strict JSON); a golden file
     may hold them either so or as Python's json writes them: compare them as numbers."""
@@ -113,7 +111,7 @@ def _number(value: Any) -> Any:
             float(value)
         except OverflowError:  # an integer beyond float's range: compare it as infinite
             return math.inf if value > 0 else -math.inf
-    return _NON_FINITE.get(value, value) if isinstance(value, str) else value
+    return read_number(value)
 
 
 def _close(value: Any, expected: Any, tol: float) -> bool:

@@ -6,6 +6,8 @@ import math
 import sys
 from collections import Counter
 
+from tqdm import tqdm
+
 from stagewise.errors import TrainingError
 
 
@@ -25,15 +27,22 @@ class RateLimitedWarnings:
     def warn(self, kind: str, message: str) -> None:
         self.counts[kind] += 1
         if self.counts[kind] == 1 and not self.silent:
-            print(f"stagewise: warning: {message}", file=sys.stderr, flush=True)
+            _say(f"stagewise: warning: {message}")
 
     def flush(self, period: str = "this epoch") -> dict[str, int]:
         counts = dict(self.counts)
         for kind, n in counts.items():
             if n > 1 and not self.silent:
-                print(f"stagewise: warning: {kind!r} happened {n} times {period}", file=sys.stderr)
+                _say(f"stagewise: warning: {kind!r} happened {n} times {period}")
         self.counts.clear()
         return counts
+
+
+def _say(line: str) -> None:
+    """``line`` on stderr, above a progress bar on it: tqdm clears the bar first and draws it again
+    below, where a plain print would append the line to the bar's half-drawn one."""
+    tqdm.write(line, file=sys.stderr)
+    sys.stderr.flush()
 
 
 class NonFiniteGuard:

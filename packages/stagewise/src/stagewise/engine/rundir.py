@@ -149,6 +149,14 @@ def holds_files(folder: Path) -> bool:
     return any(not p.match(TEMP_GLOB) for p in folder.iterdir())
 
 
+NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}  # as finite() writes them
+
+
+def read_number(value: Any) -> Any:
+    """A value as :func:`finite` wrote it, read back: "nan", "inf" and "-inf" as floats again."""
+    return NON_FINITE.get(value, value) if isinstance(value, str) else value
+
+
 def finite(value: Any) -> Any:
     """JSON has no NaN/Inf: write them as strings so every line stays valid JSON."""
     if isinstance(value, float) and not math.isfinite(value):
