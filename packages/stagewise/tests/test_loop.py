@@ -265,6 +265,8 @@ def test_progress_bars_show_on_a_terminal_only_without_quiet_and_change_no_numbe
         run_recipe(tiny(), out=tmp_path / name, quiet=quiet)
         stderr[name] = terminal.getvalue()
     assert "phase1: epoch 1/2" in stderr["bar"] and "phase2: epoch 2/2" in stderr["bar"]  # named after the stage
+    # was: no bar while a split was evaluated, after each epoch and in an evaluate stage
+    assert "phase1: evaluating valid" in stderr["bar"] and "test: evaluating test" in stderr["bar"]
     assert stderr["quiet"] == stderr["log"] == ""  # --quiet, or stderr not a terminal (a log file, a test)
     metrics = [read_summary(tmp_path / name)["metrics"] for name in stderr]
     assert metrics[0] == metrics[1] == metrics[2]

@@ -48,4 +48,4 @@ class EvaluateStage(Stage):
         o = self.options
         warn_not_held_out(state, self.label, o.split)
         terms = build_terms(o.losses, state, f"stages.{self.label}")
-        return evaluate(state, terms, state.batches(o.split), o.prefix or o.split)
+        return evaluate(state, terms, state.batches(o.split, desc=f"evaluating {o.split}"), o.prefix or o.split)

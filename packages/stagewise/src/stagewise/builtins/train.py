@@ -226,5 +226,6 @@ class TrainStage(Stage):
         if not self.has_eval():
             return {}
         terms = dict(objective.terms.items())
-        return evaluate(state, terms, state.batches(self.options.eval_split), "val",
-                        self.forward_fn(objective))
+        split = self.options.eval_split  # a bar: a large validation split takes a while after each epoch
+        batches = state.batches(split, desc=f"evaluating {split}")
+        return evaluate(state, terms, batches, "val", self.forward_fn(objective))
