@@ -72,6 +72,13 @@ def test_spectral_penalty_is_zero_inside_the_unit_disc_and_pulls_outliers_in():
     assert float(modules.eigenvalues().abs().max()) <= 1.0 + 1e-2
 
 
+def test_parameter_shapes_list_every_parameter_the_modules_make():
+    # artifact_problems checks a saved state against these shapes: a parameter added to one list only would
+    # refuse every saved term (or let a wrong one through)
+    made = {name: tuple(p.shape) for name, p in KoopmanModules(n=2, width=5, dim=3).state_dict().items()}
+    assert made == KoopmanModules.shapes(n=2, width=5, dim=3)
+
+
 def test_artifact_rebuilds_the_same_modules():
     term = KoopmanOperator(KoopmanOptions(koopman_dim=4, steps=2)).build(4, 8)
     rebuilt = KoopmanOperator.from_artifact(term.artifact())

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 import stagewise
-from stagewise.engine.objective import forward_batch
 from stagewise.errors import TrainingError
 from stagewise_koopman.loss import KoopmanOperator, KoopmanOptions, probe_hidden, relative_distance, shape_problems
 
@@ -33,7 +32,7 @@ def no_bar(batches: Iterable[dict[str, Any]], total: int) -> Iterable[dict[str, 
 def frozen_hidden(model: torch.nn.Module, batch: dict[str, Any]) -> list[torch.Tensor]:
     """The model's hidden states for ``batch``, without gradients (the model is not trained)."""
     with torch.no_grad():
-        return forward_batch(model, batch, stagewise.Needs(hidden=True))["hidden"]
+        return stagewise.forward_batch(model, batch, stagewise.Needs(hidden=True))["hidden"]
 
 
 def fit_post_hoc(model: torch.nn.Module, batches: Batches, options: KoopmanOptions, steps: int,

@@ -31,10 +31,9 @@ import torch.nn.functional as F
 
 import stagewise
 from stagewise.engine.distributed import DistInfo, all_reduce_sums
-from stagewise.engine.objective import forward_batch
 from stagewise.engine.resumable import kind, tensors_problems
 from stagewise.nn.transformer import memory_problem
-from stagewise.schema import build_dataclass
+from stagewise.schema import as_table, build_dataclass
 from stagewise.specs import weight_limit_check
 from stagewise_koopman.dmd import blend, dmd_operator
 from stagewise_koopman.operator import EPS, KoopmanModules, normalize_state
@@ -244,7 +243,7 @@ def _masked_mean(per_layer: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def probe_hidden(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[int, int, int]:
     """(number of hidden states, width, sequence length) of ``model``, from one batch."""
     with stagewise.eval_mode(model), torch.no_grad():  # no dropout: the probe draws no random numbers
-        outputs = forward_batch(model, batch, stagewise.Needs(hidden=True))
+        outputs = stagewise.forward_batch(model, batch, stagewise.Needs(hidden=True))
     hidden = outputs.get("hidden") if isinstance(outputs, dict) else None
     if not hidden or len(hidden) < 2 or hidden[0].dim() != 3:
         keys = sorted(outputs) if isinstance(outputs, dict) else "-"
@@ -313,13 +312,17 @@ class KoopmanOperator(stagewise.Loss):
         errors, lifted = self.errors(outputs["hidden"], _dist(state))
         if self.options.dmd_every and torch.is_grad_enabled() and self.pending is None:  # a step's first pass
             self.pending = (lifted[:, 0].detach(), lifted[:, 1].detach(), outputs["hidden"][0].shape[0])
-        return {part: w * errors[part] for part, w in self.options.part_weights().items() if w}
+        return self._weighted(errors)
 
     def eval_sums(self, outputs, batch, state):
         errors, _ = self.errors(outputs["hidden"], _dist(state))
-        weighted = sum(w * errors[part] for part, w in self.options.part_weights().items() if w)
+        weighted = sum(self._weighted(errors).values())
         n = float(batch["input"].shape[0])
         return {name: (float(value) * n, n) for name, value in {"loss": weighted, **errors}.items()}
+
+    def _weighted(self, errors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The parts with a weight, each times its weight: what the loss sums."""
+        return {part: w * errors[part] for part, w in self.options.part_weights().items() if w}
 
     # --- operator refresh and change -----------------------------------------------------
 
@@ -407,8 +410,6 @@ class KoopmanOperator(stagewise.Loss):
 
     def artifact(self) -> dict[str, Any]:
         """What later stages need to rebuild the trained φ, K, ψ: tensors and primitives only."""
-        from stagewise.schema import as_table
-
         return {"options": as_table(self.options), "n_hidden": self.n_hidden, "width": self.width,
                 "sources": list(self.sources),
                 "state": {k: v.detach().clone() for k, v in self.koopman.state_dict().items()}}
@@ -445,8 +446,7 @@ def artifact_problems(saved: Any, where: str) -> list[str]:
     if problems or saved_sources != sources:
         return problems or [f"{where}.sources: {saved_sources!r}, expected {sources} (the options' source layers)"]
     n, C, D = len(sources), saved["width"], options.koopman_dim
-    shapes = {"lift_weight": (n, C, D), "lift_bias": (n, D), "operator": (n, D, D), "decode_weight": (n, D, C),
-              "decode_bias": (n, C)}
+    shapes = KoopmanModules.shapes(n, C, D)
     fresh = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
     problems = tensors_problems(saved["state"], fresh, f"{where}.state")
     return problems or [f"{where}.state.{k}: holds values that are not finite" for k in shapes

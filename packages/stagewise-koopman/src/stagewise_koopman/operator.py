@@ -39,6 +39,12 @@ class KoopmanModules(nn.Module):
         self.decode_weight = nn.Parameter(torch.randn(n, dim, width) / math.sqrt(dim))
         self.decode_bias = nn.Parameter(torch.zeros(n, width))
 
+    @staticmethod
+    def shapes(n: int, width: int, dim: int) -> dict[str, tuple[int, ...]]:
+        """Each parameter's shape, as ``__init__`` makes them: what a saved state dict must hold."""
+        return {"lift_weight": (n, width, dim), "lift_bias": (n, dim), "operator": (n, dim, dim),
+                "decode_weight": (n, dim, width), "decode_bias": (n, width)}
+
     def lift(self, h: torch.Tensor, j: slice = slice(None)) -> torch.Tensor:
         """φ: h (n, M, C) -> z (n, M, D)."""
         return self.lift_normalized(normalize_state(h), j)

@@ -159,7 +159,7 @@ class LinearityOptions:
     def __post_init__(self) -> None:
         stagewise.check_options([
             (self.fit_steps >= 1, "fit_steps", f"must be >= 1, got {self.fit_steps}"),
-            (0 < self.lr < math.inf, "lr", f"must be a finite number > 0, got {self.lr}"),  # `not <` refuses NaN
+            (0 < self.lr < math.inf, "lr", f"must be a finite number > 0, got {self.lr}"),  # NaN fails both comparisons
             lr_limit_check(self.lr),
             (bool(self.fit_split), "fit_split", "must name the split the fit trains on (e.g. \"train\"), got \"\""),
             (not self.fit.dmd_every, "fit.dmd_every", f"must be 0: the post-hoc fit trains φ, K, ψ by Adam alone, "

@@ -35,8 +35,9 @@ def router_of(state: stagewise.State, measure: str | None = None) -> Confidence:
     # a run with no mine stage routes by [model] routing_threshold, with the router's defaults
     mined = mining.ROUTER in state.artifacts or mining.mined_before(state)  # then it must be there
     settings = mining.read_artifact(state, mining.ROUTER) if mined else {}
-    router = Confidence(ConfidenceOptions(measure=measure or settings.get("measure", "max_prob"),
-                                          hard_ratio=settings.get("hard_ratio", 0.5)))
+    defaults = ConfidenceOptions()
+    router = Confidence(ConfidenceOptions(measure=measure or settings.get("measure", defaults.measure),
+                                          hard_ratio=settings.get("hard_ratio", defaults.hard_ratio)))
     router.threshold = state.model.threshold
     return router
 
@@ -179,16 +180,21 @@ def accuracy_compute_curve(state: stagewise.State, split: str, router: Confidenc
     state.log("lego_ashem.curve", split=split, points=rows)
     state.print(_curve_table(rows))
     if state.run_dir is not None:
-        from stagewise.plots import line_plot
-
-        # one file per stage: a second evaluation (e.g. routed by the probe) would overwrite the first's curve
-        line_plot(state.run_dir.plot_path(f"accuracy_compute_{state.stage_name}.png"),
-                  {f"routed by {router.options.measure}, threshold sweep":
-                   ([r["compute_cost_flops"] for r in rows], [r["acc"] for r in rows])},
-                  title=f"{state.stage_name}: accuracy vs compute ({split})", ylabel="accuracy",
-                  vlines=[(1.0, "full depth")],
-                  xlabel="compute_cost_flops: counted FLOPs relative to full depth (>1: routing costs more)")
+        _plot_curve(state, split, router.options.measure, rows)
     return rows
+
+
+def _plot_curve(state: stagewise.State, split: str, measure: str, rows: list[dict]) -> None:
+    """Draw the curve's ``rows`` to ``plots/accuracy_compute_<stage>.png``."""
+    from stagewise.plots import line_plot
+
+    # one file per stage: a second evaluation (e.g. routed by the probe) would overwrite the first's curve
+    line_plot(state.run_dir.plot_path(f"accuracy_compute_{state.stage_name}.png"),
+              {f"routed by {measure}, threshold sweep":
+               ([r["compute_cost_flops"] for r in rows], [r["acc"] for r in rows])},
+              title=f"{state.stage_name}: accuracy vs compute ({split})", ylabel="accuracy",
+              vlines=[(1.0, "full depth")],
+              xlabel="compute_cost_flops: counted FLOPs relative to full depth (>1: routing costs more)")
 
 
 def _curve_table(rows: list[dict]) -> str:

@@ -1,7 +1,7 @@
 """What routing costs: the seed's layer-count model and counted FLOPs, side by side.
 
-``compute_cost`` is the seed's model, (shallow·exit + deep·L) / (total·L): layers only, no
-head, no confidence, no attention context. ``compute_cost_flops`` counts what the routed
+``compute_cost`` (:func:`seed_compute_cost`) is the seed's model, (shallow·exit + deep·L) / (total·L):
+layers only, no head, no confidence, no attention context. ``compute_cost_flops`` counts what the routed
 forward of :mod:`stagewise_lego_ashem.routed` really does, relative to a full-depth forward:
 projections and feed-forwards (2 FLOPs per multiply-add), attention scores and values over each
 token's causal context, the output head wherever it runs, the confidence (a full-vocabulary
@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+FLOPS_PER_MAC = 2  # a multiply-add counts as two FLOPs
+TRAIN_STEP_FORWARDS = 3  # a training step costs about three forwards: the forward, and a backward of about two
 # FLOPs per vocabulary entry of each confidence measure, on top of the exit head's logits
 _CONFIDENCE_PER_VOCAB = {"max_prob": 3, "margin": 4, "neg_entropy": 5}
 
@@ -35,31 +37,31 @@ class Shape:
         return cls(c.n_embd, c.ffn_hidden, c.vocab_size, c.n_layer, model.exit_layer)
 
     def kv(self) -> float:
-        """Keys and values of one position in one block."""
-        return 2 * 2 * self.n_embd ** 2
+        """Keys and values of one position in one block (two C x C projections)."""
+        return 2 * FLOPS_PER_MAC * self.n_embd ** 2
 
     def query_rest(self, context: float) -> float:
-        """The rest of one block for one query row: q, attention over ``context`` positions,
-        output projection, SwiGLU feed-forward."""
+        """The rest of one block for one query row: q and the output projection (two C x C),
+        the SwiGLU feed-forward (three C x ffn_hidden), attention scores and values over ``context`` positions."""
         C = self.n_embd
-        return 2 * (2 * C * C + 3 * C * self.ffn_hidden) + 2 * 2 * context * C
+        return FLOPS_PER_MAC * (2 * C * C + 3 * C * self.ffn_hidden) + 2 * FLOPS_PER_MAC * context * C
 
     def block(self, context: float) -> float:
         return self.kv() + self.query_rest(context)
 
     def query_rows(self, n: float, context: float) -> float:
         """Everything but keys/values for ``n`` rows whose contexts sum to ``context``."""
-        return n * self.query_rest(0) + 2 * 2 * context * self.n_embd
+        return n * self.query_rest(0) + 2 * FLOPS_PER_MAC * context * self.n_embd
 
     def rows(self, n: float, context: float) -> float:
         """Whole blocks for ``n`` rows whose contexts sum to ``context``."""
         return n * self.kv() + self.query_rows(n, context)
 
     def head(self) -> float:
-        return 2 * self.n_embd * self.vocab_size
+        return FLOPS_PER_MAC * self.n_embd * self.vocab_size
 
     def confidence(self, measure: str) -> float:
-        return 2 * self.n_embd if measure == "probe" else _CONFIDENCE_PER_VOCAB[measure] * self.vocab_size
+        return FLOPS_PER_MAC * self.n_embd if measure == "probe" else _CONFIDENCE_PER_VOCAB[measure] * self.vocab_size
 
 
 def seed_compute_cost(shallow: int, total: int, exit_layer: int, n_layer: int) -> float:
@@ -97,12 +99,12 @@ def phase2_step_flops(shape: Shape, hard: torch.Tensor) -> dict[str, float]:
     """
     forward = _upper_routed(shape, hard) + float(hard.sum()) * shape.head()
     lower = shape.exit_layer * shape.rows(float(hard.numel()), context_sum(torch.ones_like(hard)))
-    return {"cache": 3 * forward, "lower": lower}
+    return {"cache": TRAIN_STEP_FORWARDS * forward, "lower": lower}
 
 
 def token_step_flops(shape: Shape, n_tokens: int) -> float:
-    """Counted FLOPs of a token-mode step: upper layers on length-1 sequences, head, × 3."""
-    return 3 * n_tokens * ((shape.n_layer - shape.exit_layer) * shape.block(1) + shape.head())
+    """Counted FLOPs of a token-mode step: upper layers on length-1 sequences, head, × TRAIN_STEP_FORWARDS."""
+    return TRAIN_STEP_FORWARDS * n_tokens * ((shape.n_layer - shape.exit_layer) * shape.block(1) + shape.head())
 
 
 def _upper_routed(shape: Shape, hard: torch.Tensor) -> float:

@@ -27,8 +27,9 @@ from stagewise.specs import RouterSpec, term_paths
 from stagewise.stage import leak_problems, warn_not_held_out
 from stagewise_lego_ashem import mining, probe
 from stagewise_lego_ashem.evaluation import evaluate_routed, phase2_speedups, routed_report, router_of
-from stagewise_lego_ashem.model import DeepSupervisionOptions
+from stagewise_lego_ashem.model import DeepSupervisionOptions, DeepSupervisionTransformer
 from stagewise_lego_ashem.routed import upper_forward
+from stagewise_lego_ashem.router import Confidence
 from stagewise_lego_ashem.rows import collect_rows
 from stagewise_lego_ashem.timing import TIMING_METRICS
 
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from stagewise.data.splits import DataSplits
     from stagewise.recipe import Recipe
 
-MODEL = "lego_ashem.deep_supervision_transformer"
+MODEL = DeepSupervisionTransformer.name
 
 
 # --- lego_ashem.mine -------------------------------------------------------------------------
@@ -69,7 +70,7 @@ class Mine(stagewise.Stage):
         problems = super().check(recipe, index, data) + _model_problems(recipe, index, self.name)
         where = recipe.stage_path(index)
         problems += _calib_split_problems(self.options.calib_split, where)
-        if self.options.router.use != "lego_ashem.confidence":
+        if self.options.router.use != Confidence.name:
             problems.append(f"{where}.router.use: {self.name} calibrates a lego_ashem.confidence "
                             f"router, got {self.options.router.use!r}")
         elif self.options.router.options.measure == "probe":
@@ -150,7 +151,7 @@ class TrainUpperLayers(stagewise.TrainStage):
 
     def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
         problems = super().check(recipe, index, data) + _model_problems(recipe, index, self.name)
-        mine, where = _last_earlier(recipe, index, "lego_ashem.mine"), recipe.stage_path(index)
+        mine, where = _last_earlier(recipe, index, Mine.name), recipe.stage_path(index)
         if mine is None:
             problems.append(f"{where}: {self.name} trains from the cache of hidden "
                             f"states that lego_ashem.mine writes; add a lego_ashem.mine stage before it")
@@ -294,7 +295,7 @@ class TrainExitProbe(stagewise.Stage):
         problems += _calib_split_problems(self.options.calib_split, where)
         if isinstance(options, DeepSupervisionOptions) and not options.exit_probe:
             problems.append(f"{where}: set [model] exit_probe = true to train a probe")
-        if _last_earlier(recipe, index, "lego_ashem.mine") is None:
+        if _last_earlier(recipe, index, Mine.name) is None:
             problems.append(f"{where}: needs the router of an earlier lego_ashem.mine stage")
         return problems
 
@@ -363,7 +364,7 @@ class EvaluateRouted(stagewise.Stage):
         problems = super().check(recipe, index, data) + _model_problems(recipe, index, self.name)
         problems += leak_problems(recipe, index, self.options.split, self.options.allow_leak)
         where = recipe.stage_path(index)
-        if _last_earlier(recipe, index, "lego_ashem.mine") is None:
+        if _last_earlier(recipe, index, Mine.name) is None:
             options = recipe.model_options_at(index)
             if isinstance(options, DeepSupervisionOptions) and options.routing_threshold is None:
                 problems.append(f"{where}: no routing threshold: add a lego_ashem.mine "
@@ -385,7 +386,7 @@ class EvaluateRouted(stagewise.Stage):
 def _trains_from_cache_later(recipe: Recipe, index: int) -> bool:
     """Whether a stage after ``index`` trains from this cache (before a later mine replaces it)."""
     for spec in recipe.stages[index + 1:]:
-        if spec.use in ("lego_ashem.mine", TrainUpperLayers.name):
+        if spec.use in (Mine.name, TrainUpperLayers.name):
             return spec.use == TrainUpperLayers.name
     return False
 
