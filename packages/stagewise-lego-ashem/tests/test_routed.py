@@ -377,6 +377,18 @@ def test_the_curve_takes_evenly_spread_calibration_quantiles_and_ends_with_nobod
     assert state.logged[0][0] == "lego_ashem.curve" and state.logged[0][1]["points"] == rows
 
 
+
+def test_the_curve_table_is_titled_with_its_stage_split_and_measure():
+    # was: the bare table, with nothing to say which stage, split or router it was (the probe recipe prints two)
+    from stagewise_lego_ashem.evaluation import accuracy_compute_curve
+
+    state, router, _ = _curve_state()
+    printed = []
+    state.print = printed.append
+    accuracy_compute_curve(state, "test", router, 3)
+    assert printed[0].splitlines()[:2] == ["test: accuracy vs compute on test, routed by max_prob",
+                                           f"{'threshold':>10}{'shallow':>9}{'acc':>8}{'ppl':>10}{'cost':>7}{'flops':>7}"]
+
 def test_the_curve_plot_says_that_compute_above_1_costs_more_than_full_depth(tmp_path, monkeypatch):
     # was: the x axis said "(1 = full depth)" while the exit head and confidence push
     # compute_cost_flops above 1 at high thresholds, which read like a scale error

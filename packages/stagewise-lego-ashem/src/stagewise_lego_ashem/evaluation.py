@@ -178,7 +178,8 @@ def accuracy_compute_curve(state: stagewise.State, split: str, router: Confidenc
         rows.append({"threshold": threshold, **{k: r[k] for k in
                      ("shallow_ratio", "acc", "routed_ppl", "compute_cost", "compute_cost_flops")}})
     state.log("lego_ashem.curve", split=split, points=rows)
-    state.print(_curve_table(rows))
+    state.print(f"{state.stage_name}: accuracy vs compute on {split}, routed by {router.options.measure}\n"
+                f"{_curve_table(rows)}")  # titled: a run may print the curves of several stages
     if state.run_dir is not None:
         _plot_curve(state, split, router.options.measure, rows)
     return rows
