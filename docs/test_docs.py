@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import generate_cli
 import includes
@@ -20,6 +22,7 @@ import stagewise
 from stagewise import plugins, registry
 from stagewise.cli.main import build_parser
 from stagewise.recipe import RunOptions, load_recipe
+from stagewise.schema import as_table, build_dataclass
 from stagewise.specs import DataSpec, LossSpec, ModelSpec, StageSpec
 
 DOCS = Path(__file__).parent
@@ -120,6 +123,134 @@ PLUGIN_KEYS = _plugin_keys()
 @pytest.mark.parametrize(("page", "component", "key"), PLUGIN_KEYS, ids=[f"{c}.{k}" for _, c, k in PLUGIN_KEYS])
 def test_plugin_recipe_key_is_documented(page, component, key):
     assert f"`{key}`" in section(read(page), f"`{component}`"), f"{page}: section `{component}` misses `{key}`"
+
+
+# --- what the option tables say: defaults and ranges ----------------------------------------
+
+
+def _option_rows(text: str) -> dict[str, dict[str, str]]:
+    """Key -> {column title: cell} of each row of the Markdown tables in ``text`` whose first cell names keys."""
+    rows, header = {}, None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if header is None:
+            header = cells
+        elif not set(cells[0]) <= set("- "):
+            rows.update((key, dict(zip(header, cells, strict=False))) for key in re.findall(r"`(\w+)`", cells[0]))
+    return rows
+
+
+def _documented_tables() -> list[tuple[str, str, type]]:
+    """(page, section marker, Options dataclass) of core's tables in recipes.md and the plugins' on their pages."""
+    tables = [("recipes.md", marker, cls) for marker, cls in _options_tables().items() if cls is not None]
+    documented = {(page, component) for page, component, _ in PLUGIN_KEYS}
+    for kind, registry_ in plugins.registries().items():
+        tables += [(page, f"`{name}`", plugins.get(kind, name).Options) for page, name in sorted(documented)
+                   if name in registry_.entries]
+    return tables
+
+
+def _option_cells() -> list[tuple[str, str, type, str, dict[str, str]]]:
+    cells = []
+    for page, marker, cls in _documented_tables():
+        rows = _option_rows(section(read(page), marker))
+        cells += [(page, marker, cls, f.name, rows[f.name]) for f in dataclasses.fields(cls) if f.name in rows]
+    return cells
+
+
+OPTION_CELLS = _option_cells()
+CELL_IDS = [f"{marker.strip('`')}.{key}" for _, marker, _, key, _ in OPTION_CELLS]
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+@pytest.mark.parametrize(("page", "table", "cls", "key", "cells"), OPTION_CELLS, ids=CELL_IDS)
+def test_documented_default_is_the_default(page, table, cls, key, cells):
+    """*required*, unset (None) or one TOML literal; a default the code derives (``1/255``, "the stage's name")
+    is not compared."""
+    written, default = cells["default"], _default(next(f for f in dataclasses.fields(cls) if f.name == key))
+    if written == "*required*" or default is dataclasses.MISSING:
+        assert written == "*required*" and default is dataclasses.MISSING, f"{page} {table}: {key} is {written}"
+    elif written.startswith("unset"):
+        assert default is None, f"{page} {table}: {key} is unset, the code's default is {default!r}"
+    elif literal := re.fullmatch(r"`([^`]+)`(?::.*)?", written):
+        try:
+            value = tomllib.loads(f"v = {literal[1]}")["v"]
+        except tomllib.TOMLDecodeError:
+            return
+        code = as_table(default)
+        code = [as_table(v) for v in code] if isinstance(code, tuple) else code
+        # a table default lists the keys it gives (a loss term's `use`), not every key its default fills in
+        assert value == code or _within(value, code), f"{page} {table}: {key} defaults to {written}, code {code!r}"
+
+
+def _within(written: Any, code: Any) -> bool:
+    if isinstance(written, list) and isinstance(code, list):
+        return len(written) == len(code) and all(map(_within, written, code))
+    if isinstance(written, dict) and isinstance(code, dict):
+        return all(k in code and _within(v, code[k]) for k, v in written.items())
+    return written == code
+
+
+def _number(text: str) -> float:
+    """A number as docs write it: ``1e30``, ``-2\\*\\*40`` (Markdown for -(2 ** 40))."""
+    sign, digits = (-1, text[1:]) if text.startswith("-") else (1, text)
+    base, _, power = digits.replace("\\", "").partition("**")
+    return sign * (float(base) ** float(power) if power else float(base))
+
+
+def _bounds(written_type: str) -> list[tuple[float, bool, bool]]:
+    """The numeric bounds a type cell states, as (bound, is_lower, inclusive): "integer ≥ 1", "float > 0, ≤ 1e30",
+    "float in (0, 1]", "integer, 0 to 1024", "integer, -2**40 < seed < 2**40"."""
+    num = r"(-?[\d.e\\*]+)"
+    if m := re.search(rf"in ([\[(]){num}, {num}([\])])", written_type):
+        return [(_number(m[2]), True, m[1] == "["), (_number(m[3]), False, m[4] == "]")]
+    if m := re.search(rf", {num} to {num}$", written_type):
+        return [(_number(m[1]), True, True), (_number(m[2]), False, True)]
+    if m := re.search(rf", {num} < \w+ < {num}$", written_type):
+        return [(_number(m[1]), True, False), (_number(m[2]), False, False)]
+    return [(_number(bound), op in "≥>", op in "≥≤") for op, bound in re.findall(rf"([≥>≤<]) {num}", written_type)
+            if re.fullmatch(num, bound)][:2]
+
+
+RANGES = [(page, table, cls, key, bound) for page, table, cls, key, cells in OPTION_CELLS
+          if (kind := re.match(r"(?:finite )?(integer|float)\b", cells.get("type", "")))
+          for bound in _bounds(cells["type"])]
+
+
+NEEDS = {"ema_momentum_end": {"ema_momentum": 0.5}}  # the keys a documented "needs X" asks for
+
+
+def _refuses(cls: type, table: str, key: str, value: Any) -> bool:
+    """Whether the table ``table`` (with ``key = value``) has a problem at ``key``."""
+    base = {"Loss terms": {"use": "stagewise.cross_entropy"}, "`[[stages]]`": {"name": "s"},
+            "`[model]`": {"use": "stagewise.transformer"}}.get(table, {})
+    problems: list[str] = []
+    build_dataclass(cls, {**base, **NEEDS.get(key, {}), key: value}, "t", problems)
+    return any(p.startswith(f"t.{key}:") for p in problems)
+
+
+@pytest.mark.parametrize(("page", "table", "cls", "key", "bound"), RANGES,
+                         ids=[f"{t.strip('`')}.{k}{'>' if b[1] else '<'}{b[0]:g}" for _, t, _, k, b in RANGES])
+def test_documented_range_is_checked(page, table, cls, key, bound):
+    """The edge of a documented range is accepted when the range includes it and refused when it does not; a value
+    past it (by 1 for an integer, by 1% for a float, as docs round 3.4028e38 to 3.4e38) is refused."""
+    edge, lower, inclusive = bound
+    is_int = dataclasses.fields(cls) and "int" in str(next(f.type for f in dataclasses.fields(cls) if f.name == key))
+    step = 1 if is_int else max(abs(edge), 1) * 0.01
+    past = edge - step if lower else edge + step
+    inside = edge if inclusive else (edge + step if lower else edge - step)
+    if is_int:
+        past, inside = int(past), int(inside)
+    assert _refuses(cls, table, key, past), f"{page} {table}: {key} = {past!r} is outside the documented range"
+    assert not _refuses(cls, table, key, inside), f"{page} {table}: {key} = {inside!r} is in the documented range"
 
 
 # --- CLI ------------------------------------------------------------------------------------

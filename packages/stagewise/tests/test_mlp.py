@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 from torch import nn
 
 from stagewise.data.splits import DataSplits
 from stagewise.nn.mlp import MLP, MLPOptions
+from stagewise.schema import build_dataclass
 
 IMAGES = DataSplits({}, {"n_features": 6, "n_outputs": 3, "input_shape": [2, 3]})
 
@@ -34,3 +38,16 @@ def test_image_inputs_are_flattened():
 def test_n_outputs_option_widens_the_output():
     model = MLP.from_recipe(MLPOptions(hidden=[4], n_outputs=10), IMAGES)
     assert model(torch.zeros(2, 6)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(("key", "value"), [("dropout", -0.1), ("dropout", 1.0), ("dropout", math.inf),
+                                            ("hidden", [4, 0]), ("n_outputs", 0)])
+def test_out_of_range_options_are_refused_when_the_recipe_loads(key, value):
+    # as the transformer's: not at the model build, after the data has loaded (torch refuses dropout 1.5 there)
+    problems = []
+    assert build_dataclass(MLPOptions, {key: value}, "model", problems) is None
+    assert [p.split(":")[0] for p in problems] == [f"model.{key}"]
+
+
+def test_the_edges_of_the_ranges_are_accepted():
+    assert MLPOptions(hidden=[1], dropout=0.0, n_outputs=1) and MLPOptions(dropout=0.999)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from stagewise.data.splits import DataSplits
+from stagewise.schema import check_options
 
 
 @dataclass
@@ -17,6 +18,16 @@ class MLPOptions:
     activation: Literal["relu", "gelu", "tanh"] = "relu"
     dropout: float = 0.0
     n_outputs: int | None = None  # default: data.info["n_outputs"] (classes or targets)
+
+    def __post_init__(self) -> None:
+        # checked when the recipe loads, as the transformer's: torch would refuse them only when the model is
+        # built, after the data has loaded
+        check_options([
+            (all(width >= 1 for width in self.hidden), "hidden", f"every width must be >= 1, got {self.hidden}"),
+            (0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}"),
+            (self.n_outputs is None or self.n_outputs >= 1, "n_outputs",
+             f"must be >= 1 (leave it unset for the data's n_outputs), got {self.n_outputs}"),
+        ])
 
 
 class MLP(nn.Module):
