@@ -79,3 +79,11 @@ def test_plugin_bounds_core_to_its_minor_release(pyproject):
     major, minor = _core_minor()
     (core,) = [r for r in _config(pyproject)["project"]["dependencies"] if re.match(r"stagewise\b(?![-_])", r)]
     assert core.replace(" ", "") == f"stagewise>={major}.{minor},<{major}.{minor + 1}", pyproject
+
+
+@pytest.mark.parametrize("pyproject", PACKAGES, ids=_name)
+def test_package_ships_the_typed_marker(pyproject):
+    """PEP 561: a type checker reads an installed package's annotations only beside a ``py.typed``
+    (the package-data test above checks the wheel carries it)."""
+    module = _config(pyproject)["project"]["name"].replace("-", "_")
+    assert (pyproject.parent / "src" / module / "py.typed").is_file(), f"add an empty src/{module}/py.typed"
