@@ -272,6 +272,22 @@ def test_progress_bars_show_on_a_terminal_only_without_quiet_and_change_no_numbe
     assert metrics[0] == metrics[1] == metrics[2]
 
 
+
+@pytest.mark.parametrize(("columns", "bar"), [(40, False), (120, True)])
+def test_a_narrow_terminal_gets_the_time_left_and_loss_without_the_bar(tiny, tmp_path, monkeypatch, columns, bar):
+    # was: tqdm cut the line at the terminal's width, losing "<remaining, ..., loss=...>" at its end
+    monkeypatch.setenv("COLUMNS", str(columns))
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    run_recipe(tiny("stages.phase2.max_epochs=1"), out=tmp_path / "run")
+    shown = sys.stderr.getvalue()
+    assert ("%|" in shown) == bar and ("phase1: epoch 1/2: 0/5 <" in shown) != bar
+    from tqdm import tqdm
+
+    from stagewise.engine.state import COMPACT_BAR
+
+    assert tqdm.format_meter(3, 5, 2.0, prefix="phase1: epoch 1/2", postfix="loss=5.2100", bar_format=COMPACT_BAR) \
+        == "phase1: epoch 1/2: 3/5 <00:01, loss=5.2100"
+
 def test_loading_the_data_is_said_on_a_terminal_before_it_starts(tiny, tmp_path, monkeypatch):
     # was: nothing was shown while a big file was read and tokenised, a silent minute before the first bar
     shown = {}
