@@ -179,16 +179,14 @@ def jsonl_text(path: Path, options: TextOptions) -> str:
 def text_files(root: Path) -> list[Path]:
     """The ``.txt`` and ``.jsonl`` files under ``root``, sorted (a folder named ``x.txt`` is not one); a
     DataError naming a gzip-compressed one, which would otherwise be left out unsaid."""
-    compressed = _files(root, ("*.txt.gz", "*.jsonl.gz"))
+    found = sorted(path for pattern in ("*.txt", "*.jsonl", "*.txt.gz", "*.jsonl.gz") for path in root.rglob(pattern)
+                   if path.is_file())
+    compressed = [path for path in found if path.suffix == ".gz"]
     if compressed:
         more = f" (and {len(compressed) - 1} more)" if len(compressed) > 1 else ""
         raise DataError(f"{compressed[0]}{more} is gzip-compressed: in a directory only .txt and .jsonl files are "
                         f"read; decompress them (gunzip), or set path to one .gz file")
-    return _files(root, ("*.txt", "*.jsonl"))
-
-
-def _files(root: Path, patterns: tuple[str, ...]) -> list[Path]:
-    return sorted(path for pattern in patterns for path in root.rglob(pattern) if path.is_file())
+    return found
 
 
 def split_files(root: Path) -> dict[str, Path]:

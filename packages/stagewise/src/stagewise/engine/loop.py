@@ -447,9 +447,10 @@ class TrainLoop:
         problems = [f"loop.{key}: {pos[key]}, expected 0..{end}" for key, end in
                     (("epoch", self.o.max_epochs), ("batch", self.steps_per_epoch - 1)) if not 0 <= pos[key] <= end]
         fresh = self.scheduler.state_dict()
-        optimizer = optimizer_problems(saved["optimizer"], self.optimizer) + same_types(saved["scheduler"], fresh,
-                                                                                         "scheduler")
-        problems += optimizer or schedule_problems(saved["optimizer"], saved["scheduler"], fresh)
+        unlike = optimizer_problems(saved["optimizer"], self.optimizer)
+        unlike += same_types(saved["scheduler"], fresh, "scheduler")
+        # the schedule's values are compared only once the optimizer's and scheduler's state are of the right kinds
+        problems += unlike or schedule_problems(saved["optimizer"], saved["scheduler"], fresh)
         problems += tensors_problems(saved["terms"], self.objective.terms.state_dict(), "terms")
         if saved["best_state"] is not None:
             problems += tensors_problems(saved["best_state"], self._model_tensors(), "best_state")  # no copy
