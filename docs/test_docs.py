@@ -323,3 +323,25 @@ def test_a_core_building_block_for_plugins_exists(module, name):
     import importlib
 
     assert hasattr(importlib.import_module(module), name), f"plugin-authoring.md lists {module}.{name}"
+
+
+def _core_imports_of_plugins() -> list[tuple[str, str, str]]:
+    """(file, module, name) for each name a shipped or example plugin imports from a core submodule."""
+    import ast
+
+    root = DOCS.parent
+    sources = list(root.glob("packages/stagewise-*/src/**/*.py"))
+    sources += list(root.glob("tests_integration/stagewise-example-plugin/src/**/*.py"))
+    found = []
+    for path in sorted(sources):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stagewise."):
+                found += [(path.relative_to(root).as_posix(), node.module, alias.name) for alias in node.names]
+    return found
+
+
+@pytest.mark.parametrize("path, module, name", _core_imports_of_plugins())
+def test_what_plugins_import_from_core_is_a_documented_building_block(path, module, name):
+    # the top-level namespace is public; anything else a plugin leans on must be in the table, or it may change
+    assert name in stagewise.__all__ or (module, name) in _core_building_blocks(), (
+        f"{path} imports {module}.{name}: list it under 'What to import from core' in plugin-authoring.md")
