@@ -47,6 +47,13 @@ def test_exit_layer_outside_the_model_is_refused(exit_layer):
         DeepSupervisionOptions(n_layer=2, exit_layer=exit_layer)
 
 
+def test_a_nan_routing_threshold_is_refused_before_the_run():
+    # NaN is the buffer's "not set": taken from the recipe it would fail only when routing began
+    with pytest.raises(ValueError, match="routing_threshold: NaN"):
+        DeepSupervisionOptions(n_layer=2, routing_threshold=math.nan)
+    assert DeepSupervisionOptions(n_layer=2, routing_threshold=-math.inf).routing_threshold == -math.inf
+
+
 @pytest.mark.parametrize("hard_ratio", [0.0, 1.0, -0.1, 1.5])
 def test_hard_ratio_outside_0_1_is_refused(hard_ratio):
     with pytest.raises(ValueError, match="strictly between 0 and 1"):

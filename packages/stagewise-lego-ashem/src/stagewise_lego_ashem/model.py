@@ -36,9 +36,12 @@ class DeepSupervisionOptions(TransformerOptions):
 
     def checks(self) -> list[tuple[bool, str | tuple[str, ...], str]]:
         in_model = 1 <= self.exit_layer <= self.n_layer or self.n_layer < 1  # a bad n_layer is reported
+        unset_as_nan = self.routing_threshold is not None and math.isnan(self.routing_threshold)
         return [*super().checks(), (in_model, ("exit_layer", "n_layer"),
                                     f"{self.exit_layer} is outside the model: it must be in 1..n_layer = "
-                                    f"1..{self.n_layer} (blocks run before the exit)")]
+                                    f"1..{self.n_layer} (blocks run before the exit)"),
+                (not unset_as_nan, "routing_threshold", "NaN: give a number, or leave the key out and "
+                                                        "lego_ashem.mine calibrates it")]
 
 
 class DeepSupervisionTransformer(TransformerLM):
