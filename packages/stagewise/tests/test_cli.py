@@ -474,10 +474,10 @@ def test_ctrl_c_while_the_run_folder_is_made_prints_the_command_that_continues_i
     from stagewise.engine import rundir
 
     def ctrl_c_at(write):
-        def written(path, data):
+        def written(path, data, **how):  # how: write_text_atomic's replace=
             if path.name == at:
                 raise KeyboardInterrupt
-            write(path, data)
+            write(path, data, **how)
         return written
 
     for name in ("write_text_atomic", "write_json_atomic"):

@@ -334,3 +334,63 @@ def test_a_last_pt_from_before_the_foreach_optimizer_resumes_to_the_same_numbers
         run_recipe(recipe, resume=run, quiet=True)
         finals.append(json.loads((run / "summary.json").read_text())["metrics"])
     assert finals[0] == finals[1] and finals[0]
+
+
+# --- two runs at once, and a disk that fills up under metrics.jsonl ----------------------------------------------
+
+
+def _no_hard_links(source, target):
+    raise OSError(errno.EPERM, "Operation not permitted", source, None, target)  # as link(2) on FAT says it
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
+def test_a_run_started_at_once_in_the_same_folder_leaves_the_other_runs_files(tmp_path, monkeypatch, links):
+    from stagewise.engine import rundir
+
+    if not links:
+        monkeypatch.setattr(os, "link", _no_hard_links)
+    fresh = rundir.RunDir.create(tmp_path / "fresh", "# a run alone\n", {})  # a folder no other run took: written
+    assert (fresh.path / "recipe.toml").read_text() == "# a run alone\n" and not list(fresh.path.glob(".*"))
+    check = rundir.empty_folder
+
+    def other_run_first(path, advice):  # the other process's recipe.toml lands between this one's check and write
+        path = check(path, advice)
+        path.mkdir()
+        (path / "recipe.toml").write_text("# the other run's\n")
+        return path
+
+    monkeypatch.setattr(rundir, "empty_folder", other_run_first)
+    with pytest.raises(CheckpointError, match="was taken by another run started at the same time; pass --out"):
+        rundir.RunDir.create(tmp_path / "tiny", "# this run's\n", {})  # was: wrote over the other run's files
+    assert [p.name for p in (tmp_path / "tiny").iterdir()] == ["recipe.toml"]
+    assert (tmp_path / "tiny" / "recipe.toml").read_text() == "# the other run's\n"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full, a device that is always full")
+def test_a_full_disk_under_metrics_jsonl_names_it_and_the_run_closes_cleanly(tmp_path):
+    from stagewise.engine.rundir import RunDir
+
+    run = RunDir.create(tmp_path / "run", "", {})
+    (run.path / "metrics.jsonl").unlink()
+    (run.path / "metrics.jsonl").symlink_to("/dev/full")
+    with pytest.raises(OSError) as info:  # was: no file named
+        run.log({"event": "step"})
+    assert (info.value.errno, info.value.filename) == (errno.ENOSPC, str(run.path / "metrics.jsonl"))
+    run.close()  # was: the refused line was flushed again at close, whose error hid the first (no file named)
+
+
+def test_a_run_started_over_in_a_folder_whose_metrics_jsonl_links_elsewhere_leaves_that_file(tmp_path):
+    from stagewise.engine.rundir import RunDir
+
+    outside = tmp_path / "notes.txt"
+    outside.write_text("mine\n")
+    run_dir = tmp_path / "run"  # a handed-over folder of a run stopped before its first checkpoint
+    run_dir.mkdir()
+    (run_dir / "recipe.toml").write_text("# the run's\n")
+    (run_dir / "metrics.jsonl").symlink_to(outside)
+    run = RunDir.create(run_dir, "# the run's\n", {}, again=True)  # what --resume of that folder does
+    run.log({"event": "step"})
+    run.close()
+    assert outside.read_text() == "mine\n"  # was: emptied, then the run's records appended to it
+    metrics = run_dir / "metrics.jsonl"
+    assert not metrics.is_symlink() and metrics.read_text() == '{"event": "step"}\n'

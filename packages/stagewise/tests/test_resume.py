@@ -618,10 +618,10 @@ def test_a_run_killed_while_its_folder_is_made_runs_again_there_with_every_file(
     from stagewise.engine import rundir
 
     def killed_at(name, write):
-        def kill(path, data):
+        def kill(path, data, **how):  # how: write_text_atomic's replace=
             if path.name == name:
                 raise KeyboardInterrupt
-            write(path, data)
+            write(path, data, **how)
         return kill
 
     cut = tmp_path / "cut"

@@ -13,6 +13,7 @@ the RNG states a checkpoint saves and a resume puts back (:func:`rng_state`, :fu
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import pickle
@@ -59,8 +60,9 @@ def remove_temp_files(folder: Path) -> None:
         temp.unlink(missing_ok=True)
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(file)`` on a temp file beside ``path``, fsync, rename over ``path``, fsync the folder."""
+def atomic_write_bytes(path: Path, write, replace: bool = True) -> None:
+    """Call ``write(file)`` on a temp file beside ``path``, fsync, rename over ``path``, fsync the folder;
+    ``replace=False``: FileExistsError instead where ``path`` exists, as another process may have put it there."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # TEMP_GLOB matches it
@@ -72,7 +74,10 @@ def atomic_write_bytes(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private (0600); a plain open would not
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _place_new(Path(tmp), path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         refused = _os_error(exc)
@@ -81,6 +86,25 @@ def atomic_write_bytes(path: Path, write) -> None:
         # name the file being written (a write's OSError names none): "PATH: No space left on device"
         raise OSError(refused.errno, refused.strerror, str(path)) from exc
     _fsync_folder(path.parent)
+
+
+# what a link(2) into a file system without hard links (FAT, some network shares) fails with
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+def _place_new(tmp: Path, path: Path) -> None:
+    """Move ``tmp`` to ``path`` unless ``path`` exists (FileExistsError): a hard link, which unlike a
+    rename never replaces a file, so of two processes placing one name only one succeeds."""
+    try:
+        os.link(tmp, path)
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        if path.exists():  # no hard links: checked, then renamed, which leaves the two processes a moment's race
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
 
 
 def _fsync_folder(folder: Path) -> None:

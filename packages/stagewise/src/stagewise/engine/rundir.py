@@ -49,12 +49,16 @@ class RunDir:
         run.remove_temp_files()
         # recipe.toml first: it makes the folder a run directory; a run killed before it is in
         # place leaves a folder with nothing in it (but a temp file), which --out takes again
-        write_text_atomic(path / "recipe.toml", recipe_toml)
+        try:  # a new run's is never written over: another run started at once may have put its own there
+            write_text_atomic(path / "recipe.toml", recipe_toml, replace=again)
+        except FileExistsError:
+            raise CheckpointError(f"{path} was taken by another run started at the same time; pass --out with "
+                                  f"a new folder (or run again: a default folder is numbered past it)") from None
         run.checkpoints.mkdir(exist_ok=True)
         write_json_atomic(path / "env.json", env)
         for name, text in (files or {}).items():
             write_text_atomic(path / name, text)
-        (path / "metrics.jsonl").write_text("")
+        write_text_atomic(path / "metrics.jsonl", "")  # replaces, never follows, a link a handed-over folder holds
         return run
 
     @classmethod
@@ -82,14 +86,19 @@ class RunDir:
             remove_temp_files(folder)
 
     def log(self, record: dict[str, Any]) -> None:
-        if self._metrics is None:
-            self._metrics = open(self.path / "metrics.jsonl", "a", encoding="utf-8")
+        path = self.path / "metrics.jsonl"
+        if self._metrics is None:  # unbuffered: a write the disk refused is not kept to fail again at close
+            self._metrics = open(path, "ab", buffering=0)
         try:
             line = json.dumps(finite(record))
         except TypeError as exc:  # a tensor or numpy number a stage returned or a plugin logged: name it
             raise PluginError(_unwritable_message(record, exc)) from None
-        self._metrics.write(line + "\n")
-        self._metrics.flush()
+        data = (line + "\n").encode("utf-8")
+        try:
+            while data:  # a disk filling up writes part of it, then refuses the rest
+                data = data[self._metrics.write(data):]
+        except OSError as exc:  # a write's error names no file: "PATH: No space left on device"
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         self.lines += 1
 
     def on_close(self, close: Callable[[], None]) -> None:
@@ -168,8 +177,8 @@ def finite(value: Any) -> Any:
     return value
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
+def write_text_atomic(path: Path, text: str, replace: bool = True) -> None:
+    atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")), replace)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
