@@ -12,10 +12,11 @@ def test_a_result_is_printed_as_a_table_and_one_json_line(tmp_path, capsys):
     def measure(out):
         return {"ppl": 1.5, "out": out.name}
 
-    code = run_benchmark("bench", measure, lambda r: f"ppl {r['ppl']}", tmp_path / "out", "x", tmp_path / "r.json")
+    written = tmp_path / "results" / "r.json"  # its folder is made: it failed after minutes of measuring
+    code = run_benchmark("bench", measure, lambda r: f"ppl {r['ppl']}", tmp_path / "out", "x", written)
     assert code == 0
     assert capsys.readouterr().out.splitlines() == ["ppl 1.5", '{"ppl": 1.5, "out": "out"}']
-    assert json.loads((tmp_path / "r.json").read_text()) == {"ppl": 1.5, "out": "out"}
+    assert json.loads(written.read_text()) == {"ppl": 1.5, "out": "out"}
 
 
 def test_finished_runs_survive_a_later_failure(tmp_path, capsys):

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stagewise.engine.rundir import empty_folder, unused_folder
+from stagewise.engine.rundir import empty_folder, unused_folder, write_text_atomic
 from stagewise.errors import StagewiseError
 
 
@@ -18,7 +18,7 @@ def run_benchmark(prog: str, measure: Callable[[Path], dict[str, Any]], table: C
     """``measure(out)`` with its runs kept under ``out`` (new or empty; default ``runs/<default>``,
     or ``-2``, ``-3``, ... when that holds files), so a run that finished survives a later one
     that fails. Prints ``table(result)`` and the result as one JSON line, writes it to
-    ``json_path`` if given, and returns the exit code."""
+    ``json_path`` if given (making its folder), and returns the exit code."""
     out = Path(out) if out is not None else unused_folder(Path("runs") / default)
     try:
         empty_folder(out)
@@ -28,6 +28,6 @@ def run_benchmark(prog: str, measure: Callable[[Path], dict[str, Any]], table: C
         return 1
     print(table(result))
     print(json.dumps(result))
-    if json_path is not None:
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
+    if json_path is not None:  # atomic, its folder made: a reader never sees half a file
+        write_text_atomic(json_path, json.dumps(result, indent=2) + "\n")
     return 0
