@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import sys
 
 import pytest
@@ -315,6 +316,33 @@ def test_a_warning_during_a_progress_bar_gets_its_own_line(monkeypatch):
         RateLimitedWarnings().warn("kind", "something")
     before = terminal.getvalue().split("stagewise: warning: something")[0]
     assert before.endswith("\r")  # the bar cleared, so the warning starts its line
+
+
+def test_a_python_warning_during_a_run_on_a_terminal_gets_its_own_line_too(tiny, tmp_path, monkeypatch):
+    # torch's or a plugin's warnings.warn went straight to stderr, glued to the bar as above
+    import warnings
+
+    from tqdm import tqdm
+
+    from stagewise.engine import runner
+
+    def stages_that_warn(state, first, saved):
+        with tqdm(range(3), desc="epoch 1/1") as bar:
+            batches = iter(bar)
+            next(batches)
+            warnings.warn("careful", UserWarning, stacklevel=1)
+
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    monkeypatch.setattr(runner, "_run_stages", stages_that_warn)
+    shown = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        runner.run_recipe(tiny(), out=tmp_path / "run")
+        assert warnings.showwarning is shown  # put back when the run ends
+    before, after = terminal.getvalue().split("UserWarning: careful")
+    assert re.fullmatch(rf"{re.escape(__file__)}:\d+: ", before.rsplit("\r", 1)[1])  # the bar cleared first
+    assert after.startswith("\n")
 
 
 class _WarnsTwice(stagewise.Stage):

@@ -1,10 +1,13 @@
-"""Rate-limited warnings and the non-finite loss guard."""
+"""Rate-limited warnings, Python's warnings above progress bars, and the non-finite loss guard."""
 
 from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from tqdm import tqdm
 
@@ -43,6 +46,27 @@ def _say(line: str) -> None:
     below, where a plain print would append the line to the bar's half-drawn one."""
     tqdm.write(line, file=sys.stderr)
     sys.stderr.flush()
+
+
+@contextmanager
+def python_warnings_above_bars(bars: bool) -> Iterator[None]:
+    """While progress bars may be drawn (``bars``), Python's warnings (torch's, a plugin's) to stderr go
+    through :func:`_say` too. Off a terminal nothing changes, so tests' warning capture sees them as before."""
+    if not bars:
+        yield
+        return
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if file is not None and file is not sys.stderr:
+            return shown(message, category, filename, lineno, file, line)
+        _say(warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"))
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 class NonFiniteGuard:

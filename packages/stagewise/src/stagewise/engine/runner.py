@@ -22,7 +22,7 @@ from stagewise.data.vocab import Vocabulary
 from stagewise.engine import distributed
 from stagewise.engine.checkpoint import seed_everything, set_rng_state
 from stagewise.engine.failures import noted
-from stagewise.engine.guards import RateLimitedWarnings
+from stagewise.engine.guards import RateLimitedWarnings, python_warnings_above_bars
 from stagewise.engine.resumable import options_problems
 from stagewise.engine.resume import check_resumable, load_resume, refuse_damaged, restore_run
 from stagewise.engine.rundir import RunDir, environment, file_in_the_way, unused_folder
@@ -59,7 +59,8 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
     torch.use_deterministic_algorithms(run.deterministic, warn_only=True)
     saved = load_resume(resume, recipe) if resume is not None else None
     seed_everything(run.seed)
-    data = _load_data(recipe, shown=not quiet and info.rank == 0 and sys.stderr.isatty())
+    bars = not quiet and info.rank == 0 and sys.stderr.isatty()
+    data = _load_data(recipe, shown=bars)
     if saved is not None:  # before the model is built from it (another vocabulary would not fit the weights)
         _check_same_data(saved, data, resume)
     check_stages(recipe, data)
@@ -82,7 +83,8 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
             else:  # said now, not only at the end: a long run's metrics and checkpoints are there from here on
                 state.print(f"run {run.name!r} (seed {run.seed}): writing to {path}")
                 first = 0
-            _run_stages(state, first, saved)
+            with python_warnings_above_bars(bars):
+                _run_stages(state, first, saved)
     finally:
         if run_dir is not None:
             run_dir.close()
