@@ -262,6 +262,23 @@ def test_ema_target_moves_by_the_momentum_schedule_at_every_step(tiny, tmp_path)
     assert len(errors) == total and max(errors) < 1e-6
 
 
+def test_ema_target_is_a_frozen_eval_copy_that_takes_the_model_s_buffers():
+    # the tiny transformer has no buffers that change: a BatchNorm's running statistics must reach the target
+    from stagewise.engine import ema
+
+    model = torch.nn.BatchNorm1d(2, momentum=0.5)
+    target = ema.make_target(model)
+    assert not target.training and not any(p.requires_grad for p in target.parameters())
+    with torch.no_grad():
+        model.weight.fill_(3.0)  # the target's is 1.0
+    model(torch.tensor([[0.0, 2.0], [4.0, -2.0]]))  # training mode: updates running_mean, running_var
+    ema.ema_update(target, model, momentum=0.75)
+    assert target.weight.tolist() == [1.5, 1.5]  # 0.75 * 1 + 0.25 * 3
+    assert target.running_mean.tolist() == [1.0, 0.0]  # 0.5 * 0 + 0.5 * the batch's mean
+    assert target.running_var.tolist() == [4.5, 4.5]  # 0.5 * 1 + 0.5 * the batch's (unbiased) variance 8
+    assert target.num_batches_tracked.item() == 1
+
+
 def test_default_run_folders_are_numbered_from_2(tmp_path):
     from stagewise.engine.rundir import unused_folder
 
@@ -308,6 +325,26 @@ def test_evaluation_runs_the_model_in_eval_mode_and_restores_training_mode():
         expected = torch.nn.functional.cross_entropy(logits, torch.cat([b["target"] for b in batches])).item()
     metrics = evaluate(state, {"cross_entropy": CrossEntropy()}, batches, "val")
     assert metrics["val/loss"] == pytest.approx(expected, rel=1e-6) and model.training  # back to training
+
+
+def test_evaluation_builds_no_autograd_graph():
+    # the numbers are the same with a graph; the memory is not: each batch's graph would stay alive to the sum
+    from types import SimpleNamespace
+
+    from stagewise.builtins.losses import CrossEntropy
+    from stagewise.engine.distributed import DistInfo
+    from stagewise.engine.evaluate import evaluate
+
+    seen = []
+
+    class Spy(CrossEntropy):
+        def eval_sums(self, outputs, batch, state):
+            seen.append(outputs["output"].requires_grad)
+            return super().eval_sums(outputs, batch, state)
+
+    batches = [{"input": torch.ones(2, 4), "target": torch.tensor([0, 1])}] * 2
+    evaluate(SimpleNamespace(model=torch.nn.Linear(4, 3), dist=DistInfo()), {"cross_entropy": Spy()}, batches, "val")
+    assert seen == [False, False]
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -63,6 +63,16 @@ def test_step_records_log_the_learning_rate_the_step_used(tiny, tmp_path):
     assert lrs[:4] == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2, 1e-2])  # (step + 1) / warmup_steps
 
 
+def test_a_plateau_schedule_cuts_the_learning_rate_after_an_epoch_without_improvement(tiny, tmp_path):
+    # so small an lr leaves val/loss where it was: torch's plateau needs a relative improvement of 1e-4
+    recipe = tiny('stages.phase1.schedule="plateau"', "stages.phase1.lr=1e-7", "stages.phase1.max_epochs=3")
+    run_dir = run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    losses = [r["val/loss"] for r in read_records(run_dir, "epoch") if r["stage"] == "phase1"]
+    assert max(losses) - min(losses) < 1e-5 * losses[0]
+    lrs = [r["train/lr"] for r in read_records(run_dir, "step") if r["stage"] == "phase1"]
+    assert lrs[::5] == [1e-7, 1e-7, 5e-8]  # each epoch's first step: halved (plateau_factor) after epoch 1
+
+
 def test_a_nonfinite_loss_leaves_lbfgs_parameters_unchanged(tiny, tmp_path):
     spy = Snapshots()
     NanOnce.batches = 0
@@ -109,6 +119,23 @@ def test_an_epoch_draws_only_the_batches_it_trains_on(tiny, tmp_path, monkeypatc
     monkeypatch.setattr(TrainStage, "train_batches", counted)
     run_recipe(tiny(), out=tmp_path / "run", quiet=True)
     assert len(drawn) == 20  # 2 stages x 2 epochs x max_steps_per_epoch 5, of a longer split
+
+
+def test_an_epoch_s_last_step_leaves_its_checkpoint_to_the_epoch_s_end(tiny, tmp_path, monkeypatch):
+    # a mid-epoch save after the last step would hold batch == steps_per_epoch, which no resume accepts
+    from stagewise.engine.state import State
+
+    saved = []
+    save_checkpoint = State.save_checkpoint
+
+    def spy(self, *, done, extra=None):
+        if extra is not None:
+            saved.append((self.stage_name, extra["loop"]["epoch"], extra["loop"]["batch"]))
+        save_checkpoint(self, done=done, extra=extra)
+
+    monkeypatch.setattr(State, "save_checkpoint", spy)
+    run_recipe(tiny("run.checkpoint_every_n_steps=5"), out=tmp_path / "run", quiet=True)  # 5 steps an epoch
+    assert saved == [("phase1", 1, 0), ("phase2", 1, 0)]  # the end of epoch 0 only: epoch 1's end is the stage's
 
 
 def test_a_nonfinite_loss_leaves_adamw_parameters_unchanged_and_unrecorded(tiny, tmp_path):

@@ -266,3 +266,12 @@ def test_a_bug_in_a_stage_keeps_its_traceback_with_a_note_naming_stage_term_and_
     finally:
         plugins.unregister_plugin("testing_buggy")
     assert getattr(info.value, "__notes__", [None]) == [note]  # a StagewiseError says it all: no note
+
+
+def test_a_single_term_s_weight_scales_the_loss_it_trains_on(tiny, tmp_path):
+    # a first term of weight 1 is taken as it is (no 0 + 1·L ops); any other weight must still multiply it
+    run_recipe(tiny('stages.phase1.losses=[{use="stagewise.cross_entropy", weight=0.5}]'), out=tmp_path / "run",
+               quiet=True)
+    epochs = [r for r in read_records(tmp_path / "run", "epoch") if r["stage"] == "phase1"]
+    assert [r["train/cross_entropy/weight"] for r in epochs] == [0.5, 0.5]
+    assert [r["train/loss"] for r in epochs] == [r["train/cross_entropy/weighted"] for r in epochs]  # 0.5 · CE

@@ -264,6 +264,14 @@ def test_resume_keeps_the_count_of_skipped_batches(tiny, stopped_and_resumed, mo
     assert timeless_records(stopped) == timeless_records(whole)
 
 
+def test_resume_keeps_the_count_of_fallbacks(tiny, stopped_and_resumed):
+    recipe = tiny('stages.phase1.losses=[{use="stagewise.cross_entropy", fallback_threshold=1.0}]')  # CE ~ 5: all cut
+    stopped, whole = stopped_and_resumed(recipe, "phase1", 7)
+    counts = [r["train/cross_entropy/fallbacks"] for r in read_records(stopped, "epoch") if r["stage"] == "phase1"]
+    assert counts == [5, 10]  # the stage's count, carried into epoch 1 across the resume
+    assert timeless_records(stopped) == timeless_records(whole)
+
+
 class _StopAtCall:
     """Stops the run in its ``calls``-th after_step (skipped batches count): the checkpoint of the
     batch before it is what the run leaves."""
@@ -359,6 +367,25 @@ def test_rng_state_round_trips_every_generator():
     set_rng_state(saved)
     again = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+
+
+def test_seed_everything_seeds_every_generator():
+    # a stage's plugin code may draw from any of them: each must start again from the stage's seed
+    import random
+
+    import numpy as np
+
+    from stagewise.engine.checkpoint import seed_everything
+
+    def draws():
+        return torch.rand(2).tolist(), np.random.rand(2).tolist(), [random.random() for _ in range(2)]
+
+    seed_everything(2**32 + 5)  # numpy takes the seed modulo 2**32
+    first = draws()
+    seed_everything(2**32 + 5)
+    assert draws() == first
+    np.random.seed(5)
+    assert np.random.rand(2).tolist() == first[1]
 
 
 def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):

@@ -306,3 +306,33 @@ def test_a_problem_a_term_finds_as_its_stage_starts_names_the_term_and_the_file(
             run_recipe(tiny('stages.phase1.losses=[{use = "setuptest.width"}]'), out=tmp_path / "run", quiet=True)
     finally:
         unregister_plugin("setuptest")
+
+
+def test_checking_a_stage_s_globs_builds_the_model_without_moving_a_random_number():
+    # the check builds the model on the meta device; a plugin model that draws as it is built must not shift the run
+    import random
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from stagewise.engine.params import parameter_names_at
+
+    class Drawing:
+        @staticmethod
+        def from_recipe(options, data):
+            random.random(), np.random.rand(), torch.rand(1, device="cpu")  # one draw from each generator
+            return torch.nn.Linear(2, 1)
+
+    def seed():
+        torch.manual_seed(0), np.random.seed(0), random.seed(0)
+
+    def draws():
+        return torch.rand(1).item(), np.random.rand(), random.random()
+
+    seed()
+    expected = draws()
+    seed()
+    recipe = SimpleNamespace(model=SimpleNamespace(component=lambda: Drawing), model_options_at=lambda index: None)
+    assert parameter_names_at(recipe, 0, None) == ["weight", "bias"]
+    assert draws() == expected
