@@ -280,6 +280,8 @@ _LOOP_DAMAGE = [  # the training stage's own state, checked against what it buil
     ("fallbacks", lambda c: c["fallbacks"].update(junk=[]), "fallbacks: a dict, expected a table of cross_entropy"),
     ("terms", lambda c: c.update(terms={"junk": torch.zeros(1)}), "terms: holds 'junk', "),
     ("best-state", lambda c: c.update(best_state={"model.x": torch.zeros(1)}), "best_state: lacks model."),
+    ("ema-target", lambda c: c.update(target={"x": torch.zeros(1)}),
+     "target: an EMA model, but this stage keeps none (ema_momentum)"),
     ("epoch-seconds", lambda c: c.update(epoch_seconds="z"), "epoch_seconds: a str, expected a number"),
     # settings of the right type but not the recipe's: taken silently, every step after the resume differed
     ("optimizer-weight-decay", lambda c: c["optimizer"]["param_groups"][0].update(weight_decay=0.5),
