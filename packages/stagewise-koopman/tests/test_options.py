@@ -17,6 +17,7 @@ import stagewise
     ({"steps": 0}, "steps: must be >= 1, got 0"),
     ({"detach": "both"}, "detach: must be one of 'none', 'source', 'target', got 'both'"),
     ({"dmd_rate": 0.0}, "dmd_rate: must be in (0, 1], got 0.0"),
+    ({"dmd_every": -1}, "dmd_every: must be >= 0 (0: no DMD refresh), got -1"),
     ({"lifted_weight": 0, "reconstruction_weight": 0, "state_weight": 0, "spectral_weight": 0},
      "at least one of lifted_weight, reconstruction_weight, state_weight and spectral_weight must be > 0"),
     ({"koopman_dim": 8, "dmd_every": 2, "dmd_buffer": 7},

@@ -92,6 +92,13 @@ _DAMAGE = [
      "artifacts.lego_ashem.router.measure: 0.5, expected one of max_prob, margin, neg_entropy, probe"),
     ("router-quantiles", lambda a: a[_ROUTER]["quantiles"].__setitem__(0, []),  # TypeError routing by []
      "artifacts.lego_ashem.router.quantiles: expected 21 finite numbers in ascending order"),
+    # the checks' boundaries: a check off by one there let each of these through
+    ("cache-target-vocab-size", lambda a: a[_CACHE]["target"].fill_(300),
+     "artifacts.lego_ashem.cache.target: holds ids outside the vocabulary 0..299"),
+    ("cache-exit-layer-above", lambda a: a[_CACHE].update(exit_layer=a[_CACHE]["exit_layer"] + 1),
+     "artifacts.lego_ashem.cache.exit_layer: 3, expected the model's exit layer 2"),
+    ("router-quantiles-descending", lambda a: a[_ROUTER]["quantiles"].reverse(),
+     "artifacts.lego_ashem.router.quantiles: expected 21 finite numbers in ascending order"),
 ]
 
 

@@ -182,24 +182,53 @@ def test_routed_generation_needs_a_new_token():
         generate_routed(model, torch.zeros(1, 1, dtype=torch.long), 0, router, router.threshold)
 
 
-@pytest.mark.parametrize("attention_dropout", [True, False])
-def test_routed_training_applies_the_attention_dropout_of_core_blocks(attention_dropout):
-    """With the feed-forward's dropout out of the way, only the attention and residual dropouts
-    can make a train-mode pass differ from an eval-mode one (with the attention weights' dropout
-    off too, the residual dropout alone must); easy rows never change."""
+def dropout_passes(attention_dropout: float, residual_dropout: bool):
+    """Train- and eval-mode routed passes of a dropout-0.5 model with the feed-forward's dropout
+    out of the way, and the attention weights' and residual dropouts as given; with ``hard``."""
     torch.manual_seed(0)
     config = TransformerConfig(vocab_size=40, n_layer=4, n_embd=16, n_head=2, ffn_hidden=32, dropout=0.5)
     model = DeepSupervisionTransformer(config, exit_layer=2)
     for block in model.layers:
         block.ffn.dropout = torch.nn.Identity()
-        block.attn.dropout = block.attn.dropout if attention_dropout else 0.0
+        block.attn.dropout = attention_dropout
+        if not residual_dropout:
+            block.attn.resid_dropout = torch.nn.Identity()
     h = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(1))
     hard = torch.tensor([[True, False, True, True, False, True]] * 2)
     with torch.no_grad():
-        trained = routed_layers(model.train(), h, hard, 2, 4)
-        evaluated = routed_layers(model.eval(), h, hard, 2, 4)
+        return routed_layers(model.train(), h, hard, 2, 4), routed_layers(model.eval(), h, hard, 2, 4), h, hard
+
+
+@pytest.mark.parametrize("attention_dropout", [0.5, 0.0])
+def test_routed_training_applies_the_attention_dropout_of_core_blocks(attention_dropout):
+    """Only the attention and residual dropouts can make a train-mode pass differ from an
+    eval-mode one (with the attention weights' dropout off too, the residual dropout alone must);
+    easy rows never change."""
+    trained, evaluated, h, hard = dropout_passes(attention_dropout, residual_dropout=True)
     assert not torch.allclose(trained[hard], evaluated[hard])
     assert torch.equal(trained[~hard], h[~hard]) and torch.equal(evaluated[~hard], h[~hard])
+
+
+@pytest.mark.parametrize("attention_dropout", [0.5, 0.0])
+def test_routed_training_drops_attention_weights_exactly_when_core_blocks_do(attention_dropout):
+    """With the residual dropout out of the way too, only dropout on the attention weights can
+    make the hard rows of a train-mode pass differ from an eval-mode one."""
+    trained, evaluated, _, hard = dropout_passes(attention_dropout, residual_dropout=False)
+    assert torch.equal(trained[hard], evaluated[hard]) == (attention_dropout == 0.0)
+
+
+def test_routed_generation_fills_max_seq_len_and_refuses_one_token_more():
+    """The last new token is never fed in: a prompt of T tokens takes max_seq_len - T + 1 new ones."""
+    from stagewise_lego_ashem.routed import generate_routed
+
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=40, n_layer=4, n_embd=16, n_head=2, ffn_hidden=32, max_seq_len=8)
+    model = DeepSupervisionTransformer(config, exit_layer=2).eval()
+    router = calibrated(model, torch.randint(0, 40, (8, 8), generator=torch.Generator().manual_seed(8)))
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    assert generate_routed(model, prompt, 6, router, router.threshold)["tokens"].shape == (1, 9)
+    with pytest.raises(ValueError, match="prompt 3 \\+ 7 new tokens exceeds max_seq_len 8"):
+        generate_routed(model, prompt, 7, router, router.threshold)
 
 
 def test_the_sequence_cache_keeps_only_windows_with_a_hard_token():
@@ -573,6 +602,19 @@ def test_chunked_exit_confidence_equals_the_unchunked_one_across_chunk_boundarie
         expected_logits = model.logits_from_hidden(h)
     torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(confidence, confidence_from_logits(expected_logits, measure), rtol=0, atol=1e-6)
+
+
+def test_exit_confidence_with_gradients_enabled_equals_the_no_grad_one():
+    """Scoring outside no_grad (e.g. in a plugin's training step) cannot write the head's output
+    into a preallocated buffer (autograd refuses ``out=``): the same numbers come another way."""
+    from stagewise_lego_ashem.router import confidence_and_exit_logits
+
+    model = small_model()
+    h = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(16))
+    confidence, logits = confidence_and_exit_logits(model, h, "max_prob")
+    with torch.no_grad():
+        expected = confidence_and_exit_logits(model, h, "max_prob")
+    torch.testing.assert_close((confidence, logits), expected, rtol=0, atol=1e-6)
 
 
 def test_calibrating_on_non_finite_confidences_names_the_divergence():

@@ -38,6 +38,12 @@ def test_loss_spec_rejects_bad_values():
         LossSpec(use="stagewise.mse", ramp_epochs=-2)
 
 
+@pytest.mark.parametrize("key", ["weight", "cap"])
+def test_an_infinite_weight_or_cap_is_refused(key):
+    with pytest.raises(ValueError, match=rf"{key}: must be >= 0 and finite, got inf"):
+        LossSpec(use="stagewise.mse", **{key: float("inf")})
+
+
 def test_a_weight_past_float32_is_refused():
     # was: accepted; every weighted loss was inf, so each batch was skipped until max_nonfinite stopped the run
     with pytest.raises(ValueError, match=r"^weight: must be at most 3\.403e\+38 \(the largest float32; losses are "
