@@ -61,6 +61,14 @@ def test_cross_entropy_sums_ignore_padding():
     assert CrossEntropy().summarize(means)["ppl"] == pytest.approx(torch.tensor(means["loss"]).exp().item())
 
 
+def test_cross_entropy_accuracy_leaves_out_a_padding_id_the_model_predicts():
+    # with ignore_index = 0 (a pad id) a padded position the model "gets right" is no correct answer
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 2.0], [5.0, 0.0]]])
+    batch = {"target": torch.tensor([[1, 1, 0]])}
+    sums = CrossEntropy(CrossEntropyOptions(ignore_index=0)).eval_sums({"logits": logits}, batch, None)
+    assert sums["acc"] == (1.0, 2.0) and sums["loss"][1] == 2.0
+
+
 def test_outputs_are_chosen_by_key_and_exit_layer():
     outputs = {"heads": {"a": torch.zeros(2, 3)}, "exit_logits": {1: torch.ones(2, 3)}, "logits": torch.ones(2, 3)}
     ce = CrossEntropy(CrossEntropyOptions(output="heads.a"))
