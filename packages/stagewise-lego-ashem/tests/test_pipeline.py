@@ -325,17 +325,22 @@ def test_evaluating_where_the_probe_was_fitted_is_refused(tiny, tmp_path):
         run_recipe(recipe, out=tmp_path / "run", quiet=True)
 
 
-def test_a_cache_without_hard_tokens_says_there_is_nothing_to_train():
+def test_a_cache_without_hard_tokens_says_there_is_nothing_to_train(tiny):
+    """... in the recipe file's voice, naming the key to raise: the mine stage's router.hard_ratio."""
     from types import SimpleNamespace
 
     from stagewise_lego_ashem import mining
     from stagewise_lego_ashem.stages import TrainUpperLayers
 
+    recipe = tiny()
     stage = TrainUpperLayers(label="phase2")
     cache = {"split": "train", "exit_layer": 2, "hidden": torch.zeros(3, 4, 8), "target": torch.zeros(3, 4),
              "hard": torch.zeros(3, 4, dtype=torch.bool)}
-    with pytest.raises(ConfigError, match="'train' holds no hard token.*raise the router's hard_ratio"):
-        stage.run(SimpleNamespace(artifacts={mining.CACHE: cache}, resumed_from=None))
+    state = SimpleNamespace(artifacts={mining.CACHE: cache}, resumed_from=None, recipe=recipe, stage_index=2)
+    with pytest.raises(ConfigError, match="'train' holds no hard token.*raise the router's hard_ratio") as caught:
+        stage.run(state)
+    assert str(caught.value).startswith(f"{recipe.source}: 1 problem")
+    assert "stages.phase2: " in str(caught.value) and "(stages.mine.router.hard_ratio)" in str(caught.value)
 
 
 def test_mine_reports_the_calibrated_hard_ratio_on_the_calibration_split(tiny, tmp_path):

@@ -657,6 +657,17 @@ def test_export_of_an_export_or_a_folder_without_last_pt_says_what_to_give(tmp_p
     assert not (tmp_path / "x.npz").exists()
 
 
+def test_export_of_a_misspelt_checkpoint_names_the_files_beside_it(tmp_path, capsys):
+    import torch
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    _checkpoint(folder / "phase1.pt", {"w": torch.ones(2)})
+    assert main(["export", str(folder / "phase2.pt"), str(tmp_path / "x.npz")]) == 1
+    assert capsys.readouterr().err == (f"stagewise: error: {folder / 'phase2.pt'}: checkpoint not found; give one of "
+                                       f"the checkpoint files in {folder}: phase1.pt\n")
+
+
 def test_a_damaged_checkpoint_read_for_export_gives_advice_for_export_not_for_resume(tmp_path, capsys):
     # was: "To resume a run from the end of an earlier stage, copy that stage's checkpoint ... over last.pt"
     (tmp_path / "c.pt").write_bytes(b"garbage")

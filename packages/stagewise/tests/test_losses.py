@@ -83,6 +83,16 @@ def test_outputs_are_chosen_by_key_and_exit_layer():
     assert mse(outputs, {"target": torch.ones(2, 3)}, None) == 1.0
 
 
+@pytest.mark.parametrize("stage", ["phase1", "test"])  # a training stage's step, an evaluation
+def test_an_output_the_model_lacks_names_the_term_and_the_recipe_file(tiny, tmp_path, stage):
+    recipe = tiny(f'stages.{stage}.losses=[{{use="stagewise.cross_entropy", output="nope"}}]', "~stages.phase2")
+    with pytest.raises(ConfigError) as info:
+        run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    assert str(info.value).startswith(f"{recipe.source}: 1 problem")
+    assert info.value.problems == [f"stages.{stage}.losses.cross_entropy: output 'nope': the model's outputs have "
+                                   f"no 'nope' (keys there: 'logits'); set the term's output to one of them"]
+
+
 @dataclass
 class ConstantOptions:
     value: float = 100.0

@@ -146,6 +146,16 @@ def test_bad_overrides(tiny):
     assert problems[2] == "run.seed: expected int, got str 'abc'"
 
 
+def test_a_set_of_a_whole_stage_or_term_says_to_set_its_keys(tiny):
+    with pytest.raises(ConfigError) as info:
+        tiny("stages.phase1=3", "stages.phase1.losses.cross_entropy=1")
+    assert info.value.problems == [
+        "--set 'stages.phase1=3': stages.phase1 names a stage, not a key; set its keys as stages.NAME.KEY=VALUE, "
+        "or remove it with ~stages.phase1",
+        "--set 'stages.phase1.losses.cross_entropy=1': stages.phase1.losses.cross_entropy names a loss term, not a "
+        "key; set its keys as stages.NAME.losses.TERM.KEY=VALUE, or remove it with ~stages.phase1.losses.cross_entropy"]
+
+
 def test_overrides_address_loss_terms_by_name(tiny):
     terms = '[{use="stagewise.cross_entropy"}, {use="stagewise.cross_entropy", name="exit1", at_layer=1}]'
     recipe = tiny(f"stages.phase1.losses={terms}", "stages.phase1.losses.exit1.weight=0.3",
@@ -350,6 +360,15 @@ def test_model_n_outputs_below_the_labels_is_a_model_error(tmp_path):
     with pytest.raises(ConfigError, match=r"model \(stagewise.mlp\): n_outputs = 2 is less than the data's "
                                           r"n_outputs = 3"):
         run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_longer_than_max_seq_len_names_both_keys(tiny, tmp_path):
+    from stagewise.engine.runner import run_recipe
+
+    with pytest.raises(ConfigError) as info:
+        run_recipe(tiny("model.max_seq_len=4"), out=tmp_path / "run", quiet=True)
+    assert "data.seq_len = 8 exceeds model.max_seq_len = 4; raise model.max_seq_len" in str(info.value)
     assert not (tmp_path / "run").exists()
 
 

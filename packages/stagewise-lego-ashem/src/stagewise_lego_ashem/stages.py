@@ -196,8 +196,7 @@ class TrainUpperLayers(stagewise.TrainStage):
     def run(self, state: stagewise.State) -> dict[str, Any]:
         cache = self._cache(state)
         if len(self._dataset(state)) == 0:
-            raise stagewise.ConfigError([f"stages.{self.label}: the cache of {cache['split']!r} holds no hard "
-                                         f"token, so there is nothing to train; raise the router's hard_ratio"])
+            raise _no_hard_token(state, cache["split"])
         metrics = super().run(state)
         if self.options.measure_speed:
             split = state.data[cache["split"]]
@@ -236,6 +235,14 @@ class TrainUpperLayers(stagewise.TrainStage):
             cache = self._cache(state)
             self._data = mining.SequenceCache(cache) if self.options.context == "full" else mining.TokenCache(cache)
         return self._data
+
+
+def _no_hard_token(state: stagewise.State, split: str) -> stagewise.ConfigError:
+    """The recipe's error for an empty cache, naming the key to raise: the mine stage's hard_ratio."""
+    recipe, index = state.recipe, state.stage_index
+    mine = recipe.stage_path(_last_earlier(recipe, index, Mine.name))
+    return recipe.error([f"{recipe.stage_path(index)}: the cache of {split!r} holds no hard token, so there is "
+                         f"nothing to train; raise the router's hard_ratio ({mine}.router.hard_ratio)"])
 
 
 def cache_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

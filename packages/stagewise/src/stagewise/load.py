@@ -25,6 +25,8 @@ def checkpoint_of(source: str | Path) -> Path:
         raise CheckpointError(f"{path}: an export (.npz), not a checkpoint; give the run directory or one of its "
                               f"checkpoints/<stage>.pt (stagewise.export.load_npz reads an export)")
     if not path.is_dir():
+        if not path.exists() and (error := _others_in(path, path.parent)):  # a misspelt stage name
+            raise error
         return path
     last = path / "checkpoints" / "last.pt"
     if not last.exists():
@@ -37,12 +39,17 @@ def _no_last_checkpoint(folder: Path) -> CheckpointError:
     checkpoint files it or its ``checkpoints/`` holds (e.g. ``RUN/checkpoints`` given for ``RUN``)."""
     last = folder / "checkpoints" / "last.pt"
     for where in (folder / "checkpoints", folder):
-        found = sorted(p.name for p in where.glob("*.pt"))
-        if found:
-            return CheckpointError(f"{last}: checkpoint not found; give one of the checkpoint files in {where}: "
-                                   f"{', '.join(found)}")
+        if error := _others_in(last, where):
+            return error
     return CheckpointError(f"{last}: checkpoint not found: {folder} is no run directory, or its run wrote no "
                            f"checkpoint yet; give a run directory or a .pt checkpoint file")
+
+
+def _others_in(missing: Path, where: Path) -> CheckpointError | None:
+    """The error for ``missing`` naming the checkpoint files ``where`` holds; None when it holds none."""
+    found = sorted(p.name for p in where.glob("*.pt"))
+    return CheckpointError(f"{missing}: checkpoint not found; give one of the checkpoint files in {where}: "
+                           f"{', '.join(found)}") if found else None
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:

@@ -60,7 +60,8 @@ class Loss(torch.nn.Module):
         """Called once when the stage starts, before the optimizer is built: create parameters
         that depend on the model (e.g. its width) here. A problem only the built model shows
         (what :meth:`check` could not see from the options): ``raise stagewise.ConfigError([...])``
-        with plain problems; the engine names the term (``stages.NAME.losses.TERM: ...``) and the recipe file."""
+        with plain problems; the engine names the term (``stages.NAME.losses.TERM: ...``) and the recipe file,
+        as it does for one that :meth:`forward` or :meth:`eval_sums` raises once the model has run."""
 
     def needs(self) -> Needs:
         return Needs()

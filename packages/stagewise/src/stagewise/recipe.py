@@ -247,7 +247,12 @@ def apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> str |
     for depth, part in path:
         named = _NAMED_LISTS.get((kind, part))
         if named and isinstance(node.get(part, []), list):
-            name = next(path, (0, ""))[1]
+            if depth == len(parts) - 1:  # the element itself, not one of its keys: --set gives no whole table
+                whole = key.strip()
+                problems.append(f"--set {item!r}: {whole} names a {named[0]}, not a key; set its keys as "
+                                f"{named[2]}, or remove it with ~{whole}")
+                return None
+            name = next(path)[1]
             node, kind = _element_named(node.get(part) or [], part, named, name, item, problems), named[0]
             if node is None:
                 return None

@@ -33,7 +33,7 @@ def prediction(outputs: dict[str, Any], o: OutputOptions) -> torch.Tensor:
     for part in o.output.split("."):
         if not isinstance(node, dict) or part not in node:  # known only once the model has run
             keys = ", ".join(map(repr, node)) if isinstance(node, dict) else "none: it is a tensor"
-            raise ConfigError([f"a loss term's output {o.output!r}: the model's outputs have no {part!r} "
+            raise ConfigError([f"output {o.output!r}: the model's outputs have no {part!r} "
                                f"(keys there: {keys}); set the term's output to one of them"])
         node = node[part]
     return node

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from stagewise.engine.distributed import all_reduce_sums
-from stagewise.engine.objective import forward_batch, needs_of
+from stagewise.engine.objective import forward_batch, needs_of, term_error
+from stagewise.errors import ConfigError
 from stagewise.loss import Loss
 
 if TYPE_CHECKING:
@@ -41,7 +42,11 @@ def evaluate(state: State, terms: dict[str, Loss], batches: Iterable[dict[str, A
         for batch in batches:
             outputs = forward_fn(batch)
             for name, term in terms.items():
-                for metric, (total, count) in term.eval_sums(outputs, batch, state).items():
+                try:
+                    found = term.eval_sums(outputs, batch, state)
+                except ConfigError as exc:
+                    raise term_error(state, name, exc) from None
+                for metric, (total, count) in found.items():
                     acc = sums.setdefault((name, metric), [0.0, 0.0])
                     acc[0] += total
                     acc[1] += count

@@ -44,8 +44,14 @@ class Objective(torch.nn.Module):
     def forward(self, batch: dict[str, Any], forward_fn=None, active: set[str] | None = None) -> dict[str, Any]:
         """Each term's value on ``batch``; only the ``active`` terms (weight > 0) when given."""
         outputs = (forward_fn or self.outputs)(batch)
-        return {name: check_value(term, term(outputs, batch, self.state)) for name, term in self.terms.items()
-                if active is None or name in active}
+        values = {}
+        try:
+            for name, term in self.terms.items():
+                if active is None or name in active:
+                    values[name] = check_value(term, term(outputs, batch, self.state))
+        except ConfigError as exc:
+            raise term_error(self.state, name, exc) from None
+        return values
 
 
 def needs_of(terms: Iterable[Loss]) -> Needs:
@@ -87,6 +93,15 @@ def build_terms(specs: list[LossSpec], state: State, where: str) -> dict[str, Lo
             raise state.recipe.error([f"{path}: {p}" for p in exc.problems]) from None
         terms[name] = term.to(state.device)
     return terms
+
+
+def term_error(state: State, name: str, exc: ConfigError) -> ConfigError:
+    """A term's problem found once the model has run (e.g. an ``output`` key the model lacks), named
+    like one its setup finds: ``stages.NAME.losses.TERM: ...`` in the recipe file."""
+    where = state.recipe.stage_path(state.stage_index)
+    specs = getattr(state.recipe.stages[state.stage_index].options, "losses", [])
+    paths = dict(zip([spec.name for spec in specs], term_paths(specs, where), strict=True))
+    return state.recipe.error([f"{paths.get(name, f'{where}.losses.{name}')}: {p}" for p in exc.problems])
 
 
 def _new_terms(specs: list[LossSpec], where: str) -> Iterator[tuple[str, str, Loss]]:

@@ -223,8 +223,8 @@ class TransformerLM(nn.Module):
                              f"provides {sorted(data.info) or 'no info'}; use a text dataset "
                              f"such as stagewise.text")
         if data.info.get("seq_len", 0) > options.max_seq_len:
-            raise ValueError(f"the data's seq_len {data.info['seq_len']} exceeds max_seq_len "
-                             f"{options.max_seq_len}; raise max_seq_len or lower data.seq_len")
+            raise ValueError(f"data.seq_len = {data.info['seq_len']} exceeds model.max_seq_len = "
+                             f"{options.max_seq_len}; raise model.max_seq_len or lower data.seq_len")
         return cls(TransformerConfig(vocab_size=data.info["vocab_size"], **asdict(options)))
 
     # --- the pieces forward is made of ----------------------------------------------------
