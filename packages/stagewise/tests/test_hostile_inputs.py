@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import stat
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ import torch
 from conftest import TINY
 
 from stagewise.cli.main import main
-from stagewise.engine.checkpoint import FORMAT, atomic_write_bytes
+from stagewise.engine.checkpoint import FORMAT, atomic_write_bytes, load_checkpoint
+from stagewise.engine.resume import check_resumable
 from stagewise.engine.runner import run_recipe
 from stagewise.errors import CheckpointError, ConfigError
 from stagewise.export import load_npz
@@ -291,6 +293,16 @@ _LOOP_DAMAGE = [  # the training stage's own state, checked against what it buil
     ("scheduler-base-lrs", lambda c: c["scheduler"].update(base_lrs=[1.0]),
      "scheduler.base_lrs: [1.0], but the recipe gives [0.01]"),
 ]
+
+
+def test_resume_refuses_a_stage_index_one_past_the_recipe_s_stages(stopped_mid_stage):
+    # checked on its own: in a whole resume the model options of a stage past the last (grown) differ first
+    recipe, stopped = stopped_mid_stage
+    saved = load_checkpoint(stopped / "checkpoints" / "last.pt")
+    saved["stage_index"] = len(recipe.stages)
+    model = SimpleNamespace(state_dict=lambda: saved["model"])  # weights that fit: only the stage is wrong
+    with pytest.raises(CheckpointError, match="stage_index, stage_name: 3, 'phase1' is no stage of this recipe"):
+        check_resumable(saved, model, stopped, recipe)  # a bound of <= len(stages) met an IndexError instead
 
 
 @pytest.mark.parametrize("damage, problem", [d[1:] for d in _DEEP_DAMAGE + _LOOP_DAMAGE],

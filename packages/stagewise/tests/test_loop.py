@@ -225,14 +225,16 @@ def test_lr_factor_warmup_then_cosine_down_to_min_lr():
     assert [factor(s) for s in range(8)] == pytest.approx(expected)
 
 
-def test_sgd_gets_its_momentum_and_weight_decay():
+@pytest.mark.parametrize("optimizer, own", [("sgd", {"momentum": 0.9}), ("adamw", {"betas": (0.8, 0.95)})])
+def test_sgd_and_adamw_get_their_own_options_and_weight_decay(optimizer, own):
+    # adamw's weight_decay was seen only at its default 0.01 (runs): a constant 0.01 in build_optimizer passed
     from types import SimpleNamespace
 
     from stagewise.engine.optim import build_optimizer
 
-    o = SimpleNamespace(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.05)
+    o = SimpleNamespace(optimizer=optimizer, lr=0.1, weight_decay=0.05, **own)
     group = build_optimizer([torch.nn.Parameter(torch.zeros(2))], o).param_groups[0]
-    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.1, 0.9, 0.05)
+    assert {key: group[key] for key in ("lr", "weight_decay", *own)} == {"lr": 0.1, "weight_decay": 0.05, **own}
 
 
 def test_lbfgs_gets_its_iterations_history_and_line_search():

@@ -68,14 +68,16 @@ def test_the_corpus_is_held_as_ids_that_equal_the_token_strings_path(tmp_path, o
         assert data[split].tokens.dtype == torch.long and data[split].tokens.tolist() == vocab.encode(words)
 
 
-def test_max_tokens_tokenises_only_the_start_of_split_files(tmp_path):
+# 3 tokens a line: max_tokens 3 is reached exactly at the end of the first line, 4 within the second
+@pytest.mark.parametrize("max_tokens, kept, words", [(4, 6, ["w0", "w1"]), (3, 3, ["w0"])])
+def test_max_tokens_tokenises_only_the_start_of_split_files(tmp_path, max_tokens, kept, words):
     # was: a quick run (max_tokens) on a big corpus tokenised every file whole, then kept a few tokens
     for split in ("train", "valid", "test"):
         (tmp_path / f"{split}.txt").write_text("".join(f"{split} w{i}\n" for i in range(1000)))
     index = WordIndex()
-    streams = load_streams(TextOptions(path=str(tmp_path), seq_len=2, max_tokens=4), index)
-    assert [len(ids) for ids in streams.values()] == [6, 6, 6]  # whole lines, up to the first with token 4
-    assert list(index) == ["<eos>", "train", "w0", "w1", "valid", "test"]  # no later line was split
+    streams = load_streams(TextOptions(path=str(tmp_path), seq_len=2, max_tokens=max_tokens), index)
+    assert [len(ids) for ids in streams.values()] == [kept] * 3  # whole lines, up to the first reaching max_tokens
+    assert list(index) == ["<eos>", "train", *words, "valid", "test"]  # no later line was split
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 1 << 20])
