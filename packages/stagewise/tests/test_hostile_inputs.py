@@ -265,6 +265,8 @@ _DEEP_DAMAGE = [
     # options that keep the weights' shapes: taken silently, the resumed run built another model and diverged
     ("model-options-n-head", lambda c: c["model_options"].update(n_head=1),
      "model_options.n_head: 1, but the recipe gives 2"),
+    ("stage-index-past", lambda c: c.update(stage_index=3),  # was named by the model options it differs in
+     "stage_index, stage_name: 3, 'phase1' is no stage of this recipe"),
     ("model-options-dropout", lambda c: c["model_options"].update(dropout=0.5),
      "model_options.dropout: 0.5, but the recipe gives 0.0"),
 ]
