@@ -97,6 +97,19 @@ def test_a_second_stage_training_from_the_cache_finds_it(tmp_path):
     assert "lego_ashem.cache" in artifacts["phase2"] and "lego_ashem.cache" not in artifacts["phase2b"]
 
 
+def test_a_stage_followed_by_a_new_mine_lets_its_cache_go(tmp_path):
+    from stagewise_lego_ashem.stages import _trains_from_cache_later
+
+    mine2 = ('[[stages]]\nname = "mine2"\nuse = "lego_ashem.mine"\nrouter = { use = "lego_ashem.confidence" }\n'
+             'calib_split = "valid"\nsplit = "train"\n')
+    remine = TINY[:TINY.index('[[stages]]\nname = "test"')] + mine2
+    path = tmp_path / "remine.toml"
+    path.write_text(remine)
+    recipe = load_recipe(path)
+    assert [spec.use for spec in recipe.stages[2:]] == ["lego_ashem.train_upper_layers", "lego_ashem.mine"]
+    assert _trains_from_cache_later(recipe, 2) is False  # the next mine replaces the cache before any stage reads it
+
+
 def test_speed_metrics_are_reported_and_change_no_other_number(tiny, tmp_path):
     short = ("stages.phase2.max_epochs=1", "stages.test.curve_points=0")
     timed = tiny(*short, "stages.phase2.measure_speed=true", "stages.test.measure_speed=true")

@@ -504,6 +504,30 @@ def test_train_exit_probe_calibrates_on_calib_split_and_scores_its_accuracy_ther
                                       "state": {"threshold": metrics["probe/threshold"]}}}
 
 
+def test_probe_acc_counts_a_score_of_exactly_one_half_as_predicting_agreement():
+    """Like the router, which exits at confidence >= threshold: a tie at 0.5 predicts label 1."""
+    from stagewise_lego_ashem.mining import ROUTER
+    from stagewise_lego_ashem.probe import probe_data, probe_scores
+    from stagewise_lego_ashem.stages import TrainExitProbe, TrainExitProbeOptions
+
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=40, n_layer=4, n_embd=16, n_head=2, ffn_hidden=32)
+    model = DeepSupervisionTransformer(config, exit_layer=2, exit_probe=True).eval()
+    torch.nn.init.zeros_(model.exit_probe.weight)
+    torch.nn.init.zeros_(model.exit_probe.bias)
+    g = torch.Generator().manual_seed(13)
+    train, valid = (torch.randint(0, 40, (4, 10), generator=g) for _ in range(2))
+    state = _State(model, {"train": [{"input": train}], "valid": [{"input": valid}]},
+                   {ROUTER: {"measure": "max_prob", "hard_ratio": 0.3, "threshold": 0.1}})
+    # an lr of 1e-30 keeps every logit far below float32's resolution around sigmoid(0) = 0.5
+    metrics = TrainExitProbe(TrainExitProbeOptions(epochs=1, lr=1e-30), label="probe").run(state)
+    calib = probe_data(model, [{"input": valid}], windows=4)
+    assert torch.equal(probe_scores(model.exit_probe, calib["hidden"]), torch.full((40,), 0.5))
+    labels = calib["label"]
+    assert 0 < int(labels.sum()) < labels.numel()  # both labels occur: a tie read as 0 would score differently
+    assert metrics["probe/probe_acc"] == float(labels.float().mean())
+
+
 def test_train_exit_probe_reports_the_final_training_loss_of_an_unchanged_fit():
     """``probe/probe_loss`` is what fit_probe returns (the last epoch's mean loss on ``split``): the
     same fit, on the same data with the same seed, gives the same probe and the same loss."""

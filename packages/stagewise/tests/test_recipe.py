@@ -299,6 +299,16 @@ def test_exit_layer_outside_the_model_is_reported_before_anything_runs(tiny, tmp
     assert not (tmp_path / "run").exists()
 
 
+def test_exit_layer_zero_the_embedding_is_reported_before_anything_runs(tiny, tmp_path):
+    from stagewise.engine.runner import run_recipe
+
+    recipe = tiny('stages.phase1.losses=[{use="stagewise.cross_entropy", at_layer=0}]')
+    with pytest.raises(ConfigError) as info:
+        run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    assert info.value.problems == ["stages.phase1.losses.cross_entropy: at_layer 0 is outside the model's layers 1..2"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_relative_data_path_in_a_recipe_file_is_relative_to_that_file(tmp_path, monkeypatch):
     from conftest import TINY
 
@@ -596,6 +606,14 @@ def test_a_list_s_item_type_names_its_items_through_item_name():
     problems = []
     coerce([{"size": "x"}], list[_Outer], "plain", problems)  # no item_name: by position
     assert [p.split(":")[0] for p in problems] == ["plain[0].size"]
+
+
+def test_a_value_no_member_of_a_union_takes_names_every_member():
+    from stagewise.schema import coerce
+
+    problems: list[str] = []  # a plugin's option typed `int | str`: not just the first member's complaint
+    assert coerce(1.5, int | str, "size", problems) == 1.5
+    assert problems == ["size: expected int or str, got float 1.5"]
 
 
 @pytest.mark.parametrize("sets, key, problem", [
