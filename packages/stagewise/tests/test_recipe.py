@@ -440,7 +440,17 @@ def test_grow_is_checked_against_the_model_as_grown_by_the_stages_before(tiny):
     with pytest.raises(ConfigError) as info:
         tiny("stages.phase2.grow={n_head = 3}")
     (problem,) = info.value.problems
-    assert problem.startswith("stages.phase2.grow.n_embd: n_embd (16) must be divisible by n_head (3)")
+    assert problem.startswith("stages.phase2.grow.n_head: n_embd (16) must be divisible by n_head (3)")
+
+
+@pytest.mark.parametrize(("grow", "named"), [("{n_head = 3}", "n_head"), ("{n_embd = 17}", "n_embd"),
+                                             ("{n_embd = 17, n_head = 4}", "n_embd")])
+def test_a_grow_problem_names_a_key_the_grow_table_sets(tiny, grow, named):
+    # was: stages.phase2.grow.n_embd for grow = {n_head = 3}, a key that grow table does not have
+    with pytest.raises(ConfigError) as info:
+        tiny(f"stages.phase2.grow={grow}")
+    (problem,) = info.value.problems
+    assert problem.startswith(f"stages.phase2.grow.{named}: n_embd (")
 
 
 def test_a_bad_grow_is_reported_once_not_again_by_each_later_grow(tiny):

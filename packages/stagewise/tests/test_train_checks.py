@@ -336,3 +336,69 @@ def test_checking_a_stage_s_globs_builds_the_model_without_moving_a_random_numbe
     recipe = SimpleNamespace(model=SimpleNamespace(component=lambda: Drawing), model_options_at=lambda index: None)
     assert parameter_names_at(recipe, 0, None) == ["weight", "bias"]
     assert draws() == expected
+
+
+def test_a_train_split_too_small_for_one_batch_is_refused_before_the_run(tiny, tmp_path):
+    # was: each epoch ran no step, and the run finished as if it had trained; both training stages find it
+    recipe = tiny("data.batch_size=1000", "data.drop_last=true")
+    n = len(recipe.data.component().from_recipe(recipe.data.options, seed=recipe.run.seed)["train"])
+    assert _problems(recipe, tmp_path) == [
+        f"data.batch_size: the train split's {n} examples make no full batch of 1000 with data.drop_last = true, "
+        f"so stagewise.train would train nothing; lower data.batch_size to at most {n}, set data.drop_last = false "
+        f"or give more training data"]
+
+
+def test_a_train_split_smaller_than_the_process_count_is_refused(tiny, monkeypatch):
+    from stagewise.engine.runner import check_stages
+
+    recipe = tiny("data.batch_size=1000")
+    data = recipe.data.component().from_recipe(recipe.data.options, seed=recipe.run.seed)
+    n = len(data["train"])
+    monkeypatch.setenv("WORLD_SIZE", str(n + 1))  # what torchrun sets
+    with pytest.raises(ConfigError) as info:
+        check_stages(recipe, data)
+    assert info.value.problems == [f"data: the train split has {n} examples, fewer than the {n + 1} processes that "
+                                   f"each need one, so stagewise.train would train nothing; give more training data "
+                                   f"or launch fewer processes"]
+
+
+def test_a_batch_smaller_than_the_process_count_is_refused(tiny, monkeypatch):
+    # was: ranks past the batch size got no batch while the others trained, and DDP waited for them forever
+    from stagewise.engine.runner import check_stages
+
+    recipe = tiny("data.batch_size=3")
+    data = recipe.data.component().from_recipe(recipe.data.options, seed=recipe.run.seed)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    check_stages(recipe, data)  # one example per process and batch: fine
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError) as info:
+        check_stages(recipe, data)
+    assert info.value.problems == ["data.batch_size: 3 is smaller than the 4 processes torchrun launched, each of "
+                                   "which takes a share of every batch; set data.batch_size to at least 4"]
+
+
+def test_a_stage_whose_own_batches_are_none_stops_before_training(tiny, tmp_path):
+    import stagewise
+    from stagewise.errors import TrainingError
+    from stagewise.plugins import register_plugin, unregister_plugin
+
+    class NoneSelected(stagewise.TrainStage):  # as a stage training on a mined selection that came out empty
+        def train_batches(self, state, epoch, start):
+            return iter(())
+
+        def batches_per_epoch(self, state):
+            return 0
+
+    class Plugin:
+        @stagewise.hookimpl
+        def stagewise_register_stages(self, register):
+            register(NoneSelected, "emptytest.train")
+
+    register_plugin(Plugin(), "emptytest")
+    try:
+        with pytest.raises(TrainingError, match=r"^stages\.phase2 \(emptytest\.train\): an epoch has no batch to "
+                                                r"train on, so the stage would train nothing; give it more examples"):
+            run_recipe(tiny('stages.phase2.use="emptytest.train"'), out=tmp_path / "run", quiet=True)
+    finally:
+        unregister_plugin("emptytest")
+    assert not (tmp_path / "run" / "checkpoints" / "phase2.pt").exists()

@@ -35,3 +35,17 @@ def test_entropy_bonus_is_minus_one_for_uniform_predictions():
     loss = stagewise.get_loss("example.entropy_bonus")()
     value = loss({"logits": torch.zeros(2, 3, 5)}, {}, state=None)
     torch.testing.assert_close(value, torch.tensor(-1.0))
+
+
+def test_train_hard_without_a_mining_stage_is_refused_before_the_run(tmp_path):
+    # was: the stages before it trained, then train_hard failed with no recipe file named
+    from stagewise.engine.runner import run_recipe
+    from stagewise.recipe import load_recipe
+
+    recipe = load_recipe("example.hard_examples", ["~stages.mine"])
+    with pytest.raises(stagewise.ConfigError) as info:
+        run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    assert str(info.value).startswith(f"{recipe.source}: 1 problem:")
+    assert info.value.problems == ["stages.hard: example.train_hard trains on the examples an earlier "
+                                   "example.mine_hard stage found; add one before it"]
+    assert not (tmp_path / "run").exists()

@@ -221,7 +221,7 @@ def _check_grow(paths: list[str], stages: list[StageSpec], model: ModelSpec, pro
     for path, stage in zip(paths, stages, strict=True):
         if stage.grow:
             grown, found = {**current, **stage.grow}, len(problems)
-            build_dataclass(options_cls, grown, f"{path}.grow", problems)
+            build_dataclass(options_cls, grown, f"{path}.grow", problems, written=stage.grow)
             if len(problems) == found:  # a bad growth is reported once, not again by every later grow
                 current = grown
 

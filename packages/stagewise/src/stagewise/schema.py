@@ -17,7 +17,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from typing import Any, Literal, Union, get_args, get_origin
 
 from stagewise.errors import OptionError
@@ -64,9 +64,10 @@ def _table_taking(key: str, types_: dict[str, Any], fields: list[str], raw: dict
 
 
 def build_dataclass(cls: type, raw: Any, path: str, problems: list[str],
-                    extra_ok: frozenset[str] = frozenset()) -> Any:
+                    extra_ok: frozenset[str] = frozenset(), written: Container[str] = ()) -> Any:
     """Instantiate dataclass ``cls`` from the table ``raw``; returns None if it had problems. Its value
-    checks run even when other keys have type problems (see :func:`construct`)."""
+    checks run even when other keys have type problems (see :func:`construct`). ``written``: the keys
+    of ``raw`` the recipe's table at ``path`` sets (a ``grow`` merged into the model's options)."""
     if not isinstance(raw, dict):
         problems.append(f"{path}: expected a table, got {_describe(raw)}")
         return None
@@ -79,7 +80,7 @@ def build_dataclass(cls: type, raw: Any, path: str, problems: list[str],
                                                 _table_taking(key, types_, list(fields), raw)))
     missing = [name for name, f in fields.items() if name not in raw and _required(f)]
     problems.extend(f"{_join(path, name)}: required key is missing ({_type_name(types_[name])})" for name in missing)
-    return construct(cls, values, path, problems, bad, failed=len(problems) > before)
+    return construct(cls, values, path, problems, bad, failed=len(problems) > before, written=written)
 
 
 def coerce_keys(table: dict[str, Any], types_: dict[str, Any], path: str, problems: list[str],
@@ -99,14 +100,16 @@ def coerce_keys(table: dict[str, Any], types_: dict[str, Any], path: str, proble
 
 
 def construct(cls: type, values: dict[str, Any], path: str, problems: list[str],
-              bad: set[str] = frozenset(), failed: bool = False) -> Any:
+              bad: set[str] = frozenset(), failed: bool = False, written: Container[str] = ()) -> Any:
     """``cls(**values)``, whose ``__post_init__`` checks the values; None when it refuses them or when
     ``failed`` (the table had other problems), so that one round reports every problem.
 
     ``bad``: keys whose value had a problem; they are left at their defaults so the other keys are still
     checked. An :class:`~stagewise.errors.OptionError`'s problems are reported as ``path.KEY: message``,
-    except those whose check read a bad key. A plain ValueError names no key: it is reported against the
-    table, and only when nothing else was wrong (it may be about a key left at its default)."""
+    except those whose check read a bad key; KEY is the first of the check's keys in ``written`` (the keys
+    the table at ``path`` sets, when ``values`` holds more), so the problem names a key that table has.
+    A plain ValueError names no key: it is reported against the table, and only when nothing else was
+    wrong (it may be about a key left at its default)."""
     fields = [f for f in dataclasses.fields(cls) if f.init]
     kept = {k: v for k, v in values.items() if k not in bad}
     if any(f.name not in kept and _required(f) for f in fields):  # nothing can stand in for it
@@ -114,7 +117,7 @@ def construct(cls: type, values: dict[str, Any], path: str, problems: list[str],
     try:
         built = cls(**kept)
     except OptionError as exc:
-        problems.extend(f"{_join(path, keys[0])}: {message}" for keys, message in exc.problems.items()
+        problems.extend(f"{_join(path, _named(keys, written))}: {message}" for keys, message in exc.problems.items()
                         if not bad & {key.partition(".")[0] for key in keys})  # fit.dmd_every reads fit
         return None
     except (ValueError, TypeError) as exc:  # __post_init__ checks that name no key
@@ -137,6 +140,10 @@ def check_options(checks: Iterable[tuple[bool, str | tuple[str, ...], str]],
             problems[key] = f"{problems[key]}; {message}" if key in problems else message
     if problems:
         raise error(problems)
+
+
+def _named(keys: tuple[str, ...], written: Container[str]) -> str:
+    return next((key for key in keys if key in written), keys[0])
 
 
 def _required(f: dataclasses.Field) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,10 @@ from torch.utils.data import default_collate
 import stagewise
 from stagewise.engine.batches import batch_indices, epoch_order, to_device
 from stagewise.specs import RouterSpec
+
+if TYPE_CHECKING:
+    from stagewise.data.splits import DataSplits
+    from stagewise.recipe import Recipe
 
 HARD_EXAMPLES = "example.hard_examples"  # the artifact key
 
@@ -72,6 +76,14 @@ class TrainHard(stagewise.TrainStage):
 
     name = "example.train_hard"
 
+    def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
+        """Refused before anything runs, not once the stages before it have trained: no mining stage first."""
+        problems = super().check(recipe, index, data)
+        if not any(spec.use == MineHard.name for spec in recipe.stages[:index]):
+            problems.append(f"{recipe.stage_path(index)}: example.train_hard trains on the examples an earlier "
+                            f"example.mine_hard stage found; add one before it")
+        return problems
+
     def train_batches(self, state: stagewise.State, epoch: int, start: int) -> Iterator[dict[str, Any]]:
         data, indices = self._hard(state)
         for ids in self._index_lists(state, epoch)[start:]:
@@ -88,8 +100,5 @@ class TrainHard(stagewise.TrainStage):
                              rank=state.dist.rank, world=state.dist.world_size)
 
     def _hard(self, state: stagewise.State) -> tuple[Any, list[int]]:
-        found = state.artifacts.get(HARD_EXAMPLES)
-        if found is None:
-            raise stagewise.ConfigError([f"stages.{self.label}: example.train_hard trains on the examples "
-                                         f"an earlier example.mine_hard stage found; add one before it"])
+        found = state.artifacts[HARD_EXAMPLES]  # an earlier mine_hard put it there (see check)
         return state.data[found["split"]], found["indices"].tolist()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from stagewise.builtins.losses import CrossEntropyOptions
-from stagewise.engine.batches import count_batches
+from stagewise.engine.batches import batch_count, count_batches
 from stagewise.engine.distributed import launched_world_size
 from stagewise.engine.evaluate import evaluate
 from stagewise.engine.loop import TrainLoop
@@ -168,6 +168,7 @@ class TrainStage(Stage):
         problems += loss_problems(self.options.losses, recipe.model_options_at(index),
                                   data.example("train") if own_batches else None, where)
         problems += self._idle_epochs(where)
+        problems += _batch_problems(recipe, len(data["train"]) if own_batches and "train" in data.names() else None)
         names = parameter_names_at(recipe, index, data)
         if names is not None:
             problems += glob_problems(names, self.options.train, self.options.freeze, where)
@@ -229,3 +230,22 @@ class TrainStage(Stage):
         split = self.options.eval_split  # a bar: a large validation split takes a while after each epoch
         batches = state.batches(split, desc=f"evaluating {split}")
         return evaluate(state, terms, batches, "val", self.forward_fn(objective))
+
+
+def _batch_problems(recipe: Recipe, n: int | None) -> list[str]:
+    """A global batch too small to give every process a share (the processes would wait forever for a
+    rank with no batch), or a train split of ``n`` examples (None: the stage reads other batches) too
+    small for one training batch, so the stage would train nothing. Worded without the stage: each
+    training stage finds it alike, and it is reported once."""
+    spec, world = recipe.data, launched_world_size()
+    if spec.batch_size < world:
+        return [f"data.batch_size: {spec.batch_size} is smaller than the {world} processes torchrun launched, each "
+                f"of which takes a share of every batch; set data.batch_size to at least {world}"]
+    if n is None or batch_count(n, spec.batch_size, drop_last=spec.drop_last, world=world, every_rank=True):
+        return []
+    if spec.drop_last and n >= world:
+        return [f"data.batch_size: the train split's {n} examples make no full batch of {spec.batch_size} with "
+                f"data.drop_last = true, so stagewise.train would train nothing; lower data.batch_size to at "
+                f"most {n}, set data.drop_last = false or give more training data"]
+    return [f"data: the train split has {n} examples, fewer than the {world} processes that each need one, so "
+            f"stagewise.train would train nothing; give more training data or launch fewer processes"]

@@ -93,12 +93,15 @@ def count_batches(state: State, source: str | Dataset, *, train: bool, indices: 
                   shard: bool = True) -> int:
     """How many batches :func:`iterate_batches` yields on the main process with these arguments
     (and ``start = 0``)."""
-    size = _batch_size(state, train)
-    n = len(dataset_of(state, source, indices))
-    full, rest = divmod(n, size)
     world = state.dist.world_size if shard else 1
-    smallest = _smallest_last_batch(size, train and state.recipe.data.drop_last, world, train)
-    return full + (1 if rest >= smallest else 0)
+    return batch_count(len(dataset_of(state, source, indices)), _batch_size(state, train),
+                       drop_last=train and state.recipe.data.drop_last, world=world, every_rank=train)
+
+
+def batch_count(n: int, batch_size: int, *, drop_last: bool = False, world: int = 1, every_rank: bool = False) -> int:
+    """How many batches :func:`batch_indices` makes of ``n`` examples with these arguments."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest >= _smallest_last_batch(batch_size, drop_last, world, every_rank) else 0)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

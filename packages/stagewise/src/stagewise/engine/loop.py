@@ -99,6 +99,10 @@ class TrainLoop:
         self.params = [p for group in groups for p in group]  # what the optimizer steps
         self.optimizer = build_optimizer(self.params, self.o)
         self.steps_per_epoch = stage.steps_per_epoch(state)
+        if self.steps_per_epoch == 0:  # e.g. a stage's own selection of examples came out empty
+            use = state.recipe.stages[state.stage_index].use
+            raise TrainingError(f"{where} ({use}): an epoch has no batch to train on, so the stage would "
+                                f"train nothing; give it more examples (or a smaller data.batch_size)")
         self.total_steps = self.steps_per_epoch * self.o.max_epochs  # the stage's: LR schedule and EMA momentum
         self.scheduler = build_scheduler(self.optimizer, self.o, self.total_steps)
         self.weights = TermWeights(self.o.losses, state)

@@ -194,7 +194,7 @@ def check_stages(recipe: Recipe, data: Any) -> None:
         with noted(f"checking stage {spec.name!r}", spec.use):
             problems += spec.build().check(recipe, index, data)
     if problems:
-        raise recipe.error(problems)
+        raise recipe.error(list(dict.fromkeys(problems)))  # e.g. a data problem each training stage finds, once
 
 
 def _run_folder(recipe: Recipe, out: str | Path | None, resume: Path | None) -> Path:
