@@ -420,17 +420,16 @@ def test_curve_points_above_the_calibration_quantiles_are_refused(tiny):
 def test_a_finished_run_generates_text_as_the_readme_shows(tiny_run):
     import stagewise
     from stagewise.data import Vocabulary
+    from stagewise_lego_ashem import load_router
     from stagewise_lego_ashem.model import DeepSupervisionTransformer
     from stagewise_lego_ashem.routed import generate_routed
-    from stagewise_lego_ashem.router import Confidence, ConfidenceOptions
 
     model = stagewise.load_model(tiny_run)  # the README's snippet, step by step
+    router = load_router(tiny_run)
     vocab = Vocabulary.from_file(tiny_run / "vocab.txt")
     saved = load_checkpoint(tiny_run / "checkpoints" / "last.pt")
-    router_state = saved["artifacts"]["lego_ashem.router"]
-    router = Confidence(ConfidenceOptions(measure=router_state["measure"]))
     out = generate_routed(model, torch.tensor([vocab.encode("the old man said".split())]), 5, router,
-                          router_state["threshold"])
+                          router.threshold)
     assert isinstance(model, DeepSupervisionTransformer) and not model.training
     assert (len(model.layers), model.exit_layer) == (saved["model_options"]["n_layer"], 2)  # grown, exit kept
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved["model"].items())

@@ -4,7 +4,8 @@ The seed's router: confidence is the maximum softmax probability of the exit lay
 and the threshold is the ``hard_ratio`` quantile of the confidences on a calibration split, so
 that ``hard_ratio`` of its tokens come out hard (``confidence < threshold``). Also the top-2
 margin, the negative entropy, and a learned exit probe (``measure = "probe"``: the model's
-``exit_probe`` scores the exit hidden state, so no exit softmax is needed to route).
+``exit_probe`` scores the exit hidden state, so no exit softmax is needed to route). A finished
+run's calibrated router comes back with :func:`stagewise_lego_ashem.load.load_router`.
 """
 
 from __future__ import annotations
