@@ -1,11 +1,13 @@
-"""stagewise.load_model: a trained model back from its run directory or a stage's checkpoint."""
+"""stagewise.load_model: a trained model back from its run directory, a stage's checkpoint or an export."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import CLASSES, TINY
@@ -15,6 +17,7 @@ from stagewise.data import Vocabulary
 from stagewise.engine.checkpoint import load_checkpoint, write_checkpoint
 from stagewise.engine.runner import run_recipe
 from stagewise.errors import CheckpointError
+from stagewise.export import export_npz
 from stagewise.recipe import load_recipe
 
 
@@ -93,3 +96,87 @@ def test_a_checkpoint_written_part_way_through_a_stage_warns_and_names_the_finis
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         stagewise.load_model(tiny_run)  # a finished run's last.pt
+
+
+def _logits(model: torch.nn.Module, run) -> torch.Tensor:
+    vocab = Vocabulary.from_file(run / "vocab.txt")
+    return model(torch.tensor([vocab.encode("the old man".split())]))["logits"]
+
+
+def _rewritten(export, out, arrays=None, **meta):
+    """A copy of ``export`` at ``out`` with ``arrays`` for its model's and ``meta``'s keys changed (None: removed)."""
+    with np.load(export, allow_pickle=False) as data:
+        kept = {k: data[k] for k in data.files if k != "__meta__"}
+        old = json.loads(str(data["__meta__"]))
+    new = {k: v for k, v in {**old, **meta}.items() if v is not None}
+    np.savez(out, **(kept if arrays is None else arrays), __meta__=np.array(json.dumps(new)))
+    return out
+
+
+def test_an_export_gives_the_model_its_checkpoint_gives(tiny_run, tmp_path):
+    # was: refused as "an export (.npz), not a checkpoint"
+    export_npz(tiny_run / "checkpoints" / "phase1.pt", tmp_path / "m.npz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a finished stage's export
+        model = stagewise.load_model(tmp_path / "m.npz")
+    assert not model.training and len(model.layers) == 2
+    assert _same_weights(model, tiny_run / "checkpoints" / "phase1.pt")
+    from_checkpoint = stagewise.load_model(tiny_run / "checkpoints" / "phase1.pt")
+    assert torch.equal(_logits(model, tiny_run), _logits(from_checkpoint, tiny_run))
+
+
+def test_an_export_written_part_way_through_a_stage_warns(tiny_run, tmp_path):
+    saved = load_checkpoint(tiny_run / "checkpoints" / "last.pt")
+    saved["stage_done"] = False
+    del saved["format"]
+    write_checkpoint(saved, [tmp_path / "last.pt"])
+    export_npz(tmp_path / "last.pt", tmp_path / "m.npz")
+    with pytest.warns(UserWarning, match=r"m\.npz was written part-way through stage '\w+', so the model has its "
+                                         r"weights at that point; export a finished stage's checkpoint "
+                                         r"\(RUN_DIR/checkpoints/<stage>\.pt\)"):
+        model = stagewise.load_model(tmp_path / "m.npz")
+    assert _same_weights(model, tiny_run / "checkpoints" / "last.pt")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"data_info": None}, r"old\.npz: exported by a stagewise that did not keep the data's facts the model is built "
+                          r"from .*; export the run's checkpoint again \(stagewise export RUN_DIR old\.npz\)"),
+    ({"format": None}, r"old\.npz: an \.npz that stagewise export did not write .*; give a file stagewise export "
+                       r"wrote, a run directory or a \.pt checkpoint"),
+    ({"model": "nosuch.lm"}, r"old\.npz: cannot rebuild its model: model\.use: unknown model 'nosuch\.lm'"),
+])
+def test_an_export_the_model_cannot_be_rebuilt_from_says_what_to_do(tiny_run, tmp_path, change, message):
+    export_npz(tiny_run / "checkpoints" / "last.pt", tmp_path / "m.npz")
+    with pytest.raises(CheckpointError, match=message):
+        stagewise.load_model(_rewritten(tmp_path / "m.npz", tmp_path / "old.npz", **change))
+
+
+def test_an_npz_that_is_no_export_or_is_not_there_is_refused(tmp_path):
+    np.savez(tmp_path / "weights.npz", w=np.zeros(3))
+    with pytest.raises(CheckpointError, match=r"weights\.npz: not a file stagewise export wrote \(KeyError"):
+        stagewise.load_model(tmp_path / "weights.npz")
+    with pytest.raises(CheckpointError, match=r"nothing\.npz: export not found"):
+        stagewise.load_model(tmp_path / "nothing.npz")
+
+
+def test_weights_that_do_not_fit_the_model_are_named(tiny_run, tmp_path):
+    export_npz(tiny_run / "checkpoints" / "last.pt", tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz") as data:
+        arrays = {k: data[k] for k in data.files if k != "__meta__"}
+    state = load_checkpoint(tiny_run / "checkpoints" / "last.pt")["model"]
+    names = list(state)  # the model's order, which the message keeps
+    for name in names[:4]:  # more missing than the message names
+        del arrays[name]
+    arrays["extra.weight"] = np.zeros(2, np.float32)
+    arrays[names[4]] = np.zeros((1, 1), np.float32)
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"bad.npz: its weights do not fit the model stagewise.transformer builds from its options (missing: "
+            f"{', '.join(names[:3])}, ... (4); unexpected: extra.weight (1); of another shape: {names[4]} (1, 1), "
+            f"the model's {tuple(state[names[4]].shape)} "
+            f"(1)); was it written with another version of the model's plugin?")):
+        stagewise.load_model(_rewritten(tmp_path / "m.npz", tmp_path / "bad.npz", arrays))
+    saved = load_checkpoint(tiny_run / "checkpoints" / "last.pt")  # a checkpoint's are checked alike
+    del saved["model"][names[0]], saved["format"]
+    write_checkpoint(saved, [tmp_path / "bad.pt"])
+    with pytest.raises(CheckpointError, match=rf"bad\.pt: its weights do not fit .*\(missing: {re.escape(names[0])} "):
+        stagewise.load_model(tmp_path / "bad.pt")

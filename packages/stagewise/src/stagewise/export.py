@@ -6,7 +6,8 @@ model name, its options, the stage it came from (``stage_done`` false: written p
 it, e.g. by an unfinished run) and the routers the run kept
 (``state.keep_router``), so the exported model routes as the run did, and what the data gave the
 model: ``data_info`` (e.g. ``vocab_size``) and a text run's vocabulary (``vocab``), so the file
-alone turns ids into words.
+alone turns ids into words. With torch, ``stagewise.load_model(path)`` rebuilds the model from
+it (from ``model``, ``model_options`` and ``data_info``, as from the checkpoint), its weights in eval mode.
 
 What plugins keep beside the model, the checkpoint's ``artifacts`` (e.g. ``koopman.operators``:
 a trained Koopman term's φ, K, ψ), comes along: every tensor that is an artifact or a dict value

@@ -64,7 +64,8 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
                        "plugins keep beside the model, the checkpoint's artifacts (e.g. a Koopman term's trained "
                        "φ, K, ψ), as arrays named artifacts/<name>/<key>/...; and __meta__, a JSON string with "
                        "the model, its options, the routers, the vocabulary and the artifacts' plain values "
-                       "(stagewise.export.load_npz puts the arrays back in place there).")
+                       "(stagewise.export.load_npz puts the arrays back in place there). With torch, "
+                       "stagewise.load_model(path) rebuilds the model from it.")
     p.add_argument("source", type=_path, help="a run directory (its last checkpoint) or a .pt checkpoint")
     p.add_argument("out", type=_path, help="the .npz file to write (it may replace an earlier export, no other file)")
     p.add_argument("--exclude-artifact", action="append", default=[], metavar="NAME", dest="exclude",
