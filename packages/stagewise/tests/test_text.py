@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import re
 import sys
 
 import numpy as np
@@ -197,6 +198,29 @@ def test_write_file_split_keeps_files_whole(tmp_path):
     assert "book 0\nbook 1\nbook 2\nbook 4" in (tmp_path / "out" / "train.txt").read_text()
 
 
+def test_write_file_split_refuses_a_folder_inside_the_source_and_replaces_links(tmp_path):
+    # was: split files written into the source folder were dealt again by the next split, test text into
+    # train; and a train.txt that was a link had the split written through it into the file it named
+    from stagewise.data.text import write_file_split
+
+    source = tmp_path / "books"
+    source.mkdir()
+    for i in range(4):
+        (source / f"{i}.txt").write_text(f"book {i}")
+    for inside in (source, source / "split"):
+        with pytest.raises(DataError, match=rf"^{re.escape(str(inside))}: inside {re.escape(str(source))}, whose "
+                                            r"\.txt files are the text dealt"):
+            write_file_split(source, inside, every=4, valid=1, test=2)
+    assert sorted(p.name for p in source.iterdir()) == ["0.txt", "1.txt", "2.txt", "3.txt"]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "train.txt").symlink_to(source / "0.txt")
+    write_file_split(source, tmp_path / "out", every=4, valid=1, test=2)
+    assert (source / "0.txt").read_text() == "book 0"
+    assert not (tmp_path / "out" / "train.txt").is_symlink()
+    assert (tmp_path / "out" / "train.txt").read_text() == "book 0\nbook 3"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["test.txt", "train.txt", "valid.txt"]
+
+
 def test_write_file_split_chunks_lines_where_the_loader_ends_them(tmp_path):
     # str.splitlines broke at the form feed and U+2028 too: a line end the text never had
     from stagewise.data.text import tokenize, write_file_split
@@ -242,11 +266,13 @@ def test_write_file_split_refuses_too_few_files(tmp_path):
     from stagewise.data.splits import DataError
     from stagewise.data.text import write_file_split
 
+    source = tmp_path / "books"  # out beside it: a folder inside it is refused
+    source.mkdir()
     with pytest.raises(DataError, match="0 .txt files leave train, valid, test empty"):
-        write_file_split(tmp_path, tmp_path / "out")
-    (tmp_path / "a.txt").write_text("one\ntwo\nthree")
+        write_file_split(source, tmp_path / "out")
+    (source / "a.txt").write_text("one\ntwo\nthree")
     with pytest.raises(DataError, match="3 chunks of 1 lines leave valid empty"):
-        write_file_split(tmp_path, tmp_path / "out", valid=3, test=1, chunk_lines=1)
+        write_file_split(source, tmp_path / "out", valid=3, test=1, chunk_lines=1)
     assert not (tmp_path / "out").exists()  # nothing written
 
 

@@ -43,6 +43,7 @@ from stagewise.data.splits import (
 )
 from stagewise.data.tabular import json_object
 from stagewise.data.vocab import EOS, Vocabulary
+from stagewise.engine.rundir import write_text_atomic
 
 # split -> file names that hold it, in order of preference
 SPLIT_FILES = {
@@ -325,7 +326,13 @@ def write_file_split(source: Path, out: Path, *, every: int = 10, valid: int = 0
     split, so that a prefix of a split (what ``data.max_tokens`` keeps) samples every file
     alike, and valid and test are drawn like train; whole files keep their order (a file split
     of a few files puts whole kinds of text in valid or test). Returns the units per split.
+
+    Each file is written whole or not at all (a temp file renamed into place, which replaces a
+    link there rather than writing through it). ``out`` must lie outside ``source``.
     """
+    if Path(out).resolve().is_relative_to(Path(source).resolve()):  # a next split would read them as source text
+        raise DataError(f"{out}: inside {source}, whose .txt files are the text dealt, so the split files would "
+                        f"be read back as source text by the next split; give a folder outside {source}")
     files = text_files(Path(source))
     units = [text for file in files for text in _units(read_text(file, "text file", encoding, errors), chunk_lines)]
     parts: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
@@ -341,9 +348,8 @@ def write_file_split(source: Path, out: Path, *, every: int = 10, valid: int = 0
         rng = random.Random(seed)
         for texts in parts.values():
             rng.shuffle(texts)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    for split, texts in parts.items():
-        (Path(out) / f"{split}.txt").write_text("\n".join(texts), encoding="utf-8")
+    for split, texts in parts.items():  # each whole or not at all: a cut-short train.txt would load without a word
+        write_text_atomic(Path(out) / f"{split}.txt", "\n".join(texts))
     return {split: len(texts) for split, texts in parts.items()}
 
 
