@@ -39,12 +39,9 @@ def test_entropy_bonus_is_minus_one_for_uniform_predictions():
 
 def test_train_hard_without_a_mining_stage_is_refused_before_the_run(tmp_path):
     # was: the stages before it trained, then train_hard failed with no recipe file named
-    from stagewise.engine.runner import run_recipe
-    from stagewise.recipe import load_recipe
-
-    recipe = load_recipe("example.hard_examples", ["~stages.mine"])
+    recipe = stagewise.load_recipe("example.hard_examples", ["~stages.mine"])
     with pytest.raises(stagewise.ConfigError) as info:
-        run_recipe(recipe, out=tmp_path / "run", quiet=True)
+        stagewise.run_recipe(recipe, out=tmp_path / "run", quiet=True)
     assert str(info.value).startswith(f"{recipe.source}: 1 problem:")
     assert info.value.problems == ["stages.hard: example.train_hard trains on the examples an earlier "
                                    "example.mine_hard stage found; add one before it"]
