@@ -210,19 +210,25 @@ def test_nonsense_values_are_refused_not_trained_on(tiny, tmp_path, overrides, k
     assert any(key in p for p in problems), problems
 
 
-@pytest.mark.parametrize("override", ["stages.phase1.train=[]", 'stages.phase1.freeze=["*"]'])
-def test_a_stage_with_nothing_to_train_is_refused_before_the_run_dir(tiny, tmp_path, override):
+@pytest.mark.parametrize(("override", "globs"), [("stages.phase1.train=[]", "train = [], freeze = []"),
+                                             ('stages.phase1.freeze=["*"]', "train = ['*'], freeze = ['*']")])
+def test_a_stage_with_nothing_to_train_is_refused_before_the_run_dir(tiny, tmp_path, override, globs):
     # was: "train/freeze leave no parameter to train", but only once the stage started (RUN_DIR written)
     problems = _refused(tiny, tmp_path, override)
-    assert any("no parameter to train" in p for p in problems), problems
+    assert problems == [f"stages.phase1: train/freeze leave no parameter to train ({globs})"]
 
 
-@pytest.mark.parametrize("override", ['stages.test.checkpoint="phase1"', 'stages.phase1.checkpoint="last"'])
-def test_checkpoint_names_must_not_collide(tiny, tmp_path, override):
+@pytest.mark.parametrize(("override", "problem"), [
+    ('stages.test.checkpoint="phase1"',
+     "stages: the checkpoint 'phase1' is used by more than one stage; checkpoints must be unique"),
+    ('stages.phase1.checkpoint="last"',
+     "checkpoint name 'last': 'last' is reserved for the resume checkpoint; choose another"),
+])
+def test_checkpoint_names_must_not_collide(tiny, tmp_path, override, problem):
     # both ran: the later stage overwrote checkpoints/phase1.pt, or a stage's own checkpoint was
     # checkpoints/last.pt, which every later stage (and --resume) overwrites
-    problems = _refused(tiny, tmp_path, override)
-    assert any("checkpoint" in p for p in problems), problems
+    [refused] = _refused(tiny, tmp_path, override)
+    assert refused.endswith(problem), refused
 
 
 def test_tensorboard_missing_is_refused_before_the_run_dir(tiny, tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ from stagewise.engine.rundir import RunDir, environment, file_in_the_way, unused
 from stagewise.engine.state import State, check_event_hooks
 from stagewise.errors import CheckpointError, RunInterrupted, StagewiseError, TrainingError
 from stagewise.events import Event
-from stagewise.recipe import Recipe, data_path_keys
+from stagewise.recipe import Recipe, RunOptions, data_path_keys
 from stagewise.schema import as_table, build_dataclass
 from stagewise.specs import StageSpec
 
@@ -42,7 +42,8 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, resume: str | Path
         raise ValueError(f"run_recipe: give out or resume, not both (a resumed run goes on in {resume})")
     device = distributed.resolve_device(recipe)
     info = distributed.setup(device)  # the group stays until the process ends: a next run here (compare's) reuses it
-    path = _run(recipe, device, info, out, None if resume is None else Path(resume), quiet)
+    with _torch_settings(recipe.run):
+        path = _run(recipe, device, info, out, None if resume is None else Path(resume), quiet)
     # every process leaves together: one that ended first could take the job down (torchrun stops the
     # others when one exits, a clean exit or a crash in torch's teardown) while rank 0 still writes the run
     distributed.barrier(info)
@@ -54,9 +55,6 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
     """:func:`run_recipe` once the processes are set up: what can fail on bad input is built before
     the run directory, which then holds the stages' records."""
     run = recipe.run
-    if run.threads:
-        torch.set_num_threads(run.threads)
-    torch.use_deterministic_algorithms(run.deterministic, warn_only=True)
     saved = load_resume(resume, recipe) if resume is not None else None
     seed_everything(run.seed)
     bars = not quiet and info.rank == 0 and sys.stderr.isatty()
@@ -89,6 +87,23 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
         if run_dir is not None:
             run_dir.close()
     return path
+
+
+@contextmanager
+def _torch_settings(run: RunOptions) -> Iterator[None]:
+    """The run's thread count and deterministic mode, for the run only: torch keeps them per process,
+    and a next run here (compare's) with threads = 0 is to get torch's default, not this run's count."""
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    torch.use_deterministic_algorithms(run.deterministic, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 @contextmanager
