@@ -374,6 +374,7 @@ class _State:
         self.data = {split: [None] * sum(len(b["input"]) for b in bs) for split, bs in batches.items()}  # windows
         self.dist, self.run_dir, self.logged, self.seed, self.stage_index = DistInfo(), None, [], 0, 0
         self.device, self.resumed_from, self.stage_name = torch.device("cpu"), None, "test"
+        self.recipe = SimpleNamespace(stages=[SimpleNamespace(checkpoint="test")])
 
     keep_router = stagewise.State.keep_router
 
@@ -454,10 +455,15 @@ def test_each_routed_evaluation_draws_its_own_curve_named_by_stage_and_measure(t
     state, router, _ = _curve_state()
     state.run_dir = RunDir(tmp_path)
     for stage in ("test", "test_probe"):
-        state.stage_name = stage
+        state.stage_name = state.recipe.stages[0].checkpoint = stage  # a checkpoint is named as its stage by default
         accuracy_compute_curve(state, "test", router, 2)
     assert [path.name for path, _, _ in drawn] == ["accuracy_compute_test.png", "accuracy_compute_test_probe.png"]
     assert drawn[1][2]["title"] == "test_probe: accuracy vs compute (test)"
+    # a stage name no file may carry on Windows (was: accuracy_compute_test: probe.png, an NTFS data stream there)
+    state.stage_name, state.recipe.stages[0].checkpoint = "test: probe", "test_probe2"
+    accuracy_compute_curve(state, "test", router, 2)
+    assert drawn[2][0].name == "accuracy_compute_test_probe2.png"
+    assert drawn[2][2]["title"] == "test: probe: accuracy vs compute (test)"
     assert list(drawn[0][1]) == [f"routed by {router.options.measure}, threshold sweep"]
 
 

@@ -359,12 +359,18 @@ def _no_hard_links(source, target):
     raise OSError(errno.EPERM, "Operation not permitted", source, None, target)  # as link(2) on FAT says it
 
 
-@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
-def test_a_run_started_at_once_in_the_same_folder_leaves_the_other_runs_files(tmp_path, monkeypatch, links):
+def _no_hard_links_on_windows(source, target):
+    exc = OSError(errno.EINVAL, "Incorrect function", source, None, target)
+    exc.winerror = 1  # ERROR_INVALID_FUNCTION, as CreateHardLink on FAT says it (POSIX's OSError drops the argument)
+    raise exc
+
+
+@pytest.mark.parametrize("link", [os.link, _no_hard_links, _no_hard_links_on_windows],
+                         ids=["hard-links", "no-hard-links", "no-hard-links-on-windows"])
+def test_a_run_started_at_once_in_the_same_folder_leaves_the_other_runs_files(tmp_path, monkeypatch, link):
     from stagewise.engine import rundir
 
-    if not links:
-        monkeypatch.setattr(os, "link", _no_hard_links)
+    monkeypatch.setattr(os, "link", link)  # was, on Windows without hard links: the run failed, "Incorrect function"
     fresh = rundir.RunDir.create(tmp_path / "fresh", "# a run alone\n", {})  # a folder no other run took: written
     assert (fresh.path / "recipe.toml").read_text() == "# a run alone\n" and not list(fresh.path.glob(".*"))
     check = rundir.empty_folder

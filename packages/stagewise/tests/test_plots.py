@@ -115,6 +115,29 @@ def test_curves_leave_out_missing_series_and_runs_without_epochs(tmp_path, monke
     assert drawn == []  # an evaluation-only run has no curve to draw
 
 
+def test_curves_read_a_long_runs_metrics_a_line_at_a_time(tmp_path, monkeypatch):
+    # was: the whole metrics.jsonl was read into memory (text and its lines) once the run ended,
+    # with log_every_n_steps = 1 as large as the run was long
+    import tracemalloc
+
+    from stagewise.builtins import curves
+
+    drawn = []
+    monkeypatch.setattr(curves, "line_plot", lambda path, series, **kw: drawn.append(series))
+    steps = [{"event": "step", "stage": "a", "epoch": 0, "step": i, "train/loss": 1.0, "train/lr": 0.001}
+             for i in range(40_000)]
+    state = _finished_run(tmp_path, [*steps, {"event": "epoch", "stage": "a", "train/loss": 1.0}])
+    assert (tmp_path / "metrics.jsonl").stat().st_size > 3_000_000
+    tracemalloc.start()
+    try:
+        curves.stagewise_after_run(state)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert drawn == [{"train/loss": ([1], [1.0])}]
+    assert peak < 500_000  # what one line and the epoch records take, not the file's 3 MB
+
+
 class FakeWriter:
     def __init__(self):
         self.scalars, self.closed = [], False

@@ -564,6 +564,17 @@ def test_run_killed_says_when_the_run_was_never_killed(tiny_recipe_path, tmp_pat
     assert (tmp_path / "run" / "summary.json").exists()  # the run finished: no stage 'nope' to stop in
 
 
+def test_run_killed_kills_a_run_where_there_is_no_sigkill(tiny_recipe_path, tmp_path, monkeypatch):
+    """As on Windows, which has no signals (was: AttributeError in the child, and in run_killed itself)."""
+    from stagewise import testing
+
+    monkeypatch.setattr(testing, "_KILLER", "import signal; del signal.SIGKILL\n" + testing._KILLER)
+    monkeypatch.setattr(testing, "_KILLED", 137)
+    run_killed(tiny_recipe_path, tmp_path / "killed", "phase2", 4, ["run.checkpoint_every_n_steps=3"])
+    saved = load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.pt")
+    assert (saved["stage_name"], saved["stage_done"]) == ("phase2", False)  # died mid-stage, as SIGKILL leaves it
+
+
 class _StageTracker:
     """The hooks.md tracker: logs a record as each stage starts, but not again for a stage a resumed
     run continues mid-way (``state.resume`` is set then)."""

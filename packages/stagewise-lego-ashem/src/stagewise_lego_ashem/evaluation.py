@@ -186,11 +186,13 @@ def accuracy_compute_curve(state: stagewise.State, split: str, router: Confidenc
 
 
 def _plot_curve(state: stagewise.State, split: str, measure: str, rows: list[dict]) -> None:
-    """Draw the curve's ``rows`` to ``plots/accuracy_compute_<stage>.png``."""
+    """Draw the curve's ``rows`` to ``plots/accuracy_compute_<checkpoint>.png``, the stage's checkpoint name."""
     from stagewise.plots import line_plot
 
-    # one file per stage: a second evaluation (e.g. routed by the probe) would overwrite the first's curve
-    line_plot(state.run_dir.plot_path(f"accuracy_compute_{state.stage_name}.png"),
+    # one file per stage: a second evaluation (e.g. routed by the probe) would overwrite the first's curve;
+    # named by checkpoint, a safe file name everywhere (a stage's name need not be: "test: probe")
+    checkpoint = state.recipe.stages[state.stage_index].checkpoint
+    line_plot(state.run_dir.plot_path(f"accuracy_compute_{checkpoint}.png"),
               {f"routed by {measure}, threshold sweep":
                ([r["compute_cost_flops"] for r in rows], [r["acc"] for r in rows])},
               title=f"{state.stage_name}: accuracy vs compute ({split})", ylabel="accuracy",

@@ -359,8 +359,9 @@ class EvaluateRouted(stagewise.Stage):
     count), ``compute_cost_flops`` (counted), ``hard_ppl_before`` (exit layer) and
     ``hard_ppl_after`` (routed) on the tokens routed hard, ``threshold``; with ``measure_speed``
     also ``speedup_measured``, ``batch_size``, ``routed_ms`` and ``full_depth_ms`` (and with a softmax
-    measure ``confidence_ms`` and ``confidence_flops_share``). The curve is
-    printed, logged as ``lego_ashem.curve`` records and drawn to ``plots/accuracy_compute_<stage>.png``.
+    measure ``confidence_ms`` and ``confidence_flops_share``). The curve is printed, logged as
+    ``lego_ashem.curve`` records and drawn to ``plots/accuracy_compute_<checkpoint>.png`` (the
+    stage's checkpoint name: its name by default).
     """
 
     name = "lego_ashem.evaluate_routed"

@@ -47,7 +47,7 @@ def compare_recipes(names: list[str], overrides: list[str], out: Path, quiet: bo
         folder = out / recipe.run.name
         run_dir = (run_recipe(recipe, resume=folder, quiet=quiet) if started[recipe.run.name]
                    else run_recipe(recipe, out=folder, quiet=quiet))
-        metrics = json.loads((run_dir / "summary.json").read_text())["metrics"]
+        metrics = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))["metrics"]
         # a NaN or Inf metric is written "nan"/"inf": a number still, not a metric the run lacks
         runs[recipe.run.name] = {"run_dir": str(run_dir), "metrics": {k: read_number(v) for k, v in metrics.items()}}
     if is_main_process():  # under torchrun, rank 0 writes and says it, as it does each run's folder

@@ -1,7 +1,8 @@
 """Helpers for plugin test suites: prove that a plugin keeps the resume guarantee.
 
 ``run_killed`` runs ``stagewise run`` in a child process that kills itself with SIGKILL at a
-chosen point, the way a crash or an out-of-memory kill would end it (no ``finally``, no atexit);
+chosen point, the way a crash or an out-of-memory kill would end it (no ``finally``, no atexit;
+on Windows, which has no signals, ``os._exit`` skips them alike);
 ``resume_run`` continues that run in its folder with ``--resume``. Compare the result with an
 uninterrupted run of the same recipe (``run_uninterrupted``): ``summary.json`` equal, and
 ``timeless_records`` equal.
@@ -37,22 +38,30 @@ _KILLER = textwrap.dedent("""
     from stagewise.plugins import register_plugin
     from stagewise.cli.main import main
 
-    stage, step = sys.argv[1], int(sys.argv[2])
+    stage, step, killed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+    def die():
+        if hasattr(signal, "SIGKILL"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        os._exit(killed)  # Windows: no signals
 
     class Killer:
         @stagewise.hookimpl
         def stagewise_after_step(self, state):
             if step > 0 and (state.stage_name, state.step) == (stage, step):
-                os.kill(os.getpid(), signal.SIGKILL)
+                die()
 
         @stagewise.hookimpl
         def stagewise_before_stage(self, state):
             if step == 0 and state.stage_name == stage:
-                os.kill(os.getpid(), signal.SIGKILL)
+                die()
 
     register_plugin(Killer(), "stagewise.testing.killer")
-    sys.exit(main(sys.argv[3:]))
+    sys.exit(main(sys.argv[4:]))
 """)
+# the exit code of a child that killed itself: -9 where it could send itself SIGKILL, else (Windows)
+# the one its os._exit gave, a shell's code for a SIGKILL
+_KILLED = -signal.SIGKILL if hasattr(signal, "SIGKILL") else 128 + 9
 
 
 def _python(processes: int) -> list[str]:
@@ -71,9 +80,10 @@ def run_killed(recipe: str | Path, out: str | Path, stage: str, step: int = 0,
 
     Raises AssertionError, with the child's stderr, when the run was not killed there (it
     finished first, failed, or never reached STAGE)."""
-    child = subprocess.run([*_python(processes), "-c", _KILLER, stage, str(step), "run", str(recipe), "--out",
-                            str(out), "--quiet", *set_args(overrides)], capture_output=True, text=True)
-    killed = (child.returncode == -signal.SIGKILL if processes == 1  # torchrun exits 1 and names the signal
+    child = subprocess.run([*_python(processes), "-c", _KILLER, stage, str(step), str(abs(_KILLED)), "run",
+                            str(recipe), "--out", str(out), "--quiet", *set_args(overrides)],
+                           capture_output=True, text=True)
+    killed = (child.returncode == _KILLED if processes == 1  # torchrun exits 1 and names the signal
               else child.returncode != 0 and "Signal 9 (SIGKILL)" in child.stderr)
     if not killed:
         where = f"step {step} of {stage!r}" if step else f"the start of {stage!r}"

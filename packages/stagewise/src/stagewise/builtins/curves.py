@@ -8,6 +8,7 @@ says so once per run, with the command that installs the ``[plots]`` extra.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from stagewise.hookspecs import hookimpl
 from stagewise.plots import line_plot
@@ -19,8 +20,7 @@ CURVES = ("train/loss", "val/loss")
 def stagewise_after_run(state):
     if state.run_dir is None:
         return
-    lines = (state.run_dir.path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    epochs = [r for r in map(json.loads, lines) if r["event"] == "epoch"]
+    epochs = epoch_records(state.run_dir.path / "metrics.jsonl")
     if not epochs:
         return
     series = {key: ([i + 1 for i, r in enumerate(epochs) if key in r], [r[key] for r in epochs if key in r])
@@ -29,3 +29,10 @@ def stagewise_after_run(state):
     line_plot(state.run_dir.plot_path("curves.png"), {k: v for k, v in series.items() if v[0]},
               title=f"{state.recipe.run.name}: loss per epoch", xlabel="epoch (all stages)", ylabel="loss",
               vlines=starts)
+
+
+def epoch_records(path: Path) -> list[dict]:
+    """The ``epoch`` records of ``path``, read a line at a time: a long run's file (a step record
+    every ``log_every_n_steps`` steps) can be far larger than memory, its epoch records are few."""
+    with open(path, encoding="utf-8") as lines:
+        return [r for r in map(json.loads, lines) if r["event"] == "epoch"]

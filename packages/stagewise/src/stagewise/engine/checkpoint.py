@@ -90,6 +90,13 @@ def atomic_write_bytes(path: Path, write, replace: bool = True) -> None:
 
 # what a link(2) into a file system without hard links (FAT, some network shares) fails with
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+# and Windows's CreateHardLink (ERROR_INVALID_FUNCTION on FAT/exFAT, ERROR_NOT_SUPPORTED on a share), which
+# Python reports as EINVAL: told apart from other EINVALs by the Windows error code
+_WINDOWS_NO_HARD_LINKS = {1, 50}
+
+
+def _no_hard_links(exc: OSError) -> bool:
+    return exc.errno in _NO_HARD_LINKS or getattr(exc, "winerror", None) in _WINDOWS_NO_HARD_LINKS
 
 
 def _place_new(tmp: Path, path: Path) -> None:
@@ -98,7 +105,7 @@ def _place_new(tmp: Path, path: Path) -> None:
     try:
         os.link(tmp, path)
     except OSError as exc:
-        if exc.errno not in _NO_HARD_LINKS:
+        if not _no_hard_links(exc):
             raise
         if path.exists():  # no hard links: checked, then renamed, which leaves the two processes a moment's race
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
