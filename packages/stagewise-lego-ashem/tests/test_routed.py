@@ -14,7 +14,7 @@ from stagewise.nn.transformer import TransformerConfig
 from stagewise_lego_ashem.mining import exit_scores, exit_states
 from stagewise_lego_ashem.model import DeepSupervisionOptions, DeepSupervisionTransformer
 from stagewise_lego_ashem.probe import probe_data
-from stagewise_lego_ashem.routed import routed_forward, routed_layers
+from stagewise_lego_ashem.routed import routed_forward, routed_layers, upper_forward
 from stagewise_lego_ashem.router import Confidence, ConfidenceOptions, confidence_from_logits
 from stagewise_lego_ashem.rows import collect_rows
 from stagewise_lego_ashem.stages import mined_hard_ppl
@@ -132,6 +132,24 @@ def test_mining_is_per_token_not_per_sequence():
     assert int(hard.sum()) == 96  # exactly half of the tokens ...
     assert hard.any(1).all() and not hard.all(1).any()  # ... while every sequence mixes hard and easy
 
+
+
+def test_phase2_with_full_context_trains_the_logits_routed_inference_gives_hard_tokens():
+    """context = "full": the upper layers see the cached windows, easy positions as keys/values
+    from their exit state, so the hard tokens' logits are routed inference's; context = "token"
+    (the seed's) runs each hard token alone, blind to the rest of its window."""
+    model, idx = small_model(), torch.randint(0, 40, (3, 9), generator=torch.Generator().manual_seed(8))
+    router = calibrated(model, idx, hard_ratio=0.5)
+    with torch.no_grad():
+        routed = routed_forward(model, idx, router, router.threshold)
+        hard, h = ~routed["easy"], model.exit_hidden(idx)
+        full = upper_forward(model, "full")({"hidden": h, "hard": hard})["logits"]
+        torch.testing.assert_close(full, routed["logits"][hard], rtol=0, atol=1e-5)
+        token = upper_forward(model, "token")({"hidden": h[hard].unsqueeze(1)})["logits"]
+        other = h.clone()
+        other[~hard] = 0  # another context around the same hard tokens
+        assert torch.equal(upper_forward(model, "token")({"hidden": other[hard].unsqueeze(1)})["logits"], token)
+        assert not torch.allclose(upper_forward(model, "full")({"hidden": other, "hard": hard})["logits"], full)
 
 
 @pytest.mark.parametrize("threshold", [math.inf, -math.inf, None])
@@ -587,6 +605,16 @@ def test_phase2_counted_speedups_compare_the_layers_each_step_runs():
     token_step = 3 * full_depth_flops(_shape(n_layer=2), torch.ones(2, 1, dtype=torch.bool))  # 2 tokens, T = 1
     assert out["phase2_token_mode_speedup_flops"] == pytest.approx((lower + 3 * upper) / (3 * token_step), rel=1e-12)
     assert all(out[k] > 0 for k in ("phase2_cache_step_ms", "phase2_full_forward_step_ms", "phase2_token_step_ms"))
+
+
+def test_phase2_epoch_times_are_each_step_time_times_the_steps_of_its_epoch():
+    """The benchmark's "phase 2 epoch from the cache vs a full-forward epoch": 2 windows in one
+    batch of 2 take one step either way; 5 hard tokens in batches of 2 take 3 token-mode steps."""
+    out = _phase2_speedups(torch.tensor([[True, True, True], [True, False, True]]))
+    assert out["phase2_cache_epoch_s"] == out["phase2_cache_step_ms"] / 1e3
+    assert out["phase2_full_forward_epoch_s"] == out["phase2_full_forward_step_ms"] / 1e3
+    assert out["phase2_token_epoch_s"] == pytest.approx(3 * out["phase2_token_step_ms"] / 1e3, rel=1e-12)
+    assert out["phase2_token_mode_speedup"] == out["phase2_full_forward_epoch_s"] / out["phase2_token_epoch_s"]
 
 
 def test_a_token_mode_epoch_counts_its_short_last_step():

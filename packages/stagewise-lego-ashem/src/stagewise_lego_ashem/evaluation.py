@@ -221,7 +221,8 @@ def phase2_speedups(state: stagewise.State, cache: dict[str, Any], dataset: Any,
     then the same routed upper-layer step) over a step from the cache. With full context the
     upper layers still run for every position, so the saving is the lower layers' forward.
     ``phase2_token_mode_speedup``: a full-forward epoch over a token-mode epoch (the hard tokens
-    alone, length 1), each estimated as its step time × its number of steps.
+    alone, length 1), each estimated as its step time × its number of steps; those epoch times
+    are ``phase2_cache_epoch_s``, ``phase2_full_forward_epoch_s`` and ``phase2_token_epoch_s``.
     """
     model, B = state.model, state.recipe.data.batch_size
     windows, tokens = mining.SequenceCache(cache), mining.TokenCache(cache)  # what phase 2 trains on
@@ -232,12 +233,13 @@ def phase2_speedups(state: stagewise.State, cache: dict[str, Any], dataset: Any,
     counted = metrics.phase2_step_flops(shape, cache["hard"][windows.windows[:B]])  # the timed batch's
     seq_steps, token_steps = math.ceil(len(windows) / B), math.ceil(len(tokens) / B)
     full_epoch = seq_steps * (counted["lower"] + counted["cache"])
+    epoch_s = {"cache": t_cache * seq_steps, "full_forward": t_full * seq_steps, "token": t_token * token_steps}
     return {"phase2_cache_speedup": t_full / t_cache,
             "phase2_cache_speedup_flops": (counted["lower"] + counted["cache"]) / counted["cache"],
-            "phase2_token_mode_speedup": (t_full * seq_steps) / (t_token * token_steps),
+            "phase2_token_mode_speedup": epoch_s["full_forward"] / epoch_s["token"],
             "phase2_token_mode_speedup_flops": full_epoch / (token_steps * metrics.token_step_flops(shape, B)),
             "phase2_cache_step_ms": 1e3 * t_cache, "phase2_full_forward_step_ms": 1e3 * t_full,
-            "phase2_token_step_ms": 1e3 * t_token}
+            "phase2_token_step_ms": 1e3 * t_token, **{f"phase2_{k}_epoch_s": v for k, v in epoch_s.items()}}
 
 
 def _phase2_steps(model: torch.nn.Module, dataset: Any, windows: mining.SequenceCache, tokens: mining.TokenCache,

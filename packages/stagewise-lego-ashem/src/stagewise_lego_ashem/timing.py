@@ -17,7 +17,8 @@ import torch
 
 TIMING_METRICS = ("speedup_measured", "routed_ms", "full_depth_ms", "confidence_ms", "phase2_cache_speedup",
                   "phase2_token_mode_speedup", "phase2_cache_step_ms", "phase2_full_forward_step_ms",
-                  "phase2_token_step_ms")
+                  "phase2_token_step_ms", "phase2_cache_epoch_s", "phase2_full_forward_epoch_s",
+                  "phase2_token_epoch_s")
 
 
 Rounds = Callable[[range], Iterable[int]]  # wraps the timed rounds, e.g. in a progress bar
