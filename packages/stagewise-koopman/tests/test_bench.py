@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,31 @@ def test_pair_row_gain_is_the_baseline_error_over_the_hybrid_error(bench):
     assert row["linearity_gain"] == pytest.approx(3.0)  # the hybrid is three times as linear
     assert row["ppl_change_pct"] == pytest.approx(1.0) and row["test_ppl_change_pct"] == pytest.approx(-2.0)
     assert (row["seed"], row["baseline_ppl"], row["hybrid_ppl"]) == (2, 100.0, 101.0)
+
+
+CONTRACT = {"baseline_ppl", "hybrid_ppl", "koopman_forward_ppl", "koopman_forward_layers", "koopman_share",
+            "linearity_gain", "fallbacks", "time_ratio", "sweep"}  # issue 4's OUT.json
+
+
+def test_the_json_holds_every_key_of_the_contract(bench, tmp_path, monkeypatch):
+    """main --data --json on the shipped recipes, shrunk to tiny sizes: the metric names it reads exist."""
+    words = "the old man said that a dog ran to her house and we saw it in the rain".split()
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, split in enumerate(("train", "valid", "test")):
+        text = " ".join(words[(7 * j + i) % len(words)] for j in range(500))
+        (data / f"{split}.txt").write_text(text + "\n", encoding="utf-8")
+    tiny = ["data.max_tokens=400", "data.seq_len=8", "data.batch_size=4", "model.n_embd=16", "model.n_head=2",
+            "model.ffn_hidden=32", "stages.warmup.max_epochs=1", "stages.main.max_epochs=2",
+            "stages.warmup.max_steps_per_epoch=2", "stages.main.max_steps_per_epoch=2", "stages.linearity.fit_steps=2"]
+    monkeypatch.setitem(bench.SETTINGS, "quick", tiny)
+    monkeypatch.setattr(bench, "CAPS", (0.05, bench.HYBRID_CAP))
+    out = tmp_path / "out.json"
+    assert bench.main(["--data", str(data), "--out", str(tmp_path / "runs"), "--json", str(out), "--quick"]) == 0
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert CONTRACT <= set(result)
+    assert [set(point) for point in result["sweep"]] == [{"cap", "ppl", "linearity_gain"}] * 2
+    assert [point["cap"] for point in result["sweep"]] == [0.05, bench.HYBRID_CAP]
+    assert result["koopman_forward_layers"] == 2 and isinstance(result["fallbacks"], int)
+    numbers = [result[key] for key in CONTRACT - {"sweep"}] + [v for p in result["sweep"] for v in p.values()]
+    assert all(math.isfinite(v) and v >= 0 for v in numbers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,19 @@ def test_share_is_the_weighted_term_over_the_total_loss(tiny_run):
     shares = [r["koopman/share"] for r in records if r["event"] == "koopman.epoch"]
     assert epochs[2]["train/koopman/weighted"] != epochs[2]["train/koopman"]  # the test can tell them apart
     assert shares[1:] == [pytest.approx(e["train/koopman/weighted"] / e["train/loss"], rel=1e-12) for e in epochs[1:]]
+
+
+def test_the_time_axis_trains_as_the_docs_say_to_run_it(tmp_path):
+    """docs/plugins/koopman.md: axis = "time" on the hybrid, without the forward stage, its fit along time too."""
+    overrides = ['stages.main.losses.koopman.axis="time"', "~stages.forward", 'stages.linearity.fit.axis="time"']
+    run_dir = run_tiny(tmp_path / "time", overrides=overrides)
+    metrics = json.loads((run_dir / "summary.json").read_text())["metrics"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r["event"] == "koopman.epoch"][-1]
+    # along time the source layers are h_1..h_3 (positions t -> t+1 within each), the embedding left out
+    assert [k for k in last if k.endswith("/change_pct")] == [f"koopman/K{layer}/change_pct" for layer in (1, 2, 3)]
+    assert all(last[f"koopman/K{layer}/change_pct"] > 0 for layer in (1, 2, 3))
+    assert sorted(k for k in metrics if k.startswith("linearity/L")) == [f"linearity/L{layer}/one_step_error"
+                                                                        for layer in (1, 2, 3)]
+    assert all(math.isfinite(metrics[k]) for k in ("train/koopman", "val/koopman/one_step", "val/ppl"))
+    assert not any(k.startswith("forward/") for k in metrics)

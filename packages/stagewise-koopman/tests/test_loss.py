@@ -56,6 +56,26 @@ def test_linear_dynamics_in_lifted_space_give_zero_lifted_error():
     assert errors["lifted"].item() == 0.0 and errors["one_step"].item() == 0.0
 
 
+def test_multi_step_parts_apply_k_to_the_power_k():
+    """steps = 2, one source layer: k = 1 pairs K φ(h_0) with h_1 and k = 2 pairs K² φ(h_0) with h_2,
+    computed here from the raw parameters (with K = I, as at initialisation, K and K² are alike)."""
+    hidden = hidden_states(n=3)
+    options = KoopmanOptions(koopman_dim=4, layers=[0], steps=2)
+    term = KoopmanOperator(options).build(3, 8)
+    m = term.koopman
+    with torch.no_grad():
+        m.operator.copy_(torch.randn(1, 4, 4, generator=torch.Generator().manual_seed(1)))
+    h_hat = [(h / (h.pow(2).mean(-1, keepdim=True) + EPS).sqrt()).reshape(1, -1, 8) for h in hidden]
+    z = [torch.tanh(h @ m.lift_weight + m.lift_bias[:, None]) for h in h_hat]
+    pred = [z[0] @ torch.linalg.matrix_power(m.operator[0], k).T for k in (1, 2)]
+    lifted = [relative_distance(p, z[k + 1], options) for k, p in enumerate(pred)]
+    state = [F.mse_loss(p @ m.decode_weight + m.decode_bias[:, None], h_hat[k + 1]) for k, p in enumerate(pred)]
+    errors, _ = term.errors(hidden)
+    torch.testing.assert_close(errors["one_step"], lifted[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(errors["lifted"], (lifted[0][0] + lifted[1][0]) / 2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(errors["state"], (state[0] + state[1]) / 2, rtol=1e-5, atol=1e-6)
+
+
 def test_spectral_penalty_is_zero_inside_the_unit_disc_and_pulls_outliers_in():
     modules = KoopmanModules(n=2, width=4, dim=3)
     assert modules.spectral_excess().item() == 0.0  # identity: every singular value is 1

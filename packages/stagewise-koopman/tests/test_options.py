@@ -127,6 +127,8 @@ def test_settings_that_only_a_later_stage_would_trip_on_fail_before_anything_run
     # was: torch._C._LinAlgError from linalg.svd in koopman.linearity's fit, after RUN_DIR exists
     (["stages.linearity.fit.spectral_weight=nan"], "spectral_weight"),
     (["stages.linearity.fit.spectral_weight=inf"], "spectral_weight"),
+    # was accepted: no term value is <= nan, so the engine cut the weight of every batch
+    (["stages.main.losses.koopman.fallback_threshold=nan"], "fallback_threshold"),
     # was accepted: the post-hoc fit diverges
     (["stages.linearity.lr=inf"], "lr"),
     # was: KeyError "no split named ''" traceback mid-run

@@ -33,8 +33,12 @@ def test_warmup_then_linear_ramp_without_fallbacks(tmp_path):
     assert not any("warnings/fallback/koopman" in e for e in epochs)
 
 
-def test_every_batch_above_the_threshold_falls_back_and_is_counted(tmp_path):
+def test_every_batch_above_the_threshold_falls_back_and_is_counted(tmp_path, capsys):
     epochs = epochs_with_threshold(tmp_path, "0.0")
+    err = capsys.readouterr().err
+    # per epoch at weight > 0: the first cut batch's warning, the rest a count at the epoch's end
+    assert err.count("stagewise: warning: loss term 'koopman' = ") == 2
+    assert err.count("stagewise: warning: 'fallback/koopman' happened 3 times this epoch") == 2
     # scheduled 0.25 and 0.5, times fallback_factor 0.1, on each of the 3 steps of an epoch
     assert [e.get("train/koopman/weight") for e in epochs] == [None, pytest.approx(0.025), pytest.approx(0.05)]
     assert [e["train/koopman/fallbacks"] for e in epochs] == [0, 3, 6]  # counted over the stage

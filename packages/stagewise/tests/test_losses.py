@@ -38,6 +38,14 @@ def test_loss_spec_rejects_bad_values():
         LossSpec(use="stagewise.mse", ramp_epochs=-2)
 
 
+def test_a_nan_fallback_threshold_is_refused():
+    # was: accepted; no term value is <= nan, so every batch of the term had its weight cut
+    with pytest.raises(ValueError, match=r"^fallback_threshold: must be a number \(leave it out for no fallback\), "
+                                         r"got nan$"):
+        LossSpec(use="stagewise.mse", fallback_threshold=float("nan"))
+    assert LossSpec(use="stagewise.mse", fallback_threshold=-1.0).fallback_threshold == -1.0  # a term may be < 0
+
+
 @pytest.mark.parametrize("key", ["weight", "cap"])
 def test_an_infinite_weight_or_cap_is_refused(key):
     with pytest.raises(ValueError, match=rf"{key}: must be >= 0 and finite, got inf"):

@@ -141,6 +141,9 @@ class LossSpec(Spec):
             (self.cap is None or _finite_non_negative(self.cap), "cap", f"must be >= 0 and finite, got {self.cap}"),
             (self.start_epoch >= 0, "start_epoch", f"must be >= 0, got {self.start_epoch}"),
             (self.ramp_epochs >= 0, "ramp_epochs", f"must be >= 0, got {self.ramp_epochs}"),
+            # no term value is <= nan: every batch would be cut
+            (self.fallback_threshold is None or not math.isnan(self.fallback_threshold), "fallback_threshold",
+             f"must be a number (leave it out for no fallback), got {self.fallback_threshold}"),
             (0 <= self.fallback_factor <= 1, "fallback_factor", f"must be in [0, 1], got {self.fallback_factor}"),
         ])
 
