@@ -507,6 +507,27 @@ def test_a_damaged_last_pt_resumes_from_a_stage_checkpoint_and_a_cut_metrics_lin
     assert read_summary(run)["metrics"] == read_summary(whole)["metrics"]
 
 
+def test_resume_cuts_a_long_runs_metrics_back_a_line_at_a_time(tmp_path):
+    # was: the whole metrics.jsonl was read into memory (text and its lines) to cut it back, with
+    # log_every_n_steps = 1 as large as the run was long
+    import tracemalloc
+
+    from stagewise.engine.rundir import RunDir
+
+    lines = [json.dumps({"event": "step", "stage": "a", "step": i, "train/loss": 1.0}) + "\n" for i in range(40_000)]
+    (tmp_path / "metrics.jsonl").write_text("".join(lines) + lines[0][:20], encoding="utf-8")  # its end cut short
+    assert (tmp_path / "metrics.jsonl").stat().st_size > 2_000_000
+    tracemalloc.start()
+    try:
+        run = RunDir.reopen(tmp_path, 30_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert run.lines == 30_000 and (tmp_path / "metrics.jsonl").read_text(encoding="utf-8") == "".join(lines[:30_000])
+    assert peak < 500_000  # what a line takes, not the file's 2 MB
+    assert RunDir.reopen(tmp_path, 40_000).lines == 30_000  # the file holds no more: a warning, not an invention
+
+
 def test_a_damaged_last_pt_before_any_stage_finished_says_to_run_again_in_a_new_folder(tiny, tmp_path):
     # the advice was to copy a stage's checkpoint over last.pt, when no stage had one, "or start the run
     # again": --out refuses the run's folder, which is not empty

@@ -15,13 +15,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from stagewise.engine.checkpoint import TEMP_GLOB, atomic_write_bytes, remove_temp_files
 from stagewise.engine.distributed import launched_world_size
@@ -71,13 +72,12 @@ class RunDir:
         run = cls(path)
         run.remove_temp_files()
         metrics = run.path / "metrics.jsonl"
-        text = metrics.read_text(encoding="utf-8", errors="replace") if metrics.exists() else ""
-        kept = [line for line in text.splitlines(keepends=True)[:lines] if line.endswith("\n")]
-        if len(kept) < lines:
-            print(f"stagewise: warning: {metrics} holds {len(kept)} complete records, but the checkpoint "
+        kept = []  # how many records the copy kept, set as it is written
+        atomic_write_bytes(metrics, lambda out: kept.append(_copy_records(metrics, lines, out)))
+        if kept[0] < lines:
+            print(f"stagewise: warning: {metrics} holds {kept[0]} complete records, but the checkpoint "
                   f"counted {lines}; the missing records are lost, the run goes on", file=sys.stderr)
-        write_text_atomic(metrics, "".join(kept))
-        run.lines = len(kept)
+        run.lines = kept[0]
         return run
 
     def remove_temp_files(self) -> None:
@@ -175,6 +175,22 @@ def finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [finite(v) for v in value]
     return value
+
+
+def _copy_records(metrics: Path, lines: int, out: BinaryIO) -> int:
+    """Copy the first ``lines`` complete records of ``metrics`` (absent: none) to ``out``, a line at a
+    time (a long run's file can be far larger than memory); returns how many it copied. A line cut
+    short, the file's last, is left out, so that the next record starts a line of its own."""
+    if not metrics.exists():
+        return 0
+    copied = 0
+    with open(metrics, encoding="utf-8", errors="replace", newline="\n") as records:
+        for line in itertools.islice(records, lines):
+            if not line.endswith("\n"):
+                break
+            out.write(line.encode("utf-8"))
+            copied += 1
+    return copied
 
 
 def write_text_atomic(path: Path, text: str, replace: bool = True) -> None:
