@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import stat
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -386,6 +387,44 @@ def test_a_run_started_at_once_in_the_same_folder_leaves_the_other_runs_files(tm
         rundir.RunDir.create(tmp_path / "tiny", "# this run's\n", {})  # was: wrote over the other run's files
     assert [p.name for p in (tmp_path / "tiny").iterdir()] == ["recipe.toml"]
     assert (tmp_path / "tiny" / "recipe.toml").read_text() == "# the other run's\n"
+
+
+def test_a_run_that_lost_the_folder_to_another_leaves_the_files_that_run_is_writing(tmp_path, monkeypatch):
+    # was: each run first deleted the temp files in the folder, as a killed run's leftovers, so the one that
+    # lost the race could delete the winner's env.json mid-write (and the winner failed, not the loser)
+    from stagewise.engine import rundir
+
+    check = rundir.empty_folder
+
+    def other_run_first(path, advice):
+        path = check(path, advice)
+        path.mkdir()
+        (path / "recipe.toml").write_text("# the other run's\n")
+        (path / ".env.json.k2x9.tmp").write_text("{")  # the other run writing its env.json
+        return path
+
+    monkeypatch.setattr(rundir, "empty_folder", other_run_first)
+    with pytest.raises(CheckpointError, match="was taken by another run started at the same time"):
+        rundir.RunDir.create(tmp_path / "tiny", "# this run's\n", {})
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == [".env.json.k2x9.tmp", "recipe.toml"]
+
+
+def test_a_run_whose_recipe_temp_file_the_winner_removed_says_the_folder_was_taken(tmp_path, monkeypatch):
+    # the winner clears the folder's temp files once its recipe.toml is in place: the loser's, between its
+    # write and its link, goes too, and the link finds no file (was: FileNotFoundError naming the temp file)
+    link = os.link
+
+    def winner_between(source, target):
+        Path(target).write_text("# the other run's\n")
+        Path(source).unlink()
+        link(source, target)
+
+    monkeypatch.setattr(os, "link", winner_between)
+    from stagewise.engine.rundir import RunDir
+
+    with pytest.raises(CheckpointError, match="was taken by another run started at the same time"):
+        RunDir.create(tmp_path / "tiny", "# this run's\n", {})
+    assert [p.name for p in (tmp_path / "tiny").iterdir()] == ["recipe.toml"]
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full, a device that is always full")

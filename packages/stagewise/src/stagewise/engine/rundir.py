@@ -47,14 +47,16 @@ class RunDir:
         if not again:
             path = empty_folder(path, f"pass --resume {path} to continue that run, or --out with a new folder")
         run = cls(path)
-        run.remove_temp_files()
         # recipe.toml first: it makes the folder a run directory; a run killed before it is in
         # place leaves a folder with nothing in it (but a temp file), which --out takes again
         try:  # a new run's is never written over: another run started at once may have put its own there
             write_text_atomic(path / "recipe.toml", recipe_toml, replace=again)
-        except FileExistsError:
+        except (FileExistsError, FileNotFoundError) as exc:  # not found: the other run took our temp file away
+            if isinstance(exc, FileNotFoundError) and (again or not (path / "recipe.toml").exists()):
+                raise
             raise CheckpointError(f"{path} was taken by another run started at the same time; pass --out with "
                                   f"a new folder (or run again: a default folder is numbered past it)") from None
+        run.remove_temp_files()  # only now the folder is this run's: before, they may be another run's, in use
         run.checkpoints.mkdir(exist_ok=True)
         write_json_atomic(path / "env.json", env)
         for name, text in (files or {}).items():
