@@ -63,6 +63,9 @@ def test_a_checkpoint_before_mine_names_the_checkpoints_that_hold_the_router(tin
     (lambda r: r["state"].update(threshold=math.nan), r"state\.threshold: nan, expected a finite number"),
     (lambda r: r["state"].update(threshold="0.5"), r"state\.threshold: '0\.5', expected a finite number"),
     (lambda r: r["state"].pop("threshold"), r"state: keys \[\], expected a table of threshold alone"),
+    (lambda r: r["state"].update(other=1), r"state: keys \['other', 'threshold'\], expected a table of threshold "
+                                            r"alone"),
+    (lambda r: r["state"].update(threshold=True), r"state\.threshold: True, expected a finite number"),
     (lambda r: r["options"].update(measure="top1"), r"options\.measure: .*'top1'"),
     (lambda r: r.update(use="lego_ashem.other"), r"use: 'lego_ashem\.other', expected 'lego_ashem\.confidence'"),
     (lambda r: r["options"].update(measure="probe"), r"options\.measure: 'probe', but the checkpoint's model has no "
@@ -72,6 +75,16 @@ def test_a_router_a_run_never_keeps_is_refused_by_its_key_path(tiny_run, tmp_pat
     run = damaged_copy(tiny_run, tmp_path / "run", lambda saved: damage(saved["routers"][ROUTER]))
     with pytest.raises(stagewise.CheckpointError, match=rf"last\.pt: not the router a run keeps: "
                                                         rf"routers\.lego_ashem\.router\.{message}"):
+        stagewise_lego_ashem.load_router(run)
+
+
+def test_a_routers_table_a_run_never_writes_is_refused(tiny_run, tmp_path):
+    run = damaged_copy(tiny_run, tmp_path / "extra", lambda saved: saved["routers"][ROUTER].update(extra=1))
+    with pytest.raises(stagewise.CheckpointError, match=r"last\.pt: not the router a run keeps: routers\.lego_ashem"
+                                                        r"\.router: a dict, expected a table of use, options, state;"):
+        stagewise_lego_ashem.load_router(run)
+    run = damaged_copy(tiny_run, tmp_path / "none", lambda saved: saved.update(routers=None))
+    with pytest.raises(stagewise.CheckpointError, match=r"last\.pt: holds no calibrated router"):
         stagewise_lego_ashem.load_router(run)
 
 

@@ -216,6 +216,12 @@ def test_a_last_batch_smaller_than_the_world_does_not_split_the_ranks():
     assert len(set(steps)) == 1 and steps[0][0] == steps[0][1]
 
 
+def test_an_evaluation_counts_a_last_batch_smaller_than_the_world_on_the_main_process():
+    # 8 + 8 + 1: rank 0 evaluates the last example, rank 1 has no share of it (training drops it)
+    state = _rank_state(17, 8, 0, 2)
+    assert len(list(iterate_batches(state, "train", train=False))) == count_batches(state, "train", train=False) == 3
+
+
 def test_unsharded_batches_give_every_rank_the_whole_split_in_order():
     def inputs(rank: int, shard: bool) -> list[int]:
         state = _rank_state(13, 4, rank, 2)

@@ -366,6 +366,17 @@ def _no_hard_links_on_windows(source, target):
     raise exc
 
 
+@pytest.mark.parametrize(("code", "winerror", "none"), [
+    (errno.EPERM, None, True), (errno.EINVAL, 1, True), (errno.EINVAL, 50, True),  # FAT; a Windows share
+    (errno.EINVAL, None, False), (errno.EINVAL, 5, False), (errno.EACCES, None, False)])
+def test_only_a_file_system_without_hard_links_falls_back_to_a_rename(code, winerror, none):
+    from stagewise.engine.checkpoint import _no_hard_links as no_hard_links
+
+    exc = OSError(code, os.strerror(code))
+    exc.winerror = winerror  # POSIX's OSError has none
+    assert no_hard_links(exc) is none
+
+
 @pytest.mark.parametrize("link", [os.link, _no_hard_links, _no_hard_links_on_windows],
                          ids=["hard-links", "no-hard-links", "no-hard-links-on-windows"])
 def test_a_run_started_at_once_in_the_same_folder_leaves_the_other_runs_files(tmp_path, monkeypatch, link):

@@ -138,6 +138,20 @@ def test_an_export_written_part_way_through_a_stage_warns(tiny_run, tmp_path):
     assert _same_weights(model, tiny_run / "checkpoints" / "last.pt")
 
 
+def test_an_export_that_does_not_say_whether_its_stage_finished_loads_without_a_warning(tiny_run, tmp_path):
+    # as a checkpoint without stage_done loads: only stage_done = false means written part-way
+    export_npz(tiny_run / "checkpoints" / "last.pt", tmp_path / "m.npz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = stagewise.load_model(_rewritten(tmp_path / "m.npz", tmp_path / "old.npz", stage_done=None))
+    assert _same_weights(model, tiny_run / "checkpoints" / "last.pt")
+
+
+def test_a_run_directory_whose_name_ends_in_npz_is_a_run_directory(tiny_run, tmp_path):
+    run = shutil.copytree(tiny_run, tmp_path / "run.npz")
+    assert _same_weights(stagewise.load_model(run), tiny_run / "checkpoints" / "last.pt")
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"data_info": None}, r"old\.npz: exported by a stagewise that did not keep the data's facts the model is built "
                           r"from .*; export the run's checkpoint again \(stagewise export RUN_DIR old\.npz\)"),
@@ -159,10 +173,14 @@ def test_an_npz_that_is_no_export_or_is_not_there_is_refused(tmp_path):
         stagewise.load_model(tmp_path / "nothing.npz")
 
 
+def _exported_weights(run, export) -> dict[str, np.ndarray]:
+    export_npz(run / "checkpoints" / "last.pt", export)
+    with np.load(export) as data:
+        return {k: data[k] for k in data.files if k != "__meta__"}
+
+
 def test_weights_that_do_not_fit_the_model_are_named(tiny_run, tmp_path):
-    export_npz(tiny_run / "checkpoints" / "last.pt", tmp_path / "m.npz")
-    with np.load(tmp_path / "m.npz") as data:
-        arrays = {k: data[k] for k in data.files if k != "__meta__"}
+    arrays = _exported_weights(tiny_run, tmp_path / "m.npz")
     state = load_checkpoint(tiny_run / "checkpoints" / "last.pt")["model"]
     names = list(state)  # the model's order, which the message keeps
     for name in names[:4]:  # more missing than the message names
@@ -180,3 +198,12 @@ def test_weights_that_do_not_fit_the_model_are_named(tiny_run, tmp_path):
     write_checkpoint(saved, [tmp_path / "bad.pt"])
     with pytest.raises(CheckpointError, match=rf"bad\.pt: its weights do not fit .*\(missing: {re.escape(names[0])} "):
         stagewise.load_model(tmp_path / "bad.pt")
+
+
+def test_three_weights_that_do_not_fit_are_all_named(tiny_run, tmp_path):
+    arrays = _exported_weights(tiny_run, tmp_path / "m.npz")
+    names = list(load_checkpoint(tiny_run / "checkpoints" / "last.pt")["model"])
+    for name in names[:3]:
+        del arrays[name]
+    with pytest.raises(CheckpointError, match=re.escape(f"(missing: {', '.join(names[:3])} (3)); was it written")):
+        stagewise.load_model(_rewritten(tmp_path / "m.npz", tmp_path / "bad.npz", arrays))

@@ -4,6 +4,7 @@ import gzip
 import json
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -219,6 +220,19 @@ def test_write_file_split_refuses_a_folder_inside_the_source_and_replaces_links(
     assert not (tmp_path / "out" / "train.txt").is_symlink()
     assert (tmp_path / "out" / "train.txt").read_text() == "book 0\nbook 3"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["test.txt", "train.txt", "valid.txt"]
+
+
+def test_write_file_split_refuses_a_folder_inside_the_source_however_the_paths_are_written(tmp_path, monkeypatch):
+    from stagewise.data.text import write_file_split
+
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "0.txt").write_text("book 0")
+    monkeypatch.chdir(tmp_path)
+    for source, out in ((Path("books"), tmp_path / "books" / "split"), (tmp_path / "books", Path("books/./split")),
+                        (tmp_path / "books", tmp_path / "other" / ".." / "books")):
+        with pytest.raises(DataError, match=rf"^{re.escape(str(out))}: inside {re.escape(str(source))}, whose "):
+            write_file_split(source, out, every=4, valid=1, test=2)
+    assert sorted(p.name for p in (tmp_path / "books").iterdir()) == ["0.txt"]
 
 
 def test_write_file_split_chunks_lines_where_the_loader_ends_them(tmp_path):

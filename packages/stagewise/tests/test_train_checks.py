@@ -368,6 +368,22 @@ def test_a_train_split_smaller_than_the_process_count_is_refused(tiny, monkeypat
                                    f"or launch fewer processes"]
 
 
+def test_a_train_split_of_one_example_per_process_without_a_full_batch_names_drop_last(tiny, monkeypatch):
+    # every process has its example: the batch is what is missing, not data
+    from stagewise.engine.runner import check_stages
+
+    recipe = tiny("data.batch_size=1000", "data.drop_last=true")
+    data = recipe.data.component().from_recipe(recipe.data.options, seed=recipe.run.seed)
+    n = len(data["train"])
+    monkeypatch.setenv("WORLD_SIZE", str(n))
+    with pytest.raises(ConfigError) as info:
+        check_stages(recipe, data)
+    assert info.value.problems == [
+        f"data.batch_size: the train split's {n} examples make no full batch of 1000 with data.drop_last = true, "
+        f"so stagewise.train would train nothing; lower data.batch_size to at most {n}, set data.drop_last = false "
+        f"or give more training data"]
+
+
 def test_a_batch_smaller_than_the_process_count_is_refused(tiny, monkeypatch):
     # was: ranks past the batch size got no batch while the others trained, and DDP waited for them forever
     from stagewise.engine.runner import check_stages

@@ -46,3 +46,13 @@ def test_train_hard_without_a_mining_stage_is_refused_before_the_run(tmp_path):
     assert info.value.problems == ["stages.hard: example.train_hard trains on the examples an earlier "
                                    "example.mine_hard stage found; add one before it"]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_mining_stage_after_train_hard_does_not_count(tmp_path):
+    # the last stage, "test", made a mining stage: after "hard", not before it
+    recipe = stagewise.load_recipe("example.hard_examples", ["~stages.mine", 'stages.test.use="example.mine_hard"',
+                                                             'stages.test.router={use = "example.loss_quantile"}'])
+    with pytest.raises(stagewise.ConfigError) as info:
+        stagewise.run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    assert info.value.problems == ["stages.hard: example.train_hard trains on the examples an earlier "
+                                   "example.mine_hard stage found; add one before it"]
