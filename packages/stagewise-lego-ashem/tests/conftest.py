@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -89,3 +90,13 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def read_summary(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """bench/ashem_vs_baseline.py as a module: its bookkeeping and contract, tested without a benchmark-sized run."""
+    spec = importlib.util.spec_from_file_location("ashem_vs_baseline", Path(__file__).parents[1] / "bench" /
+                                                  "ashem_vs_baseline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -4,12 +4,10 @@ summary.json, and ``lego_ashem.seed_protocol``'s mining on the validation split.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
 
-import pytest
 import torch
 from conftest import read_summary
 
@@ -20,7 +18,6 @@ from stagewise.recipe import load_recipe
 from stagewise.verify import compare
 from stagewise_lego_ashem.timing import TIMING_METRICS
 
-BENCH = Path(__file__).parents[1] / "bench" / "ashem_vs_baseline.py"
 # the shipped models at width 16 on 3000 tokens of the built-in corpus, one epoch per training stage
 SMALL = ["data.max_tokens=3000", "model.n_embd=16", "model.ffn_hidden=32", "run.threads=1"]
 GOLDEN = Path(__file__).parent / "golden"
@@ -32,14 +29,6 @@ def _matches_golden(metrics: dict, name: str) -> list[str]:
     golden = json.loads((GOLDEN / f"{name}.json").read_text())
     kept = {k: v for k, v in metrics.items() if k.rsplit("/", 1)[-1] not in TIMING_METRICS}
     return compare(kept, golden["metrics"], golden["tolerance"])
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("ashem_vs_baseline", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_compare_runs_ashem_and_baseline_side_by_side_in_one_table(tmp_path, capsys):
