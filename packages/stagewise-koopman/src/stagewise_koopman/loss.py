@@ -13,7 +13,8 @@ Its parts (Lusch, Kutz & Brunton 2018), each with a weight, for k = 1..``steps``
   fake a small error;
 - ``reconstruction``: ‖ψ(φ(h)) − ĥ‖ (ψ is trained: the seed never trained it);
 - ``state``: ‖ψ(K^k φ(h)) − ĥ'‖, what Koopman forward mode relies on;
-- ``spectral`` (optional): singular values of K above 1, keeping its eigenvalues in the unit disc.
+- ``spectral`` (optional): singular values of K above 1, pulling its eigenvalues into the unit disc
+  (a penalty, not a projection: a trained K can stay a little outside).
 
 The engine owns the weight schedule and the fallback (``weight``, ``start_epoch``,
 ``ramp_epochs``, ``cap``, ``fallback_threshold``, ``fallback_factor`` of the loss term).

@@ -67,7 +67,8 @@ class KoopmanModules(nn.Module):
     def spectral_excess(self) -> torch.Tensor:
         """Σ relu(σ_i(K_l) - 1)², averaged over layers: 0 when every singular value is ≤ 1.
 
-        σ_max ≤ 1 bounds the spectral radius, so it keeps every eigenvalue in the unit disc;
+        σ_max ≤ 1 bounds the spectral radius, so where it is 0 every eigenvalue is in the closed unit
+        disc (a penalty, not a projection: the other parts and the DMD blend can hold K outside);
         singular values (unlike eigenvalues) have stable gradients even when they repeat, as
         they do at the identity initialisation.
         """
