@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 from types import SimpleNamespace
@@ -20,10 +21,10 @@ from stagewise_lego_ashem.rows import collect_rows
 from stagewise_lego_ashem.stages import mined_hard_ppl
 
 
-def small_model(n_layer: int = 4, exit_layer: int = 2) -> DeepSupervisionTransformer:
+def small_model(n_layer: int = 4, exit_layer: int = 2, exit_probe: bool = False) -> DeepSupervisionTransformer:
     torch.manual_seed(0)
     config = TransformerConfig(vocab_size=40, n_layer=n_layer, n_embd=16, n_head=2, ffn_hidden=32)
-    return DeepSupervisionTransformer(config, exit_layer=exit_layer).eval()
+    return DeepSupervisionTransformer(config, exit_layer=exit_layer, exit_probe=exit_probe).eval()
 
 
 def calibrated(model, idx, **options) -> Confidence:
@@ -341,15 +342,15 @@ def test_routed_flops_with_every_token_hard_are_full_depth_plus_the_exit_head_an
 
 def test_routed_flops_with_the_probe_pay_one_head_per_token():
     """The probe (C -> 1: 2·C per token) replaces the exit softmax: no exit head for hard tokens,
-    so all hard costs full depth + the probe; all easy costs the lower layers, the upper layers'
-    keys/values (4·C² per position and upper layer) and one head per token."""
+    so all hard costs full depth + the probe; all easy costs the lower layers and one head per
+    token (no upper block runs: no query there would read keys/values)."""
     from stagewise_lego_ashem.metrics import full_depth_flops, routed_flops
 
     shape, every = _shape(), torch.ones(3, 5, dtype=torch.bool)
     n, C, V = 15, 16, 40
     assert routed_flops(shape, ~every, "probe") - full_depth_flops(shape, every) == pytest.approx(n * 2 * C, rel=1e-12)
     lower = full_depth_flops(_shape(n_layer=2), every) - n * 2 * C * V  # two blocks, no head
-    expected_easy = lower + 2 * n * 4 * C * C + n * 2 * C + n * 2 * C * V
+    expected_easy = lower + n * 2 * C + n * 2 * C * V
     assert routed_flops(shape, every, "probe") == pytest.approx(expected_easy, rel=1e-12)
 
 
@@ -365,6 +366,63 @@ def test_phase2_step_and_token_step_flops_follow_the_layers_they_run():
     assert counted["lower"] == pytest.approx(full_depth_flops(_shape(n_layer=2), hard) - 12 * 2 * 16 * 40, rel=1e-12)
     two_blocks_alone = full_depth_flops(_shape(n_layer=2), torch.ones(7, 1, dtype=torch.bool))  # 7 tokens, T = 1
     assert token_step_flops(shape, 7) == pytest.approx(3 * two_blocks_alone, rel=1e-12)
+
+
+def _matmul_flops(fn) -> int:
+    """torch's own count of fn()'s linear layers (mm, and addmm for the probe's bias; 2 FLOPs per
+    multiply-add), forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    counts = counter.get_flop_counts()["Global"]
+    return counts[torch.ops.aten.mm] + counts.get(torch.ops.aten.addmm, 0)
+
+
+def _routed_matmul_flops(model, idx: torch.Tensor, easy: torch.Tensor, measure: str) -> int:
+    """``_matmul_flops`` of the routed forward of idx (B, T) with exactly the tokens ``easy`` (B, T) exiting."""
+    router = Confidence(ConfidenceOptions(measure=measure))
+    router.route = lambda scores, threshold: stagewise.Routing(masks={"easy": easy, "hard": ~easy}, scores=scores)
+    with torch.no_grad():
+        return _matmul_flops(functools.partial(routed_forward, model, idx, router, 0.5))
+
+
+def test_counted_flops_less_attention_and_softmax_are_torch_flop_counters_matmuls():
+    """The counts against ``FlopCounterMode`` for everything but what it counts differently: attention
+    (counted over each row's causal context, 4·C FLOPs per position; torch counts its dense masked
+    kernel, or nothing for CPU's fused one) and the exit softmax (elementwise, which torch leaves out).
+    Every sequence has 2 hard tokens, so the routed blocks' queries need no padded slots."""
+    from stagewise_lego_ashem.metrics import context_sum, full_depth_flops, phase2_step_flops, routed_flops
+
+    model, shape = small_model(exit_probe=True), _shape()
+    idx = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(16))
+    hard = torch.tensor([[False, True, False, False, True], [True, False, True, False, False]])
+    every, C, n = torch.ones_like(hard), 16, 10
+    attention = 2 * 4 * C * context_sum(every), 2 * 4 * C * context_sum(hard)  # two lower, two upper blocks
+    for measure, softmax in (("max_prob", 3 * n * 40), ("probe", 0)):
+        routed = _routed_matmul_flops(model, idx, ~hard, measure)
+        assert routed == routed_flops(shape, ~hard, measure) - sum(attention) - softmax, measure
+    counted = phase2_step_flops(shape, hard)
+    with torch.no_grad():
+        assert _matmul_flops(lambda: model(idx)) == full_depth_flops(shape, every) - 2 * attention[0]
+        assert _matmul_flops(functools.partial(model.exit_hidden, idx)) == counted["lower"] - attention[0]
+        hidden = model.exit_hidden(idx)
+    cached = _matmul_flops(lambda: torch.nn.functional.cross_entropy(
+        upper_forward(model, "full")({"hidden": hidden, "hard": hard})["logits"], idx[hard]).backward())
+    assert cached == counted["cache"] - 3 * attention[1]  # the backward: twice the forward's products
+
+
+@pytest.mark.parametrize("measure", ["max_prob", "probe"])
+def test_a_batch_with_no_hard_token_counts_no_upper_keys_values(measure):
+    """No query runs above the exit, so ``routed_layers`` returns at once; the count once paid the
+    upper blocks' keys and values for every position anyway (3% of an all-easy benchmark batch)."""
+    from stagewise_lego_ashem.metrics import context_sum, routed_flops
+
+    idx = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(16))
+    easy = torch.ones(2, 5, dtype=torch.bool)
+    routed = _routed_matmul_flops(small_model(exit_probe=True), idx, easy, measure)
+    softmax, attention = (3 * 10 * 40 if measure == "max_prob" else 0), 2 * 4 * 16 * context_sum(easy)
+    assert routed == routed_flops(_shape(), easy, measure) - attention - softmax
 
 
 def test_seed_compute_cost_is_the_layer_count():

@@ -6,7 +6,10 @@ forward of :mod:`stagewise_lego_ashem.routed` really does, relative to a full-de
 projections and feed-forwards (2 FLOPs per multiply-add), attention scores and values over each
 token's causal context, the output head wherever it runs, the confidence (a full-vocabulary
 softmax at the exit for every token, or the probe), and the upper layers' keys/values for
-every position. Norms, RoPE and the embedding lookup are left out (O(C) per token).
+every position of a batch that holds a hard token. Norms, RoPE and the embedding lookup are left
+out (O(C) per token), and so is work spent on padding and masks: the routed blocks' queries of the
+B x M slots beyond the hard rows (M: most hard tokens in a sequence) and attention scores at
+masked positions.
 """
 
 from __future__ import annotations
@@ -108,6 +111,9 @@ def token_step_flops(shape: Shape, n_tokens: int) -> float:
 
 
 def _upper_routed(shape: Shape, hard: torch.Tensor) -> float:
-    """The upper blocks in the routed rule: keys/values for every position, the rest for hard rows."""
+    """The upper blocks in the routed rule: keys/values for every position, the rest for hard rows;
+    nothing without a hard row (no query would read those keys/values: ``routed_layers`` returns at once)."""
+    if not bool(hard.any()):
+        return 0.0
     upper = shape.n_layer - shape.exit_layer
     return upper * (float(hard.numel()) * shape.kv() + shape.query_rows(float(hard.sum()), context_sum(hard)))

@@ -70,7 +70,7 @@ def _routed_block(block: Block, h: torch.Tensor, rows: _HardRows, cos: torch.Ten
     flat = h.reshape(B * T, C)
     x = block.attn_norm(flat)  # (B*T, C)
     k, v = _keys_values(attn, x, B, T, cos, sin)  # (B, nh, T, hd) each
-    q = F.linear(x.index_select(0, rows.padded), attn.qkv.weight[:C])  # the hard rows' queries only
+    q = F.linear(x.index_select(0, rows.padded), attn.qkv.weight[:C])  # queries of the (B, M) slots only
     q = apply_rope(q.view(B, M, nh, hd).transpose(1, 2), rows.cos, rows.sin)  # (B, nh, M, hd)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=rows.causal,  # (B, nh, M, hd)
                                        dropout_p=attn.dropout if attn.training else 0.0)
