@@ -4,7 +4,6 @@ progress bars, the calibration pass, phase 2's view of the cache and the leak wa
 from __future__ import annotations
 
 import io
-import json
 import math
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from stagewise.engine.runner import run_recipe
 from stagewise.errors import ConfigError
 from stagewise.loss import token_nll
 from stagewise.recipe import load_recipe, recipe_from_table
-from stagewise.verify import compare
+from stagewise.verify import verify_run
 from stagewise_lego_ashem.timing import TIMING_METRICS
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -33,9 +32,8 @@ def deterministic(metrics: dict) -> dict:
 @pytest.mark.parametrize("mode", ["full", "token"])
 def test_golden_record(tiny, tmp_path, mode):
     """Exact final metrics. A change here is a behaviour change: make it deliberately, say why."""
-    summary = read_summary(run_recipe(tiny(f"stages.phase2.context=\"{mode}\""), out=tmp_path / "run", quiet=True))
-    golden = json.loads((GOLDEN / f"tiny_{mode}.json").read_text())
-    assert compare(summary["metrics"], golden["metrics"], golden.get("tolerance", {})) == []
+    run_dir = run_recipe(tiny(f"stages.phase2.context=\"{mode}\""), out=tmp_path / "run", quiet=True)
+    assert verify_run(run_dir, GOLDEN / f"tiny_{mode}.json") == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -156,8 +154,7 @@ def test_exit_probe_replaces_the_exit_softmax(tiny, tmp_path):
     assert artifacts["lego_ashem.router"]["measure"] == "probe"
     assert 0 <= metrics["probe/probe_acc"] <= 1 and metrics["test/threshold"] == metrics["probe/threshold"]
     assert 0 < metrics["test/shallow_ratio"] < 1
-    golden = json.loads((GOLDEN / "tiny_probe.json").read_text())  # exact, as the max-softmax runs' records
-    assert compare(metrics, golden["metrics"], golden.get("tolerance", {})) == []
+    assert verify_run(run_dir, GOLDEN / "tiny_probe.json") == []  # exact, as the max-softmax runs' records
 
 
 def test_an_export_routes_with_numpy_as_the_run_did_with_torch(tiny, tmp_path):

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import RunsCode, read_summary
 
 import stagewise
@@ -19,6 +22,8 @@ from stagewise.engine.checkpoint import load_checkpoint
 from stagewise.engine.runner import run_recipe
 from stagewise.export import load_npz
 from stagewise.recipe import load_recipe
+from stagewise.testing import run_killed
+from stagewise.verify import verify_run
 
 
 def test_version(capsys):
@@ -187,6 +192,44 @@ def test_verify_needs_a_finished_run(tmp_path, capsys):
     (tmp_path / "g.json").write_text('{"metrics": {}}')
     assert main(["verify", str(tmp_path), str(tmp_path / "g.json")]) == 1
     assert "did the run finish?" in capsys.readouterr().err
+
+
+def test_show_prints_one_runs_final_table_and_several_runs_side_by_side(tiny_recipe_path, tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["run", str(tiny_recipe_path), "--out", str(first), "--set", "stages.phase2.max_epochs=1"]) == 0
+    printed = capsys.readouterr().out
+    assert main(["show", str(first)]) == 0
+    assert capsys.readouterr().out in printed  # the table the run printed at its end, whole
+    assert main(["run", str(tiny_recipe_path), "--out", str(second), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["show", str(first), str(second)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["metric", str(first), str(second), f"{second}", "vs", f"{first}"]
+    a, b = (read_summary(run)["metrics"]["test/loss"] for run in (first, second))
+    assert next(row for row in table if row.startswith("test/loss ")).split() == [
+        "test/loss", f"{a:.6g}", f"{b:.6g}", f"{100 * (b - a) / abs(a):+.2f}%"]
+
+
+def test_show_says_how_to_continue_a_run_that_was_stopped(tiny_recipe_path, tmp_path, capsys):
+    killed = tmp_path / "killed"
+    run_killed(tiny_recipe_path, killed, "phase2", 4)
+    assert main(["show", str(killed)]) == 1
+    command = f"stagewise run {killed / 'recipe.toml'} --resume {killed}"
+    assert capsys.readouterr().err == (f"stagewise: error: {killed / 'summary.json'} not found: the run has not "
+                                       f"finished; if it was stopped, '{command}' continues it\n")
+    assert main(command.split()[1:] + ["--quiet"]) == 0  # the command it gives does continue the run
+    capsys.readouterr()
+    assert main(["show", str(killed)]) == 0 and "test/loss" in capsys.readouterr().out
+
+
+def test_show_reads_every_run_before_printing(tiny_recipe_path, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["run", str(tiny_recipe_path), "--out", str(run_dir), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["show", str(run_dir), str(tmp_path / "nope")]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == (f"stagewise: error: {tmp_path / 'nope' / 'summary.json'}: summary.json "
+                                 f"(did the run finish?) not found\n")
 
 
 class _Timed(stagewise.Stage):
@@ -547,6 +590,88 @@ def test_verify_matches_non_finite_metrics_as_summary_json_writes_them(tmp_path,
     assert main(["verify", str(run_dir), str(golden)]) == 1
     assert capsys.readouterr().out.splitlines()[-2:] == ["c: run -inf != golden inf (diff -inf, tolerance 0.0)",
                                                          "verify: 1 difference(s)"]
+
+
+def _summary_on(tmp_path, cpu: str, metrics: dict) -> str:
+    """A run directory whose summary.json says it ran on the kind of CPU ``cpu``."""
+    from stagewise.engine.rundir import write_json_atomic
+
+    write_json_atomic(tmp_path / cpu / "summary.json", {"cpu": cpu, "metrics": metrics})
+    return str(tmp_path / cpu)
+
+
+def test_verify_takes_the_record_made_on_the_runs_kind_of_cpu(tmp_path, capsys):
+    golden = tmp_path / "golden.json"
+    golden.write_text(json.dumps({"cpu": "x AVX512", "metrics": {"a": 1.0, "n": 3},
+                                  "by_cpu": {"x AVX2": {"a": 1.0000001, "n": 3}}}))
+    assert main(["verify", _summary_on(tmp_path, "x AVX2", {"a": 1.0000001, "n": 3}), str(golden)]) == 0
+    assert main(["verify", _summary_on(tmp_path, "x AVX512", {"a": 1.0, "n": 3}), str(golden)]) == 0
+    assert capsys.readouterr().out == "verify: OK\nverify: OK\n"  # each exact against its own kind's record
+    # on a kind with its own record, matching another kind's is still a match: a run matches any record exactly
+    assert main(["verify", _summary_on(tmp_path, "x AVX2", {"a": 1.0, "n": 3}), str(golden)]) == 0
+    capsys.readouterr()
+    assert main(["verify", _summary_on(tmp_path, "x AVX2", {"a": 1.0000002, "n": 3}), str(golden)]) == 1
+    assert capsys.readouterr().out.splitlines() == [  # against its own kind's record, with nothing else to say
+        "a: run 1.0000002 != golden 1.0000001 (diff +1e-07, tolerance 0.0)", "verify: 1 difference(s)"]
+
+
+def test_verify_on_a_kind_of_cpu_without_a_record_says_how_to_add_one(tmp_path, capsys):
+    golden = tmp_path / "golden.json"
+    golden.write_text(json.dumps({"metrics": {"a": 1.0, "n": 3}, "tolerance": {}}))
+    run_dir = _summary_on(tmp_path, "x AVX2", {"a": 1.0000001, "n": 3, "other": 5})
+    assert main(["verify", run_dir, str(golden)]) == 1
+    note = (f"{golden} has no record made on this run's kind of CPU, 'x AVX2' (its records: one whose kind is not "
+            f"said); CPU numbers are bit-identical on the same kind only: 'stagewise verify RUN_DIR {golden} "
+            f"--add-cpu-record' adds one")
+    assert capsys.readouterr().out.splitlines()[-1] == f"verify: 1 difference(s); {note}"
+    assert verify_run(Path(run_dir), golden)[-1] == note  # in a test's assertion message too
+
+    assert main(["verify", run_dir, str(golden), "--add-cpu-record"]) == 0
+    assert capsys.readouterr().out == (f"verify: added the record for 'x AVX2' to {golden}; it differs from the "
+                                       f"file's other records by at most 1e-07 (relative)\n")
+    assert json.loads(golden.read_text()) == {"metrics": {"a": 1.0, "n": 3}, "tolerance": {},
+                                              "by_cpu": {"x AVX2": {"a": 1.0000001, "n": 3}}}
+    assert main(["verify", run_dir, str(golden)]) == 0
+    assert main(["verify", run_dir, str(golden), "--add-cpu-record"]) == 1  # its own record is not replaced
+    assert "it has a record for 'x AVX2' already; a change of it is a behaviour change" in capsys.readouterr().err
+
+
+def test_verify_within_cpu_tolerance_on_a_kind_of_cpu_without_a_record(tmp_path, capsys):
+    golden = tmp_path / "golden.json"
+    golden.write_text(json.dumps({"cpu": "x AVX512", "metrics": {"a": 100.0, "n": 3}, "cpu_tolerance": 1e-6}))
+    close, far = _summary_on(tmp_path, "y AVX2", {"a": 100.00005, "n": 3}), _summary_on(tmp_path, "z", {"a": 100.001})
+    with pytest.warns(UserWarning, match="matched within cpu_tolerance 1e-06"):
+        assert main(["verify", close, str(golden)]) == 0
+    assert capsys.readouterr().out.startswith("verify: OK; matched within the file's cpu_tolerance 1e-06, not exactly")
+    assert main(["verify", far, str(golden)]) == 1  # beyond it; and a metric the run lacks is still missing
+    assert capsys.readouterr().out.splitlines()[:2] == ["a: run 100.001 != golden 100.0 (diff +0.001, tolerance 0.0)",
+                                                        "n: missing from the run (golden 3)"]
+    on_its_kind = _summary_on(tmp_path, "x AVX512", {"a": 100.00005, "n": 3})
+    assert main(["verify", on_its_kind, str(golden)]) == 1  # the kind the record was made on: exact
+
+
+@pytest.mark.parametrize("golden, problem", [
+    ({"metrics": {"a": 1}, "cpu": 3}, "'cpu' must be a string"),
+    ({"metrics": {"a": 1}, "by_cpu": {"x": 1}}, "'by_cpu' must be an object of CPU kinds and objects"),
+    ({"metrics": {"a": 1}, "by_cpu": {"x": {"b": 1}}},
+     "by_cpu['x'] must hold the metrics 'metrics' holds: a, b differ"),
+    ({"metrics": {"a": 1}, "cpu_tolerance": -1}, "'cpu_tolerance' must be a number >= 0 (relative), not -1"),
+])
+def test_verify_names_a_bad_cpu_record(tmp_path, capsys, golden, problem):
+    (tmp_path / "golden.json").write_text(json.dumps(golden))
+    assert main(["verify", _summary_on(tmp_path, "x", {"a": 1}), str(tmp_path / "golden.json")]) == 1
+    assert problem in capsys.readouterr().err
+
+
+def test_a_runs_summary_and_env_say_its_kind_of_cpu(tiny_recipe_path, tmp_path):
+    from stagewise.engine.cpu import cpu_kind
+
+    assert main(["run", str(tiny_recipe_path), "--out", str(tmp_path / "run"), "--quiet",
+                 "--set", "stages.phase2.max_epochs=1"]) == 0
+    kind = cpu_kind()
+    assert torch.backends.cpu.get_cpu_capability() in kind and platform.machine() in kind
+    assert read_summary(tmp_path / "run")["cpu"] == kind
+    assert json.loads((tmp_path / "run" / "env.json").read_text())["cpu"] == kind
 
 
 def test_verify_against_another_run_s_summary_says_whose_it_is(tmp_path, capsys):

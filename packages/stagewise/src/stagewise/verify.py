@@ -5,16 +5,22 @@ golden metric must match exactly unless the file gives it an explicit absolute t
 run's wall-clock measurements (each stage's ``"measured"`` in summary.json) are compared only
 where the golden file gives them a tolerance: no two runs take the same time, so another run's summary.json still
 verifies a rerun.
+
+CPU numbers are bit-identical on the same kind of CPU only (:mod:`stagewise.engine.cpu`), so a golden
+file may keep the same metrics as made on other kinds: ``"cpu"`` names the kind of ``metrics``,
+``"by_cpu"`` maps other kinds to theirs, and a run matches when it matches one of them. A run on a kind
+none of them names matches within ``"cpu_tolerance"`` (relative) where the file gives one.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from stagewise.engine.rundir import read_number
+from stagewise.engine.rundir import read_number, write_json_atomic
 from stagewise.errors import CheckpointError, ConfigError
 
 
@@ -48,28 +54,125 @@ def compare(actual: dict[str, Any], golden: dict[str, Any], tolerance: dict[str,
 
 
 def verify_run(run_dir: Path, golden_path: Path) -> list[str]:
-    """One line per golden metric the run misses or differs in (measured ones aside)."""
-    return verify_report(run_dir, golden_path).differences
+    """One line per golden metric the run misses or differs in (measured ones aside), then, if any,
+    the note on the CPU kind the golden file has no record for."""
+    report = verify_report(run_dir, golden_path)
+    return report.differences + [report.cpu_note] if report.differences and report.cpu_note else report.differences
 
 
 class Report(NamedTuple):
     differences: list[str]  # one line per golden metric the run misses or differs in
     skipped: list[str]  # the run's measured metrics left out of the comparison
     names: tuple[str, str] | None  # (the golden record's run name, the run's) where they differ (a summary.json)
+    cpu_note: str | None = None  # the golden file has no record for the run's kind of CPU: what was done instead
 
 
-def verify_report(run_dir: Path, golden_path: Path) -> Report:
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """A finished run's ``summary.json``; CheckpointError, saying why, for a folder without one."""
     path = Path(run_dir) / "summary.json"
+    if not path.exists() and (Path(run_dir) / "recipe.toml").is_file():  # started, then stopped or still running
+        raise CheckpointError(f"{path} not found: the run has not finished; if it was stopped, "
+                              f"'stagewise run {Path(run_dir) / 'recipe.toml'} --resume {run_dir}' continues it")
     summary = load_json(path, "summary.json (did the run finish?)")
     if not isinstance(summary, dict) or not isinstance(summary.get("metrics"), dict):
         raise CheckpointError(f"{path} has no 'metrics' object: is {run_dir} a stagewise run directory?")
+    return summary
+
+
+def verify_report(run_dir: Path, golden_path: Path) -> Report:
+    summary = read_summary(run_dir)
     golden = load_json(golden_path, "golden file")
     metrics, tolerance = golden_tables(golden, golden_path)
     skipped = [key for key in measured_metrics(summary) if key in metrics and key not in tolerance]
-    compared = {key: value for key, value in metrics.items() if key not in skipped}
+    records = {kind: {key: value for key, value in record.items() if key not in skipped}
+               for kind, record in cpu_records(golden, golden_path).items()}
+    cpu = summary.get("cpu") if isinstance(summary.get("cpu"), str) else None  # a run from before it was kept: None
+    differences, note = _against_records(summary["metrics"], records, tolerance, cpu,
+                                         cpu_tolerance(golden, golden_path), golden_path)
     names = (golden.get("recipe"), summary.get("recipe"))
     differ = isinstance(names[0], str) and names[0] != names[1]
-    return Report(compare(summary["metrics"], compared, tolerance), skipped, names if differ else None)
+    return Report(differences, skipped, names if differ else None, note)
+
+
+def _against_records(actual: dict[str, Any], records: dict[str | None, dict[str, Any]], tolerance: dict[str, float],
+                     cpu: str | None, loose: float | None, path: Path) -> tuple[list[str], str | None]:
+    """The differences from the record of the run's kind of CPU, or, without one, from the file's first
+    record; nothing where the run matches any record. Where the file has no record for the run's known
+    kind ``cpu``, the note says so and how to add one, and ``loose`` (relative) may still let the run match."""
+    tried = {kind: compare(actual, record, tolerance) for kind, record in records.items()}
+    if not all(tried.values()):
+        return [], None
+    if cpu is None or cpu in records:  # this kind's own record: exact, as ever (or nothing known of kinds)
+        return tried.get(cpu) or next(iter(tried.values())), None
+    kinds = ", ".join(repr(kind) if kind else "one whose kind is not said" for kind in records)
+    note = (f"{path} has no record made on this run's kind of CPU, {cpu!r} (its records: {kinds}); CPU numbers are "
+            f"bit-identical on the same kind only: 'stagewise verify RUN_DIR {path} --add-cpu-record' adds one")
+    if loose is not None and any(not compare(actual, record, _loosened(tolerance, record, loose))
+                                 for record in records.values()):
+        warnings.warn(f"matched within cpu_tolerance {loose}: {note}", stacklevel=2)
+        return [], f"matched within the file's cpu_tolerance {loose}, not exactly: {note}"
+    return next(iter(tried.values())), note
+
+
+def _loosened(tolerance: dict[str, float], record: dict[str, Any], loose: float) -> dict[str, float]:
+    """Each number's tolerance widened to ``loose`` of its golden value (other kinds of CPU sum in another order)."""
+    return {key: max(tolerance.get(key, 0.0), loose * abs(value)) if _numbers(value, 0) else tolerance.get(key, 0.0)
+            for key, value in record.items()}
+
+
+def cpu_records(golden: dict[str, Any], path: Path) -> dict[str | None, dict[str, Any]]:
+    """The golden metrics by kind of CPU: ``metrics`` (its kind ``cpu``, or None where not said) first,
+    then ``by_cpu``'s, each with the same metric names."""
+    records: dict[str | None, dict[str, Any]] = {golden.get("cpu"): golden["metrics"]}
+    if not isinstance(golden.get("cpu", ""), str):
+        raise ConfigError([f"'cpu' must be a string, the kind of CPU 'metrics' was made on (a run's summary.json "
+                           f"says it), not {json.dumps(golden['cpu'])}"], str(path))
+    others = golden.get("by_cpu", {})
+    if not isinstance(others, dict) or not all(isinstance(r, dict) for r in others.values()):
+        raise ConfigError(["'by_cpu' must be an object of CPU kinds and objects of metric names and values, "
+                           "the same metrics as 'metrics' as made on that kind of CPU"], str(path))
+    for kind, record in others.items():
+        if set(record) != set(golden["metrics"]):
+            raise ConfigError([f"by_cpu[{kind!r}] must hold the metrics 'metrics' holds: "
+                               f"{', '.join(sorted(set(record) ^ set(golden['metrics'])))} differ"], str(path))
+        records[kind] = record
+    return records
+
+
+def add_cpu_record(run_dir: Path, golden_path: Path) -> tuple[str, float]:
+    """Write the run's values of the golden metrics into ``golden_path`` as the record for the run's kind of
+    CPU; the kind, and the largest relative difference from the file's other records."""
+    summary = read_summary(run_dir)
+    golden = load_json(golden_path, "golden file")
+    metrics, _ = golden_tables(golden, golden_path)
+    records, kind = cpu_records(golden, golden_path), summary.get("cpu")
+    if not isinstance(kind, str):
+        raise CheckpointError(f"{Path(run_dir) / 'summary.json'} does not say which kind of CPU the run was made on "
+                              f"(a run from before runs kept it): run the recipe again")
+    if kind in records:  # a run that differs from its own kind's record is a behaviour change, not a new record
+        raise ConfigError([f"it has a record for {kind!r} already; a change of it is a behaviour change: make it "
+                           f"by hand, saying why"], str(golden_path))
+    missing = sorted(set(metrics) - set(summary["metrics"]))
+    if missing:
+        raise CheckpointError(f"{run_dir} lacks golden metrics {', '.join(missing)}: is it a run of the same recipe?")
+    record = {key: summary["metrics"][key] for key in metrics}
+    golden.setdefault("by_cpu", {})[kind] = record
+    write_json_atomic(golden_path, golden)
+    return kind, max((_relative(read_number(record[k]), _number(r[k])) for r in records.values() for k in r),
+                     default=0.0)
+
+
+def _relative(value: Any, expected: Any) -> float:
+    if not _numbers(value, expected) or value == expected or math.isnan(value) and math.isnan(expected):
+        return 0.0
+    return abs(value - expected) / abs(expected) if expected else math.inf
+
+
+def cpu_tolerance(golden: dict[str, Any], path: Path) -> float | None:
+    loose = golden.get("cpu_tolerance")
+    if loose is not None and not (_numbers(loose, 0) and loose >= 0):
+        raise ConfigError([f"'cpu_tolerance' must be a number >= 0 (relative), not {json.dumps(loose)}"], str(path))
+    return loose
 
 
 def measured_metrics(summary: dict[str, Any]) -> list[str]:

@@ -1,4 +1,4 @@
-"""Core's subcommands: plugins, recipes, run, compare, verify, export."""
+"""Core's subcommands: plugins, recipes, run, compare, show, verify, export."""
 
 from __future__ import annotations
 
@@ -52,10 +52,22 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
                        "go on from their last checkpoints, finished ones are not run again")
     p.set_defaults(handler=cmd_compare)
 
+    p = sub.add_parser("show", help="print finished runs' results: one run's final table, or several side by side",
+                       description="Print the results of finished runs from their summary.json: for one run, the "
+                       "table 'stagewise run' printed at its end; for several, their final metrics side by side "
+                       "with each later run's change against the first, as 'stagewise compare' prints them.")
+    p.add_argument("run_dirs", nargs="+", type=_path, metavar="RUN_DIR",
+                   help="run directories holding summary.json, e.g. the baseline's first")
+    p.set_defaults(handler=cmd_show)
+
     p = sub.add_parser("verify", help="compare a run's final metrics with a golden record")
     p.add_argument("run_dir", help="a run directory holding summary.json")
     p.add_argument("golden", help='a JSON file {"metrics": {...}, "tolerance": {...}}, e.g. another run\'s '
                    "summary.json; the run's wall-clock measurements are compared only if given a tolerance")
+    p.add_argument("--add-cpu-record", action="store_true",
+                   help="add the run's values of the golden metrics to the golden file as the record for the run's "
+                   "kind of CPU (its \"by_cpu\"), where the file has none: CPU numbers are bit-identical on the same "
+                   "kind only (AVX2, AVX512, ...); do it with a run of the same recipe and code as the file's records")
     p.set_defaults(handler=cmd_verify)
 
     p = sub.add_parser("export", help="export a checkpoint's model to a numpy-only .npz",
@@ -172,8 +184,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    from stagewise.compare import comparison_table
+    from stagewise.engine.rundir import read_number
+    from stagewise.engine.runner import final_table
+    from stagewise.verify import read_summary
+
+    summaries = {str(run_dir): read_summary(run_dir) for run_dir in args.run_dirs}  # every one read before printing
+    for summary in summaries.values():  # "nan" and "inf" as summary.json writes them: numbers again
+        summary["metrics"] = {key: read_number(value) for key, value in summary["metrics"].items()}
+    if len(summaries) == 1:
+        print(final_table(*summaries.values(), args.run_dirs[0]))
+    else:
+        print(comparison_table(summaries))
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    from stagewise.verify import verify_report
+    from stagewise.verify import add_cpu_record, verify_report
+
+    if args.add_cpu_record:
+        kind, spread = add_cpu_record(Path(args.run_dir), Path(args.golden))
+        print(f"verify: added the record for {kind!r} to {args.golden}; it differs from the file's other records by "
+              f"at most {spread:.3g} (relative)")
+        return 0
 
     report = verify_report(Path(args.run_dir), Path(args.golden))
     for line in report.differences:
@@ -184,6 +218,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if report.differences and report.names is not None:  # a rerun under another run.name still verifies
         note += "; the golden record is of run {!r}, this run is {!r}: is it another recipe's record?".format(
             *report.names)
+    if report.cpu_note:  # the golden file has no record made on the run's kind of CPU
+        note += f"; {report.cpu_note}"
     print(("verify: OK" if not report.differences else f"verify: {len(report.differences)} difference(s)") + note)
     return 1 if report.differences else 0
 

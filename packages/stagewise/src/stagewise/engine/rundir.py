@@ -4,7 +4,7 @@
 
     RUN_DIR/
       recipe.toml        the resolved recipe (defaults filled in, overrides applied)
-      env.json           python, torch, platform, threads, processes, every plugin's distribution and version
+      env.json           python, torch, platform, CPU kind, threads, processes, every plugin's distribution and version
       metrics.jsonl      one JSON object per logged event (step, epoch, stage, grow, plugins' own)
       summary.json       per-stage metrics and timings, and the final metrics
       checkpoints/       <stage checkpoint name>.pt after each stage, last.pt for resuming
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from stagewise.engine.checkpoint import TEMP_GLOB, atomic_write_bytes, remove_temp_files
+from stagewise.engine.cpu import cpu_kind
 from stagewise.engine.distributed import launched_world_size
 from stagewise.errors import CheckpointError, PluginError
 
@@ -211,6 +212,7 @@ def environment() -> dict[str, Any]:
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "cpu": cpu_kind(),  # CPU metrics are bit-identical on the same kind of CPU only
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "processes": launched_world_size(),  # a torchrun job's sums run in another order than one process's

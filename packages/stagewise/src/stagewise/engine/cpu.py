@@ -1,0 +1,35 @@
+"""The kind of CPU a run's numbers belong to.
+
+On CPU the same recipe and seed give bit-identical metrics on the same kind of CPU only: torch
+picks its vector kernels by instruction set (AVX2, AVX512, ...) and its math library takes its
+own code paths by maker, and sums run in another order with other vector widths. The kind is
+kept in ``env.json`` and ``summary.json``, so that a golden record says which CPU it was made on.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+
+def cpu_kind() -> str:
+    """E.g. ``"AuthenticAMD x86_64 AVX2"``: the CPU's maker where the system says it, the machine,
+    and the instruction set torch's CPU kernels use."""
+    import torch
+
+    parts = [_maker(), platform.machine(), torch.backends.cpu.get_cpu_capability()]
+    return " ".join(part for part in parts if part)
+
+
+def _maker() -> str:
+    """Linux's ``vendor_id`` (GenuineIntel, AuthenticAMD); elsewhere what ``platform`` says, if anything."""
+    try:
+        with Path("/proc/cpuinfo").open(encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id":
+                    return value.strip()
+    except OSError:  # not Linux
+        pass
+    text = platform.processor()  # Windows: "Intel64 Family 6 Model 85 Stepping 7, GenuineIntel"
+    return text.rpartition(",")[2].strip() if "," in text else ""
