@@ -652,6 +652,7 @@ def test_verify_within_cpu_tolerance_on_a_kind_of_cpu_without_a_record(tmp_path,
 
 @pytest.mark.parametrize("golden, problem", [
     ({"metrics": {"a": 1}, "cpu": 3}, "'cpu' must be a string"),
+    ({"metrics": {"a": 1}, "cpu": ["x"]}, "'cpu' must be a string"),
     ({"metrics": {"a": 1}, "by_cpu": {"x": 1}}, "'by_cpu' must be an object of CPU kinds and objects"),
     ({"metrics": {"a": 1}, "by_cpu": {"x": {"b": 1}}},
      "by_cpu['x'] must hold the metrics 'metrics' holds: a, b differ"),

@@ -123,10 +123,10 @@ def _loosened(tolerance: dict[str, float], record: dict[str, Any], loose: float)
 def cpu_records(golden: dict[str, Any], path: Path) -> dict[str | None, dict[str, Any]]:
     """The golden metrics by kind of CPU: ``metrics`` (its kind ``cpu``, or None where not said) first,
     then ``by_cpu``'s, each with the same metric names."""
-    records: dict[str | None, dict[str, Any]] = {golden.get("cpu"): golden["metrics"]}
     if not isinstance(golden.get("cpu", ""), str):
         raise ConfigError([f"'cpu' must be a string, the kind of CPU 'metrics' was made on (a run's summary.json "
                            f"says it), not {json.dumps(golden['cpu'])}"], str(path))
+    records: dict[str | None, dict[str, Any]] = {golden.get("cpu"): golden["metrics"]}
     others = golden.get("by_cpu", {})
     if not isinstance(others, dict) or not all(isinstance(r, dict) for r in others.values()):
         raise ConfigError(["'by_cpu' must be an object of CPU kinds and objects of metric names and values, "
