@@ -250,6 +250,22 @@ def test_fallback_cuts_only_a_term_above_its_threshold_and_counts_only_first_eva
     assert weights.fallbacks == {"mse": 1} and state.warnings.counts == {"fallback/mse": 1}
 
 
+def test_fallback_leaves_a_nan_term_to_the_non_finite_guard_and_shows_a_value_above_its_threshold(capsys):
+    from types import SimpleNamespace
+
+    from stagewise.engine.guards import RateLimitedWarnings
+    from stagewise.engine.objective import TermWeights
+
+    spec = LossSpec(use="stagewise.mse", fallback_threshold=2.0, fallback_factor=0.1)
+    weights = TermWeights([spec], SimpleNamespace(warnings=RateLimitedWarnings()))
+    # NaN is not above the threshold: the batch is skipped as non-finite, not counted a fallback
+    assert weights.effective("mse", 0.5, float("nan")) == 0.5 and weights.fallbacks == {"mse": 0}
+    assert capsys.readouterr().err == ""  # was: "loss term 'mse' = nan > fallback_threshold 2.0"
+    assert weights.effective("mse", 0.5, 2.0001) == pytest.approx(0.05)
+    # was "= 2 > fallback_threshold 2.0": four digits hid what made it larger
+    assert "loss term 'mse' = 2.0001 > fallback_threshold 2.0;" in capsys.readouterr().err
+
+
 def test_mse_eval_sums_count_every_value():
     pred = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
     target = torch.zeros(2, 3)

@@ -136,13 +136,14 @@ class TermWeights:
         ``count=False`` for a re-evaluation of a batch already counted (L-BFGS's line search).
         """
         spec = self.specs[name]
-        if spec.fallback_threshold is None or weight == 0.0 or value <= spec.fallback_threshold:
+        # not "value <= threshold": NaN is not above it either, and the non-finite guard skips that batch
+        if spec.fallback_threshold is None or weight == 0.0 or not value > spec.fallback_threshold:
             return weight
         cut = weight * spec.fallback_factor
         if count:
             self.fallbacks[name] += 1
             self.state.warnings.warn(
                 f"fallback/{name}",
-                f"loss term {name!r} = {value:.4g} > fallback_threshold {spec.fallback_threshold}; "
+                f"loss term {name!r} = {value:.7g} > fallback_threshold {spec.fallback_threshold}; "
                 f"weight cut to {cut:.3g} for this batch")
         return cut
