@@ -162,11 +162,13 @@ RETURNS = {
     "per-token": lambda logits: logits.pow(2).mean(-1),  # (B, T): forgot to reduce
     "float": lambda logits: logits.pow(2).mean().item(),  # cut from the graph
     "part": lambda logits: {"ok": logits.mean(), "bad": logits.mean(-1)},
+    "no parts": lambda logits: {},  # their sum, the int 0: trained, an AttributeError; evaluated, a loss of 0
 }
 
 
 @pytest.mark.parametrize("kind, what", [("per-token", "a tensor of shape (4, 8)"), ("float", "a float"),
-                                        ("part", "part 'bad': a tensor of shape (4, 8)")])
+                                        ("part", "part 'bad': a tensor of shape (4, 8)"),
+                                        ("no parts", "a dict of no parts")])
 @pytest.mark.parametrize("stage", ["phase1", "test"])  # training, and evaluation on its own
 def test_a_loss_returning_no_scalar_tensor_is_one_error_naming_it(tiny, tmp_path, monkeypatch, kind, what, stage):
     # was a traceback from deep in the loop: "a Tensor with 32 elements cannot be converted to Scalar"

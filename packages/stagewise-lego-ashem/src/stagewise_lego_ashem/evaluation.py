@@ -26,11 +26,12 @@ from stagewise_lego_ashem.router import (
     SOFTMAX_MEASURES,
     Confidence,
     ConfidenceOptions,
+    Measure,
     confidence_from_logits,
 )
 
 
-def router_of(state: stagewise.State, measure: str | None = None) -> Confidence:
+def router_of(state: stagewise.State, measure: Measure | None = None) -> Confidence:
     """The router the run calibrated (measure, hard_ratio from the artifact; threshold from the model)."""
     # a run with no mine stage routes by [model] routing_threshold, with the router's defaults
     mined = mining.ROUTER in state.artifacts or mining.mined_before(state)  # then it must be there

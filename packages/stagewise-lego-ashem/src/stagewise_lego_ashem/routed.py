@@ -92,7 +92,7 @@ def _keys_values(attn: CausalSelfAttention, x: torch.Tensor, B: int, T: int, cos
 
 @torch.no_grad()
 def routed_forward(model: DeepSupervisionTransformer, idx: torch.Tensor, router: Confidence,
-                   threshold: float, keep_exit_logits: bool = False) -> dict[str, Any]:
+                   threshold: float | None, keep_exit_logits: bool = False) -> dict[str, Any]:
     """Routed logits of idx (B, T): {"logits": (B, T, V), "easy": (B, T) bool, "exit_logits"}.
 
     Easy tokens take the exit layer's logits, hard tokens the last layer's. With a softmax

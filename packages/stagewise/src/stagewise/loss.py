@@ -99,14 +99,23 @@ class Loss(torch.nn.Module):
 def check_value(loss: Loss, value: Any) -> Any:
     """``value`` when it is what ``loss.forward`` must return: a scalar (one-element) tensor or a
     dict of them; else a PluginError naming the loss. No device sync: shapes only."""
-    parts = value.items() if isinstance(value, dict) else [(None, value)]
-    for part, v in parts:
+    what = _not_scalar(value)
+    if what is not None:
+        raise PluginError(f"loss {loss.name!r} returned {what}; Loss.forward must return a scalar tensor "
+                          f"(reduce it, e.g. with .mean()) or a dict of named scalar tensors")
+    return value
+
+
+def _not_scalar(value: Any) -> str | None:
+    """What a Loss.forward returned, as :func:`check_value`'s error names it, when it is not a scalar
+    tensor or a dict of them; None when it is."""
+    if isinstance(value, dict) and not value:  # no total to train on: the sum of no parts is the int 0
+        return "a dict of no parts"
+    for part, v in value.items() if isinstance(value, dict) else [(None, value)]:
         if not (isinstance(v, torch.Tensor) and v.numel() == 1):
             what = f"a tensor of shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
-            what = what if part is None else f"part {part!r}: {what}"
-            raise PluginError(f"loss {loss.name!r} returned {what}; Loss.forward must return a scalar tensor "
-                              f"(reduce it, e.g. with .mean()) or a dict of named scalar tensors")
-    return value
+            return what if part is None else f"part {part!r}: {what}"
+    return None
 
 
 def batch_size(batch: dict[str, Any]) -> int:

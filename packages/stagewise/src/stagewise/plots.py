@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 _hinted: set[Path] = set()  # the plots folders (one per run) already told why they stay empty
@@ -18,9 +19,9 @@ def have_matplotlib() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def line_plot(path: Path, series: dict[str, tuple[list[float], list[float]]], *, title: str = "",
+def line_plot(path: Path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, title: str = "",
               xlabel: str = "", ylabel: str = "", logy: bool = False,
-              vlines: list[tuple[float, str]] = (), hlines: list[tuple[float, str]] = ()) -> bool:
+              vlines: Sequence[tuple[float, str]] = (), hlines: Sequence[tuple[float, str]] = ()) -> bool:
     """Draw named (x, y) series to a PNG; ``vlines`` mark positions (e.g. stage boundaries) and
     ``hlines`` reference values (e.g. |λ| = 1): labelled lines without markers, not in the legend."""
     if not have_matplotlib():

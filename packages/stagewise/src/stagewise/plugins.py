@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from types import ModuleType
@@ -182,7 +183,7 @@ def _skip(info: PluginInfo, why: str) -> None:
     _host.skipped[info.name] = f"the plugin {info.name!r} ({info.distribution} {info.version}) {why}"
 
 
-def trace(hook_name: str, impls: list) -> None:
+def trace(hook_name: str, impls: Sequence[Any]) -> None:
     """With STAGEWISE_TRACE_PLUGINS=1, print each hook call and the plugins it reaches."""
     if _host.tracing:
         print(f"stagewise: trace: {hook_name} -> {[i.plugin_name for i in impls]}", file=sys.stderr)

@@ -17,7 +17,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Set
 from typing import Any, Literal, Union, get_args, get_origin
 
 from stagewise.errors import OptionError
@@ -100,7 +100,7 @@ def coerce_keys(table: dict[str, Any], types_: dict[str, Any], path: str, proble
 
 
 def construct(cls: type, values: dict[str, Any], path: str, problems: list[str],
-              bad: set[str] = frozenset(), failed: bool = False, written: Container[str] = ()) -> Any:
+              bad: Set[str] = frozenset(), failed: bool = False, written: Container[str] = ()) -> Any:
     """``cls(**values)``, whose ``__post_init__`` checks the values; None when it refuses them or when
     ``failed`` (the table had other problems), so that one round reports every problem.
 
@@ -255,8 +255,8 @@ def _type_name(annotation: Any) -> str:
     return str(annotation).replace("typing.", "")
 
 
-def as_table(options: Any) -> dict[str, Any]:
-    """A dataclass instance back to plain TOML-ready data (None values dropped)."""
+def as_table(options: Any) -> Any:
+    """A dataclass instance (or a list or dict of them) back to plain TOML-ready data (None values dropped)."""
     if dataclasses.is_dataclass(options) and not isinstance(options, type):
         to_table = getattr(options, "to_table", None)
         if to_table is not None:

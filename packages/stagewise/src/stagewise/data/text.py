@@ -145,7 +145,7 @@ def token_ids(text: str, lowercase: bool, index: WordIndex, limit: int | None = 
     """``tokenize(text, lowercase)`` as ids of ``index``, (N,) int64; with ``limit``, at least its
     first ``limit`` tokens (whole lines, or pieces of a long line), the rest of the text left untokenised."""
     index[EOS]  # <eos> takes provisional id 0 in every index, whatever the text starts with
-    ids = []
+    ids: list[int] = []
     for tokens in line_words(text, lowercase):
         ids.extend(map(index.__getitem__, tokens))  # C-speed lookups; only new words call __missing__
         if limit is not None and len(ids) >= limit:

@@ -36,7 +36,7 @@ class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.checkpoints = self.path / "checkpoints"
-        self._metrics = None
+        self._metrics: BinaryIO | None = None
         self.lines = 0  # records in metrics.jsonl, saved in checkpoints to cut on resume
         self._on_close: list[Callable[[], None]] = []
 

@@ -46,8 +46,9 @@ class TransformerOptions:
         """The ``(ok, key, message)`` value checks of :func:`stagewise.check_options`; a model built on
         this one adds its own to these."""
         sizes = ("n_layer", "n_head", "n_embd", "ffn_hidden", "max_seq_len")
-        checks = [(getattr(self, name) >= 1, name, f"must be a positive integer, got {getattr(self, name)}")
-                  for name in sizes]
+        checks: list[tuple[bool, str | tuple[str, ...], str]] = [
+            (getattr(self, name) >= 1, name, f"must be a positive integer, got {getattr(self, name)}")
+            for name in sizes]
         if min(self.n_head, self.n_embd) >= 1:  # else reported above
             head_dim, rest = divmod(self.n_embd, self.n_head)
             checks.append((rest == 0 and head_dim % 2 == 0, ("n_embd", "n_head"),
