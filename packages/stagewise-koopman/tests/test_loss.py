@@ -378,3 +378,15 @@ def test_one_step_error_on_cuda_matches_cpu():
     on_cuda = one_step_error(_FixedHidden([h.cuda() for h in hidden]), term.cuda(), batches)
     assert on_cuda[0] == pytest.approx(on_cpu[0], rel=1e-4)
     assert on_cuda[1] == {layer: pytest.approx(e, rel=1e-4) for layer, e in on_cpu[1].items()}
+
+
+def test_a_model_without_hidden_states_says_what_the_term_needs():
+    from stagewise_koopman.loss import probe_hidden
+
+    class LogitsOnly(torch.nn.Module):
+        def forward(self, x):
+            return {"logits": x}
+
+    with pytest.raises(ValueError, match=r"koopman\.operator needs a model whose outputs hold 'hidden'.*; "
+                                         r"LogitsOnly returned keys \['logits'\]$"):
+        probe_hidden(LogitsOnly(), {"input": torch.zeros(2, 3)})

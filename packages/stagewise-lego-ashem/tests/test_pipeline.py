@@ -545,3 +545,20 @@ def test_a_term_the_cache_cannot_serve_is_named_as_set_addresses_it(tiny, tmp_pa
         run_recipe(tiny(f"stages.phase2.losses={terms}"), out=tmp_path / "run", quiet=True)
     (problem,) = info.value.problems
     assert problem.startswith("stages.phase2.losses.deep: stagewise.cross_entropy needs exit-layer logits")
+
+
+@pytest.mark.parametrize(("overrides", "problems"), [
+    (["stages.mine.router.measure=probe"], ["stages.mine.router.measure: mine with a softmax measure; the probe is "
+                                           "trained later by lego_ashem.train_exit_probe"]),
+    (['model={use="stagewise.transformer", n_layer=2, n_embd=16, n_head=2, ffn_hidden=32}'],
+     [f"stages.{name}: {use} needs [model] use = \"lego_ashem.deep_supervision_transformer\", got "
+      "'stagewise.transformer'" for name, use in [("mine", "lego_ashem.mine"),
+                                                  ("phase2", "lego_ashem.train_upper_layers"),
+                                                  ("test", "lego_ashem.evaluate_routed")]]),
+])
+def test_a_mine_measure_or_model_the_stages_cannot_use_is_refused_before_anything_runs(tiny, tmp_path, overrides,
+                                                                                       problems):
+    with pytest.raises(ConfigError) as info:
+        run_recipe(tiny(*overrides), out=tmp_path / "run", quiet=True)
+    assert info.value.problems == problems
+    assert not (tmp_path / "run").exists()

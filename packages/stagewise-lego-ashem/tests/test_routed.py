@@ -754,3 +754,15 @@ def test_timings_wait_for_the_gpu_before_reading_the_clock(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: events.append("wait"))
     timing.interleaved_seconds({"a": lambda: events.append("a"), "b": lambda: events.append("b")}, repeats=1)
     assert events == ["wait", "a", "wait", "wait", "b", "wait"] * 2
+
+
+def test_routing_before_calibration_says_what_to_call():
+    with pytest.raises(RuntimeError, match=r"^lego_ashem\.confidence: call calibrate\(\) \(or pass a threshold\) "
+                                           r"before route\(\)$"):
+        Confidence().route(torch.zeros(3))
+
+
+def test_a_measure_that_does_not_score_logits_lists_those_that_do():
+    with pytest.raises(ValueError, match="^measure 'probe' does not score logits; use one of max_prob, margin, "
+                                         "neg_entropy$"):
+        confidence_from_logits(torch.zeros(2, 3), "probe")

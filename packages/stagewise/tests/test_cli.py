@@ -1159,3 +1159,22 @@ def test_the_comparison_table_shows_each_run_against_the_first_and_lines_up_long
         ["n", "3", "3", "-", "+0.00%", "-"],
         ["nan", "nan", "1", "-", "-", "-"]]
     assert len({len(line) for line in lines}) == 1
+
+
+def test_a_golden_file_whose_tolerance_is_not_an_object_is_refused(tmp_path):
+    from stagewise.verify import golden_tables
+
+    with pytest.raises(stagewise.ConfigError, match="'tolerance' must be an object of metric names and numbers >= 0"):
+        golden_tables({"metrics": {"a": 1.0}, "tolerance": 0.1}, tmp_path / "g.json")
+
+
+def test_compare_resume_refuses_a_run_folder_without_its_recipe(tiny_recipe_path, tmp_path):
+    from stagewise.compare import compare_recipes
+
+    (tmp_path / "cmp" / "tiny").mkdir(parents=True)
+    (tmp_path / "cmp" / "tiny" / "notes.txt").write_text("mine")
+    with pytest.raises(stagewise.CheckpointError) as info:
+        compare_recipes([str(tiny_recipe_path)], [], tmp_path / "cmp", quiet=True, resume=True)
+    assert str(info.value) == (f"--resume {tmp_path / 'cmp'}: {tmp_path / 'cmp' / 'tiny'} holds files but no "
+                               f"recipe.toml, so it is not a run of 'tiny'; move it away, or pass --out with a new "
+                               f"folder")

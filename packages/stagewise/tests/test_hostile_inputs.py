@@ -270,6 +270,12 @@ _DEEP_DAMAGE = [
      "stage_index, stage_name: 3, 'phase1' is no stage of this recipe"),
     ("model-options-dropout", lambda c: c["model_options"].update(dropout=0.5),
      "model_options.dropout: 0.5, but the recipe gives 0.0"),
+    ("rng-cuda", lambda c: c["rng"].update(cuda=[1]), "rng.cuda: must be a list of CUDA RNG states (uint8 tensors)"),
+    ("rng-numpy-list", lambda c: c["rng"].update(numpy=[]), "rng.numpy: not numpy's MT19937 state"),
+    ("routers", lambda c: c.update(routers=[]), "routers: a list, expected a table of routers by name"),
+    # was "the checkpoint's model options no longer validate: [...]", naming no file and saying nothing to do
+    ("model-options-type", lambda c: c["model_options"].update(n_layer="x"),
+     "model_options.n_layer: expected int, got str 'x'"),
 ]
 _LOOP_DAMAGE = [  # the training stage's own state, checked against what it built: after the metrics are cut back
     ("loop-batch", lambda c: c["loop"].update(batch=5), "loop.batch: 5, expected 0..4"),  # islice's ValueError
@@ -288,6 +294,15 @@ _LOOP_DAMAGE = [  # the training stage's own state, checked against what it buil
     ("ema-target", lambda c: c.update(target={"x": torch.zeros(1)}),
      "target: an EMA model, but this stage keeps none (ema_momentum)"),
     ("epoch-seconds", lambda c: c.update(epoch_seconds="z"), "epoch_seconds: a str, expected a number"),
+    ("scheduler-missing", lambda c: c.pop("scheduler"), "scheduler: missing from a training stage's checkpoint"),
+    ("terms-list", lambda c: c.update(terms=[]), "terms: a list, not the state dict a run writes"),
+    ("optimizer-list", lambda c: c.update(optimizer=[]), "optimizer: a list, expected a table of state, param_groups"),
+    ("optimizer-state", lambda c: c["optimizer"].update(state={99: {}}),
+     "optimizer.state: not a table of this stage's parameters' states"),
+    ("optimizer-step-float", lambda c: c["optimizer"]["state"][0].update(step=1.0),
+     "optimizer.state.0.step: a float, expected a torch.float32 tensor of shape ()"),
+    ("warnings", lambda c: c.update(warnings={"x": -1}),
+     "warnings: a dict, expected a table of counts (names to whole numbers >= 0)"),
     # settings of the right type but not the recipe's: taken silently, every step after the resume differed
     ("optimizer-weight-decay", lambda c: c["optimizer"]["param_groups"][0].update(weight_decay=0.5),
      "optimizer.param_groups[0].weight_decay: 0.5, but the recipe gives 0.01"),

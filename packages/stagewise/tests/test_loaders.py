@@ -868,3 +868,24 @@ def test_csv_cell_hints(tmp_path, text, header, message):
     (tmp_path / "t.csv").write_text(text)
     with pytest.raises(DataError, match=message):
         CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=[1], header=header), seed=0)
+
+
+def test_an_unknown_split_lists_the_data_s_splits():
+    data = DataSplits({"train": [1], "valid": [2]})
+    with pytest.raises(KeyError, match="no split named 'test'; the data has splits: train, valid"):
+        data["test"]
+
+
+def test_to_device_keeps_lists_and_tuples_of_a_collated_batch():
+    from stagewise.engine.batches import to_device
+
+    t = torch.ones(2)
+    moved = to_device({"x": [t, (t, "label")]}, torch.device("cpu"))
+    assert type(moved["x"]) is list and type(moved["x"][1]) is tuple
+    assert torch.equal(moved["x"][0], t) and moved["x"][1][1] == "label"
+
+
+def test_an_idx_header_cut_short_names_the_bytes_it_needs(tmp_path):
+    (tmp_path / "head.idx").write_bytes(b"\0\0\x08\x05" + struct.pack(">I", 2))  # 5 dimensions, one size given
+    with pytest.raises(DataError, match=r"head\.idx is truncated: its header needs 24 bytes, the file has 8"):
+        read_idx(tmp_path / "head.idx")

@@ -419,3 +419,12 @@ def test_position_problems_name_each_damaged_metrics_table():
         "loop.last_metrics.val/loss: a set, not a number, string, list or table",
         "loop.last_metrics: key 3 is not a string",
     ]
+
+
+def test_a_monitor_the_stage_does_not_report_lists_the_stage_s_metrics(tiny, tmp_path):
+    with pytest.raises(stagewise.ConfigError) as info:
+        run_recipe(tiny("stages.phase1.max_epochs=1", "stages.phase1.monitor=val/nope"), out=tmp_path / "run",
+                   quiet=True)
+    assert info.value.problems == [
+        "stages.phase1.monitor: 'val/nope' is not a metric of this stage; metrics: train/cross_entropy, "
+        "train/cross_entropy/weight, train/cross_entropy/weighted, train/loss, train/lr, val/acc, val/loss, val/ppl"]

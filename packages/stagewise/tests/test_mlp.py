@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -51,3 +52,10 @@ def test_out_of_range_options_are_refused_when_the_recipe_loads(key, value):
 
 def test_the_edges_of_the_ranges_are_accepted():
     assert MLPOptions(hidden=[1], dropout=0.0, n_outputs=1) and MLPOptions(dropout=0.999)
+
+
+@pytest.mark.parametrize(("n_outputs", "missing"), [(None, "['n_features', 'n_outputs']"), (3, "['n_features']")])
+def test_data_without_the_mlp_s_sizes_says_which_are_missing(n_outputs, missing):
+    with pytest.raises(ValueError, match=rf"^model stagewise\.mlp needs data\.info {re.escape(missing)}; this "
+                                         r"dataset does not provide them"):
+        MLP.from_recipe(MLPOptions(n_outputs=n_outputs), DataSplits({}))

@@ -516,3 +516,12 @@ def test_a_registered_object_that_is_not_its_kinds_class_skips_the_plugin(host, 
         f"stagewise: warning: skipped plugin 'odd' (stagewise-odd 1.0) failed during registration: ValueError: "
         f"{registry.singular(kind)} 'odd.thing' is registered as {obj!r}, which is {what}, not a subclass of "
         f"stagewise.{base}; register a class that subclasses stagewise.{base}\n")
+
+
+@pytest.mark.parametrize(("kind", "one"), [("stages", "stage"), ("routers", "router"), ("losses", "loss"),
+                                           ("models", "model"), ("datasets", "dataset"), ("recipes", "recipe")])
+def test_each_registry_getter_returns_what_its_listing_holds(kind, one):
+    listing, get = getattr(stagewise, f"get_{kind}")(), getattr(stagewise, f"get_{one}")
+    assert all(get(name) == value for name, value in listing.items())  # core registers no router: empty
+    with pytest.raises(UnknownNameError, match=f"^unknown {one} 'no.such'"):
+        get("no.such")

@@ -775,3 +775,56 @@ def test_an_lr_that_overflows_the_optimizer_is_refused_before_anything_runs(tiny
     assert info.value.problems == ["stages.phase1.lr: must be <= 1e+30 (torch's optimizers overflow float32 above "
                                    "it), got 1e+38"]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("override", "problem"), [
+    ("stages=[]", "stages: at least one [[stages]] table is required"),
+    ("run.name.x=1", "--set 'run.name.x=1': 'name' is not a table"),
+    ("stages.phase1.train=5", "stages.phase1.train: expected a list, got int 5"),
+    ("stages.phase1.grow=3", "stages.phase1.grow: expected a table, got int 3"),
+    ("run.seed={a=1}", "run.seed: expected int, got a table"),
+    ("stages.phase1.losses=[3]", "stages.phase1.losses[0]: expected a table with a 'use' key, got int"),
+    ("model.use=3", "model.use: required: the name of a registered model"),
+])
+def test_a_value_of_the_wrong_shape_is_named_by_its_key(tiny, override, problem):
+    with pytest.raises(ConfigError) as info:
+        tiny(override)
+    assert info.value.problems == [problem]
+
+
+def test_a_recipe_file_that_is_missing_or_unreadable_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"missing\.toml: 1 problem:\n  - file not found"):
+        load_recipe(tmp_path / "missing.toml", [])
+    (tmp_path / "folder.toml").mkdir()
+    with pytest.raises(ConfigError, match=r"folder\.toml: 1 problem:\n  - cannot read the file: .*Is a directory"):
+        load_recipe(tmp_path / "folder.toml", [])
+
+
+def test_a_model_that_is_not_a_table_says_what_it_needs(tmp_path):
+    problems = problems_of(tmp_path, 'model = 3\n[data]\nuse = "stagewise.text"\n[[stages]]\nname = "a"\n')
+    assert problems == ["model: expected a table with a 'use' key, got int"]
+
+
+def test_empty_split_fractions_show_the_form_they_take(tmp_path):
+    (tmp_path / "c.csv").write_text("x,y\n1,0\n2,1\n")
+    path = tmp_path / "c.toml"
+    path.write_text(CLASSES)
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path, ["data.splits={}"])
+    assert str(info.value).endswith("\n  - data.splits (from --set data.splits={}): must be a table of split name -> "
+                                    "fraction, e.g. {train = 0.8, valid = 0.1, test = 0.1}; got {}")
+
+
+def test_toml_writer_writes_nan_and_refuses_what_toml_cannot_hold():
+    from stagewise.tomlwrite import toml_value
+
+    assert toml_value(math.nan) == "nan"
+    with pytest.raises(TypeError, match=r"cannot write set \{1\} as TOML"):
+        toml_value({1})
+
+
+def test_names_differing_in_case_and_normalisation_at_once_say_both():
+    from stagewise.names import alike, how_alike
+
+    (group,) = alike(["Caf\u00e9", "cafe\u0301"])
+    assert how_alike(group) == "differ only in case and Unicode normalisation, so they are one file on macOS"

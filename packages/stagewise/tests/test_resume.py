@@ -827,3 +827,8 @@ def test_a_data_file_changed_since_the_run_started_is_refused(tiny, tmp_path):
     resumed = run_recipe(tiny(*recipe), resume=run, quiet=True)
     whole = run_recipe(tiny(*recipe), out=tmp_path / "whole", quiet=True)
     assert timeless_records(resumed) == timeless_records(whole)
+
+
+def test_a_checkpoint_that_is_not_there_is_named(tmp_path):
+    with pytest.raises(stagewise.CheckpointError, match=f"^{tmp_path / 'nope.pt'}: checkpoint not found$"):
+        load_checkpoint(tmp_path / "nope.pt")

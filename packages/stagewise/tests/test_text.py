@@ -525,3 +525,23 @@ def test_gzip_files_in_a_directory_are_named_not_left_out(tmp_path):
     with pytest.raises(DataError, match=r"b\.txt\.gz is gzip-compressed: in a directory only \.txt and \.jsonl files "
                                         r"are read; decompress them \(gunzip\), or set path to one \.gz file"):
         TextCorpus.from_recipe(TextOptions(path=str(tmp_path), seq_len=1), seed=0)
+
+
+@pytest.mark.parametrize(("itos", "problem"), [
+    (["a", "<eos>"], r"a vocabulary must start with \['<unk>', '<eos>'\], got \['a', '<eos>'\]"),
+    (["<unk>", "<eos>", "a", "a"], "a vocabulary must not list a token twice"),
+])
+def test_a_bad_vocabulary_is_refused(itos, problem):
+    with pytest.raises(ValueError, match=problem):
+        Vocabulary(itos)
+
+
+def test_a_corpus_of_no_tokens_is_a_data_error(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(DataError, match=r"empty\.txt contains no text \(0 tokens\)"):
+        load_streams(TextOptions(path=str(tmp_path / "empty.txt"), seq_len=2), WordIndex())
+
+
+def test_lm_windows_refuse_a_stream_that_is_not_1d():
+    with pytest.raises(ValueError, match=r"LMWindows needs a 1-D token stream, got shape \(2, 3\)"):
+        LMWindows(torch.zeros(2, 3, dtype=torch.long), seq_len=2)

@@ -20,7 +20,7 @@ def have_matplotlib() -> bool:
 
 
 def line_plot(path: Path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, title: str = "",
-              xlabel: str = "", ylabel: str = "", logy: bool = False,
+              xlabel: str = "", ylabel: str = "",
               vlines: Sequence[tuple[float, str]] = (), hlines: Sequence[tuple[float, str]] = ()) -> bool:
     """Draw named (x, y) series to a PNG; ``vlines`` mark positions (e.g. stage boundaries) and
     ``hlines`` reference values (e.g. |λ| = 1): labelled lines without markers, not in the legend."""
@@ -47,8 +47,6 @@ def line_plot(path: Path, series: Mapping[str, tuple[Sequence[float], Sequence[f
         ax.axhline(y, color="grey", linestyle="--", linewidth=1)
         ax.text(1.0, y, f"{label} ", transform=ax.get_yaxis_transform(), ha="right", va="bottom", fontsize=8,
                 color="grey")
-    if logy:
-        ax.set_yscale("log")
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)

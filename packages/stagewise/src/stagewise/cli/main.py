@@ -119,6 +119,3 @@ def _os_advice(exc: OSError) -> str:
     again = getattr(exc, "continue_with", None)  # set by run and compare once their folder holds a run
     return f"{fix}; {again}" if again else f"{fix} and run again"
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,7 +12,7 @@ import torch
 
 from stagewise.engine.checkpoint import RESUME_KEYS, load_checkpoint
 from stagewise.engine.loop import position_problems
-from stagewise.engine.resumable import number_problems, plain_problems, rng_problems, same_types, tensors_problems
+from stagewise.engine.resumable import kind, number_problems, plain_problems, rng_problems, same_types, tensors_problems
 from stagewise.engine.rundir import holds_files
 from stagewise.engine.state import State
 from stagewise.errors import CheckpointError
@@ -51,7 +51,7 @@ def check_resumable(saved: dict[str, Any], model: torch.nn.Module, path: Path, r
     problems += plain_problems(saved["metrics"], "metrics") + _results_problems(saved["stage_results"])
     problems += number_problems(saved.get("stage_seconds", 0.0), "stage_seconds")
     if not isinstance(saved.get("routers", {}), dict):
-        problems.append(f"routers: {type(saved['routers']).__name__}, expected a table of routers by name")
+        problems.append(f"routers: {kind(saved['routers'])}, expected a table of routers by name")
     if not saved["stage_done"] and "loop" in saved:  # a training stage's: where it resumes is said before it runs
         problems += position_problems(saved["loop"]) + same_types(saved.get("step"), 0, "step")
     refuse_damaged(problems, path, recipe)

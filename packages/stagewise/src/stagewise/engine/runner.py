@@ -309,9 +309,8 @@ def _model_options(recipe: Recipe, saved: dict[str, Any] | None, resume: Path | 
     if saved is None:
         return recipe.model.options
     problems: list[str] = []
-    options = build_dataclass(type(recipe.model.options), saved["model_options"], "model", problems)
-    if problems:
-        raise CheckpointError(f"the checkpoint's model options no longer validate: {problems}")
+    options = build_dataclass(type(recipe.model.options), saved["model_options"], "model_options", problems)
+    refuse_damaged(problems, resume, recipe)
     if 0 <= saved["stage_index"] < len(recipe.stages):  # else no stage to compare with: check_resumable names it
         refuse_damaged(options_problems(as_table(options), as_table(recipe.model_options_at(saved["stage_index"])),
                                         "model_options"), resume, recipe)
