@@ -222,6 +222,23 @@ def test_show_says_how_to_continue_a_run_that_was_stopped(tiny_recipe_path, tmp_
     assert main(["show", str(killed)]) == 0 and "test/loss" in capsys.readouterr().out
 
 
+def test_show_of_a_comparisons_folder_shows_its_runs_side_by_side(tmp_path, capsys):
+    from stagewise.engine.rundir import write_json_atomic
+
+    out = tmp_path / "compare"
+    for name, loss in (("base", 2.0), ("method", 1.5)):
+        write_json_atomic(out / name / "summary.json", {"metrics": {"test/loss": loss}})
+    write_json_atomic(out / "compare.json", {"runs": {"base": {}, "method": {}}})
+    assert main(["show", str(out)]) == 0
+    header, row = (line.split() for line in capsys.readouterr().out.splitlines())
+    assert header == ["metric", str(out / "base"), str(out / "method"), str(out / "method"), "vs", str(out / "base")]
+    assert row == ["test/loss", "2", "1.5", "-25.00%"]  # in compare.json's order: the first is the baseline
+    write_json_atomic(out / "compare.json", ["base"])
+    assert main(["show", str(out)]) == 1
+    assert capsys.readouterr().err == (f"stagewise: error: {out / 'compare.json'} has no 'runs' object: is {out} "
+                                       f"the --out of a comparison?\n")
+
+
 def test_show_reads_every_run_before_printing(tiny_recipe_path, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["run", str(tiny_recipe_path), "--out", str(run_dir), "--quiet"]) == 0

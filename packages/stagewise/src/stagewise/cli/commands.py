@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from stagewise import plugins
-from stagewise.errors import RunInterrupted
+from stagewise.errors import CheckpointError, RunInterrupted
 from stagewise.registry import KINDS
 
 
@@ -57,7 +57,8 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
                        "table 'stagewise run' printed at its end; for several, their final metrics side by side "
                        "with each later run's change against the first, as 'stagewise compare' prints them.")
     p.add_argument("run_dirs", nargs="+", type=_path, metavar="RUN_DIR",
-                   help="run directories holding summary.json, e.g. the baseline's first")
+                   help="run directories holding summary.json, e.g. the baseline's first; the --out folder of "
+                   "'stagewise compare' stands for its runs")
     p.set_defaults(handler=cmd_show)
 
     p = sub.add_parser("verify", help="compare a run's final metrics with a golden record")
@@ -190,14 +191,30 @@ def cmd_show(args: argparse.Namespace) -> int:
     from stagewise.engine.runner import final_table
     from stagewise.verify import read_summary
 
-    summaries = {str(run_dir): read_summary(run_dir) for run_dir in args.run_dirs}  # every one read before printing
+    run_dirs = [run_dir for folder in args.run_dirs for run_dir in _runs_in(folder)]
+    summaries = {str(run_dir): read_summary(run_dir) for run_dir in run_dirs}  # every one read before printing
     for summary in summaries.values():  # "nan" and "inf" as summary.json writes them: numbers again
         summary["metrics"] = {key: read_number(value) for key, value in summary["metrics"].items()}
     if len(summaries) == 1:
-        print(final_table(*summaries.values(), args.run_dirs[0]))
+        print(final_table(*summaries.values(), run_dirs[0]))
     else:
         print(comparison_table(summaries))
     return 0
+
+
+def _runs_in(folder: Path) -> list[Path]:
+    """``folder``, or where it is the OUT of ``stagewise compare`` (compare.json, no summary.json), its runs'
+    folders in the order they were compared."""
+    from stagewise.compare import COMPARE_JSON
+    from stagewise.verify import load_json
+
+    if (folder / "summary.json").exists() or not (folder / COMPARE_JSON).is_file():
+        return [folder]
+    table = load_json(folder / COMPARE_JSON, COMPARE_JSON)
+    runs = table.get("runs") if isinstance(table, dict) else None
+    if not isinstance(runs, dict):
+        raise CheckpointError(f"{folder / COMPARE_JSON} has no 'runs' object: is {folder} the --out of a comparison?")
+    return [folder / name for name in runs]
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
