@@ -681,6 +681,52 @@ def test_verify_names_a_bad_cpu_record(tmp_path, capsys, golden, problem):
     assert problem in capsys.readouterr().err
 
 
+def test_verify_refuses_a_cpu_that_by_cpu_names_too(tmp_path, capsys):
+    # was: by_cpu's record silently took the place of 'metrics' for that kind
+    golden = tmp_path / "golden.json"
+    golden.write_text(json.dumps({"cpu": "x", "metrics": {"a": 1.0}, "by_cpu": {"x": {"a": 2.0}}}))
+    assert main(["verify", _summary_on(tmp_path, "x", {"a": 1.0}), str(golden)]) == 1
+    assert ("by_cpu names 'x', the kind of CPU 'metrics' was made on ('cpu'): a kind has one record"
+            in capsys.readouterr().err)
+
+
+def test_cpu_tolerance_leaves_an_infinity_exact(tmp_path):
+    # was: a golden Infinity (as Python's json writes it) got an infinite tolerance and matched any number
+    golden = tmp_path / "golden.json"
+    for infinity in (float("inf"), "inf"):
+        golden.write_text(json.dumps({"cpu": "x", "metrics": {"a": infinity, "b": 1.0}, "cpu_tolerance": 1e-3}))
+        differences = verify_run(Path(_summary_on(tmp_path, "y", {"a": 5.0, "b": 1.0})), golden)
+        assert differences[0] == "a: run 5.0 != golden inf (diff -inf, tolerance 0.0)"
+        with pytest.warns(UserWarning, match="matched within cpu_tolerance"):  # b's tolerance is still relative
+            assert verify_run(Path(_summary_on(tmp_path, "y", {"a": math.inf, "b": 1.0001})), golden) == []
+
+
+def test_add_cpu_record_says_how_far_it_is_from_the_others_in_numbers_that_are_compared(tmp_path, capsys):
+    # was: "at most nan" for a NaN against a number, and wall-clock measurements, never compared, counted in
+    from stagewise.engine.rundir import write_json_atomic
+
+    golden = tmp_path / "golden.json"
+    golden.write_text(json.dumps({"cpu": "x", "metrics": {"a": 1.0, "t": 3.0, "n": 2.0}}))
+    write_json_atomic(tmp_path / "run" / "summary.json", {"cpu": "y", "metrics": {"a": 1.1, "t": 90.0, "n": 2.0},
+                                                          "stages": {"s": {"measured": ["t"]}}})
+    assert main(["verify", str(tmp_path / "run"), str(golden), "--add-cpu-record"]) == 0
+    assert capsys.readouterr().out.endswith("by at most 0.1 (relative)\n")
+    write_json_atomic(tmp_path / "run" / "summary.json", {"cpu": "z", "metrics": {"a": 1.0, "t": 3.0, "n": "nan"}})
+    assert main(["verify", str(tmp_path / "run"), str(golden), "--add-cpu-record"]) == 0
+    assert capsys.readouterr().out.endswith("by at most inf (relative)\n")
+
+
+def test_add_cpu_record_leaves_a_read_only_golden_file_alone(tmp_path, capsys):
+    # was: the atomic rename replaced it all the same, with a writable file
+    golden = tmp_path / "golden.json"
+    golden.write_text(json.dumps({"cpu": "x", "metrics": {"a": 1.0}}))
+    golden.chmod(0o444)
+    assert main(["verify", _summary_on(tmp_path, "y", {"a": 1.5}), str(golden), "--add-cpu-record"]) == 1
+    assert capsys.readouterr().err == (f"stagewise: error: {golden} is read-only: make it writable to add the "
+                                       f"record for 'y'\n")
+    assert json.loads(golden.read_text()) == {"cpu": "x", "metrics": {"a": 1.0}}
+
+
 def test_a_runs_summary_and_env_say_its_kind_of_cpu(tiny_recipe_path, tmp_path):
     from stagewise.engine.cpu import cpu_kind
 
@@ -690,6 +736,27 @@ def test_a_runs_summary_and_env_say_its_kind_of_cpu(tiny_recipe_path, tmp_path):
     assert torch.backends.cpu.get_cpu_capability() in kind and platform.machine() in kind
     assert read_summary(tmp_path / "run")["cpu"] == kind
     assert json.loads((tmp_path / "run" / "env.json").read_text())["cpu"] == kind
+
+
+@pytest.mark.parametrize("cpuinfo, processor, machine, capability, kind", [
+    ("processor\t: 0\nvendor_id\t: AuthenticAMD\n", "", "x86_64", "AVX2", "AuthenticAMD x86_64 AVX2"),
+    # ARM Linux has no vendor_id (nor does 'uname -p' say one): was "aarch64 DEFAULT" for Arm's, Fujitsu's, Apple's
+    ("processor\t: 0\nCPU implementer\t: 0x46\nCPU part\t: 0x001\n", "", "aarch64", "DEFAULT",
+     "implementer 0x46 aarch64 DEFAULT"),
+    (None, "Intel64 Family 6 Model 85 Stepping 7, GenuineIntel", "AMD64", "AVX512", "GenuineIntel AMD64 AVX512"),
+    (None, "arm", "arm64", "DEFAULT", "arm64 DEFAULT"),  # macOS says no maker
+])
+def test_the_kind_of_cpu_names_its_maker_where_the_system_says_it(tmp_path, monkeypatch, cpuinfo, processor,
+                                                                   machine, capability, kind):
+    from stagewise.engine import cpu
+
+    if cpuinfo is not None:  # None: not Linux
+        (tmp_path / "cpuinfo").write_text(cpuinfo)
+    monkeypatch.setattr(cpu, "CPUINFO", tmp_path / "cpuinfo")
+    monkeypatch.setattr(platform, "processor", lambda: processor)
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert cpu.cpu_kind() == kind
 
 
 def test_verify_against_another_run_s_summary_says_whose_it_is(tmp_path, capsys):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -116,8 +117,9 @@ def _against_records(actual: dict[str, Any], records: dict[str | None, dict[str,
 
 def _loosened(tolerance: dict[str, float], record: dict[str, Any], loose: float) -> dict[str, float]:
     """Each number's tolerance widened to ``loose`` of its golden value (other kinds of CPU sum in another order)."""
-    return {key: max(tolerance.get(key, 0.0), loose * abs(value)) if _numbers(value, 0) else tolerance.get(key, 0.0)
-            for key, value in record.items()}
+    numbers = {key: _number(value) for key, value in record.items()}  # "inf" and Infinity alike stay exact
+    return {key: max(tolerance.get(key, 0.0), loose * abs(value)) if _numbers(value, 0) and math.isfinite(value)
+            else tolerance.get(key, 0.0) for key, value in numbers.items()}
 
 
 def cpu_records(golden: dict[str, Any], path: Path) -> dict[str | None, dict[str, Any]]:
@@ -131,6 +133,9 @@ def cpu_records(golden: dict[str, Any], path: Path) -> dict[str | None, dict[str
     if not isinstance(others, dict) or not all(isinstance(r, dict) for r in others.values()):
         raise ConfigError(["'by_cpu' must be an object of CPU kinds and objects of metric names and values, "
                            "the same metrics as 'metrics' as made on that kind of CPU"], str(path))
+    if golden.get("cpu") in others:  # its record would silently take the place of 'metrics'
+        raise ConfigError([f"by_cpu names {golden['cpu']!r}, the kind of CPU 'metrics' was made on ('cpu'): a kind "
+                           f"has one record"], str(path))
     for kind, record in others.items():
         if set(record) != set(golden["metrics"]):
             raise ConfigError([f"by_cpu[{kind!r}] must hold the metrics 'metrics' holds: "
@@ -144,7 +149,7 @@ def add_cpu_record(run_dir: Path, golden_path: Path) -> tuple[str, float]:
     CPU; the kind, and the largest relative difference from the file's other records."""
     summary = read_summary(run_dir)
     golden = load_json(golden_path, "golden file")
-    metrics, _ = golden_tables(golden, golden_path)
+    metrics, tolerance = golden_tables(golden, golden_path)
     records, kind = cpu_records(golden, golden_path), summary.get("cpu")
     if not isinstance(kind, str):
         raise CheckpointError(f"{Path(run_dir) / 'summary.json'} does not say which kind of CPU the run was made on "
@@ -155,17 +160,21 @@ def add_cpu_record(run_dir: Path, golden_path: Path) -> tuple[str, float]:
     missing = sorted(set(metrics) - set(summary["metrics"]))
     if missing:
         raise CheckpointError(f"{run_dir} lacks golden metrics {', '.join(missing)}: is it a run of the same recipe?")
+    if not Path(golden_path).stat().st_mode & stat.S_IWUSR:  # the atomic rename would replace it all the same
+        raise CheckpointError(f"{golden_path} is read-only: make it writable to add the record for {kind!r}")
     record = {key: summary["metrics"][key] for key in metrics}
     golden.setdefault("by_cpu", {})[kind] = record
     write_json_atomic(golden_path, golden)
-    return kind, max((_relative(read_number(record[k]), _number(r[k])) for r in records.values() for k in r),
+    compared = set(metrics) - (set(measured_metrics(summary)) - set(tolerance))  # as verify compares them
+    return kind, max((_relative(read_number(record[k]), _number(r[k])) for r in records.values() for k in compared),
                      default=0.0)
 
 
 def _relative(value: Any, expected: Any) -> float:
     if not _numbers(value, expected) or value == expected or math.isnan(value) and math.isnan(expected):
         return 0.0
-    return abs(value - expected) / abs(expected) if expected else math.inf
+    finite = math.isfinite(value) and math.isfinite(expected)  # NaN or an infinity against another number
+    return abs(value - expected) / abs(expected) if expected and finite else math.inf
 
 
 def cpu_tolerance(golden: dict[str, Any], path: Path) -> float | None:

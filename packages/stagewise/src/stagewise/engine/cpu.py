@@ -21,14 +21,19 @@ def cpu_kind() -> str:
     return " ".join(part for part in parts if part)
 
 
+CPUINFO = Path("/proc/cpuinfo")
+MAKER_KEYS = {"vendor_id": "", "CPU implementer": "implementer "}  # x86's; ARM's, a code: 0x41 Arm, 0x46 Fujitsu
+
+
 def _maker() -> str:
-    """Linux's ``vendor_id`` (GenuineIntel, AuthenticAMD); elsewhere what ``platform`` says, if anything."""
+    """Linux's ``vendor_id`` (GenuineIntel, AuthenticAMD) or ARM's ``CPU implementer``; elsewhere what
+    ``platform`` says, if anything."""
     try:
-        with Path("/proc/cpuinfo").open(encoding="utf-8", errors="replace") as lines:
+        with CPUINFO.open(encoding="utf-8", errors="replace") as lines:
             for line in lines:
                 key, _, value = line.partition(":")
-                if key.strip() == "vendor_id":
-                    return value.strip()
+                if key.strip() in MAKER_KEYS:
+                    return MAKER_KEYS[key.strip()] + value.strip()
     except OSError:  # not Linux
         pass
     text = platform.processor()  # Windows: "Intel64 Family 6 Model 85 Stepping 7, GenuineIntel"
