@@ -716,6 +716,20 @@ def test_add_cpu_record_says_how_far_it_is_from_the_others_in_numbers_that_are_c
     assert capsys.readouterr().out.endswith("by at most inf (relative)\n")
 
 
+def test_add_cpu_record_refuses_a_run_beyond_the_cpu_tolerance_of_every_record(tmp_path, capsys):
+    # on the kind that made a record whose kind is not said, a behaviour change looks like a new kind of CPU
+    golden = tmp_path / "golden.json"
+    golden.write_text(json.dumps({"metrics": {"a": 1.0, "best": 2, "stopped": False}, "cpu_tolerance": 1e-3}))
+    for changed in ({"a": 1.01, "best": 2, "stopped": False}, {"a": 1.0, "best": 2, "stopped": True}):
+        assert main(["verify", _summary_on(tmp_path, "x", changed), str(golden), "--add-cpu-record"]) == 1
+        assert "differs from each of its records by more than its cpu_tolerance 0.001" in capsys.readouterr().err
+    assert json.loads(golden.read_text()) == {"metrics": {"a": 1.0, "best": 2, "stopped": False},
+                                              "cpu_tolerance": 1e-3}
+    assert main(["verify", _summary_on(tmp_path, "x", {"a": 1.0002, "best": 2, "stopped": False}), str(golden),
+                 "--add-cpu-record"]) == 0
+    assert capsys.readouterr().out.endswith("by at most 0.0002 (relative)\n")
+
+
 def test_add_cpu_record_leaves_a_read_only_golden_file_alone(tmp_path, capsys):
     # was: the atomic rename replaced it all the same, with a writable file
     golden = tmp_path / "golden.json"

@@ -163,15 +163,25 @@ def add_cpu_record(run_dir: Path, golden_path: Path) -> tuple[str, float]:
     if not Path(golden_path).stat().st_mode & stat.S_IWUSR:  # the atomic rename would replace it all the same
         raise CheckpointError(f"{golden_path} is read-only: make it writable to add the record for {kind!r}")
     record = {key: summary["metrics"][key] for key in metrics}
+    compared = set(metrics) - (set(measured_metrics(summary)) - set(tolerance))  # as verify compares them
+    spreads = [max((_relative(read_number(record[k]), _number(r[k])) for k in compared), default=0.0)
+               for r in records.values()]
+    loose = cpu_tolerance(golden, golden_path)
+    if loose is not None and min(spreads) > loose:  # e.g. the kind that made an unnamed record, after a change
+        raise ConfigError([f"{run_dir} differs from each of its records by more than its cpu_tolerance {loose} "
+                           f"(from the nearest by {min(spreads):.3g}): a behaviour change, not another kind of "
+                           f"CPU's last digits; add a record only from a run of the code that made the others"],
+                          str(golden_path))
     golden.setdefault("by_cpu", {})[kind] = record
     write_json_atomic(golden_path, golden)
-    compared = set(metrics) - (set(measured_metrics(summary)) - set(tolerance))  # as verify compares them
-    return kind, max((_relative(read_number(record[k]), _number(r[k])) for r in records.values() for k in compared),
-                     default=0.0)
+    return kind, max(spreads)
 
 
 def _relative(value: Any, expected: Any) -> float:
-    if not _numbers(value, expected) or value == expected or math.isnan(value) and math.isnan(expected):
+    """How far ``value`` is from ``expected``, relative to it; inf for values that are not numbers and differ."""
+    if not _numbers(value, expected):
+        return 0.0 if value == expected else math.inf
+    if value == expected or math.isnan(value) and math.isnan(expected):
         return 0.0
     finite = math.isfinite(value) and math.isfinite(expected)  # NaN or an infinity against another number
     return abs(value - expected) / abs(expected) if expected and finite else math.inf
