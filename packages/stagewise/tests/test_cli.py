@@ -730,6 +730,18 @@ def test_add_cpu_record_refuses_a_run_beyond_the_cpu_tolerance_of_every_record(t
     assert capsys.readouterr().out.endswith("by at most 0.0002 (relative)\n")
 
 
+def test_add_cpu_record_names_the_unnamed_record_a_run_matches_exactly(tmp_path, capsys):
+    # then a behaviour change on that kind is exact again, not loosened by cpu_tolerance as if another kind's
+    golden = tmp_path / "golden.json"
+    golden.write_text(json.dumps({"metrics": {"a": 1.0}, "by_cpu": {"y": {"a": 1.1}}, "cpu_tolerance": 0.2}))
+    assert main(["verify", _summary_on(tmp_path, "x", {"a": 1.0}), str(golden), "--add-cpu-record"]) == 0
+    assert capsys.readouterr().out == (f"verify: the run matches the record whose kind of CPU was not said exactly: "
+                                       f"named it 'x' in {golden}\n")
+    assert json.loads(golden.read_text()) == {"cpu": "x", "metrics": {"a": 1.0}, "by_cpu": {"y": {"a": 1.1}},
+                                              "cpu_tolerance": 0.2}
+    assert main(["verify", _summary_on(tmp_path, "x", {"a": 1.01}), str(golden)]) == 1  # within 0.2, yet exact
+
+
 def test_add_cpu_record_leaves_a_read_only_golden_file_alone(tmp_path, capsys):
     # was: the atomic rename replaced it all the same, with a writable file
     golden = tmp_path / "golden.json"

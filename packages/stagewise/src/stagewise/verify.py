@@ -144,9 +144,10 @@ def cpu_records(golden: dict[str, Any], path: Path) -> dict[str | None, dict[str
     return records
 
 
-def add_cpu_record(run_dir: Path, golden_path: Path) -> tuple[str, float]:
+def add_cpu_record(run_dir: Path, golden_path: Path) -> tuple[str, float, bool]:
     """Write the run's values of the golden metrics into ``golden_path`` as the record for the run's kind of
-    CPU; the kind, and the largest relative difference from the file's other records."""
+    CPU; the kind, the largest relative difference from the file's other records, and whether the run matched
+    the record whose kind was not said exactly, which is then named the run's kind instead."""
     summary = read_summary(run_dir)
     golden = load_json(golden_path, "golden file")
     metrics, tolerance = golden_tables(golden, golden_path)
@@ -164,6 +165,10 @@ def add_cpu_record(run_dir: Path, golden_path: Path) -> tuple[str, float]:
         raise CheckpointError(f"{golden_path} is read-only: make it writable to add the record for {kind!r}")
     record = {key: summary["metrics"][key] for key in metrics}
     compared = set(metrics) - (set(measured_metrics(summary)) - set(tolerance))  # as verify compares them
+    unnamed = records.get(None)
+    if unnamed is not None and not compare(summary["metrics"], {k: unnamed[k] for k in compared}, tolerance):
+        write_json_atomic(golden_path, {"cpu": kind, **golden})  # made on this kind: exact here from now on
+        return kind, 0.0, True
     spreads = [max((_relative(read_number(record[k]), _number(r[k])) for k in compared), default=0.0)
                for r in records.values()]
     loose = cpu_tolerance(golden, golden_path)
@@ -174,7 +179,7 @@ def add_cpu_record(run_dir: Path, golden_path: Path) -> tuple[str, float]:
                           str(golden_path))
     golden.setdefault("by_cpu", {})[kind] = record
     write_json_atomic(golden_path, golden)
-    return kind, max(spreads)
+    return kind, max(spreads), False
 
 
 def _relative(value: Any, expected: Any) -> float:

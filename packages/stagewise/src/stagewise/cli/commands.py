@@ -221,9 +221,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from stagewise.verify import add_cpu_record, verify_report
 
     if args.add_cpu_record:
-        kind, spread = add_cpu_record(Path(args.run_dir), Path(args.golden))
-        print(f"verify: added the record for {kind!r} to {args.golden}; it differs from the file's other records by "
-              f"at most {spread:.3g} (relative)")
+        kind, spread, named = add_cpu_record(Path(args.run_dir), Path(args.golden))
+        print(f"verify: the run matches the record whose kind of CPU was not said exactly: named it {kind!r} in "
+              f"{args.golden}" if named else f"verify: added the record for {kind!r} to {args.golden}; it differs "
+              f"from the file's other records by at most {spread:.3g} (relative)")
         return 0
 
     report = verify_report(Path(args.run_dir), Path(args.golden))
