@@ -72,22 +72,53 @@ def test_every_rank_ends_with_the_same_operator_and_figures(tmp_path):
     assert m0 == m1
 
 
+DROP_LAST = ["data.drop_last=true"]
+
+
+@pytest.fixture(scope="module")
+def train_only(tmp_path_factory):
+    """TRAIN_ONLY (the term at weight 0 in main's epoch 0) run in one process (``run1``) and by two (``run2``)."""
+    from stagewise.testing import run_uninterrupted
+
+    folder = tmp_path_factory.mktemp("train_only")
+    (folder / "recipe.toml").write_text(TRAIN_ONLY)
+    for processes in (1, 2):
+        run_uninterrupted(folder / "recipe.toml", folder / f"run{processes}", DROP_LAST, processes=processes)
+    return folder
+
+
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                     reason="torch.distributed with the gloo backend is not available in this torch build")
-def test_two_processes_train_the_term_of_one(tmp_path):
+def test_two_processes_train_the_term_of_one(train_only):
     # was ~1% apart from the first step: each rank scaled the lifted error by its own half's spread
-    from stagewise.testing import run_uninterrupted, timeless_records
+    from stagewise.testing import timeless_records
 
-    (tmp_path / "recipe.toml").write_text(TRAIN_ONLY)
-    sets = ["data.drop_last=true"]
-    for processes in (1, 2):
-        run_uninterrupted(tmp_path / "recipe.toml", tmp_path / f"run{processes}", sets, processes=processes)
-    one, two = ([r for r in timeless_records(tmp_path / f"run{n}") if r["event"] == "epoch" and r["stage"] == "main"]
+    one, two = ([r for r in timeless_records(train_only / f"run{n}") if r["event"] == "epoch" and r["stage"] == "main"]
                 for n in (1, 2))
     keys = ("train/koopman/lifted", "val/koopman/lifted", "val/koopman/one_step", "val/ppl")
     pairs = [(key, a[key], b[key]) for a, b in zip(one, two, strict=True) for key in keys if key in a]
     assert len(pairs) == 11  # val/koopman/* every epoch, train/koopman/* once the term is on (epochs 2 and 3)
     assert all(math.isclose(a, b, rel_tol=1e-4) for _, a, b in pairs), pairs
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                    reason="torch.distributed with the gloo backend is not available in this torch build")
+def test_a_torchrun_job_killed_while_the_term_is_off_resumes_to_the_uninterrupted_numbers(train_only, tmp_path):
+    # main's epoch 0: the term is computed at weight 0 under torchrun, its φ, K, ψ untouched, its pairs kept out
+    from stagewise.engine.checkpoint import load_checkpoint
+    from stagewise.testing import resume_run, run_killed, timeless_records
+
+    sets = [*DROP_LAST, "run.checkpoint_every_n_steps=1"]
+    run_killed(train_only / "recipe.toml", tmp_path / "killed", "main", 2, sets, processes=2)
+    saved = load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.pt")
+    assert (saved["stage_name"], saved["loop"]["epoch"], saved["loop"]["batch"]) == ("main", 0, 1)
+    resume_run(train_only / "recipe.toml", tmp_path / "killed", sets, processes=2)
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (tmp_path / "killed", train_only / "run2")]
+    assert summaries[0]["metrics"] == summaries[1]["metrics"]  # bit-identical
+    assert timeless_records(tmp_path / "killed") == timeless_records(train_only / "run2")
+    resumed, whole = (load_checkpoint(run / "checkpoints" / "main.pt")["artifacts"]["koopman.operators"]["koopman"]
+                      for run in (tmp_path / "killed", train_only / "run2"))
+    assert all(torch.equal(resumed["state"][k], v) for k, v in whole["state"].items())  # φ, K, ψ bit for bit
 
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),

@@ -26,7 +26,7 @@ from stagewise.engine.batches import count_batches, iterate_batches
 from stagewise.engine.checkpoint import load_checkpoint
 from stagewise.engine.distributed import DistInfo, collective_device, setup
 from stagewise.recipe import load_recipe
-from stagewise.testing import resume_run, run_killed, run_stopped, timeless_records
+from stagewise.testing import resume_run, run_killed, run_stopped, run_uninterrupted, timeless_records
 
 needs_gloo = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -448,3 +448,105 @@ def test_every_process_of_a_job_writes_to_the_folder_rank_zero_chose(tmp_path):
     # a file per process: their prints, through torchrun's one pipe, could interleave
     assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)] == ["runs/ddp", "runs/ddp"]
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ddp"]
+
+
+# an installed plugin (a dist-info folder on PYTHONPATH), so that stagewise.testing's children load it:
+# a term with a parameter, a mean over examples (so 2 processes compute what one does), and each rank's
+# weights (the model's and the terms') after each stage
+TERM_PLUGIN = '''\
+import os
+
+import torch
+
+import stagewise
+
+
+class Scaled(stagewise.Loss):
+    name = "ddptest.scaled"
+
+    def setup(self, state):
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, outputs, batch, state):
+        return (self.scale * outputs["logits"].mean(-1)).square().mean()
+
+
+@stagewise.hookimpl
+def stagewise_register_losses(register):
+    register(Scaled)
+
+
+@stagewise.hookimpl
+def stagewise_after_stage(state):
+    weights = {**state.model.state_dict(), **{f"{n}.{k}": v for n, t in state.terms.items()
+                                              for k, v in t.state_dict().items()}}
+    torch.save(weights, os.path.join(os.environ["DDPTEST_WEIGHTS"], f"rank{state.dist.rank}.pt"))
+'''
+
+# the scaled term in 3 ways: off in epoch 0 ("late", "ramped": weight 0.5 in epoch 1), and cut to weight 0 at
+# every batch by its fallback ("cut"); weight decay, so that a zero gradient would move a parameter
+LATE_TERMS = RECIPE + """\
+weight_decay = 0.5
+losses = [{ use = "stagewise.cross_entropy" },
+          { use = "ddptest.scaled", name = "late", start_epoch = 1 },
+          { use = "ddptest.scaled", name = "ramped", start_epoch = 1, ramp_epochs = 2 },
+          { use = "ddptest.scaled", name = "cut", fallback_threshold = 0.0, fallback_factor = 0.0 }]
+"""
+KILLED_IN_EPOCH_0 = ["run.checkpoint_every_n_steps=3"]  # killed after step 4: resumed from step 3, terms off
+
+
+@pytest.fixture(scope="module")
+def late_terms(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """LATE_TERMS run in one process (``single``), by 2 (``ddp``), and by 2 killed in epoch 0 and resumed
+    (``resumed``); each run's folder also holds its ranks' final weights (``rank0.pt``, ...)."""
+    root = tmp_path_factory.mktemp("late_terms")
+    site = root / "site"
+    info = site / "ddptest-0.0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ddptest\nVersion: 0.0.1\n")
+    (info / "entry_points.txt").write_text("[stagewise]\nddptest = ddptest\n")
+    (site / "ddptest.py").write_text(TERM_PLUGIN)
+    recipe = root / "recipe.toml"
+    recipe.write_text(LATE_TERMS)
+    runs = SimpleNamespace(**{name: root / name for name in ("single", "ddp", "resumed")})
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p))
+        env.setenv("STAGEWISE_LOAD_PLUGINS", "ddptest")
+        for name, processes in (("single", 1), ("ddp", 2)):
+            getattr(runs, name).mkdir()
+            env.setenv("DDPTEST_WEIGHTS", str(getattr(runs, name)))
+            run_uninterrupted(recipe, getattr(runs, name), KILLED_IN_EPOCH_0, processes=processes)
+        env.setenv("DDPTEST_WEIGHTS", str(runs.resumed))
+        run_killed(recipe, runs.resumed, "train", 4, KILLED_IN_EPOCH_0, processes=2)
+        runs.checkpoint = load_checkpoint(runs.resumed / "checkpoints" / "last.pt")
+        resume_run(recipe, runs.resumed, KILLED_IN_EPOCH_0, processes=2)
+    return runs
+
+
+def _weights(run_dir: Path, rank: int = 0) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / f"rank{rank}.pt", weights_only=True)
+
+
+@needs_gloo
+def test_terms_switched_on_later_train_alike_on_every_rank_and_as_in_one_process(late_terms):
+    single = _records(late_terms.single)
+    epochs = [r for r in single if r["event"] == "epoch"]
+    assert ["train/late" in r for r in epochs] == [False, True] and epochs[1]["train/ramped/weight"] == 0.5
+    assert epochs[0]["train/cut/weight"] == 0.0 and epochs[0]["train/cut/fallbacks"] == 6  # cut at every batch
+    ddp = _weights(late_terms.ddp)
+    for name, tensor in _weights(late_terms.ddp, rank=1).items():
+        assert torch.equal(tensor, ddp[name]), f"{name}: the ranks drifted apart"
+    for name, tensor in _weights(late_terms.single).items():
+        assert torch.allclose(ddp[name], tensor, rtol=REL_TOL, atol=1e-6), f"{name}: not the one process's"
+    assert ddp["cut.scale"].item() == 1.0  # it never took part in a step: untouched, as in one process
+    assert ddp["late.scale"].item() != 1.0 and ddp["ramped.scale"].item() != 1.0  # trained in epoch 1
+    _assert_close(_summary(late_terms.ddp)["metrics"], _summary(late_terms.single)["metrics"], "final metrics")
+
+
+@needs_gloo
+def test_a_torchrun_job_killed_while_terms_are_off_resumes_to_the_uninterrupted_numbers(late_terms):
+    assert (late_terms.checkpoint["loop"]["epoch"], late_terms.checkpoint["step"]) == (0, 3)
+    assert _summary(late_terms.resumed)["metrics"] == _summary(late_terms.ddp)["metrics"]  # bit-identical
+    assert timeless_records(late_terms.resumed) == timeless_records(late_terms.ddp)
+    resumed, ddp = _weights(late_terms.resumed), _weights(late_terms.ddp)
+    assert resumed.keys() == ddp.keys() and all(torch.equal(resumed[k], ddp[k]) for k in ddp)

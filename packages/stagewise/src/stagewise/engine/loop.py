@@ -172,7 +172,7 @@ class TrainLoop:
             ok = self._checked(value, record)
             if ok:
                 total.backward()
-                self._drop_inactive_grads(active)
+                self._drop_unweighted_grads(record)
                 if o.grad_clip is not None:
                     for group in self.clip_groups:
                         torch.nn.utils.clip_grad_norm_(group, o.grad_clip)
@@ -188,13 +188,14 @@ class TrainLoop:
         for param in self.params:
             param.grad = None
 
-    def _drop_inactive_grads(self, active: set[str]) -> None:
-        """Under DDP an inactive term is in the graph at weight 0, so its parameters get zero
-        gradients, which AdamW would decay and count as steps; in one process they get none (not
-        computed). Leave them none here too, so both runs take the same steps."""
+    def _drop_unweighted_grads(self, record: dict[str, Any]) -> None:
+        """Under DDP a term of weight 0 this batch (not switched on yet, or cut to 0 by its fallback)
+        is in the graph at weight 0, so its parameters get zero gradients, which AdamW would decay and
+        count as steps; in one process they get none (not computed, or left out of the sum). Leave them
+        none here too, so both runs take the same steps. ``record``: the active terms' (value, weight, parts)."""
         if self.state.dist.enabled:
             for name, term in self.terms.items():
-                if name not in active:
+                if name not in record or record[name][1] == 0.0:
                     for param in term.parameters():
                         param.grad = None
 
@@ -479,7 +480,7 @@ class TrainLoop:
         """The callable that computes term values: the Objective, or its DDP wrapper, which
         computes every term (``active`` None): DDP, built without ``find_unused_parameters``, expects
         every parameter to get a gradient at every step, so an inactive term stays in the graph at
-        weight 0 (see :meth:`_total` and :meth:`_drop_inactive_grads`)."""
+        weight 0 (see :meth:`_total` and :meth:`_drop_unweighted_grads`)."""
         objective = self.objective
         if not self.state.dist.enabled:
             return objective
