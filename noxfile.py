@@ -59,9 +59,10 @@ def docs(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff over the whole tree."""
-    session.install(*CONSTRAINTS, "ruff")
+    """ruff over the whole tree; mypy over core (mypy.ini), against core's dependencies and extras."""
+    session.install(*CONSTRAINTS, "ruff", "mypy", "-e", "packages/stagewise[plots,tensorboard]")
     session.run("ruff", "check", ".")
+    session.run("mypy")
 
 
 @nox.session

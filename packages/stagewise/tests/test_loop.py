@@ -280,6 +280,25 @@ def test_evaluation_batches_use_eval_batch_size():
     assert [len(b["input"]) for b in iterate_batches(state, "valid", train=True)] == [4, 4, 2]
 
 
+def test_batches_of_a_dataset_without_a_length_name_its_type_and_what_it_lacks():
+    # was a bare TypeError from len() ("object of type 'Stream' has no len()") naming neither the contract nor the fix
+    from types import SimpleNamespace
+
+    from stagewise.engine.batches import count_batches
+    from stagewise.engine.distributed import DistInfo
+    from stagewise.errors import PluginError
+
+    class Stream(torch.utils.data.Dataset):
+        def __getitem__(self, index):
+            return {"input": torch.tensor([index])}
+
+    data = SimpleNamespace(batch_size=4, eval_batch_size=None, shuffle=False, drop_last=False, num_workers=0)
+    state = SimpleNamespace(recipe=SimpleNamespace(data=data), data={"train": Stream()}, seed=0, stage_index=0,
+                            dist=DistInfo(0, 1, 0), device=torch.device("cpu"))
+    with pytest.raises(PluginError, match=r"a dataset of type Stream has no len\(\); .* must define __len__"):
+        count_batches(state, "train", train=True)
+
+
 class Terminal(io.StringIO):
     """A stderr that says it is a terminal, so that progress bars are drawn into it."""
 

@@ -618,6 +618,16 @@ def test_a_list_s_item_type_names_its_items_through_item_name():
     assert [p.split(":")[0] for p in problems] == ["plain[0].size"]
 
 
+def test_coerce_keys_without_an_unknown_message_names_the_valid_keys():
+    # was a TypeError ('NoneType' object is not callable) for a key the types lack
+    from stagewise.schema import coerce_keys
+
+    problems: list[str] = []
+    values, bad = coerce_keys({"size": 2, "szie": 3}, {"size": int, "depth": int}, "model", problems)
+    assert (values, bad) == ({"size": 2}, set())
+    assert problems == ["model.szie: unknown key; did you mean 'size'? Valid keys: depth, size"]
+
+
 def test_a_value_no_member_of_a_union_takes_names_every_member():
     from stagewise.schema import coerce
 

@@ -80,7 +80,7 @@ def overrides_by_recipe(names: list[str], overrides: list[str]) -> list[list[str
     for item in overrides:
         target = _override_target(item)
         having = [i for i, own in enumerate(stages) if target is not None and _has(own, *target)]
-        if having and len(having) < len(names) and is_main_process():  # said once under torchrun
+        if target is not None and having and len(having) < len(names) and is_main_process():  # said once under torchrun
             others = ", ".join(names[i] for i in range(len(names)) if i not in having)
             stage, term = target
             lacking = f"no stage named {stage!r}" if term is None else f"no loss term {term!r} in stage {stage!r}"

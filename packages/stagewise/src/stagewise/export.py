@@ -77,7 +77,7 @@ def export_npz(checkpoint: Path, out: Path, exclude: Sequence[str] = ()) -> dict
     if "artifacts" in saved:  # every checkpoint a run writes
         meta["artifacts"] = _split(artifacts, ARTIFACTS, arrays)
     arrays["__meta__"] = np.array(json.dumps(meta))
-    atomic_write_bytes(out, lambda f: np.savez(f, **arrays))
+    atomic_write_bytes(out, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]  # stubs: a key could be allow_pickle
     return {**counts, "artifacts": sorted(meta.get("artifacts", {})), "replaced": replaced,
             "part_way": saved["stage_name"] if meta.get("stage_done") is False else None}
 

@@ -187,7 +187,7 @@ def recipe_from_table(raw: dict[str, Any], source: str, overrides: list[str]) ->
     paths, stages = _stages(raw.get("stages"), problems)
     if model is not None:
         _check_grow(paths, stages, model, problems)
-    if problems:
+    if problems or model is None:  # model: None only beside its problem
         raise ConfigError(problems, source, set_by)
     recipe = Recipe(run=run, data=data, model=model, stages=stages, source=source, overrides=set_by)
     recipe.table = {"run": as_table(run), "data": data.to_table(), "model": model.to_table(),

@@ -56,7 +56,7 @@ def _table_taking(key: str, types_: dict[str, Any], fields: list[str], raw: dict
     them through a ``keys_for(table)`` classmethod."""
     for name in fields:
         cls = types_[name]
-        if dataclasses.is_dataclass(cls):
+        if isinstance(cls, type) and dataclasses.is_dataclass(cls):
             keys = cls.keys_for(raw.get(name)) if hasattr(cls, "keys_for") else keys_of(cls)
             if key in keys:
                 return name
@@ -86,11 +86,11 @@ def build_dataclass(cls: type, raw: Any, path: str, problems: list[str],
 def coerce_keys(table: dict[str, Any], types_: dict[str, Any], path: str, problems: list[str],
                 unknown: Callable[[str], str] | None = None) -> tuple[dict[str, Any], set[str]]:
     """Each value of ``table`` coerced to its key's type in ``types_``, and the keys whose value had a
-    problem; a key ``types_`` lacks is skipped, its problem ``unknown(key)``."""
+    problem; a key ``types_`` lacks is skipped, its problem ``unknown(key)`` (default: the valid keys)."""
     values, bad = {}, set()
     for key, value in table.items():
         if key not in types_:
-            problems.append(unknown(key))
+            problems.append(unknown(key) if unknown else unknown_key_message(key, path, list(types_)))
             continue
         before = len(problems)
         values[key] = coerce(value, types_[key], _join(path, key), problems)
@@ -170,7 +170,7 @@ def coerce(value: Any, annotation: Any, path: str, problems: list[str]) -> Any:
         return _coerce_list(value, origin, args[0] if args else Any, path, problems)
     if origin is dict:
         return _coerce_dict(value, args[1] if len(args) == 2 else Any, path, problems)
-    if dataclasses.is_dataclass(annotation):
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         coerce_hook = getattr(annotation, "from_table", None)
         if coerce_hook is not None:
             return coerce_hook(value, path, problems)

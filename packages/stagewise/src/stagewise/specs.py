@@ -11,7 +11,7 @@ import dataclasses
 import math
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from stagewise import plugins
 from stagewise.errors import PluginError, UnknownNameError
@@ -53,6 +53,10 @@ class Spec:
     """Mixin for dataclasses that name a component; subclasses set KIND and ``options``."""
 
     KIND: ClassVar[str]
+    # what every subclass, a dataclass, has: declared for type checkers
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+    use: str
+    options: Any
 
     @classmethod
     def from_table(cls, value: Any, path: str, problems: list[str]) -> Any:
@@ -146,6 +150,11 @@ class LossSpec(Spec):
              f"must be a number (leave it out for no fallback), got {self.fallback_threshold}"),
             (0 <= self.fallback_factor <= 1, "fallback_factor", f"must be in [0, 1], got {self.fallback_factor}"),
         ])
+
+    @property
+    def term_name(self) -> str:
+        """``name``, which ``__post_init__`` sets: a term built without one has its default."""
+        return cast(str, self.name)
 
     @classmethod
     def item_name(cls, value: Any) -> Any:

@@ -64,7 +64,7 @@ def verify_run(run_dir: Path, golden_path: Path) -> list[str]:
 class Report(NamedTuple):
     differences: list[str]  # one line per golden metric the run misses or differs in
     skipped: list[str]  # the run's measured metrics left out of the comparison
-    names: tuple[str, str] | None  # (the golden record's run name, the run's) where they differ (a summary.json)
+    names: tuple[str, Any] | None  # (the golden record's run name, the run's) where they differ (a summary.json)
     cpu_note: str | None = None  # the golden file has no record for the run's kind of CPU: what was done instead
 
 
@@ -90,9 +90,9 @@ def verify_report(run_dir: Path, golden_path: Path) -> Report:
     cpu = summary.get("cpu") if isinstance(summary.get("cpu"), str) else None  # a run from before it was kept: None
     differences, note = _against_records(summary["metrics"], records, tolerance, cpu,
                                          cpu_tolerance(golden, golden_path), golden_path)
-    names = (golden.get("recipe"), summary.get("recipe"))
-    differ = isinstance(names[0], str) and names[0] != names[1]
-    return Report(differences, skipped, names if differ else None, note)
+    golden_name, run_name = golden.get("recipe"), summary.get("recipe")
+    names = (golden_name, run_name) if isinstance(golden_name, str) and golden_name != run_name else None
+    return Report(differences, skipped, names, note)
 
 
 def _against_records(actual: dict[str, Any], records: dict[str | None, dict[str, Any]], tolerance: dict[str, float],

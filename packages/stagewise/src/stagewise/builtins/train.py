@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from stagewise.builtins.losses import CrossEntropyOptions
+from stagewise.data.splits import size_of
 from stagewise.engine.batches import batch_count, count_batches
 from stagewise.engine.distributed import launched_world_size
 from stagewise.engine.evaluate import evaluate
@@ -168,7 +169,7 @@ class TrainStage(Stage):
         problems += loss_problems(self.options.losses, recipe.model_options_at(index),
                                   data.example("train") if own_batches else None, where)
         problems += self._idle_epochs(where)
-        problems += _batch_problems(recipe, len(data["train"]) if own_batches and "train" in data.names() else None)
+        problems += _batch_problems(recipe, size_of(data["train"]) if own_batches and "train" in data.names() else None)
         names = parameter_names_at(recipe, index, data)
         if names is not None:
             problems += glob_problems(names, self.options.train, self.options.freeze, where)
@@ -226,7 +227,7 @@ class TrainStage(Stage):
         """Metrics after an epoch: every loss term on ``eval_split``, prefixed ``val/``."""
         if not self.has_eval():
             return {}
-        terms = dict(objective.terms.items())
+        terms = objective.loss_terms()
         split = self.options.eval_split  # a bar: a large validation split takes a while after each epoch
         batches = state.batches(split, desc=f"evaluating {split}")
         return evaluate(state, terms, batches, "val", self.forward_fn(objective))

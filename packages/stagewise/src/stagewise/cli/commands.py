@@ -141,7 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir = getattr(exc, "run_dir", None)
         if run_dir is not None:
             again = _resume_command(args, [args.recipe], run_dir)
-            exc.continue_with = f"the run goes on from its last checkpoint with: {again}"
+            exc.continue_with = f"the run goes on from its last checkpoint with: {again}"  # type: ignore[attr-defined]
         raise
     if args.quiet and main_rank:  # the final table is left out: say where the run went
         print(path)
@@ -180,7 +180,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except OSError as exc:  # e.g. the disk filled up: the comparison goes on once that is fixed
         if out.is_dir():
             again = _resume_command(args, args.recipes, out)
-            exc.continue_with = f"its runs go on from their last checkpoints with: {again}"
+            exc.continue_with = f"its runs go on from their last checkpoints with: {again}"  # type: ignore[attr-defined]
         raise
     return 0
 
@@ -196,7 +196,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     for summary in summaries.values():  # "nan" and "inf" as summary.json writes them: numbers again
         summary["metrics"] = {key: read_number(value) for key, value in summary["metrics"].items()}
     if len(summaries) == 1:
-        print(final_table(*summaries.values(), run_dirs[0]))
+        print(final_table(summaries[str(run_dirs[0])], run_dirs[0]))
     else:
         print(comparison_table(summaries))
     return 0

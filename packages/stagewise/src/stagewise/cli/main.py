@@ -34,9 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _PERMISSIONS = "check its permissions, or choose another folder"
-# what to do when the file system refuses, by errno
-_OS_ADVICE = {errno.EACCES: _PERMISSIONS, errno.EPERM: _PERMISSIONS, errno.ENOSPC: "free some disk space",
-              errno.EDQUOT: "free some space within your disk quota", errno.EROFS: "choose a folder on a writable disk"}
+# what to do when the file system refuses, by errno (OSError.errno, which may be None)
+_OS_ADVICE: dict[int | None, str] = {
+    errno.EACCES: _PERMISSIONS, errno.EPERM: _PERMISSIONS, errno.ENOSPC: "free some disk space",
+    errno.EDQUOT: "free some space within your disk quota", errno.EROFS: "choose a folder on a writable disk"}
 # the refusals after which a stopped run goes on as it was, once there is room: its checkpoints are intact
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 

@@ -8,8 +8,8 @@ import re
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from io import BufferedIOBase
 from pathlib import Path
-from typing import IO
 
 from stagewise.data.splits import DataError
 
@@ -34,7 +34,7 @@ def existing_file(path: str | Path, what: str) -> Path:
     return file
 
 
-def open_data(path: str | Path, what: str) -> IO[bytes]:
+def open_data(path: str | Path, what: str) -> BufferedIOBase:
     """Open a file for reading bytes, decompressed if it is gzip (told by its content, since
     downloads are often decompressed but keep their .gz name, or the other way round)."""
     file = existing_file(path, what)

@@ -10,12 +10,13 @@ divide it by the ``splits`` fractions of their options (e.g. ``{"train": 0.8, "v
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sized
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stagewise.errors import OptionError, StagewiseError
+from stagewise.errors import OptionError, PluginError, StagewiseError
 from stagewise.schema import check_options
 
 if TYPE_CHECKING:
@@ -33,14 +34,15 @@ class DataOptionError(OptionError, DataError):
 def check_data_options(**problems: str | None) -> None:
     """Raise DataOptionError naming each key whose problem is not None, e.g.
     ``check_data_options(splits=fractions_problem(self.splits))``."""
-    check_options([(problem is None, key, problem) for key, problem in problems.items()], error=DataOptionError)
+    check_options([(False, key, problem) for key, problem in problems.items() if problem is not None],
+                  error=DataOptionError)
 
 
 @dataclass
 class DataSplits:
     """Named dataset splits plus facts the model needs (e.g. vocab_size)."""
 
-    splits: dict[str, Dataset]  # e.g. {"train": ..., "valid": ..., "test": ...}
+    splits: Mapping[str, Dataset]  # e.g. {"train": ..., "valid": ..., "test": ...}
     info: dict[str, Any] = field(default_factory=dict)  # e.g. {"vocab_size": 33278}
 
     def __getitem__(self, name: str) -> Dataset:
@@ -58,6 +60,14 @@ class DataSplits:
             return None
         first = split[0]
         return first if isinstance(first, dict) else None
+
+
+def size_of(dataset: Dataset) -> int:
+    """``len(dataset)``: the engine batches map-style datasets that know their length (a split, a cache)."""
+    if not isinstance(dataset, Sized):
+        raise PluginError(f"a dataset of type {type(dataset).__name__} has no len(); the splits a data component "
+                          f"returns, and the datasets a stage batches, must define __len__ and __getitem__")
+    return len(dataset)
 
 
 def default_splits() -> dict[str, float]:

@@ -36,7 +36,8 @@ def shape_targets(targets: np.ndarray, target_dtype: str, lines: list[int], path
 def read_csv(path: str, header: bool, encoding: str) -> tuple[list[str] | None, np.ndarray, list[int]]:
     """Column names (None without header), the values (N, columns) and each row's line."""
     reader = csv.reader(text_lines(path, "CSV file", encoding))
-    values, lines = array("d"), []  # values row after row: 8 bytes a number, not a float object
+    numbers = array("d")  # values row after row: 8 bytes a number, not a float object
+    lines: list[int] = []
     rows = filterfalse(_blank, reader)
     try:
         names = next(rows, []) if header else None
@@ -49,7 +50,7 @@ def read_csv(path: str, header: bool, encoding: str) -> tuple[list[str] | None, 
                                 f"{'header' if header else 'first row'} has {width}; give every row one "
                                 f"number per column{hint}")
             try:
-                values.extend(map(float, row))  # the hot loop of a big file (a bad row's numbers are never used)
+                numbers.extend(map(float, row))  # the hot loop of a big file (a bad row's numbers are never used)
             except ValueError:
                 names_row = "; if this row names the columns, set data.header = true" if not (header or lines) else ""
                 raise _bad_cell(row, path, reader.line_num, names, "is not a number; every cell must be numeric "
@@ -60,7 +61,7 @@ def read_csv(path: str, header: bool, encoding: str) -> tuple[list[str] | None, 
                         f"be a number: check that this is a CSV file of numbers") from None
     if not lines:
         raise DataError(f"{path} has no data rows")
-    values = np.frombuffer(values, dtype=np.float64).reshape(len(lines), -1)  # (N, columns), no copy
+    values = np.frombuffer(numbers, dtype=np.float64).reshape(len(lines), -1)  # (N, columns), no copy
     finite = np.isfinite(values)  # float() also reads "nan" and "inf": training on them fails
     if not finite.all():
         i = int(np.flatnonzero(~finite.all(axis=1))[0])
@@ -202,7 +203,8 @@ def read_jsonl(path: str, input_keys: list[str], target_keys: list[str],
         if not text.strip():
             continue
         x, y = _line_numbers(text, input_keys, target_keys, path, line)
-        widths = widths or (len(x), len(y), line)
+        if widths is None:
+            widths = (len(x), len(y), line)
         if (len(x), len(y)) != widths[:2]:
             raise DataError(f"{path}, line {line}: {len(x)} input and {len(y)} target numbers, "
                             f"but line {widths[2]} has {widths[0]} and {widths[1]}; "
@@ -210,7 +212,7 @@ def read_jsonl(path: str, input_keys: list[str], target_keys: list[str],
         inputs.extend(x)
         targets.extend(y)
         lines.append(line)
-    if not lines:
+    if widths is None:  # no line with numbers
         raise DataError(f"{path} has no data lines")
     return (np.frombuffer(inputs, dtype=np.float64).reshape(len(lines), widths[0]),
             np.frombuffer(targets, dtype=np.float64).reshape(len(lines), widths[1]), lines)

@@ -8,11 +8,13 @@ Under ``torchrun`` each global batch is split across processes by rank, so the g
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+
+from stagewise.data.splits import size_of
 
 if TYPE_CHECKING:
     from stagewise.engine.state import State
@@ -64,10 +66,11 @@ def iterate_batches(state: State, source: str | Dataset, *, train: bool, epoch: 
     spec = state.recipe.data
     dataset = dataset_of(state, source, indices)
     size = _batch_size(state, train)
-    order = epoch_order(len(dataset), state.seed, state.stage_index, epoch) if train and spec.shuffle else None
+    order = epoch_order(size_of(dataset), state.seed, state.stage_index, epoch) if train and spec.shuffle else None
     rank, world = (state.dist.rank, state.dist.world_size) if shard else (0, 1)
-    index_lists = batch_indices(len(dataset), size, order=order, drop_last=train and spec.drop_last,
+    index_lists = batch_indices(size_of(dataset), size, order=order, drop_last=train and spec.drop_last,
                                 rank=rank, world=world, every_rank=train)
+    batches: Iterable[Any]
     if spec.num_workers:
         batches = DataLoader(dataset, batch_sampler=index_lists[start:], collate_fn=default_collate,
                              num_workers=spec.num_workers)
@@ -94,7 +97,7 @@ def count_batches(state: State, source: str | Dataset, *, train: bool, indices: 
     """How many batches :func:`iterate_batches` yields on the main process with these arguments
     (and ``start = 0``)."""
     world = state.dist.world_size if shard else 1
-    return batch_count(len(dataset_of(state, source, indices)), _batch_size(state, train),
+    return batch_count(size_of(dataset_of(state, source, indices)), _batch_size(state, train),
                        drop_last=train and state.recipe.data.drop_last, world=world, every_rank=train)
 
 

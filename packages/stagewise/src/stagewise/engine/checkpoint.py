@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -38,9 +38,9 @@ RESUME_KEYS = ("recipe", "stage_index", "stage_name", "stage_done", "model", "mo
                "metrics", "stage_results", "rng", "metrics_lines")
 # the type of each key a reader asks for, as a run writes it; a file of the right format with other
 # contents (edited or crafted) is refused by name, not met as an AttributeError deep in a command
-_KEY_TYPES = {"recipe": dict, "stage_index": int, "stage_name": str, "stage_done": bool, "model": dict,
-              "model_options": dict, "artifacts": dict, "metrics": dict, "stage_results": dict, "rng": dict,
-              "metrics_lines": int}
+_KEY_TYPES: dict[str, type[Any]] = {
+    "recipe": dict, "stage_index": int, "stage_name": str, "stage_done": bool, "model": dict, "model_options": dict,
+    "artifacts": dict, "metrics": dict, "stage_results": dict, "rng": dict, "metrics_lines": int}
 
 
 def _read_umask() -> int:
@@ -248,7 +248,8 @@ def _toml_data(value: Any) -> bool:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG the engine's randomness comes from, as tensors and plain values."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # numpy's stubs allow a dict too, which only a RandomState on another bit generator than MT19937 gives
+    kind, keys, pos, has_gauss, gauss = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     return {
         "torch": torch.get_rng_state(),
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),

@@ -27,5 +27,5 @@ def momentum_at(step: int, total: int, start: float, end: float) -> float:
 def ema_update(target: torch.nn.Module, model: torch.nn.Module, momentum: float) -> None:
     for t, p in zip(target.parameters(), model.parameters(), strict=True):
         t.lerp_(p.detach(), 1.0 - momentum)
-    for t, b in zip(target.buffers(), model.buffers(), strict=True):
-        t.copy_(b)
+    for tb, b in zip(target.buffers(), model.buffers(), strict=True):
+        tb.copy_(b)

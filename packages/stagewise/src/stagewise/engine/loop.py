@@ -218,7 +218,8 @@ class TrainLoop:
             first = False
             return total
 
-        return self.optimizer.step(closure).item()
+        # torch types step(closure) for a closure returning a float; L-BFGS returns the closure's first loss tensor
+        return self.optimizer.step(closure).item()  # type: ignore[arg-type, attr-defined]
 
     def _total(self, batch: dict[str, Any], weights: dict[str, float], active: set[str],
                record: dict[str, Any] | None) -> tuple[torch.Tensor, float]:
@@ -277,17 +278,17 @@ class TrainLoop:
             self.scheduler.step()
         state.step += 1
         if state.target_model is not None:
-            self._update_target()
+            self._update_target(state.target_model)
         self._add_to_sums(value, record)
         if state.step % state.recipe.run.log_every_n_steps == 0:
             state.log("step", **{"train/loss": value, "train/lr": lr})
 
-    def _update_target(self) -> None:
-        """Move the EMA target towards the model, at the momentum of the stage's step."""
+    def _update_target(self, target: torch.nn.Module) -> None:
+        """Move the EMA ``target`` towards the model, at the momentum of the stage's step."""
         state, o = self.state, self.o
         end = o.ema_momentum_end if o.ema_momentum_end is not None else o.ema_momentum
         momentum = ema.momentum_at(state.step, self.total_steps, o.ema_momentum, end)
-        ema.ema_update(state.target_model, state.model, momentum)
+        ema.ema_update(target, state.model, momentum)
 
     def _add_to_sums(self, value: float, record: dict[str, Any]) -> None:
         """Add the step's loss and each recorded term's value, weight, weighted value and parts to the
@@ -427,7 +428,10 @@ class TrainLoop:
     def _restore(self, saved: dict[str, Any]) -> None:
         from stagewise.engine.resume import refuse_damaged  # resume reads Position from here
 
-        refuse_damaged(self._resume_problems(saved), self.state.resumed_from, self.state.recipe)
+        run_dir = self.state.resumed_from
+        if run_dir is None:  # the runner sets both; a State made elsewhere must too
+            raise ValueError("TrainLoop: state.resume is set but not state.resumed_from, the run directory it is from")
+        refuse_damaged(self._resume_problems(saved), run_dir, self.state.recipe)
         self.pos = Position(**saved["loop"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])

@@ -7,7 +7,7 @@ of parameters owned by losses are averaged across processes like the model's own
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 def forward_batch(model: torch.nn.Module, batch: dict[str, Any], needs: Needs) -> dict[str, Any]:
     """Run ``model`` on a batch. Models with ``forward_batch(batch, needs)`` return a dict of
     outputs; any other module is called on ``batch["input"]`` and its result is ``"output"``."""
-    if hasattr(model, "forward_batch"):
-        return model.forward_batch(batch, needs)
+    own = getattr(model, "forward_batch", None)
+    if own is not None:
+        return own(batch, needs)
     out = model(batch["input"])
     return out if isinstance(out, dict) else {"output": out}
 
@@ -38,6 +39,10 @@ class Objective(torch.nn.Module):
         self.state = state  # not a module: plain attribute
         self.needs = needs_of(terms.values())
 
+    def loss_terms(self) -> dict[str, Loss]:
+        """The terms by name, as ``__init__`` got them (a ModuleDict types its values as Module)."""
+        return cast(dict[str, Loss], dict(self.terms.items()))
+
     def outputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         return forward_batch(self.model, batch, self.needs)
 
@@ -46,7 +51,7 @@ class Objective(torch.nn.Module):
         outputs = (forward_fn or self.outputs)(batch)
         values = {}
         try:
-            for name, term in self.terms.items():
+            for name, term in self.loss_terms().items():
                 if active is None or name in active:
                     values[name] = check_value(term, term(outputs, batch, self.state))
         except ConfigError as exc:
@@ -64,7 +69,7 @@ def needs_of(terms: Iterable[Loss]) -> Needs:
 
 def duplicate_names(specs: list[LossSpec], where: str) -> list[str]:
     """One problem per term name used more than once (metrics and weights are keyed by name)."""
-    names = [spec.name for spec in specs]
+    names = [spec.term_name for spec in specs]
     return [f"{where}.losses: two terms are named {name!r}; set a distinct 'name'"
             for name in sorted({n for n in names if names.count(n) > 1})]
 
@@ -109,13 +114,13 @@ def _new_terms(specs: list[LossSpec], where: str) -> Iterator[tuple[str, str, Lo
     Lazily: :func:`build_terms` sets up each term before the next is built, the order of RNG draws
     that runs' numbers depend on."""
     for path, spec in zip(term_paths(specs, where), specs, strict=True):
-        yield path, spec.name, spec.component()(spec.options)
+        yield path, spec.term_name, spec.component()(spec.options)
 
 
 def split_term(value: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A term's total and its parts (a Loss may return a dict of named parts)."""
     if isinstance(value, dict):
-        return sum(value.values()), value
+        return sum(value.values()), value  # type: ignore[return-value]  # a sum of tensors (from 0) is a tensor
     return value, {}
 
 
@@ -123,7 +128,7 @@ class TermWeights:
     """Each term's scheduled weight for the epoch, cut for a batch by the fallback rule."""
 
     def __init__(self, specs: list[LossSpec], state: State):
-        self.specs = {s.name: s for s in specs}
+        self.specs = {s.term_name: s for s in specs}
         self.state = state
         self.fallbacks = {name: 0 for name in self.specs}
 

@@ -151,7 +151,7 @@ def _latest_stage_checkpoint(checkpoints: Path, recipe: Recipe) -> str:
     """The checkpoint of the last stage, in recipe order, that has one, as the advice names it."""
     spec = _last_finished(checkpoints, recipe)
     return ("the latest checkpoints/<stage>.pt" if spec is None
-            else f"{checkpoints / spec.checkpoint}.pt (stage {spec.name!r}, the last one that finished)")
+            else f"{checkpoints / f'{spec.checkpoint}.pt'} (stage {spec.name!r}, the last one that finished)")
 
 
 def _recipe_differs(path: Path, started: dict[str, Any], table: dict[str, Any]) -> CheckpointError:

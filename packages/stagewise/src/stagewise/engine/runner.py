@@ -60,13 +60,15 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
     seed_everything(run.seed)
     bars = not quiet and info.rank == 0 and sys.stderr.isatty()
     data = _load_data(recipe, shown=bars)
-    if saved is not None:  # before the model is built from it (another vocabulary would not fit the weights)
+    # saved: only a resumed run's; checked before the model is built from it (another vocabulary would not fit)
+    if resume is not None and saved is not None:
         _check_same_data(saved, data, resume)
     check_stages(recipe, data)
     check_event_hooks()
     model_options = _model_options(recipe, saved, resume)
     model = _build("model", recipe, lambda: recipe.model.component().from_recipe(model_options, data)).to(device)
-    if saved is not None:  # before the run directory is touched: a damaged checkpoint leaves it as it was
+    # before the run directory is touched: a damaged checkpoint leaves it as it was
+    if resume is not None and saved is not None:
         check_resumable(saved, model, resume, recipe)
     path = distributed.main_process_choice(_run_folder(recipe, out, resume), info)
     run_dir = None
@@ -120,7 +122,7 @@ def _resumable_in(path: Path) -> Iterator[None]:
         raise RunInterrupted(path) from None
     except OSError as exc:
         if (path / "recipe.toml").is_file():
-            exc.run_dir = path
+            exc.run_dir = path  # type: ignore[attr-defined]  # read back with getattr by the CLI
         raise
 
 
@@ -306,7 +308,7 @@ def _model_options(recipe: Recipe, saved: dict[str, Any] | None, resume: Path | 
     differ from the recipe's once a stage has grown the model (``grow``), so its weights fit. They must
     be the recipe's at the checkpoint's stage: options that keep the weights' shapes (``n_head``,
     ``dropout``) would otherwise build another model and the run would silently diverge."""
-    if saved is None:
+    if resume is None or saved is None:  # saved: only a resumed run's
         return recipe.model.options
     problems: list[str] = []
     options = build_dataclass(type(recipe.model.options), saved["model_options"], "model_options", problems)

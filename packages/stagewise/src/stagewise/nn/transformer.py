@@ -201,6 +201,8 @@ class TransformerLM(nn.Module):
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         cos, sin = rope_tables(config.n_embd // config.n_head, config.max_seq_len, config.rope_base)
         # derived from the config, so kept out of checkpoints
+        self.rope_cos: torch.Tensor  # buffers, declared for type checkers (nn.Module types them Tensor | Module)
+        self.rope_sin: torch.Tensor
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, hd/2)
         self.register_buffer("rope_sin", sin, persistent=False)  # (max_seq_len, hd/2)
 
