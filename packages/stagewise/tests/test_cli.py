@@ -764,6 +764,24 @@ def test_a_runs_summary_and_env_say_its_kind_of_cpu(tiny_recipe_path, tmp_path):
     assert json.loads((tmp_path / "run" / "env.json").read_text())["cpu"] == kind
 
 
+def test_a_run_on_a_gpu_is_verified_as_that_gpus_kind_not_its_cpus(tmp_path, capsys, monkeypatch):
+    # was: its summary said only the host CPU, so its GPU numbers were checked exactly against that CPU's record
+    # and --add-cpu-record filed them as a CPU kind's
+    from stagewise.engine import cpu
+    from stagewise.engine.rundir import write_json_atomic
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"GPU{device.index}")
+    assert (cpu.device_kind(torch.device("cpu")), cpu.device_kind(torch.device("cuda", 1))) == (None, "cuda GPU1")
+    golden = tmp_path / "golden.json"
+    golden.write_text(json.dumps({"cpu": "x", "metrics": {"a": 1.0}, "cpu_tolerance": 1e-2}))
+    write_json_atomic(tmp_path / "run" / "summary.json", {"cpu": "x", "device": "cuda GPU1", "metrics": {"a": 1.001}})
+    with pytest.warns(UserWarning, match="matched within cpu_tolerance"):
+        assert main(["verify", str(tmp_path / "run"), str(golden)]) == 0
+    assert "no record made on this run's kind of GPU, 'cuda GPU1'" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "run"), str(golden), "--add-cpu-record"]) == 0
+    assert json.loads(golden.read_text())["by_cpu"] == {"cuda GPU1": {"a": 1.001}}
+
+
 @pytest.mark.parametrize("cpuinfo, processor, machine, capability, kind", [
     ("processor\t: 0\nvendor_id\t: AuthenticAMD\n", "", "x86_64", "AVX2", "AuthenticAMD x86_64 AVX2"),
     # ARM Linux has no vendor_id (nor does 'uname -p' say one): was "aarch64 DEFAULT" for Arm's, Fujitsu's, Apple's

@@ -46,7 +46,9 @@ def test_golden_record(tiny, tmp_path):
 def test_the_tiny_recipe_runs_on_cuda_to_its_cpu_figures(tiny, tmp_path):
     # the golden is a CPU record; on a GPU the same recipe must run through and land close to it
     cpu = read_summary(run_recipe(tiny(), out=tmp_path / "cpu", quiet=True))["metrics"]
-    gpu = read_summary(run_recipe(tiny("run.device=cuda"), out=tmp_path / "cuda", quiet=True))["metrics"]
+    summary = read_summary(run_recipe(tiny("run.device=cuda"), out=tmp_path / "cuda", quiet=True))
+    gpu = summary["metrics"]
+    assert summary["device"] == f"cuda {torch.cuda.get_device_name(0)}"  # the kind its numbers are verified as
     assert set(gpu) == set(cpu)
     assert gpu["test/ppl"] == pytest.approx(cpu["test/ppl"], rel=1e-2)
 

@@ -9,7 +9,8 @@ verifies a rerun.
 CPU numbers are bit-identical on the same kind of CPU only (:mod:`stagewise.engine.cpu`), so a golden
 file may keep the same metrics as made on other kinds: ``"cpu"`` names the kind of ``metrics``,
 ``"by_cpu"`` maps other kinds to theirs, and a run matches when it matches one of them. A run on a kind
-none of them names matches within ``"cpu_tolerance"`` (relative) where the file gives one.
+none of them names matches within ``"cpu_tolerance"`` (relative) where the file gives one. A run on a GPU
+(its summary's ``"device"``) is of that GPU's kind, as if it were another CPU's.
 """
 
 from __future__ import annotations
@@ -87,8 +88,7 @@ def verify_report(run_dir: Path, golden_path: Path) -> Report:
     skipped = [key for key in measured_metrics(summary) if key in metrics and key not in tolerance]
     records = {kind: {key: value for key, value in record.items() if key not in skipped}
                for kind, record in cpu_records(golden, golden_path).items()}
-    cpu = summary.get("cpu") if isinstance(summary.get("cpu"), str) else None  # a run from before it was kept: None
-    differences, note = _against_records(summary["metrics"], records, tolerance, cpu,
+    differences, note = _against_records(summary["metrics"], records, tolerance, numbers_kind(summary),
                                          cpu_tolerance(golden, golden_path), golden_path)
     golden_name, run_name = golden.get("recipe"), summary.get("recipe")
     names = (golden_name, run_name) if isinstance(golden_name, str) and golden_name != run_name else None
@@ -96,18 +96,21 @@ def verify_report(run_dir: Path, golden_path: Path) -> Report:
 
 
 def _against_records(actual: dict[str, Any], records: dict[str | None, dict[str, Any]], tolerance: dict[str, float],
-                     cpu: str | None, loose: float | None, path: Path) -> tuple[list[str], str | None]:
+                     run: tuple[str | None, str], loose: float | None, path: Path) -> tuple[list[str], str | None]:
     """The differences from the record of the run's kind of CPU, or, without one, from the file's first
     record; nothing where the run matches any record. Where the file has no record for the run's known
-    kind ``cpu``, the note says so and how to add one, and ``loose`` (relative) may still let the run match."""
+    kind (``run``: the kind and "CPU" or "GPU"), the note says so and how to add one, and ``loose``
+    (relative) may still let the run match."""
     tried = {kind: compare(actual, record, tolerance) for kind, record in records.items()}
     if not all(tried.values()):
         return [], None
+    cpu, processor = run
     if cpu is None or cpu in records:  # this kind's own record: exact, as ever (or nothing known of kinds)
         return tried.get(cpu) or next(iter(tried.values())), None
     kinds = ", ".join(repr(kind) if kind else "one whose kind is not said" for kind in records)
-    note = (f"{path} has no record made on this run's kind of CPU, {cpu!r} (its records: {kinds}); CPU numbers are "
-            f"bit-identical on the same kind only: 'stagewise verify RUN_DIR {path} --add-cpu-record' adds one")
+    note = (f"{path} has no record made on this run's kind of {processor}, {cpu!r} (its records: {kinds}); "
+            f"{processor} numbers are bit-identical on the same kind only: 'stagewise verify RUN_DIR {path} "
+            f"--add-cpu-record' adds one")
     if loose is not None and any(not compare(actual, record, _loosened(tolerance, record, loose))
                                  for record in records.values()):
         warnings.warn(f"matched within cpu_tolerance {loose}: {note}", stacklevel=2)
@@ -151,8 +154,8 @@ def add_cpu_record(run_dir: Path, golden_path: Path) -> tuple[str, float, bool]:
     summary = read_summary(run_dir)
     golden = load_json(golden_path, "golden file")
     metrics, tolerance = golden_tables(golden, golden_path)
-    records, kind = cpu_records(golden, golden_path), summary.get("cpu")
-    if not isinstance(kind, str):
+    records, (kind, _) = cpu_records(golden, golden_path), numbers_kind(summary)
+    if kind is None:
         raise CheckpointError(f"{Path(run_dir) / 'summary.json'} does not say which kind of CPU the run was made on "
                               f"(a run from before runs kept it): run the recipe again")
     if kind in records:  # a run that differs from its own kind's record is a behaviour change, not a new record
@@ -180,6 +183,14 @@ def add_cpu_record(run_dir: Path, golden_path: Path) -> tuple[str, float, bool]:
     golden.setdefault("by_cpu", {})[kind] = record
     write_json_atomic(golden_path, golden)
     return kind, max(spreads), False
+
+
+def numbers_kind(summary: dict[str, Any]) -> tuple[str | None, str]:
+    """The kind of processor a run's numbers were made on, and "CPU" or "GPU": its GPU's (``"device"``) where it
+    ran on one, else its CPU's (None for a run from before runs kept it)."""
+    if isinstance(summary.get("device"), str):
+        return summary["device"], "GPU"
+    return (summary["cpu"] if isinstance(summary.get("cpu"), str) else None), "CPU"
 
 
 def _relative(value: Any, expected: Any) -> float:

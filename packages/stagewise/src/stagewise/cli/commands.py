@@ -67,10 +67,11 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
                    "summary.json; the run's wall-clock measurements are compared only if given a tolerance")
     p.add_argument("--add-cpu-record", action="store_true",
                    help="add the run's values of the golden metrics to the golden file as the record for the run's "
-                   "kind of CPU (its \"by_cpu\"), where the file has none: CPU numbers are bit-identical on the same "
-                   "kind only (AVX2, AVX512, ...); do it with a run of the same recipe and code as the file's records. "
-                   "A run that matches a record whose kind is not said exactly names that record instead; one farther "
-                   "than the file's \"cpu_tolerance\" from every record is refused (a behaviour change)")
+                   "kind of CPU (its \"by_cpu\"), or of GPU for a run on one, where the file has none: CPU numbers "
+                   "are bit-identical on the same kind only (AVX2, AVX512, ...); do it with a run of the same recipe "
+                   "and code as the file's records. A run that matches a record whose kind is not said exactly names "
+                   "that record instead; one farther than the file's \"cpu_tolerance\" from every record is refused "
+                   "(a behaviour change)")
     p.set_defaults(handler=cmd_verify)
 
     p = sub.add_parser("export", help="export a checkpoint's model to a numpy-only .npz",

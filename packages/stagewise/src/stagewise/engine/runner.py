@@ -21,7 +21,7 @@ from stagewise.data.splits import DataError
 from stagewise.data.vocab import Vocabulary
 from stagewise.engine import distributed
 from stagewise.engine.checkpoint import seed_everything, set_rng_state
-from stagewise.engine.cpu import cpu_kind
+from stagewise.engine.cpu import cpu_kind, device_kind
 from stagewise.engine.failures import noted
 from stagewise.engine.guards import RateLimitedWarnings, python_warnings_above_bars
 from stagewise.engine.resumable import options_problems
@@ -144,8 +144,9 @@ def _run_stages(state: State, first: int, saved: dict[str, Any] | None) -> None:
     for index in range(first, len(state.recipe.stages)):
         mid_stage = saved if saved is not None and index == saved["stage_index"] else None
         run_stage(state, index, state.recipe.stages[index], mid_stage)
-    summary = {"recipe": run.name, "seed": run.seed, "cpu": cpu_kind(), "stages": state.stage_results,
-               "metrics": state.metrics}
+    gpu = device_kind(state.device)  # its numbers are the GPU's, whichever CPU drove it
+    summary = {"recipe": run.name, "seed": run.seed, "cpu": cpu_kind(), **({"device": gpu} if gpu else {}),
+               "stages": state.stage_results, "metrics": state.metrics}
     with noted(f"in run {run.name!r}"):
         state.fire(Event.AFTER_RUN, metrics=state.metrics)
     if state.run_dir is not None:
