@@ -59,8 +59,10 @@ def docs(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff over the whole tree; mypy over core (mypy.ini), against core's dependencies and extras."""
-    session.install(*CONSTRAINTS, "ruff", "mypy", "-e", "packages/stagewise[plots,tensorboard]")
+    """ruff over the whole tree; mypy over core and every plugin (mypy.ini), against core's dependencies and extras."""
+    plugins = [arg for p in [*(f"packages/{p}" for p in PLUGINS), "tests_integration/stagewise-example-plugin"]
+               for arg in ("-e", p)]
+    session.install(*CONSTRAINTS, "ruff", "mypy", "-e", "packages/stagewise[plots,tensorboard]", *plugins)
     session.run("ruff", "check", ".")
     session.run("mypy")
 

@@ -79,6 +79,20 @@ def test_forward_eval_needs_an_earlier_koopman_term():
         check_stages(recipe, recipe.data.component().from_recipe(recipe.data.options, seed=0))
 
 
+def test_forward_eval_needs_a_term_an_earlier_stage_trains_not_one_it_only_evaluates():
+    # was: accepted, then "TypeError: 'NoneType' object is not subscriptable" once the stages before had run,
+    # since only a training stage's terms reach state.artifacts
+    main = 'name = "main"\nuse = "stagewise.train"\nlr = 1e-2\nmax_epochs = 3\nmax_steps_per_epoch = 3\n'
+    assert main in TINY_HYBRID
+    evaluated = TINY_HYBRID.replace(main, 'name = "main"\nuse = "stagewise.evaluate"\nsplit = "valid"\n')
+    with pytest.raises(stagewise.ConfigError, match=r"no earlier stage trains a koopman.operator term named "
+                                                    r"'koopman' \(found: none\)"):
+        from stagewise.engine.runner import check_stages
+
+        recipe = tiny_recipe(evaluated)
+        check_stages(recipe, recipe.data.component().from_recipe(recipe.data.options, seed=0))
+
+
 def test_a_term_with_only_the_spectral_part_or_a_small_buffer_without_dmd_is_accepted():
     KoopmanOptions(lifted_weight=0, reconstruction_weight=0, state_weight=0, spectral_weight=0.1)
     KoopmanOptions(koopman_dim=8, dmd_buffer=4)  # the buffer is unused while dmd_every is 0

@@ -270,6 +270,19 @@ def test_public_api_is_complete():
         assert getattr(stagewise, name) is not None, name
 
 
+def test_type_checkers_see_each_lazy_name_as_what_it_loads():
+    """The lazy names are Any to a type checker unless ``__init__`` imports them under TYPE_CHECKING too;
+    a name missing there would leave the plugins' uses of it unchecked."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(stagewise))
+    (block,) = [node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"]
+    typed = {(node.module, alias.name) for node in block.body if isinstance(node, ast.ImportFrom)
+             for alias in node.names}
+    assert typed == {(module, name) for name, module in stagewise._LAZY.items()}
+
+
 def test_plugins_table_shows_core_first_then_errors_registrations_and_hooks(host, capsys):
     from stagewise.cli.main import main
 

@@ -10,6 +10,7 @@ A finished run's trained φ, K, ψ come back with :func:`load_term`. Also the re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,9 +44,7 @@ def load_term(source: str | Path, name: str = "koopman") -> KoopmanOperator:
 def koopman_forward_logits(model: torch.nn.Module, term: KoopmanOperator, hidden: list[torch.Tensor],
                            replace: int) -> torch.Tensor:
     """Logits (B, T, V) with blocks L-replace+1..L replaced by ψ(K^replace φ(h_{L-replace}))."""
-    if not hasattr(model, "logits_from_hidden"):
-        raise ValueError(f"Koopman forward mode needs the model's output head as logits_from_hidden(h) "
-                         f"(as stagewise.transformer has); {type(model).__name__} has none")
+    head = output_head(model)
     source = len(hidden) - 1 - replace
     if term.options.axis != "depth" or source not in term.sources:
         raise ValueError(f"replacing the last {replace} layers needs a depth operator from layer {source}; "
@@ -55,7 +54,17 @@ def koopman_forward_logits(model: torch.nn.Module, term: KoopmanOperator, hidden
     h = hidden[source]  # (B, T, C)
     B, T, C = h.shape
     z = term.koopman.advance(term.koopman.lift(h.reshape(1, B * T, C), j), replace, j)
-    return model.logits_from_hidden(term.koopman.decode(z, j).view(B, T, C))
+    return head(term.koopman.decode(z, j).view(B, T, C))
+
+
+def output_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's ``logits_from_hidden``: hidden states (..., C) -> logits (..., V). Any model may have
+    one (core's transformer does), so it is looked up by name."""
+    head = getattr(model, "logits_from_hidden", None)
+    if not callable(head):
+        raise ValueError(f"Koopman forward mode needs the model's output head as logits_from_hidden(h) "
+                         f"(as stagewise.transformer has); {type(model).__name__} has none")
+    return head
 
 
 def spectral_radii(term: KoopmanOperator) -> dict[int, float]:

@@ -290,6 +290,12 @@ class KoopmanOperator(stagewise.Loss):
         self.n_hidden, self.width = n_hidden, width
         n, D = len(self.sources), o.koopman_dim
         self.koopman = KoopmanModules(n, width, D)
+        # buffers, declared for type checkers (nn.Module types them Tensor | Module); the dmd_* ones only with DMD
+        self.operator_ref: torch.Tensor
+        self.dmd_x: torch.Tensor
+        self.dmd_y: torch.Tensor
+        self.dmd_seen: torch.Tensor
+        self.dmd_fresh: torch.Tensor
         self.register_buffer("operator_ref", self.koopman.operator.detach().clone())  # K at the last epoch end
         if o.dmd_every and training:
             self.register_buffer("dmd_x", torch.zeros(n, o.dmd_buffer, D))

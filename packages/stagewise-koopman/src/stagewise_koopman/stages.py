@@ -20,7 +20,7 @@ import stagewise
 from stagewise.builtins.train import lr_limit_check
 from stagewise.engine.resume import refuse_damaged
 from stagewise.loss import perplexity
-from stagewise_koopman.forward_mode import koopman_forward_logits, plot_spectrum, spectral_radii
+from stagewise_koopman.forward_mode import koopman_forward_logits, output_head, plot_spectrum, spectral_radii
 from stagewise_koopman.linearity import OneStepError, fit_post_hoc, frozen_hidden, one_step_error
 from stagewise_koopman.loss import (
     ARTIFACT,
@@ -104,7 +104,7 @@ class ForwardEval(stagewise.Stage):
                 target = batch["target"].reshape(-1)
                 # forward mode first: it says what a model without logits_from_hidden lacks
                 koopman_logits = koopman_forward_logits(model, term, hidden, o.replace_layers)
-                for mode, logits in (("standard", model.logits_from_hidden(hidden[-1])), ("koopman", koopman_logits)):
+                for mode, logits in (("standard", output_head(model)(hidden[-1])), ("koopman", koopman_logits)):
                     nll[mode] += float(F.cross_entropy(logits.flatten(0, 1), target, reduction="sum"))
                 tokens += target.numel()
                 one_step.add(hidden, batch)
@@ -131,6 +131,8 @@ def _trained_term(state: stagewise.State, name: str) -> dict[str, Any]:
         else:
             problems = artifact_problems(terms[name], where) or _model_problems(terms[name], state, where)
         refuse_damaged(problems, state.resumed_from, state.recipe)
+    if not (isinstance(terms, dict) and name in terms):  # check() saw to a training stage before this one
+        raise RuntimeError(f"artifacts.{ARTIFACT}: lacks {name}, though an earlier stage trains that term")
     return terms[name]
 
 
@@ -143,8 +145,10 @@ def _model_problems(saved: dict[str, Any], state: stagewise.State, where: str) -
 
 def _trained_terms(recipe, index: int) -> dict[str, tuple[int, Any]]:
     """The ``koopman.operator`` terms the stages before ``index`` train: term name -> (stage index,
-    its loss spec); a later stage's term of the same name replaces the earlier one's, as its artifact does."""
+    its loss spec); a later stage's term of the same name replaces the earlier one's, as its artifact does.
+    Only a training stage hands its terms on (``after_stage``): an evaluation's ``losses`` train nothing."""
     return {spec.name: (i, spec) for i, stage in enumerate(recipe.stages[:index])
+            if issubclass(stage.component(), stagewise.TrainStage)
             for spec in getattr(stage.options, "losses", []) or [] if spec.use == "koopman.operator"}
 
 

@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 
 import stagewise
+from stagewise.data.splits import size_of
 from stagewise.engine.distributed import all_reduce_sums
 from stagewise.loss import perplexity, token_nll
 from stagewise_lego_ashem import metrics, mining, timing
+from stagewise_lego_ashem.model import DeepSupervisionTransformer, deep_supervision
 from stagewise_lego_ashem.routed import routed_forward, upper_forward
 from stagewise_lego_ashem.router import (
     SCORE_ROWS,
@@ -39,7 +41,7 @@ def router_of(state: stagewise.State, measure: Measure | None = None) -> Confide
     defaults = ConfidenceOptions()
     router = Confidence(ConfidenceOptions(measure=measure or settings.get("measure", defaults.measure),
                                           hard_ratio=settings.get("hard_ratio", defaults.hard_ratio)))
-    router.threshold = state.model.threshold
+    router.threshold = deep_supervision(state.model).threshold
     return router
 
 
@@ -49,7 +51,7 @@ def evaluate_routed(state: stagewise.State, batches: Iterable[dict[str, Any]], r
     """Routed metrics over ``batches``: ``routed_loss``, ``routed_ppl``, ``acc``, ``shallow_ratio``,
     ``compute_cost``, ``compute_cost_flops``; with ``full`` also the full-depth and exit-layer
     metrics and the hard tokens' perplexity before (exit layer) and after (routed)."""
-    model = state.model
+    model = deep_supervision(state.model)
     threshold = router.threshold if threshold is None else threshold
     shape = metrics.Shape.of(model)
     sums: dict[str, float] = {}
@@ -74,7 +76,7 @@ _SUMS = ("n", "easy", "nll", "correct", "flops", "full_flops")
 _FULL_SUMS = ("full_nll", "full_correct", "exit_nll", "hard", "hard_before", "hard_after")
 
 
-def _full_depth_sums(model: torch.nn.Module, idx: torch.Tensor, target: torch.Tensor, out: dict[str, Any],
+def _full_depth_sums(model: DeepSupervisionTransformer, idx: torch.Tensor, target: torch.Tensor, out: dict[str, Any],
                      routed_nll: torch.Tensor) -> dict[str, float]:
     """The ``_FULL_SUMS`` of one batch: the full-depth forward, the exit layer alone, and the
     tokens ``out`` routed hard before (exit layer) and after (routed, ``routed_nll``)."""
@@ -120,15 +122,15 @@ def routed_report(state: stagewise.State, options: Any) -> dict[str, Any]:
               "threshold": router.threshold, **result}
     if options.measure_speed:
         dataset = state.data[options.split]
-        idx = _inputs(dataset, range(min(options.speed_batch_size, len(dataset))), state.device)
-        report.update(eval_speedup(state.model, router, idx, options.speed_repeats,
+        idx = _inputs(dataset, range(min(options.speed_batch_size, size_of(dataset))), state.device)
+        report.update(eval_speedup(deep_supervision(state.model), router, idx, options.speed_repeats,
                                    rounds=lambda rounds: state.progress(rounds, desc="time full depth vs routed")))
     if options.curve_points:
         accuracy_compute_curve(state, options.split, router, options.curve_points)
     return report
 
 
-def eval_speedup(model: torch.nn.Module, router: Confidence, idx: torch.Tensor, repeats: int,
+def eval_speedup(model: DeepSupervisionTransformer, router: Confidence, idx: torch.Tensor, repeats: int,
                  rounds: timing.Rounds = timing.every_round) -> dict[str, float]:
     """Wall-clock full-depth forward over routed forward on the same batch idx (B, T), timed in
     interleaved rounds (median of ``repeats``; ``rounds`` wraps them, e.g. in a progress bar).
@@ -150,7 +152,7 @@ def eval_speedup(model: torch.nn.Module, router: Confidence, idx: torch.Tensor, 
     return report
 
 
-def _confidence_alone(model: torch.nn.Module, idx: torch.Tensor, measure: str) -> Callable[[], Any]:
+def _confidence_alone(model: DeepSupervisionTransformer, idx: torch.Tensor, measure: str) -> Callable[[], Any]:
     """Softmax and max over the exit logits of idx (B, T), ``SCORE_ROWS`` tokens at a time as the
     routed forward scores them; the logits are computed once, outside the timed call."""
     exit_logits = model.logits_from_hidden(model.exit_hidden(idx)).flatten(0, 1)  # (B*T, V)
@@ -158,7 +160,7 @@ def _confidence_alone(model: torch.nn.Module, idx: torch.Tensor, measure: str) -
                     for start in range(0, exit_logits.size(0), SCORE_ROWS)]
 
 
-def _confidence_flops_share(model: torch.nn.Module, idx: torch.Tensor, router: Confidence) -> float:
+def _confidence_flops_share(model: DeepSupervisionTransformer, idx: torch.Tensor, router: Confidence) -> float:
     """Counted FLOPs of the confidence over all counted FLOPs of the routed forward on idx."""
     easy = routed_forward(model, idx, router, router.threshold)["easy"]
     shape = metrics.Shape.of(model)
@@ -181,13 +183,14 @@ def accuracy_compute_curve(state: stagewise.State, split: str, router: Confidenc
     state.log("lego_ashem.curve", split=split, points=rows)
     state.print(f"{state.stage_name}: accuracy vs compute on {split}, routed by {router.options.measure}\n"
                 f"{_curve_table(rows)}")  # titled: a run may print the curves of several stages
-    if state.run_dir is not None:
-        _plot_curve(state, split, router.options.measure, rows)
+    _plot_curve(state, split, router.options.measure, rows)
     return rows
 
 
 def _plot_curve(state: stagewise.State, split: str, measure: str, rows: list[dict]) -> None:
     """Draw the curve's ``rows`` to ``plots/accuracy_compute_<checkpoint>.png``, the stage's checkpoint name."""
+    if state.run_dir is None:  # a run without a directory keeps no plots
+        return
     from stagewise.plots import line_plot
 
     # one file per stage: a second evaluation (e.g. routed by the probe) would overwrite the first's curve;
@@ -225,7 +228,7 @@ def phase2_speedups(state: stagewise.State, cache: dict[str, Any], dataset: Any,
     alone, length 1), each estimated as its step time × its number of steps; those epoch times
     are ``phase2_cache_epoch_s``, ``phase2_full_forward_epoch_s`` and ``phase2_token_epoch_s``.
     """
-    model, B = state.model, state.recipe.data.batch_size
+    model, B = deep_supervision(state.model), state.recipe.data.batch_size
     windows, tokens = mining.SequenceCache(cache), mining.TokenCache(cache)  # what phase 2 trains on
     seconds = timing.train_step_seconds(model, _phase2_steps(model, dataset, windows, tokens, B, state.device),
                                         repeats)
@@ -243,8 +246,8 @@ def phase2_speedups(state: stagewise.State, cache: dict[str, Any], dataset: Any,
             "phase2_token_step_ms": 1e3 * t_token, **{f"phase2_{k}_epoch_s": v for k, v in epoch_s.items()}}
 
 
-def _phase2_steps(model: torch.nn.Module, dataset: Any, windows: mining.SequenceCache, tokens: mining.TokenCache,
-                  B: int, device: torch.device) -> dict[str, Callable[[], torch.Tensor]]:
+def _phase2_steps(model: DeepSupervisionTransformer, dataset: Any, windows: mining.SequenceCache,
+                  tokens: mining.TokenCache, B: int, device: torch.device) -> dict[str, Callable[[], torch.Tensor]]:
     """The losses of the phase-2 steps :func:`phase2_speedups` times, each on the first batch of its
     dataset: the cached windows from the cache (``"cache"``) or with their exit states recomputed
     from ``dataset`` (``"full"``), and the hard tokens alone (``"token"``)."""

@@ -32,7 +32,7 @@ def load_router(source: str | Path) -> Confidence:
     router = _kept_router(routers[ROUTER], f"routers.{ROUTER}", problems)
     if router is not None and router.options.measure == "probe" and "exit_probe.weight" not in saved["model"]:
         problems.append(f"routers.{ROUTER}.options.measure: 'probe', but the checkpoint's model has no exit_probe")
-    if problems:
+    if problems or router is None:  # None comes with a problem: _kept_router appends one
         raise CheckpointError(f"{checkpoint}: not the router a run keeps: {'; '.join(problems)}; use a checkpoint "
                               f"the run wrote, untouched (or run the recipe again)")
     return router

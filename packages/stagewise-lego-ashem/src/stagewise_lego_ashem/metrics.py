@@ -15,8 +15,12 @@ masked positions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from stagewise_lego_ashem.model import DeepSupervisionTransformer
 
 FLOPS_PER_MAC = 2  # a multiply-add counts as two FLOPs
 TRAIN_STEP_FORWARDS = 3  # a training step costs about three forwards: the forward, and a backward of about two
@@ -35,7 +39,7 @@ class Shape:
     exit_layer: int
 
     @classmethod
-    def of(cls, model: torch.nn.Module) -> Shape:
+    def of(cls, model: DeepSupervisionTransformer) -> Shape:
         c = model.config
         return cls(c.n_embd, c.ffn_hidden, c.vocab_size, c.n_layer, model.exit_layer)
 

@@ -22,9 +22,11 @@ import torch
 from torch.utils.data import Dataset
 
 import stagewise
+from stagewise.data.splits import size_of
 from stagewise.engine.resumable import kind, tensors_problems
 from stagewise.engine.resume import refuse_damaged
 from stagewise.loss import token_nll
+from stagewise_lego_ashem.model import DeepSupervisionTransformer, deep_supervision
 from stagewise_lego_ashem.router import Confidence, Measure
 from stagewise_lego_ashem.rows import collect_rows
 
@@ -33,7 +35,7 @@ ROUTER = "lego_ashem.router"  # artifact: {"measure", "hard_ratio", "threshold",
 
 
 @torch.no_grad()
-def exit_scores(model: torch.nn.Module, batches: Iterable[dict[str, Any]], router: Confidence, *,
+def exit_scores(model: DeepSupervisionTransformer, batches: Iterable[dict[str, Any]], router: Confidence, *,
                 windows: int) -> torch.Tensor:
     """Exit-layer confidences (N, T) of the ``windows`` windows of ``batches``: all that calibration reads."""
     with stagewise.eval_mode(model):
@@ -42,7 +44,7 @@ def exit_scores(model: torch.nn.Module, batches: Iterable[dict[str, Any]], route
 
 
 @torch.no_grad()
-def exit_states(model: torch.nn.Module, batches: Iterable[dict[str, Any]], router: Confidence, *,
+def exit_states(model: DeepSupervisionTransformer, batches: Iterable[dict[str, Any]], router: Confidence, *,
                 windows: int) -> dict[str, torch.Tensor]:
     """Exit-layer hidden states, confidences and targets of the ``windows`` windows of ``batches``.
 
@@ -53,7 +55,8 @@ def exit_states(model: torch.nn.Module, batches: Iterable[dict[str, Any]], route
         return collect_rows((_exit_state(model, batch, router) for batch in batches), windows)
 
 
-def _exit_state(model: torch.nn.Module, batch: dict[str, Any], router: Confidence) -> dict[str, torch.Tensor]:
+def _exit_state(model: DeepSupervisionTransformer, batch: dict[str, Any],
+                router: Confidence) -> dict[str, torch.Tensor]:
     h = model.exit_hidden(batch["input"])  # (B, T, C)
     scores, logits = router.score(model, h)
     target = batch["target"]
@@ -74,8 +77,8 @@ def score_quantiles(scores: torch.Tensor, points: int = CURVE_QUANTILES) -> list
 def calibrate_router(state: stagewise.State, router: Confidence, scores: torch.Tensor) -> None:
     """Calibrate ``router`` on ``scores``, then hand it on: the threshold to the model's
     ``routing_threshold`` (checkpointed with the weights), the router to ``stagewise export``."""
-    router.calibrate(scores)
-    state.model.set_threshold(router.threshold)
+    threshold = router.calibrate(scores)["threshold"]  # also router.threshold
+    deep_supervision(state.model).set_threshold(threshold)
     state.keep_router(ROUTER, router)  # a later calibration (train_exit_probe) replaces mine's
 
 
@@ -113,13 +116,13 @@ def _cache_problems(cache: Any, state: stagewise.State, where: str) -> list[str]
     tensors = ("hidden", "target", "hard")
     if not isinstance(cache, dict) or cache.keys() != {"split", "exit_layer", *tensors}:
         return [f"{where}: {kind(cache)}, expected a table of split, exit_layer, {', '.join(tensors)}"]
-    model, split = state.model, cache["split"]
+    model, split = deep_supervision(state.model), cache["split"]
     if not (isinstance(split, str) and split in state.data.names()):
         return [f"{where}.split: {split!r} is no split of this run's data ({', '.join(state.data.names())})"]
     problems = [] if type(cache["exit_layer"]) is int and cache["exit_layer"] == model.exit_layer else [
         f"{where}.exit_layer: {cache['exit_layer']!r}, expected the model's exit layer {model.exit_layer}"]
     example = state.data.example(split)  # None for an empty split: mine cached no window of it
-    windows = (len(state.data[split]), len(example["input"]) if example else 0)
+    windows = (size_of(state.data[split]), len(example["input"]) if example else 0)
     dtype = next(model.parameters()).dtype
     expected = {"hidden": torch.empty(*windows, model.config.n_embd, dtype=dtype, device="meta"),
                 "target": torch.empty(windows, dtype=torch.int64, device="meta"),
@@ -151,7 +154,7 @@ def _router_problems(record: Any, state: stagewise.State, where: str) -> list[st
             and all(type(q) is float and math.isfinite(q) for q in quantiles) and quantiles == sorted(quantiles)):
         problems.append(f"{where}.quantiles: expected {CURVE_QUANTILES} finite numbers in ascending order (the "
                         f"calibration confidences' quantiles)")
-    if state.model.threshold is None:  # NaN: never calibrated, yet the record says mine calibrated it
+    if deep_supervision(state.model).threshold is None:  # NaN: never calibrated, yet the record says mine calibrated it
         problems.append("model.routing_threshold: not set (NaN), but the lego_ashem.mine stage before this one "
                         "calibrated it")
     return problems

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 import torch
 from torch import nn
@@ -57,7 +57,11 @@ class DeepSupervisionTransformer(TransformerLM):
         self._set_routing(config.n_layer if exit_layer is None else exit_layer, routing_threshold, exit_probe)
 
     @classmethod
-    def from_recipe(cls, options: DeepSupervisionOptions, data: DataSplits) -> DeepSupervisionTransformer:
+    def from_recipe(cls, options: TransformerOptions, data: DataSplits) -> Self:
+        # the engine passes cls.Options; core's type (the supertype's argument) lacks the routing settings
+        if not isinstance(options, DeepSupervisionOptions):
+            raise TypeError(f"{cls.name} is built from DeepSupervisionOptions (its [model] keys, with exit_layer), "
+                            f"got {type(options).__name__}")
         # core's from_recipe checks the data (vocab_size, seq_len) and builds cls(config)
         base = TransformerOptions(**{f.name: getattr(options, f.name) for f in dataclasses.fields(TransformerOptions)})
         model = super().from_recipe(base, data)
@@ -70,8 +74,9 @@ class DeepSupervisionTransformer(TransformerLM):
                              f"1..{self.config.n_layer}")
         self.exit_layer = exit_layer
         threshold = math.nan if routing_threshold is None else float(routing_threshold)
+        self.routing_threshold: torch.Tensor  # a buffer, declared for type checkers (nn.Module says Tensor | Module)
         self.register_buffer("routing_threshold", torch.tensor(threshold, dtype=torch.float64))  # (), checkpointed
-        self.exit_probe = nn.Linear(self.config.n_embd, 1) if exit_probe else None
+        self.exit_probe: nn.Linear | None = nn.Linear(self.config.n_embd, 1) if exit_probe else None
 
     @property
     def threshold(self) -> float | None:
@@ -93,3 +98,12 @@ class DeepSupervisionTransformer(TransformerLM):
     def exit_hidden(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> the residual stream after ``exit_layer`` blocks, (B, T, C)."""
         return self.run_layers(self.embed(idx), 0, self.exit_layer)
+
+
+def deep_supervision(model: nn.Module) -> DeepSupervisionTransformer:
+    """``model`` as the transformer lego_ashem's stages run on: each stage's check() refuses another
+    ``[model] use``, so a different model here comes from a caller outside a recipe."""
+    if not isinstance(model, DeepSupervisionTransformer):
+        raise TypeError(f"lego_ashem needs a {DeepSupervisionTransformer.name} model ([model] use = "
+                        f"\"{DeepSupervisionTransformer.name}\"), got {type(model).__name__}")
+    return model

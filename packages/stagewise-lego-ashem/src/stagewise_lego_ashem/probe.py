@@ -9,7 +9,7 @@ layer's argmax equals the last layer's, so a token that continues never pays for
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +17,13 @@ import torch.nn.functional as F
 import stagewise
 from stagewise_lego_ashem.rows import collect_rows
 
+if TYPE_CHECKING:
+    from stagewise_lego_ashem.model import DeepSupervisionTransformer
+
 
 @torch.no_grad()
-def probe_data(model: torch.nn.Module, batches: Iterable[dict[str, Any]], *, windows: int) -> dict[str, torch.Tensor]:
+def probe_data(model: DeepSupervisionTransformer, batches: Iterable[dict[str, Any]], *,
+               windows: int) -> dict[str, torch.Tensor]:
     """Exit hidden states (N, C) of every token of the ``windows`` windows of ``batches`` and labels
     (N,): exit argmax == last-layer argmax."""
     with stagewise.eval_mode(model):
@@ -27,7 +31,7 @@ def probe_data(model: torch.nn.Module, batches: Iterable[dict[str, Any]], *, win
     return {"hidden": rows["hidden"].flatten(0, 1), "label": rows["label"].flatten()}
 
 
-def _probe_rows(model: torch.nn.Module, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+def _probe_rows(model: DeepSupervisionTransformer, idx: torch.Tensor) -> dict[str, torch.Tensor]:
     h = model.exit_hidden(idx)  # (B, T, C)
     final = model.logits_from_hidden(model.run_layers(h, model.exit_layer, model.config.n_layer))
     return {"hidden": h, "label": model.logits_from_hidden(h).argmax(-1) == final.argmax(-1)}  # label: (B, T)

@@ -12,7 +12,7 @@ training in ``context = "full"``, so training and inference see the same context
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ def routed_layers(model: DeepSupervisionTransformer, h: torch.Tensor, hard: torc
     cos, sin = model.rope_cos[:T], model.rope_sin[:T]  # (T, hd/2)
     rows = _HardRows(hard, cos, sin)
     for block in model.layers[start:end]:
-        h = _routed_block(block, h, rows, cos, sin)
+        h = _routed_block(cast(Block, block), h, rows, cos, sin)  # core's ModuleList holds Blocks only
     return h
 
 
@@ -116,7 +116,7 @@ def routed_forward(model: DeepSupervisionTransformer, idx: torch.Tensor, router:
     return {"logits": logits, "easy": easy, "exit_logits": exit_logits if keep_exit_logits else None}
 
 
-def upper_forward(model: torch.nn.Module, context: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+def upper_forward(model: DeepSupervisionTransformer, context: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """Cached exit states -> logits of the tokens that carry a loss: (n_hard, V) or (B, V)."""
     start, end = model.exit_layer, model.config.n_layer
 
@@ -180,7 +180,7 @@ def _cached_block(model: DeepSupervisionTransformer, layer: int, h: torch.Tensor
                   pos: int, cache: list) -> torch.Tensor:
     """Block ``layer`` at position ``pos`` for h (B, 1, C): keys/values of every row join the
     cache; the ``rows`` (B,) get the rest of the block, the others keep h."""
-    block = model.layers[layer]
+    block = cast(Block, model.layers[layer])  # core's ModuleList holds Blocks only
     B, _, C = h.shape
     nh, hd = block.attn.n_head, C // block.attn.n_head
     cos, sin = model.rope_cos[pos:pos + 1], model.rope_sin[pos:pos + 1]  # (1, hd/2)

@@ -11,7 +11,7 @@ run's calibrated router comes back with :func:`stagewise_lego_ashem.load.load_ro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,9 @@ import torch.nn.functional as F
 import stagewise
 from stagewise.errors import TrainingError
 from stagewise_lego_ashem.probe import probe_scores
+
+if TYPE_CHECKING:
+    from stagewise_lego_ashem.model import DeepSupervisionTransformer
 
 Measure = Literal["max_prob", "margin", "neg_entropy", "probe"]
 SOFTMAX_MEASURES = ("max_prob", "margin", "neg_entropy")
@@ -52,7 +55,7 @@ def confidence_from_logits(logits: torch.Tensor, measure: str) -> torch.Tensor:
 SCORE_ROWS = 128  # tokens per chunk: a chunk's logits are still in cache when its softmax reads them
 
 
-def confidence_and_exit_logits(model: torch.nn.Module, h_exit: torch.Tensor,
+def confidence_and_exit_logits(model: DeepSupervisionTransformer, h_exit: torch.Tensor,
                                measure: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The confidence (...) of the exit head's logits (..., V), and the logits, ``SCORE_ROWS`` tokens at a time.
 
@@ -94,12 +97,14 @@ class Confidence(stagewise.Router):
         super().__init__(options)
         self.threshold: float | None = None
 
-    def score(self, model: torch.nn.Module, h_exit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def score(self, model: DeepSupervisionTransformer,
+              h_exit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.options.measure == "probe":
-            if getattr(model, "exit_probe", None) is None:
+            probe = getattr(model, "exit_probe", None)  # getattr: a model of another class has none
+            if probe is None:
                 raise ValueError("measure 'probe' needs a model with exit_probe = true, trained by "
                                  "lego_ashem.train_exit_probe")
-            return probe_scores(model.exit_probe, h_exit), None
+            return probe_scores(probe, h_exit), None
         return confidence_and_exit_logits(model, h_exit, self.options.measure)
 
     def calibrate(self, scores: torch.Tensor) -> dict[str, float]:

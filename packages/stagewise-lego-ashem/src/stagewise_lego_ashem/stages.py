@@ -13,12 +13,13 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 
 import stagewise
 from stagewise.builtins.train import TrainOptions, lr_limit_check
+from stagewise.data.splits import size_of
 from stagewise.engine.batches import count_batches
 from stagewise.engine.params import parameter_names_at
 from stagewise.loss import perplexity, token_nll
@@ -27,7 +28,7 @@ from stagewise.specs import RouterSpec, term_paths
 from stagewise.stage import leak_problems, warn_not_held_out
 from stagewise_lego_ashem import mining, probe
 from stagewise_lego_ashem.evaluation import evaluate_routed, phase2_speedups, routed_report, router_of
-from stagewise_lego_ashem.model import DeepSupervisionOptions, DeepSupervisionTransformer
+from stagewise_lego_ashem.model import DeepSupervisionOptions, DeepSupervisionTransformer, deep_supervision
 from stagewise_lego_ashem.routed import upper_forward
 from stagewise_lego_ashem.router import Confidence
 from stagewise_lego_ashem.rows import collect_rows
@@ -79,16 +80,16 @@ class Mine(stagewise.Stage):
         return problems
 
     def run(self, state: stagewise.State) -> dict[str, Any]:
-        o, model = self.options, state.model
+        o, model = self.options, deep_supervision(state.model)
         router = o.router.component()(o.router.options)
         # every process reads the whole splits: the threshold and the cache must be alike on all ranks
         calib = mining.exit_scores(model, state.batches(o.calib_split, shard=False,
                                                         desc=f"calibrate on {o.calib_split}"), router,
-                                   windows=len(state.data[o.calib_split]))
+                                   windows=size_of(state.data[o.calib_split]))
         mining.calibrate_router(state, router, calib)
         calib_hard = router.route(calib).ratio("hard")
         mined = mining.exit_states(model, state.batches(o.split, shard=False, desc=f"cache {o.split}"), router,
-                                   windows=len(state.data[o.split]))
+                                   windows=size_of(state.data[o.split]))
         hard = router.route(mined["scores"]).masks["hard"]  # (N, T): per token, never per sequence
         state.artifacts[mining.CACHE] = {"split": o.split, "exit_layer": model.exit_layer,
                                          "hidden": mined["hidden"], "target": mined["target"], "hard": hard}
@@ -147,7 +148,7 @@ class TrainUpperLayers(stagewise.TrainStage):
 
     def __init__(self, options: TrainUpperOptions | None = None, label: str | None = None):
         super().__init__(options, label)
-        self._data: torch.utils.data.Dataset | None = None  # the cache as a dataset, built on first use
+        self._data: mining.SequenceCache | mining.TokenCache | None = None  # the cache as a dataset, built on first use
 
     def check(self, recipe: Recipe, index: int, data: DataSplits) -> list[str]:
         problems = super().check(recipe, index, data) + _model_problems(recipe, index, self.name)
@@ -223,14 +224,14 @@ class TrainUpperLayers(stagewise.TrainStage):
         routed = evaluate_routed(state, state.batches(self.options.eval_split), router_of(state))
         metrics = {"val/loss": routed["routed_loss"], "val/ppl": routed["routed_ppl"],
                    "val/acc": routed["acc"], "val/shallow_ratio": routed["shallow_ratio"]}
-        if self.options.context == "token":
-            metrics["val/mined_hard_ppl"] = mined_hard_ppl(state, self._dataset(state))
+        if self.options.context == "token":  # _dataset makes a TokenCache in this context
+            metrics["val/mined_hard_ppl"] = mined_hard_ppl(state, cast(mining.TokenCache, self._dataset(state)))
         return metrics
 
     def _cache(self, state: stagewise.State) -> dict[str, Any]:
         return mining.read_artifact(state, mining.CACHE)
 
-    def _dataset(self, state: stagewise.State) -> torch.utils.data.Dataset:
+    def _dataset(self, state: stagewise.State) -> mining.SequenceCache | mining.TokenCache:
         if self._data is None:
             cache = self._cache(state)
             self._data = mining.SequenceCache(cache) if self.options.context == "full" else mining.TokenCache(cache)
@@ -240,7 +241,8 @@ class TrainUpperLayers(stagewise.TrainStage):
 def _no_hard_token(state: stagewise.State, split: str) -> stagewise.ConfigError:
     """The recipe's error for an empty cache, naming the key to raise: the mine stage's hard_ratio."""
     recipe, index = state.recipe, state.stage_index
-    mine = recipe.stage_path(_last_earlier(recipe, index, Mine.name))
+    mine_index = _last_earlier(recipe, index, Mine.name)  # check() saw to one
+    mine = "the lego_ashem.mine stage" if mine_index is None else recipe.stage_path(mine_index)
     return recipe.error([f"{recipe.stage_path(index)}: the cache of {split!r} holds no hard token, so there is "
                          f"nothing to train; raise the router's hard_ratio ({mine}.router.hard_ratio)"])
 
@@ -255,7 +257,8 @@ def cache_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def mined_hard_ppl(state: stagewise.State, tokens: mining.TokenCache) -> float:
     """Perplexity of the upper layers on the cached hard tokens, each alone (the seed's Hard PPL)."""
-    model, forward = state.model, upper_forward(state.model, "token")
+    model = deep_supervision(state.model)
+    forward = upper_forward(model, "token")
     with stagewise.eval_mode(model):
         parts = ({"nll": token_nll(forward(b)["logits"], b["target"])} for b in state.batches(tokens, shard=False))
         nll = collect_rows(parts, len(tokens))["nll"]
@@ -307,16 +310,20 @@ class TrainExitProbe(stagewise.Stage):
         return problems
 
     def run(self, state: stagewise.State) -> dict[str, Any]:
-        o, model = self.options, state.model
+        o, model = self.options, deep_supervision(state.model)
+        exit_probe = model.exit_probe
+        if exit_probe is None:  # check() refuses it, but a model built outside the recipe may lack the probe
+            raise ValueError(f"stages.{self.label}: the model has no exit probe; set [model] exit_probe = true "
+                             f"to train one")
         # every process reads the whole splits, so every rank fits the same probe and threshold
         train = probe.probe_data(model, state.batches(o.split, shard=False, desc=f"exit states of {o.split}"),
-                                 windows=len(state.data[o.split]))
-        loss = probe.fit_probe(model.exit_probe, train, epochs=o.epochs, lr=o.lr, batch_size=o.batch_size,
+                                 windows=size_of(state.data[o.split]))
+        loss = probe.fit_probe(exit_probe, train, epochs=o.epochs, lr=o.lr, batch_size=o.batch_size,
                                seed=state.seed + state.stage_index)
         calib = probe.probe_data(model, state.batches(o.calib_split, shard=False,
                                                       desc=f"calibrate on {o.calib_split}"),
-                                 windows=len(state.data[o.calib_split]))
-        scores = probe.probe_scores(model.exit_probe, calib["hidden"])
+                                 windows=size_of(state.data[o.calib_split]))
+        scores = probe.probe_scores(exit_probe, calib["hidden"])
         router = router_of(state, measure="probe")
         mining.calibrate_router(state, router, scores)
         settings = {**mining.read_artifact(state, mining.ROUTER), "measure": "probe"}

@@ -57,6 +57,11 @@ def train_step_seconds(model: torch.nn.Module, losses: dict[str, Callable[[], to
                        repeats: int) -> dict[str, float]:
     """Median seconds of one forward + backward of each loss (:func:`interleaved_seconds`); the
     model's gradients are cleared afterwards."""
-    seconds = interleaved_seconds({name: lambda fn=fn: fn().backward() for name, fn in losses.items()}, repeats)
+    seconds = interleaved_seconds({name: _backward(fn) for name, fn in losses.items()}, repeats)
     model.zero_grad(set_to_none=True)
     return seconds
+
+
+def _backward(loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """A call that computes ``loss`` and its gradients (a function, so each call binds its own loss)."""
+    return lambda: loss().backward()

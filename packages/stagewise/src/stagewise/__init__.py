@@ -6,7 +6,7 @@ This module is the public API. It imports nothing heavy: names that need torch
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stagewise.errors import (
     CheckpointError,
@@ -53,6 +53,21 @@ _LAZY = {
     "run_recipe": "stagewise.engine.runner",
 }
 
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers (imported for real on first access)
+    from stagewise.builtins.train import TrainStage
+    from stagewise.data.splits import DataSplits
+    from stagewise.engine.evaluate import eval_mode
+    from stagewise.engine.objective import forward_batch
+    from stagewise.engine.runner import run_recipe
+    from stagewise.engine.state import State
+    from stagewise.load import load_model
+    from stagewise.loss import Loss, Needs
+    from stagewise.recipe import load_recipe
+    from stagewise.router import Router, Routing
+    from stagewise.schema import check_options
+    from stagewise.specs import LossSpec, RouterSpec
+    from stagewise.stage import Stage
 
 __getattr__ = lazy_attributes(__name__, _LAZY)
 

@@ -14,7 +14,7 @@ import math
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import torch
 from torch import nn
@@ -219,7 +219,7 @@ class TransformerLM(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     @classmethod
-    def from_recipe(cls, options: TransformerOptions, data: DataSplits) -> TransformerLM:
+    def from_recipe(cls, options: TransformerOptions, data: DataSplits) -> Self:
         """Build the model of a recipe's ``[model]`` options for the vocabulary of ``data``."""
         if "vocab_size" not in data.info:
             raise ValueError(f"the transformer needs the data's vocab_size, but the dataset only "
