@@ -447,3 +447,41 @@ def test_a_monitor_the_stage_does_not_report_lists_the_stage_s_metrics(tiny, tmp
     assert info.value.problems == [
         "stages.phase1.monitor: 'val/nope' is not a metric of this stage; metrics: train/cross_entropy, "
         "train/cross_entropy/weight, train/cross_entropy/weighted, train/loss, train/lr, val/acc, val/loss, val/ppl"]
+
+
+class RefusesInSetup(stagewise.Loss):
+    """A term that finds a problem only on the built model (Loss.setup)."""
+
+    name = "testing.refuses_in_setup"
+
+    def setup(self, state):
+        raise stagewise.ConfigError(["needs a model this one is not"])
+
+
+@pytest.mark.parametrize("kept", ["phase1", "test"])  # a stagewise.train stage, a stagewise.evaluate one
+def test_a_stage_name_set_cannot_address_is_named_by_position_in_run_time_problems_too(tiny, tmp_path, kept):
+    # was: problems found once the stage ran named it stages.p.1 (a path --set cannot address), while
+    # the recipe's problems before the run name it stages[0]; now both name it as named_paths does
+    import types
+
+    plugin = types.SimpleNamespace(stagewise_register_losses=stagewise.hookimpl(
+        lambda register: register(RefusesInSetup, "testing.refuses_in_setup")))
+    register_plugin(plugin, "testing_refuses")
+    try:
+        dropped = [f"~stages.{name}" for name in ("phase1", "phase2", "test") if name != kept]
+        recipe = tiny(*dropped, f"stages.{kept}.checkpoint=p1",
+                      f'stages.{kept}.losses=[{{use="testing.refuses_in_setup", name="odd"}}]',
+                      f'stages.{kept}.name="p.1"')
+        with pytest.raises(stagewise.ConfigError) as info:
+            run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    finally:
+        unregister_plugin("testing_refuses")
+    assert info.value.problems == ["stages[0].losses.odd: needs a model this one is not"]
+
+
+def test_a_monitor_of_a_stage_set_cannot_address_names_the_stage_by_position(tiny, tmp_path):
+    recipe = tiny("~stages.phase2", "~stages.test", "stages.phase1.max_epochs=1", "stages.phase1.checkpoint=p1",
+                  "stages.phase1.monitor=val/nope", 'stages.phase1.name="p.1"')
+    with pytest.raises(stagewise.ConfigError) as info:
+        run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    assert info.value.problems[0].startswith("stages[0].monitor: 'val/nope' is not a metric of this stage")

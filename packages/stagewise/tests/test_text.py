@@ -276,6 +276,28 @@ def test_write_file_split_refuses_bytes_its_encoding_cannot_read_unless_told_to_
     assert (tmp_path / "mixed" / "test.txt").read_text(encoding="utf-8") == "caf\ufffd\n"
 
 
+def test_write_file_split_deals_a_jsonl_file_s_texts_as_the_loader_reads_them(tmp_path):
+    # was: a .jsonl file under the source (which the loader reads as its records' texts) was dealt as raw
+    # JSON, so the split files trained on '{"text":' as a word
+    from stagewise.data.text import TextCorpus, TextOptions, write_file_split
+
+    source = tmp_path / "books"
+    source.mkdir()
+    for i in range(4):
+        (source / f"{i}.jsonl").write_text(f'{{"text": "book {i}\\nends"}}\n{{"text": "more"}}\n')
+    write_file_split(source, tmp_path / "out", every=4, valid=1, test=2)
+    assert (tmp_path / "out" / "valid.txt").read_text() == "book 1\nends\nmore"
+    assert (tmp_path / "out" / "train.txt").read_text() == "book 0\nends\nmore\nbook 3\nends\nmore"
+    vocab = TextCorpus.from_recipe(TextOptions(path=str(tmp_path / "out"), seq_len=1), seed=0).info["vocab"]
+    assert sorted(vocab.itos[2:]) == ["0", "3", "book", "ends", "more"]
+    notes = tmp_path / "notes"  # records whose text is in another field, as data.text_field names it
+    notes.mkdir()
+    for i in range(4):
+        (notes / f"{i}.jsonl").write_text(f'{{"body": "note {i}"}}\n')
+    write_file_split(notes, tmp_path / "body", every=4, valid=1, test=2, text_field="body")
+    assert (tmp_path / "body" / "test.txt").read_text() == "note 2"
+
+
 def test_write_file_split_refuses_too_few_files(tmp_path):
     from stagewise.data.splits import DataError
     from stagewise.data.text import write_file_split

@@ -141,11 +141,11 @@ def _run_folder_problems(recipes: list[Recipe]) -> list[str]:
     used: dict[str, list[str]] = {}  # run name -> the recipes that give it
     for recipe in recipes:
         used.setdefault(recipe.run.name, []).append(recipe.source)
-    problems = [f"{sources[1]}: run.name {name!r} is used twice; names must differ"
+    rename = "rename one in its recipe file (a --set of run.name applies to every recipe compared)"
+    problems = [f"{sources[1]}: run.name {name!r} is used twice; names must differ: {rename}"
                 for name, sources in used.items() if len(sources) > 1]
     problems += [f"run.name {' and '.join(f'{name!r} ({used[name][0]})' for name in spellings)}, the runs' folders "
-                 f"in OUT, {how_alike(spellings, 'folder')}; rename one in its recipe file (a --set of run.name "
-                 f"applies to every recipe compared)" for spellings in alike(used)]
+                 f"in OUT, {how_alike(spellings, 'folder')}; {rename}" for spellings in alike(used)]
     problems += [f"{sources[0]}: run.name {name!r} is the name of {what} in OUT; rename the run in its recipe file"
                  for name, sources in used.items() if (what := _compare_file(name))]
     return problems

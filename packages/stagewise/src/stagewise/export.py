@@ -50,18 +50,7 @@ def export_npz(checkpoint: Path, out: Path, exclude: Sequence[str] = ()) -> dict
 
     ``out`` may replace an earlier export, never another file (the checkpoint itself, a recipe)."""
     out = Path(out)
-    if out.is_dir():
-        raise CheckpointError(f"{out} is a folder; give the file to write, e.g. {out / 'model.npz'}")
-    blocking = file_in_the_way(out.parent)
-    if blocking is not None:
-        raise CheckpointError(f"cannot write {out}: {blocking} is a file, not a folder; give a path in a folder")
-    if out.exists() and not _is_export(out):
-        raise CheckpointError(f"{out} exists and is not a stagewise export; export never overwrites other "
-                              f"files: give a new file name (or remove {out} first)")
-    if out.suffix != ".npz":  # numpy.load and every reader of the format expect the name
-        raise CheckpointError(f"{out}: an export is an .npz file; give a name ending in .npz, "
-                              f"e.g. {out.with_suffix('.npz')}")
-    replaced = out.exists()  # an earlier export (anything else was refused above)
+    replaced = _check_out(out)
     saved = load_checkpoint(Path(checkpoint), EXPORT_KEYS)
     arrays = {name: _array(tensor) for name, tensor in saved["model"].items()}
     reserved = next((name for name in arrays if name == "__meta__" or name.startswith(ARTIFACTS)), None)
@@ -80,6 +69,23 @@ def export_npz(checkpoint: Path, out: Path, exclude: Sequence[str] = ()) -> dict
     atomic_write_bytes(out, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]  # stubs: a key could be allow_pickle
     return {**counts, "artifacts": sorted(meta.get("artifacts", {})), "replaced": replaced,
             "part_way": saved["stage_name"] if meta.get("stage_done") is False else None}
+
+
+def _check_out(out: Path) -> bool:
+    """A CheckpointError saying what to give instead unless ``out`` names an ``.npz`` file that export may
+    write: a new one, or an earlier export to replace (returns whether it is one), never another file."""
+    if out.is_dir():
+        raise CheckpointError(f"{out} is a folder; give the file to write, e.g. {out / 'model.npz'}")
+    blocking = file_in_the_way(out.parent)
+    if blocking is not None:
+        raise CheckpointError(f"cannot write {out}: {blocking} is a file, not a folder; give a path in a folder")
+    if out.exists() and not _is_export(out):
+        raise CheckpointError(f"{out} exists and is not a stagewise export; export never overwrites other "
+                              f"files: give a new file name (or remove {out} first)")
+    if out.suffix != ".npz":  # numpy.load and every reader of the format expect the name
+        raise CheckpointError(f"{out}: an export is an .npz file; give a name ending in .npz, "
+                              f"e.g. {out.with_suffix('.npz')}")
+    return out.exists()  # an earlier export (anything else was refused above)
 
 
 def _kept(checkpoint: Path, artifacts: dict[str, Any], exclude: Sequence[str]) -> dict[str, Any]:

@@ -47,5 +47,5 @@ class EvaluateStage(Stage):
     def run(self, state: State) -> dict[str, Any]:
         o = self.options
         warn_not_held_out(state, self.label, o.split)
-        terms = build_terms(o.losses, state, f"stages.{self.label}")
+        terms = build_terms(o.losses, state, state.recipe.stage_path(state.stage_index))
         return evaluate(state, terms, state.batches(o.split, desc=f"evaluating {o.split}"), o.prefix or o.split)

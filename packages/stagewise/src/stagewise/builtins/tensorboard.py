@@ -1,9 +1,10 @@
 """Built-in event plugin: TensorBoard scalars when ``[run] tensorboard = true``.
 
 Runs on ``Event.AFTER_STEP`` (logged steps) and ``Event.AFTER_EPOCH``; writes to
-``RUN_DIR/tensorboard/<stage>/steps`` (``<stage>/train/loss_step`` at the stage's step) and
-``RUN_DIR/tensorboard/<stage>/epochs`` (``<stage>/KEY`` at the stage's 0-based epoch), ``<stage>``
-the stage's checkpoint name (its name by default). Needs ``pip install stagewise[tensorboard]``.
+``RUN_DIR/tensorboard/<checkpoint>/steps`` (tag ``<stage>/train/loss_step`` at the stage's step) and
+``RUN_DIR/tensorboard/<checkpoint>/epochs`` (tags ``<stage>/KEY`` at the stage's 0-based epoch):
+folders by the stage's checkpoint name, a safe folder name (the stage's name by default), tags by
+the stage's name. Needs ``pip install stagewise[tensorboard]``.
 
 One folder per stage and series, because TensorBoard purges by folder: a writer's first point
 is written with ``purge_step`` at its step, so a resumed run, logging again what came after its

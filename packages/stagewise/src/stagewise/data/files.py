@@ -47,10 +47,10 @@ def open_data(path: str | Path, what: str) -> BufferedIOBase:
 _LINE = re.compile(r"[^\r\n]*(?:\r\n?|\n)|[^\r\n]+")
 
 
-def text_lines(path: str | Path, what: str, encoding: str) -> Iterator[str]:
+def text_lines(path: str | Path, what: str, encoding: str, errors: str = "strict") -> Iterator[str]:
     """The lines of a file, as :func:`read_text` reads it, each with its line end as written, for the
     csv and json modules. Not a StringIO of the text: that holds it again, at 4 bytes a character."""
-    text = read_text(path, what, encoding)
+    text = read_text(path, what, encoding, errors)
     return (line[0] for line in _LINE.finditer(text))
 
 

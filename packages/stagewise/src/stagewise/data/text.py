@@ -154,16 +154,23 @@ def token_ids(text: str, lowercase: bool, index: WordIndex, limit: int | None = 
 
 
 def read_ids(path: Path, options: TextOptions, index: WordIndex, limit: int | None = None) -> np.ndarray:
-    text = jsonl_text(path, options) if path.suffix == ".jsonl" else read_text(path, "text file", options.encoding)
-    return token_ids(text, options.lowercase, index, limit)
+    """The tokens of a ``.txt`` file, or of a ``.jsonl`` file's records' texts, as ids of ``index``."""
+    return token_ids(source_text(path, options), options.lowercase, index, limit)
 
 
-def jsonl_text(path: Path, options: TextOptions) -> str:
+def source_text(file: Path, options: TextOptions, errors: str = "strict") -> str:
+    """A source file's text: a ``.jsonl`` file's records' texts (not its JSON), any other file whole."""
+    if file.suffix == ".jsonl":
+        return jsonl_text(file, options, errors)
+    return read_text(file, "text file", options.encoding, errors)
+
+
+def jsonl_text(path: Path, options: TextOptions, errors: str = "strict") -> str:
     """The records' texts of a JSON Lines file (``options.text_field`` of each object), one after
-    another, each ending its last line; blank lines are skipped."""
+    another, each ending its last line; blank lines are skipped. ``errors`` as :func:`read_text`'s."""
     field = options.text_field
     texts = []
-    for line, text in enumerate(text_lines(path, "JSONL file", options.encoding), start=1):
+    for line, text in enumerate(text_lines(path, "JSONL file", options.encoding, errors), start=1):
         if not text.strip():
             continue
         record = json_object(text, path, line)
@@ -314,18 +321,20 @@ class TextCorpus:
 
 def write_file_split(source: Path, out: Path, *, every: int = 10, valid: int = 0, test: int = 1,
                      chunk_lines: int | None = None, seed: int = 0, encoding: str = "utf-8",
-                     errors: str = "strict") -> dict[str, int]:
-    """Write ``train.txt``/``valid.txt``/``test.txt`` (UTF-8) in ``out`` from the ``.txt`` files under
-    ``source`` (sorted order, read in ``encoding``), so that no text is in two splits. A byte the
-    encoding cannot read is an error naming the file; ``errors="replace"`` reads it as U+FFFD
-    instead (a corpus of mixed encodings).
+                     errors: str = "strict", text_field: str = "text") -> dict[str, int]:
+    """Write ``train.txt``/``valid.txt``/``test.txt`` (UTF-8) in ``out`` from the ``.txt`` and ``.jsonl``
+    files under ``source`` (sorted order, read in ``encoding``; a ``.jsonl`` file's records' ``text_field``,
+    as ``stagewise.text`` reads them), so that no text is in two splits. A byte the encoding cannot
+    read is an error naming the file; ``errors="replace"`` reads it as U+FFFD instead (a corpus of
+    mixed encodings).
 
     The units dealt are whole files, or with ``chunk_lines`` chunks of that many consecutive
-    lines (counted over all files): unit i goes to valid when ``i % every == valid``, to test
-    when ``i % every == test``, else to train. Chunks are then put in one seeded random order per
-    split, so that a prefix of a split (what ``data.max_tokens`` keeps) samples every file
-    alike, and valid and test are drawn like train; whole files keep their order (a file split
-    of a few files puts whole kinds of text in valid or test). Returns the units per split.
+    lines of a file (its last chunk may be shorter), numbered over all files: unit i goes to
+    valid when ``i % every == valid``, to test when ``i % every == test``, else to train. Chunks
+    are then put in one seeded random order per split, so that a prefix of a split (what
+    ``data.max_tokens`` keeps) samples every file alike, and valid and test are drawn like train;
+    whole files keep their order (a file split of a few files puts whole kinds of text in valid
+    or test). Returns the units per split.
 
     Each file is written whole or not at all (a temp file renamed into place, which replaces a
     link there rather than writing through it). ``out`` must lie outside ``source``.
@@ -333,8 +342,9 @@ def write_file_split(source: Path, out: Path, *, every: int = 10, valid: int = 0
     if Path(out).resolve().is_relative_to(Path(source).resolve()):  # a next split would read them as source text
         raise DataError(f"{out}: inside {source}, whose .txt files are the text dealt, so the split files would "
                         f"be read back as source text by the next split; give a folder outside {source}")
-    files = text_files(Path(source))
-    units = [text for file in files for text in _units(read_text(file, "text file", encoding, errors), chunk_lines)]
+    options = TextOptions(encoding=encoding, text_field=text_field)  # read as stagewise.text reads them
+    units = [unit for file in text_files(Path(source)) for unit in _units(source_text(file, options, errors),
+                                                                          chunk_lines)]
     parts: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
     for i, text in enumerate(units):
         parts["valid" if i % every == valid else "test" if i % every == test else "train"].append(text)

@@ -87,7 +87,8 @@ class TrainLoop:
 
     def __init__(self, stage: TrainStage, state: State):
         self.stage, self.state, self.o = stage, state, stage.options
-        where = f"stages.{stage.label}"
+        # as the recipe's problems name the stage: stages.NAME, or stages[i] where --set cannot address NAME
+        self.where = where = state.recipe.stage_path(state.stage_index)
         self.terms = build_terms(self.o.losses, state, where)
         state.terms = self.terms  # event hooks reach the terms through the state (e.g. a refresh after each step)
         self.objective = Objective(state.model, self.terms, state)
@@ -338,8 +339,8 @@ class TrainLoop:
     def _monitored(self, metrics: dict[str, Any]) -> float:
         if self.o.monitor not in metrics:
             known = ", ".join(sorted(k for k in metrics if isinstance(metrics[k], float)))
-            raise self.state.recipe.error([f"stages.{self.stage.label}.monitor: {self.o.monitor!r} is not a "
-                                           f"metric of this stage; metrics: {known}"])
+            raise self.state.recipe.error([f"{self.where}.monitor: {self.o.monitor!r} is not a metric of this "
+                                           f"stage; metrics: {known}"])
         return float(metrics[self.o.monitor])
 
     def _early_stopping(self, metrics: dict[str, Any]) -> None:

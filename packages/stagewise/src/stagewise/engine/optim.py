@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,8 +33,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, o: Any, total_steps: int) 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(o, total_steps))
 
 
-def lr_factor(o: Any, total_steps: int):
-    """The multiplier of the base lr after ``step`` optimizer steps."""
+def lr_factor(o: Any, total_steps: int) -> Callable[[int], float]:
+    """The function LambdaLR calls: ``factor(step)``, the multiplier of the base lr after ``step``
+    optimizer steps of the stage's ``total_steps`` (the warmup, then constant or the cosine to ``min_lr``)."""
     warmup = o.warmup_steps if o.schedule in ("warmup", "cosine") else 0
     floor = o.min_lr / o.lr if o.lr > 0 else 0.0
 

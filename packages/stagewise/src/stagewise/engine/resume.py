@@ -61,10 +61,9 @@ def refuse_damaged(problems: list[str], path: Path, recipe: Recipe) -> None:
     """CheckpointError naming what is wrong inside the last.pt of the run at ``path`` (the first few
     problems, each as KEY.PATH: what), and what to do instead, unless ``problems`` is empty."""
     if problems:
-        shown = "; ".join(problems[:_SHOWN_CHANGES]) + (f"; and {len(problems) - _SHOWN_CHANGES} more"
-                                                         if len(problems) > _SHOWN_CHANGES else "")
         raise CheckpointError(f"{path / 'checkpoints' / 'last.pt'}: a damaged stagewise checkpoint: what it holds "
-                              f"is not what a run writes there: {shown}. {_damaged_last_advice(path, recipe)}")
+                              f"is not what a run writes there: {_first_few(problems, '; ', '; and')}. "
+                              f"{_damaged_last_advice(path, recipe)}")
 
 
 def _results_problems(results: dict[str, Any]) -> list[str]:
@@ -157,17 +156,21 @@ def _latest_stage_checkpoint(checkpoints: Path, recipe: Recipe) -> str:
 def _recipe_differs(path: Path, started: dict[str, Any], table: dict[str, Any]) -> CheckpointError:
     """The refusal of a recipe (``table``) other than the one the run at ``path`` started with,
     naming the first few changed keys and the command that resumes it."""
-    changes = _changes(started, table, "")
-    shown = ", ".join(changes[:_SHOWN_CHANGES]) + (f" and {len(changes) - _SHOWN_CHANGES} more"
-                                                    if len(changes) > _SHOWN_CHANGES else "")
     return CheckpointError(
-        f"{path}: the recipe differs from the one this run started with: {shown}. Resume with the --set "
+        f"{path}: the recipe differs from the one this run started with: "
+        f"{_first_few(_changes(started, table, ''), ', ', ' and')}. Resume with the --set "
         f"overrides it started with, or with the recipe it saved: stagewise run {path / 'recipe.toml'} "
         f"--resume {path}")
 
 
-_SHOWN_CHANGES = 5
+_SHOWN = 5  # the problems and recipe changes an error lists; the rest are counted
 _UNSET = object()
+
+
+def _first_few(items: list[str], separator: str, and_: str) -> str:
+    """The first :data:`_SHOWN` of ``items`` joined by ``separator``, then ``{and_} N more`` for the rest."""
+    rest = f"{and_} {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+    return separator.join(items[:_SHOWN]) + rest
 
 
 def _changes(started: Any, now: Any, key: str) -> list[str]:

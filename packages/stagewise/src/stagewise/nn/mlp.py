@@ -14,6 +14,8 @@ from stagewise.schema import check_options
 
 @dataclass
 class MLPOptions:
+    """The recipe's ``[model]`` keys of ``stagewise.mlp``."""
+
     hidden: list[int] = field(default_factory=lambda: [64, 64])  # widths of the hidden layers
     activation: Literal["relu", "gelu", "tanh"] = "relu"
     dropout: float = 0.0
