@@ -380,6 +380,21 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @needs_gloo
+def test_a_split_with_fewer_examples_than_processes_evaluates_as_in_one_process(tmp_path):
+    # was: the process with no batch of the one-window validation split summed no metric, so the ranks'
+    # all-reduces differed in length and the job crashed at the first validation
+    words = [f"w{i}" for i in range(30)]
+    (tmp_path / "data").mkdir()
+    for split, lines in (("train", 60), ("valid", 0), ("test", 5)):
+        text = "\n".join(" ".join(words[(7 * i + j) % 30] for j in range(12)) for i in range(lines))
+        (tmp_path / "data" / f"{split}.txt").write_text(text or " ".join(words[:10]))  # valid: 1 window of 9
+    runs = _single_and_ddp(tmp_path, RECIPE.replace("max_tokens = 2000", 'path = "data"  #'))
+    single, ddp = _summary(runs.single)["metrics"], _summary(runs.ddp)["metrics"]
+    assert single["val/loss"] > 0
+    _assert_close(ddp, single, "final metrics")
+
+
+@needs_gloo
 def test_a_bad_recipe_under_torchrun_is_said_once_and_writes_nothing(tmp_path):
     # was: each process printed the same recipe error, once per process
     (tmp_path / "recipe.toml").write_text(RECIPE)

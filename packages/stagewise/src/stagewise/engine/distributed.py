@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from stagewise.recipe import Recipe
 
 T = TypeVar("T")
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,16 @@ def all_reduce_sums(values: list[float], info: DistInfo) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def all_keys(keys: list[K], info: DistInfo) -> list[K]:
+    """The keys any process has, in the order rank 0, then rank 1, ... first has them: what every process
+    must send to :func:`all_reduce_sums` (one with no batch of a split smaller than the job has none)."""
+    if not info.enabled:
+        return keys
+    gathered: list[list[K] | None] = [None] * info.world_size
+    dist.all_gather_object(gathered, keys)
+    return list(dict.fromkeys(key for rank_keys in gathered for key in rank_keys or []))
 
 
 def main_process_choice(value: T, info: DistInfo) -> T:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from stagewise.engine.distributed import all_reduce_sums
+from stagewise.engine.distributed import all_keys, all_reduce_sums
 from stagewise.engine.objective import forward_batch, needs_of, term_error
 from stagewise.errors import ConfigError
 from stagewise.loss import Loss
@@ -50,8 +50,8 @@ def evaluate(state: State, terms: dict[str, Loss], batches: Iterable[dict[str, A
                     acc = sums.setdefault((name, metric), [0.0, 0.0])
                     acc[0] += total
                     acc[1] += count
-    keys = list(sums)
-    flat = all_reduce_sums([v for k in keys for v in sums[k]], state.dist)
+    keys = all_keys(list(sums), state.dist)
+    flat = all_reduce_sums([v for k in keys for v in sums.get(k, (0.0, 0.0))], state.dist)
     means: dict[str, dict[str, float]] = {}
     for i, (name, metric) in enumerate(keys):
         total, count = flat[2 * i], flat[2 * i + 1]
