@@ -135,3 +135,22 @@ def test_two_processes_refresh_the_operator_of_one(tmp_path, batch_size):
     assert not torch.equal(one, torch.eye(8).repeat(3, 1, 1))  # trained and refreshed (steps 8, 10, 12)
     # core's tolerance (REL_TOL of its distributed test), per layer in norm: the ranks sum in another order
     assert (torch.linalg.matrix_norm(k0 - one) <= 1e-4 * torch.linalg.matrix_norm(one)).all()
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                    reason="torch.distributed with the gloo backend is not available in this torch build")
+def test_an_evaluation_batch_without_a_share_for_every_process_is_refused_not_hung(tmp_path):
+    # was: the 44 validation examples in batches of 43 left rank 1 no share of the last batch, so it skipped the
+    # term's per-batch all_reduce that rank 0 waited in, and the job hung at the main stage's first evaluation
+    (tmp_path / "recipe.toml").write_text(TRAIN_ONLY.replace("[data]\n", "[data]\neval_batch_size = 43\n"))
+    launcher = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"}
+    env = {**{k: v for k, v in os.environ.items() if k not in launcher}, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "stagewise", "run", "recipe.toml", "--out", "run", "--quiet"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert ("stages.main.losses.koopman: under torchrun each of the 2 processes takes a share of every batch"
+            in done.stderr), done.stderr
+    assert "split 'valid' (44 examples in batches of 43)" in done.stderr
+    assert "set data.eval_batch_size to 42" in done.stderr

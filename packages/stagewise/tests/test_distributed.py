@@ -312,6 +312,17 @@ class Scaled(stagewise.Loss):
 def _launcher(loss: str, cls: str) -> str:
     return LAUNCHER.replace("LOSS", loss).replace("CLASS", cls)
 
+VARYING = '''\
+class Varying(stagewise.Loss):
+    """A part that only some shares of a batch give (here rank 0's), as a part that needs some kind of example."""
+
+    name = "ddptest.varying"
+
+    def forward(self, outputs, batch, state):
+        mean = outputs["logits"].mean()
+        return {"square": mean.square(), **({"abs": mean.abs()} if state.dist.rank == 0 else {})}
+'''
+
 
 @needs_gloo
 def test_a_nan_in_a_switched_off_term_skips_the_batch_under_ddp(tmp_path):
@@ -324,6 +335,20 @@ def test_a_nan_in_a_switched_off_term_skips_the_batch_under_ddp(tmp_path):
     metrics = _summary(tmp_path / "ddp")["metrics"]
     assert metrics["train/nonfinite"] == 6  # every batch, none applied
     assert math.isfinite(metrics["val/loss"])  # the parameters never took a NaN step
+
+
+@needs_gloo
+def test_a_term_whose_parts_differ_between_processes_stops_the_job_with_an_error(tmp_path):
+    # was: the ranks' all-reduces of the terms' values and parts differed in length, and the job hung
+    (tmp_path / "launch.py").write_text(_launcher(VARYING, "Varying"))
+    (tmp_path / "recipe.toml").write_text(RECIPE.replace("max_epochs = 2", "max_epochs = 1") + (
+        'losses = [{ use = "stagewise.cross_entropy" }, { use = "ddptest.varying", name = "aux", weight = 0.1 }]\n'))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "launch.py", "run", "recipe.toml", "--out", "ddp", "--quiet"], cwd=tmp_path,
+                          env=_environment(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode != 0
+    assert "stage 'train' epoch 0 batch 0: under torchrun the loss terms returned other parts" in done.stderr
+    assert "'aux' (ddptest.varying): square, abs" in done.stderr, done.stderr
 
 
 @needs_gloo

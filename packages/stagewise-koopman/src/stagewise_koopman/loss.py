@@ -31,6 +31,7 @@ import torch.distributed
 import torch.nn.functional as F
 
 import stagewise
+from stagewise.data.splits import size_of
 from stagewise.engine.distributed import DistInfo, all_reduce_sums
 from stagewise.engine.resumable import kind, tensors_problems
 from stagewise.nn.transformer import memory_problem
@@ -232,6 +233,28 @@ def _global_variance(target: torch.Tensor) -> torch.Tensor:
     return squares / (count - 1 if count > 1 else count)
 
 
+def evaluation_problems(state: stagewise.State) -> list[str]:
+    """Under torchrun: the split the stage evaluates the term on, when one of its batches would leave a
+    process without a share. The term's evaluation is a collective per batch (:func:`_global_variance`),
+    so such a process would skip one the others wait in, and the job would hang."""
+    options, world = state.recipe.stages[state.stage_index].options, state.dist.world_size
+    # stagewise.train (and its subclasses) evaluate eval_split, stagewise.evaluate its split
+    split = getattr(options, "eval_split", getattr(options, "split", ""))
+    if not state.dist.enabled or not isinstance(split, str) or split not in state.data.names():
+        return []
+    spec = state.recipe.data
+    n, size = size_of(state.data[split]), spec.eval_batch_size or spec.batch_size
+    if size >= world and not 0 < n % size < world:
+        return []
+    # the batch size nearest to the recipe's that gives every process a share of every batch (n itself does)
+    fits = sorted((s for s in range(world, n + 1) if not 0 < n % s < world), key=lambda s: (abs(s - size), s))
+    fix = (f"set data.eval_batch_size to {fits[0]}" if fits else f"give split {split!r} at least {world} examples")
+    return [f"under torchrun each of the {world} processes takes a share of every batch, and this term's evaluation "
+            f"waits for every process at each batch, but split {split!r} ({n} examples in batches of {size}) "
+            f"leaves a process with no share of {'every' if size < world else 'its last'} batch, so the job would "
+            f"hang; {fix}, or launch fewer processes"]
+
+
 def _dist(state: stagewise.State | None) -> DistInfo | None:
     """The run's processes; None outside a run (fit_post_hoc, which reads its split whole on every rank)."""
     return state.dist if state is not None else None
@@ -274,7 +297,7 @@ class KoopmanOperator(stagewise.Loss):
 
     def setup(self, state: stagewise.State) -> None:
         n_hidden, width, seq_len = probe_hidden(state.model, next(iter(state.batches("train"))))
-        problems = shape_problems(self.options, n_hidden, seq_len, width)
+        problems = shape_problems(self.options, n_hidden, seq_len, width) + evaluation_problems(state)
         if problems:
             raise stagewise.ConfigError(problems)  # the engine names the term and the recipe file
         self.build(n_hidden, width)

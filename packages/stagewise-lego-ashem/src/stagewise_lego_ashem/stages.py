@@ -248,9 +248,11 @@ def _no_hard_token(state: stagewise.State, split: str) -> stagewise.ConfigError:
 
 
 def cache_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A batch of the cache as the loss sees it: ``target`` holds the hard tokens' targets only."""
+    """A batch of the cache as the loss sees it: ``target`` holds the hard tokens' targets only. It comes
+    first: under torchrun the engine weighs each process's share of a batch by its first tensor's length
+    (stagewise.loss.batch_size), and the loss is a mean over the hard tokens, not over the windows."""
     if "hard" in batch:
-        return {"hidden": batch["hidden"], "hard": batch["hard"], "target": batch["target"][batch["hard"]]}
+        return {"target": batch["target"][batch["hard"]], "hidden": batch["hidden"], "hard": batch["hard"]}
     return batch
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -33,7 +34,7 @@ from stagewise.engine.resumable import (
     schedule_problems,
     tensors_problems,
 )
-from stagewise.errors import TrainingError
+from stagewise.errors import PluginError, TrainingError
 from stagewise.events import Event
 from stagewise.loss import batch_size
 
@@ -263,13 +264,28 @@ class TrainLoop:
         share of it), so that fallbacks, the guard and the records see what one process would;
         and the factor on the local loss that makes DDP's equal-weight gradient average the
         global batch's gradient even when a last batch splits unevenly."""
-        n = batch_size(batch)
-        flat = [float(n)] + [v * n for value, parts in scalars.values() for v in (value, *parts.values())]
-        reduced = iter(all_reduce_sums(flat, self.state.dist))
+        n, dist = batch_size(batch), self.state.dist
+        # the parts' names in order, as one number: every rank must send its parts in the same layout
+        layout = float(zlib.crc32(repr([(name, list(parts)) for name, (_, parts) in scalars.items()]).encode()))
+        reduced = iter(all_reduce_sums([float(n), layout, *(value * n for value, _ in scalars.values())], dist))
         n_global = next(reduced)
-        means = {name: (next(reduced) / n_global, {k: next(reduced) / n_global for k in parts})
+        if next(reduced) != layout * dist.world_size:  # a rank with other parts would send a longer list: a hang
+            raise self._parts_error(scalars)
+        flat = [v * n for _, parts in scalars.values() for v in parts.values()]
+        summed = iter(all_reduce_sums(flat, dist) if flat else [])
+        means = {name: (next(reduced) / n_global, {k: next(summed) / n_global for k in parts})
                  for name, (_, parts) in scalars.items()}
-        return means, n * self.state.dist.world_size / n_global
+        return means, n * dist.world_size / n_global
+
+    def _parts_error(self, scalars: dict[str, Any]) -> PluginError:
+        """The error when this rank's terms returned other parts (names or order) than another rank's."""
+        mine = "; ".join(f"{name!r} ({self.terms[name].name}): {', '.join(parts) or 'none'}"
+                         for name, (_, parts) in scalars.items())
+        return PluginError(f"stage {self.stage.label!r} epoch {self.pos.epoch} batch {self.pos.batch}: under torchrun "
+                           f"the loss terms returned other parts on process {self.state.dist.rank} ({mine}) than on "
+                           f"another process, whose share of the batch held other examples; the processes sum each "
+                           f"part over the global batch, so a term must return the same parts, in the same order, "
+                           f"for every batch: return each part every time (e.g. a zero tensor where a batch has none)")
 
     def _after_update(self, value: float, lr: float, record: dict[str, Any]) -> None:
         """What follows a step the guard let through: the scheduler, the step count, the EMA
