@@ -256,6 +256,54 @@ def test_term_metrics_weigh_ranks_by_their_share_of_an_uneven_batch(uneven):
         _assert_close(got, want, f"epoch {i}")
 
 
+
+# 41 training windows in global batches of 7 (4 + 3 per rank), the last of 6 (3 + 3); 4 batches a step: an
+# epoch's second step accumulates a batch of 7 and one of 6, each weighted by its examples
+ACCUMULATED = UNEVEN.replace("max_tokens = 2000 ", "max_tokens = 375 ").replace("max_steps_per_epoch = 6",
+                                                                               "accumulate_batches = 4")
+
+
+# `python no_sync.py ARGS`: the stagewise CLI, each process adding a line to no_sync.RANK as it enters DDP's no_sync()
+NO_SYNC_COUNTER = """\
+import os
+import sys
+
+from torch.nn.parallel import DistributedDataParallel
+
+from stagewise.cli.main import main
+
+no_sync = DistributedDataParallel.no_sync
+
+
+def counted(self):
+    with open(f"no_sync.{os.environ['RANK']}", "a") as file:
+        file.write("entered\\n")
+    return no_sync(self)
+
+
+DistributedDataParallel.no_sync = counted
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@needs_gloo
+def test_accumulated_batches_end_close_to_the_single_process_run(tmp_path):
+    assert "accumulate_batches = 4" in ACCUMULATED and "max_tokens = 375" in ACCUMULATED
+    (tmp_path / "recipe.toml").write_text(ACCUMULATED)
+    (tmp_path / "no_sync.py").write_text(NO_SYNC_COUNTER)
+    _run(["-m", "stagewise", "run", "recipe.toml", "--out", "single", "--quiet"], tmp_path)
+    _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "no_sync.py", "run", "recipe.toml",
+          "--out", "ddp", "--quiet"], tmp_path)
+    # all but a step's last batch keep their gradients local: 3 + 1 an epoch, on every rank
+    assert [len((tmp_path / f"no_sync.{rank}").read_text().splitlines()) for rank in (0, 1)] == [8, 8]
+    single, ddp = _records(tmp_path / "single"), _records(tmp_path / "ddp")
+    assert [r["step"] for r in single if r["event"] == "step"] == [1, 2, 3, 4]  # 2 optimizer steps an epoch
+    assert [(r["event"], r["step"]) for r in ddp] == [(r["event"], r["step"]) for r in single]
+    for got, want in zip(ddp, single, strict=True):
+        _assert_close({k: v for k, v in got.items() if k != "seconds"},
+                      {k: v for k, v in want.items() if k != "seconds"}, f"{want['event']} record, step {want['step']}")
+
+
 # `python launch.py ARGS`: the stagewise CLI with one extra loss term (LOSS, class CLASS) registered
 LAUNCHER = '''\
 import sys

@@ -8,10 +8,11 @@ The loop, with each event where it fires::
         stage.run(state):                    # a training stage, e.g. stagewise.train:
             for epoch in range(max_epochs):
                 BEFORE_EPOCH
-                for batch in train_loader:
+                for batches in train_loader:     # accumulate_batches of them a step (default 1)
                     BEFORE_STEP
-                    outputs = forward(model, batch); loss = sum_i w_i(t) * L_i(outputs)
-                    backward, clip, optimizer.step(), scheduler.step()
+                    for batch in batches:
+                        outputs = forward(model, batch); loss = sum_i w_i(t) * L_i(outputs); backward
+                    clip, optimizer.step(), scheduler.step()
                     AFTER_STEP
                     checkpoint every [run] checkpoint_every_n_steps steps (0: none mid-epoch)
                 evaluate on the validation split, early stopping

@@ -191,7 +191,8 @@ def stagewise_before_step(state: State, batch: dict[str, Any]) -> None:
     """Called before each optimizer step's forward pass. Keep it cheap: it is on the hot path.
 
     :param state: the run's state.
-    :param batch: the batch about to be used (on the run's device).
+    :param batch: the batch about to be used (on the run's device); with ``accumulate_batches`` > 1
+        the first of the step's batches: the hook fires once per optimizer step.
 
     .. versionadded:: 0.1
     """
@@ -202,7 +203,8 @@ def stagewise_after_step(state: State, loss: float) -> None:
     """Called after each optimizer step. Keep it cheap: it is on the hot path.
 
     :param state: the run's state (``state.step`` already counts this step).
-    :param loss: the step's total loss as a Python float (non-finite if the step was skipped).
+    :param loss: the step's total loss as a Python float (non-finite if the step was skipped); with
+        ``accumulate_batches`` > 1, the mean over all the step's examples.
 
     .. versionadded:: 0.1
     """

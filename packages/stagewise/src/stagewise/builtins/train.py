@@ -67,7 +67,8 @@ class TrainOptions:
     plateau_factor: float = 0.5  # plateau: lr *= factor ...
     plateau_patience: int = 0  # ... after this many epochs without improvement of `monitor`
     max_epochs: int = 1
-    max_steps_per_epoch: int | None = None  # cut epochs short (quick runs, tests)
+    max_steps_per_epoch: int | None = None  # cut epochs short (quick runs, tests); counts optimizer steps
+    accumulate_batches: int = 1  # batches per optimizer step: the gradient of their mean loss (a larger batch)
     grad_clip: float | None = None  # max global gradient norm
     patience: int | None = None  # stop after this many epochs without improvement; None = never
     monitor: str = "val/loss"  # metric for early stopping, best weights and plateau
@@ -105,6 +106,10 @@ class TrainOptions:
             (self.lbfgs_history >= 1, "lbfgs_history", f"must be >= 1, got {self.lbfgs_history}"),
             (self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "max_steps_per_epoch",
              f"must be >= 1 (leave it unset for whole epochs), got {self.max_steps_per_epoch}"),
+            (self.accumulate_batches >= 1, "accumulate_batches", f"must be >= 1, got {self.accumulate_batches}"),
+            (self.optimizer != "lbfgs" or self.accumulate_batches == 1, ("accumulate_batches", "optimizer"),
+             "cannot be more than 1 with optimizer 'lbfgs' (its line search re-evaluates the loss on one batch); "
+             "remove accumulate_batches or use 'adamw' or 'sgd'"),
             (self.max_epochs >= 1, "max_epochs", f"must be >= 1, got {self.max_epochs}"),
             (self.max_nonfinite >= 1, "max_nonfinite", f"must be >= 1, got {self.max_nonfinite}"),
             (self.grad_clip is None or self.grad_clip > 0, "grad_clip", f"must be > 0, got {self.grad_clip}"),
@@ -125,7 +130,7 @@ class TrainStage(Stage):
     """Train the selected parameters on a weighted sum of loss terms, evaluating every epoch.
 
     Features: parameter selection by glob, AdamW/SGD/L-BFGS, constant/warmup/cosine/plateau
-    schedules, per-term weight schedules and fallback, gradient clipping, a NaN/Inf guard,
+    schedules, per-term weight schedules and fallback, gradient clipping and accumulation, a NaN/Inf guard,
     early stopping with best-weight restore, an EMA target network, mid-stage resume.
     Raises ConfigError before the run (see :meth:`check`) for globs matching no parameter of the
     model at this stage, two loss terms of one name, a ``monitor`` the stage cannot make,
@@ -149,10 +154,16 @@ class TrainStage(Stage):
         """How many batches :meth:`train_batches` yields in an epoch (before ``max_steps_per_epoch``)."""
         return count_batches(state, "train", train=True)
 
+    def epoch_batches(self, state: State) -> int:
+        """Batches the loop trains on in an epoch: :meth:`batches_per_epoch`, cut to ``max_steps_per_epoch``
+        optimizer steps of ``accumulate_batches`` batches each."""
+        n, o = self.batches_per_epoch(state), self.options
+        return min(n, o.max_steps_per_epoch * o.accumulate_batches) if o.max_steps_per_epoch else n
+
     def steps_per_epoch(self, state: State) -> int:
-        """Steps of an epoch, ``max_steps_per_epoch`` applied: the loop stops there."""
-        n = self.batches_per_epoch(state)
-        return min(n, self.options.max_steps_per_epoch or n)
+        """Optimizer steps of an epoch: one per ``accumulate_batches`` of :meth:`epoch_batches`, and one for
+        the batches left at the epoch's end."""
+        return -(-self.epoch_batches(state) // self.options.accumulate_batches)
 
     def forward_fn(self, objective: Objective) -> Callable[[dict[str, Any]], dict[str, Any]]:
         """How a batch becomes model outputs; default: the model's forward pass."""

@@ -12,8 +12,10 @@ import math
 import time
 import zlib
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
-from itertools import islice
+from itertools import chain, islice
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -84,7 +86,8 @@ def position_problems(loop: Any) -> list[str]:
 
 
 class TrainLoop:
-    """One training stage's loop over epochs and batches."""
+    """One training stage's loop over epochs and batches: an optimizer step per ``accumulate_batches``
+    batches (the gradient of their mean loss), and one for the batches left at an epoch's end."""
 
     def __init__(self, stage: TrainStage, state: State):
         self.stage, self.state, self.o = stage, state, stage.options
@@ -100,7 +103,8 @@ class TrainLoop:
         self.clip_groups = [group for group in groups if group]
         self.params = [p for group in groups for p in group]  # what the optimizer steps
         self.optimizer = build_optimizer(self.params, self.o)
-        self.steps_per_epoch = stage.steps_per_epoch(state)
+        self.epoch_batches = stage.epoch_batches(state)  # what an epoch trains on, max_steps_per_epoch applied
+        self.steps_per_epoch = stage.steps_per_epoch(state)  # optimizer steps
         if self.steps_per_epoch == 0:  # e.g. a stage's own selection of examples came out empty
             use = state.recipe.stages[state.stage_index].use
             raise TrainingError(f"{where} ({use}): an epoch has no batch to train on, so the stage would "
@@ -109,7 +113,7 @@ class TrainLoop:
         self.scheduler = build_scheduler(self.optimizer, self.o, self.total_steps)
         self.weights = TermWeights(self.o.losses, state)
         self.guard = NonFiniteGuard(self.o.max_nonfinite, state.warnings)
-        self.term_values = self._wrap_distributed()
+        self.ddp = self._wrap_distributed()
         if self.o.ema_momentum is not None:
             state.target_model = ema.make_target(state.model)
         self.pos = Position()
@@ -142,47 +146,98 @@ class TrainLoop:
         weights = self.weights.for_epoch(pos.epoch)
         state.term_weights = dict(weights)  # a copy: hooks read it, the loop keeps its own
         active = {n for n, w in weights.items() if w != 0.0}
-        total = self.steps_per_epoch
+        total = self.epoch_batches
         # islice: the epoch's last step draws no further batch from the stage
         batches = islice(self.stage.train_batches(state, pos.epoch, pos.batch), total - pos.batch)
         bar = state.progress(batches, desc=f"epoch {pos.epoch + 1}/{self.o.max_epochs}", total=total,
-                             initial=pos.batch)
+                             initial=pos.batch)  # counts batches
         every = state.recipe.run.checkpoint_every_n_steps
-        for batch in bar:
+        drawn = iter(bar)
+        for batch in drawn:
             # resumed mid-epoch: the new batch iterator has drawn its seed, as the epoch's first
             # iterator had before the checkpoint, so the saved state is set only now
             self._resume_rng()
-            loss = self._step(batch, weights, active)
-            pos.batch += 1
+            # the step's other batches (accumulate_batches > 1), drawn one by one as it trains on them
+            rest = islice(drawn, min(self.o.accumulate_batches, total - pos.batch) - 1)
+            loss = self._step(batch, rest, weights, active)
             if not bar.disable:  # a hidden bar (no terminal, --quiet) shows no loss: skip formatting it
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            if every and state.step % every == 0 and pos.batch < total:  # after the last, _end_epoch saves
+            # between optimizer steps only, so a resumed run takes the same ones; after the last, _end_epoch saves
+            if every and state.step % every == 0 and pos.batch < total:
                 self.save()
         bar.close()
 
-    def _step(self, batch: dict[str, Any], weights: dict[str, float], active: set[str]) -> float:
+    def _step(self, batch: dict[str, Any], rest: Iterator[dict[str, Any]], weights: dict[str, float],
+              active: set[str]) -> float:
+        """One optimizer step on ``batch`` and the ``rest`` of its batches; returns its loss."""
         state, o = self.state, self.o
-        state.fire(Event.BEFORE_STEP, batch=batch)
+        state.fire(Event.BEFORE_STEP, batch=batch)  # once per step: with its first batch
         lr = self.optimizer.param_groups[0]["lr"]  # this step's: the scheduler steps after it
-        record: dict[str, Any] = {}
-        if o.optimizer == "lbfgs":
+        if o.optimizer == "lbfgs":  # one batch a step (check() refuses accumulate_batches with it)
+            record: dict[str, Any] = {}
             value = self._lbfgs_step(batch, weights, active, record)
-            ok = self._checked(value, record)
+            trained = [(value, record)] if self._checked(value, record) else []
+            self.pos.batch += 1
         else:
             self._clear_grads()
-            total, value = self._total(batch, weights, active, record)
-            ok = self._checked(value, record)
-            if ok:
-                total.backward()
-                self._drop_unweighted_grads(record)
+            value, trained = (self._backward(batch, weights, active) if o.accumulate_batches == 1
+                              else self._accumulate(batch, rest, weights, active))
+            if trained:
+                self._drop_unweighted_grads(trained)
                 if o.grad_clip is not None:
                     for group in self.clip_groups:
                         torch.nn.utils.clip_grad_norm_(group, o.grad_clip)
                 self.optimizer.step()
-        if ok:
-            self._after_update(value, lr, record)
+        if trained:
+            self._after_update(value, lr, trained)
         state.fire(Event.AFTER_STEP, loss=value)
         return value
+
+    def _backward(self, batch: dict[str, Any], weights: dict[str, float],
+                  active: set[str]) -> tuple[float, list[tuple[float, dict[str, Any]]]]:
+        """Backpropagate one batch's loss (accumulate_batches = 1); returns the loss and the batch's (loss,
+        record), or no record when the guard skips the batch."""
+        record: dict[str, Any] = {}
+        total, value, _ = self._total(batch, weights, active, record)
+        ok = self._checked(value, record)
+        if ok:
+            total.backward()
+        self.pos.batch += 1
+        return value, [(value, record)] if ok else []
+
+    def _accumulate(self, batch: dict[str, Any], rest: Iterator[dict[str, Any]], weights: dict[str, float],
+                    active: set[str]) -> tuple[float, list[tuple[float, dict[str, Any]]]]:
+        """Backpropagate each of the step's batches' loss summed over its examples, then divide the gradients
+        by the step's examples: the gradient of the mean loss over all of them, however unevenly the batches
+        split. Returns the step's loss (that mean) and each batch's (loss, record); at a non-finite loss the
+        guard skips the whole step (counted once; its other batches are drawn, not trained on): no records.
+        Under DDP only the step's last batch all-reduces the gradients."""
+        last = min(self.o.accumulate_batches, self.epoch_batches - self.pos.batch) - 1
+        trained: list[tuple[float, dict[str, Any]]] = []
+        examples, loss_sum = 0, 0.0
+        for i, micro in enumerate(chain((batch,), rest)):
+            record: dict[str, Any] = {}
+            with self._no_sync(i < last):
+                total, value, n = self._total(micro, weights, active, record, summed=True)
+                if not math.isfinite(value):
+                    self._checked(value, record)  # counts the skipped step, or raises
+                    self.pos.batch += 1 + sum(1 for _ in rest)
+                    return value, []
+                total.backward()
+            self.pos.batch += 1
+            trained.append((value, record))
+            examples, loss_sum = examples + n, loss_sum + n * value
+        mean = loss_sum / examples
+        if not self._checked(mean, {}):  # finite: the guard's count of skips in a row starts again
+            return mean, []
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:  # none when no trained parameter is in the loss's graph: the step changes nothing
+            torch._foreach_div_(grads, float(examples))
+        return mean, trained
+
+    def _no_sync(self, local: bool) -> AbstractContextManager[Any]:
+        """DDP's ``no_sync()`` for a batch whose gradients stay ``local`` (all but a step's last), else nothing."""
+        return self.ddp.no_sync() if local and self.ddp is not None else nullcontext()
 
     def _clear_grads(self) -> None:
         """``optimizer.zero_grad(set_to_none=True)`` without its per-call wrappers (dynamo guard,
@@ -190,14 +245,16 @@ class TrainLoop:
         for param in self.params:
             param.grad = None
 
-    def _drop_unweighted_grads(self, record: dict[str, Any]) -> None:
-        """Under DDP a term of weight 0 this batch (not switched on yet, or cut to 0 by its fallback)
-        is in the graph at weight 0, so its parameters get zero gradients, which AdamW would decay and
-        count as steps; in one process they get none (not computed, or left out of the sum). Leave them
-        none here too, so both runs take the same steps. ``record``: the active terms' (value, weight, parts)."""
+    def _drop_unweighted_grads(self, trained: list[tuple[float, dict[str, Any]]]) -> None:
+        """Under DDP a term of weight 0 in every batch of the step (not switched on yet, or cut to 0 by its
+        fallback) is in the graph at weight 0, so its parameters get zero gradients, which AdamW would decay
+        and count as steps; in one process they get none (not computed, or left out of the sum). Leave them
+        none here too, so both runs take the same steps. ``trained``: each batch's (loss, record), a record
+        holding the active terms' (value, weight, parts)."""
         if self.state.dist.enabled:
+            weighted = {name for _, record in trained for name, (_, weight, _) in record.items() if weight != 0.0}
             for name, term in self.terms.items():
-                if name not in record or record[name][1] == 0.0:
+                if name not in weighted:
                     for param in term.parameters():
                         param.grad = None
 
@@ -214,7 +271,7 @@ class TrainLoop:
         def closure() -> torch.Tensor:
             nonlocal first
             self._clear_grads()
-            total, value = self._total(batch, weights, active, record if first else None)
+            total, value, _ = self._total(batch, weights, active, record if first else None)
             if total.requires_grad and (math.isfinite(value) or not first):
                 total.backward()
             first = False
@@ -224,13 +281,13 @@ class TrainLoop:
         return self.optimizer.step(closure).item()  # type: ignore[arg-type, attr-defined]
 
     def _total(self, batch: dict[str, Any], weights: dict[str, float], active: set[str],
-               record: dict[str, Any] | None) -> tuple[torch.Tensor, float]:
+               record: dict[str, Any] | None, summed: bool = False) -> tuple[torch.Tensor, float, int]:
         """Σ w_i L_i for this batch (to backpropagate) and its value, the global batch's under
         DDP. Fills ``record`` with each active term's value, weight and parts; ``None``: a
-        re-evaluation of the batch, neither recorded nor counted."""
-        losses = {name: split_term(raw) for name, raw in
-                  self.term_values(batch, self.stage.forward_fn(self.objective), active).items()}
-        scalars, scale = self._term_scalars(batch, losses)
+        re-evaluation of the batch, neither recorded nor counted. ``summed`` (accumulating batches):
+        the tensor is the loss summed over the global batch's examples, whose count comes third (else 0)."""
+        losses = {name: split_term(raw) for name, raw in self._term_values(batch, active).items()}
+        scalars, scale, examples = self._term_scalars(batch, losses, summed)
         total: Any = 0.0  # a float until a term joins, so a first term of weight 1 is taken as it is: no 0 + 1·L ops
         global_value = 0.0  # Σ w_i L_i of the global batch, under DDP
         for name, (loss, _) in losses.items():
@@ -248,22 +305,37 @@ class TrainLoop:
         if isinstance(total, float):  # every term had weight 0: nothing to learn from this batch
             total = torch.zeros((), device=self.state.device)
         if not self.state.dist.enabled:  # one process: the loss reported is the tensor's own value
-            return total, total.item()
-        return (total if scale == 1.0 else total * scale), global_value
+            value = total.item()
+            return (total * examples if summed else total), value, examples
+        if summed:  # Σ over the rank's examples, times world_size: DDP's average over ranks makes it the global Σ
+            return total * (batch_size(batch) * self.state.dist.world_size), global_value, examples
+        return (total if scale == 1.0 else total * scale), global_value, examples
 
-    def _term_scalars(self, batch: dict[str, Any], values: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    def _term_values(self, batch: dict[str, Any], active: set[str]) -> dict[str, Any]:
+        """Each term's raw value on ``batch``: the Objective's, or under DDP its wrapper's, which computes
+        every term (``active`` None; see :meth:`_wrap_distributed`)."""
+        forward_fn = self.stage.forward_fn(self.objective)
+        if self.ddp is None:
+            return self.objective(batch, forward_fn, active)
+        return self.ddp(batch, forward_fn, None)
+
+    def _term_scalars(self, batch: dict[str, Any], values: dict[str, Any],
+                      summed: bool) -> tuple[dict[str, Any], float, int]:
         """Each computed term's value and parts as Python floats (float64 running sums, no tensor
-        ops), the global batch's under DDP; and the factor on the local loss (1 in one process).
+        ops), the global batch's under DDP; the factor on the local loss (1 in one process); and the
+        global batch's examples where known (under DDP) or ``summed`` asks for them, else 0.
         Under DDP inactive terms are computed too: the guard must see them."""
         scalars = {name: (value.item(), {k: v.item() for k, v in parts.items()})
                    for name, (value, parts) in values.items()}
-        return self._global_means(batch, scalars) if self.state.dist.enabled else (scalars, 1.0)
+        if self.state.dist.enabled:
+            return self._global_means(batch, scalars)
+        return scalars, 1.0, batch_size(batch) if summed else 0
 
-    def _global_means(self, batch: dict[str, Any], scalars: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    def _global_means(self, batch: dict[str, Any], scalars: dict[str, Any]) -> tuple[dict[str, Any], float, int]:
         """Under DDP: each term's and part's mean over the global batch (ranks weighted by their
         share of it), so that fallbacks, the guard and the records see what one process would;
-        and the factor on the local loss that makes DDP's equal-weight gradient average the
-        global batch's gradient even when a last batch splits unevenly."""
+        the factor on the local loss that makes DDP's equal-weight gradient average the
+        global batch's gradient even when a last batch splits unevenly; and the global batch's examples."""
         n, dist = batch_size(batch), self.state.dist
         # the parts' names in order, as one number: every rank must send its parts in the same layout
         layout = float(zlib.crc32(repr([(name, list(parts)) for name, (_, parts) in scalars.items()]).encode()))
@@ -275,7 +347,7 @@ class TrainLoop:
         summed = iter(all_reduce_sums(flat, dist) if flat else [])
         means = {name: (next(reduced) / n_global, {k: next(summed) / n_global for k in parts})
                  for name, (_, parts) in scalars.items()}
-        return means, n * dist.world_size / n_global
+        return means, n * dist.world_size / n_global, round(n_global)
 
     def _parts_error(self, scalars: dict[str, Any]) -> PluginError:
         """The error when this rank's terms returned other parts (names or order) than another rank's."""
@@ -287,16 +359,17 @@ class TrainLoop:
                            f"part over the global batch, so a term must return the same parts, in the same order, "
                            f"for every batch: return each part every time (e.g. a zero tensor where a batch has none)")
 
-    def _after_update(self, value: float, lr: float, record: dict[str, Any]) -> None:
+    def _after_update(self, value: float, lr: float, trained: list[tuple[float, dict[str, Any]]]) -> None:
         """What follows a step the guard let through: the scheduler, the step count, the EMA
-        target, the epoch's sums and the step record."""
+        target, the epoch's sums (each of the step's batches, as without accumulation) and the step record."""
         state, o = self.state, self.o
         if o.schedule != "plateau":
             self.scheduler.step()
         state.step += 1
         if state.target_model is not None:
             self._update_target(state.target_model)
-        self._add_to_sums(value, record)
+        for batch_value, record in trained:
+            self._add_to_sums(batch_value, record)
         if state.step % state.recipe.run.log_every_n_steps == 0:
             state.log("step", **{"train/loss": value, "train/lr": lr})
 
@@ -308,7 +381,7 @@ class TrainLoop:
         ema.ema_update(target, state.model, momentum)
 
     def _add_to_sums(self, value: float, record: dict[str, Any]) -> None:
-        """Add the step's loss and each recorded term's value, weight, weighted value and parts to the
+        """Add a batch's loss and each recorded term's value, weight, weighted value and parts to the
         epoch's running sums, which :meth:`_train_metrics` averages."""
         sums = self.pos.sums
         sums["n"] = sums.get("n", 0) + 1
@@ -471,7 +544,10 @@ class TrainLoop:
             return [f"{', '.join(missing)}: missing from a training stage's checkpoint"]
         pos, target = saved["loop"], self.state.target_model
         problems = [f"loop.{key}: {pos[key]}, expected 0..{end}" for key, end in
-                    (("epoch", self.o.max_epochs), ("batch", self.steps_per_epoch - 1)) if not 0 <= pos[key] <= end]
+                    (("epoch", self.o.max_epochs), ("batch", self.epoch_batches - 1)) if not 0 <= pos[key] <= end]
+        if pos["batch"] % self.o.accumulate_batches:  # saved between optimizer steps only
+            problems.append(f"loop.batch: {pos['batch']}, expected a multiple of accumulate_batches = "
+                            f"{self.o.accumulate_batches}")
         fresh = self.scheduler.state_dict()
         unlike = optimizer_problems(saved["optimizer"], self.optimizer)
         unlike += same_types(saved["scheduler"], fresh, "scheduler")
@@ -497,16 +573,13 @@ class TrainLoop:
             set_rng_state(self.rng_to_set)
             self.rng_to_set = None
 
-    def _wrap_distributed(self) -> Any:
-        """The callable that computes term values: the Objective, or its DDP wrapper, which
-        computes every term (``active`` None): DDP, built without ``find_unused_parameters``, expects
-        every parameter to get a gradient at every step, so an inactive term stays in the graph at
-        weight 0 (see :meth:`_total` and :meth:`_drop_unweighted_grads`)."""
-        objective = self.objective
+    def _wrap_distributed(self) -> torch.nn.parallel.DistributedDataParallel | None:
+        """Under DDP the Objective's wrapper, which computes every term (``active`` None): DDP, built without
+        ``find_unused_parameters``, expects every parameter to get a gradient at every step, so an inactive
+        term stays in the graph at weight 0 (see :meth:`_total` and :meth:`_drop_unweighted_grads`)."""
         if not self.state.dist.enabled:
-            return objective
+            return None
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.state.device.index] if self.state.device.type == "cuda" else None
-        wrapped = DistributedDataParallel(objective, device_ids=device_ids)
-        return lambda batch, fn, active: wrapped(batch, fn, None)
+        return DistributedDataParallel(self.objective, device_ids=device_ids)
