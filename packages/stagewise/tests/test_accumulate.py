@@ -240,3 +240,19 @@ def test_a_resume_refuses_a_checkpoint_taken_inside_a_step(tiny, tmp_path):
     run = damaged_copy(stopped, tmp_path / "run", lambda saved: saved["loop"].update(batch=4))
     with pytest.raises(CheckpointError, match="loop.batch: 4, expected a multiple of accumulate_batches = 3"):
         run_recipe(recipe, resume=run, quiet=True)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_step_whose_every_term_is_cut_to_weight_0_changes_nothing(tiny, tmp_path, k):
+    # was: a RuntimeError (backward of a loss with no gradient) once the fallback cut the only term to 0
+    recipe = tiny(f"stages.phase1.accumulate_batches={k}", "stages.phase1.max_epochs=1", "~stages.phase2",
+                  'stages.phase1.losses=[{use="stagewise.cross_entropy", fallback_threshold=0.0, '
+                  'fallback_factor=0.0}]')
+    before = run_recipe(tiny("stages.phase1.max_epochs=1", "stages.phase1.lr=0.0", "~stages.phase2"),
+                        out=tmp_path / "untrained", quiet=True)
+    run_dir = run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    epoch = next(r for r in read_records(run_dir, "epoch") if r["stage"] == "phase1")
+    assert epoch["train/cross_entropy/weight"] == 0.0 and epoch["train/cross_entropy/fallbacks"] == 5 * k
+    assert epoch["step"] == 5 and epoch["train/nonfinite"] == 0
+    trained, untrained = stagewise.load_model(run_dir).state_dict(), stagewise.load_model(before).state_dict()
+    assert all(torch.equal(trained[key], value) for key, value in untrained.items())

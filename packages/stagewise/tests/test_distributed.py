@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import stagewise
 from stagewise.engine.batches import count_batches, iterate_batches
 from stagewise.engine.checkpoint import load_checkpoint
 from stagewise.engine.distributed import DistInfo, collective_device, setup
@@ -638,3 +639,19 @@ def test_a_torchrun_job_killed_while_terms_are_off_resumes_to_the_uninterrupted_
     assert timeless_records(late_terms.resumed) == timeless_records(late_terms.ddp)
     resumed, ddp = _weights(late_terms.resumed), _weights(late_terms.ddp)
     assert resumed.keys() == ddp.keys() and all(torch.equal(resumed[k], ddp[k]) for k in ddp)
+
+
+@needs_gloo
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_step_whose_every_term_is_cut_to_weight_0_leaves_the_model_as_one_process_does(tmp_path, k):
+    # was: DDP gave the model zero gradients (every term in the graph at weight 0), and AdamW decayed its weights;
+    # one process computes no gradient, and the optimizer leaves the model alone
+    (tmp_path / "recipe.toml").write_text(RECIPE.replace("max_epochs = 2", "max_epochs = 1") + (
+        f'weight_decay = 0.5\naccumulate_batches = {k}\nlosses = [{{ use = "stagewise.cross_entropy", '
+        'fallback_threshold = 0.0, fallback_factor = 0.0 }]\n'))
+    _run(["-m", "stagewise", "run", "recipe.toml", "--out", "single", "--quiet"], tmp_path)
+    _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+          "-m", "stagewise", "run", "recipe.toml", "--out", "ddp", "--quiet"], tmp_path)
+    assert _summary(tmp_path / "ddp")["metrics"]["train/cross_entropy/fallbacks"] == 6 * k  # cut at every batch
+    single, ddp = (stagewise.load_model(tmp_path / run).state_dict() for run in ("single", "ddp"))
+    assert all(torch.equal(ddp[key], value) for key, value in single.items())

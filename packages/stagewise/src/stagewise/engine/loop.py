@@ -200,7 +200,7 @@ class TrainLoop:
         record: dict[str, Any] = {}
         total, value, _ = self._total(batch, weights, active, record)
         ok = self._checked(value, record)
-        if ok:
+        if ok and total.requires_grad:  # not when fallbacks cut every term to 0: nothing to backpropagate
             total.backward()
         self.pos.batch += 1
         return value, [(value, record)] if ok else []
@@ -223,7 +223,8 @@ class TrainLoop:
                     self._checked(value, record)  # counts the skipped step, or raises
                     self.pos.batch += 1 + sum(1 for _ in rest)
                     return value, []
-                total.backward()
+                if total.requires_grad:  # no term weighted in this batch: it adds nothing to the step's gradient
+                    total.backward()
             self.pos.batch += 1
             trained.append((value, record))
             examples, loss_sum = examples + n, loss_sum + n * value
@@ -249,10 +250,14 @@ class TrainLoop:
         """Under DDP a term of weight 0 in every batch of the step (not switched on yet, or cut to 0 by its
         fallback) is in the graph at weight 0, so its parameters get zero gradients, which AdamW would decay
         and count as steps; in one process they get none (not computed, or left out of the sum). Leave them
-        none here too, so both runs take the same steps. ``trained``: each batch's (loss, record), a record
-        holding the active terms' (value, weight, parts)."""
+        none here too, so both runs take the same steps; when no term is weighted in any batch, neither does the
+        model get one. ``trained``: each batch's (loss, record), a record holding the active terms' (value,
+        weight, parts)."""
         if self.state.dist.enabled:
             weighted = {name for _, record in trained for name, (_, weight, _) in record.items() if weight != 0.0}
+            if not weighted:  # fallbacks cut every term to 0: one process backpropagates nothing
+                self._clear_grads()
+                return
             for name, term in self.terms.items():
                 if name not in weighted:
                     for param in term.parameters():
