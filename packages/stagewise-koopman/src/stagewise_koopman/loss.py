@@ -260,6 +260,11 @@ def _dist(state: stagewise.State | None) -> DistInfo | None:
     return state.dist if state is not None else None
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when autocast made it bfloat16 (or float16); float32 and float64 as they are."""
+    return x.float() if x.dtype.itemsize < 4 else x
+
+
 def _masked_mean(per_layer: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (per_layer * mask).sum() / mask.sum()
 
@@ -334,9 +339,13 @@ class KoopmanOperator(stagewise.Loss):
 
     def errors(self, hidden: list[torch.Tensor],
                dist: DistInfo | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The term's parts on ``hidden`` (see :func:`koopman_parts`); ``dist``: the processes under torchrun."""
-        states, mask = gather_pairs(hidden, self.sources, self.options)
-        return koopman_parts(self.koopman, states, mask, self.options, dist)
+        """The term's parts on ``hidden`` (see :func:`koopman_parts`); ``dist``: the processes under torchrun.
+        In float32 also in a bf16 run (``run.precision``): K is applied ``steps`` times and the errors are divided
+        by the targets' spread, which bfloat16's 8-bit mantissa would blur; the DMD fit reads the lifted states
+        into float32 buffers. Float32 (and float64) states pass unchanged."""
+        with torch.autocast(hidden[0].device.type, enabled=False):
+            states, mask = gather_pairs([_at_least_float32(h) for h in hidden], self.sources, self.options)
+            return koopman_parts(self.koopman, states, mask, self.options, dist)
 
     def forward(self, outputs, batch, state):
         errors, lifted = self.errors(outputs["hidden"], _dist(state))

@@ -97,7 +97,8 @@ class ForwardEval(stagewise.Stage):
         nll = {"standard": 0.0, "koopman": 0.0}
         tokens = 0
         one_step = OneStepError(term)  # measured in the same pass as the perplexities
-        with stagewise.eval_mode(model):
+        # evaluation at the run's precision; the one-step error is the term's, in float32 (KoopmanOperator.errors)
+        with stagewise.eval_mode(model), stagewise.autocast(state):
             # the whole split on every process: same figures
             for batch in state.batches(o.split, shard=False, desc=o.split):
                 hidden = frozen_hidden(model, batch)

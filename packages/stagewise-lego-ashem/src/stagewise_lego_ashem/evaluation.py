@@ -55,7 +55,8 @@ def evaluate_routed(state: stagewise.State, batches: Iterable[dict[str, Any]], r
     threshold = router.threshold if threshold is None else threshold
     shape = metrics.Shape.of(model)
     sums: dict[str, float] = {}
-    with stagewise.eval_mode(model):
+    # evaluation at the run's precision; routed_forward scores the tokens in float32 (see _float32_scores)
+    with stagewise.eval_mode(model), stagewise.autocast(state):
         for batch in batches:
             idx, target = batch["input"], batch["target"]
             out = routed_forward(model, idx, router, threshold, keep_exit_logits=full)

@@ -261,7 +261,7 @@ def mined_hard_ppl(state: stagewise.State, tokens: mining.TokenCache) -> float:
     """Perplexity of the upper layers on the cached hard tokens, each alone (the seed's Hard PPL)."""
     model = deep_supervision(state.model)
     forward = upper_forward(model, "token")
-    with stagewise.eval_mode(model):
+    with stagewise.eval_mode(model), stagewise.autocast(state):  # an evaluation: at the run's precision
         parts = ({"nll": token_nll(forward(b)["logits"], b["target"])} for b in state.batches(tokens, shard=False))
         nll = collect_rows(parts, len(tokens))["nll"]
     return _ppl(nll)

@@ -28,9 +28,9 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError", "ConfigError", "DataSplits", "Event", "Loss", "LossSpec", "Needs", "OptionError",
     "PluginError", "Router", "RouterSpec", "Routing", "Stage", "StagewiseError", "State", "TrainStage",
-    "TrainingError", "UnknownNameError", "__version__", "check_options", "eval_mode", "forward_batch", "get_dataset",
-    "get_datasets", "get_loss", "get_losses", "get_model", "get_models", "get_recipe", "get_recipes", "get_router",
-    "get_routers", "get_stage", "get_stages", "hookimpl", "load_model", "load_recipe", "run_recipe",
+    "TrainingError", "UnknownNameError", "__version__", "autocast", "check_options", "eval_mode", "forward_batch",
+    "get_dataset", "get_datasets", "get_loss", "get_losses", "get_model", "get_models", "get_recipe", "get_recipes",
+    "get_router", "get_routers", "get_stage", "get_stages", "hookimpl", "load_model", "load_recipe", "run_recipe",
 ]
 
 # name -> module that defines it; imported on first attribute access (PEP 562)
@@ -50,6 +50,7 @@ _LAZY = {
     "forward_batch": "stagewise.engine.objective",
     "check_options": "stagewise.schema",
     "eval_mode": "stagewise.engine.evaluate",
+    "autocast": "stagewise.engine.precision",
     "run_recipe": "stagewise.engine.runner",
 }
 
@@ -59,6 +60,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers (imported for re
     from stagewise.data.splits import DataSplits
     from stagewise.engine.evaluate import eval_mode
     from stagewise.engine.objective import forward_batch
+    from stagewise.engine.precision import autocast
     from stagewise.engine.runner import run_recipe
     from stagewise.engine.state import State
     from stagewise.load import load_model

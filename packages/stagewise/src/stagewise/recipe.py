@@ -42,6 +42,8 @@ class RunOptions:
     checkpoint_every_n_steps: int = 0  # extra mid-epoch checkpoints; 0 = at epoch ends only
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     tensorboard: bool = False  # also write TensorBoard scalars to RUN_DIR/tensorboard (extra [tensorboard])
+    # forward passes and loss terms under bfloat16 autocast ("bf16"); fp16 is not offered: it needs loss scaling
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     def __post_init__(self) -> None:
         one_name = bool(self.name) and self.name not in (".", "..") and not any(c in self.name for c in "/\\\0")

@@ -10,6 +10,7 @@ import torch
 
 from stagewise.engine.distributed import all_keys, all_reduce_sums
 from stagewise.engine.objective import forward_batch, needs_of, term_error
+from stagewise.engine.precision import autocast
 from stagewise.errors import ConfigError
 from stagewise.loss import Loss
 
@@ -38,7 +39,7 @@ def evaluate(state: State, terms: dict[str, Loss], batches: Iterable[dict[str, A
     needs = needs_of(terms.values())
     forward_fn = forward_fn or (lambda batch: forward_batch(model, batch, needs))
     sums: dict[tuple[str, str], list[float]] = {}
-    with eval_mode(model):
+    with eval_mode(model), autocast(state):  # evaluation runs at the run's precision, as training does
         for batch in batches:
             outputs = forward_fn(batch)
             for name, term in terms.items():

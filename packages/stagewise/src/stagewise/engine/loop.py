@@ -27,6 +27,7 @@ from stagewise.engine.guards import NonFiniteGuard
 from stagewise.engine.objective import Objective, TermWeights, build_terms, split_term
 from stagewise.engine.optim import build_optimizer, build_scheduler
 from stagewise.engine.params import select_parameters
+from stagewise.engine.precision import autocast
 from stagewise.engine.resumable import (
     counts_problems,
     number_problems,
@@ -318,11 +319,13 @@ class TrainLoop:
 
     def _term_values(self, batch: dict[str, Any], active: set[str]) -> dict[str, Any]:
         """Each term's raw value on ``batch``: the Objective's, or under DDP its wrapper's, which computes
-        every term (``active`` None; see :meth:`_wrap_distributed`)."""
+        every term (``active`` None; see :meth:`_wrap_distributed`). Under ``run.precision`` (the forward
+        pass and the terms; backward follows autocast's casts, gradients land in float32 parameters)."""
         forward_fn = self.stage.forward_fn(self.objective)
-        if self.ddp is None:
-            return self.objective(batch, forward_fn, active)
-        return self.ddp(batch, forward_fn, None)
+        with autocast(self.state):
+            if self.ddp is None:
+                return self.objective(batch, forward_fn, active)
+            return self.ddp(batch, forward_fn, None)
 
     def _term_scalars(self, batch: dict[str, Any], values: dict[str, Any],
                       summed: bool) -> tuple[dict[str, Any], float, int]:
