@@ -7,6 +7,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from stagewise.engine.checkpoint import load_checkpoint
 from stagewise.recipe import load_recipe
@@ -114,9 +115,16 @@ def test_verify_passes_on_a_match_and_prints_the_difference_otherwise(cli, examp
     assert "verify: 1 difference(s)" in result.stdout
 
 
-def test_export_writes_a_numpy_only_file(cli, example_run, tmp_path):
-    out = tmp_path / "model.npz"
+@pytest.fixture(scope="module")
+def example_export(cli, example_run, tmp_path_factory) -> Path:
+    """``stagewise export`` of the example run, shared by the tests that only read the file."""
+    out = tmp_path_factory.mktemp("export") / "model.npz"
     cli("export", example_run, out)
+    return out
+
+
+def test_export_writes_a_numpy_only_file(example_export, example_run):
+    out = example_export
     saved = load_checkpoint(example_run / "checkpoints" / "last.pt")
     weights, mined = saved["model"], saved["artifacts"]["example.hard_examples"]
     with np.load(out, allow_pickle=False) as data:  # the weights, the mining stage's artifact beside them, __meta__
@@ -128,11 +136,10 @@ def test_export_writes_a_numpy_only_file(cli, example_run, tmp_path):
     assert meta["artifacts"]["example.hard_examples"] == {"split": mined["split"], "router": mined["router"]}
 
 
-def test_an_export_carries_the_router_a_plugin_s_stage_kept(cli, example_run, tmp_path):
+def test_an_export_carries_the_router_a_plugin_s_stage_kept(example_export, example_run):
     from stagewise.export import load_npz
 
-    cli("export", example_run, tmp_path / "m.npz")
-    meta = load_npz(tmp_path / "m.npz")[1]
+    meta = load_npz(example_export)[1]
     threshold = json.loads((example_run / "summary.json").read_text())["metrics"]["mine/threshold"]
     router = load_recipe(example_run / "recipe.toml").table["stages"][1]["router"]
     assert meta["routers"] == {"mine": {"use": "example.loss_quantile", "options": {"hard_ratio": router["hard_ratio"]},

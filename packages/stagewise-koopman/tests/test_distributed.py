@@ -58,6 +58,11 @@ def run_driver(folder, recipe: str, processes: int) -> list[torch.Tensor]:
     done = subprocess.run([sys.executable, *torchrun, "driver.py"], cwd=folder, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    return _operators(folder, processes)
+
+
+def _operators(folder, processes: int) -> list[torch.Tensor]:
+    """Each rank's K after main, as DRIVER saved it in ``folder``."""
     return [torch.load(folder / f"K{rank}.pt", weights_only=True) for rank in range(processes)]
 
 
@@ -72,19 +77,33 @@ def test_every_rank_ends_with_the_same_operator_and_figures(tmp_path):
     assert m0 == m1
 
 
-DROP_LAST = ["data.drop_last=true"]
+DROP_LAST = ["data.drop_last=true"]  # as DRIVER runs a recipe
 
 
 @pytest.fixture(scope="module")
-def train_only(tmp_path_factory):
-    """TRAIN_ONLY (the term at weight 0 in main's epoch 0) run in one process (``run1``) and by two (``run2``)."""
-    from stagewise.testing import run_uninterrupted
+def one_and_two(tmp_path_factory):
+    """``one_and_two(batch_size)``: TRAIN_ONLY (the term at weight 0 in main's epoch 0) with that batch size run by
+    DRIVER in one process (``1/``) and by two (``2/``), each folder holding its run (``run/``) and ranks' K;
+    run once per batch size, for every test that reads it."""
+    root, runs = tmp_path_factory.mktemp("train_only"), {}
 
-    folder = tmp_path_factory.mktemp("train_only")
-    (folder / "recipe.toml").write_text(TRAIN_ONLY)
-    for processes in (1, 2):
-        run_uninterrupted(folder / "recipe.toml", folder / f"run{processes}", DROP_LAST, processes=processes)
-    return folder
+    def run(batch_size: int):
+        if batch_size not in runs:
+            recipe = TRAIN_ONLY.replace("batch_size = 4", f"batch_size = {batch_size}")
+            folder = root / f"batch{batch_size}"
+            for processes in (1, 2):
+                (folder / str(processes)).mkdir(parents=True)
+                run_driver(folder / str(processes), recipe, processes)
+            runs[batch_size] = folder
+        return runs[batch_size]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def train_only(one_and_two):
+    """TRAIN_ONLY as it is (batch size 4) run in one process and by two: see ``one_and_two``."""
+    return one_and_two(4)
 
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -93,8 +112,8 @@ def test_two_processes_train_the_term_of_one(train_only):
     # was ~1% apart from the first step: each rank scaled the lifted error by its own half's spread
     from stagewise.testing import timeless_records
 
-    one, two = ([r for r in timeless_records(train_only / f"run{n}") if r["event"] == "epoch" and r["stage"] == "main"]
-                for n in (1, 2))
+    one, two = ([r for r in timeless_records(train_only / f"{n}" / "run") if r["event"] == "epoch"
+                 and r["stage"] == "main"] for n in (1, 2))
     keys = ("train/koopman/lifted", "val/koopman/lifted", "val/koopman/one_step", "val/ppl")
     pairs = [(key, a[key], b[key]) for a, b in zip(one, two, strict=True) for key in keys if key in a]
     assert len(pairs) == 11  # val/koopman/* every epoch, train/koopman/* once the term is on (epochs 2 and 3)
@@ -109,28 +128,25 @@ def test_a_torchrun_job_killed_while_the_term_is_off_resumes_to_the_uninterrupte
     from stagewise.testing import resume_run, run_killed, timeless_records
 
     sets = [*DROP_LAST, "run.checkpoint_every_n_steps=1"]
-    run_killed(train_only / "recipe.toml", tmp_path / "killed", "main", 2, sets, processes=2)
+    recipe, whole_run = train_only / "2" / "recipe.toml", train_only / "2" / "run"
+    run_killed(recipe, tmp_path / "killed", "main", 2, sets, processes=2)
     saved = load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.pt")
     assert (saved["stage_name"], saved["loop"]["epoch"], saved["loop"]["batch"]) == ("main", 0, 1)
-    resume_run(train_only / "recipe.toml", tmp_path / "killed", sets, processes=2)
-    summaries = [json.loads((run / "summary.json").read_text()) for run in (tmp_path / "killed", train_only / "run2")]
+    resume_run(recipe, tmp_path / "killed", sets, processes=2)
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (tmp_path / "killed", whole_run)]
     assert summaries[0]["metrics"] == summaries[1]["metrics"]  # bit-identical
-    assert timeless_records(tmp_path / "killed") == timeless_records(train_only / "run2")
+    assert timeless_records(tmp_path / "killed") == timeless_records(whole_run)
     resumed, whole = (load_checkpoint(run / "checkpoints" / "main.pt")["artifacts"]["koopman.operators"]["koopman"]
-                      for run in (tmp_path / "killed", train_only / "run2"))
+                      for run in (tmp_path / "killed", whole_run))
     assert all(torch.equal(resumed["state"][k], v) for k, v in whole["state"].items())  # φ, K, ψ bit for bit
 
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                     reason="torch.distributed with the gloo backend is not available in this torch build")
 @pytest.mark.parametrize("batch_size", [4, 3])  # 3: the ranks hold 2 and 1 of each batch's examples
-def test_two_processes_refresh_the_operator_of_one(tmp_path, batch_size):
+def test_two_processes_refresh_the_operator_of_one(one_and_two, batch_size):
     # was fitted on rank 0's share of each batch only, then broadcast: K ended up to 0.1 away from one process's
-    recipe = TRAIN_ONLY.replace("batch_size = 4", f"batch_size = {batch_size}")
-    (tmp_path / "one").mkdir()
-    (tmp_path / "two").mkdir()
-    (one,) = run_driver(tmp_path / "one", recipe, processes=1)
-    k0, k1 = run_driver(tmp_path / "two", recipe, processes=2)
+    (one,), (k0, k1) = (_operators(one_and_two(batch_size) / str(n), n) for n in (1, 2))
     assert torch.equal(k0, k1)
     assert not torch.equal(one, torch.eye(8).repeat(3, 1, 1))  # trained and refreshed (steps 8, 10, 12)
     # core's tolerance (REL_TOL of its distributed test), per layer in norm: the ranks sum in another order

@@ -512,14 +512,21 @@ from pathlib import Path
 from stagewise.engine import runner
 from stagewise.recipe import load_recipe
 
-if os.environ["RANK"] == "1":  # picks its folder after rank 0 has made runs/ddp (or after 5 s, if rank 0 waits)
-    pick = runner._run_folder
-    def late(*args):
-        deadline = time.monotonic() + 5
-        while not Path("runs/ddp/recipe.toml").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return pick(*args)
-    runner._run_folder = late
+# rank 1 picks its folder after rank 0 has made runs/ddp, or 2 s after rank 0 picked its own (if rank 0 waits)
+pick = runner._run_folder
+def after_rank_0(*args):
+    deadline = time.monotonic() + 60  # rank 0 crashed before picking: the job fails, rank 1 does not hang
+    while not Path("rank0_picked").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    deadline = time.monotonic() + 2
+    while not Path("runs/ddp/recipe.toml").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pick(*args)
+def rank_0(*args):
+    folder = pick(*args)
+    Path("rank0_picked").touch()
+    return folder
+runner._run_folder = rank_0 if os.environ["RANK"] == "0" else after_rank_0
 Path(f"rank{os.environ['RANK']}.txt").write_text(str(runner.run_recipe(load_recipe("recipe.toml"), quiet=True)))
 """
 

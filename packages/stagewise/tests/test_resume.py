@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RunsCode, read_records, read_summary
+from conftest import TINY, RunsCode, read_records, read_summary
 
 import stagewise
 from stagewise.engine.checkpoint import FORMAT, load_checkpoint
@@ -19,18 +19,29 @@ from stagewise.plugins import register_plugin, unregister_plugin
 from stagewise.recipe import load_recipe
 from stagewise.testing import resume_run, run_killed, run_stopped, run_uninterrupted, timeless_records
 
+EVERY_3 = ["run.checkpoint_every_n_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def whole_every_3(tmp_path_factory):
+    """(the tiny recipe file, an uninterrupted child run of it with EVERY_3): one run for every kill point."""
+    folder = tmp_path_factory.mktemp("whole")
+    path = folder / "tiny.toml"
+    path.write_text(TINY)
+    run_uninterrupted(path, folder / "whole", EVERY_3)
+    return path, folder / "whole"
+
 
 @pytest.mark.parametrize("stage, step", [("phase1", 7), ("phase2", 4)])
-def test_resume_after_sigkill_matches_uninterrupted_run(tiny_recipe_path, tmp_path, stage, step):
+def test_resume_after_sigkill_matches_uninterrupted_run(whole_every_3, tmp_path, stage, step):
+    recipe_path, whole = whole_every_3
     killed = tmp_path / "killed"
-    run_killed(tiny_recipe_path, killed, stage, step, ["run.checkpoint_every_n_steps=3"])
+    run_killed(recipe_path, killed, stage, step, EVERY_3)
     assert not (killed / "summary.json").exists()
     saved = load_checkpoint(killed / "checkpoints" / "last.pt")
     assert saved["stage_name"] == stage and not saved["stage_done"]  # died mid-stage
 
-    resume_run(tiny_recipe_path, killed, ["run.checkpoint_every_n_steps=3"])
-    whole = tmp_path / "whole"
-    run_uninterrupted(tiny_recipe_path, whole, ["run.checkpoint_every_n_steps=3"])
+    resume_run(recipe_path, killed, EVERY_3)
     assert read_summary(killed)["metrics"] == read_summary(whole)["metrics"]
     assert timeless_records(killed) == timeless_records(whole)
 
