@@ -119,6 +119,8 @@ def _not_scalar(value: Any) -> str | None:
 
 
 def batch_size(batch: dict[str, Any]) -> int:
+    """The examples a batch holds: its first tensor's length. Under torchrun and with ``accumulate_batches``
+    each batch's loss is weighted by it, so a batch puts first the tensor whose rows its loss averages over."""
     first = next(v for v in batch.values() if isinstance(v, torch.Tensor))
     return int(first.shape[0])
 
