@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import read_summary
 
+from stagewise.builtins.losses import MSE
 from stagewise.engine.checkpoint import load_checkpoint
 from stagewise.engine.precision import autocast
 from stagewise.engine.runner import run_recipe
@@ -67,3 +68,17 @@ def test_autocast_follows_the_run_s_precision(precision, enabled, inside):
         assert torch.is_autocast_enabled("cpu") is inside
         product = torch.ones(2, 2) @ torch.ones(2, 2)
     assert product.dtype == (torch.bfloat16 if inside else torch.float32)
+
+
+def test_mse_under_bf16_keeps_the_targets_and_the_error_in_float32():
+    # regression targets near 100, where bfloat16's spacing is 0.5: rounded to it, they would move the loss by far
+    # more than the prediction's own rounding (a bf16 run's last layer gives bfloat16 predictions)
+    target = torch.linspace(100, 101, 64).view(64, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pred = torch.nn.functional.linear(target + 0.25, torch.eye(1))
+        loss = MSE()({"output": pred}, {"target": target}, None)
+        total, count = MSE().eval_sums({"output": pred}, {"target": target}, None)["loss"]
+    assert pred.dtype == torch.bfloat16 and count == 64
+    squared = (pred.double() - target.double()) ** 2  # the error of the very predictions made
+    assert math.isclose(loss.item(), squared.mean().item(), rel_tol=1e-6), (loss.item(), squared.mean().item())
+    assert math.isclose(total, squared.sum().item(), rel_tol=1e-6), (total, squared.sum().item())

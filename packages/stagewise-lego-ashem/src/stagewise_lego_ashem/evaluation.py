@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,7 @@ def evaluate_routed(state: stagewise.State, batches: Iterable[dict[str, Any]], r
     threshold = router.threshold if threshold is None else threshold
     shape = metrics.Shape.of(model)
     sums: dict[str, float] = {}
-    # evaluation at the run's precision; routed_forward scores the tokens in float32 (see _float32_scores)
+    # evaluation at the run's precision; routed_forward scores the tokens in float32 (see Confidence.score)
     with stagewise.eval_mode(model), stagewise.autocast(state):
         for batch in batches:
             idx, target = batch["input"], batch["target"]
@@ -124,8 +124,9 @@ def routed_report(state: stagewise.State, options: Any) -> dict[str, Any]:
     if options.measure_speed:
         dataset = state.data[options.split]
         idx = _inputs(dataset, range(min(options.speed_batch_size, size_of(dataset))), state.device)
-        report.update(eval_speedup(deep_supervision(state.model), router, idx, options.speed_repeats,
-                                   rounds=lambda rounds: state.progress(rounds, desc="time full depth vs routed")))
+        with stagewise.autocast(state):  # timed at the run's precision: what its routed inference costs
+            report.update(eval_speedup(deep_supervision(state.model), router, idx, options.speed_repeats,
+                                       rounds=lambda rounds: state.progress(rounds, desc="time full depth vs routed")))
     if options.curve_points:
         accuracy_compute_curve(state, options.split, router, options.curve_points)
     return report
@@ -142,7 +143,7 @@ def eval_speedup(model: DeepSupervisionTransformer, router: Confidence, idx: tor
         fns = {"full": lambda: model(idx)["logits"],
                "routed": lambda: routed_forward(model, idx, router, router.threshold)}
         if router.options.measure in SOFTMAX_MEASURES:
-            fns["confidence"] = _confidence_alone(model, idx, router.options.measure)
+            fns["confidence"] = _confidence_alone(model, idx, router)
         seconds = timing.interleaved_seconds(fns, repeats, rounds)
         full, routed = seconds["full"], seconds["routed"]
         report = {"speedup_measured": full / routed, "batch_size": idx.size(0),
@@ -153,10 +154,12 @@ def eval_speedup(model: DeepSupervisionTransformer, router: Confidence, idx: tor
     return report
 
 
-def _confidence_alone(model: DeepSupervisionTransformer, idx: torch.Tensor, measure: str) -> Callable[[], Any]:
+def _confidence_alone(model: DeepSupervisionTransformer, idx: torch.Tensor, router: Confidence) -> Callable[[], Any]:
     """Softmax and max over the exit logits of idx (B, T), ``SCORE_ROWS`` tokens at a time as the
-    routed forward scores them; the logits are computed once, outside the timed call."""
-    exit_logits = model.logits_from_hidden(model.exit_hidden(idx)).flatten(0, 1)  # (B*T, V)
+    routed forward scores them; the logits are computed once, outside the timed call, as the routed
+    forward computes them (float32, whatever the run's precision)."""
+    _, logits = router.score(model, model.exit_hidden(idx))
+    exit_logits, measure = cast(torch.Tensor, logits).flatten(0, 1), router.options.measure  # (B*T, V)
     return lambda: [confidence_from_logits(exit_logits[start:start + SCORE_ROWS], measure)
                     for start in range(0, exit_logits.size(0), SCORE_ROWS)]
 
@@ -232,7 +235,7 @@ def phase2_speedups(state: stagewise.State, cache: dict[str, Any], dataset: Any,
     model, B = deep_supervision(state.model), state.recipe.data.batch_size
     windows, tokens = mining.SequenceCache(cache), mining.TokenCache(cache)  # what phase 2 trains on
     seconds = timing.train_step_seconds(model, _phase2_steps(model, dataset, windows, tokens, B, state.device),
-                                        repeats)
+                                        repeats, precision=lambda: stagewise.autocast(state))  # as phase 2 ran
     t_cache, t_full, t_token = seconds["cache"], seconds["full"], seconds["token"]
     shape = metrics.Shape.of(model)
     counted = metrics.phase2_step_flops(shape, cache["hard"][windows.windows[:B]])  # the timed batch's

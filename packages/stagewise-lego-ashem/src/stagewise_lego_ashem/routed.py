@@ -103,7 +103,7 @@ def routed_forward(model: DeepSupervisionTransformer, idx: torch.Tensor, router:
     their exit states.
     """
     h = model.exit_hidden(idx)  # (B, T, C)
-    scores, exit_logits = _float32_scores(model, router, h)
+    scores, exit_logits = router.score(model, h)  # float32 confidences, as mining calibrated them
     easy = router.route(scores, threshold).masks["easy"]  # (B, T)
     hard = ~easy
     deep = routed_layers(model, h, hard, model.exit_layer, model.config.n_layer)  # easy rows: still h
@@ -115,15 +115,6 @@ def routed_forward(model: DeepSupervisionTransformer, idx: torch.Tensor, router:
     hard_logits = model.logits_from_hidden(deep.reshape(-1, deep.size(-1)).index_select(0, rows))
     flat.index_copy_(0, rows, hard_logits.to(flat.dtype))  # bfloat16 under a bf16 run's autocast
     return {"logits": logits, "easy": easy, "exit_logits": exit_logits if keep_exit_logits else None}
-
-
-def _float32_scores(model: DeepSupervisionTransformer, router: Confidence,
-                    h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``router.score`` in float32, also inside a bf16 run's autocast (``run.precision``): the mine stage
-    calibrated the threshold on float32 confidences, and a token near it must route as calibrated, not by
-    bfloat16's rounding of the exit head. A float32 (or float64) ``h`` passes unchanged."""
-    with torch.autocast(h.device.type, enabled=False):
-        return router.score(model, h.float() if h.dtype.itemsize < 4 else h)
 
 
 def upper_forward(model: DeepSupervisionTransformer, context: str) -> Callable[[dict[str, Any]], dict[str, Any]]:

@@ -99,13 +99,18 @@ class Confidence(stagewise.Router):
 
     def score(self, model: DeepSupervisionTransformer,
               h_exit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.options.measure == "probe":
-            probe = getattr(model, "exit_probe", None)  # getattr: a model of another class has none
-            if probe is None:
-                raise ValueError("measure 'probe' needs a model with exit_probe = true, trained by "
-                                 "lego_ashem.train_exit_probe")
-            return probe_scores(probe, h_exit), None
-        return confidence_and_exit_logits(model, h_exit, self.options.measure)
+        """In float32, also inside a bf16 run's autocast (``run.precision``): the threshold is compared with
+        these confidences as calibration computed them, not as bfloat16 rounds the exit head's logits. A float32
+        (or float64) ``h_exit`` passes unchanged."""
+        with torch.autocast(h_exit.device.type, enabled=False):
+            h_exit = h_exit.float() if h_exit.dtype.itemsize < 4 else h_exit
+            if self.options.measure == "probe":
+                probe = getattr(model, "exit_probe", None)  # getattr: a model of another class has none
+                if probe is None:
+                    raise ValueError("measure 'probe' needs a model with exit_probe = true, trained by "
+                                     "lego_ashem.train_exit_probe")
+                return probe_scores(probe, h_exit), None
+            return confidence_and_exit_logits(model, h_exit, self.options.measure)
 
     def calibrate(self, scores: torch.Tensor) -> dict[str, float]:
         self.threshold = quantile_threshold(scores, self.options.hard_ratio)

@@ -82,14 +82,17 @@ class Mine(stagewise.Stage):
     def run(self, state: stagewise.State) -> dict[str, Any]:
         o, model = self.options, deep_supervision(state.model)
         router = o.router.component()(o.router.options)
-        # every process reads the whole splits: the threshold and the cache must be alike on all ranks
-        calib = mining.exit_scores(model, state.batches(o.calib_split, shard=False,
-                                                        desc=f"calibrate on {o.calib_split}"), router,
-                                   windows=size_of(state.data[o.calib_split]))
+        # every process reads the whole splits: the threshold and the cache must be alike on all ranks.
+        # The exit states at the run's precision, as routing and phase 2's full forward compute them (the
+        # confidences are float32 whatever it is: Confidence.score), so a token routes as it was calibrated
+        with stagewise.autocast(state):
+            calib = mining.exit_scores(model, state.batches(o.calib_split, shard=False,
+                                                            desc=f"calibrate on {o.calib_split}"), router,
+                                       windows=size_of(state.data[o.calib_split]))
+            mined = mining.exit_states(model, state.batches(o.split, shard=False, desc=f"cache {o.split}"), router,
+                                       windows=size_of(state.data[o.split]))
         mining.calibrate_router(state, router, calib)
         calib_hard = router.route(calib).ratio("hard")
-        mined = mining.exit_states(model, state.batches(o.split, shard=False, desc=f"cache {o.split}"), router,
-                                   windows=size_of(state.data[o.split]))
         hard = router.route(mined["scores"]).masks["hard"]  # (N, T): per token, never per sequence
         state.artifacts[mining.CACHE] = {"split": o.split, "exit_layer": model.exit_layer,
                                          "hidden": mined["hidden"], "target": mined["target"], "hard": hard}
@@ -317,14 +320,16 @@ class TrainExitProbe(stagewise.Stage):
         if exit_probe is None:  # check() refuses it, but a model built outside the recipe may lack the probe
             raise ValueError(f"stages.{self.label}: the model has no exit probe; set [model] exit_probe = true "
                              f"to train one")
-        # every process reads the whole splits, so every rank fits the same probe and threshold
-        train = probe.probe_data(model, state.batches(o.split, shard=False, desc=f"exit states of {o.split}"),
-                                 windows=size_of(state.data[o.split]))
+        # every process reads the whole splits, so every rank fits the same probe and threshold; the exit states
+        # at the run's precision, as routing computes them (see Mine.run), the probe fitted in float32 on them
+        with stagewise.autocast(state):
+            train = probe.probe_data(model, state.batches(o.split, shard=False, desc=f"exit states of {o.split}"),
+                                     windows=size_of(state.data[o.split]))
+            calib = probe.probe_data(model, state.batches(o.calib_split, shard=False,
+                                                          desc=f"calibrate on {o.calib_split}"),
+                                     windows=size_of(state.data[o.calib_split]))
         loss = probe.fit_probe(exit_probe, train, epochs=o.epochs, lr=o.lr, batch_size=o.batch_size,
                                seed=state.seed + state.stage_index)
-        calib = probe.probe_data(model, state.batches(o.calib_split, shard=False,
-                                                      desc=f"calibrate on {o.calib_split}"),
-                                 windows=size_of(state.data[o.calib_split]))
         scores = probe.probe_scores(exit_probe, calib["hidden"])
         router = router_of(state, measure="probe")
         mining.calibrate_router(state, router, scores)

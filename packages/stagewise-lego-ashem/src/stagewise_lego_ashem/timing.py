@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -53,15 +54,22 @@ def wait_for_device() -> None:
         torch.cuda.synchronize()
 
 
-def train_step_seconds(model: torch.nn.Module, losses: dict[str, Callable[[], torch.Tensor]],
-                       repeats: int) -> dict[str, float]:
-    """Median seconds of one forward + backward of each loss (:func:`interleaved_seconds`); the
-    model's gradients are cleared afterwards."""
-    seconds = interleaved_seconds({name: _backward(fn) for name, fn in losses.items()}, repeats)
+def train_step_seconds(model: torch.nn.Module, losses: dict[str, Callable[[], torch.Tensor]], repeats: int,
+                       precision: Callable[[], AbstractContextManager[Any]] = nullcontext) -> dict[str, float]:
+    """Median seconds of one forward + backward of each loss (:func:`interleaved_seconds`), the forward
+    inside ``precision()`` (e.g. ``lambda: stagewise.autocast(state)``), the backward outside it, as the
+    engine's steps run; the model's gradients are cleared afterwards."""
+    seconds = interleaved_seconds({name: _backward(fn, precision) for name, fn in losses.items()}, repeats)
     model.zero_grad(set_to_none=True)
     return seconds
 
 
-def _backward(loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
+def _backward(loss: Callable[[], torch.Tensor],
+              precision: Callable[[], AbstractContextManager[Any]]) -> Callable[[], None]:
     """A call that computes ``loss`` and its gradients (a function, so each call binds its own loss)."""
-    return lambda: loss().backward()
+    def step() -> None:
+        with precision():
+            value = loss()
+        value.backward()
+
+    return step

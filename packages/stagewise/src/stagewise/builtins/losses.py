@@ -141,6 +141,9 @@ class MSE(_OutputLoss):
         return {"loss": (float(((pred - target) ** 2).sum()), float(pred.numel()))}
 
     def _pair(self, outputs, batch):
-        """The prediction and the target, cast and shaped like it."""
+        """The prediction and the target, shaped alike, in the prediction's dtype but at least float32: a bf16
+        run's (``run.precision``) bfloat16 prediction is compared in float32, not with targets rounded to
+        bfloat16's 3 significant digits."""
         pred = prediction(outputs, self.options)
+        pred = pred.to(torch.promote_types(pred.dtype, torch.float32))  # float32 and float64: the tensor itself
         return pred, batch[self.options.target].to(pred.dtype).reshape(pred.shape)
