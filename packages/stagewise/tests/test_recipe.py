@@ -51,7 +51,20 @@ use = "stagewise.transformer"
 name = "a"
 optimizer = "adam"
 """)
-    assert problem == "stages.a.optimizer: 'adam' is not one of the valid choices: 'adamw', 'sgd', 'lbfgs'"
+    assert problem == ("stages.a.optimizer: 'adam' is not one of the valid choices: 'adamw', 'sgd', 'lbfgs'; "
+                       "did you mean 'adamw'?")
+
+
+@pytest.mark.parametrize(("value", "hint"), [
+    ('"BF16"', "; did you mean 'bf16'?"),  # a choice in other case
+    ('"fp16"', "; did you mean 'bf16'?"),  # the half precision that is offered
+    ('"float64"', ""),  # nothing close: the choices alone
+    ("16", ""),  # not a string
+])
+def test_invalid_choice_suggests_the_closest(tmp_path, value, hint):
+    (problem,) = problems_of(tmp_path, f'[run]\nprecision = {value}\n[model]\nuse = "stagewise.transformer"\n'
+                                       f'[[stages]]\nname = "a"\n')
+    assert problem.endswith(f"is not one of the valid choices: 'fp32', 'bf16'{hint}")
 
 
 def test_missing_tables_and_duplicate_stage_names(tmp_path):

@@ -164,7 +164,7 @@ def coerce(value: Any, annotation: Any, path: str, problems: list[str]) -> Any:
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
-            problems.append(f"{path}: {value!r} is not one of the valid choices: {choices}")
+            problems.append(f"{path}: {value!r} is not one of the valid choices: {choices}{_close_choice(value, args)}")
         return value
     if origin in (list, tuple):
         return _coerce_list(value, origin, args[0] if args else Any, path, problems)
@@ -206,6 +206,13 @@ def _coerce_union(value: Any, args: tuple, path: str, problems: list[str]) -> An
     expected = " or ".join(_type_name(a) for a in candidates)
     problems.append(f"{path}: expected {expected}, got {_describe(value)}")
     return value
+
+
+def _close_choice(value: Any, choices: tuple[Any, ...]) -> str:
+    """A hint for a string a case or a typo away from a choice ('BF16', 'adam'): "; did you mean 'bf16'?"."""
+    by_lower = {c.lower(): c for c in choices if isinstance(c, str)}
+    close = difflib.get_close_matches(value.lower(), list(by_lower), n=1) if isinstance(value, str) else []
+    return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
 
 
 def _coerce_list(value: Any, origin: type, item_type: Any, path: str, problems: list[str]) -> Any:
