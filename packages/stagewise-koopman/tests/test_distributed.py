@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 from conftest import TINY_HYBRID, TRAIN_ONLY
+
+from stagewise.testing import run_child
 
 # Saves each rank's K after the main stage and its figures after each stage, next to the run directory.
 DRIVER = """\
@@ -51,14 +52,17 @@ def run_driver(folder, recipe: str, processes: int) -> list[torch.Tensor]:
     """DRIVER on ``recipe`` in ``folder`` (under torchrun with ``processes`` > 1): each rank's K after main."""
     (folder / "recipe.toml").write_text(recipe)
     (folder / "driver.py").write_text(DRIVER)
-    launcher = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"}
-    env = {**{k: v for k, v in os.environ.items() if k not in launcher}, "OMP_NUM_THREADS": "1"}
     torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] * (processes > 1)
-    done = subprocess.run([sys.executable, *torchrun, "driver.py"], cwd=folder, env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = run_child([sys.executable, *torchrun, "driver.py"], timeout=120, cwd=folder, env=_environment())
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     return _operators(folder, processes)
+
+
+def _environment() -> dict[str, str]:
+    """This environment without any torchrun variables (pytest itself may run under one)."""
+    launcher = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"}
+    return {**{k: v for k, v in os.environ.items() if k not in launcher}, "OMP_NUM_THREADS": "1"}
 
 
 def _operators(folder, processes: int) -> list[torch.Tensor]:
@@ -159,14 +163,41 @@ def test_an_evaluation_batch_without_a_share_for_every_process_is_refused_not_hu
     # was: the 44 validation examples in batches of 43 left rank 1 no share of the last batch, so it skipped the
     # term's per-batch all_reduce that rank 0 waited in, and the job hung at the main stage's first evaluation
     (tmp_path / "recipe.toml").write_text(TRAIN_ONLY.replace("[data]\n", "[data]\neval_batch_size = 43\n"))
-    launcher = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"}
-    env = {**{k: v for k, v in os.environ.items() if k not in launcher}, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "stagewise", "run", "recipe.toml", "--out", "run", "--quiet"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = run_child([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                      "-m", "stagewise", "run", "recipe.toml", "--out", "run", "--quiet"], timeout=120, cwd=tmp_path,
+                     env=_environment())
     assert done.returncode != 0
     assert ("stages.main.losses.koopman: under torchrun each of the 2 processes takes a share of every batch"
             in done.stderr), done.stderr
     assert "split 'valid' (44 examples in batches of 43)" in done.stderr
     assert "set data.eval_batch_size to 42" in done.stderr
+
+
+# one stage that evaluates the (untrained) term on the test split; data.path: a folder whose train split is 1 window
+EVAL_ONLY = TINY_HYBRID[:TINY_HYBRID.index("[[stages]]")].replace("max_tokens = 400\n", 'path = "data"\n') + """
+[[stages]]
+name = "test"
+use = "stagewise.evaluate"
+losses = [{ use = "stagewise.cross_entropy" }, { use = "koopman.operator", name = "koopman", koopman_dim = 8 }]
+"""
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                    reason="torch.distributed with the gloo backend is not available in this torch build")
+def test_an_evaluation_only_run_with_a_train_split_smaller_than_the_processes_evaluates_as_in_one_process(tmp_path):
+    # was: the term's setup probed the model on this process's share of the train split's first batch, and
+    # process 1's share of a one-example split is empty: a StopIteration blamed on this plugin, the job failed
+    words = [f"w{i}" for i in range(30)]
+    (tmp_path / "data").mkdir()
+    for split, lines in (("train", 0), ("valid", 11), ("test", 11)):  # test: 15 windows, batches of 4, 4, 4, 3
+        text = "\n".join(" ".join(words[(7 * i + j) % 30] for j in range(12)) for i in range(lines))
+        (tmp_path / "data" / f"{split}.txt").write_text(text or " ".join(words[:9]))  # train: 1 window of 9
+    (tmp_path / "recipe.toml").write_text(EVAL_ONLY)
+    for processes in (1, 2):
+        torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] * (processes > 1)
+        done = run_child([sys.executable, *torchrun, "-m", "stagewise", "run", "recipe.toml", "--out",
+                          f"run{processes}", "--quiet"], timeout=120, cwd=tmp_path, env=_environment())
+        assert done.returncode == 0, done.stderr
+    one, two = (json.loads((tmp_path / f"run{n}" / "summary.json").read_text())["metrics"] for n in (1, 2))
+    assert one.keys() == two.keys() and "test/koopman/lifted" in one
+    assert all(math.isclose(two[key], value, rel_tol=1e-4) for key, value in one.items()), (one, two)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 from conftest import TINY
+
+from stagewise.testing import run_child
 
 REL_TOL = 1e-3
 LAUNCHER = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
@@ -26,8 +27,8 @@ LAUNCHER = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"
 
 def _run(args: list[str], cwd: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER} | {"OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, *args, "--out", "run", "--quiet", "--set", "data.drop_last=true"],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
+    done = run_child([sys.executable, *args, "--out", "run", "--quiet", "--set", "data.drop_last=true"],
+                     timeout=180, cwd=cwd, env=env)
     assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
 
 

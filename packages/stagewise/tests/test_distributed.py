@@ -13,8 +13,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,7 +31,7 @@ from stagewise.engine.batches import count_batches, iterate_batches
 from stagewise.engine.checkpoint import load_checkpoint
 from stagewise.engine.distributed import DistInfo, collective_device, setup
 from stagewise.recipe import load_recipe
-from stagewise.testing import resume_run, run_killed, run_stopped, run_uninterrupted, timeless_records
+from stagewise.testing import resume_run, run_child, run_killed, run_stopped, run_uninterrupted, timeless_records
 
 needs_gloo = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -78,9 +82,13 @@ def _environment() -> dict[str, str]:
     return env
 
 
+def _child(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``python ARGS`` in ``cwd``; past TIMEOUT_S it is stopped with every process it started (torchrun's workers)."""
+    return run_child([sys.executable, *args], timeout=TIMEOUT_S, cwd=cwd, env=_environment())
+
+
 def _run(args: list[str], cwd: Path) -> None:
-    done = subprocess.run([sys.executable, *args], cwd=cwd, env=_environment(), capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
+    done = _child(args, cwd)
     assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
 
 
@@ -177,6 +185,77 @@ def test_a_run_resumed_with_another_number_of_processes_ends_close_to_the_uninte
     resume_run(runs.root / "recipe.toml", stopped, sets, processes=2)
     assert json.loads((stopped / "env.json").read_text())["processes"] == 1  # started in one process
     _assert_close(_summary(stopped)["metrics"], _summary(runs.single)["metrics"], "final metrics")
+
+
+# `torchrun ... sleeper.py`: each worker says its pid, then waits as one does for a collective another never joins
+SLEEPER = """\
+import os
+import time
+from pathlib import Path
+
+Path(f"worker{os.environ['RANK']}.pid").write_text(str(os.getpid()))
+time.sleep(3600)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads which processes run from /proc (Linux)")
+def test_a_torchrun_job_stopped_at_its_timeout_leaves_no_worker_behind(tmp_path):
+    # was: the timeout of subprocess.run killed torchrun alone, and its workers, each in a session (so a process
+    # group) of its own, slept on after the test; with the tests' jobs, waiting on each other for good
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_child([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sleeper.py"],
+                  timeout=15, cwd=tmp_path, env=_environment())
+    said = [tmp_path / f"worker{rank}.pid" for rank in (0, 1)]
+    assert all(path.exists() for path in said), "torchrun had started no worker by the timeout: raise it"
+    assert [int(path.read_text()) for path in said if _running(int(path.read_text()))] == []
+
+
+# `python starter.py`: starts a process in a session of its own, as torchrun starts a worker; both say their pids
+STARTER = """\
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sleeper = "import os, time; open('started.pid', 'w').write(str(os.getpid())); time.sleep(3600)"
+subprocess.Popen([sys.executable, "-c", sleeper], start_new_session=True)
+Path("starter.pid").write_text(str(os.getpid()))
+time.sleep(3600)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads which processes run from /proc (Linux)")
+def test_a_child_stopped_by_ctrl_c_is_killed_with_what_it_started(tmp_path):
+    # run_child starts its child in a session of its own, which the terminal's Ctrl-C does not reach: it kills it
+    (tmp_path / "starter.py").write_text(STARTER)
+    pids = [tmp_path / "starter.pid", tmp_path / "started.pid"]
+
+    def interrupt_once_started() -> None:
+        deadline = time.monotonic() + 30
+        while not all(pid.is_file() and pid.read_text() for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # Ctrl-C
+
+    threading.Thread(target=interrupt_once_started, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        run_child([sys.executable, "starter.py"], timeout=60, cwd=tmp_path)
+    assert [int(pid.read_text()) for pid in pids if _running(int(pid.read_text()))] == []
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` still runs 5 s on (a killed one is gone, or a zombie until its new parent reaps it)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except FileNotFoundError:
+            return False
+        if state == "Z":
+            return False
+        time.sleep(0.1)
+    return True
 
 
 class _Windows(torch.utils.data.Dataset):
@@ -374,16 +453,18 @@ class Varying(stagewise.Loss):
 
 
 @needs_gloo
-def test_a_nan_in_a_switched_off_term_skips_the_batch_under_ddp(tmp_path):
-    # DDP puts every term in the graph, the switched-off one as 0 · NaN: that batch must be skipped
+def test_a_nan_in_a_switched_off_term_trains_under_ddp_as_in_one_process(tmp_path):
+    # was: DDP put every term in the graph, the switched-off one as 0 · NaN, so every batch was skipped (and
+    # max_nonfinite stopped a longer job) where one process, which never computes the term, trains on
     (tmp_path / "launch.py").write_text(_launcher(NOT_YET, "NotYet"))
-    (tmp_path / "recipe.toml").write_text(RECIPE.replace("max_epochs = 2", "max_epochs = 1") + (
+    (tmp_path / "recipe.toml").write_text(RECIPE + (
         'losses = [{ use = "stagewise.cross_entropy" }, { use = "ddptest.not_yet", start_epoch = 5 }]\n'))
+    _run(["launch.py", "run", "recipe.toml", "--out", "single", "--quiet"], tmp_path)
     _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
           "launch.py", "run", "recipe.toml", "--out", "ddp", "--quiet"], tmp_path)
-    metrics = _summary(tmp_path / "ddp")["metrics"]
-    assert metrics["train/nonfinite"] == 6  # every batch, none applied
-    assert math.isfinite(metrics["val/loss"])  # the parameters never took a NaN step
+    single, ddp = _summary(tmp_path / "single")["metrics"], _summary(tmp_path / "ddp")["metrics"]
+    assert ddp["train/nonfinite"] == single["train/nonfinite"] == 0
+    _assert_close(ddp, single, "final metrics")
 
 
 @needs_gloo
@@ -392,9 +473,8 @@ def test_a_term_whose_parts_differ_between_processes_stops_the_job_with_an_error
     (tmp_path / "launch.py").write_text(_launcher(VARYING, "Varying"))
     (tmp_path / "recipe.toml").write_text(RECIPE.replace("max_epochs = 2", "max_epochs = 1") + (
         'losses = [{ use = "stagewise.cross_entropy" }, { use = "ddptest.varying", name = "aux", weight = 0.1 }]\n'))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "launch.py", "run", "recipe.toml", "--out", "ddp", "--quiet"], cwd=tmp_path,
-                          env=_environment(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    done = _child(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   "launch.py", "run", "recipe.toml", "--out", "ddp", "--quiet"], tmp_path)
     assert done.returncode != 0
     assert "stage 'train' epoch 0 batch 0: under torchrun the loss terms returned other parts" in done.stderr
     assert "'aux' (ddptest.varying): square, abs" in done.stderr, done.stderr
@@ -448,9 +528,7 @@ def test_no_process_leaves_before_the_run_directory_is_written(tiny, tmp_path, m
 
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "stagewise", *args], cwd=cwd, env=_environment(), capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
+    return _child(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "stagewise", *args], cwd)
 
 
 @needs_gloo
@@ -476,6 +554,70 @@ def test_a_bad_recipe_under_torchrun_is_said_once_and_writes_nothing(tmp_path):
     assert done.returncode != 0
     assert done.stderr.count("stagewise: error: recipe.toml: 1 problem:\n  - stages.train.lr") == 1, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.toml"]
+
+
+# `python late_rank_0.py ARGS`: the stagewise CLI, rank 0 starting 3 s after the others, as on a loaded machine
+LATE_RANK_0 = """\
+import os
+import sys
+import time
+
+from stagewise.cli.main import main
+
+if os.environ["RANK"] == "0":
+    time.sleep(3)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@needs_gloo
+def test_a_bad_recipe_is_said_when_rank_0_is_behind(tmp_path):
+    # was: rank 0 alone said a recipe's errors, but process 1 met it first and ended, and torchrun stopped rank 0
+    # before it could: the job failed without a word of why
+    (tmp_path / "recipe.toml").write_text(RECIPE)
+    (tmp_path / "late_rank_0.py").write_text(LATE_RANK_0)
+    done = _child(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "late_rank_0.py", "run",
+                   "recipe.toml", "--set", "stages.train.lr=-1", "--out", "ddp"], tmp_path)
+    assert done.returncode != 0
+    assert done.stderr.count("stagewise: error: recipe.toml: 1 problem:\n  - stages.train.lr") == 1, done.stderr
+
+
+ONE_SHARE = '''\
+class OneShare(stagewise.Loss):
+    """A check on the examples of this process's share of a batch: process 1's fail it."""
+
+    name = "ddptest.one_share"
+
+    def forward(self, outputs, batch, state):
+        if state.dist.rank == 1:
+            raise stagewise.ConfigError(["an example of this batch is out of range"])
+        return outputs["logits"].mean()
+'''
+
+
+@needs_gloo
+def test_an_error_in_one_process_s_run_is_said_once_and_ends_the_job(tmp_path):
+    # was: process 1 left its recipe error for rank 0 to say, which never met it: the job failed without a word of
+    # why, but for rank 0's traceback of its broken-off collective ('Connection closed by peer')
+    (tmp_path / "launch.py").write_text(_launcher(ONE_SHARE, "OneShare"))
+    (tmp_path / "recipe.toml").write_text(RECIPE + (
+        'losses = [{ use = "stagewise.cross_entropy" }, { use = "ddptest.one_share", weight = 0.1 }]\n'))
+    done = _child(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   "launch.py", "run", "recipe.toml", "--out", "ddp", "--quiet"], tmp_path)
+    assert done.returncode != 0
+    said = "stagewise: error: recipe.toml: 1 problem:\n  - stages.train.losses.one_share: an example of this batch is"
+    assert done.stderr.count(said) == 1, done.stderr
+    assert not re.search(r"\[rank\d\]: Traceback", done.stderr), done.stderr
+
+
+@needs_gloo
+def test_an_error_every_process_meets_in_its_run_is_said_once(tmp_path):
+    # was: every process said it (a training error was not left to rank 0, as it may be one process's alone)
+    (tmp_path / "recipe.toml").write_text(RECIPE.replace("grad_clip = 1.0\n", ""))
+    done = _torchrun(["run", "recipe.toml", "--out", "ddp", "--quiet", "--set", "stages.train.optimizer='sgd'",
+                      "--set", "stages.train.lr=1e29"], tmp_path)  # diverges at the first step
+    assert done.returncode != 0
+    assert done.stderr.count("stagewise: error: non-finite loss (nan) at stage 'train'") == 1, done.stderr
 
 
 @needs_gloo
@@ -537,9 +679,7 @@ def test_every_process_of_a_job_writes_to_the_folder_rank_zero_chose(tmp_path):
     # rank 0 had made runs/ddp took runs/ddp-2 (its Ctrl-C then named no run to resume)
     (tmp_path / "recipe.toml").write_text(RECIPE.replace("max_epochs = 2", "max_epochs = 1"))
     (tmp_path / "late_rank.py").write_text(LATE_RANK)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "late_rank.py"], cwd=tmp_path, env=_environment(), capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
+    done = _child(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "late_rank.py"], tmp_path)
     assert done.returncode == 0, done.stderr
     # a file per process: their prints, through torchrun's one pipe, could interleave
     assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)] == ["runs/ddp", "runs/ddp"]

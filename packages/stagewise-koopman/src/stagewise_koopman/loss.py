@@ -301,7 +301,9 @@ class KoopmanOperator(stagewise.Loss):
                                                              width=model_width(model_options))
 
     def setup(self, state: stagewise.State) -> None:
-        n_hidden, width, seq_len = probe_hidden(state.model, next(iter(state.batches("train"))))
+        # the train split's first batch whole on every process, as one process reads it: under torchrun a
+        # process's share of it may be empty (a train split smaller than the processes, in an evaluation-only run)
+        n_hidden, width, seq_len = probe_hidden(state.model, next(iter(state.batches("train", shard=False))))
         problems = shape_problems(self.options, n_hidden, seq_len, width) + evaluation_problems(state)
         if problems:
             raise stagewise.ConfigError(problems)  # the engine names the term and the recipe file

@@ -9,17 +9,22 @@ uninterrupted run of the same recipe (``run_uninterrupted``): ``summary.json`` e
 
 ``run_stopped`` stops a run in this process as Ctrl-C would, and ``damaged_copy`` copies it with
 its ``last.pt`` changed: for tests that a resume refuses what a run never writes.
+
+``run_child`` runs a command as ``subprocess.run`` does, but a timeout stops every process the
+command started, torchrun's workers included; the run helpers above use it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +64,9 @@ _KILLER = textwrap.dedent("""
     register_plugin(Killer(), "stagewise.testing.killer")
     sys.exit(main(sys.argv[4:]))
 """)
+# how long a run helper waits for its child: far longer than a test's tiny run, but a job whose processes wait on each
+# other forever (a collective one of them never joins) ends the test instead of the test session
+TIMEOUT_S = 600
 # the exit code of a child that killed itself: -9 where it could send itself SIGKILL, else (Windows)
 # the one its os._exit gave, a shell's code for a SIGKILL
 _KILLED = -signal.SIGKILL if hasattr(signal, "SIGKILL") else 128 + 9
@@ -73,16 +81,16 @@ def _python(processes: int) -> list[str]:
 
 
 def run_killed(recipe: str | Path, out: str | Path, stage: str, step: int = 0,
-               overrides: Sequence[str] = (), processes: int = 1) -> None:
+               overrides: Sequence[str] = (), processes: int = 1, timeout: float = TIMEOUT_S) -> None:
     """Run RECIPE into OUT and SIGKILL it after optimizer step STEP of STAGE (counted from 1 within
     the stage), or, with step 0, as STAGE starts (the stage before it has written its checkpoint).
     With ``processes`` > 1 the run is data-parallel under torchrun, and every rank kills itself.
 
     Raises AssertionError, with the child's stderr, when the run was not killed there (it
-    finished first, failed, or never reached STAGE)."""
-    child = subprocess.run([*_python(processes), "-c", _KILLER, stage, str(step), str(abs(_KILLED)), "run",
-                            str(recipe), "--out", str(out), "--quiet", *set_args(overrides)],
-                           capture_output=True, text=True)
+    finished first, failed, or never reached STAGE); ``subprocess.TimeoutExpired`` when it ran
+    past ``timeout`` seconds (see :func:`run_child`)."""
+    child = run_child([*_python(processes), "-c", _KILLER, stage, str(step), str(abs(_KILLED)), "run",
+                       str(recipe), "--out", str(out), "--quiet", *set_args(overrides)], timeout=timeout)
     killed = (child.returncode == _KILLED if processes == 1  # torchrun exits 1 and names the signal
               else child.returncode != 0 and "Signal 9 (SIGKILL)" in child.stderr)
     if not killed:
@@ -91,23 +99,82 @@ def run_killed(recipe: str | Path, out: str | Path, stage: str, step: int = 0,
                              f"{child.stderr}")
 
 
-def run_uninterrupted(recipe: str | Path, out: str | Path, overrides: Sequence[str] = (), processes: int = 1) -> None:
+def run_uninterrupted(recipe: str | Path, out: str | Path, overrides: Sequence[str] = (), processes: int = 1,
+                      timeout: float = TIMEOUT_S) -> None:
     """``stagewise run RECIPE --out OUT`` in a child process, the run to compare a resumed one
-    with; AssertionError with its stderr when it fails."""
-    _stagewise_run(recipe, ["--out", str(out)], overrides, processes, f"running {recipe} into {out}")
+    with; AssertionError with its stderr when it fails, TimeoutExpired past ``timeout`` seconds."""
+    _stagewise_run(recipe, ["--out", str(out)], overrides, processes, timeout, f"running {recipe} into {out}")
 
 
-def resume_run(recipe: str | Path, run_dir: str | Path, overrides: Sequence[str] = (), processes: int = 1) -> None:
+def resume_run(recipe: str | Path, run_dir: str | Path, overrides: Sequence[str] = (), processes: int = 1,
+               timeout: float = TIMEOUT_S) -> None:
     """``stagewise run RECIPE --resume RUN_DIR`` in a child process (under torchrun with
-    ``processes`` > 1); AssertionError with its stderr when it fails."""
-    _stagewise_run(recipe, ["--resume", str(run_dir)], overrides, processes, f"resuming {run_dir}")
+    ``processes`` > 1); AssertionError with its stderr when it fails, TimeoutExpired past ``timeout`` seconds."""
+    _stagewise_run(recipe, ["--resume", str(run_dir)], overrides, processes, timeout, f"resuming {run_dir}")
 
 
-def _stagewise_run(recipe: str | Path, where: list[str], overrides: Sequence[str], processes: int, what: str) -> None:
-    child = subprocess.run([*_python(processes), "-m", "stagewise", "run", str(recipe), *where, "--quiet",
-                            *set_args(overrides)], capture_output=True, text=True)
+def _stagewise_run(recipe: str | Path, where: list[str], overrides: Sequence[str], processes: int, timeout: float,
+                   what: str) -> None:
+    child = run_child([*_python(processes), "-m", "stagewise", "run", str(recipe), *where, "--quiet",
+                       *set_args(overrides)], timeout=timeout)
     if child.returncode != 0:
         raise AssertionError(f"{what} exited with {child.returncode}:\n{child.stderr}")
+
+
+def run_child(command: Sequence[str], *, timeout: float, cwd: str | Path | None = None,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)``, except
+    that a command running past ``timeout`` seconds (or stopped by Ctrl-C) is killed with every process it
+    started before ``subprocess.TimeoutExpired`` (KeyboardInterrupt) is raised. ``subprocess.run`` kills the
+    command alone: torchrun's workers, each in a session of its own, outlived it, waiting forever on each other."""
+    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as child:
+        try:
+            stdout, stderr = child.communicate(timeout=timeout)
+        except BaseException:  # the timeout, or Ctrl-C, which no longer reaches a child in a session of its own
+            _kill_tree(child.pid)
+            raise
+    return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL process ``pid``, its process group and every process it started, looked up before any of them dies
+    (an orphan's parent is no longer ``pid``'s descendant). On Windows, ``taskkill /T`` walks the tree."""
+    if not hasattr(os, "killpg"):
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True)
+        return
+    tree = _descendants(pid)
+    with suppress(ProcessLookupError):  # the whole group has ended meanwhile
+        os.killpg(pid, signal.SIGKILL)  # run_child started it in a session, and so a group, of its own
+    for process in tree:
+        with suppress(ProcessLookupError):
+            os.kill(process, signal.SIGKILL)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, those they started, and so on."""
+    children: dict[int, list[int]] = {}
+    for process, parent in _parents().items():
+        children.setdefault(parent, []).append(process)
+    found, todo = [], [pid]
+    while todo:
+        started = children.get(todo.pop(), [])
+        found += started
+        todo += started
+    return found
+
+
+def _parents() -> dict[int, int]:
+    """Each running process's parent: from /proc on Linux, else from ``ps`` (macOS, the BSDs)."""
+    if not os.path.isdir("/proc"):
+        listed = subprocess.run(["ps", "-A", "-o", "pid=", "-o", "ppid="], capture_output=True, text=True).stdout
+        return {int(pid): int(ppid) for pid, ppid in map(str.split, listed.splitlines())}
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with suppress(OSError):  # ended meanwhile
+            # "PID (COMMAND) STATE PPID ...": the command may hold spaces and parentheses, so split after its last ")"
+            parents[int(stat.parent.name)] = int(stat.read_text().rpartition(")")[2].split()[1])
+    return parents
 
 
 def timeless_records(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ import traceback
 
 from stagewise.cli import commands
 from stagewise.engine.failures import noted
-from stagewise.errors import ConfigError, PluginError, StagewiseError, UnknownNameError
+from stagewise.errors import PluginError, StagewiseError
 from stagewise.plugins import strict
 
 
@@ -45,11 +45,39 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit code. A process in which a run joined torchrun's process group
     ends here instead (see :func:`_end_torchrun_process`)."""
-    code = _command(argv)
-    distributed = sys.modules.get("stagewise.engine.distributed")  # not imported: no run joined a group
-    if distributed is not None and distributed.launched_world_size() > 1 and distributed.joined_a_group():
+    try:
+        code = _command(argv)
+    except Exception as exc:  # a bug: its traceback, unless it only follows another process's failure
+        if not _follows_another_process(exc):
+            raise
+        print("stagewise: error: stopped, as another process of this torchrun job failed (see its error)",
+              file=sys.stderr)
+        code = 1
+    if _joined_a_group():
         _end_torchrun_process(code)
     return code
+
+
+def _joined_a_group() -> bool:
+    """Whether a run of this process, in a torchrun job, joined its process group."""
+    distributed = sys.modules.get("stagewise.engine.distributed")  # not imported: no run joined a group
+    return distributed is not None and distributed.launched_world_size() > 1 and distributed.joined_a_group()
+
+
+def _follows_another_process(exc: Exception) -> bool:
+    """Whether the bug ``exc`` of a torchrun process only follows another process's failure, which that one has
+    said: a collective broke off (gloo: 'Connection closed by peer') as the process it waited for ended. Its
+    traceback would name the plugin that called the collective as the one to report it to. Any other bug of a
+    process in a group marks the job failed, for the other processes to know theirs."""
+    if not _joined_a_group():
+        return False
+    from stagewise.engine import distributed
+
+    # a collective that broke off raises a RuntimeError (gloo's own, NCCL's DistBackendError)
+    if isinstance(exc, RuntimeError) and distributed.another_process_failed():
+        return True
+    distributed.mark_failed()
+    return False
 
 
 def _end_torchrun_process(code: int) -> None:
@@ -105,10 +133,14 @@ def _command(argv: list[str] | None) -> int:
 
 
 def _said_by_another_process(exc: StagewiseError) -> bool:
-    """Whether the first process of this machine in a torchrun job prints ``exc`` for this one: the processes
-    of a machine check the same recipe and files alike, so a recipe's errors would show once per process. Per
-    machine, not per job: a file that one machine lacks is said there. An error of one process's run is its own."""
-    return isinstance(exc, (ConfigError, UnknownNameError)) and os.environ.get("LOCAL_RANK", "0") != "0"
+    """Whether another process of this torchrun job prints ``exc`` for this one, as it met the same error first
+    (see :func:`~stagewise.engine.distributed.first_to_report`): the processes check a recipe and its data alike,
+    so its errors would show once per process; an error in a run may be every process's or one's alone."""
+    if os.environ.get("WORLD_SIZE", "1") == "1":  # one process: torch stays unimported for a light command
+        return False
+    from stagewise.engine.distributed import first_to_report
+
+    return not first_to_report(str(exc))
 
 
 def _os_advice(exc: OSError) -> str:

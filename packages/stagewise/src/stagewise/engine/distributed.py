@@ -8,8 +8,10 @@ rank 0 only.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
@@ -52,6 +54,61 @@ def launcher() -> list[str]:
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     nodes = [f"--nnodes={world // per_node}"] if per_node != world else []
     return ["torchrun", *nodes, f"--nproc_per_node={per_node}", "-m"]
+
+
+_FAILED = "failed"  # the counter of the job's processes that failed
+
+
+def first_to_report(message: str) -> bool:
+    """Whether this process is the first of its torchrun job to report the error ``message`` (True outside
+    torchrun), so that each error is printed once: the processes may all meet it (a recipe they check alike, a
+    loss term's output the model lacks) or one alone (a check on its share of a batch), and the first to meet it
+    need not be rank 0, whom torchrun stops as soon as another process has ended. It also marks the job failed
+    (see :func:`another_process_failed`). Counted in the key-value store of torchrun's agent, which each process
+    reaches alone, not waiting for the others as a collective would (they may be waiting in one); True when it
+    cannot be reached: a message said twice, not never."""
+    counts = _count([_FAILED, hashlib.sha256(message.encode()).hexdigest()])
+    return counts is None or counts[-1] == 1
+
+
+def mark_failed() -> None:
+    """Mark this torchrun job failed, for its other processes to know (see :func:`another_process_failed`)."""
+    _count([_FAILED])
+
+
+def another_process_failed() -> bool:
+    """Whether a process of this torchrun job has failed (see :func:`mark_failed`): a collective of this one that
+    breaks off now only follows that failure (gloo: 'Connection closed by peer')."""
+    store = _agent_store()
+    try:
+        return store is not None and store.check([_key(_FAILED)])
+    except RuntimeError:  # the agent has gone
+        return False
+
+
+def _count(names: list[str]) -> list[int] | None:
+    """Add 1 to each of this job's counters ``names``; their new values, None without torchrun's agent."""
+    store = _agent_store()
+    try:
+        return None if store is None else [store.add(_key(name), 1) for name in names]
+    except RuntimeError:  # the agent has gone
+        return None
+
+
+def _key(name: str) -> str:
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # a restarted job's processes start afresh
+    return f"stagewise/{attempt}/{name}"
+
+
+def _agent_store() -> dist.Store | None:
+    """A client of the key-value store of the torchrun agent that started this process, None when there is none."""
+    if launched_world_size() <= 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    try:
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=timedelta(seconds=10))
+    except (KeyError, ValueError, RuntimeError):  # no address, or no agent there any more
+        return None
 
 
 _joined = False  # a run of this process joined a process group, whose threads outlive it (cli.main)

@@ -305,7 +305,7 @@ class TrainLoop:
                 if record is not None:
                     record[name] = (scalar, weight, parts)
             elif not math.isfinite(scalar):  # 0 · NaN in the graph would still put NaN in every gradient
-                global_value = math.nan
+                loss = self._zero_gradient()
             if weight != 0.0 or self.state.dist.enabled:
                 total = loss if (weight == 1.0 and isinstance(total, float)) else total + weight * loss
         if isinstance(total, float):  # every term had weight 0: nothing to learn from this batch
@@ -316,6 +316,13 @@ class TrainLoop:
         if summed:  # Σ over the rank's examples, times world_size: DDP's average over ranks makes it the global Σ
             return total * (batch_size(batch) * self.state.dist.world_size), global_value, examples
         return (total if scale == 1.0 else total * scale), global_value, examples
+
+    def _zero_gradient(self) -> torch.Tensor:
+        """A stand-in, under DDP, for a switched-off term whose value is not finite: it gives every trained
+        parameter the zero gradient DDP's reducer waits for, as one process that never computes the term would
+        train on (0 · NaN would skip the batch, and every batch up to the term's start)."""
+        zero = torch.zeros((), device=self.state.device)
+        return sum((p.sum() for p in self.objective.parameters() if p.requires_grad), zero)
 
     def _term_values(self, batch: dict[str, Any], active: set[str]) -> dict[str, Any]:
         """Each term's raw value on ``batch``: the Objective's, or under DDP its wrapper's, which computes
