@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -268,3 +270,80 @@ def test_a_plot_stopped_mid_write_keeps_the_earlier_picture_and_leaves_no_temp_f
     with pytest.raises(KeyboardInterrupt):
         line_plot(path, {"a": ([1, 2], [2, 1])})
     assert path.read_bytes() == drawn and [p.name for p in path.parent.iterdir()] == ["curves.png"]
+
+
+def _drawn_axes(monkeypatch, *args, **kwargs):
+    """The axes line_plot(*args, **kwargs) draws, laid out by Agg as in the PNG, without writing it."""
+    figure = pytest.importorskip("matplotlib.figure")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    drawn = []
+    monkeypatch.setattr(figure.Figure, "savefig", lambda fig, *a, **kw: drawn.append(fig))
+    assert line_plot(*args, **kwargs) is True
+    FigureCanvasAgg(drawn[0]).draw()
+    return drawn[0].axes[0]
+
+
+def test_curves_plot_a_non_finite_epoch_metric_as_a_gap_on_a_numeric_axis(tmp_path, monkeypatch):
+    # was: metrics.jsonl writes NaN/Inf as "nan"/"inf" strings, which curves.png plotted as categories:
+    # a y axis ticked "5.0", "nan", "4.0" in the order met, and no loss value on it
+    from stagewise.builtins import curves
+
+    drawn = []
+    monkeypatch.setattr(curves, "line_plot", lambda path, series, **kw: drawn.append(series))
+    curves.stagewise_after_run(_finished_run(tmp_path, [
+        {"event": "epoch", "stage": "a", "train/loss": 5.0, "val/loss": 5.5},
+        {"event": "epoch", "stage": "a", "train/loss": 4.0, "val/loss": "nan"},
+        {"event": "epoch", "stage": "a", "train/loss": 3.0, "val/loss": "inf"},
+    ]))
+    ys = drawn[0]["val/loss"][1]
+    assert ys[0] == 5.5 and math.isnan(ys[1]) and ys[2] == math.inf
+
+
+def test_line_plot_says_in_the_legend_how_many_points_are_not_finite(tmp_path, monkeypatch):
+    # was: a NaN or Inf point was left out without a word; an all-NaN val/loss had a legend entry and no line
+    ax = _drawn_axes(monkeypatch, tmp_path / "p.png", {"train/loss": ([1, 2, 3], [5.0, 4.0, 3.0]),
+                                                      "val/loss": ([1, 2, 3], [5.5, math.nan, math.inf])})
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train/loss", "val/loss (2 not finite, not drawn)"]
+
+
+def test_one_epoch_s_curve_ticks_whole_epochs_only(tmp_path, monkeypatch):
+    # was: a single epoch (x = 1, its stage marked at 0.5) was ticked 0.48, 0.54, ..., 1.02
+    ax = _drawn_axes(monkeypatch, tmp_path / "p.png", {"train/loss": ([1], [5.0])}, vlines=[(0.5, "only")])
+    lo, hi = ax.get_xlim()
+    assert [t for t in ax.get_xticks() if lo <= t <= hi] == [1.0]
+
+
+def test_a_fractional_x_axis_keeps_fractional_ticks(tmp_path, monkeypatch):
+    # lego_ashem's accuracy against compute_cost_flops (0.75 to 1.5): whole-number ticks would leave only 1
+    ax = _drawn_axes(monkeypatch, tmp_path / "p.png", {"acc": ([0.75, 1.1, 1.5], [0.26, 0.258, 0.255])})
+    lo, hi = ax.get_xlim()
+    assert len([t for t in ax.get_xticks() if lo <= t <= hi]) >= 4
+
+
+def test_stage_labels_of_short_stages_do_not_overlap(tmp_path, monkeypatch):
+    # was: each stage's name was written horizontally at the top of the axes, so stages one epoch long
+    # (or long names) printed on top of each other, unreadable
+    stages = [(i + 0.5, f"stage_number_{i}_with_a_long_name") for i in range(8)]
+    ax = _drawn_axes(monkeypatch, tmp_path / "p.png", {"train/loss": (list(range(1, 34)), [1.0] * 33)},
+                     vlines=stages)
+    renderer = ax.figure.canvas.get_renderer()
+    names = sorted(name for _, name in stages)
+    labels = [t for t in ax.figure.findobj(lambda a: hasattr(a, "get_text") and a.get_text().strip() in names)
+              if t.get_visible()]
+    assert sorted(t.get_text().strip() for t in labels) == names
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    data = ax.get_window_extent(renderer)
+    assert all(box.y0 >= data.y1 - 1 for box in boxes)  # above the data, clear of curves and legend
+
+
+def test_a_plot_that_cannot_be_drawn_warns_and_leaves_the_run_its_results(tiny, tmp_path, monkeypatch, capsys):
+    # was: a broken matplotlib (installed, but failing to import, e.g. built for another numpy) or a bad
+    # MPLBACKEND raised from the curves hook after every stage had finished: exit 1, no summary.json
+    pytest.importorskip("matplotlib")
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import matplotlib.figure raises ImportError
+    run_dir = run_recipe(tiny(), out=tmp_path / "run", quiet=True)
+    assert (run_dir / "summary.json").is_file() and not (run_dir / "plots").exists()
+    err = capsys.readouterr().err
+    assert f"stagewise: warning: {run_dir / 'plots' / 'curves.png'} is not drawn (ModuleNotFoundError: " in err
