@@ -78,6 +78,14 @@ def test_a_router_a_run_never_keeps_is_refused_by_its_key_path(tiny_run, tmp_pat
         stagewise_lego_ashem.load_router(run)
 
 
+def test_a_checkpoint_from_before_routers_were_kept_says_so(tiny_run, tmp_path):
+    # was: "holds no calibrated router ...; use a checkpoint written after the mine stage: mine.pt, ..." of mine.pt
+    run = damaged_copy(tiny_run, tmp_path / "old", lambda saved: saved.pop("routers"))
+    with pytest.raises(stagewise.CheckpointError, match=r"last\.pt: written by an earlier stagewise, which kept no "
+                                                        r"routers in checkpoints; run the recipe again"):
+        stagewise_lego_ashem.load_router(run)
+
+
 def test_a_routers_table_a_run_never_writes_is_refused(tiny_run, tmp_path):
     run = damaged_copy(tiny_run, tmp_path / "extra", lambda saved: saved["routers"][ROUTER].update(extra=1))
     with pytest.raises(stagewise.CheckpointError, match=r"last\.pt: not the router a run keeps: routers\.lego_ashem"

@@ -158,6 +158,8 @@ def test_a_run_directory_whose_name_ends_in_npz_is_a_run_directory(tiny_run, tmp
     ({"format": None}, r"old\.npz: an \.npz that stagewise export did not write .*; give a file stagewise export "
                        r"wrote, a run directory or a \.pt checkpoint"),
     ({"model": "nosuch.lm"}, r"old\.npz: cannot rebuild its model: model\.use: unknown model 'nosuch\.lm'"),
+    ({"format": "stagewise-npz-2"}, r"old\.npz: written by a newer stagewise in format 'stagewise-npz-2', which "
+                                    r"stagewise \S+ cannot read \(it reads 'stagewise-npz-1'\); upgrade stagewise"),
 ])
 def test_an_export_the_model_cannot_be_rebuilt_from_says_what_to_do(tiny_run, tmp_path, change, message):
     export_npz(tiny_run / "checkpoints" / "last.pt", tmp_path / "m.npz")

@@ -24,7 +24,10 @@ def load_router(source: str | Path) -> Confidence:
     checkpoint (``load_model``); a checkpoint whose model has no probe is refused."""
     checkpoint = checkpoint_of(source)
     saved = load_checkpoint(checkpoint, ("recipe", "model"))
-    routers = saved.get("routers", {})  # a checkpoint written before routers were kept has none
+    if "routers" not in saved:  # not a checkpoint of the wrong stage: naming the stages after mine would mislead
+        raise CheckpointError(f"{checkpoint}: written by an earlier stagewise, which kept no routers in checkpoints; "
+                              f"run the recipe again to load its router")
+    routers = saved["routers"]
     if not isinstance(routers, dict) or ROUTER not in routers:
         raise CheckpointError(f"{checkpoint}: holds no calibrated router ({ROUTER}, which a lego_ashem.mine stage "
                               f"keeps); {_with_router(saved['recipe'])}")

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from stagewise.data.splits import DataSplits
-from stagewise.engine.checkpoint import load_checkpoint
+from stagewise.engine.checkpoint import load_checkpoint, newer_format, newer_format_message
 from stagewise.engine.failures import noted
 from stagewise.errors import CheckpointError
 from stagewise.export import FORMAT, load_npz
@@ -103,6 +103,8 @@ def _read_checkpoint(source: Path) -> _Saved:
 def _read_export(export: Path) -> _Saved:
     """An ``.npz`` that :func:`stagewise.export.export_npz` wrote (read with ``allow_pickle=False``)."""
     arrays, meta = load_npz(export)
+    if newer_format(meta.get("format"), FORMAT):
+        raise CheckpointError(newer_format_message(export, meta["format"], FORMAT, None))
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{export}: an .npz that stagewise export did not write (its __meta__ has no "
                               f"format {FORMAT!r}); give a file stagewise export wrote, a run directory or a "

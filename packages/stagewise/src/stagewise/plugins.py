@@ -199,6 +199,12 @@ def plugin_infos() -> list[PluginInfo]:
     return sorted(_host.infos.values(), key=lambda i: (i.name != "stagewise", i.name))
 
 
+def versions() -> dict[str, str]:
+    """The version of each distribution a plugin loaded without error comes from, core's included
+    (``{"stagewise": "0.1.0", ...}``): the code a checkpoint was written with."""
+    return {i.distribution: i.version for i in plugin_infos() if i.error is None}
+
+
 def registries() -> dict[str, Registry]:
     load_plugins()
     return _host.registries

@@ -2,7 +2,8 @@
 
 A checkpoint holds everything a resumed run needs to end with the numbers of an
 uninterrupted one: model, optimizer, scheduler, loss terms, EMA target, RNG states, stage
-index, loop position, router state and artifacts.
+index, loop position, router state and artifacts; and the versions of stagewise and its plugins
+that wrote it, since other code may not continue it to those numbers.
 
 What checkpoints are made with lives here too, shared with the engine's other writers: the
 atomic write (:func:`atomic_write_bytes`, which the run directory, export and plots use for every
@@ -23,11 +24,12 @@ import shutil
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 import numpy as np
 import torch
 
+from stagewise import __version__
 from stagewise.errors import CheckpointError
 
 FORMAT = "stagewise-checkpoint-1"
@@ -192,7 +194,12 @@ def load_checkpoint(path: str | Path, keys: tuple[str, ...] = (), damaged_advice
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
     payload = _torch_load(path, damaged_advice)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    found = payload.get("format") if isinstance(payload, dict) else None
+    if newer_format(found, FORMAT):
+        versions = payload.get("versions")  # the newer stagewise's own record, where it keeps one as this one does
+        writer = versions.get("stagewise") if isinstance(versions, dict) else None
+        raise CheckpointError(newer_format_message(path, found, FORMAT, writer))
+    if found != FORMAT:
         raise CheckpointError(f"{path}: not a stagewise checkpoint (expected format {FORMAT!r})")
     missing = [key for key in keys if key not in payload]
     if missing:
@@ -203,6 +210,20 @@ def load_checkpoint(path: str | Path, keys: tuple[str, ...] = (), damaged_advice
         raise CheckpointError(f"{path}: a damaged stagewise checkpoint: what it holds under {', '.join(malformed)} "
                               f"is not what a run writes there; use a checkpoint a stagewise run wrote")
     return payload
+
+
+def newer_format(found: Any, current: str) -> TypeGuard[str]:
+    """Whether ``found`` names another version of the file format ``current`` ("stagewise-checkpoint-2"
+    for "stagewise-checkpoint-1"): this stagewise writes and reads each format's first version, so
+    any other was written by a newer stagewise."""
+    return isinstance(found, str) and found != current and found.startswith(current.rpartition("-")[0] + "-")
+
+
+def newer_format_message(path: Path, found: str, current: str, writer: str | None) -> str:
+    """The refusal of a file in a newer stagewise's format ``found`` (``writer``: its version, where known)."""
+    by = f"stagewise {writer}" if writer else "a newer stagewise"
+    return (f"{path}: written by {by} in format {found!r}, which stagewise {__version__} cannot read (it reads "
+            f"{current!r}); upgrade stagewise and its plugins to read it (pip install -U stagewise)")
 
 
 def _torch_load(path: Path, damaged_advice: str) -> Any:

@@ -1,5 +1,5 @@
 """What ``stagewise run --resume RUN`` continues from: the run's last checkpoint, checked
-against the recipe it is resumed with, and the state it puts back. ``stagewise compare
+against the code and the recipe it is resumed with, and the state it puts back. ``stagewise compare
 --resume`` checks each of its runs' recipes here too (:func:`check_same_recipe`)."""
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from stagewise.engine.loop import position_problems
 from stagewise.engine.resumable import kind, number_problems, plain_problems, rng_problems, same_types, tensors_problems
 from stagewise.engine.rundir import holds_files
 from stagewise.engine.state import State
-from stagewise.errors import CheckpointError
-from stagewise.recipe import Recipe
+from stagewise.errors import CheckpointError, ConfigError
+from stagewise.plugins import versions
+from stagewise.recipe import Recipe, recipe_from_table
 from stagewise.specs import StageSpec
 from stagewise.tomlwrite import toml_value
 
@@ -111,22 +112,73 @@ def load_resume(path: Path, recipe: Recipe) -> dict[str, Any] | None:
                               f"copy {_latest_stage_checkpoint(checkpoints, recipe)} over {last} to continue after "
                               f"that stage")
     saved = load_checkpoint(last, RESUME_KEYS, _damaged_last_advice(path, recipe))
+    _check_same_versions(saved.get("versions"), last, path, recipe)  # first: another version reads a recipe otherwise
     if saved["recipe"] != recipe.table:
+        _check_same_reading(saved["recipe"], last)
         raise _recipe_differs(path, saved["recipe"], recipe.table)
     return saved
 
 
+# why a checkpoint other code wrote is not resumed, and what to do instead
+_OTHER_CODE = ("a run continued by other code may end with the numbers of neither code's uninterrupted run. "
+               "Finish it with the code that started it, or run the recipe again with --out and a new folder")
+
+
+def _check_same_versions(written: Any, last: Path, path: Path, recipe: Recipe) -> None:
+    """CheckpointError unless the checkpoint ``last`` of the run at ``path`` was written by the versions
+    of stagewise and of its plugins installed now (``written``: its record of them, None in one an earlier
+    stagewise wrote). A plugin installed or gone since does not count: its names, where the recipe
+    uses them, are checked with the recipe."""
+    if written is None:
+        raise CheckpointError(f"{last}: written by an earlier stagewise, which did not record its version in "
+                              f"checkpoints; {_OTHER_CODE}")
+    if not (isinstance(written, dict) and all(isinstance(v, str) for v in [*written, *written.values()])):
+        refuse_damaged([f"versions: {kind(written)}, expected a table of distributions and their versions"],
+                       path, recipe)
+    now = versions()
+    changed = sorted(d for d in written.keys() & now.keys() if written[d] != now[d])
+    if changed:
+        raise CheckpointError(f"{last}: written with {', '.join(f'{d} {written[d]}' for d in changed)}, not the "
+                              f"{', '.join(f'{d} {now[d]}' for d in changed)} installed now; {_OTHER_CODE} (pip "
+                              f"install {' '.join(f'{d}=={written[d]}' for d in changed)})")
+
+
 def check_same_recipe(path: Path, recipe: Recipe) -> None:
     """CheckpointError naming each changed key unless the run directory ``path`` was started with
-    ``recipe`` (its recipe.toml, as the run wrote it)."""
+    ``recipe`` (its recipe.toml, as the run wrote it and as this code reads it)."""
     file = path / "recipe.toml"
     try:
         started = file.read_text(encoding="utf-8")
-        if started != recipe.to_toml():
-            raise _recipe_differs(path, tomllib.loads(started), recipe.table)
+        if started != recipe.to_toml():  # compared as this code reads it: a key added since takes its default
+            table = _resolved(tomllib.loads(started), file)
+            if table != recipe.table:
+                raise _recipe_differs(path, table, recipe.table)
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:  # damaged since: no recipe to check against
         raise CheckpointError(f"{file}: the recipe this run started with cannot be read ({exc}), so the run cannot "
                               f"be continued; run the recipe again with --out and a new folder") from None
+
+
+def _check_same_reading(table: dict[str, Any], last: Path) -> None:
+    """CheckpointError where this code reads the recipe ``table`` that the checkpoint ``last`` saved otherwise
+    than the code that wrote it did: other code of the same version numbers (between two releases), which
+    the version check lets through; the advice to resume with the recipe the run saved would fail again."""
+    started = _resolved(table, last)
+    if started != table:
+        changes = _first_few(_changes(table, started, ""), ", ", " and")
+        raise CheckpointError(f"{last}: written by other code of the same versions: this code reads the recipe "
+                              f"it saved otherwise ({changes}); {_OTHER_CODE}")
+
+
+def _resolved(table: dict[str, Any], file: Path) -> dict[str, Any]:
+    """The recipe ``table`` a run saved in ``file`` (its recipe.toml or a checkpoint) as this code reads it,
+    defaults filled in; CheckpointError where it no longer loads (a key only another version has)."""
+    try:
+        return recipe_from_table(table, str(file), []).table
+    except ConfigError as exc:
+        raise CheckpointError(f"{file}: the recipe this run started with does not load with the stagewise and plugins "
+                              f"installed now ({_first_few(exc.problems, '; ', '; and')}): another version started "
+                              f"it, or a plugin it used is gone; run the recipe again with --out and a new folder"
+                              ) from None
 
 
 def _damaged_last_advice(path: Path, recipe: Recipe) -> str:

@@ -158,9 +158,11 @@ class State:
         A key that a resume needs goes into :data:`~stagewise.engine.checkpoint.RESUME_KEYS` too."""
         from stagewise.engine.checkpoint import rng_state
         from stagewise.load import plain_info
+        from stagewise.plugins import versions
         from stagewise.schema import as_table
 
         return {
+            "versions": versions(),  # a resume by other code is refused: it may end with neither code's numbers
             "recipe": self.recipe.table,
             "stage_index": self.stage_index,
             "stage_name": self.stage_name,
