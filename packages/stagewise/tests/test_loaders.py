@@ -745,6 +745,74 @@ def test_arrays_without_usable_values_name_the_file_and_the_example(tmp_path, ar
         NPZDataset.from_recipe(NPZOptions(path=str(tmp_path / "a.npz")), seed=0)
 
 
+@pytest.mark.parametrize("kind, what", [("csv", "inputs"), ("jsonl", "inputs"), ("npz", "inputs"), ("npz", "targets")])
+def test_a_number_beyond_float32_s_range_is_refused_naming_the_example(tmp_path, kind, what):
+    # was: a finite float64 such as 1e39 passed the finiteness checks and became infinity in the float32 tensors
+    x, y = [float(i) for i in range(10)], [float(i % 2) for i in range(10)]
+    (x if what == "inputs" else y)[2] = -1e39
+    if kind == "csv":
+        (tmp_path / "d").write_text("x,y\n" + "".join(f"{a!r},{b!r}\n" for a, b in zip(x, y, strict=True)))
+    elif kind == "jsonl":
+        (tmp_path / "d").write_text("".join(json.dumps({"x": a, "y": b}) + "\n" for a, b in zip(x, y, strict=True)))
+    else:
+        np.savez(tmp_path / "d.npz", input=np.array(x)[:, None], target=np.array(y))
+    with pytest.raises(DataError, match=rf"d(\.npz)?: example 2 \(0-based, axis 0\) of the {what} holds a number "
+                                        r"beyond float32's range \(about ±3\.4e38\), which would train as infinity"):
+        _load(kind, tmp_path / ("d.npz" if kind == "npz" else "d"))
+
+
+@pytest.mark.parametrize("piece_bytes", [1, 24, 1 << 22])
+def test_splits_are_converted_a_piece_at_a_time_to_the_same_tensors(tmp_path, monkeypatch, piece_bytes):
+    # one example a piece, a few, all at once: the tensors of converting each split whole
+    monkeypatch.setattr("stagewise.data.arrays.PIECE_BYTES", piece_bytes)
+    rng = np.random.default_rng(0)
+    inputs, targets = rng.standard_normal((11, 3)) * 1e5, rng.integers(0, 5, 11).astype(np.uint8)
+    data = array_splits(inputs, targets, {"train": 0.7, "valid": 0.3}, seed=1, source="s")
+    for split, idx in split_indices(11, {"train": 0.7, "valid": 0.3}, 1).items():
+        assert torch.equal(data[split].inputs, torch.from_numpy(inputs[idx].astype(np.float32)))
+        assert torch.equal(data[split].targets, torch.from_numpy(targets[idx].astype(np.int64)))
+
+
+def test_float64_examples_are_not_held_as_a_float64_split_as_well(monkeypatch):
+    # was: each split gathered whole in float64 (twice its float32 tensor), then converted: a CSV of 2M rows of
+    # 10 numbers held 128 MB more at its peak
+    import tracemalloc
+
+    monkeypatch.setattr("stagewise.data.arrays.PIECE_BYTES", 1 << 12)
+    inputs, targets = np.ones((200_000, 20)), np.zeros(200_000, dtype=np.int64)
+    tracemalloc.start()
+    try:
+        data = array_splits(inputs, targets, {"train": 0.8, "valid": 0.2}, seed=0, source="s")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    tensors = sum(data[split].inputs.nbytes + data[split].targets.nbytes for split in data.names())
+    assert peak < 1.5 * tensors  # the float32 inputs and int64 targets (and the order drawn); was 2.3 x
+
+
+def test_consecutive_csv_feature_columns_are_not_copied_before_the_split(tmp_path, monkeypatch):
+    # was: values[:, features] copied every feature column (float64) before each split was gathered
+    import stagewise.data.loaders as loaders
+
+    seen = {}
+    read_csv, array_splits = loaders.read_csv, loaders.array_splits
+
+    def read_spy(*args):
+        seen["read"] = read_csv(*args)
+        return seen["read"]
+
+    def splits_spy(inputs, *args, **options):
+        seen["inputs"] = inputs
+        return array_splits(inputs, *args, **options)
+
+    monkeypatch.setattr(loaders, "read_csv", read_spy)
+    monkeypatch.setattr(loaders, "array_splits", splits_spy)
+    write_csv(tmp_path / "t.csv", [(i, i % 2, 10 * i) for i in range(4)])
+    for target, shared in ((["x1"], True), (["x2"], True), (["label"], False)):  # label: x1 and x2 are not consecutive
+        CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=target, splits=HALVES), seed=0)
+        assert np.shares_memory(seen["inputs"], seen["read"][1]) == shared  # the values read
+
+
 def test_idx_float_images_with_nan_and_jsonl_without_values_are_refused(tmp_path):
     images = np.ones((4, 2, 2), dtype=np.float32)
     images[2, 1, 0] = np.nan

@@ -332,7 +332,7 @@ def test_a_narrow_terminal_gets_the_time_left_and_loss_without_the_bar(tiny, tmp
     assert ("%|" in shown) == bar and ("phase1: epoch 1/2: 0/5 <" in shown) != bar
     from tqdm import tqdm
 
-    from stagewise.engine.state import COMPACT_BAR
+    from stagewise.engine.progress import COMPACT_BAR
 
     assert tqdm.format_meter(3, 5, 2.0, prefix="phase1: epoch 1/2", postfix="loss=5.2100", bar_format=COMPACT_BAR) \
         == "phase1: epoch 1/2: 3/5 <00:01, loss=5.2100"
@@ -348,6 +348,21 @@ def test_loading_the_data_is_said_on_a_terminal_before_it_starts(tiny, tmp_path,
     assert lines[0] == "stagewise: loading the data (stagewise.text) ..."
     assert lines[1].startswith("stagewise: data loaded in ") and lines[1].endswith("s")
     assert "loading the data" not in shown["quiet"]
+
+
+def test_tokenising_a_text_file_shows_a_bar_on_a_terminal_only_without_quiet(tiny, tmp_path, monkeypatch):
+    # was: "loading the data ..." alone while a big file was tokenised (300 MB: 15-25 s), no progress, no time left
+    monkeypatch.setattr("stagewise.engine.progress.LOADING_DELAY", 0)  # a bar also for this small file
+    (tmp_path / "corpus.txt").write_text("the cat sat on the mat\n" * 300)
+    shown, runs = {}, (("bar", False, Terminal()), ("quiet", True, Terminal()), ("log", False, io.StringIO()))
+    for name, quiet, terminal in runs:
+        monkeypatch.setattr(sys, "stderr", terminal)
+        run_recipe(tiny(f"data.path={tmp_path / 'corpus.txt'}"), out=tmp_path / name, quiet=quiet)
+        shown[name] = terminal.getvalue()
+    assert "stagewise: tokenising:   0%|" in shown["bar"] and "/6.90k [" in shown["bar"]  # the file's 6900 bytes
+    assert "tokenising" not in shown["quiet"] + shown["log"]
+    metrics = [read_summary(tmp_path / name)["metrics"] for name in shown]
+    assert metrics[0] == metrics[1] == metrics[2]
 
 
 def test_a_warning_during_a_progress_bar_gets_its_own_line(monkeypatch):

@@ -4,6 +4,7 @@ import gzip
 import json
 import re
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,45 @@ def test_the_corpus_is_held_as_ids_that_equal_the_token_strings_path(tmp_path, o
     assert data.info["vocab"].itos == vocab.itos
     for split, words in tokens.items():
         assert data[split].tokens.dtype == torch.long and data[split].tokens.tolist() == vocab.encode(words)
+
+
+def _one_file_corpus(path, lines):
+    """A file of ``lines`` lines of 10 two-letter words (11 tokens a line with <eos>, 2.7 bytes a token)."""
+    words = [a + b for a in "abcdefghijklmnopqrstuvwxyz" for b in "abcdefghijklmnopqrstuvwxyz"]
+    picks = np.random.default_rng(0).integers(0, len(words), (lines, 10)).tolist()
+    path.write_text("".join(" ".join(words[i] for i in row) + "\n" for row in picks), encoding="utf-8")
+    return 11 * lines
+
+
+def _traced(load):
+    """``load()`` and the peak (bytes) and end (bytes still held) of the memory Python and numpy took meanwhile."""
+    tracemalloc.start()
+    try:
+        result = load()
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return result, peak, held
+
+
+def test_a_text_file_s_ids_are_held_once_while_they_are_read_and_mapped(tmp_path, monkeypatch):
+    # was: a list of the ids (8 bytes a token and more) and its int64 copy, then a copy concatenating the one
+    # file, then the stream mapped to vocabulary ids beside itself: 16-22 bytes a token at the peak, and a
+    # 300 MB file (56M tokens) peaked at 1.6 GB over Python's own; now the ids (8) and the text (2.7 here)
+    monkeypatch.setattr("stagewise.data.text.CHUNK", 1 << 12)  # the text's pieces small beside the ids
+    tokens = _one_file_corpus(tmp_path / "corpus.txt", 100_000)
+    data, peak, _ = _traced(lambda: TextCorpus.from_recipe(TextOptions(path=str(tmp_path / "corpus.txt")), seed=0))
+    assert sum(data.info["tokens"].values()) == tokens
+    assert peak / tokens < 13.5
+
+
+def test_a_stream_max_tokens_cuts_holds_only_the_tokens_kept(tmp_path):
+    # the ids are mapped to the vocabulary's in place: a cut stream is copied, or it would keep all of them
+    _one_file_corpus(tmp_path / "corpus.txt", 20_000)
+    opts = TextOptions(path=str(tmp_path / "corpus.txt"), max_tokens=1000)
+    data, _, held = _traced(lambda: TextCorpus.from_recipe(opts, seed=0))
+    assert data.info["tokens"] == {"train": 1000, "valid": 1000, "test": 1000}
+    assert held < 600_000  # 3 x 1000 int64, the vocabulary (and what a first load imports), not 220k ids (1.8 MB)
 
 
 # 3 tokens a line: max_tokens 3 is reached exactly at the end of the first line, 4 within the second

@@ -30,10 +30,29 @@ class ArrayDataset(Dataset):
         return {"input": self.inputs[i], "target": self.targets[i]}
 
 
-def to_tensor(array: np.ndarray) -> torch.Tensor:
-    """Float arrays become float32 tensors; integer and bool ones int64 (labels, token ids)."""
-    dtype = np.float32 if array.dtype.kind == "f" else np.int64
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=dtype))
+PIECE_BYTES = 1 << 22  # of a split's examples, as read, converted into its tensor at a time
+
+
+def split_tensor(array: np.ndarray, idx: np.ndarray, convert: Callable[[np.ndarray], np.ndarray], *,
+                 what: str, source: str) -> torch.Tensor:
+    """``convert(array[idx])`` as a tensor, float32 from floats, int64 from integers and bools (labels, token
+    ids), converted a piece of examples at a time: the whole split in the file's type (float64 numbers, uint8
+    pixels) is never held beside its tensor. A value beyond float32's range is a DataError naming the example."""
+    rows = max(1, PIECE_BYTES // max(1, array[0].nbytes))
+    first = convert(array[idx[:rows]])
+    out = np.empty((len(idx), *first.shape[1:]), dtype=np.float32 if first.dtype.kind == "f" else np.int64)
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes infinite: refused below
+        out[:rows] = first  # float64 to float32 rounds as astype does
+        for start in range(rows, len(idx), rows):
+            out[start:start + rows] = convert(array[idx[start:start + rows]])
+    overflowed = array.dtype.kind == "f" and array.dtype.itemsize > 4 and not (
+        np.isfinite(out.min()) and np.isfinite(out.max()))  # no mask of the whole split; NaN spreads to both
+    if overflowed:  # the source was checked finite
+        bad = ~np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+        raise DataError(f"{source}: example {int(idx[bad].min())} (0-based, axis 0) of the {what} holds a number "
+                        f"beyond float32's range (about ±3.4e38), which would train as infinity; scale the values "
+                        f"down")
+    return torch.from_numpy(out)
 
 
 def array_splits(inputs: np.ndarray, targets: np.ndarray, fractions: dict[str, float], seed: int,
@@ -41,8 +60,9 @@ def array_splits(inputs: np.ndarray, targets: np.ndarray, fractions: dict[str, f
     """Shuffle the examples (axis 0) with ``seed`` and cut them into splits by ``fractions``.
 
     ``source`` (the file) names where a problem is: inputs without a feature axis, a split left empty.
-    ``convert``, if given, maps each split's inputs elementwise (e.g. uint8 pixels to scaled float32),
-    so that the whole file is never held converted as well as split.
+    ``convert``, if given, maps the inputs elementwise (e.g. uint8 pixels to scaled float32), a piece
+    of a split at a time (:func:`split_tensor`), so that the whole file is never held converted as well
+    as split.
     info: ``input_shape`` and ``target_shape`` (of one example), ``n_features`` (values per
     input), ``n_outputs`` (classes for integer targets: largest label + 1; else values per
     target) and ``examples`` (per split).
@@ -59,8 +79,8 @@ def array_splits(inputs: np.ndarray, targets: np.ndarray, fractions: dict[str, f
             raise DataError(f"{source}: example {i} (0-based, axis 0) of the {what} holds NaN or infinity; "
                             f"fill in or drop missing values (NaN and infinity cannot be trained on)")
     integer = targets.dtype.kind in "biu"
-    convert = convert or (lambda split: split)
-    splits = {name: ArrayDataset(to_tensor(convert(inputs[idx])), to_tensor(targets[idx]))
+    splits = {name: ArrayDataset(split_tensor(inputs, idx, convert or _same, what="inputs", source=source),
+                                 split_tensor(targets, idx, _same, what="targets", source=source))
               for name, idx in split_indices(len(inputs), fractions, seed, source=source).items()}
     info = {
         "input_shape": list(inputs.shape[1:]),
@@ -70,6 +90,10 @@ def array_splits(inputs: np.ndarray, targets: np.ndarray, fractions: dict[str, f
         "examples": {name: len(dataset) for name, dataset in splits.items()},
     }
     return DataSplits(splits, info)
+
+
+def _same(array: np.ndarray) -> np.ndarray:
+    return array
 
 
 def read_npz(path: str, input_key: str, target_key: str) -> tuple[np.ndarray, np.ndarray]:

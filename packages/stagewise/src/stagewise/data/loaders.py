@@ -86,7 +86,16 @@ class CSVDataset:
             raise DataError(f"{options.path}: no feature columns are left besides the target; "
                             f"the file needs at least one input column")
         targets = shape_targets(values[:, target], options.target_dtype, lines, options.path)
-        return array_splits(values[:, features], targets, options.splits, seed, source=options.path)
+        return array_splits(_columns(values, features), targets, options.splits, seed, source=options.path)
+
+
+def _columns(values: np.ndarray, indices: list[int]) -> np.ndarray:
+    """``values[:, indices]``; a view, not a copy of the table, when the columns are consecutive (as the
+    features mostly are: every column but a first or last target)."""
+    start = indices[0]
+    if indices == list(range(start, start + len(indices))):
+        return values[:, start:start + len(indices)]
+    return values[:, indices]
 
 
 # --- JSON Lines -----------------------------------------------------------------------------
@@ -164,8 +173,8 @@ class IDXDataset:
 
 
 def scale_images(images: np.ndarray, scale: float, source: str) -> np.ndarray:
-    """``images * scale`` as float32, converted once and scaled in place (called split by split: as
-    float32 an MNIST-style file is 4x larger than its bytes)."""
+    """``images * scale`` as float32, converted once and scaled in place (called a piece of a split at a
+    time: as float32 an MNIST-style file is 4x larger than its bytes)."""
     with np.errstate(over="ignore"):  # an overflow is refused below, naming the fix
         inputs = images.astype(np.float32)  # (n, ...)
         inputs *= np.float32(scale)

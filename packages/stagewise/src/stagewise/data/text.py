@@ -23,9 +23,11 @@ import json
 import random
 import re
 import sys
-from collections.abc import Iterator
+from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -43,7 +45,11 @@ from stagewise.data.splits import (
 )
 from stagewise.data.tabular import json_object
 from stagewise.data.vocab import EOS, Vocabulary
+from stagewise.engine.progress import loading_bar
 from stagewise.engine.rundir import write_text_atomic
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 # split -> file names that hold it, in order of preference
 SPLIT_FILES = {
@@ -105,12 +111,15 @@ def _chunks(text: str) -> Iterator[str]:
         start = end
 
 
-def line_words(text: str, lowercase: bool) -> Iterator[list[str]]:
+def line_words(text: str, lowercase: bool, done: Callable[[int], object] | None = None) -> Iterator[list[str]]:
     """The tokens of ``text`` a list at a time: each line's words (a long line's in pieces), with
     ``<eos>`` after the last word of each non-empty line. A line ends at LF, CR LF or a lone CR
-    (old Mac files), as Python reads text files."""
+    (old Mac files), as Python reads text files. ``done(n)`` is told each time n more characters
+    are read (a progress bar)."""
     open_line = False  # the line a chunk ends in has words so far
     for chunk in _chunks(text):
+        if done is not None:
+            done(len(chunk))
         # a CR is a line end too: CR LF reads as a line end and an empty line, which adds no token
         *ended, rest = (chunk.lower() if lowercase else chunk).replace("\r", "\n").split("\n")
         for line in ended:
@@ -141,21 +150,27 @@ class WordIndex(dict):
         return n
 
 
-def token_ids(text: str, lowercase: bool, index: WordIndex, limit: int | None = None) -> np.ndarray:
+def token_ids(text: str, lowercase: bool, index: WordIndex, limit: int | None = None,
+              done: Callable[[int], object] | None = None) -> np.ndarray:
     """``tokenize(text, lowercase)`` as ids of ``index``, (N,) int64; with ``limit``, at least its
-    first ``limit`` tokens (whole lines, or pieces of a long line), the rest of the text left untokenised."""
+    first ``limit`` tokens (whole lines, or pieces of a long line), the rest of the text left untokenised.
+    ``done`` as :func:`line_words`'s."""
     index[EOS]  # <eos> takes provisional id 0 in every index, whatever the text starts with
-    ids: list[int] = []
-    for tokens in line_words(text, lowercase):
+    # 8 bytes a token, the array's own buffer (no copy): a list would take 8 more (its pointers) until copied
+    ids = array("q")
+    for tokens in line_words(text, lowercase, done):
         ids.extend(map(index.__getitem__, tokens))  # C-speed lookups; only new words call __missing__
         if limit is not None and len(ids) >= limit:
             break
-    return np.array(ids, dtype=np.int64)
+    return np.frombuffer(ids, dtype=np.int64)
 
 
-def read_ids(path: Path, options: TextOptions, index: WordIndex, limit: int | None = None) -> np.ndarray:
-    """The tokens of a ``.txt`` file, or of a ``.jsonl`` file's records' texts, as ids of ``index``."""
-    return token_ids(source_text(path, options), options.lowercase, index, limit)
+def read_ids(path: Path, options: TextOptions, index: WordIndex, bar: tqdm, limit: int | None = None) -> np.ndarray:
+    """The tokens of a ``.txt`` file, or of a ``.jsonl`` file's records' texts, as ids of ``index``; ``bar``
+    counts the file's bytes as its text is tokenised."""
+    text = source_text(path, options)
+    per_character = path.stat().st_size / max(len(text), 1)  # bytes on disk (compressed, for gzip)
+    return token_ids(text, options.lowercase, index, limit, done=lambda n: bar.update(n * per_character))
 
 
 def source_text(file: Path, options: TextOptions, errors: str = "strict") -> str:
@@ -248,18 +263,33 @@ def load_streams(options: TextOptions, index: WordIndex) -> dict[str, np.ndarray
         raise DataError(f"text data path {root} does not exist; set path to {LAYOUTS}, "
                         f"or leave it unset for the built-in corpus")
     predefined = split_files(root) if root.is_dir() else {}
-    if predefined:
-        # a split file's first max_tokens tokens are all that is kept: a quick run skips the rest
-        return {split: read_ids(file, options, index, options.max_tokens) for split, file in predefined.items()}
-    files = text_files(root) if root.is_dir() else [root]
+    files = list(predefined.values()) or (text_files(root) if root.is_dir() else [root])
     if not files:
         raise DataError(f"no .txt or .jsonl files under {root}; expected {LAYOUTS}")
-    tokens = np.concatenate([read_ids(file, options, index) for file in files])
+    # a split file's first max_tokens tokens are all that is kept: a quick run skips the rest
+    limit = options.max_tokens if predefined else None
+    with loading_bar("tokenising", total=sum(file.stat().st_size for file in files)) as bar:
+        streams = [read_ids(file, options, index, bar, limit) for file in files]
+    if predefined:
+        return dict(zip(predefined, streams, strict=True))
+    tokens = streams[0] if len(streams) == 1 else np.concatenate(streams)  # one file: not copied
     if not len(tokens):
         raise DataError(f"{root} contains no text (0 tokens); expected {LAYOUTS}")
     return {split: tokens[start:end]
             for split, (start, end) in split_bounds(len(tokens), options.splits, source=str(root),
                                                     unit="tokens").items()}
+
+
+PIECE = 1 << 16  # tokens mapped to vocabulary ids at a time
+
+
+def to_vocabulary_ids(tokens: np.ndarray, to_vocab: np.ndarray) -> torch.Tensor:
+    """Provisional ids (int64) as vocabulary ids, ``to_vocab[token]``, (N,) int64: mapped in place a piece at a
+    time, since a mapped copy would hold the corpus twice."""
+    for start in range(0, len(tokens), PIECE):
+        piece = tokens[start:start + PIECE]
+        piece[:] = to_vocab[piece]
+    return torch.from_numpy(tokens)
 
 
 class LMWindows(Dataset):
@@ -300,8 +330,9 @@ class TextCorpus:
         """
         index = WordIndex()
         streams = load_streams(options, index)
-        if options.max_tokens is not None:
-            streams = {split: tokens[: options.max_tokens] for split, tokens in streams.items()}
+        if options.max_tokens is not None:  # a cut stream copied: as a view it would keep all the ids read alive
+            streams = {split: tokens[: options.max_tokens].copy() if len(tokens) > options.max_tokens else tokens
+                       for split, tokens in streams.items()}
         counts = np.bincount(streams["train"], minlength=len(index)).tolist()  # index's words are in id order
         vocab = Vocabulary.from_counts(dict(zip(index, counts, strict=True)), options.min_freq, options.max_vocab)
         to_vocab = np.array(vocab.encode(index), dtype=np.int64)  # provisional id -> id (index iterates in id order)
@@ -312,8 +343,7 @@ class TextCorpus:
                 raise DataError(f"split {split!r} of {source} has {len(tokens)} tokens, too few for "
                                 f"one window of seq_len + 1 = {options.seq_len + 1}; use more text "
                                 f"or a smaller seq_len")
-            ids = torch.from_numpy(to_vocab[tokens])  # (N,) int64
-            splits[split] = LMWindows(ids, options.seq_len)
+            splits[split] = LMWindows(to_vocabulary_ids(tokens, to_vocab), options.seq_len)
         info = {"vocab_size": len(vocab), "vocab": vocab, "seq_len": options.seq_len,
                 "tokens": {split: len(tokens) for split, tokens in streams.items()}}
         return DataSplits(splits, info)

@@ -24,6 +24,7 @@ from stagewise.engine.checkpoint import seed_everything, set_rng_state
 from stagewise.engine.cpu import cpu_kind, device_kind
 from stagewise.engine.failures import noted
 from stagewise.engine.guards import RateLimitedWarnings, python_warnings_above_bars
+from stagewise.engine.progress import loading_bars
 from stagewise.engine.resumable import options_problems
 from stagewise.engine.resume import check_resumable, load_resume, refuse_damaged, restore_run
 from stagewise.engine.rundir import RunDir, environment, file_in_the_way, unused_folder
@@ -233,13 +234,15 @@ def _run_folder(recipe: Recipe, out: str | Path | None, resume: Path | None) -> 
 
 
 def _load_data(recipe: Recipe, shown: bool) -> Any:
-    """Build the data, on a terminal saying so (like the progress bars): reading and tokenising
-    a file of hundreds of MB takes a while before the first bar shows."""
+    """Build the data, on a terminal saying so (like the progress bars), with a bar while a long step
+    runs (:func:`~stagewise.engine.progress.loading_bar`): reading and tokenising a file of hundreds
+    of MB takes a while before the first epoch's bar shows."""
     if shown:
         print(f"stagewise: loading the data ({recipe.data.use}) ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    data = _build("data", recipe, lambda: recipe.data.component().from_recipe(recipe.data.options,
-                                                                               seed=recipe.run.seed))
+    with loading_bars(shown):
+        data = _build("data", recipe, lambda: recipe.data.component().from_recipe(recipe.data.options,
+                                                                                   seed=recipe.run.seed))
     if shown:
         print(f"stagewise: data loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
     return data

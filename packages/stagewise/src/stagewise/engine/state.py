@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import shutil
 import sys
 import time
 from collections.abc import Iterable
@@ -11,16 +10,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from tqdm import tqdm
 
 from stagewise import plugins
+from stagewise.engine.progress import progress_bar
 from stagewise.errors import PluginError
 from stagewise.events import Event
-
-# tqdm cuts a line wider than the terminal at its end, where the time left and the loss are: a narrow one (a
-# split pane) gets them without the bar
-NARROW_COLUMNS = 60
-COMPACT_BAR = "{desc}: {n_fmt}/{total_fmt} <{remaining}{postfix}"
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -124,9 +118,8 @@ class State:
         (not in tests or logs), and is cleared when done. It only counts: no metric changes.
         ``total`` defaults to ``len(iterable)``; ``initial`` is where a resumed iteration starts."""
         shown = not self.quiet and self.is_main and sys.stderr.isatty()
-        narrow = shutil.get_terminal_size().columns < NARROW_COLUMNS
-        return tqdm(iterable, desc=f"{self.stage_name}: {desc}" if self.stage_name else desc, total=total,
-                    initial=initial, leave=False, disable=not shown, bar_format=COMPACT_BAR if narrow else None)
+        return progress_bar(iterable, desc=f"{self.stage_name}: {desc}" if self.stage_name else desc, shown=shown,
+                            total=total, initial=initial)
 
     def keep_router(self, name: str, router: Router) -> None:
         """Checkpoint ``router`` under ``name`` as it is now: its registered name (``use``), options
