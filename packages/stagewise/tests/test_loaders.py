@@ -87,6 +87,14 @@ def test_csv_non_numeric_cell_names_file_line_and_column(tmp_path):
         CSVDataset.from_recipe(opts, seed=0)
 
 
+def test_a_class_label_too_large_for_int64_is_refused_naming_its_line(tmp_path):
+    # was: 1e20 became -9223372036854775808 as int64, refused only at the first batch that held it
+    (tmp_path / "t.csv").write_text("a,b\n1,0\n2,1e20\n")
+    with pytest.raises(DataError, match=r"t\.csv, line 3: target \[1e\+20\] is too large for a class label"):
+        CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=["b"], target_dtype="long",
+                                          splits={"train": 1.0}), seed=0)
+
+
 def test_csv_errors(tmp_path):
     (tmp_path / "t.csv").write_text("a,b\n1,2\n3\n")
     with pytest.raises(DataError, match=r"t\.csv, line 3: 1 cells, but the header has 2"):

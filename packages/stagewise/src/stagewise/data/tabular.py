@@ -18,6 +18,8 @@ import numpy as np
 from stagewise.data.files import text_lines
 from stagewise.data.splits import DataError
 
+MAX_LABEL = 2.0 ** 53  # the whole numbers a float64 holds exactly
+
 
 def shape_targets(targets: np.ndarray, target_dtype: str, lines: list[int], path: str) -> np.ndarray:
     """Targets (N, K) as class labels (int64) for ``"long"``, and as scalars (N,) when K = 1."""
@@ -29,6 +31,11 @@ def shape_targets(targets: np.ndarray, target_dtype: str, lines: list[int], path
             raise DataError(f"{path}, line {lines[row]}: target {targets[row].tolist()} is not a whole "
                             f"number, but target_dtype = \"long\" wants class labels; use "
                             f"target_dtype = \"float\" for regression")
+        too_large = np.flatnonzero((np.abs(targets) > MAX_LABEL).any(axis=1))
+        if len(too_large):  # as int64 it would wrap round (1e20 -> -2**63)
+            row = too_large[0]
+            raise DataError(f"{path}, line {lines[row]}: target {targets[row].tolist()} is too large for a class "
+                            f"label (at most 2**53); use target_dtype = \"float\" for regression")
         targets = targets.astype(np.int64)
     return targets[:, 0] if targets.shape[1] == 1 else targets  # one value per example: a scalar
 
