@@ -10,7 +10,7 @@ import sys
 from conftest import run_tiny
 from tqdm import tqdm
 
-import stagewise.engine.state
+import stagewise.engine.progress
 
 
 class Terminal(io.StringIO):
@@ -32,7 +32,7 @@ def test_fit_and_evaluation_show_bars_of_their_length_on_a_terminal_and_move_no_
                 yield item
             bars.append((self.desc, self.total, count))
 
-    monkeypatch.setattr(stagewise.engine.state, "tqdm", Recording)
+    monkeypatch.setattr(stagewise.engine.progress, "tqdm", Recording)  # every bar of a run is made there
     monkeypatch.setattr(sys, "stderr", Terminal())
     run = run_tiny(tmp_path / "run", quiet=False)
     # core's bars (training epochs, evaluated splits) are tested in core
