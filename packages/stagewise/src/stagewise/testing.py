@@ -173,7 +173,7 @@ def _parents() -> dict[int, int]:
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with suppress(OSError):  # ended meanwhile
             # "PID (COMMAND) STATE PPID ...": the command may hold spaces and parentheses, so split after its last ")"
-            parents[int(stat.parent.name)] = int(stat.read_text().rpartition(")")[2].split()[1])
+            parents[int(stat.parent.name)] = int(stat.read_bytes().rpartition(b")")[2].split()[1])  # bytes: any name
     return parents
 
 
