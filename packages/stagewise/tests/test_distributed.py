@@ -452,13 +452,40 @@ class Varying(stagewise.Loss):
 '''
 
 
+NOT_YET_GRADIENT = '''\
+class NotYetGradient(stagewise.Loss):
+    """A finite value (0) whose gradient is not (a square root at 0): an auxiliary term not switched on yet."""
+
+    name = "ddptest.not_yet_gradient"
+
+    def forward(self, outputs, batch, state):
+        logits = outputs["logits"]
+        return (logits - logits.detach()).pow(2).mean().sqrt()
+'''
+
+HUGE = '''\
+class Huge(stagewise.Loss):
+    """Infinite: a term whose fallback cuts it to weight 0."""
+
+    name = "ddptest.huge"
+
+    def forward(self, outputs, batch, state):
+        return torch.exp(outputs["logits"].abs().max() * 1e4)
+'''
+
+
 @needs_gloo
-def test_a_nan_in_a_switched_off_term_trains_under_ddp_as_in_one_process(tmp_path):
-    # was: DDP put every term in the graph, the switched-off one as 0 · NaN, so every batch was skipped (and
-    # max_nonfinite stopped a longer job) where one process, which never computes the term, trains on
-    (tmp_path / "launch.py").write_text(_launcher(NOT_YET, "NotYet"))
-    (tmp_path / "recipe.toml").write_text(RECIPE + (
-        'losses = [{ use = "stagewise.cross_entropy" }, { use = "ddptest.not_yet", start_epoch = 5 }]\n'))
+@pytest.mark.parametrize(("loss", "cls", "term"), [
+    (NOT_YET, "NotYet", 'use = "ddptest.not_yet", start_epoch = 5'),
+    (NOT_YET_GRADIENT, "NotYetGradient", 'use = "ddptest.not_yet_gradient", start_epoch = 5'),
+    (HUGE, "Huge", 'use = "ddptest.huge", weight = 0.1, fallback_threshold = 1e6, fallback_factor = 0.0'),
+], ids=["value", "gradient", "cut"])
+def test_a_term_of_weight_0_that_is_not_finite_trains_under_ddp_as_in_one_process(tmp_path, loss, cls, term):
+    # was: DDP put every term in the graph, one of weight 0 as 0 · NaN, so every batch was skipped (and
+    # max_nonfinite stopped a longer job) where one process, which leaves the term out, trains on; and a NaN
+    # gradient (0 · inf) reached every weight at the first step, whose next loss was then NaN
+    (tmp_path / "launch.py").write_text(_launcher(loss, cls))
+    (tmp_path / "recipe.toml").write_text(RECIPE + f'losses = [{{ use = "stagewise.cross_entropy" }}, {{ {term} }}]\n')
     _run(["launch.py", "run", "recipe.toml", "--out", "single", "--quiet"], tmp_path)
     _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
           "launch.py", "run", "recipe.toml", "--out", "ddp", "--quiet"], tmp_path)
@@ -607,6 +634,43 @@ def test_an_error_in_one_process_s_run_is_said_once_and_ends_the_job(tmp_path):
     assert done.returncode != 0
     said = "stagewise: error: recipe.toml: 1 problem:\n  - stages.train.losses.one_share: an example of this batch is"
     assert done.stderr.count(said) == 1, done.stderr
+    assert not re.search(r"\[rank\d\]: Traceback", done.stderr), done.stderr
+
+
+# `python in_the_way.py ARGS`: the stagewise CLI, rank 0's checkpoints folder turned into a file after step 2, so
+# that its next checkpoint fails as a full disk would: the file system refusing core, on rank 0 alone
+IN_THE_WAY = """\
+import shutil
+import sys
+
+import stagewise
+from stagewise.cli.main import main
+from stagewise.plugins import register_plugin
+
+
+class InTheWay:
+    @stagewise.hookimpl
+    def stagewise_after_step(self, state):
+        if state.dist.rank == 0 and state.step == 2:
+            shutil.rmtree(state.run_dir.checkpoints)
+            state.run_dir.checkpoints.write_text("in the way")
+
+
+register_plugin(InTheWay(), "in_the_way")
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@needs_gloo
+def test_a_file_system_error_of_one_process_is_said_once_and_ends_the_job(tmp_path):
+    # was: rank 0 said it, but did not mark the job failed, so process 1, whose collective broke off as rank 0
+    # ended, printed its traceback ('Connection reset by peer', "in stage 'train'")
+    (tmp_path / "recipe.toml").write_text(RECIPE.replace("[run]\n", "[run]\ncheckpoint_every_n_steps = 4\n"))
+    (tmp_path / "in_the_way.py").write_text(IN_THE_WAY)
+    done = _child(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "in_the_way.py", "run",
+                   "recipe.toml", "--out", "ddp", "--quiet"], tmp_path)
+    assert done.returncode != 0
+    assert done.stderr.count(f"stagewise: error: {Path('ddp', 'checkpoints')}: ") == 1, done.stderr
     assert not re.search(r"\[rank\d\]: Traceback", done.stderr), done.stderr
 
 

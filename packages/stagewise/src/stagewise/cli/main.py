@@ -124,6 +124,8 @@ def _command(argv: list[str] | None) -> int:
 
         if blames_plugin(exc):  # a plugin's own file handling in a run, not a path the user gave to core
             raise  # a bug: its traceback, with the note that says whom to report it to
+        if _said_by_another_process(exc):
+            return 1
         where = "".join(f"{name}: " for name in (exc.filename, exc.filename2) if name is not None)
         print(f"stagewise: error: {where}{exc.strerror or exc}; {_os_advice(exc)}", file=sys.stderr)
         return 1
@@ -132,10 +134,12 @@ def _command(argv: list[str] | None) -> int:
         return 130
 
 
-def _said_by_another_process(exc: StagewiseError) -> bool:
+def _said_by_another_process(exc: StagewiseError | OSError) -> bool:
     """Whether another process of this torchrun job prints ``exc`` for this one, as it met the same error first
-    (see :func:`~stagewise.engine.distributed.first_to_report`): the processes check a recipe and its data alike,
-    so its errors would show once per process; an error in a run may be every process's or one's alone."""
+    (see :func:`~stagewise.engine.distributed.first_to_report`, which also marks the job failed, so the others'
+    broken-off collectives are one line each): the processes check a recipe and its data alike, so its errors
+    would show once per process; an error in a run (a full disk as rank 0 writes) may be every process's or one's
+    alone."""
     if os.environ.get("WORLD_SIZE", "1") == "1":  # one process: torch stays unimported for a light command
         return False
     from stagewise.engine.distributed import first_to_report

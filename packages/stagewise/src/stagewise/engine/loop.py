@@ -249,7 +249,7 @@ class TrainLoop:
 
     def _drop_unweighted_grads(self, trained: list[tuple[float, dict[str, Any]]]) -> None:
         """Under DDP a term of weight 0 in every batch of the step (not switched on yet, or cut to 0 by its
-        fallback) is in the graph at weight 0, so its parameters get zero gradients, which AdamW would decay
+        fallback) has its parameters get zero gradients (:meth:`_zero_gradient`), which AdamW would decay
         and count as steps; in one process they get none (not computed, or left out of the sum). Leave them
         none here too, so both runs take the same steps; when no term is weighted in any batch, neither does the
         model get one. ``trained``: each batch's (loss, record), a record holding the active terms' (value,
@@ -296,18 +296,21 @@ class TrainLoop:
         scalars, scale, examples = self._term_scalars(batch, losses, summed)
         total: Any = 0.0  # a float until a term joins, so a first term of weight 1 is taken as it is: no 0 + 1·L ops
         global_value = 0.0  # Σ w_i L_i of the global batch, under DDP
+        unweighted = False  # a term of weight 0 in this batch
         for name, (loss, _) in losses.items():
-            weight = 0.0  # an inactive term, computed only because DDP wants every term in the graph
             scalar, parts = scalars[name]
+            weight = 0.0  # a term not switched on, computed under DDP only (see _wrap_distributed)
             if name in active:
                 weight = self.weights.effective(name, weights[name], scalar, count=record is not None)
-                global_value += weight * scalar
                 if record is not None:
                     record[name] = (scalar, weight, parts)
-            elif not math.isfinite(scalar):  # 0 · NaN in the graph would still put NaN in every gradient
-                loss = self._zero_gradient()
-            if weight != 0.0 or self.state.dist.enabled:
-                total = loss if (weight == 1.0 and isinstance(total, float)) else total + weight * loss
+            if weight == 0.0:  # left out, as in one process: see _zero_gradient
+                unweighted = True
+                continue
+            global_value += weight * scalar
+            total = loss if (weight == 1.0 and isinstance(total, float)) else total + weight * loss
+        if unweighted and self.state.dist.enabled:
+            total = total + self._zero_gradient()
         if isinstance(total, float):  # every term had weight 0: nothing to learn from this batch
             total = torch.zeros((), device=self.state.device)
         if not self.state.dist.enabled:  # one process: the loss reported is the tensor's own value
@@ -318,11 +321,13 @@ class TrainLoop:
         return (total if scale == 1.0 else total * scale), global_value, examples
 
     def _zero_gradient(self) -> torch.Tensor:
-        """A stand-in, under DDP, for a switched-off term whose value is not finite: it gives every trained
-        parameter the zero gradient DDP's reducer waits for, as one process that never computes the term would
-        train on (0 · NaN would skip the batch, and every batch up to the term's start)."""
+        """0 · Σ parameters: under DDP, what the terms of weight 0 in a batch (not switched on, or cut by their
+        fallback) add to the loss. It gives every trained parameter the zero gradient DDP's reducer waits for, and
+        the batch trains as in one process, which leaves those terms out. Not 0 · L: a NaN or infinite value of
+        such a term (one that needs what a later stage builds, one its fallback cut) would skip the batch, and a
+        NaN or infinite gradient (0 · inf) would reach every weight."""
         zero = torch.zeros((), device=self.state.device)
-        return sum((p.sum() for p in self.objective.parameters() if p.requires_grad), zero)
+        return 0.0 * sum((p.sum() for p in self.objective.parameters() if p.requires_grad), zero)
 
     def _term_values(self, batch: dict[str, Any], active: set[str]) -> dict[str, Any]:
         """Each term's raw value on ``batch``: the Objective's, or under DDP its wrapper's, which computes
@@ -339,7 +344,7 @@ class TrainLoop:
         """Each computed term's value and parts as Python floats (float64 running sums, no tensor
         ops), the global batch's under DDP; the factor on the local loss (1 in one process); and the
         global batch's examples where known (under DDP) or ``summed`` asks for them, else 0.
-        Under DDP inactive terms are computed too: the guard must see them."""
+        Under DDP inactive terms are computed too (see :meth:`_wrap_distributed`)."""
         scalars = {name: (value.item(), {k: v.item() for k, v in parts.items()})
                    for name, (value, parts) in values.items()}
         if self.state.dist.enabled:
@@ -589,9 +594,9 @@ class TrainLoop:
             self.rng_to_set = None
 
     def _wrap_distributed(self) -> torch.nn.parallel.DistributedDataParallel | None:
-        """Under DDP the Objective's wrapper, which computes every term (``active`` None): DDP, built without
-        ``find_unused_parameters``, expects every parameter to get a gradient at every step, so an inactive
-        term stays in the graph at weight 0 (see :meth:`_total` and :meth:`_drop_unweighted_grads`)."""
+        """Under DDP the Objective's wrapper, which computes every term (``active`` None). DDP, built without
+        ``find_unused_parameters``, expects every parameter to get a gradient at every step: :meth:`_zero_gradient`
+        gives one to those only terms of weight 0 reach (see :meth:`_drop_unweighted_grads`)."""
         if not self.state.dist.enabled:
             return None
         from torch.nn.parallel import DistributedDataParallel
