@@ -1306,3 +1306,19 @@ def test_compare_resume_refuses_a_run_folder_without_its_recipe(tiny_recipe_path
     assert str(info.value) == (f"--resume {tmp_path / 'cmp'}: {tmp_path / 'cmp' / 'tiny'} holds files but no "
                                f"recipe.toml, so it is not a run of 'tiny'; move it away, or pass --out with a new "
                                f"folder")
+
+
+def test_a_process_stopped_by_another_s_failure_still_says_its_own_error_in_one_line(monkeypatch, capsys):
+    # a torchrun process whose collective broke off says so in one line; was: without its own error, so a bug of
+    # its own that came after another process's failure was printed by nobody
+    from stagewise.cli import main as cli
+
+    def broken_off(argv):
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer\nmore of torch's text")
+
+    monkeypatch.setattr(cli, "_command", broken_off)
+    monkeypatch.setattr(cli, "_follows_another_process", lambda exc: True)
+    assert cli.main(["run", "recipe.toml"]) == 1
+    assert capsys.readouterr().err == (
+        "stagewise: error: stopped, as another process of this torchrun job failed (see its error); here: "
+        "RuntimeError: [../gloo/transport/tcp/pair.cc:534] Connection closed by peer\n")

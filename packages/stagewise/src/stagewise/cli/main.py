@@ -50,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: its traceback, unless it only follows another process's failure
         if not _follows_another_process(exc):
             raise
-        print("stagewise: error: stopped, as another process of this torchrun job failed (see its error)",
-              file=sys.stderr)
+        # its own error's first line: a bug of its own that came after another's failure is not lost unseen
+        mine = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        print(f"stagewise: error: stopped, as another process of this torchrun job failed (see its error); here: "
+              f"{mine}", file=sys.stderr)
         code = 1
     if _joined_a_group():
         _end_torchrun_process(code)

@@ -106,7 +106,7 @@ def _agent_store() -> dist.Store | None:
         return None
     try:
         return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                             timeout=timedelta(seconds=10))
+                             timeout=timedelta(seconds=3))  # on the error path only: a gone agent must not hold it up
     except (KeyError, ValueError, RuntimeError):  # no address, or no agent there any more
         return None
 

@@ -27,7 +27,7 @@ def progress_bar(iterable: Iterable[Any] | None = None, *, desc: str, shown: boo
 
 
 @contextmanager
-def loading_bars(shown: bool) -> Iterator[None]:
+def showing_loading_bars(shown: bool) -> Iterator[None]:
     """Within: :func:`loading_bar` draws its bars if ``shown`` (the runner's: main process, a terminal, no --quiet)."""
     token = _loading_shown.set(shown)
     try:
@@ -38,6 +38,7 @@ def loading_bars(shown: bool) -> Iterator[None]:
 
 def loading_bar(desc: str, total: float) -> tqdm:
     """A bar counting bytes of a long step of loading the data (e.g. tokenising), named ``stagewise: <desc>``;
-    drawn as the engine's bars are (see :func:`loading_bars`), once the step has run ``LOADING_DELAY`` seconds."""
+    drawn as the engine's bars are (see :func:`showing_loading_bars`), once the step has run ``LOADING_DELAY``
+    seconds."""
     return progress_bar(desc=f"stagewise: {desc}", shown=_loading_shown.get(), total=total, unit="B",
                         unit_scale=True, delay=LOADING_DELAY)

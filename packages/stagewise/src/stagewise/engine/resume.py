@@ -119,9 +119,12 @@ def load_resume(path: Path, recipe: Recipe) -> dict[str, Any] | None:
     return saved
 
 
-# why a checkpoint other code wrote is not resumed, and what to do instead
-_OTHER_CODE = ("a run continued by other code may end with the numbers of neither code's uninterrupted run. "
-               "Finish it with the code that started it, or run the recipe again with --out and a new folder")
+def _other_code(restore: str = "") -> str:
+    """Why a checkpoint other code wrote is not resumed, and what to do instead (``restore``: the command that
+    installs the code that started the run, where known)."""
+    return ("a run continued by other code may end with the numbers of neither code's uninterrupted run. Finish it "
+            f"with the code that started it{f' ({restore})' if restore else ''}, or run the recipe again with --out "
+            "and a new folder")
 
 
 def _check_same_versions(written: Any, last: Path, path: Path, recipe: Recipe) -> None:
@@ -131,7 +134,7 @@ def _check_same_versions(written: Any, last: Path, path: Path, recipe: Recipe) -
     uses them, are checked with the recipe."""
     if written is None:
         raise CheckpointError(f"{last}: written by an earlier stagewise, which did not record its version in "
-                              f"checkpoints; {_OTHER_CODE}")
+                              f"checkpoints; {_other_code()}")
     if not (isinstance(written, dict) and all(isinstance(v, str) for v in [*written, *written.values()])):
         refuse_damaged([f"versions: {kind(written)}, expected a table of distributions and their versions"],
                        path, recipe)
@@ -139,8 +142,8 @@ def _check_same_versions(written: Any, last: Path, path: Path, recipe: Recipe) -
     changed = sorted(d for d in written.keys() & now.keys() if written[d] != now[d])
     if changed:
         raise CheckpointError(f"{last}: written with {', '.join(f'{d} {written[d]}' for d in changed)}, not the "
-                              f"{', '.join(f'{d} {now[d]}' for d in changed)} installed now; {_OTHER_CODE} (pip "
-                              f"install {' '.join(f'{d}=={written[d]}' for d in changed)})")
+                              f"{', '.join(f'{d} {now[d]}' for d in changed)} installed now; "
+                              f"{_other_code('pip install ' + ' '.join(f'{d}=={written[d]}' for d in changed))}")
 
 
 def check_same_recipe(path: Path, recipe: Recipe) -> None:
@@ -166,7 +169,7 @@ def _check_same_reading(table: dict[str, Any], last: Path) -> None:
     if started != table:
         changes = _first_few(_changes(table, started, ""), ", ", " and")
         raise CheckpointError(f"{last}: written by other code of the same versions: this code reads the recipe "
-                              f"it saved otherwise ({changes}); {_OTHER_CODE}")
+                              f"it saved otherwise ({changes}); {_other_code()}")
 
 
 def _resolved(table: dict[str, Any], file: Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from stagewise.engine.checkpoint import seed_everything, set_rng_state
 from stagewise.engine.cpu import cpu_kind, device_kind
 from stagewise.engine.failures import noted
 from stagewise.engine.guards import RateLimitedWarnings, python_warnings_above_bars
-from stagewise.engine.progress import loading_bars
+from stagewise.engine.progress import showing_loading_bars
 from stagewise.engine.resumable import options_problems
 from stagewise.engine.resume import check_resumable, load_resume, refuse_damaged, restore_run
 from stagewise.engine.rundir import RunDir, environment, file_in_the_way, unused_folder
@@ -240,7 +240,7 @@ def _load_data(recipe: Recipe, shown: bool) -> Any:
     if shown:
         print(f"stagewise: loading the data ({recipe.data.use}) ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    with loading_bars(shown):
+    with showing_loading_bars(shown):
         data = _build("data", recipe, lambda: recipe.data.component().from_recipe(recipe.data.options,
                                                                                    seed=recipe.run.seed))
     if shown:
