@@ -1,7 +1,7 @@
 """Baseline vs Koopman hybrid, measured in one process on the same data and seed.
 
     python packages/stagewise-koopman/bench/hybrid_vs_baseline.py [--data DIR] [--out DIR] [--json OUT.json]
-                                                                  [--quick] [--seeds N]
+                                                                  [--quick] [--seeds N] [--set KEY=VALUE ...]
 
 DIR holds train.txt, valid.txt and test.txt (UTF-8); by default the public-domain English texts in
 ../shared/data/pd_english (relative to the repository) are dealt to the three splits by
@@ -11,8 +11,9 @@ text, into ``<out>/data``. Every run directory is kept under ``--out`` (default
 runs/koopman-bench, or runs/koopman-bench-2, ... when that holds files; a folder given must be
 new or empty), so the runs that finished survive one that fails. Runs the recipes
 koopman.baseline and koopman.hybrid (same [data], [model], seed and epochs), then the hybrid
-again for each weight cap of the sweep (the term's weight and cap both set to it). Prints a
-table and one JSON line:
+again for each weight cap of the sweep (the term's weight and cap both set to it). ``--set``
+overrides the recipes after the script's settings (e.g. ``--set model.n_layer=6``), except the
+seed (``--seeds``) and the Koopman term's weight and cap (the sweep's). Prints a table and one JSON line:
 
 - baseline_ppl, hybrid_ppl: final validation perplexity of each (the main stage's best epoch);
 - koopman_forward_ppl: test perplexity with the last ``koopman_forward_layers`` blocks replaced
@@ -27,7 +28,7 @@ table and one JSON line:
   clock, on a possibly shared machine); seconds: {baseline_main, hybrid_main}, those seconds;
 - baseline_test_ppl, hybrid_test_ppl: test perplexity of each (the final ``test`` stage);
 - hybrid_weight: the term's mean effective weight in the hybrid's best epoch (after fallbacks);
-- mode: "quick" or "full", the settings used;
+- mode: "quick" or "full", the settings used; overrides: the --set overrides, if any;
 - sweep: [{cap, ppl, linearity_gain}] — the trade-off between the term's weight and perplexity;
 - seeds (with ``--seeds N``, N > 1): [{seed, baseline_ppl, hybrid_ppl, ppl_change_pct,
   test_ppl_change_pct, linearity_gain}] for seeds 0..N-1 (seed 0 is the run above), and
@@ -41,10 +42,12 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stagewise.bench import run_benchmark
+from stagewise.bench import add_set_option, run_benchmark
+from stagewise.compare import overrides_by_recipe
 from stagewise.data.text import write_file_split
 from stagewise.engine.runner import run_recipe
 from stagewise.recipe import load_recipe
@@ -52,6 +55,7 @@ from stagewise.recipe import load_recipe
 REPO = Path(__file__).resolve().parents[3]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "pd_english"
 CAPS = (0.01, 0.05, 0.2, 0.5)
+RECIPES = ("koopman.baseline", "koopman.hybrid")
 HYBRID_CAP = 0.2  # the weight of koopman.hybrid's term: its run is the sweep's 0.2 point
 # (data and training overrides) per mode. Quick: 8 main epochs, because on 60k tokens the
 # baseline's best validation epoch falls at 3-6 (it overfits after): both runs are compared at
@@ -86,10 +90,18 @@ def stage_fallbacks(summary: dict[str, Any]) -> int:
     return summary["main_epochs"][-1]["train/koopman/fallbacks"]
 
 
-def common_overrides(data: Path, mode: str, seed: int) -> list[str]:
+def recipe_overrides(data: Path, mode: str, extra: list[str]) -> dict[str, list[str]]:
+    """Per recipe, the script's settings, then its share of ``extra`` (--set, shared out as compare does);
+    the seed, which --seeds sets, follows (``at_seed``)."""
     # one thread per run: on a shared machine, torch's thread pools oversubscribe the cores and
     # stall, which swamps the timing; both runs get the same single core
-    return [f"data.path={data}", f"run.seed={seed}", "run.threads=1", *SETTINGS[mode]]
+    common = [f"data.path={data}", "run.threads=1", *SETTINGS[mode]]
+    return {name: [*common, *share] for name, share in zip(RECIPES, overrides_by_recipe(list(RECIPES), extra),
+                                                             strict=True)}
+
+
+def at_seed(overrides: list[str], seed: int) -> list[str]:
+    return [*overrides, f"run.seed={seed}"]
 
 
 def pair_row(seed: int, base: dict[str, float], hybrid: dict[str, float]) -> dict[str, float]:
@@ -100,20 +112,20 @@ def pair_row(seed: int, base: dict[str, float], hybrid: dict[str, float]) -> dic
             "linearity_gain": base["linearity/one_step_error"] / hybrid["linearity/one_step_error"]}
 
 
-def seed_pair(data: Path, mode: str, seed: int, out: Path) -> dict[str, float]:
+def seed_pair(overrides: dict[str, list[str]], seed: int, out: Path) -> dict[str, float]:
     """Baseline and koopman.hybrid at one more seed."""
-    common = common_overrides(data, mode, seed)
-    base = run("koopman.baseline", common, out / f"baseline_seed{seed}")["metrics"]
-    hybrid = run("koopman.hybrid", [*common, *koopman_losses(HYBRID_CAP)], out / f"hybrid_seed{seed}")["metrics"]
-    return pair_row(seed, base, hybrid)
+    base = run("koopman.baseline", at_seed(overrides["koopman.baseline"], seed), out / f"baseline_seed{seed}")
+    hybrid = run("koopman.hybrid", [*at_seed(overrides["koopman.hybrid"], seed), *koopman_losses(HYBRID_CAP)],
+                 out / f"hybrid_seed{seed}")
+    return pair_row(seed, base["metrics"], hybrid["metrics"])
 
 
-def measure(data: Path, mode: str, out: Path, seeds: int = 1) -> dict[str, Any]:
-    common = common_overrides(data, mode, 0)
-    baseline = run("koopman.baseline", common, out / "baseline")
+def measure(data: Path, mode: str, out: Path, seeds: int = 1, extra: Sequence[str] = ()) -> dict[str, Any]:
+    overrides = recipe_overrides(data, mode, list(extra))
+    baseline = run("koopman.baseline", at_seed(overrides["koopman.baseline"], 0), out / "baseline")
     base_error = baseline["metrics"]["linearity/one_step_error"]
-    hybrids = {cap: run("koopman.hybrid", [*common, f"run.name=koopman_hybrid_{cap}", *koopman_losses(cap)],
-                        out / f"hybrid_{cap}") for cap in CAPS}
+    hybrids = {cap: run("koopman.hybrid", [*at_seed(overrides["koopman.hybrid"], 0), f"run.name=koopman_hybrid_{cap}",
+                                           *koopman_losses(cap)], out / f"hybrid_{cap}") for cap in CAPS}
     hybrid, m = hybrids[HYBRID_CAP], hybrids[HYBRID_CAP]["metrics"]
     result = {
         "baseline_ppl": baseline["metrics"]["val/ppl"],
@@ -131,12 +143,13 @@ def measure(data: Path, mode: str, out: Path, seeds: int = 1) -> dict[str, Any]:
         "seconds": {"baseline_main": baseline["stages"]["main"]["seconds"],
                     "hybrid_main": hybrid["stages"]["main"]["seconds"]},
         "mode": mode,
+        "overrides": list(extra),
         "sweep": [{"cap": cap, "ppl": h["metrics"]["val/ppl"],
                    "linearity_gain": base_error / h["metrics"]["linearity/one_step_error"]}
                   for cap, h in hybrids.items()],
     }
     if seeds > 1:
-        rows = [pair_row(0, baseline["metrics"], m), *(seed_pair(data, mode, seed, out) for seed in range(1, seeds))]
+        rows = [pair_row(0, baseline["metrics"], m), *(seed_pair(overrides, seed, out) for seed in range(1, seeds))]
         result["seeds"] = rows
         result["seeds_mean"] = {key: statistics.mean(row[key] for row in rows)
                                 for key in ("ppl_change_pct", "test_ppl_change_pct", "linearity_gain")}
@@ -153,6 +166,8 @@ def table(result: dict[str, Any]) -> str:
             ("fallbacks", result["fallbacks"], "batches with the weight cut"),
             ("time_ratio", result["time_ratio"], "hybrid / baseline main stage; target <= 1.5")]
     lines = [f"{name:<36}{value:>12.4g}  {note}" for name, value, note in rows]
+    if result["overrides"]:
+        lines.append(f"{'--set':<36}{' '.join(result['overrides'])}")
     lines += ["", f"{'cap':>8}{'val PPL':>12}{'linearity_gain':>16}"]
     lines += [f"{s['cap']:>8}{s['ppl']:>12.4f}{s['linearity_gain']:>16.3f}" for s in result["sweep"]]
     if "seeds" in result:
@@ -175,16 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="less data and fewer epochs (under 10 minutes)")
     parser.add_argument("--seeds", type=int, default=1, help="also run baseline and hybrid at seeds 1..N-1 "
                         "(2 more runs per seed) to show the seed-to-seed spread (default 1: seed 0 only)")
+    add_set_option(parser, "The seed (--seeds) and the Koopman term's weight and cap (the sweep's) are set last.")
     args = parser.parse_args(argv)
+
     def body(out: Path) -> dict[str, Any]:
         data = args.data
         if data is None:  # a by-file split would validate on one kind of text, train on others
             data = out / "data"
             # errors="replace": nine files hold Latin-1 bytes, read as U+FFFD as when the results were recorded
             write_file_split(DEFAULT_DATA, data, valid=2, test=6, chunk_lines=40, seed=0, errors="replace")
-        return measure(data, "quick" if args.quick else "full", out, args.seeds)
+        return measure(data, "quick" if args.quick else "full", out, args.seeds, args.overrides)
 
     return run_benchmark("hybrid_vs_baseline", body, table, args.out, "koopman-bench", args.json)
+
 
 if __name__ == "__main__":
     sys.exit(main())

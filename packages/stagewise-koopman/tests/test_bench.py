@@ -73,3 +73,12 @@ def test_the_json_holds_every_key_of_the_contract(bench, tmp_path, monkeypatch):
     assert result["koopman_forward_layers"] == 2 and isinstance(result["fallbacks"], int)
     numbers = [result[key] for key in CONTRACT - {"sweep"}] + [v for p in result["sweep"] for v in p.values()]
     assert all(math.isfinite(v) and v >= 0 for v in numbers)
+
+
+def test_set_goes_to_the_recipes_that_have_its_term_and_the_seed_is_the_scripts(bench, tmp_path, capsys):
+    extra = ["model.n_embd=32", "stages.main.losses.koopman.lifted_weight=5", "run.seed=7"]
+    overrides = bench.recipe_overrides(tmp_path, "quick", extra)
+    assert overrides["koopman.baseline"][-2:] == ["model.n_embd=32", "run.seed=7"]  # no Koopman term there
+    assert overrides["koopman.hybrid"][-3:] == extra
+    assert "applies to koopman.hybrid only" in capsys.readouterr().out  # said once, as compare says it
+    assert bench.at_seed(overrides["koopman.hybrid"], 3)[-1] == "run.seed=3"  # --seeds' seed wins

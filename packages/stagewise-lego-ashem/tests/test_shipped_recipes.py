@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import tomllib
 from pathlib import Path
 
 import torch
@@ -53,6 +54,10 @@ def _write_text_dir(folder: Path) -> Path:
     return folder
 
 
+def _recipe_file(run_dir: Path) -> dict:
+    return tomllib.loads((run_dir / "recipe.toml").read_text(encoding="utf-8"))
+
+
 def test_the_benchmark_json_holds_every_contract_key_named_as_in_the_recipes_summary(bench, tmp_path,
                                                                                        monkeypatch):
     # the speed-only shape (dim 256, 8 layers) is no part of the contract: left out here
@@ -60,9 +65,13 @@ def test_the_benchmark_json_holds_every_contract_key_named_as_in_the_recipes_sum
                         for k in ("compute_cost_flops", "speedup_measured", "shallow_ratio")})
     out = tmp_path / "out.json"
     args = ["--data", str(_write_text_dir(tmp_path / "data")), "--out", str(tmp_path / "runs"), "--json", str(out)]
-    assert bench.main([*args, "--quick"]) == 0
+    # a --set on a stage only the ashem recipe has goes to it alone, as in `stagewise compare`
+    assert bench.main([*args, "--quick", "--set", "stages.phase2.max_epochs=1"]) == 0
     result = json.loads(out.read_text())
     assert set(bench.CONTRACT) <= set(result)
+    assert result["overrides"] == ["stages.phase2.max_epochs=1"]
+    phase2 = next(s for s in _recipe_file(tmp_path / "runs" / "ashem")["stages"] if s["name"] == "phase2")
+    assert phase2["max_epochs"] == 1 and "phase2" not in read_summary(tmp_path / "runs" / "baseline")["stages"]
     baseline, ashem = (read_summary(tmp_path / "runs" / name)["metrics"] for name in ("baseline", "ashem"))
     assert result["baseline_ppl"] == baseline["test/ppl"]  # the baseline recipe's name for it
     for key in set(bench.CONTRACT) - {"baseline_ppl"}:  # the ashem recipe's: <stage>/<key>

@@ -3,6 +3,7 @@ they make, a one-line error instead of a traceback, and the table plus JSON line
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Callable
@@ -11,6 +12,16 @@ from typing import Any
 
 from stagewise.engine.rundir import empty_folder, unused_folder, write_text_atomic
 from stagewise.errors import StagewiseError
+
+
+def add_set_option(parser: argparse.ArgumentParser, sets_itself: str) -> None:
+    """``--set KEY=VALUE`` (repeatable, into ``args.overrides``), a recipe override as ``stagewise run``
+    takes it, shared out as ``stagewise compare`` does (``compare.overrides_by_recipe``). The benchmark's own
+    settings come first, so a user's win, except those named in ``sets_itself``, which the script sets last."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a recipe key of the benchmark's runs, after its own settings (repeatable): "
+                        "one on stages.NAME goes only to the recipes that have a stage NAME, as in 'stagewise "
+                        f"compare'; the result records them under 'overrides'. {sets_itself}")
 
 
 def run_benchmark(prog: str, measure: Callable[[Path], dict[str, Any]], table: Callable[[dict[str, Any]], str],
