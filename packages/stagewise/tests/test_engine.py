@@ -497,6 +497,24 @@ def test_more_processes_on_a_machine_than_it_has_gpus_is_a_config_error(tiny, mo
             resolve_device(_with_device(tiny(), name, "my.toml"))
 
 
+def test_bf16_on_a_gpu_without_bfloat16_is_a_config_error(tiny, monkeypatch):
+    # torch.autocast refused it at the first training step, after the data had loaded
+    from stagewise.engine import distributed
+    from stagewise.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Tesla V100")
+    monkeypatch.setattr(distributed, "_bf16_supported", lambda index: False)
+    recipe = _with_device(tiny("run.precision='bf16'"), "cuda", "my.toml")
+    expected = (r"^my\.toml: 1 problem:\n  - run\.precision \(from --set run\.precision='bf16'\): 'bf16' needs a GPU "
+                r"with bfloat16 .* Tesla V100 has none; set run\.precision = 'fp32'")
+    with pytest.raises(ConfigError, match=expected):
+        distributed.resolve_device(recipe)
+    recipe.run.precision = "fp32"
+    assert distributed.resolve_device(recipe) == torch.device("cuda", 0)
+
+
 class _Calibrate(stagewise.Stage):
     """Says it calibrates on `valid` (its fits_on), as a router-calibrating plugin stage would."""
 

@@ -189,4 +189,13 @@ def resolve_device(recipe: Recipe) -> torch.device:
         raise recipe.error([f"run.device: {name!r} gives each process one GPU, but this machine has {gpus} and "
                             f"torchrun started {processes} processes here; start at most {gpus} per machine "
                             f"(torchrun --nproc_per_node={gpus}) or set run.device = 'cpu'"])
+    if recipe.run.precision == "bf16" and not _bf16_supported(local_rank):  # else autocast refuses at the first step
+        raise recipe.error([f"run.precision: 'bf16' needs a GPU with bfloat16 (compute capability 8.0 or newer), and "
+                            f"{torch.cuda.get_device_name(local_rank)} has none; set run.precision = 'fp32', or "
+                            f"run.device = 'cpu'"])
     return torch.device("cuda", local_rank)
+
+
+def _bf16_supported(index: int) -> bool:
+    with torch.cuda.device(index):  # torch.autocast asks this of the current device
+        return torch.cuda.is_bf16_supported()
