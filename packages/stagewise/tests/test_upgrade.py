@@ -74,6 +74,16 @@ def test_a_checkpoint_another_version_of_stagewise_wrote_is_not_resumed_naming_b
                                f"--out and a new folder")
 
 
+def test_a_checkpoint_another_torch_wrote_is_not_resumed_naming_both(tiny, stopped, tmp_path):
+    # another torch may round differently: the continued run would end with the numbers of neither
+    assert load_checkpoint(stopped[0] / "checkpoints" / "last.pt")["versions"]["torch"] == torch.__version__
+    run = damaged_copy(stopped[0], tmp_path / "torch", lambda saved: saved["versions"].update(torch="2.0.0"))
+    with pytest.raises(CheckpointError, match=rf"last\.pt: written with torch 2\.0\.0, not the torch "
+                                              rf"{re.escape(torch.__version__)} installed now; .* \(pip install "
+                                              r"torch==2\.0\.0\)"):
+        run_recipe(tiny(), resume=run, quiet=True)
+
+
 def test_a_plugin_installed_then_but_gone_now_does_not_stop_a_resume(tiny, stopped, tmp_path):
     # the recipe is checked for the names it uses; a plugin it does not use (this one) changes nothing
     run = damaged_copy(stopped[0], tmp_path / "gone", lambda saved: saved["versions"].update({"stagewise-gone": "1"}))
