@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from stagewise_koopman import forward_mode
+from conftest import run_tiny
+from stagewise_koopman import forward_mode, stages
 from stagewise_koopman.loss import KoopmanOperator, KoopmanOptions
 
 
@@ -15,3 +16,11 @@ def test_the_unit_circle_is_a_reference_line_not_a_data_series(tmp_path, monkeyp
     series, kw = drawn[0]
     assert list(series) == ["K0", "K1"]
     assert kw["hlines"] == [(1.0, "|λ| = 1")]
+
+
+def test_the_spectrum_plot_is_titled_with_the_run_s_name(tmp_path, monkeypatch):
+    # as core's curves.png: plots of several runs side by side say which run each is
+    titles = []
+    monkeypatch.setattr(stages, "plot_spectrum", lambda path, term, title: titles.append((path.name, title)))
+    run_tiny(tmp_path / "run")
+    assert titles == [("koopman_spectrum.png", "tiny_hybrid: spectrum of each K (koopman)")]

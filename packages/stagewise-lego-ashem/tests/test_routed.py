@@ -455,7 +455,7 @@ class _State:
         self.data = {split: [None] * sum(len(b["input"]) for b in bs) for split, bs in batches.items()}  # windows
         self.dist, self.run_dir, self.logged, self.seed, self.stage_index = DistInfo(), None, [], 0, 0
         self.device, self.resumed_from, self.stage_name = torch.device("cpu"), None, "test"
-        self.recipe = SimpleNamespace(stages=[SimpleNamespace(checkpoint="test")])
+        self.recipe = SimpleNamespace(run=SimpleNamespace(name="lego"), stages=[SimpleNamespace(checkpoint="test")])
 
     keep_router = stagewise.State.keep_router
 
@@ -539,12 +539,12 @@ def test_each_routed_evaluation_draws_its_own_curve_named_by_stage_and_measure(t
         state.stage_name = state.recipe.stages[0].checkpoint = stage  # a checkpoint is named as its stage by default
         accuracy_compute_curve(state, "test", router, 2)
     assert [path.name for path, _, _ in drawn] == ["accuracy_compute_test.png", "accuracy_compute_test_probe.png"]
-    assert drawn[1][2]["title"] == "test_probe: accuracy vs compute (test)"
+    assert drawn[1][2]["title"] == "lego: accuracy vs compute on test (stage test_probe)"  # was without the run
     # a stage name no file may carry on Windows (was: accuracy_compute_test: probe.png, an NTFS data stream there)
     state.stage_name, state.recipe.stages[0].checkpoint = "test: probe", "test_probe2"
     accuracy_compute_curve(state, "test", router, 2)
     assert drawn[2][0].name == "accuracy_compute_test_probe2.png"
-    assert drawn[2][2]["title"] == "test: probe: accuracy vs compute (test)"
+    assert drawn[2][2]["title"] == "lego: accuracy vs compute on test (stage test: probe)"
     assert list(drawn[0][1]) == [f"routed by {router.options.measure}, threshold sweep"]
 
 

@@ -988,6 +988,7 @@ def _fake_run_recipe(recipe, out, quiet=False, resume=None):
     if recipe.run.name != "tiny":
         metrics["test/acc"] = 0.25
     (out / "summary.json").write_text(json.dumps({"metrics": metrics}))
+    (out / "metrics.jsonl").write_text("")  # no epochs: no curve for compare.png
     return out
 
 
@@ -1021,6 +1022,7 @@ def test_compare_shows_a_nan_or_inf_metric_not_a_dash(tiny_recipe_path, tmp_path
         diverged = recipe.run.name == "other"
         write_json_atomic(out / "summary.json", {"metrics": {"val/loss": float("nan") if diverged else 2.0,
                                                              "mine/threshold": float("inf") if diverged else 0.5}})
+        (out / "metrics.jsonl").write_text("")  # no epochs: no curve for compare.png
         return out
 
     monkeypatch.setattr("stagewise.engine.runner.run_recipe", run)
@@ -1064,7 +1066,9 @@ def test_compare_refuses_a_repeated_run_name_or_a_used_folder_before_running(tin
                             "the run in its recipe file"),  # was a folder that compare.json could not replace
     (["a", ".b.tmp"], "{1}: run.name '.b.tmp' is the name of a temp file of an interrupted write, which compare "
                       "--resume deletes in OUT"),
-], ids=["case", "normalisation", "third-repeats-second", "compare-json", "temp-file"])
+    (["a", "Compare.PNG"], "{1}: run.name 'Compare.PNG' is the name of the figure compare draws in OUT; rename "
+                           "the run in its recipe file"),
+], ids=["case", "normalisation", "third-repeats-second", "compare-json", "temp-file", "compare-png"])
 def test_compare_refuses_run_names_that_share_a_folder_before_running(tiny_recipe_path, tmp_path, monkeypatch, names,
                                                                       problem):
     from stagewise.compare import compare_recipes

@@ -30,6 +30,7 @@ import stagewise
 from stagewise.engine.batches import count_batches, iterate_batches
 from stagewise.engine.checkpoint import load_checkpoint
 from stagewise.engine.distributed import DistInfo, collective_device, setup
+from stagewise.plots import have_matplotlib
 from stagewise.recipe import load_recipe
 from stagewise.testing import resume_run, run_child, run_killed, run_stopped, run_uninterrupted, timeless_records
 
@@ -692,7 +693,9 @@ def test_compare_under_torchrun_prints_its_table_once(tmp_path):
     done = _torchrun(["compare", "a.toml", "b.toml", "--quiet", "--out", "cmp"], tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("-> cmp/compare.json") == 1, done.stdout
-    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["compare.json", "ddp", "other"]
+    assert done.stdout.count("-> cmp/compare.png") == have_matplotlib(), done.stdout
+    figure = ["compare.png"] if have_matplotlib() else []  # drawn once too
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["compare.json", *figure, "ddp", "other"]
 
 
 @pytest.mark.parametrize("command", ["run", "compare"])

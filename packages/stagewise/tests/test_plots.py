@@ -100,7 +100,8 @@ def test_curves_number_epochs_across_stages_and_mark_each_stage_start(tmp_path, 
     curves.stagewise_after_run(state)
     ((path, series, kw),) = drawn
     assert path == tmp_path / "curves.png"
-    assert series == {"train/loss": ([1, 2, 3], [3.0, 2.0, 1.0]), "val/loss": ([1, 2], [3.5, 2.5])}
+    # a None y between two stages' points breaks the line there
+    assert series == {"train/loss": ([1, 2, 2.5, 3], [3.0, 2.0, None, 1.0]), "val/loss": ([1, 2], [3.5, 2.5])}
     assert kw["vlines"] == [(0.5, "a"), (2.5, "b")]  # just before each stage's first epoch
 
 
@@ -274,14 +275,37 @@ def test_a_plot_stopped_mid_write_keeps_the_earlier_picture_and_leaves_no_temp_f
 
 def _drawn_axes(monkeypatch, *args, **kwargs):
     """The axes line_plot(*args, **kwargs) draws, laid out by Agg as in the PNG, without writing it."""
-    figure = pytest.importorskip("matplotlib.figure")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    drawn = _figures(monkeypatch)
+    assert line_plot(*args, **kwargs) is True
+    return _laid_out(drawn[0])
 
+
+def _figures(monkeypatch):
+    """The figures line_plot draws from now on, in order; none is written."""
+    figure = pytest.importorskip("matplotlib.figure")
     drawn = []
     monkeypatch.setattr(figure.Figure, "savefig", lambda fig, *a, **kw: drawn.append(fig))
-    assert line_plot(*args, **kwargs) is True
-    FigureCanvasAgg(drawn[0]).draw()
-    return drawn[0].axes[0]
+    return drawn
+
+
+def _laid_out(fig):
+    """The figure's axes, laid out by Agg as in the PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    return fig.axes[0]
+
+
+def _data_lines(ax):
+    """The axes' series by legend name (not the stage or reference lines)."""
+    return {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+
+
+def _pieces(line):
+    """How many separate strokes a line is drawn in: a NaN y breaks it."""
+    from matplotlib.path import Path as MplPath
+
+    return list(line.get_path().cleaned(remove_nans=True).codes).count(MplPath.MOVETO)
 
 
 def test_curves_plot_a_non_finite_epoch_metric_as_a_gap_on_a_numeric_axis(tmp_path, monkeypatch):
@@ -347,3 +371,143 @@ def test_a_plot_that_cannot_be_drawn_warns_and_leaves_the_run_its_results(tiny, 
     assert (run_dir / "summary.json").is_file() and not (run_dir / "plots").exists()
     err = capsys.readouterr().err
     assert f"stagewise: warning: {run_dir / 'plots' / 'curves.png'} is not drawn (ModuleNotFoundError: " in err
+
+
+def test_curves_break_each_line_at_a_stage_start(tmp_path, monkeypatch):
+    # was: stage a's last epoch was joined to stage b's first, though they are different models (or objectives)
+    from stagewise.builtins import curves
+
+    drawn = _figures(monkeypatch)
+    curves.stagewise_after_run(_finished_run(tmp_path, [
+        {"event": "epoch", "stage": "a", "train/loss": 3.0, "val/loss": 3.5},
+        {"event": "epoch", "stage": "a", "train/loss": 2.0, "val/loss": 2.5},
+        {"event": "epoch", "stage": "b", "train/loss": 2.6, "val/loss": 2.4},
+        {"event": "epoch", "stage": "b", "train/loss": 1.0, "val/loss": 2.0},
+        {"event": "epoch", "stage": "c", "train/loss": 0.9},  # no validation: val/loss's line just ends
+    ]))
+    ax = _laid_out(drawn[0])
+    lines = _data_lines(ax)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train/loss", "val/loss"]  # no break counted
+    assert {name: _pieces(line) for name, line in lines.items()} == {"train/loss": 3, "val/loss": 2}
+    assert list(lines["train/loss"].get_xdata()) == [1, 2, 2.5, 3, 4, 4.5, 5]  # the breaks at the stage starts
+    lo, hi = ax.get_xlim()
+    assert all(float(t).is_integer() for t in ax.get_xticks() if lo <= t <= hi)  # still whole epochs only
+
+
+def test_line_plot_draws_a_log_y_axis_only_when_asked(tmp_path, monkeypatch):
+    series = {"train/loss": ([1, 2, 3], [8.0, 0.5, 0.01])}
+    assert _drawn_axes(monkeypatch, tmp_path / "p.png", series).get_yscale() == "linear"
+    ax = _drawn_axes(monkeypatch, tmp_path / "p.png", series, logy=True)
+    assert ax.get_yscale() == "log"
+    lo, hi = ax.get_ylim()
+    assert lo < 0.01 and hi > 8.0
+
+
+@pytest.mark.parametrize("ys, log", [
+    ([8.0, 2.0, 0.5, 0.05, 0.01], True),  # was: every epoch after the second lay flat on the bottom
+    ([5.3, 5.0, 4.6], False),  # a language model's loss: the usual linear axis reads well
+    ([15.0, 1.5], True), ([10.0, 1.0], True), ([9.9, 1.0], False),  # a factor of 10 or more
+    ([8.0, 0.0], False), ([1.0, -0.1], False),  # a log axis cannot hold 0 or below
+    ([8.0, math.nan, math.inf, 4.0], False),  # NaN and Inf are not drawn, so they do not count
+    ([math.nan], False),
+])
+def test_curves_take_a_log_axis_when_the_losses_span_a_factor_of_10(tmp_path, monkeypatch, ys, log):
+    from stagewise.builtins import curves
+
+    drawn = []
+    monkeypatch.setattr(curves, "line_plot", lambda path, series, **kw: drawn.append(kw))
+    curves.stagewise_after_run(_finished_run(tmp_path, [{"event": "epoch", "stage": "a", "train/loss": y}
+                                                        for y in ys]))
+    assert drawn[0]["logy"] is log
+
+
+@pytest.mark.parametrize("ys, labels", [
+    # was: just over a decade (2 down to 0.15) had a single power of ten in view, so one label, "10⁰"
+    ([2.0, 0.8, 0.3, 0.15], ["0.2", "0.5", "1", "2"]),
+    ([8.0, 1.0, 0.1, 0.01], ["0.01", "0.02", "0.05", "0.1", "0.2", "0.5", "1", "2", "5", "10"]),
+    ([8.0, 1e-3, 1e-6], ["1e\u221206", "1e\u221205", "0.0001", "0.001", "0.01", "0.1", "1", "10"]),  # 10ⁿ only
+])
+def test_a_log_axis_labels_enough_ticks_to_read_a_value(tmp_path, monkeypatch, ys, labels):
+    ax = _drawn_axes(monkeypatch, tmp_path / "p.png", {"val/loss": (list(range(1, len(ys) + 1)), ys)}, logy=True)
+    lo, hi = ax.get_ylim()
+    texts = [t for t in ax.yaxis.get_ticklabels() + ax.yaxis.get_ticklabels(minor=True)
+             if t.get_text() and lo <= t.get_position()[1] <= hi]
+    assert [t.get_text() for t in texts] == labels
+    boxes = [t.get_window_extent(ax.figure.canvas.get_renderer()) for t in texts]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+# each compared run's epochs: the method's two stages (its val/loss diverges once), the baseline's one
+_COMPARED = {"tiny": [("train", 6.0, 6.5), ("train", 4.0, 5.0), ("train", 3.0, 4.5)],
+             "other": [("phase1", 6.0, 6.4), ("phase1", 4.0, math.nan), ("phase2", 2.0, 4.0)]}
+
+
+def _compare(tiny_recipe_path, tmp_path, monkeypatch):
+    """``compare_recipes`` of the tiny recipe and one named "other", with runs faked from ``_COMPARED``."""
+    import json
+
+    from stagewise.compare import compare_recipes
+    from stagewise.engine.rundir import write_json_atomic
+
+    def run(recipe, out, quiet=False, resume=None):
+        out.mkdir(parents=True)
+        epochs = _COMPARED[recipe.run.name]
+        (out / "metrics.jsonl").write_text("".join(
+            json.dumps({"event": "epoch", "stage": stage, "train/loss": train,
+                        "val/loss": val if math.isfinite(val) else str(val)}) + "\n"  # as a run writes NaN
+            for stage, train, val in epochs))
+        write_json_atomic(out / "summary.json", {"metrics": {"val/loss": epochs[-1][2]}})
+        return out
+
+    monkeypatch.setattr("stagewise.engine.runner.run_recipe", run)
+    other = tmp_path / "other.toml"
+    other.write_text(tiny_recipe_path.read_text().replace('name = "tiny"', 'name = "other"'))
+    compare_recipes([str(tiny_recipe_path), str(other)], [], tmp_path / "cmp", quiet=True)
+
+
+def test_compare_draws_each_run_s_val_loss_and_says_where(tiny_recipe_path, tmp_path, monkeypatch, capsys):
+    # was: a table only; how the runs got there (a method's second stage overtaking the baseline) was not to be seen
+    import stagewise.compare
+
+    pytest.importorskip("matplotlib")
+    drawn = []
+
+    def recorded(path, series, **kw):
+        drawn.append((path, series, kw))
+        return line_plot(path, series, **kw)
+
+    monkeypatch.setattr(stagewise.compare, "line_plot", recorded)
+    _compare(tiny_recipe_path, tmp_path, monkeypatch)
+    out = tmp_path / "cmp"
+    ((path, series, kw),) = drawn
+    assert path == out / "compare.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(series) == ["tiny", "other"]  # a line (a colour) per run, named as in the table
+    assert series["tiny"] == ([1, 2, 3], [6.5, 5.0, 4.5])
+    xs, ys = series["other"]  # broken at its own stage start; the diverged epoch is a gap
+    assert xs == [1, 2, 2.5, 3] and ys[0] == 6.4 and math.isnan(ys[1]) and ys[2:] == [None, 4.0]
+    assert (kw["title"], kw["ylabel"], kw["logy"]) == ("tiny vs other: val/loss per epoch", "val/loss", False)
+    assert capsys.readouterr().out.splitlines()[-3:] == ["", f"-> {out / 'compare.json'}", f"-> {out / 'compare.png'}"]
+
+
+def test_compare_s_figure_gives_each_run_its_own_colour(tiny_recipe_path, tmp_path, monkeypatch):
+    drawn = _figures(monkeypatch)
+    _compare(tiny_recipe_path, tmp_path, monkeypatch)
+    lines = _data_lines(_laid_out(drawn[0]))
+    assert list(lines) == ["tiny", "other (1 not finite, not drawn)"]
+    assert len({line.get_color() for line in lines.values()}) == 2
+
+
+def test_compare_without_matplotlib_says_once_why_it_draws_no_figure(tiny_recipe_path, tmp_path, monkeypatch,
+                                                                     capsys):
+    import stagewise.plots as plots
+
+    monkeypatch.setattr(plots, "have_matplotlib", lambda: False)
+    monkeypatch.setattr(plots, "_hinted", set())
+    monkeypatch.setattr(install, "CHECKOUT_PACKAGES", tmp_path)  # core from the package index
+    _compare(tiny_recipe_path, tmp_path, monkeypatch)
+    out = tmp_path / "cmp"
+    captured = capsys.readouterr()
+    assert captured.err == (f"stagewise: hint: matplotlib is not installed, so {out / 'compare.png'} (and this "
+                            f"run's other plots) is not drawn; pip install 'stagewise[plots]' to get them\n")
+    assert captured.out.splitlines()[-1] == f"-> {out / 'compare.json'}"  # no figure to point to
+    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "other", "tiny"]

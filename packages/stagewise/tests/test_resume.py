@@ -15,6 +15,7 @@ import stagewise
 from stagewise.engine.checkpoint import FORMAT, load_checkpoint
 from stagewise.engine.runner import run_recipe
 from stagewise.errors import CheckpointError
+from stagewise.plots import have_matplotlib
 from stagewise.plugins import register_plugin, unregister_plugin
 from stagewise.recipe import load_recipe
 from stagewise.testing import resume_run, run_killed, run_stopped, run_uninterrupted, timeless_records
@@ -797,8 +798,10 @@ def test_compare_resume_drops_the_temp_file_of_a_table_write_a_kill_cut_short(ti
     out, sets = tmp_path / "cmp", ["stages.phase1.max_epochs=1", "stages.phase2.max_epochs=1"]
     compare_recipes([str(tiny_recipe_path)], sets, out, quiet=True)
     (out / ".compare.json.k1ll3d.tmp").write_text('{"runs": {"ti')  # as SIGKILL leaves it, before the rename
+    (out / ".compare.png.k1ll3d.tmp").write_bytes(b"\x89PNG")  # or as compare.png was drawn
     compare_recipes([str(tiny_recipe_path)], sets, out, quiet=True, resume=True)
-    assert sorted(path.name for path in out.iterdir()) == ["compare.json", "tiny"]
+    figure = ["compare.png"] if have_matplotlib() else []  # drawn anew too
+    assert sorted(path.name for path in out.iterdir()) == ["compare.json", *figure, "tiny"]
 
 
 def test_run_stopped_says_so_when_the_run_was_not_stopped(tiny, tmp_path):

@@ -203,7 +203,8 @@ def _plot_curve(state: stagewise.State, split: str, measure: str, rows: list[dic
     line_plot(state.run_dir.plot_path(f"accuracy_compute_{checkpoint}.png"),
               {f"routed by {measure}, threshold sweep":
                ([r["compute_cost_flops"] for r in rows], [r["acc"] for r in rows])},
-              title=f"{state.stage_name}: accuracy vs compute ({split})", ylabel="accuracy",
+              title=f"{state.recipe.run.name}: accuracy vs compute on {split} (stage {state.stage_name})",
+              ylabel="accuracy",
               vlines=[(1.0, "full depth")],
               xlabel="compute_cost_flops: counted FLOPs relative to full depth (>1: routing costs more)")
 

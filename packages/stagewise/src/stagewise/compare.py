@@ -3,8 +3,9 @@
 Baselines are run, not typed in: ``compare_recipes`` refuses recipes whose data tables or
 seeds differ, whose run directories ``OUT/<run name>`` would be one folder on macOS or Windows (names
 differing only in case or Unicode normalisation), or one of which already holds files (before running any),
-runs each there, prints one table of final metrics side by side and writes ``OUT/compare.json``.
-A comparison that was stopped goes on with ``resume``: as ``stagewise run --resume`` does, run by run.
+runs each there, prints one table of final metrics side by side and writes ``OUT/compare.json``
+and, with matplotlib, ``OUT/compare.png``: each run's ``val/loss`` per epoch. A comparison that
+was stopped goes on with ``resume``: as ``stagewise run --resume`` does, run by run.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from stagewise.engine.resume import check_same_recipe
 from stagewise.engine.rundir import empty_folder, holds_files, read_number, write_json_atomic
 from stagewise.errors import CheckpointError, ConfigError
 from stagewise.names import alike, how_alike, same_file_key
+from stagewise.plots import line_plot, log_scale_reads_better
 from stagewise.recipe import Recipe, load_recipe, read_recipe_table
 from stagewise.specs import LossSpec, StageSpec
 from stagewise.tomlwrite import toml_value
 
 COMPARE_JSON = "compare.json"  # the table, beside the runs' folders in OUT
+COMPARE_PNG = "compare.png"  # the runs' val/loss curves, there too
 
 
 def compare_recipes(names: list[str], overrides: list[str], out: Path, quiet: bool = False,
@@ -52,8 +55,23 @@ def compare_recipes(names: list[str], overrides: list[str], out: Path, quiet: bo
         runs[recipe.run.name] = {"run_dir": str(run_dir), "metrics": {k: read_number(v) for k, v in metrics.items()}}
     if is_main_process():  # under torchrun, rank 0 writes and says it, as it does each run's folder
         write_json_atomic(out / COMPARE_JSON, {"runs": runs})
-        print(f"{comparison_table(runs)}\n\n-> {out / COMPARE_JSON}")
+        drawn = _plot_comparison(out / COMPARE_PNG, runs)
+        print(f"{comparison_table(runs)}\n\n-> {out / COMPARE_JSON}" + (f"\n-> {out / COMPARE_PNG}" if drawn else ""))
     return runs
+
+
+def _plot_comparison(path: Path, runs: dict[str, Any]) -> bool:
+    """Draw each run's ``val/loss`` per epoch to ``path``, a line (a colour) per run, broken at the run's
+    own stage starts; False if no run has one or it is not drawn. Not ``train/loss``: that is each
+    recipe's own objective (its auxiliary terms, or mined tokens only), so runs' lines would not compare."""
+    from stagewise.builtins.curves import epoch_records, stage_series
+
+    series = {name: stage_series(epoch_records(Path(run["run_dir"]) / "metrics.jsonl"), "val/loss")
+              for name, run in runs.items()}
+    series = {name: xy for name, xy in series.items() if xy[0]}  # a run without validation has no line
+    return bool(series) and line_plot(path, series, title=f"{' vs '.join(runs)}: val/loss per epoch",
+                                      xlabel="epoch (all stages)", ylabel="val/loss",
+                                      logy=log_scale_reads_better(series))
 
 
 def _started(folder: Path, recipe: Recipe, resume: bool) -> bool:
@@ -155,6 +173,8 @@ def _compare_file(name: str) -> str | None:
     """What of compare's own a run folder named ``name`` would be, where case is ignored too; None if nothing."""
     if same_file_key(name) == same_file_key(COMPARE_JSON):
         return "the table compare writes"
+    if same_file_key(name) == same_file_key(COMPARE_PNG):
+        return "the figure compare draws"
     if fnmatch.fnmatchcase(name.casefold(), TEMP_GLOB):
         return "a temp file of an interrupted write, which compare --resume deletes"
     return None

@@ -1,9 +1,10 @@
 """Built-in event plugin: after a run, plot every epoch's train and validation loss.
 
 Runs on ``Event.AFTER_RUN``. Writes ``RUN_DIR/plots/curves.png`` (x: epochs across all
-stages, dotted lines at stage starts, named above the plot; a NaN or Inf epoch is a gap, counted
-in the legend) when matplotlib is installed; without it, ``line_plot``
-says so once per run, with the command that installs the ``[plots]`` extra.
+stages, dotted lines at stage starts, named above the plot, where each line breaks; a NaN or Inf
+epoch is a gap, counted in the legend; a log y axis when the losses span a factor of 10) when
+matplotlib is installed; without it, ``line_plot`` says so once per run, with the command that
+installs the ``[plots]`` extra.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 from pathlib import Path
 
 from stagewise.hookspecs import hookimpl
-from stagewise.plots import line_plot
+from stagewise.plots import line_plot, log_scale_reads_better
 
 CURVES = ("train/loss", "val/loss")
 
@@ -21,18 +22,35 @@ CURVES = ("train/loss", "val/loss")
 def stagewise_after_run(state):
     if state.run_dir is None:
         return
-    from stagewise.engine.rundir import read_number  # imports torch: not when plugins load (`stagewise plugins`)
-
     epochs = epoch_records(state.run_dir.path / "metrics.jsonl")
     if not epochs:
         return
-    # NaN and Inf as numbers again: metrics.jsonl holds them as "nan", "inf", which matplotlib drew as categories
-    series = {key: ([i + 1 for i, r in enumerate(epochs) if key in r],
-                    [read_number(r[key]) for r in epochs if key in r]) for key in CURVES}
+    series = {key: stage_series(epochs, key) for key in CURVES}
+    series = {key: xy for key, xy in series.items() if xy[0]}  # no empty val/loss entry in the legend
     starts = [(i + 0.5, r["stage"]) for i, r in enumerate(epochs) if i == 0 or epochs[i - 1]["stage"] != r["stage"]]
-    line_plot(state.run_dir.plot_path("curves.png"), {k: v for k, v in series.items() if v[0]},
-              title=f"{state.recipe.run.name}: loss per epoch", xlabel="epoch (all stages)", ylabel="loss",
-              vlines=starts)
+    line_plot(state.run_dir.plot_path("curves.png"), series, title=f"{state.recipe.run.name}: loss per epoch",
+              xlabel="epoch (all stages)", ylabel="loss", logy=log_scale_reads_better(series), vlines=starts)
+
+
+def stage_series(epochs: list[dict], key: str) -> tuple[list[float], list[float | None]]:
+    """``key`` of the ``epochs`` that have it, by epoch number across stages, for ``line_plot``: a
+    None y breaks the line between two stages' points, as they are different models or objectives."""
+    from stagewise.engine.rundir import read_number  # imports torch: not when plugins load (`stagewise plugins`)
+
+    xs: list[float] = []
+    ys: list[float | None] = []
+    stage = None
+    for x, record in enumerate(epochs, start=1):
+        if key not in record:
+            continue
+        if stage is not None and record["stage"] != stage:
+            xs.append(x - 0.5)  # between the two points: at this stage's start if this is its first epoch
+            ys.append(None)
+        # NaN and Inf as numbers again: metrics.jsonl holds them as "nan", "inf", which matplotlib drew as categories
+        xs.append(x)
+        ys.append(read_number(record[key]))
+        stage = record["stage"]
+    return xs, ys
 
 
 def epoch_records(path: Path) -> list[dict]:

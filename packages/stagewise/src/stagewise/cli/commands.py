@@ -41,7 +41,9 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
                        "on stages.NAME goes only to the recipes that have a stage NAME, one on "
                        "stages.NAME.losses.TERM only to those whose stage NAME has a loss term TERM. Each recipe "
                        "runs in OUT/<run.name>: run names that are one folder where case or Unicode normalisation is "
-                       "ignored (macOS, Windows), e.g. Base and base, are refused before any run.")
+                       "ignored (macOS, Windows), e.g. Base and base, are refused before any run. The table goes to "
+                       "OUT/compare.json; with matplotlib (the [plots] extra), OUT/compare.png shows each run's "
+                       "val/loss per epoch.")
     p.add_argument("recipes", nargs="+", help="recipe files or names, e.g. the baseline then the method")
     _add_recipe_args(p)
     where = p.add_mutually_exclusive_group()
