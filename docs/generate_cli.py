@@ -29,7 +29,9 @@ Plugins may add subcommands of their own (`stagewise --help` lists every install
 are documented on the plugin's page.
 
 Every command exits 0 when it succeeds; 1 on an error, printed as one line `stagewise: error: ...`
-(and for `verify`, when the metrics differ); 2 for a wrong invocation; 130 on Ctrl-C; and 141,
+(and for `verify`, when the metrics differ); 2 for a wrong invocation; 130 on Ctrl-C; 143 when SIGTERM
+(a cluster's preemption) stopped `run` or `compare` at a checkpoint, with one line saying where and the
+command that continues it (see [concepts.md](concepts.md#stopped-by-a-signal-preemption)); and 141,
 silently, when the program reading its output stops early (`stagewise recipes | head -1`).
 
 A bug exits 1 with Python's traceback instead, and a note naming where it happened and the plugin to

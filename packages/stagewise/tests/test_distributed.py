@@ -32,7 +32,15 @@ from stagewise.engine.checkpoint import load_checkpoint
 from stagewise.engine.distributed import DistInfo, collective_device, setup
 from stagewise.plots import have_matplotlib
 from stagewise.recipe import load_recipe
-from stagewise.testing import resume_run, run_child, run_killed, run_stopped, run_uninterrupted, timeless_records
+from stagewise.testing import (
+    resume_run,
+    run_child,
+    run_killed,
+    run_stopped,
+    run_terminated,
+    run_uninterrupted,
+    timeless_records,
+)
 
 needs_gloo = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -175,6 +183,21 @@ def test_a_killed_torchrun_job_resumed_under_torchrun_ends_with_the_uninterrupte
     resume_run(runs.root / "recipe.toml", tmp_path / "killed", sets, processes=2)
     assert _summary(tmp_path / "killed")["metrics"] == _summary(runs.ddp)["metrics"]  # bit-identical
     assert timeless_records(tmp_path / "killed") == timeless_records(runs.ddp)
+
+
+@needs_gloo
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="Windows: os.kill(SIGTERM) ends a process at once")
+def test_a_torchrun_job_sent_sigterm_stops_together_and_resumes_to_the_uninterrupted_numbers(runs, tmp_path):
+    # was: every process died at once (torchrun passes SIGTERM on to each), the steps since the epoch's end lost;
+    # now they agree on a step in a sum they make anyway, and stop after it, once rank 0 has checkpointed it
+    stopped = tmp_path / "stopped"
+    stderr = run_terminated(runs.root / "recipe.toml", stopped, "train", 8, processes=2)
+    assert (f"stagewise: stopped by SIGTERM after step 9 of stage 'train', checkpointed there; continue with: "
+            f"torchrun --nproc_per_node=2 -m stagewise run {runs.root / 'recipe.toml'} --resume {stopped}\n") in stderr
+    assert load_checkpoint(stopped / "checkpoints" / "last.pt")["step"] == 9  # the step after the signal's
+    resume_run(runs.root / "recipe.toml", stopped, processes=2)
+    assert _summary(stopped)["metrics"] == _summary(runs.ddp)["metrics"]  # bit-identical
+    assert timeless_records(stopped) == timeless_records(runs.ddp)
 
 
 @needs_gloo

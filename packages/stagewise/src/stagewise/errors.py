@@ -75,3 +75,20 @@ class RunInterrupted(KeyboardInterrupt):
     def __init__(self, run_dir: Path):
         super().__init__(str(run_dir))
         self.run_dir = run_dir
+
+
+class RunStopped(RunInterrupted):
+    """A signal (SIGTERM: a cluster's preemption) stopped a run whose directory holds its recipe.toml.
+    ``where`` the run wrote the checkpoint it stopped at (e.g. "after step 7 of stage 'phase1'"); None
+    when a second signal stopped it at once, so that it goes on from its last checkpoint. ``signal``: the
+    signal's name, None when another process of a torchrun job got it. The CLI exits 143 (128 + 15)."""
+
+    def __init__(self, run_dir: Path, signal: str | None, where: str | None):
+        super().__init__(run_dir)
+        self.signal, self.where = signal, where
+
+    def __str__(self) -> str:
+        if self.where is None:
+            return f"stopped at once by a second {self.signal}; it goes on from its last checkpoint"
+        by = self.signal or "a signal to another process of the job"
+        return f"stopped by {by} {self.where}, checkpointed there"

@@ -14,12 +14,13 @@ The loop, with each event where it fires::
                         outputs = forward(model, batch); loss = sum_i w_i(t) * L_i(outputs); backward
                     clip, optimizer.step(), scheduler.step()
                     AFTER_STEP
-                    checkpoint every [run] checkpoint_every_n_steps steps (0: none mid-epoch)
+                    checkpoint every [run] checkpoint_every_n_steps steps (0: none mid-epoch);
+                    once SIGTERM has asked the run to stop: checkpoint, stop (engine/signals.py)
                 evaluate on the validation split, early stopping
                 AFTER_EPOCH
-                checkpoint
+                checkpoint (then stop, once SIGTERM has asked)
         AFTER_STAGE
-        checkpoint the stage
+        checkpoint the stage (then stop, once SIGTERM has asked, unless it was the last)
     AFTER_RUN
 
 - ``BEFORE_RUN`` / ``AFTER_RUN``: once per run (``stagewise_before_run(state)``).

@@ -2,7 +2,8 @@
 
 ``run_killed`` runs ``stagewise run`` in a child process that kills itself with SIGKILL at a
 chosen point, the way a crash or an out-of-memory kill would end it (no ``finally``, no atexit;
-on Windows, which has no signals, ``os._exit`` skips them alike);
+on Windows, which has no signals, ``os._exit`` skips them alike); ``run_terminated`` sends it
+SIGTERM there instead, as a cluster's preemption does, and the run stops at its next checkpoint;
 ``resume_run`` continues that run in its folder with ``--resume``. Compare the result with an
 uninterrupted run of the same recipe (``run_uninterrupted``): ``summary.json`` equal, and
 ``timeless_records`` equal.
@@ -36,19 +37,33 @@ if TYPE_CHECKING:
 
     from stagewise.recipe import Recipe
 
-# The CLI, with a plugin that SIGKILLs the process after step N of a stage or as a stage starts.
+# The CLI, with a plugin that SIGKILLs the process (or sends it SIGTERM: "term") after step N of a stage or
+# as a stage starts.
 _KILLER = textwrap.dedent("""
-    import os, signal, sys
+    import os, signal, sys, time
     import stagewise
     from stagewise.plugins import register_plugin
     from stagewise.cli.main import main
 
-    stage, step, killed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    stage, step, killed, how = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 
     def die():
+        if how == "term":
+            terminate()
+            return
         if hasattr(signal, "SIGKILL"):
             os.kill(os.getpid(), signal.SIGKILL)
         os._exit(killed)  # Windows: no signals
+
+    def terminate():
+        from stagewise.engine.signals import requested
+
+        if os.environ.get("RANK", "0") != "0":
+            return
+        torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1  # its agent passes the signal on to every process
+        os.kill(os.getppid() if torchrun else os.getpid(), signal.SIGTERM)
+        while requested() is None:  # until it has reached this process: every process stops after the next step
+            time.sleep(0.01)
 
     class Killer:
         @stagewise.hookimpl
@@ -62,7 +77,7 @@ _KILLER = textwrap.dedent("""
                 die()
 
     register_plugin(Killer(), "stagewise.testing.killer")
-    sys.exit(main(sys.argv[4:]))
+    sys.exit(main(sys.argv[5:]))
 """)
 # how long a run helper waits for its child: far longer than a test's tiny run, but a job whose processes wait on each
 # other forever (a collective one of them never joins) ends the test instead of the test session
@@ -89,14 +104,44 @@ def run_killed(recipe: str | Path, out: str | Path, stage: str, step: int = 0,
     Raises AssertionError, with the child's stderr, when the run was not killed there (it
     finished first, failed, or never reached STAGE); ``subprocess.TimeoutExpired`` when it ran
     past ``timeout`` seconds (see :func:`run_child`)."""
-    child = run_child([*_python(processes), "-c", _KILLER, stage, str(step), str(abs(_KILLED)), "run",
-                       str(recipe), "--out", str(out), "--quiet", *set_args(overrides)], timeout=timeout)
+    child = _run_stopping(recipe, out, stage, step, "kill", overrides, processes, timeout)
     killed = (child.returncode == _KILLED if processes == 1  # torchrun exits 1 and names the signal
               else child.returncode != 0 and "Signal 9 (SIGKILL)" in child.stderr)
     if not killed:
-        where = f"step {step} of {stage!r}" if step else f"the start of {stage!r}"
-        raise AssertionError(f"the run was to be killed at {where} but exited with {child.returncode}:\n"
+        raise AssertionError(f"the run was to be killed at {_at(stage, step)} but exited with {child.returncode}:\n"
                              f"{child.stderr}")
+
+
+def run_terminated(recipe: str | Path, out: str | Path, stage: str, step: int = 0,
+                   overrides: Sequence[str] = (), processes: int = 1, timeout: float = TIMEOUT_S) -> str:
+    """Run RECIPE into OUT and send it SIGTERM, as a cluster's preemption does, after optimizer step STEP of
+    STAGE (counted from 1 within the stage), or, with step 0, as STAGE starts. The run stops after the step in
+    flight, once it has checkpointed there: after STEP (step 1 of STAGE with step 0) in one process. With
+    ``processes`` > 1 the run is data-parallel under torchrun, and rank 0 sends the signal to torchrun, which
+    passes it on to every process (as when a cluster signals the job); rank 0 waits for it, so the processes
+    stop after the step that follows. POSIX only (Windows has no SIGTERM to handle).
+
+    Returns the child's stderr, which says where the run stopped and how to resume it. Raises AssertionError,
+    with that stderr, when the run did not stop so (it finished first, failed, or never reached STAGE);
+    ``subprocess.TimeoutExpired`` when it ran past ``timeout`` seconds (see :func:`run_child`)."""
+    child = _run_stopping(recipe, out, stage, step, "term", overrides, processes, timeout)
+    # 128 + SIGTERM from stagewise; torchrun exits 1 after its workers, whatever their status
+    stopped = "stagewise: stopped by SIGTERM" in child.stderr and child.returncode == (143 if processes == 1 else 1)
+    if not stopped:
+        raise AssertionError(f"the run was to stop on SIGTERM at {_at(stage, step)} but exited with "
+                             f"{child.returncode}:\n{child.stderr}")
+    return child.stderr
+
+
+def _run_stopping(recipe: str | Path, out: str | Path, stage: str, step: int, how: str, overrides: Sequence[str],
+                  processes: int, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``stagewise run RECIPE --out OUT`` in a child whose plugin stops it (``how``: kill, term) at ``step``."""
+    return run_child([*_python(processes), "-c", _KILLER, stage, str(step), str(abs(_KILLED)), how, "run",
+                      str(recipe), "--out", str(out), "--quiet", *set_args(overrides)], timeout=timeout)
+
+
+def _at(stage: str, step: int) -> str:
+    return f"step {step} of {stage!r}" if step else f"the start of {stage!r}"
 
 
 def run_uninterrupted(recipe: str | Path, out: str | Path, overrides: Sequence[str] = (), processes: int = 1,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from stagewise import plugins
-from stagewise.errors import CheckpointError, RunInterrupted
+from stagewise.errors import CheckpointError, RunInterrupted, RunStopped
 from stagewise.registry import KINDS
 
 
@@ -138,10 +138,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         path = run_recipe(recipe, out=args.out, resume=args.resume, quiet=args.quiet)
     except RunInterrupted as exc:
+        said, code = _how_stopped(exc)
         if main_rank:
-            print(f"stagewise: interrupted; continue with: {_resume_command(args, [args.recipe], exc.run_dir)}",
+            print(f"stagewise: {said}; continue with: {_resume_command(args, [args.recipe], exc.run_dir)}",
                   file=sys.stderr)
-        return 130
+        return code
     except OSError as exc:  # e.g. the disk filled up: the run goes on from its last checkpoint once that is fixed
         run_dir = getattr(exc, "run_dir", None)
         if run_dir is not None:
@@ -151,6 +152,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.quiet and main_rank:  # the final table is left out: say where the run went
         print(path)
     return 0
+
+
+def _how_stopped(exc: KeyboardInterrupt) -> tuple[str, int]:
+    """What the command says of a run that ``exc`` stopped, and its exit status: as shells report a process the
+    signal ended, 128 + 15 = 143 for a signal's stop (SIGTERM), so that a job script tells it from a finished
+    run (0), a failed one (1) and Ctrl-C (128 + 2 = 130)."""
+    return (str(exc), 143) if isinstance(exc, RunStopped) else ("interrupted", 130)
 
 
 def _resume_command(args: argparse.Namespace, recipes: list[str], folder: Path) -> str:
@@ -175,13 +183,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = args.resume or args.out or unused_folder(Path("runs/compare"))
     try:
         compare_recipes(args.recipes, args.overrides, out, quiet=args.quiet, resume=args.resume is not None)
-    except KeyboardInterrupt:  # a run's RunInterrupted too: compare --resume goes on with every run in `out`
+    except KeyboardInterrupt as exc:  # a run's RunInterrupted too: compare --resume goes on with every run in `out`
         if not out.is_dir():  # stopped before the comparison wrote anything: nothing to continue
             raise
+        said, code = _how_stopped(exc)
         if is_main_process():
-            print(f"stagewise: interrupted; continue with: {_resume_command(args, args.recipes, out)}",
-                  file=sys.stderr)
-        return 130
+            print(f"stagewise: {said}; continue with: {_resume_command(args, args.recipes, out)}", file=sys.stderr)
+        return code
     except OSError as exc:  # e.g. the disk filled up: the comparison goes on once that is fixed
         if out.is_dir():
             again = _resume_command(args, args.recipes, out)

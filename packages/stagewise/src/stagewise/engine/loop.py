@@ -37,6 +37,7 @@ from stagewise.engine.resumable import (
     schedule_problems,
     tensors_problems,
 )
+from stagewise.engine.signals import StopSignal, requested, stop_point, vote, votes_and_count
 from stagewise.errors import PluginError, TrainingError
 from stagewise.events import Event
 from stagewise.loss import batch_size
@@ -121,6 +122,7 @@ class TrainLoop:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.rng_to_set: dict[str, Any] | None = None  # a resumed stage's saved RNG state, until it is set
         self.epoch_started = 0.0  # perf_counter() at the epoch's start, moved back on a mid-epoch resume
+        self.stop_votes = 0  # under torchrun: the processes' votes to stop seen in the batches' sums so far
         if state.resume is not None:
             self._restore(state.resume)
 
@@ -164,9 +166,17 @@ class TrainLoop:
             if not bar.disable:  # a hidden bar (no terminal, --quiet) shows no loss: skip formatting it
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             # between optimizer steps only, so a resumed run takes the same ones; after the last, _end_epoch saves
-            if every and state.step % every == 0 and pos.batch < total:
+            stopping = self._asked_to_stop()
+            if pos.batch < total and (stopping or every and state.step % every == 0):
                 self.save()
+                if stopping:
+                    raise StopSignal(requested(), f"after step {state.step} of stage {state.stage_name!r}")
         bar.close()
+
+    def _asked_to_stop(self) -> bool:
+        """Whether the run is to stop after this step: asked by a signal (see :mod:`stagewise.engine.signals`);
+        under torchrun, as one process voted in a sum of this step's, which every process saw."""
+        return self.stop_votes > 0 if self.state.dist.enabled else requested() is not None
 
     def _step(self, batch: dict[str, Any], rest: Iterator[dict[str, Any]], weights: dict[str, float],
               active: set[str]) -> float:
@@ -359,8 +369,10 @@ class TrainLoop:
         n, dist = batch_size(batch), self.state.dist
         # the parts' names in order, as one number: every rank must send its parts in the same layout
         layout = float(zlib.crc32(repr([(name, list(parts)) for name, (_, parts) in scalars.items()]).encode()))
-        reduced = iter(all_reduce_sums([float(n), layout, *(value * n for value, _ in scalars.values())], dist))
-        n_global = next(reduced)
+        # the count carries this process's vote to stop, which every process reads back from the sum
+        reduced = iter(all_reduce_sums([n + vote(), layout, *(value * n for value, _ in scalars.values())], dist))
+        votes, n_global = votes_and_count(next(reduced))
+        self.stop_votes += votes
         if next(reduced) != layout * dist.world_size:  # a rank with other parts would send a longer list: a hang
             raise self._parts_error(scalars)
         flat = [v * n for _, parts in scalars.values() for v in parts.values()]
@@ -434,6 +446,8 @@ class TrainLoop:
         pos.sums = {}
         if pos.epoch < o.max_epochs and not pos.stopped_early:  # else the stage's checkpoint follows
             self.save()
+            stop_point(state.dist, f"after step {state.step} of stage {state.stage_name!r}, the end of epoch "
+                                   f"{pos.epoch}")
 
     def _train_metrics(self) -> dict[str, Any]:
         # under DDP every rank holds the same sums: each step added the global batch's values

@@ -28,8 +28,9 @@ from stagewise.engine.progress import showing_loading_bars
 from stagewise.engine.resumable import options_problems
 from stagewise.engine.resume import check_resumable, load_resume, refuse_damaged, restore_run
 from stagewise.engine.rundir import RunDir, environment, file_in_the_way, unused_folder
+from stagewise.engine.signals import StopSignal, stop_point, stopping_on_signals
 from stagewise.engine.state import State, check_event_hooks
-from stagewise.errors import CheckpointError, RunInterrupted, StagewiseError, TrainingError
+from stagewise.errors import CheckpointError, RunInterrupted, RunStopped, StagewiseError, TrainingError
 from stagewise.events import Event
 from stagewise.recipe import Recipe, RunOptions, data_path_keys
 from stagewise.schema import as_table, build_dataclass
@@ -85,7 +86,7 @@ def _run(recipe: Recipe, device: torch.device, info: distributed.DistInfo, out: 
             else:  # said now, not only at the end: a long run's metrics and checkpoints are there from here on
                 state.print(f"run {run.name!r} (seed {run.seed}): writing to {path}")
                 first = 0
-            with python_warnings_above_bars(bars):
+            with python_warnings_above_bars(bars), stopping_on_signals():  # the folder holds recipe.toml: resumable
                 _run_stages(state, first, saved)
     finally:
         if run_dir is not None:
@@ -113,13 +114,15 @@ def _torch_settings(run: RunOptions) -> Iterator[None]:
 @contextmanager
 def _resumable_in(path: Path) -> Iterator[None]:
     """Once the run folder ``path`` holds its recipe.toml, a run stopped there can be resumed: Ctrl-C
-    becomes RunInterrupted, which says how, and the file system's refusal (a full disk) names the
-    folder (``exc.run_dir``), whose run resumes once that is fixed."""
+    becomes RunInterrupted, which says how, a signal's stop RunStopped, and the file system's refusal (a
+    full disk) names the folder (``exc.run_dir``), whose run resumes once that is fixed."""
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if not (path / "recipe.toml").is_file():  # stopped as the folder was made: no run there to resume yet
             raise
+        if isinstance(exc, StopSignal):
+            raise RunStopped(path, exc.signal, exc.where) from None
         raise RunInterrupted(path) from None
     except OSError as exc:
         if (path / "recipe.toml").is_file():
@@ -142,9 +145,12 @@ def _run_stages(state: State, first: int, saved: dict[str, Any] | None) -> None:
     run = state.recipe.run
     with noted(f"in run {run.name!r}"):
         state.fire(Event.BEFORE_RUN)
-    for index in range(first, len(state.recipe.stages)):
+    stages = state.recipe.stages
+    for index in range(first, len(stages)):
         mid_stage = saved if saved is not None and index == saved["stage_index"] else None
-        run_stage(state, index, state.recipe.stages[index], mid_stage)
+        run_stage(state, index, stages[index], mid_stage)
+        if index + 1 < len(stages):  # after the last one the run only writes its summary: a signal lets it finish
+            stop_point(state.dist, f"after stage {stages[index].name!r} ended")
     gpu = device_kind(state.device)  # its numbers are the GPU's, whichever CPU drove it
     summary = {"recipe": run.name, "seed": run.seed, "cpu": cpu_kind(), **({"device": gpu} if gpu else {}),
                "stages": state.stage_results, "metrics": state.metrics}
