@@ -12,7 +12,7 @@ runs/koopman-bench, or runs/koopman-bench-2, ... when that holds files; a folder
 new or empty), so the runs that finished survive one that fails. Runs the recipes
 koopman.baseline and koopman.hybrid (same [data], [model], seed and epochs), then the hybrid
 again for each weight cap of the sweep (the term's weight and cap both set to it). ``--set``
-overrides the recipes after the script's settings (e.g. ``--set model.n_layer=6``), except the
+overrides the recipes after the script's settings (e.g. ``--set model.n_layer=6``); it refuses the
 seed (``--seeds``) and the Koopman term's weight and cap (the sweep's). Prints a table and one JSON line:
 
 - baseline_ppl, hybrid_ppl: final validation perplexity of each (the main stage's best epoch);
@@ -50,12 +50,14 @@ from stagewise.bench import add_set_option, run_benchmark
 from stagewise.compare import overrides_by_recipe
 from stagewise.data.text import write_file_split
 from stagewise.engine.runner import run_recipe
+from stagewise.errors import StagewiseError
 from stagewise.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[3]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "pd_english"
 CAPS = (0.01, 0.05, 0.2, 0.5)
 RECIPES = ("koopman.baseline", "koopman.hybrid")
+SCRIPTS_OWN = ("run.seed", "stages.main.losses.koopman.weight", "stages.main.losses.koopman.cap")  # --set refused
 HYBRID_CAP = 0.2  # the weight of koopman.hybrid's term: its run is the sweep's 0.2 point
 # (data and training overrides) per mode. Quick: 8 main epochs, because on 60k tokens the
 # baseline's best validation epoch falls at 3-6 (it overfits after): both runs are compared at
@@ -96,6 +98,10 @@ def recipe_overrides(data: Path, mode: str, extra: list[str]) -> dict[str, list[
     # one thread per run: on a shared machine, torch's thread pools oversubscribe the cores and
     # stall, which swamps the timing; both runs get the same single core
     common = [f"data.path={data}", "run.threads=1", *SETTINGS[mode]]
+    refused = [item for item in extra if item.removeprefix("~").partition("=")[0].strip() in SCRIPTS_OWN]
+    if refused:  # else the result would list them under "overrides" as if they had been used
+        raise StagewiseError(f"--set {' '.join(refused)}: the benchmark sets {', '.join(SCRIPTS_OWN)} itself (--seeds "
+                          f"gives the seeds, the sweep the term's weight and cap); leave them out")
     return {name: [*common, *share] for name, share in zip(RECIPES, overrides_by_recipe(list(RECIPES), extra),
                                                              strict=True)}
 
@@ -120,8 +126,16 @@ def seed_pair(overrides: dict[str, list[str]], seed: int, out: Path) -> dict[str
     return pair_row(seed, base["metrics"], hybrid["metrics"])
 
 
+def check_recipes(overrides: dict[str, list[str]]) -> None:
+    """Load each recipe as it will run, before the first run: a --set that the hybrid alone refuses would
+    otherwise be said only once the baseline's run had ended."""
+    load_recipe("koopman.baseline", overrides["koopman.baseline"])
+    load_recipe("koopman.hybrid", [*overrides["koopman.hybrid"], *koopman_losses(HYBRID_CAP)])
+
+
 def measure(data: Path, mode: str, out: Path, seeds: int = 1, extra: Sequence[str] = ()) -> dict[str, Any]:
     overrides = recipe_overrides(data, mode, list(extra))
+    check_recipes(overrides)
     baseline = run("koopman.baseline", at_seed(overrides["koopman.baseline"], 0), out / "baseline")
     base_error = baseline["metrics"]["linearity/one_step_error"]
     hybrids = {cap: run("koopman.hybrid", [*at_seed(overrides["koopman.hybrid"], 0), f"run.name=koopman_hybrid_{cap}",
@@ -190,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="less data and fewer epochs (under 10 minutes)")
     parser.add_argument("--seeds", type=int, default=1, help="also run baseline and hybrid at seeds 1..N-1 "
                         "(2 more runs per seed) to show the seed-to-seed spread (default 1: seed 0 only)")
-    add_set_option(parser, "The seed (--seeds) and the Koopman term's weight and cap (the sweep's) are set last.")
+    add_set_option(parser, "It refuses the seed (--seeds) and the Koopman term's weight and cap (the sweep's).")
     args = parser.parse_args(argv)
 
     def body(out: Path) -> dict[str, Any]:

@@ -202,6 +202,26 @@ def test_the_cli_exits_143_with_the_command_that_continues_a_comparison(tiny_rec
                                       f"there; continue with: {again}\n"
 
 
+@posix
+def test_a_signal_in_a_runs_last_stage_stops_a_comparison_before_its_next_run(tmp_path, signalled, capsys):
+    # was: the request went with the run, which finished its last stage, and the comparison ran the next run to its
+    # end, where a preemption's SIGKILL would cut it short: no resume command said, no status 143 for the job script
+    recipes = [tmp_path / "a.toml", tmp_path / "b.toml"]
+    recipes[0].write_text(TINY)
+    recipes[1].write_text(TINY.replace('name = "tiny"', 'name = "other"'))
+    signalled({("before_stage", "test", 0): 1})  # each run's last stage: only the first's is to be reached
+    out, sets = tmp_path / "cmp", ["--set", "stages.phase1.max_epochs=1", "--set", "stages.phase2.max_epochs=1"]
+    assert main(["compare", *map(str, recipes), "--out", str(out), "--quiet", *sets]) == 143
+    again = shlex.join(["stagewise", "compare", *map(str, recipes), "--resume", str(out), *sets])
+    assert capsys.readouterr().err == (f"stagewise: stopped by SIGTERM after run 'tiny' ended, checkpointed there; "
+                                       f"continue with: {again}\n")
+    assert "test/loss" in read_summary(out / "tiny")["metrics"]
+    assert not (out / "other").exists()  # not started
+    # resumed, the signal in the last run's last stage lets the comparison finish: nothing is left to run after it
+    assert main(["compare", *map(str, recipes), "--resume", str(out), "--quiet", *sets]) == 0
+    assert read_summary(out / "other")["metrics"] == read_summary(out / "tiny")["metrics"]
+
+
 def test_votes_ride_on_the_example_counts_exactly():
     # under torchrun the processes' votes to stop share a sum with their example counts, which stay as they were
     assert signals.votes_and_count(2 * signals.VOTE + 8.0) == (2, 8.0)

@@ -84,6 +84,12 @@ def test_a_checkpoint_another_torch_wrote_is_not_resumed_naming_both(tiny, stopp
         run_recipe(tiny(), resume=run, quiet=True)
 
 
+def test_a_checkpoint_written_before_torch_was_recorded_resumes_as_before(tiny, stopped, tmp_path):
+    # checkpoints of stagewise 6ffc321 to 6feb3f2 record stagewise's and the plugins' versions, not torch's
+    run = damaged_copy(stopped[0], tmp_path / "no-torch", lambda saved: saved["versions"].pop("torch"))
+    run_recipe(tiny(), resume=run, quiet=True)
+    assert read_summary(run)["metrics"] == read_summary(stopped[1])["metrics"]
+
 def test_a_plugin_installed_then_but_gone_now_does_not_stop_a_resume(tiny, stopped, tmp_path):
     # the recipe is checked for the names it uses; a plugin it does not use (this one) changes nothing
     run = damaged_copy(stopped[0], tmp_path / "gone", lambda saved: saved["versions"].update({"stagewise-gone": "1"}))

@@ -17,7 +17,7 @@ from stagewise.errors import StagewiseError
 def add_set_option(parser: argparse.ArgumentParser, sets_itself: str) -> None:
     """``--set KEY=VALUE`` (repeatable, into ``args.overrides``), a recipe override as ``stagewise run``
     takes it, shared out as ``stagewise compare`` does (``compare.overrides_by_recipe``). The benchmark's own
-    settings come first, so a user's win, except those named in ``sets_itself``, which the script sets last."""
+    settings come first, so a user's win; ``sets_itself`` ends the help with what the script keeps to itself."""
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override a recipe key of the benchmark's runs, after its own settings (repeatable): "
                         "one on stages.NAME goes only to the recipes that have a stage NAME, as in 'stagewise "

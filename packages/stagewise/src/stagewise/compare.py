@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from stagewise.engine.checkpoint import TEMP_GLOB, remove_temp_files
-from stagewise.engine.distributed import is_main_process
+from stagewise.engine.distributed import group_info, is_main_process
 from stagewise.engine.resume import check_same_recipe
 from stagewise.engine.rundir import empty_folder, holds_files, read_number, write_json_atomic
-from stagewise.errors import CheckpointError, ConfigError
+from stagewise.engine.signals import StopSignal, stop_point, stopping_on_signals
+from stagewise.errors import CheckpointError, ConfigError, RunStopped
 from stagewise.names import alike, how_alike, same_file_key
 from stagewise.plots import line_plot, log_scale_reads_better
 from stagewise.recipe import Recipe, load_recipe, read_recipe_table
@@ -36,8 +37,6 @@ def compare_recipes(names: list[str], overrides: list[str], out: Path, quiet: bo
                     resume: bool = False) -> dict[str, Any]:
     """``resume``: ``out`` holds a comparison that was stopped; each run that holds files is
     resumed (a finished one only has its summary rewritten), the others start."""
-    from stagewise.engine.runner import run_recipe
-
     recipes = [load_recipe(name, own) for name, own in zip(names, overrides_by_recipe(names, overrides), strict=True)]
     check_comparable(recipes)
     if resume and not out.is_dir():  # a mistyped folder must not quietly start a new comparison
@@ -45,18 +44,35 @@ def compare_recipes(names: list[str], overrides: list[str], out: Path, quiet: bo
     started = {recipe.run.name: _started(out / recipe.run.name, recipe, resume) for recipe in recipes}
     if resume:  # a kill as compare.json was written left its temp file; the table is written anew below
         remove_temp_files(out)
-    runs: dict[str, Any] = {}
-    for recipe in recipes:
-        folder = out / recipe.run.name
-        run_dir = (run_recipe(recipe, resume=folder, quiet=quiet) if started[recipe.run.name]
-                   else run_recipe(recipe, out=folder, quiet=quiet))
-        metrics = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))["metrics"]
-        # a NaN or Inf metric is written "nan"/"inf": a number still, not a metric the run lacks
-        runs[recipe.run.name] = {"run_dir": str(run_dir), "metrics": {k: read_number(v) for k, v in metrics.items()}}
+    runs = _run_all(recipes, started, out, quiet)
     if is_main_process():  # under torchrun, rank 0 writes and says it, as it does each run's folder
         write_json_atomic(out / COMPARE_JSON, {"runs": runs})
         drawn = _plot_comparison(out / COMPARE_PNG, runs)
         print(f"{comparison_table(runs)}\n\n-> {out / COMPARE_JSON}" + (f"\n-> {out / COMPARE_PNG}" if drawn else ""))
+    return runs
+
+
+def _run_all(recipes: list[Recipe], started: dict[str, bool], out: Path, quiet: bool) -> dict[str, Any]:
+    """Run (or resume, where ``started``) each recipe in ``out``; each run's folder and final metrics. A signal's
+    request to stop (:mod:`stagewise.engine.signals`) is held across the runs: a run lets one in its last stage
+    finish, and the comparison then stops before the next run starts (RunStopped naming ``out``)."""
+    from stagewise.engine.runner import run_recipe
+
+    runs: dict[str, Any] = {}
+    try:
+        with stopping_on_signals():
+            for recipe in recipes:
+                if runs:  # every process of a torchrun job, as it left the run before
+                    stop_point(group_info(), f"after run {list(runs)[-1]!r} ended")
+                folder = out / recipe.run.name
+                run_dir = (run_recipe(recipe, resume=folder, quiet=quiet) if started[recipe.run.name]
+                           else run_recipe(recipe, out=folder, quiet=quiet))
+                metrics = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))["metrics"]
+                # a NaN or Inf metric is written "nan"/"inf": a number still, not a metric the run lacks
+                runs[recipe.run.name] = {"run_dir": str(run_dir),
+                                         "metrics": {k: read_number(v) for k, v in metrics.items()}}
+    except StopSignal as exc:  # between two runs: a stop within one is its RunStopped
+        raise RunStopped(out, exc.signal, exc.where) from None
     return runs
 
 

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points, version
+from importlib.metadata import entry_points
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -203,7 +203,9 @@ def versions() -> dict[str, str]:
     """The version of each distribution a plugin loaded without error comes from, core's included, and
     torch's (``{"stagewise": "0.1.0", "torch": "2.13.0+cpu", ...}``): the code a checkpoint was written with
     (another torch may round differently, so a run continued by it ends with numbers of neither)."""
-    return {**{i.distribution: i.version for i in plugin_infos() if i.error is None}, "torch": version("torch")}
+    import torch  # loaded already by what writes or resumes a checkpoint. str: a TorchVersion is no weights_only type
+
+    return {**{i.distribution: i.version for i in plugin_infos() if i.error is None}, "torch": str(torch.__version__)}
 
 
 def registries() -> dict[str, Registry]:

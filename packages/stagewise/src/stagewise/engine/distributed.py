@@ -131,6 +131,15 @@ def setup(device: torch.device) -> DistInfo:
         if device.type == "cuda":  # NCCL's collectives (a barrier, the sums below) run on the current device
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return _group_info()
+
+
+def group_info() -> DistInfo:
+    """This process's place in the process group a run here joined (:func:`setup`); DistInfo() if none did."""
+    return _group_info() if dist.is_available() and dist.is_initialized() else DistInfo()
+
+
+def _group_info() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
