@@ -14,6 +14,14 @@ from stagewise.recipe import load_recipe
 # (the name matches none; core's built-ins always load). Child processes inherit this.
 os.environ["STAGEWISE_LOAD_PLUGINS"] = "stagewise"
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _token_cache_in_temp(tmp_path_factory):
+    """Cached token ids go to the session's temp folder (child processes too), never to ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STAGEWISE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
+
 TINY = """
 [run]
 name = "tiny"

@@ -14,7 +14,9 @@ every non-empty line ends with ``<eos>``. Sources, by the ``path`` option:
 A ``.jsonl`` file is JSON Lines: one object per line, whose ``text_field`` (``"text"``) is one
 record's text, read as lines of text like a ``.txt`` file's.
 
-The vocabulary is built from the training split only; nothing depends on the seed.
+The vocabulary is built from the training split only; nothing depends on the seed. A corpus is
+held as one int32 per token. A file of 1 MB or more is tokenised once: its ids are cached
+(:mod:`stagewise.data.textcache`) and read back by the next load that reads it with the same options.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from stagewise.data.splits import (
     split_bounds,
 )
 from stagewise.data.tabular import json_object
+from stagewise.data.textcache import FileTokens, TextCache
 from stagewise.data.vocab import EOS, Vocabulary
 from stagewise.engine.progress import loading_bar
 from stagewise.engine.rundir import write_text_atomic
@@ -74,6 +77,7 @@ class TextOptions:
     max_tokens: int | None = None  # keep only each split's first max_tokens tokens (tiny tests)
     encoding: str = "utf-8"  # of the text files, e.g. "latin-1" or "cp1252"; a UTF-8 BOM is dropped
     text_field: str = "text"  # the field of a .jsonl file's objects that holds each record's text
+    cache: bool = True  # keep the token ids of files of 1 MB or more between runs (stagewise.data.textcache)
     # split name -> fraction; only for sources without train/valid/test files
     splits: dict[str, float] = field(default_factory=default_splits)
 
@@ -115,7 +119,8 @@ def line_words(text: str, lowercase: bool, done: Callable[[int], object] | None 
     """The tokens of ``text`` a list at a time: each line's words (a long line's in pieces), with
     ``<eos>`` after the last word of each non-empty line. A line ends at LF, CR LF or a lone CR
     (old Mac files), as Python reads text files. ``done(n)`` is told each time n more characters
-    are read (a progress bar)."""
+    are read (a progress bar). A change to the tokens must bump ``textcache.FORMAT``: cached ids would
+    keep the old ones."""
     open_line = False  # the line a chunk ends in has words so far
     for chunk in _chunks(text):
         if done is not None:
@@ -143,7 +148,7 @@ def tokenize(text: str, lowercase: bool) -> list[str]:
 
 class WordIndex(dict):
     """Word -> provisional id in order of first sighting (a new word gets the next id), so a
-    corpus is held as one int64 per token, not one string object per token."""
+    corpus is held as one int32 per token, not one string object per token."""
 
     def __missing__(self, word: str) -> int:
         self[word] = n = len(self)
@@ -152,17 +157,19 @@ class WordIndex(dict):
 
 def token_ids(text: str, lowercase: bool, index: WordIndex, limit: int | None = None,
               done: Callable[[int], object] | None = None) -> np.ndarray:
-    """``tokenize(text, lowercase)`` as ids of ``index``, (N,) int64; with ``limit``, at least its
+    """``tokenize(text, lowercase)`` as ids of ``index``, (N,) int32; with ``limit``, at least its
     first ``limit`` tokens (whole lines, or pieces of a long line), the rest of the text left untokenised.
     ``done`` as :func:`line_words`'s."""
     index[EOS]  # <eos> takes provisional id 0 in every index, whatever the text starts with
-    # 8 bytes a token, the array's own buffer (no copy): a list would take 8 more (its pointers) until copied
-    ids = array("q")
+    # 4 bytes a token (C int), the array's own buffer (no copy): a list would take 8 more (its pointers) until
+    # copied. An id past int32 would raise OverflowError, never wrap, but 2**31 distinct words would need
+    # some 100 GB for the index alone
+    ids = array("i")
     for tokens in line_words(text, lowercase, done):
         ids.extend(map(index.__getitem__, tokens))  # C-speed lookups; only new words call __missing__
         if limit is not None and len(ids) >= limit:
             break
-    return np.frombuffer(ids, dtype=np.int64)
+    return np.frombuffer(ids, dtype=np.intc)
 
 
 def read_ids(path: Path, options: TextOptions, index: WordIndex, bar: tqdm, limit: int | None = None) -> np.ndarray:
@@ -173,9 +180,17 @@ def read_ids(path: Path, options: TextOptions, index: WordIndex, bar: tqdm, limi
     return token_ids(text, options.lowercase, index, limit, done=lambda n: bar.update(n * per_character))
 
 
+def to_index_ids(tokens: FileTokens, index: WordIndex) -> np.ndarray:
+    """A file's ids of its own words as ids of ``index``, mapped in place: the file's new words join
+    ``index`` in the file's order of first sighting, so the ids are those :func:`read_ids` gives with
+    ``index``, whether the file's own ids were just tokenised or read from the cache."""
+    return _map_in_place(tokens.ids, np.array([index[word] for word in tokens.words], dtype=np.int32))
+
+
 def source_text(file: Path, options: TextOptions, errors: str = "strict") -> str:
-    """A source file's text: a ``.jsonl`` file's records' texts (not its JSON), any other file whole."""
-    if file.suffix == ".jsonl":
+    """A source file's text: a ``.jsonl`` (or ``.jsonl.gz``) file's records' texts (not its JSON), any other
+    file whole."""
+    if file.name.endswith((".jsonl", ".jsonl.gz")):
         return jsonl_text(file, options, errors)
     return read_text(file, "text file", options.encoding, errors)
 
@@ -268,8 +283,7 @@ def load_streams(options: TextOptions, index: WordIndex) -> dict[str, np.ndarray
         raise DataError(f"no .txt or .jsonl files under {root}; expected {LAYOUTS}")
     # a split file's first max_tokens tokens are all that is kept: a quick run skips the rest
     limit = options.max_tokens if predefined else None
-    with loading_bar("tokenising", total=sum(file.stat().st_size for file in files)) as bar:
-        streams = [read_ids(file, options, index, bar, limit) for file in files]
+    streams = list(_file_streams(files, options, index, limit))
     if predefined:
         return dict(zip(predefined, streams, strict=True))
     tokens = streams[0] if len(streams) == 1 else np.concatenate(streams)  # one file: not copied
@@ -280,22 +294,56 @@ def load_streams(options: TextOptions, index: WordIndex) -> dict[str, np.ndarray
                                                     unit="tokens").items()}
 
 
-PIECE = 1 << 16  # tokens mapped to vocabulary ids at a time
+def _file_streams(files: list[Path], options: TextOptions, index: WordIndex, limit: int | None) -> Iterator[np.ndarray]:
+    """Each file's tokens as ids of ``index``, in order: read from the cache where it holds them, else tokenised
+    (and cached, if big enough); the tokenising bar counts the bytes of the files the cache does not hold."""
+    cache = TextCache({"lowercase": options.lowercase, "encoding": options.encoding,
+                       "text_field": options.text_field, "max_tokens": limit}) if options.cache else None
+    entries = [cache.entry(file) if cache else None for file in files]
+    held = [entry is not None and entry.holds() for entry in entries]
+    with loading_bar("tokenising", total=sum(file.stat().st_size for file, hit in zip(files, held, strict=True)
+                                             if not hit)) as bar:
+        for file, entry, hit in zip(files, entries, held, strict=True):
+            if entry is None:  # not cached: tokenised straight into the source's index
+                yield read_ids(file, options, index, bar, limit)
+                continue
+            tokens = entry.read() if hit else None
+            if tokens is None:  # a file's entry holds ids of its own words, to serve any source it is part of
+                own = WordIndex()
+                tokens = FileTokens(read_ids(file, options, own, bar, limit), list(own))
+                entry.write(tokens)
+            yield to_index_ids(tokens, index)  # one file at a time: its words are dropped before the next's
+
+
+PIECE = 1 << 16  # tokens mapped (or counted) at a time
 
 
 def to_vocabulary_ids(tokens: np.ndarray, to_vocab: np.ndarray) -> torch.Tensor:
-    """Provisional ids (int64) as vocabulary ids, ``to_vocab[token]``, (N,) int64: mapped in place a piece at a
-    time, since a mapped copy would hold the corpus twice."""
-    for start in range(0, len(tokens), PIECE):
-        piece = tokens[start:start + PIECE]
-        piece[:] = to_vocab[piece]
-    return torch.from_numpy(tokens)
+    """Provisional ids as vocabulary ids, ``to_vocab[token]``, (N,) int32: mapped in place."""
+    return torch.from_numpy(_map_in_place(tokens, to_vocab))
+
+
+def _map_in_place(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """``ids`` replaced by ``table[ids]`` a piece at a time, since a mapped copy would hold the corpus twice."""
+    for start in range(0, len(ids), PIECE):
+        piece = ids[start:start + PIECE]
+        piece[:] = table[piece]
+    return ids
+
+
+def _counts(ids: np.ndarray, n: int) -> np.ndarray:
+    """How often each of ids 0..n-1 occurs, counted a piece at a time: ``np.bincount`` would copy int32 ids
+    whole into intp ones (8 bytes a token)."""
+    counts = np.zeros(n, dtype=np.int64)
+    for start in range(0, len(ids), PIECE):
+        counts += np.bincount(ids[start:start + PIECE], minlength=n)
+    return counts
 
 
 class LMWindows(Dataset):
-    """A token stream (1-D LongTensor) cut into non-overlapping windows of ``seq_len + 1``
-    tokens; item i is ``{"input": w[:-1], "target": w[1:]}`` for the i-th window w.
-    Tokens after the last whole window are left out."""
+    """A token stream (1-D integer tensor, held as given: int32 takes half of int64's memory) cut into
+    non-overlapping windows of ``seq_len + 1`` tokens; item i is ``{"input": w[:-1], "target": w[1:]}``
+    for the i-th window w, as int64 (embedding indices). Tokens after the last whole window are left out."""
 
     def __init__(self, tokens: torch.Tensor, seq_len: int):
         if tokens.dim() != 1:
@@ -313,7 +361,14 @@ class LMWindows(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < len(self):
             raise IndexError(f"window {i} out of range: there are {len(self)} windows")
-        return {"input": self.inputs[i], "target": self.targets[i]}  # (seq_len,) each
+        return {"input": self.inputs[i].long(), "target": self.targets[i].long()}  # (seq_len,) each
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        """The items of a batch, as :meth:`__getitem__` gives them, from one gather and one conversion to int64
+        per tensor (converting row by row would double a batch's loading time)."""
+        rows = torch.tensor(indices)
+        return [{"input": x, "target": y} for x, y in zip(self.inputs[rows].long(), self.targets[rows].long(),
+                                                          strict=True)]
 
 
 class TextCorpus:
@@ -333,9 +388,9 @@ class TextCorpus:
         if options.max_tokens is not None:  # a cut stream copied: as a view it would keep all the ids read alive
             streams = {split: tokens[: options.max_tokens].copy() if len(tokens) > options.max_tokens else tokens
                        for split, tokens in streams.items()}
-        counts = np.bincount(streams["train"], minlength=len(index)).tolist()  # index's words are in id order
+        counts = _counts(streams["train"], len(index)).tolist()  # index's words are in id order
         vocab = Vocabulary.from_counts(dict(zip(index, counts, strict=True)), options.min_freq, options.max_vocab)
-        to_vocab = np.array(vocab.encode(index), dtype=np.int64)  # provisional id -> id (index iterates in id order)
+        to_vocab = np.array(vocab.encode(index), dtype=np.int32)  # provisional id -> id (index iterates in id order)
         source = options.path or BUILTIN
         splits = {}
         for split, tokens in streams.items():

@@ -1,0 +1,188 @@
+"""Tokenised text files kept between runs, so that a big corpus is tokenised once, not by every run.
+
+Tokenising takes about 1 s per 25 MB of text; reading a file's cached ids back, about 1 s per
+GB of ids (0.23 GB for a 311 MB text). An entry holds one file's tokens as ids of the file's own
+words (int32) and those words in id order, so that a file's entry serves every source it is part
+of and every option that does not change its tokens (``seq_len``, ``min_freq``, ``max_vocab``,
+``splits``): the loader maps them to the ids of the whole source as it does a file it has just tokenised.
+
+An entry is one file of three ``numpy.save`` arrays, read back with ``allow_pickle=False``: a JSON
+header (what the ids were made from, their count and CRC-32), the words (UTF-8, one a line: a word
+holds no whitespace) and the ids. Its name is a hash of the file's path and the options that decide
+its tokens, so a changed file's entry is replaced, not joined by another. An entry whose header names
+another file version, stagewise version or format is not used; one that cannot be read, or whose
+contents fail the checksum, is a warning and the file is tokenised again, never an error or wrong ids.
+
+The cache lives in ``$STAGEWISE_CACHE_DIR``, else ``$XDG_CACHE_HOME/stagewise``, else
+``~/.cache/stagewise``; entries are in its ``text/`` folder, and may be deleted at any time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from stagewise import __version__
+from stagewise.engine.checkpoint import atomic_write_bytes
+
+FORMAT = "stagewise-text-ids-1"  # bump when an entry's layout or the tokenisation changes
+MIN_BYTES = 1 << 20  # a smaller file tokenises in ~50 ms: an entry would save less than it costs
+KEEP_FREE = 2 << 30  # bytes an entry must leave free on its disk: a run's checkpoints need room more
+
+
+@dataclass
+class FileTokens:
+    """One file's tokens: ``ids`` (N,) int32, ids of ``words`` (id i is ``words[i]``, in order of first sighting)."""
+
+    ids: np.ndarray
+    words: list[str]
+
+
+def cache_folder() -> Path:
+    """Where stagewise keeps what it can rebuild: ``$STAGEWISE_CACHE_DIR``, else ``$XDG_CACHE_HOME/stagewise``,
+    else ``~/.cache/stagewise``."""
+    folder = os.environ.get("STAGEWISE_CACHE_DIR")
+    if folder:
+        return Path(folder).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stagewise"
+
+
+class TextCache:
+    """The cache entries of the files one source's load tokenises with ``options`` (what decides a file's
+    tokens besides the file: lowercasing, encoding, ...). Files under :data:`MIN_BYTES` have none."""
+
+    def __init__(self, options: dict[str, Any]):
+        self.options = options
+        # under torchrun every process tokenises; one a machine writes (all would write the same bytes)
+        self.writes = os.environ.get("LOCAL_RANK", "0") == "0"
+        try:
+            self.folder: Path | None = cache_folder() / "text"
+        except RuntimeError as exc:  # no home folder (a container's user may have none): the run goes on uncached
+            self.folder = None
+            warnings.warn(f"stagewise: not caching token ids ({exc}); set STAGEWISE_CACHE_DIR to a folder, or "
+                          f"data.cache = false", stacklevel=3)
+
+    def entry(self, file: Path) -> CacheEntry | None:
+        """``file``'s entry, its version taken now (before it is read); None for a small file."""
+        stat = file.stat()
+        if stat.st_size < MIN_BYTES or self.folder is None:
+            return None
+        path = file.resolve()
+        name = hashlib.sha256(json.dumps([FORMAT, str(path), self.options], sort_keys=True).encode()).hexdigest()
+        # size and mtime_ns are what make and Python's .pyc files trust; the inode and ctime_ns (which no
+        # tool sets back) also tell a file replaced by a copy that kept both (rsync, cp -p). What no stamp
+        # tells: an edit that keeps the size within one tick of the file system's clock (a few ms; 1-2 s on
+        # FAT, ext3). Hashing the contents would cost about 1 s a GB at every load, for a corpus that rarely
+        # changes.
+        identity = {"format": FORMAT, "stagewise": __version__, "file": str(path), "options": self.options,
+                    "stamp": [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]}
+        return CacheEntry(self, self.folder / f"{name[:32]}.ids", identity)
+
+
+@dataclass
+class CacheEntry:
+    """One file's entry at ``path``, valid when its header's identity is ``identity``."""
+
+    cache: TextCache
+    path: Path
+    identity: dict[str, Any]
+
+    def holds(self) -> bool:
+        """Whether the entry is there and its header says it was made from this version of the file, with
+        these options (a header that cannot be read: a warning)."""
+        with self._opened() as f:
+            return f is not None and self._header(f) is not None
+
+    def read(self) -> FileTokens | None:
+        """The file's tokens, or None: no entry, one of another version of the file (or of stagewise), or a
+        damaged one (a warning)."""
+        with self._opened() as f:
+            header = None if f is None else self._header(f)
+            if f is None or header is None:
+                return None
+            try:
+                words, ids = _load(f).tobytes(), _load(f)
+                if ids.dtype != np.int32 or [len(ids), _checksum(words, ids)] != [header["tokens"], header["crc32"]]:
+                    raise ValueError("its contents do not match their checksum")
+                return FileTokens(ids, words.decode("utf-8", "surrogatepass").split("\n"))
+            except Exception as exc:  # whatever numpy makes of a damaged file: the file is tokenised again
+                self._damaged(exc)
+                return None
+
+    def write(self, tokens: FileTokens) -> None:
+        """Keep ``tokens`` as the file's entry (atomically); a warning, and no more writes in this load,
+        where the cache folder refuses or has too little room."""
+        if not self.cache.writes:
+            return
+        problem = self._write(tokens)
+        if problem is not None:
+            self.cache.writes = False
+            warnings.warn(f"stagewise: not caching the token ids of {self.identity['file']} in {self.path.parent} "
+                          f"({problem}); each run tokenises it again. Set STAGEWISE_CACHE_DIR to a folder with "
+                          f"room, or data.cache = false", stacklevel=2)
+
+    def _write(self, tokens: FileTokens) -> str | None:
+        """Write the entry; what stopped it, if anything."""
+        words = "\n".join(tokens.words).encode("utf-8", "surrogatepass")  # a word may hold a lone surrogate
+        header = {"identity": self.identity, "tokens": len(tokens.ids), "crc32": _checksum(words, tokens.ids)}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(self.path.parent).free
+            if free - tokens.ids.nbytes < KEEP_FREE:
+                return f"{free / 2**30:.1f} GiB free; an entry must leave {KEEP_FREE >> 30} GiB"
+            arrays = (_bytes(json.dumps(header).encode()), _bytes(words), tokens.ids)
+            atomic_write_bytes(self.path, lambda f: _save(f, arrays))
+        except OSError as exc:
+            return str(exc)
+        return None
+
+    @contextmanager
+    def _opened(self) -> Iterator[BinaryIO | None]:
+        try:
+            f = self.path.open("rb")
+        except OSError:  # none there, or none this user may read: the write after tokenising says why
+            yield None
+            return
+        with f:
+            yield f
+
+    def _header(self, f: BinaryIO) -> dict[str, Any] | None:
+        """The entry's header if it is this entry's, else None (a damaged one: a warning)."""
+        try:
+            header = json.loads(_load(f).tobytes())
+            return header if header["identity"] == self.identity else None
+        except Exception as exc:  # whatever numpy or json make of a damaged header
+            self._damaged(exc)
+            return None
+
+    def _damaged(self, exc: Exception) -> None:
+        warnings.warn(f"stagewise: the cached token ids of {self.identity['file']} ({self.path}) are damaged "
+                      f"({type(exc).__name__}: {exc}); tokenising the file again", stacklevel=4)
+
+
+def _load(f: Any) -> np.ndarray:
+    return np.load(f, allow_pickle=False)
+
+
+def _save(f: BinaryIO, arrays: tuple[np.ndarray, ...]) -> None:
+    for array in arrays:  # one after another in one file: _load reads them back in turn
+        np.save(f, array)
+
+
+def _checksum(words: bytes, ids: np.ndarray) -> int:
+    return zlib.crc32(ids.data, zlib.crc32(words))
+
+
+def _bytes(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.uint8)
