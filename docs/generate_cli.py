@@ -49,9 +49,24 @@ handling a path it was given, it is the one line too.
 
 
 def core_commands() -> list[str]:
+    return list(_core_parsers())
+
+
+def command_words() -> list[tuple[str, ...]]:
+    """Core's commands and their own subcommands (``cache list``), as the words that name them."""
+    return [words for name, parser in _core_parsers().items() for words in _words((name,), parser)]
+
+
+def _core_parsers() -> dict[str, argparse.ArgumentParser]:
     sub = argparse.ArgumentParser().add_subparsers()
     add_core_commands(sub)
-    return list(sub.choices)
+    return dict(sub.choices)
+
+
+def _words(words: tuple[str, ...], parser: argparse.ArgumentParser) -> list[tuple[str, ...]]:
+    subcommands = [action.choices for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    return [words, *(more for choices in subcommands for name, child in choices.items()
+                     for more in _words((*words, name), child))]
 
 
 def help_text(*command: str) -> str:
@@ -63,7 +78,7 @@ def help_text(*command: str) -> str:
 
 def render() -> str:
     sections = [HEADER]
-    for command in [(), *((name,) for name in core_commands())]:
+    for command in [(), *command_words()]:
         title = " ".join(("stagewise", *command))
         sections.append(f"## {title}\n\n```text\n{help_text(*command)}\n```\n")
     return "\n".join(sections)

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from stagewise.cli.cache import size_text
+from stagewise.cli.main import main
 from stagewise.data import textcache
 from stagewise.data.text import LMWindows, TextCorpus, TextOptions, WordIndex, load_streams, read_ids
 from stagewise.engine.batches import in_process_batches
@@ -281,3 +283,138 @@ def test_cached_and_uncached_files_mix_in_one_source(tmp_path, cache, tokenised,
         assert list(index) == list(plain)
         assert all(np.array_equal(streams[split], ids) for split, ids in expected.items())
     assert tokenised == ["a.txt", "d.txt"] and len(list(cache.iterdir())) == 2
+
+
+def test_a_cache_hit_reads_each_entry_s_header_once(tmp_path, cache, monkeypatch):
+    source = _sources(tmp_path)[1]  # two files: two entries
+    expected = _load(source, cache=False)
+    _load(source)
+    loads = []
+    monkeypatch.setattr(textcache, "_load", lambda f: loads.append(f) or np.load(f, allow_pickle=False))
+    _assert_same(_load(source), expected)
+    assert len(loads) == 2 * 3  # each entry's header, words and ids, once
+
+
+# --- stagewise cache ------------------------------------------------------------------------------
+
+
+def _cached(tmp_path, cache, name, text=TEXT):
+    """The entry of a new file ``name`` holding ``text``, which a load has just cached."""
+    before = set(cache.glob("*"))
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    _load(tmp_path / name)
+    [entry] = set(cache.glob("*")) - before
+    return entry
+
+
+def _tokens(file):
+    return sum(map(len, load_streams(TextOptions(path=str(file), cache=False), WordIndex()).values()))
+
+
+def _run(capsys, *args):
+    """``stagewise *args``: its exit code and its output (it writes nothing on stderr)."""
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    assert err == ""
+    return code, out
+
+
+def test_cache_says_where_it_is_and_how_much_it_holds(tmp_path, cache, capsys):
+    entries = [_cached(tmp_path, cache, "a.txt"), _cached(tmp_path, cache, "b.txt", TEXT * 2)]
+    (tmp_path / "b.txt").unlink()
+    total = sum(entry.stat().st_size for entry in entries)
+    assert _run(capsys, "cache") == (0, f"folder:  {cache}\nentries: 2, {size_text(total)}\nstale:   1, "
+                                        f"{size_text(entries[1].stat().st_size)} (to remove: stagewise cache clear "
+                                        f"--stale)\n")
+
+
+def test_cache_list_says_of_each_entry_its_file_tokens_size_and_whether_a_load_uses_it(tmp_path, cache, capsys,
+                                                                                         monkeypatch, tokenised):
+    entries = {name: _cached(tmp_path, cache, name) for name in ("usable.txt", "changed.txt", "gone.txt")}
+    for name, key, value in (("old.txt", "__version__", "0.0.1"), ("other.txt", "FORMAT", "stagewise-text-ids-0")):
+        with monkeypatch.context() as patch:
+            patch.setattr(textcache, key, value)
+            entries[name] = _cached(tmp_path, cache, name)
+    entries["unreadable"] = cache / f"{'0' * 32}.ids"
+    entries["unreadable"].write_bytes(b"garbage" * 9)
+    time.sleep(0.03)  # the kernel's file clock ticks every few ms
+    (tmp_path / "changed.txt").write_text(TEXT + "more\n")
+    (tmp_path / "gone.txt").unlink()
+    loads = []
+    monkeypatch.setattr(textcache, "_load", lambda f: loads.append(f) or np.load(f, allow_pickle=False))
+    code, out = _run(capsys, "cache", "list")
+    assert code == 0 and len(loads) == len(entries)  # the headers alone are read
+    lines = {name: [line for line in out.splitlines() if name in line] for name in entries}
+    options = "(lowercase=true, encoding=utf-8, text_field=text)"
+    tokens = f"{_tokens(tmp_path / 'usable.txt'):,} tokens"
+    for name, state in [("usable.txt", "usable"), ("changed.txt", "stale"), ("gone.txt", "stale"),
+                        ("old.txt", "stale"), ("other.txt", "stale")]:
+        [line] = lines[name]
+        assert line.split()[:3] == [state, *size_text(entries[name].stat().st_size).split()]
+        assert f"  {tokens}  {tmp_path.resolve() / name} {options}" in line  # the path as a load resolves it
+    assert lines["usable.txt"][0].endswith(options)
+    assert lines["changed.txt"][0].endswith(": the file changed")
+    assert lines["gone.txt"][0].endswith(": the file is gone")
+    assert lines["old.txt"][0].endswith(": made by stagewise 0.0.1")
+    assert lines["other.txt"][0].endswith(": made in another format (stagewise-text-ids-0)")
+    [line] = lines["unreadable"]
+    assert line.startswith("stale   63 bytes") and f"? tokens  {entries['unreadable']}: unreadable header (" in line
+    assert len(out.splitlines()) == len(entries)
+    tokenised.clear()
+    for name in ("usable.txt", "changed.txt", "old.txt", "other.txt"):
+        _load(tmp_path / name)
+    assert tokenised == ["changed.txt", "old.txt", "other.txt"]  # as the list says: loads use the usable one alone
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_cache_clear_removes_the_entries_and_nothing_else(tmp_path, cache, capsys, stale):
+    usable, gone = _cached(tmp_path, cache, "usable.txt"), _cached(tmp_path, cache, "gone.txt")
+    (tmp_path / "gone.txt").unlink()
+    damaged = cache / f"{'f' * 32}.ids"
+    damaged.write_bytes(b"garbage")
+    others = [cache.parent / "mine.ids", cache / "notes.txt", cache / f"{'a' * 32}.ids.bak", cache / f"{'b' * 31}.ids",
+              cache / f".{usable.name}.x1.tmp"]
+    for other in others:
+        other.write_bytes(usable.read_bytes())  # the header of an entry, yet not an entry by its name or folder
+    (cache / f"{'c' * 32}.ids").mkdir()
+    removed = [gone, damaged] if stale else [usable, gone, damaged]
+    freed = sum(entry.stat().st_size for entry in removed)
+    code, out = _run(capsys, "cache", "clear", *["--stale"] * stale)
+    assert code == 0
+    assert [entry.exists() for entry in (usable, gone, damaged)] == [stale, False, False]
+    assert all(other.exists() for other in others) and (cache / f"{'c' * 32}.ids").is_dir()
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines[:-1]] == ["removed"] * len(removed)
+    assert [line for line in lines if "gone.txt" in line][0].endswith(": the file is gone")
+    assert lines[-1] == f"freed {size_text(freed)}: removed {len(removed)} entries from {cache}" + (
+        "; kept 1 usable entry" if stale else "")
+    assert _run(capsys, "cache", "list")[1].startswith("usable" if stale else "no cached token ids")
+
+
+@pytest.mark.parametrize("args", [["cache"], ["cache", "list"], ["cache", "clear"], ["cache", "clear", "--stale"]])
+def test_an_empty_or_missing_cache_is_a_plain_message(tmp_path, cache, capsys, args):
+    assert _run(capsys, *args) == (0, f"no cached token ids in {cache}\n")  # no folder
+    cache.mkdir(parents=True)
+    (cache / "notes.txt").write_text("not an entry")
+    assert _run(capsys, *args) == (0, f"no cached token ids in {cache}\n")
+    assert (cache / "notes.txt").exists()
+
+
+def test_cache_clear_stale_of_usable_entries_removes_nothing(tmp_path, cache, capsys):
+    entry = _cached(tmp_path, cache, "book.txt")
+    assert _run(capsys, "cache", "clear", "--stale") == (0, f"no stale entries in {cache}; kept 1 usable entry\n")
+    assert entry.exists()
+
+
+def test_cache_without_a_home_folder_says_what_to_set(monkeypatch, capsys):
+    monkeypatch.delenv("STAGEWISE_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(textcache.Path, "home", lambda: (_ for _ in ()).throw(RuntimeError("no home")))
+    assert main(["cache"]) == 1
+    assert capsys.readouterr().err == ("stagewise: error: cannot find the cache folder (no home); set "
+                                       "STAGEWISE_CACHE_DIR to the folder that holds it\n")
+
+
+def test_sizes_are_shown_in_decimal_units():
+    assert [size_text(n) for n in (0, 999, 1000, 12_345, 999_940, 999_960, 1_500_000_000, 3 * 10**12)] == [
+        "0 bytes", "999 bytes", "1.0 kB", "12.3 kB", "999.9 kB", "1.0 MB", "1.5 GB", "3000.0 GB"]

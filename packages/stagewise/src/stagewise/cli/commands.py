@@ -1,4 +1,4 @@
-"""Core's subcommands: plugins, recipes, run, compare, show, verify, export."""
+"""Core's subcommands: plugins, recipes, run, compare, show, verify, export; and cache (:mod:`stagewise.cli.cache`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from stagewise import plugins
+from stagewise.cli.cache import add_cache_command
 from stagewise.errors import CheckpointError, RunInterrupted, RunStopped
 from stagewise.registry import KINDS
 
@@ -90,6 +91,8 @@ def add_core_commands(sub: argparse._SubParsersAction) -> None:
                    help="leave out the artifact NAME (repeatable), e.g. a large cache a stage kept for "
                    "training; the command lists the checkpoint's artifacts when NAME is not one of them")
     p.set_defaults(handler=cmd_export)
+
+    add_cache_command(sub)
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:

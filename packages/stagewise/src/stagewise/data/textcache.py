@@ -15,6 +15,8 @@ contents fail the checksum, is a warning and the file is tokenised again, never 
 
 The cache lives in ``$STAGEWISE_CACHE_DIR``, else ``$XDG_CACHE_HOME/stagewise``, else
 ``~/.cache/stagewise``; entries are in its ``text/`` folder, and may be deleted at any time.
+``stagewise cache`` shows them (:func:`stored_entries`: judged by their headers alone, as a load
+judges them, :func:`why_stale`) and removes them.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import warnings
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -39,6 +42,7 @@ from stagewise.engine.checkpoint import atomic_write_bytes
 FORMAT = "stagewise-text-ids-1"  # bump when an entry's layout or the tokenisation changes
 MIN_BYTES = 1 << 20  # a smaller file tokenises in ~50 ms: an entry would save less than it costs
 KEEP_FREE = 2 << 30  # bytes an entry must leave free on its disk: a run's checkpoints need room more
+ENTRY_NAME = re.compile(r"[0-9a-f]{32}\.ids")  # an entry's file name in the text/ folder (TextCache.entry)
 
 
 @dataclass
@@ -58,6 +62,11 @@ def cache_folder() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stagewise"
 
 
+def entries_folder() -> Path:
+    """The folder of the cache's entries (it may not exist yet)."""
+    return cache_folder() / "text"
+
+
 class TextCache:
     """The cache entries of the files one source's load tokenises with ``options`` (what decides a file's
     tokens besides the file: lowercasing, encoding, ...). Files under :data:`MIN_BYTES` have none."""
@@ -67,7 +76,7 @@ class TextCache:
         # under torchrun every process tokenises; one a machine writes (all would write the same bytes)
         self.writes = os.environ.get("LOCAL_RANK", "0") == "0"
         try:
-            self.folder: Path | None = cache_folder() / "text"
+            self.folder: Path | None = entries_folder()
         except RuntimeError as exc:  # no home folder (a container's user may have none): the run goes on uncached
             self.folder = None
             warnings.warn(f"stagewise: not caching token ids ({exc}); set STAGEWISE_CACHE_DIR to a folder, or "
@@ -80,14 +89,77 @@ class TextCache:
             return None
         path = file.resolve()
         name = hashlib.sha256(json.dumps([FORMAT, str(path), self.options], sort_keys=True).encode()).hexdigest()
-        # size and mtime_ns are what make and Python's .pyc files trust; the inode and ctime_ns (which no
-        # tool sets back) also tell a file replaced by a copy that kept both (rsync, cp -p). What no stamp
-        # tells: an edit that keeps the size within one tick of the file system's clock (a few ms; 1-2 s on
-        # FAT, ext3). Hashing the contents would cost about 1 s a GB at every load, for a corpus that rarely
-        # changes.
-        identity = {"format": FORMAT, "stagewise": __version__, "file": str(path), "options": self.options,
-                    "stamp": [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]}
-        return CacheEntry(self, self.folder / f"{name[:32]}.ids", identity)
+        return CacheEntry(self, self.folder / f"{name[:32]}.ids", identity(path, self.options, stat))
+
+
+def identity(path: Path, options: Any, stat: os.stat_result | None) -> dict[str, Any]:
+    """What an entry's header must say for a load of the file at ``path`` (resolved; ``stat``, its stat now:
+    None where it is gone) with ``options`` to use the entry."""
+    # size and mtime_ns are what make and Python's .pyc files trust; the inode and ctime_ns (which no
+    # tool sets back) also tell a file replaced by a copy that kept both (rsync, cp -p). What no stamp
+    # tells: an edit that keeps the size within one tick of the file system's clock (a few ms; 1-2 s on
+    # FAT, ext3). Hashing the contents would cost about 1 s a GB at every load, for a corpus that rarely
+    # changes.
+    stamp = None if stat is None else [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+    return {"format": FORMAT, "stagewise": __version__, "file": str(path), "options": options, "stamp": stamp}
+
+
+def why_stale(found: dict[str, Any], expected: dict[str, Any]) -> str | None:
+    """Why a load that expects the :func:`identity` ``expected`` does not use an entry whose header says
+    ``found`` (which may be of any format); None when it uses it."""
+    if found == expected:
+        return None
+    if found.get("format") != expected["format"]:
+        return f"made in another format ({found.get('format')})"
+    if found.get("stagewise") != expected["stagewise"]:
+        return f"made by stagewise {found.get('stagewise')}"
+    return "the file is gone" if expected["stamp"] is None else "the file changed"
+
+
+def read_header(f: BinaryIO) -> dict[str, Any]:
+    """The header of the entry ``f``, read from its start (``f`` is left at the words); raises what numpy or
+    json make of a damaged one."""
+    header = json.loads(_load(f).tobytes())
+    if not isinstance(header, dict) or not isinstance(header.get("identity"), dict):
+        raise ValueError("not a token-id cache entry's header")
+    return header
+
+
+@dataclass
+class StoredEntry:
+    """An entry in the cache folder as its header says (``file``, ``options``, ``tokens``: None where the
+    header cannot be read); ``stale``: why no load uses it, None for a usable one."""
+
+    path: Path
+    size: int
+    file: str | None
+    options: Any
+    tokens: Any
+    stale: str | None
+
+
+def stored_entries(folder: Path) -> list[StoredEntry]:
+    """The entries in ``folder`` (the files named as entries are; none where it does not exist), each judged
+    from its header alone: an entry's ids may take GBs."""
+    paths = sorted(folder.iterdir()) if folder.is_dir() else []
+    return [_stored(path) for path in paths if ENTRY_NAME.fullmatch(path.name) and path.is_file()]
+
+
+def _stored(path: Path) -> StoredEntry:
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            header = read_header(f)
+    except Exception as exc:  # whatever numpy or json make of a damaged header, or a file that cannot be opened
+        return StoredEntry(path, size, None, None, None, f"unreadable header ({type(exc).__name__}: {exc})")
+    found = header["identity"]
+    file = Path(str(found.get("file"))).resolve()  # as a load resolves the path it is given
+    try:
+        stat: os.stat_result | None = file.stat()
+    except OSError:  # gone, or out of reach (an unmounted disk): no load reads it from there
+        stat = None
+    return StoredEntry(path, size, str(file), found.get("options"), header.get("tokens"),
+                       why_stale(found, identity(file, found.get("options"), stat)))
 
 
 @dataclass
@@ -97,21 +169,28 @@ class CacheEntry:
     cache: TextCache
     path: Path
     identity: dict[str, Any]
+    header: dict[str, Any] | None = field(default=None, init=False)  # as holds() read it; read() reads on
+    words_at: int = field(default=0, init=False)  # from its end
 
     def holds(self) -> bool:
         """Whether the entry is there and its header says it was made from this version of the file, with
         these options (a header that cannot be read: a warning)."""
         with self._opened() as f:
-            return f is not None and self._header(f) is not None
+            self.header = None if f is None else self._header(f)
+            self.words_at = 0 if f is None else f.tell()
+        return self.header is not None
 
     def read(self) -> FileTokens | None:
-        """The file's tokens, or None: no entry, one of another version of the file (or of stagewise), or a
-        damaged one (a warning)."""
+        """The file's tokens, from the entry that :meth:`holds` found, or None: the entry is gone since, or
+        damaged (a warning)."""
+        header = self.header
         with self._opened() as f:
-            header = None if f is None else self._header(f)
             if f is None or header is None:
                 return None
             try:
+                # on from the header holds() read: an entry another process replaced since must still hold the
+                # number of ids and the CRC that header says, so the ids are those of this version of the file
+                f.seek(self.words_at)
                 words, ids = _load(f).tobytes(), _load(f)
                 if ids.dtype != np.int32 or [len(ids), _checksum(words, ids)] != [header["tokens"], header["crc32"]]:
                     raise ValueError("its contents do not match their checksum")
@@ -160,8 +239,8 @@ class CacheEntry:
     def _header(self, f: BinaryIO) -> dict[str, Any] | None:
         """The entry's header if it is this entry's, else None (a damaged one: a warning)."""
         try:
-            header = json.loads(_load(f).tobytes())
-            return header if header["identity"] == self.identity else None
+            header = read_header(f)
+            return header if why_stale(header["identity"], self.identity) is None else None
         except Exception as exc:  # whatever numpy or json make of a damaged header
             self._damaged(exc)
             return None
