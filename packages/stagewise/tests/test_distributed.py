@@ -250,8 +250,18 @@ time.sleep(3600)
 """
 
 
+@pytest.fixture
+def ctrl_c_interrupts():
+    """SIGINT raises KeyboardInterrupt during the test, as Ctrl-C does in a terminal: a script's background job
+    (`pytest ... &`, as test runs started side by side are) starts with SIGINT ignored, which Python keeps, and
+    the test's Ctrl-C was lost (run_child ran to its timeout)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads which processes run from /proc (Linux)")
-def test_a_child_stopped_by_ctrl_c_is_killed_with_what_it_started(tmp_path):
+def test_a_child_stopped_by_ctrl_c_is_killed_with_what_it_started(tmp_path, ctrl_c_interrupts):
     # run_child starts its child in a session of its own, which the terminal's Ctrl-C does not reach: it kills it
     (tmp_path / "starter.py").write_text(STARTER)
     pids = [tmp_path / "starter.pid", tmp_path / "started.pid"]
