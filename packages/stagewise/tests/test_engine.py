@@ -120,16 +120,29 @@ def test_frozen_parameters_never_change(tiny, tmp_path):
 
 
 def test_early_stopping_restores_best_weights(tiny, tmp_path):
-    # lr so high that validation loss gets worse after the first epoch
-    recipe = tiny("stages.phase1.lr=1.0", "stages.phase1.max_epochs=5", "stages.phase1.patience=1")
-    run_dir = run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    from stagewise.plugins import register_plugin, unregister_plugin
+
+    class Ascent:
+        @stagewise.hookimpl
+        def stagewise_register_losses(self, register):
+            register(_Ascent)
+
+    # val/loss from the cross entropy at weight 0, the model trained by climbing it: every epoch is worse than
+    # the one before on any kind of CPU (lr 1.0 down the loss, as this test had it, jumps about by CPU)
+    register_plugin(Ascent(), "enginetest")
+    try:
+        terms = '[{use="stagewise.cross_entropy", weight=0.0}, {use="enginetest.ascent"}]'
+        recipe = tiny("stages.phase1.max_epochs=5", "stages.phase1.patience=1", f"stages.phase1.losses={terms}")
+        run_dir = run_recipe(recipe, out=tmp_path / "run", quiet=True)
+    finally:
+        unregister_plugin("enginetest")
     phase1 = read_summary(run_dir)["stages"]["phase1"]
     epochs = [r for r in read_records(run_dir, "epoch") if r["stage"] == "phase1"]
     assert phase1["metrics"]["train/stopped_early"] is True
-    assert phase1["epochs"] == len(epochs) < 5
-    best = min(epochs, key=lambda r: r["val/loss"])
-    assert phase1["metrics"]["val/loss"] == best["val/loss"]
-    assert phase1["metrics"]["train/best_epoch"] == best["epoch"]
+    assert phase1["epochs"] == len(epochs) == 2  # the best epoch, then one without improvement
+    assert epochs[1]["val/loss"] > epochs[0]["val/loss"]
+    assert phase1["metrics"]["val/loss"] == epochs[0]["val/loss"]
+    assert phase1["metrics"]["train/best_epoch"] == epochs[0]["epoch"]
 
 
 def test_weights_a_step_made_non_finite_stop_the_run_at_the_next_batch(tiny, tmp_path):
