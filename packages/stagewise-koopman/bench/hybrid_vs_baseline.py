@@ -1,7 +1,7 @@
-"""Baseline vs Koopman hybrid, measured in one process on the same data and seed.
+"""Baseline vs Koopman hybrid, measured on the same data and seed.
 
     python packages/stagewise-koopman/bench/hybrid_vs_baseline.py [--data DIR] [--out DIR] [--json OUT.json]
-                                                                  [--quick] [--seeds N] [--set KEY=VALUE ...]
+                                                                  [--quick] [--seeds N] [--jobs N] [--set KEY=VALUE ...]
 
 DIR holds train.txt, valid.txt and test.txt (UTF-8); by default the public-domain English texts in
 ../shared/data/pd_english (relative to the repository) are dealt to the three splits by
@@ -11,7 +11,10 @@ text, into ``<out>/data``. Every run directory is kept under ``--out`` (default
 runs/koopman-bench, or runs/koopman-bench-2, ... when that holds files; a folder given must be
 new or empty), so the runs that finished survive one that fails. Runs the recipes
 koopman.baseline and koopman.hybrid (same [data], [model], seed and epochs), then the hybrid
-again for each weight cap of the sweep (the term's weight and cap both set to it). ``--set``
+again for each weight cap of the sweep (the term's weight and cap both set to it), two at a time
+where two cores are free (``--jobs``; each run is single-threaded, so two on two cores train about
+as fast as one alone; the baseline and the hybrid whose main stages time_ratio compares start
+together, side by side; ``--jobs 1`` runs one after another, each timed alone). ``--set``
 overrides the recipes after the script's settings (e.g. ``--set model.n_layer=6``); it refuses the
 seed (``--seeds``) and the Koopman term's weight and cap (the sweep's). Prints a table and one JSON line:
 
@@ -28,7 +31,7 @@ seed (``--seeds``) and the Koopman term's weight and cap (the sweep's). Prints a
   clock, on a possibly shared machine); seconds: {baseline_main, hybrid_main}, those seconds;
 - baseline_test_ppl, hybrid_test_ppl: test perplexity of each (the final ``test`` stage);
 - hybrid_weight: the term's mean effective weight in the hybrid's best epoch (after fallbacks);
-- mode: "quick" or "full", the settings used; overrides: the --set overrides, if any;
+- mode: "quick" or "full", the settings used; jobs: runs at once; overrides: the --set overrides, if any;
 - sweep: [{cap, ppl, linearity_gain}] — the trade-off between the term's weight and perplexity;
 - seeds (with ``--seeds N``, N > 1): [{seed, baseline_ppl, hybrid_ppl, ppl_change_pct,
   test_ppl_change_pct, linearity_gain}] for seeds 0..N-1 (seed 0 is the run above), and
@@ -46,12 +49,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stagewise.bench import add_set_option, run_benchmark
+from stagewise.bench import add_jobs_option, add_set_option, run_benchmark, run_recipes
 from stagewise.compare import overrides_by_recipe
 from stagewise.data.text import write_file_split
-from stagewise.engine.runner import run_recipe
 from stagewise.errors import StagewiseError
-from stagewise.recipe import load_recipe
+from stagewise.recipe import Recipe, load_recipe
 
 REPO = Path(__file__).resolve().parents[3]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "pd_english"
@@ -75,10 +77,13 @@ def koopman_losses(cap: float) -> list[str]:
     return [f"stages.main.losses.koopman.weight={cap}", f"stages.main.losses.koopman.cap={cap}"]
 
 
-def run(name: str, overrides: list[str], out: Path) -> dict[str, Any]:
-    """Run a named recipe; returns its summary, its koopman.epoch records and the epoch records
-    of its main stage."""
-    run_dir = run_recipe(load_recipe(name, overrides), out=out, quiet=True)
+def run_all(runs: dict[str, tuple[Recipe, Path]], jobs: int) -> dict[str, dict[str, Any]]:
+    """Run the named recipes, ``jobs`` at a time (core's ``run_recipes``); returns each run's summary,
+    with its koopman.epoch records and the epoch records of its main stage."""
+    return {name: read_run(finished.path) for name, finished in run_recipes(runs, jobs).items()}
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
     summary = json.loads((run_dir / "summary.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary["koopman_epochs"] = [r for r in records if r["event"] == "koopman.epoch"]
@@ -118,28 +123,32 @@ def pair_row(seed: int, base: dict[str, float], hybrid: dict[str, float]) -> dic
             "linearity_gain": base["linearity/one_step_error"] / hybrid["linearity/one_step_error"]}
 
 
-def seed_pair(overrides: dict[str, list[str]], seed: int, out: Path) -> dict[str, float]:
-    """Baseline and koopman.hybrid at one more seed."""
-    base = run("koopman.baseline", at_seed(overrides["koopman.baseline"], seed), out / f"baseline_seed{seed}")
-    hybrid = run("koopman.hybrid", [*at_seed(overrides["koopman.hybrid"], seed), *koopman_losses(HYBRID_CAP)],
-                 out / f"hybrid_seed{seed}")
-    return pair_row(seed, base["metrics"], hybrid["metrics"])
+def hybrid_recipe(overrides: dict[str, list[str]], seed: int, cap: float) -> Recipe:
+    """koopman.hybrid at ``seed`` with its term's weight and cap set to ``cap``."""
+    return load_recipe("koopman.hybrid", [*at_seed(overrides["koopman.hybrid"], seed), f"run.name=koopman_hybrid_{cap}",
+                                          *koopman_losses(cap)])
 
 
-def check_recipes(overrides: dict[str, list[str]]) -> None:
-    """Load each recipe as it will run, before the first run: a --set that the hybrid alone refuses would
-    otherwise be said only once the baseline's run had ended."""
-    load_recipe("koopman.baseline", overrides["koopman.baseline"])
-    load_recipe("koopman.hybrid", [*overrides["koopman.hybrid"], *koopman_losses(HYBRID_CAP)])
+def planned_runs(overrides: dict[str, list[str]], seeds: int, out: Path) -> dict[str, tuple[Recipe, Path]]:
+    """Every run, loaded before the first starts (a --set the hybrid alone refuses stops the benchmark
+    at once), in the order they start: the two runs time_ratio compares first, side by side under
+    ``--jobs 2``, then the rest of the sweep, then each further seed's baseline and hybrid."""
+    runs = {"baseline": (load_recipe("koopman.baseline", at_seed(overrides["koopman.baseline"], 0)), out / "baseline")}
+    for cap in sorted(CAPS, key=lambda cap: cap != HYBRID_CAP):
+        runs[f"hybrid_{cap}"] = (hybrid_recipe(overrides, 0, cap), out / f"hybrid_{cap}")
+    for seed in range(1, seeds):
+        runs[f"baseline_seed{seed}"] = (load_recipe("koopman.baseline", at_seed(overrides["koopman.baseline"], seed)),
+                                        out / f"baseline_seed{seed}")
+        runs[f"hybrid_seed{seed}"] = (hybrid_recipe(overrides, seed, HYBRID_CAP), out / f"hybrid_seed{seed}")
+    return runs
 
 
-def measure(data: Path, mode: str, out: Path, seeds: int = 1, extra: Sequence[str] = ()) -> dict[str, Any]:
-    overrides = recipe_overrides(data, mode, list(extra))
-    check_recipes(overrides)
-    baseline = run("koopman.baseline", at_seed(overrides["koopman.baseline"], 0), out / "baseline")
+def measure(data: Path, mode: str, out: Path, seeds: int = 1, extra: Sequence[str] = (),
+            jobs: int = 1) -> dict[str, Any]:
+    summaries = run_all(planned_runs(recipe_overrides(data, mode, list(extra)), seeds, out), jobs)
+    baseline = summaries["baseline"]
     base_error = baseline["metrics"]["linearity/one_step_error"]
-    hybrids = {cap: run("koopman.hybrid", [*at_seed(overrides["koopman.hybrid"], 0), f"run.name=koopman_hybrid_{cap}",
-                                           *koopman_losses(cap)], out / f"hybrid_{cap}") for cap in CAPS}
+    hybrids = {cap: summaries[f"hybrid_{cap}"] for cap in CAPS}
     hybrid, m = hybrids[HYBRID_CAP], hybrids[HYBRID_CAP]["metrics"]
     result = {
         "baseline_ppl": baseline["metrics"]["val/ppl"],
@@ -157,13 +166,16 @@ def measure(data: Path, mode: str, out: Path, seeds: int = 1, extra: Sequence[st
         "seconds": {"baseline_main": baseline["stages"]["main"]["seconds"],
                     "hybrid_main": hybrid["stages"]["main"]["seconds"]},
         "mode": mode,
+        "jobs": jobs,
         "overrides": list(extra),
         "sweep": [{"cap": cap, "ppl": h["metrics"]["val/ppl"],
                    "linearity_gain": base_error / h["metrics"]["linearity/one_step_error"]}
                   for cap, h in hybrids.items()],
     }
     if seeds > 1:
-        rows = [pair_row(0, baseline["metrics"], m), *(seed_pair(overrides, seed, out) for seed in range(1, seeds))]
+        at = {seed: (summaries[f"baseline_seed{seed}"], summaries[f"hybrid_seed{seed}"]) for seed in range(1, seeds)}
+        rows = [pair_row(0, baseline["metrics"], m), *(pair_row(seed, b["metrics"], h["metrics"])
+                                                       for seed, (b, h) in at.items())]
         result["seeds"] = rows
         result["seeds_mean"] = {key: statistics.mean(row[key] for row in rows)
                                 for key in ("ppl_change_pct", "test_ppl_change_pct", "linearity_gain")}
@@ -204,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="less data and fewer epochs (under 10 minutes)")
     parser.add_argument("--seeds", type=int, default=1, help="also run baseline and hybrid at seeds 1..N-1 "
                         "(2 more runs per seed) to show the seed-to-seed spread (default 1: seed 0 only)")
+    add_jobs_option(parser)
     add_set_option(parser, "It refuses the seed (--seeds) and the Koopman term's weight and cap (the sweep's).")
     args = parser.parse_args(argv)
 
@@ -213,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             data = out / "data"
             # errors="replace": nine files hold Latin-1 bytes, read as U+FFFD as when the results were recorded
             write_file_split(DEFAULT_DATA, data, valid=2, test=6, chunk_lines=40, seed=0, errors="replace")
-        return measure(data, "quick" if args.quick else "full", out, args.seeds, args.overrides)
+        return measure(data, "quick" if args.quick else "full", out, args.seeds, args.overrides, args.jobs)
 
     return run_benchmark("hybrid_vs_baseline", body, table, args.out, "koopman-bench", args.json)
 

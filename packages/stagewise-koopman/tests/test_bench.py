@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import TRAIN_ONLY
 
+from stagewise.recipe import load_recipe
+
 BENCH = Path(__file__).parents[1] / "bench" / "hybrid_vs_baseline.py"
 
 
@@ -24,7 +26,7 @@ def bench():
 def test_fallbacks_are_counted_over_the_whole_main_stage(bench, tmp_path):
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(TRAIN_ONLY.replace("fallback_threshold = 3.1", "fallback_threshold = 0.0"))
-    summary = bench.run(str(recipe), [], tmp_path / "run")
+    summary = bench.run_all({"run": (load_recipe(recipe), tmp_path / "run")}, jobs=1)["run"]
     # every batch of epochs 1 and 2 (3 steps each) is cut, whichever epoch restore_best keeps
     assert bench.stage_fallbacks(summary) == 6
     assert [e["train/koopman/fallbacks"] for e in summary["main_epochs"]] == [0, 3, 6]
@@ -94,10 +96,10 @@ def test_a_set_of_what_the_script_sets_itself_is_refused(bench, tmp_path, item):
 
 def test_a_set_the_hybrid_refuses_stops_the_benchmark_before_its_first_run(bench, tmp_path, monkeypatch, capsys):
     # was: the baseline ran to its end (minutes; an hour in full mode) before the hybrid's recipe refused the key
-    def run_recipe(recipe, **kwargs):
-        raise AssertionError(f"{recipe.run.name} ran")
+    def run_recipes(runs, jobs):
+        raise AssertionError(f"{', '.join(runs)} ran")
 
-    monkeypatch.setattr(bench, "run_recipe", run_recipe)
+    monkeypatch.setattr(bench, "run_recipes", run_recipes)
     data = tmp_path / "data"
     data.mkdir()
     for split in ("train", "valid", "test"):

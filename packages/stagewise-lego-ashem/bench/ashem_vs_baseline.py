@@ -1,7 +1,7 @@
-"""ASHEM against its baseline on real text, in one process, on the same data and seed.
+"""ASHEM against its baseline on real text, on the same data and seed.
 
     python packages/stagewise-lego-ashem/bench/ashem_vs_baseline.py [--data DIR] [--out DIR] [--json OUT.json]
-        [--quick] [--threads N] [--set KEY=VALUE ...]
+        [--quick] [--threads N] [--jobs N] [--set KEY=VALUE ...]
 
 DIR holds train.txt, valid.txt and test.txt (WikiText-style plain text, UTF-8). Default: a
 deterministic split of ../shared/data/pd_english written to ``<out>/data``: every file
@@ -12,9 +12,12 @@ share no text). Every run directory is kept under ``--out`` (default runs/lego-a
 runs/lego-ashem-bench-2, ... when that holds files; a folder given must be new or empty), so a
 finished run survives a later one that fails. Runs the recipes lego_ashem.baseline and
 lego_ashem.ashem with the same [data] table and seed (ashem with hard_ratio 0.4, and with the
-learned exit probe trained and evaluated after its max-softmax test: probe_<metric>), then a
-speed-only measurement (random weights, labelled so) on a shape where the layers dominate: dim
-256, 8 layers, exit 4, vocabulary 2048, 70% of tokens exiting. Prints a table and one JSON line.
+learned exit probe trained and evaluated after its max-softmax test: probe_<metric>), side by
+side where two cores are free (``--jobs``: the baseline trains on one core while ashem trains
+and is timed on the other; ``--jobs 1`` runs them one after the other, so ashem is timed
+alone), then a speed-only measurement (random weights, labelled so) on a shape where the
+layers dominate: dim 256, 8 layers, exit 4, vocabulary 2048, 70% of tokens exiting. Prints a
+table and one JSON line.
 Wall-clock numbers are measurements on a shared machine; counted FLOPs are printed beside them.
 ``--set`` overrides the runs' recipes after the script's own settings (e.g. ``--set model.n_embd=128``);
 the result lists them under ``overrides``, so a changed benchmark is never read as the default one.
@@ -27,15 +30,13 @@ import copy
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from stagewise.bench import add_set_option, run_benchmark
+from stagewise.bench import add_jobs_option, add_set_option, run_benchmark, run_recipes
 from stagewise.compare import check_comparable, overrides_by_recipe
 from stagewise.data.text import write_file_split
-from stagewise.engine.runner import run_recipe
 from stagewise.nn.transformer import TransformerConfig
 from stagewise.recipe import Recipe, load_recipe, recipe_from_table
 from stagewise_lego_ashem import metrics
@@ -103,20 +104,17 @@ def with_probe(recipe: Recipe, curve: list[str]) -> Recipe:
                              [c.replace("stages.test.", "stages.test_probe.") for c in curve])
 
 
-def run_both(data: Path, quick: bool, threads: int, out: Path, overrides: list[str]) -> dict[str, dict]:
-    """Both recipes with the script's settings, then ``overrides`` (--set) as compare shares them out."""
+def run_both(data: Path, quick: bool, threads: int, out: Path, overrides: list[str], jobs: int) -> dict[str, dict]:
+    """Both recipes with the script's settings, then ``overrides`` (--set) as compare shares them out;
+    ``jobs`` at a time (core's ``run_recipes``)."""
     common, per, names = settings(data, quick, threads), epochs(quick), ("baseline", "ashem")
     shares = dict(zip(names, overrides_by_recipe([f"lego_ashem.{name}" for name in names], overrides), strict=True))
     recipes = {name: load_recipe(f"lego_ashem.{name}", common + per[name] + shares[name]) for name in names}
     recipes["ashem"] = with_probe(recipes["ashem"], [c for c in per["ashem"] if c.startswith("stages.test.")])
     check_comparable(list(recipes.values()))
-    summaries = {}
-    for name, recipe in recipes.items():
-        started = time.perf_counter()
-        run_dir = run_recipe(recipe, out=out / name, quiet=True)
-        summaries[name] = json.loads((run_dir / "summary.json").read_text())
-        summaries[name]["wall_seconds"] = time.perf_counter() - started
-    return summaries
+    finished = run_recipes({name: (recipe, out / name) for name, recipe in recipes.items()}, jobs)
+    return {name: {**json.loads((run.path / "summary.json").read_text()), "wall_seconds": run.seconds}
+            for name, run in finished.items()}
 
 
 def large_shape_speed() -> dict[str, float]:
@@ -142,7 +140,7 @@ def large_shape_speed() -> dict[str, float]:
     return out
 
 
-def collect(summaries: dict[str, dict], large: dict[str, float], overrides: list[str]) -> dict:
+def collect(summaries: dict[str, dict], large: dict[str, float], overrides: list[str], jobs: int) -> dict:
     base, ashem = summaries["baseline"]["metrics"], summaries["ashem"]["metrics"]
     result = {"baseline_ppl": base["test/ppl"]}
     result.update({k: ashem[f"test/{k}"] for k in CONTRACT if f"test/{k}" in ashem})
@@ -164,7 +162,7 @@ def collect(summaries: dict[str, dict], large: dict[str, float], overrides: list
                    **{f"probe_{k}": ashem[f"test_probe/{k}"] for k in PROBE_METRICS},
                    "probe_probe_acc": ashem["probe/probe_acc"], "probe_probe_loss": ashem["probe/probe_loss"],
                    "probe_agreement": ashem["probe/agreement"],
-                   **large, "load_average_1min": os.getloadavg()[0], "overrides": overrides})
+                   **large, "load_average_1min": os.getloadavg()[0], "jobs": jobs, "overrides": overrides})
     result["targets"] = {
         "routed_within_2pct_of_full_depth": result["routed_ppl"] <= 1.02 * result["full_depth_ppl"],
         "shallow_ratio_at_least_0.5": result["shallow_ratio"] >= 0.5,
@@ -194,14 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="150k-token splits, 4 + 4 epochs (< 10 minutes)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine more threads oversubscribe)")
+    add_jobs_option(parser)
     add_set_option(parser, "The probe's stages (probe, test_probe) are added after them.")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     def body(out: Path) -> dict[str, float]:
         data = args.data or default_split(out / "data")
-        return collect(run_both(data, args.quick, args.threads, out, args.overrides), large_shape_speed(),
-                       args.overrides)
+        summaries = run_both(data, args.quick, args.threads, out, args.overrides, args.jobs)
+        return collect(summaries, large_shape_speed(), args.overrides, args.jobs)
 
     return run_benchmark("ashem_vs_baseline", body, table, args.out, "lego-ashem-bench", args.json)
 

@@ -1,17 +1,25 @@
 """What the benchmark scripts in ``packages/*/bench/`` share: a folder that keeps every run
-they make, a one-line error instead of a traceback, and the table plus JSON line they print."""
+they make, their runs side by side on the machine's cores, a one-line error instead of a
+traceback, and the table plus JSON line they print."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import sys
+import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from stagewise.engine.rundir import empty_folder, unused_folder, write_text_atomic
+from stagewise.engine.runner import run_recipe
 from stagewise.errors import StagewiseError
+from stagewise.recipe import Recipe
 
 
 def add_set_option(parser: argparse.ArgumentParser, sets_itself: str) -> None:
@@ -42,3 +50,73 @@ def run_benchmark(prog: str, measure: Callable[[Path], dict[str, Any]], table: C
     if json_path is not None:  # atomic, its folder made: a reader never sees half a file
         write_text_atomic(json_path, json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def default_jobs() -> int:
+    """Two runs at once where two cores are free to this process, else one: the runs are
+    single-threaded, and more at once would share more of the memory bus and caches with the
+    runs being timed (``--jobs`` can ask for more)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(2, cores)
+
+
+def add_jobs_option(parser: argparse.ArgumentParser) -> None:
+    """``--jobs N`` (into ``args.jobs``): how many of the benchmark's runs :func:`run_recipes` runs at once."""
+    parser.add_argument("--jobs", type=_positive, default=default_jobs(), metavar="N",
+                        help="runs at once, each in its own process (default: 2 on a machine with 2 or more "
+                        "cores free, else 1). Each run gives the same numbers either way; a run's wall-clock "
+                        "figures are measured beside the other runs, so --jobs 1 times everything alone")
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A run :func:`run_recipes` made: its run directory and the wall-clock seconds it took."""
+
+    path: Path
+    seconds: float
+
+
+def run_recipes(runs: dict[str, tuple[Recipe, Path]], jobs: int = 1) -> dict[str, Finished]:
+    """Run each named ``(recipe, out)`` quietly, ``jobs`` at a time, started in the order given.
+
+    With ``jobs`` > 1 each run has a fresh process of its own (spawned: it finds the plugins by their
+    entry points, as ``stagewise run`` does). A recipe's numbers do not depend on its process: the
+    engine seeds every run and sets its threads (``run.threads``). The first run to fail stops the
+    ones not yet started; those already running finish, so their run directories are complete."""
+    if jobs == 1 or len(runs) == 1:
+        return {name: _timed_run(recipe, out) for name, (recipe, out) in runs.items()}
+    waiting = list(runs.items())
+    running: dict[Future[Finished], str] = {}
+    finished: dict[str, Finished] = {}
+    context = multiprocessing.get_context("spawn")  # a fork would copy this process's torch thread pools
+    with ProcessPoolExecutor(min(jobs, len(runs)), mp_context=context, max_tasks_per_child=1) as pool:
+        while waiting or running:
+            while waiting and len(running) < jobs:  # submitted only when a process is free: never queued
+                name, (recipe, out) = waiting.pop(0)
+                running[pool.submit(_run_in_worker, recipe, out)] = name
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                finished[running.pop(future)] = future.result()  # an error: the pool waits for the running
+    return {name: finished[name] for name in runs}
+
+
+def _timed_run(recipe: Recipe, out: Path) -> Finished:
+    started = time.perf_counter()
+    path = run_recipe(recipe, out=out, quiet=True)
+    return Finished(path, time.perf_counter() - started)
+
+
+def _run_in_worker(recipe: Recipe, out: Path) -> Finished:
+    """:func:`_timed_run` in a worker process. A StagewiseError comes back as its message alone:
+    its subclasses' constructors take other arguments than the message a pickle would give them."""
+    try:
+        return _timed_run(recipe, out)
+    except StagewiseError as exc:
+        raise StagewiseError(str(exc)) from None
+
