@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import os
+import signal
+import threading
+import time
 
 import pytest
-from conftest import read_summary
+from conftest import read_records, read_summary
 
 import stagewise
 from stagewise.bench import add_jobs_option, default_jobs, run_benchmark, run_recipes
@@ -40,6 +43,14 @@ def test_finished_runs_survive_a_later_failure(tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["baseline"]  # ... before measure runs
 
 
+def test_ctrl_c_is_a_message_and_exit_130_not_a_traceback(tmp_path, capsys):
+    def measure(out):
+        raise KeyboardInterrupt
+
+    assert run_benchmark("bench", measure, str, tmp_path / "out", "x") == 130
+    assert capsys.readouterr().err == f"bench: interrupted\n(finished runs, if any, are in {tmp_path / 'out'})\n"
+
+
 def test_the_default_folder_is_never_reused(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     used = []
@@ -65,14 +76,49 @@ def test_runs_side_by_side_give_the_numbers_they_give_one_after_another(tiny, tm
     assert metrics["a"] != metrics["b"]  # two runs, not one twice
 
 
-def test_a_failed_run_says_why_and_runs_that_had_not_started_never_start(tiny, tmp_path):
-    missing = tmp_path / "missing.txt"
-    runs = {"bad": (tiny(f"data.path={missing}"), tmp_path / "bad"), "good": (tiny(), tmp_path / "good"),
+LONG = "stages.phase1.max_epochs=2000"  # a minute or more of tiny epochs: stopped long before its end
+
+
+def _training(run_dir):
+    """Whether the run has logged an epoch (its last line may be half written)."""
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.exists() and '"event": "epoch"' in metrics.read_text(errors="replace")
+
+
+def _stopped_at_a_checkpoint(run_dir):
+    """A run SIGTERM stopped: trained, checkpointed, never finished."""
+    return (any(r["event"] == "epoch" for r in read_records(run_dir)) and any((run_dir / "checkpoints").iterdir())
+            and not (run_dir / "summary.json").exists())
+
+
+def test_a_failed_run_stops_the_runs_going_and_starts_no_more(tiny, tmp_path):
+    # "bad" trains phase 1 for a few seconds, then diverges in phase 2: by then "long" is training
+    bad = tiny("stages.phase1.max_epochs=20", "stages.phase2.lr=1e30", "stages.phase2.grad_clip=1e30",
+               "stages.phase2.max_nonfinite=1")
+    runs = {"long": (tiny(LONG), tmp_path / "long"), "bad": (bad, tmp_path / "bad"),
             "later": (tiny(), tmp_path / "later")}
-    with pytest.raises(stagewise.StagewiseError, match=f"{re.escape(str(missing))} does not exist"):
+    with pytest.raises(stagewise.StagewiseError, match=r"^1 non-finite losses in a row at stage 'phase2'"):
         run_recipes(runs, jobs=2)
-    assert read_summary(tmp_path / "good")["metrics"]  # it was running: it finished
+    assert _stopped_at_a_checkpoint(tmp_path / "long")  # as SIGTERM stops a run: resumable
     assert not (tmp_path / "later").exists()
+
+
+def test_sigterm_to_the_benchmark_stops_its_runs_and_exits_143(tiny, tmp_path):
+    runs = {name: (tiny(LONG), tmp_path / name) for name in ("a", "b")}
+    handler = signal.getsignal(signal.SIGTERM)
+
+    def terminate_once_both_train():
+        deadline = time.monotonic() + 120  # were they never to train, the test fails instead of waiting them out
+        while not all(_training(tmp_path / name) for name in runs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_once_both_train, daemon=True).start()
+    with pytest.raises(SystemExit) as stopped:
+        run_recipes(runs, jobs=2)
+    assert stopped.value.code == 143
+    assert all(_stopped_at_a_checkpoint(tmp_path / name) for name in runs)  # not orphaned, training on
+    assert signal.getsignal(signal.SIGTERM) is handler  # put back
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two"])

@@ -8,17 +8,21 @@ import argparse
 import json
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from stagewise.engine.rundir import empty_folder, unused_folder, write_text_atomic
 from stagewise.engine.runner import run_recipe
-from stagewise.errors import StagewiseError
+from stagewise.errors import RunInterrupted, RunStopped, StagewiseError
 from stagewise.recipe import Recipe
 
 
@@ -45,6 +49,9 @@ def run_benchmark(prog: str, measure: Callable[[Path], dict[str, Any]], table: C
     except StagewiseError as exc:
         print(f"{prog}: {exc}\n(finished runs, if any, are in {out})", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C; a run it stopped is resumable (stagewise run --resume)
+        print(f"{prog}: interrupted\n(finished runs, if any, are in {out})", file=sys.stderr)
+        return 130
     print(table(result))
     print(json.dumps(result))
     if json_path is not None:  # atomic, its folder made: a reader never sees half a file
@@ -87,22 +94,35 @@ def run_recipes(runs: dict[str, tuple[Recipe, Path]], jobs: int = 1) -> dict[str
 
     With ``jobs`` > 1 each run has a fresh process of its own (spawned: it finds the plugins by their
     entry points, as ``stagewise run`` does). A recipe's numbers do not depend on its process: the
-    engine seeds every run and sets its threads (``run.threads``). The first run to fail stops the
-    ones not yet started; those already running finish, so their run directories are complete."""
+    engine seeds every run and sets its threads (``run.threads``). The first run to fail ends the
+    benchmark as it would one after another: the runs not started never start, and those running
+    are stopped as SIGTERM stops a run (checkpointed, so ``stagewise run --resume`` goes on with
+    them). Ctrl-C or a SIGTERM to this process stops them so too."""
     if jobs == 1 or len(runs) == 1:
         return {name: _timed_run(recipe, out) for name, (recipe, out) in runs.items()}
     waiting = list(runs.items())
-    running: dict[Future[Finished], str] = {}
+    running: dict[Connection, tuple[str, BaseProcess]] = {}
     finished: dict[str, Finished] = {}
     context = multiprocessing.get_context("spawn")  # a fork would copy this process's torch thread pools
-    with ProcessPoolExecutor(min(jobs, len(runs)), mp_context=context, max_tasks_per_child=1) as pool:
-        while waiting or running:
-            while waiting and len(running) < jobs:  # submitted only when a process is free: never queued
-                name, (recipe, out) = waiting.pop(0)
-                running[pool.submit(_run_in_worker, recipe, out)] = name
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                finished[running.pop(future)] = future.result()  # an error: the pool waits for the running
+    with _exit_on_sigterm():
+        try:
+            while waiting or running:
+                while waiting and len(running) < jobs:
+                    name, (recipe, out) = waiting.pop(0)
+                    receive, send = context.Pipe(duplex=False)
+                    process = context.Process(target=_run_in_worker, args=(recipe, out, send), name=f"run {name}")
+                    process.start()
+                    send.close()  # this process's copy: the child's end closing is then the end of the pipe
+                    running[receive] = (name, process)
+                for ready in wait(list(running)):
+                    receive = cast(Connection, ready)  # one of those it was given
+                    name, ended = running.pop(receive)
+                    finished[name] = _outcome(name, receive, ended)
+        except BaseException as exc:
+            # Ctrl-C in a terminal reaches the runs too, which stop on their own: a moment before SIGTERM
+            grace = 5.0 if isinstance(exc, KeyboardInterrupt) else 0.0
+            _stop([process for _, process in running.values()], grace)
+            raise
     return {name: finished[name] for name in runs}
 
 
@@ -112,11 +132,64 @@ def _timed_run(recipe: Recipe, out: Path) -> Finished:
     return Finished(path, time.perf_counter() - started)
 
 
-def _run_in_worker(recipe: Recipe, out: Path) -> Finished:
-    """:func:`_timed_run` in a worker process. A StagewiseError comes back as its message alone:
-    its subclasses' constructors take other arguments than the message a pickle would give them."""
+def _run_in_worker(recipe: Recipe, out: Path, send: Connection) -> None:
+    """:func:`_timed_run` in a worker process; sends its :class:`Finished`, or its error as a
+    StagewiseError of its message: the subclasses' constructors take other arguments than the
+    message a pickle would give them, and a stopped run's RunInterrupted is a KeyboardInterrupt."""
     try:
-        return _timed_run(recipe, out)
+        send.send(_timed_run(recipe, out))
+    except RunStopped as exc:
+        send.send(StagewiseError(f"{exc.run_dir} {exc}"))
+    except RunInterrupted as exc:
+        send.send(StagewiseError(f"{exc.run_dir} was interrupted"))
     except StagewiseError as exc:
-        raise StagewiseError(str(exc)) from None
+        send.send(StagewiseError(str(exc)))
+    finally:
+        send.close()
 
+
+def _outcome(name: str, receive: Connection, process: BaseProcess) -> Finished:
+    """What the run's process sent (its error raised), once it has ended."""
+    try:
+        outcome = receive.recv()
+    except EOFError:  # it ended without a word: killed, or a bug, whose traceback it printed
+        process.join()
+        code = process.exitcode or 0
+        how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        raise StagewiseError(f"run {name!r} ended ({how}) before it finished; see the output above") from None
+    finally:
+        receive.close()
+    process.join()
+    if isinstance(outcome, StagewiseError):
+        raise outcome
+    return cast(Finished, outcome)
+
+
+def _stop(processes: list[BaseProcess], grace: float) -> None:
+    """Stop the runs still going after ``grace`` seconds as SIGTERM does (at their next checkpoint),
+    and wait for them."""
+    deadline = time.monotonic() + grace
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive() and process.pid is not None:
+            os.kill(process.pid, signal.SIGTERM)
+    for process in processes:
+        process.join()
+
+
+@contextmanager
+def _exit_on_sigterm() -> Iterator[None]:
+    """SIGTERM to this process exits it (143) through the ``finally`` that stops its runs, which would
+    otherwise train on, orphaned. Only the main thread may set a handler: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_143)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_143(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
