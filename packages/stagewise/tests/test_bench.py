@@ -92,8 +92,8 @@ def _stopped_at_a_checkpoint(run_dir):
 
 
 def test_a_failed_run_stops_the_runs_going_and_starts_no_more(tiny, tmp_path):
-    # "bad" trains phase 1 for a few seconds, then diverges in phase 2: by then "long" is training
-    bad = tiny("stages.phase1.max_epochs=20", "stages.phase2.lr=1e30", "stages.phase2.grad_clip=1e30",
+    # "bad" trains phase 1 for some seconds, then diverges in phase 2: by then "long", started with it, is training
+    bad = tiny("stages.phase1.max_epochs=60", "stages.phase2.lr=1e30", "stages.phase2.grad_clip=1e30",
                "stages.phase2.max_nonfinite=1")
     runs = {"long": (tiny(LONG), tmp_path / "long"), "bad": (bad, tmp_path / "bad"),
             "later": (tiny(), tmp_path / "later")}

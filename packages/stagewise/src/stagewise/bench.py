@@ -179,8 +179,8 @@ def _stop(processes: list[BaseProcess], grace: float) -> None:
 
 @contextmanager
 def _exit_on_sigterm() -> Iterator[None]:
-    """SIGTERM to this process exits it (143) through the ``finally`` that stops its runs, which would
-    otherwise train on, orphaned. Only the main thread may set a handler: elsewhere nothing changes."""
+    """SIGTERM to this process raises SystemExit(143), on which :func:`run_recipes` stops its runs, which
+    would otherwise train on, orphaned. Only the main thread may set a handler: elsewhere nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
