@@ -7,6 +7,7 @@ lists them. Third-party versions come from constraints.txt.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nox
@@ -23,7 +24,15 @@ nox.options.default_venv_backend = "venv"
 
 def _install(session: nox.Session, *packages: str, extras: str = "") -> None:
     editable = [arg for p in packages for arg in ("-e", f"packages/{p}{extras if p == 'stagewise' else ''}")]
-    session.install(*CONSTRAINTS, "pytest", *editable)
+    session.install(*CONSTRAINTS, "pytest", "pytest-xdist", *editable)
+
+
+def _workers() -> tuple[str, ...]:
+    """pytest-xdist's options: a test process per core free to nox, at most 4 (the longest test files
+    then set the pace), each taking whole files, so that a file's module fixtures run once. The session's
+    arguments come after these: ``nox -s tests-stagewise -- -n 0`` runs the tests in one process."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return ("-n", str(min(cores, 4)) if cores > 1 else "0", "--dist", "loadfile")
 
 
 def _package_session(package: str) -> None:
@@ -33,7 +42,7 @@ def _package_session(package: str) -> None:
         # core's own session also installs its extras, so plots and TensorBoard are tested
         _install(session, *dict.fromkeys(["stagewise", package]),
                  extras="[plots,tensorboard]" if package == "stagewise" else "")
-        session.run("pytest", f"packages/{package}/tests", *session.posargs, env=STRICT)
+        session.run("pytest", f"packages/{package}/tests", *_workers(), *session.posargs, env=STRICT)
 
 
 for _package in PACKAGES:
@@ -45,7 +54,7 @@ def integration(session: nox.Session) -> None:
     """Every package together, plus the example third-party plugin in tests_integration/."""
     _install(session, *PACKAGES)
     session.install(*CONSTRAINTS, "-e", "tests_integration/stagewise-example-plugin")
-    session.run("pytest", "tests_integration", *session.posargs, env=STRICT)
+    session.run("pytest", "tests_integration", *_workers(), *session.posargs, env=STRICT)
 
 
 @nox.session(tags=["tests"])
