@@ -2,6 +2,7 @@
 
 import json
 import os
+import tempfile
 import time
 import warnings
 
@@ -389,6 +390,34 @@ def test_cache_clear_removes_the_entries_and_nothing_else(tmp_path, cache, capsy
     assert lines[-1] == f"freed {size_text(freed)}: removed {len(removed)} entries from {cache}" + (
         "; kept 1 usable entry" if stale else "")
     assert _run(capsys, "cache", "list")[1].startswith("usable" if stale else "no cached token ids")
+
+
+def test_a_write_a_killed_process_left_is_a_stale_entry_once_unchanged_for_an_hour(tmp_path, cache, capsys,
+                                                                                   monkeypatch):
+    # was: SIGKILL during an entry's write left its temp file, GBs for a big corpus, which nothing removed
+    temps, mkstemp = [], tempfile.mkstemp
+    with monkeypatch.context() as patch:  # the temp file the entry's write made: the name a killed one leaves
+        patch.setattr(tempfile, "mkstemp", lambda **kw: temps.append(mkstemp(**kw)) or temps[-1])
+        entry = _cached(tmp_path, cache, "book.txt")
+    assert [textcache.ENTRY_TEMP.fullmatch(os.path.basename(name)) is not None for _, name in temps] == [True]
+    left, going = cache / f".{entry.name}.k3j_9xab.tmp", cache / f".{entry.name}.p0q1r2s3.tmp"
+    left.write_bytes(entry.read_bytes()[:1000])
+    going.write_bytes(b"a write in progress")
+    now = time.time()
+    os.utime(left, (now - 7300, now - 7300))
+    os.utime(going, (now - 3500, now - 3500))  # a slow disk's write, 58 minutes unchanged: not yet
+    assert _run(capsys, "cache")[1].splitlines()[1:] == [
+        f"entries: 2, {size_text(entry.stat().st_size + 1000)}",
+        f"stale:   1, {size_text(1000)} (to remove: stagewise cache clear --stale)"]
+    listed = _run(capsys, "cache", "list")[1].splitlines()
+    assert listed[0].startswith("usable") and len(listed) == 2
+    assert listed[1].startswith(f"stale   {size_text(1000)}  ") and listed[1].endswith(  # tokens in their column
+        f" ? tokens  {left}: an unfinished write that a killed process left (unchanged for 2.0 h)")
+    removed, freed = _run(capsys, "cache", "clear", "--stale")[1].splitlines()
+    assert removed.startswith("removed stale") and removed.endswith(f"{left}: an unfinished write that a killed "
+                                                                    f"process left (unchanged for 2.0 h)")
+    assert freed == f"freed {size_text(1000)}: removed 1 entry from {cache}; kept 1 usable entry"
+    assert not left.exists() and going.exists() and entry.exists()
 
 
 @pytest.mark.parametrize("args", [["cache"], ["cache", "list"], ["cache", "clear"], ["cache", "clear", "--stale"]])

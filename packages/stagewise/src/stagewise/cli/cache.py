@@ -14,7 +14,8 @@ if TYPE_CHECKING:  # the data package imports torch: not for a command's startup
     from stagewise.data.textcache import StoredEntry
 
 STALE = ("an entry is stale, and no load uses it, when its text file is gone or has changed, when another version "
-         "of stagewise made it, or when its header cannot be read")
+         "of stagewise made it, or when its header cannot be read; the unfinished write of an entry that a killed "
+         "process left (its temp file, unchanged for an hour) counts as a stale entry")
 
 
 def add_cache_command(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +35,9 @@ def add_cache_command(sub: argparse._SubParsersAction) -> None:
     a = actions.add_parser("clear", help="remove every entry, or only the stale ones",
                            description="Remove the cache's entries, one line each (as 'list' shows it), then the "
                            "space freed. Only entries are removed, the files in the cache's text/ folder with an "
-                           "entry's name (32 hex digits, .ids): any other file there or in the cache's folder stays.")
+                           "entry's name (32 hex digits, .ids), and the temp files of entries that a killed process "
+                           "left (.NAME.ids.*.tmp, unchanged for an hour): any other file there or in the cache's "
+                           "folder stays.")
     a.add_argument("--stale", action="store_true", help=f"remove only the stale entries: {STALE}")
     a.set_defaults(handler=cmd_cache_clear)
 

@@ -26,12 +26,14 @@ import json
 import os
 import re
 import shutil
+import time
 import warnings
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -43,6 +45,10 @@ FORMAT = "stagewise-text-ids-1"  # bump when an entry's layout or the tokenisati
 MIN_BYTES = 1 << 20  # a smaller file tokenises in ~50 ms: an entry would save less than it costs
 KEEP_FREE = 2 << 30  # bytes an entry must leave free on its disk: a run's checkpoints need room more
 ENTRY_NAME = re.compile(r"[0-9a-f]{32}\.ids")  # an entry's file name in the text/ folder (TextCache.entry)
+ENTRY_TEMP = re.compile(r"\.[0-9a-f]{32}\.ids\.\w+\.tmp")  # atomic_write_bytes's temp file of an entry
+# seconds a temp file of an entry lies unchanged before it counts as a killed writer's: a write takes seconds, and
+# any other end of it (an error, Ctrl-C, SIGTERM) removes its temp file; SIGKILL or a power cut leaves it
+ABANDONED_AFTER = 3600
 
 
 @dataclass
@@ -140,9 +146,13 @@ class StoredEntry:
 
 def stored_entries(folder: Path) -> list[StoredEntry]:
     """The entries in ``folder`` (the files named as entries are; none where it does not exist), each judged
-    from its header alone: an entry's ids may take GBs."""
+    from its header alone: an entry's ids may take GBs. Then, as stale entries, the unfinished writes of
+    entries that a killed process left (:data:`ABANDONED_AFTER`)."""
     paths = sorted(folder.iterdir()) if folder.is_dir() else []
-    return [_stored(path) for path in paths if ENTRY_NAME.fullmatch(path.name) and path.is_file()]
+    entries = [_stored(path) for path in paths if ENTRY_NAME.fullmatch(path.name) and path.is_file()]
+    now = time.time()
+    abandoned = (_abandoned(path, now) for path in paths if ENTRY_TEMP.fullmatch(path.name))
+    return entries + [entry for entry in abandoned if entry is not None]
 
 
 def _stored(path: Path) -> StoredEntry:
@@ -160,6 +170,19 @@ def _stored(path: Path) -> StoredEntry:
         stat = None
     return StoredEntry(path, size, str(file), found.get("options"), header.get("tokens"),
                        why_stale(found, identity(file, found.get("options"), stat)))
+
+
+def _abandoned(path: Path, now: float) -> StoredEntry | None:
+    """The temp file ``path`` as a stale entry if no write has changed it for :data:`ABANDONED_AFTER` seconds."""
+    try:
+        found = path.stat()
+    except OSError:  # its write has just ended: renamed into place or removed
+        return None
+    idle = now - found.st_mtime
+    if not S_ISREG(found.st_mode) or idle < ABANDONED_AFTER:
+        return None
+    return StoredEntry(path, found.st_size, None, None, None,
+                       f"an unfinished write that a killed process left (unchanged for {idle / 3600:.1f} h)")
 
 
 @dataclass
