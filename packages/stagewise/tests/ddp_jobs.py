@@ -85,7 +85,7 @@ def single_and_ddp(root: Path, recipe: str) -> SimpleNamespace:
     (root / "recipe.toml").write_text(recipe)
     run_python(["-m", "stagewise", "run", "recipe.toml", "--out", "single", "--quiet"], root)
     run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-          "-m", "stagewise", "run", "recipe.toml", "--out", "ddp", "--quiet"], root)
+                "-m", "stagewise", "run", "recipe.toml", "--out", "ddp", "--quiet"], root)
     return SimpleNamespace(root=root, single=root / "single", ddp=root / "ddp")
 
 

@@ -224,7 +224,7 @@ def test_accumulated_batches_end_close_to_the_single_process_run(tmp_path):
     (tmp_path / "no_sync.py").write_text(NO_SYNC_COUNTER)
     run_python(["-m", "stagewise", "run", "recipe.toml", "--out", "single", "--quiet"], tmp_path)
     run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "no_sync.py", "run", "recipe.toml",
-          "--out", "ddp", "--quiet"], tmp_path)
+                "--out", "ddp", "--quiet"], tmp_path)
     # all but a step's last batch keep their gradients local: 3 + 1 an epoch, on every rank
     assert [len((tmp_path / f"no_sync.{rank}").read_text().splitlines()) for rank in (0, 1)] == [8, 8]
     single, ddp = records(tmp_path / "single"), records(tmp_path / "ddp")
@@ -232,7 +232,7 @@ def test_accumulated_batches_end_close_to_the_single_process_run(tmp_path):
     assert [(r["event"], r["step"]) for r in ddp] == [(r["event"], r["step"]) for r in single]
     for got, want in zip(ddp, single, strict=True):
         assert_close({k: v for k, v in got.items() if k != "seconds"},
-                      {k: v for k, v in want.items() if k != "seconds"}, f"{want['event']} record, step {want['step']}")
+                     {k: v for k, v in want.items() if k != "seconds"}, f"{want['event']} record, step {want['step']}")
 
 
 @needs_gloo

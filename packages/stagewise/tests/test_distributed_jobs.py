@@ -169,7 +169,7 @@ def test_a_bad_recipe_is_said_when_rank_0_is_behind(tmp_path):
     (tmp_path / "recipe.toml").write_text(RECIPE)
     (tmp_path / "late_rank_0.py").write_text(LATE_RANK_0)
     done = child(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "late_rank_0.py", "run",
-                   "recipe.toml", "--set", "stages.train.lr=-1", "--out", "ddp"], tmp_path)
+                  "recipe.toml", "--set", "stages.train.lr=-1", "--out", "ddp"], tmp_path)
     assert done.returncode != 0
     assert done.stderr.count("stagewise: error: recipe.toml: 1 problem:\n  - stages.train.lr") == 1, done.stderr
 
@@ -195,7 +195,7 @@ def test_an_error_in_one_process_s_run_is_said_once_and_ends_the_job(tmp_path):
     (tmp_path / "recipe.toml").write_text(RECIPE + (
         'losses = [{ use = "stagewise.cross_entropy" }, { use = "ddptest.one_share", weight = 0.1 }]\n'))
     done = child(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   "launch.py", "run", "recipe.toml", "--out", "ddp", "--quiet"], tmp_path)
+                  "launch.py", "run", "recipe.toml", "--out", "ddp", "--quiet"], tmp_path)
     assert done.returncode != 0
     said = "stagewise: error: recipe.toml: 1 problem:\n  - stages.train.losses.one_share: an example of this batch is"
     assert done.stderr.count(said) == 1, done.stderr
@@ -233,7 +233,7 @@ def test_a_file_system_error_of_one_process_is_said_once_and_ends_the_job(tmp_pa
     (tmp_path / "recipe.toml").write_text(RECIPE.replace("[run]\n", "[run]\ncheckpoint_every_n_steps = 4\n"))
     (tmp_path / "in_the_way.py").write_text(IN_THE_WAY)
     done = child(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "in_the_way.py", "run",
-                   "recipe.toml", "--out", "ddp", "--quiet"], tmp_path)
+                  "recipe.toml", "--out", "ddp", "--quiet"], tmp_path)
     assert done.returncode != 0
     assert done.stderr.count(f"stagewise: error: {Path('ddp', 'checkpoints')}: ") == 1, done.stderr
     assert not re.search(r"\[rank\d\]: Traceback", done.stderr), done.stderr
@@ -244,7 +244,7 @@ def test_an_error_every_process_meets_in_its_run_is_said_once(tmp_path):
     # was: every process said it (a training error was not left to rank 0, as it may be one process's alone)
     (tmp_path / "recipe.toml").write_text(RECIPE.replace("grad_clip = 1.0\n", ""))
     done = torchrun(["run", "recipe.toml", "--out", "ddp", "--quiet", "--set", "stages.train.optimizer='sgd'",
-                      "--set", "stages.train.lr=1e29"], tmp_path)  # diverges at the first step
+                     "--set", "stages.train.lr=1e29"], tmp_path)  # diverges at the first step
     assert done.returncode != 0
     assert done.stderr.count("stagewise: error: non-finite loss (nan) at stage 'train'") == 1, done.stderr
 

@@ -87,7 +87,7 @@ def test_a_term_of_weight_0_that_is_not_finite_trains_under_ddp_as_in_one_proces
     (tmp_path / "recipe.toml").write_text(RECIPE + f'losses = [{{ use = "stagewise.cross_entropy" }}, {{ {term} }}]\n')
     run_python(["launch.py", "run", "recipe.toml", "--out", "single", "--quiet"], tmp_path)
     run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-          "launch.py", "run", "recipe.toml", "--out", "ddp", "--quiet"], tmp_path)
+                "launch.py", "run", "recipe.toml", "--out", "ddp", "--quiet"], tmp_path)
     single, ddp = summary(tmp_path / "single")["metrics"], summary(tmp_path / "ddp")["metrics"]
     assert ddp["train/nonfinite"] == single["train/nonfinite"] == 0
     assert_close(ddp, single, "final metrics")
@@ -100,7 +100,7 @@ def test_a_term_whose_parts_differ_between_processes_stops_the_job_with_an_error
     (tmp_path / "recipe.toml").write_text(RECIPE.replace("max_epochs = 2", "max_epochs = 1") + (
         'losses = [{ use = "stagewise.cross_entropy" }, { use = "ddptest.varying", name = "aux", weight = 0.1 }]\n'))
     done = child(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   "launch.py", "run", "recipe.toml", "--out", "ddp", "--quiet"], tmp_path)
+                  "launch.py", "run", "recipe.toml", "--out", "ddp", "--quiet"], tmp_path)
     assert done.returncode != 0
     assert "stage 'train' epoch 0 batch 0: under torchrun the loss terms returned other parts" in done.stderr
     assert "'aux' (ddptest.varying): square, abs" in done.stderr, done.stderr
@@ -115,7 +115,7 @@ def test_a_switched_off_term_s_parameters_stay_untouched_under_ddp(tmp_path):
         'weight_decay = 0.5\nlosses = [{ use = "stagewise.cross_entropy" }, { use = "ddptest.scaled", '
         'start_epoch = 5 }]\n'))
     run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-          "launch.py", "run", "recipe.toml", "--out", "ddp", "--quiet"], tmp_path)
+                "launch.py", "run", "recipe.toml", "--out", "ddp", "--quiet"], tmp_path)
     assert torch.load(tmp_path / "term.pt", weights_only=True)["scale"].item() == 1.0
 
 
@@ -231,7 +231,7 @@ def test_a_step_whose_every_term_is_cut_to_weight_0_leaves_the_model_as_one_proc
         'fallback_threshold = 0.0, fallback_factor = 0.0 }]\n'))
     run_python(["-m", "stagewise", "run", "recipe.toml", "--out", "single", "--quiet"], tmp_path)
     run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-          "-m", "stagewise", "run", "recipe.toml", "--out", "ddp", "--quiet"], tmp_path)
+                "-m", "stagewise", "run", "recipe.toml", "--out", "ddp", "--quiet"], tmp_path)
     assert summary(tmp_path / "ddp")["metrics"]["train/cross_entropy/fallbacks"] == 6 * k  # cut at every batch
     single, ddp = (stagewise.load_model(tmp_path / run).state_dict() for run in ("single", "ddp"))
     assert all(torch.equal(ddp[key], value) for key, value in single.items())
