@@ -6,7 +6,7 @@ import codecs
 import gzip
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from io import BufferedIOBase
 from pathlib import Path
@@ -45,32 +45,138 @@ def open_data(path: str | Path, what: str) -> BufferedIOBase:
 
 # a line and its end as a file opened with newline="" gives them: "\n", "\r\n" or "\r" (csv needs them)
 _LINE = re.compile(r"[^\r\n]*(?:\r\n?|\n)|[^\r\n]+")
+BLOCK = 1 << 20  # bytes read and decoded at a time: a big file's text is never held whole
 
 
-def text_lines(path: str | Path, what: str, encoding: str, errors: str = "strict") -> Iterator[str]:
+def text_lines(path: str | Path, what: str, encoding: str, errors: str = "strict",
+               read: Callable[[int], object] | None = None) -> Iterator[str]:
     """The lines of a file, as :func:`read_text` reads it, each with its line end as written, for the
-    csv and json modules. Not a StringIO of the text: that holds it again, at 4 bytes a character."""
-    text = read_text(path, what, encoding, errors)
-    return (line[0] for line in _LINE.finditer(text))
+    csv and json modules; read a block at a time (:func:`stream_text`, which takes ``read``), so only a
+    line is held whole."""
+    for piece in recut(stream_text(path, what, encoding, errors, read), _after_last_line_end):
+        yield from (line[0] for line in _LINE.finditer(piece))
+
+
+def _after_last_line_end(text: str) -> int:
+    """Where the last whole line of ``text`` ends; a CR at its very end may be a CR LF's first half."""
+    return max(text.rfind("\n"), text.rfind("\r", 0, len(text) - 1)) + 1
+
+
+def recut(pieces: Iterable[str], cut: Callable[[str], int]) -> Iterator[str]:
+    """The text of ``pieces`` again, each new piece ending where ``cut(text)`` says its text's last whole unit
+    (a line, a word) ends; the rest waits for the next piece. The last piece, the text's end, is not cut: a
+    text in one piece comes back as it is."""
+    rest: list[str] = []  # parts of a unit not yet given out
+    previous: str | None = None
+    for piece in pieces:
+        if previous is not None:
+            rest = yield from _cut(previous, cut, rest)
+        previous = piece
+    if previous is not None:
+        yield "".join([*rest, previous])
+
+
+def _cut(piece: str, cut: Callable[[str], int], rest: list[str]) -> Generator[str, None, list[str]]:
+    """``rest`` and ``piece`` up to ``cut(piece)``, if a unit ends in it; returns what is left."""
+    end = cut(piece)
+    if end == 0:  # kept in parts, so a long unit is not copied again with every piece
+        return [*rest, piece]
+    head = piece if end == len(piece) else piece[:end]
+    yield "".join([*rest, head]) if rest else head
+    return [piece[end:]] if end < len(piece) else []
 
 
 def read_text(path: str | Path, what: str, encoding: str = "utf-8", errors: str = "strict") -> str:
-    """The whole text of a file in ``encoding`` (gzip allowed; with UTF-8 a leading BOM, as Excel
-    and Notepad write, dropped). A byte the encoding cannot read is a DataError naming the file,
-    its offset and line (``errors="replace"`` reads it as U+FFFD instead); so is text in UTF-16/32
-    or with a NUL byte (binary data) where an ASCII-based encoding such as UTF-8 is expected."""
-    with open_data(path, what) as f, gzip_errors(path):
-        raw = f.read()
-    if _ascii_based(encoding):
-        check_not_wide_text(raw, path, what)
-    utf8 = codecs.lookup(encoding).name == "utf-8"
-    try:
-        return raw.decode("utf-8-sig" if utf8 else encoding, errors)
-    except UnicodeDecodeError as exc:
-        offset = exc.start + (len(codecs.BOM_UTF8) if utf8 and raw.startswith(codecs.BOM_UTF8) else 0)
-        raise DataError(f"{what} {path}, line {_line_at(raw, offset)}: byte 0x{raw[offset]:02x} at offset {offset} "
-                        f"is not {encoding} text; give the file's encoding (data.encoding, e.g. \"latin-1\" or "
-                        f"\"cp1252\") or save the file as UTF-8") from None
+    """The whole text of a file in ``encoding``, as :func:`stream_text` reads it."""
+    return "".join(stream_text(path, what, encoding, errors))
+
+
+def stream_text(path: str | Path, what: str, encoding: str = "utf-8", errors: str = "strict",
+                read: Callable[[int], object] | None = None) -> Iterator[str]:
+    """The text of a file in ``encoding``, decoded :data:`BLOCK` bytes at a time (gzip allowed; with UTF-8 a
+    leading BOM, as Excel and Notepad write, dropped). A byte the encoding cannot read is a DataError naming
+    the file, its offset and line (``errors="replace"`` reads it as U+FFFD instead); so is text in UTF-16/32
+    or with a NUL byte (binary data) where an ASCII-based encoding such as UTF-8 is expected. A reader that
+    stops early reads no further. ``read(n)`` is told each time n more bytes of the file are read (bytes on
+    disk: compressed ones, for gzip), for a progress bar."""
+    file = existing_file(path, what)
+    with file.open("rb") as disk, gzip_errors(file):
+        gzipped = disk.read(2) == GZIP_MAGIC
+        disk.seek(0)
+        source = gzip.GzipFile(fileobj=disk) if gzipped else disk
+        blocks = _Blocks(source, disk, read)
+        utf8 = codecs.lookup(encoding).name == "utf-8"
+        decoder = codecs.getincrementaldecoder("utf-8" if utf8 else encoding)(errors)
+        place = _Place(file, what, encoding)
+        for block in blocks:
+            if place.offset == 0:
+                block = place.start(block, utf8)
+            if _ascii_based(encoding):
+                _check_not_wide_text(block, place)
+            pending = decoder.getstate()[0]  # the start of a character the last block cut
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as exc:
+                raise place.undecodable(pending, exc) from None
+            place.offset += len(block)
+            if text:
+                yield text
+
+
+class _Blocks:
+    """The blocks of bytes of ``source``, then one empty block (the decoder's last call); each read told to
+    ``read`` as the bytes it took from ``disk``."""
+
+    def __init__(self, source: BufferedIOBase, disk: BufferedIOBase, read: Callable[[int], object] | None):
+        self.source, self.disk, self.read = source, disk, read
+
+    def __iter__(self) -> Iterator[bytes]:
+        position, size = 0, max(BLOCK, 4)  # the first block holds any byte-order mark whole
+        while True:
+            block = self.source.read(size)
+            size = BLOCK
+            if self.read is not None:
+                now = self.disk.tell()
+                self.read(now - position)
+                position = now
+            yield block
+            if not block:
+                return
+
+
+class _Place:
+    """Where a streamed file's decoding is: the bytes before the current block, to name the place of a byte it
+    cannot read as a read of the whole file would."""
+
+    def __init__(self, file: Path, what: str, encoding: str):
+        self.file, self.what, self.encoding = file, what, encoding
+        self.offset = 0
+
+    def start(self, block: bytes, utf8: bool) -> bytes:
+        """The first block, less a UTF-8 BOM (counted in the offsets)."""
+        if utf8 and block.startswith(codecs.BOM_UTF8):
+            self.offset = len(codecs.BOM_UTF8)
+            return block[len(codecs.BOM_UTF8):]
+        return block
+
+    def line(self, offset: int) -> int:
+        """The line (from 1) of the file's byte ``offset``: the lines before it are counted only now, for an error,
+        from a second read of the file up to there."""
+        with open_data(self.file, self.what) as f:
+            return _line_ends(f.read(offset)) + 1
+
+    def undecodable(self, pending: bytes, exc: UnicodeDecodeError) -> DataError:
+        """The DataError of a byte the decoder could not read; ``pending``: bytes of the last block it held
+        (they start ``exc.object``)."""
+        offset = self.offset - len(pending) + exc.start
+        return DataError(f"{self.what} {self.file}, line {self.line(offset)}: byte 0x{exc.object[exc.start]:02x} at "
+                         f"offset {offset} is not {self.encoding} text; give the file's encoding (data.encoding, "
+                         f"e.g. \"latin-1\" or \"cp1252\") or save the file as UTF-8")
+
+
+def _line_ends(data: bytes) -> int:
+    """Line ends in ``data``: LF, CR LF or a lone CR, as the loaders read them."""
+    return data.count(b"\n") + data.count(b"\r") - data.count(b"\r\n")
 
 
 def encoding_problem(encoding: str) -> str | None:
@@ -93,21 +199,18 @@ _FOREIGN_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"
                  (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
 
 
-def check_not_wide_text(raw: bytes, path: str | Path, what: str) -> None:
-    """DataError naming the file (and the line of the first NUL byte) if ``raw`` is UTF-16/32 text or binary data."""
-    encoding = next((name for bom, name in _FOREIGN_BOMS if raw.startswith(bom)), None)
-    if encoding is not None:
-        raise DataError(f"{what} {path} is {encoding} text (it starts with a {encoding} byte-order mark); "
-                        f"save it as UTF-8 and run again (or set data.encoding = \"{encoding.lower()}\")")
-    nul = raw.find(b"\0")
+def _check_not_wide_text(block: bytes, place: _Place) -> None:
+    """DataError naming the file (and the line of the first NUL byte) if ``block``, at ``place`` in it, is
+    UTF-16/32 text or binary data."""
+    encoding = next((name for bom, name in _FOREIGN_BOMS if block.startswith(bom)), None)
+    if place.offset == 0 and encoding is not None:
+        raise DataError(f"{place.what} {place.file} is {encoding} text (it starts with a {encoding} byte-order "
+                        f"mark); save it as UTF-8 and run again (or set data.encoding = \"{encoding.lower()}\")")
+    nul = block.find(b"\0")
     if nul >= 0:
-        raise DataError(f"{what} {path}, line {_line_at(raw, nul)}: a NUL byte, so this is not UTF-8 text (UTF-16 "
-                        f"text without a byte-order mark, or binary data); save it as UTF-8 text and run again")
-
-
-def _line_at(raw: bytes, offset: int) -> int:
-    """The line (from 1) of byte ``offset``, lines ending at LF, CR LF or a lone CR as the loaders read them."""
-    return raw.count(b"\n", 0, offset) + raw.count(b"\r", 0, offset) - raw.count(b"\r\n", 0, offset) + 1
+        raise DataError(f"{place.what} {place.file}, line {place.line(place.offset + nul)}: a NUL byte, so this is not "
+                        f"UTF-8 text (UTF-16 text without a byte-order mark, or binary data); save it as UTF-8 "
+                        f"text and run again")
 
 
 @contextmanager

@@ -26,7 +26,7 @@ import random
 import re
 import sys
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from stagewise.data.files import encoding_problem, read_text, text_lines
+from stagewise.data.files import encoding_problem, read_text, recut, stream_text, text_lines
 from stagewise.data.splits import (
     DataError,
     DataSplits,
@@ -101,6 +101,7 @@ def _train_problem(splits: dict[str, float]) -> str | None:
 
 CHUNK = 1 << 20  # characters lowercased and split at a time: a big text (or one long line) is never copied whole
 _SPACE = re.compile(r"\s")
+_LAST_SPACE = re.compile(r"\s\S*\Z")  # a text's last whitespace character (linear: no word is scanned twice)
 
 
 def _chunks(text: str) -> Iterator[str]:
@@ -115,16 +116,13 @@ def _chunks(text: str) -> Iterator[str]:
         start = end
 
 
-def line_words(text: str, lowercase: bool, done: Callable[[int], object] | None = None) -> Iterator[list[str]]:
-    """The tokens of ``text`` a list at a time: each line's words (a long line's in pieces), with
-    ``<eos>`` after the last word of each non-empty line. A line ends at LF, CR LF or a lone CR
-    (old Mac files), as Python reads text files. ``done(n)`` is told each time n more characters
-    are read (a progress bar). A change to the tokens must bump ``textcache.FORMAT``: cached ids would
-    keep the old ones."""
+def line_words(pieces: Iterable[str], lowercase: bool) -> Iterator[list[str]]:
+    """The tokens of the text ``pieces`` make up, each piece cut just after a whitespace character (or at the
+    text's end), a list at a time: each line's words (a long line's in pieces), with ``<eos>`` after the last
+    word of each non-empty line. A line ends at LF, CR LF or a lone CR (old Mac files), as Python reads text
+    files. A change to the tokens must bump ``textcache.FORMAT``: cached ids would keep the old ones."""
     open_line = False  # the line a chunk ends in has words so far
-    for chunk in _chunks(text):
-        if done is not None:
-            done(len(chunk))
+    for chunk in (chunk for piece in pieces for chunk in _chunks(piece)):
         # a CR is a line end too: CR LF reads as a line end and an empty line, which adds no token
         *ended, rest = (chunk.lower() if lowercase else chunk).replace("\r", "\n").split("\n")
         for line in ended:
@@ -143,7 +141,7 @@ def line_words(text: str, lowercase: bool, done: Callable[[int], object] | None 
 
 def tokenize(text: str, lowercase: bool) -> list[str]:
     """WikiText-style tokens: each non-empty line's words, then ``<eos>``."""
-    return [token for tokens in line_words(text, lowercase) for token in tokens]
+    return [token for tokens in line_words([text], lowercase) for token in tokens]
 
 
 class WordIndex(dict):
@@ -155,17 +153,16 @@ class WordIndex(dict):
         return n
 
 
-def token_ids(text: str, lowercase: bool, index: WordIndex, limit: int | None = None,
-              done: Callable[[int], object] | None = None) -> np.ndarray:
-    """``tokenize(text, lowercase)`` as ids of ``index``, (N,) int32; with ``limit``, at least its
-    first ``limit`` tokens (whole lines, or pieces of a long line), the rest of the text left untokenised.
-    ``done`` as :func:`line_words`'s."""
+def token_ids(pieces: Iterable[str], lowercase: bool, index: WordIndex, limit: int | None = None) -> np.ndarray:
+    """The tokens of the text ``pieces`` make up (as :func:`line_words` takes them) as ids of ``index``, (N,)
+    int32; with ``limit``, at least its first ``limit`` tokens (whole lines, or pieces of a long line), no
+    further piece taken."""
     index[EOS]  # <eos> takes provisional id 0 in every index, whatever the text starts with
     # 4 bytes a token (C int), the array's own buffer (no copy): a list would take 8 more (its pointers) until
     # copied. An id past int32 would raise OverflowError, never wrap, but 2**31 distinct words would need
     # some 100 GB for the index alone
     ids = array("i")
-    for tokens in line_words(text, lowercase, done):
+    for tokens in line_words(pieces, lowercase):
         ids.extend(map(index.__getitem__, tokens))  # C-speed lookups; only new words call __missing__
         if limit is not None and len(ids) >= limit:
             break
@@ -173,11 +170,9 @@ def token_ids(text: str, lowercase: bool, index: WordIndex, limit: int | None = 
 
 
 def read_ids(path: Path, options: TextOptions, index: WordIndex, bar: tqdm, limit: int | None = None) -> np.ndarray:
-    """The tokens of a ``.txt`` file, or of a ``.jsonl`` file's records' texts, as ids of ``index``; ``bar``
-    counts the file's bytes as its text is tokenised."""
-    text = source_text(path, options)
-    per_character = path.stat().st_size / max(len(text), 1)  # bytes on disk (compressed, for gzip)
-    return token_ids(text, options.lowercase, index, limit, done=lambda n: bar.update(n * per_character))
+    """The tokens of a ``.txt`` file, or of a ``.jsonl`` file's records' texts, as ids of ``index``, read a block
+    at a time and only as far as ``limit`` needs; ``bar`` counts the file's bytes as they are read."""
+    return token_ids(source_pieces(path, options, read=bar.update), options.lowercase, index, limit)
 
 
 def to_index_ids(tokens: FileTokens, index: WordIndex) -> np.ndarray:
@@ -188,19 +183,53 @@ def to_index_ids(tokens: FileTokens, index: WordIndex) -> np.ndarray:
 
 
 def source_text(file: Path, options: TextOptions, errors: str = "strict") -> str:
-    """A source file's text: a ``.jsonl`` (or ``.jsonl.gz``) file's records' texts (not its JSON), any other
-    file whole."""
+    """A source file's text: a ``.jsonl`` (or ``.jsonl.gz``) file's records' texts (not its JSON), one after
+    another, each ending its last line; any other file whole. ``errors`` as :func:`read_text`'s."""
     if file.name.endswith((".jsonl", ".jsonl.gz")):
-        return jsonl_text(file, options, errors)
+        return "\n".join(jsonl_texts(file, options, errors))
     return read_text(file, "text file", options.encoding, errors)
 
 
-def jsonl_text(path: Path, options: TextOptions, errors: str = "strict") -> str:
-    """The records' texts of a JSON Lines file (``options.text_field`` of each object), one after
-    another, each ending its last line; blank lines are skipped. ``errors`` as :func:`read_text`'s."""
+def source_pieces(file: Path, options: TextOptions, read: Callable[[int], object] | None = None) -> Iterator[str]:
+    """:func:`source_text` in pieces, each cut just after a whitespace character, read a block at a time
+    (``read`` as :func:`stream_text`'s): a record's text ends with a line end, which adds no token."""
+    if file.name.endswith((".jsonl", ".jsonl.gz")):
+        return _joined(text + "\n" for text in jsonl_texts(file, options, read=read))
+    return recut(stream_text(file, "text file", options.encoding, read=read), _after_last_space)
+
+
+def _joined(texts: Iterable[str]) -> Iterator[str]:
+    """``texts`` joined into pieces of about :data:`CHUNK` characters: tokenising each record's short text on its
+    own would take half again as long."""
+    batch: list[str] = []
+    size = 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= CHUNK:
+            yield "".join(batch)
+            batch, size = [], 0
+    if batch:
+        yield "".join(batch)
+
+
+def _after_last_space(text: str) -> int:
+    """A cut of ``text`` just after a whitespace character, near its end: after its last ASCII space, tab or line
+    end (found from the end, so a piece's last word alone is scanned), else after its last whitespace of any kind;
+    0 if it has none."""
+    end = max(text.rfind(" "), text.rfind("\n"), text.rfind("\t"), text.rfind("\r")) + 1
+    if end:
+        return end
+    found = _LAST_SPACE.search(text)
+    return 0 if found is None else found.start() + 1
+
+
+def jsonl_texts(path: Path, options: TextOptions, errors: str = "strict",
+                read: Callable[[int], object] | None = None) -> Iterator[str]:
+    """The records' texts of a JSON Lines file (``options.text_field`` of each object), in order; blank lines
+    are skipped. ``errors`` as :func:`read_text`'s, ``read`` as :func:`stream_text`'s."""
     field = options.text_field
-    texts = []
-    for line, text in enumerate(text_lines(path, "JSONL file", options.encoding, errors), start=1):
+    for line, text in enumerate(text_lines(path, "JSONL file", options.encoding, errors, read), start=1):
         if not text.strip():
             continue
         record = json_object(text, path, line)
@@ -210,8 +239,7 @@ def jsonl_text(path: Path, options: TextOptions, errors: str = "strict") -> str:
                 f"is missing (fields: {', '.join(map(repr, list(record)[:8])) or 'none'})")
             raise DataError(f"{path}, line {line}: the text field {field!r} {found}; set data.text_field to the "
                             f"field that holds each record's text")
-        texts.append(value)
-    return "\n".join(texts)
+        yield value
 
 
 def text_files(root: Path) -> list[Path]:
@@ -264,7 +292,7 @@ def builtin_streams(options: TextOptions, index: WordIndex) -> dict[str, np.ndar
         raise DataError(f"{BUILTIN} is Python's pydoc_data.topics, which this Python ({sys.executable}) lacks; "
                         f"set path to {LAYOUTS}") from exc
 
-    documents = [token_ids(topics[key], options.lowercase, index) for key in sorted(topics)]  # one per topic
+    documents = [token_ids([topics[key]], options.lowercase, index) for key in sorted(topics)]  # one per topic
     return {split: np.concatenate([documents[i] for i in ids])
             for split, ids in deal(len(documents), options.splits, source=BUILTIN, unit="documents").items()}
 
