@@ -104,11 +104,10 @@ def stream_text(path: str | Path, what: str, encoding: str = "utf-8", errors: st
         gzipped = disk.read(2) == GZIP_MAGIC
         disk.seek(0)
         source = gzip.GzipFile(fileobj=disk) if gzipped else disk
-        blocks = _Blocks(source, disk, read)
         utf8 = codecs.lookup(encoding).name == "utf-8"
         decoder = codecs.getincrementaldecoder("utf-8" if utf8 else encoding)(errors)
         place = _Place(file, what, encoding)
-        for block in blocks:
+        for block in _blocks(source, disk, read):
             if place.offset == 0:
                 block = place.start(block, utf8)
             if _ascii_based(encoding):
@@ -123,25 +122,20 @@ def stream_text(path: str | Path, what: str, encoding: str = "utf-8", errors: st
                 yield text
 
 
-class _Blocks:
+def _blocks(source: BufferedIOBase, disk: BufferedIOBase, read: Callable[[int], object] | None) -> Iterator[bytes]:
     """The blocks of bytes of ``source``, then one empty block (the decoder's last call); each read told to
     ``read`` as the bytes it took from ``disk``."""
-
-    def __init__(self, source: BufferedIOBase, disk: BufferedIOBase, read: Callable[[int], object] | None):
-        self.source, self.disk, self.read = source, disk, read
-
-    def __iter__(self) -> Iterator[bytes]:
-        position, size = 0, max(BLOCK, 4)  # the first block holds any byte-order mark whole
-        while True:
-            block = self.source.read(size)
-            size = BLOCK
-            if self.read is not None:
-                now = self.disk.tell()
-                self.read(now - position)
-                position = now
-            yield block
-            if not block:
-                return
+    position, size = 0, max(BLOCK, 4)  # the first block holds any byte-order mark whole
+    while True:
+        block = source.read(size)
+        size = BLOCK
+        if read is not None:
+            now = disk.tell()
+            read(now - position)
+            position = now
+        yield block
+        if not block:
+            return
 
 
 class _Place:
