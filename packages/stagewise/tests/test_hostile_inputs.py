@@ -385,7 +385,7 @@ def _no_hard_links_on_windows(source, target):
     (errno.EPERM, None, True), (errno.EINVAL, 1, True), (errno.EINVAL, 50, True),  # FAT; a Windows share
     (errno.EINVAL, None, False), (errno.EINVAL, 5, False), (errno.EACCES, None, False)])
 def test_only_a_file_system_without_hard_links_falls_back_to_a_rename(code, winerror, none):
-    from stagewise.engine.checkpoint import _no_hard_links as no_hard_links
+    from stagewise.engine.atomic import _no_hard_links as no_hard_links
 
     exc = OSError(code, os.strerror(code))
     exc.winerror = winerror  # POSIX's OSError has none

@@ -17,7 +17,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from stagewise.engine.checkpoint import TEMP_GLOB, remove_temp_files
+from stagewise.engine.atomic import TEMP_GLOB, remove_temp_files
 from stagewise.engine.distributed import group_info, is_main_process
 from stagewise.engine.resume import check_same_recipe
 from stagewise.engine.rundir import empty_folder, holds_files, read_number, write_json_atomic

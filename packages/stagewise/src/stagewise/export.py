@@ -33,7 +33,8 @@ from urllib.parse import unquote
 import numpy as np
 import torch
 
-from stagewise.engine.checkpoint import atomic_write_bytes, load_checkpoint
+from stagewise.engine.atomic import atomic_write_bytes
+from stagewise.engine.checkpoint import load_checkpoint
 from stagewise.engine.rundir import file_in_the_way
 from stagewise.errors import CheckpointError
 

@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from stagewise.engine.atomic import atomic_write_bytes
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -53,8 +55,6 @@ def line_plot(path: Path, series: Series, *, title: str = "", xlabel: str = "", 
         return False
     try:
         fig = _figure(series, title=title, xlabel=xlabel, ylabel=ylabel, logy=logy, vlines=vlines, hlines=hlines)
-        from stagewise.engine.checkpoint import atomic_write_bytes  # a run has imported torch already
-
         # atomic like every file of a run directory: a run killed while drawing keeps the earlier picture.
         # The write makes plots/, so a run without matplotlib has none. The fixed margins clip a wide tick
         # label's ylabel: bbox_inches="tight"

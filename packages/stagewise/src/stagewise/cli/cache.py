@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from stagewise.errors import StagewiseError
 
-if TYPE_CHECKING:  # the data package imports torch: not for a command's startup
+if TYPE_CHECKING:  # imported where used: the cache module imports numpy, which other commands do without
     from stagewise.data.textcache import StoredEntry
 
 STALE = ("an entry is stale, and no load uses it, when its text file is gone or has changed, when another version "

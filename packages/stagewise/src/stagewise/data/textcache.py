@@ -39,7 +39,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from stagewise import __version__
-from stagewise.engine.checkpoint import atomic_write_bytes
+from stagewise.engine.atomic import atomic_write_bytes
 
 FORMAT = "stagewise-text-ids-1"  # bump when an entry's layout or the tokenisation changes
 MIN_BYTES = 1 << 20  # a smaller file tokenises in ~50 ms: an entry would save less than it costs

@@ -5,23 +5,18 @@ uninterrupted one: model, optimizer, scheduler, loss terms, EMA target, RNG stat
 index, loop position, router state and artifacts; and the versions of stagewise and its plugins
 that wrote it, since other code may not continue it to those numbers.
 
-What checkpoints are made with lives here too, shared with the engine's other writers: the
-atomic write (:func:`atomic_write_bytes`, which the run directory, export and plots use for every
-file they write) and the removal of the temp files a kill left (:func:`remove_temp_files`); and
-the RNG states a checkpoint saves and a resume puts back (:func:`rng_state`, :func:`set_rng_state`,
-:func:`seed_everything`).
+Checkpoints are written by :func:`stagewise.engine.atomic.atomic_write_bytes`, as every file a run
+writes. The RNG states a checkpoint saves and a resume puts back live here too (:func:`rng_state`,
+:func:`set_rng_state`, :func:`seed_everything`).
 """
 
 from __future__ import annotations
 
-import errno
 import io
-import os
 import pickle
 import random
 import re
 import shutil
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, TypeGuard, cast
@@ -30,6 +25,7 @@ import numpy as np
 import torch
 
 from stagewise import __version__
+from stagewise.engine.atomic import atomic_write_bytes
 from stagewise.errors import CheckpointError
 
 FORMAT = "stagewise-checkpoint-1"
@@ -43,100 +39,6 @@ RESUME_KEYS = ("recipe", "stage_index", "stage_name", "stage_done", "model", "mo
 _KEY_TYPES: dict[str, type[Any]] = {
     "recipe": dict, "stage_index": int, "stage_name": str, "stage_done": bool, "model": dict, "model_options": dict,
     "artifacts": dict, "metrics": dict, "stage_results": dict, "rng": dict, "metrics_lines": int}
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it: put it straight back, once, at import
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
-TEMP_GLOB = ".*.tmp"  # atomic_write_bytes's temp file beside NAME: .NAME.<random>.tmp
-
-
-def remove_temp_files(folder: Path) -> None:
-    """Delete the temp files of atomic writes into ``folder`` that a killed process (SIGKILL, no
-    cleanup) left: only a run that writes there again knows that none of them is in use."""
-    for temp in folder.glob(TEMP_GLOB):
-        temp.unlink(missing_ok=True)
-
-
-def atomic_write_bytes(path: Path, write, replace: bool = True) -> None:
-    """Call ``write(file)`` on a temp file beside ``path``, fsync, rename over ``path``, fsync the folder;
-    ``replace=False``: FileExistsError instead where ``path`` exists, as another process may have put it there."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # TEMP_GLOB matches it
-    except OSError as exc:  # name the folder that refused, not the temp file's random name
-        raise type(exc)(exc.errno, exc.strerror, str(path.parent)) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private (0600); a plain open would not
-        if replace:
-            os.replace(tmp, path)
-        else:
-            _place_new(Path(tmp), path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        refused = _os_error(exc)
-        if refused is None or refused.errno is None or refused.filename is not None:
-            raise
-        # name the file being written (a write's OSError names none): "PATH: No space left on device"
-        raise OSError(refused.errno, refused.strerror, str(path)) from exc
-    _fsync_folder(path.parent)
-
-
-# what a link(2) into a file system without hard links (FAT, some network shares) fails with
-_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
-# and Windows's CreateHardLink (ERROR_INVALID_FUNCTION on FAT/exFAT, ERROR_NOT_SUPPORTED on a share), which
-# Python reports as EINVAL: told apart from other EINVALs by the Windows error code
-_WINDOWS_NO_HARD_LINKS = {1, 50}
-
-
-def _no_hard_links(exc: OSError) -> bool:
-    return exc.errno in _NO_HARD_LINKS or getattr(exc, "winerror", None) in _WINDOWS_NO_HARD_LINKS
-
-
-def _place_new(tmp: Path, path: Path) -> None:
-    """Move ``tmp`` to ``path`` unless ``path`` exists (FileExistsError): a hard link, which unlike a
-    rename never replaces a file, so of two processes placing one name only one succeeds."""
-    try:
-        os.link(tmp, path)
-    except OSError as exc:
-        if not _no_hard_links(exc):
-            raise
-        if path.exists():  # no hard links: checked, then renamed, which leaves the two processes a moment's race
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
-        os.replace(tmp, path)
-        return
-    tmp.unlink()
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename into ``folder`` survive a power cut: the file's fsync covers its bytes, not the
-    folder entry that names it (where the system can open a folder: not on Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # a folder this user may write but not read (mode -wx): the file is in place all the same
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # a file system that cannot sync a folder (EINVAL on some): the rename has happened all the same
-        pass
-    finally:
-        os.close(fd)
-
-
-def _os_error(exc: BaseException | None) -> OSError | None:
-    """The file system's refusal behind ``exc``: ``exc`` itself, or the OSError that torch.save's
-    writer turned into a RuntimeError ("unexpected pos ...") as the disk filled up."""
-    while exc is not None and not isinstance(exc, OSError):
-        exc = (exc.__cause__ or exc.__context__) if isinstance(exc, RuntimeError) else None
-    return exc
 
 
 def write_checkpoint(payload: dict[str, Any], paths: list[Path]) -> None:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from stagewise.engine.checkpoint import TEMP_GLOB, atomic_write_bytes, remove_temp_files
+from stagewise.engine.atomic import TEMP_GLOB, atomic_write_bytes, remove_temp_files
 from stagewise.engine.cpu import cpu_kind
 from stagewise.engine.distributed import launched_world_size
 from stagewise.errors import CheckpointError, PluginError
