@@ -26,6 +26,8 @@ from stagewise.testing import run_child
 DRIVER = """\
 import json
 import math
+import os
+import sys
 import torch
 import stagewise
 from stagewise import plugins
@@ -45,6 +47,11 @@ class SaveOperator:
 plugins.plugin_manager()
 plugins.register_plugin(SaveOperator(), "save-operator")
 run_recipe(load_recipe("recipe.toml", ["data.drop_last=true"]), out="run", quiet=True)
+# as docs/concepts.md tells a script under torchrun to end: Python's shutdown can abort a process of the job
+# (SIGABRT, 'terminate called without an active exception') while gloo's threads let go of a tensor
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
 """
 
 
