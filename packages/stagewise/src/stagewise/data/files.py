@@ -99,14 +99,11 @@ def stream_text(path: str | Path, what: str, encoding: str = "utf-8", errors: st
     or with a NUL byte (binary data) where an ASCII-based encoding such as UTF-8 is expected. A reader that
     stops early reads no further. ``read(n)`` is told each time n more bytes of the file are read (bytes on
     disk: compressed ones, for gzip), for a progress bar."""
-    file = existing_file(path, what)
-    with file.open("rb") as disk, gzip_errors(file):
-        gzipped = disk.read(2) == GZIP_MAGIC
-        disk.seek(0)
-        source = gzip.GzipFile(fileobj=disk) if gzipped else disk
-        utf8 = codecs.lookup(encoding).name == "utf-8"
-        decoder = codecs.getincrementaldecoder("utf-8" if utf8 else encoding)(errors)
-        place = _Place(file, what, encoding)
+    utf8 = codecs.lookup(encoding).name == "utf-8"
+    decoder = codecs.getincrementaldecoder("utf-8" if utf8 else encoding)(errors)
+    place = _Place(Path(path), what, encoding)
+    with open_data(path, what) as source, gzip_errors(path):
+        disk = getattr(source, "fileobj", source)  # a GzipFile reads the file on disk through its fileobj
         for block in _blocks(source, disk, read):
             if place.offset == 0:
                 block = place.start(block, utf8)
@@ -196,8 +193,8 @@ _FOREIGN_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"
 def _check_not_wide_text(block: bytes, place: _Place) -> None:
     """DataError naming the file (and the line of the first NUL byte) if ``block``, at ``place`` in it, is
     UTF-16/32 text or binary data."""
-    encoding = next((name for bom, name in _FOREIGN_BOMS if block.startswith(bom)), None)
-    if place.offset == 0 and encoding is not None:
+    encoding = next((name for bom, name in _FOREIGN_BOMS if block.startswith(bom)), None) if place.offset == 0 else None
+    if encoding is not None:
         raise DataError(f"{place.what} {place.file} is {encoding} text (it starts with a {encoding} byte-order "
                         f"mark); save it as UTF-8 and run again (or set data.encoding = \"{encoding.lower()}\")")
     nul = block.find(b"\0")
