@@ -9,6 +9,8 @@ import struct
 import numpy as np
 import pytest
 import torch
+from conftest import read_records
+from torch.utils.data import default_collate
 
 from stagewise.data import tabular
 from stagewise.data.arrays import array_splits
@@ -214,24 +216,65 @@ def test_idx_images_and_labels(tmp_path):
     assert data.info["input_shape"] == [2, 3] and data.info["n_features"] == 6
 
 
-def test_idx_images_are_scaled_split_by_split_with_the_same_values(tmp_path, monkeypatch):
-    # was: the whole file was converted to float32 twice (astype, then * scale) and then split: a 235 MB
-    # file of images peaked at 2.2 GB; now each split's pixels are converted once, in place
+def test_idx_images_are_held_as_bytes_and_scaled_batch_by_batch_to_the_same_values(tmp_path):
+    # was: each split converted to float32 as it was loaded, 4 x the file's bytes (a 470 MB file held 1.98 GB);
+    # now the pixels are held as read and a batch is converted as it is drawn, to the same values bit for bit
     images = np.random.default_rng(0).integers(0, 256, (10, 2, 3), dtype=np.uint8)
     (tmp_path / "images").write_bytes(idx_bytes(images, 0x08))
     (tmp_path / "labels").write_bytes(idx_bytes(np.arange(10, dtype=np.uint8), 0x08))
-    converted = []
-    def spy(inputs, targets, fractions, seed, *, source, convert):
-        converted.append(inputs.dtype)
-        return array_splits(inputs, targets, fractions, seed, source=source,
-                            convert=lambda split: converted.append(split.shape) or convert(split))
-    monkeypatch.setattr("stagewise.data.loaders.array_splits", spy)
     opts = IDXOptions(images=str(tmp_path / "images"), labels=str(tmp_path / "labels"), scale=0.3)
     data = IDXDataset.from_recipe(opts, seed=5)
-    assert converted == [np.uint8, (8, 2, 3), (1, 2, 3), (1, 2, 3)]  # the file as read, then each split
-    order = split_indices(10, opts.splits, 5)
-    for split, idx in order.items():  # bit for bit what converting the whole file first gives
-        assert torch.equal(data[split].inputs, torch.from_numpy((images.astype(np.float32) * np.float32(0.3))[idx]))
+    converted = torch.from_numpy(images.astype(np.float32) * np.float32(0.3))  # the whole file, as numpy scales it
+    for split, idx in split_indices(10, opts.splits, 5).items():
+        held = data[split].inputs
+        assert held.dtype == torch.uint8 and torch.equal(held, torch.from_numpy(images[idx]))
+        backwards = idx[::-1].copy()  # a batch of the split's examples, last first
+        batch = default_collate(data[split].__getitems__(list(range(len(idx)))[::-1]))
+        assert batch["input"].dtype == torch.float32 and torch.equal(batch["input"], converted[backwards])
+        assert torch.equal(batch["target"], torch.from_numpy(backwards.astype(np.int64)))
+        assert torch.equal(data[split][0]["input"], converted[idx[0]])
+
+
+def test_a_run_on_idx_images_scaled_per_batch_trains_as_on_the_images_scaled_when_loaded(tmp_path):
+    # the same images as float32 in a .npz (scaled by numpy, as the IDX loader did before it held bytes) give
+    # bit-identical metrics, through the engine's batches, with and without DataLoader workers
+    from stagewise.engine.runner import run_recipe
+    from stagewise.recipe import load_recipe
+
+    rng = np.random.default_rng(3)
+    images, labels = rng.integers(0, 256, (200, 8, 8), dtype=np.uint8), rng.integers(0, 3, 200, dtype=np.uint8)
+    (tmp_path / "images").write_bytes(idx_bytes(images, 0x08))
+    (tmp_path / "labels").write_bytes(idx_bytes(labels, 0x08))
+    np.savez(tmp_path / "scaled.npz", input=images.astype(np.float32) * np.float32(0.37), target=labels)
+    (tmp_path / "r.toml").write_text('[data]\nuse = "stagewise.idx"\nimages = "images"\nlabels = "labels"\n'
+                                     'scale = 0.37\nbatch_size = 8\n[model]\nuse = "stagewise.mlp"\nhidden = [8]\n'
+                                     '[[stages]]\nname = "s"\nmax_epochs = 2\nlr = 0.01\n')
+    npz = [f'data={{use="stagewise.npz", path="{tmp_path / "scaled.npz"}", batch_size=8}}']
+    epochs = []
+    for name, sets in (("idx", []), ("npz", npz), ("workers", ["data.num_workers=1"])):
+        run_recipe(load_recipe(tmp_path / "r.toml", sets), out=tmp_path / name, quiet=True)
+        epochs.append([{k: v for k, v in r.items() if k != "seconds"} for r in read_records(tmp_path / name, "epoch")])
+    assert len(epochs[0]) == 2 and epochs[0][1]["val/loss"] > 0 and epochs[0] == epochs[1] == epochs[2]
+
+
+@pytest.mark.parametrize("code, dtype, held", [
+    (0x09, np.int8, torch.int8), (0x0B, np.int16, torch.int16), (0x0C, np.int32, torch.int32),
+    (0x0D, np.float32, torch.float32), (0x0E, np.float64, torch.float32)])
+def test_idx_images_of_every_type_are_held_compact_and_scaled_as_numpy_scales_them(tmp_path, code, dtype, held):
+    # big-endian in the file, native when held; float64 is held as float32, which it is scaled in; float32 inputs
+    # are not scaled in place, so drawing an item twice gives the same values
+    images = (np.random.default_rng(1).standard_normal((6, 4)) * 1000).astype(dtype)
+    (tmp_path / "images").write_bytes(idx_bytes(images, code))
+    (tmp_path / "labels").write_bytes(idx_bytes(np.arange(6, dtype=np.uint8), 0x08))
+    opts = IDXOptions(images=str(tmp_path / "images"), labels=str(tmp_path / "labels"), scale=0.37,
+                      splits={"train": 1.0})
+    data = IDXDataset.from_recipe(opts, seed=0)["train"]
+    idx = split_indices(6, {"train": 1.0}, 0)["train"]
+    assert data.inputs.dtype == held
+    expected = torch.from_numpy(images.astype(np.float32) * np.float32(0.37))[idx]
+    for _ in range(2):
+        assert torch.equal(torch.stack([data[i]["input"] for i in range(6)]), expected)
+        assert torch.equal(default_collate(data.__getitems__(list(range(6))))["input"], expected)
 
 
 def test_idx_images_that_overflow_float32_when_scaled_are_refused(tmp_path):

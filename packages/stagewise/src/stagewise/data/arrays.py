@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import zipfile
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,34 +16,49 @@ from stagewise.data.splits import DataError, DataSplits, split_indices
 
 
 class ArrayDataset(Dataset):
-    """Item i is ``{"input": inputs[i], "target": targets[i]}``."""
+    """Item i is ``{"input": inputs[i], "target": targets[i]}``.
 
-    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor):
+    With ``scale``, the inputs are held as stored (e.g. uint8 pixels, a quarter of their float32 size) and an
+    item's input is ``inputs[i] * scale`` in float32, converted as batches are drawn.
+    """
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, scale: float | None = None):
         self.inputs = inputs  # (N, ...)
         self.targets = targets  # (N, ...)
+        self.scale = None if scale is None else torch.tensor(scale, dtype=torch.float32)
 
     def __len__(self) -> int:
         return len(self.inputs)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input": self.inputs[i], "target": self.targets[i]}
+        return {"input": self._scaled(self.inputs[i]), "target": self.targets[i]}
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        """The items of a batch, as :meth:`__getitem__` gives them, from one gather and one conversion per
+        tensor."""
+        rows = torch.tensor(indices, dtype=torch.int64)
+        return [{"input": x, "target": y} for x, y in zip(self._scaled(self.inputs[rows]), self.targets[rows],
+                                                          strict=True)]
+
+    def _scaled(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.scale is None:
+            return inputs
+        # a copy even of float32 inputs, which must not be scaled in place; bit for bit numpy's astype(float32) * scale
+        return inputs.to(torch.float32, copy=True).mul_(self.scale)
 
 
 PIECE_BYTES = 1 << 22  # of a split's examples, as read, converted into its tensor at a time
 
 
-def split_tensor(array: np.ndarray, idx: np.ndarray, convert: Callable[[np.ndarray], np.ndarray], *,
-                 what: str, source: str) -> torch.Tensor:
-    """``convert(array[idx])`` as a tensor, float32 from floats, int64 from integers and bools (labels, token
-    ids), converted a piece of examples at a time: the whole split in the file's type (float64 numbers, uint8
-    pixels) is never held beside its tensor. A value beyond float32's range is a DataError naming the example."""
+def split_tensor(array: np.ndarray, idx: np.ndarray, dtype: np.dtype, *, what: str, source: str) -> torch.Tensor:
+    """``array[idx]`` as a tensor of ``dtype`` (:func:`held_dtype`), gathered a piece of examples at a time: the
+    whole split in the file's type (float64 numbers) is never held beside its tensor. A value beyond float32's
+    range is a DataError naming the example."""
     rows = max(1, PIECE_BYTES // max(1, array[0].nbytes))
-    first = convert(array[idx[:rows]])
-    out = np.empty((len(idx), *first.shape[1:]), dtype=np.float32 if first.dtype.kind == "f" else np.int64)
+    out = np.empty((len(idx), *array.shape[1:]), dtype=dtype)
     with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes infinite: refused below
-        out[:rows] = first  # float64 to float32 rounds as astype does
-        for start in range(rows, len(idx), rows):
-            out[start:start + rows] = convert(array[idx[start:start + rows]])
+        for start in range(0, len(idx), rows):
+            out[start:start + rows] = array[idx[start:start + rows]]  # float64 to float32 rounds as astype does
     overflowed = array.dtype.kind == "f" and array.dtype.itemsize > 4 and not (
         np.isfinite(out.min()) and np.isfinite(out.max()))  # no mask of the whole split; NaN spreads to both
     if overflowed:  # the source was checked finite
@@ -55,14 +69,27 @@ def split_tensor(array: np.ndarray, idx: np.ndarray, convert: Callable[[np.ndarr
     return torch.from_numpy(out)
 
 
+# integer types torch holds as they are, in no more bytes than float32
+_COMPACT = tuple(map(np.dtype, (np.uint8, np.int8, np.int16, np.int32)))
+
+
+def held_dtype(array: np.ndarray, *, scaled: bool = False) -> np.dtype:
+    """What a split of ``array`` is held as: float32 from floats, int64 from integers and bools (labels, token
+    ids); inputs scaled as batches are drawn keep a compact integer type (uint8 pixels) in native byte order,
+    and are otherwise float32."""
+    native = array.dtype.newbyteorder("=")
+    if scaled and native in _COMPACT:
+        return native
+    return np.dtype(np.float32 if scaled or array.dtype.kind == "f" else np.int64)
+
+
 def array_splits(inputs: np.ndarray, targets: np.ndarray, fractions: dict[str, float], seed: int,
-                 *, source: str, convert: Callable[[np.ndarray], np.ndarray] | None = None) -> DataSplits:
+                 *, source: str, scale: float | None = None) -> DataSplits:
     """Shuffle the examples (axis 0) with ``seed`` and cut them into splits by ``fractions``.
 
     ``source`` (the file) names where a problem is: inputs without a feature axis, a split left empty.
-    ``convert``, if given, maps the inputs elementwise (e.g. uint8 pixels to scaled float32), a piece
-    of a split at a time (:func:`split_tensor`), so that the whole file is never held converted as well
-    as split.
+    With ``scale``, items' inputs are ``inputs * scale`` in float32, converted as batches are drawn, so that
+    uint8 pixels are held at a byte each (:class:`ArrayDataset`); the caller checks that the product is finite.
     info: ``input_shape`` and ``target_shape`` (of one example), ``n_features`` (values per
     input), ``n_outputs`` (classes for integer targets: largest label + 1; else values per
     target) and ``examples`` (per split).
@@ -79,8 +106,9 @@ def array_splits(inputs: np.ndarray, targets: np.ndarray, fractions: dict[str, f
             raise DataError(f"{source}: example {i} (0-based, axis 0) of the {what} holds NaN or infinity; "
                             f"fill in or drop missing values (NaN and infinity cannot be trained on)")
     integer = targets.dtype.kind in "biu"
-    splits = {name: ArrayDataset(split_tensor(inputs, idx, convert or _same, what="inputs", source=source),
-                                 split_tensor(targets, idx, _same, what="targets", source=source))
+    held = held_dtype(inputs, scaled=scale is not None), held_dtype(targets)
+    splits = {name: ArrayDataset(split_tensor(inputs, idx, held[0], what="inputs", source=source),
+                                 split_tensor(targets, idx, held[1], what="targets", source=source), scale)
               for name, idx in split_indices(len(inputs), fractions, seed, source=source).items()}
     info = {
         "input_shape": list(inputs.shape[1:]),
@@ -90,10 +118,6 @@ def array_splits(inputs: np.ndarray, targets: np.ndarray, fractions: dict[str, f
         "examples": {name: len(dataset) for name, dataset in splits.items()},
     }
     return DataSplits(splits, info)
-
-
-def _same(array: np.ndarray) -> np.ndarray:
-    return array
 
 
 def read_npz(path: str, input_key: str, target_key: str) -> tuple[np.ndarray, np.ndarray]:

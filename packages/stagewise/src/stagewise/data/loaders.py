@@ -154,7 +154,8 @@ class IDXOptions:
 
 
 class IDXDataset:
-    """MNIST-style IDX files: items ``{"input": float32 image, e.g. (28, 28), "target": int64}``."""
+    """MNIST-style IDX files: items ``{"input": float32 image, e.g. (28, 28), "target": int64}``; images are held
+    as the file stores them (a byte a pixel) and scaled as batches are drawn."""
 
     name = "stagewise.idx"
     Options = IDXOptions
@@ -168,19 +169,20 @@ class IDXDataset:
         if len(images) != len(labels):
             raise DataError(f"{options.images} has {len(images)} images but {options.labels} has "
                             f"{len(labels)} labels; they must match")
-        return array_splits(images, labels, options.splits, seed, source=options.images,
-                            convert=lambda split: scale_images(split, options.scale, options.images))
+        check_scale(images, options.scale, options.images)
+        return array_splits(images, labels, options.splits, seed, source=options.images, scale=options.scale)
 
 
-def scale_images(images: np.ndarray, scale: float, source: str) -> np.ndarray:
-    """``images * scale`` as float32, converted once and scaled in place (called a piece of a split at a
-    time: as float32 an MNIST-style file is 4x larger than its bytes)."""
-    with np.errstate(over="ignore"):  # an overflow is refused below, naming the fix
-        inputs = images.astype(np.float32)  # (n, ...)
-        inputs *= np.float32(scale)
-    if not (np.isfinite(inputs.min()) and np.isfinite(inputs.max())):  # NaN spreads to both; no mask copy
+def check_scale(images: np.ndarray, scale: float, source: str) -> None:
+    """DataError unless ``images * scale`` is finite in float32. Converting and scaling keep the order of the
+    values (or reverse it), so the smallest and largest image values are the ones to try."""
+    ends = images.min(), images.max()
+    if not np.isfinite(ends).all():  # NaN or infinity in the file: array_splits names the example
+        return
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, naming the fix
+        scaled = np.array(ends).astype(np.float32) * np.float32(scale)
+    if not np.isfinite(scaled).all():
         raise DataError(f"{source}: images * scale ({scale}) is not finite; use a scale such as 1/255")
-    return inputs
 
 
 # --- NPZ ------------------------------------------------------------------------------------
