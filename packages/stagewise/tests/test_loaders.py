@@ -353,6 +353,21 @@ def test_npz_arrays(tmp_path):
     assert data.info["input_shape"] == [3, 2]
 
 
+def test_npz_pixels_with_a_scale_are_held_as_bytes_and_scaled_batch_by_batch(tmp_path):
+    # without a scale integer inputs are int64 (token ids): 8 bytes a uint8 pixel, which an MLP cannot take as
+    # they are; with one they are held as stored and scaled as IDX images are
+    pixels = np.random.default_rng(2).integers(0, 256, (6, 2, 2), dtype=np.uint8)
+    np.savez(tmp_path / "img.npz", input=pixels, target=np.arange(6))
+    opts = NPZOptions(path=str(tmp_path / "img.npz"), splits={"train": 1.0})
+    assert NPZDataset.from_recipe(opts, seed=0)["train"].inputs.dtype == torch.int64
+    data = NPZDataset.from_recipe(NPZOptions(path=opts.path, splits=opts.splits, scale=0.37), seed=0)["train"]
+    assert data.inputs.dtype == torch.uint8
+    batch = default_collate(data.__getitems__(list(range(6))))
+    assert torch.equal(batch["input"], torch.from_numpy(pixels.astype(np.float32) * np.float32(0.37))[batch["target"]])
+    with pytest.raises(DataError, match=r"img\.npz: 'input' \* scale \(1e\+40\) is not finite; use a scale such as"):
+        NPZDataset.from_recipe(NPZOptions(path=opts.path, scale=1e40), seed=0)
+
+
 def test_npz_errors(tmp_path):
     np.savez(tmp_path / "a.npz", x=np.zeros((4, 2)), y=np.zeros(3))
     with pytest.raises(DataError, match=r"a\.npz has no array 'input' \(input_key\); its arrays are: x, y"):

@@ -36,6 +36,15 @@ def test_image_inputs_are_flattened():
     assert model(x).shape == (5, 3)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])
+def test_integer_inputs_are_taken_as_the_numbers_they_hold(dtype):
+    # was: torch's "mat1 and mat2 must have the same dtype" from inside the training loop, e.g. for a .npz of
+    # uint8 pixels read without a scale
+    model = MLP.from_recipe(MLPOptions(hidden=[4]), IMAGES)
+    x = torch.randint(0, 2 if dtype == torch.bool else 256, (5, 2, 3), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(x.to(dtype)), model(x.float()))
+
+
 def test_n_outputs_option_widens_the_output():
     model = MLP.from_recipe(MLPOptions(hidden=[4], n_outputs=10), IMAGES)
     assert model(torch.zeros(2, 6)).shape == (2, 10)

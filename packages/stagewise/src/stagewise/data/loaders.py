@@ -169,20 +169,20 @@ class IDXDataset:
         if len(images) != len(labels):
             raise DataError(f"{options.images} has {len(images)} images but {options.labels} has "
                             f"{len(labels)} labels; they must match")
-        check_scale(images, options.scale, options.images)
+        check_scale(images, options.scale, options.images, "images")
         return array_splits(images, labels, options.splits, seed, source=options.images, scale=options.scale)
 
 
-def check_scale(images: np.ndarray, scale: float, source: str) -> None:
-    """DataError unless ``images * scale`` is finite in float32. Converting and scaling keep the order of the
-    values (or reverse it), so the smallest and largest image values are the ones to try."""
-    ends = images.min(), images.max()
+def check_scale(inputs: np.ndarray, scale: float, source: str, name: str) -> None:
+    """DataError unless ``inputs * scale`` is finite in float32. Converting and scaling keep the order of the
+    values (or reverse it), so the smallest and largest values are the ones to try."""
+    ends = inputs.min(), inputs.max()
     if not np.isfinite(ends).all():  # NaN or infinity in the file: array_splits names the example
         return
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, naming the fix
         scaled = np.array(ends).astype(np.float32) * np.float32(scale)
     if not np.isfinite(scaled).all():
-        raise DataError(f"{source}: images * scale ({scale}) is not finite; use a scale such as 1/255")
+        raise DataError(f"{source}: {name} * scale ({scale}) is not finite; use a scale such as 1/255")
 
 
 # --- NPZ ------------------------------------------------------------------------------------
@@ -195,6 +195,8 @@ class NPZOptions:
     path: str  # .npz file (numpy.savez); axis 0 of each array indexes the examples
     input_key: str = "input"  # name of the array of inputs in the file
     target_key: str = "target"  # name of the array of targets in the file
+    # inputs are input * scale in float32, e.g. 1/255 for uint8 pixels; unset: as stored (float32 or int64)
+    scale: float | None = None
     splits: dict[str, float] = field(default_factory=default_splits)  # split name -> fraction
 
     def __post_init__(self) -> None:
@@ -204,7 +206,9 @@ class NPZOptions:
 class NPZDataset:
     """Two arrays of a ``.npz`` file, e.g. trajectories and their targets.
 
-    Float arrays become float32 tensors, integer and bool arrays int64; shapes are kept.
+    Float arrays become float32 tensors, integer and bool arrays int64 (token ids, labels); shapes are kept.
+    With ``scale`` the inputs are ``input * scale`` in float32, integer inputs held as stored (a byte a uint8
+    pixel) and scaled as batches are drawn.
     """
 
     name = "stagewise.npz"
@@ -213,4 +217,6 @@ class NPZDataset:
     @classmethod
     def from_recipe(cls, options: NPZOptions, *, seed: int) -> DataSplits:
         inputs, targets = read_npz(options.path, options.input_key, options.target_key)
-        return array_splits(inputs, targets, options.splits, seed, source=options.path)
+        if options.scale is not None:
+            check_scale(inputs, options.scale, options.path, repr(options.input_key))
+        return array_splits(inputs, targets, options.splits, seed, source=options.path, scale=options.scale)

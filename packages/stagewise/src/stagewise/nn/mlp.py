@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -35,7 +35,8 @@ class MLPOptions:
 class MLP(nn.Module):
     """Linear → activation (→ dropout) per hidden width, then a linear output layer.
 
-    ``from_recipe`` reads the input width from ``data.info["n_features"]``.
+    ``from_recipe`` reads the input width from ``data.info["n_features"]``. Integer and bool inputs are
+    converted to the weights' type.
     """
 
     Options = MLPOptions
@@ -52,7 +53,10 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.flatten(1))  # (B, F) -> (B, n_outputs)
+        x = x.flatten(1)  # (B, F)
+        if not x.is_floating_point():  # integer features, e.g. counts or a .npz's unscaled pixels
+            x = x.to(cast(nn.Linear, self.net[0]).weight.dtype)
+        return self.net(x)  # (B, n_outputs)
 
     @classmethod
     def from_recipe(cls, options: MLPOptions, data: DataSplits) -> MLP:
