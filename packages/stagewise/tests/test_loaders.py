@@ -693,9 +693,9 @@ def test_target_dtype_is_checked_when_the_options_are_made():
     ('{"x": true, "y": 2}\n', r"line 1: 'x' is true, but it must be a number or a list of numbers$"),
     ('{"x": "the cat", "y": 2}\n', r"line 1: 'x' is \"the cat\", but it must be a number or a list of numbers; "
                                    r"for text, use = \"stagewise.text\" with text_field = \"x\""),  # was: no hint
-    ('{"x": 1, "y": "cat"}\n', r"line 1: 'y' is \"cat\", but it must be a number or a list of numbers; class labels "
-                                r"must be numbers: map each class name to an integer 0, 1, ... and set target_dtype = "
-                                r"\"long\"$"),  # was: told to read the label as text with stagewise.text
+    ('{"x": 1, "y": "cat"}\n', r"line 1: 'y' is \"cat\", but it must be a number or a list of numbers; class names "
+                                r"are read as labels with target_dtype = \"long\"$"),  # was: told to read the label as
+    # text with stagewise.text; then to map each class name to an integer, before class names were read
     ('{"x": 1, "y": 2}\n{"x": 1, "y": [2, 3]}\n', r"line 2: 1 input and 2 target numbers, but line 1 has 1 and 1"),
     ("\n\n", r"d\.jsonl has no data lines"),
 ])

@@ -17,6 +17,7 @@ import numpy as np
 from stagewise.data.arrays import array_splits, read_npz
 from stagewise.data.files import encoding_problem
 from stagewise.data.idx import read_idx
+from stagewise.data.labels import ClassLabels
 from stagewise.data.splits import DataError, DataSplits, check_data_options, default_splits, fractions_problem
 from stagewise.data.tabular import column_indices, read_csv, read_jsonl, shape_targets
 
@@ -69,7 +70,8 @@ class CSVDataset:
 
     @classmethod
     def from_recipe(cls, options: CSVOptions, *, seed: int) -> DataSplits:
-        names, values, lines = read_csv(options.path, options.header, options.encoding)  # values (N, columns)
+        labels = ClassLabels(options.target) if options.target_dtype == "long" else None
+        names, values, lines = read_csv(options.path, options.header, options.encoding, labels)  # (N, columns)
         width = values.shape[1]
         target = column_indices("target", options.target, names, width, options.path)
         if options.features is None:
@@ -86,7 +88,8 @@ class CSVDataset:
             raise DataError(f"{options.path}: no feature columns are left besides the target; "
                             f"the file needs at least one input column")
         targets = shape_targets(values[:, target], options.target_dtype, lines, options.path)
-        return array_splits(_columns(values, features), targets, options.splits, seed, source=options.path)
+        return with_classes(array_splits(_columns(values, features), targets, options.splits, seed,
+                                         source=options.path), labels)
 
 
 def _columns(values: np.ndarray, indices: list[int]) -> np.ndarray:
@@ -131,9 +134,18 @@ class JSONLDataset:
 
     @classmethod
     def from_recipe(cls, options: JSONLOptions, *, seed: int) -> DataSplits:
-        inputs, targets, lines = read_jsonl(options.path, options.input_keys, options.target_keys, options.encoding)
+        labels = ClassLabels(list(options.target_keys)) if options.target_dtype == "long" else None
+        inputs, targets, lines = read_jsonl(options.path, options.input_keys, options.target_keys, options.encoding,
+                                            labels)
         targets = shape_targets(targets, options.target_dtype, lines, options.path)
-        return array_splits(inputs, targets, options.splits, seed, source=options.path)
+        return with_classes(array_splits(inputs, targets, options.splits, seed, source=options.path), labels)
+
+
+def with_classes(data: DataSplits, labels: ClassLabels | None) -> DataSplits:
+    """``data`` with ``info["classes"]``, each target of class names -> its names in label order, if any."""
+    if labels is not None and labels.names:
+        data.info["classes"] = labels.names
+    return data
 
 
 # --- IDX (MNIST) ----------------------------------------------------------------------------

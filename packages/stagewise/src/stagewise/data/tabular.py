@@ -11,11 +11,12 @@ import math
 from array import array
 from itertools import filterfalse
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from stagewise.data.files import text_lines
+from stagewise.data.labels import ClassLabels, TargetLabels, is_name
 from stagewise.data.splits import DataError
 
 MAX_LABEL = 2.0 ** 53  # the whole numbers a float64 holds exactly
@@ -40,12 +41,17 @@ def shape_targets(targets: np.ndarray, target_dtype: str, lines: list[int], path
     return targets[:, 0] if targets.shape[1] == 1 else targets  # one value per example: a scalar
 
 
-def read_csv(path: str, header: bool, encoding: str) -> tuple[list[str] | None, np.ndarray, list[int]]:
-    """Column names (None without header), the values (N, columns) and each row's line."""
+def read_csv(path: str, header: bool, encoding: str,
+             labels: ClassLabels | None = None) -> tuple[list[str] | None, np.ndarray, list[int]]:
+    """Column names (None without header), the values (N, columns) and each row's line. ``labels``: the target
+    columns of class labels, which may hold class names (:mod:`stagewise.data.labels`); the values of a column
+    of names are their labels, and ``labels.names`` holds the names."""
     reader = csv.reader(text_lines(path, "CSV file", encoding))
     numbers = array("d")  # values row after row: 8 bytes a number, not a float object
     lines: list[int] = []
     rows = filterfalse(_blank, reader)
+    targets: dict[int, TargetLabels] = {}  # the columns of labels, set by the first data row
+    named: dict[int, TargetLabels] = {}  # those of class names
     try:
         names = next(rows, []) if header else None
         width = len(names) if names is not None else None
@@ -56,9 +62,17 @@ def read_csv(path: str, header: bool, encoding: str) -> tuple[list[str] | None, 
                 raise DataError(f"{path}, line {reader.line_num}: {len(row)} cells, but the "
                                 f"{'header' if header else 'first row'} has {width}; give every row one "
                                 f"number per column{hint}")
+            if labels is not None and not lines:
+                targets = _csv_targets(row, labels, names, width, path, reader.line_num)
+                named = {j: target for j, target in targets.items() if target.codes is not None}
+            for j, target in named.items():
+                row[j] = str(target.code(row[j].strip(), reader.line_num))
             try:
                 numbers.extend(map(float, row))  # the hot loop of a big file (a bad row's numbers are never used)
             except ValueError:
+                j = _first_bad_cell(row)
+                if j in targets and is_name(row[j]):  # a class name among labels that are numbers
+                    raise targets[j].mixed(row[j], reader.line_num) from None
                 names_row = "; if this row names the columns, set data.header = true" if not (header or lines) else ""
                 raise _bad_cell(row, path, reader.line_num, names, "is not a number; every cell must be numeric "
                                 f"(fill in missing values, encode categories as numbers){names_row}") from None
@@ -74,7 +88,20 @@ def read_csv(path: str, header: bool, encoding: str) -> tuple[list[str] | None, 
         i = int(np.flatnonzero(~finite.all(axis=1))[0])
         raise _bad_cell(_row_at(path, lines[i], encoding), path, lines[i], names, "is not a finite number; fill "
                         "in missing values (NaN and infinity cannot be trained on)")
+    for j, target in named.items():
+        cast(ClassLabels, labels).names[target.target] = target.recode(values[:, j])
     return names, values, lines
+
+
+def _csv_targets(row: list[str], labels: ClassLabels, names: list[str] | None, width: int, path: str,
+                 line: int) -> dict[int, TargetLabels]:
+    """The target columns of class labels, each of names or of numbers as its cell in ``row`` (the first) is."""
+    targets = {}
+    for j in column_indices("target", labels.targets, names, width, path):
+        first = row[j].strip()
+        hint = "; if that line names the columns, set data.header = true" if names is None and is_name(first) else ""
+        targets[j] = TargetLabels(names[j] if names else str(j), _column(j, names), first, line, path=path, hint=hint)
+    return targets
 
 
 def _blank(row: list[str]) -> bool:
@@ -84,10 +111,19 @@ def _blank(row: list[str]) -> bool:
 
 def _bad_cell(row: list[str], path: str, line: int, names: list[str] | None, problem: str) -> DataError:
     """The error for the first cell of ``row`` that is not a finite number."""
-    j = next(j for j, cell in enumerate(row) if not _finite_number(cell))
-    column = f"column {j}" + (f" ({names[j]!r})" if names else "")
+    j = _first_bad_cell(row)
     hint = _separator_hint(row) or _decimal_comma_hint(row[j])
-    return DataError(f"{path}, line {line}, {column}: {row[j]!r} {problem}{hint}")
+    return DataError(f"{path}, line {line}, {_column(j, names)}: {row[j]!r} {problem}{hint}")
+
+
+def _first_bad_cell(row: list[str]) -> int:
+    """The index of the first cell of ``row`` that is not a finite number (there is one)."""
+    return next(j for j, cell in enumerate(row) if not _finite_number(cell))
+
+
+def _column(j: int, names: list[str] | None) -> str:
+    """How messages name column ``j``: "column 4 ('species')"."""
+    return f"column {j}" + (f" ({names[j]!r})" if names else "")
 
 
 def _row_at(path: str, line: int, encoding: str) -> list[str]:
@@ -196,20 +232,22 @@ def _string_hint(value: Any, key: str, targets: bool) -> str:
     if not isinstance(value, str):
         return ""
     if targets:
-        return ('; class labels must be numbers: map each class name to an integer 0, 1, ... and set '
-                'target_dtype = "long"')
+        return '; class names are read as labels with target_dtype = "long"'
     return f'; for text, use = "stagewise.text" with text_field = "{key}"'
 
 
-def read_jsonl(path: str, input_keys: list[str], target_keys: list[str],
-               encoding: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Inputs (N, F), targets (N, K) and each example's line."""
+def read_jsonl(path: str, input_keys: list[str], target_keys: list[str], encoding: str,
+               labels: ClassLabels | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Inputs (N, F), targets (N, K) and each example's line. ``labels``: the target keys of class labels, which
+    may hold class names (:mod:`stagewise.data.labels`); a key of names gives their labels, and
+    ``labels.names`` holds the names."""
     inputs, targets, lines = array("d"), array("d"), []  # row after row: 8 bytes a number
     widths = None  # (input, target) numbers of the first line, which every line must have
+    keys = _KeyLabels(labels, target_keys, path) if labels is not None else None
     for line, text in enumerate(text_lines(path, "JSONL file", encoding), start=1):
         if not text.strip():
             continue
-        x, y = _line_numbers(text, input_keys, target_keys, path, line)
+        x, y = _line_numbers(text, input_keys, target_keys, path, line, keys)
         if widths is None:
             widths = (len(x), len(y), line)
         if (len(x), len(y)) != widths[:2]:
@@ -221,15 +259,62 @@ def read_jsonl(path: str, input_keys: list[str], target_keys: list[str],
         lines.append(line)
     if widths is None:  # no line with numbers
         raise DataError(f"{path} has no data lines")
-    return (np.frombuffer(inputs, dtype=np.float64).reshape(len(lines), widths[0]),
-            np.frombuffer(targets, dtype=np.float64).reshape(len(lines), widths[1]), lines)
+    target_values = np.frombuffer(targets, dtype=np.float64).reshape(len(lines), widths[1])
+    if keys is not None:
+        keys.recode(target_values)
+    return np.frombuffer(inputs, dtype=np.float64).reshape(len(lines), widths[0]), target_values, lines
+
+
+class _KeyLabels:
+    """The target keys of class labels in a JSONL file, each of names or of numbers as its first value is."""
+
+    def __init__(self, labels: ClassLabels, keys: list[str], path: str):
+        self.labels, self.path = labels, path
+        self.order = [key for key in keys if key in labels.targets]
+        self.targets: dict[str, TargetLabels] = {}  # set by the first record
+        self.columns: dict[str, int] = {}  # a key of names: its column of the targets
+
+    def code(self, record: dict[str, Any], keys: list[str], line: int) -> None:
+        """Put the labels of ``record``'s class names in its place (before its numbers are read)."""
+        if not self.targets:
+            self._first(record, keys, line)
+        for key, target in self.targets.items():
+            if key not in record:  # record_numbers names it
+                continue
+            if target.codes is not None:
+                record[key] = target.code(record[key], line)
+            elif is_name(record[key]):
+                raise target.mixed(record[key], line)
+
+    def _first(self, record: dict[str, Any], keys: list[str], line: int) -> None:
+        self.targets = {key: TargetLabels(key, repr(key), record.get(key), line, path=self.path) for key in self.order}
+        column = 0
+        for key in keys:
+            if key in self.targets and self.targets[key].codes is not None:
+                self.columns[key] = column
+            column += 1 if is_name(record.get(key)) else _width(record.get(key))
+
+    def recode(self, targets: np.ndarray) -> None:
+        """Relabel the targets (N, K) by each key's sorted names, which ``labels.names`` takes."""
+        for key, column in self.columns.items():
+            self.labels.names[key] = self.targets[key].recode(targets[:, column])
+
+
+def _width(value: Any) -> int:
+    """How many numbers a target's value gives (1 for one record_numbers will refuse)."""
+    try:
+        return len(flatten(value))
+    except TypeError:
+        return 1
 
 
 def _line_numbers(text: str, input_keys: list[str], target_keys: list[str], path: str,
-                  line: int) -> tuple[list[float], list[float]]:
+                  line: int, labels: _KeyLabels | None) -> tuple[list[float], list[float]]:
     """The input and target numbers of one JSONL line."""
     try:
         record = json_object(text, path, line)
+        if labels is not None:
+            labels.code(record, target_keys, line)
         return (record_numbers(record, input_keys, path, line),
                 record_numbers(record, target_keys, path, line, targets=True))
     except RecursionError:
