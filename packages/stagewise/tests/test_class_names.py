@@ -112,3 +112,16 @@ def test_class_names_train_and_the_checkpoint_keeps_them(tmp_path):
     saved = torch.load(run / "checkpoints" / "s.pt", weights_only=True)
     assert saved["data_info"]["classes"] == {"species": ["setosa", "versicolor", "virginica"]}
     assert saved["data_info"]["n_outputs"] == 3
+
+
+def test_a_jsonl_key_of_names_given_twice_is_labelled_alike_in_both_columns(tmp_path):
+    data = jsonl(tmp_path, [{"y": "b"}, {"y": "a"}], ["y", "y"], target_dtype="long")
+    targets = {int(item["input"][0]): item["target"].tolist() for item in data["train"]}
+    assert targets == {0: [1, 1], 1: [0, 0]} and data.info["classes"] == {"y": ["a", "b"]}
+
+
+def test_a_jsonl_key_both_input_and_target_is_refused_as_a_csv_column_is():
+    # was: read twice, a class name's label handed to the model as an input
+    with pytest.raises(DataError, match=r"target_keys: key 'y' is in input_keys too, which would hand the model its "
+                                        r"answer; a target key must not be an input"):
+        JSONLOptions(path="d.jsonl", input_keys=["x", "y"], target_keys=["y"])

@@ -18,10 +18,11 @@ from stagewise.data.splits import DataError
 
 @dataclass
 class ClassLabels:
-    """The targets (CSV columns or JSONL keys) of ``target_dtype = "long"``, whose labels may be class names;
-    after reading, ``names`` holds each such target's names in label order (target -> names)."""
+    """The targets of ``target_dtype = "long"``, whose labels may be class names (CSV columns, by name or index;
+    a JSONL file's target keys all are); after reading, ``names`` holds each target of names' names in label
+    order (target -> names)."""
 
-    targets: list[str | int]
+    targets: list[str | int] = field(default_factory=list)
     names: dict[str, list[str]] = field(default_factory=dict)
 
 

@@ -117,9 +117,19 @@ class JSONLOptions:
 
     def __post_init__(self) -> None:
         check_data_options(input_keys=keys_problem("input_keys", self.input_keys),
-                           target_keys=keys_problem("target_keys", self.target_keys),
+                           target_keys=keys_problem("target_keys", self.target_keys) or _shared_keys_problem(
+                               self.input_keys, self.target_keys),
                            target_dtype=target_dtype_problem(self.target_dtype),
                            splits=fractions_problem(self.splits), encoding=encoding_problem(self.encoding))
+
+
+def _shared_keys_problem(input_keys: list[str], target_keys: list[str]) -> str | None:
+    """A key both input and target would hand the model its answer (as a CSV column in both does)."""
+    both = [key for key in dict.fromkeys(target_keys) if key in input_keys] if isinstance(input_keys, list) else []
+    if not both:
+        return None
+    what = f"keys {', '.join(map(repr, both))} are" if len(both) > 1 else f"key {both[0]!r} is"
+    return f"{what} in input_keys too, which would hand the model its answer; a target key must not be an input"
 
 
 class JSONLDataset:
@@ -134,7 +144,7 @@ class JSONLDataset:
 
     @classmethod
     def from_recipe(cls, options: JSONLOptions, *, seed: int) -> DataSplits:
-        labels = ClassLabels(list(options.target_keys)) if options.target_dtype == "long" else None
+        labels = ClassLabels() if options.target_dtype == "long" else None
         inputs, targets, lines = read_jsonl(options.path, options.input_keys, options.target_keys, options.encoding,
                                             labels)
         targets = shape_targets(targets, options.target_dtype, lines, options.path)

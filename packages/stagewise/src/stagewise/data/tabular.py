@@ -11,7 +11,7 @@ import math
 from array import array
 from itertools import filterfalse
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
@@ -88,8 +88,8 @@ def read_csv(path: str, header: bool, encoding: str,
         i = int(np.flatnonzero(~finite.all(axis=1))[0])
         raise _bad_cell(_row_at(path, lines[i], encoding), path, lines[i], names, "is not a finite number; fill "
                         "in missing values (NaN and infinity cannot be trained on)")
-    for j, target in named.items():
-        cast(ClassLabels, labels).names[target.target] = target.recode(values[:, j])
+    if labels is not None:
+        labels.names.update((target.target, target.recode(values[:, j])) for j, target in named.items())
     return names, values, lines
 
 
@@ -269,15 +269,14 @@ class _KeyLabels:
     """The target keys of class labels in a JSONL file, each of names or of numbers as its first value is."""
 
     def __init__(self, labels: ClassLabels, keys: list[str], path: str):
-        self.labels, self.path = labels, path
-        self.order = [key for key in keys if key in labels.targets]
+        self.labels, self.keys, self.path = labels, keys, path
         self.targets: dict[str, TargetLabels] = {}  # set by the first record
-        self.columns: dict[str, int] = {}  # a key of names: its column of the targets
+        self.columns: list[tuple[str, int]] = []  # each key of names and its column of the targets
 
-    def code(self, record: dict[str, Any], keys: list[str], line: int) -> None:
-        """Put the labels of ``record``'s class names in its place (before its numbers are read)."""
+    def code(self, record: dict[str, Any], line: int) -> None:
+        """Put the labels of ``record``'s class names in their place (before its numbers are read)."""
         if not self.targets:
-            self._first(record, keys, line)
+            self._first(record, line)
         for key, target in self.targets.items():
             if key not in record:  # record_numbers names it
                 continue
@@ -286,17 +285,17 @@ class _KeyLabels:
             elif is_name(record[key]):
                 raise target.mixed(record[key], line)
 
-    def _first(self, record: dict[str, Any], keys: list[str], line: int) -> None:
-        self.targets = {key: TargetLabels(key, repr(key), record.get(key), line, path=self.path) for key in self.order}
+    def _first(self, record: dict[str, Any], line: int) -> None:
+        self.targets = {key: TargetLabels(key, repr(key), record.get(key), line, path=self.path) for key in self.keys}
         column = 0
-        for key in keys:
-            if key in self.targets and self.targets[key].codes is not None:
-                self.columns[key] = column
+        for key in self.keys:
+            if self.targets[key].codes is not None:
+                self.columns.append((key, column))
             column += 1 if is_name(record.get(key)) else _width(record.get(key))
 
     def recode(self, targets: np.ndarray) -> None:
         """Relabel the targets (N, K) by each key's sorted names, which ``labels.names`` takes."""
-        for key, column in self.columns.items():
+        for key, column in self.columns:
             self.labels.names[key] = self.targets[key].recode(targets[:, column])
 
 
@@ -314,7 +313,7 @@ def _line_numbers(text: str, input_keys: list[str], target_keys: list[str], path
     try:
         record = json_object(text, path, line)
         if labels is not None:
-            labels.code(record, target_keys, line)
+            labels.code(record, line)
         return (record_numbers(record, input_keys, path, line),
                 record_numbers(record, target_keys, path, line, targets=True))
     except RecursionError:
