@@ -324,6 +324,24 @@ def test_curves_plot_a_non_finite_epoch_metric_as_a_gap_on_a_numeric_axis(tmp_pa
     assert ys[0] == 5.5 and math.isnan(ys[1]) and ys[2] == math.inf
 
 
+def test_a_run_whose_epochs_record_accuracy_draws_it_beside_the_losses(tmp_path, monkeypatch):
+    # was: a classifier's val/acc was in metrics.jsonl only; a run without accuracy gets no accuracy.png
+    from stagewise.builtins import curves
+
+    drawn = {}
+    monkeypatch.setattr(curves, "line_plot", lambda path, series, **kw: drawn.update({path.name: (series, kw)}))
+    curves.stagewise_after_run(_finished_run(tmp_path, [
+        {"event": "epoch", "stage": "a", "train/loss": 5.0, "val/loss": 5.5, "val/acc": 0.25},
+        {"event": "epoch", "stage": "b", "train/loss": 4.0, "val/loss": 4.5, "val/acc": 0.5}]))
+    series, options = drawn["accuracy.png"]
+    assert series == {"val/acc": ([1, 1.5, 2], [0.25, None, 0.5])}  # broken at the stage start, as the losses
+    assert options["ylabel"] == "accuracy" and options["logy"] is False
+    assert options["vlines"] == drawn["curves.png"][1]["vlines"] == [(0.5, "a"), (1.5, "b")]
+    drawn.clear()
+    curves.stagewise_after_run(_finished_run(tmp_path, [{"event": "epoch", "stage": "a", "train/loss": 5.0}]))
+    assert list(drawn) == ["curves.png"]
+
+
 def test_line_plot_says_in_the_legend_how_many_points_are_not_finite(tmp_path, monkeypatch):
     # was: a NaN or Inf point was left out without a word; an all-NaN val/loss had a legend entry and no line
     ax = _drawn_axes(monkeypatch, tmp_path / "p.png", {"train/loss": ([1, 2, 3], [5.0, 4.0, 3.0]),

@@ -1,8 +1,9 @@
-"""Built-in event plugin: after a run, plot every epoch's train and validation loss.
+"""Built-in event plugin: after a run, plot every epoch's train and validation loss, and accuracy.
 
 Runs on ``Event.AFTER_RUN``. Writes ``RUN_DIR/plots/curves.png`` (x: epochs across all
 stages, dotted lines at stage starts, named above the plot, where each line breaks; a NaN or Inf
-epoch is a gap, counted in the legend; a log y axis when the losses span a factor of 10) when
+epoch is a gap, counted in the legend; a log y axis when the losses span a factor of 10) and, for a run
+whose epochs record ``val/acc`` (or ``train/acc``), ``accuracy.png`` alike on a linear axis, when
 matplotlib is installed; without it, ``line_plot`` says so once per run, with the command that
 installs the ``[plots]`` extra.
 """
@@ -15,7 +16,8 @@ from pathlib import Path
 from stagewise.hookspecs import hookimpl
 from stagewise.plots import line_plot, log_scale_reads_better
 
-CURVES = ("train/loss", "val/loss")
+# each plot: its file, what its y axis shows, and the epoch metrics it draws (those the run logged)
+PLOTS = (("curves.png", "loss", ("train/loss", "val/loss")), ("accuracy.png", "accuracy", ("train/acc", "val/acc")))
 
 
 @hookimpl
@@ -25,11 +27,14 @@ def stagewise_after_run(state):
     epochs = epoch_records(state.run_dir.path / "metrics.jsonl")
     if not epochs:
         return
-    series = {key: stage_series(epochs, key) for key in CURVES}
-    series = {key: xy for key, xy in series.items() if xy[0]}  # no empty val/loss entry in the legend
     starts = [(i + 0.5, r["stage"]) for i, r in enumerate(epochs) if i == 0 or epochs[i - 1]["stage"] != r["stage"]]
-    line_plot(state.run_dir.plot_path("curves.png"), series, title=f"{state.recipe.run.name}: loss per epoch",
-              xlabel="epoch (all stages)", ylabel="loss", logy=log_scale_reads_better(series), vlines=starts)
+    for name, what, keys in PLOTS:
+        series = {key: stage_series(epochs, key) for key in keys}
+        series = {key: xy for key, xy in series.items() if xy[0]}  # no empty val/loss entry in the legend
+        if series:
+            line_plot(state.run_dir.plot_path(name), series, title=f"{state.recipe.run.name}: {what} per epoch",
+                      xlabel="epoch (all stages)", ylabel=what, logy=what == "loss" and log_scale_reads_better(series),
+                      vlines=starts)
 
 
 def stage_series(epochs: list[dict], key: str) -> tuple[list[float], list[float | None]]:
