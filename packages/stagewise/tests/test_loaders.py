@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import read_records
-from torch.utils.data import default_collate
 
 from stagewise.data import tabular
 from stagewise.data.arrays import array_splits
@@ -229,7 +228,7 @@ def test_idx_images_are_held_as_bytes_and_scaled_batch_by_batch_to_the_same_valu
         held = data[split].inputs
         assert held.dtype == torch.uint8 and torch.equal(held, torch.from_numpy(images[idx]))
         backwards = idx[::-1].copy()  # a batch of the split's examples, last first
-        batch = default_collate(data[split].__getitems__(list(range(len(idx)))[::-1]))
+        batch = data[split].__getitems__(list(range(len(idx)))[::-1])
         assert batch["input"].dtype == torch.float32 and torch.equal(batch["input"], converted[backwards])
         assert torch.equal(batch["target"], torch.from_numpy(backwards.astype(np.int64)))
         assert torch.equal(data[split][0]["input"], converted[idx[0]])
@@ -274,7 +273,7 @@ def test_idx_images_of_every_type_are_held_compact_and_scaled_as_numpy_scales_th
     expected = torch.from_numpy(images.astype(np.float32) * np.float32(0.37))[idx]
     for _ in range(2):
         assert torch.equal(torch.stack([data[i]["input"] for i in range(6)]), expected)
-        assert torch.equal(default_collate(data.__getitems__(list(range(6))))["input"], expected)
+        assert torch.equal(data.__getitems__(list(range(6)))["input"], expected)
 
 
 def test_idx_images_that_overflow_float32_when_scaled_are_refused(tmp_path):
@@ -362,7 +361,7 @@ def test_npz_pixels_with_a_scale_are_held_as_bytes_and_scaled_batch_by_batch(tmp
     assert NPZDataset.from_recipe(opts, seed=0)["train"].inputs.dtype == torch.int64
     data = NPZDataset.from_recipe(NPZOptions(path=opts.path, splits=opts.splits, scale=0.37), seed=0)["train"]
     assert data.inputs.dtype == torch.uint8
-    batch = default_collate(data.__getitems__(list(range(6))))
+    batch = data.__getitems__(list(range(6)))
     assert torch.equal(batch["input"], torch.from_numpy(pixels.astype(np.float32) * np.float32(0.37))[batch["target"]])
     with pytest.raises(DataError, match=r"img\.npz: 'input' \* scale \(1e\+40\) is not finite; use a scale such as"):
         NPZDataset.from_recipe(NPZOptions(path=opts.path, scale=1e40), seed=0)

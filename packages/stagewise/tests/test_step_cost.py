@@ -156,3 +156,32 @@ def test_batches_without_workers_build_no_dataloader(monkeypatch):
     state = SimpleNamespace(recipe=SimpleNamespace(data=data), data={"train": Items(10)}, seed=0, stage_index=0,
                             dist=DistInfo(0, 1, 0), device=torch.device("cpu"))
     assert len(list(batches.iterate_batches(state, "train", train=True))) == 3
+
+
+def _tensor_datasets():
+    from stagewise.data import ArrayDataset, LMWindows
+
+    g = torch.Generator().manual_seed(0)
+    pixels, labels = torch.randint(0, 256, (12, 2, 3), dtype=torch.uint8, generator=g), torch.arange(12)
+    return {"arrays": ArrayDataset(torch.randn(12, 3, generator=g), labels),
+            "scaled": ArrayDataset(pixels, labels, scale=0.37),
+            "windows": LMWindows(torch.randint(0, 50, (40,), dtype=torch.int32, generator=g), 3),
+            "subset": Subset(ArrayDataset(pixels, labels, scale=0.37), [5, 0, 7, 2, 9, 11, 3, 1, 4, 10])}
+
+
+@pytest.mark.parametrize("name", ["arrays", "scaled", "windows", "subset"])
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_batch_a_dataset_collates_itself_is_the_one_its_items_make(name, workers):
+    # was: the batch was gathered, cut into items and stacked again: about 0.9 ms a batch of 256, as long as a
+    # small MLP's step; the engine now takes it as it is
+    dataset = _tensor_datasets()[name]
+    index_lists = [[3, 1, 4], [0, 9, 8], [2, 6]]
+    if workers:
+        got = list(DataLoader(dataset, batch_sampler=index_lists, collate_fn=stagewise.data.collate, num_workers=1))
+    else:
+        got = list(batches.in_process_batches(dataset, index_lists))
+    for batch, indices in zip(got, index_lists, strict=True):
+        expected = default_collate([dataset[i] for i in indices])
+        assert batch.keys() == expected.keys()
+        assert all(torch.equal(batch[k], expected[k]) and batch[k].dtype == expected[k].dtype
+                   and batch[k].is_contiguous() for k in batch)

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 import stagewise
+from stagewise.data import Batch
 from stagewise.data.splits import size_of
 from stagewise.engine.resumable import kind, tensors_problems
 from stagewise.engine.resume import refuse_damaged
@@ -176,10 +177,10 @@ class SequenceCache(Dataset):
         window = int(self.windows[i])
         return {k: self.cache[k][window] for k in ("hidden", "target", "hard")}
 
-    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
-        """The items of a batch, as :meth:`__getitem__` gives them, from one gather per tensor."""
+    def __getitems__(self, indices: list[int]) -> Batch:
+        """The batch of these items, collated, from one gather per tensor."""
         windows = self.windows[indices]
-        return _items({k: self.cache[k][windows] for k in ("hidden", "target", "hard")})
+        return Batch({k: self.cache[k][windows] for k in ("hidden", "target", "hard")})
 
 
 class TokenCache(Dataset):
@@ -198,13 +199,8 @@ class TokenCache(Dataset):
         row = int(self.rows[j])
         return {"hidden": self.hidden[row].unsqueeze(0), "target": self.target[row]}
 
-    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
-        """The items of a batch, as :meth:`__getitem__` gives them, from one gather per tensor."""
+    def __getitems__(self, indices: list[int]) -> Batch:
+        """The batch of these items, collated, from one gather per tensor: a batch's loading (the phase-2
+        token mode's 32 rows) costs a few tensor operations, not a few per row."""
         rows = self.rows[indices]
-        return _items({"hidden": self.hidden[rows].unsqueeze(1), "target": self.target[rows]})
-
-
-def _items(columns: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """Batched ``columns`` (B, ...) cut back into B items (views), for the batch's collation: a
-    batch's loading (the phase-2 token mode's 32 rows) costs a few tensor operations, not a few per row."""
-    return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+        return Batch(hidden=self.hidden[rows].unsqueeze(1), target=self.target[rows])

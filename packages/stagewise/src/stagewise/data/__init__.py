@@ -11,15 +11,16 @@ from typing import TYPE_CHECKING
 from stagewise.lazy import lazy_attributes
 
 __all__ = [
-    "ArrayDataset", "CSVDataset", "CSVOptions", "DataError", "DataSplits", "IDXDataset",
+    "ArrayDataset", "Batch", "CSVDataset", "CSVOptions", "DataError", "DataSplits", "IDXDataset",
     "IDXOptions", "JSONLDataset", "JSONLOptions", "LMWindows", "NPZDataset", "NPZOptions",
-    "TextCorpus", "TextOptions", "Vocabulary", "array_splits", "deal", "split_bounds",
+    "TextCorpus", "TextOptions", "Vocabulary", "array_splits", "collate", "deal", "split_bounds",
     "split_indices", "tokenize",
 ]
 
 # name -> module that defines it
 _LAZY = {
     **dict.fromkeys(["ArrayDataset", "array_splits"], "stagewise.data.arrays"),
+    **dict.fromkeys(["Batch", "collate"], "stagewise.data.batch"),
     **dict.fromkeys(["CSVDataset", "CSVOptions", "IDXDataset", "IDXOptions", "JSONLDataset", "JSONLOptions",
                      "NPZDataset", "NPZOptions"], "stagewise.data.loaders"),
     **dict.fromkeys(["DataError", "DataSplits", "deal", "split_bounds", "split_indices"], "stagewise.data.splits"),
@@ -29,6 +30,7 @@ _LAZY = {
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers (imported for real on first access)
     from stagewise.data.arrays import ArrayDataset, array_splits
+    from stagewise.data.batch import Batch, collate
     from stagewise.data.loaders import (
         CSVDataset,
         CSVOptions,

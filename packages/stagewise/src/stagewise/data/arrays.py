@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from stagewise.data.batch import Batch
 from stagewise.data.files import GZIP_MAGIC, existing_file
 from stagewise.data.splits import DataError, DataSplits, split_indices
 
@@ -33,12 +34,10 @@ class ArrayDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"input": self._scaled(self.inputs[i]), "target": self.targets[i]}
 
-    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
-        """The items of a batch, as :meth:`__getitem__` gives them, from one gather and one conversion per
-        tensor."""
+    def __getitems__(self, indices: list[int]) -> Batch:
+        """The batch of these items, collated, from one gather and one conversion per tensor."""
         rows = torch.tensor(indices, dtype=torch.int64)
-        return [{"input": x, "target": y} for x, y in zip(self._scaled(self.inputs[rows]), self.targets[rows],
-                                                          strict=True)]
+        return Batch(input=self._scaled(self.inputs[rows]), target=self.targets[rows])
 
     def _scaled(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.scale is None:

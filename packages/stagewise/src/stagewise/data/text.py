@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from stagewise.data.batch import Batch
 from stagewise.data.files import encoding_problem, read_text, recut, stream_text, text_lines
 from stagewise.data.splits import (
     DataError,
@@ -391,12 +392,11 @@ class LMWindows(Dataset):
             raise IndexError(f"window {i} out of range: there are {len(self)} windows")
         return {"input": self.inputs[i].long(), "target": self.targets[i].long()}  # (seq_len,) each
 
-    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
-        """The items of a batch, as :meth:`__getitem__` gives them, from one gather and one conversion to int64
-        per tensor (converting row by row would double a batch's loading time)."""
+    def __getitems__(self, indices: list[int]) -> Batch:
+        """The batch of these items, collated, from one gather and one conversion to int64 per tensor
+        (converting row by row would double a batch's loading time)."""
         rows = torch.tensor(indices)
-        return [{"input": x, "target": y} for x, y in zip(self.inputs[rows].long(), self.targets[rows].long(),
-                                                          strict=True)]
+        return Batch(input=self.inputs[rows].long(), target=self.targets[rows].long())
 
 
 class TextCorpus:

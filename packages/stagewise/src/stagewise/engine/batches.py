@@ -12,8 +12,9 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from stagewise.data.batch import collate
 from stagewise.data.splits import size_of
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ def iterate_batches(state: State, source: str | Dataset, *, train: bool, epoch: 
                                 rank=rank, world=world, every_rank=train)
     batches: Iterable[Any]
     if spec.num_workers:
-        batches = DataLoader(dataset, batch_sampler=index_lists[start:], collate_fn=default_collate,
+        batches = DataLoader(dataset, batch_sampler=index_lists[start:], collate_fn=collate,
                              num_workers=spec.num_workers)
     else:
         batches = in_process_batches(dataset, index_lists[start:])
@@ -89,7 +90,7 @@ def in_process_batches(dataset: Dataset, index_lists: list[list[int]]) -> Iterat
     torch.empty((), dtype=torch.int64).random_()
     getitems = getattr(dataset, "__getitems__", None)  # e.g. Subset's: the DataLoader prefers it too
     for indices in index_lists:
-        yield default_collate(getitems(indices) if getitems else [dataset[i] for i in indices])
+        yield collate(getitems(indices) if getitems else [dataset[i] for i in indices])
 
 
 def count_batches(state: State, source: str | Dataset, *, train: bool, indices: list[int] | None = None,
