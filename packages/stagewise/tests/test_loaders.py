@@ -365,6 +365,9 @@ def test_npz_pixels_with_a_scale_are_held_as_bytes_and_scaled_batch_by_batch(tmp
     assert torch.equal(batch["input"], torch.from_numpy(pixels.astype(np.float32) * np.float32(0.37))[batch["target"]])
     with pytest.raises(DataError, match=r"img\.npz: 'input' \* scale \(1e\+40\) is not finite; use a scale such as"):
         NPZDataset.from_recipe(NPZOptions(path=opts.path, scale=1e40), seed=0)
+    np.savez(tmp_path / "img.npz", input=np.zeros((4, 0), dtype=np.uint8), target=np.arange(4))
+    with pytest.raises(DataError, match=r"img\.npz: the inputs have shape \(4, 0\), no values per example"):
+        NPZDataset.from_recipe(NPZOptions(path=opts.path, scale=0.5), seed=0)  # not numpy's "zero-size array"
 
 
 def test_npz_errors(tmp_path):

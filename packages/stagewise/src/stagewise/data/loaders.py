@@ -198,6 +198,8 @@ class IDXDataset:
 def check_scale(inputs: np.ndarray, scale: float, source: str, name: str) -> None:
     """DataError unless ``inputs * scale`` is finite in float32. Converting and scaling keep the order of the
     values (or reverse it), so the smallest and largest values are the ones to try."""
+    if not inputs.size:  # no examples, or no values per example: array_splits says which
+        return
     ends = inputs.min(), inputs.max()
     if not np.isfinite(ends).all():  # NaN or infinity in the file: array_splits names the example
         return
