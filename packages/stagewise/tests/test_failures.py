@@ -96,7 +96,7 @@ def test_a_plugins_bug_around_a_stage_gets_a_note_naming_the_hook_and_the_plugin
 
 
 def test_a_bug_in_cores_own_hook_names_the_hook_but_claims_no_plugin(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr("stagewise.builtins.curves.CURVES", None)  # core's curves plot: "None is not iterable"
+    monkeypatch.setattr("stagewise.builtins.curves.PLOTS", None)  # core's curves plot: "None is not iterable"
     plugins.register_plugin(_plugin(None), "testing_buggy", "stagewise-buggy", "0.3")  # installed, not involved
     try:
         with pytest.raises(TypeError) as info:
