@@ -365,6 +365,33 @@ def test_tokenising_a_text_file_shows_a_bar_on_a_terminal_only_without_quiet(tin
     assert metrics[0] == metrics[1] == metrics[2]
 
 
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_reading_a_table_shows_a_bar_of_its_bytes(tmp_path, monkeypatch, kind):
+    # was: "loading the data ..." alone while a CSV or JSONL file was read (2M rows: about 14 s), no time left
+    from tqdm import tqdm
+
+    from stagewise.data.loaders import CSVDataset, CSVOptions, JSONLDataset, JSONLOptions
+    from stagewise.engine.progress import showing_loading_bars
+
+    monkeypatch.setattr("stagewise.engine.progress.LOADING_DELAY", 0)  # a bar also for this small file
+    (tmp_path / "t.csv").write_text("x,y\n" + "1.5,0\n" * 1000)
+    (tmp_path / "t.jsonl").write_text('{"x": 1.5, "y": 0}\n' * 1000)
+    options = {"csv": CSVOptions(path=str(tmp_path / "t.csv"), target=["y"]),
+               "jsonl": JSONLOptions(path=str(tmp_path / "t.jsonl"), input_keys=["x"], target_keys=["y"])}[kind]
+
+    def load():
+        return (CSVDataset if kind == "csv" else JSONLDataset).from_recipe(options, seed=0)
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    with showing_loading_bars(True):
+        load()
+    size = tqdm.format_sizeof((tmp_path / f"t.{kind}").stat().st_size)  # the file's bytes, as "19.0k"
+    assert f"stagewise: reading t.{kind}:   0%|" in sys.stderr.getvalue() and f"/{size} [" in sys.stderr.getvalue()
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    load()  # not shown unless the runner shows loading bars (a terminal, no --quiet)
+    assert sys.stderr.getvalue() == ""
+
+
 def test_a_warning_during_a_progress_bar_gets_its_own_line(monkeypatch):
     # was "base: epoch 1/2:   0%|   | 0/53 [00:00<?, ?it/s]stagewise: warning: ...": the warning appended to the bar
     from tqdm import tqdm

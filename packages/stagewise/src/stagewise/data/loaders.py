@@ -19,7 +19,7 @@ from stagewise.data.files import encoding_problem
 from stagewise.data.idx import read_idx
 from stagewise.data.labels import ClassLabels
 from stagewise.data.splits import DataError, DataSplits, check_data_options, default_splits, fractions_problem
-from stagewise.data.tabular import column_indices, read_csv, read_jsonl, shape_targets
+from stagewise.data.tabular import column_indices, read_csv, read_jsonl, reading, shape_targets
 
 TARGET_DTYPES = ("float", "long")
 
@@ -71,7 +71,8 @@ class CSVDataset:
     @classmethod
     def from_recipe(cls, options: CSVOptions, *, seed: int) -> DataSplits:
         labels = ClassLabels(options.target) if options.target_dtype == "long" else None
-        names, values, lines = read_csv(options.path, options.header, options.encoding, labels)  # (N, columns)
+        with reading(options.path, "CSV file") as read:
+            names, values, lines = read_csv(options.path, options.header, options.encoding, labels, read)
         width = values.shape[1]
         target = column_indices("target", options.target, names, width, options.path)
         if options.features is None:
@@ -145,8 +146,9 @@ class JSONLDataset:
     @classmethod
     def from_recipe(cls, options: JSONLOptions, *, seed: int) -> DataSplits:
         labels = ClassLabels() if options.target_dtype == "long" else None
-        inputs, targets, lines = read_jsonl(options.path, options.input_keys, options.target_keys, options.encoding,
-                                            labels)
+        with reading(options.path, "JSONL file") as read:
+            inputs, targets, lines = read_jsonl(options.path, options.input_keys, options.target_keys,
+                                                options.encoding, labels, read)
         targets = shape_targets(targets, options.target_dtype, lines, options.path)
         return with_classes(array_splits(inputs, targets, options.splits, seed, source=options.path), labels)
 

@@ -9,15 +9,18 @@ import csv
 import json
 import math
 from array import array
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from itertools import filterfalse
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stagewise.data.files import text_lines
+from stagewise.data.files import existing_file, text_lines
 from stagewise.data.labels import ClassLabels, TargetLabels, is_name
 from stagewise.data.splits import DataError
+from stagewise.engine.progress import loading_bar
 
 MAX_LABEL = 2.0 ** 53  # the whole numbers a float64 holds exactly
 
@@ -41,12 +44,22 @@ def shape_targets(targets: np.ndarray, target_dtype: str, lines: list[int], path
     return targets[:, 0] if targets.shape[1] == 1 else targets  # one value per example: a scalar
 
 
-def read_csv(path: str, header: bool, encoding: str,
-             labels: ClassLabels | None = None) -> tuple[list[str] | None, np.ndarray, list[int]]:
+@contextmanager
+def reading(path: str, what: str) -> Iterator[Callable[[int], object]]:
+    """``read`` for :func:`read_csv` and :func:`read_jsonl`: a loading bar of the bytes of ``path`` read,
+    named by the file (a file of a few hundred MB takes a quarter of a minute to read)."""
+    file = existing_file(path, what)
+    with loading_bar(f"reading {file.name}", total=file.stat().st_size) as bar:
+        yield bar.update
+
+
+def read_csv(path: str, header: bool, encoding: str, labels: ClassLabels | None = None,
+             read: Callable[[int], object] | None = None) -> tuple[list[str] | None, np.ndarray, list[int]]:
     """Column names (None without header), the values (N, columns) and each row's line. ``labels``: the target
     columns of class labels, which may hold class names (:mod:`stagewise.data.labels`); the values of a column
-    of names are their labels, and ``labels.names`` holds the names."""
-    reader = csv.reader(text_lines(path, "CSV file", encoding))
+    of names are their labels, and ``labels.names`` holds the names. ``read``: told the bytes read
+    (:func:`reading`)."""
+    reader = csv.reader(text_lines(path, "CSV file", encoding, read=read))
     numbers = array("d")  # values row after row: 8 bytes a number, not a float object
     lines: list[int] = []
     rows = filterfalse(_blank, reader)
@@ -237,14 +250,15 @@ def _string_hint(value: Any, key: str, targets: bool) -> str:
 
 
 def read_jsonl(path: str, input_keys: list[str], target_keys: list[str], encoding: str,
-               labels: ClassLabels | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+               labels: ClassLabels | None = None,
+               read: Callable[[int], object] | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Inputs (N, F), targets (N, K) and each example's line. ``labels``: the target keys of class labels, which
     may hold class names (:mod:`stagewise.data.labels`); a key of names gives their labels, and
-    ``labels.names`` holds the names."""
+    ``labels.names`` holds the names. ``read``: told the bytes read (:func:`reading`)."""
     inputs, targets, lines = array("d"), array("d"), []  # row after row: 8 bytes a number
     widths = None  # (input, target) numbers of the first line, which every line must have
     keys = _KeyLabels(labels, target_keys, path) if labels is not None else None
-    for line, text in enumerate(text_lines(path, "JSONL file", encoding), start=1):
+    for line, text in enumerate(text_lines(path, "JSONL file", encoding, read=read), start=1):
         if not text.strip():
             continue
         x, y = _line_numbers(text, input_keys, target_keys, path, line, keys)
