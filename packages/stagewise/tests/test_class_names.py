@@ -125,3 +125,11 @@ def test_a_jsonl_key_both_input_and_target_is_refused_as_a_csv_column_is():
     with pytest.raises(DataError, match=r"target_keys: key 'y' is in input_keys too, which would hand the model its "
                                         r"answer; a target key must not be an input"):
         JSONLOptions(path="d.jsonl", input_keys=["x", "y"], target_keys=["y"])
+
+
+def test_a_nan_feature_after_a_class_name_is_named_not_the_name(tmp_path):
+    # the row is read again for the message: its first cell that is no number is the class name
+    (tmp_path / "t.csv").write_text("species,x\ncat,1\ndog,nan\n")
+    with pytest.raises(DataError, match=r"t\.csv, line 3, column 1 \('x'\): 'nan' is not a finite number"):
+        CSVDataset.from_recipe(CSVOptions(path=str(tmp_path / "t.csv"), target=["species"], target_dtype="long"),
+                               seed=0)

@@ -100,7 +100,8 @@ def read_csv(path: str, header: bool, encoding: str, labels: ClassLabels | None 
     if not finite.all():
         i = int(np.flatnonzero(~finite.all(axis=1))[0])
         raise _bad_cell(_row_at(path, lines[i], encoding), path, lines[i], names, "is not a finite number; fill "
-                        "in missing values (NaN and infinity cannot be trained on)")
+                        "in missing values (NaN and infinity cannot be trained on)",
+                        column=int(np.flatnonzero(~finite[i])[0]))  # not a class name the row holds before it
     if labels is not None:
         labels.names.update((target.target, target.recode(values[:, j])) for j, target in named.items())
     return names, values, lines
@@ -122,9 +123,10 @@ def _blank(row: list[str]) -> bool:
     return not row or (len(row) == 1 and not row[0].strip())
 
 
-def _bad_cell(row: list[str], path: str, line: int, names: list[str] | None, problem: str) -> DataError:
-    """The error for the first cell of ``row`` that is not a finite number."""
-    j = _first_bad_cell(row)
+def _bad_cell(row: list[str], path: str, line: int, names: list[str] | None, problem: str,
+              column: int | None = None) -> DataError:
+    """The error for ``column`` of ``row``, by default its first cell that is not a finite number."""
+    j = _first_bad_cell(row) if column is None else column
     hint = _separator_hint(row) or _decimal_comma_hint(row[j])
     return DataError(f"{path}, line {line}, {_column(j, names)}: {row[j]!r} {problem}{hint}")
 
